@@ -1,0 +1,91 @@
+// swift-tools-version: 6.1
+// Granary: a FaRM-style distributed transactional memory engine.
+//
+// The target list reads as the architecture, bottom up:
+//   C bindings      CPMem, CIBVerbs, CRDMACM
+//   memory          GranaryMemory     regions (libpmem files), object layout, slab allocator
+//   transport       GranaryTransport  one-sided ops + message channels; shared-memory backend
+//   library         Granary           the public umbrella module
+//   command         granary           the `granary` tool
+import PackageDescription
+
+let package = Package(
+    name: "Granary",
+    products: [
+        .library(name: "Granary", targets: ["Granary"]),
+        .executable(name: "granary", targets: ["GranaryCommand"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
+    ],
+    targets: [
+        // MARK: C bindings (system libraries; Scripts/ installs the apt packages)
+        .systemLibrary(
+            name: "CPMem",
+            pkgConfig: "libpmem",
+            providers: [.apt(["libpmem-dev"])]
+        ),
+        .systemLibrary(
+            name: "CIBVerbs",
+            pkgConfig: "libibverbs",
+            providers: [.apt(["libibverbs-dev", "ibverbs-providers"])]
+        ),
+        .systemLibrary(
+            name: "CRDMACM",
+            pkgConfig: "librdmacm",
+            providers: [.apt(["librdmacm-dev"])]
+        ),
+
+        // MARK: Memory
+        .target(
+            name: "GranaryMemory",
+            dependencies: [
+                "CPMem",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+
+        // MARK: Transport
+        .target(
+            name: "GranaryTransport",
+            dependencies: [
+                "GranaryMemory",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+
+        // MARK: Public library
+        .target(
+            name: "Granary",
+            dependencies: [
+                "GranaryMemory",
+                "GranaryTransport",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]
+        ),
+
+        // MARK: Command
+        .executableTarget(
+            name: "GranaryCommand",
+            dependencies: [
+                "Granary",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
+        // MARK: Tests
+        .testTarget(
+            name: "GranaryMemoryTests",
+            dependencies: ["GranaryMemory"]
+        ),
+        .testTarget(
+            name: "GranaryTransportTests",
+            dependencies: ["GranaryTransport", "GranaryCommand"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,2 @@
+@_exported import GranaryMemory
+@_exported import GranaryTransport

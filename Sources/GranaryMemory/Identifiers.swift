@@ -1,0 +1,121 @@
+/// The identity of a node (a machine, or a process playing one) in a Granary cluster.
+///
+/// Node ids are small integers assigned when a node joins; they index per-node tables in the
+/// transports, so they are bounded by ``NodeID/limit``.
+public struct NodeID: RawRepresentable, Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
+    public var rawValue: UInt16
+
+    /// Node ids are below this bound (the transports keep flat per-node tables).
+    public static let limit: Int = 64
+
+    @inlinable public init(rawValue: UInt16) { self.rawValue = rawValue }
+    @inlinable public init(_ value: Int) {
+        precondition(value >= 0 && value < NodeID.limit, "node id \(value) is outside 0..<\(NodeID.limit)")
+        self.rawValue = UInt16(value)
+    }
+
+    @inlinable public var index: Int { Int(rawValue) }
+    public var description: String { "n\(rawValue)" }
+    @inlinable public static func < (a: NodeID, b: NodeID) -> Bool { a.rawValue < b.rawValue }
+}
+
+/// The identity of a region: a fixed-size, replicated piece of the cluster's memory.
+///
+/// The same region id names every replica of a region (its primary and its backups). Ids at or above
+/// ``RegionID/firstReserved`` are node-local areas (message-channel mailboxes), never replicated.
+public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
+    public var rawValue: UInt32
+
+    /// Data region ids are below this bound (the transports keep flat per-region tables).
+    public static let limit: Int = 4096
+    /// Ids from here on are reserved for node-local areas.
+    public static let firstReserved: UInt32 = 0xFFFF_0000
+
+    @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+    @inlinable public init(_ value: Int) {
+        precondition(value >= 0 && value < RegionID.limit, "region id \(value) is outside 0..<\(RegionID.limit)")
+        self.rawValue = UInt32(value)
+    }
+
+    /// The mailbox of `node`: the area holding the receive rings of its message channels.
+    @inlinable public static func mailbox(of node: NodeID) -> RegionID {
+        RegionID(rawValue: firstReserved | UInt32(node.rawValue))
+    }
+
+    /// Whether this id names a node-local mailbox rather than a data region.
+    @inlinable public var isMailbox: Bool { rawValue >= RegionID.firstReserved }
+
+    /// The node whose mailbox this is, if it is one.
+    @inlinable public var mailboxOwner: NodeID? {
+        isMailbox ? NodeID(rawValue: UInt16(truncatingIfNeeded: rawValue & 0xFFFF)) : nil
+    }
+
+    @inlinable public var index: Int { Int(rawValue) }
+
+    public var description: String {
+        if let owner = mailboxOwner { return "mailbox(\(owner))" }
+        return "r\(rawValue)"
+    }
+
+    /// The region file's name inside a node's region directory.
+    public var fileName: String {
+        if let owner = mailboxOwner { return "mailbox-\(owner).region" }
+        return "r\(rawValue).region"
+    }
+
+    @inlinable public static func < (a: RegionID, b: RegionID) -> Bool { a.rawValue < b.rawValue }
+}
+
+/// The identity of a cluster, stamped into every region file so a node never opens another
+/// cluster's memory by mistake.
+public struct ClusterID: RawRepresentable, Hashable, Sendable, Codable, CustomStringConvertible {
+    public var rawValue: UInt64
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    /// A fresh random cluster id.
+    public static func random() -> ClusterID {
+        var generator = SystemRandomNumberGenerator()
+        return ClusterID(rawValue: generator.next() | 1)
+    }
+
+    public var description: String {
+        let hex = String(rawValue, radix: 16)
+        return "cluster-" + String(repeating: "0", count: max(0, 16 - hex.count)) + hex
+    }
+}
+
+/// The address of an object in the cluster's memory: a region and a byte offset inside it.
+///
+/// An address does not say which replica to use: the engine routes reads to the region's primary.
+/// It packs into one 64-bit word (``rawValue``) so it can be stored inside objects; regions are
+/// therefore at most 4 GiB.
+public struct GlobalAddress: RawRepresentable, Hashable, Sendable, Codable, CustomStringConvertible {
+    /// `region << 32 | offset`.
+    public var rawValue: UInt64
+
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    @inlinable public init(region: RegionID, offset: UInt32) {
+        self.rawValue = UInt64(region.rawValue) << 32 | UInt64(offset)
+    }
+
+    @inlinable public var region: RegionID { RegionID(rawValue: UInt32(truncatingIfNeeded: rawValue >> 32)) }
+    @inlinable public var offset: UInt32 { UInt32(truncatingIfNeeded: rawValue) }
+
+    /// This address moved `bytes` further into the same region.
+    @inlinable public func advanced(by bytes: Int) -> GlobalAddress {
+        GlobalAddress(region: region, offset: UInt32(Int(offset) + bytes))
+    }
+
+    public var description: String { "\(region)+0x\(String(offset, radix: 16))" }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        self.rawValue = try container.decode(UInt64.self)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(rawValue)
+    }
+}

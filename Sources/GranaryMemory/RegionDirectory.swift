@@ -1,0 +1,63 @@
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A node's region directory: one file per region replica the node holds, named by
+/// ``RegionID/fileName``.
+public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
+    public let path: FilePath
+
+    /// Uses (and creates, with parents, if missing) the directory at `path`.
+    public init(_ path: FilePath, create: Bool = true) throws(RegionError) {
+        self.path = path
+        if create { try Self.makeDirectories(path) }
+    }
+
+    public var description: String { path.string }
+
+    /// The path of region `id`'s file in this directory.
+    public func path(for id: RegionID) -> FilePath { path.appending(id.fileName) }
+
+    /// Creates region `id` here. See ``Region/create(at:id:kind:size:cluster:slabShift:)``.
+    public func create(_ id: RegionID, kind: RegionKind = .data, size: Int = RegionFormat.defaultSize,
+                       cluster: ClusterID, slabShift: Int = SlabLayout.defaultSlabShift) throws(RegionError) -> Region {
+        try Region.create(at: path(for: id), id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
+    }
+
+    /// Opens region `id` here. See ``Region/open(at:expecting:cluster:)``.
+    public func open(_ id: RegionID, cluster: ClusterID? = nil) throws(RegionError) -> Region {
+        try Region.open(at: path(for: id), expecting: id, cluster: cluster)
+    }
+
+    /// The region ids that have a file here (data regions and mailboxes), sorted.
+    public func regionIDs() -> [RegionID] {
+        guard let dir = path.withPlatformString({ opendir($0) }) else { return [] }
+        defer { closedir(dir) }
+        var ids: [RegionID] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if name.hasPrefix("r"), name.hasSuffix(".region"), let n = UInt32(name.dropFirst().dropLast(7)) {
+                ids.append(RegionID(rawValue: n))
+            } else if name.hasPrefix("mailbox-n"), name.hasSuffix(".region"), let n = UInt16(name.dropFirst(9).dropLast(7)) {
+                ids.append(RegionID.mailbox(of: NodeID(rawValue: n)))
+            }
+        }
+        return ids.sorted()
+    }
+
+    static func makeDirectories(_ path: FilePath) throws(RegionError) {
+        var prefix = FilePath(root: path.root)
+        for component in path.components {
+            prefix.append(component)
+            let result = prefix.withPlatformString { mkdir($0, 0o755) }
+            if result != 0, errno != EEXIST {
+                throw .systemCall(call: "mkdir", path: prefix, message: String(cString: strerror(errno)))
+            }
+        }
+    }
+}

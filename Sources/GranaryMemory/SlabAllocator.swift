@@ -1,0 +1,224 @@
+import Synchronization
+
+/// Where things are inside a data region.
+///
+/// ```
+/// 0                      region header (RegionFormat)
+/// 4096                   slab table: one UInt16 per slab, the size class (lines per object) it
+///                        was carved into, 0 for a slab not yet used
+/// firstSlabOffset        slabs of 2^slabShift bytes, each an array of equal-size object slots
+/// ```
+/// The allocator's whole state follows from these bytes plus the allocated bit of each slot's
+/// header, so it can be rebuilt from the region file alone.
+public struct SlabLayout: Sendable, Equatable {
+    public static let defaultSlabShift = 16
+    public static let minimumSlabShift = 12
+    public static let maximumSlabShift = 24
+    public static let tableOffset = RegionFormat.headerBytes
+
+    public let regionSize: Int
+    public let slabShift: Int
+    @inlinable public var slabSize: Int { 1 << slabShift }
+    @inlinable public var slabCount: Int { regionSize >> slabShift }
+    /// The offset of the first slab that holds objects (the ones before hold metadata).
+    public let firstSlabOffset: Int
+
+    public init(regionSize: Int, slabShift: Int) {
+        self.regionSize = regionSize
+        self.slabShift = slabShift
+        let tableEnd = Self.tableOffset + (regionSize >> slabShift) * 2
+        let slab = 1 << slabShift
+        self.firstSlabOffset = (tableEnd + slab - 1) / slab * slab
+    }
+
+    /// The size classes, in cache lines per object, that fit this slab size.
+    public var sizeClasses: [Int] {
+        let all = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+                   1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072,
+                   196608, 262144]
+        return all.filter { $0 * ObjectLayout.lineSize <= slabSize }
+    }
+}
+
+/// Why an allocation or an address lookup failed.
+public enum AllocationError: Error, Sendable, Equatable, CustomStringConvertible {
+    case regionFull(region: RegionID, lines: Int)
+    case objectTooLarge(bytes: Int, maximum: Int)
+    case notAnObject(GlobalAddress, reason: String)
+
+    public var description: String {
+        switch self {
+        case .regionFull(let region, let lines):
+            return "region \(region) has no free slot of \(lines) cache lines and no unused slab"
+        case .objectTooLarge(let bytes, let maximum):
+            return "an object of \(bytes) bytes is larger than the largest size class (\(maximum) bytes)"
+        case .notAnObject(let address, let reason):
+            return "\(address) is not an object slot: \(reason)"
+        }
+    }
+}
+
+/// An object slot: its offset in the region and its size in cache lines.
+public struct ObjectSlot: Hashable, Sendable {
+    public var offset: Int
+    public var lines: Int
+    @inlinable public init(offset: Int, lines: Int) {
+        self.offset = offset
+        self.lines = lines
+    }
+}
+
+/// A slab allocator over one data region, run by the region's primary.
+///
+/// Slots are *reserved* while a transaction executes (in memory only) and become allocated when the
+/// transaction's commit installs a header with the allocated bit; an aborted transaction
+/// *unreserves* them. Because a reserved slot's bytes still say "free", a crash simply forgets the
+/// reservation: ``init(region:)`` rebuilds every free list from the slab table and slot headers.
+public final class SlabAllocator: Sendable {
+    public let region: Region
+    public let layout: SlabLayout
+    private let classes: [Int]
+
+    private struct State {
+        var freeSlots: [[Int]]  // per size class, offsets of free slots
+        var unusedSlabs: [Int]  // slab indexes, in descending order (popLast takes the lowest)
+        var allocated: Int
+        var reserved: Int
+    }
+    private let state: Mutex<State>
+
+    /// Rebuilds the allocator's state from the region's own bytes.
+    public init(region: Region) {
+        precondition(region.kind == .data, "\(region.path) is a \(region.kind) region, not a data region")
+        self.region = region
+        self.layout = SlabLayout(regionSize: region.size, slabShift: region.slabShift)
+        self.classes = layout.sizeClasses
+        var freeSlots = Array(repeating: [Int](), count: classes.count)
+        var unused: [Int] = []
+        var allocated = 0
+        let firstSlab = layout.firstSlabOffset >> layout.slabShift
+        for slab in stride(from: layout.slabCount - 1, through: firstSlab, by: -1) {
+            let lines = Int(region.base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
+            guard lines > 0, let classIndex = classes.firstIndex(of: lines) else {
+                unused.append(slab)
+                continue
+            }
+            let slotBytes = lines * ObjectLayout.lineSize
+            let slabStart = slab << layout.slabShift
+            let count = layout.slabSize / slotBytes
+            for slot in stride(from: count - 1, through: 0, by: -1) {
+                let offset = slabStart + slot * slotBytes
+                if ObjectLayout.loadHeader(region.base + offset).isAllocated {
+                    allocated += 1
+                } else {
+                    freeSlots[classIndex].append(offset)
+                }
+            }
+        }
+        state = Mutex(State(freeSlots: freeSlots, unusedSlabs: unused, allocated: allocated, reserved: 0))
+    }
+
+    /// The largest payload one object can carry in this region.
+    public var maximumPayload: Int { ObjectLayout.payloadCapacity(lines: classes.last ?? 1) }
+
+    /// The size class (cache lines) used for `payloadBytes`.
+    public func lines(forPayload payloadBytes: Int) throws(AllocationError) -> Int {
+        let needed = ObjectLayout.lines(forPayload: payloadBytes)
+        guard let lines = classes.first(where: { $0 >= needed }) else {
+            throw .objectTooLarge(bytes: payloadBytes, maximum: maximumPayload)
+        }
+        return lines
+    }
+
+    /// Reserves a free slot for `payloadBytes` bytes (in memory; the slot's bytes are unchanged
+    /// except when a new slab is carved, which formats its slot headers and persists the slab table).
+    public func reserve(payloadBytes: Int) throws(AllocationError) -> ObjectSlot {
+        let lines = try self.lines(forPayload: payloadBytes)
+        let classIndex = classes.firstIndex(of: lines)!
+        let layout = self.layout
+        let region = self.region
+        let result: ObjectSlot? = state.withLock { state in
+            if let offset = state.freeSlots[classIndex].popLast() {
+                state.reserved += 1
+                return ObjectSlot(offset: offset, lines: lines)
+            }
+            guard let slab = state.unusedSlabs.popLast() else { return nil }
+            // Carve the slab: stamp every slot free (incarnation 0), then record the class.
+            let slotBytes = lines * ObjectLayout.lineSize
+            let slabStart = slab << layout.slabShift
+            let count = layout.slabSize / slotBytes
+            for slot in 0..<count {
+                ObjectLayout.stamp(region.base + slabStart + slot * slotBytes, lines: lines,
+                                   header: ObjectHeader(version: 0, incarnation: 0, allocated: false))
+            }
+            try? region.persist(offset: slabStart, length: layout.slabSize)
+            region.base.storeBytes(of: UInt16(lines), toByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self)
+            try? region.persist(offset: SlabLayout.tableOffset + slab * 2, length: 2)
+            for slot in stride(from: count - 1, through: 1, by: -1) {
+                state.freeSlots[classIndex].append(slabStart + slot * slotBytes)
+            }
+            state.reserved += 1
+            return ObjectSlot(offset: slabStart, lines: lines)
+        }
+        guard let result else { throw .regionFull(region: region.id, lines: lines) }
+        return result
+    }
+
+    /// Returns a reserved slot that was never allocated (its transaction aborted).
+    public func unreserve(_ slot: ObjectSlot) {
+        let classIndex = classes.firstIndex(of: slot.lines)!
+        state.withLock { state in
+            state.reserved -= 1
+            state.freeSlots[classIndex].append(slot.offset)
+        }
+    }
+
+    /// Records that a reserved slot's allocation committed.
+    public func didAllocate(_ slot: ObjectSlot) {
+        state.withLock { state in
+            state.reserved -= 1
+            state.allocated += 1
+        }
+    }
+
+    /// Returns a slot whose free committed (its header already says free) to the free list.
+    public func didFree(_ slot: ObjectSlot) {
+        let classIndex = classes.firstIndex(of: slot.lines)!
+        state.withLock { state in
+            state.allocated -= 1
+            state.freeSlots[classIndex].append(slot.offset)
+        }
+    }
+
+    /// The slot that starts at `offset`, read from the slab table.
+    ///
+    /// - Throws: ``AllocationError/notAnObject(_:reason:)`` if `offset` is in the metadata, in an
+    ///   unused slab, or not at the start of a slot.
+    public func slot(at offset: Int) throws(AllocationError) -> ObjectSlot {
+        try Self.slot(in: region, layout: layout, at: offset)
+    }
+
+    /// Like ``slot(at:)`` for any mapping of a data region (a replica, or a peer's region).
+    public static func slot(in region: Region, layout: SlabLayout, at offset: Int) throws(AllocationError) -> ObjectSlot {
+        let address = GlobalAddress(region: region.id, offset: UInt32(truncatingIfNeeded: offset))
+        guard offset >= layout.firstSlabOffset, offset < layout.regionSize else {
+            throw .notAnObject(address, reason: "outside the region's slabs")
+        }
+        let slab = offset >> layout.slabShift
+        let lines = Int(region.base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
+        guard lines > 0 else { throw .notAnObject(address, reason: "slab \(slab) holds no objects") }
+        let slotBytes = lines * ObjectLayout.lineSize
+        let within = offset - (slab << layout.slabShift)
+        guard within % slotBytes == 0, within / slotBytes < layout.slabSize / slotBytes else {
+            throw .notAnObject(address, reason: "not at the start of a \(lines)-line slot")
+        }
+        return ObjectSlot(offset: offset, lines: lines)
+    }
+
+    /// Counts for monitoring and tests.
+    public var statistics: (allocated: Int, reserved: Int, free: Int, unusedSlabs: Int) {
+        state.withLock { state in
+            (state.allocated, state.reserved, state.freeSlots.reduce(0) { $0 + $1.count }, state.unusedSlabs.count)
+        }
+    }
+}

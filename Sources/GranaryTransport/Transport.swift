@@ -1,0 +1,148 @@
+import GranaryMemory
+
+/// One-sided access to the regions of the nodes in a cluster.
+///
+/// Every operation acts on one node's replica of a region without running code on that node's CPU:
+/// over RDMA verbs it is a work request executed by the NICs; over shared memory it is a copy or an
+/// atomic instruction performed by the caller on a mapping of the peer's region file.
+///
+/// Local buffers are plain pointers owned by the caller for the duration of the call. (A verbs
+/// backend copies through memory it registered; callers need not register anything.)
+///
+/// Ordering guarantees, the same on every backend:
+/// - A ``write(to:_:from:)`` whose length is a multiple of 8 at an 8-aligned address makes its last
+///   8-byte word visible last, as an RDMA WRITE on a reliable-connected queue pair does; message
+///   channels rely on this for their trailer words.
+/// - A ``read(from:_:into:)`` of whole, 64-byte aligned cache lines reads each line as a unit, so
+///   ``ObjectLayout/check(snapshot:lines:)`` detects a read that overlapped a write.
+/// - Atomic operations (compare-and-swap, fetch-and-add) need 8-byte aligned addresses.
+public protocol Transport: AnyObject, Sendable {
+    /// The node this transport acts for.
+    var localNode: NodeID { get }
+
+    /// Makes a local region reachable by peers (verbs: registers it with the NIC).
+    func register(_ region: Region) throws(TransportError)
+
+    /// Copies `buffer.count` bytes at `address` on `node` into `buffer`. One round trip.
+    func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError)
+
+    /// Copies `buffer` to `address` on `node`. Returns when the transport reports completion.
+    func write(to node: NodeID, _ address: GlobalAddress, from buffer: UnsafeRawBufferPointer) throws(TransportError)
+
+    /// Atomically replaces the 8-byte word at `address` on `node` with `desired` if it equals
+    /// `expected`. Returns the word found. One round trip.
+    func compareAndSwap(at node: NodeID, _ address: GlobalAddress, expected: UInt64, desired: UInt64) throws(TransportError) -> UInt64
+
+    /// Atomically adds `delta` to the 8-byte word at `address` on `node`. Returns the word found.
+    func fetchAndAdd(at node: NodeID, _ address: GlobalAddress, _ delta: UInt64) throws(TransportError) -> UInt64
+
+    /// Issues every operation of `batch` and waits once for all of them to complete.
+    ///
+    /// Results of compare-and-swap and fetch-and-add land in the batch. Throws the first failure.
+    func execute(_ batch: inout OperationBatch) throws(TransportError)
+}
+
+/// One one-sided operation inside an ``OperationBatch``.
+public struct OneSidedOperation {
+    public enum Kind: UInt8, Sendable { case read, write, compareAndSwap, fetchAndAdd }
+
+    public var kind: Kind
+    public var node: NodeID
+    public var address: GlobalAddress
+    /// The local buffer (reads and writes); its bytes stay owned by the caller.
+    public var buffer: UnsafeMutableRawPointer?
+    public var length: Int
+    /// Compare-and-swap: the expected word. Fetch-and-add: the delta.
+    public var operand: UInt64
+    /// Compare-and-swap: the desired word.
+    public var desired: UInt64
+    /// Compare-and-swap and fetch-and-add: the word found, after ``Transport/execute(_:)``.
+    public var result: UInt64
+
+    @inlinable init(kind: Kind, node: NodeID, address: GlobalAddress, buffer: UnsafeMutableRawPointer?, length: Int,
+                    operand: UInt64 = 0, desired: UInt64 = 0) {
+        self.kind = kind
+        self.node = node
+        self.address = address
+        self.buffer = buffer
+        self.length = length
+        self.operand = operand
+        self.desired = desired
+        self.result = 0
+    }
+}
+
+/// A batch of one-sided operations posted together and completed with one wait (a doorbell batch).
+///
+/// Non-copyable: it owns its operation array, which is reused across ``removeAll()`` so a hot loop
+/// allocates nothing per batch.
+public struct OperationBatch: ~Copyable {
+    @usableFromInline let storage: UnsafeMutablePointer<OneSidedOperation>
+    public let capacity: Int
+    public private(set) var count: Int = 0
+
+    public init(capacity: Int) {
+        precondition(capacity > 0)
+        self.capacity = capacity
+        self.storage = .allocate(capacity: capacity)
+    }
+
+    deinit {
+        storage.deinitialize(count: count)
+        storage.deallocate()
+    }
+
+    @usableFromInline mutating func append(_ operation: OneSidedOperation) -> Int {
+        precondition(count < capacity, "operation batch is full (\(capacity) operations)")
+        (storage + count).initialize(to: operation)
+        count += 1
+        return count - 1
+    }
+
+    /// Adds a read of `buffer.count` bytes; returns its index.
+    @discardableResult
+    public mutating func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) -> Int {
+        append(OneSidedOperation(kind: .read, node: node, address: address, buffer: buffer.baseAddress, length: buffer.count))
+    }
+
+    /// Adds a write of `buffer`; returns its index.
+    @discardableResult
+    public mutating func write(to node: NodeID, _ address: GlobalAddress, from buffer: UnsafeRawBufferPointer) -> Int {
+        append(OneSidedOperation(kind: .write, node: node, address: address,
+                                 buffer: UnsafeMutableRawPointer(mutating: buffer.baseAddress), length: buffer.count))
+    }
+
+    /// Adds a compare-and-swap; returns its index (the word found is ``result(_:)`` after execution).
+    @discardableResult
+    public mutating func compareAndSwap(at node: NodeID, _ address: GlobalAddress, expected: UInt64, desired: UInt64) -> Int {
+        append(OneSidedOperation(kind: .compareAndSwap, node: node, address: address, buffer: nil, length: 8,
+                                 operand: expected, desired: desired))
+    }
+
+    /// Adds a fetch-and-add; returns its index.
+    @discardableResult
+    public mutating func fetchAndAdd(at node: NodeID, _ address: GlobalAddress, _ delta: UInt64) -> Int {
+        append(OneSidedOperation(kind: .fetchAndAdd, node: node, address: address, buffer: nil, length: 8, operand: delta))
+    }
+
+    /// The operation at `index`.
+    public subscript(index: Int) -> OneSidedOperation {
+        get {
+            precondition(index >= 0 && index < count)
+            return storage[index]
+        }
+        set {
+            precondition(index >= 0 && index < count)
+            storage[index] = newValue
+        }
+    }
+
+    /// The word found by the compare-and-swap or fetch-and-add at `index`.
+    public func result(_ index: Int) -> UInt64 { self[index].result }
+
+    /// Empties the batch, keeping its storage.
+    public mutating func removeAll() {
+        storage.deinitialize(count: count)
+        count = 0
+    }
+}
