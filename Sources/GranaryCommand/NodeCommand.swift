@@ -61,12 +61,7 @@ struct NodeCommand: ParsableCommand {
                 throw ValidationError("--regions takes region ids in 0..<\(RegionID.limit), got '\(field)'")
             }
             let id = RegionID(number)
-            let region: Region
-            do {
-                region = try home.open(id, cluster: clusterID)
-            } catch .missing {
-                region = try home.create(id, size: regionSize, cluster: clusterID)
-            }
+            let region = try home.openOrCreate(id, size: regionSize, cluster: clusterID)
             try shm.register(region)
             owned.append(region)
         }

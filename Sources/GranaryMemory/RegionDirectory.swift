@@ -32,6 +32,17 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
         try Region.open(at: path(for: id), expecting: id, cluster: cluster)
     }
 
+    /// Opens region `id` here, or creates it if there is no file for it. A file that exists but
+    /// fails its checks is an error, never re-created.
+    public func openOrCreate(_ id: RegionID, kind: RegionKind = .data, size: Int = RegionFormat.defaultSize,
+                             cluster: ClusterID, slabShift: Int = SlabLayout.defaultSlabShift) throws(RegionError) -> Region {
+        do {
+            return try open(id, cluster: cluster)
+        } catch .missing {
+            return try create(id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
+        }
+    }
+
     /// The region ids that have a file here (data regions and mailboxes), sorted.
     public func regionIDs() -> [RegionID] {
         guard let dir = path.withPlatformString({ opendir($0) }) else { return [] }
