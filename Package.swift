@@ -78,13 +78,18 @@ let package = Package(
         ),
 
         // MARK: Tests
+        .target(
+            name: "GranaryTestSupport",
+            dependencies: ["GranaryTransport", .product(name: "SystemPackage", package: "swift-system")],
+            path: "Tests/GranaryTestSupport"
+        ),
         .testTarget(
             name: "GranaryMemoryTests",
-            dependencies: ["GranaryMemory"]
+            dependencies: ["GranaryMemory", "GranaryTestSupport"]
         ),
         .testTarget(
             name: "GranaryTransportTests",
-            dependencies: ["GranaryTransport", "GranaryCommand"]
+            dependencies: ["GranaryTransport", "GranaryTestSupport", "GranaryCommand"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -24,7 +24,7 @@ public enum RegionKind: UInt32, Sendable, Codable, CustomStringConvertible {
 ///      8     4  format version
 ///     12     4  kind (RegionKind)
 ///     16     4  region id
-///     20     4  slab size, log2 (data regions), 0 otherwise
+///     20     4  log2 of the slab size (data regions) or of the ring capacity (mailboxes)
 ///     24     8  region size in bytes (the file's length)
 ///     32     8  owner cluster id
 ///     40     8  FNV-1a checksum of bytes 0..<40
@@ -76,7 +76,7 @@ public final class Region: @unchecked Sendable {
     public let path: FilePath
     /// Whether libpmem reports the mapping as persistent memory.
     public let isPersistentMemory: Bool
-    /// log2 of the slab size for data regions.
+    /// log2 of the slab size (data regions) or of each ring's capacity (mailboxes).
     public let slabShift: Int
     /// The first mapped byte.
     public let base: UnsafeMutableRawPointer
@@ -116,7 +116,7 @@ public final class Region: @unchecked Sendable {
         }
         let region = Region(id: id, kind: kind, size: mappedLength, cluster: cluster, path: path,
                             isPersistentMemory: isPmem != 0,
-                            slabShift: kind == .data ? slabShift : 0, base: base)
+                            slabShift: slabShift, base: base)
         base.storeBytes(of: RegionFormat.magic, toByteOffset: 0, as: UInt64.self)
         base.storeBytes(of: RegionFormat.version, toByteOffset: 8, as: UInt32.self)
         base.storeBytes(of: kind.rawValue, toByteOffset: 12, as: UInt32.self)
@@ -183,6 +183,9 @@ public final class Region: @unchecked Sendable {
         }
         if kind == .data, !(SlabLayout.minimumSlabShift...SlabLayout.maximumSlabShift).contains(slabShift) {
             throw fail(.corrupt(path: path, reason: "slab size 2^\(slabShift) is outside the supported range"))
+        }
+        if kind == .mailbox, !(12..<32).contains(slabShift) {
+            throw fail(.corrupt(path: path, reason: "ring capacity 2^\(slabShift) is outside the supported range"))
         }
         return Region(id: found, kind: kind, size: mappedLength, cluster: owner, path: path,
                       isPersistentMemory: isPmem != 0, slabShift: slabShift, base: base)

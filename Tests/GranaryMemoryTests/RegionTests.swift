@@ -1,0 +1,131 @@
+import Testing
+import GranaryTestSupport
+import SystemPackage
+@testable import GranaryMemory
+#if canImport(Glibc)
+import Glibc
+#endif
+
+private func fileBytes(_ path: FilePath) -> [UInt8] {
+    guard let file = path.withPlatformString({ fopen($0, "rb") }) else { return [] }
+    defer { fclose(file) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = fread(&buffer, 1, buffer.count, file)
+        if n == 0 { break }
+        bytes += buffer[0..<n]
+    }
+    return bytes
+}
+
+private func writeFile(_ path: FilePath, _ bytes: [UInt8]) {
+    let file = path.withPlatformString { fopen($0, "wb") }!
+    _ = bytes.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, file) }
+    fclose(file)
+}
+
+@Suite("Persistent regions")
+struct RegionTests {
+    let cluster = ClusterID(rawValue: 0xC0FFEE)
+
+    @Test("a created region reopens with its header and the bytes written before persist")
+    func createPersistReopen() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path.appending("n0"))
+        do {
+            let region = try dir.create(RegionID(7), size: 1 << 20, cluster: cluster)
+            #expect(region.size == 1 << 20)
+            (region.base + 8192).storeBytes(of: 0xFEED_FACE, as: UInt64.self)
+            try region.persist(offset: 8192, length: 8)
+        }
+        let reopened = try dir.open(RegionID(7), cluster: cluster)
+        #expect(reopened.id == RegionID(7))
+        #expect(reopened.cluster == cluster)
+        #expect(reopened.kind == .data)
+        #expect((reopened.base + 8192).load(as: UInt64.self) == 0xFEED_FACE)
+        #expect(dir.regionIDs() == [RegionID(7)])
+    }
+
+    @Test("sizes that are not a power of two, or out of bounds, are refused")
+    func invalidSizes() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path)
+        #expect(throws: RegionError.self) { try dir.create(RegionID(1), size: 3 << 20, cluster: cluster) }
+        #expect(throws: RegionError.self) { try dir.create(RegionID(1), size: 4096, cluster: cluster) }
+        #expect(dir.regionIDs().isEmpty, "a refused create leaves no file")
+    }
+
+    @Test("create never overwrites an existing file")
+    func createRefusesExisting() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path)
+        _ = try dir.create(RegionID(1), size: 1 << 20, cluster: cluster)
+        let before = fileBytes(dir.path(for: RegionID(1)))
+        #expect(throws: RegionError.alreadyExists(path: dir.path(for: RegionID(1)))) {
+            try dir.create(RegionID(1), size: 1 << 20, cluster: cluster)
+        }
+        #expect(fileBytes(dir.path(for: RegionID(1))) == before)
+    }
+
+    /// Every bad file gives an error naming the file, and the file is left exactly as it was.
+    @Test("missing, short, foreign, corrupt and misplaced region files are named and left untouched")
+    func badFiles() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path)
+        let path = dir.path(for: RegionID(3))
+
+        #expect(throws: RegionError.missing(path: path)) { try dir.open(RegionID(3)) }
+
+        func expectUntouched(_ expected: (RegionError) -> Bool, _ open: () throws -> Region) {
+            let before = fileBytes(path)
+            do {
+                _ = try open()
+                Issue.record("opening \(path) should have failed")
+            } catch let error as RegionError {
+                #expect(expected(error), "unexpected error: \(error)")
+                #expect(error.description.contains(path.string), "error does not name the file: \(error)")
+            } catch {
+                Issue.record("unexpected error type: \(error)")
+            }
+            #expect(fileBytes(path) == before, "a failed open modified \(path)")
+        }
+
+        writeFile(path, [UInt8](repeating: 7, count: 100))
+        expectUntouched({ if case .truncated = $0 { true } else { false } }) { try dir.open(RegionID(3)) }
+
+        writeFile(path, [UInt8](repeating: 0x41, count: 8192))
+        expectUntouched({ if case .foreign = $0 { true } else { false } }) { try dir.open(RegionID(3)) }
+
+        // A real region with one header byte flipped.
+        unlink(path.string)
+        _ = try dir.create(RegionID(3), size: 1 << 20, cluster: cluster)
+        var bytes = fileBytes(path)
+        bytes[17] ^= 0x01
+        writeFile(path, bytes)
+        expectUntouched({ if case .corrupt = $0 { true } else { false } }) { try dir.open(RegionID(3)) }
+
+        // A real region cut short.
+        bytes[17] ^= 0x01
+        writeFile(path, Array(bytes[0..<(1 << 19)]))
+        expectUntouched({ if case .truncated = $0 { true } else { false } }) { try dir.open(RegionID(3)) }
+
+        // A whole, valid region of another cluster, and one renamed to another region's file.
+        writeFile(path, bytes)
+        expectUntouched({ if case .wrongCluster = $0 { true } else { false } }) {
+            try dir.open(RegionID(3), cluster: ClusterID(rawValue: 42))
+        }
+        rename(path.string, dir.path(for: RegionID(4)).string)
+        let moved = dir.path(for: RegionID(4))
+        #expect(throws: RegionError.wrongRegion(path: moved, found: RegionID(3), expected: RegionID(4))) {
+            try dir.open(RegionID(4))
+        }
+        // And the good file still opens.
+        rename(moved.string, path.string)
+        #expect(try dir.open(RegionID(3), cluster: cluster).id == RegionID(3))
+    }
+}

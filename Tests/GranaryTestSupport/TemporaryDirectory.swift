@@ -1,0 +1,31 @@
+/// Helpers shared by Granary's test targets.
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A fresh directory under $TMPDIR (or /tmp), removed with its contents by `remove()`.
+public struct TemporaryDirectory: Sendable {
+    public let path: FilePath
+
+    public init(_ label: String = "granary-test") {
+        let base = ProcessInfoLite.environment("TMPDIR") ?? "/tmp"
+        var template = Array("\(base)/\(label)-XXXXXX".utf8CString)
+        let result = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        precondition(result != nil, "mkdtemp failed in \(base)")
+        path = FilePath(String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
+    }
+
+    public func remove() {
+        _ = path.withPlatformString { p in
+            system("rm -rf '\(String(cString: p))'")
+        }
+    }
+}
+
+public enum ProcessInfoLite {
+    public static func environment(_ name: String) -> String? {
+        guard let value = getenv(name) else { return nil }
+        return String(cString: value)
+    }
+}
