@@ -95,6 +95,11 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         table[slot].store(UInt(bitPattern: mapping), ordering: .releasing)
     }
 
+    /// This node's own mapping of one of its regions (the memory its CPU works on directly).
+    public func localPointer(_ region: RegionID) throws(TransportError) -> UnsafeMutableRawPointer {
+        try mapping(localNode, region).pointee.base
+    }
+
     /// The mapping of `region` on `node`, opening the peer's file on first use.
     @inlinable
     func mapping(_ node: NodeID, _ region: RegionID) throws(TransportError) -> UnsafePointer<Mapping> {

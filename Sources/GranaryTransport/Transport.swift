@@ -23,6 +23,10 @@ public protocol Transport: AnyObject, Sendable {
     /// Makes a local region reachable by peers (verbs: registers it with the NIC).
     func register(_ region: Region) throws(TransportError)
 
+    /// The start of this node's own registered region `region`, which its CPU accesses directly
+    /// (the primary's CPU locks and installs objects there).
+    func localPointer(_ region: RegionID) throws(TransportError) -> UnsafeMutableRawPointer
+
     /// Copies `buffer.count` bytes at `address` on `node` into `buffer`. One round trip.
     func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError)
 

@@ -1,0 +1,188 @@
+import GranaryMemory
+import GranaryTestSupport
+import GranaryTransport
+import Synchronization
+import Testing
+
+/// A message that proves its own identity: (stream, sequence) then a body derived from both.
+private func makeMessage(stream: Int, sequence: Int, size: Int, into buffer: UnsafeMutableRawBufferPointer) -> UnsafeRawBufferPointer {
+    let count = max(16, size)
+    buffer.storeBytes(of: UInt64(stream), toByteOffset: 0, as: UInt64.self)
+    buffer.storeBytes(of: UInt64(sequence), toByteOffset: 8, as: UInt64.self)
+    for i in 16..<count { buffer[i] = UInt8(truncatingIfNeeded: i &* 7 &+ sequence &+ stream) }
+    return UnsafeRawBufferPointer(rebasing: buffer[0..<count])
+}
+
+/// Checks a received message's body; returns (stream, sequence) or a description of the damage.
+private func decode(_ message: UnsafeRawBufferPointer) -> Result<(Int, Int), ChannelDamage> {
+    guard message.count >= 16 else { return .failure(ChannelDamage("short message of \(message.count) bytes")) }
+    let stream = Int(message.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+    let sequence = Int(message.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+    for i in 16..<message.count where message[i] != UInt8(truncatingIfNeeded: i &* 7 &+ sequence &+ stream) {
+        return .failure(ChannelDamage("message \(sequence) of stream \(stream) has a damaged byte at \(i)"))
+    }
+    return .success((stream, sequence))
+}
+
+private struct ChannelDamage: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+@Suite("Message channels")
+struct MessageChannelTests {
+    @Test("order is kept across many wrap-arounds of a small ring")
+    func orderAndWrapAround() throws {
+        let pair = try SharedMemoryFixture().makePair()
+        defer { pair.teardown() }
+        let sender = try ChannelSender(transport: pair.local, to: pair.remoteNode)
+        let receiver = pair.remoteMailbox.receiver(from: pair.local.localNode)
+        let total = 20_000
+        let failure = Mutex<String?>(nil)
+        let received = Atomic<Int>(0)
+        runThreads(2) { thread in
+            if thread == 0 {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 8)
+                defer { buffer.deallocate() }
+                for sequence in 0..<total {
+                    // Sizes sweep 16..<1000 so wrap points land everywhere in the 4 KiB ring.
+                    let message = makeMessage(stream: 0, sequence: sequence, size: 16 + (sequence * 37) % 984, into: buffer)
+                    do { try sender.send(message) } catch {
+                        failure.withLock { $0 = "send \(sequence): \(error)" }
+                        return
+                    }
+                }
+            } else {
+                var expected = 0
+                var backoff = Backoff()
+                while expected < total, failure.withLock({ $0 == nil }) {
+                    let handled = try! receiver.poll { message in
+                        switch decode(message) {
+                        case .failure(let damage): throw damage
+                        case .success((_, let sequence)):
+                            if sequence != expected { throw ChannelDamage("expected message \(expected), got \(sequence)") }
+                            expected += 1
+                        }
+                    }
+                    if handled == 0 { backoff.pause() } else { backoff.reset() }
+                }
+                received.store(expected, ordering: .relaxed)
+            }
+        }
+        #expect(failure.withLock { $0 } == nil, "\(failure.withLock { $0 } ?? "")")
+        #expect(received.load(ordering: .relaxed) == total)
+    }
+
+    @Test("a full ring blocks the sender; nothing is lost or overwritten, and sending resumes")
+    func backPressure() throws {
+        let pair = try SharedMemoryFixture().makePair()
+        defer { pair.teardown() }
+        let sender = try ChannelSender(transport: pair.local, to: pair.remoteNode, sendTimeout: .milliseconds(50))
+        let receiver = pair.remoteMailbox.receiver(from: pair.local.localNode)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+        defer { buffer.deallocate() }
+        var sent = 0
+        var blocked: TransportError?
+        while blocked == nil, sent < 1000 {
+            do {
+                try sender.send(makeMessage(stream: 1, sequence: sent, size: 200, into: buffer))
+                sent += 1
+            } catch {
+                blocked = error
+            }
+        }
+        guard case .channelFull(let node, let waited)? = blocked else {
+            Issue.record("the sender was never held back; sent \(sent) messages into a 4 KiB ring, error \(String(describing: blocked))")
+            return
+        }
+        #expect(node == pair.remoteNode && waited >= 50)
+        #expect(sent > 0 && sent * 216 <= 4096, "sent \(sent) messages of 216 bytes into a 4096-byte ring")
+        var sequences: [Int] = []
+        try receiver.poll { message in sequences.append(try decode(message).get().1) }
+        #expect(sequences == Array(0..<sent), "the ring lost or reordered messages under back-pressure")
+        try sender.send(makeMessage(stream: 1, sequence: sent, size: 200, into: buffer))
+        try receiver.poll { message in sequences.append(try decode(message).get().1) }
+        #expect(sequences == Array(0...sent))
+    }
+
+    @Test("three sender nodes with two threads each: every stream complete and in order")
+    func concurrentSenders() throws {
+        let tmp = TemporaryDirectory("granary-channels")
+        defer { tmp.remove() }
+        let cluster = ClusterID.random()
+        let receiverDir = try RegionDirectory(tmp.path.appending("n0"))
+        let receiverTransport = SharedMemoryTransport(localNode: NodeID(0), cluster: cluster, directory: receiverDir)
+        let mailbox = try Mailbox(node: NodeID(0), directory: receiverDir, cluster: cluster, ringCapacity: 8192)
+        try receiverTransport.register(mailbox.region)
+        let senders: [ChannelSender] = try (1...3).map { index in
+            let dir = try RegionDirectory(tmp.path.appending("n\(index)"))
+            let transport = SharedMemoryTransport(localNode: NodeID(index), cluster: cluster, directory: dir)
+            transport.addPeer(NodeID(0), endpoint: receiverDir)
+            return try ChannelSender(transport: transport, to: NodeID(0))
+        }
+        let perStream = 3_000
+        let streams = 6
+        let failure = Mutex<String?>(nil)
+        let next = Mutex([Int](repeating: 0, count: streams))
+        runThreads(streams + 1) { thread in
+            if thread < streams {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+                defer { buffer.deallocate() }
+                for sequence in 0..<perStream {
+                    do {
+                        try senders[thread / 2].send(makeMessage(stream: thread, sequence: sequence, size: 16 + sequence % 500, into: buffer))
+                    } catch {
+                        failure.withLock { $0 = "stream \(thread) send \(sequence): \(error)" }
+                        return
+                    }
+                }
+            } else {
+                var backoff = Backoff()
+                var seen = [Int](repeating: 0, count: streams)
+                while seen.reduce(0, +) < streams * perStream, failure.withLock({ $0 == nil }) {
+                    var handled = 0
+                    for node in 1...3 {
+                        do {
+                            handled += try mailbox.receiver(from: NodeID(node)).poll { message in
+                                let (stream, sequence) = try decode(message).get()
+                                guard stream / 2 == node - 1 else { throw ChannelDamage("stream \(stream) arrived on the channel from n\(node)") }
+                                guard sequence == seen[stream] else {
+                                    throw ChannelDamage("stream \(stream): expected \(seen[stream]), got \(sequence)")
+                                }
+                                seen[stream] += 1
+                            }
+                        } catch {
+                            failure.withLock { $0 = "receive: \(error)" }
+                        }
+                    }
+                    if handled == 0 { backoff.pause() } else { backoff.reset() }
+                }
+                next.withLock { $0 = seen }
+            }
+        }
+        #expect(failure.withLock { $0 } == nil, "\(failure.withLock { $0 } ?? "")")
+        #expect(next.withLock { $0 } == [Int](repeating: perStream, count: streams))
+    }
+
+    @Test("bytes in a ring that are not a message from its sender are reported, not delivered")
+    func foreignBytes() throws {
+        let pair = try SharedMemoryFixture().makePair()
+        defer { pair.teardown() }
+        let receiver = pair.remoteMailbox.receiver(from: pair.local.localNode)
+        let ring = GlobalAddress(region: RegionID.mailbox(of: pair.remoteNode),
+                                 offset: UInt32(RegionFormat.headerBytes + pair.local.localNode.index * (64 + 4096) + 64))
+        // A header claiming to come from node 9 in node 0's ring.
+        var forged: UInt64 = 8 | 9 << 32 | 0x474D << 48
+        try withUnsafeBytes(of: &forged) { try pair.local.write(to: pair.remoteNode, ring, from: $0) }
+        var delivered = 0
+        #expect(throws: TransportError.corruptChannel(sender: pair.local.localNode, receiver: pair.remoteNode,
+                                                      reason: "a message at ring offset 0 claims to come from node n9")) {
+            try receiver.poll { _ in delivered += 1 }
+        }
+        // A well-formed header with a trailer that is not the expected sequence's.
+        var words: [UInt64] = [8 | 0 << 32 | 0x474D << 48, 0xAAAA, 0x1234]
+        try words.withUnsafeBytes { try pair.local.write(to: pair.remoteNode, ring, from: $0) }
+        #expect(throws: TransportError.self) { try receiver.poll { _ in delivered += 1 } }
+        #expect(delivered == 0)
+    }
+}
