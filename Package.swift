@@ -89,6 +89,11 @@ let package = Package(
         ),
         .testTarget(
             name: "GranaryTransportTests",
+            dependencies: ["GranaryTransport", "GranaryTestSupport"]
+        ),
+        // Tests that start `granary` node processes (Scripts/test stage `multiprocess`).
+        .testTarget(
+            name: "GranaryMultiProcessTests",
             dependencies: ["GranaryTransport", "GranaryTestSupport", "GranaryCommand"]
         ),
     ],

@@ -1,2 +1,6 @@
 @_exported import GranaryMemory
 @_exported import GranaryTransport
+import SystemPackage
+
+/// A file system path (swift-system's `FilePath`), as Granary's API takes it.
+public typealias FilePath = SystemPackage.FilePath

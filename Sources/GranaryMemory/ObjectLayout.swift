@@ -1,4 +1,9 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// An object's header word: the first 8 bytes of its first cache line.
 ///
@@ -202,41 +207,65 @@ public enum ObjectLayout {
 
     /// Copies `lines` whole cache lines so that each line is read as a unit.
     ///
-    /// Each line is a per-line sequence lock on its first word (see ``install(_:lines:payload:count:header:)``):
-    /// the first word is loaded with acquire ordering, the rest relaxed, then after an acquire fence
-    /// the first word again; a line whose first word changed meanwhile is copied again. This gives a
-    /// CPU copy the cache-line atomicity an RDMA NIC's DMA read has, which is what lets
-    /// ``check(snapshot:lines:)`` detect every torn read. A line that keeps changing is marked busy
-    /// (lock bit) in the copy after a bounded number of attempts, so the check rejects it.
+    /// Each line is a per-line sequence lock on its first word (see ``install(_:lines:payload:count:header:)``).
+    /// The first word of every line is loaded (acquire), then the lines are copied, then after an
+    /// acquire fence every first word is loaded again; a line whose first word changed meanwhile
+    /// overlapped a writer and is copied again on its own. This gives a CPU copy the cache-line
+    /// atomicity an RDMA NIC's DMA read has, which is what lets ``check(snapshot:lines:)`` detect every
+    /// torn read. A line that keeps changing is marked busy (lock bit) in the copy after a bounded
+    /// number of attempts, so the check rejects it.
     ///
+    /// The bulk copy is a plain `memcpy` racing with writers, as in every seqlock reader; the
+    /// versions loaded around it, not the copied bytes, decide whether a line is used.
     /// Both pointers must be 8-byte aligned.
     @inlinable
     public static func copyLines(from source: UnsafeRawPointer, to destination: UnsafeMutableRawPointer, lines: Int) {
-        var line = 0
-        while line < lines {
-            let from = source + line * lineSize
-            let to = (destination + line * lineSize).assumingMemoryBound(to: UInt64.self)
-            var attempts = 0
-            while true {
-                let first = word(from, 0).pointee.load(ordering: .acquiring)
-                var slot = 1
-                while slot < wordsPerLine {
-                    to[slot] = word(from, slot).pointee.load(ordering: .relaxed)
-                    slot += 1
+        if lines == 1 {
+            copyLineStable(from: source, to: destination)
+            return
+        }
+        let chunk = 32
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: chunk) { before in
+            var first = 0
+            while first < lines {
+                let count = min(chunk, lines - first)
+                let from = source + first * lineSize
+                let to = destination + first * lineSize
+                for line in 0..<count {
+                    before[line] = word(from + line * lineSize, 0).pointee.load(ordering: .acquiring)
                 }
+                memcpy(to, from, count * lineSize)
                 atomicMemoryFence(ordering: .acquiring)
-                let again = word(from, 0).pointee.load(ordering: .relaxed)
-                if first == again {
-                    to[0] = first
-                    break
+                for line in 0..<count {
+                    // Unchanged across the copy: versions only grow, so the copied first word is
+                    // this same value and the line's bytes are one state of it.
+                    if word(from + line * lineSize, 0).pointee.load(ordering: .relaxed) != before[line] {
+                        copyLineStable(from: from + line * lineSize, to: to + line * lineSize)
+                    }
                 }
-                attempts += 1
-                if attempts == 64 {
-                    to[0] = again | ObjectHeader.lockBit
-                    break
-                }
+                first += count
             }
-            line += 1
+        }
+    }
+
+    /// Copies one line under its sequence lock, retrying while a writer is on it.
+    @inlinable
+    static func copyLineStable(from: UnsafeRawPointer, to: UnsafeMutableRawPointer) {
+        var attempts = 0
+        while true {
+            let first = word(from, 0).pointee.load(ordering: .acquiring)
+            memcpy(to + 8, from + 8, lineSize - 8)
+            atomicMemoryFence(ordering: .acquiring)
+            let again = word(from, 0).pointee.load(ordering: .relaxed)
+            if first == again {
+                to.storeBytes(of: first, as: UInt64.self)
+                return
+            }
+            attempts += 1
+            if attempts == 64 {
+                to.storeBytes(of: again | ObjectHeader.lockBit, as: UInt64.self)
+                return
+            }
         }
     }
 }

@@ -180,7 +180,7 @@ struct MessageChannelTests {
             try receiver.poll { _ in delivered += 1 }
         }
         // A well-formed header with a trailer that is not the expected sequence's.
-        var words: [UInt64] = [8 | 0 << 32 | 0x474D << 48, 0xAAAA, 0x1234]
+        let words: [UInt64] = [8 | 0 << 32 | 0x474D << 48, 0xAAAA, 0x1234]
         try words.withUnsafeBytes { try pair.local.write(to: pair.remoteNode, ring, from: $0) }
         #expect(throws: TransportError.self) { try receiver.poll { _ in delivered += 1 } }
         #expect(delivered == 0)

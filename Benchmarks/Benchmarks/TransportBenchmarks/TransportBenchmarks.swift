@@ -1,0 +1,112 @@
+// The shared-memory transport beside the raw operation on the same bytes, in the same run.
+// Each benchmark performs its operation 1,000 times per measured iteration (scalingFactor .kilo),
+// so the reported time per iteration in microseconds is the time per operation in nanoseconds.
+import Benchmark
+import Granary
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Two nodes in this process over the shared-memory transport, with a region on node 1.
+final class Setup: @unchecked Sendable {
+    // Built once before the benchmarks run and only read afterwards (benchmarks run one at a time).
+    let directory: String
+    let local: SharedMemoryTransport
+    let remote: SharedMemoryTransport
+    let region = RegionID(1)
+    let remoteBase: UnsafeMutableRawPointer
+    let sender: ChannelSender
+    let receiver: ChannelReceiver
+    let source = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
+    let destination = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
+
+    init() throws {
+        var template = Array("/tmp/granary-bench-XXXXXX".utf8CString)
+        _ = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let cluster = ClusterID.random()
+        let dirA = try RegionDirectory(FilePath(directory + "/n0"))
+        let dirB = try RegionDirectory(FilePath(directory + "/n1"))
+        local = SharedMemoryTransport(localNode: NodeID(0), cluster: cluster, directory: dirA)
+        remote = SharedMemoryTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
+        local.addPeer(NodeID(1), endpoint: dirB)
+        let data = try dirB.create(region, size: 1 << 20, cluster: cluster)
+        try remote.register(data)
+        remoteBase = data.base
+        let mailbox = try Mailbox(node: NodeID(1), directory: dirB, cluster: cluster)
+        try remote.register(mailbox.region)
+        sender = try ChannelSender(transport: local, to: NodeID(1))
+        receiver = mailbox.receiver(from: NodeID(0))
+        memset(source, 0x5A, 4096)
+        // A committed object of 16 lines at offset 65536, so reads see a consistent object.
+        ObjectLayout.stamp(remoteBase + 65536, lines: 16, header: ObjectHeader(version: 1, incarnation: 0, allocated: true))
+        // Touch the mappings once so the first measured operation does not open files.
+        try local.read(from: NodeID(1), GlobalAddress(region: region, offset: 65536), into: UnsafeMutableRawBufferPointer(start: destination, count: 64))
+    }
+}
+
+let benchmarks: @Sendable () -> Void = {
+    Benchmark.defaultConfiguration = .init(
+        metrics: [.wallClock, .mallocCountTotal],
+        timeUnits: .nanoseconds,
+        warmupIterations: 10,
+        scalingFactor: .kilo,
+        maxDuration: .seconds(2),
+        maxIterations: 100_000
+    )
+    let setup = try! Setup()
+    let objectAddress = GlobalAddress(region: setup.region, offset: 65536)
+    let wordAddress = GlobalAddress(region: setup.region, offset: 8192)
+
+    for size in [64, 1024] {
+        Benchmark("raw memcpy \(size) B") { benchmark in
+            for _ in benchmark.scaledIterations {
+                memcpy(setup.destination, setup.remoteBase + 65536, size)
+                blackHole(setup.destination.load(as: UInt8.self))
+            }
+        }
+        Benchmark("shm one-sided read \(size) B object") { benchmark in
+            let buffer = UnsafeMutableRawBufferPointer(start: setup.destination, count: size)
+            for _ in benchmark.scaledIterations {
+                try setup.local.read(from: NodeID(1), objectAddress, into: buffer)
+                blackHole(setup.destination.load(as: UInt8.self))
+            }
+        }
+    }
+
+    Benchmark("raw CAS") { benchmark in
+        let word = (setup.remoteBase + 8192).assumingMemoryBound(to: Atomic<UInt64>.self)
+        var value: UInt64 = word.pointee.load(ordering: .relaxed)
+        for _ in benchmark.scaledIterations {
+            value = word.pointee.compareExchange(expected: value, desired: value &+ 1,
+                                                 successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring).original &+ 1
+        }
+        blackHole(value)
+    }
+    Benchmark("shm one-sided CAS") { benchmark in
+        var value = try setup.local.fetchAndAdd(at: NodeID(1), wordAddress, 0)
+        for _ in benchmark.scaledIterations {
+            value = try setup.local.compareAndSwap(at: NodeID(1), wordAddress, expected: value, desired: value &+ 1) &+ 1
+        }
+        blackHole(value)
+    }
+
+    Benchmark("raw memcpy 256 B twice (into a ring, out of it)") { benchmark in
+        for _ in benchmark.scaledIterations {
+            memcpy(setup.destination + 1024, setup.source, 256)
+            memcpy(setup.destination, setup.destination + 1024, 256)
+            blackHole(setup.destination.load(as: UInt8.self))
+        }
+    }
+    Benchmark("shm channel message 256 B (send + receive)") { benchmark in
+        let message = UnsafeRawBufferPointer(start: setup.source, count: 256)
+        for _ in benchmark.scaledIterations {
+            try setup.sender.send(message)
+            try setup.receiver.poll { bytes in
+                memcpy(setup.destination, bytes.baseAddress!, bytes.count)
+            }
+            blackHole(setup.destination.load(as: UInt8.self))
+        }
+    }
+}

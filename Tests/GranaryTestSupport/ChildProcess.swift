@@ -1,0 +1,68 @@
+import Foundation
+
+/// A child process (usually the `granary` command) whose standard output is read line by line.
+public final class ChildProcess: @unchecked Sendable {
+    // Only the test thread that created it touches it.
+    public let process: Process
+    private let output: FileHandle
+    private var buffered = Data()
+    public private(set) var transcript: [String] = []
+
+    /// The `granary` executable built beside the test bundle.
+    public static func granaryExecutable() throws -> URL {
+        var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for _ in 0..<3 {
+            let candidate = directory.appendingPathComponent("granary")
+            if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
+            directory.deleteLastPathComponent()
+        }
+        throw ChildProcessError("no granary executable beside \(CommandLine.arguments[0]); run `swift build` first")
+    }
+
+    public init(_ executable: URL, _ arguments: [String]) throws {
+        process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        output = pipe.fileHandleForReading
+        try process.run()
+    }
+
+    /// The next line of output, waiting at most `timeout` seconds.
+    public func readLine(timeout: Double = 30) throws -> String {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            if let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: buffered[buffered.startIndex..<newline], as: UTF8.self)
+                buffered.removeSubrange(buffered.startIndex...newline)
+                transcript.append(line)
+                return line
+            }
+            guard Date() < deadline else { throw ChildProcessError("no output line within \(timeout) s; so far: \(transcript)") }
+            var poller = pollfd(fd: output.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            if poll(&poller, 1, 100) > 0 {
+                let chunk = output.availableData
+                if chunk.isEmpty {
+                    throw ChildProcessError("the child exited (status \(process.isRunning ? -1 : process.terminationStatus)) before printing a line; so far: \(transcript)")
+                }
+                buffered.append(chunk)
+            }
+        }
+    }
+
+    /// Sends `signal` and waits for the process to end.
+    public func kill(_ signal: Int32 = SIGKILL) {
+        Foundation.kill(process.processIdentifier, signal)
+        process.waitUntilExit()
+    }
+
+    deinit {
+        if process.isRunning { kill() }
+    }
+}
+
+public struct ChildProcessError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
