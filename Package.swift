@@ -57,12 +57,33 @@ let package = Package(
             ]
         ),
 
+        // MARK: Configuration
+        .target(
+            name: "GranaryConfiguration",
+            dependencies: ["GranaryMemory"]
+        ),
+
+        // MARK: Transaction engine
+        .target(
+            name: "GranaryEngine",
+            dependencies: [
+                "GranaryMemory",
+                "GranaryTransport",
+                "GranaryConfiguration",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]
+        ),
+
         // MARK: Public library
         .target(
             name: "Granary",
             dependencies: [
                 "GranaryMemory",
                 "GranaryTransport",
+                "GranaryConfiguration",
+                "GranaryEngine",
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
@@ -90,6 +111,10 @@ let package = Package(
         .testTarget(
             name: "GranaryTransportTests",
             dependencies: ["GranaryTransport", "GranaryTestSupport"]
+        ),
+        .testTarget(
+            name: "GranaryEngineTests",
+            dependencies: ["Granary", "GranaryTestSupport"]
         ),
         // Tests that start `granary` node processes (Scripts/test stage `multiprocess`).
         .testTarget(

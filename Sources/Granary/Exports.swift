@@ -1,3 +1,5 @@
+@_exported import GranaryConfiguration
+@_exported import GranaryEngine
 @_exported import GranaryMemory
 @_exported import GranaryTransport
 import SystemPackage

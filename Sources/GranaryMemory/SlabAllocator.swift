@@ -82,6 +82,8 @@ public final class SlabAllocator: Sendable {
     private struct State {
         var freeSlots: [[Int]]  // per size class, offsets of free slots
         var unusedSlabs: [Int]  // slab indexes, in descending order (popLast takes the lowest)
+        var slabLines: [Int]    // per slab, its size class in lines (0: unused), including slabs
+                                // carved in memory whose first allocation has not committed yet
         var allocated: Int
         var reserved: Int
     }
@@ -95,6 +97,7 @@ public final class SlabAllocator: Sendable {
         self.classes = layout.sizeClasses
         var freeSlots = Array(repeating: [Int](), count: classes.count)
         var unused: [Int] = []
+        var slabLines = Array(repeating: 0, count: layout.slabCount)
         var allocated = 0
         let firstSlab = layout.firstSlabOffset >> layout.slabShift
         for slab in stride(from: layout.slabCount - 1, through: firstSlab, by: -1) {
@@ -103,6 +106,7 @@ public final class SlabAllocator: Sendable {
                 unused.append(slab)
                 continue
             }
+            slabLines[slab] = lines
             let slotBytes = lines * ObjectLayout.lineSize
             let slabStart = slab << layout.slabShift
             let count = layout.slabSize / slotBytes
@@ -115,7 +119,7 @@ public final class SlabAllocator: Sendable {
                 }
             }
         }
-        state = Mutex(State(freeSlots: freeSlots, unusedSlabs: unused, allocated: allocated, reserved: 0))
+        state = Mutex(State(freeSlots: freeSlots, unusedSlabs: unused, slabLines: slabLines, allocated: allocated, reserved: 0))
     }
 
     /// The largest payload one object can carry in this region.
@@ -130,8 +134,10 @@ public final class SlabAllocator: Sendable {
         return lines
     }
 
-    /// Reserves a free slot for `payloadBytes` bytes (in memory; the slot's bytes are unchanged
-    /// except when a new slab is carved, which formats its slot headers and persists the slab table).
+    /// Reserves a free slot for `payloadBytes` bytes. Only memory changes: a new slab is carved in
+    /// memory (an unused slab is all zeros, which is every slot free at version 0), and its size
+    /// class reaches the slab table when its first allocation commits (``didAllocate(_:)``), so
+    /// an aborted reservation leaves no trace in the region.
     public func reserve(payloadBytes: Int) throws(AllocationError) -> ObjectSlot {
         let lines = try self.lines(forPayload: payloadBytes)
         let classIndex = classes.firstIndex(of: lines)!
@@ -143,17 +149,10 @@ public final class SlabAllocator: Sendable {
                 return ObjectSlot(offset: offset, lines: lines)
             }
             guard let slab = state.unusedSlabs.popLast() else { return nil }
-            // Carve the slab: stamp every slot free (incarnation 0), then record the class.
             let slotBytes = lines * ObjectLayout.lineSize
             let slabStart = slab << layout.slabShift
             let count = layout.slabSize / slotBytes
-            for slot in 0..<count {
-                ObjectLayout.stamp(region.base + slabStart + slot * slotBytes, lines: lines,
-                                   header: ObjectHeader(version: 0, incarnation: 0, allocated: false))
-            }
-            try? region.persist(offset: slabStart, length: layout.slabSize)
-            region.base.storeBytes(of: UInt16(lines), toByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self)
-            try? region.persist(offset: SlabLayout.tableOffset + slab * 2, length: 2)
+            state.slabLines[slab] = lines
             for slot in stride(from: count - 1, through: 1, by: -1) {
                 state.freeSlots[classIndex].append(slabStart + slot * slotBytes)
             }
@@ -173,11 +172,23 @@ public final class SlabAllocator: Sendable {
         }
     }
 
-    /// Records that a reserved slot's allocation committed.
+    /// Records that a reserved slot's allocation committed (its allocated header is installed),
+    /// entering its slab's size class in the slab table if this is the slab's first allocation.
     public func didAllocate(_ slot: ObjectSlot) {
         state.withLock { state in
             state.reserved -= 1
             state.allocated += 1
+        }
+        Self.recordSlabClass(in: region, layout: layout, slot: slot)
+    }
+
+    /// Enters `slot`'s size class in the slab table of `region` (any replica) if its slab has none.
+    /// Backups call this when they apply an allocation, so their bytes match the primary's.
+    public static func recordSlabClass(in region: Region, layout: SlabLayout, slot: ObjectSlot) {
+        let entry = SlabLayout.tableOffset + (slot.offset >> layout.slabShift) * 2
+        if region.base.load(fromByteOffset: entry, as: UInt16.self) == 0 {
+            region.base.storeBytes(of: UInt16(slot.lines), toByteOffset: entry, as: UInt16.self)
+            try? region.persist(offset: entry, length: 2)
         }
     }
 
@@ -195,17 +206,16 @@ public final class SlabAllocator: Sendable {
     /// - Throws: ``AllocationError/notAnObject(_:reason:)`` if `offset` is in the metadata, in an
     ///   unused slab, or not at the start of a slot.
     public func slot(at offset: Int) throws(AllocationError) -> ObjectSlot {
-        try Self.slot(in: region, layout: layout, at: offset)
-    }
-
-    /// Like ``slot(at:)`` for any mapping of a data region (a replica, or a peer's region).
-    public static func slot(in region: Region, layout: SlabLayout, at offset: Int) throws(AllocationError) -> ObjectSlot {
         let address = GlobalAddress(region: region.id, offset: UInt32(truncatingIfNeeded: offset))
         guard offset >= layout.firstSlabOffset, offset < layout.regionSize else {
             throw .notAnObject(address, reason: "outside the region's slabs")
         }
         let slab = offset >> layout.slabShift
-        let lines = Int(region.base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
+        let lines = state.withLock { $0.slabLines[slab] }
+        return try Self.slot(layout: layout, address: address, offset: offset, slab: slab, lines: lines)
+    }
+
+    static func slot(layout: SlabLayout, address: GlobalAddress, offset: Int, slab: Int, lines: Int) throws(AllocationError) -> ObjectSlot {
         guard lines > 0 else { throw .notAnObject(address, reason: "slab \(slab) holds no objects") }
         let slotBytes = lines * ObjectLayout.lineSize
         let within = offset - (slab << layout.slabShift)
@@ -213,6 +223,17 @@ public final class SlabAllocator: Sendable {
             throw .notAnObject(address, reason: "not at the start of a \(lines)-line slot")
         }
         return ObjectSlot(offset: offset, lines: lines)
+    }
+
+    /// Like ``slot(at:)`` for any mapping of a data region (a replica), from its slab table.
+    public static func slot(in region: Region, layout: SlabLayout, at offset: Int) throws(AllocationError) -> ObjectSlot {
+        let address = GlobalAddress(region: region.id, offset: UInt32(truncatingIfNeeded: offset))
+        guard offset >= layout.firstSlabOffset, offset < layout.regionSize else {
+            throw .notAnObject(address, reason: "outside the region's slabs")
+        }
+        let slab = offset >> layout.slabShift
+        let lines = Int(region.base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
+        return try slot(layout: layout, address: address, offset: offset, slab: slab, lines: lines)
     }
 
     /// Counts for monitoring and tests.

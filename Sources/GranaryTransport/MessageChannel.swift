@@ -122,6 +122,14 @@ public final class ChannelReceiver: Sendable {
         (region.base + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
     }
 
+    /// Whether no message (not even a partly written one) waits at the head of the ring.
+    public var isEmpty: Bool {
+        state.withLock { state in
+            let position = Int(state.head & UInt64(ringCapacity - 1))
+            return word(controlOffset + ChannelFormat.controlBytes + position).pointee.load(ordering: .acquiring) == 0
+        }
+    }
+
     /// Hands every complete message (up to `limit`) to `handler`, in the order sent, and frees
     /// their space. The buffer is valid only during the call.
     ///

@@ -31,3 +31,13 @@ public func runThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) 
     }
     for thread in threads { pthread_join(thread, nil) }
 }
+
+import Synchronization
+
+/// A value behind a lock that escaping closures and tasks can share.
+public final class Shared<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    public init(_ value: Value) { mutex = Mutex(value) }
+    public func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+    public var value: Value { mutex.withLock { $0 } }
+}

@@ -1,0 +1,201 @@
+import Foundation
+import GranaryConfiguration
+import GranaryEngine
+import GranaryMemory
+import GranaryTransport
+import Logging
+import SystemPackage
+
+/// Settings of an embedded cluster beyond its shape.
+public struct ClusterOptions: Sendable {
+    /// Regions each node is primary of.
+    public var regionsPerNode: Int = 2
+    /// Size of every data region in bytes (a power of two, at least 1 MiB).
+    public var regionSize: Int = RegionFormat.defaultSize
+    /// Capacity of each message ring (a power of two, at least 4 KiB).
+    public var ringCapacity: Int = 256 << 10
+    /// The transaction engine's tunables, the same for every node.
+    public var engine = EngineOptions()
+    /// Where the nodes log (at info level or below).
+    public var logger: Logger = Logger(label: "granary")
+
+    public init() {}
+}
+
+/// A Granary cluster: its nodes, their configuration, and their region files.
+///
+/// ```swift
+/// let cluster = try await Cluster.local()
+/// let node = cluster.nodes[0]
+/// let account = try await node.transaction { try $0.allocate(Int64(100)) }
+/// try await node.transaction { tx in
+///     try tx.write(account, try tx.read(account, as: Int64.self) + 1)
+/// }
+/// try await cluster.shutdown()
+/// ```
+public final class Cluster: Sendable {
+    /// The nodes, indexed by their ``NodeID``.
+    public let nodes: [Node]
+    public let configuration: Configuration
+    /// The directory holding one sub-directory of region files per node, and `cluster.json`.
+    public let directory: FilePath
+    private let removeOnShutdown: Bool
+
+    private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool) {
+        self.nodes = nodes
+        self.configuration = configuration
+        self.directory = directory
+        self.removeOnShutdown = removeOnShutdown
+    }
+
+    /// Starts an embedded cluster of `nodes` nodes in this process over the shared-memory transport,
+    /// every region replicated `replicas` times on distinct nodes.
+    ///
+    /// With a `directory` that already holds a cluster (its `cluster.json`), the cluster is reopened
+    /// from its region files; otherwise a new one is created there (or in a temporary directory,
+    /// removed at ``shutdown()``, when `directory` is nil).
+    ///
+    /// - Throws: ``ConfigurationError`` for an impossible shape (more replicas than nodes),
+    ///   ``RegionError`` for region files that cannot be created or opened.
+    public static func local(nodes: Int = 3, replicas: Int = 3, directory: FilePath? = nil,
+                             options: ClusterOptions = ClusterOptions()) async throws -> Cluster {
+        guard nodes >= 1, nodes <= NodeID.limit else {
+            throw ConfigurationError.invalid("a local cluster has 1 to \(NodeID.limit) nodes, not \(nodes)")
+        }
+        let root: FilePath
+        let temporary = directory == nil
+        if let directory {
+            root = directory
+            _ = try RegionDirectory(root)
+        } else {
+            root = FilePath(try makeTemporaryDirectory())
+        }
+        let manifest = root.appending("cluster.json")
+        let configuration: Configuration
+        if FileManager.default.fileExists(atPath: manifest.string) {
+            let data = try Data(contentsOf: URL(fileURLWithPath: manifest.string))
+            configuration = try JSONDecoder().decode(Configuration.self, from: data)
+            guard configuration.members.count == nodes else {
+                throw ConfigurationError.invalid("\(manifest) describes \(configuration.members.count) nodes, not \(nodes)")
+            }
+        } else {
+            let ids = (0..<nodes).map { NodeID($0) }
+            configuration = try Configuration(
+                id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
+                members: ids.map { Member(node: $0, endpoint: "shm:" + root.appending($0.description).string) },
+                manager: ids.first,
+                regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: options.regionsPerNode, replicas: replicas),
+                regionSize: options.regionSize)
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try encoder.encode(configuration).write(to: URL(fileURLWithPath: manifest.string))
+        }
+        let directories = try configuration.members.map { try RegionDirectory(root.appending($0.node.description)) }
+        var transports: [SharedMemoryTransport] = []
+        var mailboxes: [Mailbox] = []
+        var held: [[Region]] = []
+        for (index, member) in configuration.members.enumerated() {
+            let transport = SharedMemoryTransport(localNode: member.node, cluster: configuration.cluster,
+                                                  directory: directories[index])
+            var regions: [Region] = []
+            for placement in configuration.regions where placement.replicas.contains(member.node) {
+                let region = try directories[index].openOrCreate(placement.region, size: configuration.regionSize,
+                                                                 cluster: configuration.cluster)
+                try transport.register(region)
+                regions.append(region)
+            }
+            let mailbox = try Mailbox(node: member.node, directory: directories[index], cluster: configuration.cluster,
+                                      ringCapacity: options.ringCapacity)
+            try transport.register(mailbox.region)
+            transports.append(transport)
+            mailboxes.append(mailbox)
+            held.append(regions)
+        }
+        for transport in transports {
+            for (index, member) in configuration.members.enumerated() where member.node != transport.localNode {
+                transport.addPeer(member.node, endpoint: directories[index])
+            }
+        }
+        var logger = options.logger
+        logger[metadataKey: "cluster"] = "\(configuration.cluster)"
+        let engines = try configuration.members.indices.map { index in
+            try Engine(node: configuration.members[index].node, configuration: configuration, transport: transports[index],
+                       mailbox: mailboxes[index], replicas: held[index], options: options.engine, logger: logger)
+        }
+        return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
+                       removeOnShutdown: temporary)
+    }
+
+    /// Waits until every committed transaction is applied on every replica: sends the pending
+    /// TRUNCATE records and waits until no node has a record to process.
+    public func quiesce(timeout: Duration = .seconds(30)) async throws {
+        for node in nodes { try node.engine.flushTruncations() }
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while !nodes.allSatisfy({ $0.engine.isQuiescent }) {
+            guard clock.now < deadline else {
+                throw ConfigurationError.invalid("the cluster did not quiesce within \(timeout)")
+            }
+            try await Task.sleep(for: .microseconds(200))
+        }
+    }
+
+    /// Quiesces, persists every region, stops every node, and removes the directory if it was a
+    /// temporary one.
+    public func shutdown() async throws {
+        try await quiesce()
+        for node in nodes {
+            for placement in configuration.regions {
+                if let region = node.engine.replica(of: placement.region) {
+                    try region.persist(offset: 0, length: region.size)
+                }
+            }
+            node.engine.stop()
+        }
+        if removeOnShutdown { try? FileManager.default.removeItem(atPath: directory.string) }
+    }
+
+    private static func makeTemporaryDirectory() throws -> String {
+        let base = ProcessInfo.processInfo.environment["TMPDIR"] ?? "/tmp"
+        var template = Array("\(base)/granary-cluster-XXXXXX".utf8CString)
+        guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
+            throw RegionError.systemCall(call: "mkdtemp", path: FilePath(base), message: String(cString: strerror(errno)))
+        }
+        return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// One node of a cluster: where transactions are started.
+public final class Node: Sendable {
+    public let engine: Engine
+    public var id: NodeID { engine.node }
+
+    init(_ engine: Engine) { self.engine = engine }
+
+    /// Runs `body` as a strictly serializable transaction coordinated by this node, and commits it.
+    ///
+    /// `body` executes the transaction: ``Transaction/read(_:as:)`` costs one one-sided read of the
+    /// object's primary; writes, allocations and frees are buffered. At commit, a read-only
+    /// transaction costs nothing more (one read) or one batch of one-sided header reads (several);
+    /// a read-write one costs one LOCK round trip to the written objects' primaries, one batch of
+    /// header reads for VALIDATE, and one-way COMMIT-BACKUP and COMMIT-PRIMARY records.
+    ///
+    /// On a conflict the attempt aborts and `body` runs again, after a randomised back-off, up to
+    /// ``EngineOptions/maximumAttempts`` times. `body` may therefore run more than once; only the
+    /// committed run's effects exist.
+    ///
+    /// - Throws: ``TransactionError`` (`.conflict` when every attempt aborted), or what `body` throws
+    ///   (the attempt is abandoned and nothing is written).
+    public func transaction<R: Sendable>(_ body: (Transaction) throws -> R) async throws -> R {
+        try engine.run(body)
+    }
+
+    /// The synchronous form of ``transaction(_:)`` for hot loops on dedicated threads: the same
+    /// engine, without a suspension point.
+    public func transactionSync<R>(_ body: (Transaction) throws -> R) throws -> R {
+        try engine.run(body)
+    }
+
+    /// This node's counters.
+    public var statistics: EngineStatistics.Snapshot { engine.statistics.snapshot }
+}

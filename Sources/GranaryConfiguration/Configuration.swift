@@ -1,0 +1,135 @@
+import GranaryMemory
+
+/// The number of a configuration. Every configuration change increases it by one; every message and
+/// log record carries the id of the configuration it was sent in.
+public struct ConfigurationID: RawRepresentable, Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
+    public var rawValue: UInt64
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// The configuration after this one.
+    @inlinable public var next: ConfigurationID { ConfigurationID(rawValue: rawValue + 1) }
+    @inlinable public static func < (a: ConfigurationID, b: ConfigurationID) -> Bool { a.rawValue < b.rawValue }
+    public var description: String { "config#\(rawValue)" }
+}
+
+/// A member of a configuration: a node and how peers reach it.
+public struct Member: Hashable, Sendable, Codable, CustomStringConvertible {
+    public var node: NodeID
+    /// Transport endpoint: `shm:<region directory>` for the shared-memory transport.
+    public var endpoint: String
+
+    public init(node: NodeID, endpoint: String) {
+        self.node = node
+        self.endpoint = endpoint
+    }
+
+    public var description: String { "\(node)@\(endpoint)" }
+}
+
+/// Where a region's replicas live: one primary and its backups, all on distinct nodes.
+public struct RegionPlacement: Hashable, Sendable, Codable, CustomStringConvertible {
+    public var region: RegionID
+    public var primary: NodeID
+    public var backups: [NodeID]
+
+    public init(region: RegionID, primary: NodeID, backups: [NodeID]) {
+        self.region = region
+        self.primary = primary
+        self.backups = backups
+    }
+
+    /// The primary, then the backups.
+    public var replicas: [NodeID] { [primary] + backups }
+
+    public var description: String { "\(region): primary \(primary), backups \(backups.map(\.description).joined(separator: ","))" }
+}
+
+/// Why a configuration is not usable.
+public enum ConfigurationError: Error, Sendable, Equatable, CustomStringConvertible {
+    case invalid(String)
+    /// A record or message from another configuration.
+    case wrongConfiguration(found: ConfigurationID, expected: ConfigurationID, from: NodeID)
+
+    public var description: String {
+        switch self {
+        case .invalid(let reason): return "invalid configuration: \(reason)"
+        case .wrongConfiguration(let found, let expected, let from):
+            return "node \(from) sent a record of \(found), but this node is in \(expected); the record is rejected"
+        }
+    }
+}
+
+/// A configuration of the cluster: its members, and which nodes hold each region.
+public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertible {
+    public var id: ConfigurationID
+    public var cluster: ClusterID
+    public var members: [Member]
+    /// The configuration manager, when one runs.
+    public var manager: NodeID?
+    public var regions: [RegionPlacement]
+    /// The size of every data region, in bytes.
+    public var regionSize: Int
+
+    public init(id: ConfigurationID, cluster: ClusterID, members: [Member], manager: NodeID? = nil,
+                regions: [RegionPlacement], regionSize: Int) throws(ConfigurationError) {
+        self.id = id
+        self.cluster = cluster
+        self.members = members
+        self.manager = manager
+        self.regions = regions
+        self.regionSize = regionSize
+        try validate()
+    }
+
+    /// The placement of `region`, if it is in this configuration.
+    public func placement(of region: RegionID) -> RegionPlacement? {
+        regions.first { $0.region == region }
+    }
+
+    /// Whether `node` is a member.
+    public func contains(_ node: NodeID) -> Bool { members.contains { $0.node == node } }
+
+    /// Checks that ids are unique, replicas of one region sit on distinct member nodes.
+    public func validate() throws(ConfigurationError) {
+        let nodes = members.map(\.node)
+        guard Set(nodes).count == nodes.count else { throw .invalid("a node is listed twice among the members") }
+        guard Set(regions.map(\.region)).count == regions.count else { throw .invalid("a region is placed twice") }
+        for placement in regions {
+            let replicas = placement.replicas
+            guard Set(replicas).count == replicas.count else {
+                throw .invalid("region \(placement.region) has two replicas on one node (\(replicas))")
+            }
+            for node in replicas where !nodes.contains(node) {
+                throw .invalid("region \(placement.region) has a replica on \(node), which is not a member")
+            }
+        }
+    }
+
+    /// Places `regionsPerNode` regions per node with `replicas` replicas each: every node is primary of
+    /// the same number of regions, and the backups of a region are the next nodes in ring order, so
+    /// backups are balanced too and never share a node with another replica of the region.
+    public static func balancedPlacement(nodes: [NodeID], regionsPerNode: Int, replicas: Int,
+                                         firstRegion: Int = 1) throws(ConfigurationError) -> [RegionPlacement] {
+        guard replicas >= 1 else { throw .invalid("a region needs at least one replica") }
+        guard replicas <= nodes.count else {
+            throw .invalid("\(replicas) replicas need \(replicas) nodes, only \(nodes.count) given")
+        }
+        var placements: [RegionPlacement] = []
+        var next = firstRegion
+        for round in 0..<regionsPerNode {
+            for (index, node) in nodes.enumerated() {
+                // Alternate the backup order between rounds so each node backs up each other node.
+                let backups = (1..<replicas).map { step in
+                    nodes[(index + (round % 2 == 0 ? step : nodes.count - step)) % nodes.count]
+                }
+                placements.append(RegionPlacement(region: RegionID(next), primary: node, backups: backups))
+                next += 1
+            }
+        }
+        return placements
+    }
+
+    public var description: String {
+        "\(id) of \(cluster): members \(members.map(\.description).joined(separator: ", ")); "
+            + regions.map(\.description).joined(separator: "; ")
+    }
+}

@@ -1,0 +1,228 @@
+import GranaryConfiguration
+import GranaryMemory
+import GranaryTransport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The coordinator's side of FaRM's commit protocol, one method per phase:
+/// ``lock()`` -> ``validate()`` -> ``commitBackup(_:)`` -> ``commitPrimary(_:)`` -> ``truncate(_:)``,
+/// or ``abort(_:)`` after a failed LOCK or VALIDATE.
+extension Transaction {
+    /// Commits the attempt, or throws ``AbortSignal`` (after cleaning up) when it must be retried.
+    func commit() throws {
+        let stats = engine.statistics
+        var now = monotonicNanoseconds()
+        stats.record(.execute, nanoseconds: now - executeStart)
+        if writes.isEmpty {
+            // Read-only: no records at all. One read is already a consistent snapshot.
+            if reads.count > 1 {
+                guard try validate(skippingWritten: false) else { throw AbortSignal(cause: .validationFailed) }
+                let after = monotonicNanoseconds()
+                stats.record(.validate, nanoseconds: after - now)
+            }
+            stats.committed(readOnly: true)
+            return
+        }
+        let id = try lock()
+        var phaseEnd = monotonicNanoseconds()
+        stats.record(.lock, nanoseconds: phaseEnd - now)
+        now = phaseEnd
+        guard try validate(skippingWritten: true) else {
+            try abort(id)
+            throw AbortSignal(cause: .validationFailed)
+        }
+        phaseEnd = monotonicNanoseconds()
+        stats.record(.validate, nanoseconds: phaseEnd - now)
+        now = phaseEnd
+        let backups = try commitBackup(id)
+        phaseEnd = monotonicNanoseconds()
+        stats.record(.commitBackup, nanoseconds: phaseEnd - now)
+        now = phaseEnd
+        try commitPrimary(id)
+        phaseEnd = monotonicNanoseconds()
+        stats.record(.commitPrimary, nanoseconds: phaseEnd - now)
+        stats.committed(readOnly: false)
+        reservations.removeAll(keepingCapacity: true)  // now owned by the committed objects
+        now = phaseEnd
+        try truncate(id, backups: backups)
+        stats.record(.truncate, nanoseconds: monotonicNanoseconds() - now)
+    }
+
+    /// The primaries of the written objects, in a stable order.
+    private var writtenPrimaries: [NodeID] {
+        var seen = Set<NodeID>()
+        return writes.compactMap { seen.insert($0.primary).inserted ? $0.primary : nil }
+    }
+
+    private func ensureRecordCapacity(_ bytes: Int) {
+        if bytes > recordCapacity {
+            recordBuffer.deallocate()
+            recordCapacity = max(bytes, recordCapacity * 2)
+            recordBuffer = .allocate(byteCount: recordCapacity, alignment: 8)
+        }
+    }
+
+    /// Writes a record of `kind` holding the entries for which `include` is true, and sends it.
+    private func sendEntries(_ kind: RecordKind, _ id: TransactionID, to node: NodeID,
+                             where include: (WriteEntry) -> Bool) throws {
+        var size = RecordFormat.headerBytes
+        for entry in writes where include(entry) { size += RecordFormat.entryBytes(payload: entry.length) }
+        ensureRecordCapacity(size)
+        var writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
+                                  configuration: engine.configuration.id, transaction: id)
+        payloads.withUnsafeBytes { payloadBytes in
+            for entry in writes where include(entry) {
+                writer.appendEntry(address: entry.address, expected: entry.expected, new: entry.new, lines: entry.lines,
+                                   operation: entry.operation, payload: payloadBytes.baseAddress.map { $0 + entry.payloadOffset },
+                                   length: entry.length)
+            }
+        }
+        try engine.send(writer.bytes, to: node)
+    }
+
+    private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID) throws {
+        let writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
+                                  configuration: engine.configuration.id, transaction: id)
+        try engine.send(writer.bytes, to: node)
+    }
+
+    /// LOCK: one record per primary with the written objects, their read versions and new values;
+    /// each primary's CPU locks them with compare-and-swap and answers. Waits for every answer.
+    func lock() throws -> TransactionID {
+        let primaries = writtenPrimaries
+        var backoff = Backoff(maximumSleepMicroseconds: 50)
+        var acquired: TransactionID?
+        while acquired == nil {
+            acquired = engine.replies.acquire(node: engine.node, replies: primaries.count)
+            if acquired == nil { backoff.pause() }
+        }
+        let id = acquired!
+        defer { engine.replies.release(id) }
+        for primary in primaries {
+            try sendEntries(.lock, id, to: primary) { $0.primary == primary }
+            engine.statistics.lockRecordSent()
+        }
+        let (seconds, attoseconds) = engine.options.replyTimeout.components
+        let timeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+        guard let failure = engine.replies.wait(id, timeoutNanoseconds: timeout) else {
+            try abort(id)
+            throw TransactionError.peerUnresponsive(primaries.first!, waitedMilliseconds: Int(timeout / 1_000_000))
+        }
+        if failure != 0 {
+            try abort(id)
+            throw AbortSignal(cause: AbortCause(rawValue: failure) ?? .lockConflict)
+        }
+        return id
+    }
+
+    /// VALIDATE: one-sided reads of the header words of objects read (and, when `skippingWritten`,
+    /// not written), posted as one batch; false if any changed or is locked.
+    func validate(skippingWritten: Bool) throws -> Bool {
+        var headers = [UInt64](repeating: 0, count: reads.count)
+        var batch = OperationBatch(capacity: max(1, reads.count))
+        var checked: [Int] = []
+        headers.withUnsafeMutableBytes { raw in
+            for (index, read) in reads.enumerated() where !(skippingWritten && writeIndex[read.address] != nil) {
+                batch.read(from: read.primary, read.address,
+                           into: UnsafeMutableRawBufferPointer(rebasing: raw[(index * 8)..<(index * 8 + 8)]))
+                checked.append(index)
+            }
+        }
+        guard !checked.isEmpty else { return true }
+        do {
+            try engine.transport.execute(&batch)
+        } catch {
+            throw TransactionError.transport(error)
+        }
+        for index in checked where headers[index] != reads[index].header.rawValue {
+            return false
+        }
+        return true
+    }
+
+    /// COMMIT-BACKUP: one record per backup node with the new values of the objects it backs up.
+    /// Waits only for the writes' completion, never for the backups' CPUs. Returns the backups.
+    func commitBackup(_ id: TransactionID) throws -> [NodeID] {
+        var nodes: [NodeID] = []
+        for entry in writes {
+            for backup in engine.backups[entry.address.region.index] where !nodes.contains(backup) { nodes.append(backup) }
+        }
+        for node in nodes {
+            try sendEntries(.commitBackup, id, to: node) { self.engine.backups[$0.address.region.index].contains(node) }
+        }
+        return nodes
+    }
+
+    /// COMMIT-PRIMARY: tell each primary to install and unlock. The transaction is committed once the
+    /// first of these writes completes (every backup already holds its record).
+    func commitPrimary(_ id: TransactionID) throws {
+        for primary in writtenPrimaries { try sendHeaderOnly(.commitPrimary, id, to: primary) }
+    }
+
+    /// ABORT: release the locks at every primary and return reserved slots.
+    func abort(_ id: TransactionID) throws {
+        for primary in writtenPrimaries { try sendHeaderOnly(.abort, id, to: primary) }
+        returnReservations()
+    }
+
+    /// TRUNCATE, lazily: remember the transaction per backup; a batch goes out in one record once
+    /// ``EngineOptions/truncationBatch`` transactions are waiting for that backup.
+    func truncate(_ id: TransactionID, backups: [NodeID]) throws {
+        for backup in backups {
+            let batch: [TransactionID]? = engine.pendingTruncation.withLock { lists in
+                lists[backup.index].append(id)
+                guard lists[backup.index].count >= engine.options.truncationBatch else { return nil }
+                defer { lists[backup.index].removeAll(keepingCapacity: true) }
+                return lists[backup.index]
+            }
+            if let batch { try engine.sendTruncate(batch, to: backup) }
+        }
+    }
+}
+
+extension Engine {
+    /// Sends one TRUNCATE record listing `ids` to `backup`.
+    func sendTruncate(_ ids: [TransactionID], to backup: NodeID) throws(TransactionError) {
+        let bytes = RecordFormat.headerBytes + ids.count * 8
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
+        defer { buffer.deallocate() }
+        var writer = RecordWriter(into: buffer, capacity: bytes, kind: .truncate, configuration: configuration.id,
+                                  transaction: TransactionID(rawValue: 0))
+        for id in ids { writer.appendTransaction(id) }
+        try send(writer.bytes, to: backup)
+    }
+
+    /// Runs `body` as a transaction on this node, committing it and retrying on conflicts.
+    ///
+    /// Blocks the calling thread while it waits for LOCK replies. See `Node.transaction` for the
+    /// async form.
+    public func run<R>(_ body: (Transaction) throws -> R) throws -> R {
+        let transaction = Transaction(engine: self)
+        var attempt = 0
+        var lastCause = AbortCause.lockConflict
+        var generator = SystemRandomNumberGenerator()
+        while attempt < options.maximumAttempts {
+            guard running.load(ordering: .relaxed) else { throw TransactionError.shutDown(node) }
+            attempt += 1
+            transaction.reset()
+            transaction.executeStart = monotonicNanoseconds()
+            do {
+                let result = try body(transaction)
+                try transaction.commit()
+                return result
+            } catch let signal as AbortSignal {
+                transaction.returnReservations()
+                statistics.aborted(signal.cause)
+                lastCause = signal.cause
+                let limit = min(options.retryBackoffCapNanoseconds, options.retryBackoffBaseNanoseconds << UInt64(min(attempt, 20)))
+                let wait = UInt64.random(in: 0...limit, using: &generator)
+                if wait > 1_000 { usleep(UInt32(wait / 1_000)) }
+            } catch {
+                transaction.returnReservations()
+                throw error
+            }
+        }
+        throw TransactionError.conflict(lastCause, attempts: attempt)
+    }
+}

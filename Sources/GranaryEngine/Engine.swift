@@ -1,0 +1,206 @@
+import GranaryConfiguration
+import GranaryMemory
+import GranaryTransport
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tunables of a node's transaction engine.
+public struct EngineOptions: Sendable {
+    /// Attempts before `transaction` gives up with ``TransactionError/conflict(_:attempts:)``.
+    public var maximumAttempts: Int = 64
+    /// Back-off between attempts: a random wait up to `base << attempt`, capped.
+    public var retryBackoffBaseNanoseconds: UInt64 = 2_000
+    public var retryBackoffCapNanoseconds: UInt64 = 2_000_000
+    /// Reads retried while an object is locked or torn before the attempt aborts.
+    public var readAttempts: Int = 2_000
+    /// How long a coordinator waits for LOCK replies.
+    public var replyTimeout: Duration = .seconds(10)
+    /// Committed transactions per backup collected before a TRUNCATE record is sent.
+    public var truncationBatch: Int = 32
+    /// `pmem_persist`/`pmem_msync` every installed object. Off by default: the region files are
+    /// shared mappings, so a committed write survives the death of any process; turn this on to
+    /// survive the loss of the machine's power as well (at the cost of an msync per object on
+    /// ordinary files).
+    public var persistEveryInstall: Bool = false
+    /// The longest an idle poller sleeps between polls.
+    public var pollerMaximumSleepMicroseconds: UInt32 = 50
+
+    public init() {}
+}
+
+/// One replica of a region held by this node.
+final class LocalReplica: Sendable {
+    let region: Region
+    let layout: SlabLayout
+    /// Present where this node is the region's primary.
+    let allocator: SlabAllocator?
+
+    init(region: Region, isPrimary: Bool) {
+        self.region = region
+        self.layout = SlabLayout(regionSize: region.size, slabShift: region.slabShift)
+        self.allocator = isPrimary ? SlabAllocator(region: region) : nil
+    }
+}
+
+/// A node's transaction engine: coordinator of the transactions started on it, primary and backup of
+/// its region replicas, and the poller that serves the records other nodes write into its mailbox.
+public final class Engine: Sendable {
+    public let node: NodeID
+    public let configuration: Configuration
+    public let options: EngineOptions
+    public let statistics: EngineStatistics
+    let transport: any Transport
+    let mailbox: Mailbox
+    let replicas: [RegionID: LocalReplica]
+    /// Primary node of each region, by region index (NodeID.limit where the region is unknown).
+    let primaries: [UInt16]
+    let backups: [[NodeID]]
+    let senders: [ChannelSender?]
+    let allocationRegions: [RegionID]
+    let allocationCursor = Atomic<Int>(0)
+    let replies = ReplySlots()
+    let logger: Logger
+    /// Committed transactions whose backup records await a TRUNCATE, per backup node.
+    let pendingTruncation: Mutex<[[TransactionID]]>
+    let running = Atomic<Bool>(true)
+    let processor: RecordProcessor
+    private let pollerThread = Mutex<pthread_t?>(nil)
+
+    /// Builds the engine of `node` over its `replicas` (every region of `configuration` placed on it,
+    /// opened) and starts its poller thread.
+    public init(node: NodeID, configuration: Configuration, transport: any Transport, mailbox: Mailbox,
+                replicas: [Region], options: EngineOptions = EngineOptions(), logger: Logger? = nil) throws {
+        self.node = node
+        self.configuration = configuration
+        self.options = options
+        self.transport = transport
+        self.mailbox = mailbox
+        self.statistics = EngineStatistics(node: node)
+        self.logger = logger ?? Logger(label: "granary.\(node)")
+        var table: [RegionID: LocalReplica] = [:]
+        var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)
+        var backups = [[NodeID]](repeating: [], count: RegionID.limit)
+        var allocation: [RegionID] = []
+        for placement in configuration.regions {
+            primaries[placement.region.index] = placement.primary.rawValue
+            backups[placement.region.index] = placement.backups
+        }
+        for region in replicas {
+            guard let placement = configuration.placement(of: region.id), placement.replicas.contains(node) else {
+                throw ConfigurationError.invalid("\(node) holds region \(region.id), which the configuration does not place on it")
+            }
+            let isPrimary = placement.primary == node
+            table[region.id] = LocalReplica(region: region, isPrimary: isPrimary)
+            if isPrimary { allocation.append(region.id) }
+        }
+        self.replicas = table
+        self.primaries = primaries
+        self.backups = backups
+        self.allocationRegions = allocation.sorted()
+        var senders = [ChannelSender?](repeating: nil, count: NodeID.limit)
+        for member in configuration.members {
+            senders[member.node.index] = try ChannelSender(transport: transport, to: member.node)
+        }
+        self.senders = senders
+        self.pendingTruncation = Mutex([[TransactionID]](repeating: [], count: NodeID.limit))
+        self.processor = RecordProcessor()
+        processor.engine = self  // set before the poller starts; see RecordProcessor
+        startPoller()
+    }
+
+    /// The primary of `region`, if the configuration has the region.
+    func primary(of region: RegionID) -> NodeID? {
+        guard region.index < RegionID.limit else { return nil }
+        let raw = primaries[region.index]
+        return raw == UInt16(NodeID.limit) ? nil : NodeID(rawValue: raw)
+    }
+
+    /// Sends `record` to `node`'s mailbox.
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID) throws(TransactionError) {
+        guard let sender = senders[node.index] else {
+            throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
+        }
+        do {
+            try sender.send(record)
+        } catch {
+            throw .transport(error)
+        }
+    }
+
+    // MARK: Poller
+
+    private final class ThreadStart: @unchecked Sendable {
+        // Handed to exactly one new thread.
+        let engine: Engine
+        init(_ engine: Engine) { self.engine = engine }
+    }
+
+    private func startPoller() {
+        var thread = pthread_t()
+        let start = Unmanaged.passRetained(ThreadStart(self)).toOpaque()
+        let result = pthread_create(&thread, nil, { raw in
+            let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
+            start.engine.pollLoop()
+            return nil
+        }, start)
+        precondition(result == 0, "pthread_create failed for the poller of \(node): \(result)")
+        pollerThread.withLock { $0 = thread }
+    }
+
+    private func pollLoop() {
+        let members = configuration.members.map(\.node)
+        var broken = Set<NodeID>()
+        var backoff = Backoff(maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
+        while running.load(ordering: .acquiring) {
+            var handled = 0
+            for sender in members where !broken.contains(sender) {
+                do {
+                    handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
+                        processor.handle(from: sender, bytes)
+                    }
+                } catch {
+                    logger.error("stopped polling the channel from \(sender): \(error)")
+                    broken.insert(sender)
+                }
+            }
+            if handled > 0 { backoff.reset() } else { backoff.pause() }
+        }
+    }
+
+    /// Stops the poller thread (after it finishes the record at hand).
+    public func stop() {
+        guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        if let thread = pollerThread.withLock({ $0 }) { pthread_join(thread, nil) }
+    }
+
+    deinit { stop() }
+
+    // MARK: Quiescence
+
+    /// Sends every pending TRUNCATE now.
+    public func flushTruncations() throws(TransactionError) {
+        let lists = pendingTruncation.withLock { lists -> [(NodeID, [TransactionID])] in
+            var out: [(NodeID, [TransactionID])] = []
+            for index in lists.indices where !lists[index].isEmpty {
+                out.append((NodeID(index), lists[index]))
+                lists[index].removeAll(keepingCapacity: true)
+            }
+            return out
+        }
+        for (backup, ids) in lists { try sendTruncate(ids, to: backup) }
+    }
+
+    /// Whether this node has no record waiting in its mailbox, no lock held for a coordinator and no
+    /// backup record waiting for truncation.
+    public var isQuiescent: Bool {
+        processor.pendingCount.load(ordering: .acquiring) == 0
+            && processor.stashedCount.load(ordering: .acquiring) == 0
+            && configuration.members.allSatisfy { mailbox.receiver(from: $0.node).isEmpty }
+    }
+
+    /// This node's replica of `region`, if it holds one (for inspection and tests).
+    public func replica(of region: RegionID) -> Region? { replicas[region]?.region }
+}

@@ -1,0 +1,181 @@
+import GranaryConfiguration
+import GranaryMemory
+
+/// The kinds of record the commit protocol sends, named after FaRM's phases.
+enum RecordKind: UInt8 {
+    /// Coordinator -> primary: lock these objects at these versions; carries the new values.
+    case lock = 1
+    /// Primary -> coordinator: the outcome of a LOCK.
+    case lockReply = 2
+    /// Coordinator -> primary: install the locked objects' new values, bump versions, unlock.
+    case commitPrimary = 3
+    /// Coordinator -> primary: release the locks, change nothing.
+    case abort = 4
+    /// Coordinator -> backup: the new values, to apply at truncation.
+    case commitBackup = 5
+    /// Coordinator -> backup: these transactions are done everywhere; apply and drop their records.
+    case truncate = 6
+}
+
+/// What a written object's entry asks for.
+enum EntryOperation: UInt8 {
+    case write = 1
+    case allocate = 2
+    case free = 3
+}
+
+/// Identifies one transaction attempt cluster-wide and routes the primary's reply:
+/// coordinator node (8 bits) | reply slot (16 bits) | sequence (40 bits).
+struct TransactionID: Hashable, CustomStringConvertible {
+    var rawValue: UInt64
+
+    init(rawValue: UInt64) { self.rawValue = rawValue }
+    init(node: NodeID, slot: Int, sequence: UInt64) {
+        rawValue = UInt64(node.rawValue) << 56 | UInt64(slot) << 40 | (sequence & 0xFF_FFFF_FFFF)
+    }
+
+    var node: NodeID { NodeID(rawValue: UInt16(rawValue >> 56)) }
+    var slot: Int { Int((rawValue >> 40) & 0xFFFF) }
+    var sequence: UInt64 { rawValue & 0xFF_FFFF_FFFF }
+    var description: String { "tx \(node)/\(slot)/\(sequence)" }
+}
+
+/// Record wire format (little-endian, 8-byte aligned):
+/// ```
+/// header  0 kind u8 | 1 cause u8 | 2 count u16 | 4 magic u16 "GR" | 6 reserved u16
+///         8 configuration id u64 | 16 transaction id u64
+/// entry   0 address u64 | 8 expected header u64 | 16 new header u64
+///         24 length u32 | 28 lines u16 | 30 operation u8 | 31 reserved u8 | 32 payload, padded to 8
+/// truncate: header, then `count` transaction ids (u64)
+/// ```
+enum RecordFormat {
+    static let magic: UInt16 = 0x5247
+    static let headerBytes = 24
+    static let entryHeaderBytes = 32
+
+    static func padded(_ n: Int) -> Int { (n + 7) & ~7 }
+    static func entryBytes(payload: Int) -> Int { entryHeaderBytes + padded(payload) }
+}
+
+/// Writes one record into a caller-owned buffer.
+struct RecordWriter {
+    let base: UnsafeMutableRawPointer
+    let capacity: Int
+    private(set) var count: Int = RecordFormat.headerBytes
+    private var entries: UInt16 = 0
+
+    init(into base: UnsafeMutableRawPointer, capacity: Int, kind: RecordKind, configuration: ConfigurationID,
+         transaction: TransactionID, cause: UInt8 = 0) {
+        self.base = base
+        self.capacity = capacity
+        base.storeBytes(of: kind.rawValue, toByteOffset: 0, as: UInt8.self)
+        base.storeBytes(of: cause, toByteOffset: 1, as: UInt8.self)
+        base.storeBytes(of: UInt16(0), toByteOffset: 2, as: UInt16.self)
+        base.storeBytes(of: RecordFormat.magic, toByteOffset: 4, as: UInt16.self)
+        base.storeBytes(of: UInt16(0), toByteOffset: 6, as: UInt16.self)
+        base.storeBytes(of: configuration.rawValue, toByteOffset: 8, as: UInt64.self)
+        base.storeBytes(of: transaction.rawValue, toByteOffset: 16, as: UInt64.self)
+    }
+
+    /// Whether an entry with `payload` bytes still fits.
+    func fits(payload: Int) -> Bool { count + RecordFormat.entryBytes(payload: payload) <= capacity }
+
+    mutating func appendEntry(address: GlobalAddress, expected: ObjectHeader, new: ObjectHeader, lines: Int,
+                              operation: EntryOperation, payload: UnsafeRawPointer?, length: Int) {
+        precondition(fits(payload: length))
+        let entry = base + count
+        entry.storeBytes(of: address.rawValue, toByteOffset: 0, as: UInt64.self)
+        entry.storeBytes(of: expected.rawValue, toByteOffset: 8, as: UInt64.self)
+        entry.storeBytes(of: new.rawValue, toByteOffset: 16, as: UInt64.self)
+        entry.storeBytes(of: UInt32(length), toByteOffset: 24, as: UInt32.self)
+        entry.storeBytes(of: UInt16(lines), toByteOffset: 28, as: UInt16.self)
+        entry.storeBytes(of: operation.rawValue, toByteOffset: 30, as: UInt8.self)
+        entry.storeBytes(of: UInt8(0), toByteOffset: 31, as: UInt8.self)
+        if length > 0, let payload { (entry + 32).copyMemory(from: payload, byteCount: length) }
+        let padding = RecordFormat.padded(length) - length
+        if padding > 0 { (entry + 32 + length).initializeMemory(as: UInt8.self, repeating: 0, count: padding) }
+        count += RecordFormat.entryBytes(payload: length)
+        entries += 1
+        base.storeBytes(of: entries, toByteOffset: 2, as: UInt16.self)
+    }
+
+    mutating func appendTransaction(_ id: TransactionID) {
+        precondition(count + 8 <= capacity)
+        base.storeBytes(of: id.rawValue, toByteOffset: count, as: UInt64.self)
+        count += 8
+        entries += 1
+        base.storeBytes(of: entries, toByteOffset: 2, as: UInt16.self)
+    }
+
+    var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
+}
+
+/// A record received from a channel, checked for shape before any field is trusted.
+struct RecordView {
+    let kind: RecordKind
+    let cause: UInt8
+    let count: Int
+    let configuration: ConfigurationID
+    let transaction: TransactionID
+    let body: UnsafeRawBufferPointer
+
+    struct Malformed: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    init(_ bytes: UnsafeRawBufferPointer) throws(Malformed) {
+        guard bytes.count >= RecordFormat.headerBytes else {
+            throw Malformed(description: "a \(bytes.count)-byte message is shorter than a record header")
+        }
+        guard bytes.loadUnaligned(fromByteOffset: 4, as: UInt16.self) == RecordFormat.magic else {
+            throw Malformed(description: "the message is not a Granary record (bad magic)")
+        }
+        guard let kind = RecordKind(rawValue: bytes.load(fromByteOffset: 0, as: UInt8.self)) else {
+            throw Malformed(description: "unknown record kind \(bytes.load(fromByteOffset: 0, as: UInt8.self))")
+        }
+        self.kind = kind
+        self.cause = bytes.load(fromByteOffset: 1, as: UInt8.self)
+        self.count = Int(bytes.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+        self.configuration = ConfigurationID(rawValue: bytes.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        self.transaction = TransactionID(rawValue: bytes.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
+        self.body = UnsafeRawBufferPointer(rebasing: bytes[RecordFormat.headerBytes...])
+    }
+
+    struct Entry {
+        let address: GlobalAddress
+        let expected: ObjectHeader
+        let new: ObjectHeader
+        let lines: Int
+        let operation: EntryOperation
+        let payload: UnsafeRawBufferPointer
+    }
+
+    /// Calls `body` with each entry, checking every length against the record's size.
+    func forEachEntry(_ handle: (Entry) throws -> Void) throws {
+        var offset = 0
+        for index in 0..<count {
+            guard offset + RecordFormat.entryHeaderBytes <= body.count else {
+                throw Malformed(description: "entry \(index) of \(count) runs past the end of the record")
+            }
+            let length = Int(body.loadUnaligned(fromByteOffset: offset + 24, as: UInt32.self))
+            guard offset + RecordFormat.entryBytes(payload: length) <= body.count,
+                  let operation = EntryOperation(rawValue: body.load(fromByteOffset: offset + 30, as: UInt8.self)) else {
+                throw Malformed(description: "entry \(index) has a bad length or operation")
+            }
+            try handle(Entry(
+                address: GlobalAddress(rawValue: body.loadUnaligned(fromByteOffset: offset, as: UInt64.self)),
+                expected: ObjectHeader(rawValue: body.loadUnaligned(fromByteOffset: offset + 8, as: UInt64.self)),
+                new: ObjectHeader(rawValue: body.loadUnaligned(fromByteOffset: offset + 16, as: UInt64.self)),
+                lines: Int(body.loadUnaligned(fromByteOffset: offset + 28, as: UInt16.self)),
+                operation: operation,
+                payload: UnsafeRawBufferPointer(rebasing: body[(offset + 32)..<(offset + 32 + length)])))
+            offset += RecordFormat.entryBytes(payload: length)
+        }
+    }
+
+    /// The transaction ids of a TRUNCATE record.
+    func transactionIDs() throws -> [TransactionID] {
+        guard count * 8 <= body.count else { throw Malformed(description: "a truncate record lists more ids than it holds") }
+        return (0..<count).map { TransactionID(rawValue: body.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self)) }
+    }
+}

@@ -1,0 +1,298 @@
+import GranaryConfiguration
+import GranaryMemory
+import GranaryTransport
+
+/// A transaction in its execute phase: reads go to the primaries with one-sided reads, writes,
+/// allocations and frees are buffered until commit.
+///
+/// A `Transaction` is handed to the body of ``Engine/run(_:)`` (through `Node.transaction`) and must
+/// not escape it. Its methods throw ``TransactionError`` for bad input, or an internal abort signal
+/// that the engine turns into a retry: a body should let errors from these methods propagate.
+public final class Transaction {
+    unowned let engine: Engine
+
+    struct ReadEntry {
+        let address: GlobalAddress
+        let primary: NodeID
+        let header: ObjectHeader
+    }
+
+    struct WriteEntry {
+        let address: GlobalAddress
+        let primary: NodeID
+        let expected: ObjectHeader
+        var new: ObjectHeader
+        var operation: EntryOperation
+        let lines: Int
+        var payloadOffset: Int
+        var length: Int
+    }
+
+    var reads: [ReadEntry] = []
+    var readIndex: [GlobalAddress: Int] = [:]
+    var writes: [WriteEntry] = []
+    var writeIndex: [GlobalAddress: Int] = [:]
+    var payloads: [UInt8] = []
+    var reservations: [(RegionID, ObjectSlot)] = []
+    var snapshot: UnsafeMutableRawPointer
+    var snapshotCapacity: Int
+    var recordBuffer: UnsafeMutableRawPointer
+    var recordCapacity: Int
+    var executeStart: UInt64 = 0
+
+    init(engine: Engine) {
+        self.engine = engine
+        snapshotCapacity = 1024
+        snapshot = .allocate(byteCount: snapshotCapacity, alignment: 64)
+        recordCapacity = 4096
+        recordBuffer = .allocate(byteCount: recordCapacity, alignment: 8)
+    }
+
+    deinit {
+        snapshot.deallocate()
+        recordBuffer.deallocate()
+    }
+
+    /// Forgets the previous attempt (reservations must already be returned).
+    func reset() {
+        reads.removeAll(keepingCapacity: true)
+        readIndex.removeAll(keepingCapacity: true)
+        writes.removeAll(keepingCapacity: true)
+        writeIndex.removeAll(keepingCapacity: true)
+        payloads.removeAll(keepingCapacity: true)
+        reservations.removeAll(keepingCapacity: true)
+    }
+
+    /// Whether the attempt has written, allocated or freed anything.
+    public var isReadOnly: Bool { writes.isEmpty }
+
+    // MARK: Reads
+
+    /// Reads the object at `address` as a `T`.
+    ///
+    /// Cost: one one-sided read of the object from its primary (none if this transaction wrote it),
+    /// retried while the object is locked by a committing transaction or the read was torn.
+    /// - Throws: ``TransactionError/invalidAddress(_:reason:)``, ``TransactionError/notAllocated(_:)``,
+    ///   or a conflict that aborts the attempt.
+    public func read<T: BitwiseCopyable>(_ address: GlobalAddress, as type: T.Type = T.self) throws -> T {
+        let size = MemoryLayout<T>.size
+        if let index = writeIndex[address] {
+            let entry = writes[index]
+            guard entry.operation != .free else { throw TransactionError.notAllocated(address) }
+            return withUnsafeTemporaryAllocation(byteCount: max(size, 1), alignment: MemoryLayout<T>.alignment) { buffer in
+                buffer.initializeMemory(as: UInt8.self, repeating: 0)
+                payloads.withUnsafeBytes { source in
+                    buffer.baseAddress!.copyMemory(from: source.baseAddress! + entry.payloadOffset, byteCount: min(size, entry.length))
+                }
+                return buffer.load(as: T.self)
+            }
+        }
+        try fetch(address, payloadBytes: size)
+        return withUnsafeTemporaryAllocation(byteCount: max(size, 1), alignment: MemoryLayout<T>.alignment) { buffer in
+            ObjectLayout.gatherPayload(from: snapshot, into: buffer.baseAddress!, count: size)
+            return buffer.load(as: T.self)
+        }
+    }
+
+    /// Reads a variable-size object written with ``write(_:bytes:)`` or ``allocate(bytes:)``.
+    ///
+    /// Cost: one one-sided read for objects up to 52 bytes, two for larger ones.
+    public func read(_ address: GlobalAddress) throws -> [UInt8] {
+        if let index = writeIndex[address] {
+            let entry = writes[index]
+            guard entry.operation != .free else { throw TransactionError.notAllocated(address) }
+            let length = Int(payloads.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: entry.payloadOffset, as: UInt32.self) })
+            return Array(payloads[(entry.payloadOffset + 4)..<(entry.payloadOffset + 4 + length)])
+        }
+        try fetch(address, payloadBytes: ObjectLayout.payloadPerLine)
+        var length = Int(snapshot.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+        if 4 + length > ObjectLayout.payloadPerLine {
+            // The first line told the length; read the whole object (its version must not change).
+            try fetch(address, payloadBytes: 4 + length)
+            length = Int(snapshot.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+        }
+        var bytes = [UInt8](repeating: 0, count: 4 + length)
+        bytes.withUnsafeMutableBytes { ObjectLayout.gatherPayload(from: snapshot, into: $0.baseAddress!, count: 4 + length) }
+        return Array(bytes[4...])
+    }
+
+    /// One-sided read of the first lines of the object at `address` into `snapshot`, checked.
+    @discardableResult
+    func fetch(_ address: GlobalAddress, payloadBytes: Int) throws -> ObjectHeader {
+        guard let primary = engine.primary(of: address.region) else {
+            throw TransactionError.invalidAddress(address, reason: "region \(address.region) is not in \(engine.configuration.id)")
+        }
+        guard address.offset % UInt32(ObjectLayout.lineSize) == 0 else {
+            throw TransactionError.invalidAddress(address, reason: "objects start on a 64-byte boundary")
+        }
+        let lines = ObjectLayout.lines(forPayload: payloadBytes)
+        let bytes = lines * ObjectLayout.lineSize
+        if bytes > snapshotCapacity {
+            snapshot.deallocate()
+            snapshotCapacity = max(bytes, snapshotCapacity * 2)
+            snapshot = .allocate(byteCount: snapshotCapacity, alignment: 64)
+        }
+        var backoff = Backoff(maximumSleepMicroseconds: 20)
+        for _ in 0..<engine.options.readAttempts {
+            do {
+                try engine.transport.read(from: primary, address, into: UnsafeMutableRawBufferPointer(start: snapshot, count: bytes))
+            } catch {
+                if case .outOfBounds = error {
+                    throw TransactionError.invalidAddress(address, reason: "beyond the end of region \(address.region)")
+                }
+                throw TransactionError.transport(error)
+            }
+            switch ObjectLayout.check(snapshot: snapshot, lines: lines) {
+            case .consistent(let header):
+                guard header.isAllocated else { throw TransactionError.notAllocated(address) }
+                if let index = readIndex[address] {
+                    guard reads[index].header == header else { throw AbortSignal(cause: .inconsistentRead) }
+                } else {
+                    readIndex[address] = reads.count
+                    reads.append(ReadEntry(address: address, primary: primary, header: header))
+                }
+                return header
+            case .locked, .torn:
+                backoff.pause()
+            }
+        }
+        throw AbortSignal(cause: .readLocked)
+    }
+
+    // MARK: Writes
+
+    /// Buffers a write of `value` to the object at `address`; it reaches the replicas at commit.
+    ///
+    /// Cost: nothing now if the object was read or written before in this transaction, else one
+    /// one-sided read of its first line (to learn the version to lock at).
+    public func write<T: BitwiseCopyable>(_ address: GlobalAddress, _ value: T) throws {
+        try withUnsafeBytes(of: value) { try buffer(address, $0) }
+    }
+
+    /// Buffers a write of a variable-size object (stored with a 4-byte length prefix).
+    public func write(_ address: GlobalAddress, bytes: [UInt8]) throws {
+        try Self.prefixed(bytes).withUnsafeBytes { try buffer(address, $0) }
+    }
+
+    static func prefixed(_ bytes: [UInt8]) -> [UInt8] {
+        withUnsafeBytes(of: UInt32(bytes.count).littleEndian) { Array($0) } + bytes
+    }
+
+    func buffer(_ address: GlobalAddress, _ bytes: UnsafeRawBufferPointer) throws {
+        if let index = writeIndex[address] {
+            guard writes[index].operation != .free else { throw TransactionError.notAllocated(address) }
+            guard bytes.count <= ObjectLayout.payloadCapacity(lines: max(writes[index].lines, ObjectLayout.lines(forPayload: bytes.count))) else {
+                throw TransactionError.tooLarge(bytes: bytes.count, maximum: ObjectLayout.payloadCapacity(lines: writes[index].lines))
+            }
+            writes[index].payloadOffset = payloads.count
+            writes[index].length = bytes.count
+            payloads.append(contentsOf: bytes)
+            return
+        }
+        let header: ObjectHeader
+        let primary: NodeID
+        if let index = readIndex[address] {
+            header = reads[index].header
+            primary = reads[index].primary
+        } else {
+            header = try fetch(address, payloadBytes: 1)
+            primary = engine.primary(of: address.region)!
+        }
+        writeIndex[address] = writes.count
+        writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.nextVersion,
+                                 operation: .write, lines: 0, payloadOffset: payloads.count, length: bytes.count))
+        payloads.append(contentsOf: bytes)
+    }
+
+    // MARK: Allocation
+
+    /// Allocates a new object holding `value` in a region whose primary is this node, round-robin.
+    /// The object exists for other transactions once this one commits; an abort returns the slot.
+    ///
+    /// Cost: no round trip (the local primary's allocator reserves the slot).
+    /// - Throws: ``TransactionError/tooLarge(bytes:maximum:)``, ``TransactionError/outOfMemory(bytes:reason:)``.
+    public func allocate<T: BitwiseCopyable>(_ value: T) throws -> GlobalAddress {
+        try withUnsafeBytes(of: value) { try allocate(raw: $0) }
+    }
+
+    /// Allocates a variable-size object (read it back with ``read(_:)``).
+    public func allocate(bytes: [UInt8]) throws -> GlobalAddress {
+        try Self.prefixed(bytes).withUnsafeBytes { try allocate(raw: $0) }
+    }
+
+    func allocate(raw bytes: UnsafeRawBufferPointer) throws -> GlobalAddress {
+        let regions = engine.allocationRegions
+        guard !regions.isEmpty else {
+            throw TransactionError.outOfMemory(bytes: bytes.count, reason: "node \(engine.node) is primary of no region")
+        }
+        let start = engine.allocationCursor.wrappingAdd(1, ordering: .relaxed).oldValue
+        var lastError: AllocationError?
+        for step in 0..<regions.count {
+            let region = regions[(start &+ step) % regions.count]
+            guard let replica = engine.replicas[region], let allocator = replica.allocator else { continue }
+            let slot: ObjectSlot
+            do {
+                slot = try allocator.reserve(payloadBytes: bytes.count)
+            } catch {
+                if case .objectTooLarge(let size, let maximum) = error {
+                    throw TransactionError.tooLarge(bytes: size, maximum: maximum)
+                }
+                lastError = error
+                continue
+            }
+            reservations.append((region, slot))
+            let address = GlobalAddress(region: region, offset: UInt32(slot.offset))
+            let header = ObjectLayout.loadHeader(replica.region.base + slot.offset).unlocked
+            writeIndex[address] = writes.count
+            writes.append(WriteEntry(address: address, primary: engine.node, expected: header, new: header.allocating,
+                                     operation: .allocate, lines: slot.lines, payloadOffset: payloads.count, length: bytes.count))
+            payloads.append(contentsOf: bytes)
+            return address
+        }
+        throw TransactionError.outOfMemory(bytes: bytes.count, reason: lastError?.description ?? "no region has room")
+    }
+
+    /// Frees the object at `address` when the transaction commits: its slot's incarnation changes, so
+    /// any transaction that read it aborts, and reads of it fail with ``TransactionError/notAllocated(_:)``.
+    ///
+    /// Cost: as ``write(_:_:)``.
+    public func free(_ address: GlobalAddress) throws {
+        if let index = writeIndex[address] {
+            switch writes[index].operation {
+            case .free:
+                throw TransactionError.notAllocated(address)
+            case .allocate:
+                // Allocated and freed in one transaction: it never existed.
+                if let reservation = reservations.firstIndex(where: { $0.0 == address.region && $0.1.offset == Int(address.offset) }) {
+                    let (region, slot) = reservations.remove(at: reservation)
+                    engine.replicas[region]?.allocator?.unreserve(slot)
+                }
+                writes.remove(at: index)
+                writeIndex = Dictionary(uniqueKeysWithValues: writes.enumerated().map { ($1.address, $0) })
+            case .write:
+                writes[index].operation = .free
+                writes[index].new = writes[index].expected.freeing
+                writes[index].length = 0
+            }
+            return
+        }
+        let header: ObjectHeader
+        let primary: NodeID
+        if let index = readIndex[address] {
+            header = reads[index].header
+            primary = reads[index].primary
+        } else {
+            header = try fetch(address, payloadBytes: 1)
+            primary = engine.primary(of: address.region)!
+        }
+        writeIndex[address] = writes.count
+        writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.freeing,
+                                 operation: .free, lines: 0, payloadOffset: payloads.count, length: 0))
+    }
+
+    /// Returns every slot reserved by this attempt (after an abort).
+    func returnReservations() {
+        for (region, slot) in reservations { engine.replicas[region]?.allocator?.unreserve(slot) }
+        reservations.removeAll(keepingCapacity: true)
+    }
+}

@@ -1,0 +1,40 @@
+import Granary
+
+/// A small embedded cluster for tests: 4 MiB regions, so each test creates little on disk.
+func testCluster(nodes: Int = 3, replicas: Int = 3, configure: (inout ClusterOptions) -> Void = { _ in }) async throws -> Cluster {
+    var options = ClusterOptions()
+    options.regionSize = 4 << 20
+    options.ringCapacity = 64 << 10
+    options.engine.maximumAttempts = 10_000
+    configure(&options)
+    return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
+}
+
+/// Compares every backup's bytes with its primary's, region by region; returns the differences.
+func replicaDifferences(_ cluster: Cluster) -> [String] {
+    var differences: [String] = []
+    for placement in cluster.configuration.regions {
+        guard let primary = cluster.nodes[placement.primary.index].engine.replica(of: placement.region) else {
+            differences.append("\(placement.region): primary \(placement.primary) has no replica")
+            continue
+        }
+        for backup in placement.backups {
+            guard let copy = cluster.nodes[backup.index].engine.replica(of: placement.region) else {
+                differences.append("\(placement.region): backup \(backup) has no replica")
+                continue
+            }
+            if memcmp(primary.base, copy.base, primary.size) != 0 {
+                var offset = 0
+                while primary.base.load(fromByteOffset: offset, as: UInt8.self) == copy.base.load(fromByteOffset: offset, as: UInt8.self) {
+                    offset += 1
+                }
+                differences.append("\(placement.region): backup \(backup) first differs from primary \(placement.primary) at offset \(offset)")
+            }
+        }
+    }
+    return differences
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
