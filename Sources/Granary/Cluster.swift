@@ -187,7 +187,22 @@ public final class Node: Sendable {
     /// - Throws: ``TransactionError`` (`.conflict` when every attempt aborted), or what `body` throws
     ///   (the attempt is abandoned and nothing is written).
     public func transaction<R: Sendable>(_ body: (Transaction) throws -> R) async throws -> R {
-        try engine.run(body)
+        let transaction = engine.makeTransaction()
+        var attempt = 0
+        var lastCause = AbortCause.lockConflict
+        while attempt < engine.options.maximumAttempts {
+            attempt += 1
+            switch try engine.attempt(transaction, body) {
+            case .committed(let result):
+                return result
+            case .aborted(let cause):
+                lastCause = cause
+                // Wait without holding a thread of the cooperative pool.
+                let wait = engine.retryDelay(afterAttempt: attempt)
+                if wait >= 1_000 { try await Task.sleep(nanoseconds: wait) } else { await Task.yield() }
+            }
+        }
+        throw TransactionError.conflict(lastCause, attempts: attempt)
     }
 
     /// The synchronous form of ``transaction(_:)`` for hot loops on dedicated threads: the same

@@ -111,7 +111,14 @@ extension Transaction {
         }
         if failure != 0 {
             try abort(id)
-            throw AbortSignal(cause: AbortCause(rawValue: failure) ?? .lockConflict)
+            let cause = AbortCause(rawValue: failure) ?? .lockConflict
+            if cause == .invalidObject {
+                // No retry can fix it: report the written objects the primaries refused.
+                throw TransactionError.rejectedByPrimary(
+                    writes.map(\.address),
+                    reason: "a written object is not an object at its primary, or is smaller than the value written")
+            }
+            throw AbortSignal(cause: cause)
         }
         return id
     }
@@ -195,34 +202,60 @@ extension Engine {
 
     /// Runs `body` as a transaction on this node, committing it and retrying on conflicts.
     ///
-    /// Blocks the calling thread while it waits for LOCK replies. See `Node.transaction` for the
-    /// async form.
+    /// Blocks the calling thread while it waits for LOCK replies and between attempts. See
+    /// `Node.transaction` for the async form, which waits between attempts without blocking.
     public func run<R>(_ body: (Transaction) throws -> R) throws -> R {
         let transaction = Transaction(engine: self)
         var attempt = 0
         var lastCause = AbortCause.lockConflict
-        var generator = SystemRandomNumberGenerator()
         while attempt < options.maximumAttempts {
-            guard running.load(ordering: .relaxed) else { throw TransactionError.shutDown(node) }
             attempt += 1
-            transaction.reset()
-            transaction.executeStart = monotonicNanoseconds()
-            do {
-                let result = try body(transaction)
-                try transaction.commit()
+            switch try self.attempt(transaction, body) {
+            case .committed(let result):
                 return result
-            } catch let signal as AbortSignal {
-                transaction.returnReservations()
-                statistics.aborted(signal.cause)
-                lastCause = signal.cause
-                let limit = min(options.retryBackoffCapNanoseconds, options.retryBackoffBaseNanoseconds << UInt64(min(attempt, 20)))
-                let wait = UInt64.random(in: 0...limit, using: &generator)
+            case .aborted(let cause):
+                lastCause = cause
+                let wait = retryDelay(afterAttempt: attempt)
                 if wait > 1_000 { usleep(UInt32(wait / 1_000)) }
-            } catch {
-                transaction.returnReservations()
-                throw error
             }
         }
         throw TransactionError.conflict(lastCause, attempts: attempt)
     }
+
+    /// The outcome of one attempt.
+    public enum AttemptOutcome<R> {
+        case committed(R)
+        case aborted(AbortCause)
+    }
+
+    /// Runs one attempt of `body` in `transaction` (which it resets first) and commits it.
+    ///
+    /// - Returns: `.aborted` on a conflict, after releasing everything the attempt held.
+    /// - Throws: ``TransactionError`` for errors no retry can fix, or what `body` throws.
+    public func attempt<R>(_ transaction: Transaction, _ body: (Transaction) throws -> R) throws -> AttemptOutcome<R> {
+        guard running.load(ordering: .relaxed) else { throw TransactionError.shutDown(node) }
+        transaction.reset()
+        transaction.executeStart = monotonicNanoseconds()
+        do {
+            let result = try body(transaction)
+            try transaction.commit()
+            return .committed(result)
+        } catch let signal as AbortSignal {
+            transaction.returnReservations()
+            statistics.aborted(signal.cause)
+            return .aborted(signal.cause)
+        } catch {
+            transaction.returnReservations()
+            throw error
+        }
+    }
+
+    /// A randomised, exponentially growing wait before the next attempt, in nanoseconds.
+    public func retryDelay(afterAttempt attempt: Int) -> UInt64 {
+        let limit = min(options.retryBackoffCapNanoseconds, options.retryBackoffBaseNanoseconds << UInt64(min(attempt, 20)))
+        return UInt64.random(in: 0...limit)
+    }
+
+    /// A fresh transaction object for ``attempt(_:_:)`` loops.
+    public func makeTransaction() -> Transaction { Transaction(engine: self) }
 }

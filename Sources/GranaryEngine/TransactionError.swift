@@ -43,6 +43,9 @@ public enum TransactionError: Error, Sendable, Equatable, CustomStringConvertibl
     case outOfMemory(bytes: Int, reason: String)
     /// A peer did not answer in time.
     case peerUnresponsive(NodeID, waitedMilliseconds: Int)
+    /// A primary refused to lock written objects: an address that is not an object there, or a value
+    /// larger than the object's slot.
+    case rejectedByPrimary([GlobalAddress], reason: String)
     /// The transport failed.
     case transport(TransportError)
     /// The node is shut down.
@@ -62,6 +65,8 @@ public enum TransactionError: Error, Sendable, Equatable, CustomStringConvertibl
             return "cannot allocate \(bytes) bytes: \(reason)"
         case .peerUnresponsive(let node, let waited):
             return "node \(node) did not answer within \(waited) ms"
+        case .rejectedByPrimary(let addresses, let reason):
+            return "the primary refused the write of \(addresses.map(\.description).joined(separator: ", ")): \(reason)"
         case .transport(let error):
             return "transport failure: \(error)"
         case .shutDown(let node):
