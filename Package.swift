@@ -5,7 +5,10 @@
 //   C bindings      CPMem, CIBVerbs, CRDMACM
 //   memory          GranaryMemory     regions (libpmem files), object layout, slab allocator
 //   transport       GranaryTransport  one-sided ops + message channels; shared-memory backend
-//   library         Granary           the public umbrella module
+//   configuration   GranaryConfiguration  configuration ids, members, region placement
+//   engine          GranaryEngine     FaRM's commit protocol: execute, lock, validate, commit, truncate
+//   library         Granary           the public umbrella module: Cluster, Node, Transaction
+//   workloads       GranaryWorkloads  benchmark workloads and the harness behind `granary bench`
 //   command         granary           the `granary` tool
 import PackageDescription
 
@@ -20,6 +23,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
     ],
     targets: [
         // MARK: C bindings (system libraries; Scripts/ installs the apt packages)
@@ -89,11 +93,21 @@ let package = Package(
             ]
         ),
 
+        // MARK: Workloads and the benchmark harness
+        .target(
+            name: "GranaryWorkloads",
+            dependencies: [
+                "Granary",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+
         // MARK: Command
         .executableTarget(
             name: "GranaryCommand",
             dependencies: [
                 "Granary",
+                "GranaryWorkloads",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

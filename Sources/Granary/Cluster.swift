@@ -122,6 +122,7 @@ public final class Cluster: Sendable {
             try Engine(node: configuration.members[index].node, configuration: configuration, transport: transports[index],
                        mailbox: mailboxes[index], replicas: held[index], options: options.engine, logger: logger)
         }
+        for engine in engines { engine.helpNeighbours(engines) }
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
                        removeOnShutdown: temporary)
     }

@@ -105,7 +105,18 @@ extension Transaction {
         }
         let (seconds, attoseconds) = engine.options.replyTimeout.components
         let timeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
-        guard let failure = engine.replies.wait(id, timeoutNanoseconds: timeout) else {
+        let engine = self.engine
+        let neighbours = self.neighbours
+        let waitResult = engine.replies.wait(id, timeoutNanoseconds: timeout) {
+            // Serve the primaries' mailboxes (LOCK) and this node's (the replies) when they are in
+            // this process and nobody else is serving them.
+            var handled = 0
+            for primary in primaries where primary != engine.node {
+                handled += neighbours[primary.index]?.pollOnce() ?? 0
+            }
+            return handled + engine.pollOnce()
+        }
+        guard let failure = waitResult else {
             try abort(id)
             throw TransactionError.peerUnresponsive(primaries.first!, waitedMilliseconds: Int(timeout / 1_000_000))
         }

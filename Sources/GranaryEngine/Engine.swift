@@ -54,7 +54,8 @@ public final class Engine: Sendable {
     public let statistics: EngineStatistics
     let transport: any Transport
     let mailbox: Mailbox
-    let replicas: [RegionID: LocalReplica]
+    /// This node's replicas, by region index.
+    let replicaTable: [LocalReplica?]
     /// Primary node of each region, by region index (NodeID.limit where the region is unknown).
     let primaries: [UInt16]
     let backups: [[NodeID]]
@@ -68,6 +69,17 @@ public final class Engine: Sendable {
     let running = Atomic<Bool>(true)
     let processor: RecordProcessor
     private let pollerThread = Mutex<pthread_t?>(nil)
+    /// Held by whoever is polling this node's mailbox: its poller thread, or a coordinator of the
+    /// same process helping while it waits (see ``helpPoll()``).
+    private let polling = Atomic<Bool>(false)
+    /// Engines of the other nodes in this process, which waiting coordinators may help.
+    let neighbours = Mutex<[NodeID: Unowned]>([:])
+
+    /// An engine of the same process (unowned: engines do not keep each other alive).
+    struct Unowned: @unchecked Sendable {
+        // Set once by the cluster that owns both engines and outlives their use.
+        unowned(unsafe) let engine: Engine
+    }
 
     /// Builds the engine of `node` over its `replicas` (every region of `configuration` placed on it,
     /// opened) and starts its poller thread.
@@ -80,7 +92,7 @@ public final class Engine: Sendable {
         self.mailbox = mailbox
         self.statistics = EngineStatistics(node: node)
         self.logger = logger ?? Logger(label: "granary.\(node)")
-        var table: [RegionID: LocalReplica] = [:]
+        var table = [LocalReplica?](repeating: nil, count: RegionID.limit)
         var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)
         var backups = [[NodeID]](repeating: [], count: RegionID.limit)
         var allocation: [RegionID] = []
@@ -93,10 +105,10 @@ public final class Engine: Sendable {
                 throw ConfigurationError.invalid("\(node) holds region \(region.id), which the configuration does not place on it")
             }
             let isPrimary = placement.primary == node
-            table[region.id] = LocalReplica(region: region, isPrimary: isPrimary)
+            table[region.id.index] = LocalReplica(region: region, isPrimary: isPrimary)
             if isPrimary { allocation.append(region.id) }
         }
-        self.replicas = table
+        self.replicaTable = table
         self.primaries = primaries
         self.backups = backups
         self.allocationRegions = allocation.sorted()
@@ -151,22 +163,41 @@ public final class Engine: Sendable {
     }
 
     private func pollLoop() {
-        let members = configuration.members.map(\.node)
-        var broken = Set<NodeID>()
-        var backoff = Backoff(maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
+        // Coordinators of this process help while they wait, so the poller mostly keeps the node
+        // live for peers elsewhere: it spins briefly, then sleeps rather than competing for the CPU.
+        var backoff = Backoff(spins: 8, yields: 0, maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
         while running.load(ordering: .acquiring) {
-            var handled = 0
-            for sender in members where !broken.contains(sender) {
-                do {
-                    handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
-                        processor.handle(from: sender, bytes)
-                    }
-                } catch {
-                    logger.error("stopped polling the channel from \(sender): \(error)")
-                    broken.insert(sender)
+            if pollOnce() > 0 { backoff.reset() } else { backoff.pause() }
+        }
+    }
+
+    /// Serves every record waiting in this node's mailbox, unless someone else is doing so right
+    /// now. Returns how many records were handled.
+    ///
+    /// The record processor is single-threaded by this try-lock, whoever calls it: the node's poller
+    /// thread, or (in an embedded cluster) a coordinator of this process waiting for an answer from
+    /// this node, which lends its CPU instead of waiting for the poller thread to be scheduled.
+    func pollOnce() -> Int {
+        guard polling.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return 0 }
+        defer { polling.store(false, ordering: .releasing) }
+        var handled = 0
+        for member in configuration.members where !processor.brokenChannels.contains(member.node) {
+            do {
+                handled += try mailbox.receiver(from: member.node).poll(limit: 64) { bytes in
+                    processor.handle(from: member.node, bytes)
                 }
+            } catch {
+                logger.error("stopped polling the channel from \(member.node): \(error)")
+                processor.brokenChannels.insert(member.node)
             }
-            if handled > 0 { backoff.reset() } else { backoff.pause() }
+        }
+        return handled
+    }
+
+    /// Lets coordinators on this engine help the engines of `peers` (nodes of the same process).
+    public func helpNeighbours(_ peers: [Engine]) {
+        neighbours.withLock { table in
+            for peer in peers where peer !== self { table[peer.node] = Unowned(engine: peer) }
         }
     }
 
@@ -202,5 +233,10 @@ public final class Engine: Sendable {
     }
 
     /// This node's replica of `region`, if it holds one (for inspection and tests).
-    public func replica(of region: RegionID) -> Region? { replicas[region]?.region }
+    public func replica(of region: RegionID) -> Region? { localReplica(region)?.region }
+
+    /// This node's replica of `region`, if it holds one.
+    @inline(__always) func localReplica(_ region: RegionID) -> LocalReplica? {
+        region.index < RegionID.limit ? replicaTable[region.index] : nil
+    }
 }

@@ -7,8 +7,8 @@ import Synchronization
 /// As a primary it locks (LOCK), installs (COMMIT-PRIMARY) and unlocks (ABORT); as a backup it keeps
 /// COMMIT-BACKUP records and applies them at TRUNCATE.
 ///
-/// `@unchecked Sendable`: everything but the two published counters is touched only by the engine's
-/// poller thread; `engine` is set once before that thread starts.
+/// `@unchecked Sendable`: everything but the two published counters is touched only while holding
+/// the engine's polling try-lock (``Engine/pollOnce()``); `engine` is set once before any polling.
 final class RecordProcessor: @unchecked Sendable {
     unowned(unsafe) var engine: Engine!
     let pendingCount = Atomic<Int>(0)
@@ -31,6 +31,8 @@ final class RecordProcessor: @unchecked Sendable {
         let payload: [UInt8]
     }
 
+    /// Channels whose ring held bytes that are not records from their sender.
+    var brokenChannels = Set<NodeID>()
     private var locked: [TransactionID: [LockedObject]] = [:]
     private var stashed: [TransactionID: [BackupEntry]] = [:]
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
@@ -92,7 +94,7 @@ final class RecordProcessor: @unchecked Sendable {
         var failure: AbortCause?
         try record.forEachEntry { entry in
             guard failure == nil else { return }
-            guard let replica = engine.replicas[entry.address.region], let allocator = replica.allocator,
+            guard let replica = engine.localReplica(entry.address.region), let allocator = replica.allocator,
                   let slot = try? allocator.slot(at: Int(entry.address.offset)),
                   entry.payload.count <= ObjectLayout.payloadCapacity(lines: slot.lines) else {
                 failure = .invalidObject
@@ -161,7 +163,7 @@ final class RecordProcessor: @unchecked Sendable {
         var entries: [BackupEntry] = []
         entries.reserveCapacity(record.count)
         try record.forEachEntry { entry in
-            guard let replica = engine.replicas[entry.address.region], replica.allocator == nil else {
+            guard let replica = engine.localReplica(entry.address.region), replica.allocator == nil else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
             entries.append(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines,
@@ -189,7 +191,7 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// Applies one entry to this backup's replica; false if the object's slab is not known here yet.
     private func apply(_ entry: BackupEntry) -> Bool {
-        guard let replica = engine.replicas[entry.address.region] else { return true }
+        guard let replica = engine.localReplica(entry.address.region) else { return true }
         let offset = Int(entry.address.offset)
         let slot: ObjectSlot
         if entry.operation == .allocate {

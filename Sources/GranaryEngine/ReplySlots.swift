@@ -48,13 +48,20 @@ final class ReplySlots: @unchecked Sendable {
     }
 
     /// Waits until every expected reply arrived; returns the first failure cause (0 if none), or nil
-    /// on timeout.
-    func wait(_ id: TransactionID, timeoutNanoseconds: UInt64) -> UInt8? {
+    /// on timeout. While waiting it calls `help` (which polls mailboxes the replies depend on) and
+    /// backs off only when `help` found nothing to do.
+    func wait(_ id: TransactionID, timeoutNanoseconds: UInt64, help: () -> Int) -> UInt8? {
         let slot = id.slot
-        var backoff = Backoff(maximumSleepMicroseconds: 20)
+        // Never sleep: the answer is typically microseconds away, and on a small machine a sleeping
+        // coordinator costs more than a yielding one.
+        var backoff = Backoff(spins: 32, yields: .max - 32)
         var deadline: UInt64 = 0
         var spins = 0
         while words[slot * 3 + 1].load(ordering: .acquiring) != 0 {
+            if help() > 0 {
+                backoff.reset()
+                continue
+            }
             spins += 1
             if spins & 63 == 0 {
                 let now = monotonicNanoseconds()

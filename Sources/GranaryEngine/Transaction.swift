@@ -9,7 +9,9 @@ import GranaryTransport
 /// not escape it. Its methods throw ``TransactionError`` for bad input, or an internal abort signal
 /// that the engine turns into a retry: a body should let errors from these methods propagate.
 public final class Transaction {
-    unowned let engine: Engine
+    // The engine creates its transactions and outlives them (a transaction is used only inside a
+    // run of the engine, or by a harness that holds the cluster): no reference counting per access.
+    unowned(unsafe) let engine: Engine
 
     struct ReadEntry {
         let address: GlobalAddress
@@ -29,9 +31,9 @@ public final class Transaction {
     }
 
     var reads: [ReadEntry] = []
-    var readIndex: [GlobalAddress: Int] = [:]
+    var readIndex = AddressIndex()
     var writes: [WriteEntry] = []
-    var writeIndex: [GlobalAddress: Int] = [:]
+    var writeIndex = AddressIndex()
     var payloads: [UInt8] = []
     var reservations: [(RegionID, ObjectSlot)] = []
     var snapshot: UnsafeMutableRawPointer
@@ -39,9 +41,14 @@ public final class Transaction {
     var recordBuffer: UnsafeMutableRawPointer
     var recordCapacity: Int
     var executeStart: UInt64 = 0
+    /// Engines of this process this coordinator may help while it waits (by node index).
+    let neighbours: [Engine?]
 
     init(engine: Engine) {
         self.engine = engine
+        var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
+        for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
+        self.neighbours = neighbours
         snapshotCapacity = 1024
         snapshot = .allocate(byteCount: snapshotCapacity, alignment: 64)
         recordCapacity = 4096
@@ -56,9 +63,9 @@ public final class Transaction {
     /// Forgets the previous attempt (reservations must already be returned).
     func reset() {
         reads.removeAll(keepingCapacity: true)
-        readIndex.removeAll(keepingCapacity: true)
+        readIndex.removeAll()
         writes.removeAll(keepingCapacity: true)
-        writeIndex.removeAll(keepingCapacity: true)
+        writeIndex.removeAll()
         payloads.removeAll(keepingCapacity: true)
         reservations.removeAll(keepingCapacity: true)
     }
@@ -148,7 +155,7 @@ public final class Transaction {
                 if let index = readIndex[address] {
                     guard reads[index].header == header else { throw AbortSignal(cause: .inconsistentRead) }
                 } else {
-                    readIndex[address] = reads.count
+                    readIndex.append(address)
                     reads.append(ReadEntry(address: address, primary: primary, header: header))
                 }
                 return header
@@ -198,7 +205,7 @@ public final class Transaction {
             header = try fetch(address, payloadBytes: 1)
             primary = engine.primary(of: address.region)!
         }
-        writeIndex[address] = writes.count
+        writeIndex.append(address)
         writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.nextVersion,
                                  operation: .write, lines: 0, payloadOffset: payloads.count, length: bytes.count))
         payloads.append(contentsOf: bytes)
@@ -229,7 +236,7 @@ public final class Transaction {
         var lastError: AllocationError?
         for step in 0..<regions.count {
             let region = regions[(start &+ step) % regions.count]
-            guard let replica = engine.replicas[region], let allocator = replica.allocator else { continue }
+            guard let replica = engine.localReplica(region), let allocator = replica.allocator else { continue }
             let slot: ObjectSlot
             do {
                 slot = try allocator.reserve(payloadBytes: bytes.count)
@@ -243,7 +250,7 @@ public final class Transaction {
             reservations.append((region, slot))
             let address = GlobalAddress(region: region, offset: UInt32(slot.offset))
             let header = ObjectLayout.loadHeader(replica.region.base + slot.offset).unlocked
-            writeIndex[address] = writes.count
+            writeIndex.append(address)
             writes.append(WriteEntry(address: address, primary: engine.node, expected: header, new: header.allocating,
                                      operation: .allocate, lines: slot.lines, payloadOffset: payloads.count, length: bytes.count))
             payloads.append(contentsOf: bytes)
@@ -265,10 +272,10 @@ public final class Transaction {
                 // Allocated and freed in one transaction: it never existed.
                 if let reservation = reservations.firstIndex(where: { $0.0 == address.region && $0.1.offset == Int(address.offset) }) {
                     let (region, slot) = reservations.remove(at: reservation)
-                    engine.replicas[region]?.allocator?.unreserve(slot)
+                    engine.localReplica(region)?.allocator?.unreserve(slot)
                 }
                 writes.remove(at: index)
-                writeIndex = Dictionary(uniqueKeysWithValues: writes.enumerated().map { ($1.address, $0) })
+                writeIndex.rebuild(writes.map(\.address))
             case .write:
                 writes[index].operation = .free
                 writes[index].new = writes[index].expected.freeing
@@ -285,14 +292,54 @@ public final class Transaction {
             header = try fetch(address, payloadBytes: 1)
             primary = engine.primary(of: address.region)!
         }
-        writeIndex[address] = writes.count
+        writeIndex.append(address)
         writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.freeing,
                                  operation: .free, lines: 0, payloadOffset: payloads.count, length: 0))
     }
 
     /// Returns every slot reserved by this attempt (after an abort).
     func returnReservations() {
-        for (region, slot) in reservations { engine.replicas[region]?.allocator?.unreserve(slot) }
+        for (region, slot) in reservations { engine.localReplica(region)?.allocator?.unreserve(slot) }
         reservations.removeAll(keepingCapacity: true)
+    }
+}
+
+/// Positions of addresses in a read or write set: a linear scan while the set is small (the common
+/// case, with no hashing), a dictionary beyond that.
+struct AddressIndex {
+    private var addresses: [UInt64] = []
+    private var large: [UInt64: Int] = [:]
+    private static let linearLimit = 16
+
+    subscript(address: GlobalAddress) -> Int? {
+        if addresses.count <= Self.linearLimit {
+            var index = 0
+            while index < addresses.count {
+                if addresses[index] == address.rawValue { return index }
+                index += 1
+            }
+            return nil
+        }
+        return large[address.rawValue]
+    }
+
+    /// Records `address` at the next position.
+    mutating func append(_ address: GlobalAddress) {
+        addresses.append(address.rawValue)
+        if addresses.count == Self.linearLimit + 1 {
+            for (index, raw) in addresses.enumerated() { large[raw] = index }
+        } else if addresses.count > Self.linearLimit + 1 {
+            large[address.rawValue] = addresses.count - 1
+        }
+    }
+
+    mutating func removeAll() {
+        addresses.removeAll(keepingCapacity: true)
+        if !large.isEmpty { large.removeAll(keepingCapacity: true) }
+    }
+
+    mutating func rebuild(_ list: [GlobalAddress]) {
+        removeAll()
+        for address in list { append(address) }
     }
 }

@@ -9,22 +9,29 @@ import Musl
 /// must get out of the way of the ones with work.
 public struct Backoff: Sendable {
     public var maximumSleepMicroseconds: UInt32
+    private let spins: UInt32
+    private let yields: UInt32
     private var step: UInt32 = 0
 
-    public init(maximumSleepMicroseconds: UInt32 = 1_000) {
+    /// - Parameters:
+    ///   - spins: pauses that return at once (the awaited write usually lands within a few hundred cycles);
+    ///   - yields: pauses that then yield the CPU;
+    ///   - maximumSleepMicroseconds: the cap of the sleeps that follow, doubling from 1 us.
+    public init(spins: UInt32 = 16, yields: UInt32 = 8, maximumSleepMicroseconds: UInt32 = 1_000) {
+        self.spins = spins
+        self.yields = yields
         self.maximumSleepMicroseconds = maximumSleepMicroseconds
     }
 
     /// Waits a little longer than last time.
     public mutating func pause() {
         step &+= 1
-        if step <= 16 {
-            // Spin: the common case is that the awaited write lands within a few hundred cycles.
+        if step <= spins {
             return
-        } else if step <= 24 {
+        } else if step <= spins + yields {
             sched_yield()
         } else {
-            let exponent = min(step - 24, 10)
+            let exponent = min(step - spins - yields, 10)
             usleep(min(maximumSleepMicroseconds, UInt32(1) << exponent))
         }
     }

@@ -1,0 +1,189 @@
+import Granary
+import Histogram
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A workload the benchmark harness can drive: it loads its data, then runs transactions.
+public protocol Workload: Sendable {
+    /// The transaction types it mixes, for per-type reporting.
+    var transactionTypes: [String] { get }
+    /// Creates the workload's data in `cluster`.
+    mutating func load(into cluster: Cluster) async throws
+    /// Runs one transaction of the mix on `node`; returns the index of its type in ``transactionTypes``.
+    func runOne(on node: Node, transaction: Transaction, random: inout WorkloadRandom) throws -> Int
+    /// Checks the workload's invariant after a run; returns the violations found (empty if none).
+    func check(_ cluster: Cluster) async throws -> [String]
+}
+
+/// SplitMix64: small, fast and reproducible from a seed.
+public struct WorkloadRandom: RandomNumberGenerator, Sendable {
+    public var state: UInt64
+    public init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 &+ 0x2545_F491_4F6C_DD1D }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Uniform in `range`.
+    public mutating func uniform(_ range: ClosedRange<Int>) -> Int {
+        range.lowerBound + Int(next() % UInt64(range.count))
+    }
+}
+
+/// What a run measured.
+public struct RunReport: Sendable, Codable {
+    public struct TypeFigures: Sendable, Codable {
+        public var name: String
+        public var committed: Int
+        public var perSecond: Double
+    }
+    public var seconds: Double
+    public var committed: Int
+    public var committedPerSecond: Double
+    public var attempts: Int
+    public var aborts: [String: Int]
+    public var abortRate: Double
+    public var latencyNanoseconds: [String: UInt64]  // "p50", "p90", "p99", "p99.9"
+    public var byType: [TypeFigures]
+    /// Mean nanoseconds per transaction spent in each protocol phase (where it ran).
+    public var phaseMeanNanoseconds: [String: Double]
+    /// Committed per second in each interval of the run (for plots).
+    public var timeline: [Double]
+    /// (latency ns, cumulative fraction) points of the latency CDF.
+    public var latencyCDF: [[Double]]
+}
+
+/// Drives a workload on worker threads spread over a cluster's nodes for a fixed duration.
+public enum Runner {
+    public static func run(_ workload: some Workload, on cluster: Cluster, workers: Int, seconds: Double, seed: UInt64,
+                           progress: (@Sendable (String) -> Void)? = nil) -> RunReport {
+        let types = workload.transactionTypes
+        let stop = Atomic<Bool>(false)
+        let perWorker = Mutex<[(Histogram<UInt64>, [Int])]>([])
+        let before = cluster.nodes.map(\.statistics)
+        let start = monotonicNanoseconds()
+        let deadline = start + UInt64(seconds * 1e9)
+        let committedNow = Atomic<Int>(0)
+        let threadCount = workers
+        nonisolated(unsafe) let box = (workload, cluster)
+        // Progress sampler on its own thread.
+        let timeline = Mutex<[Double]>([])
+        withoutActuallyEscaping({ (index: Int) -> Void in
+            if index == threadCount {
+                var last = 0
+                var lastTime = start
+                while !stop.load(ordering: .relaxed) {
+                    usleep(250_000)
+                    let now = monotonicNanoseconds()
+                    let count = committedNow.load(ordering: .relaxed)
+                    let rate = Double(count - last) / (Double(now - lastTime) / 1e9)
+                    timeline.withLock { $0.append(rate) }
+                    let attempts = cluster.nodes.map { $0.statistics.committed + $0.statistics.totalAborts }.reduce(0, +)
+                        - before.map { $0.committed + $0.totalAborts }.reduce(0, +)
+                    let aborts = cluster.nodes.map(\.statistics.totalAborts).reduce(0, +) - before.map(\.totalAborts).reduce(0, +)
+                    progress?(String(format: "%6.1fs  %10.0f committed/s  abort rate %5.2f%%",
+                                     Double(now - start) / 1e9, rate, attempts > 0 ? 100 * Double(aborts) / Double(attempts) : 0))
+                    last = count
+                    lastTime = now
+                    if now >= deadline { break }
+                }
+                return
+            }
+            let (workload, cluster) = box
+            let node = cluster.nodes[index % cluster.nodes.count]
+            var random = WorkloadRandom(seed: seed &+ UInt64(index) &* 7919)
+            var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+            var counts = [Int](repeating: 0, count: types.count)
+            let transaction = node.engine.makeTransaction()
+            var iterations = 0
+            while true {
+                iterations &+= 1
+                if iterations & 15 == 0, monotonicNanoseconds() >= deadline { break }
+                let began = monotonicNanoseconds()
+                var attempt = 0
+                var type = 0
+                while true {
+                    attempt += 1
+                    let outcome = try? node.engine.attempt(transaction) { tx in try workload.runOne(on: node, transaction: tx, random: &random) }
+                    guard let outcome else { break }  // a non-retryable error: counted as not committed
+                    if case .committed(let t) = outcome { type = t; break }
+                    if attempt >= node.engine.options.maximumAttempts { break }
+                    let wait = node.engine.retryDelay(afterAttempt: attempt)
+                    if wait > 1_000 { usleep(UInt32(wait / 1_000)) }
+                }
+                histogram.record(monotonicNanoseconds() - began)
+                counts[type] += 1
+                committedNow.add(1, ordering: .relaxed)
+            }
+            perWorker.withLock { $0.append((histogram, counts)) }
+        }) { body in
+            runWorkerThreads(threadCount + 1, body)
+        }
+        stop.store(true, ordering: .relaxed)
+        let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+        let after = cluster.nodes.map(\.statistics)
+        var merged = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var typeCounts = [Int](repeating: 0, count: types.count)
+        for (histogram, counts) in perWorker.withLock({ $0 }) {
+            merged.add(histogram)
+            for i in counts.indices { typeCounts[i] += counts[i] }
+        }
+        let committed = typeCounts.reduce(0, +)
+        var aborts: [String: Int] = [:]
+        for cause in AbortCause.allCases {
+            let n = zip(after, before).map { ($0.aborts[cause] ?? 0) - ($1.aborts[cause] ?? 0) }.reduce(0, +)
+            if n > 0 { aborts[cause.description] = n }
+        }
+        let abortTotal = aborts.values.reduce(0, +)
+        var phases: [String: Double] = [:]
+        for phase in Phase.allCases {
+            let nanos = zip(after, before).map { ($0.phaseNanoseconds[phase] ?? 0) - ($1.phaseNanoseconds[phase] ?? 0) }.reduce(0, +)
+            let runs = zip(after, before).map { ($0.phaseCounts[phase] ?? 0) - ($1.phaseCounts[phase] ?? 0) }.reduce(0, +)
+            if runs > 0 { phases[phase.description] = Double(nanos) / Double(runs) }
+        }
+        var cdf: [[Double]] = []
+        if merged.totalCount > 0 {
+            for percentile in stride(from: 0.0, through: 99.0, by: 1.0) + [99.5, 99.9, 99.99, 100.0] {
+                cdf.append([Double(merged.valueAtPercentile(percentile)), percentile / 100])
+            }
+        }
+        return RunReport(
+            seconds: elapsed, committed: committed, committedPerSecond: Double(committed) / elapsed,
+            attempts: committed + abortTotal, aborts: aborts,
+            abortRate: committed + abortTotal > 0 ? Double(abortTotal) / Double(committed + abortTotal) : 0,
+            latencyNanoseconds: ["p50": merged.valueAtPercentile(50), "p90": merged.valueAtPercentile(90),
+                                 "p99": merged.valueAtPercentile(99), "p99.9": merged.valueAtPercentile(99.9)],
+            byType: types.indices.map { RunReport.TypeFigures(name: types[$0], committed: typeCounts[$0], perSecond: Double(typeCounts[$0]) / elapsed) },
+            phaseMeanNanoseconds: phases, timeline: timeline.withLock { $0 }, latencyCDF: cdf)
+    }
+}
+
+private final class WorkerStart: @unchecked Sendable {
+    // Handed to exactly one thread; `body` outlives the threads (joined before return).
+    let index: Int
+    let body: (Int) -> Void
+    init(index: Int, body: @escaping (Int) -> Void) {
+        self.index = index
+        self.body = body
+    }
+}
+
+/// Runs `body(0..<count)` on OS threads and joins them.
+func runWorkerThreads(_ count: Int, _ body: @escaping (Int) -> Void) {
+    var threads: [pthread_t] = []
+    for index in 0..<count {
+        let start = Unmanaged.passRetained(WorkerStart(index: index, body: body)).toOpaque()
+        var thread = pthread_t()
+        precondition(pthread_create(&thread, nil, { raw in
+            let start = Unmanaged<WorkerStart>.fromOpaque(raw!).takeRetainedValue()
+            start.body(start.index)
+            return nil
+        }, start) == 0)
+        threads.append(thread)
+    }
+    for thread in threads { pthread_join(thread, nil) }
+}

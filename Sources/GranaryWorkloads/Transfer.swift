@@ -1,0 +1,49 @@
+import Granary
+
+/// The engine's micro-benchmark: move money between two random accounts (2 reads, 2 writes), the
+/// accounts spread over every node's regions. Money is conserved.
+public struct TransferWorkload: Workload {
+    public var accounts: Int
+    public var initialBalance: Int64 = 1_000_000
+    public private(set) var addresses: [GlobalAddress] = []
+
+    public init(accounts: Int) { self.accounts = accounts }
+
+    public var transactionTypes: [String] { ["transfer"] }
+
+    public mutating func load(into cluster: Cluster) async throws {
+        addresses = []
+        let perNode = (accounts + cluster.nodes.count - 1) / cluster.nodes.count
+        for node in cluster.nodes {
+            var remaining = min(perNode, accounts - addresses.count)
+            while remaining > 0 {
+                let batch = min(remaining, 200)
+                let balance = initialBalance
+                addresses += try await node.transaction { tx in try (0..<batch).map { _ in try tx.allocate(balance) } }
+                remaining -= batch
+            }
+        }
+    }
+
+    public func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> Int {
+        let i = Int(random.next() % UInt64(addresses.count))
+        let j = (i + 1 + Int(random.next() % UInt64(addresses.count - 1))) % addresses.count
+        let a = addresses[i], b = addresses[j]
+        let from = try tx.read(a, as: Int64.self)
+        let to = try tx.read(b, as: Int64.self)
+        let amount: Int64 = 1
+        try tx.write(a, from - amount)
+        try tx.write(b, to + amount)
+        return 0
+    }
+
+    public func check(_ cluster: Cluster) async throws -> [String] {
+        var total: Int64 = 0
+        for chunk in stride(from: 0, to: addresses.count, by: 500) {
+            let slice = Array(addresses[chunk..<min(chunk + 500, addresses.count)])
+            total += try await cluster.nodes[0].transaction { tx in try slice.map { try tx.read($0, as: Int64.self) }.reduce(0, +) }
+        }
+        let expected = initialBalance * Int64(addresses.count)
+        return total == expected ? [] : ["money not conserved: total \(total), expected \(expected)"]
+    }
+}
