@@ -5,6 +5,7 @@
 //   C bindings      CPMem, CIBVerbs, CRDMACM
 //   memory          GranaryMemory     regions (libpmem files), object layout, slab allocator
 //   transport       GranaryTransport  one-sided ops + message channels; shared-memory backend
+//                   GranaryVerbs      the RDMA verbs backend
 //   configuration   GranaryConfiguration  configuration ids, members, region placement
 //   engine          GranaryEngine     FaRM's commit protocol: execute, lock, validate, commit, truncate
 //   library         Granary           the public umbrella module: Cluster, Node, Transaction
@@ -17,6 +18,7 @@ let package = Package(
     products: [
         .library(name: "Granary", targets: ["Granary"]),
         .executable(name: "granary", targets: ["GranaryCommand"]),
+        .executable(name: "granary-verbs-latency", targets: ["GranaryVerbsLatency"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -59,6 +61,16 @@ let package = Package(
                 "GranaryMemory",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
+        ),
+
+        // MARK: Verbs transport (RDMA over libibverbs; soft-RoCE for testing)
+        .target(
+            name: "GranaryVerbs",
+            dependencies: ["CIBVerbs", "CRDMACM", "GranaryMemory", "GranaryTransport"]
+        ),
+        .executableTarget(
+            name: "GranaryVerbsLatency",
+            dependencies: ["GranaryVerbs"]
         ),
 
         // MARK: Configuration
@@ -129,6 +141,11 @@ let package = Package(
         .testTarget(
             name: "GranaryEngineTests",
             dependencies: ["Granary", "GranaryTestSupport"]
+        ),
+        // The transport conformance suite over verbs (skipped, with the reason, without an RDMA device).
+        .testTarget(
+            name: "GranaryVerbsTests",
+            dependencies: ["GranaryVerbs", "GranaryTestSupport"]
         ),
         // Tests that start `granary` node processes (Scripts/test stage `multiprocess`).
         .testTarget(

@@ -1,0 +1,3 @@
+import CIBVerbs
+import GranaryMemory
+import GranaryTransport

@@ -1,0 +1,1 @@
+print("granary-verbs-latency: not yet")
