@@ -121,6 +121,7 @@ let package = Package(
                 "Granary",
                 "GranaryWorkloads",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
 
@@ -150,7 +151,7 @@ let package = Package(
         // Tests that start `granary` node processes (Scripts/test stage `multiprocess`).
         .testTarget(
             name: "GranaryMultiProcessTests",
-            dependencies: ["GranaryTransport", "GranaryTestSupport", "GranaryCommand"]
+            dependencies: ["Granary", "GranaryTestSupport", "GranaryCommand"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -90,38 +90,12 @@ public final class Cluster: Sendable {
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             try encoder.encode(configuration).write(to: URL(fileURLWithPath: manifest.string))
         }
-        let directories = try configuration.members.map { try RegionDirectory(root.appending($0.node.description)) }
-        var transports: [SharedMemoryTransport] = []
-        var mailboxes: [Mailbox] = []
-        var held: [[Region]] = []
-        for (index, member) in configuration.members.enumerated() {
-            let transport = SharedMemoryTransport(localNode: member.node, cluster: configuration.cluster,
-                                                  directory: directories[index])
-            var regions: [Region] = []
-            for placement in configuration.regions where placement.replicas.contains(member.node) {
-                let region = try directories[index].openOrCreate(placement.region, size: configuration.regionSize,
-                                                                 cluster: configuration.cluster)
-                try transport.register(region)
-                regions.append(region)
-            }
-            let mailbox = try Mailbox(node: member.node, directory: directories[index], cluster: configuration.cluster,
-                                      ringCapacity: options.ringCapacity)
-            try transport.register(mailbox.region)
-            transports.append(transport)
-            mailboxes.append(mailbox)
-            held.append(regions)
-        }
-        for transport in transports {
-            for (index, member) in configuration.members.enumerated() where member.node != transport.localNode {
-                transport.addPeer(member.node, endpoint: directories[index])
-            }
+        let storage = try configuration.members.map {
+            try SharedMemoryNodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity)
         }
         var logger = options.logger
         logger[metadataKey: "cluster"] = "\(configuration.cluster)"
-        let engines = try configuration.members.indices.map { index in
-            try Engine(node: configuration.members[index].node, configuration: configuration, transport: transports[index],
-                       mailbox: mailboxes[index], replicas: held[index], options: options.engine, logger: logger)
-        }
+        let engines = try storage.map { try $0.makeEngine(options: options.engine, logger: logger) }
         for engine in engines { engine.helpNeighbours(engines) }
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
                        removeOnShutdown: temporary)

@@ -1,31 +1,59 @@
 import ArgumentParser
+import Foundation
 import Granary
+import Logging
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// `granary node`: one node process. It owns its region files and a mailbox in `--directory`,
-/// answers the messages its peers send it, and runs until killed.
+/// `granary node`: one node process.
+///
+/// With `--config`, a member of a cluster: it opens its replicas and mailbox, runs the transaction
+/// engine (primary and backup of its replicas, coordinator of the transactions it starts) and
+/// serves until killed. Without, a bare transport node for transport tests: it owns the regions
+/// named by `--regions` in `--directory` and echoes the messages its peers send it.
 struct NodeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "node",
-        abstract: "Run one node process that owns regions in a directory.",
+        abstract: "Run one node process.",
         discussion: """
-            Prints one line `ready <node> <cluster> <regions>` on standard output once its regions \
-            and mailbox exist, then serves until killed. Each message a peer sends it is echoed \
-            back to that peer, prefixed with "echo:".
+            Prints `ready <node> <cluster> <regions>` on standard output once its regions and mailbox \
+            exist, then serves until killed.
+            With --config FILE (a cluster configuration in JSON, as `Cluster.local` writes to its \
+            cluster.json) the node runs the transaction engine; --bank-accounts and \
+            --bank-transfers then run the bank test workload from this node: it allocates its \
+            accounts (their addresses go to bank-accounts.txt in its directory, then `accounts N` \
+            is printed), waits for every other member's accounts, runs the transfers and prints \
+            `done N`.
+            Without --config it is a transport-only node: each message a peer sends it is echoed \
+            back, prefixed with "echo:".
             """
     )
 
     @Option(name: .long, help: "This node's id (0..<\(NodeID.limit)).")
     var id: Int
 
-    @Option(name: .long, help: "The node's region directory (created if missing).")
-    var directory: String
+    @Option(name: .long, help: "The cluster configuration (JSON) this node is a member of.")
+    var config: String?
 
-    @Option(name: .long, help: "The cluster id, in hex, stamped into and checked in every region file.")
-    var cluster: String
+    @Option(name: .long, help: "Bank workload: accounts this node allocates (with --config).")
+    var bankAccounts: Int = 0
+
+    @Option(name: .long, help: "Bank workload: transfers this node runs over all members' accounts (with --config).")
+    var bankTransfers: Int = 0
+
+    @Option(name: .long, help: "Bank workload: pause between transfers, in microseconds.")
+    var bankPauseMicroseconds: UInt32 = 0
+
+    @Option(name: .long, help: "Bank workload: initial balance of each account.")
+    var bankBalance: Int64 = 1_000
+
+    @Option(name: .long, help: "Transport-only node: its region directory (created if missing).")
+    var directory: String?
+
+    @Option(name: .long, help: "Transport-only node: the cluster id, in hex, stamped into and checked in every region file.")
+    var cluster: String?
 
     @Option(name: .long, help: "Transport: shm (shared memory on this host).")
     var transport: String = "shm"
@@ -41,7 +69,10 @@ struct NodeCommand: ParsableCommand {
 
     func validate() throws {
         guard (0..<NodeID.limit).contains(id) else { throw ValidationError("--id must be in 0..<\(NodeID.limit), got \(id)") }
-        guard UInt64(cluster, radix: 16) != nil else { throw ValidationError("--cluster must be a hex number, got '\(cluster)'") }
+        if config == nil {
+            guard directory != nil, let cluster else { throw ValidationError("give --config FILE, or --directory and --cluster") }
+            guard UInt64(cluster, radix: 16) != nil else { throw ValidationError("--cluster must be a hex number, got '\(cluster)'") }
+        }
         guard transport == "shm" else {
             throw ValidationError("--transport \(transport) is not available in this build; use --transport shm")
         }
@@ -51,9 +82,10 @@ struct NodeCommand: ParsableCommand {
     }
 
     func run() throws {
+        if let config { return try runMember(configurationFile: config) }
         let node = NodeID(id)
-        let clusterID = ClusterID(rawValue: UInt64(cluster, radix: 16)!)
-        let home = try RegionDirectory(FilePath(directory))
+        let clusterID = ClusterID(rawValue: UInt64(cluster!, radix: 16)!)
+        let home = try RegionDirectory(FilePath(directory!))
         let shm = SharedMemoryTransport(localNode: node, cluster: clusterID, directory: home)
         var owned: [Region] = []
         for field in regions.split(separator: ",") {
@@ -96,5 +128,81 @@ struct NodeCommand: ParsableCommand {
             }
             if handled > 0 { backoff.reset() } else { backoff.pause() }
         }
+    }
+}
+
+extension NodeCommand {
+    /// A cluster member running the transaction engine.
+    func runMember(configurationFile: String) throws {
+        let data: Data
+        do {
+            data = try Data(contentsOf: URL(fileURLWithPath: configurationFile))
+        } catch {
+            throw ValidationError("cannot read the configuration \(configurationFile): \(error.localizedDescription)")
+        }
+        let configuration = try JSONDecoder().decode(Configuration.self, from: data)
+        try configuration.validate()
+        let node = NodeID(id)
+        let storage = try SharedMemoryNodeStorage(node: node, configuration: configuration, ringCapacity: 256 << 10)
+        try storage.waitForPeers(timeout: .seconds(60))
+        var options = EngineOptions()
+        options.maximumAttempts = 100_000
+        let engine = try storage.makeEngine(options: options, logger: Logger(label: "granary.\(node)"))
+        print("ready \(node) \(configuration.cluster) \(storage.replicas.map(\.id.description).joined(separator: ","))")
+        fflush(nil)
+        let home = try SharedMemoryNodeStorage.directory(of: configuration.members.first { $0.node == node }!)
+        if bankAccounts > 0 {
+            var mine: [GlobalAddress] = []
+            while mine.count < bankAccounts {
+                let batch = min(200, bankAccounts - mine.count)
+                let balance = bankBalance
+                mine += try engine.run { tx in try (0..<batch).map { _ in try tx.allocate(balance) } }
+            }
+            let list = mine.map { String($0.rawValue, radix: 16) }.joined(separator: "\n") + "\n"
+            let path = home.path.appending("bank-accounts.txt").string
+            try list.write(toFile: path + ".tmp", atomically: false, encoding: .utf8)
+            rename(path + ".tmp", path)
+            print("accounts \(mine.count)")
+            fflush(nil)
+        }
+        if bankTransfers > 0 {
+            let accounts = try Self.waitForBankAccounts(configuration: configuration, timeout: 120)
+            var random = SystemRandomNumberGenerator()
+            for _ in 0..<bankTransfers {
+                let from = accounts.randomElement(using: &random)!
+                var to = accounts.randomElement(using: &random)!
+                while to == from { to = accounts.randomElement(using: &random)! }
+                let amount = Int64.random(in: 1...50, using: &random)
+                try engine.run { tx in
+                    let a = try tx.read(from, as: Int64.self)
+                    let b = try tx.read(to, as: Int64.self)
+                    guard a >= amount else { return }
+                    try tx.write(from, a - amount)
+                    try tx.write(to, b + amount)
+                }
+                if bankPauseMicroseconds > 0 { usleep(bankPauseMicroseconds) }
+            }
+            try engine.flushTruncations()
+            print("done \(bankTransfers)")
+            fflush(nil)
+        }
+        while true { sleep(3600) }
+    }
+
+    /// The bank accounts every member holding regions published, once all of them have.
+    static func waitForBankAccounts(configuration: Configuration, timeout: Double) throws -> [GlobalAddress] {
+        let owners = configuration.members.filter { member in configuration.regions.contains { $0.primary == member.node } }
+        let deadline = Date().addingTimeInterval(timeout)
+        var accounts: [GlobalAddress] = []
+        for member in owners {
+            let path = try SharedMemoryNodeStorage.directory(of: member).path.appending("bank-accounts.txt").string
+            while !FileManager.default.fileExists(atPath: path) {
+                guard Date() < deadline else { throw ValidationError("\(member.node) published no bank accounts within \(timeout) s") }
+                usleep(20_000)
+            }
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            accounts += text.split(separator: "\n").compactMap { UInt64($0, radix: 16).map(GlobalAddress.init(rawValue:)) }
+        }
+        return accounts
     }
 }

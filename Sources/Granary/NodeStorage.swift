@@ -1,0 +1,69 @@
+import Foundation
+import GranaryConfiguration
+import GranaryEngine
+import GranaryMemory
+import GranaryTransport
+import Logging
+import SystemPackage
+
+/// A node's memory on this host for the shared-memory transport: its replicas and mailbox in its
+/// endpoint directory (`shm:<directory>`), and a transport that reaches every member's directory.
+public struct SharedMemoryNodeStorage: Sendable {
+    public let node: NodeID
+    public let configuration: Configuration
+    public let transport: SharedMemoryTransport
+    public let mailbox: Mailbox
+    public let replicas: [Region]
+
+    /// The region directory a member's `shm:` endpoint names.
+    public static func directory(of member: Member) throws -> RegionDirectory {
+        guard member.endpoint.hasPrefix("shm:") else {
+            throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; the shared-memory transport needs shm:<directory>")
+        }
+        return try RegionDirectory(FilePath(String(member.endpoint.dropFirst(4))))
+    }
+
+    /// Opens (or creates, for a new cluster) `node`'s replicas and mailbox.
+    public init(node: NodeID, configuration: Configuration, ringCapacity: Int) throws {
+        guard let member = configuration.members.first(where: { $0.node == node }) else {
+            throw ConfigurationError.invalid("\(node) is not a member of \(configuration.id)")
+        }
+        self.node = node
+        self.configuration = configuration
+        let home = try Self.directory(of: member)
+        transport = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
+        var replicas: [Region] = []
+        for placement in configuration.regions where placement.replicas.contains(node) {
+            let region = try home.openOrCreate(placement.region, size: configuration.regionSize, cluster: configuration.cluster)
+            try transport.register(region)
+            replicas.append(region)
+        }
+        self.replicas = replicas
+        mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity)
+        try transport.register(mailbox.region)
+        for other in configuration.members where other.node != node {
+            transport.addPeer(other.node, endpoint: try Self.directory(of: other))
+        }
+    }
+
+    /// Waits until every other member's mailbox file exists (peers started in other processes).
+    public func waitForPeers(timeout: Duration) throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        for member in configuration.members where member.node != node {
+            let path = try Self.directory(of: member).path(for: RegionID.mailbox(of: member.node))
+            while !FileManager.default.fileExists(atPath: path.string) {
+                guard clock.now < deadline else {
+                    throw TransportError.peerUnreachable(node: member.node, detail: "its mailbox \(path) did not appear within \(timeout)")
+                }
+                usleep(10_000)
+            }
+        }
+    }
+
+    /// Starts the node's transaction engine over this storage.
+    public func makeEngine(options: EngineOptions, logger: Logger) throws -> Engine {
+        try Engine(node: node, configuration: configuration, transport: transport, mailbox: mailbox,
+                   replicas: replicas, options: options, logger: logger)
+    }
+}

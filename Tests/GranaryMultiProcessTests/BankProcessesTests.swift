@@ -1,0 +1,91 @@
+import Foundation
+import Granary
+import GranaryTestSupport
+import Logging
+import Testing
+
+/// Three `granary node` processes hold 3-way replicated regions and run bank transfers among all
+/// accounts; this process is a fourth member (a coordinator without regions) that audits the total
+/// with read-only transactions while they run, and at the end.
+@Suite("Multi-process transactions")
+struct BankProcessesTests {
+    @Test("bank over 3 node processes: the total is conserved at every audit and at the end")
+    func bankAcrossProcesses() throws {
+        let tmp = TemporaryDirectory("granary-bank")
+        defer { tmp.remove() }
+        let nodes = (0..<3).map { NodeID($0) }
+        let driver = NodeID(3)
+        let members = (nodes + [driver]).map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) }
+        let configuration = try Configuration(
+            id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(), members: members, manager: nodes[0],
+            regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 2, replicas: 3), regionSize: 4 << 20)
+        let file = tmp.path.appending("cluster.json").string
+        try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
+
+        // This process's mailbox must exist before the nodes connect to it.
+        let storage = try SharedMemoryNodeStorage(node: driver, configuration: configuration, ringCapacity: 256 << 10)
+        let accountsPerNode = 334, transfersPerNode = 500, balance: Int64 = 1_000
+        let children = try nodes.map { node in
+            try ChildProcess(ChildProcess.granaryExecutable(), [
+                "node", "--config", file, "--id", "\(node.index)", "--bank-accounts", "\(accountsPerNode)",
+                "--bank-transfers", "\(transfersPerNode)", "--bank-balance", "\(balance)",
+                // Paced, so that 1,000-account read-only audits can validate between transfers.
+                "--bank-pause-microseconds", "2000",
+            ])
+        }
+        defer { for child in children { child.kill() } }
+        try storage.waitForPeers(timeout: .seconds(60))
+        var options = EngineOptions()
+        options.maximumAttempts = 1_000_000  // a 1,000-object audit competes with three writers
+        let engine = try storage.makeEngine(options: options, logger: Logger(label: "granary.driver"))
+        defer { engine.stop() }
+        for child in children {
+            let ready = try child.readLine(timeout: 60)
+            #expect(ready.hasPrefix("ready "), "a node said: \(ready)")
+            #expect(try child.readLine(timeout: 60) == "accounts \(accountsPerNode)")
+        }
+        let accounts = try NodeCommandBank.accounts(configuration)
+        #expect(accounts.count == 3 * accountsPerNode)
+        let expected = balance * Int64(accounts.count)
+
+        func audit() throws -> [Int64] {
+            try engine.run { tx in try accounts.map { try tx.read($0, as: Int64.self) } }
+        }
+        // Audit while the nodes transfer, until every node reports done.
+        var audits: [Int64] = []
+        var auditsDuringTransfers = 0
+        let done = Shared(0)
+        let waiter = Thread {
+            for child in children { if (try? child.readLine(timeout: 300))?.hasPrefix("done") == true { done.withLock { $0 += 1 } } }
+            done.withLock { $0 += 100 }
+        }
+        waiter.start()
+        while done.value < 100 {
+            let balances = try audit()
+            audits.append(balances.reduce(0, +))
+            if done.value < 100 { auditsDuringTransfers += 1 }
+            #expect(balances.allSatisfy { $0 >= 0 }, "a negative balance in an audit")
+            usleep(20_000)
+        }
+        #expect(done.value == 103, "not every node finished its transfers")
+        let final = try audit()
+        print("multi-process bank: \(audits.count) audits, \(auditsDuringTransfers) while nodes were transferring; \(engine.statistics.snapshot.totalAborts) audit attempts aborted")
+        #expect(auditsDuringTransfers >= 1, "no audit overlapped the transfers")
+        #expect(audits.allSatisfy { $0 == expected }, "audit totals \(audits.filter { $0 != expected }) differ from \(expected)")
+        #expect(final.reduce(0, +) == expected)
+        #expect(final.min()! >= 0)
+    }
+}
+
+/// Reads the account lists the node processes publish (see `granary node --bank-accounts`).
+enum NodeCommandBank {
+    static func accounts(_ configuration: Configuration) throws -> [GlobalAddress] {
+        var accounts: [GlobalAddress] = []
+        for member in configuration.members where configuration.regions.contains(where: { $0.primary == member.node }) {
+            let path = try SharedMemoryNodeStorage.directory(of: member).path.appending("bank-accounts.txt").string
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            accounts += text.split(separator: "\n").compactMap { UInt64($0, radix: 16).map(GlobalAddress.init(rawValue:)) }
+        }
+        return accounts
+    }
+}
