@@ -1,6 +1,7 @@
 import GranaryConfiguration
 import GranaryMemory
 import GranaryTransport
+import CoreMetrics
 import Logging
 import Synchronization
 #if canImport(Glibc)
@@ -27,6 +28,9 @@ public struct EngineOptions: Sendable {
     public var persistEveryInstall: Bool = false
     /// The longest an idle poller sleeps between polls.
     public var pollerMaximumSleepMicroseconds: UInt32 = 50
+    /// Where the engine's metrics go; nil means the process-wide `MetricsSystem.factory` that the
+    /// application bootstrapped (a library never bootstraps it).
+    public var metricsFactory: (any MetricsFactory)?
 
     public init() {}
 }
@@ -90,7 +94,7 @@ public final class Engine: Sendable {
         self.options = options
         self.transport = transport
         self.mailbox = mailbox
-        self.statistics = EngineStatistics(node: node)
+        self.statistics = EngineStatistics(node: node, factory: options.metricsFactory ?? MetricsSystem.factory)
         self.logger = logger ?? Logger(label: "granary.\(node)")
         var table = [LocalReplica?](repeating: nil, count: RegionID.limit)
         var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)

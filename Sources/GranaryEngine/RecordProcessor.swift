@@ -52,10 +52,16 @@ final class RecordProcessor: @unchecked Sendable {
             return
         }
         guard record.configuration == engine.configuration.id else {
+            if record.kind == .lockReply, record.cause == AbortCause.wrongConfiguration.rawValue {
+                // A primary in another configuration refused our LOCK: the waiting coordinator must
+                // learn it (its own configuration is the stale one, or the primary's is).
+                engine.replies.deliver(record.transaction, failure: record.cause)
+                return
+            }
             engine.statistics.rejected()
             let error = ConfigurationError.wrongConfiguration(found: record.configuration, expected: engine.configuration.id, from: sender)
             engine.logger.info("\(error)")
-            if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, configuration: record.configuration) }
+            if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration) }
             return
         }
         do {
@@ -73,9 +79,9 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    private func reply(to transaction: TransactionID, failure: AbortCause?, configuration: ConfigurationID? = nil) {
+    private func reply(to transaction: TransactionID, failure: AbortCause?) {
         let writer = RecordWriter(into: replyBuffer, capacity: RecordFormat.headerBytes, kind: .lockReply,
-                                  configuration: configuration ?? engine.configuration.id, transaction: transaction,
+                                  configuration: engine.configuration.id, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
         do {
             try engine.send(writer.bytes, to: transaction.node)

@@ -39,19 +39,19 @@ public final class EngineStatistics: @unchecked Sendable {
     private let phaseTimers: [CoreMetrics.Timer]
     private let rejectedCounter: Counter
 
-    init(node: NodeID) {
+    init(node: NodeID, factory: any MetricsFactory) {
         let dimension = [("node", node.description)]
         counters = .allocate(capacity: Self.total)
         for index in 0..<Self.total { (counters + index).initialize(to: Atomic<Int>(0)) }
-        committedCounter = Counter(label: "granary_transactions_committed_total", dimensions: dimension)
+        committedCounter = Counter(label: "granary_transactions_committed_total", dimensions: dimension, factory: factory)
         abortCounters = (0...AbortCause.allCases.count).map { raw in
             Counter(label: "granary_transactions_aborted_total",
-                    dimensions: dimension + [("cause", AbortCause(rawValue: UInt8(raw))?.description ?? "none")])
+                    dimensions: dimension + [("cause", AbortCause(rawValue: UInt8(raw))?.description ?? "none")], factory: factory)
         }
         phaseTimers = Phase.allCases.map { phase in
-            CoreMetrics.Timer(label: "granary_phase_nanoseconds", dimensions: dimension + [("phase", phase.description)])
+            CoreMetrics.Timer(label: "granary_phase_nanoseconds", dimensions: dimension + [("phase", phase.description)], factory: factory)
         }
-        rejectedCounter = Counter(label: "granary_records_rejected_total", dimensions: dimension)
+        rejectedCounter = Counter(label: "granary_records_rejected_total", dimensions: dimension, factory: factory)
     }
 
     deinit {
