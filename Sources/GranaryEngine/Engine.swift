@@ -127,6 +127,10 @@ public final class Engine: Sendable {
         startPoller()
     }
 
+    /// The largest record this node can send (the smallest channel maximum over its peers): a
+    /// transaction's LOCK or COMMIT-BACKUP record to one node must fit.
+    public var maximumRecordBytes: Int { senders.compactMap { $0?.maximumMessage }.min() ?? 0 }
+
     /// The primary of `region`, if the configuration has the region.
     func primary(of region: RegionID) -> NodeID? {
         guard region.index < RegionID.limit else { return nil }

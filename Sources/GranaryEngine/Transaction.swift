@@ -101,6 +101,33 @@ public final class Transaction {
         }
     }
 
+    /// Reads the first `destination.count` payload bytes of the object at `address` (raw: no length
+    /// prefix), for fixed-size records that are not Swift types, such as hash-table buckets.
+    ///
+    /// Cost: as ``read(_:as:)``.
+    public func read(_ address: GlobalAddress, into destination: UnsafeMutableRawBufferPointer) throws {
+        let count = destination.count
+        guard let target = destination.baseAddress else { return }
+        if let index = writeIndex[address] {
+            let entry = writes[index]
+            guard entry.operation != .free else { throw TransactionError.notAllocated(address) }
+            target.initializeMemory(as: UInt8.self, repeating: 0, count: count)
+            payloads.withUnsafeBytes { source in
+                target.copyMemory(from: source.baseAddress! + entry.payloadOffset, byteCount: min(count, entry.length))
+            }
+            return
+        }
+        try fetch(address, payloadBytes: count)
+        ObjectLayout.gatherPayload(from: snapshot, into: target, count: count)
+    }
+
+    /// Buffers a write of raw bytes (no length prefix) to the object at `address`.
+    ///
+    /// Cost: as ``write(_:_:)``.
+    public func write(_ address: GlobalAddress, raw bytes: UnsafeRawBufferPointer) throws {
+        try buffer(address, bytes)
+    }
+
     /// Reads a variable-size object written with ``write(_:bytes:)`` or ``allocate(bytes:)``.
     ///
     /// Cost: one one-sided read for objects up to 52 bytes, two for larger ones.
@@ -227,7 +254,8 @@ public final class Transaction {
         try Self.prefixed(bytes).withUnsafeBytes { try allocate(raw: $0) }
     }
 
-    func allocate(raw bytes: UnsafeRawBufferPointer) throws -> GlobalAddress {
+    /// Allocates a new object holding raw bytes (no length prefix); see ``allocate(_:)``.
+    public func allocate(raw bytes: UnsafeRawBufferPointer) throws -> GlobalAddress {
         let regions = engine.allocationRegions
         guard !regions.isEmpty else {
             throw TransactionError.outOfMemory(bytes: bytes.count, reason: "node \(engine.node) is primary of no region")

@@ -1,0 +1,227 @@
+import GranaryConfiguration
+import GranaryEngine
+import GranaryMemory
+
+/// Why a hash-table operation failed.
+public enum HashTableError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// No bucket within the probe limit has a free slot: the table is at its capacity.
+    case full(table: String, capacity: Int)
+    /// The value type does not fit the table's buckets.
+    case valueTooLarge(table: String, bytes: Int, maximum: Int)
+
+    public var description: String {
+        switch self {
+        case .full(let table, let capacity):
+            return "hash table '\(table)' is full (created for \(capacity) entries): no free slot within \(TransactionalHashTableLayout.probeLimit) buckets"
+        case .valueTooLarge(let table, let bytes, let maximum):
+            return "a \(bytes)-byte value does not fit hash table '\(table)' (values up to \(maximum) bytes)"
+        }
+    }
+}
+
+/// What identifies a hash table in the cluster: enough to reopen it from any node.
+public struct HashTableDescriptor: Codable, Sendable, Hashable {
+    public var name: String
+    public var capacity: Int
+    public var slotsPerBucket: Int
+    public var valueBytes: Int
+    /// Every bucket object, in bucket order.
+    public var buckets: [GlobalAddress]
+}
+
+/// Bucket layout: a header word (occupancy bitmap in the low 32 bits, flags in the high 32: bit 0
+/// "an insert probed past this bucket"), then `slotsPerBucket` slots of a key word and the value
+/// padded to 8 bytes.
+public enum TransactionalHashTableLayout {
+    /// Buckets probed (linearly) before a lookup or insert gives up.
+    public static let probeLimit = 8
+    static let overflowed: UInt64 = 1 << 32
+}
+
+/// A transactional hash table on Granary, after FaRM's: fixed-size 64-bit keys, values of one
+/// fixed-size type stored inline in associative buckets, buckets spread over every node's regions.
+///
+/// Every operation runs inside a ``Transaction`` and so is strictly serializable with everything
+/// else the transaction does. A lookup costs one one-sided read of one bucket in the common case
+/// (more when its home bucket overflowed); an insert, update or delete buffers one bucket write.
+///
+/// ```swift
+/// let table = try await TransactionalHashTable<Int64>.create(name: "balances", capacity: 10_000, in: cluster)
+/// try await node.transaction { tx in _ = try table.insert(42, 100, in: tx) }
+/// let balance = try await node.transaction { tx in try table.get(42, in: tx) }
+/// ```
+public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
+    public let descriptor: HashTableDescriptor
+    private let buckets: [UInt64]
+    private let slots: Int
+    private let slotStride: Int
+    /// Payload bytes of one bucket object.
+    public let bucketBytes: Int
+
+    /// Opens a table created before (its descriptor, e.g. from another process).
+    public init(descriptor: HashTableDescriptor) throws {
+        guard MemoryLayout<Value>.size <= descriptor.valueBytes else {
+            throw HashTableError.valueTooLarge(table: descriptor.name, bytes: MemoryLayout<Value>.size, maximum: descriptor.valueBytes)
+        }
+        self.descriptor = descriptor
+        self.buckets = descriptor.buckets.map(\.rawValue)
+        self.slots = descriptor.slotsPerBucket
+        self.slotStride = 8 + ((descriptor.valueBytes + 7) & ~7)
+        self.bucketBytes = 8 + slots * slotStride
+    }
+
+    /// Creates a table for `capacity` entries: `2 * capacity / slotsPerBucket` zeroed buckets,
+    /// allocated round-robin by every node of `cluster` in its own regions.
+    ///
+    /// - Throws: ``TransactionError`` if the regions cannot hold the buckets.
+    public static func create(name: String, capacity: Int, slotsPerBucket: Int = 4,
+                              in cluster: Cluster) async throws -> TransactionalHashTable<Value> {
+        precondition(slotsPerBucket >= 1 && slotsPerBucket <= 32, "1 to 32 slots per bucket")
+        let valueBytes = MemoryLayout<Value>.size
+        let bucketCount = max(1, (2 * capacity + slotsPerBucket - 1) / slotsPerBucket)
+        let bucketBytes = 8 + slotsPerBucket * (8 + ((valueBytes + 7) & ~7))
+        let perTransaction = max(1, cluster.nodes[0].engine.maximumRecordBytes / 2 / (bucketBytes + 32))
+        var addresses = [GlobalAddress?](repeating: nil, count: bucketCount)
+        let zero = [UInt8](repeating: 0, count: bucketBytes)
+        for (index, node) in cluster.nodes.enumerated() {
+            let mine = Array(stride(from: index, to: bucketCount, by: cluster.nodes.count))
+            for start in stride(from: 0, to: mine.count, by: perTransaction) {
+                let chunk = Array(mine[start..<min(start + perTransaction, mine.count)])
+                let allocated = try await node.transaction { tx in
+                    try zero.withUnsafeBytes { bytes in try chunk.map { _ in try tx.allocate(raw: bytes) } }
+                }
+                for (bucket, address) in zip(chunk, allocated) { addresses[bucket] = address }
+            }
+        }
+        return try TransactionalHashTable(descriptor: HashTableDescriptor(
+            name: name, capacity: capacity, slotsPerBucket: slotsPerBucket, valueBytes: valueBytes,
+            buckets: addresses.map { $0! }))
+    }
+
+    @inline(__always) private func home(of key: UInt64) -> Int {
+        var z = key &+ 0x9E37_79B9_7F4A_7C15
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        z ^= z >> 31
+        return Int(z.multipliedFullWidth(by: UInt64(buckets.count)).high)
+    }
+
+    /// Finds `key`: calls `body` with the bucket (in a scratch buffer), its address and the slot
+    /// holding the key (nil if absent, with the bucket where an insert would go, if any).
+    private func locate<R>(_ key: UInt64, in tx: Transaction,
+                           _ body: (_ bucket: UnsafeMutableRawBufferPointer, _ address: GlobalAddress, _ slot: Int?, _ passedFull: [GlobalAddress]) throws -> R?) throws -> R? {
+        try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket in
+            let start = home(of: key)
+            var passedFull: [GlobalAddress] = []
+            var firstFree: (GlobalAddress, [GlobalAddress])?
+            // The key can only be in the chain of buckets whose predecessors overflowed; a free slot
+            // may lie further on.
+            var searching = true
+            for probe in 0..<min(TransactionalHashTableLayout.probeLimit, buckets.count) {
+                let address = GlobalAddress(rawValue: buckets[(start + probe) % buckets.count])
+                try tx.read(address, into: bucket)
+                let header = bucket.load(as: UInt64.self)
+                let occupancy = UInt32(truncatingIfNeeded: header)
+                if searching {
+                    for slot in 0..<slots where occupancy & (1 << UInt32(slot)) != 0 {
+                        if bucket.load(fromByteOffset: 8 + slot * slotStride, as: UInt64.self) == key {
+                            return try body(bucket, address, slot, [])
+                        }
+                    }
+                    if header & TransactionalHashTableLayout.overflowed == 0 { searching = false }
+                }
+                if firstFree == nil {
+                    if occupancy.nonzeroBitCount < slots { firstFree = (address, passedFull) } else { passedFull.append(address) }
+                }
+                if !searching, firstFree != nil { break }
+            }
+            guard let (address, passed) = firstFree else { return try body(bucket, GlobalAddress(rawValue: 0), nil, passedFull) }
+            // Re-read the bucket where an insert would go (the scratch holds the last one read).
+            try tx.read(address, into: bucket)
+            return try body(bucket, address, nil, passed)
+        }
+    }
+
+    /// The value stored under `key`, if any. Cost: one bucket read (more if the home bucket overflowed).
+    public func get(_ key: UInt64, in tx: Transaction) throws -> Value? {
+        try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket -> Value? in
+            let start = home(of: key)
+            for probe in 0..<min(TransactionalHashTableLayout.probeLimit, buckets.count) {
+                try tx.read(GlobalAddress(rawValue: buckets[(start + probe) % buckets.count]), into: bucket)
+                let header = bucket.load(as: UInt64.self)
+                let occupancy = UInt32(truncatingIfNeeded: header)
+                for slot in 0..<slots where occupancy & (1 << UInt32(slot)) != 0 {
+                    if bucket.load(fromByteOffset: 8 + slot * slotStride, as: UInt64.self) == key {
+                        return bucket.loadUnaligned(fromByteOffset: 16 + slot * slotStride, as: Value.self)
+                    }
+                }
+                if header & TransactionalHashTableLayout.overflowed == 0 { return nil }
+            }
+            return nil
+        }
+    }
+
+    /// Inserts `key` with `value`; false (and no change) if the key is present.
+    /// - Throws: ``HashTableError/full(table:capacity:)`` when no bucket within the probe limit has room.
+    @discardableResult
+    public func insert(_ key: UInt64, _ value: Value, in tx: Transaction) throws -> Bool {
+        let inserted: Bool? = try locate(key, in: tx) { bucket, address, slot, passedFull in
+            if slot != nil { return false }
+            guard address.rawValue != 0 else {
+                throw HashTableError.full(table: descriptor.name, capacity: descriptor.capacity)
+            }
+            let header = bucket.load(as: UInt64.self)
+            let occupancy = UInt32(truncatingIfNeeded: header)
+            let free = (~occupancy).trailingZeroBitCount
+            bucket.storeBytes(of: key, toByteOffset: 8 + free * slotStride, as: UInt64.self)
+            withUnsafeBytes(of: value) { bytes in
+                UnsafeMutableRawBufferPointer(rebasing: bucket[(16 + free * slotStride)...]).copyMemory(from: bytes)
+            }
+            bucket.storeBytes(of: header | (1 << UInt64(free)), as: UInt64.self)
+            try tx.write(address, raw: UnsafeRawBufferPointer(bucket))
+            // Buckets probed past must say so, or lookups would stop before reaching the key.
+            for full in passedFull { try markOverflowed(full, in: tx) }
+            return true
+        }
+        return inserted ?? false
+    }
+
+    private func markOverflowed(_ address: GlobalAddress, in tx: Transaction) throws {
+        try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket in
+            try tx.read(address, into: bucket)
+            let header = bucket.load(as: UInt64.self)
+            guard header & TransactionalHashTableLayout.overflowed == 0 else { return }
+            bucket.storeBytes(of: header | TransactionalHashTableLayout.overflowed, as: UInt64.self)
+            try tx.write(address, raw: UnsafeRawBufferPointer(bucket))
+        }
+    }
+
+    /// Changes the value under `key` in place; false if the key is absent.
+    @discardableResult
+    public func update(_ key: UInt64, in tx: Transaction, _ change: (inout Value) throws -> Void) throws -> Bool {
+        let updated: Bool? = try locate(key, in: tx) { bucket, address, slot, _ in
+            guard let slot else { return false }
+            var value = bucket.loadUnaligned(fromByteOffset: 16 + slot * slotStride, as: Value.self)
+            try change(&value)
+            withUnsafeBytes(of: value) { bytes in
+                UnsafeMutableRawBufferPointer(rebasing: bucket[(16 + slot * slotStride)...]).copyMemory(from: bytes)
+            }
+            try tx.write(address, raw: UnsafeRawBufferPointer(bucket))
+            return true
+        }
+        return updated ?? false
+    }
+
+    /// Removes `key`; false if it was absent.
+    @discardableResult
+    public func remove(_ key: UInt64, in tx: Transaction) throws -> Bool {
+        let removed: Bool? = try locate(key, in: tx) { bucket, address, slot, _ in
+            guard let slot else { return false }
+            let header = bucket.load(as: UInt64.self)
+            bucket.storeBytes(of: header & ~(1 << UInt64(slot)), as: UInt64.self)
+            try tx.write(address, raw: UnsafeRawBufferPointer(bucket))
+            return true
+        }
+        return removed ?? false
+    }
+}
