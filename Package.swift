@@ -141,7 +141,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GranaryEngineTests",
-            dependencies: ["Granary", "GranaryTestSupport", .product(name: "MetricsTestKit", package: "swift-metrics")]
+            dependencies: ["Granary", "GranaryWorkloads", "GranaryTestSupport", .product(name: "MetricsTestKit", package: "swift-metrics")]
         ),
         // The transport conformance suite over verbs (skipped, with the reason, without an RDMA device).
         .testTarget(

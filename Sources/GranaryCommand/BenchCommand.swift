@@ -8,8 +8,12 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Measure transaction throughput on an embedded cluster.",
-        discussion: "Workloads: transfer (2 reads + 2 writes between random accounts).",
-        subcommands: [TransferBench.self]
+        discussion: """
+            Workloads: tatp (FaRM's headline workload), smallbank, transfer (2 reads + 2 writes). \
+            Default: an embedded 3-node cluster, 3 replicas, shared-memory transport, 5 seconds. \
+            Prints a live progress line, then a table; --json and --plot write the figures.
+            """,
+        subcommands: [TATPBench.self, SmallBankBench.self, TransferBench.self]
     )
 }
 
@@ -23,6 +27,7 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Transport: shm.") var transport: String = "shm"
     @Option(help: "Region size in MiB.") var regionMib: Int = 64
     @Option(help: "Write the figures and the configuration as JSON to this file.") var json: String?
+    @Option(help: "Write an SVG plot (throughput over time, latency CDF) to this file.") var plot: String?
     @Flag(help: "No live progress line.") var quiet = false
 
     func validate() throws {
@@ -32,6 +37,7 @@ struct BenchOptions: ParsableArguments {
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
         guard transport == "shm" else { throw ValidationError("--transport \(transport) is not available for benchmarks; use shm") }
         guard regionMib >= 1, regionMib & (regionMib - 1) == 0 else { throw ValidationError("--region-mib must be a power of two") }
+        if let plot, !plot.hasSuffix(".svg") { throw ValidationError("--plot writes SVG: give a file name ending in .svg, got '\(plot)'") }
     }
 
     func makeCluster() async throws -> Cluster {
@@ -46,14 +52,16 @@ struct BenchOptions: ParsableArguments {
 func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: BenchOptions) async throws {
     let cluster = try await options.makeCluster()
     FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas...\n".data(using: .utf8)!)
+    let loadStart = ContinuousClock.now
     try await workload.load(into: cluster)
+    FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart); running \(options.workers) workers for \(options.seconds) s\n".data(using: .utf8)!)
     let quiet = options.quiet
     let report = Runner.run(workload, on: cluster, workers: options.workers, seconds: options.seconds, seed: options.seed) { line in
         if !quiet { FileHandle.standardError.write(("\r" + line).data(using: .utf8)!) }
     }
     if !quiet { FileHandle.standardError.write("\n".data(using: .utf8)!) }
     try await cluster.quiesce()
-    let violations = try await workload.check(cluster)
+    let violations = try await workload.check(cluster, committedDelta: report.committedDelta)
     print(BenchTable.render(name: name, report: report, options: options))
     if let json = options.json {
         let encoder = JSONEncoder()
@@ -62,6 +70,12 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
                                      seconds: options.seconds, seed: options.seed, transport: options.transport, report: report,
                                      invariantViolations: violations)
         try encoder.encode(document).write(to: URL(fileURLWithPath: json))
+        print("wrote \(json)")
+    }
+    if let plot = options.plot {
+        let title = "Granary \(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers, \(String(format: "%.0f", report.committedPerSecond)) committed/s"
+        try BenchPlot.svg(title: title, report: report).write(toFile: plot, atomically: true, encoding: .utf8)
+        print("wrote \(plot)")
     }
     try await cluster.shutdown()
     if !violations.isEmpty {
@@ -83,17 +97,21 @@ struct BenchDocument: Codable {
 }
 
 enum BenchTable {
+    static func pad(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.count)) }
+
     static func render(name: String, report: RunReport, options: BenchOptions) -> String {
         func micro(_ ns: UInt64?) -> String { String(format: "%.1f us", Double(ns ?? 0) / 1000) }
         var lines: [String] = []
         lines.append("\(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers, \(options.transport), \(String(format: "%.1f", report.seconds)) s")
         lines.append(String(format: "  committed            %12d  (%.0f/s)", report.committed, report.committedPerSecond))
         for type in report.byType where report.byType.count > 1 {
-            lines.append(String(format: "    %-20@ %10d  (%.0f/s)", type.name as NSString, type.committed, type.perSecond))
+            lines.append("    " + pad(type.name, 24) + String(format: " %10d  (%9.0f/s)  found %5.1f%%", type.committed, type.perSecond,
+                                type.committed > 0 ? 100 * Double(type.succeeded) / Double(type.committed) : 0))
         }
+        if report.failed > 0 { lines.append(String(format: "  gave up               %12d  (attempt limit or error)", report.failed)) }
         lines.append(String(format: "  abort rate           %11.2f%%  (%d aborted attempts)", report.abortRate * 100, report.aborts.values.reduce(0, +)))
         for (cause, count) in report.aborts.sorted(by: { $0.key < $1.key }) {
-            lines.append(String(format: "    %-20@ %10d", cause as NSString, count))
+            lines.append("    " + pad(cause, 24) + String(format: " %10d", count))
         }
         lines.append("  latency              p50 \(micro(report.latencyNanoseconds["p50"]))  p90 \(micro(report.latencyNanoseconds["p90"]))  p99 \(micro(report.latencyNanoseconds["p99"]))  p99.9 \(micro(report.latencyNanoseconds["p99.9"]))")
         let phases = Phase.allCases.compactMap { phase in
@@ -113,5 +131,44 @@ struct TransferBench: AsyncParsableCommand {
     func run() async throws {
         var workload = TransferWorkload(accounts: accounts)
         try await runBenchmark("transfer", &workload, options)
+    }
+}
+
+struct TATPBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "tatp", abstract: "TATP: 7 transactions, 80% read-only, NURand keys.")
+    @OptionGroup var options: BenchOptions
+    @Option(help: "Scale: 100,000 x scale subscribers (fractions allowed).") var scale: Double = 1
+
+    func validate() throws {
+        guard scale > 0, scale <= 100 else { throw ValidationError("--scale must be in (0, 100], got \(scale)") }
+    }
+
+    func run() async throws {
+        var workload = TATPWorkload(scale: scale, seed: options.seed)
+        try await runBenchmark("tatp", &workload, options)
+    }
+}
+
+struct SmallBankBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "smallbank", abstract: "SmallBank: 6 transactions, 90% on 4,000 hot accounts.")
+    @OptionGroup var options: BenchOptions
+    @Option(help: "Accounts.") var accounts: Int = 100_000
+    @Option(help: "Hot accounts (90% of transactions pick among them).") var hotAccounts: Int = 4_000
+    @Option(help: "Run only these transaction types, comma-separated (e.g. SEND_PAYMENT,AMALGAMATE).") var only: String?
+
+    func validate() throws {
+        guard accounts >= 2 else { throw ValidationError("--accounts must be at least 2") }
+        guard hotAccounts >= 2, hotAccounts <= accounts else { throw ValidationError("--hot-accounts must be in 2...--accounts") }
+        if let only {
+            for name in only.split(separator: ",") where !SmallBankWorkload.types.contains(name.uppercased()) {
+                throw ValidationError("unknown SmallBank transaction '\(name)'; types: \(SmallBankWorkload.types.joined(separator: ", "))")
+            }
+        }
+    }
+
+    func run() async throws {
+        let types = only.map { $0.split(separator: ",").map { SmallBankWorkload.types.firstIndex(of: $0.uppercased())! } }
+        var workload = SmallBankWorkload(accounts: accounts, hotAccounts: hotAccounts, seed: options.seed, only: types)
+        try await runBenchmark("smallbank", &workload, options)
     }
 }

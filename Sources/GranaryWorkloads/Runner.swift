@@ -11,10 +11,27 @@ public protocol Workload: Sendable {
     var transactionTypes: [String] { get }
     /// Creates the workload's data in `cluster`.
     mutating func load(into cluster: Cluster) async throws
-    /// Runs one transaction of the mix on `node`; returns the index of its type in ``transactionTypes``.
-    func runOne(on node: Node, transaction: Transaction, random: inout WorkloadRandom) throws -> Int
-    /// Checks the workload's invariant after a run; returns the violations found (empty if none).
-    func check(_ cluster: Cluster) async throws -> [String]
+    /// Runs one transaction of the mix on `node` (the body of one attempt: it may run again).
+    func runOne(on node: Node, transaction: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome
+    /// Checks the workload's invariant after a run, given the sum of the committed transactions'
+    /// deltas; returns the violations found (empty if none).
+    func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String]
+}
+
+/// What one committed transaction of a workload did.
+public struct TransactionOutcome: Sendable {
+    /// Index of its type in ``Workload/transactionTypes``.
+    public var type: Int
+    /// A workload-defined change the invariant check accounts for (money added, rows inserted).
+    public var delta: Int64
+    /// Whether the transaction found what it looked for (TATP counts "not found" as completed).
+    public var succeeded: Bool
+
+    public init(type: Int, delta: Int64 = 0, succeeded: Bool = true) {
+        self.type = type
+        self.delta = delta
+        self.succeeded = succeeded
+    }
 }
 
 /// SplitMix64: small, fast and reproducible from a seed.
@@ -40,6 +57,8 @@ public struct RunReport: Sendable, Codable {
         public var name: String
         public var committed: Int
         public var perSecond: Double
+        /// Of the committed, how many found what they looked for.
+        public var succeeded: Int
     }
     public var seconds: Double
     public var committed: Int
@@ -55,6 +74,10 @@ public struct RunReport: Sendable, Codable {
     public var timeline: [Double]
     /// (latency ns, cumulative fraction) points of the latency CDF.
     public var latencyCDF: [[Double]]
+    /// Sum of the committed transactions' deltas.
+    public var committedDelta: Int64
+    /// Transactions given up after the attempt limit, or failed with a non-retryable error.
+    public var failed: Int
 }
 
 /// Drives a workload on worker threads spread over a cluster's nodes for a fixed duration.
@@ -63,7 +86,7 @@ public enum Runner {
                            progress: (@Sendable (String) -> Void)? = nil) -> RunReport {
         let types = workload.transactionTypes
         let stop = Atomic<Bool>(false)
-        let perWorker = Mutex<[(Histogram<UInt64>, [Int])]>([])
+        let perWorker = Mutex<[(Histogram<UInt64>, [Int], [Int], Int64, Int)]>([])
         let before = cluster.nodes.map(\.statistics)
         let start = monotonicNanoseconds()
         let deadline = start + UInt64(seconds * 1e9)
@@ -98,6 +121,9 @@ public enum Runner {
             var random = WorkloadRandom(seed: seed &+ UInt64(index) &* 7919)
             var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
             var counts = [Int](repeating: 0, count: types.count)
+            var successes = [Int](repeating: 0, count: types.count)
+            var delta: Int64 = 0
+            var failed = 0
             let transaction = node.engine.makeTransaction()
             var iterations = 0
             while true {
@@ -105,21 +131,32 @@ public enum Runner {
                 if iterations & 15 == 0, monotonicNanoseconds() >= deadline { break }
                 let began = monotonicNanoseconds()
                 var attempt = 0
-                var type = 0
+                var committed: TransactionOutcome?
+                // Each attempt draws its inputs anew from a copy of the generator, so a retry
+                // repeats the same transaction (same accounts, same amounts).
+                let inputs = random
                 while true {
                     attempt += 1
-                    let outcome = try? node.engine.attempt(transaction) { tx in try workload.runOne(on: node, transaction: tx, random: &random) }
-                    guard let outcome else { break }  // a non-retryable error: counted as not committed
-                    if case .committed(let t) = outcome { type = t; break }
+                    var draw = inputs
+                    let outcome = try? node.engine.attempt(transaction) { tx in try workload.runOne(on: node, transaction: tx, random: &draw) }
+                    random = draw
+                    guard let outcome else { break }  // a non-retryable error
+                    if case .committed(let result) = outcome { committed = result; break }
                     if attempt >= node.engine.options.maximumAttempts { break }
                     let wait = node.engine.retryDelay(afterAttempt: attempt)
                     if wait > 1_000 { usleep(UInt32(wait / 1_000)) }
                 }
+                guard let committed else {
+                    failed += 1
+                    continue
+                }
                 histogram.record(monotonicNanoseconds() - began)
-                counts[type] += 1
+                counts[committed.type] += 1
+                if committed.succeeded { successes[committed.type] += 1 }
+                delta &+= committed.delta
                 committedNow.add(1, ordering: .relaxed)
             }
-            perWorker.withLock { $0.append((histogram, counts)) }
+            perWorker.withLock { $0.append((histogram, counts, successes, delta, failed)) }
         }) { body in
             runWorkerThreads(threadCount + 1, body)
         }
@@ -128,9 +165,17 @@ public enum Runner {
         let after = cluster.nodes.map(\.statistics)
         var merged = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
         var typeCounts = [Int](repeating: 0, count: types.count)
-        for (histogram, counts) in perWorker.withLock({ $0 }) {
+        var typeSuccesses = [Int](repeating: 0, count: types.count)
+        var committedDelta: Int64 = 0
+        var failed = 0
+        for (histogram, counts, successes, delta, failures) in perWorker.withLock({ $0 }) {
             merged.add(histogram)
-            for i in counts.indices { typeCounts[i] += counts[i] }
+            for i in counts.indices {
+                typeCounts[i] += counts[i]
+                typeSuccesses[i] += successes[i]
+            }
+            committedDelta &+= delta
+            failed += failures
         }
         let committed = typeCounts.reduce(0, +)
         var aborts: [String: Int] = [:]
@@ -157,8 +202,12 @@ public enum Runner {
             abortRate: committed + abortTotal > 0 ? Double(abortTotal) / Double(committed + abortTotal) : 0,
             latencyNanoseconds: ["p50": merged.valueAtPercentile(50), "p90": merged.valueAtPercentile(90),
                                  "p99": merged.valueAtPercentile(99), "p99.9": merged.valueAtPercentile(99.9)],
-            byType: types.indices.map { RunReport.TypeFigures(name: types[$0], committed: typeCounts[$0], perSecond: Double(typeCounts[$0]) / elapsed) },
-            phaseMeanNanoseconds: phases, timeline: timeline.withLock { $0 }, latencyCDF: cdf)
+            byType: types.indices.map {
+                RunReport.TypeFigures(name: types[$0], committed: typeCounts[$0], perSecond: Double(typeCounts[$0]) / elapsed,
+                                      succeeded: typeSuccesses[$0])
+            },
+            phaseMeanNanoseconds: phases, timeline: timeline.withLock { $0 }, latencyCDF: cdf,
+            committedDelta: committedDelta, failed: failed)
     }
 }
 

@@ -25,7 +25,7 @@ public struct TransferWorkload: Workload {
         }
     }
 
-    public func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> Int {
+    public func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
         let i = Int(random.next() % UInt64(addresses.count))
         let j = (i + 1 + Int(random.next() % UInt64(addresses.count - 1))) % addresses.count
         let a = addresses[i], b = addresses[j]
@@ -34,10 +34,10 @@ public struct TransferWorkload: Workload {
         let amount: Int64 = 1
         try tx.write(a, from - amount)
         try tx.write(b, to + amount)
-        return 0
+        return TransactionOutcome(type: 0)
     }
 
-    public func check(_ cluster: Cluster) async throws -> [String] {
+    public func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
         var total: Int64 = 0
         for chunk in stride(from: 0, to: addresses.count, by: 500) {
             let slice = Array(addresses[chunk..<min(chunk + 500, addresses.count)])

@@ -1,0 +1,153 @@
+import Granary
+
+/// SmallBank as specified in WORKLOADS.md: Accounts, Savings and Checking tables, the six
+/// transactions, 90% of transactions on 4,000 hot accounts. Balances are integer cents, so money
+/// is counted exactly: deposits of 1.30 are 130 cents.
+///
+/// Transactions address customers by id (as DrTM and FORD do); the Accounts table (id -> name) is
+/// loaded for completeness of the schema.
+public struct SmallBankWorkload: Workload {
+    public struct Name: Sendable, BitwiseCopyable {
+        public var bytes: (UInt64, UInt64)
+    }
+
+    public static let types = ["AMALGAMATE", "BALANCE", "DEPOSIT_CHECKING", "SEND_PAYMENT", "TRANSACT_SAVINGS", "WRITE_CHECK"]
+    /// Cumulative mix in percent, in the order of ``types``.
+    static let mix = [15, 30, 45, 70, 85, 100]
+
+    public let accounts: Int
+    public let hotAccounts: Int
+    public let seed: UInt64
+    /// Restricts the mix to these transaction types (indexes into ``types``), equally weighted;
+    /// nil runs the full mix. (The peer comparison runs SEND_PAYMENT and AMALGAMATE only.)
+    public var only: [Int]?
+    var names: TransactionalHashTable<Name>?
+    var savings: TransactionalHashTable<Int64>?
+    var checking: TransactionalHashTable<Int64>?
+    public private(set) var initialTotal: Int64 = 0
+
+    public init(accounts: Int = 100_000, hotAccounts: Int = 4_000, seed: UInt64 = 1, only: [Int]? = nil) {
+        self.accounts = max(2, accounts)
+        self.hotAccounts = max(2, min(hotAccounts, accounts))
+        self.seed = seed
+        self.only = only
+    }
+
+    public var transactionTypes: [String] { Self.types }
+
+    public mutating func load(into cluster: Cluster) async throws {
+        let n = accounts
+        names = try await .create(name: "accounts", capacity: n, in: cluster)
+        savings = try await .create(name: "savings", capacity: n, in: cluster)
+        checking = try await .create(name: "checking", capacity: n, in: cluster)
+        let tables = (names!, savings!, checking!)
+        let seed = self.seed
+        let batch = max(1, cluster.nodes[0].engine.maximumRecordBytes / 800)
+        initialTotal = try await withThrowingTaskGroup(of: Int64.self) { group in
+            for (index, node) in cluster.nodes.enumerated() {
+                group.addTask {
+                    var total: Int64 = 0
+                    for first in stride(from: index * batch, to: n, by: batch * cluster.nodes.count) {
+                        let last = min(first + batch, n)
+                        total += try await node.transaction { tx in
+                            var sum: Int64 = 0
+                            for customer in first..<last {
+                                var random = WorkloadRandom(seed: seed &+ UInt64(customer) &* 0x9_0000_0001)
+                                let save = Int64(random.uniform(10_000...50_000)) * 100
+                                let check = Int64(random.uniform(10_000...50_000)) * 100
+                                try tables.0.insert(UInt64(customer), Name(bytes: (UInt64(customer), 0x6E61_6D65)), in: tx)
+                                try tables.1.insert(UInt64(customer), save, in: tx)
+                                try tables.2.insert(UInt64(customer), check, in: tx)
+                                sum += save + check
+                            }
+                            return sum
+                        }
+                    }
+                    return total
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+    }
+
+    /// An account: 90% among the hot ones.
+    func account(_ random: inout WorkloadRandom) -> UInt64 {
+        random.uniform(1...100) <= 90 ? UInt64(random.uniform(0...(hotAccounts - 1))) : UInt64(random.uniform(0...(accounts - 1)))
+    }
+
+    func twoAccounts(_ random: inout WorkloadRandom) -> (UInt64, UInt64) {
+        let a = account(&random)
+        var b = account(&random)
+        while b == a { b = account(&random) }
+        return (a, b)
+    }
+
+    struct Missing: Error {}
+
+    public func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
+        let type: Int
+        if let only { type = only[random.uniform(0...(only.count - 1))] } else {
+            let roll = random.uniform(1...100)
+            type = Self.mix.firstIndex { roll <= $0 }!
+        }
+        let savings = self.savings!, checking = self.checking!
+        func balance(_ table: TransactionalHashTable<Int64>, _ customer: UInt64) throws -> Int64 {
+            guard let value = try table.get(customer, in: tx) else { throw Missing() }
+            return value
+        }
+        switch type {
+        case 0:  // AMALGAMATE(a, b): b.checking += a.savings + a.checking; a's balances := 0
+            let (a, b) = twoAccounts(&random)
+            let moved = try balance(savings, a) + balance(checking, a)
+            try savings.update(a, in: tx) { $0 = 0 }
+            try checking.update(a, in: tx) { $0 = 0 }
+            try checking.update(b, in: tx) { $0 += moved }
+            return TransactionOutcome(type: type)
+        case 1:  // BALANCE(a)
+            let a = account(&random)
+            _ = try balance(savings, a) + balance(checking, a)
+            return TransactionOutcome(type: type)
+        case 2:  // DEPOSIT_CHECKING(a): checking += 1.30
+            let a = account(&random)
+            try checking.update(a, in: tx) { $0 += 130 }
+            return TransactionOutcome(type: type, delta: 130)
+        case 3:  // SEND_PAYMENT(a, b, 5): a business abort if a.checking < 5
+            let (a, b) = twoAccounts(&random)
+            guard try balance(checking, a) >= 500 else { return TransactionOutcome(type: type, succeeded: false) }
+            try checking.update(a, in: tx) { $0 -= 500 }
+            try checking.update(b, in: tx) { $0 += 500 }
+            return TransactionOutcome(type: type)
+        case 4:  // TRANSACT_SAVINGS(a): savings += 20.20
+            let a = account(&random)
+            try savings.update(a, in: tx) { $0 += 2_020 }
+            return TransactionOutcome(type: type, delta: 2_020)
+        default:  // WRITE_CHECK(a, 5): checking -= 6 if savings + checking < 5, else -= 5
+            let a = account(&random)
+            let total = try balance(savings, a) + balance(checking, a)
+            let amount: Int64 = total < 500 ? 600 : 500
+            try checking.update(a, in: tx) { $0 -= amount }
+            return TransactionOutcome(type: type, delta: -amount)
+        }
+    }
+
+    /// Money: the final total equals the initial total plus the committed deltas.
+    public func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
+        var total: Int64 = 0
+        let savings = self.savings!, checking = self.checking!
+        for first in stride(from: 0, to: accounts, by: 500) {
+            let last = min(first + 500, accounts)
+            total += try await cluster.nodes[first / 500 % cluster.nodes.count].transaction { tx in
+                var sum: Int64 = 0
+                for customer in first..<last {
+                    guard let s = try savings.get(UInt64(customer), in: tx), let c = try checking.get(UInt64(customer), in: tx) else {
+                        throw Missing()
+                    }
+                    sum += s + c
+                }
+                return sum
+            }
+        }
+        let expected = initialTotal + committedDelta
+        return total == expected ? [] : ["money: final total \(total) cents, expected initial \(initialTotal) + committed deltas \(committedDelta) = \(expected)"]
+    }
+}
