@@ -93,6 +93,12 @@ public final class Cluster: Sendable {
         let storage = try configuration.members.map {
             try SharedMemoryNodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity)
         }
+        // Every node's transport reaches its peers through the peers' own mappings.
+        for node in storage {
+            for peer in storage where peer.node != node.node {
+                for region in peer.replicas + [peer.mailbox.region] { try node.transport.adopt(region, of: peer.node) }
+            }
+        }
         var logger = options.logger
         logger[metadataKey: "cluster"] = "\(configuration.cluster)"
         let engines = try storage.map { try $0.makeEngine(options: options.engine, logger: logger) }

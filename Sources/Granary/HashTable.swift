@@ -54,11 +54,12 @@ public enum TransactionalHashTableLayout {
 /// ```
 public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     public let descriptor: HashTableDescriptor
-    private let buckets: [UInt64]
-    private let slots: Int
-    private let slotStride: Int
+    @usableFromInline let buckets: [UInt64]
+    @usableFromInline let slots: Int
+    @usableFromInline let slotStride: Int
     /// Payload bytes of one bucket object.
     public let bucketBytes: Int
+    @usableFromInline static var probeLimit: Int { TransactionalHashTableLayout.probeLimit }
 
     /// Opens a table created before (its descriptor, e.g. from another process).
     public init(descriptor: HashTableDescriptor) throws {
@@ -100,7 +101,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
             buckets: addresses.map { $0! }))
     }
 
-    @inline(__always) private func home(of key: UInt64) -> Int {
+    @inlinable func home(of key: UInt64) -> Int {
         var z = key &+ 0x9E37_79B9_7F4A_7C15
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
@@ -147,10 +148,11 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     }
 
     /// The value stored under `key`, if any. Cost: one bucket read (more if the home bucket overflowed).
+    @inlinable
     public func get(_ key: UInt64, in tx: Transaction) throws -> Value? {
         try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket -> Value? in
             let start = home(of: key)
-            for probe in 0..<min(TransactionalHashTableLayout.probeLimit, buckets.count) {
+            for probe in 0..<min(Self.probeLimit, buckets.count) {
                 try tx.read(GlobalAddress(rawValue: buckets[(start + probe) % buckets.count]), into: bucket)
                 let header = bucket.load(as: UInt64.self)
                 let occupancy = UInt32(truncatingIfNeeded: header)
@@ -159,7 +161,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
                         return bucket.loadUnaligned(fromByteOffset: 16 + slot * slotStride, as: Value.self)
                     }
                 }
-                if header & TransactionalHashTableLayout.overflowed == 0 { return nil }
+                if header & (1 << 32) == 0 { return nil }  // not overflowed: the chain ends here
             }
             return nil
         }

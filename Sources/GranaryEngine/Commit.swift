@@ -103,8 +103,7 @@ extension Transaction {
             try sendEntries(.lock, id, to: primary) { $0.primary == primary }
             engine.statistics.lockRecordSent()
         }
-        let (seconds, attoseconds) = engine.options.replyTimeout.components
-        let timeout = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+        let timeout = engine.replyTimeoutNanoseconds
         let engine = self.engine
         let neighbours = self.neighbours
         let waitResult = engine.replies.wait(id, timeoutNanoseconds: timeout) {
@@ -190,7 +189,7 @@ extension Transaction {
         for backup in backups {
             let batch: [TransactionID]? = engine.pendingTruncation.withLock { lists in
                 lists[backup.index].append(id)
-                guard lists[backup.index].count >= engine.options.truncationBatch else { return nil }
+                guard lists[backup.index].count >= engine.truncationBatch else { return nil }
                 defer { lists[backup.index].removeAll(keepingCapacity: true) }
                 return lists[backup.index]
             }

@@ -55,6 +55,11 @@ public final class Engine: Sendable {
     public let node: NodeID
     public let configuration: Configuration
     public let options: EngineOptions
+    // Hot copies of options (reading `options` copies the whole struct, existential included).
+    let readAttempts: Int
+    let truncationBatch: Int
+    let persistEveryInstall: Bool
+    let replyTimeoutNanoseconds: UInt64
     public let statistics: EngineStatistics
     let transport: any Transport
     let mailbox: Mailbox
@@ -92,6 +97,11 @@ public final class Engine: Sendable {
         self.node = node
         self.configuration = configuration
         self.options = options
+        self.readAttempts = options.readAttempts
+        self.truncationBatch = options.truncationBatch
+        self.persistEveryInstall = options.persistEveryInstall
+        let (seconds, attoseconds) = options.replyTimeout.components
+        self.replyTimeoutNanoseconds = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         self.transport = transport
         self.mailbox = mailbox
         self.statistics = EngineStatistics(node: node, factory: options.metricsFactory ?? MetricsSystem.factory)

@@ -146,7 +146,7 @@ final class RecordProcessor: @unchecked Sendable {
                 ObjectLayout.stamp(base, lines: object.slot.lines, header: object.new)
                 object.replica.allocator?.didFree(object.slot)
             }
-            if engine.options.persistEveryInstall {
+            if engine.persistEveryInstall {
                 try? object.replica.region.persist(offset: object.slot.offset, length: object.slot.lines * ObjectLayout.lineSize)
             }
         }
@@ -223,7 +223,7 @@ final class RecordProcessor: @unchecked Sendable {
         case .free:
             ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
         }
-        if engine.options.persistEveryInstall {
+        if engine.persistEveryInstall {
             try? replica.region.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize)
         }
         return true

@@ -30,17 +30,35 @@ public final class Transaction {
         var length: Int
     }
 
-    var reads: [ReadEntry] = []
-    var readIndex = AddressIndex()
-    var writes: [WriteEntry] = []
-    var writeIndex = AddressIndex()
-    var payloads: [UInt8] = []
-    var reservations: [(RegionID, ObjectSlot)] = []
-    var snapshot: UnsafeMutableRawPointer
-    var snapshotCapacity: Int
-    var recordBuffer: UnsafeMutableRawPointer
-    var recordCapacity: Int
-    var executeStart: UInt64 = 0
+    /// The attempt's mutable state. It lives behind a pointer the transaction owns, because stored
+    /// properties of a class pay a dynamic exclusivity check on every access, and these are
+    /// touched several times per read and write. A transaction is used by one thread at a time.
+    struct State {
+        var reads: [ReadEntry] = []
+        var readIndex = AddressIndex()
+        var writes: [WriteEntry] = []
+        var writeIndex = AddressIndex()
+        var payloads: [UInt8] = []
+        var reservations: [(RegionID, ObjectSlot)] = []
+        var snapshot: UnsafeMutableRawPointer
+        var snapshotCapacity: Int
+        var recordBuffer: UnsafeMutableRawPointer
+        var recordCapacity: Int
+        var executeStart: UInt64 = 0
+    }
+    let state: UnsafeMutablePointer<State>
+
+    var reads: [ReadEntry] { get { state.pointee.reads } _modify { yield &state.pointee.reads } }
+    var readIndex: AddressIndex { get { state.pointee.readIndex } _modify { yield &state.pointee.readIndex } }
+    var writes: [WriteEntry] { get { state.pointee.writes } _modify { yield &state.pointee.writes } }
+    var writeIndex: AddressIndex { get { state.pointee.writeIndex } _modify { yield &state.pointee.writeIndex } }
+    var payloads: [UInt8] { get { state.pointee.payloads } _modify { yield &state.pointee.payloads } }
+    var reservations: [(RegionID, ObjectSlot)] { get { state.pointee.reservations } _modify { yield &state.pointee.reservations } }
+    var snapshot: UnsafeMutableRawPointer { get { state.pointee.snapshot } set { state.pointee.snapshot = newValue } }
+    var snapshotCapacity: Int { get { state.pointee.snapshotCapacity } set { state.pointee.snapshotCapacity = newValue } }
+    var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
+    var recordCapacity: Int { get { state.pointee.recordCapacity } set { state.pointee.recordCapacity = newValue } }
+    var executeStart: UInt64 { get { state.pointee.executeStart } set { state.pointee.executeStart = newValue } }
     /// Engines of this process this coordinator may help while it waits (by node index).
     let neighbours: [Engine?]
 
@@ -49,15 +67,16 @@ public final class Transaction {
         var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
         self.neighbours = neighbours
-        snapshotCapacity = 1024
-        snapshot = .allocate(byteCount: snapshotCapacity, alignment: 64)
-        recordCapacity = 4096
-        recordBuffer = .allocate(byteCount: recordCapacity, alignment: 8)
+        state = .allocate(capacity: 1)
+        state.initialize(to: State(snapshot: .allocate(byteCount: 1024, alignment: 64), snapshotCapacity: 1024,
+                                   recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096))
     }
 
     deinit {
-        snapshot.deallocate()
-        recordBuffer.deallocate()
+        state.pointee.snapshot.deallocate()
+        state.pointee.recordBuffer.deallocate()
+        state.deinitialize(count: 1)
+        state.deallocate()
     }
 
     /// Forgets the previous attempt (reservations must already be returned).
@@ -167,7 +186,7 @@ public final class Transaction {
             snapshot = .allocate(byteCount: snapshotCapacity, alignment: 64)
         }
         var backoff = Backoff(maximumSleepMicroseconds: 20)
-        for _ in 0..<engine.options.readAttempts {
+        for _ in 0..<engine.readAttempts {
             do {
                 try engine.transport.read(from: primary, address, into: UnsafeMutableRawBufferPointer(start: snapshot, count: bytes))
             } catch {

@@ -224,26 +224,39 @@ public enum ObjectLayout {
             copyLineStable(from: source, to: destination)
             return
         }
+        if lines <= 8 {
+            // Small objects (the common case): the versions live in a stack tuple.
+            var versions: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+            withUnsafeMutableBytes(of: &versions) { raw in
+                copyChunk(from: source, to: destination, lines: lines, versions: raw.baseAddress!.assumingMemoryBound(to: UInt64.self))
+            }
+            return
+        }
         let chunk = 32
-        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: chunk) { before in
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: chunk) { versions in
             var first = 0
             while first < lines {
                 let count = min(chunk, lines - first)
-                let from = source + first * lineSize
-                let to = destination + first * lineSize
-                for line in 0..<count {
-                    before[line] = word(from + line * lineSize, 0).pointee.load(ordering: .acquiring)
-                }
-                memcpy(to, from, count * lineSize)
-                atomicMemoryFence(ordering: .acquiring)
-                for line in 0..<count {
-                    // Unchanged across the copy: versions only grow, so the copied first word is
-                    // this same value and the line's bytes are one state of it.
-                    if word(from + line * lineSize, 0).pointee.load(ordering: .relaxed) != before[line] {
-                        copyLineStable(from: from + line * lineSize, to: to + line * lineSize)
-                    }
-                }
+                copyChunk(from: source + first * lineSize, to: destination + first * lineSize, lines: count,
+                          versions: versions.baseAddress!)
                 first += count
+            }
+        }
+    }
+
+    /// One pass of ``copyLines(from:to:lines:)`` over `lines` lines, `versions` holding one word per line.
+    @inlinable
+    static func copyChunk(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, lines: Int, versions: UnsafeMutablePointer<UInt64>) {
+        for line in 0..<lines {
+            versions[line] = word(from + line * lineSize, 0).pointee.load(ordering: .acquiring)
+        }
+        memcpy(to, from, lines * lineSize)
+        atomicMemoryFence(ordering: .acquiring)
+        for line in 0..<lines {
+            // Unchanged across the copy: versions only grow, so the copied first word is this same
+            // value and the line's bytes are one state of it.
+            if word(from + line * lineSize, 0).pointee.load(ordering: .relaxed) != versions[line] {
+                copyLineStable(from: from + line * lineSize, to: to + line * lineSize)
             }
         }
     }
