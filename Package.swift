@@ -19,6 +19,7 @@ let package = Package(
         .library(name: "Granary", targets: ["Granary"]),
         .executable(name: "granary", targets: ["GranaryCommand"]),
         .executable(name: "granary-verbs-latency", targets: ["GranaryVerbsLatency"]),
+        .executable(name: "example-bank", targets: ["ExampleBank"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -123,6 +124,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+
+        // MARK: Examples
+        .executableTarget(
+            name: "ExampleBank",
+            dependencies: ["Granary"]
         ),
 
         // MARK: Tests

@@ -167,7 +167,11 @@ public final class Node: Sendable {
     ///
     /// - Throws: ``TransactionError`` (`.conflict` when every attempt aborted), or what `body` throws
     ///   (the attempt is abandoned and nothing is written).
-    public func transaction<R: Sendable>(_ body: (Transaction) throws -> R) async throws -> R {
+    ///
+    /// The body runs on the caller's isolation (`#isolation`): called from the main actor it runs
+    /// there; from a task, on that task's executor.
+    public func transaction<R: Sendable>(isolation: isolated (any Actor)? = #isolation,
+                                         _ body: (Transaction) throws -> R) async throws -> R {
         let transaction = engine.makeTransaction()
         var attempt = 0
         var lastCause = AbortCause.lockConflict
