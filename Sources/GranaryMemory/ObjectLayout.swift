@@ -232,6 +232,15 @@ public enum ObjectLayout {
             }
             return
         }
+        if lines <= 16 {
+            var versions: ((UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64),
+                           (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64)) =
+                ((0, 0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0, 0, 0))
+            withUnsafeMutableBytes(of: &versions) { raw in
+                copyChunk(from: source, to: destination, lines: lines, versions: raw.baseAddress!.assumingMemoryBound(to: UInt64.self))
+            }
+            return
+        }
         let chunk = 32
         withUnsafeTemporaryAllocation(of: UInt64.self, capacity: chunk) { versions in
             var first = 0
