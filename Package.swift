@@ -6,6 +6,7 @@
 //   memory          GranaryMemory     regions (libpmem files), object layout, slab allocator
 //   transport       GranaryTransport  one-sided ops + message channels; shared-memory backend
 //                   GranaryVerbs      the RDMA verbs backend
+//   coordination    GranaryCoordination   ZooKeeper's model: embedded store (and ZooKeeper backend)
 //   configuration   GranaryConfiguration  configuration ids, members, region placement
 //   engine          GranaryEngine     FaRM's commit protocol: execute, lock, validate, commit, truncate
 //   library         Granary           the public umbrella module: Cluster, Node, Transaction
@@ -74,6 +75,11 @@ let package = Package(
             dependencies: ["GranaryVerbs"]
         ),
 
+        // MARK: Coordination (agreement on the configuration: embedded store, ZooKeeper)
+        .target(
+            name: "GranaryCoordination"
+        ),
+
         // MARK: Configuration
         .target(
             name: "GranaryConfiguration",
@@ -135,7 +141,7 @@ let package = Package(
         // MARK: Tests
         .target(
             name: "GranaryTestSupport",
-            dependencies: ["GranaryTransport", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: ["GranaryTransport", "GranaryCoordination", .product(name: "SystemPackage", package: "swift-system")],
             path: "Tests/GranaryTestSupport"
         ),
         .testTarget(
@@ -145,6 +151,10 @@ let package = Package(
         .testTarget(
             name: "GranaryTransportTests",
             dependencies: ["GranaryTransport", "GranaryTestSupport"]
+        ),
+        .testTarget(
+            name: "GranaryCoordinationTests",
+            dependencies: ["GranaryCoordination", "GranaryTestSupport"]
         ),
         .testTarget(
             name: "GranaryEngineTests",
