@@ -2,11 +2,12 @@
 // Granary: a FaRM-style distributed transactional memory engine.
 //
 // The target list reads as the architecture, bottom up:
-//   C bindings      CPMem, CIBVerbs, CRDMACM
+//   C bindings      CPMem, CIBVerbs, CRDMACM, CZooKeeper
 //   memory          GranaryMemory     regions (libpmem files), object layout, slab allocator
 //   transport       GranaryTransport  one-sided ops + message channels; shared-memory backend
 //                   GranaryVerbs      the RDMA verbs backend
-//   coordination    GranaryCoordination   ZooKeeper's model: embedded store (and ZooKeeper backend)
+//   coordination    GranaryCoordination   ZooKeeper's model: the protocol and the embedded store
+//                   GranaryZooKeeper      the ZooKeeper backend (C client)
 //   configuration   GranaryConfiguration  configuration ids, members, region placement
 //   engine          GranaryEngine     FaRM's commit protocol: execute, lock, validate, commit, truncate
 //   library         Granary           the public umbrella module: Cluster, Node, Transaction
@@ -40,6 +41,10 @@ let package = Package(
             name: "CIBVerbs",
             pkgConfig: "libibverbs",
             providers: [.apt(["libibverbs-dev", "ibverbs-providers"])]
+        ),
+        .systemLibrary(
+            name: "CZooKeeper",
+            providers: [.apt(["libzookeeper-mt-dev"])]
         ),
         .systemLibrary(
             name: "CRDMACM",
@@ -78,6 +83,10 @@ let package = Package(
         // MARK: Coordination (agreement on the configuration: embedded store, ZooKeeper)
         .target(
             name: "GranaryCoordination"
+        ),
+        .target(
+            name: "GranaryZooKeeper",
+            dependencies: ["CZooKeeper", "GranaryCoordination"]
         ),
 
         // MARK: Configuration
@@ -154,7 +163,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GranaryCoordinationTests",
-            dependencies: ["GranaryCoordination", "GranaryTestSupport"]
+            dependencies: ["GranaryCoordination", "GranaryZooKeeper", "GranaryTestSupport"]
         ),
         .testTarget(
             name: "GranaryEngineTests",
