@@ -46,17 +46,23 @@ public struct SharedMemoryNodeStorage: Sendable {
         }
     }
 
-    /// Waits until every other member's mailbox file exists (peers started in other processes).
+    /// Waits until every other member's mailbox is ready: its file exists and its header is
+    /// complete (a peer in another process may be creating it right now).
     public func waitForPeers(timeout: Duration) throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         for member in configuration.members where member.node != node {
             let path = try Self.directory(of: member).path(for: RegionID.mailbox(of: member.node))
-            while !FileManager.default.fileExists(atPath: path.string) {
-                guard clock.now < deadline else {
-                    throw TransportError.peerUnreachable(node: member.node, detail: "its mailbox \(path) did not appear within \(timeout)")
+            while true {
+                do {
+                    _ = try Region.open(at: path, expecting: RegionID.mailbox(of: member.node), cluster: configuration.cluster)
+                    break
+                } catch {
+                    guard clock.now < deadline else {
+                        throw TransportError.peerUnreachable(node: member.node, detail: "its mailbox \(path) is not ready after \(timeout): \(error)")
+                    }
+                    usleep(10_000)
                 }
-                usleep(10_000)
             }
         }
     }

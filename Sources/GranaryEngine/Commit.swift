@@ -70,7 +70,7 @@ extension Transaction {
         for entry in writes where include(entry) { size += RecordFormat.entryBytes(payload: entry.length) }
         ensureRecordCapacity(size)
         var writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
-                                  configuration: engine.configuration.id, transaction: id)
+                                  configuration: view.configuration.id, transaction: id)
         payloads.withUnsafeBytes { payloadBytes in
             for entry in writes where include(entry) {
                 writer.appendEntry(address: entry.address, expected: entry.expected, new: entry.new, lines: entry.lines,
@@ -78,13 +78,13 @@ extension Transaction {
                                    length: entry.length)
             }
         }
-        try engine.send(writer.bytes, to: node)
+        try engine.send(writer.bytes, to: node, in: view)
     }
 
     private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID) throws {
         let writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
-                                  configuration: engine.configuration.id, transaction: id)
-        try engine.send(writer.bytes, to: node)
+                                  configuration: view.configuration.id, transaction: id)
+        try engine.send(writer.bytes, to: node, in: view)
     }
 
     /// LOCK: one record per primary with the written objects, their read versions and new values;
@@ -163,10 +163,10 @@ extension Transaction {
     func commitBackup(_ id: TransactionID) throws -> [NodeID] {
         var nodes: [NodeID] = []
         for entry in writes {
-            for backup in engine.backups[entry.address.region.index] where !nodes.contains(backup) { nodes.append(backup) }
+            for backup in view.backups[entry.address.region.index] where !nodes.contains(backup) { nodes.append(backup) }
         }
         for node in nodes {
-            try sendEntries(.commitBackup, id, to: node) { self.engine.backups[$0.address.region.index].contains(node) }
+            try sendEntries(.commitBackup, id, to: node) { self.view.backups[$0.address.region.index].contains(node) }
         }
         return nodes
     }

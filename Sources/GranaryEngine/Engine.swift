@@ -49,12 +49,81 @@ final class LocalReplica: Sendable {
     }
 }
 
+/// One configuration as this node uses it: the lookup tables derived from it. Immutable; a new
+/// configuration gets a new view (``Engine/apply(_:)``).
+public final class ConfigurationView: Sendable {
+    public let configuration: Configuration
+    let node: NodeID
+    /// This node's replicas, by region index.
+    let replicaTable: [LocalReplica?]
+    /// Primary node of each region, by region index (NodeID.limit where the region is unknown).
+    let primaries: [UInt16]
+    let backups: [[NodeID]]
+    let senders: [ChannelSender?]
+    let allocationRegions: [RegionID]
+    /// Bit n set when node n is a member.
+    let memberBits: UInt64
+
+    init(node: NodeID, configuration: Configuration, regions: [Region], previous: ConfigurationView?,
+         transport: any Transport) throws {
+        self.configuration = configuration
+        self.node = node
+        var table = [LocalReplica?](repeating: nil, count: RegionID.limit)
+        var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)
+        var backups = [[NodeID]](repeating: [], count: RegionID.limit)
+        var allocation: [RegionID] = []
+        for placement in configuration.regions {
+            primaries[placement.region.index] = placement.primary.rawValue
+            backups[placement.region.index] = placement.backups
+        }
+        for region in regions {
+            guard let placement = configuration.placement(of: region.id), placement.replicas.contains(node) else { continue }
+            let isPrimary = placement.primary == node
+            if let kept = previous?.replicaTable[region.id.index], (kept.allocator != nil) == isPrimary {
+                table[region.id.index] = kept
+            } else {
+                // New here, or promoted from backup to primary: the allocator is rebuilt from the bytes.
+                table[region.id.index] = LocalReplica(region: region, isPrimary: isPrimary)
+            }
+            if isPrimary { allocation.append(region.id) }
+        }
+        self.replicaTable = table
+        self.primaries = primaries
+        self.backups = backups
+        self.allocationRegions = allocation.sorted()
+        var senders = [ChannelSender?](repeating: nil, count: NodeID.limit)
+        var bits: UInt64 = 0
+        for member in configuration.members {
+            bits |= 1 << UInt64(member.node.index)
+            senders[member.node.index] = try previous?.senders[member.node.index] ?? ChannelSender(transport: transport, to: member.node)
+        }
+        self.senders = senders
+        self.memberBits = bits
+    }
+
+    /// The primary of `region`, if the configuration has the region.
+    @inline(__always) func primary(of region: RegionID) -> NodeID? {
+        guard region.index < RegionID.limit else { return nil }
+        let raw = primaries[region.index]
+        return raw == UInt16(NodeID.limit) ? nil : NodeID(rawValue: raw)
+    }
+
+    /// This node's replica of `region`, if it holds one.
+    @inline(__always) func localReplica(_ region: RegionID) -> LocalReplica? {
+        region.index < RegionID.limit ? replicaTable[region.index] : nil
+    }
+
+    @inline(__always) func isMember(_ node: NodeID) -> Bool { memberBits & (1 << UInt64(node.index)) != 0 }
+}
+
 /// A node's transaction engine: coordinator of the transactions started on it, primary and backup of
 /// its region replicas, and the poller that serves the records other nodes write into its mailbox.
 public final class Engine: Sendable {
     public let node: NodeID
-    public let configuration: Configuration
     public let options: EngineOptions
+    private let currentView: Mutex<ConfigurationView>
+    /// Every region file this node holds (replicas in the current configuration or not).
+    let regions: [Region]
     // Hot copies of options (reading `options` copies the whole struct, existential included).
     let readAttempts: Int
     let truncationBatch: Int
@@ -63,13 +132,6 @@ public final class Engine: Sendable {
     public let statistics: EngineStatistics
     let transport: any Transport
     let mailbox: Mailbox
-    /// This node's replicas, by region index.
-    let replicaTable: [LocalReplica?]
-    /// Primary node of each region, by region index (NodeID.limit where the region is unknown).
-    let primaries: [UInt16]
-    let backups: [[NodeID]]
-    let senders: [ChannelSender?]
-    let allocationRegions: [RegionID]
     let allocationCursor = Atomic<Int>(0)
     let replies = ReplySlots()
     let logger: Logger
@@ -95,7 +157,6 @@ public final class Engine: Sendable {
     public init(node: NodeID, configuration: Configuration, transport: any Transport, mailbox: Mailbox,
                 replicas: [Region], options: EngineOptions = EngineOptions(), logger: Logger? = nil) throws {
         self.node = node
-        self.configuration = configuration
         self.options = options
         self.readAttempts = options.readAttempts
         self.truncationBatch = options.truncationBatch
@@ -106,52 +167,64 @@ public final class Engine: Sendable {
         self.mailbox = mailbox
         self.statistics = EngineStatistics(node: node, factory: options.metricsFactory ?? MetricsSystem.factory)
         self.logger = logger ?? Logger(label: "granary.\(node)")
-        var table = [LocalReplica?](repeating: nil, count: RegionID.limit)
-        var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)
-        var backups = [[NodeID]](repeating: [], count: RegionID.limit)
-        var allocation: [RegionID] = []
-        for placement in configuration.regions {
-            primaries[placement.region.index] = placement.primary.rawValue
-            backups[placement.region.index] = placement.backups
-        }
         for region in replicas {
             guard let placement = configuration.placement(of: region.id), placement.replicas.contains(node) else {
                 throw ConfigurationError.invalid("\(node) holds region \(region.id), which the configuration does not place on it")
             }
-            let isPrimary = placement.primary == node
-            table[region.id.index] = LocalReplica(region: region, isPrimary: isPrimary)
-            if isPrimary { allocation.append(region.id) }
         }
-        self.replicaTable = table
-        self.primaries = primaries
-        self.backups = backups
-        self.allocationRegions = allocation.sorted()
-        var senders = [ChannelSender?](repeating: nil, count: NodeID.limit)
-        for member in configuration.members {
-            senders[member.node.index] = try ChannelSender(transport: transport, to: member.node)
-        }
-        self.senders = senders
+        self.regions = replicas
+        self.currentView = Mutex(try ConfigurationView(node: node, configuration: configuration, regions: replicas,
+                                                       previous: nil, transport: transport))
         self.pendingTruncation = Mutex([[TransactionID]](repeating: [], count: NodeID.limit))
         self.processor = RecordProcessor()
+        // Poll the rings of every node that was ever a member (a removed node's records are
+        // rejected, not left unread).
+        processor.channelsInUse.store(configuration.members.reduce(0) { $0 | 1 << UInt64($1.node.index) }, ordering: .relaxed)
         processor.engine = self  // set before the poller starts; see RecordProcessor
         startPoller()
     }
 
-    /// The largest record this node can send (the smallest channel maximum over its peers): a
-    /// transaction's LOCK or COMMIT-BACKUP record to one node must fit.
-    public var maximumRecordBytes: Int { senders.compactMap { $0?.maximumMessage }.min() ?? 0 }
+    /// The configuration this node is in now, with its lookup tables.
+    public var view: ConfigurationView { currentView.withLock { $0 } }
 
-    /// The primary of `region`, if the configuration has the region.
-    func primary(of region: RegionID) -> NodeID? {
-        guard region.index < RegionID.limit else { return nil }
-        let raw = primaries[region.index]
-        return raw == UInt16(NodeID.limit) ? nil : NodeID(rawValue: raw)
+    /// The configuration this node is in now.
+    public var configuration: Configuration { view.configuration }
+
+    /// Moves this node to `configuration` (NEW-CONFIG): from now on it rejects records of any
+    /// other configuration and from nodes outside it, routes to the new primaries, and serves as
+    /// primary the regions it was promoted for (their allocators rebuilt from the replica bytes).
+    ///
+    /// - Throws: ``ConfigurationError/invalid(_:)`` unless the id is higher than the current one.
+    public func apply(_ configuration: Configuration) throws {
+        let current = view
+        guard configuration.id > current.configuration.id else {
+            throw ConfigurationError.invalid("\(node) is in \(current.configuration.id) and cannot move to \(configuration.id)")
+        }
+        let next = try ConfigurationView(node: node, configuration: configuration, regions: regions, previous: current,
+                                         transport: transport)
+        // Regions this node now leads: apply every backup record it kept for them first.
+        let promoted = configuration.regions.filter { $0.primary == node && current.primary(of: $0.region) != node }.map(\.region)
+        processor.channelsInUse.bitwiseOr(next.memberBits, ordering: .relaxed)
+        while !pollingLock() { sched_yield() }
+        currentView.withLock { $0 = next }
+        if !promoted.isEmpty { processor.applyKept(regions: Set(promoted), view: next) }
+        polling.store(false, ordering: .releasing)
+        logger.info("\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted)")
     }
 
+    private func pollingLock() -> Bool {
+        polling.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
+    }
+
+    /// The largest record this node can send (the smallest channel maximum over its peers): a
+    /// transaction's LOCK or COMMIT-BACKUP record to one node must fit.
+    public var maximumRecordBytes: Int { view.senders.compactMap { $0?.maximumMessage }.min() ?? 0 }
+
     /// Sends `record` to `node`'s mailbox.
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID) throws(TransactionError) {
-        guard let sender = senders[node.index] else {
-            throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, in view: ConfigurationView? = nil) throws(TransactionError) {
+        let view = view ?? self.view
+        guard let sender = view.senders[node.index] else {
+            throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(view.configuration.id)")
         }
         do {
             try sender.send(record)
@@ -196,17 +269,22 @@ public final class Engine: Sendable {
     /// thread, or (in an embedded cluster) a coordinator of this process waiting for an answer from
     /// this node, which lends its CPU instead of waiting for the poller thread to be scheduled.
     func pollOnce() -> Int {
-        guard polling.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return 0 }
+        guard pollingLock() else { return 0 }
         defer { polling.store(false, ordering: .releasing) }
         var handled = 0
-        for member in configuration.members where !processor.brokenChannels.contains(member.node) {
+        // Every node that was ever a member is polled: records from nodes outside the current
+        // configuration are read only to be rejected (precise membership).
+        let channels = processor.channelsInUse.load(ordering: .relaxed)
+        for index in 0..<NodeID.limit where channels & (1 << UInt64(index)) != 0 {
+            let sender = NodeID(index)
+            guard !processor.brokenChannels.contains(sender) else { continue }
             do {
-                handled += try mailbox.receiver(from: member.node).poll(limit: 64) { bytes in
-                    processor.handle(from: member.node, bytes)
+                handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
+                    processor.handle(from: sender, bytes)
                 }
             } catch {
-                logger.error("stopped polling the channel from \(member.node): \(error)")
-                processor.brokenChannels.insert(member.node)
+                logger.error("stopped polling the channel from \(sender): \(error)")
+                processor.brokenChannels.insert(sender)
             }
         }
         return handled
@@ -247,14 +325,11 @@ public final class Engine: Sendable {
     public var isQuiescent: Bool {
         processor.pendingCount.load(ordering: .acquiring) == 0
             && processor.stashedCount.load(ordering: .acquiring) == 0
-            && configuration.members.allSatisfy { mailbox.receiver(from: $0.node).isEmpty }
+            && (0..<NodeID.limit).allSatisfy { index in
+                processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0 || mailbox.receiver(from: NodeID(index)).isEmpty
+            }
     }
 
     /// This node's replica of `region`, if it holds one (for inspection and tests).
-    public func replica(of region: RegionID) -> Region? { localReplica(region)?.region }
-
-    /// This node's replica of `region`, if it holds one.
-    @inline(__always) func localReplica(_ region: RegionID) -> LocalReplica? {
-        region.index < RegionID.limit ? replicaTable[region.index] : nil
-    }
+    public func replica(of region: RegionID) -> Region? { view.localReplica(region)?.region }
 }

@@ -33,6 +33,8 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// Channels whose ring held bytes that are not records from their sender.
     var brokenChannels = Set<NodeID>()
+    /// Bit n: poll the ring of node n (every node that was ever a member).
+    let channelsInUse = Atomic<UInt64>(0)
     private var locked: [TransactionID: [LockedObject]] = [:]
     private var stashed: [TransactionID: [BackupEntry]] = [:]
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
@@ -51,7 +53,15 @@ final class RecordProcessor: @unchecked Sendable {
             engine.logger.info("rejected a record from \(sender): \(error)")
             return
         }
-        guard record.configuration == engine.configuration.id else {
+        let view = engine.view
+        guard view.isMember(sender) else {
+            // Precise membership: a node outside the configuration changes nothing here.
+            engine.statistics.rejected()
+            engine.logger.info("rejected a \(record.kind) record from \(sender), which is not a member of \(view.configuration.id)")
+            if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
+            return
+        }
+        guard record.configuration == view.configuration.id else {
             if record.kind == .lockReply, record.cause == AbortCause.wrongConfiguration.rawValue {
                 // A primary in another configuration refused our LOCK: the waiting coordinator must
                 // learn it (its own configuration is the stale one, or the primary's is).
@@ -59,19 +69,19 @@ final class RecordProcessor: @unchecked Sendable {
                 return
             }
             engine.statistics.rejected()
-            let error = ConfigurationError.wrongConfiguration(found: record.configuration, expected: engine.configuration.id, from: sender)
+            let error = ConfigurationError.wrongConfiguration(found: record.configuration, expected: view.configuration.id, from: sender)
             engine.logger.info("\(error)")
-            if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration) }
+            if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
             return
         }
         do {
             switch record.kind {
-            case .lock: try lock(record)
+            case .lock: try lock(record, view: view)
             case .lockReply: engine.replies.deliver(record.transaction, failure: record.cause)
             case .commitPrimary: commitPrimary(record.transaction)
             case .abort: abort(record.transaction)
-            case .commitBackup: try commitBackup(record)
-            case .truncate: try truncate(record)
+            case .commitBackup: try commitBackup(record, view: view)
+            case .truncate: try truncate(record, view: view)
             }
         } catch {
             engine.statistics.rejected()
@@ -79,12 +89,12 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    private func reply(to transaction: TransactionID, failure: AbortCause?) {
+    private func reply(to transaction: TransactionID, failure: AbortCause?, view: ConfigurationView) {
         let writer = RecordWriter(into: replyBuffer, capacity: RecordFormat.headerBytes, kind: .lockReply,
-                                  configuration: engine.configuration.id, transaction: transaction,
+                                  configuration: view.configuration.id, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
         do {
-            try engine.send(writer.bytes, to: transaction.node)
+            try engine.send(writer.bytes, to: transaction.node, in: view)
         } catch {
             engine.logger.info("could not answer \(transaction): \(error)")
         }
@@ -94,13 +104,13 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// LOCK at the primary's CPU: compare-and-swap each object's header from the version the
     /// coordinator read to locked. All or nothing per record.
-    private func lock(_ record: RecordView) throws {
+    private func lock(_ record: RecordView, view: ConfigurationView) throws {
         var objects: [LockedObject] = []
         objects.reserveCapacity(record.count)
         var failure: AbortCause?
         try record.forEachEntry { entry in
             guard failure == nil else { return }
-            guard let replica = engine.localReplica(entry.address.region), let allocator = replica.allocator,
+            guard let replica = view.localReplica(entry.address.region), let allocator = replica.allocator,
                   let slot = try? allocator.slot(at: Int(entry.address.offset)),
                   entry.payload.count <= ObjectLayout.payloadCapacity(lines: slot.lines) else {
                 failure = .invalidObject
@@ -118,12 +128,12 @@ final class RecordProcessor: @unchecked Sendable {
             for object in objects {
                 ObjectLayout.unlock(object.replica.region.base + object.slot.offset, restoring: object.expected)
             }
-            reply(to: record.transaction, failure: failure)
+            reply(to: record.transaction, failure: failure, view: view)
             return
         }
         locked[record.transaction] = objects
         pendingCount.store(locked.count, ordering: .releasing)
-        reply(to: record.transaction, failure: nil)
+        reply(to: record.transaction, failure: nil, view: view)
     }
 
     /// COMMIT-PRIMARY: install the new values, bump versions, unlock.
@@ -165,11 +175,11 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// COMMIT-BACKUP: keep the record until TRUNCATE. (The coordinator waits only for the write's
     /// completion, not for this.)
-    private func commitBackup(_ record: RecordView) throws {
+    private func commitBackup(_ record: RecordView, view: ConfigurationView) throws {
         var entries: [BackupEntry] = []
         entries.reserveCapacity(record.count)
         try record.forEachEntry { entry in
-            guard let replica = engine.localReplica(entry.address.region), replica.allocator == nil else {
+            guard let replica = view.localReplica(entry.address.region), replica.allocator == nil else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
             entries.append(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines,
@@ -180,24 +190,38 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
-    private func truncate(_ record: RecordView) throws {
+    private func truncate(_ record: RecordView, view: ConfigurationView) throws {
         var appliedAllocation = false
         for id in try record.transactionIDs() {
             guard let entries = stashed.removeValue(forKey: id) else { continue }
             for entry in entries {
-                if !apply(entry) { deferred.append(entry) }
+                if !apply(entry, view: view) { deferred.append(entry) }
                 appliedAllocation = appliedAllocation || entry.operation == .allocate
             }
         }
         if appliedAllocation && !deferred.isEmpty {
-            deferred = deferred.filter { !apply($0) }
+            deferred = deferred.filter { !apply($0, view: view) }
         }
         stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
     }
 
     /// Applies one entry to this backup's replica; false if the object's slab is not known here yet.
-    private func apply(_ entry: BackupEntry) -> Bool {
-        guard let replica = engine.localReplica(entry.address.region) else { return true }
+    /// Applies every kept backup record of `regions` (this node was promoted to their primary).
+    /// Transaction recovery, which decides the fate of transactions whose coordinator failed
+    /// between COMMIT-BACKUP and COMMIT-PRIMARY, is not implemented yet: kept records are applied.
+    func applyKept(regions: Set<RegionID>, view: ConfigurationView) {
+        for (id, entries) in stashed {
+            let mine = entries.filter { regions.contains($0.address.region) }
+            guard !mine.isEmpty else { continue }
+            for entry in mine where !apply(entry, view: view) { deferred.append(entry) }
+            stashed[id] = entries.filter { !regions.contains($0.address.region) }
+        }
+        deferred = deferred.filter { !apply($0, view: view) }
+        stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
+    }
+
+    private func apply(_ entry: BackupEntry, view: ConfigurationView) -> Bool {
+        guard let replica = view.localReplica(entry.address.region) else { return true }
         let offset = Int(entry.address.offset)
         let slot: ObjectSlot
         if entry.operation == .allocate {

@@ -45,6 +45,8 @@ public final class Transaction {
         var recordBuffer: UnsafeMutableRawPointer
         var recordCapacity: Int
         var executeStart: UInt64 = 0
+        /// The configuration the attempt runs in (taken when it starts).
+        var view: ConfigurationView
     }
     let state: UnsafeMutablePointer<State>
 
@@ -59,6 +61,7 @@ public final class Transaction {
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
     var recordCapacity: Int { get { state.pointee.recordCapacity } set { state.pointee.recordCapacity = newValue } }
     var executeStart: UInt64 { get { state.pointee.executeStart } set { state.pointee.executeStart = newValue } }
+    var view: ConfigurationView { state.pointee.view }
     /// Engines of this process this coordinator may help while it waits (by node index).
     let neighbours: [Engine?]
 
@@ -69,7 +72,8 @@ public final class Transaction {
         self.neighbours = neighbours
         state = .allocate(capacity: 1)
         state.initialize(to: State(snapshot: .allocate(byteCount: 1024, alignment: 64), snapshotCapacity: 1024,
-                                   recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096))
+                                   recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096,
+                                   view: engine.view))
     }
 
     deinit {
@@ -81,6 +85,7 @@ public final class Transaction {
 
     /// Forgets the previous attempt (reservations must already be returned).
     func reset() {
+        state.pointee.view = engine.view
         reads.removeAll(keepingCapacity: true)
         readIndex.removeAll()
         writes.removeAll(keepingCapacity: true)
@@ -172,8 +177,8 @@ public final class Transaction {
     /// One-sided read of the first lines of the object at `address` into `snapshot`, checked.
     @discardableResult
     func fetch(_ address: GlobalAddress, payloadBytes: Int) throws -> ObjectHeader {
-        guard let primary = engine.primary(of: address.region) else {
-            throw TransactionError.invalidAddress(address, reason: "region \(address.region) is not in \(engine.configuration.id)")
+        guard let primary = view.primary(of: address.region) else {
+            throw TransactionError.invalidAddress(address, reason: "region \(address.region) is not in \(view.configuration.id)")
         }
         guard address.offset % UInt32(ObjectLayout.lineSize) == 0 else {
             throw TransactionError.invalidAddress(address, reason: "objects start on a 64-byte boundary")
@@ -249,7 +254,7 @@ public final class Transaction {
             primary = reads[index].primary
         } else {
             header = try fetch(address, payloadBytes: 1)
-            primary = engine.primary(of: address.region)!
+            primary = view.primary(of: address.region)!
         }
         writeIndex.append(address)
         writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.nextVersion,
@@ -275,7 +280,7 @@ public final class Transaction {
 
     /// Allocates a new object holding raw bytes (no length prefix); see ``allocate(_:)``.
     public func allocate(raw bytes: UnsafeRawBufferPointer) throws -> GlobalAddress {
-        let regions = engine.allocationRegions
+        let regions = view.allocationRegions
         guard !regions.isEmpty else {
             throw TransactionError.outOfMemory(bytes: bytes.count, reason: "node \(engine.node) is primary of no region")
         }
@@ -283,7 +288,7 @@ public final class Transaction {
         var lastError: AllocationError?
         for step in 0..<regions.count {
             let region = regions[(start &+ step) % regions.count]
-            guard let replica = engine.localReplica(region), let allocator = replica.allocator else { continue }
+            guard let replica = view.localReplica(region), let allocator = replica.allocator else { continue }
             let slot: ObjectSlot
             do {
                 slot = try allocator.reserve(payloadBytes: bytes.count)
@@ -319,7 +324,7 @@ public final class Transaction {
                 // Allocated and freed in one transaction: it never existed.
                 if let reservation = reservations.firstIndex(where: { $0.0 == address.region && $0.1.offset == Int(address.offset) }) {
                     let (region, slot) = reservations.remove(at: reservation)
-                    engine.localReplica(region)?.allocator?.unreserve(slot)
+                    view.localReplica(region)?.allocator?.unreserve(slot)
                 }
                 writes.remove(at: index)
                 writeIndex.rebuild(writes.map(\.address))
@@ -337,7 +342,7 @@ public final class Transaction {
             primary = reads[index].primary
         } else {
             header = try fetch(address, payloadBytes: 1)
-            primary = engine.primary(of: address.region)!
+            primary = view.primary(of: address.region)!
         }
         writeIndex.append(address)
         writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.freeing,
@@ -346,7 +351,7 @@ public final class Transaction {
 
     /// Returns every slot reserved by this attempt (after an abort).
     func returnReservations() {
-        for (region, slot) in reservations { engine.localReplica(region)?.allocator?.unreserve(slot) }
+        for (region, slot) in reservations { view.localReplica(region)?.allocator?.unreserve(slot) }
         reservations.removeAll(keepingCapacity: true)
     }
 }
