@@ -1,3 +1,428 @@
 import CIBVerbs
 import GranaryMemory
 import GranaryTransport
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The one-sided transport over RDMA verbs (InfiniBand, RoCE; soft-RoCE `rxe` for testing).
+///
+/// Every one-sided operation is a work request on a reliable-connected (RC) queue pair, executed by
+/// the NICs: the peer's CPU never runs.
+///
+/// **Device.** One device per transport: `Options.device`, else `GRANARY_RDMA_DEVICE`, else the
+/// first one libibverbs lists; port 1 by default. The source GID index is `Options.gidIndex`, else
+/// `GRANARY_RDMA_GID_INDEX`, else the first RoCE v2 GID holding an IPv4 address. One protection
+/// domain per transport (per node); each registered region is one memory region
+/// (`ibv_reg_mr`, local write + remote read/write/atomic).
+///
+/// **Endpoints and connections.** A node's endpoint is its ``RegionDirectory``, as for
+/// ``SharedMemoryTransport``: the transport listens on the Unix-domain socket `verbs.sock` there.
+/// Peers are added with ``addPeer(_:endpoint:)``; the first operation towards a peer connects
+/// lazily. The requester creates an RC QP and sends its QP number, PSN, GID and LID over the
+/// socket; the peer's listener thread creates the responder QP, connects it and answers with its
+/// own; the requester then moves its QP to RTR and RTS. Regions are looked up over the same socket
+/// on first use (address, rkey, size) and cached until the connection is dropped. This works
+/// between two transports of one process (tests) and between node processes on one host (with one
+/// RDMA device shared by all of them, e.g. `rxe0`). Nodes on different hosts need the socket
+/// exchange replaced by a TCP one; that is not implemented.
+///
+/// Each direction of a node pair is its own RC connection: a node posts only on the QP it created
+/// towards a peer, and the responder QP the peer created for it is never posted to.
+///
+/// **Data path.** Callers pass arbitrary pointers; the transport copies through a registered
+/// staging buffer per peer (WRITEs up to the QP's inline size go inline, without the copy). A
+/// batch (``execute(_:)``) is posted as one chain of work requests per peer with one
+/// `ibv_post_send`, only the last request signalled (RC completes in order), and one completion
+/// wait. Nothing is allocated per operation: the staging buffer, the work-request arrays and the
+/// completion array are allocated at the first connection and reused.
+///
+/// **Threads.** The transport may be used from several threads. One QP per peer: operations
+/// towards the same peer take turns on that peer's lock (post + poll under it), operations towards
+/// different peers run in parallel. A batch takes the locks of the peers it names in node order.
+/// Per-thread QPs are future work.
+///
+/// **Ordering** (the guarantees ``Transport`` documents): a WRITE's last 8-byte word becomes visible
+/// last, as RC RDMA WRITE places data in order in practice (rxe copies packet by packet, in
+/// order); a READ of whole cache lines reads each line as a unit, which is assumed of DMA (and of
+/// rxe's in-kernel copy) rather than guaranteed by the verbs specification.
+///
+/// **Atomics.** Compare-and-swap and fetch-and-add are NIC atomics. They are atomic with CPU atomics
+/// on the same word only if ``atomicCapability`` is ``VerbsAtomicCapability/global``; rxe reports
+/// ``VerbsAtomicCapability/hca``. Do not mix CPU and NIC atomics on one word otherwise (Granary's
+/// engine locks objects at the primary's CPU and never uses NIC atomics on lock words).
+///
+/// **Failures.** Error completions become ``TransportError``s naming the peer, the operation and the
+/// `ibv_wc_status_str` text; `IBV_WC_RETRY_EXC_ERR` (a dead peer) is
+/// ``TransportError/peerUnreachable(node:detail:)``, reported after about 0.5 s of retransmissions.
+/// After any error the connection is dropped and the next operation reconnects.
+///
+/// `@unchecked Sendable`: all stored properties are immutable; each ``Peer``'s mutable state is
+/// guarded by its own lock, ``LocalRegions`` publishes with release/acquire atomics, and the
+/// ``Listener``'s state belongs to its thread.
+public final class VerbsTransport: Transport, @unchecked Sendable {
+    /// Tuning of a transport. The defaults suit tests and small clusters.
+    public struct Options: Sendable {
+        /// The RDMA device's name; nil: `GRANARY_RDMA_DEVICE`, else the first device.
+        public var device: String?
+        /// The device port.
+        public var port: UInt8
+        /// The source GID index; nil: `GRANARY_RDMA_GID_INDEX`, else discovered.
+        public var gidIndex: Int?
+        /// The registered staging buffer per peer; also the largest piece one READ or WRITE work
+        /// request carries (longer accesses are split).
+        public var stagingBytes: Int
+        /// The most work requests in one posted chain (the send queue depth).
+        public var chainCapacity: Int
+        /// The inline data size asked of each QP (the device may grant less).
+        public var inlineBytes: Int
+        /// How long to wait for a chain's completion before dropping the connection.
+        public var completionTimeout: Duration
+        /// How long an endpoint exchange (connect, region look-up) may take.
+        public var endpointTimeout: Duration
+
+        public init(device: String? = nil, port: UInt8 = 1, gidIndex: Int? = nil, stagingBytes: Int = 256 << 10,
+                    chainCapacity: Int = 64, inlineBytes: Int = 64, completionTimeout: Duration = .seconds(5),
+                    endpointTimeout: Duration = .seconds(5)) {
+            self.device = device
+            self.port = port
+            self.gidIndex = gidIndex
+            self.stagingBytes = stagingBytes
+            self.chainCapacity = chainCapacity
+            self.inlineBytes = inlineBytes
+            self.completionTimeout = completionTimeout
+            self.endpointTimeout = endpointTimeout
+        }
+
+        var completionTimeoutNanoseconds: UInt64 { Self.nanoseconds(completionTimeout) }
+        var endpointTimeoutMilliseconds: Int { Int(Self.nanoseconds(endpointTimeout) / 1_000_000) }
+        static func nanoseconds(_ duration: Duration) -> UInt64 {
+            let (seconds, attoseconds) = duration.components
+            return UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
+        }
+    }
+
+    /// Counters of the work done towards one peer.
+    public struct Statistics: Sendable, Equatable {
+        /// RC connections made (more than one after reconnects).
+        public var connections = 0
+        /// `ibv_post_send` calls (one per chain).
+        public var chainsPosted = 0
+        /// Work requests posted.
+        public var workRequests = 0
+        /// Completion waits (one per chain).
+        public var completionWaits = 0
+        public init() {}
+    }
+
+    public let localNode: NodeID
+    public let cluster: ClusterID
+    /// This node's region directory; its endpoint socket is ``endpointPath``.
+    public let directory: RegionDirectory
+    public let options: Options
+    let device: VerbsDevice
+    let regions: LocalRegions
+    let listener: Listener
+    /// One per possible node id; a peer without an endpoint is unknown.
+    let peers: [Peer]
+
+    /// The name of the device in use (e.g. `rxe0`).
+    public var deviceName: String { device.name }
+    /// The source GID index in use.
+    public var gidIndex: Int { Int(device.gidIndex) }
+    /// Whether the device's atomics are atomic with CPU atomics (see the type's documentation).
+    public var atomicCapability: VerbsAtomicCapability { device.atomicCapability }
+    /// The path of this node's endpoint socket.
+    public var endpointPath: String { Self.endpointPath(of: directory) }
+
+    /// The path of the endpoint socket of the node whose region directory is `directory`.
+    public static func endpointPath(of directory: RegionDirectory) -> String {
+        directory.path.appending(EndpointProtocol.fileName).string
+    }
+
+    /// The names of the RDMA devices present (empty on a kernel without RDMA).
+    public static func deviceNames() -> [String] { VerbsDevice.deviceNames() }
+
+    /// Opens the device, allocates the protection domain and starts serving this node's endpoint
+    /// (`verbs.sock` in `directory`). The node can reach itself without ``addPeer(_:endpoint:)``.
+    ///
+    /// - Throws: ``VerbsError/noDevice(requested:available:)`` (the message says how to get a
+    ///   soft-RoCE device), ``VerbsError/call(_:device:detail:)`` for a failed verbs call, or
+    ///   ``VerbsError/endpoint(path:detail:)`` if the endpoint socket cannot be created or another
+    ///   live transport already serves it.
+    public init(localNode: NodeID, cluster: ClusterID, directory: RegionDirectory, options: Options = Options()) throws(VerbsError) {
+        precondition(options.stagingBytes >= 4096 && options.stagingBytes & 63 == 0, "stagingBytes must be a multiple of 64, at least 4096")
+        precondition(options.chainCapacity >= 1 && options.chainCapacity <= 4096, "chainCapacity must be in 1...4096")
+        self.localNode = localNode
+        self.cluster = cluster
+        self.directory = directory
+        self.options = options
+        let device = try VerbsDevice(requested: options.device, port: options.port, gidIndex: options.gidIndex)
+        self.device = device
+        self.regions = LocalRegions(device: device, node: localNode)
+        self.listener = try Listener(path: Self.endpointPath(of: directory), device: device, regions: regions,
+                                     node: localNode, cluster: cluster, timeoutMilliseconds: options.endpointTimeoutMilliseconds)
+        self.peers = (0..<NodeID.limit).map { index in
+            Peer(node: NodeID(index), localNode: localNode, cluster: cluster, device: device, configuration: options)
+        }
+        try listener.start()
+        if localNode.index < NodeID.limit {
+            let own = peers[localNode.index]
+            own.lock()
+            own.setEndpoint(Self.endpointPath(of: directory))
+            own.unlock()
+        }
+    }
+
+    deinit {
+        // Responder QPs go first: peers see their operations fail (retry exceeded) instead of
+        // landing in memory that is about to be unmapped.
+        listener.stop()
+        for peer in peers {
+            peer.lock()
+            peer.disconnect()
+            peer.unlock()
+        }
+    }
+
+    /// Adds (or re-points) the peer `node`, whose region directory — and endpoint socket — is
+    /// `endpoint`. Connecting waits for the first operation.
+    public func addPeer(_ node: NodeID, endpoint: RegionDirectory) {
+        precondition(node.index < NodeID.limit, "node id \(node) is outside 0..<\(NodeID.limit)")
+        let peer = peers[node.index]
+        peer.lock()
+        peer.setEndpoint(Self.endpointPath(of: endpoint))
+        peer.unlock()
+    }
+
+    /// Drops the connection to `node` (its QP); the next operation reconnects.
+    public func disconnect(from node: NodeID) {
+        guard node.index < NodeID.limit else { return }
+        let peer = peers[node.index]
+        peer.lock()
+        peer.disconnect()
+        peer.unlock()
+    }
+
+    /// The nodes this transport can reach (itself included).
+    public var peerNodes: [NodeID] {
+        peers.compactMap { peer in
+            peer.lock()
+            defer { peer.unlock() }
+            return peer.endpoint == nil ? nil : peer.node
+        }
+    }
+
+    /// What was done towards `node` so far.
+    public func statistics(for node: NodeID) -> Statistics {
+        guard node.index < NodeID.limit else { return Statistics() }
+        let peer = peers[node.index]
+        peer.lock()
+        defer { peer.unlock() }
+        return peer.statistics
+    }
+
+    // MARK: Transport
+
+    /// Registers `region` with the NIC (`ibv_reg_mr` over the whole mapping). Registering a region
+    /// id again changes nothing.
+    ///
+    /// - Throws: ``TransportError/backend(call:node:detail:)`` naming `ibv_reg_mr`; for ENOMEM the
+    ///   message says to raise the memlock limit (`ulimit -l unlimited`).
+    public func register(_ region: Region) throws(TransportError) {
+        try regions.register(region)
+    }
+
+    public func localPointer(_ region: RegionID) throws(TransportError) -> UnsafeMutableRawPointer {
+        guard let record = regions.record(region) else {
+            throw .unknownRegion(node: localNode, region: region, reason: "this node has not registered it with its verbs transport")
+        }
+        return record.pointee.base
+    }
+
+    @inline(__always)
+    func peer(_ node: NodeID) throws(TransportError) -> Peer {
+        guard node.index < NodeID.limit else { throw .unknownNode(node) }
+        return peers[node.index]
+    }
+
+    /// Copies `buffer.count` bytes at `address` on `node` into `buffer`: RDMA READ into the staging
+    /// buffer, then a copy. One round trip (more for reads longer than `Options.stagingBytes`).
+    public func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) {
+        let peer = try self.peer(node)
+        peer.lock()
+        defer { peer.unlock() }
+        let (remote, rkey) = try peer.resolve(address, buffer.count)
+        guard let destination = buffer.baseAddress, buffer.count > 0 else { return }
+        try Self.appendRead(peer, remote: remote, rkey: rkey, length: buffer.count, into: destination, address: address)
+        try peer.flush { _, _ in }
+    }
+
+    /// Copies `buffer` to `address` on `node` with RDMA WRITE; returns when its completion arrives
+    /// (the data is then placed in the peer's memory, not necessarily persistent).
+    public func write(to node: NodeID, _ address: GlobalAddress, from buffer: UnsafeRawBufferPointer) throws(TransportError) {
+        let peer = try self.peer(node)
+        peer.lock()
+        defer { peer.unlock() }
+        let (remote, rkey) = try peer.resolve(address, buffer.count)
+        guard let source = buffer.baseAddress, buffer.count > 0 else { return }
+        try Self.appendWrite(peer, remote: remote, rkey: rkey, length: buffer.count, from: source, address: address)
+        try peer.flush { _, _ in }
+    }
+
+    /// ATOMIC_CMP_AND_SWP on the word at `address` on `node`. One round trip.
+    public func compareAndSwap(at node: NodeID, _ address: GlobalAddress, expected: UInt64, desired: UInt64) throws(TransportError) -> UInt64 {
+        try atomic(node, address, operand: expected, desired: desired)
+    }
+
+    /// ATOMIC_FETCH_AND_ADD on the word at `address` on `node`. One round trip.
+    public func fetchAndAdd(at node: NodeID, _ address: GlobalAddress, _ delta: UInt64) throws(TransportError) -> UInt64 {
+        try atomic(node, address, operand: delta, desired: nil)
+    }
+
+    @inline(__always)
+    private func atomic(_ node: NodeID, _ address: GlobalAddress, operand: UInt64, desired: UInt64?) throws(TransportError) -> UInt64 {
+        let name = desired == nil ? "fetch-and-add" : "compare-and-swap"
+        guard address.offset & 7 == 0 else { throw .misaligned(node: node, address: address, operation: name) }
+        try checkAtomics(node, name)
+        let peer = try self.peer(node)
+        peer.lock()
+        defer { peer.unlock() }
+        let (remote, rkey) = try peer.resolve(address, 8)
+        peer.appendAtomic(remote: remote, rkey: rkey, operand: operand, desired: desired, batchIndex: -1, address: address)
+        var found: UInt64 = 0
+        try peer.flush { _, word in found = word }
+        return found
+    }
+
+    @inline(__always)
+    private func checkAtomics(_ node: NodeID, _ name: String) throws(TransportError) {
+        if device.atomicCapability == .none {
+            throw .backend(call: name, node: node, detail: "device \(device.name) has no atomic operations (atomic_cap IBV_ATOMIC_NONE)")
+        }
+    }
+
+    /// Appends a READ split into pieces the staging buffer holds, posting and completing the chain
+    /// whenever it is full.
+    @inline(__always)
+    private static func appendRead(_ peer: Peer, remote: UInt64, rkey: UInt32, length: Int,
+                                   into destination: UnsafeMutableRawPointer?, address: GlobalAddress) throws(TransportError) {
+        var done = 0
+        while done < length {
+            let piece = min(length - done, peer.pieceBytes)
+            if !peer.hasRoom(bytes: piece) { try peer.flush { _, _ in } }
+            peer.appendRead(remote: remote &+ UInt64(done), rkey: rkey, length: piece, into: destination.map { $0 + done },
+                            address: address.advanced(by: done))
+            done += piece
+        }
+    }
+
+    @inline(__always)
+    private static func appendWrite(_ peer: Peer, remote: UInt64, rkey: UInt32, length: Int,
+                                    from source: UnsafeRawPointer?, address: GlobalAddress) throws(TransportError) {
+        var done = 0
+        while done < length {
+            let piece = min(length - done, peer.pieceBytes)
+            if !peer.hasRoom(bytes: piece) { try peer.flush { _, _ in } }
+            peer.appendWrite(remote: remote &+ UInt64(done), rkey: rkey, length: piece, from: source.map { $0 + done },
+                             address: address.advanced(by: done))
+            done += piece
+        }
+    }
+
+    /// Issues every operation of `batch` and waits once per peer named in it.
+    ///
+    /// Every address is checked (and every peer connected) before anything is posted, so a bad
+    /// address fails the batch without side effects. The operations for one peer are posted as one
+    /// chain in batch order (more chains only if they exceed `Options.chainCapacity` or the staging
+    /// buffer); chains to different peers are in flight together.
+    public func execute(_ batch: inout OperationBatch) throws(TransportError) {
+        let count = batch.count
+        guard count > 0 else { return }
+        // The peers involved, as a bit set (node ids are below 64).
+        var involved: UInt64 = 0
+        for index in 0..<count {
+            let node = batch[index].node
+            guard node.index < NodeID.limit else { throw .unknownNode(node) }
+            involved |= 1 << UInt64(node.index)
+        }
+        // Locks in ascending node order, so two batches never wait on each other's locks.
+        var bits = involved
+        while bits != 0 {
+            peers[bits.trailingZeroBitCount].lock()
+            bits &= bits - 1
+        }
+        defer {
+            var bits = involved
+            while bits != 0 {
+                let peer = peers[bits.trailingZeroBitCount]
+                peer.discardChain()
+                peer.unlock()
+                bits &= bits - 1
+            }
+        }
+        // Check everything before posting anything.
+        for index in 0..<count {
+            let op = batch[index]
+            switch op.kind {
+            case .compareAndSwap, .fetchAndAdd:
+                let name = op.kind == .compareAndSwap ? "compare-and-swap" : "fetch-and-add"
+                guard op.address.offset & 7 == 0 else { throw .misaligned(node: op.node, address: op.address, operation: name) }
+                try checkAtomics(op.node, name)
+                _ = try peers[op.node.index].resolve(op.address, 8)
+            case .read, .write:
+                _ = try peers[op.node.index].resolve(op.address, op.length)
+            }
+        }
+        // Build the chains (a full chain is posted and completed on the spot).
+        for index in 0..<count {
+            let op = batch[index]
+            let peer = peers[op.node.index]
+            switch op.kind {
+            case .read:
+                guard op.length > 0, op.buffer != nil else { continue }
+                let (remote, rkey) = try peer.resolve(op.address, op.length)
+                try Self.appendRead(peer, remote: remote, rkey: rkey, length: op.length, into: op.buffer, address: op.address)
+            case .write:
+                guard op.length > 0, let buffer = op.buffer else { continue }
+                let (remote, rkey) = try peer.resolve(op.address, op.length)
+                try Self.appendWrite(peer, remote: remote, rkey: rkey, length: op.length, from: buffer, address: op.address)
+            case .compareAndSwap, .fetchAndAdd:
+                let (remote, rkey) = try peer.resolve(op.address, 8)
+                if !peer.hasRoom(bytes: 8) { try peer.flush { index, word in batch[index].result = word } }
+                peer.appendAtomic(remote: remote, rkey: rkey, operand: op.operand,
+                                  desired: op.kind == .compareAndSwap ? op.desired : nil, batchIndex: index, address: op.address)
+            }
+        }
+        // Post every peer's chain, then wait for each: the round trips overlap.
+        var firstError: TransportError? = nil
+        var posted: UInt64 = 0
+        bits = involved
+        while bits != 0 {
+            let node = bits.trailingZeroBitCount
+            bits &= bits - 1
+            let peer = peers[node]
+            guard peer.chainCount > 0 else { continue }
+            do {
+                try peer.post()
+                posted |= 1 << UInt64(node)
+            } catch {
+                if firstError == nil { firstError = error }
+                peer.discardChain()
+            }
+        }
+        bits = posted
+        while bits != 0 {
+            let peer = peers[bits.trailingZeroBitCount]
+            bits &= bits - 1
+            do {
+                try peer.complete { index, word in batch[index].result = word }
+            } catch {
+                if firstError == nil { firstError = error }
+            }
+        }
+        if let firstError { throw firstError }
+    }
+}

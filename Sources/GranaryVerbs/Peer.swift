@@ -1,0 +1,454 @@
+import CIBVerbs
+import GranaryMemory
+import GranaryTransport
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What a remote region looks like to the requester: where it is mapped in the peer's process,
+/// its rkey and its size. `size == 0` marks an entry not yet looked up.
+struct RemoteRegion {
+    var address: UInt64
+    var size: Int
+    var rkey: UInt32
+}
+
+/// Book-keeping for one posted work request of the current chain.
+struct PendingRequest {
+    var kind: OneSidedOperation.Kind
+    /// The operation's index in the caller's batch (atomic results go there), or -1.
+    var batchIndex: Int32
+    var stagingOffset: Int32
+    var length: Int32
+    /// Reads: where the bytes go once the chain has completed.
+    var destination: UnsafeMutableRawPointer?
+    /// For error messages.
+    var address: GlobalAddress
+}
+
+/// Buffers of a connection to one peer, allocated on the first connection and reused by every
+/// operation afterwards (nothing is allocated on the data path).
+final class PeerBuffers {
+    let staging: UnsafeMutableRawPointer
+    let stagingBytes: Int
+    let stagingRegion: UnsafeMutablePointer<ibv_mr>
+    let chainCapacity: Int
+    let workRequests: UnsafeMutablePointer<ibv_send_wr>
+    let scatterGather: UnsafeMutablePointer<ibv_sge>
+    let pending: UnsafeMutablePointer<PendingRequest>
+    let completions: UnsafeMutablePointer<ibv_wc>
+    static let completionBatch = 8
+    /// Indexed by ``LocalRegions/slot(_:)``.
+    let regions: UnsafeMutablePointer<RemoteRegion>
+
+    init(device: VerbsDevice, node: NodeID, stagingBytes: Int, chainCapacity: Int) throws(TransportError) {
+        var memory: UnsafeMutableRawPointer? = nil
+        let allocated = posix_memalign(&memory, 4096, stagingBytes)
+        guard allocated == 0, let memory else {
+            throw .backend(call: "posix_memalign", node: node, detail: "staging buffer of \(stagingBytes) bytes: \(errnoText(allocated))")
+        }
+        memset(memory, 0, stagingBytes)
+        guard let region = CIBVerbs_ibv_reg_mr(device.protectionDomain, memory, stagingBytes, remoteAccess) else {
+            let code = errno
+            free(memory)
+            throw LocalRegions.registrationError(code, bytes: stagingBytes, what: "the staging buffer for node \(node)",
+                                                 device: device, node: node)
+        }
+        staging = memory
+        self.stagingBytes = stagingBytes
+        stagingRegion = region
+        self.chainCapacity = chainCapacity
+        workRequests = .allocate(capacity: chainCapacity)
+        workRequests.initialize(repeating: ibv_send_wr(), count: chainCapacity)
+        scatterGather = .allocate(capacity: chainCapacity)
+        scatterGather.initialize(repeating: ibv_sge(), count: chainCapacity)
+        pending = .allocate(capacity: chainCapacity)
+        pending.initialize(repeating: PendingRequest(kind: .read, batchIndex: -1, stagingOffset: 0, length: 0, destination: nil,
+                                                     address: GlobalAddress(rawValue: 0)), count: chainCapacity)
+        completions = .allocate(capacity: Self.completionBatch)
+        completions.initialize(repeating: ibv_wc(), count: Self.completionBatch)
+        regions = .allocate(capacity: LocalRegions.slotCount)
+        regions.initialize(repeating: RemoteRegion(address: 0, size: 0, rkey: 0), count: LocalRegions.slotCount)
+    }
+
+    deinit {
+        ibv_dereg_mr(stagingRegion)
+        free(staging)
+        workRequests.deallocate()
+        scatterGather.deallocate()
+        pending.deallocate()
+        completions.deallocate()
+        regions.deallocate()
+    }
+
+    func forgetRegions() {
+        regions.update(repeating: RemoteRegion(address: 0, size: 0, rkey: 0), count: LocalRegions.slotCount)
+    }
+}
+
+/// The requester side towards one peer: its endpoint, one RC queue pair with its own completion
+/// queue, a registered staging buffer and the work-request arrays of the chain being built.
+///
+/// All of a peer's mutable state is guarded by its lock; callers take ``lock()`` around
+/// resolve + append + post + wait. (One QP per peer per transport: threads that talk to the same
+/// peer take turns. Per-thread QPs are future work.)
+///
+/// `@unchecked Sendable`: every `var` is read and written only while `mutex` is held.
+final class Peer: @unchecked Sendable {
+    let node: NodeID
+    let localNode: NodeID
+    let cluster: ClusterID
+    let device: VerbsDevice
+    let configuration: VerbsTransport.Options
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    // Guarded by `mutex`.
+    private(set) var endpoint: String?
+    private var queuePair: UnsafeMutablePointer<ibv_qp>?
+    private var completionQueue: UnsafeMutablePointer<ibv_cq>?
+    private var inlineBytes = 0
+    private var buffers: PeerBuffers?
+    private(set) var chainCount = 0
+    private var stagingUsed = 0
+    private var chainSequence: UInt64 = 0
+    private(set) var statistics = VerbsTransport.Statistics()
+
+    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, configuration: VerbsTransport.Options) {
+        self.node = node
+        self.localNode = localNode
+        self.cluster = cluster
+        self.device = device
+        self.configuration = configuration
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        disconnect()
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    @inline(__always) func lock() { pthread_mutex_lock(mutex) }
+    @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
+
+    /// With the lock held: points the peer at another endpoint (dropping a connection to the old one).
+    func setEndpoint(_ path: String?) {
+        if path != endpoint { disconnect() }
+        endpoint = path
+    }
+
+    var isConnected: Bool { queuePair != nil }
+
+    // MARK: Connection
+
+    /// With the lock held: destroys the QP and CQ and forgets what was learnt about the peer's
+    /// regions (a peer that comes back is a new process with new rkeys). Keeps the buffers.
+    func disconnect() {
+        if let queuePair { ibv_destroy_qp(queuePair) }
+        if let completionQueue { ibv_destroy_cq(completionQueue) }
+        queuePair = nil
+        completionQueue = nil
+        chainCount = 0
+        stagingUsed = 0
+        buffers?.forgetRegions()
+    }
+
+    /// With the lock held: connects unless connected.
+    @inline(__always)
+    func ensureConnected() throws(TransportError) {
+        if queuePair == nil { try connect() }
+    }
+
+    private func connect() throws(TransportError) {
+        guard let endpoint else { throw .unknownNode(node) }
+        if buffers == nil {
+            buffers = try PeerBuffers(device: device, node: node, stagingBytes: configuration.stagingBytes,
+                                      chainCapacity: configuration.chainCapacity)
+        }
+        guard let cq = ibv_create_cq(device.context, Int32(configuration.chainCapacity * 2), nil, nil, 0) else {
+            throw .backend(call: "ibv_create_cq", node: node, detail: "on \(device.name): \(errnoText(errno))")
+        }
+        let qp: UnsafeMutablePointer<ibv_qp>
+        let inline: Int
+        do throws(VerbsCallFailure) {
+            (qp, inline) = try QueuePairSetup.create(device, cq: cq, sendDepth: configuration.chainCapacity,
+                                                     inlineBytes: configuration.inlineBytes)
+        } catch {
+            ibv_destroy_cq(cq)
+            throw .backend(call: error.call, node: node, detail: "on \(device.name): \(error.detail)")
+        }
+        let local = QueuePairSetup.address(of: qp, device)
+        var request = EndpointProtocol.Request(kind: .connect, cluster: cluster, from: localNode, to: node)
+        request.queuePair = local
+        do throws(TransportError) {
+            let reply = try EndpointProtocol.exchange(request, path: endpoint, timeoutMilliseconds: configuration.endpointTimeoutMilliseconds)
+            guard reply.status == .ok else {
+                throw TransportError.backend(call: "verbs connect", node: node, detail: reply.message)
+            }
+            do throws(VerbsCallFailure) {
+                try QueuePairSetup.connect(qp, device, localPSN: local.packetSequenceNumber, remote: reply.queuePair)
+            } catch {
+                throw TransportError.backend(call: error.call, node: node, detail: "on \(device.name): \(error.detail)")
+            }
+        } catch {
+            ibv_destroy_qp(qp)
+            ibv_destroy_cq(cq)
+            throw error
+        }
+        queuePair = qp
+        completionQueue = cq
+        inlineBytes = inline
+        chainCount = 0
+        stagingUsed = 0
+        statistics.connections += 1
+    }
+
+    // MARK: Addresses
+
+    /// With the lock held: the peer's virtual address and rkey for `length` bytes at `address`,
+    /// after checking the region and the bounds (connecting and looking the region up on first use).
+    @inline(__always)
+    func resolve(_ address: GlobalAddress, _ length: Int) throws(TransportError) -> (UInt64, UInt32) {
+        try ensureConnected()
+        guard let slot = LocalRegions.slot(address.region) else {
+            throw .unknownRegion(node: node, region: address.region, reason: "region ids are below \(RegionID.limit)")
+        }
+        let entry = buffers.unsafelyUnwrapped.regions + slot
+        if entry.pointee.size == 0 { entry.pointee = try lookUp(address.region) }
+        let offset = Int(address.offset)
+        guard length >= 0, offset <= entry.pointee.size &- length else {
+            throw .outOfBounds(node: node, address: address, length: length, regionSize: entry.pointee.size)
+        }
+        return (entry.pointee.address &+ UInt64(offset), entry.pointee.rkey)
+    }
+
+    private func lookUp(_ region: RegionID) throws(TransportError) -> RemoteRegion {
+        guard let endpoint else { throw .unknownNode(node) }
+        var request = EndpointProtocol.Request(kind: .region, cluster: cluster, from: localNode, to: node)
+        request.region = region
+        let reply = try EndpointProtocol.exchange(request, path: endpoint, timeoutMilliseconds: configuration.endpointTimeoutMilliseconds)
+        switch reply.status {
+        case .ok where reply.regionSize > 0:
+            return RemoteRegion(address: reply.regionAddress, size: Int(reply.regionSize), rkey: reply.rkey)
+        case .ok, .unknownRegion:
+            throw .unknownRegion(node: node, region: region, reason: reply.message)
+        case .refused:
+            throw .backend(call: "verbs region look-up", node: node, detail: reply.message)
+        }
+    }
+
+    // MARK: Building a chain
+
+    @inline(__always)
+    private static func align(_ value: Int, _ alignment: Int) -> Int { (value + alignment - 1) & ~(alignment - 1) }
+
+    /// With the lock held: whether one more work request with `bytes` of staging fits the chain.
+    @inline(__always)
+    func hasRoom(bytes: Int) -> Bool {
+        guard let buffers else { return false }
+        return chainCount < buffers.chainCapacity && Self.align(stagingUsed, 64) + bytes <= buffers.stagingBytes
+    }
+
+    /// The largest read or write piece one work request carries (the staging buffer).
+    var pieceBytes: Int { configuration.stagingBytes }
+
+    /// With the lock held and room checked: appends a work request; returns its staging offset.
+    @inline(__always)
+    private func append(_ kind: OneSidedOperation.Kind, opcode: ibv_wr_opcode, stagingBytes: Int, length: Int,
+                        flags: UInt32, batchIndex: Int, destination: UnsafeMutableRawPointer?,
+                        address: GlobalAddress) -> (UnsafeMutablePointer<ibv_send_wr>, Int) {
+        let buffers = self.buffers.unsafelyUnwrapped
+        let index = chainCount
+        let offset = stagingBytes == 0 ? stagingUsed : Self.align(stagingUsed, 64)
+        stagingUsed = offset + stagingBytes
+        let sge = buffers.scatterGather + index
+        sge.pointee.addr = UInt64(UInt(bitPattern: buffers.staging + offset))
+        sge.pointee.length = UInt32(length)
+        sge.pointee.lkey = buffers.stagingRegion.pointee.lkey
+        let wr = buffers.workRequests + index
+        wr.pointee = ibv_send_wr()
+        wr.pointee.wr_id = chainSequence << 16 | UInt64(index)
+        wr.pointee.sg_list = sge
+        wr.pointee.num_sge = length == 0 ? 0 : 1
+        wr.pointee.opcode = opcode
+        wr.pointee.send_flags = flags
+        if index > 0 { (wr - 1).pointee.next = wr }
+        buffers.pending[index] = PendingRequest(kind: kind, batchIndex: Int32(batchIndex), stagingOffset: Int32(offset),
+                                                length: Int32(length), destination: destination, address: address)
+        chainCount = index + 1
+        return (wr, offset)
+    }
+
+    /// Appends an RDMA READ of `length` bytes into the staging buffer (copied to `destination`
+    /// when the chain completes).
+    @inline(__always)
+    func appendRead(remote: UInt64, rkey: UInt32, length: Int, into destination: UnsafeMutableRawPointer?, address: GlobalAddress) {
+        let (wr, _) = append(.read, opcode: IBV_WR_RDMA_READ, stagingBytes: length, length: length, flags: 0,
+                             batchIndex: -1, destination: destination, address: address)
+        wr.pointee.wr.rdma.remote_addr = remote
+        wr.pointee.wr.rdma.rkey = rkey
+    }
+
+    /// Appends an RDMA WRITE of `length` bytes from `source`: inline (copied by the post, no staging)
+    /// when the QP allows that size, else copied into the staging buffer now.
+    @inline(__always)
+    func appendWrite(remote: UInt64, rkey: UInt32, length: Int, from source: UnsafeRawPointer?, address: GlobalAddress) {
+        let inline = length <= inlineBytes
+        let (wr, offset) = append(.write, opcode: IBV_WR_RDMA_WRITE, stagingBytes: inline ? 0 : length, length: length,
+                                  flags: inline ? IBV_SEND_INLINE.rawValue : 0, batchIndex: -1, destination: nil, address: address)
+        if let source, length > 0 {
+            if inline {
+                wr.pointee.sg_list.pointee.addr = UInt64(UInt(bitPattern: source))
+            } else {
+                memcpy(buffers.unsafelyUnwrapped.staging + offset, source, length)
+            }
+        }
+        wr.pointee.wr.rdma.remote_addr = remote
+        wr.pointee.wr.rdma.rkey = rkey
+    }
+
+    /// Appends a compare-and-swap (`desired` != nil) or fetch-and-add; the word found lands in the
+    /// staging buffer and is handed out by ``complete(_:)``.
+    @inline(__always)
+    func appendAtomic(remote: UInt64, rkey: UInt32, operand: UInt64, desired: UInt64?, batchIndex: Int, address: GlobalAddress) {
+        let (wr, _) = append(desired == nil ? .fetchAndAdd : .compareAndSwap,
+                             opcode: desired == nil ? IBV_WR_ATOMIC_FETCH_AND_ADD : IBV_WR_ATOMIC_CMP_AND_SWP,
+                             stagingBytes: 8, length: 8, flags: 0, batchIndex: batchIndex, destination: nil, address: address)
+        wr.pointee.wr.atomic.remote_addr = remote
+        wr.pointee.wr.atomic.rkey = rkey
+        wr.pointee.wr.atomic.compare_add = operand
+        wr.pointee.wr.atomic.swap = desired ?? 0
+    }
+
+    // MARK: Posting and completing
+
+    /// With the lock held: posts the chain as one linked list of work requests in one
+    /// `ibv_post_send`, only the last one signalled (RC completes a QP's requests in order, so its
+    /// completion means all of them are done).
+    func post() throws(TransportError) {
+        let buffers = self.buffers.unsafelyUnwrapped
+        let last = buffers.workRequests + (chainCount - 1)
+        last.pointee.next = nil
+        last.pointee.send_flags |= IBV_SEND_SIGNALED.rawValue
+        var bad: UnsafeMutablePointer<ibv_send_wr>? = nil
+        let result = ibv_post_send(queuePair.unsafelyUnwrapped, buffers.workRequests, &bad)
+        guard result == 0 else {
+            let postedNone = bad == buffers.workRequests
+            // Part of a chain may be in flight without a signalled request to wait for: start over.
+            disconnect()
+            throw .backend(call: "ibv_post_send", node: node,
+                           detail: "posting \(chainCount) work requests on \(device.name) failed\(postedNone ? "" : " part-way"): \(errnoText(result))")
+        }
+        statistics.chainsPosted += 1
+        statistics.workRequests += chainCount
+    }
+
+    /// With the lock held, after ``post()``: waits for the chain's last completion (spinning, then
+    /// yielding, up to the completion timeout), copies what READs brought into their destinations
+    /// and hands each atomic's result to `deliver(batchIndex or -1, word)`. Empties the chain.
+    ///
+    /// - Throws: ``TransportError/peerUnreachable(node:detail:)`` for IBV_WC_RETRY_EXC_ERR or a
+    ///   timeout, ``TransportError/backend(call:node:detail:)`` for any other completion error.
+    ///   The connection is dropped on every error (the QP is in the error state); the next
+    ///   operation reconnects.
+    func complete(_ deliver: (Int, UInt64) -> Void) throws(TransportError) {
+        let buffers = self.buffers.unsafelyUnwrapped
+        let count = chainCount
+        let target = buffers.workRequests[count - 1].wr_id
+        let cq = completionQueue.unsafelyUnwrapped
+        var failure: (status: ibv_wc_status, index: Int)? = nil
+        var done = false
+        var polls = 0
+        var start: UInt64 = 0
+        statistics.completionWaits += 1
+        while !done {
+            let found = ibv_poll_cq(cq, Int32(PeerBuffers.completionBatch), buffers.completions)
+            if found < 0 {
+                disconnect()
+                throw .backend(call: "ibv_poll_cq", node: node, detail: "on \(device.name) returned \(found)")
+            }
+            for k in 0..<Int(found) {
+                let completion = buffers.completions[k]
+                if completion.status != IBV_WC_SUCCESS,
+                   failure == nil || (failure!.status == IBV_WC_WR_FLUSH_ERR && completion.status != IBV_WC_WR_FLUSH_ERR) {
+                    failure = (completion.status, Int(completion.wr_id & 0xFFFF))
+                }
+                if completion.wr_id == target { done = true }
+            }
+            if done { break }
+            polls &+= 1
+            if polls & 255 == 0 {
+                // A hot spin for the first 200 us; then yield the CPU between polls.
+                let now = monotonicNanoseconds()
+                if start == 0 { start = now }
+                let waited = now - start
+                if waited > configuration.completionTimeoutNanoseconds {
+                    let pendingText = describe(buffers.pending[count - 1], count: count)
+                    disconnect()
+                    throw .peerUnreachable(node: node, detail: "no work completion within \(waited / 1_000_000) ms for \(pendingText) on \(device.name)")
+                }
+                if waited > 200_000 { sched_yield() }
+            }
+        }
+        if let failure {
+            let error = completionError(failure.status, buffers.pending[failure.index], count: count)
+            disconnect()
+            throw error
+        }
+        for index in 0..<count {
+            let request = buffers.pending[index]
+            switch request.kind {
+            case .read:
+                if let destination = request.destination {
+                    memcpy(destination, buffers.staging + Int(request.stagingOffset), Int(request.length))
+                }
+            case .compareAndSwap, .fetchAndAdd:
+                deliver(Int(request.batchIndex), buffers.staging.load(fromByteOffset: Int(request.stagingOffset), as: UInt64.self))
+            case .write:
+                break
+            }
+        }
+        chainCount = 0
+        stagingUsed = 0
+        chainSequence &+= 1
+    }
+
+    /// With the lock held: post, then complete.
+    @inline(__always)
+    func flush(_ deliver: (Int, UInt64) -> Void) throws(TransportError) {
+        guard chainCount > 0 else { return }
+        try post()
+        try complete(deliver)
+    }
+
+    /// With the lock held: forgets a chain that was built but not posted.
+    func discardChain() {
+        chainCount = 0
+        stagingUsed = 0
+    }
+
+    private func describe(_ request: PendingRequest, count: Int) -> String {
+        let operation: String
+        switch request.kind {
+        case .read: operation = "RDMA READ of \(request.length) bytes"
+        case .write: operation = "RDMA WRITE of \(request.length) bytes"
+        case .compareAndSwap: operation = "ATOMIC_CMP_AND_SWP"
+        case .fetchAndAdd: operation = "ATOMIC_FETCH_AND_ADD"
+        }
+        return "\(operation) at \(request.address)" + (count > 1 ? " (in a chain of \(count) work requests)" : "")
+    }
+
+    private func completionError(_ status: ibv_wc_status, _ request: PendingRequest, count: Int) -> TransportError {
+        let text = String(cString: ibv_wc_status_str(status))
+        let what = describe(request, count: count)
+        if status == IBV_WC_RETRY_EXC_ERR {
+            return .peerUnreachable(node: node, detail: "\(what) completed with status '\(text)' (IBV_WC_RETRY_EXC_ERR): "
+                                        + "the peer's queue pair is gone (its process exited or closed its transport) or the network is down")
+        }
+        return .backend(call: "work completion", node: node,
+                        detail: "\(what) on \(device.name) completed with status '\(text)' (ibv_wc_status \(status.rawValue))")
+    }
+}

@@ -1,0 +1,274 @@
+import GranaryMemory
+import GranaryTestSupport
+import GranaryTransport
+import GranaryVerbs
+import Synchronization
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the verbs backend promises beyond the conformance suite: batches as one chain of work
+/// requests, splitting of long accesses, several threads on one transport, clear errors for a
+/// dead peer, a foreign cluster and a missing device.
+@Suite("Verbs transport")
+struct VerbsTransportTests {
+    static func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+        (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ Int(seed) &+ $0 >> 8) }
+    }
+
+    @Test("a batch to one peer is posted as one chain and completed with one wait", .requiresRDMADevice)
+    func batchIsOneChain() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let peer = nodes.b.localNode
+        let base = GlobalAddress(region: nodes.region.id, offset: 65536)
+        // Connect and learn the region first, so the counters below see only the batch.
+        var zero = [UInt8](repeating: 0, count: 4096)
+        try zero.withUnsafeMutableBytes { try nodes.a.write(to: peer, base, from: UnsafeRawBufferPointer($0)) }
+        let before = nodes.a.statistics(for: peer)
+
+        let writes = 16, adds = 16, reads = 16
+        let sources = (0..<writes).map { Self.pattern(64, seed: UInt8($0)) }
+        var destinations = [[UInt8]](repeating: [UInt8](repeating: 0, count: 64), count: reads)
+        var batch = OperationBatch(capacity: writes + adds + reads)
+        var addIndexes: [Int] = []
+        let sourcePointers = sources.map { source -> UnsafeMutableRawBufferPointer in
+            let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 8)
+            copy.copyBytes(from: source)
+            return copy
+        }
+        let destinationPointers = (0..<reads).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 8) }
+        defer {
+            sourcePointers.forEach { $0.deallocate() }
+            destinationPointers.forEach { $0.deallocate() }
+        }
+        for index in 0..<writes {
+            batch.write(to: peer, base.advanced(by: index * 64), from: UnsafeRawBufferPointer(sourcePointers[index]))
+        }
+        for index in 0..<adds {
+            // Two adds per word: each sees the previous one's result (RC executes in order).
+            addIndexes.append(batch.fetchAndAdd(at: peer, base.advanced(by: 2048 + (index / 2) * 8), UInt64(index + 1)))
+        }
+        for index in 0..<reads {
+            batch.read(from: peer, base.advanced(by: index * 64), into: destinationPointers[index])
+        }
+        try nodes.a.execute(&batch)
+
+        let after = nodes.a.statistics(for: peer)
+        #expect(after.chainsPosted - before.chainsPosted == 1, "posts: \(before) -> \(after)")
+        #expect(after.completionWaits - before.completionWaits == 1, "waits: \(before) -> \(after)")
+        #expect(after.workRequests - before.workRequests == writes + adds + reads)
+        #expect(after.connections == before.connections)
+        for index in 0..<reads { destinations[index] = Array(destinationPointers[index]) }
+        #expect(destinations == sources, "reads issued after writes in the same chain see the writes")
+        for (position, index) in addIndexes.enumerated() {
+            let expected: UInt64 = position % 2 == 0 ? 0 : UInt64(position)  // word was 0, then +position
+            #expect(batch.result(index) == expected, "fetch-and-add #\(position) found \(batch.result(index))")
+        }
+    }
+
+    @Test("a batch longer than the chain capacity is split into chains, results still in place", .requiresRDMADevice)
+    func batchLongerThanChain() throws {
+        var fixture = VerbsFixture()
+        fixture.options.chainCapacity = 8
+        let nodes = try fixture.makeNodes()
+        defer { nodes.temporary.remove() }
+        let peer = nodes.b.localNode
+        let word = GlobalAddress(region: nodes.region.id, offset: 8192)
+        _ = try nodes.a.fetchAndAdd(at: peer, word, 0)
+        let before = nodes.a.statistics(for: peer)
+        var batch = OperationBatch(capacity: 20)
+        for _ in 0..<20 { batch.fetchAndAdd(at: peer, word, 1) }
+        try nodes.a.execute(&batch)
+        let after = nodes.a.statistics(for: peer)
+        #expect(after.chainsPosted - before.chainsPosted == 3, "20 requests in chains of at most 8")
+        #expect((0..<20).map { batch.result($0) } == (0..<20).map { UInt64($0) })
+        #expect(try nodes.a.fetchAndAdd(at: peer, word, 0) == 20)
+    }
+
+    @Test("reads and writes longer than the staging buffer are split and round-trip", .requiresRDMADevice)
+    func longAccesses() throws {
+        var fixture = VerbsFixture()
+        fixture.options.stagingBytes = 64 << 10
+        fixture.regionSize = 1 << 20
+        let nodes = try fixture.makeNodes()
+        defer { nodes.temporary.remove() }
+        let peer = nodes.b.localNode
+        let address = GlobalAddress(region: nodes.region.id, offset: 4096 + 8)
+        let count = 300_000 + 5
+        let written = Self.pattern(count, seed: 9)
+        try written.withUnsafeBytes { try nodes.a.write(to: peer, address, from: $0) }
+        // The bytes are in the peer's memory, checked by its CPU.
+        let landed = Array(UnsafeRawBufferPointer(start: nodes.region.base + Int(address.offset), count: count))
+        #expect(landed == written)
+        var read = [UInt8](repeating: 0, count: count)
+        try read.withUnsafeMutableBytes { try nodes.a.read(from: peer, address, into: $0) }
+        #expect(read == written)
+        #expect(nodes.a.statistics(for: peer).workRequests >= 2 * (count / (64 << 10) + 1))
+    }
+
+    @Test("several threads on one transport: every fetch-and-add is applied once", .requiresRDMADevice)
+    func concurrentAtomics() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let transport = nodes.a
+        let peer = nodes.b.localNode
+        let word = GlobalAddress(region: nodes.region.id, offset: 16384)
+        let threads = 4, perThread = 100
+        let seen = Shared<[UInt64]>([])
+        let failures = Shared<[String]>([])
+        runThreads(threads) { _ in
+            var mine: [UInt64] = []
+            do {
+                for _ in 0..<perThread { mine.append(try transport.fetchAndAdd(at: peer, word, 1)) }
+            } catch {
+                failures.withLock { $0.append("\(error)") }
+            }
+            seen.withLock { $0.append(contentsOf: mine) }
+        }
+        #expect(failures.value.isEmpty, "\(failures.value)")
+        #expect(seen.value.sorted() == (0..<UInt64(threads * perThread)).map { $0 }, "each old value is seen exactly once")
+        let final = nodes.region.base.advanced(by: 16384).load(as: UInt64.self)
+        #expect(final == UInt64(threads * perThread))
+    }
+
+    @Test("a dead peer is reported as unreachable, naming it, within a bounded time", .requiresRDMADevice)
+    func deadPeer() throws {
+        let tmp = TemporaryDirectory("granary-verbs")
+        defer { tmp.remove() }
+        let cluster = ClusterID.random()
+        let dirA = try RegionDirectory(tmp.path.appending("n0"))
+        let dirB = try RegionDirectory(tmp.path.appending("n1"))
+        let a = try VerbsTransport(localNode: NodeID(0), cluster: cluster, directory: dirA)
+        var b: VerbsTransport? = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
+        a.addPeer(NodeID(1), endpoint: dirB)
+        let region = try dirB.create(RegionID(2), size: 1 << 20, cluster: cluster)
+        try b!.register(region)
+        let address = GlobalAddress(region: RegionID(2), offset: 4096)
+        var word: UInt64 = 0
+        try withUnsafeMutableBytes(of: &word) { try a.read(from: NodeID(1), address, into: $0) }
+        #expect(a.statistics(for: NodeID(1)).connections == 1)
+
+        b = nil  // the peer's transport closes: its responder QP is destroyed
+        let start = monotonicNanoseconds()
+        do {
+            try withUnsafeMutableBytes(of: &word) { try a.read(from: NodeID(1), address, into: $0) }
+            Issue.record("a read from a closed peer succeeded")
+        } catch let error as TransportError {
+            let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+            guard case .peerUnreachable(let node, let detail) = error else {
+                Issue.record("expected peerUnreachable, got \(error)")
+                return
+            }
+            #expect(node == NodeID(1))
+            #expect(detail.contains("IBV_WC_RETRY_EXC_ERR") || detail.contains("no work completion"), "\(error)")
+            #expect(elapsed < 10, "reported after \(elapsed) s")
+        }
+        // The next operation reconnects, and finds no endpoint.
+        do {
+            try withUnsafeMutableBytes(of: &word) { try a.read(from: NodeID(1), address, into: $0) }
+            Issue.record("a read from a gone peer succeeded")
+        } catch let error as TransportError {
+            guard case .peerUnreachable(NodeID(1), let detail) = error else {
+                Issue.record("expected peerUnreachable from n1, got \(error)")
+                return
+            }
+            #expect(detail.contains("verbs.sock"), "\(error)")
+        }
+    }
+
+    @Test("after a dropped connection the next operation reconnects", .requiresRDMADevice)
+    func reconnect() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let peer = nodes.b.localNode
+        let address = GlobalAddress(region: nodes.region.id, offset: 8192)
+        #expect(try nodes.a.compareAndSwap(at: peer, address, expected: 0, desired: 11) == 0)
+        nodes.a.disconnect(from: peer)
+        #expect(try nodes.a.compareAndSwap(at: peer, address, expected: 11, desired: 12) == 11)
+        #expect(nodes.a.statistics(for: peer).connections == 2)
+        #expect(nodes.region.base.advanced(by: 8192).load(as: UInt64.self) == 12)
+    }
+
+    @Test("a node reaches its own regions, and localPointer is its own mapping", .requiresRDMADevice)
+    func ownRegions() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let own = nodes.b
+        #expect(try own.localPointer(nodes.region.id) == nodes.region.base)
+        #expect(throws: TransportError.self) { _ = try own.localPointer(RegionID(77)) }
+        let address = GlobalAddress(region: nodes.region.id, offset: 12288)
+        #expect(try own.fetchAndAdd(at: own.localNode, address, 5) == 0)
+        #expect(nodes.region.base.advanced(by: 12288).load(as: UInt64.self) == 5)
+    }
+
+    @Test("a peer of another cluster is refused, naming both clusters", .requiresRDMADevice)
+    func foreignCluster() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let strangerDirectory = try RegionDirectory(nodes.temporary.path.appending("stranger"))
+        let otherCluster = ClusterID.random()
+        let stranger = try VerbsTransport(localNode: NodeID(2), cluster: otherCluster, directory: strangerDirectory)
+        stranger.addPeer(NodeID(1), endpoint: nodes.directoryB)
+        var word: UInt64 = 0
+        do {
+            try withUnsafeMutableBytes(of: &word) {
+                try stranger.read(from: NodeID(1), GlobalAddress(region: nodes.region.id, offset: 4096), into: $0)
+            }
+            Issue.record("a node of another cluster read a region")
+        } catch let error as TransportError {
+            #expect("\(error)".contains("\(nodes.cluster)") && "\(error)".contains("\(otherCluster)"), "\(error)")
+        }
+    }
+
+    @Test("a second transport for a node whose endpoint is live is refused", .requiresRDMADevice)
+    func endpointInUse() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        #expect {
+            _ = try VerbsTransport(localNode: NodeID(1), cluster: nodes.cluster, directory: nodes.directoryB)
+        } throws: { error in
+            guard let error = error as? VerbsError, case .endpoint = error else { return false }
+            return "\(error)".contains("another verbs transport is listening")
+        }
+    }
+
+    @Test("a device name that does not exist is an error listing the devices present", .requiresRDMADevice)
+    func unknownDevice() throws {
+        let tmp = TemporaryDirectory("granary-verbs")
+        defer { tmp.remove() }
+        let directory = try RegionDirectory(tmp.path.appending("n0"))
+        #expect(throws: VerbsError.noDevice(requested: "granary-no-such-device", available: RDMADevice.names)) {
+            _ = try VerbsTransport(localNode: NodeID(0), cluster: .random(), directory: directory,
+                                   options: .init(device: "granary-no-such-device"))
+        }
+    }
+
+    @Test("without an RDMA device, opening the transport says how to get soft-RoCE",
+          .enabled(if: !RDMADevice.isPresent, "an RDMA device is present (this checks the error on machines without one)"))
+    func noDevice() throws {
+        let tmp = TemporaryDirectory("granary-verbs")
+        defer { tmp.remove() }
+        let directory = try RegionDirectory(tmp.path.appending("n0"))
+        do {
+            _ = try VerbsTransport(localNode: NodeID(0), cluster: .random(), directory: directory)
+            Issue.record("opening a verbs transport without a device succeeded")
+        } catch {
+            guard case .noDevice = error else {
+                Issue.record("expected noDevice, got \(error)")
+                return
+            }
+            #expect("\(error)".contains("Scripts/softroce-up") && "\(error)".contains("Scripts/softroce-vm"), "\(error)")
+        }
+    }
+
+    @Test("the device's atomic capability is reported", .requiresRDMADevice)
+    func atomicCapability() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        // rxe implements atomics in its responder (IBV_ATOMIC_HCA); no device used here lacks them.
+        #expect(nodes.a.atomicCapability != .none)
+        #expect(nodes.a.deviceName == RDMADevice.names.first)
+    }
+}
