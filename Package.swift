@@ -10,6 +10,7 @@
 //                   GranaryZooKeeper      the ZooKeeper backend (C client)
 //   configuration   GranaryConfiguration  configuration ids, members, region placement
 //   engine          GranaryEngine     FaRM's commit protocol: execute, lock, validate, commit, truncate
+//   membership      GranaryMembership the configuration manager: election, leases, reconfiguration
 //   library         Granary           the public umbrella module: Cluster, Node, Transaction
 //   workloads       GranaryWorkloads  benchmark workloads and the harness behind `granary bench`
 //   command         granary           the `granary` tool
@@ -107,6 +108,15 @@ let package = Package(
             ]
         ),
 
+        // MARK: Membership: configuration manager, leases, reconfiguration
+        .target(
+            name: "GranaryMembership",
+            dependencies: [
+                "GranaryConfiguration", "GranaryCoordination", "GranaryEngine", "GranaryMemory", "GranaryTransport",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+
         // MARK: Public library
         .target(
             name: "Granary",
@@ -115,6 +125,9 @@ let package = Package(
                 "GranaryTransport",
                 "GranaryConfiguration",
                 "GranaryEngine",
+                "GranaryCoordination",
+                "GranaryZooKeeper",
+                "GranaryMembership",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

@@ -16,6 +16,9 @@ public struct ClusterOptions: Sendable {
     public var ringCapacity: Int = 256 << 10
     /// The transaction engine's tunables, the same for every node.
     public var engine = EngineOptions()
+    /// Runs the configuration manager (election, leases, reconfiguration) over an embedded
+    /// coordination store when set.
+    public var membership: MembershipOptions?
     /// Where the nodes log (at info level or below).
     public var logger: Logger = Logger(label: "granary")
 
@@ -40,12 +43,19 @@ public final class Cluster: Sendable {
     /// The directory holding one sub-directory of region files per node, and `cluster.json`.
     public let directory: FilePath
     private let removeOnShutdown: Bool
+    /// The embedded coordination store, when the cluster runs a configuration manager.
+    public let coordination: EmbeddedCoordinationService?
+    /// Each node's membership service (empty without a configuration manager).
+    public let membership: [MembershipService]
 
-    private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool) {
+    private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool,
+                 coordination: EmbeddedCoordinationService?, membership: [MembershipService]) {
         self.nodes = nodes
         self.configuration = configuration
         self.directory = directory
         self.removeOnShutdown = removeOnShutdown
+        self.coordination = coordination
+        self.membership = membership
     }
 
     /// Starts an embedded cluster of `nodes` nodes in this process over the shared-memory transport,
@@ -103,14 +113,34 @@ public final class Cluster: Sendable {
         logger[metadataKey: "cluster"] = "\(configuration.cluster)"
         let engines = try storage.map { try $0.makeEngine(options: options.engine, logger: logger) }
         for engine in engines { engine.helpNeighbours(engines) }
+        var coordination: EmbeddedCoordinationService?
+        var services: [MembershipService] = []
+        if let membershipOptions = options.membership {
+            let service = EmbeddedCoordinationService()
+            coordination = service
+            try await ConfigurationRecord.bootstrap(configuration, in: service.session())
+            for (index, engine) in engines.enumerated() {
+                let node = storage[index]
+                let size = configuration.regionSize, cluster = configuration.cluster
+                services.append(MembershipService(
+                    engine: engine, store: service.session(), options: membershipOptions, logger: logger,
+                    connect: { member in node.transport.addPeer(member.node, endpoint: try SharedMemoryNodeStorage.directory(of: member)) },
+                    openRegion: { placement in
+                        let region = try node.home.openOrCreate(placement.region, size: size, cluster: cluster)
+                        try node.transport.register(region)
+                        return region
+                    }))
+            }
+            for service in services { try await service.start() }
+        }
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
-                       removeOnShutdown: temporary)
+                       removeOnShutdown: temporary, coordination: coordination, membership: services)
     }
 
     /// Waits until every committed transaction is applied on every replica: sends the pending
     /// TRUNCATE records and waits until no node has a record to process.
     public func quiesce(timeout: Duration = .seconds(30)) async throws {
-        for node in nodes { try node.engine.flushTruncations() }
+        for node in nodes where node.engine.configuration.contains(node.id) { try node.engine.flushTruncations() }
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         while !nodes.allSatisfy({ $0.engine.isQuiescent }) {
@@ -124,6 +154,7 @@ public final class Cluster: Sendable {
     /// Quiesces, persists every region, stops every node, and removes the directory if it was a
     /// temporary one.
     public func shutdown() async throws {
+        for service in membership { await service.stop() }
         try await quiesce()
         for node in nodes {
             for placement in configuration.regions {

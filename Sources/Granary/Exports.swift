@@ -1,4 +1,7 @@
 @_exported import GranaryConfiguration
+@_exported import GranaryCoordination
+@_exported import GranaryMembership
+@_exported import GranaryZooKeeper
 @_exported import GranaryEngine
 @_exported import GranaryMemory
 @_exported import GranaryTransport

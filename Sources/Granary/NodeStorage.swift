@@ -14,6 +14,8 @@ public struct SharedMemoryNodeStorage: Sendable {
     public let transport: SharedMemoryTransport
     public let mailbox: Mailbox
     public let replicas: [Region]
+    /// The node's region directory.
+    public let home: RegionDirectory
 
     /// The region directory a member's `shm:` endpoint names.
     public static func directory(of member: Member) throws -> RegionDirectory {
@@ -30,7 +32,7 @@ public struct SharedMemoryNodeStorage: Sendable {
         }
         self.node = node
         self.configuration = configuration
-        let home = try Self.directory(of: member)
+        home = try Self.directory(of: member)
         transport = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
         var replicas: [Region] = []
         for placement in configuration.regions where placement.replicas.contains(node) {

@@ -91,7 +91,9 @@ public final class ConfigurationView: Sendable {
         self.primaries = primaries
         self.backups = backups
         self.allocationRegions = allocation.sorted()
-        var senders = [ChannelSender?](repeating: nil, count: NodeID.limit)
+        // Senders to former members are kept: their records are refused, but a refusal is still
+        // answered so that a stale coordinator learns at once.
+        var senders = previous?.senders ?? [ChannelSender?](repeating: nil, count: NodeID.limit)
         var bits: UInt64 = 0
         for member in configuration.members {
             bits |= 1 << UInt64(member.node.index)
@@ -123,7 +125,7 @@ public final class Engine: Sendable {
     public let options: EngineOptions
     private let currentView: Mutex<ConfigurationView>
     /// Every region file this node holds (replicas in the current configuration or not).
-    let regions: [Region]
+    private let heldRegions: Mutex<[Region]>
     // Hot copies of options (reading `options` copies the whole struct, existential included).
     let readAttempts: Int
     let truncationBatch: Int
@@ -172,7 +174,7 @@ public final class Engine: Sendable {
                 throw ConfigurationError.invalid("\(node) holds region \(region.id), which the configuration does not place on it")
             }
         }
-        self.regions = replicas
+        self.heldRegions = Mutex(replicas)
         self.currentView = Mutex(try ConfigurationView(node: node, configuration: configuration, regions: replicas,
                                                        previous: nil, transport: transport))
         self.pendingTruncation = Mutex([[TransactionID]](repeating: [], count: NodeID.limit))
@@ -190,13 +192,18 @@ public final class Engine: Sendable {
     /// The configuration this node is in now.
     public var configuration: Configuration { view.configuration }
 
-    /// Moves this node to `configuration` (NEW-CONFIG): from now on it rejects records of any
+    /// Moves this node to `configuration` (NEW-CONFIG), with `newRegions` (files of regions newly
+    /// placed on it, already registered with the transport): from now on it rejects records of any
     /// other configuration and from nodes outside it, routes to the new primaries, and serves as
     /// primary the regions it was promoted for (their allocators rebuilt from the replica bytes).
     ///
     /// - Throws: ``ConfigurationError/invalid(_:)`` unless the id is higher than the current one.
-    public func apply(_ configuration: Configuration) throws {
+    public func apply(_ configuration: Configuration, adding newRegions: [Region] = []) throws {
         let current = view
+        let regions = heldRegions.withLock { held in
+            held += newRegions.filter { region in !held.contains { $0.id == region.id } }
+            return held
+        }
         guard configuration.id > current.configuration.id else {
             throw ConfigurationError.invalid("\(node) is in \(current.configuration.id) and cannot move to \(configuration.id)")
         }
@@ -223,7 +230,7 @@ public final class Engine: Sendable {
     /// Sends `record` to `node`'s mailbox.
     func send(_ record: UnsafeRawBufferPointer, to node: NodeID, in view: ConfigurationView? = nil) throws(TransactionError) {
         let view = view ?? self.view
-        guard let sender = view.senders[node.index] else {
+        guard let sender = view.senders[node.index], view.isMember(node) || view.configuration.contains(view.node) else {
             throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(view.configuration.id)")
         }
         do {
@@ -274,6 +281,7 @@ public final class Engine: Sendable {
         var handled = 0
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
+        processor.flushReplies(view: view)
         let channels = processor.channelsInUse.load(ordering: .relaxed)
         for index in 0..<NodeID.limit where channels & (1 << UInt64(index)) != 0 {
             let sender = NodeID(index)
@@ -324,11 +332,18 @@ public final class Engine: Sendable {
     /// backup record waiting for truncation.
     public var isQuiescent: Bool {
         processor.pendingCount.load(ordering: .acquiring) == 0
+            && processor.unsentCount.load(ordering: .relaxed) == 0
             && processor.stashedCount.load(ordering: .acquiring) == 0
             && (0..<NodeID.limit).allSatisfy { index in
                 processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0 || mailbox.receiver(from: NodeID(index)).isEmpty
             }
     }
+
+    /// This node's mailbox region (its lease words live in its header page).
+    public var mailboxRegion: Region { mailbox.region }
+
+    /// The transport this engine uses.
+    public var transportHandle: any Transport { transport }
 
     /// This node's replica of `region`, if it holds one (for inspection and tests).
     public func replica(of region: RegionID) -> Region? { view.localReplica(region)?.region }

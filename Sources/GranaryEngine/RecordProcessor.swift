@@ -89,14 +89,43 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
+    /// Replies that found their channel busy or full, in order, per coordinator node.
+    private var unsent: [NodeID: [[UInt8]]] = [:]
+    let unsentCount = Atomic<Int>(0)
+
+    /// Answers a LOCK without ever waiting: a reply that cannot go now waits here and goes out at
+    /// the next poll (``flushReplies(view:)``). A poller that blocked on a full ring could deadlock
+    /// with a peer's poller blocked on ours.
     private func reply(to transaction: TransactionID, failure: AbortCause?, view: ConfigurationView) {
         let writer = RecordWriter(into: replyBuffer, capacity: RecordFormat.headerBytes, kind: .lockReply,
                                   configuration: view.configuration.id, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
-        do {
-            try engine.send(writer.bytes, to: transaction.node, in: view)
-        } catch {
-            engine.logger.info("could not answer \(transaction): \(error)")
+        let node = transaction.node
+        if unsent[node]?.isEmpty ?? true, let sender = view.senders[node.index] {
+            do {
+                if try sender.trySend(writer.bytes) { return }
+            } catch {
+                engine.logger.info("could not answer \(transaction): \(error)")
+                return
+            }
+        }
+        unsent[node, default: []].append(Array(writer.bytes))
+        unsentCount.add(1, ordering: .relaxed)
+    }
+
+    /// Sends the replies that could not go before, as far as the channels take them.
+    func flushReplies(view: ConfigurationView) {
+        guard unsentCount.load(ordering: .relaxed) > 0 else { return }
+        for (node, replies) in unsent where !replies.isEmpty {
+            guard let sender = view.senders[node.index] else { continue }
+            var sent = 0
+            for reply in replies {
+                let ok = (try? reply.withUnsafeBytes { try sender.trySend($0) }) ?? true
+                if !ok { break }
+                sent += 1
+            }
+            unsent[node]!.removeFirst(sent)
+            unsentCount.subtract(sent, ordering: .relaxed)
         }
     }
 

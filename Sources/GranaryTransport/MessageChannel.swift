@@ -261,7 +261,31 @@ public final class ChannelSender: Sendable {
         if let result { throw result }
     }
 
-    private func send(_ message: UnsafeRawBufferPointer, state: inout State) throws(TransportError) {
+    /// Sends `message` only if that needs no waiting: the channel is not in use by another thread
+    /// and the ring has room (after one read of the receiver's progress). A poller answers with
+    /// this, so that it never blocks on a peer that may be blocked on it.
+    ///
+    /// - Returns: false if nothing was sent.
+    public func trySend(_ message: UnsafeRawBufferPointer) throws(TransportError) -> Bool {
+        guard message.count <= maximumMessage else {
+            throw .messageTooLarge(bytes: message.count, maximum: maximumMessage)
+        }
+        let start = UInt(bitPattern: message.baseAddress)
+        let count = message.count
+        let result: Result<Bool, TransportError>? = state.withLockIfAvailable { state -> Result<Bool, TransportError> in
+            do throws(TransportError) {
+                return .success(try send(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count),
+                                         state: &state, wait: false))
+            } catch {
+                return .failure(error)
+            }
+        }
+        guard let result else { return false }
+        return try result.get()
+    }
+
+    @discardableResult
+    private func send(_ message: UnsafeRawBufferPointer, state: inout State, wait: Bool = true) throws(TransportError) -> Bool {
         let capacity = UInt64(ringCapacity)
         let total = 16 + ChannelFormat.padded(message.count)
         var position = Int(state.tail & (capacity - 1))
@@ -277,6 +301,7 @@ public final class ChannelSender: Sendable {
                 }
                 state.head = head
                 if capacity - (state.tail - state.head) >= needed { break }
+                if !wait { return false }
                 let waited = monotonicNanoseconds() - start
                 if waited > sendTimeoutNanoseconds {
                     throw .channelFull(receiver: receiver, waitedMilliseconds: Int(waited / 1_000_000))
@@ -302,5 +327,6 @@ public final class ChannelSender: Sendable {
                             from: UnsafeRawBufferPointer(start: staging, count: total))
         state.tail += UInt64(total)
         state.sequence += 1
+        return true
     }
 }

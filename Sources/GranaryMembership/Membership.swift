@@ -1,0 +1,382 @@
+import Foundation
+import GranaryConfiguration
+import GranaryCoordination
+import GranaryEngine
+import GranaryMemory
+import GranaryTransport
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a node's membership service observed.
+public enum MembershipEvent: Sendable, Equatable {
+    /// This node became the configuration manager.
+    case becameManager(ConfigurationID)
+    /// This node moved to a new configuration.
+    case configurationApplied(ConfigurationID)
+    /// As manager, this node removed `node` whose lease expired.
+    case removed(NodeID, ConfigurationID)
+    /// This node is not in the configuration any more: it must rejoin as a new member.
+    case mustRejoin(ConfigurationID)
+}
+
+/// A node's part in membership: election of the configuration manager (CM) through the
+/// coordination store, leases both ways between the CM and every node, failure detection and
+/// reconfiguration, and applying each new configuration to the node's engine.
+///
+/// Leases are one-sided: every node's lease thread increments a counter in its own mailbox (its
+/// grant to others) and the CM writes a grant counter into each member's mailbox; a node watches
+/// its grant, the CM watches every member's counter. The lease thread does nothing else, so
+/// transaction work never delays a renewal. The store is used only to agree on configurations.
+public final class MembershipService: Sendable {
+    public let node: NodeID
+    public let paths: MembershipPaths
+    public let options: MembershipOptions
+    let engine: Engine
+    let store: any CoordinationStore
+    let connect: @Sendable (Member) throws -> Void
+    let openRegion: @Sendable (RegionPlacement) throws -> Region
+    let logger: Logger
+    let eventStream: AsyncStream<MembershipEvent>
+    let eventSink: AsyncStream<MembershipEvent>.Continuation
+
+    struct State {
+        var isManager = false
+        var electionNode: String?
+        var removing: Set<NodeID> = []
+        var takingOver = false
+        var refreshing = false
+        var mustRejoin = false
+    }
+    let state = Mutex(State())
+    let running = Atomic<Bool>(true)
+    private let leaseThread = Mutex<pthread_t?>(nil)
+    private let tasks = Mutex<[Task<Void, Never>]>([])
+
+    /// - Parameters:
+    ///   - connect: makes a (new) member reachable through the engine's transport.
+    ///   - openRegion: opens or creates this node's replica of a region newly placed on it and
+    ///     registers it with the transport.
+    public init(engine: Engine, store: any CoordinationStore, options: MembershipOptions = MembershipOptions(),
+                logger: Logger? = nil, connect: @escaping @Sendable (Member) throws -> Void,
+                openRegion: @escaping @Sendable (RegionPlacement) throws -> Region) {
+        self.node = engine.node
+        self.engine = engine
+        self.store = store
+        self.options = options
+        self.paths = MembershipPaths(cluster: engine.configuration.cluster)
+        self.connect = connect
+        self.openRegion = openRegion
+        self.logger = logger ?? Logger(label: "granary.membership.\(engine.node)")
+        (eventStream, eventSink) = AsyncStream.makeStream(of: MembershipEvent.self)
+    }
+
+    /// The events, in order.
+    public var events: AsyncStream<MembershipEvent> { eventStream }
+
+    /// Whether this node is the configuration manager now.
+    public var isManager: Bool { state.withLock { $0.isManager } }
+
+    /// Registers the node, joins the election, follows the configuration and starts the lease
+    /// thread. The configuration must be in the store (``ConfigurationRecord/bootstrap(_:in:)``).
+    public func start() async throws {
+        let member = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
+        try await register(Array(try JSONEncoder().encode(member)))
+        let election = try await store.create(paths.election + "/n-", data: Array("\(node.rawValue)".utf8), mode: [.ephemeral, .sequential])
+        state.withLock { $0.electionNode = election }
+        spawn { try await self.followConfiguration() }
+        spawn { try await self.elect() }
+        startLeaseThread()
+    }
+
+    private func register(_ data: [UInt8]) async throws(CoordinationError) {
+        do {
+            _ = try await store.create(paths.members + "/\(node)", data: data, mode: .ephemeral)
+        } catch .nodeExists {
+            return
+        }
+    }
+
+    /// Stops the lease thread and the watches, and ends the store session.
+    public func stop() async {
+        guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        if let thread = leaseThread.withLock({ $0 }) { pthread_join(thread, nil) }
+        for task in tasks.withLock({ $0 }) { task.cancel() }
+        await store.close()
+        eventSink.finish()
+    }
+
+    private func spawn(_ body: @escaping @Sendable () async throws -> Void) {
+        let task = Task {
+            do { try await body() } catch {
+                if self.running.load(ordering: .relaxed) { self.logger.info("membership task of \(self.node) ended: \(error)") }
+            }
+        }
+        tasks.withLock { $0.append(task) }
+    }
+
+    // MARK: Configuration
+
+    /// Applies every configuration the store holds, as it changes (NEW-CONFIG).
+    private func followConfiguration() async throws {
+        while running.load(ordering: .relaxed) {
+            let (stored, watch) = try await store.getAndWatch(paths.configuration)
+            try apply(try ConfigurationRecord.decode(stored.data))
+            if await watch.event() == .sessionEnded { return }
+        }
+    }
+
+    /// Moves the engine to `configuration` if it is newer.
+    func apply(_ configuration: Configuration) throws {
+        guard configuration.id > engine.configuration.id else { return }
+        guard configuration.contains(node) else {
+            let first = state.withLock { state -> Bool in
+                defer { state.mustRejoin = true }
+                return !state.mustRejoin
+            }
+            if first {
+                // Fenced: a removed node serves nothing more (its poller stops, its transactions
+                // fail); it must rejoin as a new member.
+                logger.info("\(node) is not in \(configuration.id): it stops serving and must rejoin")
+                engine.stop()
+                eventSink.yield(.mustRejoin(configuration.id))
+            }
+            return
+        }
+        for member in configuration.members where member.node != node { try connect(member) }
+        let held = Set(engine.configuration.regions.filter { $0.replicas.contains(node) }.map(\.region))
+        let added = try configuration.regions.filter { $0.replicas.contains(node) && !held.contains($0.region) }.map(openRegion)
+        try engine.apply(configuration, adding: added)
+        eventSink.yield(.configurationApplied(configuration.id))
+        if configuration.manager == node, !isManager { becomeManager() }
+    }
+
+    // MARK: Election
+
+    /// The lowest election node is the CM; the others watch their predecessor.
+    private func elect() async throws {
+        guard let mine = state.withLock({ $0.electionNode }) else { return }
+        let name = String(mine.split(separator: "/").last!)
+        while running.load(ordering: .relaxed) {
+            let candidates = try await store.children(paths.election)
+            guard let index = candidates.firstIndex(of: name) else {
+                // Our session ended (expired): we are out of the running.
+                return
+            }
+            if index == 0 {
+                try await takeManagement()
+                return
+            }
+            let (version, watch) = try await store.existsAndWatch(paths.election + "/" + candidates[index - 1])
+            if version == nil { continue }
+            if await watch.event() == .sessionEnded { return }
+        }
+    }
+
+    /// Records this node as CM in a new configuration.
+    private func takeManagement() async throws {
+        let node = self.node
+        let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
+            guard current.manager != node else { return nil }
+            var next = current
+            next.manager = node
+            // A CM that was replaced because it stopped renewing leases leaves the configuration.
+            if let old = current.manager, old != node, !self.candidatesContain(old) {
+                next = ConfigurationRecord.removing(old, from: next)
+                next.manager = node
+            }
+            return next
+        }
+        if let committed { try apply(committed) }
+        becomeManager()
+    }
+
+    private let candidateNodes = Mutex<Set<NodeID>>([])
+    private func candidatesContain(_ node: NodeID) -> Bool { candidateNodes.withLock { $0.contains(node) } }
+
+    private func becomeManager() {
+        let first = state.withLock { state -> Bool in
+            defer { state.isManager = true }
+            return !state.isManager
+        }
+        guard first else { return }
+        logger.info("\(node) is the configuration manager")
+        eventSink.yield(.becameManager(engine.configuration.id))
+        spawn { try await self.watchRegistrations() }
+    }
+
+    /// As CM: a member whose registration vanished (its session ended) leaves; a registered node
+    /// that is not a member joins.
+    private func watchRegistrations() async throws {
+        while running.load(ordering: .relaxed), isManager {
+            let (names, watch) = try await store.childrenAndWatch(paths.members)
+            var registered: [Member] = []
+            for name in names {
+                if let data = try? await store.get(paths.members + "/" + name).data,
+                   let member = try? JSONDecoder().decode(Member.self, from: Data(data)) {
+                    registered.append(member)
+                }
+            }
+            let registeredNodes = Set(registered.map(\.node))
+            let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
+                var next = current
+                for member in current.members where !registeredNodes.contains(member.node) && member.node != self.node {
+                    next = ConfigurationRecord.removing(member.node, from: next)
+                }
+                for member in registered where !current.contains(member.node) && !member.endpoint.isEmpty {
+                    next.members.append(member)
+                }
+                next.manager = self.node
+                return next.members == current.members ? nil : next
+            }
+            if let committed { try apply(committed) }
+            if await watch.event() == .sessionEnded { return }
+        }
+    }
+
+    // MARK: Leases
+
+    /// Stops renewing leases without ending the store session, as a node that hangs (SIGSTOP)
+    /// would: for failure-detection tests.
+    package func haltLeases() {
+        let thread = leaseThread.withLock { thread -> pthread_t? in
+            defer { thread = nil }
+            return thread
+        }
+        leasesHalted.store(true, ordering: .releasing)
+        if let thread { pthread_join(thread, nil) }
+    }
+    private let leasesHalted = Atomic<Bool>(false)
+
+    private final class ThreadStart: @unchecked Sendable {
+        // Handed to exactly one thread.
+        let service: MembershipService
+        init(_ service: MembershipService) { self.service = service }
+    }
+
+    private func startLeaseThread() {
+        var thread = pthread_t()
+        let start = Unmanaged.passRetained(ThreadStart(self)).toOpaque()
+        precondition(pthread_create(&thread, nil, { raw in
+            let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
+            // Leases must not wait behind anything: real-time priority where allowed (root).
+            var parameter = sched_param()
+            parameter.sched_priority = 10
+            _ = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameter)
+            start.service.leaseLoop()
+            return nil
+        }, start) == 0)
+        leaseThread.withLock { $0 = thread }
+    }
+
+    private func nanoseconds(_ duration: Duration) -> UInt64 {
+        let (seconds, attoseconds) = duration.components
+        return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+    }
+
+    private func leaseLoop() {
+        let lease = nanoseconds(options.lease)
+        let interval = lease / UInt64(max(1, options.renewalsPerLease))
+        let expiry = lease * UInt64(1 + options.probeLeases)
+        let ownWord = (engine.mailboxRegion.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
+        let grantWord = ownWord + 1  // written by the CM
+        var lastSeen: [NodeID: (value: UInt64, at: UInt64)] = [:]
+        var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
+        var counter: UInt64 = 0
+        while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
+            counter &+= 1
+            ownWord.pointee.store(counter, ordering: .releasing)
+            let now = monotonicNanoseconds()
+            let configuration = engine.configuration
+            if isManager {
+                for member in configuration.members where member.node != node {
+                    // Renew the member's lease, and check the member renewed ours.
+                    var grant = counter
+                    _ = try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
+                        try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)
+                    }
+                    var value: UInt64 = 0
+                    let read: Bool = (try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
+                        try engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
+                    }) != nil
+                    if let seen = lastSeen[member.node], !read || seen.value == value {
+                        if now - seen.at > expiry { suspect(member.node) }
+                    } else {
+                        lastSeen[member.node] = (value, now)
+                    }
+                }
+            } else {
+                let grant = grantWord.pointee.load(ordering: .acquiring)
+                if grant != lastGrant.value {
+                    lastGrant = (grant, now)
+                } else if now - lastGrant.at > expiry {
+                    // No renewal from the CM: it failed, or we were removed. Ask the store.
+                    lastGrant.at = now
+                    refresh(suspectManager: configuration.manager)
+                }
+            }
+            usleep(UInt32(max(1, interval / 1_000)))
+        }
+    }
+
+    /// As CM: remove `suspect` from the configuration (once).
+    private func suspect(_ suspect: NodeID) {
+        guard state.withLock({ $0.removing.insert(suspect).inserted }) else { return }
+        spawn {
+            defer { _ = self.state.withLock { $0.removing.remove(suspect) } }
+            let node = self.node
+            let committed = try await ConfigurationRecord.change(self.engine.configuration.cluster, in: self.store) { current in
+                guard current.contains(suspect) else { return nil }
+                var next = ConfigurationRecord.removing(suspect, from: current)
+                next.manager = node
+                return next
+            }
+            if let committed {
+                self.logger.info("\(node) removed \(suspect) (lease expired) in \(committed.id)")
+                self.eventSink.yield(.removed(suspect, committed.id))
+                try self.apply(committed)
+            }
+        }
+    }
+
+    /// Our lease from the CM expired: re-read the configuration; if the CM itself is silent and
+    /// we are next in the election, take its place.
+    private func refresh(suspectManager manager: NodeID?) {
+        guard state.withLock({ state -> Bool in
+            defer { state.refreshing = true }
+            return !state.refreshing
+        }) else { return }
+        spawn {
+            defer { self.state.withLock { $0.refreshing = false } }
+            let (configuration, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
+            try self.apply(configuration)
+            guard configuration.contains(self.node), let manager, manager != self.node, configuration.manager == manager else { return }
+            // Is the CM's own lease counter still moving?
+            var first: UInt64 = 0, second: UInt64 = 1
+            _ = try? withUnsafeMutableBytes(of: &first) { (bytes) throws(TransportError) in
+                try self.engine.transportHandle.read(from: manager, LeaseWord.address(of: manager), into: bytes)
+            }
+            try await Task.sleep(for: self.options.lease)
+            _ = try? withUnsafeMutableBytes(of: &second) { (bytes) throws(TransportError) in
+                try self.engine.transportHandle.read(from: manager, LeaseWord.address(of: manager), into: bytes)
+            }
+            guard first == second else { return }
+            // The CM is silent: if we are next in line, delete its election node; our watch on it
+            // then makes us the CM, which removes it from the configuration.
+            let candidates = try await self.store.children(self.paths.election)
+            var owners: [(String, NodeID)] = []
+            for name in candidates {
+                if let data = try? await self.store.get(self.paths.election + "/" + name).data, let raw = UInt16(String(decoding: data, as: UTF8.self)) {
+                    owners.append((name, NodeID(rawValue: raw)))
+                }
+            }
+            self.candidateNodes.withLock { $0 = Set(owners.map(\.1).filter { $0 != manager }) }
+            guard let managerIndex = owners.firstIndex(where: { $0.1 == manager }),
+                  managerIndex + 1 < owners.count, owners[managerIndex + 1].1 == self.node else { return }
+            self.logger.info("\(self.node) takes over from silent CM \(manager)")
+            try? await self.store.delete(self.paths.election + "/" + owners[managerIndex].0, expectedVersion: nil)
+        }
+    }
+}

@@ -1,0 +1,146 @@
+import Foundation
+import GranaryConfiguration
+import GranaryCoordination
+import GranaryEngine
+import GranaryMemory
+import GranaryTransport
+import Logging
+import Synchronization
+
+/// Tunables of a node's membership service.
+public struct MembershipOptions: Sendable {
+    /// The lease between the configuration manager (CM) and every node, both ways.
+    public var lease: Duration = .milliseconds(10)
+    /// Renewals per lease period.
+    public var renewalsPerLease: Int = 4
+    /// Lease expiries in a row before a node is suspected and probed; the probe then waits one
+    /// more lease for a sign of life before the suspect is removed.
+    public var probeLeases: Int = 1
+    public init() {}
+}
+
+/// Where things live in the coordination store, under `/granary/<cluster>`.
+public struct MembershipPaths: Sendable {
+    public let root: String
+    public init(cluster: ClusterID) { root = "/granary/\(cluster)" }
+    public var configuration: String { root + "/configuration" }
+    public var election: String { root + "/election" }
+    public var members: String { root + "/members" }
+}
+
+/// The lease word of each node: a counter in its mailbox region's header page (outside the
+/// checksummed header fields), renewed by the node's lease thread and read one-sidedly by peers.
+public enum LeaseWord {
+    public static let offset: UInt32 = 2048
+    public static func address(of node: NodeID) -> GlobalAddress { GlobalAddress(region: .mailbox(of: node), offset: offset) }
+}
+
+/// Stores and reads the configuration in the coordination store: JSON at `paths.configuration`,
+/// changed only by compare-and-set, its id increasing by one each time.
+public enum ConfigurationRecord {
+    public static func encode(_ configuration: Configuration) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return Array(try! encoder.encode(configuration))
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws -> Configuration {
+        try JSONDecoder().decode(Configuration.self, from: Data(bytes))
+    }
+
+    /// Creates the cluster's nodes in the store with `initial` unless a configuration is there
+    /// already (which is kept). Returns the stored configuration.
+    @discardableResult
+    public static func bootstrap(_ initial: Configuration, in store: any CoordinationStore) async throws -> Configuration {
+        let paths = MembershipPaths(cluster: initial.cluster)
+        try await store.createParents(paths.root)
+        for path in [paths.election, paths.members] { try await createIfAbsent(path, [], in: store) }
+        try await createIfAbsent(paths.configuration, encode(initial), in: store)
+        return try decode(try await store.get(paths.configuration).data)
+    }
+
+    /// The stored configuration of `cluster`.
+    public static func read(_ cluster: ClusterID, from store: any CoordinationStore) async throws -> (Configuration, Int32) {
+        let stored = try await store.get(MembershipPaths(cluster: cluster).configuration)
+        return (try decode(stored.data), stored.version)
+    }
+
+    /// Replaces the configuration by `change(current)` with compare-and-set, the id one higher,
+    /// retrying when another writer won. Returns the committed configuration, or nil if `change`
+    /// declined.
+    public static func change(_ cluster: ClusterID, in store: any CoordinationStore,
+                              _ change: (Configuration) throws -> Configuration?) async throws -> Configuration? {
+        let path = MembershipPaths(cluster: cluster).configuration
+        while true {
+            let stored = try await store.get(path)
+            let current = try decode(stored.data)
+            guard var next = try change(current) else { return nil }
+            next.id = current.id.next
+            try next.validate()
+            if try await set(path, encode(next), expectedVersion: stored.version, in: store) { return next }
+        }
+    }
+
+    /// Creates a persistent node unless it exists.
+    static func createIfAbsent(_ path: String, _ data: [UInt8], in store: any CoordinationStore) async throws(CoordinationError) {
+        do {
+            _ = try await store.create(path, data: data, mode: .persistent)
+        } catch .nodeExists {
+            return
+        }
+    }
+
+    /// Compare-and-set; false when another writer got there first.
+    static func set(_ path: String, _ data: [UInt8], expectedVersion: Int32, in store: any CoordinationStore) async throws(CoordinationError) -> Bool {
+        do {
+            try await store.set(path, data: data, expectedVersion: expectedVersion)
+            return true
+        } catch .badVersion {
+            return false
+        }
+    }
+
+    /// `configuration` without `node`: regions it led get their first backup promoted; it leaves
+    /// every backup list. Regions left with fewer replicas are under-replicated (see
+    /// ``underReplicated(_:replicas:)``).
+    public static func removing(_ node: NodeID, from configuration: Configuration) -> Configuration {
+        var next = configuration
+        next.members.removeAll { $0.node == node }
+        next.regions = configuration.regions.compactMap { placement in
+            var placement = placement
+            placement.backups.removeAll { $0 == node }
+            if placement.primary == node {
+                guard !placement.backups.isEmpty else { return nil }  // no replica left: the region is lost
+                placement.primary = placement.backups.removeFirst()
+            }
+            return placement
+        }
+        if next.manager == node { next.manager = nil }
+        return next
+    }
+
+    /// Regions with fewer than `replicas` replicas, for re-replication.
+    public static func underReplicated(_ configuration: Configuration, replicas: Int) -> [RegionID] {
+        configuration.regions.filter { $0.replicas.count < replicas }.map(\.region)
+    }
+
+    /// `count` new regions placed on the members: each primary on the node leading the fewest
+    /// regions, backups on the nodes holding the fewest replicas, all replicas on distinct nodes.
+    public static func placingNewRegions(_ count: Int, replicas: Int, in configuration: Configuration) throws -> Configuration {
+        var next = configuration
+        let nodes = configuration.members.map(\.node)
+        guard replicas <= nodes.count else {
+            throw ConfigurationError.invalid("\(replicas) replicas need \(replicas) members, the configuration has \(nodes.count)")
+        }
+        var nextID = (configuration.regions.map(\.region.index).max() ?? 0) + 1
+        for _ in 0..<count {
+            let led = Dictionary(grouping: next.regions, by: \.primary).mapValues(\.count)
+            let held = Dictionary(grouping: next.regions.flatMap(\.replicas), by: { $0 }).mapValues(\.count)
+            let primary = nodes.min { (led[$0] ?? 0, held[$0] ?? 0, $0) < (led[$1] ?? 0, held[$1] ?? 0, $1) }!
+            let backups = nodes.filter { $0 != primary }.sorted { (held[$0] ?? 0, $0) < (held[$1] ?? 0, $1) }.prefix(replicas - 1)
+            next.regions.append(RegionPlacement(region: RegionID(nextID), primary: primary, backups: Array(backups)))
+            nextID += 1
+        }
+        return next
+    }
+}

@@ -1,0 +1,122 @@
+import Granary
+import GranaryTestSupport
+import Testing
+
+/// The configuration manager over the embedded coordination store, nodes in this process.
+@Suite("Membership: embedded store")
+struct MembershipTests {
+    func cluster(lease: Duration = .milliseconds(10)) async throws -> Cluster {
+        try await testCluster { options in
+            var membership = MembershipOptions()
+            membership.lease = lease
+            options.membership = membership
+        }
+    }
+
+    /// Waits (bounded) until `condition` holds.
+    func eventually(_ what: String, timeout: Duration = .seconds(60), _ condition: () async throws -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while try await !condition() {
+            guard ContinuousClock.now < deadline else {
+                Issue.record("timed out waiting for: \(what)")
+                return
+            }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
+    @Test("one CM is elected; a silent node is removed within a bounded time, its regions' backups promoted; ids only increase")
+    func silentNodeRemoved() async throws {
+        let cluster = try await cluster()
+        let store = cluster.coordination!.session()
+        try await eventually("a CM") { cluster.membership.contains { $0.isManager } }
+        #expect(cluster.membership.filter(\.isManager).count == 1)
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        // Money in every region before the failure.
+        var accounts: [GlobalAddress] = []
+        for node in cluster.nodes { accounts += try await node.transaction { tx in try (0..<20).map { _ in try tx.allocate(Int64(100)) } } }
+        let all = accounts
+        try await cluster.quiesce()
+        let (before, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+        let victim = cluster.nodes.first { $0.id != cm }!.id
+        let led = before.regions.filter { $0.primary == victim }.map(\.region)
+        let halted = ContinuousClock.now
+        cluster.membership[victim.index].haltLeases()
+        var removedAfter: Duration = .zero
+        try await eventually("\(victim) removed") {
+            let (now, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+            if !now.contains(victim) { removedAfter = ContinuousClock.now - halted }
+            return !now.contains(victim)
+        }
+        print("membership: \(victim) removed \(removedAfter) after its lease thread stopped (lease 10 ms)")
+        #expect(removedAfter < .seconds(2), "removal took \(removedAfter)")
+        let (after, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+        #expect(after.id > before.id, "configuration id went from \(before.id) to \(after.id)")
+        #expect(after.manager == cm)
+        for region in led {
+            let placement = after.placement(of: region)
+            #expect(placement != nil && placement!.primary != victim && !placement!.replicas.contains(victim), "\(region): \(String(describing: placement))")
+        }
+        #expect(ConfigurationRecord.underReplicated(after, replicas: 3).sorted() == after.regions.map(\.region).sorted())
+        // The survivors move to the new configuration and keep serving every account.
+        let survivors = cluster.nodes.filter { $0.id != victim }
+        try await eventually("survivors in \(after.id)") { survivors.allSatisfy { $0.engine.configuration.id >= after.id } }
+        let total = try await survivors[0].transaction { tx in try all.map { try tx.read($0, as: Int64.self) }.reduce(0, +) }
+        #expect(total == 100 * Int64(all.count))
+        try await survivors[1].transaction { tx in
+            try tx.write(all[0], try tx.read(all[0], as: Int64.self) - 1)
+            try tx.write(all[1], try tx.read(all[1], as: Int64.self) + 1)
+        }
+        // The removed node still believes in the old configuration: everything it tries to commit
+        // is refused, and nothing it does changes data.
+        // (It is fenced as soon as it reads the new configuration: then it refuses to start.)
+        let stale = cluster.nodes[victim.index]
+        do {
+            let outcome = try stale.engine.attempt(stale.engine.makeTransaction()) { tx in try tx.write(all[2], Int64(1_000_000)) }
+            guard case .aborted(let cause) = outcome else {
+                Issue.record("the removed node committed a write")
+                return
+            }
+            #expect(cause == .wrongConfiguration || cause == .invalidObject, "refused with \(cause)")
+        } catch TransactionError.shutDown(let node) {
+            #expect(node == victim)
+        }
+        let final = try await survivors[0].transaction { tx in try all.map { try tx.read($0, as: Int64.self) }.reduce(0, +) }
+        #expect(final == 100 * Int64(all.count), "the removed node changed data: total \(final)")
+        await store.close()
+        try await cluster.shutdown()
+    }
+
+    @Test("when the CM's session ends, the next candidate becomes CM and removes it")
+    func managerFailover() async throws {
+        let cluster = try await cluster()
+        let store = cluster.coordination!.session()
+        try await eventually("a CM") { cluster.membership.contains { $0.isManager } }
+        let old = cluster.membership.first(where: \.isManager)!
+        let (before, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+        await old.stop()  // its election and registration nodes go with its session
+        try await eventually("a new CM") { cluster.membership.contains { $0.isManager && $0.node != old.node } }
+        try await eventually("old CM removed") {
+            let (now, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+            return !now.contains(old.node) && now.manager != nil && now.manager != old.node
+        }
+        let (after, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+        #expect(after.id > before.id)
+        await store.close()
+        try await cluster.shutdown()
+    }
+
+    @Test("new regions are placed on distinct nodes, balanced")
+    func placement() throws {
+        let nodes = (0..<4).map { NodeID($0) }
+        var configuration = try Configuration(id: ConfigurationID(rawValue: 1), cluster: ClusterID(rawValue: 1),
+                                              members: nodes.map { Member(node: $0, endpoint: "shm:/x/\($0)") }, regions: [], regionSize: 1 << 20)
+        configuration = try ConfigurationRecord.placingNewRegions(8, replicas: 3, in: configuration)
+        let led = Dictionary(grouping: configuration.regions, by: \.primary).mapValues(\.count)
+        let held = Dictionary(grouping: configuration.regions.flatMap(\.replicas), by: { $0 }).mapValues(\.count)
+        #expect(led.values.sorted() == [2, 2, 2, 2], "primaries \(led)")
+        #expect(held.values.sorted() == [6, 6, 6, 6], "replicas \(held)")
+        for placement in configuration.regions { #expect(Set(placement.replicas).count == 3) }
+        #expect(throws: ConfigurationError.self) { try ConfigurationRecord.placingNewRegions(1, replicas: 5, in: configuration) }
+    }
+}
