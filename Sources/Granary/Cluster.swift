@@ -16,13 +16,29 @@ public struct ClusterOptions: Sendable {
     public var ringCapacity: Int = 256 << 10
     /// The transaction engine's tunables, the same for every node.
     public var engine = EngineOptions()
-    /// Runs the configuration manager (election, leases, reconfiguration) over an embedded
-    /// coordination store when set.
+    /// Runs the configuration manager (election, leases, reconfiguration) when set.
     public var membership: MembershipOptions?
+    /// The coordination store the configuration manager agrees through.
+    public var coordination: CoordinationChoice = .embedded
     /// Where the nodes log (at info level or below).
     public var logger: Logger = Logger(label: "granary")
 
     public init() {}
+}
+
+/// Where a cluster's nodes agree on the configuration.
+public enum CoordinationChoice: Sendable, Equatable {
+    /// An ``EmbeddedCoordinationService`` in this process.
+    case embedded
+    /// A ZooKeeper ensemble, e.g. "127.0.0.1:2181".
+    case zookeeper(String)
+
+    /// Parses `embedded` or `zookeeper://host:port[,host:port...]`.
+    public init?(_ text: String) {
+        if text == "embedded" { self = .embedded; return }
+        guard text.hasPrefix("zookeeper://"), text.count > 12 else { return nil }
+        self = .zookeeper(String(text.dropFirst(12)))
+    }
 }
 
 /// A Granary cluster: its nodes, their configuration, and their region files.
@@ -116,14 +132,23 @@ public final class Cluster: Sendable {
         var coordination: EmbeddedCoordinationService?
         var services: [MembershipService] = []
         if let membershipOptions = options.membership {
-            let service = EmbeddedCoordinationService()
-            coordination = service
-            try await ConfigurationRecord.bootstrap(configuration, in: service.session())
+            let makeSession: @Sendable () throws -> any CoordinationStore
+            switch options.coordination {
+            case .embedded:
+                let service = EmbeddedCoordinationService()
+                coordination = service
+                makeSession = { service.session() }
+            case .zookeeper(let address):
+                makeSession = { try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4)) }
+            }
+            let bootstrapSession = try makeSession()
+            try await ConfigurationRecord.bootstrap(configuration, in: bootstrapSession)
+            await bootstrapSession.close()
             for (index, engine) in engines.enumerated() {
                 let node = storage[index]
                 let size = configuration.regionSize, cluster = configuration.cluster
                 services.append(MembershipService(
-                    engine: engine, store: service.session(), options: membershipOptions, logger: logger,
+                    engine: engine, store: try makeSession(), options: membershipOptions, logger: logger,
                     connect: { member in node.transport.addPeer(member.node, endpoint: try SharedMemoryNodeStorage.directory(of: member)) },
                     openRegion: { placement in
                         let region = try node.home.openOrCreate(placement.region, size: size, cluster: cluster)

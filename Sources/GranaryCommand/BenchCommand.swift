@@ -13,7 +13,7 @@ struct BenchCommand: AsyncParsableCommand {
             Default: an embedded 3-node cluster, 3 replicas, shared-memory transport, 5 seconds. \
             Prints a live progress line, then a table; --json and --plot write the figures.
             """,
-        subcommands: [TATPBench.self, SmallBankBench.self, TransferBench.self]
+        subcommands: [TATPBench.self, SmallBankBench.self, TransferBench.self, MembershipBench.self]
     )
 }
 
@@ -170,5 +170,80 @@ struct SmallBankBench: AsyncParsableCommand {
         let types = only.map { $0.split(separator: ",").map { SmallBankWorkload.types.firstIndex(of: $0.uppercased())! } }
         var workload = SmallBankWorkload(accounts: accounts, hotAccounts: hotAccounts, seed: options.seed, only: types)
         try await runBenchmark("smallbank", &workload, options)
+    }
+}
+
+/// `granary bench membership`: time from a node's death to the committed configuration without it.
+struct MembershipBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "membership",
+        abstract: "Failure detection and reconfiguration time, over many trials.",
+        discussion: """
+            Each trial starts an embedded 3-node cluster running the configuration manager, waits for \
+            the CM, then stops a non-CM node's lease thread (a node that hangs or dies) and measures \
+            until the coordination store holds a configuration without it.
+            """)
+    @Option(help: "Trials.") var trials: Int = 20
+    @Option(help: "Lease in milliseconds.") var leaseMs: Int = 10
+    @Option(help: "Coordination store: embedded or zookeeper://host:port.") var coordination: String = "embedded"
+    @Option(help: "Write the figures as JSON to this file.") var json: String?
+
+    func validate() throws {
+        guard trials >= 1 else { throw ValidationError("--trials must be at least 1") }
+        guard leaseMs >= 1 else { throw ValidationError("--lease-ms must be at least 1") }
+        guard CoordinationChoice(coordination) != nil else {
+            throw ValidationError("--coordination takes embedded or zookeeper://host:port, got '\(coordination)'")
+        }
+    }
+
+    func run() async throws {
+        let choice = CoordinationChoice(coordination)!
+        var samples: [Double] = []
+        for trial in 0..<trials {
+            var options = ClusterOptions()
+            options.regionSize = 1 << 20
+            options.ringCapacity = 16 << 10
+            options.coordination = choice
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(leaseMs)
+            options.membership = membership
+            options.logger.logLevel = .warning
+            let cluster = try await Cluster.local(nodes: 3, replicas: 3, options: options)
+            let store: any CoordinationStore
+            switch choice {
+            case .embedded: store = cluster.coordination!.session()
+            case .zookeeper(let address): store = try ZooKeeperStore(connectString: address)
+            }
+            let clock = ContinuousClock()
+            var deadline = clock.now + .seconds(30)
+            while !cluster.membership.contains(where: \.isManager) {
+                guard clock.now < deadline else { throw ValidationError("trial \(trial): no configuration manager within 30 s") }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            // Let leases settle before the failure.
+            try await Task.sleep(for: .milliseconds(Int64(leaseMs * 5)))
+            let victim = cluster.membership.first { !$0.isManager }!
+            let start = clock.now
+            victim.haltLeases()
+            deadline = clock.now + .seconds(30)
+            while try await ConfigurationRecord.read(cluster.configuration.cluster, from: store).0.contains(victim.node) {
+                guard clock.now < deadline else { throw ValidationError("trial \(trial): \(victim.node) not removed within 30 s") }
+                try await Task.sleep(for: .microseconds(200))
+            }
+            let elapsed = clock.now - start
+            samples.append(Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15)
+            await store.close()
+            try await cluster.shutdown()
+            FileHandle.standardError.write(String(format: "\rtrial %d/%d: %.1f ms", trial + 1, trials, samples.last!).data(using: .utf8)!)
+        }
+        FileHandle.standardError.write("\n".data(using: .utf8)!)
+        let sorted = samples.sorted()
+        func percentile(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1 < 0 ? 0 : Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1)] }
+        print(String(format: "membership (%@, lease %d ms, %d trials): death to committed configuration: median %.1f ms, p99 %.1f ms, max %.1f ms",
+                     coordination, leaseMs, trials, percentile(50), percentile(99), sorted.last!))
+        if let json {
+            let document: [String: Double] = ["median_ms": percentile(50), "p99_ms": percentile(99), "max_ms": sorted.last!, "trials": Double(trials), "lease_ms": Double(leaseMs)]
+            try JSONEncoder().encode(document).write(to: URL(fileURLWithPath: json))
+        }
     }
 }
