@@ -24,7 +24,8 @@ import Musl
 /// lazily. The requester creates an RC QP and sends its QP number, PSN, GID and LID over the
 /// socket; the peer's listener thread creates the responder QP, connects it and answers with its
 /// own; the requester then moves its QP to RTR and RTS. Regions are looked up over the same socket
-/// on first use (address, rkey, size) and cached until the connection is dropped. This works
+/// on first use (address, rkey, size) and cached until the connection is dropped. The listener
+/// serves one exchange at a time, each bounded by `Options.endpointTimeout`. This works
 /// between two transports of one process (tests) and between node processes on one host (with one
 /// RDMA device shared by all of them, e.g. `rxe0`). Nodes on different hosts need the socket
 /// exchange replaced by a TCP one; that is not implemented.
@@ -117,10 +118,13 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         public init() {}
     }
 
+    /// The node this transport acts for.
     public let localNode: NodeID
+    /// The cluster; a peer of another cluster is refused at connection time.
     public let cluster: ClusterID
     /// This node's region directory; its endpoint socket is ``endpointPath``.
     public let directory: RegionDirectory
+    /// The options the transport was opened with.
     public let options: Options
     let device: VerbsDevice
     let regions: LocalRegions
@@ -235,6 +239,10 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         try regions.register(region)
     }
 
+    /// The start of this node's own registered region `region` (its mapping, which the NIC serves
+    /// to peers).
+    ///
+    /// - Throws: ``TransportError/unknownRegion(node:region:reason:)`` if it was not registered.
     public func localPointer(_ region: RegionID) throws(TransportError) -> UnsafeMutableRawPointer {
         guard let record = regions.record(region) else {
             throw .unknownRegion(node: localNode, region: region, reason: "this node has not registered it with its verbs transport")
