@@ -13,7 +13,7 @@ import Glibc
 /// engine (primary and backup of its replicas, coordinator of the transactions it starts) and
 /// serves until killed. Without, a bare transport node for transport tests: it owns the regions
 /// named by `--regions` in `--directory` and echoes the messages its peers send it.
-struct NodeCommand: ParsableCommand {
+struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "node",
         abstract: "Run one node process.",
@@ -36,6 +36,12 @@ struct NodeCommand: ParsableCommand {
 
     @Option(name: .long, help: "The cluster configuration (JSON) this node is a member of.")
     var config: String?
+
+    @Option(name: .long, help: "With --config: agree on configurations through this store and run the configuration manager (embedded is only for one process; zookeeper://host:port for node processes).")
+    var coordination: String?
+
+    @Option(name: .long, help: "With --coordination: the lease between the configuration manager and each node, in milliseconds.")
+    var leaseMs: Int = 10
 
     @Option(name: .long, help: "Bank workload: accounts this node allocates (with --config).")
     var bankAccounts: Int = 0
@@ -69,6 +75,12 @@ struct NodeCommand: ParsableCommand {
 
     func validate() throws {
         guard (0..<NodeID.limit).contains(id) else { throw ValidationError("--id must be in 0..<\(NodeID.limit), got \(id)") }
+        if let coordination {
+            guard config != nil else { throw ValidationError("--coordination needs --config") }
+            guard case .zookeeper? = CoordinationChoice(coordination) else {
+                throw ValidationError("--coordination takes zookeeper://host:port for a node process, got '\(coordination)'")
+            }
+        }
         if config == nil {
             guard directory != nil, let cluster else { throw ValidationError("give --config FILE, or --directory and --cluster") }
             guard UInt64(cluster, radix: 16) != nil else { throw ValidationError("--cluster must be a hex number, got '\(cluster)'") }
@@ -81,8 +93,8 @@ struct NodeCommand: ParsableCommand {
         }
     }
 
-    func run() throws {
-        if let config { return try runMember(configurationFile: config) }
+    func run() async throws {
+        if let config { return try await runMember(configurationFile: config) }
         let node = NodeID(id)
         let clusterID = ClusterID(rawValue: UInt64(cluster!, radix: 16)!)
         let home = try RegionDirectory(FilePath(directory!))
@@ -133,7 +145,7 @@ struct NodeCommand: ParsableCommand {
 
 extension NodeCommand {
     /// A cluster member running the transaction engine.
-    func runMember(configurationFile: String) throws {
+    func runMember(configurationFile: String) async throws {
         let data: Data
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: configurationFile))
@@ -150,6 +162,34 @@ extension NodeCommand {
         let engine = try storage.makeEngine(options: options, logger: Logger(label: "granary.\(node)"))
         print("ready \(node) \(configuration.cluster) \(storage.replicas.map(\.id.description).joined(separator: ","))")
         fflush(nil)
+        if let coordination, case .zookeeper(let address) = CoordinationChoice(coordination) {
+            let store = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
+            try await ConfigurationRecord.bootstrap(configuration, in: store)
+            var options = MembershipOptions()
+            options.lease = .milliseconds(leaseMs)
+            let size = configuration.regionSize, cluster = configuration.cluster
+            let membership = MembershipService(
+                engine: engine, store: store, options: options,
+                connect: { member in storage.transport.addPeer(member.node, endpoint: try SharedMemoryNodeStorage.directory(of: member)) },
+                openRegion: { placement in
+                    let region = try storage.home.openOrCreate(placement.region, size: size, cluster: cluster)
+                    try storage.transport.register(region)
+                    return region
+                })
+            try await membership.start()
+            // Membership events on standard output, one line each, for operators and tests.
+            Task.detached {
+                for await event in membership.events {
+                    switch event {
+                    case .becameManager(let id): print("manager \(id.rawValue)")
+                    case .configurationApplied(let id): print("configuration \(id.rawValue)")
+                    case .removed(let node, let id): print("removed \(node) \(id.rawValue)")
+                    case .mustRejoin(let id): print("must-rejoin \(id.rawValue)")
+                    }
+                    fflush(nil)
+                }
+            }
+        }
         let home = try SharedMemoryNodeStorage.directory(of: configuration.members.first { $0.node == node }!)
         if bankAccounts > 0 {
             var mine: [GlobalAddress] = []
@@ -167,6 +207,7 @@ extension NodeCommand {
         }
         if bankTransfers > 0 {
             let accounts = try Self.waitForBankAccounts(configuration: configuration, timeout: 120)
+            let engine = engine
             var random = SystemRandomNumberGenerator()
             for _ in 0..<bankTransfers {
                 let from = accounts.randomElement(using: &random)!
@@ -186,7 +227,7 @@ extension NodeCommand {
             print("done \(bankTransfers)")
             fflush(nil)
         }
-        while true { sleep(3600) }
+        while true { try await Task.sleep(for: .seconds(3600)) }
     }
 
     /// The bank accounts every member holding regions published, once all of them have.

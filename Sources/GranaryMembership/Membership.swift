@@ -142,6 +142,14 @@ public final class MembershipService: Sendable {
                 logger.info("\(node) is not in \(configuration.id): it stops serving and must rejoin")
                 engine.stop()
                 eventSink.yield(.mustRejoin(configuration.id))
+                // Out of the election and the registrations too: a removed node must neither become
+                // the CM nor be taken for a node asking to join.
+                let election = state.withLock({ $0.electionNode })
+                let registration = paths.members + "/\(node)"
+                spawn {
+                    if let election { try? await self.store.delete(election, expectedVersion: nil) }
+                    try? await self.store.delete(registration, expectedVersion: nil)
+                }
             }
             return
         }
@@ -178,6 +186,7 @@ public final class MembershipService: Sendable {
     /// Records this node as CM in a new configuration.
     private func takeManagement() async throws {
         let node = self.node
+        guard !state.withLock({ $0.mustRejoin }) else { return }
         let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
             guard current.manager != node else { return nil }
             var next = current
@@ -189,7 +198,12 @@ public final class MembershipService: Sendable {
             }
             return next
         }
-        if let committed { try apply(committed) }
+        if let committed {
+            for removed in engine.configuration.members.map(\.node) where !committed.contains(removed) {
+                try? await store.delete(paths.members + "/\(removed)", expectedVersion: nil)
+            }
+            try apply(committed)
+        }
         becomeManager()
     }
 
@@ -210,6 +224,9 @@ public final class MembershipService: Sendable {
     /// As CM: a member whose registration vanished (its session ended) leaves; a registered node
     /// that is not a member joins.
     private func watchRegistrations() async throws {
+        // Only a registration seen and then gone means a member left; a member that has not
+        // registered yet (still starting) is left to the leases and their grace period.
+        var seen = Set<NodeID>()
         while running.load(ordering: .relaxed), isManager {
             let (names, watch) = try await store.childrenAndWatch(paths.members)
             var registered: [Member] = []
@@ -220,9 +237,11 @@ public final class MembershipService: Sendable {
                 }
             }
             let registeredNodes = Set(registered.map(\.node))
+            seen.formUnion(registeredNodes)
+            let left = seen.subtracting(registeredNodes)
             let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
                 var next = current
-                for member in current.members where !registeredNodes.contains(member.node) && member.node != self.node {
+                for member in current.members where left.contains(member.node) && member.node != self.node {
                     next = ConfigurationRecord.removing(member.node, from: next)
                 }
                 for member in registered where !current.contains(member.node) && !member.endpoint.isEmpty {
@@ -282,7 +301,10 @@ public final class MembershipService: Sendable {
         let expiry = lease * UInt64(1 + options.probeLeases)
         let ownWord = (engine.mailboxRegion.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
         let grantWord = ownWord + 1  // written by the CM
-        var lastSeen: [NodeID: (value: UInt64, at: UInt64)] = [:]
+        // Per member: its last counter, when it last moved, and whether it was ever seen moving (a
+        // node that has not started renewing yet gets a grace period, not a lease).
+        var lastSeen: [NodeID: (value: UInt64, at: UInt64, live: Bool)] = [:]
+        let grace: UInt64 = max(expiry, 2_000_000_000)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var counter: UInt64 = 0
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
@@ -301,10 +323,14 @@ public final class MembershipService: Sendable {
                     let read: Bool = (try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
                         try engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
                     }) != nil
-                    if let seen = lastSeen[member.node], !read || seen.value == value {
-                        if now - seen.at > expiry { suspect(member.node) }
+                    if let seen = lastSeen[member.node] {
+                        if read && seen.value != value {
+                            lastSeen[member.node] = (value, now, true)
+                        } else if now - seen.at > (seen.live ? expiry : grace) {
+                            suspect(member.node)
+                        }
                     } else {
-                        lastSeen[member.node] = (value, now)
+                        lastSeen[member.node] = (value, now, false)
                     }
                 }
             } else {
@@ -321,6 +347,16 @@ public final class MembershipService: Sendable {
         }
     }
 
+    /// Deletes the election nodes of the nodes `matching` selects.
+    private func withdrawCandidates(_ matching: (NodeID) -> Bool) async {
+        guard let names = try? await store.children(paths.election) else { return }
+        for name in names {
+            guard let data = try? await store.get(paths.election + "/" + name).data,
+                  let raw = UInt16(String(decoding: data, as: UTF8.self)), matching(NodeID(rawValue: raw)) else { continue }
+            try? await store.delete(paths.election + "/" + name, expectedVersion: nil)
+        }
+    }
+
     /// As CM: remove `suspect` from the configuration (once).
     private func suspect(_ suspect: NodeID) {
         guard state.withLock({ $0.removing.insert(suspect).inserted }) else { return }
@@ -334,6 +370,10 @@ public final class MembershipService: Sendable {
                 return next
             }
             if let committed {
+                // Its registration goes too (its session may live on for a while): it rejoins, if
+                // ever, by registering anew.
+                try? await self.store.delete(self.paths.members + "/\(suspect)", expectedVersion: nil)
+                await self.withdrawCandidates { $0 == suspect }
                 self.logger.info("\(node) removed \(suspect) (lease expired) in \(committed.id)")
                 self.eventSink.yield(.removed(suspect, committed.id))
                 try self.apply(committed)
@@ -373,10 +413,15 @@ public final class MembershipService: Sendable {
                 }
             }
             self.candidateNodes.withLock { $0 = Set(owners.map(\.1).filter { $0 != manager }) }
+            // The next live member after the CM in election order takes over; candidates that are
+            // not members any more (removed, waiting to rejoin) are skipped.
             guard let managerIndex = owners.firstIndex(where: { $0.1 == manager }),
-                  managerIndex + 1 < owners.count, owners[managerIndex + 1].1 == self.node else { return }
+                  let successor = owners[(managerIndex + 1)...].first(where: { configuration.contains($0.1) }),
+                  successor.1 == self.node else { return }
             self.logger.info("\(self.node) takes over from silent CM \(manager)")
-            try? await self.store.delete(self.paths.election + "/" + owners[managerIndex].0, expectedVersion: nil)
+            // Out go the CM's candidacy and those of non-members ahead of us (their sessions may
+            // live on for seconds), so that our election watch fires now.
+            await self.withdrawCandidates { $0 == manager || (!configuration.contains($0) && $0 != self.node) }
         }
     }
 }
