@@ -35,8 +35,10 @@ enum QueuePairSetup {
     /// Retransmission timeout exponent: 4.096 us * 2^14 = 67 ms per try.
     static let retransmitTimeout: UInt8 = 14
     /// Retransmissions before the requester gives up with IBV_WC_RETRY_EXC_ERR: with the timeout
-    /// above a dead peer is reported after about 0.5 s.
-    static let retryCount: UInt8 = 7
+    /// above a dead peer is reported after about 0.5 s. Not 7: rxe treats retry_cnt 7 like
+    /// rnr_retry 7, as "retry forever" (measured: with 7 a READ to a destroyed QP never completed
+    /// and only the completion timeout ended the wait).
+    static let retryCount: UInt8 = 6
 
     /// A new RC QP in RESET state on `cq`, able to hold `sendDepth` outstanding work requests.
     /// Asks for `inlineBytes` of inline data and falls back to none if the device refuses.

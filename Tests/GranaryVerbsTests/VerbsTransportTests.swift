@@ -157,19 +157,23 @@ struct VerbsTransportTests {
             Issue.record("a read from a closed peer succeeded")
         } catch let error as TransportError {
             let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+            print("dead peer, after \(Int(elapsed * 1000)) ms: \(error)")
             guard case .peerUnreachable(let node, let detail) = error else {
                 Issue.record("expected peerUnreachable, got \(error)")
                 return
             }
             #expect(node == NodeID(1))
-            #expect(detail.contains("IBV_WC_RETRY_EXC_ERR") || detail.contains("no work completion"), "\(error)")
-            #expect(elapsed < 10, "reported after \(elapsed) s")
+            // The retry-exceeded completion (about 0.5 s of retransmissions), well before the
+            // transport's own completion timeout (5 s) would end the wait.
+            #expect(detail.contains("IBV_WC_RETRY_EXC_ERR"), "\(error)")
+            #expect(elapsed < 4, "reported after \(elapsed) s")
         }
         // The next operation reconnects, and finds no endpoint.
         do {
             try withUnsafeMutableBytes(of: &word) { try a.read(from: NodeID(1), address, into: $0) }
             Issue.record("a read from a gone peer succeeded")
         } catch let error as TransportError {
+            print("gone peer: \(error)")
             guard case .peerUnreachable(NodeID(1), let detail) = error else {
                 Issue.record("expected peerUnreachable from n1, got \(error)")
                 return
