@@ -93,6 +93,8 @@ final class Listener: @unchecked Sendable {
     }
 
     deinit {
+        // A listener that never started still owns the socket file it bound.
+        if thread == nil, !stopping.load(ordering: .acquiring) { unlink(path) }
         stop()
         close(socketFD)
         close(wakeRead)
