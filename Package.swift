@@ -128,6 +128,7 @@ let package = Package(
                 "GranaryCoordination",
                 "GranaryZooKeeper",
                 "GranaryMembership",
+                "GranaryVerbs",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

@@ -5,6 +5,7 @@
 @_exported import GranaryEngine
 @_exported import GranaryMemory
 @_exported import GranaryTransport
+@_exported import GranaryVerbs
 import SystemPackage
 
 /// A file system path (swift-system's `FilePath`), as Granary's API takes it.

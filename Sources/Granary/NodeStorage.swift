@@ -3,6 +3,7 @@ import GranaryConfiguration
 import GranaryEngine
 import GranaryMemory
 import GranaryTransport
+import GranaryVerbs
 import Logging
 import SystemPackage
 
@@ -17,12 +18,13 @@ public struct SharedMemoryNodeStorage: Sendable {
     /// The node's region directory.
     public let home: RegionDirectory
 
-    /// The region directory a member's `shm:` endpoint names.
+    /// The region directory a member's endpoint names: `shm:<directory>` or `verbs:<directory>`
+    /// (both transports find a peer through its region directory on this host).
     public static func directory(of member: Member) throws -> RegionDirectory {
-        guard member.endpoint.hasPrefix("shm:") else {
-            throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; the shared-memory transport needs shm:<directory>")
+        for prefix in ["shm:", "verbs:"] where member.endpoint.hasPrefix(prefix) {
+            return try RegionDirectory(FilePath(String(member.endpoint.dropFirst(prefix.count))))
         }
-        return try RegionDirectory(FilePath(String(member.endpoint.dropFirst(4))))
+        throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; endpoints are shm:<directory> or verbs:<directory>")
     }
 
     /// Opens (or creates, for a new cluster) `node`'s replicas and mailbox.
@@ -58,6 +60,94 @@ public struct SharedMemoryNodeStorage: Sendable {
             while true {
                 do {
                     _ = try Region.open(at: path, expecting: RegionID.mailbox(of: member.node), cluster: configuration.cluster)
+                    break
+                } catch {
+                    guard clock.now < deadline else {
+                        throw TransportError.peerUnreachable(node: member.node, detail: "its mailbox \(path) is not ready after \(timeout): \(error)")
+                    }
+                    usleep(10_000)
+                }
+            }
+        }
+    }
+
+    /// Starts the node's transaction engine over this storage.
+    public func makeEngine(options: EngineOptions, logger: Logger) throws -> Engine {
+        try Engine(node: node, configuration: configuration, transport: transport, mailbox: mailbox,
+                   replicas: replicas, options: options, logger: logger)
+    }
+}
+
+/// Which transport a node process uses.
+public enum NodeTransportKind: Sendable, Equatable {
+    case sharedMemory
+    /// RDMA verbs on `device` (nil: GRANARY_RDMA_DEVICE, else the first device).
+    case verbs(device: String?)
+}
+
+/// A node's memory for any transport: its replicas and mailbox in its region directory, and a
+/// transport (shared memory or verbs) that reaches every member through its directory.
+public struct NodeStorage: Sendable {
+    public let node: NodeID
+    public let configuration: Configuration
+    public let transport: any Transport
+    public let mailbox: Mailbox
+    public let replicas: [Region]
+    public let home: RegionDirectory
+    private let connectPeer: @Sendable (NodeID, RegionDirectory) -> Void
+
+    public init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int) throws {
+        guard let member = configuration.members.first(where: { $0.node == node }) else {
+            throw ConfigurationError.invalid("\(node) is not a member of \(configuration.id)")
+        }
+        self.node = node
+        self.configuration = configuration
+        home = try SharedMemoryNodeStorage.directory(of: member)
+        switch kind {
+        case .sharedMemory:
+            let shm = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
+            transport = shm
+            connectPeer = { shm.addPeer($0, endpoint: $1) }
+        case .verbs(let device):
+            var options = VerbsTransport.Options()
+            options.device = device
+            let verbs = try VerbsTransport(localNode: node, cluster: configuration.cluster, directory: home, options: options)
+            transport = verbs
+            connectPeer = { verbs.addPeer($0, endpoint: $1) }
+        }
+        var replicas: [Region] = []
+        for placement in configuration.regions where placement.replicas.contains(node) {
+            let region = try home.openOrCreate(placement.region, size: configuration.regionSize, cluster: configuration.cluster)
+            try transport.register(region)
+            replicas.append(region)
+        }
+        self.replicas = replicas
+        mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity)
+        try transport.register(mailbox.region)
+        for other in configuration.members where other.node != node {
+            connectPeer(other.node, try SharedMemoryNodeStorage.directory(of: other))
+        }
+    }
+
+    /// Makes `member` reachable (a member that joined).
+    public func connect(_ member: Member) throws {
+        connectPeer(member.node, try SharedMemoryNodeStorage.directory(of: member))
+    }
+
+    /// Waits until every other member's mailbox is reachable through the transport: the file
+    /// is complete and the peer has registered it (a peer in another process may be starting).
+    public func waitForPeers(timeout: Duration) throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        for member in configuration.members where member.node != node {
+            let path = try SharedMemoryNodeStorage.directory(of: member).path(for: RegionID.mailbox(of: member.node))
+            while true {
+                do {
+                    _ = try Region.open(at: path, expecting: RegionID.mailbox(of: member.node), cluster: configuration.cluster)
+                    var word: UInt64 = 0
+                    try withUnsafeMutableBytes(of: &word) { (bytes) throws(TransportError) in
+                        try transport.read(from: member.node, GlobalAddress(region: .mailbox(of: member.node), offset: 16), into: bytes)
+                    }
                     break
                 } catch {
                     guard clock.now < deadline else {

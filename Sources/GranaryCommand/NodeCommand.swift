@@ -61,8 +61,11 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Transport-only node: the cluster id, in hex, stamped into and checked in every region file.")
     var cluster: String?
 
-    @Option(name: .long, help: "Transport: shm (shared memory on this host).")
+    @Option(name: .long, help: "Transport: shm (shared memory on this host) or verbs (RDMA; with --config).")
     var transport: String = "shm"
+
+    @Option(name: .long, help: "With --transport verbs: the RDMA device (default: GRANARY_RDMA_DEVICE, else the first).")
+    var device: String?
 
     @Option(name: .long, help: "Data regions to create: ids, comma-separated (existing files are opened, never re-created).")
     var regions: String = ""
@@ -85,9 +88,10 @@ struct NodeCommand: AsyncParsableCommand {
             guard directory != nil, let cluster else { throw ValidationError("give --config FILE, or --directory and --cluster") }
             guard UInt64(cluster, radix: 16) != nil else { throw ValidationError("--cluster must be a hex number, got '\(cluster)'") }
         }
-        guard transport == "shm" else {
-            throw ValidationError("--transport \(transport) is not available in this build; use --transport shm")
+        guard transport == "shm" || (transport == "verbs" && config != nil) else {
+            throw ValidationError("--transport takes shm, or verbs with --config; got '\(transport)'")
         }
+        if device != nil, transport != "verbs" { throw ValidationError("--device needs --transport verbs") }
         for entry in peer where entry.split(separator: "=", maxSplits: 1).count != 2 || Int(entry.split(separator: "=")[0]) == nil {
             throw ValidationError("--peer takes ID=DIRECTORY, got '\(entry)'")
         }
@@ -155,7 +159,9 @@ extension NodeCommand {
         let configuration = try JSONDecoder().decode(Configuration.self, from: data)
         try configuration.validate()
         let node = NodeID(id)
-        let storage = try SharedMemoryNodeStorage(node: node, configuration: configuration, ringCapacity: 256 << 10)
+        let storage = try NodeStorage(node: node, configuration: configuration,
+                                      transport: transport == "verbs" ? .verbs(device: device) : .sharedMemory,
+                                      ringCapacity: 256 << 10)
         try storage.waitForPeers(timeout: .seconds(60))
         var options = EngineOptions()
         options.maximumAttempts = 100_000
@@ -170,7 +176,7 @@ extension NodeCommand {
             let size = configuration.regionSize, cluster = configuration.cluster
             let membership = MembershipService(
                 engine: engine, store: store, options: options,
-                connect: { member in storage.transport.addPeer(member.node, endpoint: try SharedMemoryNodeStorage.directory(of: member)) },
+                connect: { member in try storage.connect(member) },
                 openRegion: { placement in
                     let region = try storage.home.openOrCreate(placement.region, size: size, cluster: cluster)
                     try storage.transport.register(region)

@@ -32,10 +32,12 @@ let remoteAccess = Int32(IBV_ACCESS_LOCAL_WRITE.rawValue | IBV_ACCESS_REMOTE_REA
 
 /// Creating and connecting reliable-connected queue pairs (the steps of rdma-core's rc_pingpong).
 enum QueuePairSetup {
-    /// Retransmission timeout exponent: 4.096 us * 2^14 = 67 ms per try.
-    static let retransmitTimeout: UInt8 = 14
+    /// Retransmission timeout exponent: 4.096 us * 2^16 = 268 ms per try. (14, 67 ms per try,
+    /// gave false "retry exceeded" errors under software emulation with four busy node processes
+    /// on two CPUs: rxe's packet processing can stall for half a second there.)
+    static let retransmitTimeout: UInt8 = 16
     /// Retransmissions before the requester gives up with IBV_WC_RETRY_EXC_ERR: with the timeout
-    /// above a dead peer is reported after about 0.5 s. Not 7: rxe treats retry_cnt 7 like
+    /// above a dead peer is reported after about 1.6 s. Not 7: rxe treats retry_cnt 7 like
     /// rnr_retry 7, as "retry forever" (measured: with 7 a READ to a destroyed QP never completed
     /// and only the completion timeout ended the wait).
     static let retryCount: UInt8 = 6

@@ -11,11 +11,26 @@ import Testing
 struct BankProcessesTests {
     @Test("bank over 3 node processes: the total is conserved at every audit and at the end")
     func bankAcrossProcesses() throws {
+        try runBank(transport: .sharedMemory, accountsPerNode: 334, transfersPerNode: 500, pauseMicroseconds: 2000)
+    }
+
+    /// The same test through RDMA verbs: every one-sided read and every record crosses rxe0.
+    @Test("bank over 3 node processes on one RDMA device: the total is conserved at every audit and at the end",
+          .enabled(if: rdmaDevice != nil, "no RDMA device named in GRANARY_RDMA_DEVICE: run Scripts/test softroce (Scripts/softroce-vm sets it)"))
+    func bankOverVerbs() throws {
+        try runBank(transport: .verbs(device: rdmaDevice), accountsPerNode: 30, transfersPerNode: 40, pauseMicroseconds: 100_000)
+    }
+}
+
+let rdmaDevice = ProcessInfo.processInfo.environment["GRANARY_RDMA_DEVICE"]
+
+func runBank(transport: NodeTransportKind, accountsPerNode: Int, transfersPerNode: Int, pauseMicroseconds: Int) throws {
         let tmp = TemporaryDirectory("granary-bank")
         defer { tmp.remove() }
         let nodes = (0..<3).map { NodeID($0) }
         let driver = NodeID(3)
-        let members = (nodes + [driver]).map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) }
+        let scheme = transport == .sharedMemory ? "shm:" : "verbs:"
+        let members = (nodes + [driver]).map { Member(node: $0, endpoint: scheme + tmp.path.appending($0.description).string) }
         let configuration = try Configuration(
             id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(), members: members, manager: nodes[0],
             regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 2, replicas: 3), regionSize: 4 << 20)
@@ -23,15 +38,17 @@ struct BankProcessesTests {
         try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
 
         // This process's mailbox must exist before the nodes connect to it.
-        let storage = try SharedMemoryNodeStorage(node: driver, configuration: configuration, ringCapacity: 256 << 10)
-        let accountsPerNode = 334, transfersPerNode = 500, balance: Int64 = 1_000
+        let storage = try NodeStorage(node: driver, configuration: configuration, transport: transport, ringCapacity: 256 << 10)
+        let balance: Int64 = 1_000
+        var transportArguments: [String] = []
+        if case .verbs(let device) = transport { transportArguments = ["--transport", "verbs"] + (device.map { ["--device", $0] } ?? []) }
         let children = try nodes.map { node in
             try ChildProcess(ChildProcess.granaryExecutable(), [
                 "node", "--config", file, "--id", "\(node.index)", "--bank-accounts", "\(accountsPerNode)",
                 "--bank-transfers", "\(transfersPerNode)", "--bank-balance", "\(balance)",
-                // Paced, so that 1,000-account read-only audits can validate between transfers.
-                "--bank-pause-microseconds", "2000",
-            ])
+                // Paced, so that read-only audits of every account can validate between transfers.
+                "--bank-pause-microseconds", "\(pauseMicroseconds)",
+            ] + transportArguments)
         }
         defer { for child in children { child.kill() } }
         try storage.waitForPeers(timeout: .seconds(60))
@@ -40,9 +57,9 @@ struct BankProcessesTests {
         let engine = try storage.makeEngine(options: options, logger: Logger(label: "granary.driver"))
         defer { engine.stop() }
         for child in children {
-            let ready = try child.readLine(timeout: 60)
+            let ready = try child.readLine(timeout: 120)
             #expect(ready.hasPrefix("ready "), "a node said: \(ready)")
-            #expect(try child.readLine(timeout: 60) == "accounts \(accountsPerNode)")
+            #expect(try child.readLine(timeout: 120) == "accounts \(accountsPerNode)")
         }
         let accounts = try NodeCommandBank.accounts(configuration)
         #expect(accounts.count == 3 * accountsPerNode)
@@ -74,7 +91,6 @@ struct BankProcessesTests {
         #expect(audits.allSatisfy { $0 == expected }, "audit totals \(audits.filter { $0 != expected }) differ from \(expected)")
         #expect(final.reduce(0, +) == expected)
         #expect(final.min()! >= 0)
-    }
 }
 
 /// Reads the account lists the node processes publish (see `granary node --bank-accounts`).
