@@ -117,12 +117,12 @@ public final class Cluster: Sendable {
             try encoder.encode(configuration).write(to: URL(fileURLWithPath: manifest.string))
         }
         let storage = try configuration.members.map {
-            try SharedMemoryNodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity)
+            try NodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity)
         }
         // Every node's transport reaches its peers through the peers' own mappings.
         for node in storage {
             for peer in storage where peer.node != node.node {
-                for region in peer.replicas + [peer.mailbox.region] { try node.transport.adopt(region, of: peer.node) }
+                for region in peer.replicas + [peer.mailbox.region] { try node.sharedMemory?.adopt(region, of: peer.node) }
             }
         }
         var logger = options.logger
@@ -149,7 +149,7 @@ public final class Cluster: Sendable {
                 let size = configuration.regionSize, cluster = configuration.cluster
                 services.append(MembershipService(
                     engine: engine, store: try makeSession(), options: membershipOptions, logger: logger,
-                    connect: { member in node.transport.addPeer(member.node, endpoint: try SharedMemoryNodeStorage.directory(of: member)) },
+                    connect: { member in try node.connect(member) },
                     openRegion: { placement in
                         let region = try node.home.openOrCreate(placement.region, size: size, cluster: cluster)
                         try node.transport.register(region)

@@ -7,77 +7,6 @@ import GranaryVerbs
 import Logging
 import SystemPackage
 
-/// A node's memory on this host for the shared-memory transport: its replicas and mailbox in its
-/// endpoint directory (`shm:<directory>`), and a transport that reaches every member's directory.
-public struct SharedMemoryNodeStorage: Sendable {
-    public let node: NodeID
-    public let configuration: Configuration
-    public let transport: SharedMemoryTransport
-    public let mailbox: Mailbox
-    public let replicas: [Region]
-    /// The node's region directory.
-    public let home: RegionDirectory
-
-    /// The region directory a member's endpoint names: `shm:<directory>` or `verbs:<directory>`
-    /// (both transports find a peer through its region directory on this host).
-    public static func directory(of member: Member) throws -> RegionDirectory {
-        for prefix in ["shm:", "verbs:"] where member.endpoint.hasPrefix(prefix) {
-            return try RegionDirectory(FilePath(String(member.endpoint.dropFirst(prefix.count))))
-        }
-        throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; endpoints are shm:<directory> or verbs:<directory>")
-    }
-
-    /// Opens (or creates, for a new cluster) `node`'s replicas and mailbox.
-    public init(node: NodeID, configuration: Configuration, ringCapacity: Int) throws {
-        guard let member = configuration.members.first(where: { $0.node == node }) else {
-            throw ConfigurationError.invalid("\(node) is not a member of \(configuration.id)")
-        }
-        self.node = node
-        self.configuration = configuration
-        home = try Self.directory(of: member)
-        transport = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
-        var replicas: [Region] = []
-        for placement in configuration.regions where placement.replicas.contains(node) {
-            let region = try home.openOrCreate(placement.region, size: configuration.regionSize, cluster: configuration.cluster)
-            try transport.register(region)
-            replicas.append(region)
-        }
-        self.replicas = replicas
-        mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity)
-        try transport.register(mailbox.region)
-        for other in configuration.members where other.node != node {
-            transport.addPeer(other.node, endpoint: try Self.directory(of: other))
-        }
-    }
-
-    /// Waits until every other member's mailbox is ready: its file exists and its header is
-    /// complete (a peer in another process may be creating it right now).
-    public func waitForPeers(timeout: Duration) throws {
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        for member in configuration.members where member.node != node {
-            let path = try Self.directory(of: member).path(for: RegionID.mailbox(of: member.node))
-            while true {
-                do {
-                    _ = try Region.open(at: path, expecting: RegionID.mailbox(of: member.node), cluster: configuration.cluster)
-                    break
-                } catch {
-                    guard clock.now < deadline else {
-                        throw TransportError.peerUnreachable(node: member.node, detail: "its mailbox \(path) is not ready after \(timeout): \(error)")
-                    }
-                    usleep(10_000)
-                }
-            }
-        }
-    }
-
-    /// Starts the node's transaction engine over this storage.
-    public func makeEngine(options: EngineOptions, logger: Logger) throws -> Engine {
-        try Engine(node: node, configuration: configuration, transport: transport, mailbox: mailbox,
-                   replicas: replicas, options: options, logger: logger)
-    }
-}
-
 /// Which transport a node process uses.
 public enum NodeTransportKind: Sendable, Equatable {
     case sharedMemory
@@ -94,7 +23,18 @@ public struct NodeStorage: Sendable {
     public let mailbox: Mailbox
     public let replicas: [Region]
     public let home: RegionDirectory
+    /// The transport when it is the shared-memory one (an embedded cluster shares mappings).
+    public let sharedMemory: SharedMemoryTransport?
     private let connectPeer: @Sendable (NodeID, RegionDirectory) -> Void
+
+    /// The region directory a member's endpoint names: `shm:<directory>` or `verbs:<directory>`
+    /// (both transports find a peer through its region directory on this host).
+    public static func directory(of member: Member) throws -> RegionDirectory {
+        for prefix in ["shm:", "verbs:"] where member.endpoint.hasPrefix(prefix) {
+            return try RegionDirectory(FilePath(String(member.endpoint.dropFirst(prefix.count))))
+        }
+        throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; endpoints are shm:<directory> or verbs:<directory>")
+    }
 
     public init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int) throws {
         guard let member = configuration.members.first(where: { $0.node == node }) else {
@@ -102,17 +42,19 @@ public struct NodeStorage: Sendable {
         }
         self.node = node
         self.configuration = configuration
-        home = try SharedMemoryNodeStorage.directory(of: member)
+        home = try Self.directory(of: member)
         switch kind {
         case .sharedMemory:
             let shm = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
             transport = shm
+            sharedMemory = shm
             connectPeer = { shm.addPeer($0, endpoint: $1) }
         case .verbs(let device):
             var options = VerbsTransport.Options()
             options.device = device
             let verbs = try VerbsTransport(localNode: node, cluster: configuration.cluster, directory: home, options: options)
             transport = verbs
+            sharedMemory = nil
             connectPeer = { verbs.addPeer($0, endpoint: $1) }
         }
         var replicas: [Region] = []
@@ -125,13 +67,18 @@ public struct NodeStorage: Sendable {
         mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity)
         try transport.register(mailbox.region)
         for other in configuration.members where other.node != node {
-            connectPeer(other.node, try SharedMemoryNodeStorage.directory(of: other))
+            connectPeer(other.node, try Self.directory(of: other))
         }
     }
 
     /// Makes `member` reachable (a member that joined).
     public func connect(_ member: Member) throws {
-        connectPeer(member.node, try SharedMemoryNodeStorage.directory(of: member))
+        connectPeer(member.node, try Self.directory(of: member))
+    }
+
+    /// A node on the shared-memory transport.
+    public init(node: NodeID, configuration: Configuration, ringCapacity: Int) throws {
+        try self.init(node: node, configuration: configuration, transport: .sharedMemory, ringCapacity: ringCapacity)
     }
 
     /// Waits until every other member's mailbox is reachable through the transport: the file
@@ -140,7 +87,7 @@ public struct NodeStorage: Sendable {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         for member in configuration.members where member.node != node {
-            let path = try SharedMemoryNodeStorage.directory(of: member).path(for: RegionID.mailbox(of: member.node))
+            let path = try Self.directory(of: member).path(for: RegionID.mailbox(of: member.node))
             while true {
                 do {
                     _ = try Region.open(at: path, expecting: RegionID.mailbox(of: member.node), cluster: configuration.cluster)

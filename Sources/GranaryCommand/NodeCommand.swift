@@ -196,7 +196,7 @@ extension NodeCommand {
                 }
             }
         }
-        let home = try SharedMemoryNodeStorage.directory(of: configuration.members.first { $0.node == node }!)
+        let home = try NodeStorage.directory(of: configuration.members.first { $0.node == node }!)
         if bankAccounts > 0 {
             var mine: [GlobalAddress] = []
             while mine.count < bankAccounts {
@@ -242,7 +242,7 @@ extension NodeCommand {
         let deadline = Date().addingTimeInterval(timeout)
         var accounts: [GlobalAddress] = []
         for member in owners {
-            let path = try SharedMemoryNodeStorage.directory(of: member).path.appending("bank-accounts.txt").string
+            let path = try NodeStorage.directory(of: member).path.appending("bank-accounts.txt").string
             while !FileManager.default.fileExists(atPath: path) {
                 guard Date() < deadline else { throw ValidationError("\(member.node) published no bank accounts within \(timeout) s") }
                 usleep(20_000)

@@ -247,19 +247,19 @@ public final class Transaction {
             payloads.append(contentsOf: bytes)
             return
         }
-        let header: ObjectHeader
-        let primary: NodeID
-        if let index = readIndex[address] {
-            header = reads[index].header
-            primary = reads[index].primary
-        } else {
-            header = try fetch(address, payloadBytes: 1)
-            primary = view.primary(of: address.region)!
-        }
+        let (header, primary) = try versionToLock(address)
         writeIndex.append(address)
         writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.nextVersion,
                                  operation: .write, lines: 0, payloadOffset: payloads.count, length: bytes.count))
         payloads.append(contentsOf: bytes)
+    }
+
+    /// The header a write or free of `address` locks at, and its primary: the version this
+    /// transaction read, or one read of the object's first line.
+    private func versionToLock(_ address: GlobalAddress) throws -> (ObjectHeader, NodeID) {
+        if let index = readIndex[address] { return (reads[index].header, reads[index].primary) }
+        let header = try fetch(address, payloadBytes: 1)
+        return (header, view.primary(of: address.region)!)
     }
 
     // MARK: Allocation
@@ -335,15 +335,7 @@ public final class Transaction {
             }
             return
         }
-        let header: ObjectHeader
-        let primary: NodeID
-        if let index = readIndex[address] {
-            header = reads[index].header
-            primary = reads[index].primary
-        } else {
-            header = try fetch(address, payloadBytes: 1)
-            primary = view.primary(of: address.region)!
-        }
+        let (header, primary) = try versionToLock(address)
         writeIndex.append(address)
         writes.append(WriteEntry(address: address, primary: primary, expected: header, new: header.freeing,
                                  operation: .free, lines: 0, payloadOffset: payloads.count, length: 0))

@@ -98,7 +98,7 @@ enum NodeCommandBank {
     static func accounts(_ configuration: Configuration) throws -> [GlobalAddress] {
         var accounts: [GlobalAddress] = []
         for member in configuration.members where configuration.regions.contains(where: { $0.primary == member.node }) {
-            let path = try SharedMemoryNodeStorage.directory(of: member).path.appending("bank-accounts.txt").string
+            let path = try NodeStorage.directory(of: member).path.appending("bank-accounts.txt").string
             let text = try String(contentsOfFile: path, encoding: .utf8)
             accounts += text.split(separator: "\n").compactMap { UInt64($0, radix: 16).map(GlobalAddress.init(rawValue:)) }
         }
