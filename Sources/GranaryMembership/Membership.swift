@@ -203,6 +203,7 @@ public final class MembershipService: Sendable {
                 try? await store.delete(paths.members + "/\(removed)", expectedVersion: nil)
             }
             try apply(committed)
+            announce(committed.id)
         }
         becomeManager()
     }
@@ -250,7 +251,10 @@ public final class MembershipService: Sendable {
                 next.manager = self.node
                 return next.members == current.members ? nil : next
             }
-            if let committed { try apply(committed) }
+            if let committed {
+                try apply(committed)
+                announce(committed.id)
+            }
             if await watch.event() == .sessionEnded { return }
         }
     }
@@ -301,6 +305,7 @@ public final class MembershipService: Sendable {
         let expiry = lease * UInt64(1 + options.probeLeases)
         let ownWord = (engine.mailboxRegion.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
         let grantWord = ownWord + 1  // written by the CM
+        let announcedWord = ownWord + 2  // NEW-CONFIG: the newest configuration id, written by the CM
         // Per member: its last counter, when it last moved, and whether it was ever seen moving (a
         // node that has not started renewing yet gets a grace period, not a lease).
         var lastSeen: [NodeID: (value: UInt64, at: UInt64, live: Bool)] = [:]
@@ -334,6 +339,9 @@ public final class MembershipService: Sendable {
                     }
                 }
             } else {
+                if announcedWord.pointee.load(ordering: .acquiring) > configuration.id.rawValue {
+                    refresh(suspectManager: nil)
+                }
                 let grant = grantWord.pointee.load(ordering: .acquiring)
                 if grant != lastGrant.value {
                     lastGrant = (grant, now)
@@ -361,22 +369,48 @@ public final class MembershipService: Sendable {
     private func suspect(_ suspect: NodeID) {
         guard state.withLock({ $0.removing.insert(suspect).inserted }) else { return }
         spawn {
-            defer { _ = self.state.withLock { $0.removing.remove(suspect) } }
+            // Probe: one one-sided read of every other member's lease word; a member that does not
+            // answer is suspected too, and goes in the same reconfiguration.
+            var suspects: Set<NodeID> = [suspect]
+            for member in self.engine.configuration.members where member.node != self.node && member.node != suspect {
+                var word: UInt64 = 0
+                let answered = (try? withUnsafeMutableBytes(of: &word) { (bytes) throws(TransportError) in
+                    try self.engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
+                }) != nil
+                if !answered { suspects.insert(member.node) }
+            }
+            defer { self.state.withLock { state in suspects.forEach { state.removing.remove($0) } } }
             let node = self.node
             let committed = try await ConfigurationRecord.change(self.engine.configuration.cluster, in: self.store) { current in
-                guard current.contains(suspect) else { return nil }
-                var next = ConfigurationRecord.removing(suspect, from: current)
+                let present = suspects.filter { current.contains($0) }
+                guard !present.isEmpty else { return nil }
+                var next = present.reduce(current) { ConfigurationRecord.removing($1, from: $0) }
                 next.manager = node
                 return next
             }
             if let committed {
-                // Its registration goes too (its session may live on for a while): it rejoins, if
-                // ever, by registering anew.
-                try? await self.store.delete(self.paths.members + "/\(suspect)", expectedVersion: nil)
-                await self.withdrawCandidates { $0 == suspect }
-                self.logger.info("\(node) removed \(suspect) (lease expired) in \(committed.id)")
-                self.eventSink.yield(.removed(suspect, committed.id))
+                for removed in suspects where !committed.contains(removed) {
+                    // Its registration goes too (its session may live on for a while): it rejoins,
+                    // if ever, by registering anew.
+                    try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil)
+                    await self.withdrawCandidates { $0 == removed }
+                    self.logger.info("\(node) removed \(removed) (lease expired) in \(committed.id)")
+                    self.eventSink.yield(.removed(removed, committed.id))
+                }
                 try self.apply(committed)
+                self.announce(committed.id)
+            }
+        }
+    }
+
+    /// NEW-CONFIG: the CM writes the new configuration id into every member's mailbox with a
+    /// one-sided write; a member's lease thread that sees an id above its own fetches the
+    /// configuration from the store at once (the store's watch delivers it too).
+    func announce(_ id: ConfigurationID) {
+        for member in engine.configuration.members where member.node != node {
+            var value = id.rawValue
+            _ = try? withUnsafeBytes(of: &value) { (bytes) throws(TransportError) in
+                try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 16), from: bytes)
             }
         }
     }

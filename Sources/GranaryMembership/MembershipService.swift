@@ -28,8 +28,10 @@ public struct MembershipPaths: Sendable {
     public var members: String { root + "/members" }
 }
 
-/// The lease word of each node: a counter in its mailbox region's header page (outside the
-/// checksummed header fields), renewed by the node's lease thread and read one-sidedly by peers.
+/// The lease words of each node, in its mailbox region's header page (outside the checksummed
+/// header fields): word 0 is the node's own counter, renewed by its lease thread and read
+/// one-sidedly by the CM; word 1 the CM's grant to it; word 2 the newest configuration id the CM
+/// announced (NEW-CONFIG).
 public enum LeaseWord {
     public static let offset: UInt32 = 2048
     public static func address(of node: NodeID) -> GlobalAddress { GlobalAddress(region: .mailbox(of: node), offset: offset) }
