@@ -14,14 +14,8 @@ public struct ClusterOptions: Sendable {
     public var regionSize: Int = RegionFormat.defaultSize
     /// Capacity of each message ring (a power of two, at least 4 KiB).
     public var ringCapacity: Int = 256 << 10
-    /// The transaction engine's tunables, the same for every node. In an embedded cluster the
-    /// coordinators serve the mailboxes they wait on (and the mailbox of a primary whose object
-    /// they find locked), so idle pollers sleep longer (up to 1 ms) than in node processes.
-    public var engine: EngineOptions = {
-        var options = EngineOptions()
-        options.pollerMaximumSleepMicroseconds = 1_000
-        return options
-    }()
+    /// The transaction engine's tunables, the same for every node.
+    public var engine = EngineOptions()
     /// Runs the configuration manager (election, leases, reconfiguration) when set.
     public var membership: MembershipOptions?
     /// The coordination store the configuration manager agrees through.

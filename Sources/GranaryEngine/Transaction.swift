@@ -211,10 +211,7 @@ public final class Transaction {
                 }
                 return header
             case .locked, .torn:
-                // A committing transaction holds the object; its COMMIT-PRIMARY may be waiting in
-                // the primary's mailbox. In an embedded cluster, serve it rather than wait.
-                let helper = primary == engine.node ? engine : neighbours[primary.index]
-                if (helper?.pollOnce() ?? 0) == 0 { backoff.pause() }
+                backoff.pause()
             }
         }
         throw AbortSignal(cause: .readLocked)
