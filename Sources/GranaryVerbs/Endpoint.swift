@@ -18,7 +18,7 @@ import Musl
 ///  0  u32  magic "GRVB"          4  u16  version       6  u16  kind (1 connect, 2 region)
 ///  8  u64  cluster id           16  u16  from node    18  u16  to node     20  u32  region id
 /// 24  u32  QP number            28  u32  PSN          32  16B  GID         48  u16  LID
-/// 52  u32  path MTU (enum ibv_mtu)
+/// 52  u32  path MTU (enum ibv_mtu)  56  u16  connection (the requester's thread slot)
 /// ```
 /// Reply (256 bytes):
 /// ```
@@ -28,12 +28,13 @@ import Musl
 /// 56  u32  rkey                 60  u32  message length                   64  192B message (UTF-8)
 /// ```
 /// `connect` asks the peer to create the responder end of a reliable connection for the sender's
-/// QP (and returns its address); `region` asks for the address, rkey and size of a registered
+/// QP (and returns its address), keeping one responder QP per (requester node, connection): a
+/// requester has one connection per thread slot, each made by its own exchange; `region` asks for the address, rkey and size of a registered
 /// region.
 enum EndpointProtocol {
     static let fileName = "verbs.sock"
     static let magic: UInt32 = 0x4256_5247  // "GRVB" little-endian
-    static let version: UInt16 = 1
+    static let version: UInt16 = 2  // 2: the connection field
     static let requestBytes = 64
     static let replyBytes = 256
 
@@ -47,6 +48,8 @@ enum EndpointProtocol {
         var to: NodeID
         var region = RegionID(rawValue: 0)
         var queuePair = QueuePairAddress(queuePairNumber: 0, packetSequenceNumber: 0, gid: (0, 0), lid: 0, mtu: 0)
+        /// Which of the requester's connections to the peer this is (its thread slot).
+        var connection: UInt16 = 0
 
         func encode(into raw: UnsafeMutableRawBufferPointer) {
             memset(raw.baseAddress!, 0, requestBytes)
@@ -58,6 +61,7 @@ enum EndpointProtocol {
             raw.storeBytes(of: to.rawValue.littleEndian, toByteOffset: 18, as: UInt16.self)
             raw.storeBytes(of: region.rawValue.littleEndian, toByteOffset: 20, as: UInt32.self)
             encodeAddress(queuePair, into: raw, at: 24)
+            raw.storeBytes(of: connection.littleEndian, toByteOffset: 56, as: UInt16.self)
         }
 
         static func decode(_ raw: UnsafeRawBufferPointer) -> Request? {
@@ -72,6 +76,7 @@ enum EndpointProtocol {
                 to: NodeID(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 18, as: UInt16.self))))
             request.region = RegionID(rawValue: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt32.self)))
             request.queuePair = decodeAddress(raw, at: 24)
+            request.connection = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 56, as: UInt16.self))
             return request
         }
     }

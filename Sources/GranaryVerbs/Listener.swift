@@ -12,8 +12,9 @@ import Musl
 ///
 /// For each peer that connects it creates the responder end of a reliable connection (a QP this
 /// node never posts to: RDMA READ, WRITE and atomics complete without the responder's CPU) and
-/// answers region look-ups from ``LocalRegions``. A reconnecting peer's previous responder QP is
-/// destroyed.
+/// answers region look-ups from ``LocalRegions``. A peer has one connection per thread slot of its
+/// transport, so responder QPs are kept per (peer, connection); a connection that reconnects has
+/// its previous responder QP destroyed.
 ///
 /// `@unchecked Sendable`: `passive` is touched only by the listener thread while it runs and by
 /// `stop()` after it has joined that thread; `thread` only by the owner (start, stop); everything
@@ -28,7 +29,12 @@ final class Listener: @unchecked Sendable {
     private let wakeRead: Int32
     private let wakeWrite: Int32
     private let passiveCompletionQueue: UnsafeMutablePointer<ibv_cq>
-    private var passive: [NodeID: UnsafeMutablePointer<ibv_qp>] = [:]
+    /// Keyed by the requester's node and connection index.
+    private var passive: [PassiveKey: UnsafeMutablePointer<ibv_qp>] = [:]
+    private struct PassiveKey: Hashable {
+        let node: NodeID
+        let connection: UInt16
+    }
     private var thread: pthread_t? = nil
     private let stopping = Atomic<Bool>(false)
     private let timeoutMilliseconds: Int
@@ -188,7 +194,7 @@ final class Listener: @unchecked Sendable {
                     ibv_destroy_qp(qp)
                     throw error
                 }
-                if let previous = passive.updateValue(qp, forKey: request.from) { ibv_destroy_qp(previous) }
+                if let previous = passive.updateValue(qp, forKey: PassiveKey(node: request.from, connection: request.connection)) { ibv_destroy_qp(previous) }
                 var reply = EndpointProtocol.Reply(status: .ok)
                 reply.queuePair = local
                 return reply

@@ -88,24 +88,110 @@ final class PeerBuffers {
     }
 }
 
-/// The requester side towards one peer: its endpoint, one RC queue pair with its own completion
-/// queue, a registered staging buffer and the work-request arrays of the chain being built.
+/// The requester side towards one peer, as one node's transport sees it: the peer's endpoint and
+/// its connections, one per thread slot (see ``ThreadSlots``) plus one shared by the threads that
+/// got no slot.
 ///
-/// All of a peer's mutable state is guarded by its lock; callers take ``lock()`` around
-/// resolve + append + post + wait. (One QP per peer per transport: threads that talk to the same
-/// peer take turns. Per-thread QPs are future work.)
-///
-/// `@unchecked Sendable`: every `var` is read and written only while `mutex` is held.
+/// `@unchecked Sendable`: `endpoint` is read and written only while `mutex` is held; every other
+/// stored property is immutable (each ``Connection`` guards its own state).
 final class Peer: @unchecked Sendable {
+    let node: NodeID
+    /// Indexed by thread slot; the last one (index ``VerbsTransport/Options/connectionsPerPeer``)
+    /// is the shared one. Created with the peer; each connects on its first use.
+    let connections: [Connection]
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    // Guarded by `mutex`.
+    private var endpointPath: String?
+
+    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, configuration: VerbsTransport.Options) {
+        self.node = node
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+        connections = (0...configuration.connectionsPerPeer).map { index in
+            Connection(node: node, localNode: localNode, cluster: cluster, device: device, configuration: configuration,
+                       index: index, shared: index == configuration.connectionsPerPeer)
+        }
+        for connection in connections { connection.peer = self }
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    /// The peer's endpoint socket, or nil if the peer is unknown.
+    var endpoint: String? {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return endpointPath
+    }
+
+    /// Points the peer at another endpoint (nil: removes it); connections to the old one are
+    /// dropped, and with `release` their buffers freed as well.
+    func setEndpoint(_ path: String?, release: Bool = false) {
+        pthread_mutex_lock(mutex)
+        let changed = path != endpointPath
+        endpointPath = path
+        pthread_mutex_unlock(mutex)
+        // After the change: a connection made from the old path before its lock is taken here is
+        // dropped; one made afterwards uses the new path.
+        if changed || release { disconnectAll(release: release) }
+    }
+
+    /// Drops every connection (each under its own lock); with `release`, frees their buffers too.
+    func disconnectAll(release: Bool = false) {
+        for connection in connections {
+            connection.lock()
+            if release { connection.close() } else { connection.disconnect() }
+            connection.unlock()
+        }
+    }
+
+    /// The sum of the connections' counters.
+    var statistics: VerbsTransport.Statistics {
+        var total = VerbsTransport.Statistics()
+        for connection in connections {
+            connection.lock()
+            let counters = connection.statistics
+            connection.unlock()
+            total.connections += counters.connections
+            total.chainsPosted += counters.chainsPosted
+            total.workRequests += counters.workRequests
+            total.completionWaits += counters.completionWaits
+            total.sharedChainsPosted += counters.sharedChainsPosted
+            if counters.connections > 0 { total.queuePairs += 1 }
+        }
+        return total
+    }
+}
+
+/// One requester connection towards a peer: one RC queue pair with its own completion queue, a
+/// registered staging buffer and the work-request arrays of the chain being built. A thread with a
+/// slot is the only one that posts on its slot's connections; the shared connection (for threads
+/// beyond the limit) is taken in turns.
+///
+/// All of a connection's mutable state is guarded by its lock; callers take ``lock()`` around
+/// resolve + append + post + wait. The lock of a thread's own connection is uncontended on the data
+/// path; others take it only to drop the connection (``Peer/setEndpoint(_:release:)``,
+/// ``VerbsTransport/disconnect(from:)``, teardown) or to read its counters.
+///
+/// `@unchecked Sendable`: every `var` is read and written only while `mutex` is held, except
+/// `peer`, set once right after init (before the connection is shared) and never changed.
+final class Connection: @unchecked Sendable {
     let node: NodeID
     let localNode: NodeID
     let cluster: ClusterID
     let device: VerbsDevice
     let configuration: VerbsTransport.Options
+    /// The thread slot it belongs to (``VerbsTransport/Options/connectionsPerPeer``: the shared one);
+    /// sent with the connect request so the peer keeps one responder QP per connection.
+    let index: Int
+    let isShared: Bool
+    /// The peer that owns this connection (it outlives its connections' use).
+    unowned(unsafe) var peer: Peer! = nil
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
     // Guarded by `mutex`.
-    private(set) var endpoint: String?
     private var queuePair: UnsafeMutablePointer<ibv_qp>?
     private var completionQueue: UnsafeMutablePointer<ibv_cq>?
     private var inlineBytes = 0
@@ -113,14 +199,17 @@ final class Peer: @unchecked Sendable {
     private(set) var chainCount = 0
     private var stagingUsed = 0
     private var chainSequence: UInt64 = 0
-    private(set) var statistics = VerbsTransport.Statistics()
+    var statistics = VerbsTransport.Statistics()
 
-    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, configuration: VerbsTransport.Options) {
+    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, configuration: VerbsTransport.Options,
+         index: Int, shared: Bool) {
         self.node = node
         self.localNode = localNode
         self.cluster = cluster
         self.device = device
         self.configuration = configuration
+        self.index = index
+        self.isShared = shared
         mutex = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
     }
@@ -133,12 +222,6 @@ final class Peer: @unchecked Sendable {
 
     @inline(__always) func lock() { pthread_mutex_lock(mutex) }
     @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
-
-    /// With the lock held: points the peer at another endpoint (dropping a connection to the old one).
-    func setEndpoint(_ path: String?) {
-        if path != endpoint { disconnect() }
-        endpoint = path
-    }
 
     var isConnected: Bool { queuePair != nil }
 
@@ -156,6 +239,12 @@ final class Peer: @unchecked Sendable {
         buffers?.forgetRegions()
     }
 
+    /// With the lock held: disconnects and frees the buffers (the peer was removed).
+    func close() {
+        disconnect()
+        buffers = nil
+    }
+
     /// With the lock held: connects unless connected.
     @inline(__always)
     func ensureConnected() throws(TransportError) {
@@ -163,7 +252,7 @@ final class Peer: @unchecked Sendable {
     }
 
     private func connect() throws(TransportError) {
-        guard let endpoint else { throw .unknownNode(node) }
+        guard let endpoint = peer.endpoint else { throw .unknownNode(node) }
         if buffers == nil {
             buffers = try PeerBuffers(device: device, node: node, stagingBytes: configuration.stagingBytes,
                                       chainCapacity: configuration.chainCapacity)
@@ -183,6 +272,7 @@ final class Peer: @unchecked Sendable {
         let local = QueuePairSetup.address(of: qp, device)
         var request = EndpointProtocol.Request(kind: .connect, cluster: cluster, from: localNode, to: node)
         request.queuePair = local
+        request.connection = UInt16(index)
         do throws(TransportError) {
             let reply = try EndpointProtocol.exchange(request, path: endpoint, timeoutMilliseconds: configuration.endpointTimeoutMilliseconds)
             guard reply.status == .ok else {
@@ -226,7 +316,7 @@ final class Peer: @unchecked Sendable {
     }
 
     private func lookUp(_ region: RegionID) throws(TransportError) -> RemoteRegion {
-        guard let endpoint else { throw .unknownNode(node) }
+        guard let endpoint = peer.endpoint else { throw .unknownNode(node) }
         var request = EndpointProtocol.Request(kind: .region, cluster: cluster, from: localNode, to: node)
         request.region = region
         let reply = try EndpointProtocol.exchange(request, path: endpoint, timeoutMilliseconds: configuration.endpointTimeoutMilliseconds)
@@ -346,6 +436,7 @@ final class Peer: @unchecked Sendable {
         }
         statistics.chainsPosted += 1
         statistics.workRequests += chainCount
+        if isShared { statistics.sharedChainsPosted += 1 }
     }
 
     /// With the lock held, after ``post()``: waits for the chain's last completion (spinning, then

@@ -34,16 +34,22 @@ import Musl
 /// towards a peer, and the responder QP the peer created for it is never posted to.
 ///
 /// **Data path.** Callers pass arbitrary pointers; the transport copies through a registered
-/// staging buffer per peer (WRITEs up to the QP's inline size go inline, without the copy). A
+/// staging buffer per connection (WRITEs up to the QP's inline size go inline, without the copy). A
 /// batch (``execute(_:)``) is posted as one chain of work requests per peer with one
 /// `ibv_post_send`, only the last request signalled (RC completes in order), and one completion
 /// wait. Nothing is allocated per operation: the staging buffer, the work-request arrays and the
 /// completion array are allocated at the first connection and reused.
 ///
-/// **Threads.** The transport may be used from several threads. One QP per peer: operations
-/// towards the same peer take turns on that peer's lock (post + poll under it), operations towards
-/// different peers run in parallel. A batch takes the locks of the peers it names in node order.
-/// Per-thread QPs are future work.
+/// **Threads.** The transport may be used from several threads, and each thread has its own
+/// connection towards each peer: its own RC QP, completion queue, staging buffer and work-request
+/// arrays, made (by one more endpoint exchange) on the thread's first operation towards that peer.
+/// Threads do not wait for each other: each posts and polls under its own connection's lock, which
+/// others take only to drop the connection or read its counters. The number of such connections
+/// is bounded by `Options.connectionsPerPeer` (16 by default) per peer: the first that many threads
+/// to operate through the transport get a thread slot (see ``ThreadSlots``); later threads share
+/// one more connection per peer and take turns on its lock (post + poll under it). A slot goes
+/// back when its thread exits, and its connections stay up for the next thread that takes it. A
+/// batch takes its thread's connections to the peers it names in node order.
 ///
 /// **Ordering** (the guarantees ``Transport`` documents): a WRITE's last 8-byte word becomes visible
 /// last, as RC RDMA WRITE places data in order in practice (rxe copies packet by packet, in
@@ -60,8 +66,9 @@ import Musl
 /// ``TransportError/peerUnreachable(node:detail:)``, reported after about 0.5 s of retransmissions.
 /// After any error the connection is dropped and the next operation reconnects.
 ///
-/// `@unchecked Sendable`: all stored properties are immutable; each ``Peer``'s mutable state is
-/// guarded by its own lock, ``LocalRegions`` publishes with release/acquire atomics, and the
+/// `@unchecked Sendable`: all stored properties are immutable; each ``Peer``'s endpoint and each
+/// ``Connection``'s mutable state are guarded by their own locks, ``ThreadSlots`` guards its free
+/// list with a lock (a thread's slot table belongs to that thread), ``LocalRegions`` publishes with release/acquire atomics, and the
 /// ``Listener``'s state belongs to its thread.
 public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Tuning of a transport. The defaults suit tests and small clusters.
@@ -72,7 +79,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         public var port: UInt8
         /// The source GID index; nil: `GRANARY_RDMA_GID_INDEX`, else discovered.
         public var gidIndex: Int?
-        /// The registered staging buffer per peer; also the largest piece one READ or WRITE work
+        /// The registered staging buffer per connection; also the largest piece one READ or WRITE work
         /// request carries (longer accesses are split).
         public var stagingBytes: Int
         /// The most work requests in one posted chain (the send queue depth).
@@ -83,10 +90,13 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         public var completionTimeout: Duration
         /// How long an endpoint exchange (connect, region look-up) may take.
         public var endpointTimeout: Duration
+        /// How many threads get their own connection (QP, staging buffer, ...) towards each peer;
+        /// further threads share one connection per peer, in turns. 0: every thread shares it.
+        public var connectionsPerPeer: Int
 
         public init(device: String? = nil, port: UInt8 = 1, gidIndex: Int? = nil, stagingBytes: Int = 256 << 10,
                     chainCapacity: Int = 64, inlineBytes: Int = 64, completionTimeout: Duration = .seconds(5),
-                    endpointTimeout: Duration = .seconds(5)) {
+                    endpointTimeout: Duration = .seconds(5), connectionsPerPeer: Int = 16) {
             self.device = device
             self.port = port
             self.gidIndex = gidIndex
@@ -95,6 +105,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
             self.inlineBytes = inlineBytes
             self.completionTimeout = completionTimeout
             self.endpointTimeout = endpointTimeout
+            self.connectionsPerPeer = connectionsPerPeer
         }
 
         var completionTimeoutNanoseconds: UInt64 { Self.nanoseconds(completionTimeout) }
@@ -105,10 +116,16 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         }
     }
 
-    /// Counters of the work done towards one peer.
+    /// Counters of the work done towards one peer, summed over the threads' connections.
     public struct Statistics: Sendable, Equatable {
-        /// RC connections made (more than one after reconnects).
+        /// RC connections made: one per thread that talked to the peer (plus the shared one, if
+        /// used), more after reconnects.
         public var connections = 0
+        /// Connections (QPs) that have connected at least once: one per thread slot used, plus
+        /// the shared connection if used.
+        public var queuePairs = 0
+        /// Chains posted on the connection shared by the threads beyond `Options.connectionsPerPeer`.
+        public var sharedChainsPosted = 0
         /// `ibv_post_send` calls (one per chain).
         public var chainsPosted = 0
         /// Work requests posted.
@@ -131,6 +148,8 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     let listener: Listener
     /// One per possible node id; a peer without an endpoint is unknown.
     let peers: [Peer]
+    /// Which connection of each peer a thread uses.
+    let slots: ThreadSlots
 
     /// The name of the device in use (e.g. `rxe0`).
     public var deviceName: String { device.name }
@@ -159,6 +178,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     public init(localNode: NodeID, cluster: ClusterID, directory: RegionDirectory, options: Options = Options()) throws(VerbsError) {
         precondition(options.stagingBytes >= 4096 && options.stagingBytes & 63 == 0, "stagingBytes must be a multiple of 64, at least 4096")
         precondition(options.chainCapacity >= 1 && options.chainCapacity <= 4096, "chainCapacity must be in 1...4096")
+        precondition(options.connectionsPerPeer >= 0 && options.connectionsPerPeer <= 1024, "connectionsPerPeer must be in 0...1024")
         self.localNode = localNode
         self.cluster = cluster
         self.directory = directory
@@ -171,12 +191,10 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         self.peers = (0..<NodeID.limit).map { index in
             Peer(node: NodeID(index), localNode: localNode, cluster: cluster, device: device, configuration: options)
         }
+        self.slots = ThreadSlots(capacity: options.connectionsPerPeer)
         try listener.start()
         if localNode.index < NodeID.limit {
-            let own = peers[localNode.index]
-            own.lock()
-            own.setEndpoint(Self.endpointPath(of: directory))
-            own.unlock()
+            peers[localNode.index].setEndpoint(Self.endpointPath(of: directory))
         }
     }
 
@@ -184,48 +202,42 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         // Responder QPs go first: peers see their operations fail (retry exceeded) instead of
         // landing in memory that is about to be unmapped.
         listener.stop()
-        for peer in peers {
-            peer.lock()
-            peer.disconnect()
-            peer.unlock()
-        }
+        // Threads' slot tables drop their entries for this transport on their next miss or exit.
+        slots.close()
+        for peer in peers { peer.disconnectAll(release: true) }
     }
 
     /// Adds (or re-points) the peer `node`, whose region directory — and endpoint socket — is
     /// `endpoint`. Connecting waits for the first operation.
     public func addPeer(_ node: NodeID, endpoint: RegionDirectory) {
         precondition(node.index < NodeID.limit, "node id \(node) is outside 0..<\(NodeID.limit)")
-        let peer = peers[node.index]
-        peer.lock()
-        peer.setEndpoint(Self.endpointPath(of: endpoint))
-        peer.unlock()
+        peers[node.index].setEndpoint(Self.endpointPath(of: endpoint))
     }
 
-    /// Drops the connection to `node` (its QP); the next operation reconnects.
+    /// Removes the peer `node`: every thread's connection to it is destroyed (QP, completion queue,
+    /// staging buffer) and operations towards it fail with ``TransportError/unknownNode(_:)`` until
+    /// it is added again.
+    public func removePeer(_ node: NodeID) {
+        guard node.index < NodeID.limit else { return }
+        peers[node.index].setEndpoint(nil, release: true)
+    }
+
+    /// Drops every thread's connection to `node` (their QPs); the next operation of each thread
+    /// reconnects.
     public func disconnect(from node: NodeID) {
         guard node.index < NodeID.limit else { return }
-        let peer = peers[node.index]
-        peer.lock()
-        peer.disconnect()
-        peer.unlock()
+        peers[node.index].disconnectAll()
     }
 
     /// The nodes this transport can reach (itself included).
     public var peerNodes: [NodeID] {
-        peers.compactMap { peer in
-            peer.lock()
-            defer { peer.unlock() }
-            return peer.endpoint == nil ? nil : peer.node
-        }
+        peers.compactMap { peer in peer.endpoint == nil ? nil : peer.node }
     }
 
     /// What was done towards `node` so far.
     public func statistics(for node: NodeID) -> Statistics {
         guard node.index < NodeID.limit else { return Statistics() }
-        let peer = peers[node.index]
-        peer.lock()
-        defer { peer.unlock() }
-        return peer.statistics
+        return peers[node.index].statistics
     }
 
     // MARK: Transport
@@ -250,16 +262,17 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         return record.pointee.base
     }
 
+    /// The calling thread's connection towards `node`.
     @inline(__always)
-    func peer(_ node: NodeID) throws(TransportError) -> Peer {
+    func connection(_ node: NodeID) throws(TransportError) -> Connection {
         guard node.index < NodeID.limit else { throw .unknownNode(node) }
-        return peers[node.index]
+        return peers[node.index].connections[slots.current()]
     }
 
     /// Copies `buffer.count` bytes at `address` on `node` into `buffer`: RDMA READ into the staging
     /// buffer, then a copy. One round trip (more for reads longer than `Options.stagingBytes`).
     public func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) {
-        let peer = try self.peer(node)
+        let peer = try self.connection(node)
         peer.lock()
         defer { peer.unlock() }
         let (remote, rkey) = try peer.resolve(address, buffer.count)
@@ -271,7 +284,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Copies `buffer` to `address` on `node` with RDMA WRITE; returns when its completion arrives
     /// (the data is then placed in the peer's memory, not necessarily persistent).
     public func write(to node: NodeID, _ address: GlobalAddress, from buffer: UnsafeRawBufferPointer) throws(TransportError) {
-        let peer = try self.peer(node)
+        let peer = try self.connection(node)
         peer.lock()
         defer { peer.unlock() }
         let (remote, rkey) = try peer.resolve(address, buffer.count)
@@ -295,7 +308,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         let name = desired == nil ? "fetch-and-add" : "compare-and-swap"
         guard address.offset & 7 == 0 else { throw .misaligned(node: node, address: address, operation: name) }
         try checkAtomics(node, name)
-        let peer = try self.peer(node)
+        let peer = try self.connection(node)
         peer.lock()
         defer { peer.unlock() }
         let (remote, rkey) = try peer.resolve(address, 8)
@@ -315,7 +328,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Appends a READ split into pieces the staging buffer holds, posting and completing the chain
     /// whenever it is full.
     @inline(__always)
-    private static func appendRead(_ peer: Peer, remote: UInt64, rkey: UInt32, length: Int,
+    private static func appendRead(_ peer: Connection, remote: UInt64, rkey: UInt32, length: Int,
                                    into destination: UnsafeMutableRawPointer?, address: GlobalAddress) throws(TransportError) {
         var done = 0
         while done < length {
@@ -328,7 +341,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     }
 
     @inline(__always)
-    private static func appendWrite(_ peer: Peer, remote: UInt64, rkey: UInt32, length: Int,
+    private static func appendWrite(_ peer: Connection, remote: UInt64, rkey: UInt32, length: Int,
                                     from source: UnsafeRawPointer?, address: GlobalAddress) throws(TransportError) {
         var done = 0
         while done < length {
@@ -356,16 +369,18 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
             guard node.index < NodeID.limit else { throw .unknownNode(node) }
             involved |= 1 << UInt64(node.index)
         }
-        // Locks in ascending node order, so two batches never wait on each other's locks.
+        // This thread's connections. Locks in ascending node order, so two batches on the shared
+        // connections never wait on each other's locks.
+        let slot = slots.current()
         var bits = involved
         while bits != 0 {
-            peers[bits.trailingZeroBitCount].lock()
+            peers[bits.trailingZeroBitCount].connections[slot].lock()
             bits &= bits - 1
         }
         defer {
             var bits = involved
             while bits != 0 {
-                let peer = peers[bits.trailingZeroBitCount]
+                let peer = peers[bits.trailingZeroBitCount].connections[slot]
                 peer.discardChain()
                 peer.unlock()
                 bits &= bits - 1
@@ -379,15 +394,15 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
                 let name = op.kind == .compareAndSwap ? "compare-and-swap" : "fetch-and-add"
                 guard op.address.offset & 7 == 0 else { throw .misaligned(node: op.node, address: op.address, operation: name) }
                 try checkAtomics(op.node, name)
-                _ = try peers[op.node.index].resolve(op.address, 8)
+                _ = try peers[op.node.index].connections[slot].resolve(op.address, 8)
             case .read, .write:
-                _ = try peers[op.node.index].resolve(op.address, op.length)
+                _ = try peers[op.node.index].connections[slot].resolve(op.address, op.length)
             }
         }
         // Build the chains (a full chain is posted and completed on the spot).
         for index in 0..<count {
             let op = batch[index]
-            let peer = peers[op.node.index]
+            let peer = peers[op.node.index].connections[slot]
             switch op.kind {
             case .read:
                 guard op.length > 0, op.buffer != nil else { continue }
@@ -411,7 +426,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         while bits != 0 {
             let node = bits.trailingZeroBitCount
             bits &= bits - 1
-            let peer = peers[node]
+            let peer = peers[node].connections[slot]
             guard peer.chainCount > 0 else { continue }
             do {
                 try peer.post()
@@ -423,7 +438,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         }
         bits = posted
         while bits != 0 {
-            let peer = peers[bits.trailingZeroBitCount]
+            let peer = peers[bits.trailingZeroBitCount].connections[slot]
             bits &= bits - 1
             do {
                 try peer.complete { index, word in batch[index].result = word }

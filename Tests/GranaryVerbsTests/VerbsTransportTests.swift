@@ -133,6 +133,104 @@ struct VerbsTransportTests {
         #expect(final == UInt64(threads * perThread))
     }
 
+    /// Runs `threads` threads that each apply `perThread` fetch-and-adds of 1 to `word` (half of
+    /// them singly, half in batches of 5), all holding their connections at once (each waits for
+    /// the others' first operation before going on); returns the old values seen and the errors.
+    static func addFromThreads(_ transport: VerbsTransport, _ peer: NodeID, _ word: GlobalAddress,
+                               threads: Int, perThread: Int) -> (seen: [UInt64], failures: [String]) {
+        let seen = Shared<[UInt64]>([])
+        let failures = Shared<[String]>([])
+        let started = Shared<Int>(0)
+        runThreads(threads) { _ in
+            var mine: [UInt64] = []
+            do {
+                mine.append(try transport.fetchAndAdd(at: peer, word, 1))
+                started.withLock { $0 += 1 }
+                while started.value < threads { sched_yield() }
+                var batch = OperationBatch(capacity: 5)
+                while mine.count < perThread {
+                    if mine.count % 2 == 0 || perThread - mine.count < 5 {
+                        mine.append(try transport.fetchAndAdd(at: peer, word, 1))
+                    } else {
+                        batch.removeAll()
+                        for _ in 0..<5 { batch.fetchAndAdd(at: peer, word, 1) }
+                        try transport.execute(&batch)
+                        mine.append(contentsOf: (0..<5).map { batch.result($0) })
+                    }
+                }
+            } catch {
+                failures.withLock { $0.append("\(error)") }
+                started.withLock { $0 += threads }
+            }
+            seen.withLock { $0.append(contentsOf: mine) }
+        }
+        return (seen.value, failures.value)
+    }
+
+    @Test("each thread gets its own connection to a peer; a thread that exits leaves it to the next", .requiresRDMADevice)
+    func connectionPerThread() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let transport = nodes.a
+        let peer = nodes.b.localNode
+        let word = GlobalAddress(region: nodes.region.id, offset: 24576)
+        let threads = 4, perThread = 60
+        let (seen, failures) = Self.addFromThreads(transport, peer, word, threads: threads, perThread: perThread)
+        #expect(failures.isEmpty, "\(failures)")
+        #expect(seen.sorted() == (0..<UInt64(threads * perThread)).map { $0 }, "each old value is seen exactly once")
+        var statistics = transport.statistics(for: peer)
+        #expect(statistics.connections == threads, "\(statistics)")
+        #expect(statistics.queuePairs == threads, "\(statistics)")
+        #expect(statistics.sharedChainsPosted == 0, "\(statistics)")
+        // The peer kept one responder QP per connection: every thread's adds landed.
+        #expect(nodes.region.base.advanced(by: 24576).load(as: UInt64.self) == UInt64(threads * perThread))
+
+        // A new thread takes a slot given back by an exited one, and its connection as it is.
+        runThreads(1) { _ in _ = try? transport.fetchAndAdd(at: peer, word, 1) }
+        statistics = transport.statistics(for: peer)
+        #expect(statistics.connections == threads, "\(statistics)")
+        #expect(nodes.region.base.advanced(by: 24576).load(as: UInt64.self) == UInt64(threads * perThread + 1))
+
+        // Dropping the peer's connections drops every thread's; each reconnects on its next use.
+        transport.disconnect(from: peer)
+        let again = Self.addFromThreads(transport, peer, word, threads: 2, perThread: 10)
+        #expect(again.failures.isEmpty, "\(again.failures)")
+        #expect(transport.statistics(for: peer).connections == threads + 2)
+    }
+
+    @Test("threads beyond connectionsPerPeer share one connection, and every operation still applies once", .requiresRDMADevice)
+    func connectionLimit() throws {
+        var fixture = VerbsFixture()
+        fixture.options.connectionsPerPeer = 2
+        let nodes = try fixture.makeNodes()
+        defer { nodes.temporary.remove() }
+        let peer = nodes.b.localNode
+        let word = GlobalAddress(region: nodes.region.id, offset: 28672)
+        let threads = 5, perThread = 40
+        let (seen, failures) = Self.addFromThreads(nodes.a, peer, word, threads: threads, perThread: perThread)
+        #expect(failures.isEmpty, "\(failures)")
+        #expect(seen.sorted() == (0..<UInt64(threads * perThread)).map { $0 }, "each old value is seen exactly once")
+        let statistics = nodes.a.statistics(for: peer)
+        #expect(statistics.connections == 3, "2 own connections and the shared one: \(statistics)")
+        #expect(statistics.queuePairs == 3, "\(statistics)")
+        #expect(statistics.sharedChainsPosted > 0, "\(statistics)")
+    }
+
+    @Test("a removed peer is unknown and its connections are gone; added again, it is reachable", .requiresRDMADevice)
+    func removePeer() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let peer = nodes.b.localNode
+        let word = GlobalAddress(region: nodes.region.id, offset: 32768)
+        #expect(try nodes.a.fetchAndAdd(at: peer, word, 1) == 0)
+        nodes.a.removePeer(peer)
+        #expect(!nodes.a.peerNodes.contains(peer))
+        #expect(throws: TransportError.unknownNode(peer)) { _ = try nodes.a.fetchAndAdd(at: peer, word, 1) }
+        nodes.a.addPeer(peer, endpoint: nodes.directoryB)
+        #expect(try nodes.a.fetchAndAdd(at: peer, word, 1) == 1)
+        #expect(nodes.a.statistics(for: peer).connections == 2)
+    }
+
     @Test("a dead peer is reported as unreachable, naming it, within a bounded time", .requiresRDMADevice)
     func deadPeer() throws {
         let tmp = TemporaryDirectory("granary-verbs")
