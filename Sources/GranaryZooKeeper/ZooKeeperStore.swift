@@ -86,6 +86,9 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
 
     private func check(_ rc: Int32, _ path: String) throws(CoordinationError) {
         guard rc != ZOK.rawValue else { return }
+        // After expiry the C client answers every call with ZINVALIDSTATE; the session watcher
+        // recorded why.
+        if rc == ZINVALIDSTATE.rawValue, session.state.withLock({ $0.expired }) { throw .sessionExpired }
         throw Self.error(rc, path: path)
     }
 
@@ -285,7 +288,8 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
             }
             error = badVersion(path, expected: expected)
         }
-        if failure == ZSESSIONEXPIRED.rawValue || rc == ZSESSIONEXPIRED.rawValue { throw .sessionExpired }
+        if failure == ZSESSIONEXPIRED.rawValue || rc == ZSESSIONEXPIRED.rawValue
+            || (rc == ZINVALIDSTATE.rawValue && session.state.withLock({ $0.expired })) { throw .sessionExpired }
         if rc == ZCONNECTIONLOSS.rawValue { throw .connectionLoss("during a multi-operation") }
         throw .multiFailed(index: index, CoordinationFailure(error))
     }

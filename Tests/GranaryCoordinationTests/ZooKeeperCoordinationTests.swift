@@ -17,8 +17,20 @@ struct ZooKeeperFixture: CoordinationFixture {
     /// session and closes it.
     func expire(_ session: any CoordinationStore) async throws {
         let store = session as! ZooKeeperStore
-        let twin = try ZooKeeperStore(connectString: zooKeeperAddress!, resuming: store.sessionCredentials)
-        await twin.close()
+        // The original handle may re-attach the session while the twin closes it; repeat the
+        // trick until the original sees the expiry (bounded).
+        for _ in 0..<5 {
+            let twin = try ZooKeeperStore(connectString: zooKeeperAddress!, resuming: store.sessionCredentials)
+            await twin.close()
+            for _ in 0..<40 {
+                do {
+                    _ = try await store.get("/")
+                } catch .sessionExpired {
+                    return
+                } catch {}
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
     }
 }
 
