@@ -152,3 +152,30 @@ public enum TransportConformance {
         #expect(received == messages)
     }
 }
+
+/// What one one-sided read of a whole object, written by writers that fill every payload word
+/// with one value, tells a torn-read stress test.
+public enum SnapshotVerdict: Equatable {
+    case locked
+    case torn
+    /// The layout accepted it and the payload is whole.
+    case accepted
+    /// The layout accepted it, but the payload mixes writes: a torn read that slipped through.
+    case acceptedButTorn(String)
+
+    /// Judges `snapshot` (`lines` whole lines read at `address`); `payload` is scratch of
+    /// `words` words.
+    public static func judge(_ snapshot: UnsafeRawPointer, lines: Int, words: Int, address: GlobalAddress,
+                             payload: inout [UInt64]) -> SnapshotVerdict {
+        payload.withUnsafeMutableBytes {
+            ObjectLayout.gatherPayload(from: snapshot, into: $0.baseAddress!, count: words * 8)
+        }
+        switch ObjectLayout.check(snapshot: snapshot, lines: lines) {
+        case .locked: return .locked
+        case .torn: return .torn
+        case .consistent(let header):
+            guard let odd = payload.firstIndex(where: { $0 != payload[0] }) else { return .accepted }
+            return .acceptedButTorn("object \(address) accepted at \(header) with word 0 = 0x\(String(payload[0], radix: 16)) but word \(odd) = 0x\(String(payload[odd], radix: 16))")
+        }
+    }
+}
