@@ -330,25 +330,30 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     @inline(__always)
     private static func appendRead(_ peer: Connection, remote: UInt64, rkey: UInt32, length: Int,
                                    into destination: UnsafeMutableRawPointer?, address: GlobalAddress) throws(TransportError) {
-        var done = 0
-        while done < length {
-            let piece = min(length - done, peer.pieceBytes)
-            if !peer.hasRoom(bytes: piece) { try peer.flush { _, _ in } }
+        try inPieces(peer, length: length) { done, piece in
             peer.appendRead(remote: remote &+ UInt64(done), rkey: rkey, length: piece, into: destination.map { $0 + done },
                             address: address.advanced(by: done))
-            done += piece
         }
     }
 
     @inline(__always)
     private static func appendWrite(_ peer: Connection, remote: UInt64, rkey: UInt32, length: Int,
                                     from source: UnsafeRawPointer?, address: GlobalAddress) throws(TransportError) {
+        try inPieces(peer, length: length) { done, piece in
+            peer.appendWrite(remote: remote &+ UInt64(done), rkey: rkey, length: piece, from: source.map { $0 + done },
+                             address: address.advanced(by: done))
+        }
+    }
+
+    /// Calls `append(offset, piece)` for consecutive pieces of `length` bytes that the staging
+    /// buffer holds, flushing the chain first whenever the next piece does not fit.
+    @inline(__always)
+    private static func inPieces(_ peer: Connection, length: Int, _ append: (Int, Int) -> Void) throws(TransportError) {
         var done = 0
         while done < length {
             let piece = min(length - done, peer.pieceBytes)
             if !peer.hasRoom(bytes: piece) { try peer.flush { _, _ in } }
-            peer.appendWrite(remote: remote &+ UInt64(done), rkey: rkey, length: piece, from: source.map { $0 + done },
-                             address: address.advanced(by: done))
+            append(done, piece)
             done += piece
         }
     }
