@@ -49,10 +49,13 @@ extension Transaction {
         stats.record(.truncate, nanoseconds: monotonicNanoseconds() - now)
     }
 
-    /// The primaries of the written objects, in a stable order.
-    private var writtenPrimaries: [NodeID] {
-        var seen = Set<NodeID>()
-        return writes.compactMap { seen.insert($0.primary).inserted ? $0.primary : nil }
+    /// The primaries of the written objects, in a stable order (computed by ``lock()``).
+    private var writtenPrimaries: [NodeID] { primaries }
+
+    /// Sets ``primaries`` from the write set, reusing its storage.
+    private func collectPrimaries() {
+        primaries.removeAll(keepingCapacity: true)
+        for entry in writes where !primaries.contains(entry.primary) { primaries.append(entry.primary) }
     }
 
     private func ensureRecordCapacity(_ bytes: Int) {
@@ -90,6 +93,7 @@ extension Transaction {
     /// LOCK: one record per primary with the written objects, their read versions and new values;
     /// each primary's CPU locks them with compare-and-swap and answers. Waits for every answer.
     func lock() throws -> TransactionID {
+        collectPrimaries()
         let primaries = writtenPrimaries
         var backoff = Backoff(maximumSleepMicroseconds: 50)
         var acquired: TransactionID?
@@ -105,15 +109,14 @@ extension Transaction {
         }
         let timeout = engine.replyTimeoutNanoseconds
         let engine = self.engine
-        let neighbours = self.neighbours
+        let neighbours = self.neighbourList
         let waitResult = engine.replies.wait(id, timeoutNanoseconds: timeout) {
-            // Serve the primaries' mailboxes (LOCK) and this node's (the replies) when they are in
-            // this process and nobody else is serving them.
+            // Serve the mailboxes of this process's nodes that nobody else is serving: the
+            // primaries' (LOCK), this node's (the replies) and the backups' (their records would
+            // otherwise wait for a poller thread to be scheduled).
             var handled = 0
-            for primary in primaries where primary != engine.node {
-                handled += neighbours[primary.index]?.pollOnce() ?? 0
-            }
-            return handled + engine.pollOnce()
+            for peer in neighbours { handled += peer.helpPoll() }
+            return handled + engine.helpPoll()
         }
         guard let failure = waitResult else {
             try abort(id)
@@ -136,37 +139,48 @@ extension Transaction {
     /// VALIDATE: one-sided reads of the header words of objects read (and, when `skippingWritten`,
     /// not written), posted as one batch; false if any changed or is locked.
     func validate(skippingWritten: Bool) throws -> Bool {
-        var headers = [UInt64](repeating: 0, count: reads.count)
-        var batch = OperationBatch(capacity: max(1, reads.count))
-        var checked: [Int] = []
-        headers.withUnsafeMutableBytes { raw in
-            for (index, read) in reads.enumerated() where !(skippingWritten && writeIndex[read.address] != nil) {
-                batch.read(from: read.primary, read.address,
-                           into: UnsafeMutableRawBufferPointer(rebasing: raw[(index * 8)..<(index * 8 + 8)]))
-                checked.append(index)
+        let reads = self.reads
+        var checked = 0
+        for read in reads where !(skippingWritten && writeIndex[read.address] != nil) { checked += 1 }
+        guard checked > 0 else { return true }
+        return try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: reads.count) { headers in
+            var batch = OperationBatch(capacity: checked)
+            for (index, read) in reads.enumerated() {
+                if skippingWritten && writeIndex[read.address] != nil {
+                    headers[index] = read.header.rawValue
+                } else {
+                    batch.read(from: read.primary, read.address,
+                               into: UnsafeMutableRawBufferPointer(start: headers.baseAddress! + index, count: 8))
+                }
             }
+            if let failure = Self.execute(engine.transport, &batch) { throw TransactionError.transport(failure) }
+            for (index, read) in reads.enumerated() where headers[index] != read.header.rawValue {
+                return false
+            }
+            return true
         }
-        guard !checked.isEmpty else { return true }
+    }
+
+    private static func execute(_ transport: any Transport, _ batch: inout OperationBatch) -> TransportError? {
         do {
-            try engine.transport.execute(&batch)
+            try transport.execute(&batch)
+            return nil
         } catch {
-            throw TransactionError.transport(error)
+            return error
         }
-        for index in checked where headers[index] != reads[index].header.rawValue {
-            return false
-        }
-        return true
     }
 
     /// COMMIT-BACKUP: one record per backup node with the new values of the objects it backs up.
     /// Waits only for the writes' completion, never for the backups' CPUs. Returns the backups.
     func commitBackup(_ id: TransactionID) throws -> [NodeID] {
-        var nodes: [NodeID] = []
+        let view = self.view
+        backupNodes.removeAll(keepingCapacity: true)
         for entry in writes {
-            for backup in view.backups[entry.address.region.index] where !nodes.contains(backup) { nodes.append(backup) }
+            for backup in view.backups[entry.address.region.index] where !backupNodes.contains(backup) { backupNodes.append(backup) }
         }
+        let nodes = backupNodes
         for node in nodes {
-            try sendEntries(.commitBackup, id, to: node) { self.view.backups[$0.address.region.index].contains(node) }
+            try sendEntries(.commitBackup, id, to: node) { view.backups[$0.address.region.index].contains(node) }
         }
         return nodes
     }

@@ -145,6 +145,10 @@ public final class Engine: Sendable {
     /// Held by whoever is polling this node's mailbox: its poller thread, or a coordinator of the
     /// same process helping while it waits (see ``helpPoll()``).
     private let polling = Atomic<Bool>(false)
+    /// Set when a coordinator served this node's mailbox since the poller last looked.
+    private let helped = Atomic<Bool>(false)
+    /// How long the poller sleeps after finding its mailbox served by helpers.
+    private let helpedPollerSleepMicroseconds: UInt32 = 500
     /// Engines of the other nodes in this process, which waiting coordinators may help.
     let neighbours = Mutex<[NodeID: Unowned]>([:])
 
@@ -263,9 +267,16 @@ public final class Engine: Sendable {
     private func pollLoop() {
         // Coordinators of this process help while they wait, so the poller mostly keeps the node
         // live for peers elsewhere: it spins briefly, then sleeps rather than competing for the CPU.
+        // While helpers are serving the mailbox, it stays out of their way longer still.
         var backoff = Backoff(spins: 8, yields: 0, maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
         while running.load(ordering: .acquiring) {
-            if pollOnce() > 0 { backoff.reset() } else { backoff.pause() }
+            if pollOnce() > 0 {
+                backoff.reset()
+            } else if helped.exchange(false, ordering: .relaxed) {
+                usleep(helpedPollerSleepMicroseconds)
+            } else {
+                backoff.pause()
+            }
         }
     }
 
@@ -278,9 +289,23 @@ public final class Engine: Sendable {
     func pollOnce() -> Int {
         guard pollingLock() else { return 0 }
         defer { polling.store(false, ordering: .releasing) }
+        return serveMailbox()
+    }
+
+    /// ``pollOnce()`` by a coordinator of this process lending its CPU; tells the poller thread
+    /// that its mailbox is being served.
+    func helpPoll() -> Int {
+        guard pollingLock() else { return 0 }
+        if !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
+        defer { polling.store(false, ordering: .releasing) }
+        return serveMailbox()
+    }
+
+    private func serveMailbox() -> Int {
         var handled = 0
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
+        let view = self.view
         processor.flushReplies(view: view)
         let channels = processor.channelsInUse.load(ordering: .relaxed)
         for index in 0..<NodeID.limit where channels & (1 << UInt64(index)) != 0 {
@@ -288,7 +313,7 @@ public final class Engine: Sendable {
             guard !processor.brokenChannels.contains(sender) else { continue }
             do {
                 handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
-                    processor.handle(from: sender, bytes)
+                    processor.handle(from: sender, bytes, view: view)
                 }
             } catch {
                 logger.error("stopped polling the channel from \(sender): \(error)")

@@ -14,37 +14,53 @@ final class RecordProcessor: @unchecked Sendable {
     let pendingCount = Atomic<Int>(0)
     let stashedCount = Atomic<Int>(0)
 
-    struct LockedObject {
-        let replica: LocalReplica
-        let slot: ObjectSlot
-        let expected: ObjectHeader
-        let new: ObjectHeader
-        let operation: EntryOperation
-        let payload: [UInt8]
-    }
-
+    /// An entry of a kept COMMIT-BACKUP record, its payload borrowed from the record.
     struct BackupEntry {
         let address: GlobalAddress
         let new: ObjectHeader
         let lines: Int
         let operation: EntryOperation
+        let payload: UnsafeRawBufferPointer
+
+        func owned() -> DeferredEntry {
+            DeferredEntry(address: address, new: new, lines: lines, operation: operation, payload: Array(payload))
+        }
+    }
+
+    /// A truncated entry waiting for its object's slab to be known here, with its own payload copy.
+    struct DeferredEntry {
+        let address: GlobalAddress
+        let new: ObjectHeader
+        let lines: Int
+        let operation: EntryOperation
         let payload: [UInt8]
+
+        func apply(_ body: (BackupEntry) -> Bool) -> Bool {
+            payload.withUnsafeBytes { bytes in
+                body(BackupEntry(address: address, new: new, lines: lines, operation: operation, payload: bytes))
+            }
+        }
     }
 
     /// Channels whose ring held bytes that are not records from their sender.
     var brokenChannels = Set<NodeID>()
     /// Bit n: poll the ring of node n (every node that was ever a member).
     let channelsInUse = Atomic<UInt64>(0)
-    private var locked: [TransactionID: [LockedObject]] = [:]
-    private var stashed: [TransactionID: [BackupEntry]] = [:]
+    /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the
+    /// record's copy in ``kept`` (with each entry's slot after it).
+    private var locked: [TransactionID: Int] = Dictionary(minimumCapacity: 1024)
+    /// COMMIT-BACKUP records this backup keeps until TRUNCATE: their copies in ``kept``.
+    private var stashed: [TransactionID: Int] = Dictionary(minimumCapacity: 4096)
+    /// Record copies, in buffers reused from record to record (no allocation once warm).
+    private let kept = RecordPool()
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
     /// different coordinators arrive in any order); applied once it has.
-    private var deferred: [BackupEntry] = []
+    private var deferred: [DeferredEntry] = []
     private let replyBuffer = UnsafeMutableRawPointer.allocate(byteCount: RecordFormat.headerBytes, alignment: 8)
 
     deinit { replyBuffer.deallocate() }
 
-    func handle(from sender: NodeID, _ bytes: UnsafeRawBufferPointer) {
+    func handle(from sender: NodeID, _ bytes: UnsafeRawBufferPointer, view: ConfigurationView) {
         let record: RecordView
         do {
             record = try RecordView(bytes)
@@ -53,7 +69,6 @@ final class RecordProcessor: @unchecked Sendable {
             engine.logger.info("rejected a record from \(sender): \(error)")
             return
         }
-        let view = engine.view
         guard view.isMember(sender) else {
             // Precise membership: a node outside the configuration changes nothing here.
             engine.statistics.rejected()
@@ -76,11 +91,11 @@ final class RecordProcessor: @unchecked Sendable {
         }
         do {
             switch record.kind {
-            case .lock: try lock(record, view: view)
+            case .lock: try lock(record, raw: bytes, view: view)
             case .lockReply: engine.replies.deliver(record.transaction, failure: record.cause)
-            case .commitPrimary: commitPrimary(record.transaction)
-            case .abort: abort(record.transaction)
-            case .commitBackup: try commitBackup(record, view: view)
+            case .commitPrimary: commitPrimary(record.transaction, view: view)
+            case .abort: abort(record.transaction, view: view)
+            case .commitBackup: try commitBackup(record, raw: bytes, view: view)
             case .truncate: try truncate(record, view: view)
             }
         } catch {
@@ -90,7 +105,7 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// Replies that found their channel busy or full, in order, per coordinator node.
-    private var unsent: [NodeID: [[UInt8]]] = [:]
+    private var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
     let unsentCount = Atomic<Int>(0)
 
     /// Answers a LOCK without ever waiting: a reply that cannot go now waits here and goes out at
@@ -101,7 +116,7 @@ final class RecordProcessor: @unchecked Sendable {
                                   configuration: view.configuration.id, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
         let node = transaction.node
-        if unsent[node]?.isEmpty ?? true, let sender = view.senders[node.index] {
+        if unsentCount.load(ordering: .relaxed) == 0 || unsent[node.index].isEmpty, let sender = view.senders[node.index] {
             do {
                 if try sender.trySend(writer.bytes) { return }
             } catch {
@@ -109,22 +124,23 @@ final class RecordProcessor: @unchecked Sendable {
                 return
             }
         }
-        unsent[node, default: []].append(Array(writer.bytes))
+        unsent[node.index].append(Array(writer.bytes))
         unsentCount.add(1, ordering: .relaxed)
     }
 
     /// Sends the replies that could not go before, as far as the channels take them.
     func flushReplies(view: ConfigurationView) {
         guard unsentCount.load(ordering: .relaxed) > 0 else { return }
-        for (node, replies) in unsent where !replies.isEmpty {
-            guard let sender = view.senders[node.index] else { continue }
+        for index in unsent.indices where !unsent[index].isEmpty {
+            let replies = unsent[index]
+            guard let sender = view.senders[index] else { continue }
             var sent = 0
             for reply in replies {
                 let ok = (try? reply.withUnsafeBytes { try sender.trySend($0) }) ?? true
                 if !ok { break }
                 sent += 1
             }
-            unsent[node]!.removeFirst(sent)
+            unsent[index].removeFirst(sent)
             unsentCount.subtract(sent, ordering: .relaxed)
         }
     }
@@ -132,10 +148,12 @@ final class RecordProcessor: @unchecked Sendable {
     // MARK: Primary
 
     /// LOCK at the primary's CPU: compare-and-swap each object's header from the version the
-    /// coordinator read to locked. All or nothing per record.
-    private func lock(_ record: RecordView, view: ConfigurationView) throws {
-        var objects: [LockedObject] = []
-        objects.reserveCapacity(record.count)
+    /// coordinator read to locked. All or nothing per record. The record is kept (with each entry's
+    /// slot) until COMMIT-PRIMARY or ABORT.
+    private func lock(_ record: RecordView, raw: UnsafeRawBufferPointer, view: ConfigurationView) throws {
+        let index = kept.keep(raw, extraWords: record.count)
+        let slots = kept.extraWords(index, after: raw.count)
+        var lockedCount = 0
         var failure: AbortCause?
         try record.forEachEntry { entry in
             guard failure == nil else { return }
@@ -145,110 +163,136 @@ final class RecordProcessor: @unchecked Sendable {
                 failure = .invalidObject
                 return
             }
-            let object = replica.region.base + slot.offset
-            if ObjectLayout.tryLock(object, expected: entry.expected).locked {
-                objects.append(LockedObject(replica: replica, slot: slot, expected: entry.expected, new: entry.new,
-                                            operation: entry.operation, payload: Array(entry.payload)))
+            if ObjectLayout.tryLock(replica.region.base + slot.offset, expected: entry.expected).locked {
+                slots[lockedCount] = UInt64(slot.offset) << 16 | UInt64(slot.lines)
+                lockedCount += 1
             } else {
                 failure = .lockConflict
             }
         }
         if let failure {
-            for object in objects {
-                ObjectLayout.unlock(object.replica.region.base + object.slot.offset, restoring: object.expected)
-            }
+            if lockedCount > 0 { release(index, locked: lockedCount, view: view, install: false) }
+            kept.release(index)
             reply(to: record.transaction, failure: failure, view: view)
             return
         }
-        locked[record.transaction] = objects
+        locked[record.transaction] = index
         pendingCount.store(locked.count, ordering: .releasing)
         reply(to: record.transaction, failure: nil, view: view)
     }
 
-    /// COMMIT-PRIMARY: install the new values, bump versions, unlock.
-    private func commitPrimary(_ transaction: TransactionID) {
-        guard let objects = locked.removeValue(forKey: transaction) else {
-            engine.logger.info("COMMIT-PRIMARY for \(transaction), which holds no locks here")
-            return
-        }
-        pendingCount.store(locked.count, ordering: .releasing)
-        for object in objects {
-            let base = object.replica.region.base + object.slot.offset
-            switch object.operation {
+    /// For the first `count` entries of kept LOCK record `index`: install the new values and unlock
+    /// (COMMIT-PRIMARY), or unlock restoring the read header (ABORT, a failed LOCK).
+    private func release(_ index: Int, locked count: Int, view: ConfigurationView, install: Bool) {
+        let raw = kept.bytes(index)
+        guard let record = try? RecordView(raw) else { return }
+        let slots = kept.extraWords(index, after: raw.count)
+        var entryIndex = 0
+        try? record.forEachEntry { entry in
+            guard entryIndex < count else { return }
+            let slot = ObjectSlot(offset: Int(slots[entryIndex] >> 16), lines: Int(slots[entryIndex] & 0xFFFF))
+            entryIndex += 1
+            guard let replica = view.localReplica(entry.address.region) else {
+                engine.logger.error("\(record.transaction) locked \(entry.address), whose region is no longer on \(engine.node)")
+                return
+            }
+            let base = replica.region.base + slot.offset
+            guard install else {
+                ObjectLayout.unlock(base, restoring: entry.expected)
+                return
+            }
+            switch entry.operation {
             case .write, .allocate:
-                object.payload.withUnsafeBytes { payload in
-                    ObjectLayout.install(base, lines: object.slot.lines, payload: payload.baseAddress ?? UnsafeRawPointer(base),
-                                         count: payload.count, header: object.new)
-                }
-                if object.operation == .allocate { object.replica.allocator?.didAllocate(object.slot) }
+                ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
+                                     count: entry.payload.count, header: entry.new)
+                if entry.operation == .allocate { replica.allocator?.didAllocate(slot) }
             case .free:
-                ObjectLayout.stamp(base, lines: object.slot.lines, header: object.new)
-                object.replica.allocator?.didFree(object.slot)
+                ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
+                replica.allocator?.didFree(slot)
             }
             if engine.persistEveryInstall {
-                try? object.replica.region.persist(offset: object.slot.offset, length: object.slot.lines * ObjectLayout.lineSize)
+                try? replica.region.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize)
             }
         }
     }
 
-    /// ABORT: release the locks, restoring the headers as they were.
-    private func abort(_ transaction: TransactionID) {
-        guard let objects = locked.removeValue(forKey: transaction) else { return }
-        pendingCount.store(locked.count, ordering: .releasing)
-        for object in objects {
-            ObjectLayout.unlock(object.replica.region.base + object.slot.offset, restoring: object.expected)
+    /// COMMIT-PRIMARY: install the new values, bump versions, unlock.
+    private func commitPrimary(_ transaction: TransactionID, view: ConfigurationView) {
+        guard let index = locked.removeValue(forKey: transaction) else {
+            engine.logger.info("COMMIT-PRIMARY for \(transaction), which holds no locks here")
+            return
         }
+        pendingCount.store(locked.count, ordering: .releasing)
+        release(index, locked: .max, view: view, install: true)
+        kept.release(index)
+    }
+
+    /// ABORT: release the locks, restoring the headers as they were.
+    private func abort(_ transaction: TransactionID, view: ConfigurationView) {
+        guard let index = locked.removeValue(forKey: transaction) else { return }
+        pendingCount.store(locked.count, ordering: .releasing)
+        release(index, locked: .max, view: view, install: false)
+        kept.release(index)
     }
 
     // MARK: Backup
 
     /// COMMIT-BACKUP: keep the record until TRUNCATE. (The coordinator waits only for the write's
     /// completion, not for this.)
-    private func commitBackup(_ record: RecordView, view: ConfigurationView) throws {
-        var entries: [BackupEntry] = []
-        entries.reserveCapacity(record.count)
+    private func commitBackup(_ record: RecordView, raw: UnsafeRawBufferPointer, view: ConfigurationView) throws {
         try record.forEachEntry { entry in
             guard let replica = view.localReplica(entry.address.region), replica.allocator == nil else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
-            entries.append(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines,
-                                       operation: entry.operation, payload: Array(entry.payload)))
         }
-        stashed[record.transaction] = entries
+        if let previous = stashed.updateValue(kept.keep(raw, extraWords: 0), forKey: record.transaction) {
+            kept.release(previous)
+        }
         stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
     }
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
     private func truncate(_ record: RecordView, view: ConfigurationView) throws {
         var appliedAllocation = false
-        for id in try record.transactionIDs() {
-            guard let entries = stashed.removeValue(forKey: id) else { continue }
-            for entry in entries {
-                if !apply(entry, view: view) { deferred.append(entry) }
+        try record.forEachTransactionID { id in
+            guard let index = stashed.removeValue(forKey: id) else { return }
+            applyKeptRecord(index, view: view) { entry in
+                if !apply(entry, view: view) { deferred.append(entry.owned()) }
                 appliedAllocation = appliedAllocation || entry.operation == .allocate
             }
+            kept.release(index)
         }
         if appliedAllocation && !deferred.isEmpty {
-            deferred = deferred.filter { !apply($0, view: view) }
+            deferred = deferred.filter { deferredEntry in !deferredEntry.apply { apply($0, view: view) } }
         }
+        stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
+    }
+
+    /// Calls `body` with each entry of kept COMMIT-BACKUP record `index`.
+    private func applyKeptRecord(_ index: Int, view: ConfigurationView, _ body: (BackupEntry) -> Void) {
+        guard let record = try? RecordView(kept.bytes(index)) else { return }
+        try? record.forEachEntry { entry in
+            body(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines, operation: entry.operation,
+                             payload: entry.payload))
+        }
+    }
+
+    /// Applies every kept backup record of `regions` (this node was promoted to their primary).
+    /// Transaction recovery, which decides the fate of transactions whose coordinator failed
+    /// between COMMIT-BACKUP and COMMIT-PRIMARY, is not implemented yet: kept records are applied.
+    /// (Their entries for other regions are applied at TRUNCATE; applying is idempotent, newest
+    /// version wins.)
+    func applyKept(regions: Set<RegionID>, view: ConfigurationView) {
+        for index in stashed.values {
+            applyKeptRecord(index, view: view) { entry in
+                if regions.contains(entry.address.region), !apply(entry, view: view) { deferred.append(entry.owned()) }
+            }
+        }
+        deferred = deferred.filter { deferredEntry in !deferredEntry.apply { apply($0, view: view) } }
         stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
     }
 
     /// Applies one entry to this backup's replica; false if the object's slab is not known here yet.
-    /// Applies every kept backup record of `regions` (this node was promoted to their primary).
-    /// Transaction recovery, which decides the fate of transactions whose coordinator failed
-    /// between COMMIT-BACKUP and COMMIT-PRIMARY, is not implemented yet: kept records are applied.
-    func applyKept(regions: Set<RegionID>, view: ConfigurationView) {
-        for (id, entries) in stashed {
-            let mine = entries.filter { regions.contains($0.address.region) }
-            guard !mine.isEmpty else { continue }
-            for entry in mine where !apply(entry, view: view) { deferred.append(entry) }
-            stashed[id] = entries.filter { !regions.contains($0.address.region) }
-        }
-        deferred = deferred.filter { !apply($0, view: view) }
-        stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
-    }
-
     private func apply(_ entry: BackupEntry, view: ConfigurationView) -> Bool {
         guard let replica = view.localReplica(entry.address.region) else { return true }
         let offset = Int(entry.address.offset)
@@ -269,10 +313,8 @@ final class RecordProcessor: @unchecked Sendable {
         _ = ObjectLayout.tryLock(base, expected: current)
         switch entry.operation {
         case .write, .allocate:
-            entry.payload.withUnsafeBytes { payload in
-                ObjectLayout.install(base, lines: slot.lines, payload: payload.baseAddress ?? UnsafeRawPointer(base),
-                                     count: payload.count, header: entry.new)
-            }
+            ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
+                                 count: entry.payload.count, header: entry.new)
         case .free:
             ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
         }
@@ -281,4 +323,61 @@ final class RecordProcessor: @unchecked Sendable {
         }
         return true
     }
+}
+
+/// Copies of records kept after their ring space is reused (LOCK records at a primary until
+/// COMMIT-PRIMARY, COMMIT-BACKUP records at a backup until TRUNCATE), in buffers that are reused:
+/// once the pool has grown to the number of records in flight, keeping one allocates nothing.
+///
+/// Not thread-safe: used only by the record processor, under the engine's polling lock.
+final class RecordPool {
+    private var buffers: [UnsafeMutableRawPointer] = []
+    private var capacities: [Int] = []
+    private var lengths: [Int] = []
+    private var free: [Int] = []
+
+    init() {
+        buffers.reserveCapacity(1024)
+        capacities.reserveCapacity(1024)
+        lengths.reserveCapacity(1024)
+        free.reserveCapacity(1024)
+    }
+
+    deinit { for buffer in buffers { buffer.deallocate() } }
+
+    /// Copies `record` into a buffer with room for `extraWords` 8-byte words after it; returns the
+    /// buffer's index.
+    func keep(_ record: UnsafeRawBufferPointer, extraWords: Int) -> Int {
+        let padded = (record.count + 7) & ~7
+        let needed = padded + extraWords * 8
+        let index: Int
+        if let reused = free.popLast() {
+            index = reused
+            if capacities[index] < needed {
+                buffers[index].deallocate()
+                capacities[index] = max(needed, capacities[index] * 2)
+                buffers[index] = .allocate(byteCount: capacities[index], alignment: 8)
+            }
+        } else {
+            index = buffers.count
+            let capacity = max(needed, 512)
+            buffers.append(.allocate(byteCount: capacity, alignment: 8))
+            capacities.append(capacity)
+            lengths.append(0)
+        }
+        if let source = record.baseAddress { buffers[index].copyMemory(from: source, byteCount: record.count) }
+        lengths[index] = record.count
+        return index
+    }
+
+    /// The record kept in buffer `index`.
+    func bytes(_ index: Int) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: buffers[index], count: lengths[index]) }
+
+    /// The extra words after a record of `count` bytes in buffer `index`.
+    func extraWords(_ index: Int, after count: Int) -> UnsafeMutablePointer<UInt64> {
+        (buffers[index] + ((count + 7) & ~7)).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// Gives buffer `index` back.
+    func release(_ index: Int) { free.append(index) }
 }

@@ -173,6 +173,12 @@ struct RecordView {
         }
     }
 
+    /// Calls `body` with each transaction id of a TRUNCATE record.
+    func forEachTransactionID(_ handle: (TransactionID) throws -> Void) throws {
+        guard count * 8 <= body.count else { throw Malformed(description: "a truncate record lists more ids than it holds") }
+        for index in 0..<count { try handle(TransactionID(rawValue: body.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self))) }
+    }
+
     /// The transaction ids of a TRUNCATE record.
     func transactionIDs() throws -> [TransactionID] {
         guard count * 8 <= body.count else { throw Malformed(description: "a truncate record lists more ids than it holds") }

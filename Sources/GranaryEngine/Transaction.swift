@@ -40,6 +40,9 @@ public final class Transaction {
         var writeIndex = AddressIndex()
         var payloads: [UInt8] = []
         var reservations: [(RegionID, ObjectSlot)] = []
+        /// The primaries of the written objects (set at LOCK) and the backups (at COMMIT-BACKUP).
+        var primaries: [NodeID] = []
+        var backupNodes: [NodeID] = []
         var snapshot: UnsafeMutableRawPointer
         var snapshotCapacity: Int
         var recordBuffer: UnsafeMutableRawPointer
@@ -56,6 +59,8 @@ public final class Transaction {
     var writeIndex: AddressIndex { get { state.pointee.writeIndex } _modify { yield &state.pointee.writeIndex } }
     var payloads: [UInt8] { get { state.pointee.payloads } _modify { yield &state.pointee.payloads } }
     var reservations: [(RegionID, ObjectSlot)] { get { state.pointee.reservations } _modify { yield &state.pointee.reservations } }
+    var primaries: [NodeID] { get { state.pointee.primaries } _modify { yield &state.pointee.primaries } }
+    var backupNodes: [NodeID] { get { state.pointee.backupNodes } _modify { yield &state.pointee.backupNodes } }
     var snapshot: UnsafeMutableRawPointer { get { state.pointee.snapshot } set { state.pointee.snapshot = newValue } }
     var snapshotCapacity: Int { get { state.pointee.snapshotCapacity } set { state.pointee.snapshotCapacity = newValue } }
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
@@ -64,12 +69,15 @@ public final class Transaction {
     var view: ConfigurationView { state.pointee.view }
     /// Engines of this process this coordinator may help while it waits (by node index).
     let neighbours: [Engine?]
+    /// The same engines, densely.
+    let neighbourList: [Engine]
 
     init(engine: Engine) {
         self.engine = engine
         var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
         self.neighbours = neighbours
+        self.neighbourList = neighbours.compactMap { $0 }
         state = .allocate(capacity: 1)
         state.initialize(to: State(snapshot: .allocate(byteCount: 1024, alignment: 64), snapshotCapacity: 1024,
                                    recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096,
