@@ -115,7 +115,7 @@ extension Transaction {
             // primaries' (LOCK), this node's (the replies) and the backups' (their records would
             // otherwise wait for a poller thread to be scheduled).
             var handled = 0
-            for peer in neighbours { handled += peer.helpPoll() }
+            for peer in neighbours { handled += peer._withUnsafeGuaranteedRef { $0.helpPoll() } }
             return handled + engine.helpPoll()
         }
         guard let failure = waitResult else {

@@ -51,7 +51,10 @@ final class LocalReplica: Sendable {
 
 /// One configuration as this node uses it: the lookup tables derived from it. Immutable; a new
 /// configuration gets a new view (``Engine/apply(_:)``).
-public final class ConfigurationView: Sendable {
+///
+/// `@unchecked Sendable`: every property is immutable after `init`; `senderTable` holds unretained
+/// references to the senders that the `senders` array keeps alive for the view's lifetime.
+public final class ConfigurationView: @unchecked Sendable {
     public let configuration: Configuration
     let node: NodeID
     /// This node's replicas, by region index.
@@ -101,7 +104,14 @@ public final class ConfigurationView: Sendable {
         }
         self.senders = senders
         self.memberBits = bits
+        self.senderTable = .allocate(capacity: NodeID.limit)
+        self.senderTable.initialize(from: senders.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
     }
+
+    deinit { senderTable.deallocate() }
+
+    /// The senders again, unretained, so that sending costs no reference counting.
+    let senderTable: UnsafeMutablePointer<Unmanaged<ChannelSender>?>
 
     /// The primary of `region`, if the configuration has the region.
     @inline(__always) func primary(of region: RegionID) -> NodeID? {
@@ -123,7 +133,12 @@ public final class ConfigurationView: Sendable {
 public final class Engine: Sendable {
     public let node: NodeID
     public let options: EngineOptions
-    private let currentView: Mutex<ConfigurationView>
+    /// The current view, as the bits of an unretained reference: read on every record and
+    /// transaction without a lock or reference counting.
+    private let currentView = Atomic<UInt>(0)
+    /// Every view this engine has had, kept alive so that a reader holding the current one's
+    /// unretained reference never sees it freed (one per configuration change: a few).
+    private let views = Mutex<[ConfigurationView]>([])
     /// Every region file this node holds (replicas in the current configuration or not).
     private let heldRegions: Mutex<[Region]>
     // Hot copies of options (reading `options` copies the whole struct, existential included).
@@ -179,8 +194,10 @@ public final class Engine: Sendable {
             }
         }
         self.heldRegions = Mutex(replicas)
-        self.currentView = Mutex(try ConfigurationView(node: node, configuration: configuration, regions: replicas,
-                                                       previous: nil, transport: transport))
+        let first = try ConfigurationView(node: node, configuration: configuration, regions: replicas,
+                                          previous: nil, transport: transport)
+        self.views.withLock { $0.append(first) }
+        self.currentView.store(UInt(bitPattern: Unmanaged.passUnretained(first).toOpaque()), ordering: .releasing)
         self.pendingTruncation = Mutex([[TransactionID]](repeating: [], count: NodeID.limit))
         self.processor = RecordProcessor()
         // Poll the rings of every node that was ever a member (a removed node's records are
@@ -191,7 +208,11 @@ public final class Engine: Sendable {
     }
 
     /// The configuration this node is in now, with its lookup tables.
-    public var view: ConfigurationView { currentView.withLock { $0 } }
+    public var view: ConfigurationView { unmanagedView.takeUnretainedValue() }
+
+    private var unmanagedView: Unmanaged<ConfigurationView> {
+        Unmanaged.fromOpaque(UnsafeRawPointer(bitPattern: currentView.load(ordering: .acquiring))!)
+    }
 
     /// The configuration this node is in now.
     public var configuration: Configuration { view.configuration }
@@ -217,7 +238,8 @@ public final class Engine: Sendable {
         let promoted = configuration.regions.filter { $0.primary == node && current.primary(of: $0.region) != node }.map(\.region)
         processor.channelsInUse.bitwiseOr(next.memberBits, ordering: .relaxed)
         while !pollingLock() { sched_yield() }
-        currentView.withLock { $0 = next }
+        views.withLock { $0.append(next) }
+        currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
         if !promoted.isEmpty { processor.applyKept(regions: Set(promoted), view: next) }
         polling.store(false, ordering: .releasing)
         logger.info("\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted)")
@@ -232,16 +254,32 @@ public final class Engine: Sendable {
     public var maximumRecordBytes: Int { view.senders.compactMap { $0?.maximumMessage }.min() ?? 0 }
 
     /// Sends `record` to `node`'s mailbox.
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, in view: ConfigurationView? = nil) throws(TransactionError) {
-        let view = view ?? self.view
-        guard let sender = view.senders[node.index], view.isMember(node) || view.configuration.contains(view.node) else {
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID) throws(TransactionError) {
+        let failure: TransactionError? = unmanagedView._withUnsafeGuaranteedRef { view in
+            do throws(TransactionError) {
+                try send(record, to: node, in: view)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Sends `record` to `node`'s mailbox through the senders of `view`.
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, in view: ConfigurationView) throws(TransactionError) {
+        guard let sender = view.senderTable[node.index], view.isMember(node) || view.configuration.contains(view.node) else {
             throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(view.configuration.id)")
         }
-        do {
-            try sender.send(record)
-        } catch {
-            throw .transport(error)
+        let failure: TransportError? = sender._withUnsafeGuaranteedRef { sender in
+            do throws(TransportError) {
+                try sender.send(record)
+                return nil
+            } catch {
+                return error
+            }
         }
+        if let failure { throw .transport(failure) }
     }
 
     // MARK: Poller
@@ -302,15 +340,18 @@ public final class Engine: Sendable {
     }
 
     private func serveMailbox() -> Int {
+        unmanagedView._withUnsafeGuaranteedRef { view in serveMailbox(view: view) }
+    }
+
+    private func serveMailbox(view: ConfigurationView) -> Int {
         var handled = 0
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
-        let view = self.view
         processor.flushReplies(view: view)
         let channels = processor.channelsInUse.load(ordering: .relaxed)
         for index in 0..<NodeID.limit where channels & (1 << UInt64(index)) != 0 {
             let sender = NodeID(index)
-            guard !processor.brokenChannels.contains(sender) else { continue }
+            guard mailbox.mayHaveMessage(from: sender), !processor.brokenChannels.contains(sender) else { continue }
             do {
                 handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
                     processor.handle(from: sender, bytes, view: view)

@@ -51,6 +51,8 @@ final class RecordProcessor: @unchecked Sendable {
     private var locked: [TransactionID: Int] = Dictionary(minimumCapacity: 1024)
     /// COMMIT-BACKUP records this backup keeps until TRUNCATE: their copies in ``kept``.
     private var stashed: [TransactionID: Int] = Dictionary(minimumCapacity: 4096)
+    /// Where ``truncate(_:view:)``'s touching loads go, so that they are not optimised away.
+    private var touchSink: UInt8 = 0
     /// Record copies, in buffers reused from record to record (no allocation once warm).
     private let kept = RecordPool()
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
@@ -253,6 +255,17 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
     private func truncate(_ record: RecordView, view: ConfigurationView) throws {
+        // First touch every object the batch will write, so that their cache misses overlap
+        // instead of being taken one after another by the writes below.
+        var touched: UInt8 = 0
+        try record.forEachTransactionID { id in
+            guard let index = stashed[id], let kept = try? RecordView(kept.bytes(index)) else { return }
+            try? kept.forEachEntry { entry in
+                guard let replica = view.localReplica(entry.address.region), Int(entry.address.offset) < replica.region.size else { return }
+                touched ^= replica.region.base.load(fromByteOffset: Int(entry.address.offset), as: UInt8.self)
+            }
+        }
+        touchSink = touched
         var appliedAllocation = false
         try record.forEachTransactionID { id in
             guard let index = stashed.removeValue(forKey: id) else { return }

@@ -69,15 +69,15 @@ public final class Transaction {
     var view: ConfigurationView { state.pointee.view }
     /// Engines of this process this coordinator may help while it waits (by node index).
     let neighbours: [Engine?]
-    /// The same engines, densely.
-    let neighbourList: [Engine]
+    /// The same engines, densely and unretained (the cluster keeps them alive while transactions run).
+    let neighbourList: [Unmanaged<Engine>]
 
     init(engine: Engine) {
         self.engine = engine
         var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
         self.neighbours = neighbours
-        self.neighbourList = neighbours.compactMap { $0 }
+        self.neighbourList = neighbours.compactMap { $0.map { Unmanaged.passUnretained($0) } }
         state = .allocate(capacity: 1)
         state.initialize(to: State(snapshot: .allocate(byteCount: 1024, alignment: 64), snapshotCapacity: 1024,
                                    recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096,

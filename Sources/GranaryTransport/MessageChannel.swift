@@ -92,6 +92,18 @@ public final class Mailbox: Sendable {
 
     /// The receive side of the channel from `sender`.
     public func receiver(from sender: NodeID) -> ChannelReceiver { receivers[sender.index] }
+
+    /// Whether the ring of `sender` may hold a message now: its word at the receiver's published
+    /// head is not zero. No lock and no reference counting, so a poller can skip empty rings
+    /// cheaply; false while a message is only partly written is fine, the next look sees it.
+    @inline(__always)
+    public func mayHaveMessage(from sender: NodeID) -> Bool {
+        let control = region.base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed)
+        let position = Int(head & UInt64(ringCapacity - 1))
+        return (control + ChannelFormat.controlBytes + position)
+            .assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed) != 0
+    }
 }
 
 /// The receive side of the channel from one sender: a ring in the local mailbox.
