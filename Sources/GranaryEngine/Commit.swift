@@ -12,41 +12,44 @@ extension Transaction {
     /// Commits the attempt, or throws ``AbortSignal`` (after cleaning up) when it must be retried.
     func commit() throws {
         let stats = engine.statistics
-        var now = monotonicNanoseconds()
-        stats.record(.execute, nanoseconds: now - executeStart)
+        // Phase timers sample one attempt in `phaseTimingInterval` (clock reads and timer updates
+        // cost more than some phases); the commit and abort counters count every attempt.
+        let timed = executeStart != 0
+        var now: UInt64 = 0
+        @inline(__always) func mark(_ phase: Phase) {
+            guard timed else { return }
+            let end = monotonicNanoseconds()
+            stats.record(phase, nanoseconds: end - now)
+            now = end
+        }
+        if timed {
+            now = monotonicNanoseconds()
+            stats.record(.execute, nanoseconds: now - executeStart)
+        }
         if writes.isEmpty {
             // Read-only: no records at all. One read is already a consistent snapshot.
             if reads.count > 1 {
                 guard try validate(skippingWritten: false) else { throw AbortSignal(cause: .validationFailed) }
-                let after = monotonicNanoseconds()
-                stats.record(.validate, nanoseconds: after - now)
+                mark(.validate)
             }
             stats.committed(readOnly: true)
             return
         }
         let id = try lock()
-        var phaseEnd = monotonicNanoseconds()
-        stats.record(.lock, nanoseconds: phaseEnd - now)
-        now = phaseEnd
+        mark(.lock)
         guard try validate(skippingWritten: true) else {
             try abort(id)
             throw AbortSignal(cause: .validationFailed)
         }
-        phaseEnd = monotonicNanoseconds()
-        stats.record(.validate, nanoseconds: phaseEnd - now)
-        now = phaseEnd
+        mark(.validate)
         let backups = try commitBackup(id)
-        phaseEnd = monotonicNanoseconds()
-        stats.record(.commitBackup, nanoseconds: phaseEnd - now)
-        now = phaseEnd
+        mark(.commitBackup)
         try commitPrimary(id)
-        phaseEnd = monotonicNanoseconds()
-        stats.record(.commitPrimary, nanoseconds: phaseEnd - now)
+        mark(.commitPrimary)
         stats.committed(readOnly: false)
         reservations.removeAll(keepingCapacity: true)  // now owned by the committed objects
-        now = phaseEnd
         try truncate(id, backups: backups)
-        stats.record(.truncate, nanoseconds: monotonicNanoseconds() - now)
+        mark(.truncate)
     }
 
     /// The primaries of the written objects, in a stable order (computed by ``lock()``).
@@ -259,7 +262,8 @@ extension Engine {
     public func attempt<R>(_ transaction: Transaction, _ body: (Transaction) throws -> R) throws -> AttemptOutcome<R> {
         guard running.load(ordering: .relaxed) else { throw TransactionError.shutDown(node) }
         transaction.reset()
-        transaction.executeStart = monotonicNanoseconds()
+        transaction.attemptCount &+= 1
+        transaction.executeStart = transaction.attemptCount % phaseTimingInterval == 0 ? monotonicNanoseconds() : 0
         do {
             let result = try body(transaction)
             try transaction.commit()

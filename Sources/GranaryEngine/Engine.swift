@@ -26,6 +26,9 @@ public struct EngineOptions: Sendable {
     /// survive the loss of the machine's power as well (at the cost of an msync per object on
     /// ordinary files).
     public var persistEveryInstall: Bool = false
+    /// Phase timers (and `Statistics` phase means) time one attempt in this many (1: every one);
+    /// committed and aborted counts are always exact.
+    public var phaseTimingInterval: Int = 8
     /// The longest an idle poller sleeps between polls.
     public var pollerMaximumSleepMicroseconds: UInt32 = 50
     /// Where the engine's metrics go; nil means the process-wide `MetricsSystem.factory` that the
@@ -145,6 +148,7 @@ public final class Engine: Sendable {
     let readAttempts: Int
     let truncationBatch: Int
     let persistEveryInstall: Bool
+    let phaseTimingInterval: UInt64
     let replyTimeoutNanoseconds: UInt64
     public let statistics: EngineStatistics
     let transport: any Transport
@@ -163,7 +167,7 @@ public final class Engine: Sendable {
     /// Set when a coordinator served this node's mailbox since the poller last looked.
     private let helped = Atomic<Bool>(false)
     /// How long the poller sleeps after finding its mailbox served by helpers.
-    private let helpedPollerSleepMicroseconds: UInt32 = 500
+    private let helpedPollerSleepMicroseconds: UInt32 = 200
     /// Engines of the other nodes in this process, which waiting coordinators may help.
     let neighbours = Mutex<[NodeID: Unowned]>([:])
 
@@ -182,6 +186,7 @@ public final class Engine: Sendable {
         self.readAttempts = options.readAttempts
         self.truncationBatch = options.truncationBatch
         self.persistEveryInstall = options.persistEveryInstall
+        self.phaseTimingInterval = UInt64(max(1, options.phaseTimingInterval))
         let (seconds, attoseconds) = options.replyTimeout.components
         self.replyTimeoutNanoseconds = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         self.transport = transport
@@ -308,10 +313,12 @@ public final class Engine: Sendable {
         // While helpers are serving the mailbox, it stays out of their way longer still.
         var backoff = Backoff(spins: 8, yields: 0, maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
         while running.load(ordering: .acquiring) {
-            if pollOnce() > 0 {
-                backoff.reset()
-            } else if helped.exchange(false, ordering: .relaxed) {
+            let handled = pollOnce()
+            if helped.exchange(false, ordering: .relaxed) {
+                // Coordinators are serving this mailbox: what is left, they serve next.
                 usleep(helpedPollerSleepMicroseconds)
+            } else if handled > 0 {
+                backoff.reset()
             } else {
                 backoff.pause()
             }
@@ -351,14 +358,14 @@ public final class Engine: Sendable {
         let channels = processor.channelsInUse.load(ordering: .relaxed)
         for index in 0..<NodeID.limit where channels & (1 << UInt64(index)) != 0 {
             let sender = NodeID(index)
-            guard mailbox.mayHaveMessage(from: sender), !processor.brokenChannels.contains(sender) else { continue }
+            guard mailbox.mayHaveMessage(from: sender), processor.brokenChannels & (1 << UInt64(index)) == 0 else { continue }
             do {
                 handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
                     processor.handle(from: sender, bytes, view: view)
                 }
             } catch {
                 logger.error("stopped polling the channel from \(sender): \(error)")
-                processor.brokenChannels.insert(sender)
+                processor.brokenChannels |= 1 << UInt64(index)
             }
         }
         return handled

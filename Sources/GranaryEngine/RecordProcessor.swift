@@ -10,7 +10,25 @@ import Synchronization
 /// `@unchecked Sendable`: everything but the two published counters is touched only while holding
 /// the engine's polling try-lock (``Engine/pollOnce()``); `engine` is set once before any polling.
 final class RecordProcessor: @unchecked Sendable {
-    unowned(unsafe) var engine: Engine!
+    /// The processor's mutable state, behind a pointer it owns: stored `var`s of a class pay a
+    /// dynamic exclusivity check on every access, and these are touched several times per record.
+    private struct State {
+        unowned(unsafe) var engine: Engine? = nil
+        var brokenChannels: UInt64 = 0
+        var locked: [TransactionID: Int] = Dictionary(minimumCapacity: 1024)
+        var stashed: [TransactionID: Int] = Dictionary(minimumCapacity: 4096)
+        var touchSink: UInt8 = 0
+        var deferred: [DeferredEntry] = []
+        var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
+    }
+    private let state: UnsafeMutablePointer<State> = {
+        let state = UnsafeMutablePointer<State>.allocate(capacity: 1)
+        state.initialize(to: State())
+        return state
+    }()
+
+    /// The engine this processor serves (set once, before any polling).
+    var engine: Engine { get { state.pointee.engine.unsafelyUnwrapped } set { state.pointee.engine = newValue } }
     let pendingCount = Atomic<Int>(0)
     let stashedCount = Atomic<Int>(0)
 
@@ -42,25 +60,29 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    /// Channels whose ring held bytes that are not records from their sender.
-    var brokenChannels = Set<NodeID>()
+    /// Bit n: the ring of node n held bytes that are not records from it; it is no longer polled.
+    var brokenChannels: UInt64 { get { state.pointee.brokenChannels } set { state.pointee.brokenChannels = newValue } }
     /// Bit n: poll the ring of node n (every node that was ever a member).
     let channelsInUse = Atomic<UInt64>(0)
     /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the
     /// record's copy in ``kept`` (with each entry's slot after it).
-    private var locked: [TransactionID: Int] = Dictionary(minimumCapacity: 1024)
+    private var locked: [TransactionID: Int] { get { state.pointee.locked } _modify { yield &state.pointee.locked } }
     /// COMMIT-BACKUP records this backup keeps until TRUNCATE: their copies in ``kept``.
-    private var stashed: [TransactionID: Int] = Dictionary(minimumCapacity: 4096)
+    private var stashed: [TransactionID: Int] { get { state.pointee.stashed } _modify { yield &state.pointee.stashed } }
     /// Where ``truncate(_:view:)``'s touching loads go, so that they are not optimised away.
-    private var touchSink: UInt8 = 0
+    private var touchSink: UInt8 { get { state.pointee.touchSink } set { state.pointee.touchSink = newValue } }
     /// Record copies, in buffers reused from record to record (no allocation once warm).
     private let kept = RecordPool()
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
     /// different coordinators arrive in any order); applied once it has.
-    private var deferred: [DeferredEntry] = []
+    private var deferred: [DeferredEntry] { get { state.pointee.deferred } _modify { yield &state.pointee.deferred } }
     private let replyBuffer = UnsafeMutableRawPointer.allocate(byteCount: RecordFormat.headerBytes, alignment: 8)
 
-    deinit { replyBuffer.deallocate() }
+    deinit {
+        replyBuffer.deallocate()
+        state.deinitialize(count: 1)
+        state.deallocate()
+    }
 
     func handle(from sender: NodeID, _ bytes: UnsafeRawBufferPointer, view: ConfigurationView) {
         let record: RecordView
@@ -107,7 +129,7 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// Replies that found their channel busy or full, in order, per coordinator node.
-    private var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
+    private var unsent: [[[UInt8]]] { get { state.pointee.unsent } _modify { yield &state.pointee.unsent } }
     let unsentCount = Atomic<Int>(0)
 
     /// Answers a LOCK without ever waiting: a reply that cannot go now waits here and goes out at

@@ -47,7 +47,9 @@ public final class Transaction {
         var snapshotCapacity: Int
         var recordBuffer: UnsafeMutableRawPointer
         var recordCapacity: Int
+        /// When this attempt's execute phase began, if its phases are timed (else 0).
         var executeStart: UInt64 = 0
+        var attemptCount: UInt64 = 0
         /// The configuration the attempt runs in (taken when it starts).
         var view: ConfigurationView
     }
@@ -65,6 +67,7 @@ public final class Transaction {
     var snapshotCapacity: Int { get { state.pointee.snapshotCapacity } set { state.pointee.snapshotCapacity = newValue } }
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
     var recordCapacity: Int { get { state.pointee.recordCapacity } set { state.pointee.recordCapacity = newValue } }
+    var attemptCount: UInt64 { get { state.pointee.attemptCount } set { state.pointee.attemptCount = newValue } }
     var executeStart: UInt64 { get { state.pointee.executeStart } set { state.pointee.executeStart = newValue } }
     var view: ConfigurationView { state.pointee.view }
     /// Engines of this process this coordinator may help while it waits (by node index).

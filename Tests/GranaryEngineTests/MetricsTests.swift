@@ -7,7 +7,10 @@ struct MetricsTests {
     @Test("commits, aborts by cause and every phase's timer reach swift-metrics")
     func phasesAndCounters() async throws {
         let metrics = TestMetrics()
-        let cluster = try await testCluster { $0.engine.metricsFactory = metrics }
+        let cluster = try await testCluster {
+            $0.engine.metricsFactory = metrics
+            $0.engine.phaseTimingInterval = 1  // time every attempt (the default samples one in 8)
+        }
         let node = cluster.nodes[0]
         let x = try await node.transaction { try $0.allocate(Int64(1)) }
         for _ in 0..<5 { try await node.transaction { tx in try tx.write(x, try tx.read(x, as: Int64.self) + 1) } }
