@@ -25,7 +25,8 @@ struct NodeCommand: AsyncParsableCommand {
             --bank-transfers then run the bank test workload from this node: it allocates its \
             accounts (their addresses go to bank-accounts.txt in its directory, then `accounts N` \
             is printed), waits for every other member's accounts, runs the transfers and prints \
-            `done N`.
+            `done N` (or `transfer-refused ERROR` and stops transferring when a transfer cannot \
+            commit, e.g. after the node was removed from the configuration).
             Without --config it is a transport-only node: each message a peer sends it is echoed \
             back, prefixed with "echo:".
             """
@@ -51,6 +52,9 @@ struct NodeCommand: AsyncParsableCommand {
 
     @Option(name: .long, help: "Bank workload: pause between transfers, in microseconds.")
     var bankPauseMicroseconds: UInt32 = 0
+
+    @Option(name: .long, help: "Bank workload: start the transfers only once this file exists (a driver's go signal).")
+    var bankStartFile: String?
 
     @Option(name: .long, help: "Bank workload: initial balance of each account.")
     var bankBalance: Int64 = 1_000
@@ -212,25 +216,40 @@ extension NodeCommand {
             fflush(nil)
         }
         if bankTransfers > 0 {
+            if let bankStartFile {
+                while !FileManager.default.fileExists(atPath: bankStartFile) { try await Task.sleep(for: .milliseconds(10)) }
+            }
             let accounts = try Self.waitForBankAccounts(configuration: configuration, timeout: 120)
             let engine = engine
             var random = SystemRandomNumberGenerator()
+            var refused: (any Error)?
             for _ in 0..<bankTransfers {
                 let from = accounts.randomElement(using: &random)!
                 var to = accounts.randomElement(using: &random)!
                 while to == from { to = accounts.randomElement(using: &random)! }
                 let amount = Int64.random(in: 1...50, using: &random)
-                try engine.run { tx in
-                    let a = try tx.read(from, as: Int64.self)
-                    let b = try tx.read(to, as: Int64.self)
-                    guard a >= amount else { return }
-                    try tx.write(from, a - amount)
-                    try tx.write(to, b + amount)
+                do {
+                    try engine.run { tx in
+                        let a = try tx.read(from, as: Int64.self)
+                        let b = try tx.read(to, as: Int64.self)
+                        guard a >= amount else { return }
+                        try tx.write(from, a - amount)
+                        try tx.write(to, b + amount)
+                    }
+                } catch {
+                    refused = error
+                    break
                 }
                 if bankPauseMicroseconds > 0 { usleep(bankPauseMicroseconds) }
             }
-            try engine.flushTruncations()
-            print("done \(bankTransfers)")
+            if let refused {
+                // E.g. removed from the configuration: the members refuse this node's records. It
+                // stops transferring but stays up (membership events still follow).
+                print("transfer-refused \(refused)")
+            } else {
+                try engine.flushTruncations()
+                print("done \(bankTransfers)")
+            }
             fflush(nil)
         }
         while true { try await Task.sleep(for: .seconds(3600)) }

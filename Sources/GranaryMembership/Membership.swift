@@ -79,6 +79,10 @@ public final class MembershipService: Sendable {
     /// Whether this node is the configuration manager now.
     public var isManager: Bool { state.withLock { $0.isManager } }
 
+    /// Whether this node learned that it was removed from the configuration: it serves nothing
+    /// more and must rejoin as a new member.
+    public var mustRejoin: Bool { state.withLock { $0.mustRejoin } }
+
     /// Registers the node, joins the election, follows the configuration and starts the lease
     /// thread. The configuration must be in the store (``ConfigurationRecord/bootstrap(_:in:)``).
     public func start() async throws {

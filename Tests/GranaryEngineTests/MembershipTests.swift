@@ -83,6 +83,8 @@ struct MembershipTests {
         }
         let final = try await survivors[0].transaction { tx in try all.map { try tx.read($0, as: Int64.self) }.reduce(0, +) }
         #expect(final == 100 * Int64(all.count), "the removed node changed data: total \(final)")
+        // Its configuration watch still runs: it learns that it was removed and must rejoin.
+        try await eventually("\(victim) learns it must rejoin") { cluster.membership[victim.index].mustRejoin }
         await store.close()
         try await cluster.shutdown()
     }

@@ -10,7 +10,7 @@ let zooKeeper = ProcessInfo.processInfo.environment["GRANARY_ZOOKEEPER"]
 @Suite("Membership: node processes over ZooKeeper",
        .enabled(if: zooKeeper != nil, "no ZooKeeper server: set GRANARY_ZOOKEEPER=host:port or run Scripts/test zookeeper"))
 struct ZooKeeperMembershipTests {
-    @Test("SIGKILLed and SIGSTOPped nodes are removed in bounded time, a killed CM is replaced, a resumed node learns it must rejoin, ids only increase")
+    @Test("SIGKILLed and SIGSTOPped nodes are removed in bounded time, a resumed node changes no data and learns it must rejoin, a killed CM is replaced, ids only increase")
     func failures() async throws {
         let tmp = TemporaryDirectory("granary-zkm")
         defer { tmp.remove() }
@@ -21,9 +21,14 @@ struct ZooKeeperMembershipTests {
             regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
         let file = tmp.path.appending("cluster.json").string
         try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
+        // Every node allocates bank accounts; only the node the test picks to hang transfers (its
+        // go file is the only one created), so any change after its removal would be its doing.
+        let accountsPerNode = 8
         let children = try nodes.map { node in
             try ChildProcess(ChildProcess.granaryExecutable(), [
                 "node", "--config", file, "--id", "\(node.index)", "--coordination", "zookeeper://\(zooKeeper!)", "--lease-ms", "10",
+                "--bank-accounts", "\(accountsPerNode)", "--bank-transfers", "100000000", "--bank-pause-microseconds", "500",
+                "--bank-start-file", tmp.path.appending("go-\(node.index)").string,
             ])
         }
         defer { for child in children where child.process.isRunning { child.kill() } }
@@ -45,6 +50,9 @@ struct ZooKeeperMembershipTests {
             }
         }
         for child in children { #expect(try child.readLine(timeout: 60).hasPrefix("ready ")) }
+        for child in children { #expect(try child.readLine(until: { $0.hasPrefix("accounts ") }, timeout: 60) == "accounts \(accountsPerNode)") }
+        let accounts = try NodeCommandBank.accounts(configuration)
+        #expect(accounts.count == nodes.count * accountsPerNode)
         // The nodes put the configuration into the store once they are up.
         for _ in 0..<3000 where try await !store.exists(MembershipPaths(cluster: configuration.cluster).configuration) {
             try await Task.sleep(for: .milliseconds(10))
@@ -52,25 +60,44 @@ struct ZooKeeperMembershipTests {
         _ = try await waitFor("a CM") { $0.manager != nil }
         let manager = try await current().manager!
 
+        // A node hangs past its lease while it transfers money, then resumes: it is removed, its
+        // records are refused, it changes no data, and it learns it must rejoin.
+        let hung = nodes.first { $0 != manager }!
+        FileManager.default.createFile(atPath: tmp.path.appending("go-\(hung.index)").string, contents: nil)
+        try await Task.sleep(for: .milliseconds(300))  // transfers under way
+        let hungAt = Date()
+        kill(children[hung.index].process.processIdentifier, SIGSTOP)
+        let hangSeconds = try await waitFor("\(hung) removed", since: hungAt) { !$0.contains(hung) }
+        print("membership over ZooKeeper: SIGSTOPped \(hung) removed after \(String(format: "%.1f", hangSeconds * 1000)) ms")
+        let removal = try await current()
+        // Once every survivor runs the configuration without it (backups of its regions promoted,
+        // their kept records applied), the balances are what the hung node left.
+        for node in nodes where node != hung {
+            let line = try children[node.index].readLine(until: { Self.applied($0, atLeast: removal.id) }, timeout: 30)
+            #expect(Self.applied(line, atLeast: removal.id), "\(node) said: \(children[node.index].transcript)")
+        }
+        let before = try Self.balances(accounts, in: removal)
+        kill(children[hung.index].process.processIdentifier, SIGCONT)
+        var heard: [String] = []
+        let deadline = Date().addingTimeInterval(30)
+        while !(heard.contains { $0.hasPrefix("must-rejoin") } && heard.contains { $0.hasPrefix("transfer-refused") }), Date() < deadline {
+            if let line = try? children[hung.index].readLine(timeout: 30) { heard.append(line) }
+        }
+        #expect(heard.contains { $0.hasPrefix("must-rejoin") }, "the resumed node said: \(children[hung.index].transcript)")
+        #expect(heard.contains { $0.hasPrefix("transfer-refused") }, "the resumed node said: \(children[hung.index].transcript)")
+        print("membership over ZooKeeper: the resumed node said \(heard.filter { $0.hasPrefix("must-rejoin") || $0.hasPrefix("transfer-refused") })")
+        try await Task.sleep(for: .milliseconds(200))
+        let after = try Self.balances(accounts, in: removal)
+        let changed = accounts.indices.filter { before[$0] != after[$0] }
+        #expect(changed.isEmpty, "the removed node changed \(changed.map { "\(accounts[$0]): \(before[$0]) -> \(after[$0])" })")
+
         // A node dies.
-        let killed = nodes.first { $0 != manager }!
+        let killed = nodes.first { $0 != manager && $0 != hung }!
         let killedAt = Date()
         children[killed.index].kill(SIGKILL)
         let killSeconds = try await waitFor("\(killed) removed", since: killedAt) { !$0.contains(killed) }
         print("membership over ZooKeeper: SIGKILLed \(killed) removed after \(String(format: "%.1f", killSeconds * 1000)) ms")
         #expect(killSeconds < 2, "removal took \(killSeconds) s")
-
-        // A node hangs past its lease, then resumes: it is removed, and learns it must rejoin.
-        let hung = nodes.first { $0 != manager && $0 != killed }!
-        let hungAt = Date()
-        kill(children[hung.index].process.processIdentifier, SIGSTOP)
-        let hangSeconds = try await waitFor("\(hung) removed", since: hungAt) { !$0.contains(hung) }
-        print("membership over ZooKeeper: SIGSTOPped \(hung) removed after \(String(format: "%.1f", hangSeconds * 1000)) ms")
-        kill(children[hung.index].process.processIdentifier, SIGCONT)
-        var line = ""
-        let deadline = Date().addingTimeInterval(30)
-        while !line.hasPrefix("must-rejoin"), Date() < deadline { line = (try? children[hung.index].readLine(timeout: 30)) ?? "" }
-        #expect(line.hasPrefix("must-rejoin"), "the resumed node said: \(children[hung.index].transcript)")
 
         // The CM dies: the remaining node takes over and removes it.
         let managerKilledAt = Date()
@@ -93,5 +120,32 @@ struct ZooKeeperMembershipTests {
         #expect(lines.contains("manager        \(survivor)"), "status printed: \(lines)")
         #expect(lines.contains { $0.hasPrefix("under-replicated") }, "status printed: \(lines)")
         await store.close()
+    }
+
+    /// Whether `line` is a membership event saying a configuration at least `id` was applied.
+    static func applied(_ line: String, atLeast id: ConfigurationID) -> Bool {
+        guard line.hasPrefix("configuration "), let value = UInt64(line.dropFirst("configuration ".count)) else { return false }
+        return value >= id.rawValue
+    }
+
+    /// Each account's balance at its primary in `configuration`, read from the replica's region file
+    /// (a mapping of the same file the primary's process works on).
+    static func balances(_ accounts: [GlobalAddress], in configuration: Configuration) throws -> [Int64] {
+        var regions: [RegionID: Region] = [:]
+        return try accounts.map { account in
+            guard let placement = configuration.placement(of: account.region),
+                  let member = configuration.members.first(where: { $0.node == placement.primary }) else {
+                Issue.record("\(account.region) has no primary in \(configuration.id)")
+                return -1
+            }
+            if regions[account.region] == nil {
+                regions[account.region] = try NodeStorage.directory(of: member).open(account.region, cluster: configuration.cluster)
+            }
+            var value: Int64 = 0
+            withUnsafeMutableBytes(of: &value) { buffer in
+                ObjectLayout.gatherPayload(from: regions[account.region]!.base + Int(account.offset), into: buffer.baseAddress!, count: 8)
+            }
+            return value
+        }
     }
 }

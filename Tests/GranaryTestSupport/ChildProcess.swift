@@ -51,6 +51,16 @@ public final class ChildProcess: @unchecked Sendable {
         }
     }
 
+    /// Reads lines until one satisfies `condition` (returned), skipping the others (they stay in
+    /// the transcript).
+    public func readLine(until condition: (String) -> Bool, timeout: Double = 30) throws -> String {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            let line = try readLine(timeout: max(0.01, deadline.timeIntervalSinceNow))
+            if condition(line) { return line }
+        }
+    }
+
     /// Sends `signal` and waits for the process to end.
     public func kill(_ signal: Int32 = SIGKILL) {
         Foundation.kill(process.processIdentifier, signal)
