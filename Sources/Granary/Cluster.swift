@@ -16,8 +16,9 @@ public struct ClusterOptions: Sendable {
     public var ringCapacity: Int = 256 << 10
     /// The transaction engine's tunables, the same for every node.
     public var engine = EngineOptions()
-    /// Runs the configuration manager (election, leases, reconfiguration) when set.
-    public var membership: MembershipOptions?
+    /// The configuration manager (election, leases, reconfiguration) through ``coordination``:
+    /// on by default, as in FaRM; nil runs the nodes on their static configuration alone.
+    public var membership: MembershipOptions? = MembershipOptions()
     /// The coordination store the configuration manager agrees through.
     public var coordination: CoordinationChoice = .embedded
     /// Where the nodes log (at info level or below).
