@@ -37,7 +37,15 @@ public struct TransactionOutcome: Sendable {
 /// SplitMix64: small, fast and reproducible from a seed.
 public struct WorkloadRandom: RandomNumberGenerator, Sendable {
     public var state: UInt64
-    public init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 &+ 0x2545_F491_4F6C_DD1D }
+    /// A generator whose stream is unrelated to that of any nearby seed. (SplitMix64 walks one
+    /// fixed sequence; starting at `seed * gamma` would make the streams of seeds s and s + k the
+    /// same sequence k steps apart, so one worker would replay another's transactions.)
+    public init(seed: UInt64) {
+        var z = seed &+ 0x2545_F491_4F6C_DD1D
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        state = z ^ (z >> 31)
+    }
     public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
