@@ -16,9 +16,14 @@ public struct ClusterOptions: Sendable {
     public var ringCapacity: Int = 256 << 10
     /// The transaction engine's tunables, the same for every node.
     public var engine = EngineOptions()
-    /// The configuration manager (election, leases, reconfiguration) through ``coordination``:
-    /// on by default, as in FaRM; nil runs the nodes on their static configuration alone.
-    public var membership: MembershipOptions? = MembershipOptions()
+    /// The configuration manager (election, leases, reconfiguration) through ``coordination``,
+    /// when set; nil (the default) runs the nodes on their static configuration.
+    ///
+    /// Off by default in this version: transaction recovery is not implemented, so a node removed
+    /// while its transactions hold locks (for instance a false suspicion when an overloaded
+    /// machine starves a lease thread past its 10 ms lease) leaves those locks held, and
+    /// transactions that need the objects wait for ever.
+    public var membership: MembershipOptions?
     /// The coordination store the configuration manager agrees through.
     public var coordination: CoordinationChoice = .embedded
     /// Where the nodes log (at info level or below).

@@ -73,12 +73,27 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
         self.bucketBytes = 8 + slots * slotStride
     }
 
+    /// Slots per bucket when the caller does not choose: as many as fill the fewest cache lines
+    /// that hold at least two (an `Int64` value: 3 slots in one line; a 40-byte value: 2 in two).
+    /// A lookup reads one bucket object, so a bucket that fits in fewer lines costs less to read,
+    /// to lock and to install.
+    public static var defaultSlotsPerBucket: Int {
+        let slot = 8 + ((MemoryLayout<Value>.size + 7) & ~7)
+        for lines in 1...64 {
+            let slots = (lines * ObjectLayout.payloadPerLine - 8) / slot
+            if slots >= 2 { return min(slots, 32) }
+        }
+        return 2
+    }
+
     /// Creates a table for `capacity` entries: `2 * capacity / slotsPerBucket` zeroed buckets,
     /// allocated round-robin by every node of `cluster` in its own regions.
     ///
+    /// - Parameter slotsPerBucket: 1 to 32; nil for ``defaultSlotsPerBucket``.
     /// - Throws: ``TransactionError`` if the regions cannot hold the buckets.
-    public static func create(name: String, capacity: Int, slotsPerBucket: Int = 4,
+    public static func create(name: String, capacity: Int, slotsPerBucket: Int? = nil,
                               in cluster: Cluster) async throws -> TransactionalHashTable<Value> {
+        let slotsPerBucket = slotsPerBucket ?? defaultSlotsPerBucket
         precondition(slotsPerBucket >= 1 && slotsPerBucket <= 32, "1 to 32 slots per bucket")
         let valueBytes = MemoryLayout<Value>.size
         let bucketCount = max(1, (2 * capacity + slotsPerBucket - 1) / slotsPerBucket)

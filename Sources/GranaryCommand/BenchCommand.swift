@@ -29,7 +29,7 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Write the figures and the configuration as JSON to this file.") var json: String?
     @Option(help: "Write an SVG plot (throughput over time, latency CDF) to this file.") var plot: String?
     @Flag(help: "No live progress line.") var quiet = false
-    @Flag(help: "Run without the configuration manager (no leases; the configuration stays as loaded).") var noMembership = false
+    @Flag(help: "Run the configuration manager too (10 ms leases over the embedded store).") var membership = false
 
     func validate() throws {
         guard nodes >= 1, nodes <= NodeID.limit else { throw ValidationError("--nodes must be in 1...\(NodeID.limit)") }
@@ -45,7 +45,7 @@ struct BenchOptions: ParsableArguments {
         var options = ClusterOptions()
         options.regionSize = regionMib << 20
         options.engine.maximumAttempts = 1_000
-        if noMembership { options.membership = nil }
+        if membership { options.membership = MembershipOptions() }
         return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
     }
 }
@@ -53,7 +53,7 @@ struct BenchOptions: ParsableArguments {
 /// Runs a workload end to end: load, run with progress, check, report.
 func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: BenchOptions) async throws {
     let cluster = try await options.makeCluster()
-    let manager = options.noMembership ? "no configuration manager" : "configuration manager with 10 ms leases (embedded store)"
+    let manager = options.membership ? "configuration manager with 10 ms leases (embedded store)" : "static configuration"
     FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
     let configurationBefore = cluster.nodes.map(\.engine.configuration.id)
     let loadStart = ContinuousClock.now

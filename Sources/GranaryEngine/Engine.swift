@@ -332,7 +332,7 @@ public final class Engine: Sendable {
     /// thread, or (in an embedded cluster) a coordinator of this process waiting for an answer from
     /// this node, which lends its CPU instead of waiting for the poller thread to be scheduled.
     func pollOnce() -> Int {
-        guard pollingLock() else { return 0 }
+        guard mayHaveWork, pollingLock() else { return 0 }
         defer { polling.store(false, ordering: .releasing) }
         return serveMailbox()
     }
@@ -340,10 +340,25 @@ public final class Engine: Sendable {
     /// ``pollOnce()`` by a coordinator of this process lending its CPU; tells the poller thread
     /// that its mailbox is being served.
     func helpPoll() -> Int {
-        guard pollingLock() else { return 0 }
+        // Look before taking the polling lock: most polls find nothing, and the lock's cache line
+        // would otherwise bounce between the helping threads on every look.
+        guard mayHaveWork, pollingLock() else { return 0 }
         if !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
         defer { polling.store(false, ordering: .releasing) }
         return serveMailbox()
+    }
+
+    /// Whether a record may be waiting in this node's mailbox or a reply waits to be sent:
+    /// plain loads only, no lock and no reference counting.
+    @inline(__always) var mayHaveWork: Bool {
+        if processor.unsentCount.load(ordering: .relaxed) > 0 { return true }
+        var channels = processor.channelsInUse.load(ordering: .relaxed)
+        while channels != 0 {
+            let index = channels.trailingZeroBitCount
+            channels &= channels - 1
+            if mailbox.mayHaveMessage(from: NodeID(index)) { return true }
+        }
+        return false
     }
 
     private func serveMailbox() -> Int {
