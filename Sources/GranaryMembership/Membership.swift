@@ -47,7 +47,6 @@ public final class MembershipService: Sendable {
         var electionNode: String?
         var removing: Set<NodeID> = []
         var takingOver = false
-        var refreshing = false
         var mustRejoin = false
     }
     let state = Mutex(State())
@@ -77,7 +76,13 @@ public final class MembershipService: Sendable {
     public var events: AsyncStream<MembershipEvent> { eventStream }
 
     /// Whether this node is the configuration manager now.
-    public var isManager: Bool { state.withLock { $0.isManager } }
+    public var isManager: Bool { managerFlag.load(ordering: .acquiring) }
+
+    /// `state.isManager` again, for the lease thread: it runs at real-time priority and must never
+    /// wait for a lock that an ordinary thread (starved on a busy machine) holds.
+    private let managerFlag = Atomic<Bool>(false)
+    /// Set while a refresh of the configuration from the store is under way.
+    private let refreshing = Atomic<Bool>(false)
 
     /// Whether this node learned that it was removed from the configuration: it serves nothing
     /// more and must rejoin as a new member.
@@ -221,6 +226,7 @@ public final class MembershipService: Sendable {
             return !state.isManager
         }
         guard first else { return }
+        managerFlag.store(true, ordering: .releasing)
         logger.info("\(node) is the configuration manager")
         eventSink.yield(.becameManager(engine.configuration.id))
         spawn { try await self.watchRegistrations() }
@@ -422,12 +428,10 @@ public final class MembershipService: Sendable {
     /// Our lease from the CM expired: re-read the configuration; if the CM itself is silent and
     /// we are next in the election, take its place.
     private func refresh(suspectManager manager: NodeID?) {
-        guard state.withLock({ state -> Bool in
-            defer { state.refreshing = true }
-            return !state.refreshing
-        }) else { return }
+        // An atomic flag, not the state lock: this runs on the real-time lease thread.
+        guard refreshing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
         spawn {
-            defer { self.state.withLock { $0.refreshing = false } }
+            defer { self.refreshing.store(false, ordering: .releasing) }
             let (configuration, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
             try self.apply(configuration)
             guard configuration.contains(self.node), let manager, manager != self.node, configuration.manager == manager else { return }
