@@ -118,6 +118,8 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     public func create(_ path: String, data: [UInt8], mode: CreateMode) async throws(CoordinationError) -> String {
+        try enter()
+        defer { leave() }
         var created = [CChar](repeating: 0, count: path.utf8.count + 32)
         let rc = data.withUnsafeBytes { bytes in
             zoo_create(handle, path, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(data.count),
@@ -173,15 +175,21 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     public func get(_ path: String) async throws(CoordinationError) -> StoredData {
-        try read(path, watch: nil)
+        try enter()
+        defer { leave() }
+        return try read(path, watch: nil)
     }
 
     public func getAndWatch(_ path: String) async throws(CoordinationError) -> (StoredData, CoordinationWatch) {
+        try enter()
+        defer { leave() }
         let watch = CoordinationWatch()
         return (try read(path, watch: watch), watch)
     }
 
     public func existsAndWatch(_ path: String) async throws(CoordinationError) -> (Int32?, CoordinationWatch) {
+        try enter()
+        defer { leave() }
         let watch = CoordinationWatch()
         let context = Unmanaged.passRetained(watch).toOpaque()
         var stat = Stat()
@@ -193,6 +201,8 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     public func set(_ path: String, data: [UInt8], expectedVersion: Int32?) async throws(CoordinationError) -> Int32 {
+        try enter()
+        defer { leave() }
         var stat = Stat()
         let rc = data.withUnsafeBytes { bytes in
             zoo_set2(handle, path, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), Int32(data.count), expectedVersion ?? -1, &stat)
@@ -203,6 +213,8 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     public func delete(_ path: String, expectedVersion: Int32?) async throws(CoordinationError) {
+        try enter()
+        defer { leave() }
         let rc = zoo_delete(handle, path, expectedVersion ?? -1)
         if rc == ZBADVERSION.rawValue { throw badVersion(path, expected: expectedVersion ?? -1) }
         try check(rc, path)
@@ -219,15 +231,21 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     public func children(_ path: String) async throws(CoordinationError) -> [String] {
-        try listChildren(path, watch: nil)
+        try enter()
+        defer { leave() }
+        return try listChildren(path, watch: nil)
     }
 
     public func childrenAndWatch(_ path: String) async throws(CoordinationError) -> ([String], CoordinationWatch) {
+        try enter()
+        defer { leave() }
         let watch = CoordinationWatch()
         return (try listChildren(path, watch: watch), watch)
     }
 
     public func multi(_ operations: [CoordinationOperation]) async throws(CoordinationError) {
+        try enter()
+        defer { leave() }
         guard !operations.isEmpty else { return }
         // Keep every C string and buffer alive for the duration of the call.
         var strings: [UnsafeMutablePointer<CChar>] = []
@@ -298,10 +316,30 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         closeNow()
     }
 
-    private let closed = Atomic<Bool>(false)
+    /// Calls in flight, and whether the session was closed. The C client's handle must not be
+    /// used during or after `zookeeper_close`: a call after ``close()`` fails with
+    /// ``CoordinationError/sessionExpired`` (as on the embedded store), and `close` waits for the
+    /// calls under way to return.
+    private let gate = Mutex<(closed: Bool, calls: Int)>((false, 0))
+
+    private func enter() throws(CoordinationError) {
+        let open = gate.withLock { gate -> Bool in
+            guard !gate.closed else { return false }
+            gate.calls += 1
+            return true
+        }
+        guard open else { throw .sessionExpired }
+    }
+
+    private func leave() { gate.withLock { $0.calls -= 1 } }
 
     private func closeNow() {
-        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let first = gate.withLock { gate -> Bool in
+            defer { gate.closed = true }
+            return !gate.closed
+        }
+        guard first else { return }
+        while gate.withLock({ $0.calls }) > 0 { usleep(1_000) }
         zookeeper_close(handle)
     }
 
