@@ -16,7 +16,7 @@ struct EmbeddedCoordinationTests {
     let fixture = EmbeddedFixture()
     @Test("create, get, compare-and-set, delete, children and their errors") func basics() async throws { try await CoordinationConformance.createGetSetDelete(fixture) }
     @Test("sequential nodes get increasing 10-digit suffixes") func sequential() async throws { try await CoordinationConformance.sequentialNodes(fixture) }
-    @Test("ephemeral nodes end with their session, closed or expired") func ephemerals() async throws { try await CoordinationConformance.ephemeralsEndWithTheirSession(fixture) }
+    @Test("ephemeral nodes end with their session, closed or expired; a closed session refuses calls") func ephemerals() async throws { try await CoordinationConformance.ephemeralsEndWithTheirSession(fixture) }
     @Test("one-shot watches fire on change, creation and deletion") func watches() async throws { try await CoordinationConformance.watchesFireOnce(fixture) }
     @Test("a multi-operation applies all or nothing") func multi() async throws { try await CoordinationConformance.multiIsAtomic(fixture) }
 }

@@ -58,6 +58,7 @@ public enum CoordinationConformance {
         await store.close()
     }
 
+    /// Also: calls on a closed session fail with ``CoordinationError/sessionExpired``.
     public static func ephemeralsEndWithTheirSession(_ fixture: some CoordinationFixture) async throws {
         let observer = try await fixture.session()
         let root = base()
@@ -74,6 +75,9 @@ public enum CoordinationConformance {
         await closing.close()
         #expect(await watch.event() == .childrenChanged(root))
         #expect(try await observer.children(root) == [String(b.split(separator: "/").last!)])
+        // A closed session refuses every call (never touches the ended session).
+        await #expect(throws: CoordinationError.sessionExpired) { _ = try await closing.get(root) }
+        await #expect(throws: CoordinationError.sessionExpired) { _ = try await closing.create(root + "/late", data: [], mode: .persistent) }
         try await fixture.expire(expiring)
         // The backend may need a moment to notice; ephemeral removal is what matters.
         var remaining = try await observer.children(root)
