@@ -213,6 +213,11 @@ public final class ChannelSender: Sendable {
     private let transport: any Transport
     private let controlAddress: GlobalAddress
     private let ringAddress: GlobalAddress
+    /// Where the transport maps the receiver's control line and ring into this process (shared
+    /// memory), as bit patterns; 0 where it does not (verbs). With a mapping a message is written
+    /// straight into the ring, with the same ordering as a one-sided write (trailer last).
+    private let mappedControl: UInt
+    private let mappedRing: UInt
 
     private struct State: ~Copyable {
         var tail: UInt64 = 0
@@ -247,6 +252,29 @@ public final class ChannelSender: Sendable {
         let (seconds, attoseconds) = sendTimeout.components
         self.sendTimeoutNanoseconds = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
         self.state = Mutex(State(bytes: maximumMessage + 16))
+        let mappedControlLine = transport.mappedAddress(of: controlAddress, on: receiver, length: ChannelFormat.controlBytes)
+        let mappedRingStart = transport.mappedAddress(of: ringAddress, on: receiver, length: ringCapacity)
+        if let mappedControlLine, let mappedRingStart {
+            mappedControl = UInt(bitPattern: mappedControlLine)
+            mappedRing = UInt(bitPattern: mappedRingStart)
+        } else {
+            mappedControl = 0
+            mappedRing = 0
+        }
+    }
+
+    @inline(__always) private func mappedWord(_ base: UInt, _ offset: Int) -> UnsafeMutablePointer<Atomic<UInt64>> {
+        (UnsafeMutableRawPointer(bitPattern: base)! + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
+    }
+
+    /// The receiver's consumed counter (one one-sided read).
+    private func readHead() throws(TransportError) -> UInt64 {
+        if mappedControl != 0 { return mappedWord(mappedControl, 0).pointee.load(ordering: .acquiring) }
+        var head: UInt64 = 0
+        try withUnsafeMutableBytes(of: &head) { (buffer) throws(TransportError) in
+            try transport.read(from: receiver, controlAddress, into: buffer)
+        }
+        return head
     }
 
     /// Sends `message` (one one-sided write, plus one for a wrap and one read of the receiver's
@@ -307,11 +335,7 @@ public final class ChannelSender: Sendable {
             var backoff = Backoff(maximumSleepMicroseconds: 200)
             let start = monotonicNanoseconds()
             while true {
-                var head: UInt64 = 0
-                try withUnsafeMutableBytes(of: &head) { (buffer) throws(TransportError) in
-                    try transport.read(from: receiver, controlAddress, into: buffer)
-                }
-                state.head = head
+                state.head = try readHead()
                 if capacity - (state.tail - state.head) >= needed { break }
                 if !wait { return false }
                 let waited = monotonicNanoseconds() - start
@@ -323,11 +347,28 @@ public final class ChannelSender: Sendable {
         }
         if wraps {
             var marker = ChannelFormat.wrap(sender: sender)
-            try withUnsafeBytes(of: &marker) { (buffer) throws(TransportError) in
-                try transport.write(to: receiver, ringAddress.advanced(by: position), from: buffer)
+            if mappedRing != 0 {
+                mappedWord(mappedRing, position).pointee.store(marker, ordering: .releasing)
+            } else {
+                try withUnsafeBytes(of: &marker) { (buffer) throws(TransportError) in
+                    try transport.write(to: receiver, ringAddress.advanced(by: position), from: buffer)
+                }
             }
             state.tail += capacity - UInt64(position)
             position = 0
+        }
+        if mappedRing != 0 {
+            // Straight into the ring: header, payload, padding, then the trailer with release
+            // ordering, so that a receiver that sees the trailer sees the whole message.
+            let slot = UnsafeMutableRawPointer(bitPattern: mappedRing)! + position
+            mappedWord(mappedRing, position).pointee.store(ChannelFormat.header(length: message.count, sender: sender), ordering: .relaxed)
+            if let source = message.baseAddress { (slot + 8).copyMemory(from: source, byteCount: message.count) }
+            let padding = ChannelFormat.padded(message.count) - message.count
+            if padding > 0 { memset(slot + 8 + message.count, 0, padding) }
+            mappedWord(mappedRing, position + total - 8).pointee.store(ChannelFormat.trailer(sequence: state.sequence), ordering: .releasing)
+            state.tail += UInt64(total)
+            state.sequence += 1
+            return true
         }
         let staging = state.staging
         staging.storeBytes(of: ChannelFormat.header(length: message.count, sender: sender), as: UInt64.self)

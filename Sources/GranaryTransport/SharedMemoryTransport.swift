@@ -140,6 +140,10 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         return try result.get()
     }
 
+    public func mappedAddress(of address: GlobalAddress, on node: NodeID, length: Int) -> UnsafeMutableRawPointer? {
+        try? resolve(node, address, length)
+    }
+
     /// Resolves an access of `length` bytes at `address` on `node` to a local pointer.
     @inlinable
     func resolve(_ node: NodeID, _ address: GlobalAddress, _ length: Int) throws(TransportError) -> UnsafeMutableRawPointer {

@@ -44,6 +44,18 @@ public protocol Transport: AnyObject, Sendable {
     ///
     /// Results of compare-and-swap and fetch-and-add land in the batch. Throws the first failure.
     func execute(_ batch: inout OperationBatch) throws(TransportError)
+
+    /// Where the `length` bytes at `address` on `node` can be accessed with this process's own
+    /// loads and stores, valid for the transport's lifetime; nil where one-sided operations are
+    /// not CPU accesses (verbs). On shared memory a one-sided write *is* a store into the mapped
+    /// file, so a channel sender uses this to write a message straight into the receiver's ring
+    /// instead of through a staging buffer.
+    func mappedAddress(of address: GlobalAddress, on node: NodeID, length: Int) -> UnsafeMutableRawPointer?
+}
+
+extension Transport {
+    /// No direct mapping (the default: operations go through the transport).
+    public func mappedAddress(of address: GlobalAddress, on node: NodeID, length: Int) -> UnsafeMutableRawPointer? { nil }
 }
 
 /// One one-sided operation inside an ``OperationBatch``.
