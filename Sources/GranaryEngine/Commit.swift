@@ -52,13 +52,11 @@ extension Transaction {
         mark(.truncate)
     }
 
-    /// The primaries of the written objects, in a stable order (computed by ``lock()``).
-    private var writtenPrimaries: [NodeID] { primaries }
-
-    /// Sets ``primaries`` from the write set, reusing its storage.
+    /// Sets ``primaryMask`` (a bit per node: no allocation) from the write set.
     private func collectPrimaries() {
-        primaries.removeAll(keepingCapacity: true)
-        for entry in writes where !primaries.contains(entry.primary) { primaries.append(entry.primary) }
+        var mask: UInt64 = 0
+        for entry in writes { mask |= 1 << UInt64(entry.primary.index) }
+        primaryMask = mask
     }
 
     private func ensureRecordCapacity(_ bytes: Int) {
@@ -97,16 +95,16 @@ extension Transaction {
     /// each primary's CPU locks them with compare-and-swap and answers. Waits for every answer.
     func lock() throws -> TransactionID {
         collectPrimaries()
-        let primaries = writtenPrimaries
+        let primaries = primaryMask
         var backoff = Backoff(maximumSleepMicroseconds: 50)
         var acquired: TransactionID?
         while acquired == nil {
-            acquired = engine.replies.acquire(node: engine.node, replies: primaries.count)
+            acquired = engine.replies.acquire(node: engine.node, replies: primaries.nonzeroBitCount)
             if acquired == nil { backoff.pause() }
         }
         let id = acquired!
         defer { engine.replies.release(id) }
-        for primary in primaries {
+        for primary in NodeMask(primaries) {
             try sendEntries(.lock, id, to: primary) { $0.primary == primary }
             engine.statistics.lockRecordSent()
         }
@@ -123,7 +121,7 @@ extension Transaction {
         }
         guard let failure = waitResult else {
             try abort(id)
-            throw TransactionError.peerUnresponsive(primaries.first!, waitedMilliseconds: Int(timeout / 1_000_000))
+            throw TransactionError.peerUnresponsive(NodeID(primaries.trailingZeroBitCount), waitedMilliseconds: Int(timeout / 1_000_000))
         }
         if failure != 0 {
             try abort(id)
@@ -175,14 +173,13 @@ extension Transaction {
 
     /// COMMIT-BACKUP: one record per backup node with the new values of the objects it backs up.
     /// Waits only for the writes' completion, never for the backups' CPUs. Returns the backups.
-    func commitBackup(_ id: TransactionID) throws -> [NodeID] {
+    func commitBackup(_ id: TransactionID) throws -> UInt64 {
         let view = self.view
-        backupNodes.removeAll(keepingCapacity: true)
+        var nodes: UInt64 = 0
         for entry in writes {
-            for backup in view.backups[entry.address.region.index] where !backupNodes.contains(backup) { backupNodes.append(backup) }
+            for backup in view.backups[entry.address.region.index] { nodes |= 1 << UInt64(backup.index) }
         }
-        let nodes = backupNodes
-        for node in nodes {
+        for node in NodeMask(nodes) {
             try sendEntries(.commitBackup, id, to: node) { view.backups[$0.address.region.index].contains(node) }
         }
         return nodes
@@ -191,19 +188,19 @@ extension Transaction {
     /// COMMIT-PRIMARY: tell each primary to install and unlock. The transaction is committed once the
     /// first of these writes completes (every backup already holds its record).
     func commitPrimary(_ id: TransactionID) throws {
-        for primary in writtenPrimaries { try sendHeaderOnly(.commitPrimary, id, to: primary) }
+        for primary in NodeMask(primaryMask) { try sendHeaderOnly(.commitPrimary, id, to: primary) }
     }
 
     /// ABORT: release the locks at every primary and return reserved slots.
     func abort(_ id: TransactionID) throws {
-        for primary in writtenPrimaries { try sendHeaderOnly(.abort, id, to: primary) }
+        for primary in NodeMask(primaryMask) { try sendHeaderOnly(.abort, id, to: primary) }
         returnReservations()
     }
 
     /// TRUNCATE, lazily: remember the transaction per backup; a batch goes out in one record once
     /// ``EngineOptions/truncationBatch`` transactions are waiting for that backup.
-    func truncate(_ id: TransactionID, backups: [NodeID]) throws {
-        for backup in backups {
+    func truncate(_ id: TransactionID, backups: UInt64) throws {
+        for backup in NodeMask(backups) {
             let batch: [TransactionID]? = engine.pendingTruncation.withLock { lists in
                 lists[backup.index].append(id)
                 guard lists[backup.index].count >= engine.truncationBatch else { return nil }
@@ -212,6 +209,18 @@ extension Transaction {
             }
             if let batch { try engine.sendTruncate(batch, to: backup) }
         }
+    }
+}
+
+/// The nodes of a bit mask (bit n: node n), in ascending order.
+struct NodeMask: Sequence, IteratorProtocol {
+    var bits: UInt64
+    init(_ bits: UInt64) { self.bits = bits }
+    mutating func next() -> NodeID? {
+        guard bits != 0 else { return nil }
+        let index = bits.trailingZeroBitCount
+        bits &= bits - 1
+        return NodeID(index)
     }
 }
 

@@ -40,9 +40,8 @@ public final class Transaction {
         var writeIndex = AddressIndex()
         var payloads: [UInt8] = []
         var reservations: [(RegionID, ObjectSlot)] = []
-        /// The primaries of the written objects (set at LOCK) and the backups (at COMMIT-BACKUP).
-        var primaries: [NodeID] = []
-        var backupNodes: [NodeID] = []
+        /// The primaries of the written objects, as a bit per node (set at LOCK).
+        var primaryMask: UInt64 = 0
         var snapshot: UnsafeMutableRawPointer
         var snapshotCapacity: Int
         var recordBuffer: UnsafeMutableRawPointer
@@ -61,8 +60,7 @@ public final class Transaction {
     var writeIndex: AddressIndex { get { state.pointee.writeIndex } _modify { yield &state.pointee.writeIndex } }
     var payloads: [UInt8] { get { state.pointee.payloads } _modify { yield &state.pointee.payloads } }
     var reservations: [(RegionID, ObjectSlot)] { get { state.pointee.reservations } _modify { yield &state.pointee.reservations } }
-    var primaries: [NodeID] { get { state.pointee.primaries } _modify { yield &state.pointee.primaries } }
-    var backupNodes: [NodeID] { get { state.pointee.backupNodes } _modify { yield &state.pointee.backupNodes } }
+    var primaryMask: UInt64 { get { state.pointee.primaryMask } set { state.pointee.primaryMask = newValue } }
     var snapshot: UnsafeMutableRawPointer { get { state.pointee.snapshot } set { state.pointee.snapshot = newValue } }
     var snapshotCapacity: Int { get { state.pointee.snapshotCapacity } set { state.pointee.snapshotCapacity = newValue } }
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
