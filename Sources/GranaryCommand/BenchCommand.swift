@@ -60,10 +60,13 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     try await workload.load(into: cluster)
     FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart); running \(options.workers) workers for \(options.seconds) s\n".data(using: .utf8)!)
     let quiet = options.quiet
+    let probe = MemoryLatencyProbe()
+    let latencyBefore = probe.measure()
     let report = Runner.run(workload, on: cluster, workers: options.workers, seconds: options.seconds, seed: options.seed) { line in
         if !quiet { FileHandle.standardError.write(("\r" + line).data(using: .utf8)!) }
     }
     if !quiet { FileHandle.standardError.write("\n".data(using: .utf8)!) }
+    let latencyAfter = probe.measure()
     let configurationAfter = cluster.nodes.map(\.engine.configuration.id)
     if configurationAfter != configurationBefore {
         // A node was suspected and removed during the run (its lease thread starved?): the figures
@@ -73,12 +76,15 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     try await cluster.quiesce()
     let violations = try await workload.check(cluster, committedDelta: report.committedDelta)
     print(BenchTable.render(name: name, report: report, options: options))
+    print(String(format: "  machine              memory latency %.0f ns before the run, %.0f ns after (pointer chase over 64 MiB)",
+                 latencyBefore, latencyAfter))
     if let json = options.json {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let document = BenchDocument(workload: name, nodes: options.nodes, replicas: options.replicas, workers: options.workers,
                                      seconds: options.seconds, seed: options.seed, transport: options.transport, report: report,
-                                     invariantViolations: violations)
+                                     invariantViolations: violations,
+                                     memoryLatencyNanoseconds: ["before": latencyBefore, "after": latencyAfter])
         try encoder.encode(document).write(to: URL(fileURLWithPath: json))
         print("wrote \(json)")
     }
@@ -104,6 +110,8 @@ struct BenchDocument: Codable {
     var transport: String
     var report: RunReport
     var invariantViolations: [String]
+    /// The machine's memory latency before and after the run (see `MemoryLatencyProbe`).
+    var memoryLatencyNanoseconds: [String: Double]
 }
 
 enum BenchTable {
