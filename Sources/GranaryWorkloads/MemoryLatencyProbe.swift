@@ -1,4 +1,4 @@
-import GranaryTransport
+import Granary
 #if canImport(Glibc)
 import Glibc
 #endif
