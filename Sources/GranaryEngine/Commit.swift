@@ -111,13 +111,21 @@ extension Transaction {
         let timeout = engine.replyTimeoutNanoseconds
         let engine = self.engine
         let neighbours = self.neighbourList
+        let primaryEngines = self.unmanagedNeighbours
         let waitResult = engine.replies.wait(id, timeoutNanoseconds: timeout) {
-            // Serve the mailboxes of this process's nodes that nobody else is serving: the
-            // primaries' (LOCK), this node's (the replies) and the backups' (their records would
-            // otherwise wait for a poller thread to be scheduled).
+            // Serve the mailboxes of this process's nodes that nobody else is serving: first the
+            // ones this answer depends on, the primaries' (LOCK) and this node's (the replies);
+            // when they hold nothing, the others' (backups' records would otherwise wait for a
+            // poller thread to be scheduled).
             var handled = 0
-            for peer in neighbours { handled += peer._withUnsafeGuaranteedRef { $0.helpPoll() } }
-            return handled + engine.helpPoll()
+            for primary in NodeMask(primaries & ~(1 << UInt64(engine.node.index))) {
+                handled += primaryEngines[primary.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0
+            }
+            handled += engine.helpPoll()
+            if handled == 0 {
+                for peer in neighbours { handled += peer._withUnsafeGuaranteedRef { $0.helpPoll() } }
+            }
+            return handled
         }
         guard let failure = waitResult else {
             try abort(id)

@@ -72,6 +72,8 @@ public final class Transaction {
     let neighbours: [Engine?]
     /// The same engines, densely and unretained (the cluster keeps them alive while transactions run).
     let neighbourList: [Unmanaged<Engine>]
+    /// The same engines by node index, unretained.
+    let unmanagedNeighbours: [Unmanaged<Engine>?]
 
     init(engine: Engine) {
         self.engine = engine
@@ -79,6 +81,7 @@ public final class Transaction {
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
         self.neighbours = neighbours
         self.neighbourList = neighbours.compactMap { $0.map { Unmanaged.passUnretained($0) } }
+        self.unmanagedNeighbours = neighbours.map { $0.map { Unmanaged.passUnretained($0) } }
         state = .allocate(capacity: 1)
         state.initialize(to: State(snapshot: .allocate(byteCount: 1024, alignment: 64), snapshotCapacity: 1024,
                                    recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096,
