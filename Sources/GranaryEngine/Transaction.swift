@@ -17,6 +17,9 @@ public final class Transaction {
         let address: GlobalAddress
         let primary: NodeID
         let header: ObjectHeader
+        /// Where this attempt's copy of the object's first `lines` lines is, in the read arena.
+        var offset: Int
+        var lines: Int
     }
 
     struct WriteEntry {
@@ -42,8 +45,13 @@ public final class Transaction {
         var reservations: [(RegionID, ObjectSlot)] = []
         /// The primaries of the written objects, as a bit per node (set at LOCK).
         var primaryMask: UInt64 = 0
+        /// The read arena: every object this attempt read, one copy each (a later read of the
+        /// same object, for the same or fewer lines, is served from it: repeatable reads without
+        /// another round trip). `snapshot` points at the copy the last read returned.
+        var arena: UnsafeMutableRawPointer
+        var arenaCapacity: Int
+        var arenaUsed: Int = 0
         var snapshot: UnsafeMutableRawPointer
-        var snapshotCapacity: Int
         var recordBuffer: UnsafeMutableRawPointer
         var recordCapacity: Int
         /// When this attempt's execute phase began, if its phases are timed (else 0).
@@ -62,7 +70,6 @@ public final class Transaction {
     var reservations: [(RegionID, ObjectSlot)] { get { state.pointee.reservations } _modify { yield &state.pointee.reservations } }
     var primaryMask: UInt64 { get { state.pointee.primaryMask } set { state.pointee.primaryMask = newValue } }
     var snapshot: UnsafeMutableRawPointer { get { state.pointee.snapshot } set { state.pointee.snapshot = newValue } }
-    var snapshotCapacity: Int { get { state.pointee.snapshotCapacity } set { state.pointee.snapshotCapacity = newValue } }
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
     var recordCapacity: Int { get { state.pointee.recordCapacity } set { state.pointee.recordCapacity = newValue } }
     var attemptCount: UInt64 { get { state.pointee.attemptCount } set { state.pointee.attemptCount = newValue } }
@@ -83,13 +90,14 @@ public final class Transaction {
         self.neighbourList = neighbours.compactMap { $0.map { Unmanaged.passUnretained($0) } }
         self.unmanagedNeighbours = neighbours.map { $0.map { Unmanaged.passUnretained($0) } }
         state = .allocate(capacity: 1)
-        state.initialize(to: State(snapshot: .allocate(byteCount: 1024, alignment: 64), snapshotCapacity: 1024,
+        let arena = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
+        state.initialize(to: State(arena: arena, arenaCapacity: 4096, snapshot: arena,
                                    recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096,
                                    view: engine.view))
     }
 
     deinit {
-        state.pointee.snapshot.deallocate()
+        state.pointee.arena.deallocate()
         state.pointee.recordBuffer.deallocate()
         state.deinitialize(count: 1)
         state.deallocate()
@@ -100,6 +108,7 @@ public final class Transaction {
         state.pointee.view = engine.view
         reads.removeAll(keepingCapacity: true)
         readIndex.removeAll()
+        state.pointee.arenaUsed = 0
         writes.removeAll(keepingCapacity: true)
         writeIndex.removeAll()
         payloads.removeAll(keepingCapacity: true)
@@ -197,11 +206,23 @@ public final class Transaction {
         }
         let lines = ObjectLayout.lines(forPayload: payloadBytes)
         let bytes = lines * ObjectLayout.lineSize
-        if bytes > snapshotCapacity {
-            snapshot.deallocate()
-            snapshotCapacity = max(bytes, snapshotCapacity * 2)
-            snapshot = .allocate(byteCount: snapshotCapacity, alignment: 64)
+        let known = readIndex[address]
+        if let known, reads[known].lines >= lines {
+            // Read before in this attempt: the same bytes again (its version is checked at commit).
+            snapshot = state.pointee.arena + reads[known].offset
+            return reads[known].header
         }
+        let offset = state.pointee.arenaUsed
+        if offset + bytes > state.pointee.arenaCapacity {
+            // Grow; copies are found by offset, so they move along.
+            let capacity = max(offset + bytes, state.pointee.arenaCapacity * 2)
+            let grown = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 64)
+            grown.copyMemory(from: state.pointee.arena, byteCount: offset)
+            state.pointee.arena.deallocate()
+            state.pointee.arena = grown
+            state.pointee.arenaCapacity = capacity
+        }
+        snapshot = state.pointee.arena + offset
         var backoff = Backoff(maximumSleepMicroseconds: 20)
         for _ in 0..<engine.readAttempts {
             do {
@@ -215,12 +236,15 @@ public final class Transaction {
             switch ObjectLayout.check(snapshot: snapshot, lines: lines) {
             case .consistent(let header):
                 guard header.isAllocated else { throw TransactionError.notAllocated(address) }
-                if let index = readIndex[address] {
-                    guard reads[index].header == header else { throw AbortSignal(cause: .inconsistentRead) }
+                if let known {
+                    guard reads[known].header == header else { throw AbortSignal(cause: .inconsistentRead) }
+                    reads[known].offset = offset
+                    reads[known].lines = lines
                 } else {
                     readIndex.append(address)
-                    reads.append(ReadEntry(address: address, primary: primary, header: header))
+                    reads.append(ReadEntry(address: address, primary: primary, header: header, offset: offset, lines: lines))
                 }
+                state.pointee.arenaUsed = offset + bytes
                 return header
             case .locked, .torn:
                 backoff.pause()

@@ -171,4 +171,30 @@ struct ProtocolTests {
         }
         try await cluster.shutdown()
     }
+
+    @Test("a second read of an object in one attempt returns the first read's bytes; a change in between aborts it at commit")
+    func repeatableReads() async throws {
+        let cluster = try await testCluster()
+        let node = cluster.nodes[0]
+        let x = try await node.transaction { try $0.allocate(Int64(1)) }
+        let y = try await node.transaction { try $0.allocate(Int64(0)) }
+        let engine = node.engine
+        var seen: [Int64] = []
+        let outcome = try engine.attempt(engine.makeTransaction()) { tx in
+            let first = try tx.read(x, as: Int64.self)
+            try cluster.nodes[1].transactionSync { try $0.write(x, Int64(2)) }
+            let second = try tx.read(x, as: Int64.self)
+            seen = [first, second]
+            _ = try tx.read(y, as: Int64.self)  // two objects read: validated at commit
+        }
+        #expect(seen == [1, 1], "the second read saw another value: \(seen)")
+        guard case .aborted(let cause) = outcome else {
+            Issue.record("a transaction whose read was overwritten before it committed was not aborted")
+            try await cluster.shutdown()
+            return
+        }
+        #expect(cause == .validationFailed, "aborted with \(cause)")
+        #expect(try await node.transaction { try $0.read(x, as: Int64.self) } == 2)
+        try await cluster.shutdown()
+    }
 }
