@@ -62,11 +62,13 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let quiet = options.quiet
     let probe = MemoryLatencyProbe()
     let latencyBefore = probe.measure()
+    let handoffBefore = CoreToCoreProbe.measure()
     let report = Runner.run(workload, on: cluster, workers: options.workers, seconds: options.seconds, seed: options.seed) { line in
         if !quiet { FileHandle.standardError.write(("\r" + line).data(using: .utf8)!) }
     }
     if !quiet { FileHandle.standardError.write("\n".data(using: .utf8)!) }
     let latencyAfter = probe.measure()
+    let handoffAfter = CoreToCoreProbe.measure()
     let configurationAfter = cluster.nodes.map(\.engine.configuration.id)
     if configurationAfter != configurationBefore {
         // A node was suspected and removed during the run (its lease thread starved?): the figures
@@ -76,15 +78,16 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     try await cluster.quiesce()
     let violations = try await workload.check(cluster, committedDelta: report.committedDelta)
     print(BenchTable.render(name: name, report: report, options: options))
-    print(String(format: "  machine              memory latency %.0f ns before the run, %.0f ns after (pointer chase over 64 MiB)",
-                 latencyBefore, latencyAfter))
+    print(String(format: "  machine              core-to-core handoff %.0f ns before the run, %.0f ns after; memory latency %.0f / %.0f ns",
+                 handoffBefore, handoffAfter, latencyBefore, latencyAfter))
     if let json = options.json {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let document = BenchDocument(workload: name, nodes: options.nodes, replicas: options.replicas, workers: options.workers,
                                      seconds: options.seconds, seed: options.seed, transport: options.transport, report: report,
                                      invariantViolations: violations,
-                                     memoryLatencyNanoseconds: ["before": latencyBefore, "after": latencyAfter])
+                                     memoryLatencyNanoseconds: ["before": latencyBefore, "after": latencyAfter],
+                                     coreToCoreNanoseconds: ["before": handoffBefore, "after": handoffAfter])
         try encoder.encode(document).write(to: URL(fileURLWithPath: json))
         print("wrote \(json)")
     }
@@ -112,6 +115,8 @@ struct BenchDocument: Codable {
     var invariantViolations: [String]
     /// The machine's memory latency before and after the run (see `MemoryLatencyProbe`).
     var memoryLatencyNanoseconds: [String: Double]
+    /// One-way cache-line handoff between two threads before and after the run (see `CoreToCoreProbe`).
+    var coreToCoreNanoseconds: [String: Double]
 }
 
 enum BenchTable {

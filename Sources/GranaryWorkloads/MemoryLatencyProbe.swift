@@ -1,4 +1,5 @@
 import Granary
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -35,5 +36,45 @@ public final class MemoryLatencyProbe {
         let elapsed = monotonicNanoseconds() - start
         lastPosition = position
         return Double(elapsed) / Double(max(1, hops))
+    }
+}
+
+/// How long one cache line takes to move between the two threads of a ping-pong, which is what
+/// the engine's message rings and locks pay on every handoff between cores. On a virtual machine
+/// it depends on where the host runs the virtual CPUs (two hyperthreads of one core, two cores of
+/// one cache complex, or further apart) and can change while a benchmark runs: measured here it
+/// went from 60-110 ns to 26 ns and back within a minute, and the benchmarks' throughput with it.
+public enum CoreToCoreProbe {
+    /// `@unchecked Sendable`: the word is an atomic; the class only carries it to the thread.
+    private final class Shared: @unchecked Sendable {
+        let word = Atomic<Int>(0)
+        let rounds: Int
+        init(rounds: Int) { self.rounds = rounds }
+    }
+
+    /// Nanoseconds per one-way handoff of a cache line, over `rounds` round trips.
+    public static func measure(rounds: Int = 100_000) -> Double {
+        let shared = Shared(rounds: rounds)
+        var thread = pthread_t()
+        let context = Unmanaged.passRetained(shared).toOpaque()
+        guard pthread_create(&thread, nil, { raw in
+            let shared = Unmanaged<Shared>.fromOpaque(raw!).takeRetainedValue()
+            for round in 0..<shared.rounds {
+                while shared.word.load(ordering: .acquiring) != 2 * round + 1 {}
+                shared.word.store(2 * round + 2, ordering: .releasing)
+            }
+            return nil
+        }, context) == 0 else {
+            Unmanaged<Shared>.fromOpaque(context).release()
+            return .nan
+        }
+        let start = monotonicNanoseconds()
+        for round in 0..<rounds {
+            shared.word.store(2 * round + 1, ordering: .releasing)
+            while shared.word.load(ordering: .acquiring) != 2 * round + 2 {}
+        }
+        let elapsed = monotonicNanoseconds() - start
+        pthread_join(thread, nil)
+        return Double(elapsed) / Double(2 * max(1, rounds))
     }
 }
