@@ -29,8 +29,15 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// The engine this processor serves (set once, before any polling).
     var engine: Engine { get { state.pointee.engine.unsafelyUnwrapped } set { state.pointee.engine = newValue } }
+    /// Whether locks are held here for coordinators (non-zero) and whether backup records await
+    /// truncation, for ``Engine/isQuiescent``. Only zero versus non-zero is kept exact: storing
+    /// every change would move the counters' cache line between the helping cores on every record.
     let pendingCount = Atomic<Int>(0)
     let stashedCount = Atomic<Int>(0)
+
+    @inline(__always) private func publish(_ counter: borrowing Atomic<Int>, _ value: Int) {
+        if (counter.load(ordering: .relaxed) == 0) != (value == 0) { counter.store(value, ordering: .releasing) }
+    }
 
     /// An entry of a kept COMMIT-BACKUP record, its payload borrowed from the record.
     struct BackupEntry {
@@ -201,7 +208,7 @@ final class RecordProcessor: @unchecked Sendable {
             return
         }
         locked[record.transaction] = index
-        pendingCount.store(locked.count, ordering: .releasing)
+        publish(pendingCount, locked.count)
         reply(to: record.transaction, failure: nil, view: view)
     }
 
@@ -246,7 +253,7 @@ final class RecordProcessor: @unchecked Sendable {
             engine.logger.info("COMMIT-PRIMARY for \(transaction), which holds no locks here")
             return
         }
-        pendingCount.store(locked.count, ordering: .releasing)
+        publish(pendingCount, locked.count)
         release(index, locked: .max, view: view, install: true)
         kept.release(index)
     }
@@ -254,7 +261,7 @@ final class RecordProcessor: @unchecked Sendable {
     /// ABORT: release the locks, restoring the headers as they were.
     private func abort(_ transaction: TransactionID, view: ConfigurationView) {
         guard let index = locked.removeValue(forKey: transaction) else { return }
-        pendingCount.store(locked.count, ordering: .releasing)
+        publish(pendingCount, locked.count)
         release(index, locked: .max, view: view, install: false)
         kept.release(index)
     }
@@ -272,7 +279,7 @@ final class RecordProcessor: @unchecked Sendable {
         if let previous = stashed.updateValue(kept.keep(raw, extraWords: 0), forKey: record.transaction) {
             kept.release(previous)
         }
-        stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
+        publish(stashedCount, stashed.count + deferred.count)
     }
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
@@ -300,7 +307,7 @@ final class RecordProcessor: @unchecked Sendable {
         if appliedAllocation && !deferred.isEmpty {
             deferred = deferred.filter { deferredEntry in !deferredEntry.apply { apply($0, view: view) } }
         }
-        stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
+        publish(stashedCount, stashed.count + deferred.count)
     }
 
     /// Calls `body` with each entry of kept COMMIT-BACKUP record `index`.
@@ -324,7 +331,7 @@ final class RecordProcessor: @unchecked Sendable {
             }
         }
         deferred = deferred.filter { deferredEntry in !deferredEntry.apply { apply($0, view: view) } }
-        stashedCount.store(stashed.count + deferred.count, ordering: .releasing)
+        publish(stashedCount, stashed.count + deferred.count)
     }
 
     /// Applies one entry to this backup's replica; false if the object's slab is not known here yet.

@@ -74,7 +74,10 @@ public struct ObjectSlot: Hashable, Sendable {
 /// transaction's commit installs a header with the allocated bit; an aborted transaction
 /// *unreserves* them. Because a reserved slot's bytes still say "free", a crash simply forgets the
 /// reservation: ``init(region:)`` rebuilds every free list from the slab table and slot headers.
-public final class SlabAllocator: Sendable {
+///
+/// `@unchecked Sendable`: the mutable state is behind `state`'s mutex; `slabClasses` is an array
+/// of atomics written under that mutex and read without it.
+public final class SlabAllocator: @unchecked Sendable {
     public let region: Region
     public let layout: SlabLayout
     private let classes: [Int]
@@ -120,7 +123,19 @@ public final class SlabAllocator: Sendable {
             }
         }
         state = Mutex(State(freeSlots: freeSlots, unusedSlabs: unused, slabLines: slabLines, allocated: allocated, reserved: 0))
+        slabClasses = .allocate(capacity: layout.slabCount)
+        for slab in 0..<layout.slabCount { (slabClasses + slab).initialize(to: Atomic<Int>(slabLines[slab])) }
     }
+
+    deinit {
+        slabClasses.deinitialize(count: layout.slabCount)
+        slabClasses.deallocate()
+    }
+
+    /// `State.slabLines` again, one atomic per slab, so that ``slot(at:)`` (the primary's CPU, on
+    /// every LOCK entry) reads it without taking the mutex. A slab's class is set once, before
+    /// any slot of it is handed out, and never changes.
+    private let slabClasses: UnsafeMutablePointer<Atomic<Int>>
 
     /// The largest payload one object can carry in this region.
     public var maximumPayload: Int { ObjectLayout.payloadCapacity(lines: classes.last ?? 1) }
@@ -153,6 +168,7 @@ public final class SlabAllocator: Sendable {
             let slabStart = slab << layout.slabShift
             let count = layout.slabSize / slotBytes
             state.slabLines[slab] = lines
+            slabClasses[slab].store(lines, ordering: .releasing)
             for slot in stride(from: count - 1, through: 1, by: -1) {
                 state.freeSlots[classIndex].append(slabStart + slot * slotBytes)
             }
@@ -211,7 +227,7 @@ public final class SlabAllocator: Sendable {
             throw .notAnObject(address, reason: "outside the region's slabs")
         }
         let slab = offset >> layout.slabShift
-        let lines = state.withLock { $0.slabLines[slab] }
+        let lines = slabClasses[slab].load(ordering: .acquiring)
         return try Self.slot(layout: layout, address: address, offset: offset, slab: slab, lines: lines)
     }
 
