@@ -186,6 +186,30 @@ final class RecordProcessor: @unchecked Sendable {
         let slots = kept.extraWords(index, after: raw.count)
         var lockedCount = 0
         var failure: AbortCause?
+        var malformed: (any Error)?
+        do {
+            try lockEntries(record, view: view, slots: slots, lockedCount: &lockedCount, failure: &failure)
+        } catch {
+            // A malformed entry after some were locked: unlock those and refuse the record, so
+            // that nothing stays locked and the coordinator learns at once.
+            malformed = error
+            failure = .invalidObject
+        }
+        if let failure {
+            if lockedCount > 0 { release(index, locked: lockedCount, view: view, install: false) }
+            kept.release(index)
+            reply(to: record.transaction, failure: failure, view: view)
+            if let malformed { throw malformed }
+            return
+        }
+        locked[record.transaction] = index
+        publish(pendingCount, locked.count)
+        reply(to: record.transaction, failure: nil, view: view)
+    }
+
+    /// Locks the entries of a LOCK record in order until one fails; records each locked slot.
+    private func lockEntries(_ record: RecordView, view: ConfigurationView, slots: UnsafeMutablePointer<UInt64>,
+                             lockedCount: inout Int, failure: inout AbortCause?) throws {
         try record.forEachEntry { entry in
             guard failure == nil else { return }
             guard let replica = view.localReplica(entry.address.region), let allocator = replica.allocator,
@@ -201,15 +225,6 @@ final class RecordProcessor: @unchecked Sendable {
                 failure = .lockConflict
             }
         }
-        if let failure {
-            if lockedCount > 0 { release(index, locked: lockedCount, view: view, install: false) }
-            kept.release(index)
-            reply(to: record.transaction, failure: failure, view: view)
-            return
-        }
-        locked[record.transaction] = index
-        publish(pendingCount, locked.count)
-        reply(to: record.transaction, failure: nil, view: view)
     }
 
     /// For the first `count` entries of kept LOCK record `index`: install the new values and unlock

@@ -33,4 +33,47 @@ struct ConfigurationIDTests {
             .description.contains("config#7"))
         try await cluster.shutdown()
     }
+
+    @Test("a LOCK record whose second entry is malformed leaves the first object unlocked and is refused at once")
+    func malformedLockRecord() async throws {
+        let cluster = try await testCluster()
+        let (a, b) = try await cluster.nodes[0].transaction { tx in (try tx.allocate(Int64(1)), try tx.allocate(Int64(2))) }
+        try await cluster.quiesce()
+        // Allocations go to the allocating node's own primary regions: one LOCK record covers both.
+        let primary = cluster.nodes[0].engine
+        #expect(cluster.configuration.placement(of: a.region)?.primary == primary.node)
+        #expect(cluster.configuration.placement(of: b.region)?.primary == primary.node)
+        func header(_ address: GlobalAddress) -> ObjectHeader {
+            ObjectLayout.loadHeader(primary.replica(of: address.region)!.base + Int(address.offset))
+        }
+        let (headerA, headerB) = (header(a), header(b))
+        let coordinator = cluster.nodes[1].engine
+        let id = coordinator.replies.acquire(node: coordinator.node, replies: 1)!
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 512, alignment: 8)
+        defer { buffer.deallocate() }
+        var writer = RecordWriter(into: buffer, capacity: 512, kind: .lock, configuration: primary.configuration.id, transaction: id)
+        var value: Int64 = 10
+        writer.appendEntry(address: a, expected: headerA, new: headerA.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
+        let second = writer.count
+        writer.appendEntry(address: b, expected: headerB, new: headerB.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
+        // The second entry's length now runs past the end of the record.
+        buffer.storeBytes(of: UInt32(4096), toByteOffset: second + 24, as: UInt32.self)
+        let rejectedBefore = primary.statistics.snapshot.rejectedRecords
+        try coordinator.send(writer.bytes, to: primary.node)
+        let failure = coordinator.replies.wait(id, timeoutNanoseconds: 5_000_000_000) {
+            primary.pollOnce() + coordinator.pollOnce()
+        }
+        coordinator.replies.release(id)
+        #expect(failure == AbortCause.invalidObject.rawValue, "reply cause \(String(describing: failure)) (nil: no reply within 5 s)")
+        #expect(header(a) == headerA, "the first object was left locked or changed: \(header(a)) instead of \(headerA)")
+        #expect(header(b) == headerB)
+        #expect(primary.statistics.snapshot.rejectedRecords == rejectedBefore + 1)
+        // Nothing stays locked: a transaction writes both.
+        try await cluster.nodes[2].transaction { tx in
+            try tx.write(a, Int64(3))
+            try tx.write(b, Int64(4))
+        }
+        #expect(try await cluster.nodes[1].transaction { tx in [try tx.read(a, as: Int64.self), try tx.read(b, as: Int64.self)] } == [3, 4])
+        try await cluster.shutdown()
+    }
 }
