@@ -12,19 +12,14 @@ struct ConfigurationIDTests {
         let primary = cluster.nodes[cluster.configuration.placement(of: object.region)!.primary.index].engine
         let header = ObjectLayout.loadHeader(primary.replica(of: object.region)!.base + Int(object.offset))
         let coordinator = cluster.nodes.first { $0.engine !== primary }!.engine
-        // A well-formed LOCK of the object, stamped with configuration 7 instead of 1.
-        let id = coordinator.replies.acquire(node: coordinator.node, replies: 1)!
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 256, alignment: 8)
-        defer { buffer.deallocate() }
-        var writer = RecordWriter(into: buffer, capacity: 256, kind: .lock, configuration: ConfigurationID(rawValue: 7), transaction: id)
-        var value: Int64 = 99
-        writer.appendEntry(address: object, expected: header, new: header.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
         let before = primary.statistics.snapshot.rejectedRecords
-        try coordinator.send(writer.bytes, to: primary.node)
-        let failure = coordinator.replies.wait(id, timeoutNanoseconds: 5_000_000_000) {
-            primary.pollOnce() + coordinator.pollOnce()
+        // A well-formed LOCK of the object, stamped with configuration 7 instead of 1.
+        let failure = try lockRoundTrip(from: coordinator, to: primary) { buffer, id in
+            var writer = RecordWriter(into: buffer, capacity: 512, kind: .lock, configuration: ConfigurationID(rawValue: 7), transaction: id)
+            var value: Int64 = 99
+            writer.appendEntry(address: object, expected: header, new: header.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
+            return writer
         }
-        coordinator.replies.release(id)
         #expect(failure == AbortCause.wrongConfiguration.rawValue, "reply cause \(String(describing: failure))")
         #expect(primary.statistics.snapshot.rejectedRecords == before + 1)
         #expect(ObjectLayout.loadHeader(primary.replica(of: object.region)!.base + Int(object.offset)) == header, "the object changed")
@@ -48,22 +43,17 @@ struct ConfigurationIDTests {
         }
         let (headerA, headerB) = (header(a), header(b))
         let coordinator = cluster.nodes[1].engine
-        let id = coordinator.replies.acquire(node: coordinator.node, replies: 1)!
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 512, alignment: 8)
-        defer { buffer.deallocate() }
-        var writer = RecordWriter(into: buffer, capacity: 512, kind: .lock, configuration: primary.configuration.id, transaction: id)
-        var value: Int64 = 10
-        writer.appendEntry(address: a, expected: headerA, new: headerA.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
-        let second = writer.count
-        writer.appendEntry(address: b, expected: headerB, new: headerB.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
-        // The second entry's length now runs past the end of the record.
-        buffer.storeBytes(of: UInt32(4096), toByteOffset: second + 24, as: UInt32.self)
         let rejectedBefore = primary.statistics.snapshot.rejectedRecords
-        try coordinator.send(writer.bytes, to: primary.node)
-        let failure = coordinator.replies.wait(id, timeoutNanoseconds: 5_000_000_000) {
-            primary.pollOnce() + coordinator.pollOnce()
+        let failure = try lockRoundTrip(from: coordinator, to: primary) { buffer, id in
+            var writer = RecordWriter(into: buffer, capacity: 512, kind: .lock, configuration: primary.configuration.id, transaction: id)
+            var value: Int64 = 10
+            writer.appendEntry(address: a, expected: headerA, new: headerA.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
+            let second = writer.count
+            writer.appendEntry(address: b, expected: headerB, new: headerB.nextVersion, lines: 0, operation: .write, payload: &value, length: 8)
+            // The second entry's length now runs past the end of the record.
+            buffer.storeBytes(of: UInt32(4096), toByteOffset: second + 24, as: UInt32.self)
+            return writer
         }
-        coordinator.replies.release(id)
         #expect(failure == AbortCause.invalidObject.rawValue, "reply cause \(String(describing: failure)) (nil: no reply within 5 s)")
         #expect(header(a) == headerA, "the first object was left locked or changed: \(header(a)) instead of \(headerA)")
         #expect(header(b) == headerB)
@@ -75,5 +65,20 @@ struct ConfigurationIDTests {
         }
         #expect(try await cluster.nodes[1].transaction { tx in [try tx.read(a, as: Int64.self), try tx.read(b, as: Int64.self)] } == [3, 4])
         try await cluster.shutdown()
+    }
+
+    /// Sends the LOCK record `build` writes (into a 512-byte buffer, for a fresh reply slot) from
+    /// `coordinator` to `primary`, serves both mailboxes until the reply, and returns its cause
+    /// (nil: no reply within 5 s).
+    func lockRoundTrip(from coordinator: Engine, to primary: Engine,
+                       _ build: (UnsafeMutableRawPointer, TransactionID) -> RecordWriter) throws -> UInt8? {
+        let id = coordinator.replies.acquire(node: coordinator.node, replies: 1)!
+        defer { coordinator.replies.release(id) }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 512, alignment: 8)
+        defer { buffer.deallocate() }
+        try coordinator.send(build(buffer, id).bytes, to: primary.node)
+        return coordinator.replies.wait(id, timeoutNanoseconds: 5_000_000_000) {
+            primary.pollOnce() + coordinator.pollOnce()
+        }
     }
 }
