@@ -262,6 +262,10 @@ public final class MembershipService: Sendable {
                 return next.members == current.members ? nil : next
             }
             if let committed {
+                for member in engine.configuration.members where !committed.contains(member.node) {
+                    logger.info("\(node) removed \(member.node) (its registration is gone) in \(committed.id)")
+                    eventSink.yield(.removed(member.node, committed.id))
+                }
                 try apply(committed)
                 announce(committed.id)
             }
@@ -391,6 +395,10 @@ public final class MembershipService: Sendable {
             }
             defer { self.state.withLock { state in suspects.forEach { state.removing.remove($0) } } }
             let node = self.node
+            // The registrations go first (a dead node's session may live on for a while): if this
+            // CM dies after committing, its successor must not take a registration left behind
+            // for a node asking to join, and bring the removed node back.
+            for removed in suspects { try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil) }
             let committed = try await ConfigurationRecord.change(self.engine.configuration.cluster, in: self.store) { current in
                 let present = suspects.filter { current.contains($0) }
                 guard !present.isEmpty else { return nil }
@@ -400,9 +408,7 @@ public final class MembershipService: Sendable {
             }
             if let committed {
                 for removed in suspects where !committed.contains(removed) {
-                    // Its registration goes too (its session may live on for a while): it rejoins,
-                    // if ever, by registering anew.
-                    try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil)
+                    // It rejoins, if ever, by registering anew.
                     await self.withdrawCandidates { $0 == removed }
                     self.logger.info("\(node) removed \(removed) (lease expired) in \(committed.id)")
                     self.eventSink.yield(.removed(removed, committed.id))
