@@ -331,19 +331,17 @@ public final class Engine: Sendable {
     /// The record processor is single-threaded by this try-lock, whoever calls it: the node's poller
     /// thread, or (in an embedded cluster) a coordinator of this process waiting for an answer from
     /// this node, which lends its CPU instead of waiting for the poller thread to be scheduled.
-    func pollOnce() -> Int {
-        guard mayHaveWork, pollingLock() else { return 0 }
-        defer { polling.store(false, ordering: .releasing) }
-        return serveMailbox()
-    }
+    func pollOnce() -> Int { poll(helping: false) }
 
     /// ``pollOnce()`` by a coordinator of this process lending its CPU; tells the poller thread
     /// that its mailbox is being served.
-    func helpPoll() -> Int {
+    func helpPoll() -> Int { poll(helping: true) }
+
+    private func poll(helping: Bool) -> Int {
         // Look before taking the polling lock: most polls find nothing, and the lock's cache line
         // would otherwise bounce between the helping threads on every look.
         guard mayHaveWork, pollingLock() else { return 0 }
-        if !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
+        if helping, !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
         defer { polling.store(false, ordering: .releasing) }
         return serveMailbox()
     }
@@ -352,11 +350,8 @@ public final class Engine: Sendable {
     /// plain loads only, no lock and no reference counting.
     @inline(__always) var mayHaveWork: Bool {
         if processor.unsentCount.load(ordering: .relaxed) > 0 { return true }
-        var channels = processor.channelsInUse.load(ordering: .relaxed)
-        while channels != 0 {
-            let index = channels.trailingZeroBitCount
-            channels &= channels - 1
-            if mailbox.mayHaveMessage(from: NodeID(index)) { return true }
+        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed)) where mailbox.mayHaveMessage(from: sender) {
+            return true
         }
         return false
     }
@@ -370,17 +365,15 @@ public final class Engine: Sendable {
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
         processor.flushReplies(view: view)
-        let channels = processor.channelsInUse.load(ordering: .relaxed)
-        for index in 0..<NodeID.limit where channels & (1 << UInt64(index)) != 0 {
-            let sender = NodeID(index)
-            guard mailbox.mayHaveMessage(from: sender), processor.brokenChannels & (1 << UInt64(index)) == 0 else { continue }
+        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed) & ~processor.brokenChannels) {
+            guard mailbox.mayHaveMessage(from: sender) else { continue }
             do {
                 handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
                     processor.handle(from: sender, bytes, view: view)
                 }
             } catch {
                 logger.error("stopped polling the channel from \(sender): \(error)")
-                processor.brokenChannels |= 1 << UInt64(index)
+                processor.brokenChannels |= 1 << UInt64(sender.index)
             }
         }
         return handled

@@ -17,7 +17,6 @@ final class RecordProcessor: @unchecked Sendable {
         var brokenChannels: UInt64 = 0
         var locked: [TransactionID: Int] = Dictionary(minimumCapacity: 1024)
         var stashed: [TransactionID: Int] = Dictionary(minimumCapacity: 4096)
-        var touchSink: UInt8 = 0
         var deferred: [DeferredEntry] = []
         var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
     }
@@ -76,8 +75,6 @@ final class RecordProcessor: @unchecked Sendable {
     private var locked: [TransactionID: Int] { get { state.pointee.locked } _modify { yield &state.pointee.locked } }
     /// COMMIT-BACKUP records this backup keeps until TRUNCATE: their copies in ``kept``.
     private var stashed: [TransactionID: Int] { get { state.pointee.stashed } _modify { yield &state.pointee.stashed } }
-    /// Where ``truncate(_:view:)``'s touching loads go, so that they are not optimised away.
-    private var touchSink: UInt8 { get { state.pointee.touchSink } set { state.pointee.touchSink = newValue } }
     /// Record copies, in buffers reused from record to record (no allocation once warm).
     private let kept = RecordPool()
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
@@ -299,17 +296,6 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
     private func truncate(_ record: RecordView, view: ConfigurationView) throws {
-        // First touch every object the batch will write, so that their cache misses overlap
-        // instead of being taken one after another by the writes below.
-        var touched: UInt8 = 0
-        try record.forEachTransactionID { id in
-            guard let index = stashed[id], let kept = try? RecordView(kept.bytes(index)) else { return }
-            try? kept.forEachEntry { entry in
-                guard let replica = view.localReplica(entry.address.region), Int(entry.address.offset) < replica.region.size else { return }
-                touched ^= replica.region.base.load(fromByteOffset: Int(entry.address.offset), as: UInt8.self)
-            }
-        }
-        touchSink = touched
         var appliedAllocation = false
         try record.forEachTransactionID { id in
             guard let index = stashed.removeValue(forKey: id) else { return }
@@ -405,8 +391,7 @@ final class RecordPool {
     /// Copies `record` into a buffer with room for `extraWords` 8-byte words after it; returns the
     /// buffer's index.
     func keep(_ record: UnsafeRawBufferPointer, extraWords: Int) -> Int {
-        let padded = (record.count + 7) & ~7
-        let needed = padded + extraWords * 8
+        let needed = RecordFormat.padded(record.count) + extraWords * 8
         let index: Int
         if let reused = free.popLast() {
             index = reused
@@ -432,7 +417,7 @@ final class RecordPool {
 
     /// The extra words after a record of `count` bytes in buffer `index`.
     func extraWords(_ index: Int, after count: Int) -> UnsafeMutablePointer<UInt64> {
-        (buffers[index] + ((count + 7) & ~7)).assumingMemoryBound(to: UInt64.self)
+        (buffers[index] + RecordFormat.padded(count)).assumingMemoryBound(to: UInt64.self)
     }
 
     /// Gives buffer `index` back.

@@ -179,9 +179,4 @@ struct RecordView {
         for index in 0..<count { try handle(TransactionID(rawValue: body.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self))) }
     }
 
-    /// The transaction ids of a TRUNCATE record.
-    func transactionIDs() throws -> [TransactionID] {
-        guard count * 8 <= body.count else { throw Malformed(description: "a truncate record lists more ids than it holds") }
-        return (0..<count).map { TransactionID(rawValue: body.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self)) }
-    }
 }

@@ -75,9 +75,10 @@ public final class Transaction {
     var attemptCount: UInt64 { get { state.pointee.attemptCount } set { state.pointee.attemptCount = newValue } }
     var executeStart: UInt64 { get { state.pointee.executeStart } set { state.pointee.executeStart = newValue } }
     var view: ConfigurationView { state.pointee.view }
-    /// Engines of this process this coordinator may help while it waits (by node index).
+    /// Engines of this process this coordinator may help while it waits (by node index): held
+    /// here so that the unretained references below stay valid for the transaction's lifetime.
     let neighbours: [Engine?]
-    /// The same engines, densely and unretained (the cluster keeps them alive while transactions run).
+    /// The same engines, densely and unretained (no reference counting while waiting).
     let neighbourList: [Unmanaged<Engine>]
     /// The same engines by node index, unretained.
     let unmanagedNeighbours: [Unmanaged<Engine>?]

@@ -43,7 +43,6 @@ public final class MembershipService: Sendable {
     let eventSink: AsyncStream<MembershipEvent>.Continuation
 
     struct State {
-        var isManager = false
         var electionNode: String?
         var removing: Set<NodeID> = []
         var takingOver = false
@@ -78,8 +77,8 @@ public final class MembershipService: Sendable {
     /// Whether this node is the configuration manager now.
     public var isManager: Bool { managerFlag.load(ordering: .acquiring) }
 
-    /// `state.isManager` again, for the lease thread: it runs at real-time priority and must never
-    /// wait for a lock that an ordinary thread (starved on a busy machine) holds.
+    /// An atomic, not part of `state`: the lease thread reads it, and it runs at real-time priority
+    /// and must never wait for a lock that an ordinary thread (starved on a busy machine) holds.
     private let managerFlag = Atomic<Bool>(false)
     /// Set while a refresh of the configuration from the store is under way.
     private let refreshing = Atomic<Bool>(false)
@@ -221,12 +220,7 @@ public final class MembershipService: Sendable {
     private func candidatesContain(_ node: NodeID) -> Bool { candidateNodes.withLock { $0.contains(node) } }
 
     private func becomeManager() {
-        let first = state.withLock { state -> Bool in
-            defer { state.isManager = true }
-            return !state.isManager
-        }
-        guard first else { return }
-        managerFlag.store(true, ordering: .releasing)
+        guard !managerFlag.exchange(true, ordering: .acquiringAndReleasing) else { return }
         logger.info("\(node) is the configuration manager")
         eventSink.yield(.becameManager(engine.configuration.id))
         spawn { try await self.watchRegistrations() }

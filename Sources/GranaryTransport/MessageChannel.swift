@@ -357,27 +357,20 @@ public final class ChannelSender: Sendable {
             state.tail += capacity - UInt64(position)
             position = 0
         }
-        if mappedRing != 0 {
-            // Straight into the ring: header, payload, padding, then the trailer with release
-            // ordering, so that a receiver that sees the trailer sees the whole message.
-            let slot = UnsafeMutableRawPointer(bitPattern: mappedRing)! + position
-            mappedWord(mappedRing, position).pointee.store(ChannelFormat.header(length: message.count, sender: sender), ordering: .relaxed)
-            if let source = message.baseAddress { (slot + 8).copyMemory(from: source, byteCount: message.count) }
-            let padding = ChannelFormat.padded(message.count) - message.count
-            if padding > 0 { memset(slot + 8 + message.count, 0, padding) }
-            mappedWord(mappedRing, position + total - 8).pointee.store(ChannelFormat.trailer(sequence: state.sequence), ordering: .releasing)
-            state.tail += UInt64(total)
-            state.sequence += 1
-            return true
-        }
-        let staging = state.staging
-        staging.storeBytes(of: ChannelFormat.header(length: message.count, sender: sender), as: UInt64.self)
-        if let source = message.baseAddress { (staging + 8).copyMemory(from: source, byteCount: message.count) }
+        // The message: straight into the ring where the transport maps it, else into the staging
+        // buffer for one one-sided write. Header, payload, padding, then the trailer with release
+        // ordering, so that a receiver that sees the trailer sees the whole message.
+        let frame = mappedRing != 0 ? UnsafeMutableRawPointer(bitPattern: mappedRing)! + position : state.staging
+        frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+            .store(ChannelFormat.header(length: message.count, sender: sender), ordering: .relaxed)
+        if let source = message.baseAddress { (frame + 8).copyMemory(from: source, byteCount: message.count) }
         let padding = ChannelFormat.padded(message.count) - message.count
-        if padding > 0 { memset(staging + 8 + message.count, 0, padding) }
-        staging.storeBytes(of: ChannelFormat.trailer(sequence: state.sequence), toByteOffset: total - 8, as: UInt64.self)
-        try transport.write(to: receiver, ringAddress.advanced(by: position),
-                            from: UnsafeRawBufferPointer(start: staging, count: total))
+        if padding > 0 { memset(frame + 8 + message.count, 0, padding) }
+        (frame + total - 8).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+            .store(ChannelFormat.trailer(sequence: state.sequence), ordering: .releasing)
+        if mappedRing == 0 {
+            try transport.write(to: receiver, ringAddress.advanced(by: position), from: UnsafeRawBufferPointer(start: frame, count: total))
+        }
         state.tail += UInt64(total)
         state.sequence += 1
         return true

@@ -5,9 +5,10 @@ import Glibc
 #endif
 
 /// The machine's memory latency, measured by chasing pointers through a random cycle of cache
-/// lines in a buffer larger than the caches. `granary bench` measures it before and after a run:
-/// the workloads are bound by cache misses, so on a shared host whose memory system other
-/// tenants load at times, a slow run shows up here too (a compute loop does not see it).
+/// lines in a buffer larger than the caches. `granary bench` measures it before and after a run,
+/// because the workloads are bound by cache misses. On the project's machine it stayed at
+/// 150-190 ns through runs at full and at half speed: the slow spells show in
+/// ``CoreToCoreProbe`` instead.
 public final class MemoryLatencyProbe {
     private let lines: Int
     private let table: UnsafeMutablePointer<UInt64>

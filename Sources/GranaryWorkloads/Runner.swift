@@ -40,15 +40,14 @@ public struct WorkloadRandom: RandomNumberGenerator, Sendable {
     /// A generator whose stream is unrelated to that of any nearby seed. (SplitMix64 walks one
     /// fixed sequence; starting at `seed * gamma` would make the streams of seeds s and s + k the
     /// same sequence k steps apart, so one worker would replay another's transactions.)
-    public init(seed: UInt64) {
-        var z = seed &+ 0x2545_F491_4F6C_DD1D
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        state = z ^ (z >> 31)
-    }
+    public init(seed: UInt64) { state = Self.mix(seed &+ 0x2545_F491_4F6C_DD1D) }
     public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
+        return Self.mix(state)
+    }
+    /// SplitMix64's output function.
+    @inline(__always) static func mix(_ value: UInt64) -> UInt64 {
+        var z = value
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)

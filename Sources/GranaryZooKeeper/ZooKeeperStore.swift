@@ -136,6 +136,8 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
 
     /// zoo_wget with a buffer that grows to the node's size.
     private func read(_ path: String, watch: CoordinationWatch?) throws(CoordinationError) -> StoredData {
+        try enter()
+        defer { leave() }
         var capacity = 4096
         while true {
             var buffer = [CChar](repeating: 0, count: capacity)
@@ -175,14 +177,10 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     public func get(_ path: String) async throws(CoordinationError) -> StoredData {
-        try enter()
-        defer { leave() }
-        return try read(path, watch: nil)
+        try read(path, watch: nil)
     }
 
     public func getAndWatch(_ path: String) async throws(CoordinationError) -> (StoredData, CoordinationWatch) {
-        try enter()
-        defer { leave() }
         let watch = CoordinationWatch()
         return (try read(path, watch: watch), watch)
     }
@@ -221,6 +219,8 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     private func listChildren(_ path: String, watch: CoordinationWatch?) throws(CoordinationError) -> [String] {
+        try enter()
+        defer { leave() }
         var vector = String_vector()
         let context = watch.map { Unmanaged.passRetained($0).toOpaque() }
         let rc = zoo_wget_children(handle, path, context == nil ? nil : Self.watcher, context, &vector)
@@ -231,14 +231,10 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     }
 
     public func children(_ path: String) async throws(CoordinationError) -> [String] {
-        try enter()
-        defer { leave() }
-        return try listChildren(path, watch: nil)
+        try listChildren(path, watch: nil)
     }
 
     public func childrenAndWatch(_ path: String) async throws(CoordinationError) -> ([String], CoordinationWatch) {
-        try enter()
-        defer { leave() }
         let watch = CoordinationWatch()
         return (try listChildren(path, watch: watch), watch)
     }

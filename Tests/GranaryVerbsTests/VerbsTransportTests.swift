@@ -116,19 +116,9 @@ struct VerbsTransportTests {
         let peer = nodes.b.localNode
         let word = GlobalAddress(region: nodes.region.id, offset: 16384)
         let threads = 4, perThread = 100
-        let seen = Shared<[UInt64]>([])
-        let failures = Shared<[String]>([])
-        runThreads(threads) { _ in
-            var mine: [UInt64] = []
-            do {
-                for _ in 0..<perThread { mine.append(try transport.fetchAndAdd(at: peer, word, 1)) }
-            } catch {
-                failures.withLock { $0.append("\(error)") }
-            }
-            seen.withLock { $0.append(contentsOf: mine) }
-        }
-        #expect(failures.value.isEmpty, "\(failures.value)")
-        #expect(seen.value.sorted() == (0..<UInt64(threads * perThread)).map { $0 }, "each old value is seen exactly once")
+        let (seen, failures) = Self.addFromThreads(transport, peer, word, threads: threads, perThread: perThread)
+        #expect(failures.isEmpty, "\(failures)")
+        #expect(seen.sorted() == (0..<UInt64(threads * perThread)).map { $0 }, "each old value is seen exactly once")
         let final = nodes.region.base.advanced(by: 16384).load(as: UInt64.self)
         #expect(final == UInt64(threads * perThread))
     }
