@@ -55,7 +55,9 @@ extension Transaction {
     /// Sets ``primaryMask`` (a bit per node: no allocation) from the write set.
     private func collectPrimaries() {
         var mask: UInt64 = 0
-        for entry in writes { mask |= 1 << UInt64(entry.primary.index) }
+        writes.withUnsafeBufferPointer { writes in
+            for entry in writes { mask |= 1 << UInt64(entry.primary.index) }
+        }
         primaryMask = mask
     }
 
@@ -70,16 +72,21 @@ extension Transaction {
     /// Writes a record of `kind` holding the entries for which `include` is true, and sends it.
     private func sendEntries(_ kind: RecordKind, _ id: TransactionID, to node: NodeID,
                              where include: (WriteEntry) -> Bool) throws {
+        // Buffer pointers rather than `for entry in writes`, whose iterator holds a reference.
         var size = RecordFormat.headerBytes
-        for entry in writes where include(entry) { size += RecordFormat.entryBytes(payload: entry.length) }
+        writes.withUnsafeBufferPointer { writes in
+            for entry in writes where include(entry) { size += RecordFormat.entryBytes(payload: entry.length) }
+        }
         ensureRecordCapacity(size)
         var writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
-                                  configuration: view.configuration.id, transaction: id)
-        payloads.withUnsafeBytes { payloadBytes in
-            for entry in writes where include(entry) {
-                writer.appendEntry(address: entry.address, expected: entry.expected, new: entry.new, lines: entry.lines,
-                                   operation: entry.operation, payload: payloadBytes.baseAddress.map { $0 + entry.payloadOffset },
-                                   length: entry.length)
+                                  configuration: view.configurationID, transaction: id)
+        writes.withUnsafeBufferPointer { writes in
+            payloads.withUnsafeBytes { payloadBytes in
+                for entry in writes where include(entry) {
+                    writer.appendEntry(address: entry.address, expected: entry.expected, new: entry.new, lines: entry.lines,
+                                       operation: entry.operation, payload: payloadBytes.baseAddress.map { $0 + entry.payloadOffset },
+                                       length: entry.length)
+                }
             }
         }
         try engine.send(writer.bytes, to: node, in: view)
@@ -87,7 +94,7 @@ extension Transaction {
 
     private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID) throws {
         let writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
-                                  configuration: view.configuration.id, transaction: id)
+                                  configuration: view.configurationID, transaction: id)
         try engine.send(writer.bytes, to: node, in: view)
     }
 
@@ -182,13 +189,14 @@ extension Transaction {
     /// COMMIT-BACKUP: one record per backup node with the new values of the objects it backs up.
     /// Waits only for the writes' completion, never for the backups' CPUs. Returns the backups.
     func commitBackup(_ id: TransactionID) throws -> UInt64 {
-        let view = self.view
+        let masks = view.backupMasks
         var nodes: UInt64 = 0
-        for entry in writes {
-            for backup in view.backups[entry.address.region.index] { nodes |= 1 << UInt64(backup.index) }
+        writes.withUnsafeBufferPointer { writes in
+            for entry in writes { nodes |= masks[entry.address.region.index] }
         }
         for node in NodeMask(nodes) {
-            try sendEntries(.commitBackup, id, to: node) { view.backups[$0.address.region.index].contains(node) }
+            let bit: UInt64 = 1 << UInt64(node.index)
+            try sendEntries(.commitBackup, id, to: node) { masks[$0.address.region.index] & bit != 0 }
         }
         return nodes
     }

@@ -52,6 +52,24 @@ final class LocalReplica: Sendable {
     }
 }
 
+/// A replica as the record processor's hot paths use it: no reference counting per access. The
+/// references are unretained; the ``ConfigurationView`` that hands these out keeps the
+/// ``LocalReplica`` (and so its region and allocator) alive, and a caller uses one only while it
+/// holds that view.
+struct ReplicaAccess {
+    let base: UnsafeMutableRawPointer
+    let layout: SlabLayout
+    unowned(unsafe) let region: Region
+    unowned(unsafe) let allocator: SlabAllocator?
+
+    init(_ replica: LocalReplica) {
+        base = replica.region.base
+        layout = replica.layout
+        region = replica.region
+        allocator = replica.allocator
+    }
+}
+
 /// One configuration as this node uses it: the lookup tables derived from it. Immutable; a new
 /// configuration gets a new view (``Engine/apply(_:)``).
 ///
@@ -59,12 +77,17 @@ final class LocalReplica: Sendable {
 /// references to the senders that the `senders` array keeps alive for the view's lifetime.
 public final class ConfigurationView: @unchecked Sendable {
     public let configuration: Configuration
+    /// `configuration.id`, kept apart: reading it through `configuration` copies the value and
+    /// its arrays' references on every record.
+    let configurationID: ConfigurationID
     let node: NodeID
     /// This node's replicas, by region index.
     let replicaTable: [LocalReplica?]
     /// Primary node of each region, by region index (NodeID.limit where the region is unknown).
     let primaries: [UInt16]
     let backups: [[NodeID]]
+    /// The backups of each region as a bit per node, by region index.
+    let backupMasks: UnsafeMutablePointer<UInt64>
     let senders: [ChannelSender?]
     let allocationRegions: [RegionID]
     /// Bit n set when node n is a member.
@@ -73,6 +96,7 @@ public final class ConfigurationView: @unchecked Sendable {
     init(node: NodeID, configuration: Configuration, regions: [Region], previous: ConfigurationView?,
          transport: any Transport) throws {
         self.configuration = configuration
+        self.configurationID = configuration.id
         self.node = node
         var table = [LocalReplica?](repeating: nil, count: RegionID.limit)
         var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)
@@ -94,8 +118,15 @@ public final class ConfigurationView: @unchecked Sendable {
             if isPrimary { allocation.append(region.id) }
         }
         self.replicaTable = table
+        self.replicaAccess = .allocate(capacity: RegionID.limit)
+        self.replicaAccess.initialize(from: table.map { $0.map(ReplicaAccess.init) }, count: RegionID.limit)
         self.primaries = primaries
         self.backups = backups
+        self.backupMasks = .allocate(capacity: RegionID.limit)
+        self.backupMasks.initialize(repeating: 0, count: RegionID.limit)
+        for (index, nodes) in backups.enumerated() {
+            for node in nodes { backupMasks[index] |= 1 << UInt64(node.index) }
+        }
         self.allocationRegions = allocation.sorted()
         // Senders to former members are kept: their records are refused, but a refusal is still
         // answered so that a stale coordinator learns at once.
@@ -111,7 +142,20 @@ public final class ConfigurationView: @unchecked Sendable {
         self.senderTable.initialize(from: senders.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
     }
 
-    deinit { senderTable.deallocate() }
+    deinit {
+        senderTable.deallocate()
+        backupMasks.deallocate()
+        replicaAccess.deinitialize(count: RegionID.limit)
+        replicaAccess.deallocate()
+    }
+
+    /// ``replicaTable`` again, unretained (see ``ReplicaAccess``).
+    let replicaAccess: UnsafeMutablePointer<ReplicaAccess?>
+
+    /// This node's replica of `region`, unretained, if it holds one.
+    @inline(__always) func replica(_ region: RegionID) -> ReplicaAccess? {
+        region.index < RegionID.limit ? replicaAccess[region.index] : nil
+    }
 
     /// The senders again, unretained, so that sending costs no reference counting.
     let senderTable: UnsafeMutablePointer<Unmanaged<ChannelSender>?>
@@ -368,7 +412,7 @@ public final class Engine: Sendable {
         for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed) & ~processor.brokenChannels) {
             guard mailbox.mayHaveMessage(from: sender) else { continue }
             do {
-                handled += try mailbox.receiver(from: sender).poll(limit: 64) { bytes in
+                handled += try mailbox.poll(from: sender, limit: 64) { bytes in
                     processor.handle(from: sender, bytes, view: view)
                 }
             } catch {

@@ -12,11 +12,12 @@ import Synchronization
 final class RecordProcessor: @unchecked Sendable {
     /// The processor's mutable state, behind a pointer it owns: stored `var`s of a class pay a
     /// dynamic exclusivity check on every access, and these are touched several times per record.
-    private struct State {
+    private struct State: ~Copyable {
         unowned(unsafe) var engine: Engine? = nil
         var brokenChannels: UInt64 = 0
-        var locked: [TransactionID: Int] = Dictionary(minimumCapacity: 1024)
-        var stashed: [TransactionID: Int] = Dictionary(minimumCapacity: 4096)
+        var locked = TransactionTable(minimumCapacity: 1024)
+        var stashed = TransactionTable(minimumCapacity: 4096)
+        var kept = RecordPool()
         var deferred: [DeferredEntry] = []
         var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
     }
@@ -72,14 +73,14 @@ final class RecordProcessor: @unchecked Sendable {
     let channelsInUse = Atomic<UInt64>(0)
     /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the
     /// record's copy in ``kept`` (with each entry's slot after it).
-    private var locked: [TransactionID: Int] { get { state.pointee.locked } _modify { yield &state.pointee.locked } }
+    private var locked: TransactionTable { _read { yield state.pointee.locked } _modify { yield &state.pointee.locked } }
     /// COMMIT-BACKUP records this backup keeps until TRUNCATE: their copies in ``kept``.
-    private var stashed: [TransactionID: Int] { get { state.pointee.stashed } _modify { yield &state.pointee.stashed } }
+    private var stashed: TransactionTable { _read { yield state.pointee.stashed } _modify { yield &state.pointee.stashed } }
     /// Record copies, in buffers reused from record to record (no allocation once warm).
-    private let kept = RecordPool()
+    private var kept: RecordPool { _read { yield state.pointee.kept } _modify { yield &state.pointee.kept } }
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
     /// different coordinators arrive in any order); applied once it has.
-    private var deferred: [DeferredEntry] { get { state.pointee.deferred } _modify { yield &state.pointee.deferred } }
+    private var deferred: [DeferredEntry] { _read { yield state.pointee.deferred } _modify { yield &state.pointee.deferred } }
     private let replyBuffer = UnsafeMutableRawPointer.allocate(byteCount: RecordFormat.headerBytes, alignment: 8)
 
     deinit {
@@ -104,7 +105,7 @@ final class RecordProcessor: @unchecked Sendable {
             if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
             return
         }
-        guard record.configuration == view.configuration.id else {
+        guard record.configuration == view.configurationID else {
             if record.kind == .lockReply, record.cause == AbortCause.wrongConfiguration.rawValue {
                 // A primary in another configuration refused our LOCK: the waiting coordinator must
                 // learn it (its own configuration is the stale one, or the primary's is).
@@ -133,7 +134,7 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// Replies that found their channel busy or full, in order, per coordinator node.
-    private var unsent: [[[UInt8]]] { get { state.pointee.unsent } _modify { yield &state.pointee.unsent } }
+    private var unsent: [[[UInt8]]] { _read { yield state.pointee.unsent } _modify { yield &state.pointee.unsent } }
     let unsentCount = Atomic<Int>(0)
 
     /// Answers a LOCK without ever waiting: a reply that cannot go now waits here and goes out at
@@ -141,13 +142,17 @@ final class RecordProcessor: @unchecked Sendable {
     /// with a peer's poller blocked on ours.
     private func reply(to transaction: TransactionID, failure: AbortCause?, view: ConfigurationView) {
         let writer = RecordWriter(into: replyBuffer, capacity: RecordFormat.headerBytes, kind: .lockReply,
-                                  configuration: view.configuration.id, transaction: transaction,
+                                  configuration: view.configurationID, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
         let node = transaction.node
-        if unsentCount.load(ordering: .relaxed) == 0 || unsent[node.index].isEmpty, let sender = view.senders[node.index] {
-            do {
-                if try sender.trySend(writer.bytes) { return }
-            } catch {
+        if unsentCount.load(ordering: .relaxed) == 0 || unsent[node.index].isEmpty, let sender = view.senderTable[node.index] {
+            let result: Result<Bool, TransportError> = sender._withUnsafeGuaranteedRef { sender in
+                do throws(TransportError) { return .success(try sender.trySend(writer.bytes)) } catch { return .failure(error) }
+            }
+            switch result {
+            case .success(true): return
+            case .success(false): break
+            case .failure(let error):
                 engine.logger.info("could not answer \(transaction): \(error)")
                 return
             }
@@ -199,7 +204,7 @@ final class RecordProcessor: @unchecked Sendable {
             if let malformed { throw malformed }
             return
         }
-        locked[record.transaction] = index
+        locked.updateValue(index, forKey: record.transaction)
         publish(pendingCount, locked.count)
         reply(to: record.transaction, failure: nil, view: view)
     }
@@ -209,13 +214,13 @@ final class RecordProcessor: @unchecked Sendable {
                              lockedCount: inout Int, failure: inout AbortCause?) throws {
         try record.forEachEntry { entry in
             guard failure == nil else { return }
-            guard let replica = view.localReplica(entry.address.region), let allocator = replica.allocator,
+            guard let replica = view.replica(entry.address.region), let allocator = replica.allocator,
                   let slot = try? allocator.slot(at: Int(entry.address.offset)),
                   entry.payload.count <= ObjectLayout.payloadCapacity(lines: slot.lines) else {
                 failure = .invalidObject
                 return
             }
-            if ObjectLayout.tryLock(replica.region.base + slot.offset, expected: entry.expected).locked {
+            if ObjectLayout.tryLock(replica.base + slot.offset, expected: entry.expected).locked {
                 slots[lockedCount] = UInt64(slot.offset) << 16 | UInt64(slot.lines)
                 lockedCount += 1
             } else {
@@ -235,11 +240,11 @@ final class RecordProcessor: @unchecked Sendable {
             guard entryIndex < count else { return }
             let slot = ObjectSlot(offset: Int(slots[entryIndex] >> 16), lines: Int(slots[entryIndex] & 0xFFFF))
             entryIndex += 1
-            guard let replica = view.localReplica(entry.address.region) else {
+            guard let replica = view.replica(entry.address.region) else {
                 engine.logger.error("\(record.transaction) locked \(entry.address), whose region is no longer on \(engine.node)")
                 return
             }
-            let base = replica.region.base + slot.offset
+            let base = replica.base + slot.offset
             guard install else {
                 ObjectLayout.unlock(base, restoring: entry.expected)
                 return
@@ -284,7 +289,7 @@ final class RecordProcessor: @unchecked Sendable {
     /// completion, not for this.)
     private func commitBackup(_ record: RecordView, raw: UnsafeRawBufferPointer, view: ConfigurationView) throws {
         try record.forEachEntry { entry in
-            guard let replica = view.localReplica(entry.address.region), replica.allocator == nil else {
+            guard let replica = view.replica(entry.address.region), replica.allocator == nil else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
         }
@@ -326,7 +331,7 @@ final class RecordProcessor: @unchecked Sendable {
     /// (Their entries for other regions are applied at TRUNCATE; applying is idempotent, newest
     /// version wins.)
     func applyKept(regions: Set<RegionID>, view: ConfigurationView) {
-        for index in stashed.values {
+        stashed.forEachValue { index in
             applyKeptRecord(index, view: view) { entry in
                 if regions.contains(entry.address.region), !apply(entry, view: view) { deferred.append(entry.owned()) }
             }
@@ -337,7 +342,7 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// Applies one entry to this backup's replica; false if the object's slab is not known here yet.
     private func apply(_ entry: BackupEntry, view: ConfigurationView) -> Bool {
-        guard let replica = view.localReplica(entry.address.region) else { return true }
+        guard let replica = view.replica(entry.address.region) else { return true }
         let offset = Int(entry.address.offset)
         let slot: ObjectSlot
         if entry.operation == .allocate {
@@ -349,7 +354,7 @@ final class RecordProcessor: @unchecked Sendable {
             }
             slot = found
         }
-        let base = replica.region.base + slot.offset
+        let base = replica.base + slot.offset
         let current = ObjectLayout.loadHeader(base)
         // Records of different transactions reach a backup in any order; versions only grow.
         guard entry.new.version > current.version else { return true }
@@ -373,7 +378,7 @@ final class RecordProcessor: @unchecked Sendable {
 /// once the pool has grown to the number of records in flight, keeping one allocates nothing.
 ///
 /// Not thread-safe: used only by the record processor, under the engine's polling lock.
-final class RecordPool {
+struct RecordPool: ~Copyable {
     private var buffers: [UnsafeMutableRawPointer] = []
     private var capacities: [Int] = []
     private var lengths: [Int] = []
@@ -390,7 +395,7 @@ final class RecordPool {
 
     /// Copies `record` into a buffer with room for `extraWords` 8-byte words after it; returns the
     /// buffer's index.
-    func keep(_ record: UnsafeRawBufferPointer, extraWords: Int) -> Int {
+    mutating func keep(_ record: UnsafeRawBufferPointer, extraWords: Int) -> Int {
         let needed = RecordFormat.padded(record.count) + extraWords * 8
         let index: Int
         if let reused = free.popLast() {
@@ -421,5 +426,5 @@ final class RecordPool {
     }
 
     /// Gives buffer `index` back.
-    func release(_ index: Int) { free.append(index) }
+    mutating func release(_ index: Int) { free.append(index) }
 }

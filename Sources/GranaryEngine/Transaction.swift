@@ -62,34 +62,38 @@ public final class Transaction {
     }
     let state: UnsafeMutablePointer<State>
 
-    var reads: [ReadEntry] { get { state.pointee.reads } _modify { yield &state.pointee.reads } }
-    var readIndex: AddressIndex { get { state.pointee.readIndex } _modify { yield &state.pointee.readIndex } }
-    var writes: [WriteEntry] { get { state.pointee.writes } _modify { yield &state.pointee.writes } }
-    var writeIndex: AddressIndex { get { state.pointee.writeIndex } _modify { yield &state.pointee.writeIndex } }
-    var payloads: [UInt8] { get { state.pointee.payloads } _modify { yield &state.pointee.payloads } }
-    var reservations: [(RegionID, ObjectSlot)] { get { state.pointee.reservations } _modify { yield &state.pointee.reservations } }
+    var reads: [ReadEntry] { _read { yield state.pointee.reads } _modify { yield &state.pointee.reads } }
+    var readIndex: AddressIndex { _read { yield state.pointee.readIndex } _modify { yield &state.pointee.readIndex } }
+    var writes: [WriteEntry] { _read { yield state.pointee.writes } _modify { yield &state.pointee.writes } }
+    var writeIndex: AddressIndex { _read { yield state.pointee.writeIndex } _modify { yield &state.pointee.writeIndex } }
+    var payloads: [UInt8] { _read { yield state.pointee.payloads } _modify { yield &state.pointee.payloads } }
+    var reservations: [(RegionID, ObjectSlot)] { _read { yield state.pointee.reservations } _modify { yield &state.pointee.reservations } }
     var primaryMask: UInt64 { get { state.pointee.primaryMask } set { state.pointee.primaryMask = newValue } }
     var snapshot: UnsafeMutableRawPointer { get { state.pointee.snapshot } set { state.pointee.snapshot = newValue } }
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
     var recordCapacity: Int { get { state.pointee.recordCapacity } set { state.pointee.recordCapacity = newValue } }
     var attemptCount: UInt64 { get { state.pointee.attemptCount } set { state.pointee.attemptCount = newValue } }
     var executeStart: UInt64 { get { state.pointee.executeStart } set { state.pointee.executeStart = newValue } }
-    var view: ConfigurationView { state.pointee.view }
+    var view: ConfigurationView { _read { yield state.pointee.view } }
     /// Engines of this process this coordinator may help while it waits (by node index): held
     /// here so that the unretained references below stay valid for the transaction's lifetime.
     let neighbours: [Engine?]
     /// The same engines, densely and unretained (no reference counting while waiting).
-    let neighbourList: [Unmanaged<Engine>]
+    let neighbourList: UnsafeMutableBufferPointer<Unmanaged<Engine>>
     /// The same engines by node index, unretained.
-    let unmanagedNeighbours: [Unmanaged<Engine>?]
+    let unmanagedNeighbours: UnsafeMutablePointer<Unmanaged<Engine>?>
 
     init(engine: Engine) {
         self.engine = engine
         var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
         self.neighbours = neighbours
-        self.neighbourList = neighbours.compactMap { $0.map { Unmanaged.passUnretained($0) } }
-        self.unmanagedNeighbours = neighbours.map { $0.map { Unmanaged.passUnretained($0) } }
+        // Pointers, not arrays: copying an array out of a class property costs a retain and release.
+        let list = neighbours.compactMap { $0.map { Unmanaged.passUnretained($0) } }
+        self.neighbourList = .allocate(capacity: list.count)
+        _ = self.neighbourList.initialize(from: list)
+        self.unmanagedNeighbours = .allocate(capacity: NodeID.limit)
+        self.unmanagedNeighbours.initialize(from: neighbours.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
         state = .allocate(capacity: 1)
         let arena = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
         state.initialize(to: State(arena: arena, arenaCapacity: 4096, snapshot: arena,
@@ -98,6 +102,8 @@ public final class Transaction {
     }
 
     deinit {
+        neighbourList.deallocate()
+        unmanagedNeighbours.deallocate()
         state.pointee.arena.deallocate()
         state.pointee.recordBuffer.deallocate()
         state.deinitialize(count: 1)

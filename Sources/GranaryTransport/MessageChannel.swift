@@ -58,7 +58,10 @@ public enum ChannelFormat {
 
 /// A node's mailbox: the receive side of all of its message channels, in a region of its own that
 /// senders write with one-sided writes.
-public final class Mailbox: Sendable {
+///
+/// `@unchecked Sendable`: every stored property is immutable after `init`; `receiverTable` holds
+/// unretained references to the receivers that `receivers` keeps alive.
+public final class Mailbox: @unchecked Sendable {
     public let node: NodeID
     public let region: Region
     public let ringCapacity: Int
@@ -85,13 +88,28 @@ public final class Mailbox: Sendable {
         self.node = node
         self.region = region
         self.ringCapacity = ringCapacity
-        self.receivers = (0..<NodeID.limit).map { index in
+        let receivers = (0..<NodeID.limit).map { index in
             ChannelReceiver(mailbox: region, receiver: node, sender: NodeID(index), ringCapacity: ringCapacity)
         }
+        self.receivers = receivers
+        self.receiverTable = .allocate(capacity: NodeID.limit)
+        self.receiverTable.initialize(from: receivers.map { Unmanaged.passUnretained($0) }, count: NodeID.limit)
     }
 
     /// The receive side of the channel from `sender`.
     public func receiver(from sender: NodeID) -> ChannelReceiver { receivers[sender.index] }
+
+    /// Polls the channel from `sender` (see ``ChannelReceiver/poll(limit:_:)``) without reference
+    /// counting: for pollers that look at every ring many times a second.
+    @inline(__always)
+    public func poll(from sender: NodeID, limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
+        try receiverTable[sender.index]._withUnsafeGuaranteedRef { receiver in try receiver.poll(limit: limit, handler) }
+    }
+
+    /// ``receivers`` again, unretained (the array keeps them alive as long as the mailbox).
+    private let receiverTable: UnsafeMutablePointer<Unmanaged<ChannelReceiver>>
+
+    deinit { receiverTable.deallocate() }
 
     /// Whether the ring of `sender` may hold a message now: its word at the receiver's published
     /// head is not zero. No lock and no reference counting, so a poller can skip empty rings
