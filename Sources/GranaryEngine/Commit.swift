@@ -11,7 +11,10 @@ import Glibc
 extension Transaction {
     /// Commits the attempt, or throws ``AbortSignal`` (after cleaning up) when it must be retried.
     func commit() throws {
-        let stats = engine.statistics
+        try withEngine { engine in try commit(statistics: engine.statistics) }
+    }
+
+    private func commit(statistics stats: EngineStatistics) throws {
         // Phase timers sample one attempt in `phaseTimingInterval` (clock reads and timer updates
         // cost more than some phases); the commit and abort counters count every attempt.
         let timed = executeStart != 0
@@ -89,18 +92,22 @@ extension Transaction {
                 }
             }
         }
-        try engine.send(writer.bytes, to: node, in: view)
+        try withView { view in try view.send(writer.bytes, to: node) }
     }
 
     private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID) throws {
         let writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
                                   configuration: view.configurationID, transaction: id)
-        try engine.send(writer.bytes, to: node, in: view)
+        try withView { view in try view.send(writer.bytes, to: node) }
     }
 
     /// LOCK: one record per primary with the written objects, their read versions and new values;
     /// each primary's CPU locks them with compare-and-swap and answers. Waits for every answer.
     func lock() throws -> TransactionID {
+        try withEngine { engine in try lock(engine: engine) }
+    }
+
+    private func lock(engine: Engine) throws -> TransactionID {
         collectPrimaries()
         let primaries = primaryMask
         var backoff = Backoff(maximumSleepMicroseconds: 50)
@@ -116,7 +123,6 @@ extension Transaction {
             engine.statistics.lockRecordSent()
         }
         let timeout = engine.replyTimeoutNanoseconds
-        let engine = self.engine
         let neighbours = self.neighbourList
         let primaryEngines = self.unmanagedNeighbours
         let waitResult = engine.replies.wait(id, timeoutNanoseconds: timeout) {
@@ -216,6 +222,10 @@ extension Transaction {
     /// TRUNCATE, lazily: remember the transaction per backup; a batch goes out in one record once
     /// ``EngineOptions/truncationBatch`` transactions are waiting for that backup.
     func truncate(_ id: TransactionID, backups: UInt64) throws {
+        try withEngine { engine in try truncate(id, backups: backups, engine: engine) }
+    }
+
+    private func truncate(_ id: TransactionID, backups: UInt64, engine: Engine) throws {
         for backup in NodeMask(backups) {
             let batch: [TransactionID]? = engine.pendingTruncation.withLock { lists in
                 lists[backup.index].append(id)

@@ -60,14 +60,29 @@ struct ReplicaAccess {
     let base: UnsafeMutableRawPointer
     let layout: SlabLayout
     unowned(unsafe) let region: Region
-    unowned(unsafe) let allocator: SlabAllocator?
+    /// Present where this node is the region's primary.
+    let allocator: Unmanaged<SlabAllocator>?
 
     init(_ replica: LocalReplica) {
         base = replica.region.base
         layout = replica.layout
         region = replica.region
-        allocator = replica.allocator
+        allocator = replica.allocator.map { Unmanaged.passUnretained($0) }
     }
+
+    var isPrimary: Bool { allocator != nil }
+
+    /// The primary's slot of the object at `offset` (see ``SlabAllocator/slot(at:)``); nil at a backup.
+    @inline(__always) func slot(at offset: Int) throws(AllocationError) -> ObjectSlot? {
+        guard let allocator else { return nil }
+        let result: Result<ObjectSlot, AllocationError> = allocator._withUnsafeGuaranteedRef { allocator in
+            do throws(AllocationError) { return .success(try allocator.slot(at: offset)) } catch { return .failure(error) }
+        }
+        return try result.get()
+    }
+
+    func didAllocate(_ slot: ObjectSlot) { allocator?._withUnsafeGuaranteedRef { $0.didAllocate(slot) } }
+    func didFree(_ slot: ObjectSlot) { allocator?._withUnsafeGuaranteedRef { $0.didFree(slot) } }
 }
 
 /// One configuration as this node uses it: the lookup tables derived from it. Immutable; a new
@@ -173,6 +188,22 @@ public final class ConfigurationView: @unchecked Sendable {
     }
 
     @inline(__always) func isMember(_ node: NodeID) -> Bool { memberBits & (1 << UInt64(node.index)) != 0 }
+
+    /// Sends `record` to `node`'s mailbox through this configuration's sender.
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID) throws(TransactionError) {
+        guard let sender = senderTable[node.index], isMember(node) || configuration.contains(self.node) else {
+            throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
+        }
+        let failure: TransportError? = sender._withUnsafeGuaranteedRef { sender in
+            do throws(TransportError) {
+                try sender.send(record)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let failure { throw .transport(failure) }
+    }
 }
 
 /// A node's transaction engine: coordinator of the transactions started on it, primary and backup of
@@ -317,18 +348,7 @@ public final class Engine: Sendable {
 
     /// Sends `record` to `node`'s mailbox through the senders of `view`.
     func send(_ record: UnsafeRawBufferPointer, to node: NodeID, in view: ConfigurationView) throws(TransactionError) {
-        guard let sender = view.senderTable[node.index], view.isMember(node) || view.configuration.contains(view.node) else {
-            throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(view.configuration.id)")
-        }
-        let failure: TransportError? = sender._withUnsafeGuaranteedRef { sender in
-            do throws(TransportError) {
-                try sender.send(record)
-                return nil
-            } catch {
-                return error
-            }
-        }
-        if let failure { throw .transport(failure) }
+        try view.send(record, to: node)
     }
 
     // MARK: Poller

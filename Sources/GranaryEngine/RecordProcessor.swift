@@ -14,6 +14,12 @@ final class RecordProcessor: @unchecked Sendable {
     /// dynamic exclusivity check on every access, and these are touched several times per record.
     private struct State: ~Copyable {
         unowned(unsafe) var engine: Engine? = nil
+        /// The engine's reply slots and install policy, copied when `engine` is set: a call through
+        /// `engine` retains and releases it.
+        var replies: Unmanaged<ReplySlots>? = nil
+        var persistEveryInstall = false
+        /// Where ``truncate(_:view:)``'s touching loads go, so that they are kept.
+        var touchSink: UInt64 = 0
         var brokenChannels: UInt64 = 0
         var locked = TransactionTable(minimumCapacity: 1024)
         var stashed = TransactionTable(minimumCapacity: 4096)
@@ -28,7 +34,14 @@ final class RecordProcessor: @unchecked Sendable {
     }()
 
     /// The engine this processor serves (set once, before any polling).
-    var engine: Engine { get { state.pointee.engine.unsafelyUnwrapped } set { state.pointee.engine = newValue } }
+    var engine: Engine {
+        get { state.pointee.engine.unsafelyUnwrapped }
+        set {
+            state.pointee.engine = newValue
+            state.pointee.replies = Unmanaged.passUnretained(newValue.replies)
+            state.pointee.persistEveryInstall = newValue.persistEveryInstall
+        }
+    }
     /// Whether locks are held here for coordinators (non-zero) and whether backup records await
     /// truncation, for ``Engine/isQuiescent``. Only zero versus non-zero is kept exact: storing
     /// every change would move the counters' cache line between the helping cores on every record.
@@ -121,7 +134,7 @@ final class RecordProcessor: @unchecked Sendable {
         do {
             switch record.kind {
             case .lock: try lock(record, raw: bytes, view: view)
-            case .lockReply: engine.replies.deliver(record.transaction, failure: record.cause)
+            case .lockReply: state.pointee.replies.unsafelyUnwrapped._withUnsafeGuaranteedRef { $0.deliver(record.transaction, failure: record.cause) }
             case .commitPrimary: commitPrimary(record.transaction, view: view)
             case .abort: abort(record.transaction, view: view)
             case .commitBackup: try commitBackup(record, raw: bytes, view: view)
@@ -214,8 +227,8 @@ final class RecordProcessor: @unchecked Sendable {
                              lockedCount: inout Int, failure: inout AbortCause?) throws {
         try record.forEachEntry { entry in
             guard failure == nil else { return }
-            guard let replica = view.replica(entry.address.region), let allocator = replica.allocator,
-                  let slot = try? allocator.slot(at: Int(entry.address.offset)),
+            guard let replica = view.replica(entry.address.region),
+                  let slot = (try? replica.slot(at: Int(entry.address.offset))) ?? nil,
                   entry.payload.count <= ObjectLayout.payloadCapacity(lines: slot.lines) else {
                 failure = .invalidObject
                 return
@@ -253,12 +266,12 @@ final class RecordProcessor: @unchecked Sendable {
             case .write, .allocate:
                 ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
                                      count: entry.payload.count, header: entry.new)
-                if entry.operation == .allocate { replica.allocator?.didAllocate(slot) }
+                if entry.operation == .allocate { replica.didAllocate(slot) }
             case .free:
                 ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
-                replica.allocator?.didFree(slot)
+                replica.didFree(slot)
             }
-            if engine.persistEveryInstall {
+            if state.pointee.persistEveryInstall {
                 try? replica.region.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize)
             }
         }
@@ -289,7 +302,7 @@ final class RecordProcessor: @unchecked Sendable {
     /// completion, not for this.)
     private func commitBackup(_ record: RecordView, raw: UnsafeRawBufferPointer, view: ConfigurationView) throws {
         try record.forEachEntry { entry in
-            guard let replica = view.replica(entry.address.region), replica.allocator == nil else {
+            guard let replica = view.replica(entry.address.region), !replica.isPrimary else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
         }
@@ -301,6 +314,19 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
     private func truncate(_ record: RecordView, view: ConfigurationView) throws {
+        // The batch's backup objects are mostly not in this core's cache. Load one word of each
+        // first, in a loop with nothing else to wait for, so that the misses overlap instead of
+        // being taken one after another by the installs below.
+        var touched: UInt64 = 0
+        try record.forEachTransactionID { id in
+            guard let index = stashed[id], let kept = try? RecordView(kept.bytes(index)) else { return }
+            try? kept.forEachEntry { entry in
+                guard let replica = view.replica(entry.address.region),
+                      Int(entry.address.offset) <= replica.region.size - 8 else { return }
+                touched &+= replica.base.load(fromByteOffset: Int(entry.address.offset), as: UInt64.self)
+            }
+        }
+        state.pointee.touchSink = touched
         var appliedAllocation = false
         try record.forEachTransactionID { id in
             guard let index = stashed.removeValue(forKey: id) else { return }
@@ -366,7 +392,7 @@ final class RecordProcessor: @unchecked Sendable {
         case .free:
             ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
         }
-        if engine.persistEveryInstall {
+        if state.pointee.persistEveryInstall {
             try? replica.region.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize)
         }
         return true

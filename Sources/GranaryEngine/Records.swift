@@ -151,6 +151,7 @@ struct RecordView {
     }
 
     /// Calls `body` with each entry, checking every length against the record's size.
+    @inline(__always)
     func forEachEntry(_ handle: (Entry) throws -> Void) throws {
         var offset = 0
         for index in 0..<count {
@@ -174,6 +175,7 @@ struct RecordView {
     }
 
     /// Calls `body` with each transaction id of a TRUNCATE record.
+    @inline(__always)
     func forEachTransactionID(_ handle: (TransactionID) throws -> Void) throws {
         guard count * 8 <= body.count else { throw Malformed(description: "a truncate record lists more ids than it holds") }
         for index in 0..<count { try handle(TransactionID(rawValue: body.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self))) }

@@ -12,6 +12,9 @@ public final class Transaction {
     // The engine creates its transactions and outlives them (a transaction is used only inside a
     // run of the engine, or by a harness that holds the cluster): no reference counting per access.
     unowned(unsafe) let engine: Engine
+    /// `engine` again, for the commit phases: a call through an `unowned(unsafe)` reference still
+    /// retains and releases it, an atomic on a line every thread of the node touches.
+    let engineRef: Unmanaged<Engine>
 
     struct ReadEntry {
         let address: GlobalAddress
@@ -58,7 +61,21 @@ public final class Transaction {
         var executeStart: UInt64 = 0
         var attemptCount: UInt64 = 0
         /// The configuration the attempt runs in (taken when it starts).
-        var view: ConfigurationView
+        var view: ConfigurationView {
+            didSet { viewRef = Unmanaged.passUnretained(view) }
+        }
+        /// `view`, unretained (it holds the reference).
+        var viewRef: Unmanaged<ConfigurationView>
+
+        init(arena: UnsafeMutableRawPointer, recordBuffer: UnsafeMutableRawPointer, capacity: Int, view: ConfigurationView) {
+            self.arena = arena
+            self.arenaCapacity = capacity
+            self.snapshot = arena
+            self.recordBuffer = recordBuffer
+            self.recordCapacity = capacity
+            self.view = view
+            self.viewRef = Unmanaged.passUnretained(view)
+        }
     }
     let state: UnsafeMutablePointer<State>
 
@@ -75,6 +92,16 @@ public final class Transaction {
     var attemptCount: UInt64 { get { state.pointee.attemptCount } set { state.pointee.attemptCount = newValue } }
     var executeStart: UInt64 { get { state.pointee.executeStart } set { state.pointee.executeStart = newValue } }
     var view: ConfigurationView { _read { yield state.pointee.view } }
+
+    /// Runs `body` with the engine, without reference counting.
+    @inline(__always) func withEngine<R>(_ body: (Engine) throws -> R) rethrows -> R {
+        try engineRef._withUnsafeGuaranteedRef(body)
+    }
+
+    /// Runs `body` with the attempt's configuration view, without reference counting.
+    @inline(__always) func withView<R>(_ body: (ConfigurationView) throws -> R) rethrows -> R {
+        try state.pointee.viewRef._withUnsafeGuaranteedRef(body)
+    }
     /// Engines of this process this coordinator may help while it waits (by node index): held
     /// here so that the unretained references below stay valid for the transaction's lifetime.
     let neighbours: [Engine?]
@@ -85,6 +112,7 @@ public final class Transaction {
 
     init(engine: Engine) {
         self.engine = engine
+        self.engineRef = Unmanaged.passUnretained(engine)
         var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
         self.neighbours = neighbours
@@ -96,8 +124,7 @@ public final class Transaction {
         self.unmanagedNeighbours.initialize(from: neighbours.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
         state = .allocate(capacity: 1)
         let arena = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
-        state.initialize(to: State(arena: arena, arenaCapacity: 4096, snapshot: arena,
-                                   recordBuffer: .allocate(byteCount: 4096, alignment: 8), recordCapacity: 4096,
+        state.initialize(to: State(arena: arena, recordBuffer: .allocate(byteCount: 4096, alignment: 8), capacity: 4096,
                                    view: engine.view))
     }
 
