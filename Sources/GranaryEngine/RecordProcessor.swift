@@ -21,8 +21,10 @@ final class RecordProcessor: @unchecked Sendable {
         /// Where ``truncate(_:view:)``'s touching loads go, so that they are kept.
         var touchSink: UInt64 = 0
         var brokenChannels: UInt64 = 0
-        var locked = TransactionTable(minimumCapacity: 1024)
-        var stashed = TransactionTable(minimumCapacity: 4096)
+        // Small to start (they grow): in flight are a few LOCK records per coordinator thread and
+        // a truncation batch or two of COMMIT-BACKUP records, and a large sparse table misses the cache.
+        var locked = TransactionTable(minimumCapacity: 64)
+        var stashed = TransactionTable(minimumCapacity: 256)
         var kept = RecordPool()
         var deferred: [DeferredEntry] = []
         var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)

@@ -160,22 +160,12 @@ public final class Transaction {
     /// retried while the object is locked by a committing transaction or the read was torn.
     /// - Throws: ``TransactionError/invalidAddress(_:reason:)``, ``TransactionError/notAllocated(_:)``,
     ///   or a conflict that aborts the attempt.
+    @inlinable
     public func read<T: BitwiseCopyable>(_ address: GlobalAddress, as type: T.Type = T.self) throws -> T {
-        let size = MemoryLayout<T>.size
-        if let index = writeIndex[address] {
-            let entry = writes[index]
-            guard entry.operation != .free else { throw TransactionError.notAllocated(address) }
-            return withUnsafeTemporaryAllocation(byteCount: max(size, 1), alignment: MemoryLayout<T>.alignment) { buffer in
-                buffer.initializeMemory(as: UInt8.self, repeating: 0)
-                payloads.withUnsafeBytes { source in
-                    buffer.baseAddress!.copyMemory(from: source.baseAddress! + entry.payloadOffset, byteCount: min(size, entry.length))
-                }
-                return buffer.load(as: T.self)
-            }
-        }
-        try fetch(address, payloadBytes: size)
-        return withUnsafeTemporaryAllocation(byteCount: max(size, 1), alignment: MemoryLayout<T>.alignment) { buffer in
-            ObjectLayout.gatherPayload(from: snapshot, into: buffer.baseAddress!, count: size)
+        // Inlinable over the raw read, so that callers in other modules get a specialised copy
+        // (an unspecialised generic looks up type metadata on every call).
+        try withUnsafeTemporaryAllocation(byteCount: max(MemoryLayout<T>.size, 1), alignment: MemoryLayout<T>.alignment) { buffer in
+            try read(address, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<MemoryLayout<T>.size]))
             return buffer.load(as: T.self)
         }
     }
@@ -293,8 +283,9 @@ public final class Transaction {
     ///
     /// Cost: nothing now if the object was read or written before in this transaction, else one
     /// one-sided read of its first line (to learn the version to lock at).
+    @inlinable
     public func write<T: BitwiseCopyable>(_ address: GlobalAddress, _ value: T) throws {
-        try withUnsafeBytes(of: value) { try buffer(address, $0) }
+        try withUnsafeBytes(of: value) { try write(address, raw: $0) }
     }
 
     /// Buffers a write of a variable-size object (stored with a 4-byte length prefix).
@@ -339,6 +330,7 @@ public final class Transaction {
     ///
     /// Cost: no round trip (the local primary's allocator reserves the slot).
     /// - Throws: ``TransactionError/tooLarge(bytes:maximum:)``, ``TransactionError/outOfMemory(bytes:reason:)``.
+    @inlinable
     public func allocate<T: BitwiseCopyable>(_ value: T) throws -> GlobalAddress {
         try withUnsafeBytes(of: value) { try allocate(raw: $0) }
     }

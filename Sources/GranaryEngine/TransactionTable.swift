@@ -5,9 +5,12 @@
 ///
 /// Owns its storage; single-threaded (the record processor's polling lock).
 struct TransactionTable: ~Copyable {
-    private var keys: UnsafeMutablePointer<UInt64>
-    /// -1 marks an empty slot.
-    private var values: UnsafeMutablePointer<Int>
+    /// Key and value side by side (one cache line per probe); value -1 marks an empty slot.
+    private struct Slot {
+        var key: UInt64
+        var value: Int
+    }
+    private var slots: UnsafeMutablePointer<Slot>
     private var mask: Int
     private(set) var count = 0
 
@@ -15,16 +18,11 @@ struct TransactionTable: ~Copyable {
         var capacity = 16
         while capacity < minimumCapacity * 2 { capacity <<= 1 }
         mask = capacity - 1
-        keys = .allocate(capacity: capacity)
-        keys.initialize(repeating: 0, count: capacity)
-        values = .allocate(capacity: capacity)
-        values.initialize(repeating: -1, count: capacity)
+        slots = .allocate(capacity: capacity)
+        slots.initialize(repeating: Slot(key: 0, value: -1), count: capacity)
     }
 
-    deinit {
-        keys.deallocate()
-        values.deallocate()
-    }
+    deinit { slots.deallocate() }
 
     @inline(__always) private func home(_ key: UInt64) -> Int {
         Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> 32) & mask
@@ -33,13 +31,13 @@ struct TransactionTable: ~Copyable {
     /// The slot holding `key`, or the empty slot where it would go.
     @inline(__always) private func find(_ key: UInt64) -> Int {
         var slot = home(key)
-        while values[slot] >= 0 && keys[slot] != key { slot = (slot + 1) & mask }
+        while slots[slot].value >= 0 && slots[slot].key != key { slot = (slot + 1) & mask }
         return slot
     }
 
     subscript(id: TransactionID) -> Int? {
         let slot = find(id.rawValue)
-        return values[slot] >= 0 ? values[slot] : nil
+        return slots[slot].value >= 0 ? slots[slot].value : nil
     }
 
     /// Sets `value` (>= 0) for `id`; returns the value it replaced.
@@ -48,9 +46,8 @@ struct TransactionTable: ~Copyable {
         precondition(value >= 0)
         if (count + 1) * 2 > mask + 1 { grow() }
         let slot = find(id.rawValue)
-        let previous = values[slot]
-        keys[slot] = id.rawValue
-        values[slot] = value
+        let previous = slots[slot].value
+        slots[slot] = Slot(key: id.rawValue, value: value)
         if previous >= 0 { return previous }
         count += 1
         return nil
@@ -59,47 +56,41 @@ struct TransactionTable: ~Copyable {
     /// Removes `id`; returns its value.
     mutating func removeValue(forKey id: TransactionID) -> Int? {
         var slot = find(id.rawValue)
-        let removed = values[slot]
+        let removed = slots[slot].value
         guard removed >= 0 else { return nil }
         count -= 1
         // Backward shift: pull later entries of the probe run into the hole, so lookups never
         // stop early at it.
         var next = (slot + 1) & mask
-        while values[next] >= 0 {
-            let wanted = home(keys[next])
+        while slots[next].value >= 0 {
+            let wanted = home(slots[next].key)
             // Move `next` into `slot` unless its home lies cyclically in (slot, next].
             let distanceToSlot = (slot - wanted) & mask
             let distanceToNext = (next - wanted) & mask
             if distanceToSlot < distanceToNext {
-                keys[slot] = keys[next]
-                values[slot] = values[next]
+                slots[slot] = slots[next]
                 slot = next
             }
             next = (next + 1) & mask
         }
-        values[slot] = -1
+        slots[slot].value = -1
         return removed
     }
 
     /// Calls `body` with every value.
     func forEachValue(_ body: (Int) throws -> Void) rethrows {
-        for slot in 0...mask where values[slot] >= 0 { try body(values[slot]) }
+        for slot in 0...mask where slots[slot].value >= 0 { try body(slots[slot].value) }
     }
 
     private mutating func grow() {
-        let oldKeys = keys, oldValues = values, oldCapacity = mask + 1
+        let old = slots, oldCapacity = mask + 1
         let capacity = oldCapacity * 2
         mask = capacity - 1
-        keys = .allocate(capacity: capacity)
-        keys.initialize(repeating: 0, count: capacity)
-        values = .allocate(capacity: capacity)
-        values.initialize(repeating: -1, count: capacity)
-        for slot in 0..<oldCapacity where oldValues[slot] >= 0 {
-            let target = find(oldKeys[slot])
-            keys[target] = oldKeys[slot]
-            values[target] = oldValues[slot]
+        slots = .allocate(capacity: capacity)
+        slots.initialize(repeating: Slot(key: 0, value: -1), count: capacity)
+        for index in 0..<oldCapacity where old[index].value >= 0 {
+            slots[find(old[index].key)] = old[index]
         }
-        oldKeys.deallocate()
-        oldValues.deallocate()
+        old.deallocate()
     }
 }
