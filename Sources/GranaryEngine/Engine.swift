@@ -100,7 +100,6 @@ public final class ConfigurationView: @unchecked Sendable {
     let replicaTable: [LocalReplica?]
     /// Primary node of each region, by region index (NodeID.limit where the region is unknown).
     let primaries: [UInt16]
-    let backups: [[NodeID]]
     /// The backups of each region as a bit per node, by region index.
     let backupMasks: UnsafeMutablePointer<UInt64>
     let senders: [ChannelSender?]
@@ -115,11 +114,12 @@ public final class ConfigurationView: @unchecked Sendable {
         self.node = node
         var table = [LocalReplica?](repeating: nil, count: RegionID.limit)
         var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)
-        var backups = [[NodeID]](repeating: [], count: RegionID.limit)
+        let backupMasks = UnsafeMutablePointer<UInt64>.allocate(capacity: RegionID.limit)
+        backupMasks.initialize(repeating: 0, count: RegionID.limit)
         var allocation: [RegionID] = []
         for placement in configuration.regions {
             primaries[placement.region.index] = placement.primary.rawValue
-            backups[placement.region.index] = placement.backups
+            for backup in placement.backups { backupMasks[placement.region.index] |= 1 << UInt64(backup.index) }
         }
         for region in regions {
             guard let placement = configuration.placement(of: region.id), placement.replicas.contains(node) else { continue }
@@ -136,12 +136,7 @@ public final class ConfigurationView: @unchecked Sendable {
         self.replicaAccess = .allocate(capacity: RegionID.limit)
         self.replicaAccess.initialize(from: table.map { $0.map(ReplicaAccess.init) }, count: RegionID.limit)
         self.primaries = primaries
-        self.backups = backups
-        self.backupMasks = .allocate(capacity: RegionID.limit)
-        self.backupMasks.initialize(repeating: 0, count: RegionID.limit)
-        for (index, nodes) in backups.enumerated() {
-            for node in nodes { backupMasks[index] |= 1 << UInt64(node.index) }
-        }
+        self.backupMasks = backupMasks
         self.allocationRegions = allocation.sorted()
         // Senders to former members are kept: their records are refused, but a refusal is still
         // answered so that a stale coordinator learns at once.
@@ -337,18 +332,13 @@ public final class Engine: Sendable {
     func send(_ record: UnsafeRawBufferPointer, to node: NodeID) throws(TransactionError) {
         let failure: TransactionError? = unmanagedView._withUnsafeGuaranteedRef { view in
             do throws(TransactionError) {
-                try send(record, to: node, in: view)
+                try view.send(record, to: node)
                 return nil
             } catch {
                 return error
             }
         }
         if let failure { throw failure }
-    }
-
-    /// Sends `record` to `node`'s mailbox through the senders of `view`.
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, in view: ConfigurationView) throws(TransactionError) {
-        try view.send(record, to: node)
     }
 
     // MARK: Poller

@@ -321,8 +321,8 @@ final class RecordProcessor: @unchecked Sendable {
         // being taken one after another by the installs below.
         var touched: UInt64 = 0
         try record.forEachTransactionID { id in
-            guard let index = stashed[id], let kept = try? RecordView(kept.bytes(index)) else { return }
-            try? kept.forEachEntry { entry in
+            guard let index = stashed[id] else { return }
+            forEachKeptEntry(index) { entry in
                 guard let replica = view.replica(entry.address.region),
                       Int(entry.address.offset) <= replica.region.size - 8 else { return }
                 touched &+= replica.base.load(fromByteOffset: Int(entry.address.offset), as: UInt64.self)
@@ -332,7 +332,7 @@ final class RecordProcessor: @unchecked Sendable {
         var appliedAllocation = false
         try record.forEachTransactionID { id in
             guard let index = stashed.removeValue(forKey: id) else { return }
-            applyKeptRecord(index, view: view) { entry in
+            forEachKeptEntry(index) { entry in
                 if !apply(entry, view: view) { deferred.append(entry.owned()) }
                 appliedAllocation = appliedAllocation || entry.operation == .allocate
             }
@@ -345,7 +345,7 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// Calls `body` with each entry of kept COMMIT-BACKUP record `index`.
-    private func applyKeptRecord(_ index: Int, view: ConfigurationView, _ body: (BackupEntry) -> Void) {
+    private func forEachKeptEntry(_ index: Int, _ body: (BackupEntry) -> Void) {
         guard let record = try? RecordView(kept.bytes(index)) else { return }
         try? record.forEachEntry { entry in
             body(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines, operation: entry.operation,
@@ -360,7 +360,7 @@ final class RecordProcessor: @unchecked Sendable {
     /// version wins.)
     func applyKept(regions: Set<RegionID>, view: ConfigurationView) {
         stashed.forEachValue { index in
-            applyKeptRecord(index, view: view) { entry in
+            forEachKeptEntry(index) { entry in
                 if regions.contains(entry.address.region), !apply(entry, view: view) { deferred.append(entry.owned()) }
             }
         }

@@ -180,5 +180,4 @@ struct RecordView {
         guard count * 8 <= body.count else { throw Malformed(description: "a truncate record lists more ids than it holds") }
         for index in 0..<count { try handle(TransactionID(rawValue: body.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self))) }
     }
-
 }

@@ -9,12 +9,13 @@ import GranaryTransport
 /// not escape it. Its methods throw ``TransactionError`` for bad input, or an internal abort signal
 /// that the engine turns into a retry: a body should let errors from these methods propagate.
 public final class Transaction {
-    // The engine creates its transactions and outlives them (a transaction is used only inside a
-    // run of the engine, or by a harness that holds the cluster): no reference counting per access.
-    unowned(unsafe) let engine: Engine
-    /// `engine` again, for the commit phases: a call through an `unowned(unsafe)` reference still
-    /// retains and releases it, an atomic on a line every thread of the node touches.
+    /// The engine, unretained: it creates its transactions and outlives them (a transaction is
+    /// used only inside a run of the engine, or by a harness that holds the cluster).
     let engineRef: Unmanaged<Engine>
+    /// The engine, for paths off the commit's hot loop. A call through this reference still
+    /// retains and releases it, an atomic on a line every thread of the node touches: the commit
+    /// phases use ``withEngine(_:)`` instead.
+    var engine: Engine { engineRef.takeUnretainedValue() }
 
     struct ReadEntry {
         let address: GlobalAddress
@@ -111,7 +112,6 @@ public final class Transaction {
     let unmanagedNeighbours: UnsafeMutablePointer<Unmanaged<Engine>?>
 
     init(engine: Engine) {
-        self.engine = engine
         self.engineRef = Unmanaged.passUnretained(engine)
         var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }

@@ -85,8 +85,6 @@ public final class SlabAllocator: @unchecked Sendable {
     private struct State {
         var freeSlots: [[Int]]  // per size class, offsets of free slots
         var unusedSlabs: [Int]  // slab indexes, in descending order (popLast takes the lowest)
-        var slabLines: [Int]    // per slab, its size class in lines (0: unused), including slabs
-                                // carved in memory whose first allocation has not committed yet
         var allocated: Int
         var reserved: Int
     }
@@ -122,7 +120,7 @@ public final class SlabAllocator: @unchecked Sendable {
                 }
             }
         }
-        state = Mutex(State(freeSlots: freeSlots, unusedSlabs: unused, slabLines: slabLines, allocated: allocated, reserved: 0))
+        state = Mutex(State(freeSlots: freeSlots, unusedSlabs: unused, allocated: allocated, reserved: 0))
         slabClasses = .allocate(capacity: layout.slabCount)
         for slab in 0..<layout.slabCount { (slabClasses + slab).initialize(to: Atomic<Int>(slabLines[slab])) }
     }
@@ -132,9 +130,10 @@ public final class SlabAllocator: @unchecked Sendable {
         slabClasses.deallocate()
     }
 
-    /// `State.slabLines` again, one atomic per slab, so that ``slot(at:)`` (the primary's CPU, on
-    /// every LOCK entry) reads it without taking the mutex. A slab's class is set once, before
-    /// any slot of it is handed out, and never changes.
+    /// Each slab's size class in lines (0: unused), including slabs carved in memory whose first
+    /// allocation has not committed yet; one atomic per slab, so that ``slot(at:)`` (the
+    /// primary's CPU, on every LOCK entry) reads it without taking the mutex. A slab's class is set
+    /// once, under the mutex and before any slot of it is handed out, and never changes.
     private let slabClasses: UnsafeMutablePointer<Atomic<Int>>
 
     /// The largest payload one object can carry in this region.
@@ -167,7 +166,6 @@ public final class SlabAllocator: @unchecked Sendable {
             let slotBytes = lines * ObjectLayout.lineSize
             let slabStart = slab << layout.slabShift
             let count = layout.slabSize / slotBytes
-            state.slabLines[slab] = lines
             slabClasses[slab].store(lines, ordering: .releasing)
             for slot in stride(from: count - 1, through: 1, by: -1) {
                 state.freeSlots[classIndex].append(slabStart + slot * slotBytes)
