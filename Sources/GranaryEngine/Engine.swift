@@ -59,15 +59,25 @@ final class LocalReplica: Sendable {
 struct ReplicaAccess {
     let base: UnsafeMutableRawPointer
     let layout: SlabLayout
-    unowned(unsafe) let region: Region
+    /// The region (reached with ``withRegion(_:)``: passing an `unowned(unsafe)` reference to a
+    /// call retains it, an atomic on a line both cores use, once per backup entry applied).
+    let region: Unmanaged<Region>
     /// Present where this node is the region's primary.
     let allocator: Unmanaged<SlabAllocator>?
 
     init(_ replica: LocalReplica) {
         base = replica.region.base
         layout = replica.layout
-        region = replica.region
+        region = Unmanaged.passUnretained(replica.region)
         allocator = replica.allocator.map { Unmanaged.passUnretained($0) }
+    }
+
+    /// The region's size in bytes (its layout's).
+    var size: Int { layout.regionSize }
+
+    /// Runs `body` with the region, without reference counting.
+    @inline(__always) func withRegion<R>(_ body: (Region) throws -> R) rethrows -> R {
+        try region._withUnsafeGuaranteedRef(body)
     }
 
     var isPrimary: Bool { allocator != nil }

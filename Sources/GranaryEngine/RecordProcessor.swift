@@ -274,7 +274,7 @@ final class RecordProcessor: @unchecked Sendable {
                 replica.didFree(slot)
             }
             if state.pointee.persistEveryInstall {
-                try? replica.region.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize)
+                replica.withRegion { try? $0.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize) }
             }
         }
     }
@@ -324,7 +324,7 @@ final class RecordProcessor: @unchecked Sendable {
             guard let index = stashed[id] else { return }
             forEachKeptEntry(index) { entry in
                 guard let replica = view.replica(entry.address.region),
-                      Int(entry.address.offset) <= replica.region.size - 8 else { return }
+                      Int(entry.address.offset) <= replica.size - 8 else { return }
                 touched &+= replica.base.load(fromByteOffset: Int(entry.address.offset), as: UInt64.self)
             }
         }
@@ -375,9 +375,9 @@ final class RecordProcessor: @unchecked Sendable {
         let slot: ObjectSlot
         if entry.operation == .allocate {
             slot = ObjectSlot(offset: offset, lines: entry.lines)
-            SlabAllocator.recordSlabClass(in: replica.region, layout: replica.layout, slot: slot)
+            replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: slot) }
         } else {
-            guard let found = try? SlabAllocator.slot(in: replica.region, layout: replica.layout, at: offset) else {
+            guard let found = replica.withRegion({ try? SlabAllocator.slot(in: $0, layout: replica.layout, at: offset) }) else {
                 return false
             }
             slot = found
@@ -395,7 +395,7 @@ final class RecordProcessor: @unchecked Sendable {
             ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
         }
         if state.pointee.persistEveryInstall {
-            try? replica.region.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize)
+            replica.withRegion { try? $0.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize) }
         }
         return true
     }
