@@ -141,6 +141,11 @@ extension Transaction {
             return handled
         }
         guard let failure = waitResult else {
+            var report = [engine.channelReport]
+            for primary in NodeMask(primaries & ~(1 << UInt64(engine.node.index))) {
+                if let peer = primaryEngines[primary.index] { report.append(peer.takeUnretainedValue().channelReport) }
+            }
+            engine.logger.error("LOCK of \(id) to \(NodeMask(primaries).map(\.description)) unanswered after \(timeout / 1_000_000) ms\n\(report.joined(separator: "\n"))")
             try abort(id)
             throw TransactionError.peerUnresponsive(NodeID(primaries.trailingZeroBitCount), waitedMilliseconds: Int(timeout / 1_000_000))
         }

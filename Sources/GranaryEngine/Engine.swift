@@ -241,9 +241,6 @@ public final class Engine: Sendable {
     let running = Atomic<Bool>(true)
     let processor: RecordProcessor
     private let pollerThread = Mutex<pthread_t?>(nil)
-    /// Held by whoever is polling this node's mailbox: its poller thread, or a coordinator of the
-    /// same process helping while it waits (see ``helpPoll()``).
-    private let polling = Atomic<Bool>(false)
     /// Set when a coordinator served this node's mailbox since the poller last looked.
     private let helped = Atomic<Bool>(false)
     /// How long the poller sleeps after finding its mailbox served by helpers.
@@ -322,16 +319,13 @@ public final class Engine: Sendable {
         // Regions this node now leads: apply every backup record it kept for them first.
         let promoted = configuration.regions.filter { $0.primary == node && current.primary(of: $0.region) != node }.map(\.region)
         processor.channelsInUse.bitwiseOr(next.memberBits, ordering: .relaxed)
-        while !pollingLock() { sched_yield() }
-        views.withLock { $0.append(next) }
-        currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
-        if !promoted.isEmpty { processor.applyKept(regions: Set(promoted), view: next) }
-        polling.store(false, ordering: .releasing)
+        // The mailbox's poll claim also makes the record processor single-threaded.
+        mailbox.withPoller { _ in
+            views.withLock { $0.append(next) }
+            currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
+            if !promoted.isEmpty { processor.applyKept(regions: Set(promoted), view: next) }
+        }
         logger.info("\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted)")
-    }
-
-    private func pollingLock() -> Bool {
-        polling.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
     }
 
     /// The largest record this node can send (the smallest channel maximum over its peers): a
@@ -392,7 +386,8 @@ public final class Engine: Sendable {
     /// Serves every record waiting in this node's mailbox, unless someone else is doing so right
     /// now. Returns how many records were handled.
     ///
-    /// The record processor is single-threaded by this try-lock, whoever calls it: the node's poller
+    /// The record processor is single-threaded by the mailbox's poll claim, taken with a try-lock
+    /// by whoever calls this: the node's poller
     /// thread, or (in an embedded cluster) a coordinator of this process waiting for an answer from
     /// this node, which lends its CPU instead of waiting for the poller thread to be scheduled.
     func pollOnce() -> Int { poll(helping: false) }
@@ -402,12 +397,13 @@ public final class Engine: Sendable {
     func helpPoll() -> Int { poll(helping: true) }
 
     private func poll(helping: Bool) -> Int {
-        // Look before taking the polling lock: most polls find nothing, and the lock's cache line
+        // Look before taking the poll claim: most polls find nothing, and the claim's cache line
         // would otherwise bounce between the helping threads on every look.
-        guard mayHaveWork, pollingLock() else { return 0 }
-        if helping, !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
-        defer { polling.store(false, ordering: .releasing) }
-        return serveMailbox()
+        guard mayHaveWork else { return 0 }
+        return mailbox.withPollerIfAvailable { poller in
+            if helping, !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
+            return unmanagedView._withUnsafeGuaranteedRef { view in serveMailbox(poller, view: view) }
+        } ?? 0
     }
 
     /// Whether a record may be waiting in this node's mailbox or a reply waits to be sent:
@@ -420,11 +416,7 @@ public final class Engine: Sendable {
         return false
     }
 
-    private func serveMailbox() -> Int {
-        unmanagedView._withUnsafeGuaranteedRef { view in serveMailbox(view: view) }
-    }
-
-    private func serveMailbox(view: ConfigurationView) -> Int {
+    private func serveMailbox(_ poller: borrowing MailboxPoller, view: ConfigurationView) -> Int {
         var handled = 0
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
@@ -432,7 +424,7 @@ public final class Engine: Sendable {
         for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed) & ~processor.brokenChannels) {
             guard mailbox.mayHaveMessage(from: sender) else { continue }
             do {
-                handled += try mailbox.poll(from: sender, limit: 64) { bytes in
+                handled += try poller.poll(from: sender, limit: 64) { bytes in
                     processor.handle(from: sender, bytes, view: view)
                 }
             } catch {
@@ -480,8 +472,20 @@ public final class Engine: Sendable {
             && processor.unsentCount.load(ordering: .relaxed) == 0
             && processor.stashedCount.load(ordering: .acquiring) == 0
             && (0..<NodeID.limit).allSatisfy { index in
-                processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0 || mailbox.receiver(from: NodeID(index)).isEmpty
+                processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0 || mailbox.isEmpty(from: NodeID(index))
             }
+    }
+
+    /// This node's channels and record processor as they are now, for the report of a peer that
+    /// did not answer.
+    public var channelReport: String {
+        let view = self.view
+        var lines = ["\(node): pending locks \(processor.pendingCount.load(ordering: .relaxed)), unsent replies \(processor.unsentCount.load(ordering: .relaxed)), stashed \(processor.stashedCount.load(ordering: .relaxed))"]
+        for index in 0..<NodeID.limit where processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
+            lines.append("  in:  " + mailbox.ringState(from: NodeID(index)))
+        }
+        for sender in view.senders.compactMap({ $0 }) { lines.append("  out: " + sender.sendState) }
+        return lines.joined(separator: "\n")
     }
 
     /// This node's mailbox region (its lease words live in its header page).

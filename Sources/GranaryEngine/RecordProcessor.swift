@@ -8,7 +8,7 @@ import Synchronization
 /// COMMIT-BACKUP records and applies them at TRUNCATE.
 ///
 /// `@unchecked Sendable`: everything but the two published counters is touched only while holding
-/// the engine's polling try-lock (``Engine/pollOnce()``); `engine` is set once before any polling.
+/// the engine mailbox's poll claim (``Engine/pollOnce()``); `engine` is set once before any polling.
 final class RecordProcessor: @unchecked Sendable {
     /// The processor's mutable state, behind a pointer it owns: stored `var`s of a class pay a
     /// dynamic exclusivity check on every access, and these are touched several times per record.
@@ -405,7 +405,7 @@ final class RecordProcessor: @unchecked Sendable {
 /// COMMIT-PRIMARY, COMMIT-BACKUP records at a backup until TRUNCATE), in buffers that are reused:
 /// once the pool has grown to the number of records in flight, keeping one allocates nothing.
 ///
-/// Not thread-safe: used only by the record processor, under the engine's polling lock.
+/// Not thread-safe: used only by the record processor, under the engine mailbox's poll claim.
 struct RecordPool: ~Copyable {
     private var buffers: [UnsafeMutableRawPointer] = []
     private var capacities: [Int] = []

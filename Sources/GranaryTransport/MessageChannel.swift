@@ -13,16 +13,27 @@ import Musl
 /// mailbox + 4096 + s * (64 + capacity)   control line: word 0 = bytes consumed (written by the receiver)
 ///            ... + 64                     ring: `capacity` bytes (a power of two)
 /// ```
-/// A message at ring position `p` (8-byte aligned):
+/// Messages start at ring positions that are multiples of 64; the message at position `p`:
 /// ```
-/// p                 header   length (bits 0..31) | sender (bits 32..47) | magic "GM" (bits 48..63)
-/// p + 8             payload  `length` bytes, zero-padded to a multiple of 8
-/// p + 8 + padded    trailer  a non-zero word derived from the message's sequence number
+/// p + 56             header   length (bits 0..31) | sender (bits 32..47) | magic "GM" (bits 48..63)
+/// p + 64             payload  `length` bytes, zero-padded to a multiple of 8
+/// p + 64 + padded    trailer  a non-zero word derived from the message's stream position
 /// ```
+/// and the next message starts at the first multiple of 64 from which its header does not overlap
+/// this trailer (``ChannelFormat/stride(_:)``). So a payload always starts on a cache line: the
+/// copies in and out of the ring are line-aligned, and a receiver on the sender's core can take
+/// the payload from the store buffer (split-line stores cannot be forwarded to loads).
+/// The stream position of a message is the number of ring bytes sent before it (its position in
+/// the ring is that modulo the capacity), so every lap of the ring expects different trailers.
 /// A message never straddles the end of the ring: the sender writes a wrap word
-/// (magic "GW") and continues at 0. The receiver accepts a message when its trailer holds the
+/// (magic "GW") at `p + 56` and continues at 0. The receiver accepts a message when its trailer holds the
 /// expected value (the transport makes a write's last word visible last), hands it over, zeroes its
 /// bytes and publishes how far it has consumed; the sender never writes past that point.
+///
+/// Several threads of the sending node may send on one channel at once: each reserves its bytes
+/// by advancing the channel's tail with one compare-and-swap, then writes them. The receiver takes
+/// messages in reservation order; one that is reserved but not yet written holds back those
+/// reserved after it until its trailer lands.
 public enum ChannelFormat {
     public static let controlBytes = 64
     public static let messageMagic: UInt64 = 0x474D
@@ -34,13 +45,23 @@ public enum ChannelFormat {
 
     @inlinable static func padded(_ length: Int) -> Int { (length + 7) & ~7 }
 
+    /// Where a message's header lies after its (64-byte aligned) ring position.
+    @inlinable static var headerOffset: Int { 56 }
+
+    /// The bytes a message of `length` bytes writes: header, padded payload, trailer.
+    @inlinable static func frameBytes(_ length: Int) -> Int { 16 + padded(length) }
+
+    /// How far a message of `length` bytes advances the stream position.
+    @inlinable static func stride(_ length: Int) -> Int { (frameBytes(length) + 63) & ~63 }
+
     @inlinable static func header(length: Int, sender: NodeID) -> UInt64 {
         UInt64(length) | UInt64(sender.rawValue) << 32 | messageMagic << 48
     }
 
     @inlinable static func wrap(sender: NodeID) -> UInt64 { UInt64(sender.rawValue) << 32 | wrapMagic << 48 }
 
-    @inlinable static func trailer(sequence: UInt64) -> UInt64 { (sequence &* 0x9E37_79B9_7F4A_7C15) | 1 }
+    /// The trailer of the message at stream position `position`.
+    @inlinable static func trailer(position: UInt64) -> UInt64 { (position &* 0x9E37_79B9_7F4A_7C15) | 1 }
 
     /// Offset of sender `s`'s control line inside the mailbox region.
     @inlinable static func controlOffset(sender: NodeID, ringCapacity: Int) -> Int {
@@ -59,13 +80,21 @@ public enum ChannelFormat {
 /// A node's mailbox: the receive side of all of its message channels, in a region of its own that
 /// senders write with one-sided writes.
 ///
-/// `@unchecked Sendable`: every stored property is immutable after `init`; `receiverTable` holds
-/// unretained references to the receivers that `receivers` keeps alive.
+/// One thread at a time receives: it holds the mailbox's poll claim (``withPollerIfAvailable(_:)``,
+/// ``withPoller(_:)``) and polls any of the rings through the ``MailboxPoller`` it is lent, with no
+/// further locking. A node's poller takes the claim once per round over all of its rings.
+///
+/// `@unchecked Sendable`: every stored property is immutable after `init` except `claim`, an
+/// atomic; the rings' receive state (each ring's consumed counter, in its control line) is written
+/// only by the holder of `claim`.
 public final class Mailbox: @unchecked Sendable {
     public let node: NodeID
     public let region: Region
     public let ringCapacity: Int
-    private let receivers: [ChannelReceiver]
+    /// `region.base`, for the inlinable poll paths.
+    @usableFromInline let base: UnsafeMutableRawPointer
+    /// Held by the thread receiving from this mailbox.
+    @usableFromInline let claim = Atomic<Bool>(false)
 
     /// Creates the mailbox of `node` in `directory`, or opens and clears the one a previous run of the
     /// node left (messages are not kept across restarts; the regions' data is).
@@ -87,139 +116,195 @@ public final class Mailbox: @unchecked Sendable {
         }
         self.node = node
         self.region = region
+        self.base = region.base
         self.ringCapacity = ringCapacity
-        let receivers = (0..<NodeID.limit).map { index in
-            ChannelReceiver(mailbox: region, receiver: node, sender: NodeID(index), ringCapacity: ringCapacity)
-        }
-        self.receivers = receivers
-        self.receiverTable = .allocate(capacity: NodeID.limit)
-        self.receiverTable.initialize(from: receivers.map { Unmanaged.passUnretained($0) }, count: NodeID.limit)
     }
 
     /// The receive side of the channel from `sender`.
-    public func receiver(from sender: NodeID) -> ChannelReceiver { receivers[sender.index] }
+    public func receiver(from sender: NodeID) -> ChannelReceiver { ChannelReceiver(mailbox: self, sender: sender) }
 
-    /// Polls the channel from `sender` (see ``ChannelReceiver/poll(limit:_:)``) without reference
-    /// counting: for pollers that look at every ring many times a second.
-    @inline(__always)
-    public func poll(from sender: NodeID, limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
-        try receiverTable[sender.index]._withUnsafeGuaranteedRef { receiver in try receiver.poll(limit: limit, handler) }
+    /// Runs `body` with the right to receive from every ring of this mailbox, unless another
+    /// thread holds it now (then returns nil at once). One compare-and-swap to take the claim, one
+    /// store to give it back.
+    @inlinable
+    public func withPollerIfAvailable<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R? {
+        guard claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return nil }
+        defer { claim.store(false, ordering: .releasing) }
+        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity))
     }
 
-    /// ``receivers`` again, unretained (the array keeps them alive as long as the mailbox).
-    private let receiverTable: UnsafeMutablePointer<Unmanaged<ChannelReceiver>>
-
-    deinit { receiverTable.deallocate() }
+    /// Runs `body` with the right to receive from every ring of this mailbox, yielding the CPU
+    /// while another thread holds it.
+    @inlinable
+    public func withPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
+        while !claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged { sched_yield() }
+        defer { claim.store(false, ordering: .releasing) }
+        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity))
+    }
 
     /// Whether the ring of `sender` may hold a message now: its word at the receiver's published
     /// head is not zero. No lock and no reference counting, so a poller can skip empty rings
     /// cheaply; false while a message is only partly written is fine, the next look sees it.
     @inline(__always)
     public func mayHaveMessage(from sender: NodeID) -> Bool {
-        let control = region.base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
         let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed)
         let position = Int(head & UInt64(ringCapacity - 1))
-        return (control + ChannelFormat.controlBytes + position)
+        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset)
             .assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed) != 0
+    }
+
+    /// The ring of `sender` as it is now, for diagnostics: bytes consumed, and the words at the
+    /// head (the header, and the trailer the header's length points to).
+    public func ringState(from sender: NodeID) -> String {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+        let frame = control + ChannelFormat.controlBytes + Int(head & UInt64(ringCapacity - 1)) + ChannelFormat.headerOffset
+        let header = frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+        var text = "ring from \(sender): consumed \(head), header 0x\(String(header, radix: 16))"
+        let length = Int(header & 0xFFFF_FFFF)
+        if header >> 48 == ChannelFormat.messageMagic, length <= ChannelFormat.maximumMessage(ringCapacity: ringCapacity) {
+            let trailer = (frame + ChannelFormat.frameBytes(length) - 8).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+            text += ", trailer 0x\(String(trailer, radix: 16)) (expected 0x\(String(ChannelFormat.trailer(position: head), radix: 16)))"
+        }
+        return text + (claim.load(ordering: .relaxed) ? ", poll claim held" : "")
+    }
+
+    /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring:
+    /// a snapshot, for quiescence checks.
+    public func isEmpty(from sender: NodeID) -> Bool {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+        let position = Int(head & UInt64(ringCapacity - 1))
+        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset)
+            .assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) == 0
     }
 }
 
-/// The receive side of the channel from one sender: a ring in the local mailbox.
+/// The right to receive from a mailbox's rings, lent by ``Mailbox/withPollerIfAvailable(_:)`` or
+/// ``Mailbox/withPoller(_:)`` for the duration of a call (it cannot be copied or kept).
 ///
-/// One poller at a time: ``poll(limit:_:)`` holds the channel's lock while it hands messages over.
-public final class ChannelReceiver: Sendable {
+/// Each ring's receive state is its consumed counter, in the ring's control line: only the poller
+/// writes it, and the senders read it to learn how much room there is.
+public struct MailboxPoller: ~Copyable {
+    @usableFromInline let base: UnsafeMutableRawPointer
     public let receiver: NodeID
-    public let sender: NodeID
     public let ringCapacity: Int
-    private let region: Region
-    private let controlOffset: Int
 
-    private struct State {
-        var head: UInt64 = 0
-        var sequence: UInt64 = 0
-    }
-    private let state = Mutex(State())
-
-    init(mailbox: Region, receiver: NodeID, sender: NodeID, ringCapacity: Int) {
-        self.region = mailbox
+    @inlinable init(base: UnsafeMutableRawPointer, receiver: NodeID, ringCapacity: Int) {
+        self.base = base
         self.receiver = receiver
-        self.sender = sender
         self.ringCapacity = ringCapacity
-        self.controlOffset = ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
     }
 
-    @inline(__always) private func word(_ offset: Int) -> UnsafeMutablePointer<Atomic<UInt64>> {
-        (region.base + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
-    }
-
-    /// Whether no message (not even a partly written one) waits at the head of the ring.
-    public var isEmpty: Bool {
-        state.withLock { state in
-            let position = Int(state.head & UInt64(ringCapacity - 1))
-            return word(controlOffset + ChannelFormat.controlBytes + position).pointee.load(ordering: .acquiring) == 0
-        }
-    }
-
-    /// Hands every complete message (up to `limit`) to `handler`, in the order sent, and frees
-    /// their space. The buffer is valid only during the call.
+    /// Hands every complete message from `sender` (up to `limit`) to `handler`, in the order sent,
+    /// and frees their space. The buffer is valid only during the call.
+    ///
+    /// Inlinable, so that a poller's handler is inlined into the loop over the ring.
     ///
     /// - Returns: the number of messages handled.
     /// - Throws: ``TransportError/corruptChannel(sender:receiver:reason:)`` if the ring holds bytes
     ///   that are not a message from this sender (nothing is consumed past them), or what
     ///   `handler` throws (the message that threw is consumed).
-    @discardableResult
-    public func poll(limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
-        try state.withLock { state throws -> Int in
-            let ring = controlOffset + ChannelFormat.controlBytes
-            let capacity = UInt64(ringCapacity)
-            var handled = 0
-            while handled < limit {
-                let position = Int(state.head & (capacity - 1))
-                let header = word(ring + position).pointee.load(ordering: .acquiring)
-                if header == 0 { break }
-                let magic = header >> 48
-                let from = NodeID(rawValue: UInt16(truncatingIfNeeded: header >> 32))
-                guard from == sender else {
-                    throw TransportError.corruptChannel(sender: sender, receiver: receiver,
-                                                        reason: "a message at ring offset \(position) claims to come from node \(from)")
-                }
-                if magic == ChannelFormat.wrapMagic {
-                    word(ring + position).pointee.store(0, ordering: .relaxed)
-                    state.head += capacity - UInt64(position)
-                    word(controlOffset).pointee.store(state.head, ordering: .releasing)
+    @inlinable @discardableResult
+    public func poll(from sender: NodeID, limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
+        let ring = control + ChannelFormat.controlBytes
+        let mask = UInt64(truncatingIfNeeded: ringCapacity &- 1)
+        let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
+        let expected = ChannelFormat.header(length: 0, sender: sender)
+        // Only the poller writes the consumed counter, so its own last store is the current value.
+        var head = consumed.pointee.load(ordering: .relaxed)
+        var handled = 0
+        while handled < limit {
+            let position = Int(truncatingIfNeeded: head & mask)
+            let frame = ring + (position &+ ChannelFormat.headerOffset)
+            let header = frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+            if header == 0 { break }
+            let length = Int(truncatingIfNeeded: header & 0xFFFF_FFFF)
+            guard header & ~0xFFFF_FFFF == expected, length <= maximum else {
+                if header == ChannelFormat.wrap(sender: sender) {
+                    frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.store(0, ordering: .relaxed)
+                    head &+= UInt64(truncatingIfNeeded: ringCapacity &- position)
+                    consumed.pointee.store(head, ordering: .releasing)
                     continue
                 }
-                let length = Int(header & 0xFFFF_FFFF)
-                guard magic == ChannelFormat.messageMagic,
-                      length <= ChannelFormat.maximumMessage(ringCapacity: ringCapacity) else {
-                    throw TransportError.corruptChannel(sender: sender, receiver: receiver,
-                                                        reason: "bad header 0x\(String(header, radix: 16)) at ring offset \(position)")
-                }
-                let total = 16 + ChannelFormat.padded(length)
-                let trailer = word(ring + position + total - 8).pointee.load(ordering: .acquiring)
-                if trailer == 0 { break }  // the write has not fully landed yet
-                guard trailer == ChannelFormat.trailer(sequence: state.sequence) else {
-                    throw TransportError.corruptChannel(sender: sender, receiver: receiver,
-                                                        reason: "message \(state.sequence) has a foreign trailer at ring offset \(position)")
-                }
-                defer {
-                    memset(region.base + ring + position, 0, total)
-                    state.head += UInt64(total)
-                    state.sequence += 1
-                    // Release: the zeroed bytes are visible before the sender may reuse them.
-                    word(controlOffset).pointee.store(state.head, ordering: .releasing)
-                }
-                handled += 1
-                try handler(UnsafeRawBufferPointer(start: region.base + ring + position + 8, count: length))
+                throw corruption(from: sender, header: header, head: head, trailer: nil)
             }
-            return handled
+            let total = ChannelFormat.frameBytes(length)
+            let trailer = (frame + (total &- 8)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+            if trailer == 0 { break }  // the write has not fully landed yet
+            guard trailer == ChannelFormat.trailer(position: head) else {
+                throw corruption(from: sender, header: header, head: head, trailer: trailer)
+            }
+            defer {
+                memset(frame, 0, total)
+                head &+= UInt64(truncatingIfNeeded: ChannelFormat.stride(length))
+                // Release: the zeroed bytes are visible before the sender may reuse them.
+                consumed.pointee.store(head, ordering: .releasing)
+            }
+            handled &+= 1
+            try handler(UnsafeRawBufferPointer(start: frame + 8, count: length))
         }
+        return handled
+    }
+
+    /// What is wrong with the ring of `sender` at stream position `head`, whose header word is
+    /// `header` (and trailer word `trailer`, when the header was good).
+    @usableFromInline
+    func corruption(from sender: NodeID, header: UInt64, head: UInt64, trailer: UInt64?) -> TransportError {
+        let offset = Int(head & UInt64(ringCapacity - 1)) + ChannelFormat.headerOffset
+        let from = NodeID(rawValue: UInt16(truncatingIfNeeded: header >> 32))
+        let reason: String
+        if from != sender {
+            reason = "a message at ring offset \(offset) claims to come from node \(from)"
+        } else if let trailer {
+            let at = offset + ChannelFormat.frameBytes(Int(header & 0xFFFF_FFFF)) - 8
+            reason = "the message at stream position \(head) has a foreign trailer 0x\(String(trailer, radix: 16)) at ring offset \(at)"
+        } else {
+            reason = "bad header 0x\(String(header, radix: 16)) at ring offset \(offset)"
+        }
+        return .corruptChannel(sender: sender, receiver: receiver, reason: reason)
+    }
+
+    /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring.
+    public func isEmpty(from sender: NodeID) -> Bool {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed)
+        let position = Int(head & UInt64(ringCapacity - 1))
+        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset)
+            .assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) == 0
+    }
+}
+
+/// The receive side of the channel from one sender: a ring in the local mailbox.
+///
+/// Each call takes the mailbox's poll claim for its duration (see ``Mailbox/withPoller(_:)``); a
+/// poller that serves many rings takes the claim once and polls through ``MailboxPoller``.
+public struct ChannelReceiver: Sendable {
+    public let mailbox: Mailbox
+    public let sender: NodeID
+    public var receiver: NodeID { mailbox.node }
+    public var ringCapacity: Int { mailbox.ringCapacity }
+
+    /// Whether no message (not even a partly written one) waits at the head of the ring.
+    public var isEmpty: Bool { mailbox.isEmpty(from: sender) }
+
+    /// ``MailboxPoller/poll(from:limit:_:)`` on this ring, waiting for the poll claim if another
+    /// thread holds it.
+    @discardableResult
+    public func poll(limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
+        try mailbox.withPoller { poller in try poller.poll(from: sender, limit: limit, handler) }
     }
 }
 
 /// The send side of a channel to one receiver: one-sided writes into the receiver's ring.
 ///
-/// Senders on several threads share it; sends are serialised by its lock.
+/// Senders on several threads share it. Where the transport maps the receiver's ring into this
+/// process (shared memory), each send reserves its bytes with one compare-and-swap on the
+/// channel's tail and writes them straight into the ring: no lock. Otherwise (verbs) sends build
+/// the message in a staging buffer and are serialised by its lock.
 public final class ChannelSender: Sendable {
     public let sender: NodeID
     public let receiver: NodeID
@@ -235,17 +320,14 @@ public final class ChannelSender: Sendable {
     /// memory), as bit patterns; 0 where it does not (verbs). With a mapping a message is written
     /// straight into the ring, with the same ordering as a one-sided write (trailer last).
     private let mappedControl: UInt
-    private let mappedRing: UInt
-
-    private struct State: ~Copyable {
-        var tail: UInt64 = 0
-        var head: UInt64 = 0
-        var sequence: UInt64 = 0
-        let staging: UnsafeMutableRawPointer
-        init(bytes: Int) { staging = .allocate(byteCount: bytes, alignment: 64) }
-        deinit { staging.deallocate() }
-    }
-    private let state: Mutex<State>
+    @usableFromInline let mappedRing: UInt
+    /// One cache line of its own, so that the senders' compare-and-swaps do not evict the fields
+    /// above: word 0 is the tail (ring bytes reserved so far), word 1 the receiver's consumed
+    /// counter as last read (never ahead of the real one: a stale value only makes a sender look
+    /// again). Bit patterns of the pointer, as `Sendable` requires.
+    @usableFromInline let counters: UInt
+    /// The staging buffer of the unmapped path, and the lock that serialises it.
+    private let staging: Mutex<UInt>
 
     /// Opens the channel from `transport.localNode` to `receiver`, reading the receiver's ring
     /// geometry from its mailbox header (one read).
@@ -269,25 +351,46 @@ public final class ChannelSender: Sendable {
         self.ringAddress = GlobalAddress(region: mailbox, offset: UInt32(control + ChannelFormat.controlBytes))
         let (seconds, attoseconds) = sendTimeout.components
         self.sendTimeoutNanoseconds = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
-        self.state = Mutex(State(bytes: maximumMessage + 16))
+        let counters = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
+        counters.initializeMemory(as: UInt64.self, repeating: 0, count: 8)
+        self.counters = UInt(bitPattern: counters)
         let mappedControlLine = transport.mappedAddress(of: controlAddress, on: receiver, length: ChannelFormat.controlBytes)
         let mappedRingStart = transport.mappedAddress(of: ringAddress, on: receiver, length: ringCapacity)
         if let mappedControlLine, let mappedRingStart {
             mappedControl = UInt(bitPattern: mappedControlLine)
             mappedRing = UInt(bitPattern: mappedRingStart)
+            staging = Mutex(0)
         } else {
             mappedControl = 0
             mappedRing = 0
+            staging = Mutex(UInt(bitPattern: UnsafeMutableRawPointer.allocate(byteCount: maximumMessage + 16, alignment: 64)))
         }
     }
 
-    @inline(__always) private func mappedWord(_ base: UInt, _ offset: Int) -> UnsafeMutablePointer<Atomic<UInt64>> {
-        (UnsafeMutableRawPointer(bitPattern: base)! + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
+    deinit {
+        UnsafeMutableRawPointer(bitPattern: counters)!.deallocate()
+        staging.withLock { buffer in UnsafeMutableRawPointer(bitPattern: buffer)?.deallocate() }
+    }
+
+    @inlinable var tail: UnsafeMutablePointer<Atomic<UInt64>> {
+        UnsafeMutablePointer(bitPattern: counters)!
+    }
+
+    @inlinable var knownHead: UnsafeMutablePointer<Atomic<UInt64>> {
+        UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 1
+    }
+
+    /// The channel's send state, for diagnostics: bytes reserved, and the receiver's consumed
+    /// counter as last read.
+    public var sendState: String {
+        "channel to \(receiver): reserved \(tail.pointee.load(ordering: .relaxed)), consumed as last read \(knownHead.pointee.load(ordering: .relaxed))"
     }
 
     /// The receiver's consumed counter (one one-sided read).
     private func readHead() throws(TransportError) -> UInt64 {
-        if mappedControl != 0 { return mappedWord(mappedControl, 0).pointee.load(ordering: .acquiring) }
+        if mappedControl != 0 {
+            return UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: mappedControl)!.pointee.load(ordering: .acquiring)
+        }
         var head: UInt64 = 0
         try withUnsafeMutableBytes(of: &head) { (buffer) throws(TransportError) in
             try transport.read(from: receiver, controlAddress, into: buffer)
@@ -298,42 +401,64 @@ public final class ChannelSender: Sendable {
     /// Sends `message` (one one-sided write, plus one for a wrap and one read of the receiver's
     /// progress when the ring looks full). Waits, backing off, while the receiver's ring is full.
     ///
+    /// Inlinable: on shared memory a send with room in the ring is one compare-and-swap and the
+    /// stores of the message, in the caller's code.
+    ///
     /// - Throws: ``TransportError/messageTooLarge(bytes:maximum:)``,
     ///   ``TransportError/channelFull(receiver:waitedMilliseconds:)`` after the send timeout, or the
     ///   transport's error.
+    @inlinable
     public func send(_ message: UnsafeRawBufferPointer) throws(TransportError) {
+        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count) {
+            writeMapped(message, at: reservation)
+        } else {
+            _ = try sendSlowly(message, wait: true)
+        }
+    }
+
+    /// Sends `message` only if that needs no waiting: the ring has room (after one read of the
+    /// receiver's progress) and, on the unmapped path, the staging buffer is not in use by another
+    /// thread. A poller answers with this, so that it never blocks on a peer that may be blocked on it.
+    ///
+    /// - Returns: false if nothing was sent.
+    @inlinable
+    public func trySend(_ message: UnsafeRawBufferPointer) throws(TransportError) -> Bool {
+        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count) {
+            writeMapped(message, at: reservation)
+            return true
+        }
+        return try sendSlowly(message, wait: false)
+    }
+
+    /// The sends that ``send(_:)`` and ``trySend(_:)`` do not finish inline: a message too large,
+    /// a ring that looks full, and the unmapped path.
+    @usableFromInline
+    func sendSlowly(_ message: UnsafeRawBufferPointer, wait: Bool) throws(TransportError) -> Bool {
         guard message.count <= maximumMessage else {
             throw .messageTooLarge(bytes: message.count, maximum: maximumMessage)
+        }
+        if mappedRing != 0 {
+            guard let reservation = try reserve(length: message.count, wait: wait) else { return false }
+            writeMapped(message, at: reservation)
+            return true
         }
         // The caller's buffer is only read inside the lock, during this call: pass it as an address.
         let start = UInt(bitPattern: message.baseAddress)
         let count = message.count
-        let result: TransportError? = state.withLock { state -> TransportError? in
-            do throws(TransportError) {
-                try send(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count), state: &state)
-                return nil
-            } catch {
-                return error
-            }
+        if wait {
+            return try staging.withLock { buffer -> Result<Bool, TransportError> in
+                do throws(TransportError) {
+                    return .success(try sendStaged(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count),
+                                                   staging: buffer, wait: true))
+                } catch {
+                    return .failure(error)
+                }
+            }.get()
         }
-        if let result { throw result }
-    }
-
-    /// Sends `message` only if that needs no waiting: the channel is not in use by another thread
-    /// and the ring has room (after one read of the receiver's progress). A poller answers with
-    /// this, so that it never blocks on a peer that may be blocked on it.
-    ///
-    /// - Returns: false if nothing was sent.
-    public func trySend(_ message: UnsafeRawBufferPointer) throws(TransportError) -> Bool {
-        guard message.count <= maximumMessage else {
-            throw .messageTooLarge(bytes: message.count, maximum: maximumMessage)
-        }
-        let start = UInt(bitPattern: message.baseAddress)
-        let count = message.count
-        let result: Result<Bool, TransportError>? = state.withLockIfAvailable { state -> Result<Bool, TransportError> in
+        let result = staging.withLockIfAvailable { buffer -> Result<Bool, TransportError> in
             do throws(TransportError) {
-                return .success(try send(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count),
-                                         state: &state, wait: false))
+                return .success(try sendStaged(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count),
+                                               staging: buffer, wait: false))
             } catch {
                 return .failure(error)
             }
@@ -342,55 +467,128 @@ public final class ChannelSender: Sendable {
         return try result.get()
     }
 
-    @discardableResult
-    private func send(_ message: UnsafeRawBufferPointer, state: inout State, wait: Bool = true) throws(TransportError) -> Bool {
-        let capacity = UInt64(ringCapacity)
-        let total = 16 + ChannelFormat.padded(message.count)
-        var position = Int(state.tail & (capacity - 1))
-        let wraps = position + total > ringCapacity
-        let needed = UInt64(total + (wraps ? ringCapacity - position : 0))
-        if capacity - (state.tail - state.head) < needed {
-            var backoff = Backoff(maximumSleepMicroseconds: 200)
-            let start = monotonicNanoseconds()
-            while true {
-                state.head = try readHead()
-                if capacity - (state.tail - state.head) >= needed { break }
-                if !wait { return false }
-                let waited = monotonicNanoseconds() - start
-                if waited > sendTimeoutNanoseconds {
-                    throw .channelFull(receiver: receiver, waitedMilliseconds: Int(waited / 1_000_000))
-                }
-                backoff.pause()
+    /// Ring bytes reserved for one message: `start` is the message's stream position; when the
+    /// message did not fit before the end of the ring, `wrap` is the ring offset where the wrap
+    /// word goes (the message then starts at offset 0).
+    @usableFromInline
+    struct Reservation {
+        @usableFromInline var start: UInt64
+        /// -1: no wrap.
+        @usableFromInline var wrap: Int
+        /// The tail before the reservation.
+        @usableFromInline var previous: UInt64
+
+        @inlinable init(start: UInt64, wrap: Int, previous: UInt64) {
+            self.start = start
+            self.wrap = wrap
+            self.previous = previous
+        }
+    }
+
+    /// Reserves room for a message of `length` bytes, and for the wrap before it if needed, by
+    /// advancing the tail with a compare-and-swap, if the receiver's consumed counter as last read
+    /// shows room; nil otherwise (``reserve(length:wait:)`` then reads it again, and waits).
+    @inlinable
+    func reserveIfRoom(length: Int) -> Reservation? {
+        let capacity = UInt64(truncatingIfNeeded: ringCapacity)
+        let frameEnd = ChannelFormat.headerOffset &+ ChannelFormat.frameBytes(length)
+        let stride = ChannelFormat.stride(length)
+        while true {
+            let reserved = tail.pointee.load(ordering: .relaxed)
+            let position = Int(truncatingIfNeeded: reserved & (capacity &- 1))
+            let wraps = position &+ frameEnd > ringCapacity
+            let needed = UInt64(truncatingIfNeeded: wraps ? stride &+ ringCapacity &- position : stride)
+            // Acquire: pairs with the release of whoever stored it, itself after an acquiring read
+            // of the receiver's counter, so the receiver's zeroing happens before our writes.
+            let head = knownHead.pointee.load(ordering: .acquiring)
+            if reserved < head { continue }  // the tail moved on since we loaded it
+            if reserved &- head &+ needed > capacity { return nil }
+            if tail.pointee.compareExchange(expected: reserved, desired: reserved &+ needed, ordering: .relaxed).exchanged {
+                return wraps ? Reservation(start: reserved &+ capacity &- UInt64(truncatingIfNeeded: position), wrap: position, previous: reserved)
+                             : Reservation(start: reserved, wrap: -1, previous: reserved)
             }
         }
-        if wraps {
-            var marker = ChannelFormat.wrap(sender: sender)
-            if mappedRing != 0 {
-                mappedWord(mappedRing, position).pointee.store(marker, ordering: .releasing)
-            } else {
-                try withUnsafeBytes(of: &marker) { (buffer) throws(TransportError) in
-                    try transport.write(to: receiver, ringAddress.advanced(by: position), from: buffer)
-                }
+    }
+
+    /// ``reserveIfRoom(length:)``, reading the receiver's consumed counter when the ring looks
+    /// full, and waiting while it is, unless `wait` is false (then returns nil).
+    private func reserve(length: Int, wait: Bool) throws(TransportError) -> Reservation? {
+        var waitingSince: UInt64 = 0
+        var backoff = Backoff(maximumSleepMicroseconds: 200)
+        while true {
+            if let reservation = reserveIfRoom(length: length) { return reservation }
+            let reserved = tail.pointee.load(ordering: .relaxed)
+            let head = try readHead()
+            knownHead.pointee.store(head, ordering: .releasing)
+            if reserved < head || reserved - head > UInt64(ringCapacity) {
+                if tail.pointee.load(ordering: .relaxed) != reserved { continue }
+                throw .corruptChannel(sender: sender, receiver: receiver,
+                                      reason: "the receiver reports \(head) bytes consumed of the \(reserved) sent (its mailbox was reset, or the counter is not this channel's)")
             }
-            state.tail += capacity - UInt64(position)
-            position = 0
+            if let reservation = reserveIfRoom(length: length) { return reservation }
+            if !wait { return nil }
+            let now = monotonicNanoseconds()
+            if waitingSince == 0 { waitingSince = now }
+            if now - waitingSince > sendTimeoutNanoseconds {
+                throw .channelFull(receiver: receiver, waitedMilliseconds: Int((now - waitingSince) / 1_000_000))
+            }
+            backoff.pause()
         }
-        // The message: straight into the ring where the transport maps it, else into the staging
-        // buffer for one one-sided write. Header, payload, padding, then the trailer with release
-        // ordering, so that a receiver that sees the trailer sees the whole message.
-        let frame = mappedRing != 0 ? UnsafeMutableRawPointer(bitPattern: mappedRing)! + position : state.staging
+    }
+
+    /// Writes `message` into the mapped ring at `reservation`: header, payload, padding, then the
+    /// trailer with release ordering, so that a receiver that sees the trailer sees the whole message.
+    @inlinable
+    func writeMapped(_ message: UnsafeRawBufferPointer, at reservation: Reservation) {
+        let ring = UnsafeMutableRawPointer(bitPattern: mappedRing)!
+        if reservation.wrap >= 0 {
+            (ring + (reservation.wrap &+ ChannelFormat.headerOffset)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+                .store(ChannelFormat.wrap(sender: sender), ordering: .releasing)
+        }
+        let offset = Int(truncatingIfNeeded: reservation.start & UInt64(truncatingIfNeeded: ringCapacity &- 1))
+        Self.frame(message, into: ring + (offset &+ ChannelFormat.headerOffset), sender: sender, position: reservation.start)
+    }
+
+    @inlinable
+    static func frame(_ message: UnsafeRawBufferPointer, into frame: UnsafeMutableRawPointer, sender: NodeID, position: UInt64) {
+        let count = message.count
+        let padded = ChannelFormat.padded(count)
         frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee
-            .store(ChannelFormat.header(length: message.count, sender: sender), ordering: .relaxed)
-        if let source = message.baseAddress { (frame + 8).copyMemory(from: source, byteCount: message.count) }
-        let padding = ChannelFormat.padded(message.count) - message.count
-        if padding > 0 { memset(frame + 8 + message.count, 0, padding) }
-        (frame + total - 8).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
-            .store(ChannelFormat.trailer(sequence: state.sequence), ordering: .releasing)
-        if mappedRing == 0 {
-            try transport.write(to: receiver, ringAddress.advanced(by: position), from: UnsafeRawBufferPointer(start: frame, count: total))
+            .store(ChannelFormat.header(length: count, sender: sender), ordering: .relaxed)
+        if let source = message.baseAddress { (frame + 8).copyMemory(from: source, byteCount: count) }
+        // The padding: at most 7 bytes, in the word before the trailer.
+        if padded != count { (frame + (8 &+ count)).initializeMemory(as: UInt8.self, repeating: 0, count: padded &- count) }
+        (frame + (8 &+ padded)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+            .store(ChannelFormat.trailer(position: position), ordering: .releasing)
+    }
+
+    /// The unmapped path (the caller holds the staging lock): the message is built in the staging
+    /// buffer and written with one one-sided write, after a one-sided write of the wrap word.
+    private func sendStaged(_ message: UnsafeRawBufferPointer, staging: UInt, wait: Bool) throws(TransportError) -> Bool {
+        let total = ChannelFormat.frameBytes(message.count)
+        guard let reservation = try reserve(length: message.count, wait: wait) else { return false }
+        // Under the staging lock no other thread reserves on this channel, so a write that fails
+        // gives back what it did not write: the receiver never waits at a hole.
+        if reservation.wrap >= 0 {
+            var marker = ChannelFormat.wrap(sender: sender)
+            do {
+                try withUnsafeBytes(of: &marker) { (buffer) throws(TransportError) in
+                    try transport.write(to: receiver, ringAddress.advanced(by: reservation.wrap + ChannelFormat.headerOffset), from: buffer)
+                }
+            } catch {
+                tail.pointee.store(reservation.previous, ordering: .relaxed)
+                throw error
+            }
         }
-        state.tail += UInt64(total)
-        state.sequence += 1
+        let frame = UnsafeMutableRawPointer(bitPattern: staging)!
+        Self.frame(message, into: frame, sender: sender, position: reservation.start)
+        let position = Int(reservation.start & UInt64(ringCapacity - 1)) + ChannelFormat.headerOffset
+        do {
+            try transport.write(to: receiver, ringAddress.advanced(by: position), from: UnsafeRawBufferPointer(start: frame, count: total))
+        } catch {
+            tail.pointee.store(reservation.start, ordering: .relaxed)
+            throw error
+        }
         return true
     }
 }

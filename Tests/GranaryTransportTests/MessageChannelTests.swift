@@ -96,7 +96,7 @@ struct MessageChannelTests {
             return
         }
         #expect(node == pair.remoteNode && waited >= 50)
-        #expect(sent > 0 && sent * 216 <= 4096, "sent \(sent) messages of 216 bytes into a 4096-byte ring")
+        #expect(sent > 0 && sent * 256 <= 4096, "sent \(sent) messages of 256 ring bytes (200 of payload) into a 4096-byte ring")
         var sequences: [Int] = []
         try receiver.poll { message in sequences.append(try decode(message).get().1) }
         #expect(sequences == Array(0..<sent), "the ring lost or reordered messages under back-pressure")
@@ -170,13 +170,14 @@ struct MessageChannelTests {
         defer { pair.teardown() }
         let receiver = pair.remoteMailbox.receiver(from: pair.local.localNode)
         let ring = GlobalAddress(region: RegionID.mailbox(of: pair.remoteNode),
-                                 offset: UInt32(RegionFormat.headerBytes + pair.local.localNode.index * (64 + 4096) + 64))
+                                 offset: UInt32(RegionFormat.headerBytes + pair.local.localNode.index * (64 + 4096) + 64 + 56))
+        // The first message's header is at ring offset 56 (its payload starts the next line).
         // A header claiming to come from node 9 in node 0's ring.
         var forged: UInt64 = 8 | 9 << 32 | 0x474D << 48
         try withUnsafeBytes(of: &forged) { try pair.local.write(to: pair.remoteNode, ring, from: $0) }
         var delivered = 0
         #expect(throws: TransportError.corruptChannel(sender: pair.local.localNode, receiver: pair.remoteNode,
-                                                      reason: "a message at ring offset 0 claims to come from node n9")) {
+                                                      reason: "a message at ring offset 56 claims to come from node n9")) {
             try receiver.poll { _ in delivered += 1 }
         }
         // A well-formed header with a trailer that is not the expected sequence's.
