@@ -13,20 +13,25 @@ import Musl
 /// mailbox + 4096 + s * (64 + capacity)   control line: word 0 = bytes consumed (written by the receiver)
 ///            ... + 64                     ring: `capacity` bytes (a power of two)
 /// ```
-/// Messages start at ring positions that are multiples of 64; the message at position `p`:
+/// Messages start at ring positions that are multiples of 64; the message at position `p` and
+/// the one after it, at `q = p + stride` (``ChannelFormat/stride(_:)``: the payload rounded up to
+/// 8 bytes, plus 16, rounded up to 64):
 /// ```
 /// p + 56             header   length (bits 0..31) | sender (bits 32..47) | magic "GM" (bits 48..63)
-/// p + 64             payload  `length` bytes, zero-padded to a multiple of 8
-/// p + 64 + padded    trailer  a non-zero word derived from the message's stream position
+/// p + 64             payload  `length` bytes (at most up to q + 48)
+/// q + 48             trailer  a non-zero word derived from the message's stream position
+/// q + 56             the next message's header
 /// ```
-/// and the next message starts at the first multiple of 64 from which its header does not overlap
-/// this trailer (``ChannelFormat/stride(_:)``). So a payload always starts on a cache line: the
-/// copies in and out of the ring are line-aligned, and a receiver on the sender's core can take
-/// the payload from the store buffer (split-line stores cannot be forwarded to loads).
+/// So a payload starts on a cache line (the copies in and out of the ring are line-aligned, and a
+/// receiver on the sender's core can take it from the store buffer), and the words that say
+/// whether a message is there, headers and trailers, are only ever the last two words of a line.
+/// The receiver, done with a message, zeroes those two words of each line the message used (not
+/// the whole message), which is what keeps a stale word from passing for a new header or trailer;
+/// the sender writes the header, the payload and the trailer, nothing else.
 /// The stream position of a message is the number of ring bytes sent before it (its position in
 /// the ring is that modulo the capacity), so every lap of the ring expects different trailers.
-/// A message never straddles the end of the ring: the sender writes a wrap word
-/// (magic "GW") at `p + 56` and continues at 0. The receiver accepts a message when its trailer holds the
+/// A message and the line of its trailer never straddle the end of the ring: the sender writes a
+/// wrap word (magic "GW") at `p + 56` and continues at 0. The receiver accepts a message when its trailer holds the
 /// expected value (the transport makes a write's last word visible last), hands it over, zeroes its
 /// bytes and publishes how far it has consumed; the sender never writes past that point.
 ///
@@ -48,11 +53,11 @@ public enum ChannelFormat {
     /// Where a message's header lies after its (64-byte aligned) ring position.
     @inlinable static var headerOffset: Int { 56 }
 
-    /// The bytes a message of `length` bytes writes: header, padded payload, trailer.
-    @inlinable static func frameBytes(_ length: Int) -> Int { 16 + padded(length) }
-
     /// How far a message of `length` bytes advances the stream position.
-    @inlinable static func stride(_ length: Int) -> Int { (frameBytes(length) + 63) & ~63 }
+    @inlinable static func stride(_ length: Int) -> Int { (padded(length) + 16 + 63) & ~63 }
+
+    /// Where the trailer of a message of `length` bytes lies after the message's ring position.
+    @inlinable static func trailerOffset(_ length: Int) -> Int { stride(length) + 48 }
 
     @inlinable static func header(length: Int, sender: NodeID) -> UInt64 {
         UInt64(length) | UInt64(sender.rawValue) << 32 | messageMagic << 48
@@ -164,7 +169,7 @@ public final class Mailbox: @unchecked Sendable {
         var text = "ring from \(sender): consumed \(head), header 0x\(String(header, radix: 16))"
         let length = Int(header & 0xFFFF_FFFF)
         if header >> 48 == ChannelFormat.messageMagic, length <= ChannelFormat.maximumMessage(ringCapacity: ringCapacity) {
-            let trailer = (frame + ChannelFormat.frameBytes(length) - 8).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+            let trailer = (frame - ChannelFormat.headerOffset + ChannelFormat.trailerOffset(length)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
             text += ", trailer 0x\(String(trailer, radix: 16)) (expected 0x\(String(ChannelFormat.trailer(position: head), radix: 16)))"
         }
         return text + (claim.load(ordering: .relaxed) ? ", poll claim held" : "")
@@ -232,20 +237,30 @@ public struct MailboxPoller: ~Copyable {
                 }
                 throw corruption(from: sender, header: header, head: head, trailer: nil)
             }
-            let total = ChannelFormat.frameBytes(length)
-            let trailer = (frame + (total &- 8)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+            let stride = ChannelFormat.stride(length)
+            let trailerWord = (ring + (position &+ stride &+ 48)).assumingMemoryBound(to: Atomic<UInt64>.self)
+            let trailer = trailerWord.pointee.load(ordering: .acquiring)
             if trailer == 0 { break }  // the write has not fully landed yet
             guard trailer == ChannelFormat.trailer(position: head) else {
                 throw corruption(from: sender, header: header, head: head, trailer: trailer)
             }
             defer {
-                memset(frame, 0, total)
-                head &+= UInt64(truncatingIfNeeded: ChannelFormat.stride(length))
-                // Release: the zeroed bytes are visible before the sender may reuse them.
+                // Zero the header, the trailer, and the last two words of every line the payload
+                // fills up to its end: the only words a later message's header or trailer can use.
+                frame.storeBytes(of: 0, as: UInt64.self)
+                trailerWord.pointee.store(0, ordering: .relaxed)
+                var line = ring + (position &+ 64 &+ 48)
+                let end = ring + (position &+ stride)
+                while line < end {
+                    line.storeBytes(of: (0, 0) as (UInt64, UInt64), as: (UInt64, UInt64).self)
+                    line += 64
+                }
+                head &+= UInt64(truncatingIfNeeded: stride)
+                // Release: the zeroed words are visible before the sender may reuse the space.
                 consumed.pointee.store(head, ordering: .releasing)
             }
             handled &+= 1
-            try handler(UnsafeRawBufferPointer(start: frame + 8, count: length))
+            try handler(UnsafeRawBufferPointer(start: ring + (position &+ 64), count: length))
         }
         return handled
     }
@@ -260,7 +275,7 @@ public struct MailboxPoller: ~Copyable {
         if from != sender {
             reason = "a message at ring offset \(offset) claims to come from node \(from)"
         } else if let trailer {
-            let at = offset + ChannelFormat.frameBytes(Int(header & 0xFFFF_FFFF)) - 8
+            let at = offset - ChannelFormat.headerOffset + ChannelFormat.trailerOffset(Int(header & 0xFFFF_FFFF))
             reason = "the message at stream position \(head) has a foreign trailer 0x\(String(trailer, radix: 16)) at ring offset \(at)"
         } else {
             reason = "bad header 0x\(String(header, radix: 16)) at ring offset \(offset)"
@@ -363,7 +378,7 @@ public final class ChannelSender: Sendable {
         } else {
             mappedControl = 0
             mappedRing = 0
-            staging = Mutex(UInt(bitPattern: UnsafeMutableRawPointer.allocate(byteCount: maximumMessage + 16, alignment: 64)))
+            staging = Mutex(UInt(bitPattern: UnsafeMutableRawPointer.allocate(byteCount: ChannelFormat.stride(maximumMessage), alignment: 64)))
         }
     }
 
@@ -407,7 +422,7 @@ public final class ChannelSender: Sendable {
     /// - Throws: ``TransportError/messageTooLarge(bytes:maximum:)``,
     ///   ``TransportError/channelFull(receiver:waitedMilliseconds:)`` after the send timeout, or the
     ///   transport's error.
-    @inlinable
+    @inlinable @inline(__always)
     public func send(_ message: UnsafeRawBufferPointer) throws(TransportError) {
         if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count) {
             writeMapped(message, at: reservation)
@@ -488,11 +503,12 @@ public final class ChannelSender: Sendable {
     /// Reserves room for a message of `length` bytes, and for the wrap before it if needed, by
     /// advancing the tail with a compare-and-swap, if the receiver's consumed counter as last read
     /// shows room; nil otherwise (``reserve(length:wait:)`` then reads it again, and waits).
-    @inlinable
+    @inlinable @inline(__always)
     func reserveIfRoom(length: Int) -> Reservation? {
         let capacity = UInt64(truncatingIfNeeded: ringCapacity)
-        let frameEnd = ChannelFormat.headerOffset &+ ChannelFormat.frameBytes(length)
         let stride = ChannelFormat.stride(length)
+        // The message and the line after it, where its trailer goes.
+        let frameEnd = stride &+ 64
         while true {
             let reserved = tail.pointee.load(ordering: .relaxed)
             let position = Int(truncatingIfNeeded: reserved & (capacity &- 1))
@@ -536,9 +552,9 @@ public final class ChannelSender: Sendable {
         }
     }
 
-    /// Writes `message` into the mapped ring at `reservation`: header, payload, padding, then the
-    /// trailer with release ordering, so that a receiver that sees the trailer sees the whole message.
-    @inlinable
+    /// Writes `message` into the mapped ring at `reservation`: header, payload, then the trailer
+    /// with release ordering, so that a receiver that sees the trailer sees the whole message.
+    @inlinable @inline(__always)
     func writeMapped(_ message: UnsafeRawBufferPointer, at reservation: Reservation) {
         let ring = UnsafeMutableRawPointer(bitPattern: mappedRing)!
         if reservation.wrap >= 0 {
@@ -546,26 +562,22 @@ public final class ChannelSender: Sendable {
                 .store(ChannelFormat.wrap(sender: sender), ordering: .releasing)
         }
         let offset = Int(truncatingIfNeeded: reservation.start & UInt64(truncatingIfNeeded: ringCapacity &- 1))
-        Self.frame(message, into: ring + (offset &+ ChannelFormat.headerOffset), sender: sender, position: reservation.start)
-    }
-
-    @inlinable
-    static func frame(_ message: UnsafeRawBufferPointer, into frame: UnsafeMutableRawPointer, sender: NodeID, position: UInt64) {
         let count = message.count
-        let padded = ChannelFormat.padded(count)
-        frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+        (ring + (offset &+ ChannelFormat.headerOffset)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
             .store(ChannelFormat.header(length: count, sender: sender), ordering: .relaxed)
-        if let source = message.baseAddress { (frame + 8).copyMemory(from: source, byteCount: count) }
-        // The padding: at most 7 bytes, in the word before the trailer.
-        if padded != count { (frame + (8 &+ count)).initializeMemory(as: UInt8.self, repeating: 0, count: padded &- count) }
-        (frame + (8 &+ padded)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
-            .store(ChannelFormat.trailer(position: position), ordering: .releasing)
+        if let source = message.baseAddress { (ring + (offset &+ 64)).copyMemory(from: source, byteCount: count) }
+        (ring + (offset &+ ChannelFormat.trailerOffset(count))).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+            .store(ChannelFormat.trailer(position: reservation.start), ordering: .releasing)
     }
 
     /// The unmapped path (the caller holds the staging lock): the message is built in the staging
-    /// buffer and written with one one-sided write, after a one-sided write of the wrap word.
+    /// buffer, from its header to its trailer (the bytes between payload and trailer zero), and
+    /// written with one one-sided write, whose last word, the trailer, lands last; after a
+    /// one-sided write of the wrap word if there is one. The write starts after the previous
+    /// message's trailer and ends before the next message's header.
     private func sendStaged(_ message: UnsafeRawBufferPointer, staging: UInt, wait: Bool) throws(TransportError) -> Bool {
-        let total = ChannelFormat.frameBytes(message.count)
+        let count = message.count
+        let total = ChannelFormat.stride(count)  // header .. trailer
         guard let reservation = try reserve(length: message.count, wait: wait) else { return false }
         // Under the staging lock no other thread reserves on this channel, so a write that fails
         // gives back what it did not write: the receiver never waits at a hole.
@@ -581,7 +593,10 @@ public final class ChannelSender: Sendable {
             }
         }
         let frame = UnsafeMutableRawPointer(bitPattern: staging)!
-        Self.frame(message, into: frame, sender: sender, position: reservation.start)
+        frame.storeBytes(of: ChannelFormat.header(length: count, sender: sender), as: UInt64.self)
+        if let source = message.baseAddress { (frame + 8).copyMemory(from: source, byteCount: count) }
+        memset(frame + 8 + count, 0, total - 16 - count)
+        (frame + total - 8).storeBytes(of: ChannelFormat.trailer(position: reservation.start), as: UInt64.self)
         let position = Int(reservation.start & UInt64(ringCapacity - 1)) + ChannelFormat.headerOffset
         do {
             try transport.write(to: receiver, ringAddress.advanced(by: position), from: UnsafeRawBufferPointer(start: frame, count: total))

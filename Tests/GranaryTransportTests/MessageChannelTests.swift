@@ -164,6 +164,52 @@ struct MessageChannelTests {
         #expect(next.withLock { $0 } == [Int](repeating: perStream, count: streams))
     }
 
+    @Test("four threads on one sender into a 4 KiB ring: reservations never overlap, every stream whole and in order")
+    func contendedSender() throws {
+        let pair = try SharedMemoryFixture().makePair()
+        defer { pair.teardown() }
+        let sender = try ChannelSender(transport: pair.local, to: pair.remoteNode)
+        let receiver = pair.remoteMailbox.receiver(from: pair.local.localNode)
+        let streams = 4
+        let perStream = 5_000
+        let failure = Mutex<String?>(nil)
+        let seen = Mutex([Int](repeating: 0, count: streams))
+        runThreads(streams + 1) { thread in
+            if thread < streams {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+                defer { buffer.deallocate() }
+                for sequence in 0..<perStream {
+                    // Sizes 16..<1000 (up to four lines), so wraps and full rings are frequent.
+                    let message = makeMessage(stream: thread, sequence: sequence, size: 16 + (sequence * 131 + thread * 17) % 984, into: buffer)
+                    do { try sender.send(message) } catch {
+                        failure.withLock { $0 = "stream \(thread) send \(sequence): \(error)" }
+                        return
+                    }
+                }
+            } else {
+                var next = [Int](repeating: 0, count: streams)
+                var backoff = Backoff()
+                while next.reduce(0, +) < streams * perStream, failure.withLock({ $0 == nil }) {
+                    do {
+                        let handled = try receiver.poll { message in
+                            let (stream, sequence) = try decode(message).get()
+                            guard stream < streams, sequence == next[stream] else {
+                                throw ChannelDamage("stream \(stream): expected \(stream < streams ? next[stream] : -1), got \(sequence)")
+                            }
+                            next[stream] += 1
+                        }
+                        if handled == 0 { backoff.pause() } else { backoff.reset() }
+                    } catch {
+                        failure.withLock { $0 = "receive: \(error)" }
+                    }
+                }
+                seen.withLock { $0 = next }
+            }
+        }
+        #expect(failure.withLock { $0 } == nil, "\(failure.withLock { $0 } ?? "")")
+        #expect(seen.withLock { $0 } == [Int](repeating: perStream, count: streams))
+    }
+
     @Test("bytes in a ring that are not a message from its sender are reported, not delivered")
     func foreignBytes() throws {
         let pair = try SharedMemoryFixture().makePair()
@@ -180,10 +226,17 @@ struct MessageChannelTests {
                                                       reason: "a message at ring offset 56 claims to come from node n9")) {
             try receiver.poll { _ in delivered += 1 }
         }
-        // A well-formed header with a trailer that is not the expected sequence's.
-        let words: [UInt64] = [8 | 0 << 32 | 0x474D << 48, 0xAAAA, 0x1234]
+        // A well-formed header (8 bytes of payload, in the next line) with a trailer that is not
+        // the one expected at stream position 0; the trailer sits in the line after the payload's
+        // start line, in its second-to-last word: ring offset 64 + 48.
+        let words: [UInt64] = [8 | 0 << 32 | 0x474D << 48, 0xAAAA]
         try words.withUnsafeBytes { try pair.local.write(to: pair.remoteNode, ring, from: $0) }
-        #expect(throws: TransportError.self) { try receiver.poll { _ in delivered += 1 } }
+        var trailer: UInt64 = 0x1234
+        try withUnsafeBytes(of: &trailer) { try pair.local.write(to: pair.remoteNode, ring.advanced(by: 112 - 56), from: $0) }
+        #expect(throws: TransportError.corruptChannel(sender: pair.local.localNode, receiver: pair.remoteNode,
+                                                      reason: "the message at stream position 0 has a foreign trailer 0x1234 at ring offset 112")) {
+            try receiver.poll { _ in delivered += 1 }
+        }
         #expect(delivered == 0)
     }
 }
