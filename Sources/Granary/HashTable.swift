@@ -126,7 +126,8 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
 
     /// Finds `key`: calls `body` with the bucket (in a scratch buffer), its address and the slot
     /// holding the key (nil if absent, with the bucket where an insert would go, if any).
-    private func locate<R>(_ key: UInt64, in tx: Transaction,
+    @inlinable
+    func locate<R>(_ key: UInt64, in tx: Transaction,
                            _ body: (_ bucket: UnsafeMutableRawBufferPointer, _ address: GlobalAddress, _ slot: Int?, _ passedFull: [GlobalAddress]) throws -> R?) throws -> R? {
         try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket in
             let start = home(of: key)
@@ -135,7 +136,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
             // The key can only be in the chain of buckets whose predecessors overflowed; a free slot
             // may lie further on.
             var searching = true
-            for probe in 0..<min(TransactionalHashTableLayout.probeLimit, buckets.count) {
+            for probe in 0..<min(Self.probeLimit, buckets.count) {
                 let address = GlobalAddress(rawValue: buckets[(start + probe) % buckets.count])
                 try tx.read(address, into: bucket)
                 let header = bucket.load(as: UInt64.self)
@@ -146,7 +147,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
                             return try body(bucket, address, slot, [])
                         }
                     }
-                    if header & TransactionalHashTableLayout.overflowed == 0 { searching = false }
+                    if header & (1 << 32) == 0 { searching = false }  // not overflowed: the chain ends here
                 }
                 if firstFree == nil {
                     if occupancy.nonzeroBitCount < slots { firstFree = (address, passedFull) } else { passedFull.append(address) }
@@ -184,7 +185,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
 
     /// Inserts `key` with `value`; false (and no change) if the key is present.
     /// - Throws: ``HashTableError/full(table:capacity:)`` when no bucket within the probe limit has room.
-    @discardableResult
+    @inlinable @discardableResult
     public func insert(_ key: UInt64, _ value: Value, in tx: Transaction) throws -> Bool {
         let inserted: Bool? = try locate(key, in: tx) { bucket, address, slot, passedFull in
             if slot != nil { return false }
@@ -207,7 +208,8 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
         return inserted ?? false
     }
 
-    private func markOverflowed(_ address: GlobalAddress, in tx: Transaction) throws {
+    @usableFromInline
+    func markOverflowed(_ address: GlobalAddress, in tx: Transaction) throws {
         try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket in
             try tx.read(address, into: bucket)
             let header = bucket.load(as: UInt64.self)
@@ -218,7 +220,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     }
 
     /// Changes the value under `key` in place; false if the key is absent.
-    @discardableResult
+    @inlinable @discardableResult
     public func update(_ key: UInt64, in tx: Transaction, _ change: (inout Value) throws -> Void) throws -> Bool {
         let updated: Bool? = try locate(key, in: tx) { bucket, address, slot, _ in
             guard let slot else { return false }
@@ -234,7 +236,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     }
 
     /// Removes `key`; false if it was absent.
-    @discardableResult
+    @inlinable @discardableResult
     public func remove(_ key: UInt64, in tx: Transaction) throws -> Bool {
         let removed: Bool? = try locate(key, in: tx) { bucket, address, slot, _ in
             guard let slot else { return false }

@@ -232,13 +232,9 @@ extension Transaction {
 
     private func truncate(_ id: TransactionID, backups: UInt64, engine: Engine) throws {
         for backup in NodeMask(backups) {
-            let batch: [TransactionID]? = engine.pendingTruncation.withLock { lists in
-                lists[backup.index].append(id)
-                guard lists[backup.index].count >= engine.truncationBatch else { return nil }
-                defer { lists[backup.index].removeAll(keepingCapacity: true) }
-                return lists[backup.index]
+            if let batch = engine.pendingTruncation.add(id, for: backup, limit: engine.truncationBatch) {
+                try engine.sendTruncate(batch, to: backup)
             }
-            if let batch { try engine.sendTruncate(batch, to: backup) }
         }
     }
 }

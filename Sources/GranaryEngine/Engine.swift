@@ -237,7 +237,7 @@ public final class Engine: Sendable {
     let replies = ReplySlots()
     let logger: Logger
     /// Committed transactions whose backup records await a TRUNCATE, per backup node.
-    let pendingTruncation: Mutex<[[TransactionID]]>
+    let pendingTruncation = TruncationBatches()
     let running = Atomic<Bool>(true)
     let processor: RecordProcessor
     private let pollerThread = Mutex<pthread_t?>(nil)
@@ -280,7 +280,6 @@ public final class Engine: Sendable {
                                           previous: nil, transport: transport)
         self.views.withLock { $0.append(first) }
         self.currentView.store(UInt(bitPattern: Unmanaged.passUnretained(first).toOpaque()), ordering: .releasing)
-        self.pendingTruncation = Mutex([[TransactionID]](repeating: [], count: NodeID.limit))
         self.processor = RecordProcessor()
         // Poll the rings of every node that was ever a member (a removed node's records are
         // rejected, not left unread).
@@ -454,15 +453,7 @@ public final class Engine: Sendable {
 
     /// Sends every pending TRUNCATE now.
     public func flushTruncations() throws(TransactionError) {
-        let lists = pendingTruncation.withLock { lists -> [(NodeID, [TransactionID])] in
-            var out: [(NodeID, [TransactionID])] = []
-            for index in lists.indices where !lists[index].isEmpty {
-                out.append((NodeID(index), lists[index]))
-                lists[index].removeAll(keepingCapacity: true)
-            }
-            return out
-        }
-        for (backup, ids) in lists { try sendTruncate(ids, to: backup) }
+        for (backup, ids) in pendingTruncation.takeAll() { try sendTruncate(ids, to: backup) }
     }
 
     /// Whether this node has no record waiting in its mailbox, no lock held for a coordinator and no
@@ -496,4 +487,45 @@ public final class Engine: Sendable {
 
     /// This node's replica of `region`, if it holds one (for inspection and tests).
     public func replica(of region: RegionID) -> Region? { view.localReplica(region)?.region }
+}
+
+/// Committed transactions whose backup records await a TRUNCATE, per backup node, batched per
+/// thread: a coordinator adds to the shard its thread id hashes to (16 shards, each behind its own
+/// lock on cache lines of its own), so coordinators on different cores do not pass one lock's
+/// line back and forth on every commit. TRUNCATE is lazy; which batch a transaction rides in does
+/// not matter.
+final class TruncationBatches: Sendable {
+    private final class Shard: Sendable {
+        let lists = Mutex([[TransactionID]](repeating: [], count: NodeID.limit))
+        // Keeps neighbouring shards' locks off each other's cache line.
+        private let padding: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    }
+    private let shards = (0..<16).map { _ in Shard() }
+
+    /// Adds `id` to the calling thread's batch for `backup`; returns the batch when it has
+    /// reached `limit` transactions (and starts a new one).
+    func add(_ id: TransactionID, for backup: NodeID, limit: Int) -> [TransactionID]? {
+        let shard = Int(truncatingIfNeeded: (UInt64(pthread_self()) &* 0x9E37_79B9_7F4A_7C15) >> 60)
+        return shards[shard].lists.withLock { lists in
+            lists[backup.index].append(id)
+            guard lists[backup.index].count >= limit else { return nil }
+            defer { lists[backup.index].removeAll(keepingCapacity: true) }
+            return lists[backup.index]
+        }
+    }
+
+    /// Takes every batch, of every thread, per backup node.
+    func takeAll() -> [(NodeID, [TransactionID])] {
+        var out: [(NodeID, [TransactionID])] = []
+        for shard in shards {
+            shard.lists.withLock { lists in
+                for index in lists.indices where !lists[index].isEmpty {
+                    out.append((NodeID(index), lists[index]))
+                    lists[index].removeAll(keepingCapacity: true)
+                }
+            }
+        }
+        return out
+    }
 }

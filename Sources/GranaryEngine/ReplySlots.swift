@@ -1,6 +1,11 @@
 import GranaryMemory
 import GranaryTransport
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// Where LOCK replies meet the coordinator waiting for them, without locks on the hot path.
 ///
@@ -9,28 +14,63 @@ import Synchronization
 /// records a reply only if the slot still carries the reply's sequence, so a late reply to an
 /// attempt that gave up is ignored.
 ///
-/// `@unchecked Sendable`: slot words are atomics; the free list is behind a mutex.
+/// Free slots are bits in 16 shards of 64, each shard's bitmap on a cache line of its own; a
+/// thread takes slots from the shard its thread id hashes to (others when that one is empty), so
+/// coordinators on different cores do not pass one free list's cache line back and forth.
+///
+/// `@unchecked Sendable`: slot words and shard bitmaps are atomics.
 final class ReplySlots: @unchecked Sendable {
     static let count = 1024
+    private static let shards = 16
     private let words: UnsafeMutablePointer<Atomic<UInt64>>  // 3 per slot: sequence, pending, failure
-    private let free: Mutex<[Int]>
-    private let sequence = Atomic<UInt64>(1)
+    /// Shard `i`'s bitmap of free slots (bit `b`: slot `64 * i + b`) at word `8 * i`, and its
+    /// count of slots handed out at word `8 * i + 1` (from which sequence numbers are made).
+    private let freeBits: UnsafeMutablePointer<Atomic<UInt64>>
 
     init() {
         words = .allocate(capacity: Self.count * 3)
         for i in 0..<(Self.count * 3) { (words + i).initialize(to: Atomic<UInt64>(0)) }
-        free = Mutex(Array((0..<Self.count).reversed()))
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: Self.shards * 64, alignment: 64)
+        freeBits = raw.bindMemory(to: Atomic<UInt64>.self, capacity: Self.shards * 8)
+        for i in 0..<(Self.shards * 8) { (freeBits + i).initialize(to: Atomic<UInt64>(i % 8 == 0 ? ~0 : 0)) }
     }
 
     deinit {
         words.deinitialize(count: Self.count * 3)
         words.deallocate()
+        freeBits.deinitialize(count: Self.shards * 8)
+        UnsafeMutableRawPointer(freeBits).deallocate()
+    }
+
+    /// Takes a free slot, from the calling thread's shard first; with a sequence number unique
+    /// among this node's attempts (the shard's count of slots handed out, then the shard).
+    private func takeSlot() -> (slot: Int, sequence: UInt64)? {
+        let home = Int(truncatingIfNeeded: (UInt64(pthread_self()) &* 0x9E37_79B9_7F4A_7C15) >> 60)
+        for step in 0..<Self.shards {
+            let shard = (home + step) & (Self.shards - 1)
+            let bitmap = freeBits + shard * 8
+            var bits = bitmap.pointee.load(ordering: .relaxed)
+            while bits != 0 {
+                let bit = bits.trailingZeroBitCount
+                let (exchanged, found) = bitmap.pointee.compareExchange(expected: bits, desired: bits & ~(1 << UInt64(bit)),
+                                                                        ordering: .acquiring)
+                if exchanged {
+                    var sequence: UInt64 = 0
+                    while sequence == 0 {  // 0 marks a free slot; skipped when the 36-bit count wraps
+                        let taken = (bitmap + 1).pointee.wrappingAdd(1, ordering: .relaxed).oldValue
+                        sequence = (taken << 4 | UInt64(shard)) & 0xFF_FFFF_FFFF
+                    }
+                    return (shard * 64 + bit, sequence)
+                }
+                bits = found
+            }
+        }
+        return nil
     }
 
     /// Takes a slot for a new attempt expecting `replies` replies; nil if all are in use.
     func acquire(node: NodeID, replies: Int) -> TransactionID? {
-        guard let slot = free.withLock({ $0.popLast() }) else { return nil }
-        let sequence = self.sequence.wrappingAdd(1, ordering: .relaxed).oldValue & 0xFF_FFFF_FFFF
+        guard let (slot, sequence) = takeSlot() else { return nil }
         words[slot * 3 + 1].store(UInt64(replies), ordering: .relaxed)
         words[slot * 3 + 2].store(0, ordering: .relaxed)
         words[slot * 3].store(sequence, ordering: .releasing)
@@ -75,6 +115,6 @@ final class ReplySlots: @unchecked Sendable {
     /// Returns the slot; later replies to `id` are ignored.
     func release(_ id: TransactionID) {
         words[id.slot * 3].store(0, ordering: .releasing)
-        free.withLock { $0.append(id.slot) }
+        (freeBits + (id.slot / 64) * 8).pointee.bitwiseOr(1 << UInt64(id.slot % 64), ordering: .releasing)
     }
 }

@@ -1,6 +1,11 @@
 import CoreMetrics
 import GranaryMemory
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// The commit protocol's phases, as timers and counters name them.
 public enum Phase: Int, Sendable, CaseIterable, CustomStringConvertible {
@@ -25,14 +30,29 @@ public enum Phase: Int, Sendable, CaseIterable, CustomStringConvertible {
 /// (dimension `cause`), `granary_phase_nanoseconds` (timer, dimension `phase`),
 /// `granary_records_rejected_total` (dimension `reason`); every one with dimension `node`.
 ///
+/// The counters are striped: a thread adds to the stripe its thread id hashes to (16 stripes, each
+/// on cache lines of its own), and a snapshot sums the stripes. Coordinators on different cores
+/// then do not pass one counter line back and forth on every commit.
+///
 /// `@unchecked Sendable`: the counters are atomics in one block allocated at init and freed at deinit.
 public final class EngineStatistics: @unchecked Sendable {
-    // Layout of `counters`: committed, read-only, lock records, rejected, then aborts by cause raw
-    // value (0...8), then nanoseconds per phase, then counts per phase.
+    // Layout of a stripe: committed, read-only, lock records, rejected, then aborts by cause raw
+    // value (0...8), then nanoseconds per phase, then counts per phase; 32 words (4 lines).
     private static let committedIndex = 0, readOnlyIndex = 1, lockIndex = 2, rejectedIndex = 3
     private static let abortBase = 4, phaseNanosBase = 13, phaseCountBase = 19, total = 25
+    private static let stripeWords = 32, stripes = 16
     private let counters: UnsafeMutablePointer<Atomic<Int>>
-    private func counter(_ index: Int) -> UnsafeMutablePointer<Atomic<Int>> { counters + index }
+
+    /// The calling thread's copy of counter `index`.
+    private func counter(_ index: Int) -> UnsafeMutablePointer<Atomic<Int>> {
+        let stripe = Int(truncatingIfNeeded: (UInt64(pthread_self()) &* 0x9E37_79B9_7F4A_7C15) >> 60)
+        return counters + (stripe * Self.stripeWords + index)
+    }
+
+    /// Counter `index` summed over the stripes.
+    private func sum(_ index: Int) -> Int {
+        (0..<Self.stripes).reduce(0) { $0 &+ (counters + ($1 * Self.stripeWords + index)).pointee.load(ordering: .relaxed) }
+    }
 
     private let committedCounter: Counter
     private let abortCounters: [Counter]
@@ -41,8 +61,9 @@ public final class EngineStatistics: @unchecked Sendable {
 
     init(node: NodeID, factory: any MetricsFactory) {
         let dimension = [("node", node.description)]
-        counters = .allocate(capacity: Self.total)
-        for index in 0..<Self.total { (counters + index).initialize(to: Atomic<Int>(0)) }
+        let words = Self.stripes * Self.stripeWords
+        counters = UnsafeMutableRawPointer.allocate(byteCount: words * 8, alignment: 64).bindMemory(to: Atomic<Int>.self, capacity: words)
+        for index in 0..<words { (counters + index).initialize(to: Atomic<Int>(0)) }
         committedCounter = Counter(label: "granary_transactions_committed_total", dimensions: dimension, factory: factory)
         abortCounters = (0...AbortCause.allCases.count).map { raw in
             Counter(label: "granary_transactions_aborted_total",
@@ -55,8 +76,8 @@ public final class EngineStatistics: @unchecked Sendable {
     }
 
     deinit {
-        counters.deinitialize(count: Self.total)
-        counters.deallocate()
+        counters.deinitialize(count: Self.stripes * Self.stripeWords)
+        UnsafeMutableRawPointer(counters).deallocate()
     }
 
     func committed(readOnly: Bool) {
@@ -101,16 +122,16 @@ public final class EngineStatistics: @unchecked Sendable {
 
     public var snapshot: Snapshot {
         var aborts: [AbortCause: Int] = [:]
-        for cause in AbortCause.allCases { aborts[cause] = counter(Self.abortBase + Int(cause.rawValue)).pointee.load(ordering: .relaxed) }
+        for cause in AbortCause.allCases { aborts[cause] = sum(Self.abortBase + Int(cause.rawValue)) }
         var nanos: [Phase: Int] = [:], counts: [Phase: Int] = [:]
         for phase in Phase.allCases {
-            nanos[phase] = counter(Self.phaseNanosBase + phase.rawValue).pointee.load(ordering: .relaxed)
-            counts[phase] = counter(Self.phaseCountBase + phase.rawValue).pointee.load(ordering: .relaxed)
+            nanos[phase] = sum(Self.phaseNanosBase + phase.rawValue)
+            counts[phase] = sum(Self.phaseCountBase + phase.rawValue)
         }
-        return Snapshot(committed: counter(Self.committedIndex).pointee.load(ordering: .relaxed),
-                        committedReadOnly: counter(Self.readOnlyIndex).pointee.load(ordering: .relaxed),
-                        lockRecords: counter(Self.lockIndex).pointee.load(ordering: .relaxed),
-                        rejectedRecords: counter(Self.rejectedIndex).pointee.load(ordering: .relaxed),
+        return Snapshot(committed: sum(Self.committedIndex),
+                        committedReadOnly: sum(Self.readOnlyIndex),
+                        lockRecords: sum(Self.lockIndex),
+                        rejectedRecords: sum(Self.rejectedIndex),
                         aborts: aborts, phaseNanoseconds: nanos, phaseCounts: counts)
     }
 }
