@@ -371,7 +371,8 @@ public final class Engine: Sendable {
         var backoff = Backoff(spins: 8, yields: 0, maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
         while running.load(ordering: .acquiring) {
             let handled = pollOnce()
-            if helped.exchange(false, ordering: .relaxed) {
+            // Load before clearing: an exchange would write the flag's line on every loop.
+            if helped.load(ordering: .relaxed), helped.exchange(false, ordering: .relaxed) {
                 // Coordinators are serving this mailbox: what is left, they serve next.
                 usleep(helpedPollerSleepMicroseconds)
             } else if handled > 0 {
