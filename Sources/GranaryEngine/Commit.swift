@@ -146,6 +146,7 @@ extension Transaction {
                 if let peer = primaryEngines[primary.index] { report.append(peer.takeUnretainedValue().channelReport) }
             }
             engine.logger.error("LOCK of \(id) to \(NodeMask(primaries).map(\.description)) unanswered after \(timeout / 1_000_000) ms\n\(report.joined(separator: "\n"))")
+            if getenv("GRANARY_CRASH_ON_UNANSWERED") != nil { fatalError("LOCK unanswered (GRANARY_CRASH_ON_UNANSWERED is set)") }
             try abort(id)
             throw TransactionError.peerUnresponsive(NodeID(primaries.trailingZeroBitCount), waitedMilliseconds: Int(timeout / 1_000_000))
         }

@@ -270,7 +270,10 @@ final class RecordProcessor: @unchecked Sendable {
                                      count: entry.payload.count, header: entry.new)
                 if entry.operation == .allocate { replica.didAllocate(slot) }
             case .free:
-                ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
+                // The payload is zeroed, not left as the last write made it: then a replica's
+                // bytes depend only on the newest record applied to the object, and backups, which
+                // apply records in any order (newest version wins), end byte-equal to the primary.
+                ObjectLayout.install(base, lines: slot.lines, payload: UnsafeRawPointer(base), count: 0, header: entry.new)
                 replica.didFree(slot)
             }
             if state.pointee.persistEveryInstall {
@@ -392,7 +395,9 @@ final class RecordProcessor: @unchecked Sendable {
             ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
                                  count: entry.payload.count, header: entry.new)
         case .free:
-            ObjectLayout.stamp(base, lines: slot.lines, header: entry.new)
+            // Zeroed as at the primary (see release): the result does not depend on which older
+            // records arrived before this one.
+            ObjectLayout.install(base, lines: slot.lines, payload: UnsafeRawPointer(base), count: 0, header: entry.new)
         }
         if state.pointee.persistEveryInstall {
             replica.withRegion { try? $0.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize) }

@@ -375,6 +375,7 @@ public final class Transaction {
 
     /// Frees the object at `address` when the transaction commits: its slot's incarnation changes, so
     /// any transaction that read it aborts, and reads of it fail with ``TransactionError/notAllocated(_:)``.
+    /// Its payload is zeroed on every replica.
     ///
     /// Cost: as ``write(_:_:)``.
     public func free(_ address: GlobalAddress) throws {

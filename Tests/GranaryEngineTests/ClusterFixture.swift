@@ -28,7 +28,15 @@ func replicaDifferences(_ cluster: Cluster) -> [String] {
                 while primary.base.load(fromByteOffset: offset, as: UInt8.self) == copy.base.load(fromByteOffset: offset, as: UInt8.self) {
                     offset += 1
                 }
-                differences.append("\(placement.region): backup \(backup) first differs from primary \(placement.primary) at offset \(offset)")
+                var differing = 0
+                for index in offset..<primary.size where primary.base.load(fromByteOffset: index, as: UInt8.self) != copy.base.load(fromByteOffset: index, as: UInt8.self) {
+                    differing += 1
+                }
+                let line = offset & ~63
+                func hex(_ base: UnsafeMutableRawPointer) -> String {
+                    (0..<8).map { String(base.load(fromByteOffset: line + 8 * $0, as: UInt64.self), radix: 16) }.joined(separator: " ")
+                }
+                differences.append("\(placement.region): backup \(backup) first differs from primary \(placement.primary) at offset \(offset) (\(differing) bytes differ); line \(line) primary [\(hex(primary.base))] backup [\(hex(copy.base))]")
             }
         }
     }
