@@ -146,7 +146,17 @@ extension Transaction {
                 if let peer = primaryEngines[primary.index] { report.append(peer.takeUnretainedValue().channelReport) }
             }
             engine.logger.error("LOCK of \(id) to \(NodeMask(primaries).map(\.description)) unanswered after \(timeout / 1_000_000) ms\n\(report.joined(separator: "\n"))")
-            if getenv("GRANARY_CRASH_ON_UNANSWERED") != nil { fatalError("LOCK unanswered (GRANARY_CRASH_ON_UNANSWERED is set)") }
+            if getenv("GRANARY_CRASH_ON_UNANSWERED") != nil {
+                // Crash the thread that holds a primary's poll claim, so that the backtrace shows
+                // where it is stuck; then this one.
+                for primary in NodeMask(primaries) {
+                    if let peer = primaryEngines[primary.index], let holder = peer.takeUnretainedValue().mailbox.claimHolderThread {
+                        pthread_kill(holder, SIGABRT)
+                        sleep(2)
+                    }
+                }
+                fatalError("LOCK unanswered (GRANARY_CRASH_ON_UNANSWERED is set)")
+            }
             try abort(id)
             throw TransactionError.peerUnresponsive(NodeID(primaries.trailingZeroBitCount), waitedMilliseconds: Int(timeout / 1_000_000))
         }

@@ -91,7 +91,7 @@ struct ReplicaAccess {
         return try result.get()
     }
 
-    func didAllocate(_ slot: ObjectSlot) { allocator?._withUnsafeGuaranteedRef { $0.didAllocate(slot) } }
+    func didAllocate(_ slot: ObjectSlot, persist: Bool) { allocator?._withUnsafeGuaranteedRef { $0.didAllocate(slot, persist: persist) } }
     func didFree(_ slot: ObjectSlot) { allocator?._withUnsafeGuaranteedRef { $0.didFree(slot) } }
 }
 
@@ -472,7 +472,8 @@ public final class Engine: Sendable {
     /// did not answer.
     public var channelReport: String {
         let view = self.view
-        var lines = ["\(node): pending locks \(processor.pendingCount.load(ordering: .relaxed)), unsent replies \(processor.unsentCount.load(ordering: .relaxed)), stashed \(processor.stashedCount.load(ordering: .relaxed))"]
+        let poller = pollerThread.withLock { $0 }.map { "0x" + String(UInt($0), radix: 16) } ?? "none"
+        var lines = ["\(node) (poller thread \(poller)): pending locks \(processor.pendingCount.load(ordering: .relaxed)), unsent replies \(processor.unsentCount.load(ordering: .relaxed)), stashed \(processor.stashedCount.load(ordering: .relaxed))"]
         for index in 0..<NodeID.limit where processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
             lines.append("  in:  " + mailbox.ringState(from: NodeID(index)))
         }

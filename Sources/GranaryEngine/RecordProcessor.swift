@@ -268,7 +268,7 @@ final class RecordProcessor: @unchecked Sendable {
             case .write, .allocate:
                 ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
                                      count: entry.payload.count, header: entry.new)
-                if entry.operation == .allocate { replica.didAllocate(slot) }
+                if entry.operation == .allocate { replica.didAllocate(slot, persist: state.pointee.persistEveryInstall) }
             case .free:
                 // The payload is zeroed, not left as the last write made it: then a replica's
                 // bytes depend only on the newest record applied to the object, and backups, which
@@ -378,7 +378,8 @@ final class RecordProcessor: @unchecked Sendable {
         let slot: ObjectSlot
         if entry.operation == .allocate {
             slot = ObjectSlot(offset: offset, lines: entry.lines)
-            replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: slot) }
+            let persist = state.pointee.persistEveryInstall
+            replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: slot, persist: persist) }
         } else {
             guard let found = replica.withRegion({ try? SlabAllocator.slot(in: $0, layout: replica.layout, at: offset) }) else {
                 return false

@@ -188,21 +188,30 @@ public final class SlabAllocator: @unchecked Sendable {
 
     /// Records that a reserved slot's allocation committed (its allocated header is installed),
     /// entering its slab's size class in the slab table if this is the slab's first allocation.
-    public func didAllocate(_ slot: ObjectSlot) {
+    ///
+    /// - Parameter persist: also persist the slab table entry (`pmem_persist`, or `msync`, a disk
+    ///   write where the region file is not persistent memory), as installs are persisted only
+    ///   when the engine is told to persist every install.
+    public func didAllocate(_ slot: ObjectSlot, persist: Bool = false) {
         state.withLock { state in
             state.reserved -= 1
             state.allocated += 1
         }
-        Self.recordSlabClass(in: region, layout: layout, slot: slot)
+        Self.recordSlabClass(in: region, layout: layout, slot: slot, persist: persist)
     }
 
     /// Enters `slot`'s size class in the slab table of `region` (any replica) if its slab has none.
     /// Backups call this when they apply an allocation, so their bytes match the primary's.
-    public static func recordSlabClass(in region: Region, layout: SlabLayout, slot: ObjectSlot) {
+    ///
+    /// - Parameter persist: also persist the entry (see ``didAllocate(_:persist:)``). The record
+    ///   processor calls this while it holds its mailbox's poll claim: an `msync` there once kept a
+    ///   node from serving its mailbox for more than 10 s while other tests wrote back their
+    ///   region files on the same disk.
+    public static func recordSlabClass(in region: Region, layout: SlabLayout, slot: ObjectSlot, persist: Bool = false) {
         let entry = SlabLayout.tableOffset + (slot.offset >> layout.slabShift) * 2
         if region.base.load(fromByteOffset: entry, as: UInt16.self) == 0 {
             region.base.storeBytes(of: UInt16(slot.lines), toByteOffset: entry, as: UInt16.self)
-            try? region.persist(offset: entry, length: 2)
+            if persist { try? region.persist(offset: entry, length: 2) }
         }
     }
 

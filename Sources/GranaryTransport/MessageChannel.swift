@@ -100,6 +100,13 @@ public final class Mailbox: @unchecked Sendable {
     @usableFromInline let base: UnsafeMutableRawPointer
     /// Held by the thread receiving from this mailbox.
     @usableFromInline let claim = Atomic<Bool>(false)
+    /// The thread that took the claim last (`pthread_t` bits), for diagnostics.
+    @usableFromInline let claimHolder = Atomic<UInt>(0)
+
+    /// The thread that took the poll claim last, if the claim is held now.
+    public var claimHolderThread: pthread_t? {
+        claim.load(ordering: .relaxed) ? pthread_t(claimHolder.load(ordering: .relaxed)) : nil
+    }
 
     /// Creates the mailbox of `node` in `directory`, or opens and clears the one a previous run of the
     /// node left (messages are not kept across restarts; the regions' data is).
@@ -134,6 +141,7 @@ public final class Mailbox: @unchecked Sendable {
     @inlinable
     public func withPollerIfAvailable<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R? {
         guard claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return nil }
+        claimHolder.store(UInt(pthread_self()), ordering: .relaxed)
         defer { claim.store(false, ordering: .releasing) }
         return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity))
     }
@@ -142,9 +150,26 @@ public final class Mailbox: @unchecked Sendable {
     /// while another thread holds it.
     @inlinable
     public func withPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
-        while !claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged { sched_yield() }
+        if !claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged { waitForClaim() }
+        claimHolder.store(UInt(pthread_self()), ordering: .relaxed)
         defer { claim.store(false, ordering: .releasing) }
         return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity))
+    }
+
+    /// Takes the poll claim, yielding the CPU while another thread holds it.
+    @usableFromInline
+    func waitForClaim() {
+        let start = monotonicNanoseconds()
+        var reported = false
+        while !claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+            sched_yield()
+            if !reported, monotonicNanoseconds() - start > 5_000_000_000 {
+                reported = true
+                if getenv("GRANARY_CRASH_ON_UNANSWERED") != nil {
+                    fatalError("\(node)'s mailbox poll claim held for 5 s (GRANARY_CRASH_ON_UNANSWERED is set)")
+                }
+            }
+        }
     }
 
     /// Whether the ring of `sender` may hold a message now: its word at the receiver's published
@@ -172,7 +197,8 @@ public final class Mailbox: @unchecked Sendable {
             let trailer = (frame - ChannelFormat.headerOffset + ChannelFormat.trailerOffset(length)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
             text += ", trailer 0x\(String(trailer, radix: 16)) (expected 0x\(String(ChannelFormat.trailer(position: head), radix: 16)))"
         }
-        return text + (claim.load(ordering: .relaxed) ? ", poll claim held" : "")
+        guard let holder = claimHolderThread else { return text }
+        return text + ", poll claim held by thread 0x\(String(UInt(holder), radix: 16))"
     }
 
     /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring:
