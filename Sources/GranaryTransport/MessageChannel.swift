@@ -177,11 +177,18 @@ public final class Mailbox: @unchecked Sendable {
     /// cheaply; false while a message is only partly written is fine, the next look sees it.
     @inline(__always)
     public func mayHaveMessage(from sender: NodeID) -> Bool {
+        headerWord(from: sender, acquiring: false).pointee.load(ordering: .relaxed) != 0
+    }
+
+    /// The word where the next message from `sender` has its header (at the consumed counter,
+    /// loaded with acquire ordering or relaxed).
+    @inline(__always)
+    func headerWord(from sender: NodeID, acquiring: Bool) -> UnsafeMutablePointer<Atomic<UInt64>> {
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
-        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed)
+        let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
+        let head = acquiring ? consumed.pointee.load(ordering: .acquiring) : consumed.pointee.load(ordering: .relaxed)
         let position = Int(head & UInt64(ringCapacity - 1))
-        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset)
-            .assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed) != 0
+        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
     }
 
     /// The ring of `sender` as it is now, for diagnostics: bytes consumed, and the words at the
@@ -204,11 +211,7 @@ public final class Mailbox: @unchecked Sendable {
     /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring:
     /// a snapshot, for quiescence checks.
     public func isEmpty(from sender: NodeID) -> Bool {
-        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
-        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
-        let position = Int(head & UInt64(ringCapacity - 1))
-        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset)
-            .assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) == 0
+        headerWord(from: sender, acquiring: true).pointee.load(ordering: .acquiring) == 0
     }
 }
 
@@ -309,14 +312,6 @@ public struct MailboxPoller: ~Copyable {
         return .corruptChannel(sender: sender, receiver: receiver, reason: reason)
     }
 
-    /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring.
-    public func isEmpty(from sender: NodeID) -> Bool {
-        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
-        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed)
-        let position = Int(head & UInt64(ringCapacity - 1))
-        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset)
-            .assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) == 0
-    }
 }
 
 /// The receive side of the channel from one sender: a ring in the local mailbox.

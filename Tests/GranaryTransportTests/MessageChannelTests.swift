@@ -24,6 +24,19 @@ private func decode(_ message: UnsafeRawBufferPointer) -> Result<(Int, Int), Cha
     return .success((stream, sequence))
 }
 
+/// Sends `count` messages of `stream` on `sender`, of sizes `size(sequence)`; records the first
+/// failure in `failure` and stops.
+private func sendStream(_ stream: Int, count: Int, on sender: ChannelSender, failure: borrowing Mutex<String?>, size: (Int) -> Int) {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+    defer { buffer.deallocate() }
+    for sequence in 0..<count {
+        do { try sender.send(makeMessage(stream: stream, sequence: sequence, size: size(sequence), into: buffer)) } catch {
+            failure.withLock { $0 = "stream \(stream) send \(sequence): \(error)" }
+            return
+        }
+    }
+}
+
 private struct ChannelDamage: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
@@ -126,16 +139,7 @@ struct MessageChannelTests {
         let next = Mutex([Int](repeating: 0, count: streams))
         runThreads(streams + 1) { thread in
             if thread < streams {
-                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
-                defer { buffer.deallocate() }
-                for sequence in 0..<perStream {
-                    do {
-                        try senders[thread / 2].send(makeMessage(stream: thread, sequence: sequence, size: 16 + sequence % 500, into: buffer))
-                    } catch {
-                        failure.withLock { $0 = "stream \(thread) send \(sequence): \(error)" }
-                        return
-                    }
-                }
+                sendStream(thread, count: perStream, on: senders[thread / 2], failure: failure) { 16 + $0 % 500 }
             } else {
                 var backoff = Backoff()
                 var seen = [Int](repeating: 0, count: streams)
@@ -176,16 +180,8 @@ struct MessageChannelTests {
         let seen = Mutex([Int](repeating: 0, count: streams))
         runThreads(streams + 1) { thread in
             if thread < streams {
-                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
-                defer { buffer.deallocate() }
-                for sequence in 0..<perStream {
-                    // Sizes 16..<1000 (up to four lines), so wraps and full rings are frequent.
-                    let message = makeMessage(stream: thread, sequence: sequence, size: 16 + (sequence * 131 + thread * 17) % 984, into: buffer)
-                    do { try sender.send(message) } catch {
-                        failure.withLock { $0 = "stream \(thread) send \(sequence): \(error)" }
-                        return
-                    }
-                }
+                // Sizes 16..<1000 (up to four lines), so wraps and full rings are frequent.
+                sendStream(thread, count: perStream, on: sender, failure: failure) { 16 + ($0 * 131 + thread * 17) % 984 }
             } else {
                 var next = [Int](repeating: 0, count: streams)
                 var backoff = Backoff()
