@@ -146,7 +146,7 @@ extension Transaction {
                 if let peer = primaryEngines[primary.index] { report.append(peer.takeUnretainedValue().channelReport) }
             }
             engine.logger.error("LOCK of \(id) to \(NodeMask(primaries).map(\.description)) unanswered after \(timeout / 1_000_000) ms\n\(report.joined(separator: "\n"))")
-            if getenv("GRANARY_CRASH_ON_UNANSWERED") != nil {
+            if Mailbox.crashOnStall {
                 // Crash the thread that holds a primary's poll claim, so that the backtrace shows
                 // where it is stuck; then this one.
                 for primary in NodeMask(primaries) {

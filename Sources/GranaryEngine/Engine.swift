@@ -503,13 +503,12 @@ final class TruncationBatches: Sendable {
         private let padding: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
             (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     }
-    private let shards = (0..<16).map { _ in Shard() }
+    private let shards = (0..<threadShards).map { _ in Shard() }
 
     /// Adds `id` to the calling thread's batch for `backup`; returns the batch when it has
     /// reached `limit` transactions (and starts a new one).
     func add(_ id: TransactionID, for backup: NodeID, limit: Int) -> [TransactionID]? {
-        let shard = Int(truncatingIfNeeded: (UInt64(pthread_self()) &* 0x9E37_79B9_7F4A_7C15) >> 60)
-        return shards[shard].lists.withLock { lists in
+        shards[threadShard()].lists.withLock { lists in
             lists[backup.index].append(id)
             guard lists[backup.index].count >= limit else { return nil }
             defer { lists[backup.index].removeAll(keepingCapacity: true) }

@@ -21,7 +21,7 @@ import Musl
 /// `@unchecked Sendable`: slot words and shard bitmaps are atomics.
 final class ReplySlots: @unchecked Sendable {
     static let count = 1024
-    private static let shards = 16
+    private static let shards = threadShards
     private let words: UnsafeMutablePointer<Atomic<UInt64>>  // 3 per slot: sequence, pending, failure
     /// Shard `i`'s bitmap of free slots (bit `b`: slot `64 * i + b`) at word `8 * i`, and its
     /// count of slots handed out at word `8 * i + 1` (from which sequence numbers are made).
@@ -45,7 +45,7 @@ final class ReplySlots: @unchecked Sendable {
     /// Takes a free slot, from the calling thread's shard first; with a sequence number unique
     /// among this node's attempts (the shard's count of slots handed out, then the shard).
     private func takeSlot() -> (slot: Int, sequence: UInt64)? {
-        let home = Int(truncatingIfNeeded: (UInt64(pthread_self()) &* 0x9E37_79B9_7F4A_7C15) >> 60)
+        let home = threadShard()
         for step in 0..<Self.shards {
             let shard = (home + step) & (Self.shards - 1)
             let bitmap = freeBits + shard * 8

@@ -30,6 +30,16 @@ public enum Phase: Int, Sendable, CaseIterable, CustomStringConvertible {
 /// (dimension `cause`), `granary_phase_nanoseconds` (timer, dimension `phase`),
 /// `granary_records_rejected_total` (dimension `reason`); every one with dimension `node`.
 ///
+/// The shard (0..<``threadShards``) of the calling thread, from its thread id: what a thread
+/// updates on every commit lives in its shard, so that threads on different cores touch
+/// different cache lines.
+@inline(__always) func threadShard() -> Int {
+    Int(truncatingIfNeeded: (UInt64(pthread_self()) &* 0x9E37_79B9_7F4A_7C15) >> 60)
+}
+
+/// The number of shards ``threadShard()`` picks from.
+let threadShards = 16
+
 /// The counters are striped: a thread adds to the stripe its thread id hashes to (16 stripes, each
 /// on cache lines of its own), and a snapshot sums the stripes. Coordinators on different cores
 /// then do not pass one counter line back and forth on every commit.
@@ -40,13 +50,12 @@ public final class EngineStatistics: @unchecked Sendable {
     // value (0...8), then nanoseconds per phase, then counts per phase; 32 words (4 lines).
     private static let committedIndex = 0, readOnlyIndex = 1, lockIndex = 2, rejectedIndex = 3
     private static let abortBase = 4, phaseNanosBase = 13, phaseCountBase = 19, total = 25
-    private static let stripeWords = 32, stripes = 16
+    private static let stripeWords = 32, stripes = threadShards
     private let counters: UnsafeMutablePointer<Atomic<Int>>
 
     /// The calling thread's copy of counter `index`.
     private func counter(_ index: Int) -> UnsafeMutablePointer<Atomic<Int>> {
-        let stripe = Int(truncatingIfNeeded: (UInt64(pthread_self()) &* 0x9E37_79B9_7F4A_7C15) >> 60)
-        return counters + (stripe * Self.stripeWords + index)
+        counters + (threadShard() * Self.stripeWords + index)
     }
 
     /// Counter `index` summed over the stripes.

@@ -103,6 +103,11 @@ public final class Mailbox: @unchecked Sendable {
     /// The thread that took the claim last (`pthread_t` bits), for diagnostics.
     @usableFromInline let claimHolder = Atomic<UInt>(0)
 
+    /// Whether `GRANARY_CRASH_ON_UNANSWERED` is set: then a wait that should take microseconds
+    /// and lasts seconds (a poll claim never given back, a LOCK never answered) crashes the
+    /// process instead of going on, for a backtrace.
+    public static let crashOnStall = getenv("GRANARY_CRASH_ON_UNANSWERED") != nil
+
     /// The thread that took the poll claim last, if the claim is held now.
     public var claimHolderThread: pthread_t? {
         claim.load(ordering: .relaxed) ? pthread_t(claimHolder.load(ordering: .relaxed)) : nil
@@ -165,7 +170,7 @@ public final class Mailbox: @unchecked Sendable {
             sched_yield()
             if !reported, monotonicNanoseconds() - start > 5_000_000_000 {
                 reported = true
-                if getenv("GRANARY_CRASH_ON_UNANSWERED") != nil {
+                if Self.crashOnStall {
                     fatalError("\(node)'s mailbox poll claim held for 5 s (GRANARY_CRASH_ON_UNANSWERED is set)")
                 }
             }
@@ -177,27 +182,26 @@ public final class Mailbox: @unchecked Sendable {
     /// cheaply; false while a message is only partly written is fine, the next look sees it.
     @inline(__always)
     public func mayHaveMessage(from sender: NodeID) -> Bool {
-        headerWord(from: sender, acquiring: false).pointee.load(ordering: .relaxed) != 0
+        headerWord(from: sender, acquiring: false).word.pointee.load(ordering: .relaxed) != 0
     }
 
-    /// The word where the next message from `sender` has its header (at the consumed counter,
-    /// loaded with acquire ordering or relaxed).
+    /// The consumed counter of `sender`'s ring (loaded with acquire ordering or relaxed), and the
+    /// word where the next message has its header.
     @inline(__always)
-    func headerWord(from sender: NodeID, acquiring: Bool) -> UnsafeMutablePointer<Atomic<UInt64>> {
+    func headerWord(from sender: NodeID, acquiring: Bool) -> (head: UInt64, word: UnsafeMutablePointer<Atomic<UInt64>>) {
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
         let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
         let head = acquiring ? consumed.pointee.load(ordering: .acquiring) : consumed.pointee.load(ordering: .relaxed)
         let position = Int(head & UInt64(ringCapacity - 1))
-        return (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
+        return (head, (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset).assumingMemoryBound(to: Atomic<UInt64>.self))
     }
 
     /// The ring of `sender` as it is now, for diagnostics: bytes consumed, and the words at the
     /// head (the header, and the trailer the header's length points to).
     public func ringState(from sender: NodeID) -> String {
-        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
-        let head = control.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
-        let frame = control + ChannelFormat.controlBytes + Int(head & UInt64(ringCapacity - 1)) + ChannelFormat.headerOffset
-        let header = frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+        let (head, headerWord) = headerWord(from: sender, acquiring: true)
+        let frame = UnsafeMutableRawPointer(headerWord)
+        let header = headerWord.pointee.load(ordering: .acquiring)
         var text = "ring from \(sender): consumed \(head), header 0x\(String(header, radix: 16))"
         let length = Int(header & 0xFFFF_FFFF)
         if header >> 48 == ChannelFormat.messageMagic, length <= ChannelFormat.maximumMessage(ringCapacity: ringCapacity) {
@@ -211,7 +215,7 @@ public final class Mailbox: @unchecked Sendable {
     /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring:
     /// a snapshot, for quiescence checks.
     public func isEmpty(from sender: NodeID) -> Bool {
-        headerWord(from: sender, acquiring: true).pointee.load(ordering: .acquiring) == 0
+        headerWord(from: sender, acquiring: true).word.pointee.load(ordering: .acquiring) == 0
     }
 }
 
@@ -267,7 +271,7 @@ public struct MailboxPoller: ~Copyable {
                 throw corruption(from: sender, header: header, head: head, trailer: nil)
             }
             let stride = ChannelFormat.stride(length)
-            let trailerWord = (ring + (position &+ stride &+ 48)).assumingMemoryBound(to: Atomic<UInt64>.self)
+            let trailerWord = (ring + (position &+ ChannelFormat.trailerOffset(length))).assumingMemoryBound(to: Atomic<UInt64>.self)
             let trailer = trailerWord.pointee.load(ordering: .acquiring)
             if trailer == 0 { break }  // the write has not fully landed yet
             guard trailer == ChannelFormat.trailer(position: head) else {
@@ -481,25 +485,16 @@ public final class ChannelSender: Sendable {
         // The caller's buffer is only read inside the lock, during this call: pass it as an address.
         let start = UInt(bitPattern: message.baseAddress)
         let count = message.count
-        if wait {
-            return try staging.withLock { buffer -> Result<Bool, TransportError> in
-                do throws(TransportError) {
-                    return .success(try sendStaged(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count),
-                                                   staging: buffer, wait: true))
-                } catch {
-                    return .failure(error)
-                }
-            }.get()
-        }
-        let result = staging.withLockIfAvailable { buffer -> Result<Bool, TransportError> in
+        func attempt(_ buffer: UInt) -> Result<Bool, TransportError> {
             do throws(TransportError) {
                 return .success(try sendStaged(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count),
-                                               staging: buffer, wait: false))
+                                               staging: buffer, wait: wait))
             } catch {
                 return .failure(error)
             }
         }
-        guard let result else { return false }
+        if wait { return try staging.withLock { attempt($0) }.get() }
+        guard let result = staging.withLockIfAvailable({ attempt($0) }) else { return false }
         return try result.get()
     }
 
