@@ -137,7 +137,20 @@ public final class MembershipService: Sendable {
     }
 
     /// Moves the engine to `configuration` if it is newer.
+    ///
+    /// One call at a time: the configuration watch, a lease refresh and the CM's own changes call
+    /// this from different tasks, and two of them with the same configuration both passed the
+    /// "newer" check before either moved the engine; the second then failed in
+    /// ``Engine/apply(_:adding:)`` ("cannot move to" its own id), which ended its task (seen once
+    /// in the ZooKeeper stage: a node stopped following configurations).
     func apply(_ configuration: Configuration) throws {
+        try applying.withLock { _ throws in try applyNewer(configuration) }
+    }
+
+    /// Serialises ``apply(_:)``.
+    private let applying = Mutex<Void>(())
+
+    private func applyNewer(_ configuration: Configuration) throws {
         guard configuration.id > engine.configuration.id else { return }
         guard configuration.contains(node) else {
             let first = state.withLock { state -> Bool in
