@@ -14,7 +14,10 @@ import GranaryMemory
 ///   8-byte word visible last, as an RDMA WRITE on a reliable-connected queue pair does; message
 ///   channels rely on this for their trailer words.
 /// - A ``read(from:_:into:)`` of whole, 64-byte aligned cache lines reads each line as a unit, so
-///   ``ObjectLayout/check(snapshot:lines:)`` detects a read that overlapped a write.
+///   ``ObjectLayout/check(snapshot:lines:)`` detects a read that overlapped a write. A line the
+///   backend could not read as a unit (it kept changing under a writer) comes back with the lock
+///   bit of its first word set, which that check rejects. (Shared memory: a per-line sequence
+///   lock; hardware RDMA: the NIC's DMA; software RDMA devices: two READs compared.)
 /// - Atomic operations (compare-and-swap, fetch-and-add) need 8-byte aligned addresses.
 public protocol Transport: AnyObject, Sendable {
     /// The node this transport acts for.

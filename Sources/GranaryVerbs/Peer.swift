@@ -24,6 +24,9 @@ struct PendingRequest {
     var length: Int32
     /// Reads: where the bytes go once the chain has completed.
     var destination: UnsafeMutableRawPointer?
+    /// Checked reads: the staging offset of the earlier READ of the same bytes, whose lines this
+    /// one's are compared with (see ``Connection/appendCheckedRead(remote:rkey:length:into:address:)``); -1 otherwise.
+    var twinOffset: Int32 = -1
     /// For error messages.
     var address: GlobalAddress
 }
@@ -159,6 +162,8 @@ final class Peer: @unchecked Sendable {
             total.workRequests += counters.workRequests
             total.completionWaits += counters.completionWaits
             total.sharedChainsPosted += counters.sharedChainsPosted
+            total.checkedReads += counters.checkedReads
+            total.flaggedLines += counters.flaggedLines
             if counters.connections > 0 { total.queuePairs += 1 }
         }
         return total
@@ -197,6 +202,8 @@ final class Connection: @unchecked Sendable {
     private var inlineBytes = 0
     private var buffers: PeerBuffers?
     private(set) var chainCount = 0
+    /// Lines the last completed chain's checked reads flagged as changing between their two copies.
+    private(set) var lastChainFlaggedLines = 0
     private var stagingUsed = 0
     private var chainSequence: UInt64 = 0
     var statistics = VerbsTransport.Statistics()
@@ -337,9 +344,9 @@ final class Connection: @unchecked Sendable {
 
     /// With the lock held: whether one more work request with `bytes` of staging fits the chain.
     @inline(__always)
-    func hasRoom(bytes: Int) -> Bool {
+    func hasRoom(bytes: Int, requests: Int = 1) -> Bool {
         guard let buffers else { return false }
-        return chainCount < buffers.chainCapacity && Self.align(stagingUsed, 64) + bytes <= buffers.stagingBytes
+        return chainCount + requests <= buffers.chainCapacity && Self.align(stagingUsed, 64) + bytes <= buffers.stagingBytes
     }
 
     /// The largest read or write piece one work request carries (the staging buffer).
@@ -382,6 +389,34 @@ final class Connection: @unchecked Sendable {
                              batchIndex: -1, destination: destination, address: address)
         wr.pointee.wr.rdma.remote_addr = remote
         wr.pointee.wr.rdma.rkey = rkey
+    }
+
+    /// Appends a *checked* read of `length` bytes (whole 64-byte lines at a line-aligned address):
+    /// two RDMA READs of the same bytes, one after the other on the queue pair. When the chain
+    /// completes, the second copy goes to `destination`, and every line whose bytes differ between
+    /// the two copies gets the lock bit (bit 63) of its first word set there, so
+    /// ``ObjectLayout/check(snapshot:lines:)`` rejects it.
+    ///
+    /// Why this makes each accepted line whole: the responder executes a QP's READs in order, so the
+    /// second copy starts after the first has ended. A line's first word is a version (object
+    /// header or line version) that changes with every write to the line and never returns to an
+    /// earlier value while the line's payload changes; a writer changes it before and after the
+    /// line's payload. If both copies hold the same first word, it held that value from the first
+    /// copy's load of it to the second's, so no payload store fell in between, and the first copy's
+    /// payload loads, which a copy makes after the line's first word (rxe's kernel `memcpy` copies
+    /// upwards), saw one state. A real NIC's DMA reads a line as a unit and needs none of this.
+    @inline(__always)
+    func appendCheckedRead(remote: UInt64, rkey: UInt32, length: Int, into destination: UnsafeMutableRawPointer?, address: GlobalAddress) {
+        let (first, firstOffset) = append(.read, opcode: IBV_WR_RDMA_READ, stagingBytes: length, length: length, flags: 0,
+                                          batchIndex: -1, destination: nil, address: address)
+        first.pointee.wr.rdma.remote_addr = remote
+        first.pointee.wr.rdma.rkey = rkey
+        let (second, _) = append(.read, opcode: IBV_WR_RDMA_READ, stagingBytes: length, length: length, flags: 0,
+                                 batchIndex: -1, destination: destination, address: address)
+        second.pointee.wr.rdma.remote_addr = remote
+        second.pointee.wr.rdma.rkey = rkey
+        buffers.unsafelyUnwrapped.pending[chainCount - 1].twinOffset = Int32(firstOffset)
+        statistics.checkedReads += 1
     }
 
     /// Appends an RDMA WRITE of `length` bytes from `source`: inline (copied by the post, no staging)
@@ -457,6 +492,7 @@ final class Connection: @unchecked Sendable {
         var polls = 0
         var start: UInt64 = 0
         statistics.completionWaits += 1
+        lastChainFlaggedLines = 0
         while !done {
             let found = ibv_poll_cq(cq, Int32(PeerBuffers.completionBatch), buffers.completions)
             if found < 0 {
@@ -499,7 +535,14 @@ final class Connection: @unchecked Sendable {
             switch request.kind {
             case .read:
                 if let destination = request.destination {
-                    memcpy(destination, buffers.staging + Int(request.stagingOffset), Int(request.length))
+                    let copy = buffers.staging + Int(request.stagingOffset)
+                    memcpy(destination, copy, Int(request.length))
+                    if request.twinOffset >= 0 {
+                        let flagged = Self.flagChangedLines(earlier: buffers.staging + Int(request.twinOffset), later: copy,
+                                                            into: destination, length: Int(request.length))
+                        lastChainFlaggedLines += flagged
+                        statistics.flaggedLines += flagged
+                    }
                 }
             case .compareAndSwap, .fetchAndAdd:
                 deliver(Int(request.batchIndex), buffers.staging.load(fromByteOffset: Int(request.stagingOffset), as: UInt64.self))
@@ -510,6 +553,23 @@ final class Connection: @unchecked Sendable {
         chainCount = 0
         stagingUsed = 0
         chainSequence &+= 1
+    }
+
+    /// Sets the lock bit of the first word, in `destination`, of every line whose bytes differ
+    /// between the two copies of a checked read. Returns how many lines it flagged.
+    private static func flagChangedLines(earlier: UnsafeRawPointer, later: UnsafeRawPointer,
+                                         into destination: UnsafeMutableRawPointer, length: Int) -> Int {
+        var flagged = 0
+        var offset = 0
+        while offset < length {
+            if memcmp(earlier + offset, later + offset, ObjectLayout.lineSize) != 0 {
+                let first = (destination + offset).loadUnaligned(as: UInt64.self)
+                (destination + offset).storeBytes(of: first | ObjectHeader.lockBit, as: UInt64.self)
+                flagged += 1
+            }
+            offset += ObjectLayout.lineSize
+        }
+        return flagged
     }
 
     /// With the lock held: post, then complete.

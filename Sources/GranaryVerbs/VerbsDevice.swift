@@ -52,6 +52,12 @@ final class VerbsDevice: @unchecked Sendable {
     /// `max_qp_rd_atom`: READs and atomics one QP accepts outstanding as responder.
     let maxResponderReadAtomic: Int
     let maxQueuePairWorkRequests: Int
+    /// Whether the device is a software one (soft-RoCE `rxe`, `siw`) whose RDMA READ is a CPU copy
+    /// in the kernel rather than a NIC's DMA: such a copy reads a cache line as a unit only by
+    /// chance, so ``VerbsTransport`` checks whole-line reads (see `Options.checkedLineReads`).
+    /// Told by the vendor id (rxe: 0xFFFFFF, siw: 0x626d74) or by the device having no bus device
+    /// behind it in sysfs (`/sys/class/infiniband/NAME/device`), as every hardware NIC has.
+    let isSoftware: Bool
 
     /// The names of the RDMA devices libibverbs sees (empty on a kernel without RDMA).
     static func deviceNames() -> [String] {
@@ -145,6 +151,9 @@ final class VerbsDevice: @unchecked Sendable {
         self.maxInitiatorReadAtomic = Int(deviceAttributes.max_qp_init_rd_atom)
         self.maxResponderReadAtomic = Int(deviceAttributes.max_qp_rd_atom)
         self.maxQueuePairWorkRequests = Int(deviceAttributes.max_qp_wr)
+        let softwareVendors: Set<UInt32> = [0xFFFFFF, 0x626d74]
+        self.isSoftware = softwareVendors.contains(deviceAttributes.vendor_id)
+            || access("/sys/class/infiniband/\(name)/device", F_OK) != 0
     }
 
     deinit {

@@ -53,8 +53,13 @@ import Musl
 ///
 /// **Ordering** (the guarantees ``Transport`` documents): a WRITE's last 8-byte word becomes visible
 /// last, as RC RDMA WRITE places data in order in practice (rxe copies packet by packet, in
-/// order); a READ of whole cache lines reads each line as a unit, which is assumed of DMA (and of
-/// rxe's in-kernel copy) rather than guaranteed by the verbs specification.
+/// order). A READ of whole cache lines reads each line as a unit: on a hardware NIC that is
+/// assumed of its DMA (as FaRM does), not guaranteed by the verbs specification. On a software
+/// device (rxe, siw) a READ is a `memcpy` in the kernel, which a concurrent writer can tear inside a
+/// line (measured: about 1 accepted read in 1,600 of the torn-read stress was torn). There, a READ
+/// of whole lines is *checked*: it is posted twice in the same chain, and a line whose two copies
+/// differ comes back with the lock bit of its first word set, so the object check rejects it (see
+/// ``Options/checkedLineReads``). The chain still has one completion wait.
 ///
 /// **Atomics.** Compare-and-swap and fetch-and-add are NIC atomics. They are atomic with CPU atomics
 /// on the same word only if ``atomicCapability`` is ``VerbsAtomicCapability/global``; rxe reports
@@ -93,10 +98,16 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         /// How many threads get their own connection (QP, staging buffer, ...) towards each peer;
         /// further threads share one connection per peer, in turns. 0: every thread shares it.
         public var connectionsPerPeer: Int
+        /// Whether a READ of whole cache lines is posted twice and compared line by line, so that a
+        /// line torn by a concurrent writer is flagged (see the type's *Ordering* paragraph). nil:
+        /// `GRANARY_VERBS_CHECKED_READS` (`0` or `1`) if set, else on software devices (rxe, siw),
+        /// whose READ is a CPU copy, and not on hardware NICs.
+        public var checkedLineReads: Bool?
 
         public init(device: String? = nil, port: UInt8 = 1, gidIndex: Int? = nil, stagingBytes: Int = 256 << 10,
                     chainCapacity: Int = 64, inlineBytes: Int = 64, completionTimeout: Duration = .seconds(5),
-                    endpointTimeout: Duration = .seconds(5), connectionsPerPeer: Int = 16) {
+                    endpointTimeout: Duration = .seconds(5), connectionsPerPeer: Int = 16,
+                    checkedLineReads: Bool? = nil) {
             self.device = device
             self.port = port
             self.gidIndex = gidIndex
@@ -106,6 +117,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
             self.completionTimeout = completionTimeout
             self.endpointTimeout = endpointTimeout
             self.connectionsPerPeer = connectionsPerPeer
+            self.checkedLineReads = checkedLineReads
         }
 
         var completionTimeoutNanoseconds: UInt64 { Self.nanoseconds(completionTimeout) }
@@ -132,6 +144,10 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         public var workRequests = 0
         /// Completion waits (one per chain).
         public var completionWaits = 0
+        /// Reads of whole lines posted as two READs and compared (software devices).
+        public var checkedReads = 0
+        /// Lines those comparisons found changed between the two copies, returned flagged.
+        public var flaggedLines = 0
         public init() {}
     }
 
@@ -150,6 +166,9 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     let peers: [Peer]
     /// Which connection of each peer a thread uses.
     let slots: ThreadSlots
+    /// Whether reads of whole cache lines are checked (posted twice and compared); see
+    /// ``Options/checkedLineReads``.
+    public let checksLineReads: Bool
 
     /// The name of the device in use (e.g. `rxe0`).
     public var deviceName: String { device.name }
@@ -192,6 +211,8 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
             Peer(node: NodeID(index), localNode: localNode, cluster: cluster, device: device, configuration: options)
         }
         self.slots = ThreadSlots(capacity: options.connectionsPerPeer)
+        self.checksLineReads = options.checkedLineReads
+            ?? environment("GRANARY_VERBS_CHECKED_READS").map { $0 != "0" } ?? device.isSoftware
         try listener.start()
         if localNode.index < NodeID.limit {
             peers[localNode.index].setEndpoint(Self.endpointPath(of: directory))
@@ -271,14 +292,33 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
 
     /// Copies `buffer.count` bytes at `address` on `node` into `buffer`: RDMA READ into the staging
     /// buffer, then a copy. One round trip (more for reads longer than `Options.stagingBytes`).
+    ///
+    /// A checked read (whole lines on a software device) whose copies disagree on some line is
+    /// repeated, up to ``checkedReadAttempts`` times, before the flagged lines are returned.
     public func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) {
         let peer = try self.connection(node)
         peer.lock()
         defer { peer.unlock() }
         let (remote, rkey) = try peer.resolve(address, buffer.count)
         guard let destination = buffer.baseAddress, buffer.count > 0 else { return }
-        try Self.appendRead(peer, remote: remote, rkey: rkey, length: buffer.count, into: destination, address: address)
-        try peer.flush { _, _ in }
+        let checked = checks(address, buffer.count)
+        var attempt = 0
+        repeat {
+            try Self.appendRead(peer, remote: remote, rkey: rkey, length: buffer.count, into: destination, address: address,
+                                checked: checked)
+            try peer.flush { _, _ in }
+            attempt += 1
+        } while checked && peer.lastChainFlaggedLines > 0 && attempt < Self.checkedReadAttempts
+    }
+
+    /// How many times ``read(from:_:into:)`` posts a checked read whose two copies disagree.
+    public static let checkedReadAttempts = 4
+
+    /// Whether a read of `length` bytes at `address` is checked: whole lines, line-aligned, on a
+    /// transport that checks them.
+    @inline(__always)
+    private func checks(_ address: GlobalAddress, _ length: Int) -> Bool {
+        checksLineReads && (Int(address.offset) | length) & (ObjectLayout.lineSize - 1) == 0
     }
 
     /// Copies `buffer` to `address` on `node` with RDMA WRITE; returns when its completion arrives
@@ -327,9 +367,24 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
 
     /// Appends a READ split into pieces the staging buffer holds, posting and completing the chain
     /// whenever it is full.
+    /// A checked read appends each piece as two READs (``Connection/appendCheckedRead(remote:rkey:length:into:address:)``),
+    /// in pieces of half the staging buffer.
     @inline(__always)
     private static func appendRead(_ peer: Connection, remote: UInt64, rkey: UInt32, length: Int,
-                                   into destination: UnsafeMutableRawPointer?, address: GlobalAddress) throws(TransportError) {
+                                   into destination: UnsafeMutableRawPointer?, address: GlobalAddress,
+                                   checked: Bool) throws(TransportError) {
+        if checked {
+            let pieceBytes = (peer.pieceBytes / 2) & ~(ObjectLayout.lineSize - 1)
+            var done = 0
+            while done < length {
+                let piece = min(length - done, pieceBytes)
+                if !peer.hasRoom(bytes: 2 * piece, requests: 2) { try peer.flush { _, _ in } }
+                peer.appendCheckedRead(remote: remote &+ UInt64(done), rkey: rkey, length: piece,
+                                       into: destination.map { $0 + done }, address: address.advanced(by: done))
+                done += piece
+            }
+            return
+        }
         try inPieces(peer, length: length) { done, piece in
             peer.appendRead(remote: remote &+ UInt64(done), rkey: rkey, length: piece, into: destination.map { $0 + done },
                             address: address.advanced(by: done))
@@ -412,7 +467,8 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
             case .read:
                 guard op.length > 0, op.buffer != nil else { continue }
                 let (remote, rkey) = try peer.resolve(op.address, op.length)
-                try Self.appendRead(peer, remote: remote, rkey: rkey, length: op.length, into: op.buffer, address: op.address)
+                try Self.appendRead(peer, remote: remote, rkey: rkey, length: op.length, into: op.buffer, address: op.address,
+                                    checked: checks(op.address, op.length))
             case .write:
                 guard op.length > 0, let buffer = op.buffer else { continue }
                 let (remote, rkey) = try peer.resolve(op.address, op.length)
