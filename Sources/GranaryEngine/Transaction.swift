@@ -250,7 +250,7 @@ public final class Transaction {
         var backoff = Backoff(maximumSleepMicroseconds: 20)
         for _ in 0..<engine.readAttempts {
             do {
-                try engine.transport.read(from: primary, address, into: UnsafeMutableRawBufferPointer(start: snapshot, count: bytes))
+                try engine.transport.readObject(from: primary, address, into: UnsafeMutableRawBufferPointer(start: snapshot, count: bytes))
             } catch {
                 if case .outOfBounds = error {
                     throw TransactionError.invalidAddress(address, reason: "beyond the end of region \(address.region)")

@@ -253,6 +253,49 @@ public enum ObjectLayout {
         }
     }
 
+    /// Copies the first `lines` lines of ONE object (its header line first; a prefix of the object
+    /// is fine), so that the copy is one state of the object or is rejected by
+    /// ``check(snapshot:lines:)``.
+    ///
+    /// The object's header serves as a sequence lock over all its lines: load the header (acquire),
+    /// copy, then (after an acquire fence) load every line's first word again. If the header was
+    /// unlocked at some value `h` and every line's first word is `h` afterwards, the copy is the
+    /// state `h`:
+    /// - while the header is unlocked at `h`, every line is at `h` (``install(_:lines:payload:count:header:)``
+    ///   and ``stamp(_:lines:header:)`` store the lines before they publish the header);
+    /// - a line's first word changes before and after every store to its payload and never returns
+    ///   to an earlier value (versions and incarnations only grow; the busy value carries the next
+    ///   version), and the header returns to `h` only when an ABORT releases a lock without
+    ///   having written;
+    /// - so a line whose first word is `h` before and after the copy had no payload store between.
+    ///
+    /// This needs one load per line after the copy instead of ``copyLines(from:to:lines:)``'s one
+    /// before and one after, which is what the latter falls back to when a line changed or the
+    /// header is locked. It is NOT valid for lines of several objects: another object's lines can
+    /// reach the same header value during the copy.
+    /// Both pointers must be 8-byte aligned.
+    @inlinable
+    public static func copyObject(from source: UnsafeRawPointer, to destination: UnsafeMutableRawPointer, lines: Int) {
+        copyObject(from: source, to: destination, lines: lines) { memcpy($0, $1, $2) }
+    }
+
+    /// ``copyObject(from:to:lines:)`` with the bulk copy given (tests interleave a writer with it).
+    @inlinable @inline(__always)
+    static func copyObject(from source: UnsafeRawPointer, to destination: UnsafeMutableRawPointer, lines: Int,
+                           copy: (UnsafeMutableRawPointer, UnsafeRawPointer, Int) -> Void) {
+        let header = word(source, 0).pointee.load(ordering: .acquiring)
+        if header & ObjectHeader.lockBit == 0 {
+            copy(destination, source, lines * lineSize)
+            atomicMemoryFence(ordering: .acquiring)
+            var line = 0
+            while line < lines, word(source + line * lineSize, 0).pointee.load(ordering: .relaxed) == header {
+                line += 1
+            }
+            if line == lines { return }
+        }
+        copyLines(from: source, to: destination, lines: lines)
+    }
+
     /// One pass of ``copyLines(from:to:lines:)`` over `lines` lines, `versions` holding one word per line.
     @inlinable
     static func copyChunk(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, lines: Int, versions: UnsafeMutablePointer<UInt64>) {

@@ -168,6 +168,21 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         Self.copyOut(source, destination, buffer.count)
     }
 
+    /// An object read: whole lines of one object are copied under its header
+    /// (``ObjectLayout/copyObject(from:to:lines:)``); anything else as ``read(from:_:into:)``.
+    @inlinable
+    public func readObject(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) {
+        let source = try resolve(node, address, buffer.count)
+        guard let destination = buffer.baseAddress else { return }
+        let count = buffer.count
+        if count > 0, (UInt(bitPattern: source) | UInt(bitPattern: count)) & UInt(ObjectLayout.lineSize - 1) == 0,
+           UInt(bitPattern: destination) & 7 == 0 {
+            ObjectLayout.copyObject(from: source, to: destination, lines: count / ObjectLayout.lineSize)
+        } else {
+            Self.copyOut(source, destination, count)
+        }
+    }
+
     @inlinable
     public func write(to node: NodeID, _ address: GlobalAddress, from buffer: UnsafeRawBufferPointer) throws(TransportError) {
         let destination = try resolve(node, address, buffer.count)

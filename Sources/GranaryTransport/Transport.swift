@@ -33,6 +33,15 @@ public protocol Transport: AnyObject, Sendable {
     /// Copies `buffer.count` bytes at `address` on `node` into `buffer`. One round trip.
     func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError)
 
+    /// Copies the object at `address` on `node`, or the first `buffer.count / 64` lines of it, into
+    /// `buffer`: whole 64-byte lines starting at the object's header line. One round trip.
+    ///
+    /// The same guarantee as ``read(from:_:into:)`` for an object's lines (each line whole, or
+    /// rejected by ``ObjectLayout/check(snapshot:lines:)``), but a backend may rely on the lines
+    /// being one object's and use its header as a sequence lock over all of them (shared memory:
+    /// ``ObjectLayout/copyObject(from:to:lines:)``). The default is ``read(from:_:into:)``.
+    func readObject(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError)
+
     /// Copies `buffer` to `address` on `node`. Returns when the transport reports completion.
     func write(to node: NodeID, _ address: GlobalAddress, from buffer: UnsafeRawBufferPointer) throws(TransportError)
 
@@ -57,6 +66,11 @@ public protocol Transport: AnyObject, Sendable {
 }
 
 extension Transport {
+    /// An object read is a read of its lines.
+    public func readObject(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) {
+        try read(from: node, address, into: buffer)
+    }
+
     /// No direct mapping (the default: operations go through the transport).
     public func mappedAddress(of address: GlobalAddress, on node: NodeID, length: Int) -> UnsafeMutableRawPointer? { nil }
 }

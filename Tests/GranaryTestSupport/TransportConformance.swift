@@ -45,6 +45,28 @@ public enum TransportConformance {
             var read = [UInt8](repeating: 0, count: count)
             try read.withUnsafeMutableBytes { try pair.local.read(from: pair.remoteNode, address, into: $0) }
             #expect(read == written, "read back differs at \(address), \(count) bytes")
+            if offset % 64 == 0, count % 64 == 0 {
+                // Whole lines that are no object (line first words differ): readObject still
+                // returns exactly the bytes.
+                var object = [UInt8](repeating: 0, count: count)
+                try object.withUnsafeMutableBytes { try pair.local.readObject(from: pair.remoteNode, address, into: $0) }
+                #expect(object == written, "readObject differs from what was written at \(address), \(count) bytes")
+            }
+        }
+        // A committed 3-line object written through the transport: readObject returns it, and the
+        // layout accepts it at its version.
+        let objectAddress = GlobalAddress(region: pair.region, offset: 24576)
+        let header = ObjectHeader(version: 7, incarnation: 2, allocated: true)
+        var image = pattern(3 * 64, seed: 9)
+        image.withUnsafeMutableBytes { raw in
+            for line in 0..<3 { raw.storeBytes(of: header.rawValue, toByteOffset: line * 64, as: UInt64.self) }
+        }
+        try image.withUnsafeBytes { try pair.local.write(to: pair.remoteNode, objectAddress, from: $0) }
+        var snapshot = [UInt8](repeating: 0, count: 3 * 64)
+        try snapshot.withUnsafeMutableBytes { try pair.local.readObject(from: pair.remoteNode, objectAddress, into: $0) }
+        #expect(snapshot == image, "readObject of a quiet object differs from its bytes")
+        snapshot.withUnsafeBytes { raw in
+            #expect(ObjectLayout.check(snapshot: raw.baseAddress!, lines: 3) == .consistent(header))
         }
     }
 
@@ -109,6 +131,11 @@ public enum TransportConformance {
         }
         #expect(throws: TransportError.self) {
             try withUnsafeBytes(of: &word) { try pair.local.write(to: node, end, from: $0) }
+        }
+        let lastLine = GlobalAddress(region: pair.region, offset: UInt32(pair.regionSize - 64))
+        var lines = [UInt8](repeating: 0, count: 128)
+        #expect(throws: TransportError.outOfBounds(node: node, address: lastLine, length: 128, regionSize: pair.regionSize)) {
+            try lines.withUnsafeMutableBytes { try pair.local.readObject(from: node, lastLine, into: $0) }
         }
         let unknownRegion = GlobalAddress(region: RegionID(4000), offset: 4096)
         do {

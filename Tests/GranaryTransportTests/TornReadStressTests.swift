@@ -8,10 +8,13 @@ import Testing
 /// one-sided reads of the whole objects. Every read the layout accepts must be a state some writer
 /// wrote whole: each write fills every payload word with one value, so an accepted read whose words
 /// differ is a torn read that slipped through.
+///
+/// Run once with ``Transport/read(from:_:into:)`` (a sequence lock per line) and once with
+/// ``Transport/readObject(from:_:into:)`` (the object's header as the sequence lock over its lines).
 @Suite("Torn reads")
 struct TornReadStressTests {
-    @Test("every one-sided read the layout accepts equals a whole write")
-    func acceptedReadsAreWhole() throws {
+    @Test("every one-sided read the layout accepts equals a whole write", arguments: ["read", "readObject"])
+    func acceptedReadsAreWhole(operation: String) throws {
         let pair = try SharedMemoryFixture().makePair()
         defer { pair.teardown() }
         let lines = 8
@@ -57,7 +60,11 @@ struct TornReadStressTests {
                 while done.load(ordering: .acquiring) < writers {
                     index = (index &+ 1) % objects
                     let address = GlobalAddress(region: pair.region, offset: UInt32(offsets[index]))
-                    try! pair.local.read(from: pair.remoteNode, address, into: snapshot)
+                    if operation == "readObject" {
+                        try! pair.local.readObject(from: pair.remoteNode, address, into: snapshot)
+                    } else {
+                        try! pair.local.read(from: pair.remoteNode, address, into: snapshot)
+                    }
                     let verdict = SnapshotVerdict.judge(snapshot.baseAddress!, lines: lines, words: words, address: address, payload: &payload)
                     if payload.contains(where: { $0 != payload[0] }) { mixedRaw.add(1, ordering: .relaxed) }
                     switch verdict {
@@ -73,7 +80,7 @@ struct TornReadStressTests {
             }
         }
         let summary = "accepted \(accepted.load(ordering: .relaxed)), rejected locked \(locked.load(ordering: .relaxed)), rejected torn \(torn.load(ordering: .relaxed)), accepted but torn \(broken.load(ordering: .relaxed)); snapshots with mixed payload (before the check) \(mixedRaw.load(ordering: .relaxed))"
-        print("torn-read stress: \(summary)")
+        print("torn-read stress (\(operation)): \(summary)")
         #expect(broken.load(ordering: .relaxed) == 0, "\(summary); first: \(firstBroken.withLock { $0 } ?? "")")
         #expect(accepted.load(ordering: .relaxed) > 0, "no read was ever accepted: \(summary)")
         #expect(locked.load(ordering: .relaxed) + torn.load(ordering: .relaxed) > 0, "readers never overlapped a write: \(summary)")
