@@ -383,12 +383,14 @@ final class Connection: @unchecked Sendable {
 
     /// Appends an RDMA READ of `length` bytes into the staging buffer (copied to `destination`
     /// when the chain completes).
-    @inline(__always)
-    func appendRead(remote: UInt64, rkey: UInt32, length: Int, into destination: UnsafeMutableRawPointer?, address: GlobalAddress) {
-        let (wr, _) = append(.read, opcode: IBV_WR_RDMA_READ, stagingBytes: length, length: length, flags: 0,
-                             batchIndex: -1, destination: destination, address: address)
+    /// Returns its staging offset.
+    @inline(__always) @discardableResult
+    func appendRead(remote: UInt64, rkey: UInt32, length: Int, into destination: UnsafeMutableRawPointer?, address: GlobalAddress) -> Int {
+        let (wr, offset) = append(.read, opcode: IBV_WR_RDMA_READ, stagingBytes: length, length: length, flags: 0,
+                                  batchIndex: -1, destination: destination, address: address)
         wr.pointee.wr.rdma.remote_addr = remote
         wr.pointee.wr.rdma.rkey = rkey
+        return offset
     }
 
     /// Appends a *checked* read of `length` bytes (whole 64-byte lines at a line-aligned address):
@@ -407,14 +409,8 @@ final class Connection: @unchecked Sendable {
     /// upwards), saw one state. A real NIC's DMA reads a line as a unit and needs none of this.
     @inline(__always)
     func appendCheckedRead(remote: UInt64, rkey: UInt32, length: Int, into destination: UnsafeMutableRawPointer?, address: GlobalAddress) {
-        let (first, firstOffset) = append(.read, opcode: IBV_WR_RDMA_READ, stagingBytes: length, length: length, flags: 0,
-                                          batchIndex: -1, destination: nil, address: address)
-        first.pointee.wr.rdma.remote_addr = remote
-        first.pointee.wr.rdma.rkey = rkey
-        let (second, _) = append(.read, opcode: IBV_WR_RDMA_READ, stagingBytes: length, length: length, flags: 0,
-                                 batchIndex: -1, destination: destination, address: address)
-        second.pointee.wr.rdma.remote_addr = remote
-        second.pointee.wr.rdma.rkey = rkey
+        let firstOffset = appendRead(remote: remote, rkey: rkey, length: length, into: nil, address: address)
+        appendRead(remote: remote, rkey: rkey, length: length, into: destination, address: address)
         buffers.unsafelyUnwrapped.pending[chainCount - 1].twinOffset = Int32(firstOffset)
         statistics.checkedReads += 1
     }

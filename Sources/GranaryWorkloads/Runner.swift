@@ -107,7 +107,7 @@ public enum Runner {
             committedNow.deinitialize(count: 8 * max(1, workers))
             UnsafeMutableRawPointer(committedNow).deallocate()
         }
-        nonisolated(unsafe) let box = (workload, cluster)
+        let box = (workload, cluster)
         // Progress sampler on its own thread.
         let timeline = Mutex<[Double]>([])
         withoutActuallyEscaping({ (index: Int) -> Void in

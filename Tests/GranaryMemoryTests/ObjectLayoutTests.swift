@@ -53,11 +53,16 @@ struct ObjectLayoutTests {
         #expect(ObjectLayout.check(snapshot: snapshot, lines: lines) == .locked(v1.locked))
     }
 
+    /// An object of `lines` lines and a buffer for a copy of it, both line-aligned.
+    static func objectAndSnapshot(lines: Int) -> (UnsafeMutableRawPointer, UnsafeMutableRawPointer) {
+        (UnsafeMutableRawPointer.allocate(byteCount: lines * 64, alignment: 64),
+         UnsafeMutableRawPointer.allocate(byteCount: lines * 64, alignment: 64))
+    }
+
     @Test("an object copy under its header: quiet objects whole, a line mid-write or a locked header rejected, other lines exact")
     func copyObjectStates() {
         let lines = 4
-        let object = UnsafeMutableRawPointer.allocate(byteCount: lines * 64, alignment: 64)
-        let snapshot = UnsafeMutableRawPointer.allocate(byteCount: lines * 64, alignment: 64)
+        let (object, snapshot) = Self.objectAndSnapshot(lines: lines)
         defer { object.deallocate(); snapshot.deallocate() }
         let header = ObjectHeader(version: 5, incarnation: 1, allocated: true)
         ObjectLayout.stamp(object, lines: lines, header: header)
@@ -101,8 +106,7 @@ struct ObjectLayoutTests {
         // before a writer installed the next version, but the last line's payload after. Only the
         // second look at the lines' first words catches it.
         let lines = 3
-        let object = UnsafeMutableRawPointer.allocate(byteCount: lines * 64, alignment: 64)
-        let snapshot = UnsafeMutableRawPointer.allocate(byteCount: lines * 64, alignment: 64)
+        let (object, snapshot) = Self.objectAndSnapshot(lines: lines)
         defer { object.deallocate(); snapshot.deallocate() }
         let header = ObjectHeader(version: 1, incarnation: 0, allocated: true)
         ObjectLayout.stamp(object, lines: lines, header: header)
