@@ -54,7 +54,12 @@ public enum TransactionalHashTableLayout {
 /// ```
 public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     public let descriptor: HashTableDescriptor
-    @usableFromInline let buckets: [UInt64]
+    /// The buckets' addresses (raw `GlobalAddress` values), in memory this table allocates, fills in
+    /// `init` and frees in `deinit`, never written in between; kept as an address so that the
+    /// class stays checked-`Sendable`. Not an `Array`: every lookup would retain and release its
+    /// buffer, an atomic write to a line that all threads using the table would pass around.
+    @usableFromInline let bucketTable: UInt
+    @usableFromInline let bucketCount: Int
     @usableFromInline let slots: Int
     @usableFromInline let slotStride: Int
     /// Payload bytes of one bucket object.
@@ -67,10 +72,41 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
             throw HashTableError.valueTooLarge(table: descriptor.name, bytes: MemoryLayout<Value>.size, maximum: descriptor.valueBytes)
         }
         self.descriptor = descriptor
-        self.buckets = descriptor.buckets.map(\.rawValue)
+        let table = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, descriptor.buckets.count))
+        for (index, address) in descriptor.buckets.enumerated() { (table + index).initialize(to: address.rawValue) }
+        self.bucketTable = UInt(bitPattern: table)
+        self.bucketCount = descriptor.buckets.count
         self.slots = descriptor.slotsPerBucket
         self.slotStride = 8 + ((descriptor.valueBytes + 7) & ~7)
         self.bucketBytes = 8 + slots * slotStride
+    }
+
+    deinit {
+        UnsafeMutablePointer<UInt64>(bitPattern: bucketTable)!.deallocate()
+    }
+
+    /// Buckets up to this size are read into a scratch buffer of constant size on the stack.
+    @usableFromInline static var stackBucketWords: Int { 64 }
+
+    /// Runs `body` with a scratch buffer of ``bucketBytes`` bytes on the stack. The constant
+    /// capacity lets the compiler inline `body`; with a capacity known only at run time, the
+    /// closure was called out of line and retained the table and the transaction it captured on
+    /// every lookup (reference-count writes that every worker thread passes between the cores).
+    @inlinable @inline(__always)
+    func withBucketScratch<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) throws -> R {
+        guard bucketBytes <= Self.stackBucketWords * 8 else {
+            return try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8, body)
+        }
+        return try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: Self.stackBucketWords) { words in
+            try body(UnsafeMutableRawBufferPointer(start: words.baseAddress, count: bucketBytes))
+        }
+    }
+
+    /// The address of the bucket `probe` places after `key`'s home bucket.
+    @inlinable func bucket(_ home: Int, probe: Int) -> GlobalAddress {
+        var index = home &+ probe
+        if index >= bucketCount { index -= bucketCount }
+        return GlobalAddress(rawValue: UnsafePointer<UInt64>(bitPattern: bucketTable).unsafelyUnwrapped[index])
     }
 
     /// Slots per bucket when the caller does not choose: as many as fill the fewest cache lines
@@ -121,55 +157,57 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         z ^= z >> 31
-        return Int(z.multipliedFullWidth(by: UInt64(buckets.count)).high)
+        return Int(z.multipliedFullWidth(by: UInt64(bucketCount)).high)
     }
 
     /// Finds `key`: calls `body` with the bucket (in a scratch buffer), its address and the slot
-    /// holding the key (nil if absent, with the bucket where an insert would go, if any).
+    /// holding the key (nil if absent, with the bucket where an insert would go, if any, and the
+    /// number of full buckets probed past before it: the probes `0..<passedFull` from `home(of: key)`).
     @inlinable
     func locate<R>(_ key: UInt64, in tx: Transaction,
-                           _ body: (_ bucket: UnsafeMutableRawBufferPointer, _ address: GlobalAddress, _ slot: Int?, _ passedFull: [GlobalAddress]) throws -> R?) throws -> R? {
-        try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket in
+                   _ body: (_ bucket: UnsafeMutableRawBufferPointer, _ address: GlobalAddress, _ slot: Int?, _ passedFull: Int) throws -> R?) throws -> R? {
+        try withBucketScratch { bucket in
             let start = home(of: key)
-            var passedFull: [GlobalAddress] = []
-            var firstFree: (GlobalAddress, [GlobalAddress])?
+            // The first bucket with a free slot, by its probe number; every bucket probed before it
+            // was full.
+            var firstFree: Int?
             // The key can only be in the chain of buckets whose predecessors overflowed; a free slot
             // may lie further on.
             var searching = true
-            for probe in 0..<min(Self.probeLimit, buckets.count) {
-                let address = GlobalAddress(rawValue: buckets[(start + probe) % buckets.count])
+            let probes = min(Self.probeLimit, bucketCount)
+            for probe in 0..<probes {
+                let address = self.bucket(start, probe: probe)
                 try tx.read(address, into: bucket)
                 let header = bucket.load(as: UInt64.self)
                 let occupancy = UInt32(truncatingIfNeeded: header)
                 if searching {
                     for slot in 0..<slots where occupancy & (1 << UInt32(slot)) != 0 {
                         if bucket.load(fromByteOffset: 8 + slot * slotStride, as: UInt64.self) == key {
-                            return try body(bucket, address, slot, [])
+                            return try body(bucket, address, slot, 0)
                         }
                     }
                     if header & (1 << 32) == 0 { searching = false }  // not overflowed: the chain ends here
                 }
-                if firstFree == nil {
-                    if occupancy.nonzeroBitCount < slots { firstFree = (address, passedFull) } else { passedFull.append(address) }
-                }
+                if firstFree == nil, occupancy.nonzeroBitCount < slots { firstFree = probe }
                 if !searching, firstFree != nil { break }
             }
-            guard let (address, passed) = firstFree else {
-                return try body(bucket, GlobalAddress(rawValue: 0), nil, passedFull)
+            guard let firstFree else {
+                return try body(bucket, GlobalAddress(rawValue: 0), nil, probes)
             }
             // Re-read the bucket where an insert would go (the scratch holds the last one read).
+            let address = self.bucket(start, probe: firstFree)
             try tx.read(address, into: bucket)
-            return try body(bucket, address, nil, passed)
+            return try body(bucket, address, nil, firstFree)
         }
     }
 
     /// The value stored under `key`, if any. Cost: one bucket read (more if the home bucket overflowed).
     @inlinable
     public func get(_ key: UInt64, in tx: Transaction) throws -> Value? {
-        try withUnsafeTemporaryAllocation(byteCount: bucketBytes, alignment: 8) { bucket -> Value? in
+        try withBucketScratch { bucket -> Value? in
             let start = home(of: key)
-            for probe in 0..<min(Self.probeLimit, buckets.count) {
-                try tx.read(GlobalAddress(rawValue: buckets[(start + probe) % buckets.count]), into: bucket)
+            for probe in 0..<min(Self.probeLimit, bucketCount) {
+                try tx.read(self.bucket(start, probe: probe), into: bucket)
                 let header = bucket.load(as: UInt64.self)
                 let occupancy = UInt32(truncatingIfNeeded: header)
                 for slot in 0..<slots where occupancy & (1 << UInt32(slot)) != 0 {
@@ -202,7 +240,8 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
             bucket.storeBytes(of: header | (1 << UInt64(free)), as: UInt64.self)
             try tx.write(address, raw: UnsafeRawBufferPointer(bucket))
             // Buckets probed past must say so, or lookups would stop before reaching the key.
-            for full in passedFull { try markOverflowed(full, in: tx) }
+            let start = home(of: key)
+            for probe in 0..<passedFull { try markOverflowed(self.bucket(start, probe: probe), in: tx) }
             return true
         }
         return inserted ?? false

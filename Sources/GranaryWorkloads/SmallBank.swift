@@ -21,9 +21,23 @@ public struct SmallBankWorkload: Workload {
     /// Restricts the mix to these transaction types (indexes into ``types``), equally weighted;
     /// nil runs the full mix. (The peer comparison runs SEND_PAYMENT and AMALGAMATE only.)
     public var only: [Int]?
-    var names: TransactionalHashTable<Name>?
-    var savings: TransactionalHashTable<Int64>?
-    var checking: TransactionalHashTable<Int64>?
+    /// The three tables, once loaded.
+    final class Tables: Sendable {
+        let names: TransactionalHashTable<Name>
+        let savings: TransactionalHashTable<Int64>
+        let checking: TransactionalHashTable<Int64>
+        init(names: TransactionalHashTable<Name>, savings: TransactionalHashTable<Int64>, checking: TransactionalHashTable<Int64>) {
+            self.names = names
+            self.savings = savings
+            self.checking = checking
+        }
+    }
+    /// Owns the tables.
+    var tables: Tables?
+    /// The same, unretained, for ``runOne(on:transaction:random:)``: a strong reference taken out
+    /// of an optional is retained and released on every transaction, atomic writes to the tables'
+    /// reference counts that every worker thread would pass between the cores.
+    var unretainedTables: Unmanaged<Tables>?
     public private(set) var initialTotal: Int64 = 0
 
     public init(accounts: Int = 100_000, hotAccounts: Int = 4_000, seed: UInt64 = 1, only: [Int]? = nil) {
@@ -37,10 +51,12 @@ public struct SmallBankWorkload: Workload {
 
     public mutating func load(into cluster: Cluster) async throws {
         let n = accounts
-        names = try await .create(name: "accounts", capacity: n, in: cluster)
-        savings = try await .create(name: "savings", capacity: n, in: cluster)
-        checking = try await .create(name: "checking", capacity: n, in: cluster)
-        let tables = (names!, savings!, checking!)
+        let loaded = Tables(names: try await .create(name: "accounts", capacity: n, in: cluster),
+                            savings: try await .create(name: "savings", capacity: n, in: cluster),
+                            checking: try await .create(name: "checking", capacity: n, in: cluster))
+        self.tables = loaded
+        self.unretainedTables = Unmanaged.passUnretained(loaded)
+        let tables = (loaded.names, loaded.savings, loaded.checking)
         let seed = self.seed
         let batch = max(1, cluster.nodes[0].engine.maximumRecordBytes / 800)
         initialTotal = try await withThrowingTaskGroup(of: Int64.self) { group in
@@ -90,7 +106,13 @@ public struct SmallBankWorkload: Workload {
             let roll = random.uniform(1...100)
             type = Self.mix.firstIndex { roll <= $0 }!
         }
-        let savings = self.savings!, checking = self.checking!
+        return try unretainedTables.unsafelyUnwrapped._withUnsafeGuaranteedRef { tables in
+            try run(type, savings: tables.savings, checking: tables.checking, transaction: tx, random: &random)
+        }
+    }
+
+    private func run(_ type: Int, savings: TransactionalHashTable<Int64>, checking: TransactionalHashTable<Int64>,
+                     transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
         func balance(_ table: TransactionalHashTable<Int64>, _ customer: UInt64) throws -> Int64 {
             guard let value = try table.get(customer, in: tx) else { throw Missing() }
             return value
@@ -133,7 +155,7 @@ public struct SmallBankWorkload: Workload {
     /// Money: the final total equals the initial total plus the committed deltas.
     public func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
         var total: Int64 = 0
-        let savings = self.savings!, checking = self.checking!
+        let savings = tables!.savings, checking = tables!.checking
         for first in stride(from: 0, to: accounts, by: 500) {
             let last = min(first + 500, accounts)
             total += try await cluster.nodes[first / 500 % cluster.nodes.count].transaction { tx in

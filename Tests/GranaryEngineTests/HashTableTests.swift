@@ -44,7 +44,7 @@ struct HashTableTests {
         var error: HashTableError?
         for key in 0..<100 {
             do {
-                try await cluster.nodes[0].transaction { tx in try table.insert(UInt64(key), 1, in: tx) }
+                _ = try await cluster.nodes[0].transaction { tx in try table.insert(UInt64(key), 1, in: tx) }
                 inserted += 1
             } catch let e as HashTableError {
                 error = e
@@ -86,7 +86,7 @@ struct HashTableTests {
     func concurrentMixed() async throws {
         let cluster = try await testCluster()
         let table = try await TransactionalHashTable<Int64>.create(name: "mixed", capacity: 2_000, in: cluster)
-        try await cluster.nodes[0].transaction { tx in try table.insert(1_000_000, 0, in: tx) }
+        _ = try await cluster.nodes[0].transaction { tx in try table.insert(1_000_000, 0, in: tx) }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<6 {
                 let node = cluster.nodes[worker % 3]
