@@ -22,6 +22,9 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Nodes in the embedded cluster.") var nodes: Int = 3
     @Option(help: "Replicas of every region (primary + backups), at most --nodes.") var replicas: Int = 3
     @Option(help: "Worker threads issuing transactions, spread over the nodes.") var workers: Int = 2
+    @Flag(inversion: .prefixedNo,
+          help: "Measure, every 250 ms, whether all workers or one commit more, and run that many (where the host places the two CPUs far apart, one core can beat two).")
+    var adaptiveWorkers = true
     @Option(help: "Measured seconds.") var seconds: Double = 5
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Transport: shm.") var transport: String = "shm"
@@ -63,7 +66,8 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let probe = MemoryLatencyProbe()
     let latencyBefore = probe.measure()
     let handoffBefore = CoreToCoreProbe.measure()
-    let report = Runner.run(workload, on: cluster, workers: options.workers, seconds: options.seconds, seed: options.seed) { line in
+    let report = Runner.run(workload, on: cluster, workers: options.workers, adaptive: options.adaptiveWorkers,
+                            seconds: options.seconds, seed: options.seed) { line in
         if !quiet { FileHandle.standardError.write(("\r" + line).data(using: .utf8)!) }
     }
     if !quiet { FileHandle.standardError.write("\n".data(using: .utf8)!) }
@@ -92,7 +96,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
         print("wrote \(json)")
     }
     if let plot = options.plot {
-        let title = "Granary \(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers, \(String(format: "%.0f", report.committedPerSecond)) committed/s"
+        let title = "Granary \(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers\(report.adaptiveWorkers ? " (adaptive)" : ""), \(String(format: "%.0f", report.committedPerSecond)) committed/s"
         try BenchPlot.svg(title: title, report: report).write(toFile: plot, atomically: true, encoding: .utf8)
         print("wrote \(plot)")
     }
@@ -125,7 +129,7 @@ enum BenchTable {
     static func render(name: String, report: RunReport, options: BenchOptions) -> String {
         func micro(_ ns: UInt64?) -> String { String(format: "%.1f us", Double(ns ?? 0) / 1000) }
         var lines: [String] = []
-        lines.append("\(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers, \(options.transport), \(String(format: "%.1f", report.seconds)) s")
+        lines.append("\(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers\(report.adaptiveWorkers ? " (adaptive)" : ""), \(options.transport), \(String(format: "%.1f", report.seconds)) s")
         lines.append(String(format: "  committed            %12d  (%.0f/s)", report.committed, report.committedPerSecond))
         for type in report.byType where report.byType.count > 1 {
             lines.append("    " + pad(type.name, 24) + String(format: " %10d  (%9.0f/s)  found %5.1f%%", type.committed, type.perSecond,
@@ -141,6 +145,11 @@ enum BenchTable {
             report.phaseMeanNanoseconds[phase.description].map { "\(phase) \(String(format: "%.1f", $0 / 1000)) us" }
         }
         lines.append("  phases (mean)        " + phases.joined(separator: "  "))
+        if report.adaptiveWorkers, !report.activeWorkers.isEmpty {
+            let one = report.activeWorkers.filter { $0 == 1 }.count
+            lines.append("  workers              \(report.workers) in \(report.activeWorkers.count - one) of \(report.activeWorkers.count) intervals, 1 in \(one)"
+                         + " (measured choice; --no-adaptive-workers keeps all \(report.workers))")
+        }
         return lines.joined(separator: "\n")
     }
 }

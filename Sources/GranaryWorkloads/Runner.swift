@@ -85,11 +85,116 @@ public struct RunReport: Sendable, Codable {
     public var committedDelta: Int64
     /// Transactions given up after the attempt limit, or failed with a non-retryable error.
     public var failed: Int
+    /// Worker threads started.
+    public var workers: Int = 0
+    /// Whether ``WorkerCountController`` chose how many of them ran (see ``Runner/run(_:on:workers:adaptive:seconds:seed:progress:)``).
+    public var adaptiveWorkers: Bool = false
+    /// How many workers were running in each interval of ``timeline``.
+    public var activeWorkers: [Int] = []
+}
+
+/// Chooses how many of a run's worker threads issue transactions: all of them, or one.
+///
+/// Two workers on two cores share every node's rings, locks, record processors and objects, so
+/// every shared line they write crosses between their cores. Where the host places the two
+/// virtual CPUs far apart (a cache-line handoff of 200-300 ns instead of 30-90), that traffic costs
+/// more than the second core gives on write-heavy workloads: measured on 2026-11-25, SmallBank ran
+/// at 483,542/s with two workers and 527,865-565,242/s with one; transfer at 283-313 K with two and
+/// 407-427 K with one; TATP (mostly reads) stayed faster with two (990 K-1.1 M against 752-892 K).
+/// So the choice is made by measuring, not by rule:
+/// - the first interval (warm-up) is ignored;
+/// - the other configuration is tried for ``trialIntervals`` intervals and kept if it ran more than
+///   ``margin`` faster than the current one's last two intervals;
+/// - the first trial follows the warm-up; the next one interval after the current configuration's
+///   last two intervals moved by more than ``shift`` from the two before (the host moved the CPUs;
+///   the extra interval makes the baseline two intervals after the move), and
+///   otherwise every ``reprobeIntervalsWithAll`` intervals while all workers run, every
+///   ``reprobeIntervalsWithOne`` while one does (one worker's rate does not show where the CPUs
+///   are, so only trying tells).
+///
+/// Intervals are the runner's progress intervals (250 ms). Not thread-safe: the sampler thread
+/// owns it.
+public struct WorkerCountController: Sendable {
+    public let maximum: Int
+    /// The configuration believed faster.
+    public private(set) var current: Int
+    /// The rates of the trial under way (its configuration is the other one).
+    private var trialRates: [Double]?
+    /// Rates of `current`'s intervals since the last decision, newest last (at most four).
+    private var recent: [Double] = []
+    private var intervals = 0
+    private var lastDecision = 0
+    private var trialAfterNext = false
+    public static let margin = 1.05
+    public static let shift = 0.25
+    public static let trialIntervals = 2
+    public static let reprobeIntervalsWithAll = 24
+    public static let reprobeIntervalsWithOne = 12
+
+    public init(maximum: Int) {
+        precondition(maximum >= 1)
+        self.maximum = maximum
+        self.current = maximum
+    }
+
+    /// The configuration being tried, if a trial is under way.
+    public var trial: Int? { trialRates == nil ? nil : other }
+
+    private var other: Int { current == maximum ? 1 : maximum }
+
+    private static func mean(_ rates: ArraySlice<Double>) -> Double { rates.reduce(0, +) / Double(max(1, rates.count)) }
+
+    /// Takes the committed/s of the interval that just ended (run with the count this returned
+    /// last time, `maximum` at first) and returns how many workers run in the next one.
+    public mutating func next(rate: Double) -> Int {
+        intervals += 1
+        guard maximum > 1 else { return current }
+        if var rates = trialRates {
+            rates.append(rate)
+            if rates.count < Self.trialIntervals {
+                trialRates = rates
+                return other
+            }
+            trialRates = nil
+            lastDecision = intervals
+            let baseline = Self.mean(recent.suffix(2))
+            if Self.mean(rates[...]) > baseline * Self.margin {
+                current = other
+                recent = Array(rates.suffix(2))
+            }
+            return current
+        }
+        if intervals == 1 { return current }  // warm-up
+        recent.append(rate)
+        if recent.count > 4 { recent.removeFirst() }
+        let moved = !trialAfterNext && recent.count == 4
+            && abs(Self.mean(recent.suffix(2)) - Self.mean(recent.prefix(2))) > Self.shift * Self.mean(recent.prefix(2))
+        if moved {
+            // Measure the new level for one more interval, so that the trial's baseline is two
+            // intervals after the move, not one before and one after.
+            recent = [rate]
+            trialAfterNext = true
+            return current
+        }
+        let reprobe = current == 1 ? Self.reprobeIntervalsWithOne : Self.reprobeIntervalsWithAll
+        if lastDecision == 0 || trialAfterNext || intervals - lastDecision >= reprobe {
+            trialAfterNext = false
+            trialRates = []
+            return other
+        }
+        return current
+    }
 }
 
 /// Drives a workload on worker threads spread over a cluster's nodes for a fixed duration.
 public enum Runner {
-    public static func run(_ workload: some Workload, on cluster: Cluster, workers: Int, seconds: Double, seed: UInt64,
+    /// Runs `workers` threads issuing `workload`'s transactions for `seconds`.
+    ///
+    /// With `adaptive`, a ``WorkerCountController`` decides each 250 ms interval whether all the
+    /// workers run or one; the others wait between transactions (holding nothing). The report
+    /// says how many ran in each interval.
+    public static func run(_ workload: some Workload, on cluster: Cluster, workers: Int, adaptive: Bool = false,
+                           seconds: Double, seed: UInt64,
                            progress: (@Sendable (String) -> Void)? = nil) -> RunReport {
         let types = workload.transactionTypes
         let stop = Atomic<Bool>(false)
@@ -110,21 +215,28 @@ public enum Runner {
         let box = (workload, cluster)
         // Progress sampler on its own thread.
         let timeline = Mutex<[Double]>([])
+        let activeTimeline = Mutex<[Int]>([])
+        // Workers with an index at or above this wait (written by the sampler, rarely).
+        let active = Atomic<Int>(threadCount)
         withoutActuallyEscaping({ (index: Int) -> Void in
             if index == threadCount {
                 var last = 0
                 var lastTime = start
+                var controller = WorkerCountController(maximum: threadCount)
                 while !stop.load(ordering: .relaxed) {
                     usleep(250_000)
                     let now = monotonicNanoseconds()
                     let count = (0..<threadCount).reduce(0) { $0 + (committedNow + 8 * $1).pointee.load(ordering: .relaxed) }
                     let rate = Double(count - last) / (Double(now - lastTime) / 1e9)
                     timeline.withLock { $0.append(rate) }
+                    activeTimeline.withLock { $0.append(active.load(ordering: .relaxed)) }
+                    if adaptive { active.store(controller.next(rate: rate), ordering: .relaxed) }
                     let attempts = cluster.nodes.map { $0.statistics.committed + $0.statistics.totalAborts }.reduce(0, +)
                         - before.map { $0.committed + $0.totalAborts }.reduce(0, +)
                     let aborts = cluster.nodes.map(\.statistics.totalAborts).reduce(0, +) - before.map(\.totalAborts).reduce(0, +)
                     progress?(String(format: "%6.1fs  %10.0f committed/s  abort rate %5.2f%%",
-                                     Double(now - start) / 1e9, rate, attempts > 0 ? 100 * Double(aborts) / Double(attempts) : 0))
+                                     Double(now - start) / 1e9, rate, attempts > 0 ? 100 * Double(aborts) / Double(attempts) : 0)
+                              + (adaptive ? "  workers \(activeTimeline.withLock { $0.last ?? threadCount })" : ""))
                     last = count
                     lastTime = now
                     if now >= deadline { break }
@@ -143,6 +255,12 @@ public enum Runner {
             var iterations = 0
             while true {
                 iterations &+= 1
+                if index > 0, index >= active.load(ordering: .relaxed) {
+                    // Not running this interval: wait between transactions, holding nothing.
+                    if monotonicNanoseconds() >= deadline { break }
+                    usleep(200)
+                    continue
+                }
                 if iterations & 15 == 0, monotonicNanoseconds() >= deadline { break }
                 let began = monotonicNanoseconds()
                 var attempt = 0
@@ -222,7 +340,8 @@ public enum Runner {
                                       succeeded: typeSuccesses[$0])
             },
             phaseMeanNanoseconds: phases, timeline: timeline.withLock { $0 }, latencyCDF: cdf,
-            committedDelta: committedDelta, failed: failed)
+            committedDelta: committedDelta, failed: failed, workers: threadCount, adaptiveWorkers: adaptive && threadCount > 1,
+            activeWorkers: activeTimeline.withLock { $0 })
     }
 }
 
