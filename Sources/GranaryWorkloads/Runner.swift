@@ -104,7 +104,8 @@ public struct RunReport: Sendable, Codable {
 /// So the choice is made by measuring, not by rule:
 /// - the first interval (warm-up) is ignored;
 /// - the other configuration is tried for ``trialIntervals`` intervals and kept if it ran more than
-///   ``margin`` faster than the current one's last two intervals;
+///   ``margin`` faster than the current one's last two intervals (a trial whose first interval is
+///   below ``abandon`` times them ends after it);
 /// - the first trial follows the warm-up; the next one interval after the current configuration's
 ///   last two intervals moved by more than ``shift`` from the two before (the host moved the CPUs;
 ///   the extra interval makes the baseline two intervals after the move), and
@@ -126,6 +127,7 @@ public struct WorkerCountController: Sendable {
     private var lastDecision = 0
     private var trialAfterNext = false
     public static let margin = 1.05
+    public static let abandon = 0.8
     public static let shift = 0.25
     public static let trialIntervals = 2
     public static let reprobeIntervalsWithAll = 24
@@ -151,7 +153,10 @@ public struct WorkerCountController: Sendable {
         guard maximum > 1 else { return current }
         if var rates = trialRates {
             rates.append(rate)
-            if rates.count < Self.trialIntervals {
+            // A trial far behind after its first interval ends there (in near placement one
+            // worker runs at about 60% of two; the second interval would only cost).
+            let clearlyWorse = rate < Self.mean(recent.suffix(2)) * Self.abandon
+            if rates.count < Self.trialIntervals, !clearlyWorse {
                 trialRates = rates
                 return other
             }

@@ -22,7 +22,7 @@ struct WorkerCountControllerTests {
     func keepsAll() {
         let chosen = Self.simulate(intervals: 20) { _, workers in workers == 2 ? 900_000 : 550_000 }
         let ones = chosen.filter { $0 == 1 }.count
-        #expect(ones == WorkerCountController.trialIntervals, "ran one worker in \(ones) intervals: \(chosen)")
+        #expect(ones == 1, "a trial far behind ends after one interval; ran one worker in \(ones) intervals: \(chosen)")
         #expect(chosen.suffix(10).allSatisfy { $0 == 2 }, "\(chosen)")
     }
 
@@ -31,6 +31,12 @@ struct WorkerCountControllerTests {
         let chosen = Self.simulate(intervals: 20) { _, workers in workers == 2 ? 300_000 : 420_000 }
         #expect(chosen.suffix(14).filter { $0 == 1 }.count >= 12, "\(chosen)")
         #expect(chosen[0] == 2, "starts with all workers: \(chosen)")
+    }
+
+    @Test("a trial that is only somewhat behind runs its two intervals")
+    func fullTrial() {
+        let chosen = Self.simulate(intervals: 20) { _, workers in workers == 2 ? 500_000 : 450_000 }
+        #expect(chosen.filter { $0 == 1 }.count == WorkerCountController.trialIntervals, "\(chosen)")
     }
 
     @Test("does not switch on a difference within the margin")
