@@ -333,10 +333,17 @@ public final class MembershipService: Sendable {
         let grace: UInt64 = max(expiry, 2_000_000_000)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var counter: UInt64 = 0
+        var previous = monotonicNanoseconds()
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
             counter &+= 1
             ownWord.pointee.store(counter, ordering: .releasing)
             let now = monotonicNanoseconds()
+            // This thread itself did not run for half an expiry (the host stalled the CPU, or the
+            // scheduler): the members' counters may not have moved for the same reason, and the
+            // threads that move them may not have run yet. Restart their clocks instead of blaming
+            // them for this thread's pause.
+            let stalled = now - previous > expiry / 2
+            previous = now
             let configuration = engine.configuration
             if isManager {
                 for member in configuration.members where member.node != node {
@@ -352,6 +359,8 @@ public final class MembershipService: Sendable {
                     if let seen = lastSeen[member.node] {
                         if read && seen.value != value {
                             lastSeen[member.node] = (value, now, true)
+                        } else if stalled {
+                            lastSeen[member.node] = (seen.value, now, seen.live)
                         } else if now - seen.at > (seen.live ? expiry : grace) {
                             suspect(member.node)
                         }
@@ -364,7 +373,7 @@ public final class MembershipService: Sendable {
                     refresh(suspectManager: nil)
                 }
                 let grant = grantWord.pointee.load(ordering: .acquiring)
-                if grant != lastGrant.value {
+                if grant != lastGrant.value || stalled {
                     lastGrant = (grant, now)
                 } else if now - lastGrant.at > expiry {
                     // No renewal from the CM: it failed, or we were removed. Ask the store.
