@@ -91,7 +91,7 @@ struct SerializabilityTests {
                 try tx.write(y, Int64(0))
             }
             let start = Atomic<Int>(0)
-            runThreads(2) { thread in
+            await runThreads(2) { thread in
                 let node = cluster.nodes[thread]
                 start.add(1, ordering: .relaxed)
                 while start.load(ordering: .relaxed) < 2 {}

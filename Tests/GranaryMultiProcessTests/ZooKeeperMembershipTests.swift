@@ -63,7 +63,7 @@ struct ZooKeeperMembershipTests {
         // A node hangs past its lease while it transfers money, then resumes: it is removed, its
         // records are refused, it changes no data, and it learns it must rejoin.
         let hung = nodes.first { $0 != manager }!
-        FileManager.default.createFile(atPath: tmp.path.appending("go-\(hung.index)").string, contents: nil)
+        _ = FileManager.default.createFile(atPath: tmp.path.appending("go-\(hung.index)").string, contents: nil)
         try await Task.sleep(for: .milliseconds(300))  // transfers under way
         let hungAt = Date()
         kill(children[hung.index].process.processIdentifier, SIGSTOP)

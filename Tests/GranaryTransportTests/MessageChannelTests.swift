@@ -45,7 +45,7 @@ private struct ChannelDamage: Error, CustomStringConvertible {
 @Suite("Message channels")
 struct MessageChannelTests {
     @Test("order is kept across many wrap-arounds of a small ring")
-    func orderAndWrapAround() throws {
+    func orderAndWrapAround() async throws {
         let pair = try SharedMemoryFixture().makePair()
         defer { pair.teardown() }
         let sender = try ChannelSender(transport: pair.local, to: pair.remoteNode)
@@ -53,7 +53,7 @@ struct MessageChannelTests {
         let total = 20_000
         let failure = Mutex<String?>(nil)
         let received = Atomic<Int>(0)
-        runThreads(2) { thread in
+        await runThreads(2) { thread in
             if thread == 0 {
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 8)
                 defer { buffer.deallocate() }
@@ -119,7 +119,7 @@ struct MessageChannelTests {
     }
 
     @Test("three sender nodes with two threads each: every stream complete and in order")
-    func concurrentSenders() throws {
+    func concurrentSenders() async throws {
         let tmp = TemporaryDirectory("granary-channels")
         defer { tmp.remove() }
         let cluster = ClusterID.random()
@@ -137,7 +137,7 @@ struct MessageChannelTests {
         let streams = 6
         let failure = Mutex<String?>(nil)
         let next = Mutex([Int](repeating: 0, count: streams))
-        runThreads(streams + 1) { thread in
+        await runThreads(streams + 1) { thread in
             if thread < streams {
                 sendStream(thread, count: perStream, on: senders[thread / 2], failure: failure) { 16 + $0 % 500 }
             } else {
@@ -169,7 +169,7 @@ struct MessageChannelTests {
     }
 
     @Test("four threads on one sender into a 4 KiB ring: reservations never overlap, every stream whole and in order")
-    func contendedSender() throws {
+    func contendedSender() async throws {
         let pair = try SharedMemoryFixture().makePair()
         defer { pair.teardown() }
         let sender = try ChannelSender(transport: pair.local, to: pair.remoteNode)
@@ -178,7 +178,7 @@ struct MessageChannelTests {
         let perStream = 5_000
         let failure = Mutex<String?>(nil)
         let seen = Mutex([Int](repeating: 0, count: streams))
-        runThreads(streams + 1) { thread in
+        await runThreads(streams + 1) { thread in
             if thread < streams {
                 // Sizes 16..<1000 (up to four lines), so wraps and full rings are frequent.
                 sendStream(thread, count: perStream, on: sender, failure: failure) { 16 + ($0 * 131 + thread * 17) % 984 }

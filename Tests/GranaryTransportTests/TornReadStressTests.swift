@@ -14,7 +14,7 @@ import Testing
 @Suite("Torn reads")
 struct TornReadStressTests {
     @Test("every one-sided read the layout accepts equals a whole write", arguments: ["read", "readObject"])
-    func acceptedReadsAreWhole(operation: String) throws {
+    func acceptedReadsAreWhole(operation: String) async throws {
         let pair = try SharedMemoryFixture().makePair()
         defer { pair.teardown() }
         let lines = 8
@@ -34,7 +34,7 @@ struct TornReadStressTests {
         let firstBroken = Mutex<String?>(nil)
         let base = UInt(bitPattern: regionBase)
 
-        runThreads(writers + readers) { thread in
+        await runThreads(writers + readers) { thread in
             if thread < writers {
                 var payload = [UInt64](repeating: 0, count: words)
                 var written = 0
