@@ -37,7 +37,7 @@ public enum TransactionalHashTableLayout {
     /// designed load of one half, runs of 8 full buckets do occur in tables of 10^5 buckets, so
     /// the limit is generous. Lookups stop much earlier, at the first bucket no insert probed past.
     public static let probeLimit = 64
-    static let overflowed: UInt64 = 1 << 32
+    @usableFromInline static let overflowed: UInt64 = 1 << 32
 }
 
 /// A transactional hash table on Granary, after FaRM's: fixed-size 64-bit keys, values of one
@@ -186,7 +186,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
                             return try body(bucket, address, slot, 0)
                         }
                     }
-                    if header & (1 << 32) == 0 { searching = false }  // not overflowed: the chain ends here
+                    if header & TransactionalHashTableLayout.overflowed == 0 { searching = false }  // the chain ends here
                 }
                 if firstFree == nil, occupancy.nonzeroBitCount < slots { firstFree = probe }
                 if !searching, firstFree != nil { break }
@@ -215,7 +215,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
                         return bucket.loadUnaligned(fromByteOffset: 16 + slot * slotStride, as: Value.self)
                     }
                 }
-                if header & (1 << 32) == 0 { return nil }  // not overflowed: the chain ends here
+                if header & TransactionalHashTableLayout.overflowed == 0 { return nil }  // the chain ends here
             }
             return nil
         }

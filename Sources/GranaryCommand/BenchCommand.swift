@@ -96,7 +96,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
         print("wrote \(json)")
     }
     if let plot = options.plot {
-        let title = "Granary \(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers\(report.adaptiveWorkers ? " (adaptive)" : ""), \(String(format: "%.0f", report.committedPerSecond)) committed/s"
+        let title = "Granary \(name): \(options.nodes) nodes, \(options.replicas) replicas, \(BenchTable.workers(options, report)), \(String(format: "%.0f", report.committedPerSecond)) committed/s"
         try BenchPlot.svg(title: title, report: report).write(toFile: plot, atomically: true, encoding: .utf8)
         print("wrote \(plot)")
     }
@@ -124,12 +124,17 @@ struct BenchDocument: Codable {
 }
 
 enum BenchTable {
+    /// "2 workers", or "2 workers (adaptive)" when the runner chose how many ran.
+    static func workers(_ options: BenchOptions, _ report: RunReport) -> String {
+        "\(options.workers) workers" + (report.adaptiveWorkers ? " (adaptive)" : "")
+    }
+
     static func pad(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.count)) }
 
     static func render(name: String, report: RunReport, options: BenchOptions) -> String {
         func micro(_ ns: UInt64?) -> String { String(format: "%.1f us", Double(ns ?? 0) / 1000) }
         var lines: [String] = []
-        lines.append("\(name): \(options.nodes) nodes, \(options.replicas) replicas, \(options.workers) workers\(report.adaptiveWorkers ? " (adaptive)" : ""), \(options.transport), \(String(format: "%.1f", report.seconds)) s")
+        lines.append("\(name): \(options.nodes) nodes, \(options.replicas) replicas, \(BenchTable.workers(options, report)), \(options.transport), \(String(format: "%.1f", report.seconds)) s")
         lines.append(String(format: "  committed            %12d  (%.0f/s)", report.committed, report.committedPerSecond))
         for type in report.byType where report.byType.count > 1 {
             lines.append("    " + pad(type.name, 24) + String(format: " %10d  (%9.0f/s)  found %5.1f%%", type.committed, type.perSecond,

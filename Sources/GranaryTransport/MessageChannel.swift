@@ -146,9 +146,7 @@ public final class Mailbox: @unchecked Sendable {
     @inlinable
     public func withPollerIfAvailable<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R? {
         guard claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return nil }
-        claimHolder.store(UInt(pthread_self()), ordering: .relaxed)
-        defer { claim.store(false, ordering: .releasing) }
-        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity))
+        return try lendPoller(body)
     }
 
     /// Runs `body` with the right to receive from every ring of this mailbox, yielding the CPU
@@ -156,6 +154,12 @@ public final class Mailbox: @unchecked Sendable {
     @inlinable
     public func withPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
         if !claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged { waitForClaim() }
+        return try lendPoller(body)
+    }
+
+    /// With the claim just taken: records the holder, runs `body` with the poller, gives the claim back.
+    @inlinable @inline(__always)
+    func lendPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
         claimHolder.store(UInt(pthread_self()), ordering: .relaxed)
         defer { claim.store(false, ordering: .releasing) }
         return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity))
