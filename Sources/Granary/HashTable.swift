@@ -60,6 +60,15 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     /// buffer, an atomic write to a line that all threads using the table would pass around.
     @usableFromInline let bucketTable: UInt
     @usableFromInline let bucketCount: Int
+    /// When the buckets lie in a regular pattern, as ``create(name:capacity:slotsPerBucket:in:)``
+    /// lays them out (bucket `i` is bucket `i / period` of an evenly spaced run that starts at
+    /// `periodBases[i % period]`), a bucket's address is computed instead of loaded from
+    /// `bucketTable`: that load missed the cache on most lookups of a large table, and the bucket's
+    /// own read could only start after it. `period` is 0 when the buckets follow no such pattern.
+    @usableFromInline let period: Int
+    @usableFromInline let periodStride: UInt64
+    /// `period` raw addresses, in memory the table owns (as `bucketTable`).
+    @usableFromInline let periodBases: UInt
     @usableFromInline let slots: Int
     @usableFromInline let slotStride: Int
     /// Payload bytes of one bucket object.
@@ -76,6 +85,12 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
         for (index, address) in descriptor.buckets.enumerated() { (table + index).initialize(to: address.rawValue) }
         self.bucketTable = UInt(bitPattern: table)
         self.bucketCount = descriptor.buckets.count
+        let pattern = Self.regularPattern(descriptor.buckets)
+        let bases = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, pattern?.bases.count ?? 0))
+        if let pattern { for (index, base) in pattern.bases.enumerated() { (bases + index).initialize(to: base) } }
+        self.period = pattern?.bases.count ?? 0
+        self.periodStride = pattern?.stride ?? 0
+        self.periodBases = UInt(bitPattern: bases)
         self.slots = descriptor.slotsPerBucket
         self.slotStride = 8 + ((descriptor.valueBytes + 7) & ~7)
         self.bucketBytes = 8 + slots * slotStride
@@ -83,6 +98,28 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
 
     deinit {
         UnsafeMutablePointer<UInt64>(bitPattern: bucketTable)!.deallocate()
+        UnsafeMutablePointer<UInt64>(bitPattern: periodBases)!.deallocate()
+    }
+
+    /// The smallest period `p` (up to 64, and repeating at least 4 times) such that every bucket
+    /// `i` lies at `buckets[i % p] + (i / p) * stride`, in the same region, for one stride; nil if
+    /// none does. (A table too small for that has its addresses in cache anyway.)
+    static func regularPattern(_ buckets: [GlobalAddress]) -> (bases: [UInt64], stride: UInt64)? {
+        let count = buckets.count
+        guard count >= 4 else { return nil }
+        candidates: for period in 1...min(64, count / 4) {
+            let first = buckets[0], next = buckets[period]
+            guard next.region == first.region, next.offset > first.offset else { continue }
+            let stride = Int(next.offset - first.offset)
+            for index in period..<count {
+                let base = buckets[index % period]
+                let expected = Int(base.offset) + (index / period) * stride
+                guard buckets[index].region == base.region, expected <= Int(UInt32.max),
+                      Int(buckets[index].offset) == expected else { continue candidates }
+            }
+            return (buckets[0..<period].map(\.rawValue), UInt64(stride))
+        }
+        return nil
     }
 
     /// Buckets up to this size are read into a scratch buffer of constant size on the stack.
@@ -106,6 +143,11 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     @inlinable func bucket(_ home: Int, probe: Int) -> GlobalAddress {
         var index = home &+ probe
         if index >= bucketCount { index -= bucketCount }
+        if period > 0 {
+            let (run, member) = index.quotientAndRemainder(dividingBy: period)
+            let base = UnsafePointer<UInt64>(bitPattern: periodBases).unsafelyUnwrapped[member]
+            return GlobalAddress(rawValue: base &+ UInt64(truncatingIfNeeded: run) &* periodStride)
+        }
         return GlobalAddress(rawValue: UnsafePointer<UInt64>(bitPattern: bucketTable).unsafelyUnwrapped[index])
     }
 
@@ -199,6 +241,15 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
             try tx.read(address, into: bucket)
             return try body(bucket, address, nil, firstFree)
         }
+    }
+
+    /// A hint that `tx` will look `key` up soon (``get(_:in:)``, ``update(_:in:_:)``...): starts
+    /// fetching its home bucket, so that the lookups of several keys a transaction knows in advance
+    /// overlap their memory latency instead of paying it one after another (see
+    /// ``Transaction/prefetch(_:payloadBytes:)``). Changes no result.
+    @inlinable
+    public func prefetch(_ key: UInt64, in tx: Transaction) {
+        tx.prefetch(bucket(home(of: key), probe: 0), payloadBytes: bucketBytes)
     }
 
     /// The value stored under `key`, if any. Cost: one bucket read (more if the home bucket overflowed).

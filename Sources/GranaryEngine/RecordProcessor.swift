@@ -18,8 +18,6 @@ final class RecordProcessor: @unchecked Sendable {
         /// `engine` retains and releases it.
         var replies: Unmanaged<ReplySlots>? = nil
         var persistEveryInstall = false
-        /// Where ``truncate(_:view:)``'s touching loads go, so that they are kept.
-        var touchSink: UInt64 = 0
         var brokenChannels: UInt64 = 0
         // Small to start (they grow): in flight are a few LOCK records per coordinator thread and
         // a truncation batch or two of COMMIT-BACKUP records, and a large sparse table misses the cache.
@@ -319,19 +317,16 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
     private func truncate(_ record: RecordView, view: ConfigurationView) throws {
-        // The batch's backup objects are mostly not in this core's cache. Load one word of each
-        // first, in a loop with nothing else to wait for, so that the misses overlap instead of
-        // being taken one after another by the installs below.
-        var touched: UInt64 = 0
+        // The batch's backup objects may have left this core's cache since COMMIT-BACKUP: start
+        // fetching every one of them before the first install waits for its own.
         try record.forEachTransactionID { id in
             guard let index = stashed[id] else { return }
             forEachKeptEntry(index) { entry in
                 guard let replica = view.replica(entry.address.region),
-                      Int(entry.address.offset) <= replica.size - 8 else { return }
-                touched &+= replica.base.load(fromByteOffset: Int(entry.address.offset), as: UInt64.self)
+                      Int(entry.address.offset) <= replica.size - ObjectLayout.lineSize else { return }
+                CacheLines.prefetch(replica.base + Int(entry.address.offset))
             }
         }
-        state.pointee.touchSink = touched
         var appliedAllocation = false
         try record.forEachTransactionID { id in
             guard let index = stashed.removeValue(forKey: id) else { return }

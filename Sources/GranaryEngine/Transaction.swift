@@ -170,6 +170,18 @@ public final class Transaction {
         }
     }
 
+    /// A hint that this transaction will read the first `payloadBytes` payload bytes of the object
+    /// at `address` soon: the transport may start fetching its lines without waiting (on shared
+    /// memory their cache misses then overlap with those of other prefetched objects). Reads,
+    /// validation and commit are unchanged; a bad address is reported by the read, not here.
+    ///
+    /// Call it for every object a transaction knows it will read before reading the first of them.
+    public func prefetch(_ address: GlobalAddress, payloadBytes: Int) {
+        guard let primary = view.primary(of: address.region) else { return }
+        engine.transport.prefetch(from: primary, address,
+                                  length: ObjectLayout.lines(forPayload: payloadBytes) * ObjectLayout.lineSize)
+    }
+
     /// Reads the first `destination.count` payload bytes of the object at `address` (raw: no length
     /// prefix), for fixed-size records that are not Swift types, such as hash-table buckets.
     ///

@@ -168,6 +168,15 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         Self.copyOut(source, destination, buffer.count)
     }
 
+    /// Starts fetching the lines of the `length` bytes at `address` on `node` into this core's
+    /// cache (``CacheLines/prefetch(_:count:)``), without waiting for them. An address outside the
+    /// node's regions is ignored.
+    @inlinable
+    public func prefetch(from node: NodeID, _ address: GlobalAddress, length: Int) {
+        guard length > 0, let start = try? resolve(node, address, length) else { return }
+        CacheLines.prefetch(start, count: length)
+    }
+
     /// An object read: whole lines of one object are copied under its header
     /// (``ObjectLayout/copyObject(from:to:lines:)``); anything else as ``read(from:_:into:)``.
     @inlinable

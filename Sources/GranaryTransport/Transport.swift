@@ -63,6 +63,13 @@ public protocol Transport: AnyObject, Sendable {
     /// file, so a channel sender uses this to write a message straight into the receiver's ring
     /// instead of through a staging buffer.
     func mappedAddress(of address: GlobalAddress, on node: NodeID, length: Int) -> UnsafeMutableRawPointer?
+
+    /// A hint that the `length` bytes at `address` on `node` will be read soon: the backend may
+    /// start bringing them closer without waiting for them, so that the misses of several reads a
+    /// caller knows it will make overlap instead of being taken one after another. Never fails
+    /// (a bad address is reported by the read itself) and has no effect on what any read returns.
+    /// The default does nothing; shared memory issues the CPU's prefetch for each line.
+    func prefetch(from node: NodeID, _ address: GlobalAddress, length: Int)
 }
 
 extension Transport {
@@ -73,6 +80,9 @@ extension Transport {
 
     /// No direct mapping (the default: operations go through the transport).
     public func mappedAddress(of address: GlobalAddress, on node: NodeID, length: Int) -> UnsafeMutableRawPointer? { nil }
+
+    /// No effect (the default: a backend whose reads are round trips has nothing to start early).
+    public func prefetch(from node: NodeID, _ address: GlobalAddress, length: Int) {}
 }
 
 /// One one-sided operation inside an ``OperationBatch``.

@@ -120,6 +120,9 @@ public struct SmallBankWorkload: Workload {
         switch type {
         case 0:  // AMALGAMATE(a, b): b.checking += a.savings + a.checking; a's balances := 0
             let (a, b) = twoAccounts(&random)
+            savings.prefetch(a, in: tx)
+            checking.prefetch(a, in: tx)
+            checking.prefetch(b, in: tx)
             let moved = try balance(savings, a) + balance(checking, a)
             try savings.update(a, in: tx) { $0 = 0 }
             try checking.update(a, in: tx) { $0 = 0 }
@@ -127,6 +130,8 @@ public struct SmallBankWorkload: Workload {
             return TransactionOutcome(type: type)
         case 1:  // BALANCE(a)
             let a = account(&random)
+            savings.prefetch(a, in: tx)
+            checking.prefetch(a, in: tx)
             _ = try balance(savings, a) + balance(checking, a)
             return TransactionOutcome(type: type)
         case 2:  // DEPOSIT_CHECKING(a): checking += 1.30
@@ -135,6 +140,8 @@ public struct SmallBankWorkload: Workload {
             return TransactionOutcome(type: type, delta: 130)
         case 3:  // SEND_PAYMENT(a, b, 5): a business abort if a.checking < 5
             let (a, b) = twoAccounts(&random)
+            checking.prefetch(a, in: tx)
+            checking.prefetch(b, in: tx)
             guard try balance(checking, a) >= 500 else { return TransactionOutcome(type: type, succeeded: false) }
             try checking.update(a, in: tx) { $0 -= 500 }
             try checking.update(b, in: tx) { $0 += 500 }
@@ -145,6 +152,8 @@ public struct SmallBankWorkload: Workload {
             return TransactionOutcome(type: type, delta: 2_020)
         default:  // WRITE_CHECK(a, 5): checking -= 6 if savings + checking < 5, else -= 5
             let a = account(&random)
+            savings.prefetch(a, in: tx)
+            checking.prefetch(a, in: tx)
             let total = try balance(savings, a) + balance(checking, a)
             let amount: Int64 = total < 500 ? 600 : 500
             try checking.update(a, in: tx) { $0 -= amount }

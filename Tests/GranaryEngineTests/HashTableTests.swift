@@ -1,4 +1,5 @@
-import Granary
+@testable import Granary
+import GranaryMemory
 import GranaryTestSupport
 import Testing
 
@@ -34,6 +35,56 @@ struct HashTableTests {
         let all = try await cluster.nodes[0].transaction { tx in try (0..<150).map { try table.get(UInt64($0), in: tx) } }
         for key in 0..<150 { #expect(all[key] == model[UInt64(key)], "final value of \(key)") }
         try await cluster.shutdown()
+    }
+
+    @Test("bucket addresses are computed from the layout create leaves, and equal the descriptor's")
+    func computedBucketAddresses() async throws {
+        let cluster = try await testCluster()
+        // Enough buckets for several slabs per node.
+        let table = try await TransactionalHashTable<Int64>.create(name: "computed", capacity: 30_000, in: cluster)
+        let buckets = table.descriptor.buckets
+        // Round-robin over the nodes, each allocating from its regions in turn: a short period.
+        #expect(table.period > 0 && table.period <= 12, "the buckets follow no regular pattern: \(buckets.prefix(8))")
+        for index in buckets.indices where table.bucket(index, probe: 0) != buckets[index] {
+            Issue.record("bucket \(index): computed \(table.bucket(index, probe: 0)), descriptor \(buckets[index])")
+            break
+        }
+        #expect(table.bucket(buckets.count - 1, probe: 1) == buckets[0], "probing wraps around to bucket 0")
+        // Keys hashed to every bucket are found (and prefetching them first changes nothing).
+        let keys = (0..<3_000).map { UInt64($0) &* 7_919 }
+        for start in stride(from: 0, to: keys.count, by: 100) {
+            let chunk = keys[start..<start + 100]
+            try await cluster.nodes[start / 100 % 3].transaction { tx in
+                for key in chunk { _ = try table.insert(key, Int64(bitPattern: key), in: tx) }
+            }
+            let found = try await cluster.nodes[(start / 100 + 1) % 3].transaction { tx in
+                for key in chunk { table.prefetch(key, in: tx) }
+                return try chunk.map { try table.get($0, in: tx) }
+            }
+            #expect(found == chunk.map { Int64(bitPattern: $0) }, "keys \(start)..<\(start + 100)")
+        }
+        try await cluster.shutdown()
+    }
+
+    @Test("buckets in no regular layout are found through the address table")
+    func irregularBucketAddresses() {
+        let region = RegionID(rawValue: 9)
+        let regular = (0..<40).map { (index: Int) -> GlobalAddress in
+            let offset = 4096 + index / 2 * 128
+            return GlobalAddress(region: RegionID(rawValue: UInt32(1 + index % 2)), offset: UInt32(offset))
+        }
+        let pattern = TransactionalHashTable<Int64>.regularPattern(regular)
+        #expect(pattern?.bases.count == 2 && pattern?.stride == 128, "\(String(describing: pattern))")
+        var shuffled = regular
+        shuffled.swapAt(5, 31)
+        #expect(TransactionalHashTable<Int64>.regularPattern(shuffled) == nil)
+        var crossing = regular
+        crossing[38] = GlobalAddress(region: region, offset: crossing[38].offset)
+        #expect(TransactionalHashTable<Int64>.regularPattern(crossing) == nil)
+        let descriptor = HashTableDescriptor(name: "irregular", capacity: 40, slotsPerBucket: 3, valueBytes: 8, buckets: shuffled)
+        let table = try! TransactionalHashTable<Int64>(descriptor: descriptor)
+        #expect(table.period == 0)
+        for index in shuffled.indices { #expect(table.bucket(index, probe: 0) == shuffled[index]) }
     }
 
     @Test("a table filled to its probe limit reports full, naming the table")

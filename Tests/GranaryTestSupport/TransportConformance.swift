@@ -162,6 +162,29 @@ public enum TransportConformance {
         batch.fetchAndAdd(at: node, GlobalAddress(region: pair.region, offset: 4096), 1)
         batch.fetchAndAdd(at: node, end, 1)
         #expect(throws: TransportError.self) { try pair.local.execute(&batch) }
+        // A prefetch is a hint: at any of these addresses it returns, and the read reports them.
+        pair.local.prefetch(from: node, end, length: 8)
+        pair.local.prefetch(from: node, lastLine, length: 128)
+        pair.local.prefetch(from: node, GlobalAddress(region: pair.region, offset: UInt32.max - 63), length: 1 << 20)
+        pair.local.prefetch(from: node, unknownRegion, length: 64)
+        pair.local.prefetch(from: stranger, GlobalAddress(region: pair.region, offset: 4096), length: 64)
+        pair.local.prefetch(from: node, GlobalAddress(region: pair.region, offset: 4096), length: 0)
+    }
+
+    /// A prefetch changes nothing a read returns: before and after writes, unaligned, over lines.
+    public static func prefetch(_ pair: TransportPair) throws {
+        for (offset, count) in [(8195, 5), (16384, 256), (20480, 4096)] {
+            let address = GlobalAddress(region: pair.region, offset: UInt32(offset))
+            for seed: UInt8 in [7, 99] {
+                pair.local.prefetch(from: pair.remoteNode, address, length: count)
+                let written = pattern(count, seed: seed)
+                try written.withUnsafeBytes { try pair.local.write(to: pair.remoteNode, address, from: $0) }
+                pair.local.prefetch(from: pair.remoteNode, address, length: count)
+                var read = [UInt8](repeating: 0, count: count)
+                try read.withUnsafeMutableBytes { try pair.local.read(from: pair.remoteNode, address, into: $0) }
+                #expect(read == written, "\(count) bytes at \(address) after a prefetch (seed \(seed))")
+            }
+        }
     }
 
     /// Messages sent over a channel built on the transport arrive whole and in order.

@@ -17,5 +17,6 @@ struct SharedMemoryConformanceTests {
     @Test("fetch-and-add returns the old word and wraps") func faa() throws { try run(TransportConformance.fetchAndAdd) }
     @Test("a batch of mixed operations completes with results in place") func batch() throws { try run(TransportConformance.batch) }
     @Test("out-of-bounds, unknown region, unknown node and misaligned atomics are errors") func errors() throws { try run(TransportConformance.badAddresses) }
+    @Test("a prefetch changes nothing a read returns") func prefetch() throws { try run(TransportConformance.prefetch) }
     @Test("a channel over the transport delivers messages whole and in order") func channel() throws { try run(TransportConformance.channel) }
 }

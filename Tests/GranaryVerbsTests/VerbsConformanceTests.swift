@@ -28,6 +28,9 @@ struct VerbsConformanceTests {
     @Test("out-of-bounds, unknown region, unknown node and misaligned atomics are errors", .requiresRDMADevice)
     func errors() throws { try run(TransportConformance.badAddresses) }
 
+    @Test("a prefetch changes nothing a read returns", .requiresRDMADevice)
+    func prefetch() throws { try run(TransportConformance.prefetch) }
+
     @Test("a channel over the transport delivers messages whole and in order", .requiresRDMADevice)
     func channel() throws { try run(TransportConformance.channel) }
 }
