@@ -136,6 +136,9 @@ public struct TATPWorkload: Workload {
             let sfType = random.uniform(1...4)
             let startTime = [0, 8, 16][random.uniform(0...2)]
             let endTime = random.uniform(1...24)
+            // The rows this transaction may read are known now: fetch them all at once.
+            specialFacility!.prefetch(Self.sfKey(s, sfType), in: tx)
+            for start in [0, 8, 16] where start <= startTime { callForwarding!.prefetch(Self.cfKey(s, sfType, start), in: tx) }
             guard let facility = try specialFacility!.get(Self.sfKey(s, sfType), in: tx), facility.isActive == 1 else {
                 return TransactionOutcome(type: type, succeeded: false)
             }
@@ -153,6 +156,8 @@ public struct TATPWorkload: Workload {
             let bit = UInt16(random.uniform(0...1))
             let sfType = random.uniform(1...4)
             let dataA = UInt8(random.uniform(0...255))
+            subscriber!.prefetch(UInt64(s), in: tx)
+            specialFacility!.prefetch(Self.sfKey(s, sfType), in: tx)
             try subscriber!.update(UInt64(s), in: tx) { $0.bits = ($0.bits & ~1) | bit }
             let updated = try specialFacility!.update(Self.sfKey(s, sfType), in: tx) { $0.dataA = dataA }
             return TransactionOutcome(type: type, succeeded: updated)

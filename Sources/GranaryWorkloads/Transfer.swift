@@ -29,6 +29,8 @@ public struct TransferWorkload: Workload {
         let i = Int(random.next() % UInt64(addresses.count))
         let j = (i + 1 + Int(random.next() % UInt64(addresses.count - 1))) % addresses.count
         let a = addresses[i], b = addresses[j]
+        tx.prefetch(a, payloadBytes: 8)
+        tx.prefetch(b, payloadBytes: 8)
         let from = try tx.read(a, as: Int64.self)
         let to = try tx.read(b, as: Int64.self)
         let amount: Int64 = 1
