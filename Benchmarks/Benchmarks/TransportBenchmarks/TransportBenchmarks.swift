@@ -27,6 +27,8 @@ final class Setup: @unchecked Sendable {
     let buffers = UnsafeMutableRawPointer.allocate(byteCount: 4 * 4096, alignment: 4096)
     var source: UnsafeMutableRawPointer { buffers }
     var destination: UnsafeMutableRawPointer { buffers + 4096 + 2048 }
+    /// A ring-sized buffer at the same offset modulo 4 KiB as the mailbox's first ring.
+    let ringScratch = UnsafeMutableRawPointer.allocate(byteCount: 65536 + 8192, alignment: 4096) + 4160
 
     init() throws {
         var template = Array("/tmp/granary-bench-XXXXXX".utf8CString)
@@ -120,6 +122,17 @@ let benchmarks: @Sendable () -> Void = {
             memcpy(setup.destination + 1024, setup.source, 256)
             memcpy(setup.destination, setup.destination + 1024, 256)
             blackHole(setup.destination.load(as: UInt8.self))
+        } }
+    }
+    Benchmark("raw memcpy 256 B twice through a 64 KiB ring (positions advance as the channel's)") { benchmark in
+        let ring = setup.ringScratch
+        var position = 0
+        for _ in benchmark.scaledIterations { for _ in 0..<operations {
+            memcpy(ring + position + 64, setup.source, 256)
+            memcpy(setup.destination, ring + position + 64, 256)
+            blackHole(setup.destination.load(as: UInt8.self))
+            position += 320
+            if position + 448 > 65536 { position = 0 }
         } }
     }
     // The receiving side is a poller that holds its mailbox's poll claim while it serves (a
