@@ -54,21 +54,21 @@ public enum TransactionalHashTableLayout {
 /// ```
 public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     public let descriptor: HashTableDescriptor
-    /// The buckets' addresses (raw `GlobalAddress` values), in memory this table allocates, fills in
-    /// `init` and frees in `deinit`, never written in between; kept as an address so that the
-    /// class stays checked-`Sendable`. Not an `Array`: every lookup would retain and release its
-    /// buffer, an atomic write to a line that all threads using the table would pass around.
-    @usableFromInline let bucketTable: UInt
     @usableFromInline let bucketCount: Int
     /// When the buckets lie in a regular pattern, as ``create(name:capacity:slotsPerBucket:in:)``
     /// lays them out (bucket `i` is bucket `i / period` of an evenly spaced run that starts at
-    /// `periodBases[i % period]`), a bucket's address is computed instead of loaded from
-    /// `bucketTable`: that load missed the cache on most lookups of a large table, and the bucket's
-    /// own read could only start after it. `period` is 0 when the buckets follow no such pattern.
+    /// `addresses[i % period]`), a bucket's address is computed: a table of every bucket's address
+    /// missed the cache on most lookups of a large table, and the bucket's own read could only
+    /// start after it. `period` is 0 when the buckets follow no such pattern; `addresses` then
+    /// holds every bucket's address.
     @usableFromInline let period: Int
     @usableFromInline let periodStride: UInt64
-    /// `period` raw addresses, in memory the table owns (as `bucketTable`).
-    @usableFromInline let periodBases: UInt
+    /// Raw `GlobalAddress` values (the pattern's `period` bases, or all `bucketCount` addresses), in
+    /// memory this table allocates, fills in `init` and frees in `deinit`, never written in between;
+    /// kept as an address so that the class stays checked-`Sendable`. Not an `Array`: every lookup
+    /// would retain and release its buffer, an atomic write to a line that all threads using the
+    /// table would pass around.
+    @usableFromInline let addresses: UInt
     @usableFromInline let slots: Int
     @usableFromInline let slotStride: Int
     /// Payload bytes of one bucket object.
@@ -81,24 +81,21 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
             throw HashTableError.valueTooLarge(table: descriptor.name, bytes: MemoryLayout<Value>.size, maximum: descriptor.valueBytes)
         }
         self.descriptor = descriptor
-        let table = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, descriptor.buckets.count))
-        for (index, address) in descriptor.buckets.enumerated() { (table + index).initialize(to: address.rawValue) }
-        self.bucketTable = UInt(bitPattern: table)
         self.bucketCount = descriptor.buckets.count
         let pattern = Self.regularPattern(descriptor.buckets)
-        let bases = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, pattern?.bases.count ?? 0))
-        if let pattern { for (index, base) in pattern.bases.enumerated() { (bases + index).initialize(to: base) } }
+        let stored = pattern?.bases ?? descriptor.buckets.map(\.rawValue)
+        let table = UnsafeMutablePointer<UInt64>.allocate(capacity: max(1, stored.count))
+        table.initialize(from: stored, count: stored.count)
+        self.addresses = UInt(bitPattern: table)
         self.period = pattern?.bases.count ?? 0
         self.periodStride = pattern?.stride ?? 0
-        self.periodBases = UInt(bitPattern: bases)
         self.slots = descriptor.slotsPerBucket
         self.slotStride = 8 + ((descriptor.valueBytes + 7) & ~7)
         self.bucketBytes = 8 + slots * slotStride
     }
 
     deinit {
-        UnsafeMutablePointer<UInt64>(bitPattern: bucketTable)!.deallocate()
-        UnsafeMutablePointer<UInt64>(bitPattern: periodBases)!.deallocate()
+        UnsafeMutablePointer<UInt64>(bitPattern: addresses)!.deallocate()
     }
 
     /// The smallest period `p` (up to 64, and repeating at least 4 times) such that every bucket
@@ -143,12 +140,10 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     @inlinable func bucket(_ home: Int, probe: Int) -> GlobalAddress {
         var index = home &+ probe
         if index >= bucketCount { index -= bucketCount }
-        if period > 0 {
-            let (run, member) = index.quotientAndRemainder(dividingBy: period)
-            let base = UnsafePointer<UInt64>(bitPattern: periodBases).unsafelyUnwrapped[member]
-            return GlobalAddress(rawValue: base &+ UInt64(truncatingIfNeeded: run) &* periodStride)
-        }
-        return GlobalAddress(rawValue: UnsafePointer<UInt64>(bitPattern: bucketTable).unsafelyUnwrapped[index])
+        let stored = UnsafePointer<UInt64>(bitPattern: addresses).unsafelyUnwrapped
+        guard period > 0 else { return GlobalAddress(rawValue: stored[index]) }
+        let (run, member) = index.quotientAndRemainder(dividingBy: period)
+        return GlobalAddress(rawValue: stored[member] &+ UInt64(truncatingIfNeeded: run) &* periodStride)
     }
 
     /// Slots per bucket when the caller does not choose: as many as fill the fewest cache lines
