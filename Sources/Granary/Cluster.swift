@@ -70,8 +70,14 @@ public final class Cluster: Sendable {
     /// Each node's membership service (empty without a configuration manager).
     public let membership: [MembershipService]
 
+    /// What restart recovery found and did when this cluster was reopened from its files (nil for
+    /// a new cluster).
+    public let recovery: RestartRecovery.Report?
+
     private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool,
-                 coordination: EmbeddedCoordinationService?, membership: [MembershipService]) {
+                 coordination: EmbeddedCoordinationService?, membership: [MembershipService],
+                 recovery: RestartRecovery.Report?) {
+        self.recovery = recovery
         self.nodes = nodes
         self.configuration = configuration
         self.directory = directory
@@ -104,26 +110,52 @@ public final class Cluster: Sendable {
         }
         let manifest = root.appending("cluster.json")
         let configuration: Configuration
+        var createdManifest = false
+        var lastRecovery: RestartRecovery.Report?
         if FileManager.default.fileExists(atPath: manifest.string) {
             let data = try Data(contentsOf: URL(fileURLWithPath: manifest.string))
-            configuration = try JSONDecoder().decode(Configuration.self, from: data)
+            var decoded = try JSONDecoder().decode(Configuration.self, from: data)
+            // Endpoints are relative to the cluster directory (an older cluster.json may hold
+            // absolute ones, which stay as they are).
+            decoded.members = decoded.members.map { member in
+                Member(node: member.node, endpoint: Self.resolve(member.endpoint, against: root))
+            }
+            configuration = decoded
             guard configuration.members.count == nodes else {
                 throw ConfigurationError.invalid("\(manifest) describes \(configuration.members.count) nodes, not \(nodes)")
             }
         } else {
             let ids = (0..<nodes).map { NodeID($0) }
-            configuration = try Configuration(
+            // cluster.json names each node's directory relative to itself, so the cluster
+            // directory can move; this process uses the resolved paths.
+            var stored = try Configuration(
                 id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-                members: ids.map { Member(node: $0, endpoint: "shm:" + root.appending($0.description).string) },
+                members: ids.map { Member(node: $0, endpoint: "shm:" + $0.description) },
                 manager: ids.first,
                 regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: options.regionsPerNode, replicas: replicas),
                 regionSize: options.regionSize)
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try encoder.encode(configuration).write(to: URL(fileURLWithPath: manifest.string))
+            try encoder.encode(stored).write(to: URL(fileURLWithPath: manifest.string))
+            stored.members = stored.members.map { Member(node: $0.node, endpoint: Self.resolve($0.endpoint, against: root)) }
+            configuration = stored
+            createdManifest = true
         }
+        let reopening = FileManager.default.fileExists(atPath: manifest.string) && !createdManifest
         let storage = try configuration.members.map {
-            try NodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity)
+            try NodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity,
+                            preservingLog: reopening, reopening: reopening)
+        }
+        var logger = options.logger
+        logger[metadataKey: "cluster"] = "\(configuration.cluster)"
+        if reopening {
+            // Every node of this cluster restarts at once: recover the transactions in the logs
+            // before anything serves (allocators are rebuilt after, when the engines start).
+            let report = RestartRecovery.recover(
+                configuration: configuration,
+                nodes: storage.map { RestartRecovery.NodeFiles(node: $0.node, mailbox: $0.mailbox, replicas: $0.replicas) },
+                logger: logger)
+            lastRecovery = report
         }
         // Every node's transport reaches its peers through the peers' own mappings.
         for node in storage {
@@ -131,8 +163,6 @@ public final class Cluster: Sendable {
                 for region in peer.replicas + [peer.mailbox.region] { try node.sharedMemory?.adopt(region, of: peer.node) }
             }
         }
-        var logger = options.logger
-        logger[metadataKey: "cluster"] = "\(configuration.cluster)"
         let engines = try storage.map { try $0.makeEngine(options: options.engine, logger: logger) }
         for engine in engines { engine.helpNeighbours(engines) }
         var coordination: EmbeddedCoordinationService?
@@ -165,7 +195,16 @@ public final class Cluster: Sendable {
             for service in services { try await service.start() }
         }
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
-                       removeOnShutdown: temporary, coordination: coordination, membership: services)
+                       removeOnShutdown: temporary, coordination: coordination, membership: services,
+                       recovery: lastRecovery)
+    }
+
+    /// A cluster dropped without ``shutdown()`` still stops its nodes' threads (pollers), so
+    /// nothing of it keeps running or holds its memory; its files are left as they are (a later
+    /// reopen recovers from them).
+    deinit {
+        for node in nodes { node.engine.stop() }
+        if removeOnShutdown { try? FileManager.default.removeItem(atPath: directory.string) }
     }
 
     /// Waits until every committed transaction is applied on every replica: sends the pending
@@ -198,6 +237,16 @@ public final class Cluster: Sendable {
         if removeOnShutdown { try? FileManager.default.removeItem(atPath: directory.string) }
     }
 
+    /// `endpoint` (`shm:<directory>` or `verbs:<directory>`) with a relative directory resolved
+    /// against `root`.
+    static func resolve(_ endpoint: String, against root: FilePath) -> String {
+        for prefix in ["shm:", "verbs:"] where endpoint.hasPrefix(prefix) {
+            let path = FilePath(String(endpoint.dropFirst(prefix.count)))
+            return path.isAbsolute ? endpoint : prefix + root.pushing(path).string
+        }
+        return endpoint
+    }
+
     private static func makeTemporaryDirectory() throws -> String {
         let base = ProcessInfo.processInfo.environment["TMPDIR"] ?? "/tmp"
         var template = Array("\(base)/granary-cluster-XXXXXX".utf8CString)
@@ -227,8 +276,24 @@ public final class Node: Sendable {
     /// ``EngineOptions/maximumAttempts`` times. `body` may therefore run more than once; only the
     /// committed run's effects exist.
     ///
-    /// - Throws: ``TransactionError`` (`.conflict` when every attempt aborted), or what `body` throws
-    ///   (the attempt is abandoned and nothing is written).
+    /// **Nothing reaches the caller unvalidated.** An error that `body` throws (its own, after a
+    /// business check, or one of the engine's that it lets through, such as
+    /// ``TransactionError/notAllocated(_:)``) is returned only after everything the attempt read
+    /// still holds, checked as at commit; if it does not, the attempt saw a state no serial order
+    /// gives, and it runs again as after a conflict. An absence is a read: reading a freed or never
+    /// allocated object puts it in the read set at the header seen, so a body that catches
+    /// `notAllocated` and goes on commits only if the object is still absent.
+    ///
+    /// **Every outcome is exact.** Returning means committed: every backup holds the transaction's
+    /// records, and it survives the loss of every process (see README, "Durability and failures").
+    /// ``TransactionError/outcomeUnknown(reason:)`` means the coordinator could not learn whether it
+    /// committed (a send failed after COMMIT-BACKUP began): recovery from the logs decides, for
+    /// every replica alike. Any other error means it did not commit, and left no lock behind that
+    /// the engine cannot release.
+    ///
+    /// - Throws: ``TransactionError`` (`.conflict` when every attempt aborted, `.tooLarge` for a
+    ///   transaction whose records would not fit a channel, refused before anything is locked), or
+    ///   what `body` throws (validated as above; the attempt is abandoned and nothing is written).
     ///
     /// The body runs on the caller's isolation (`#isolation`): called from the main actor it runs
     /// there; from a task, on that task's executor.

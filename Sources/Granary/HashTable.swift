@@ -181,7 +181,8 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
                 let allocated = try await node.transaction { tx in
                     try zero.withUnsafeBytes { bytes in try chunk.map { _ in try tx.allocate(raw: bytes) } }
                 }
-                for (bucket, address) in zip(chunk, allocated) { addresses[bucket] = address }
+                // Slots, not incarnations: bucket addresses are computed from one another.
+                for (bucket, address) in zip(chunk, allocated) { addresses[bucket] = address.untagged }
             }
         }
         return try TransactionalHashTable(descriptor: HashTableDescriptor(

@@ -36,7 +36,13 @@ public struct NodeStorage: Sendable {
         throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; endpoints are shm:<directory> or verbs:<directory>")
     }
 
-    public init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int) throws {
+    /// - Parameter preservingLog: open an existing mailbox without clearing its rings (the node's
+    ///   log), for ``RestartRecovery`` to read before the engine starts.
+    /// - Parameter reopening: the node's files must all exist (a cluster reopened from its
+    ///   directory): a missing region file is ``RegionError/missing(path:)``, never a new empty
+    ///   region; and the mailbox keeps its rings, the node's log, for ``RestartRecovery``.
+    public init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int,
+                preservingLog: Bool = false, reopening: Bool = false) throws {
         guard let member = configuration.members.first(where: { $0.node == node }) else {
             throw ConfigurationError.invalid("\(node) is not a member of \(configuration.id)")
         }
@@ -59,12 +65,18 @@ public struct NodeStorage: Sendable {
         }
         var replicas: [Region] = []
         for placement in configuration.regions where placement.replicas.contains(node) {
-            let region = try home.openOrCreate(placement.region, size: configuration.regionSize, cluster: configuration.cluster)
+            let region = reopening
+                ? try home.open(placement.region, cluster: configuration.cluster)
+                : try home.openOrCreate(placement.region, size: configuration.regionSize, cluster: configuration.cluster)
+            guard region.kind == .data, region.size == configuration.regionSize else {
+                throw RegionError.corrupt(path: region.path, reason: "a \(region.kind) region of \(region.size) bytes where the configuration places a data region of \(configuration.regionSize) bytes")
+            }
             try transport.register(region)
             replicas.append(region)
         }
         self.replicas = replicas
-        mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity)
+        mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity,
+                              preservingLog: preservingLog)
         try transport.register(mailbox.region)
         for other in configuration.members where other.node != node {
             connectPeer(other.node, try Self.directory(of: other))
@@ -77,8 +89,10 @@ public struct NodeStorage: Sendable {
     }
 
     /// A node on the shared-memory transport.
-    public init(node: NodeID, configuration: Configuration, ringCapacity: Int) throws {
-        try self.init(node: node, configuration: configuration, transport: .sharedMemory, ringCapacity: ringCapacity)
+    public init(node: NodeID, configuration: Configuration, ringCapacity: Int, preservingLog: Bool = false,
+                reopening: Bool = false) throws {
+        try self.init(node: node, configuration: configuration, transport: .sharedMemory, ringCapacity: ringCapacity,
+                      preservingLog: preservingLog, reopening: reopening)
     }
 
     /// Waits until every other member's mailbox is reachable through the transport: the file

@@ -88,8 +88,44 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     /// Whether `node` is a member.
     public func contains(_ node: NodeID) -> Bool { members.contains { $0.node == node } }
 
-    /// Checks that ids are unique, replicas of one region sit on distinct member nodes.
+    private enum CodingKeys: String, CodingKey {
+        case id, cluster, members, manager, regions, regionSize
+    }
+
+    /// Decodes a configuration (a `cluster.json`, a coordination record) and checks it
+    /// (``validate()``): values the engine cannot hold are an error naming them, not a trap later.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        id = try container.decode(ConfigurationID.self, forKey: .id)
+        cluster = try container.decode(ClusterID.self, forKey: .cluster)
+        members = try container.decode([Member].self, forKey: .members)
+        manager = try container.decodeIfPresent(NodeID.self, forKey: .manager)
+        regions = try container.decode([RegionPlacement].self, forKey: .regions)
+        regionSize = try container.decode(Int.self, forKey: .regionSize)
+        try validate()
+    }
+
+    /// Checks that every id is one the engine can hold (nodes below ``NodeID/limit``, data regions
+    /// from 1 below ``RegionID/limit``), the region size is a power of two from 1 MiB to 4 GiB,
+    /// ids are unique, and replicas of one region sit on distinct member nodes.
     public func validate() throws(ConfigurationError) {
+        for member in members where member.node.index >= NodeID.limit {
+            throw .invalid("member \(member.node) has an id of \(NodeID.limit) or more (node ids are 0..<\(NodeID.limit))")
+        }
+        if let manager, manager.index >= NodeID.limit {
+            throw .invalid("the manager \(manager) has an id of \(NodeID.limit) or more")
+        }
+        for placement in regions {
+            guard placement.region.rawValue >= 1, placement.region.rawValue < UInt32(RegionID.limit) else {
+                throw .invalid("region id \(placement.region.rawValue) is outside 1..<\(RegionID.limit)")
+            }
+            for node in placement.replicas where node.index >= NodeID.limit {
+                throw .invalid("region \(placement.region) has a replica on \(node), an id of \(NodeID.limit) or more")
+            }
+        }
+        guard regionSize >= 1 << 20, regionSize <= 1 << 32, regionSize & (regionSize - 1) == 0 else {
+            throw .invalid("regionSize \(regionSize) is not a power of two from 1 MiB to 4 GiB")
+        }
         let nodes = members.map(\.node)
         guard Set(nodes).count == nodes.count else { throw .invalid("a node is listed twice among the members") }
         guard Set(regions.map(\.region)).count == regions.count else { throw .invalid("a region is placed twice") }

@@ -10,11 +10,26 @@ import Glibc
 /// or ``abort(_:)`` after a failed LOCK or VALIDATE.
 extension Transaction {
     /// Commits the attempt, or throws ``AbortSignal`` (after cleaning up) when it must be retried.
+    ///
+    /// Every failure has one exact outcome:
+    /// - before COMMIT-BACKUP begins (a record too large, a LOCK that fails or is not answered, a
+    ///   VALIDATE read that fails), ABORT goes to every primary that may hold a lock, and the
+    ///   error (or a retry) is certain: nothing was written;
+    /// - while COMMIT-BACKUP records go out, a failure sends ABORT to the backups that got one,
+    ///   then to the primaries; if every backup's ABORT was delivered the transaction certainly
+    ///   did not commit (the error is thrown), else ``TransactionError/outcomeUnknown(reason:)``;
+    /// - once every backup holds its record, the transaction is committed as soon as one
+    ///   COMMIT-PRIMARY is delivered; if none can be, ``TransactionError/outcomeUnknown(reason:)``
+    ///   (the logs will commit it: recovery rolls forward what the backups hold);
+    /// - TRUNCATE never turns a committed transaction into an error.
     func commit() throws {
-        try withEngine { engine in try commit(statistics: engine.statistics) }
+        try withEngine { engine in
+            guard engine.running.load(ordering: .relaxed) else { throw TransactionError.shutDown(engine.node) }
+            try commit(engine: engine, statistics: engine.statistics)
+        }
     }
 
-    private func commit(statistics stats: EngineStatistics) throws {
+    private func commit(engine: Engine, statistics stats: EngineStatistics) throws {
         // Phase timers sample one attempt in `phaseTimingInterval` (clock reads and timer updates
         // cost more than some phases); the commit and abort counters count every attempt.
         let timed = executeStart != 0
@@ -38,20 +53,33 @@ extension Transaction {
             stats.committed(readOnly: true)
             return
         }
-        let id = try lock()
+        try checkRecordSizes()
+        if engine.owed.count.load(ordering: .relaxed) > 0 { engine.resolveOwedRecords() }
+        let id = try lock(engine: engine)
         mark(.lock)
-        guard try validate(skippingWritten: true) else {
-            try abort(id)
+        let valid: Bool
+        do {
+            valid = try validate(skippingWritten: true, engine: engine)
+        } catch {
+            abortLocked(id, engine: engine)
+            throw error
+        }
+        guard valid else {
+            abortLocked(id, engine: engine)
             throw AbortSignal(cause: .validationFailed)
         }
         mark(.validate)
-        let backups = try commitBackup(id)
+        let backups = try commitBackup(id, engine: engine)
         mark(.commitBackup)
-        try commitPrimary(id)
+        // Who keeps the proof of the commit until TRUNCATE: the backups' COMMIT-BACKUP records
+        // when there are backups (primaries then release their LOCK and COMMIT-PRIMARY records as
+        // they install), else the primaries' records.
+        let truncated = backups != 0 ? backups : primaryMask
+        let undelivered = try commitPrimary(id, backups: backups, truncating: truncated, engine: engine)
         mark(.commitPrimary)
         stats.committed(readOnly: false)
         reservations.removeAll(keepingCapacity: true)  // now owned by the committed objects
-        try truncate(id, backups: backups)
+        if undelivered == 0 { truncate(id, nodes: truncated, engine: engine) }
         mark(.truncate)
     }
 
@@ -64,6 +92,36 @@ extension Transaction {
         primaryMask = mask
     }
 
+    /// Refuses, before anything is locked, a transaction one of whose LOCK or COMMIT-BACKUP records
+    /// would not fit a channel: ``TransactionError/tooLarge(bytes:maximum:)`` names the record's
+    /// size and the limit. (Cheap when the whole write set fits one record, the common case.)
+    func checkRecordSizes() throws(TransactionError) {
+        let maximum = withView { $0.maximumRecordBytes }
+        var total = RecordFormat.headerBytes
+        writes.withUnsafeBufferPointer { writes in
+            for entry in writes { total += RecordFormat.entryBytes(payload: entry.length) }
+        }
+        guard total > maximum else { return }
+        guard writes.count <= RecordFormat.maximumEntries else {
+            throw .tooLarge(bytes: total, maximum: maximum)
+        }
+        // Per node: the LOCK record to each primary and the COMMIT-BACKUP record to each backup.
+        let masks = withView { $0.backupMasks }
+        var largest = 0
+        for node in 0..<NodeID.limit {
+            let bit: UInt64 = 1 << UInt64(node)
+            var lockBytes = RecordFormat.headerBytes, backupBytes = RecordFormat.headerBytes
+            writes.withUnsafeBufferPointer { writes in
+                for entry in writes {
+                    if entry.primary.index == node { lockBytes += RecordFormat.entryBytes(payload: entry.length) }
+                    if masks[entry.address.region.index] & bit != 0 { backupBytes += RecordFormat.entryBytes(payload: entry.length) }
+                }
+            }
+            largest = max(largest, lockBytes, backupBytes)
+        }
+        if largest > maximum { throw .tooLarge(bytes: largest, maximum: maximum) }
+    }
+
     private func ensureRecordCapacity(_ bytes: Int) {
         if bytes > recordCapacity {
             recordBuffer.deallocate()
@@ -74,7 +132,7 @@ extension Transaction {
 
     /// Writes a record of `kind` holding the entries for which `include` is true, and sends it.
     private func sendEntries(_ kind: RecordKind, _ id: TransactionID, to node: NodeID,
-                             where include: (WriteEntry) -> Bool) throws {
+                             where include: (WriteEntry) -> Bool) throws(TransactionError) {
         // Buffer pointers rather than `for entry in writes`, whose iterator holds a reference.
         var size = RecordFormat.headerBytes
         writes.withUnsafeBufferPointer { writes in
@@ -92,17 +150,35 @@ extension Transaction {
                 }
             }
         }
-        try withView { view in try view.send(writer.bytes, to: node) }
+        try sendRecord(writer.bytes, to: node)
     }
 
-    private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID) throws {
+    private func sendRecord(_ bytes: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
+        let failure: TransactionError? = state.pointee.viewRef._withUnsafeGuaranteedRef { view in
+            do throws(TransactionError) {
+                if !usingReserve && view.channelFillsUp(to: node) { withEngine { $0.flushTruncations(to: node) } }
+                try view.send(bytes, to: node, usingReserve: usingReserve)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID,
+                                keepUntilTruncate: Bool = false) throws(TransactionError) {
         let writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
-                                  configuration: view.configurationID, transaction: id)
-        try withView { view in try view.send(writer.bytes, to: node) }
+                                  configuration: withView { $0.configurationID }, transaction: id,
+                                  cause: keepUntilTruncate ? RecordFormat.keepUntilTruncate : 0)
+        // ABORT frees log space instead of holding it: it may use the ring's reserve.
+        try sendRecord(writer.bytes, to: node, usingReserve: kind == .abort)
     }
 
     /// LOCK: one record per primary with the written objects, their read versions and new values;
     /// each primary's CPU locks them with compare-and-swap and answers. Waits for every answer.
+    /// On any failure, ABORT goes to every primary the LOCK reached (they may hold locks) and the
+    /// attempt ends: nothing was written.
     func lock() throws -> TransactionID {
         try withEngine { engine in try lock(engine: engine) }
     }
@@ -118,14 +194,22 @@ extension Transaction {
         }
         let id = acquired!
         defer { engine.replies.release(id) }
+        var sent: UInt64 = 0
         for primary in NodeMask(primaries) {
-            try sendEntries(.lock, id, to: primary) { $0.primary == primary }
+            do {
+                try engine.faults.check(.lockSend, primary)
+                try sendEntries(.lock, id, to: primary) { $0.primary == primary }
+            } catch {
+                abortLocked(id, primaries: sent, engine: engine)
+                throw error
+            }
+            sent |= 1 << UInt64(primary.index)
             engine.statistics.lockRecordSent()
         }
         let timeout = engine.replyTimeoutNanoseconds
         let neighbours = self.neighbourList
         let primaryEngines = self.unmanagedNeighbours
-        let waitResult = engine.replies.wait(id, timeoutNanoseconds: timeout) {
+        let waitResult: UInt8? = engine.faults.fails(.lockReply, engine.node) ? nil : engine.replies.wait(id, timeoutNanoseconds: timeout) {
             // Serve the mailboxes of this process's nodes that nobody else is serving: first the
             // ones this answer depends on, the primaries' (LOCK) and this node's (the replies);
             // when they hold nothing, the others' (backups' records would otherwise wait for a
@@ -157,11 +241,11 @@ extension Transaction {
                 }
                 fatalError("LOCK unanswered (GRANARY_CRASH_ON_UNANSWERED is set)")
             }
-            try abort(id)
+            abortLocked(id, engine: engine)
             throw TransactionError.peerUnresponsive(NodeID(primaries.trailingZeroBitCount), waitedMilliseconds: Int(timeout / 1_000_000))
         }
         if failure != 0 {
-            try abort(id)
+            abortLocked(id, engine: engine)
             let cause = AbortCause(rawValue: failure) ?? .lockConflict
             if cause == .invalidObject {
                 // No retry can fix it: report the written objects the primaries refused.
@@ -177,6 +261,10 @@ extension Transaction {
     /// VALIDATE: one-sided reads of the header words of objects read (and, when `skippingWritten`,
     /// not written), posted as one batch; false if any changed or is locked.
     func validate(skippingWritten: Bool) throws -> Bool {
+        try withEngine { engine in try validate(skippingWritten: skippingWritten, engine: engine) }
+    }
+
+    private func validate(skippingWritten: Bool, engine: Engine) throws -> Bool {
         let reads = self.reads
         var checked = 0
         for read in reads where !(skippingWritten && writeIndex[read.address] != nil) { checked += 1 }
@@ -187,6 +275,7 @@ extension Transaction {
                 if skippingWritten && writeIndex[read.address] != nil {
                     headers[index] = read.header.rawValue
                 } else {
+                    try engine.faults.check(.validateRead, read.primary)
                     batch.read(from: read.primary, read.address,
                                into: UnsafeMutableRawBufferPointer(start: headers.baseAddress! + index, count: 8))
                 }
@@ -210,42 +299,104 @@ extension Transaction {
 
     /// COMMIT-BACKUP: one record per backup node with the new values of the objects it backs up.
     /// Waits only for the writes' completion, never for the backups' CPUs. Returns the backups.
-    func commitBackup(_ id: TransactionID) throws -> UInt64 {
+    ///
+    /// A failure before every backup holds its record undoes the commit: ABORT to the backups that
+    /// got a record (they drop it), then to every primary (they unlock). See ``commit()``.
+    func commitBackup(_ id: TransactionID, engine: Engine) throws -> UInt64 {
         let masks = view.backupMasks
         var nodes: UInt64 = 0
         writes.withUnsafeBufferPointer { writes in
             for entry in writes { nodes |= masks[entry.address.region.index] }
         }
+        var sent: UInt64 = 0
         for node in NodeMask(nodes) {
             let bit: UInt64 = 1 << UInt64(node.index)
-            try sendEntries(.commitBackup, id, to: node) { masks[$0.address.region.index] & bit != 0 }
+            do {
+                try engine.faults.check(.commitBackupSend, node)
+                try sendEntries(.commitBackup, id, to: node) { masks[$0.address.region.index] & bit != 0 }
+            } catch {
+                // Not committed yet: no COMMIT-PRIMARY went out. Take back what the backups got.
+                var undelivered: UInt64 = 0
+                for backup in NodeMask(sent) where !sendAbort(id, to: backup, engine: engine) { undelivered |= 1 << UInt64(backup.index) }
+                if undelivered == 0 {
+                    abortLocked(id, engine: engine)
+                    throw error
+                }
+                // A backup keeps a record the ABORT could not withdraw: the primaries keep their
+                // locks and LOCK records (so that recovery could roll the whole transaction
+                // forward) until the engine delivers the backups' ABORTs, then theirs.
+                engine.owed.add(OutcomePlan(transaction: id, step: .undo(backups: undelivered, primaries: primaryMask)))
+                throw TransactionError.outcomeUnknown(
+                    reason: "COMMIT-BACKUP of \(id) to \(node) failed (\(error)), and the ABORT to backup(s) \(NodeMask(undelivered).map(\.description).joined(separator: ", ")) that hold its record could not be delivered yet")
+            }
+            sent |= bit
         }
         return nodes
     }
 
     /// COMMIT-PRIMARY: tell each primary to install and unlock. The transaction is committed once the
-    /// first of these writes completes (every backup already holds its record).
-    func commitPrimary(_ id: TransactionID) throws {
-        for primary in NodeMask(primaryMask) { try sendHeaderOnly(.commitPrimary, id, to: primary) }
+    /// first of these writes completes (every backup already holds its record). Returns the
+    /// primaries it could not reach: the engine owes them COMMIT-PRIMARY (retried), and the
+    /// transaction's TRUNCATE waits until they have it.
+    func commitPrimary(_ id: TransactionID, backups: UInt64, truncating truncated: UInt64, engine: Engine) throws -> UInt64 {
+        var delivered = 0
+        var undelivered: UInt64 = 0
+        var failures: [String] = []
+        for primary in NodeMask(primaryMask) {
+            do {
+                try engine.faults.check(.commitPrimarySend, primary)
+                try sendHeaderOnly(.commitPrimary, id, to: primary, keepUntilTruncate: backups == 0)
+                delivered += 1
+            } catch {
+                undelivered |= 1 << UInt64(primary.index)
+                failures.append("\(primary): \(error)")
+            }
+        }
+        guard undelivered != 0 else { return 0 }
+        engine.logger.error("COMMIT-PRIMARY of \(id) could not be delivered to \(failures.joined(separator: "; ")); retried later")
+        engine.owed.add(OutcomePlan(transaction: id, step: .commit(primaries: undelivered, truncate: truncated, keep: backups == 0)))
+        if delivered == 0 {
+            throw TransactionError.outcomeUnknown(
+                reason: "no COMMIT-PRIMARY of \(id) could be delivered yet (\(failures.joined(separator: "; "))); every backup holds its record")
+        }
+        return undelivered
     }
 
-    /// ABORT: release the locks at every primary and return reserved slots.
-    func abort(_ id: TransactionID) throws {
-        for primary in NodeMask(primaryMask) { try sendHeaderOnly(.abort, id, to: primary) }
+    /// ABORT to every primary in `primaries` (default: every primary of the write set), then
+    /// returns the reserved slots. The engine owes an ABORT it cannot deliver now and retries it;
+    /// the outcome is certain already (no COMMIT-BACKUP record exists, or every one was withdrawn).
+    func abortLocked(_ id: TransactionID, primaries: UInt64? = nil, engine: Engine) {
+        var undelivered: UInt64 = 0
+        for primary in NodeMask(primaries ?? primaryMask) where !sendAbort(id, to: primary, engine: engine) {
+            undelivered |= 1 << UInt64(primary.index)
+        }
+        if undelivered != 0 { engine.owed.add(OutcomePlan(transaction: id, step: .undo(backups: 0, primaries: undelivered))) }
         returnReservations()
     }
 
-    /// TRUNCATE, lazily: remember the transaction per backup; a batch goes out in one record once
-    /// ``EngineOptions/truncationBatch`` transactions are waiting for that backup.
-    func truncate(_ id: TransactionID, backups: UInt64) throws {
-        try withEngine { engine in try truncate(id, backups: backups, engine: engine) }
+    /// Sends ABORT for `id` to `node`; false (logged) if it could not be delivered.
+    private func sendAbort(_ id: TransactionID, to node: NodeID, engine: Engine) -> Bool {
+        do {
+            try engine.faults.check(.abortSend, node)
+            try sendHeaderOnly(.abort, id, to: node)
+            return true
+        } catch {
+            engine.logger.error("ABORT of \(id) could not be delivered to \(node): \(error); its locks or records there wait for recovery")
+            return false
+        }
     }
 
-    private func truncate(_ id: TransactionID, backups: UInt64, engine: Engine) throws {
-        for backup in NodeMask(backups) {
-            if let batch = engine.pendingTruncation.add(id, for: backup, limit: engine.truncationBatch) {
-                try engine.sendTruncate(batch, to: backup)
-            }
+    /// ABORT: release the locks at every primary and return reserved slots.
+    func abort(_ id: TransactionID) {
+        withEngine { engine in abortLocked(id, engine: engine) }
+    }
+
+    /// TRUNCATE, lazily: remember the transaction per primary and backup; a batch goes out in one
+    /// record once ``EngineOptions/truncationBatch`` transactions are waiting for that node. A
+    /// batch that cannot be sent is kept for the next flush; the transaction stays committed.
+    func truncate(_ id: TransactionID, nodes: UInt64, engine: Engine) {
+        if let batches = engine.pendingTruncation.add(id, for: nodes, limit: engine.truncationBatch) {
+            for (node, batch) in batches { engine.sendTruncateOrKeep(batch, to: node) }
         }
     }
 }
@@ -263,15 +414,37 @@ struct NodeMask: Sequence, IteratorProtocol {
 }
 
 extension Engine {
+    /// Sends one TRUNCATE record listing `ids` to `node`; if it cannot go, puts them back in the
+    /// pending batches (logged) for the next flush.
+    func sendTruncateOrKeep(_ ids: [TransactionID], to node: NodeID) {
+        do {
+            try faults.check(.truncateSend, node)
+            try sendTruncate(ids, to: node)
+        } catch {
+            logger.warning("TRUNCATE of \(ids.count) transactions to \(node) failed (\(error)); kept for the next flush")
+            pendingTruncation.putBack(ids, for: node)
+        }
+    }
+
     /// Sends one TRUNCATE record listing `ids` to `backup`.
     func sendTruncate(_ ids: [TransactionID], to backup: NodeID) throws(TransactionError) {
+        // In records of at most 4,096 ids (the count is 16 bits, and a record must fit a channel).
+        if ids.count > 4_096 {
+            var start = 0
+            while start < ids.count {
+                try sendTruncate(Array(ids[start..<min(start + 4_096, ids.count)]), to: backup)
+                start += 4_096
+            }
+            return
+        }
         let bytes = RecordFormat.headerBytes + ids.count * 8
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
         defer { buffer.deallocate() }
         var writer = RecordWriter(into: buffer, capacity: bytes, kind: .truncate, configuration: configuration.id,
                                   transaction: TransactionID(rawValue: 0))
         for id in ids { writer.appendTransaction(id) }
-        try send(writer.bytes, to: backup)
+        // TRUNCATE frees log space: it may use the ring's reserve that kept records leave free.
+        try send(writer.bytes, to: backup, usingReserve: true)
     }
 
     /// Runs `body` as a transaction on this node, committing it and retrying on conflicts.
@@ -311,14 +484,37 @@ extension Engine {
         transaction.reset()
         transaction.attemptCount &+= 1
         transaction.executeStart = transaction.attemptCount % phaseTimingInterval == 0 ? monotonicNanoseconds() : 0
+        let result: R
         do {
-            let result = try body(transaction)
+            result = try body(transaction)
+        } catch let signal as AbortSignal {
+            transaction.returnReservations()
+            statistics.aborted(signal.cause)
+            return .aborted(signal.cause)
+        } catch {
+            // Nothing reaches the caller unvalidated: an error the body saw or threw (an absence,
+            // a business check, an engine error) is returned only if everything the attempt read
+            // still holds; otherwise the attempt was looking at a state that no serial order
+            // gives, and it is retried as a conflict.
+            transaction.returnReservations()
+            guard try transaction.validate(skippingWritten: false) else {
+                statistics.aborted(.validationFailed)
+                return .aborted(.validationFailed)
+            }
+            throw error
+        }
+        do {
             try transaction.commit()
             return .committed(result)
         } catch let signal as AbortSignal {
             transaction.returnReservations()
             statistics.aborted(signal.cause)
             return .aborted(signal.cause)
+        } catch TransactionError.outcomeUnknown(let reason) {
+            // The transaction may commit: its reserved slots stay reserved (the allocator is
+            // rebuilt from the region's headers when the node restarts).
+            transaction.reservations.removeAll(keepingCapacity: true)
+            throw TransactionError.outcomeUnknown(reason: reason)
         } catch {
             transaction.returnReservations()
             throw error

@@ -112,10 +112,16 @@ public final class ConfigurationView: @unchecked Sendable {
     let primaries: [UInt16]
     /// The backups of each region as a bit per node, by region index.
     let backupMasks: UnsafeMutablePointer<UInt64>
+    /// Senders into each member's log ring (the commit protocol's records).
     let senders: [ChannelSender?]
+    /// Senders into each member's message queue (LOCK replies).
+    let replySenders: [ChannelSender?]
     let allocationRegions: [RegionID]
     /// Bit n set when node n is a member.
     let memberBits: UInt64
+    /// The largest record this configuration's channels carry (the smallest maximum over the
+    /// members' channels): a LOCK or COMMIT-BACKUP record must fit.
+    let maximumRecordBytes: Int
 
     init(node: NodeID, configuration: Configuration, regions: [Region], previous: ConfigurationView?,
          transport: any Transport) throws {
@@ -151,19 +157,29 @@ public final class ConfigurationView: @unchecked Sendable {
         // Senders to former members are kept: their records are refused, but a refusal is still
         // answered so that a stale coordinator learns at once.
         var senders = previous?.senders ?? [ChannelSender?](repeating: nil, count: NodeID.limit)
+        var replySenders = previous?.replySenders ?? [ChannelSender?](repeating: nil, count: NodeID.limit)
         var bits: UInt64 = 0
         for member in configuration.members {
             bits |= 1 << UInt64(member.node.index)
             senders[member.node.index] = try previous?.senders[member.node.index] ?? ChannelSender(transport: transport, to: member.node)
+            replySenders[member.node.index] = try previous?.replySenders[member.node.index]
+                ?? ChannelSender(transport: transport, to: member.node, kind: .messages)
         }
         self.senders = senders
+        self.replySenders = replySenders
+        self.replySenderTable = .allocate(capacity: NodeID.limit)
+        self.replySenderTable.initialize(from: replySenders.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
         self.memberBits = bits
+        self.maximumRecordBytes = min(
+            configuration.members.compactMap { senders[$0.node.index]?.maximumMessage }.min() ?? 0,
+            RecordFormat.headerBytes + RecordFormat.maximumEntries * RecordFormat.entryHeaderBytes + Int(UInt32.max))
         self.senderTable = .allocate(capacity: NodeID.limit)
         self.senderTable.initialize(from: senders.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
     }
 
     deinit {
         senderTable.deallocate()
+        replySenderTable.deallocate()
         backupMasks.deallocate()
         replicaAccess.deinitialize(count: RegionID.limit)
         replicaAccess.deallocate()
@@ -179,6 +195,8 @@ public final class ConfigurationView: @unchecked Sendable {
 
     /// The senders again, unretained, so that sending costs no reference counting.
     let senderTable: UnsafeMutablePointer<Unmanaged<ChannelSender>?>
+    /// The reply senders, unretained.
+    let replySenderTable: UnsafeMutablePointer<Unmanaged<ChannelSender>?>
 
     /// The primary of `region`, if the configuration has the region.
     @inline(__always) func primary(of region: RegionID) -> NodeID? {
@@ -194,14 +212,25 @@ public final class ConfigurationView: @unchecked Sendable {
 
     @inline(__always) func isMember(_ node: NodeID) -> Bool { memberBits & (1 << UInt64(node.index)) != 0 }
 
+    /// Whether the channel to `node` looked more than half full when this node last sent on it:
+    /// records kept in the receiver's log hold their space until TRUNCATE, so a coordinator then
+    /// sends the TRUNCATEs it has pending for that node before adding more.
+    @inline(__always) func channelFillsUp(to node: NodeID) -> Bool {
+        guard node.index < NodeID.limit, let sender = senderTable[node.index] else { return false }
+        return sender._withUnsafeGuaranteedRef { sender in
+            // The known head lags: look again at the receiver's progress before flushing.
+            sender.bytesInUse > sender.ringCapacity >> 1 && sender.refreshedBytesInUse() > sender.ringCapacity >> 1
+        }
+    }
+
     /// Sends `record` to `node`'s mailbox through this configuration's sender.
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID) throws(TransactionError) {
-        guard let sender = senderTable[node.index], isMember(node) || configuration.contains(self.node) else {
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
+        guard node.index < NodeID.limit, let sender = senderTable[node.index], isMember(node) || configuration.contains(self.node) else {
             throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
         }
         let failure: TransportError? = sender._withUnsafeGuaranteedRef { sender in
             do throws(TransportError) {
-                try sender.send(record)
+                try sender.send(record, usingReserve: usingReserve)
                 return nil
             } catch {
                 return error
@@ -239,6 +268,10 @@ public final class Engine: Sendable {
     /// Committed transactions whose backup records await a TRUNCATE, per backup node.
     let pendingTruncation = TruncationBatches()
     let running = Atomic<Bool>(true)
+    /// Test-only failures of the commit protocol's sends and reads (see ``injectFaults(_:)``).
+    let faults = FaultInjector()
+    /// ABORT and COMMIT-PRIMARY records that could not be delivered, retried in order.
+    let owed = OutcomePlans()
     let processor: RecordProcessor
     private let pollerThread = Mutex<pthread_t?>(nil)
     /// Set when a coordinator served this node's mailbox since the poller last looked.
@@ -329,13 +362,13 @@ public final class Engine: Sendable {
 
     /// The largest record this node can send (the smallest channel maximum over its peers): a
     /// transaction's LOCK or COMMIT-BACKUP record to one node must fit.
-    public var maximumRecordBytes: Int { view.senders.compactMap { $0?.maximumMessage }.min() ?? 0 }
+    public var maximumRecordBytes: Int { view.maximumRecordBytes }
 
     /// Sends `record` to `node`'s mailbox.
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID) throws(TransactionError) {
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
         let failure: TransactionError? = unmanagedView._withUnsafeGuaranteedRef { view in
             do throws(TransactionError) {
-                try view.send(record, to: node)
+                try view.send(record, to: node, usingReserve: usingReserve)
                 return nil
             } catch {
                 return error
@@ -410,7 +443,8 @@ public final class Engine: Sendable {
     /// plain loads only, no lock and no reference counting.
     @inline(__always) var mayHaveWork: Bool {
         if processor.unsentCount.load(ordering: .relaxed) > 0 { return true }
-        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed)) where mailbox.mayHaveMessage(from: sender) {
+        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed))
+        where mailbox.mayHaveMessage(from: sender) || mailbox.mayHaveMessage(from: sender, kind: .messages) {
             return true
         }
         return false
@@ -422,11 +456,16 @@ public final class Engine: Sendable {
         // configuration are read only to be rejected (precise membership).
         processor.flushReplies(view: view)
         for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed) & ~processor.brokenChannels) {
-            guard mailbox.mayHaveMessage(from: sender) else { continue }
             do {
-                handled += try poller.poll(from: sender, limit: 64) { bytes in
-                    processor.handle(from: sender, bytes, view: view)
+                if mailbox.mayHaveMessage(from: sender, kind: .messages) {
+                    handled += try poller.poll(from: sender, kind: .messages, limit: 64) { bytes in
+                        processor.handleQueued(from: sender, bytes, view: view)
+                    }
                 }
+                guard mailbox.mayHaveMessage(from: sender) else { continue }
+                handled += try poller.poll(from: sender, limit: 64, keeping: { bytes, position in
+                    processor.handle(from: sender, bytes, position: position, view: view)
+                })
             } catch {
                 logger.error("stopped polling the channel from \(sender): \(error)")
                 processor.brokenChannels |= 1 << UInt64(sender.index)
@@ -452,9 +491,26 @@ public final class Engine: Sendable {
 
     // MARK: Quiescence
 
+    /// Sends every pending TRUNCATE to `node` now (a channel to it fills up with kept records).
+    func flushTruncations(to node: NodeID) {
+        let ids = pendingTruncation.take(for: node)
+        if !ids.isEmpty { sendTruncateOrKeep(ids, to: node) }
+    }
+
     /// Sends every pending TRUNCATE now.
     public func flushTruncations() throws(TransactionError) {
-        for (backup, ids) in pendingTruncation.takeAll() { try sendTruncate(ids, to: backup) }
+        resolveOwedRecords()
+        var failure: TransactionError?
+        for (node, ids) in pendingTruncation.takeAll() {
+            do {
+                try faults.check(.truncateSend, node)
+                try sendTruncate(ids, to: node)
+            } catch {
+                pendingTruncation.putBack(ids, for: node)
+                failure = failure ?? error
+            }
+        }
+        if let failure { throw failure }
     }
 
     /// Whether this node has no record waiting in its mailbox, no lock held for a coordinator and no
@@ -464,7 +520,8 @@ public final class Engine: Sendable {
             && processor.unsentCount.load(ordering: .relaxed) == 0
             && processor.stashedCount.load(ordering: .acquiring) == 0
             && (0..<NodeID.limit).allSatisfy { index in
-                processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0 || mailbox.isEmpty(from: NodeID(index))
+                processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0
+                    || (mailbox.isEmpty(from: NodeID(index)) && mailbox.isEmpty(from: NodeID(index), kind: .messages))
             }
     }
 
@@ -477,7 +534,11 @@ public final class Engine: Sendable {
         for index in 0..<NodeID.limit where processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
             lines.append("  in:  " + mailbox.ringState(from: NodeID(index)))
         }
-        for sender in view.senders.compactMap({ $0 }) { lines.append("  out: " + sender.sendState) }
+        for index in 0..<NodeID.limit where processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
+            lines.append("  in:  " + mailbox.ringState(from: NodeID(index), kind: .messages))
+        }
+        for sender in view.senders.compactMap({ $0 }) { lines.append("  out: log " + sender.sendState) }
+        for sender in view.replySenders.compactMap({ $0 }) { lines.append("  out: queue " + sender.sendState) }
         return lines.joined(separator: "\n")
     }
 
@@ -505,15 +566,40 @@ final class TruncationBatches: Sendable {
     }
     private let shards = (0..<threadShards).map { _ in Shard() }
 
-    /// Adds `id` to the calling thread's batch for `backup`; returns the batch when it has
-    /// reached `limit` transactions (and starts a new one).
-    func add(_ id: TransactionID, for backup: NodeID, limit: Int) -> [TransactionID]? {
+    /// Puts `ids` (a batch whose TRUNCATE could not be sent) back into the calling thread's batch
+    /// for `node`, to go with the next one.
+    func putBack(_ ids: [TransactionID], for node: NodeID) {
+        shards[threadShard()].lists.withLock { lists in lists[node.index].append(contentsOf: ids) }
+    }
+
+    /// Adds `id` to the calling thread's batch for each node of `nodes` (a bit per node), under
+    /// one lock; returns the batches that reached `limit` transactions (and starts new ones).
+    func add(_ id: TransactionID, for nodes: UInt64, limit: Int) -> [(NodeID, [TransactionID])]? {
         shards[threadShard()].lists.withLock { lists in
-            lists[backup.index].append(id)
-            guard lists[backup.index].count >= limit else { return nil }
-            defer { lists[backup.index].removeAll(keepingCapacity: true) }
-            return lists[backup.index]
+            var full: [(NodeID, [TransactionID])]?
+            for node in NodeMask(nodes) {
+                lists[node.index].append(id)
+                guard lists[node.index].count >= limit else { continue }
+                if full == nil { full = [] }
+                full!.append((node, lists[node.index]))
+                lists[node.index].removeAll(keepingCapacity: true)
+            }
+            return full
         }
+    }
+
+    /// Takes every thread's batch for `node`.
+    func take(for node: NodeID) -> [TransactionID] {
+        var out: [TransactionID] = []
+        for shard in shards {
+            shard.lists.withLock { lists in
+                if !lists[node.index].isEmpty {
+                    out += lists[node.index]
+                    lists[node.index].removeAll(keepingCapacity: true)
+                }
+            }
+        }
+        return out
     }
 
     /// Takes every batch, of every thread, per backup node.

@@ -17,12 +17,23 @@ final class RecordProcessor: @unchecked Sendable {
         /// The engine's reply slots and install policy, copied when `engine` is set: a call through
         /// `engine` retains and releases it.
         var replies: Unmanaged<ReplySlots>? = nil
+        /// The engine's mailbox (its rings are the node's log: kept records are released there).
+        var mailbox: Unmanaged<Mailbox>? = nil
         var persistEveryInstall = false
         var brokenChannels: UInt64 = 0
         // Small to start (they grow): in flight are a few LOCK records per coordinator thread and
         // a truncation batch or two of COMMIT-BACKUP records, and a large sparse table misses the cache.
         var locked = TransactionTable(minimumCapacity: 64)
         var stashed = TransactionTable(minimumCapacity: 256)
+        var committed = TransactionTable(minimumCapacity: 256)
+        /// The log messages of committed transactions at this primary (their LOCK and
+        /// COMMIT-PRIMARY records), by the index ``committed`` maps to; `freeCommitted` lists
+        /// unused indexes. (The record copies themselves go back to the pool at COMMIT-PRIMARY.)
+        var committedMessages: [RingReference] = []
+        var freeCommitted: [Int] = []
+        /// Ring messages held for deferred entries, by ring reference key, with how many of their
+        /// entries are still deferred.
+        var deferredMessages: [UInt64: (RingReference, Int)] = [:]
         var kept = RecordPool()
         var deferred: [DeferredEntry] = []
         var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
@@ -39,6 +50,7 @@ final class RecordProcessor: @unchecked Sendable {
         set {
             state.pointee.engine = newValue
             state.pointee.replies = Unmanaged.passUnretained(newValue.replies)
+            state.pointee.mailbox = Unmanaged.passUnretained(newValue.mailbox)
             state.pointee.persistEveryInstall = newValue.persistEveryInstall
         }
     }
@@ -65,13 +77,15 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    /// A truncated entry waiting for its object's slab to be known here, with its own payload copy.
+    /// A truncated entry waiting for its object's slab to be known here, with its own payload copy,
+    /// and the ring message it came from (kept in the log until the entry is applied).
     struct DeferredEntry {
         let address: GlobalAddress
         let new: ObjectHeader
         let lines: Int
         let operation: EntryOperation
         let payload: [UInt8]
+        var message: RingReference? = nil
 
         func apply(_ body: (BackupEntry) -> Bool) -> Bool {
             payload.withUnsafeBytes { bytes in
@@ -89,6 +103,25 @@ final class RecordProcessor: @unchecked Sendable {
     private var locked: TransactionTable { _read { yield state.pointee.locked } _modify { yield &state.pointee.locked } }
     /// COMMIT-BACKUP records this backup keeps until TRUNCATE: their copies in ``kept``.
     private var stashed: TransactionTable { _read { yield state.pointee.stashed } _modify { yield &state.pointee.stashed } }
+    /// LOCK records of transactions this primary installed (COMMIT-PRIMARY), kept in the log with
+    /// the COMMIT-PRIMARY record until TRUNCATE: the evidence recovery reads that they committed.
+    private var committed: TransactionTable { _read { yield state.pointee.committed } _modify { yield &state.pointee.committed } }
+
+    /// Releases a kept ring message (and its second one, if any) in the node's log.
+    @inline(__always) private func releaseMessages(_ reference: RingReference) {
+        state.pointee.mailbox.unsafelyUnwrapped._withUnsafeGuaranteedRef { mailbox in
+            mailbox.releaseMessage(from: reference.sender, at: reference.position)
+            if reference.second != RingReference.none { mailbox.releaseMessage(from: reference.sender, at: reference.second) }
+        }
+    }
+
+    /// Releases the pool copy `index` and the ring messages it stands for.
+    @inline(__always) private func drop(_ index: Int) {
+        releaseMessages(kept.reference(index))
+        kept.release(index)
+    }
+
+    private func publishKept() { publish(stashedCount, stashed.count + deferred.count + committed.count) }
     /// Record copies, in buffers reused from record to record (no allocation once warm).
     private var kept: RecordPool { _read { yield state.pointee.kept } _modify { yield &state.pointee.kept } }
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
@@ -102,47 +135,76 @@ final class RecordProcessor: @unchecked Sendable {
         state.deallocate()
     }
 
-    func handle(from sender: NodeID, _ bytes: UnsafeRawBufferPointer, view: ConfigurationView) {
+    /// Handles one message from `sender`'s message queue: only LOCK replies travel there.
+    func handleQueued(from sender: NodeID, _ bytes: UnsafeRawBufferPointer, view: ConfigurationView) {
+        guard let record = try? RecordView(bytes), record.kind == .lockReply else {
+            engine.statistics.rejected()
+            engine.logger.info("rejected a message from \(sender)'s queue that is not a LOCK reply")
+            return
+        }
+        _ = handle(from: sender, bytes, position: 0, view: view)
+    }
+
+    /// Handles one record from `sender`'s log ring at stream position `position`; returns whether the
+    /// record stays in the ring as part of the node's log (LOCK, COMMIT-PRIMARY and COMMIT-BACKUP
+    /// records until TRUNCATE or ABORT), to be released later.
+    func handle(from sender: NodeID, _ bytes: UnsafeRawBufferPointer, position: UInt64, view: ConfigurationView) -> Bool {
         let record: RecordView
         do {
             record = try RecordView(bytes)
         } catch {
             engine.statistics.rejected()
             engine.logger.info("rejected a record from \(sender): \(error)")
-            return
+            return false
         }
+        let ring = RingReference(sender: sender, position: position)
         guard view.isMember(sender) else {
             // Precise membership: a node outside the configuration changes nothing here.
             engine.statistics.rejected()
             engine.logger.info("rejected a \(record.kind) record from \(sender), which is not a member of \(view.configuration.id)")
             if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
-            return
+            return false
         }
         guard record.configuration == view.configurationID else {
             if record.kind == .lockReply, record.cause == AbortCause.wrongConfiguration.rawValue {
                 // A primary in another configuration refused our LOCK: the waiting coordinator must
                 // learn it (its own configuration is the stale one, or the primary's is).
                 engine.replies.deliver(record.transaction, failure: record.cause)
-                return
+                return false
             }
             engine.statistics.rejected()
             let error = ConfigurationError.wrongConfiguration(found: record.configuration, expected: view.configuration.id, from: sender)
             engine.logger.info("\(error)")
             if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
-            return
+            return false
+        }
+        if record.kind != .lockReply && record.kind != .truncate && record.transaction.node != sender {
+            // A coordinator's records carry its own transaction ids: anything else is foreign.
+            engine.statistics.rejected()
+            engine.logger.info("rejected a \(record.kind) record from \(sender) for \(record.transaction), which \(sender) does not coordinate")
+            return false
         }
         do {
             switch record.kind {
-            case .lock: try lock(record, raw: bytes, view: view)
-            case .lockReply: state.pointee.replies.unsafelyUnwrapped._withUnsafeGuaranteedRef { $0.deliver(record.transaction, failure: record.cause) }
-            case .commitPrimary: commitPrimary(record.transaction, view: view)
-            case .abort: abort(record.transaction, view: view)
-            case .commitBackup: try commitBackup(record, raw: bytes, view: view)
-            case .truncate: try truncate(record, view: view)
+            case .lock: return try lock(record, raw: bytes, ring: ring, view: view)
+            case .lockReply:
+                // Replies come through the message queue; one in the log is still only a reply.
+                state.pointee.replies.unsafelyUnwrapped._withUnsafeGuaranteedRef { $0.deliver(record.transaction, failure: record.cause) }
+                return false
+            case .commitPrimary:
+                return commitPrimary(record.transaction, ring: ring, keep: record.cause == RecordFormat.keepUntilTruncate, view: view)
+            case .abort:
+                abort(record.transaction, view: view)
+                return false
+            case .commitBackup: return try commitBackup(record, raw: bytes, ring: ring, view: view)
+            case .truncate:
+                try truncate(record, view: view)
+                return false
             }
         } catch {
             engine.statistics.rejected()
             engine.logger.info("rejected a \(record.kind) record of \(record.transaction) from \(sender): \(error)")
+            return false
         }
     }
 
@@ -158,9 +220,14 @@ final class RecordProcessor: @unchecked Sendable {
                                   configuration: view.configurationID, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
         let node = transaction.node
-        if unsentCount.load(ordering: .relaxed) == 0 || unsent[node.index].isEmpty, let sender = view.senderTable[node.index] {
+        guard node.index < NodeID.limit, view.replySenderTable[node.index] != nil else {
+            engine.statistics.rejected()
+            engine.logger.info("cannot answer \(transaction): no channel to its coordinator \(node)")
+            return
+        }
+        if unsentCount.load(ordering: .relaxed) == 0 || unsent[node.index].isEmpty, let sender = view.replySenderTable[node.index] {
             let result: Result<Bool, TransportError> = sender._withUnsafeGuaranteedRef { sender in
-                do throws(TransportError) { return .success(try sender.trySend(writer.bytes)) } catch { return .failure(error) }
+                do throws(TransportError) { return .success(try sender.trySend(writer.bytes, usingReserve: true)) } catch { return .failure(error) }
             }
             switch result {
             case .success(true): return
@@ -179,10 +246,10 @@ final class RecordProcessor: @unchecked Sendable {
         guard unsentCount.load(ordering: .relaxed) > 0 else { return }
         for index in unsent.indices where !unsent[index].isEmpty {
             let replies = unsent[index]
-            guard let sender = view.senders[index] else { continue }
+            guard let sender = view.replySenders[index] else { continue }
             var sent = 0
             for reply in replies {
-                let ok = (try? reply.withUnsafeBytes { try sender.trySend($0) }) ?? true
+                let ok = (try? reply.withUnsafeBytes { try sender.trySend($0, usingReserve: true) }) ?? true
                 if !ok { break }
                 sent += 1
             }
@@ -196,8 +263,12 @@ final class RecordProcessor: @unchecked Sendable {
     /// LOCK at the primary's CPU: compare-and-swap each object's header from the version the
     /// coordinator read to locked. All or nothing per record. The record is kept (with each entry's
     /// slot) until COMMIT-PRIMARY or ABORT.
-    private func lock(_ record: RecordView, raw: UnsafeRawBufferPointer, view: ConfigurationView) throws {
-        let index = kept.keep(raw, extraWords: record.count)
+    private func lock(_ record: RecordView, raw: UnsafeRawBufferPointer, ring: RingReference, view: ConfigurationView) throws -> Bool {
+        if locked[record.transaction] != nil {
+            // The same transaction id twice: a foreign or replayed record. Refuse it; the first stands.
+            throw RecordView.Malformed(description: "a second LOCK record for \(record.transaction)")
+        }
+        let index = kept.keep(raw, extraWords: record.count, reference: ring)
         let slots = kept.extraWords(index, after: raw.count)
         var lockedCount = 0
         var failure: AbortCause?
@@ -215,11 +286,12 @@ final class RecordProcessor: @unchecked Sendable {
             kept.release(index)
             reply(to: record.transaction, failure: failure, view: view)
             if let malformed { throw malformed }
-            return
+            return false
         }
         locked.updateValue(index, forKey: record.transaction)
         publish(pendingCount, locked.count)
         reply(to: record.transaction, failure: nil, view: view)
+        return true
     }
 
     /// Locks the entries of a LOCK record in order until one fails; records each locked slot.
@@ -264,6 +336,12 @@ final class RecordProcessor: @unchecked Sendable {
             }
             switch entry.operation {
             case .write, .allocate:
+                if entry.operation == .allocate {
+                    // The slab's size class reaches the table before the first object in it does:
+                    // a restart rebuilds the allocator from the table, then the headers.
+                    let persist = state.pointee.persistEveryInstall
+                    replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: slot, persist: persist) }
+                }
                 ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
                                      count: entry.payload.count, header: entry.new)
                 if entry.operation == .allocate { replica.didAllocate(slot, persist: state.pointee.persistEveryInstall) }
@@ -280,39 +358,118 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    /// COMMIT-PRIMARY: install the new values, bump versions, unlock.
-    private func commitPrimary(_ transaction: TransactionID, view: ConfigurationView) {
+    /// COMMIT-PRIMARY: install the new values, bump versions, unlock. The LOCK record and this one
+    /// stay in the log until TRUNCATE.
+    private func commitPrimary(_ transaction: TransactionID, ring: RingReference, keep: Bool, view: ConfigurationView) -> Bool {
         guard let index = locked.removeValue(forKey: transaction) else {
             engine.logger.info("COMMIT-PRIMARY for \(transaction), which holds no locks here")
-            return
+            return false
         }
         publish(pendingCount, locked.count)
         release(index, locked: .max, view: view, install: true)
+        guard keep else {
+            // The backups' COMMIT-BACKUP records prove the commit until TRUNCATE.
+            drop(index)
+            return false
+        }
+        var reference = kept.reference(index)
+        reference.second = ring.position
         kept.release(index)
+        let slot: Int
+        if let reused = state.pointee.freeCommitted.popLast() {
+            slot = reused
+            state.pointee.committedMessages[slot] = reference
+        } else {
+            slot = state.pointee.committedMessages.count
+            state.pointee.committedMessages.append(reference)
+        }
+        committed.updateValue(slot, forKey: transaction)
+        publishKept()
+        return true
     }
 
-    /// ABORT: release the locks, restoring the headers as they were.
+    /// ABORT: at a primary, release the locks, restoring the headers as they were; at a backup,
+    /// drop the COMMIT-BACKUP record of a transaction whose commit was undone.
     private func abort(_ transaction: TransactionID, view: ConfigurationView) {
-        guard let index = locked.removeValue(forKey: transaction) else { return }
-        publish(pendingCount, locked.count)
-        release(index, locked: .max, view: view, install: false)
-        kept.release(index)
+        if let index = locked.removeValue(forKey: transaction) {
+            publish(pendingCount, locked.count)
+            release(index, locked: .max, view: view, install: false)
+            drop(index)
+        }
+        if let index = stashed.removeValue(forKey: transaction) {
+            drop(index)
+            publishKept()
+        }
     }
 
     // MARK: Backup
 
     /// COMMIT-BACKUP: keep the record until TRUNCATE. (The coordinator waits only for the write's
     /// completion, not for this.)
-    private func commitBackup(_ record: RecordView, raw: UnsafeRawBufferPointer, view: ConfigurationView) throws {
+    private func commitBackup(_ record: RecordView, raw: UnsafeRawBufferPointer, ring: RingReference, view: ConfigurationView) throws -> Bool {
         try record.forEachEntry { entry in
             guard let replica = view.replica(entry.address.region), !replica.isPrimary else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
+            try Self.check(entry, in: replica)
         }
-        if let previous = stashed.updateValue(kept.keep(raw, extraWords: 0), forKey: record.transaction) {
-            kept.release(previous)
+        let index = kept.keep(raw, extraWords: 0, reference: ring)
+        if let previous = stashed.updateValue(index, forKey: record.transaction) {
+            drop(previous)
         }
-        publish(stashedCount, stashed.count + deferred.count)
+        if !deferred.isEmpty {
+            // Entries waiting for a slab this record allocates in: the slab's class is known now.
+            var allocates = false
+            forEachKeptEntry(index) { allocates = allocates || $0.operation == .allocate }
+            if allocates {
+                for entry in deferred { _ = learnSlabClass(of: entry.address, view: view) }
+                applyDeferred(view: view)
+            }
+        }
+        publishKept()
+        return true
+    }
+
+    /// For a truncated entry whose object's slab has no size class at this backup yet: finds an
+    /// allocation in that slab among the COMMIT-BACKUP records kept here (not yet truncated) and
+    /// enters its class in the backup's slab table. The class is certain: a committed transaction
+    /// used an object of the slab, so an allocation in it committed at the primary, and every slot
+    /// of a slab has the same class. Returns whether it found one. (Without this, the entry would
+    /// wait for the allocating coordinator's lazy TRUNCATE, holding its record in the log.)
+    private func learnSlabClass(of address: GlobalAddress, view: ConfigurationView) -> Bool {
+        guard let replica = view.replica(address.region) else { return false }
+        let slab = Int(address.offset) >> replica.layout.slabShift
+        var found: ObjectSlot?
+        stashed.forEachValue { index in
+            guard found == nil else { return }
+            forEachKeptEntry(index) { entry in
+                guard found == nil, entry.operation == .allocate, entry.address.region == address.region,
+                      Int(entry.address.offset) >> replica.layout.slabShift == slab, entry.lines > 0 else { return }
+                found = ObjectSlot(offset: Int(entry.address.offset), lines: entry.lines)
+            }
+        }
+        guard let found else { return false }
+        let persist = state.pointee.persistEveryInstall
+        replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: found, persist: persist) }
+        return true
+    }
+
+    /// Checks a backup entry's fields against the replica before anything uses them: the offset
+    /// lies in the region on a line boundary, the lines and the payload fit the region and the
+    /// object.
+    static func check(_ entry: RecordView.Entry, in replica: ReplicaAccess) throws(RecordView.Malformed) {
+        let offset = Int(entry.address.offset)
+        guard offset % ObjectLayout.lineSize == 0, offset >= replica.layout.firstSlabOffset, offset < replica.size else {
+            throw RecordView.Malformed(description: "entry for \(entry.address): offset outside the region's objects")
+        }
+        if entry.operation == .allocate {
+            guard entry.lines >= 1, offset + entry.lines * ObjectLayout.lineSize <= replica.size,
+                  entry.payload.count <= ObjectLayout.payloadCapacity(lines: entry.lines) else {
+                throw RecordView.Malformed(description: "allocate entry for \(entry.address): \(entry.lines) lines with a \(entry.payload.count)-byte payload do not fit")
+            }
+        } else if entry.payload.count > ObjectLayout.payloadCapacity(lines: max(1, (replica.size - offset) / ObjectLayout.lineSize)) {
+            throw RecordView.Malformed(description: "entry for \(entry.address): a \(entry.payload.count)-byte payload runs past the region")
+        }
     }
 
     /// TRUNCATE: apply the kept records to the backup replicas, newest version wins, then drop them.
@@ -329,17 +486,53 @@ final class RecordProcessor: @unchecked Sendable {
         }
         var appliedAllocation = false
         try record.forEachTransactionID { id in
+            if let slot = committed.removeValue(forKey: id) {
+                releaseMessages(state.pointee.committedMessages[slot])
+                state.pointee.freeCommitted.append(slot)
+            }
             guard let index = stashed.removeValue(forKey: id) else { return }
+            var deferredHere = 0
             forEachKeptEntry(index) { entry in
-                if !apply(entry, view: view) { deferred.append(entry.owned()) }
+                if !apply(entry, view: view) && !(learnSlabClass(of: entry.address, view: view) && apply(entry, view: view)) {
+                    var owned = entry.owned()
+                    owned.message = kept.reference(index)
+                    deferred.append(owned)
+                    deferredHere += 1
+                }
                 appliedAllocation = appliedAllocation || entry.operation == .allocate
             }
-            kept.release(index)
+            if deferredHere > 0 {
+                // The record stays in the log until its deferred entries are applied.
+                let reference = kept.reference(index)
+                state.pointee.deferredMessages[reference.key] = (reference, deferredHere)
+                kept.release(index)
+            } else {
+                drop(index)
+            }
         }
-        if appliedAllocation && !deferred.isEmpty {
-            deferred = deferred.filter { deferredEntry in !deferredEntry.apply { apply($0, view: view) } }
+        if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
+        publishKept()
+    }
+
+    /// Applies the deferred entries whose slabs are now known; releases the log records of those
+    /// that are all applied.
+    private func applyDeferred(view: ConfigurationView) {
+        var remaining: [DeferredEntry] = []
+        for entry in deferred {
+            if entry.apply({ apply($0, view: view) }) {
+                guard let message = entry.message, var held = state.pointee.deferredMessages[message.key] else { continue }
+                held.1 -= 1
+                if held.1 == 0 {
+                    state.pointee.deferredMessages[message.key] = nil
+                    releaseMessages(held.0)
+                } else {
+                    state.pointee.deferredMessages[message.key] = held
+                }
+            } else {
+                remaining.append(entry)
+            }
         }
-        publish(stashedCount, stashed.count + deferred.count)
+        deferred = remaining
     }
 
     /// Calls `body` with each entry of kept COMMIT-BACKUP record `index`.
@@ -362,43 +555,72 @@ final class RecordProcessor: @unchecked Sendable {
                 if regions.contains(entry.address.region), !apply(entry, view: view) { deferred.append(entry.owned()) }
             }
         }
-        deferred = deferred.filter { deferredEntry in !deferredEntry.apply { apply($0, view: view) } }
-        publish(stashedCount, stashed.count + deferred.count)
+        applyDeferred(view: view)
+        publishKept()
     }
 
     /// Applies one entry to this backup's replica; false if the object's slab is not known here yet.
     private func apply(_ entry: BackupEntry, view: ConfigurationView) -> Bool {
         guard let replica = view.replica(entry.address.region) else { return true }
+        guard let applied = Self.apply(entry, at: replica.base, layout: replica.layout) else { return false }
+        if state.pointee.persistEveryInstall {
+            replica.withRegion { region in
+                if let table = applied.tableEntry { try? region.persist(offset: table, length: 2) }
+                if let object = applied.object { try? region.persist(offset: object.offset, length: object.length) }
+            }
+        }
+        return true
+    }
+
+    /// What ``apply(_:at:layout:)`` wrote: a slab-table entry's offset, an object's bytes.
+    struct Applied {
+        var tableEntry: Int?
+        var object: (offset: Int, length: Int)?
+    }
+
+    /// Applies one entry of a committed transaction to the replica of its region mapped at `base`
+    /// (a backup at TRUNCATE; any replica in restart recovery): the newest version wins, so
+    /// entries may come in any order and more than once. Returns nil if the object's slab is not
+    /// known in this replica yet (its allocation has not been applied), else what it wrote. An
+    /// entry that does not fit the replica (checked before) is skipped. Takes the mapping's base,
+    /// not the region: a reference passed per entry would be retained per entry.
+    static func apply(_ entry: BackupEntry, at base: UnsafeMutableRawPointer, layout: SlabLayout) -> Applied? {
         let offset = Int(entry.address.offset)
         let slot: ObjectSlot
+        var applied = Applied()
         if entry.operation == .allocate {
+            guard entry.lines > 0, offset >= layout.firstSlabOffset, offset + entry.lines * ObjectLayout.lineSize <= layout.regionSize else {
+                return applied
+            }
             slot = ObjectSlot(offset: offset, lines: entry.lines)
-            let persist = state.pointee.persistEveryInstall
-            replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: slot, persist: persist) }
+            // The slab's size class is in the table before the object is (a restart rebuilds the
+            // allocator from the table, then the headers).
+            if SlabAllocator.recordSlabClass(at: base, layout: layout, slot: slot) {
+                applied.tableEntry = SlabLayout.tableOffset + (offset >> layout.slabShift) * 2
+            }
         } else {
-            guard let found = replica.withRegion({ try? SlabAllocator.slot(in: $0, layout: replica.layout, at: offset) }) else {
-                return false
+            guard let found = try? SlabAllocator.slot(inRegion: entry.address.region, at: base, layout: layout, offset: offset) else {
+                return nil
             }
             slot = found
         }
-        let base = replica.base + slot.offset
-        let current = ObjectLayout.loadHeader(base)
+        guard entry.payload.count <= ObjectLayout.payloadCapacity(lines: slot.lines) else { return applied }
+        let object = base + slot.offset
+        let current = ObjectLayout.loadHeader(object)
         // Records of different transactions reach a backup in any order; versions only grow.
-        guard entry.new.version > current.version else { return true }
-        _ = ObjectLayout.tryLock(base, expected: current)
+        guard entry.new.version > current.version else { return applied }
+        _ = ObjectLayout.tryLock(object, expected: current)
         switch entry.operation {
         case .write, .allocate:
-            ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
+            ObjectLayout.install(object, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(object),
                                  count: entry.payload.count, header: entry.new)
         case .free:
             // Zeroed as at the primary (see release): the result does not depend on which older
             // records arrived before this one.
-            ObjectLayout.install(base, lines: slot.lines, payload: UnsafeRawPointer(base), count: 0, header: entry.new)
+            ObjectLayout.install(object, lines: slot.lines, payload: UnsafeRawPointer(object), count: 0, header: entry.new)
         }
-        if state.pointee.persistEveryInstall {
-            replica.withRegion { try? $0.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize) }
-        }
-        return true
+        applied.object = (slot.offset, slot.lines * ObjectLayout.lineSize)
+        return applied
     }
 }
 
@@ -411,6 +633,7 @@ struct RecordPool: ~Copyable {
     private var buffers: [UnsafeMutableRawPointer] = []
     private var capacities: [Int] = []
     private var lengths: [Int] = []
+    private var references: [RingReference] = []
     private var free: [Int] = []
 
     init() {
@@ -424,7 +647,7 @@ struct RecordPool: ~Copyable {
 
     /// Copies `record` into a buffer with room for `extraWords` 8-byte words after it; returns the
     /// buffer's index.
-    mutating func keep(_ record: UnsafeRawBufferPointer, extraWords: Int) -> Int {
+    mutating func keep(_ record: UnsafeRawBufferPointer, extraWords: Int, reference: RingReference) -> Int {
         let needed = RecordFormat.padded(record.count) + extraWords * 8
         let index: Int
         if let reused = free.popLast() {
@@ -440,7 +663,9 @@ struct RecordPool: ~Copyable {
             buffers.append(.allocate(byteCount: capacity, alignment: 8))
             capacities.append(capacity)
             lengths.append(0)
+            references.append(reference)
         }
+        references[index] = reference
         if let source = record.baseAddress { buffers[index].copyMemory(from: source, byteCount: record.count) }
         lengths[index] = record.count
         return index
@@ -454,6 +679,28 @@ struct RecordPool: ~Copyable {
         (buffers[index] + RecordFormat.padded(count)).assumingMemoryBound(to: UInt64.self)
     }
 
+    /// Where the record kept in buffer `index` lies in the node's log.
+    func reference(_ index: Int) -> RingReference { references[index] }
+
+    /// Records a second log message that goes with buffer `index`'s (a COMMIT-PRIMARY after its LOCK).
+    mutating func setSecond(_ index: Int, _ position: UInt64) { references[index].second = position }
+
     /// Gives buffer `index` back.
     mutating func release(_ index: Int) { free.append(index) }
+}
+
+/// Where a kept record lies in the node's log: the sender's ring and the record's stream position
+/// there, and a second record of the same ring that goes with it (``none`` if there is none).
+struct RingReference {
+    static let none = UInt64.max
+    let sender: NodeID
+    let position: UInt64
+    var second: UInt64 = RingReference.none
+
+    init(sender: NodeID, position: UInt64) {
+        self.sender = sender
+        self.position = position
+    }
+
+    var key: UInt64 { UInt64(sender.rawValue) << 56 ^ position }
 }

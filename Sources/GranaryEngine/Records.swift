@@ -52,6 +52,13 @@ enum RecordFormat {
     static let magic: UInt16 = 0x5247
     static let headerBytes = 24
     static let entryHeaderBytes = 32
+    /// A COMMIT-PRIMARY's cause byte when the transaction has no backups: the primary keeps its
+    /// LOCK and COMMIT-PRIMARY records in the log until TRUNCATE (the only proof of the commit).
+    /// Otherwise the backups' COMMIT-BACKUP records are that proof and the primary releases its
+    /// records once it has installed.
+    static let keepUntilTruncate: UInt8 = 1
+    /// The most entries (or transaction ids) one record holds: its count is 16 bits.
+    static let maximumEntries = Int(UInt16.max)
 
     static func padded(_ n: Int) -> Int { (n + 7) & ~7 }
     static func entryBytes(payload: Int) -> Int { entryHeaderBytes + padded(payload) }

@@ -9,10 +9,12 @@ import Musl
 
 /// Where LOCK replies meet the coordinator waiting for them, without locks on the hot path.
 ///
-/// Each in-flight transaction attempt holds one slot: a sequence number (the low 40 bits of its
-/// transaction id), a count of replies still expected, and the first failure. The node's poller
-/// records a reply only if the slot still carries the reply's sequence, so a late reply to an
-/// attempt that gave up is ignored.
+/// Each in-flight transaction attempt holds one slot: one word packing a sequence number (the low
+/// 40 bits of its transaction id), the first failure (8 bits) and the count of replies still
+/// expected (16 bits). The node's poller records a reply with one compare-and-swap that also
+/// checks the sequence, so a late reply to an attempt that gave up is ignored, even if the slot
+/// was released and taken again between the check and the update (the sequence and the count
+/// change together or not at all).
 ///
 /// Free slots are bits in 16 shards of 64, each shard's bitmap on a cache line of its own; a
 /// thread takes slots from the shard its thread id hashes to (others when that one is empty), so
@@ -22,21 +24,26 @@ import Musl
 final class ReplySlots: @unchecked Sendable {
     static let count = 1024
     private static let shards = threadShards
-    private let words: UnsafeMutablePointer<Atomic<UInt64>>  // 3 per slot: sequence, pending, failure
+    /// One word per slot: sequence (bits 24..63) | failure (bits 16..23) | pending replies (bits 0..15).
+    private let words: UnsafeMutablePointer<Atomic<UInt64>>
     /// Shard `i`'s bitmap of free slots (bit `b`: slot `64 * i + b`) at word `8 * i`, and its
     /// count of slots handed out at word `8 * i + 1` (from which sequence numbers are made).
     private let freeBits: UnsafeMutablePointer<Atomic<UInt64>>
 
+    @inline(__always) static func pack(sequence: UInt64, failure: UInt8, pending: Int) -> UInt64 {
+        sequence << 24 | UInt64(failure) << 16 | UInt64(pending & 0xFFFF)
+    }
+
     init() {
-        words = .allocate(capacity: Self.count * 3)
-        for i in 0..<(Self.count * 3) { (words + i).initialize(to: Atomic<UInt64>(0)) }
+        words = .allocate(capacity: Self.count)
+        for i in 0..<Self.count { (words + i).initialize(to: Atomic<UInt64>(0)) }
         let raw = UnsafeMutableRawPointer.allocate(byteCount: Self.shards * 64, alignment: 64)
         freeBits = raw.bindMemory(to: Atomic<UInt64>.self, capacity: Self.shards * 8)
         for i in 0..<(Self.shards * 8) { (freeBits + i).initialize(to: Atomic<UInt64>(i % 8 == 0 ? ~0 : 0)) }
     }
 
     deinit {
-        words.deinitialize(count: Self.count * 3)
+        words.deinitialize(count: Self.count)
         words.deallocate()
         freeBits.deinitialize(count: Self.shards * 8)
         UnsafeMutableRawPointer(freeBits).deallocate()
@@ -68,53 +75,62 @@ final class ReplySlots: @unchecked Sendable {
         return nil
     }
 
+    /// The most replies one attempt can expect (one per primary).
+    static let maximumReplies = 0xFFFF
+
     /// Takes a slot for a new attempt expecting `replies` replies; nil if all are in use.
     func acquire(node: NodeID, replies: Int) -> TransactionID? {
         guard let (slot, sequence) = takeSlot() else { return nil }
-        words[slot * 3 + 1].store(UInt64(replies), ordering: .relaxed)
-        words[slot * 3 + 2].store(0, ordering: .relaxed)
-        words[slot * 3].store(sequence, ordering: .releasing)
+        words[slot].store(Self.pack(sequence: sequence, failure: 0, pending: min(replies, Self.maximumReplies)), ordering: .releasing)
         return TransactionID(node: node, slot: slot, sequence: sequence)
     }
 
     /// Records a reply (from the poller). `failure` is 0 for success, else an AbortCause raw value.
+    /// A reply whose sequence is not the slot's current one (a late reply, a foreign or corrupt
+    /// one) changes nothing.
     func deliver(_ id: TransactionID, failure: UInt8) {
         let slot = id.slot
-        guard slot < Self.count, words[slot * 3].load(ordering: .acquiring) == id.sequence else { return }
-        if failure != 0 {
-            _ = words[slot * 3 + 2].compareExchange(expected: 0, desired: UInt64(failure), ordering: .relaxed)
+        guard slot < Self.count else { return }
+        var word = words[slot].load(ordering: .acquiring)
+        while true {
+            guard word >> 24 == id.sequence, word & 0xFFFF != 0 else { return }
+            var next = word - 1
+            if failure != 0, (word >> 16) & 0xFF == 0 { next |= UInt64(failure) << 16 }
+            let (exchanged, found) = words[slot].compareExchange(expected: word, desired: next, ordering: .acquiringAndReleasing)
+            if exchanged { return }
+            word = found
         }
-        words[slot * 3 + 1].subtract(1, ordering: .releasing)
     }
 
     /// Waits until every expected reply arrived; returns the first failure cause (0 if none), or nil
     /// on timeout. While waiting it calls `help` (which polls mailboxes the replies depend on) and
-    /// backs off only when `help` found nothing to do.
+    /// backs off only when `help` found nothing to do. The timeout counts from the first call
+    /// whether or not `help` keeps finding work (a busy mailbox does not extend it).
     func wait(_ id: TransactionID, timeoutNanoseconds: UInt64, help: () -> Int) -> UInt8? {
         let slot = id.slot
         // Never sleep: the answer is typically microseconds away, and on a small machine a sleeping
         // coordinator costs more than a yielding one.
         var backoff = Backoff(spins: 32, yields: .max - 32)
         var deadline: UInt64 = 0
-        var spins = 0
-        while words[slot * 3 + 1].load(ordering: .acquiring) != 0 {
+        var rounds = 0
+        while words[slot].load(ordering: .acquiring) & 0xFFFF != 0 {
+            rounds &+= 1
+            if rounds & 63 == 0 {
+                let now = monotonicNanoseconds()
+                if deadline == 0 { deadline = now + timeoutNanoseconds } else if now > deadline { return nil }
+            }
             if help() > 0 {
                 backoff.reset()
                 continue
             }
-            spins += 1
-            if spins & 63 == 0 {
-                let now = monotonicNanoseconds()
-                if deadline == 0 { deadline = now + timeoutNanoseconds } else if now > deadline { return nil }
-            }
             backoff.pause()
         }
-        return UInt8(truncatingIfNeeded: words[slot * 3 + 2].load(ordering: .relaxed))
+        return UInt8(truncatingIfNeeded: words[slot].load(ordering: .relaxed) >> 16)
     }
 
     /// Returns the slot; later replies to `id` are ignored.
     func release(_ id: TransactionID) {
-        words[id.slot * 3].store(0, ordering: .releasing)
+        words[id.slot].store(0, ordering: .releasing)
         (freeBits + (id.slot / 64) * 8).pointee.bitwiseOr(1 << UInt64(id.slot % 64), ordering: .releasing)
     }
 }

@@ -12,6 +12,10 @@ public final class Transaction {
     /// The engine, unretained: it creates its transactions and outlives them (a transaction is
     /// used only inside a run of the engine, or by a harness that holds the cluster).
     let engineRef: Unmanaged<Engine>
+    /// The engine, retained once for the transaction's lifetime: a `Transaction` kept past its
+    /// cluster's shutdown (or its end) still reaches a live engine, which refuses new work with
+    /// ``TransactionError/shutDown(_:)`` instead of touching freed memory.
+    private let engineOwner: Engine
     /// The engine, for paths off the commit's hot loop. A call through this reference still
     /// retains and releases it, an atomic on a line every thread of the node touches: the commit
     /// phases use ``withEngine(_:)`` instead.
@@ -113,6 +117,7 @@ public final class Transaction {
 
     init(engine: Engine) {
         self.engineRef = Unmanaged.passUnretained(engine)
+        self.engineOwner = engine
         var neighbours = [Engine?](repeating: nil, count: NodeID.limit)
         for (node, peer) in engine.neighbours.withLock({ $0 }) { neighbours[node.index] = peer.engine }
         self.neighbours = neighbours
@@ -246,6 +251,7 @@ public final class Transaction {
         if let known, reads[known].lines >= lines {
             // Read before in this attempt: the same bytes again (its version is checked at commit).
             snapshot = state.pointee.arena + reads[known].offset
+            guard Self.isLive(reads[known].header, at: address) else { throw TransactionError.notAllocated(address) }
             return reads[known].header
         }
         let offset = state.pointee.arenaUsed
@@ -271,7 +277,8 @@ public final class Transaction {
             }
             switch ObjectLayout.check(snapshot: snapshot, lines: lines) {
             case .consistent(let header):
-                guard header.isAllocated else { throw TransactionError.notAllocated(address) }
+                // An absence is a read too: it enters the read set at the header seen, so that
+                // commit (or the error's validation, see Engine.attempt) checks it still holds.
                 if let known {
                     guard reads[known].header == header else { throw AbortSignal(cause: .inconsistentRead) }
                     reads[known].offset = offset
@@ -281,6 +288,7 @@ public final class Transaction {
                     reads.append(ReadEntry(address: address, primary: primary, header: header, offset: offset, lines: lines))
                 }
                 state.pointee.arenaUsed = offset + bytes
+                guard Self.isLive(header, at: address) else { throw TransactionError.notAllocated(address) }
                 return header
             case .locked, .torn:
                 backoff.pause()
@@ -330,7 +338,10 @@ public final class Transaction {
     /// The header a write or free of `address` locks at, and its primary: the version this
     /// transaction read, or one read of the object's first line.
     private func versionToLock(_ address: GlobalAddress) throws -> (ObjectHeader, NodeID) {
-        if let index = readIndex[address] { return (reads[index].header, reads[index].primary) }
+        if let index = readIndex[address] {
+            guard Self.isLive(reads[index].header, at: address) else { throw TransactionError.notAllocated(address) }
+            return (reads[index].header, reads[index].primary)
+        }
         let header = try fetch(address, payloadBytes: 1)
         return (header, view.primary(of: address.region)!)
     }
@@ -374,8 +385,10 @@ public final class Transaction {
                 continue
             }
             reservations.append((region, slot))
-            let address = GlobalAddress(region: region, offset: UInt32(slot.offset))
             let header = ObjectLayout.loadHeader(replica.region.base + slot.offset).unlocked
+            // The address carries the slot's incarnation: once the object is freed (the
+            // incarnation changes), reads through it fail instead of finding a later object.
+            let address = GlobalAddress(region: region, offset: UInt32(slot.offset), incarnation: header.incarnation)
             writeIndex.append(address)
             writes.append(WriteEntry(address: address, primary: engine.node, expected: header, new: header.allocating,
                                      operation: .allocate, lines: slot.lines, payloadOffset: payloads.count, length: bytes.count))
@@ -416,6 +429,14 @@ public final class Transaction {
                                  operation: .free, lines: 0, payloadOffset: payloads.count, length: 0))
     }
 
+    /// Whether `header` is a live object for `address`: allocated, and of the incarnation the
+    /// address was allocated with, if it carries one.
+    @inline(__always) static func isLive(_ header: ObjectHeader, at address: GlobalAddress) -> Bool {
+        guard header.isAllocated else { return false }
+        guard let incarnation = address.incarnation else { return true }
+        return header.incarnation == incarnation
+    }
+
     /// Returns every slot reserved by this attempt (after an abort).
     func returnReservations() {
         for (region, slot) in reservations { view.localReplica(region)?.allocator?.unreserve(slot) }
@@ -430,25 +451,29 @@ struct AddressIndex {
     private var large: [UInt64: Int] = [:]
     private static let linearLimit = 16
 
+    /// Keyed by the slot (``GlobalAddress/untagged``): an object read through its allocated
+    /// address and through its slot's is one entry.
     subscript(address: GlobalAddress) -> Int? {
+        let key = address.untagged.rawValue
         if addresses.count <= Self.linearLimit {
             var index = 0
             while index < addresses.count {
-                if addresses[index] == address.rawValue { return index }
+                if addresses[index] == key { return index }
                 index += 1
             }
             return nil
         }
-        return large[address.rawValue]
+        return large[key]
     }
 
     /// Records `address` at the next position.
     mutating func append(_ address: GlobalAddress) {
-        addresses.append(address.rawValue)
+        let key = address.untagged.rawValue
+        addresses.append(key)
         if addresses.count == Self.linearLimit + 1 {
             for (index, raw) in addresses.enumerated() { large[raw] = index }
         } else if addresses.count > Self.linearLimit + 1 {
-            large[address.rawValue] = addresses.count - 1
+            large[key] = addresses.count - 1
         }
     }
 

@@ -50,6 +50,12 @@ public enum TransactionError: Error, Sendable, Equatable, CustomStringConvertibl
     case transport(TransportError)
     /// The node is shut down.
     case shutDown(NodeID)
+    /// The commit failed at a point where the coordinator cannot know whether the transaction
+    /// committed (a send failed after COMMIT-BACKUP began and the ABORT that would undo it could not
+    /// be delivered everywhere, or no COMMIT-PRIMARY could be delivered). The logs decide: recovery
+    /// commits it on every replica or on none. Never reported for a transaction that certainly
+    /// did not commit, nor for one that certainly did.
+    case outcomeUnknown(reason: String)
 
     public var description: String {
         switch self {
@@ -71,6 +77,8 @@ public enum TransactionError: Error, Sendable, Equatable, CustomStringConvertibl
             return "transport failure: \(error)"
         case .shutDown(let node):
             return "node \(node) is shut down"
+        case .outcomeUnknown(let reason):
+            return "the transaction may or may not have committed (recovery from the logs decides): \(reason)"
         }
     }
 }

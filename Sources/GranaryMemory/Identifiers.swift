@@ -89,9 +89,19 @@ public struct ClusterID: RawRepresentable, Hashable, Sendable, Codable, CustomSt
 /// An address does not say which replica to use: the engine routes reads to the region's primary.
 /// It packs into one 64-bit word (``rawValue``) so it can be stored inside objects; regions are
 /// therefore at most 4 GiB.
+///
+/// An object's address as `Transaction.allocate` returns it also carries the incarnation of the
+/// slot it was allocated in, so that a stale address, kept after the object was freed and its
+/// slot reused, fails with `notAllocated` instead of reading the new object. Addresses built from
+/// a region and an offset carry none (they name the slot, whatever lives there).
 public struct GlobalAddress: RawRepresentable, Hashable, Sendable, Codable, CustomStringConvertible {
-    /// `region << 32 | offset`.
+    /// Data regions: incarnation + 1 (bits 44..58, 0: none) | region (bits 32..43) | offset (bits
+    /// 0..31). Mailboxes (region ids from ``RegionID/firstReserved``): `region << 32 | offset`.
     public var rawValue: UInt64
+
+    /// Where the incarnation tag lies in ``rawValue``.
+    @usableFromInline static let incarnationShift: UInt64 = 44
+    @usableFromInline static let incarnationTagMask: UInt64 = 0x7FFF
 
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
 
@@ -99,15 +109,40 @@ public struct GlobalAddress: RawRepresentable, Hashable, Sendable, Codable, Cust
         self.rawValue = UInt64(region.rawValue) << 32 | UInt64(offset)
     }
 
-    @inlinable public var region: RegionID { RegionID(rawValue: UInt32(truncatingIfNeeded: rawValue >> 32)) }
+    /// The address of the object allocated at `offset` in `region` with slot incarnation
+    /// `incarnation` (a data region's).
+    @inlinable public init(region: RegionID, offset: UInt32, incarnation: UInt16) {
+        self.rawValue = UInt64(region.rawValue) << 32 | UInt64(offset)
+            | (UInt64(incarnation) & 0x3FFF &+ 1) << Self.incarnationShift
+    }
+
+    @inlinable public var region: RegionID {
+        let high = UInt32(truncatingIfNeeded: rawValue >> 32)
+        return RegionID(rawValue: high >= RegionID.firstReserved ? high : high & 0xFFF)
+    }
     @inlinable public var offset: UInt32 { UInt32(truncatingIfNeeded: rawValue) }
+
+    /// The slot incarnation this address was allocated with, if it carries one.
+    @inlinable public var incarnation: UInt16? {
+        guard UInt32(truncatingIfNeeded: rawValue >> 32) < RegionID.firstReserved else { return nil }
+        let tag = (rawValue >> Self.incarnationShift) & Self.incarnationTagMask
+        return tag == 0 ? nil : UInt16(truncatingIfNeeded: tag &- 1)
+    }
+
+    /// The same slot without an incarnation: what identifies the object's place.
+    @inlinable public var untagged: GlobalAddress {
+        guard UInt32(truncatingIfNeeded: rawValue >> 32) < RegionID.firstReserved else { return self }
+        return GlobalAddress(rawValue: rawValue & ~(Self.incarnationTagMask << Self.incarnationShift))
+    }
 
     /// This address moved `bytes` further into the same region.
     @inlinable public func advanced(by bytes: Int) -> GlobalAddress {
         GlobalAddress(region: region, offset: UInt32(Int(offset) + bytes))
     }
 
-    public var description: String { "\(region)+0x\(String(offset, radix: 16))" }
+    public var description: String {
+        "\(region)+0x\(String(offset, radix: 16))" + (incarnation.map { "#\($0)" } ?? "")
+    }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.singleValueContainer()

@@ -248,6 +248,29 @@ public final class SlabAllocator: @unchecked Sendable {
         return ObjectSlot(offset: offset, lines: lines)
     }
 
+    /// ``slot(in:layout:at:)`` for the mapping at `base` of data region `region`, without a
+    /// reference to the region (callers on hot paths hold its base, not the object).
+    public static func slot(inRegion region: RegionID, at base: UnsafeRawPointer, layout: SlabLayout,
+                            offset: Int) throws(AllocationError) -> ObjectSlot {
+        let address = GlobalAddress(region: region, offset: UInt32(truncatingIfNeeded: offset))
+        guard offset >= layout.firstSlabOffset, offset < layout.regionSize else {
+            throw .notAnObject(address, reason: "outside the region's slabs")
+        }
+        let slab = offset >> layout.slabShift
+        let lines = Int(base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
+        return try slot(layout: layout, address: address, offset: offset, slab: slab, lines: lines)
+    }
+
+    /// ``recordSlabClass(in:layout:slot:persist:)`` for the mapping at `base`, not persisted.
+    /// Returns whether it wrote the entry.
+    @discardableResult
+    public static func recordSlabClass(at base: UnsafeMutableRawPointer, layout: SlabLayout, slot: ObjectSlot) -> Bool {
+        let entry = SlabLayout.tableOffset + (slot.offset >> layout.slabShift) * 2
+        guard base.load(fromByteOffset: entry, as: UInt16.self) == 0 else { return false }
+        base.storeBytes(of: UInt16(slot.lines), toByteOffset: entry, as: UInt16.self)
+        return true
+    }
+
     /// Like ``slot(at:)`` for any mapping of a data region (a replica), from its slab table.
     public static func slot(in region: Region, layout: SlabLayout, at offset: Int) throws(AllocationError) -> ObjectSlot {
         let address = GlobalAddress(region: region.id, offset: UInt32(truncatingIfNeeded: offset))

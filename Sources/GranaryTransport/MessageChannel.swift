@@ -43,6 +43,10 @@ public enum ChannelFormat {
     public static let controlBytes = 64
     public static let messageMagic: UInt64 = 0x474D
     public static let wrapMagic: UInt64 = 0x4757
+    /// The magic a kept message's header gets once the receiver is done with it, while messages
+    /// before it are still kept (``Mailbox/releaseMessage(from:at:)``): its bytes stay until the
+    /// receiver's consumed counter passes it, but a scan of the log skips it.
+    public static let releasedMagic: UInt64 = 0x4746
     public static let defaultRingCapacity = 64 << 10
 
     /// The largest message a ring of `capacity` bytes carries.
@@ -69,17 +73,33 @@ public enum ChannelFormat {
     @inlinable static func trailer(position: UInt64) -> UInt64 { (position &* 0x9E37_79B9_7F4A_7C15) | 1 }
 
     /// Offset of sender `s`'s control line inside the mailbox region.
-    @inlinable static func controlOffset(sender: NodeID, ringCapacity: Int) -> Int {
-        RegionFormat.headerBytes + sender.index * (controlBytes + ringCapacity)
+    @inlinable static func controlOffset(sender: NodeID, ringCapacity: Int, kind: RingKind = .log) -> Int {
+        RegionFormat.headerBytes + kind.ring(of: sender) * (controlBytes + ringCapacity)
     }
 
     /// The size of a mailbox region with rings of `ringCapacity` bytes.
     public static func mailboxSize(ringCapacity: Int) -> Int {
         var size = RegionFormat.minimumSize
-        let needed = RegionFormat.headerBytes + NodeID.limit * (controlBytes + ringCapacity)
+        let needed = RegionFormat.headerBytes + RingKind.ringsPerMailbox * (controlBytes + ringCapacity)
         while size < needed { size <<= 1 }
         return size
     }
+}
+
+/// Which of the two rings a sender has in a receiver's mailbox. As in FaRM, a pair of nodes has a
+/// log and a message queue: records that the receiver may keep until later ones release them (a
+/// transaction's LOCK, COMMIT-BACKUP and COMMIT-PRIMARY, until TRUNCATE) go to the log, and
+/// messages the receiver is done with at once (replies) to the queue, so that a reply never waits
+/// behind a kept record.
+public enum RingKind: Int, Sendable {
+    case log = 0
+    case messages = 1
+
+    /// Rings in a mailbox: a log and a message queue per possible sender.
+    public static let ringsPerMailbox = 2 * NodeID.limit
+
+    /// The index of `sender`'s ring of this kind in a mailbox.
+    @inlinable public func ring(of sender: NodeID) -> Int { rawValue &* NodeID.limit &+ sender.index }
 }
 
 /// A node's mailbox: the receive side of all of its message channels, in a region of its own that
@@ -102,6 +122,12 @@ public final class Mailbox: @unchecked Sendable {
     @usableFromInline let claim = Atomic<Bool>(false)
     /// The thread that took the claim last (`pthread_t` bits), for diagnostics.
     @usableFromInline let claimHolder = Atomic<UInt>(0)
+    /// Per sender ring: the stream position of the next message to hand over (the receiver's
+    /// progress, in this process's memory). The consumed counter in the ring's control line
+    /// (what senders see) lags it while messages are kept (``MailboxPoller/poll(from:limit:keeping:)``).
+    /// Written only by the holder of the poll claim; read by anyone (relaxed) to see if a ring may
+    /// hold a message.
+    @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
 
     /// Whether `GRANARY_CRASH_ON_UNANSWERED` is set: then a wait that should take microseconds
     /// and lasts seconds (a poll claim never given back, a LOCK never answered) crashes the
@@ -113,11 +139,18 @@ public final class Mailbox: @unchecked Sendable {
         claim.load(ordering: .relaxed) ? pthread_t(claimHolder.load(ordering: .relaxed)) : nil
     }
 
-    /// Creates the mailbox of `node` in `directory`, or opens and clears the one a previous run of the
-    /// node left (messages are not kept across restarts; the regions' data is).
+    /// Creates the mailbox of `node` in `directory`, or opens the one a previous run of the node left:
+    /// cleared, unless `preservingLog` (then its rings, which hold the records kept as the node's
+    /// log, are left as they are for recovery to read; ``resetRings()`` clears them after).
+    ///
+    /// - Throws: ``RegionError/invalidArgument(_:)`` for a ring capacity that is not a power of two
+    ///   of at least 4 KiB and at most 1 GiB; ``RegionError`` for a file that is not this
+    ///   mailbox.
     public init(node: NodeID, directory: RegionDirectory, cluster: ClusterID,
-                ringCapacity: Int = ChannelFormat.defaultRingCapacity) throws(RegionError) {
-        precondition(ringCapacity >= 4096 && ringCapacity & (ringCapacity - 1) == 0, "ring capacity must be a power of two >= 4096")
+                ringCapacity: Int = ChannelFormat.defaultRingCapacity, preservingLog: Bool = false) throws(RegionError) {
+        guard ringCapacity >= 4096, ringCapacity <= 1 << 30, ringCapacity & (ringCapacity - 1) == 0 else {
+            throw .invalidSize(bytes: ringCapacity, reason: "a ring capacity is a power of two from 4 KiB to 1 GiB")
+        }
         let id = RegionID.mailbox(of: node)
         let shift = ringCapacity.trailingZeroBitCount
         let region: Region
@@ -129,16 +162,104 @@ public final class Mailbox: @unchecked Sendable {
             guard region.kind == .mailbox, region.slabShift == shift else {
                 throw .corrupt(path: region.path, reason: "mailbox ring size 2^\(region.slabShift) differs from the configured 2^\(shift)")
             }
-            memset(region.base + RegionFormat.headerBytes, 0, region.size - RegionFormat.headerBytes)
+            guard region.size == ChannelFormat.mailboxSize(ringCapacity: ringCapacity) else {
+                throw .corrupt(path: region.path, reason: "mailbox of \(region.size) bytes, expected \(ChannelFormat.mailboxSize(ringCapacity: ringCapacity))")
+            }
+            if !preservingLog { Self.clear(region) }
         }
         self.node = node
         self.region = region
         self.base = region.base
         self.ringCapacity = ringCapacity
+        cursors = .allocate(capacity: RingKind.ringsPerMailbox)
+        for ring in 0..<RingKind.ringsPerMailbox {
+            let control = region.base + RegionFormat.headerBytes + ring * (ChannelFormat.controlBytes + ringCapacity)
+            (cursors + ring).initialize(to: Atomic(control.load(as: UInt64.self)))
+        }
+    }
+
+    deinit {
+        cursors.deinitialize(count: RingKind.ringsPerMailbox)
+        cursors.deallocate()
+    }
+
+    /// Clears every ring (messages and consumed counters), as a new mailbox. For a whole-cluster
+    /// restart, after recovery has read the logs and before any sender starts.
+    public func resetRings() {
+        withPoller { _ in
+            Self.clear(region)
+            for ring in 0..<RingKind.ringsPerMailbox { cursors[ring].store(0, ordering: .relaxed) }
+        }
+    }
+
+    /// Zeroes every ring of a mailbox region, writing only the lines that are not zero already:
+    /// most of a large mailbox was never used, and writing zeros over it would dirty (and, in a
+    /// sparse file, allocate) every page of it.
+    static func clear(_ region: Region) {
+        let words = (region.size - RegionFormat.headerBytes) / 8
+        let base = (region.base + RegionFormat.headerBytes).assumingMemoryBound(to: UInt64.self)
+        var index = 0
+        while index + 8 <= words {
+            if base[index] | base[index + 1] | base[index + 2] | base[index + 3]
+                | base[index + 4] | base[index + 5] | base[index + 6] | base[index + 7] != 0 {
+                (base + index).update(repeating: 0, count: 8)
+            }
+            index += 8
+        }
+    }
+
+    /// Releases the kept message at stream position `position` of `sender`'s log ring (handed over by
+    /// ``MailboxPoller/poll(from:limit:keeping:)`` with `true`): marks it released and advances
+    /// the consumed counter over every released message at the ring's head, so senders may reuse
+    /// the space. The caller holds the poll claim.
+    public func releaseMessage(from sender: NodeID, at position: UInt64) {
+        guard sender.index < NodeID.limit else { return }
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let ring = control + ChannelFormat.controlBytes
+        let word = (ring + (Int(truncatingIfNeeded: position & UInt64(ringCapacity - 1)) + ChannelFormat.headerOffset))
+            .assumingMemoryBound(to: Atomic<UInt64>.self)
+        let header = word.pointee.load(ordering: .relaxed)
+        guard header >> 48 == ChannelFormat.messageMagic else { return }  // released before, or not a message
+        word.pointee.store(header & 0xFFFF_FFFF_FFFF | ChannelFormat.releasedMagic << 48, ordering: .relaxed)
+        MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors).advanceConsumed(from: sender)
+    }
+
+    /// The messages kept in `sender`'s ring of a mailbox region as a previous run left it (the
+    /// node's log, for recovery): every complete message from the consumed counter on that was
+    /// not released, with its stream position, in the order sent. Stops at the first bytes that
+    /// are not a complete message (the end of the log).
+    public static func keptMessages(in region: Region, ringCapacity: Int, from sender: NodeID,
+                                    _ body: (UInt64, UnsafeRawBufferPointer) throws -> Void) rethrows {
+        guard region.size >= ChannelFormat.mailboxSize(ringCapacity: ringCapacity) else { return }
+        let control = region.base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let ring = control + ChannelFormat.controlBytes
+        let mask = UInt64(ringCapacity - 1)
+        let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
+        var head = control.load(as: UInt64.self)
+        let end = head &+ UInt64(ringCapacity)
+        while head < end {
+            let position = Int(head & mask)
+            let header = (ring + position + ChannelFormat.headerOffset).load(as: UInt64.self)
+            if header == ChannelFormat.wrap(sender: sender) {
+                head &+= UInt64(ringCapacity - position)
+                continue
+            }
+            let length = Int(header & 0xFFFF_FFFF)
+            let magic = header >> 48
+            guard magic == ChannelFormat.messageMagic || magic == ChannelFormat.releasedMagic,
+                  UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
+                  position + ChannelFormat.stride(length) + 64 <= ringCapacity + 64 else { return }
+            let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
+            guard trailer == ChannelFormat.trailer(position: head) else { return }
+            if magic == ChannelFormat.messageMagic {
+                try body(head, UnsafeRawBufferPointer(start: ring + position + 64, count: length))
+            }
+            head &+= UInt64(ChannelFormat.stride(length))
+        }
     }
 
     /// The receive side of the channel from `sender`.
-    public func receiver(from sender: NodeID) -> ChannelReceiver { ChannelReceiver(mailbox: self, sender: sender) }
+    public func receiver(from sender: NodeID, kind: RingKind = .log) -> ChannelReceiver { ChannelReceiver(mailbox: self, sender: sender, kind: kind) }
 
     /// Runs `body` with the right to receive from every ring of this mailbox, unless another
     /// thread holds it now (then returns nil at once). One compare-and-swap to take the claim, one
@@ -162,7 +283,7 @@ public final class Mailbox: @unchecked Sendable {
     func lendPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
         claimHolder.store(UInt(pthread_self()), ordering: .relaxed)
         defer { claim.store(false, ordering: .releasing) }
-        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity))
+        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors))
     }
 
     /// Takes the poll claim, yielding the CPU while another thread holds it.
@@ -184,29 +305,30 @@ public final class Mailbox: @unchecked Sendable {
     /// Whether the ring of `sender` may hold a message now: its word at the receiver's published
     /// head is not zero. No lock and no reference counting, so a poller can skip empty rings
     /// cheaply; false while a message is only partly written is fine, the next look sees it.
-    @inline(__always)
-    public func mayHaveMessage(from sender: NodeID) -> Bool {
-        headerWord(from: sender, acquiring: false).word.pointee.load(ordering: .relaxed) != 0
+    @inlinable @inline(__always)
+    public func mayHaveMessage(from sender: NodeID, kind: RingKind = .log) -> Bool {
+        headerWord(from: sender, kind: kind, acquiring: false).word.pointee.load(ordering: .relaxed) != 0
     }
 
     /// The consumed counter of `sender`'s ring (loaded with acquire ordering or relaxed), and the
     /// word where the next message has its header.
-    @inline(__always)
-    func headerWord(from sender: NodeID, acquiring: Bool) -> (head: UInt64, word: UnsafeMutablePointer<Atomic<UInt64>>) {
-        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
-        let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
-        let head = acquiring ? consumed.pointee.load(ordering: .acquiring) : consumed.pointee.load(ordering: .relaxed)
+    @inlinable @inline(__always)
+    func headerWord(from sender: NodeID, kind: RingKind = .log, acquiring: Bool) -> (head: UInt64, word: UnsafeMutablePointer<Atomic<UInt64>>) {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)
+        let cursor = cursors + kind.ring(of: sender)
+        let head = acquiring ? cursor.pointee.load(ordering: .acquiring) : cursor.pointee.load(ordering: .relaxed)
         let position = Int(head & UInt64(ringCapacity - 1))
         return (head, (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset).assumingMemoryBound(to: Atomic<UInt64>.self))
     }
 
     /// The ring of `sender` as it is now, for diagnostics: bytes consumed, and the words at the
     /// head (the header, and the trailer the header's length points to).
-    public func ringState(from sender: NodeID) -> String {
-        let (head, headerWord) = headerWord(from: sender, acquiring: true)
+    public func ringState(from sender: NodeID, kind: RingKind = .log) -> String {
+        let (head, headerWord) = headerWord(from: sender, kind: kind, acquiring: true)
         let frame = UnsafeMutableRawPointer(headerWord)
         let header = headerWord.pointee.load(ordering: .acquiring)
-        var text = "ring from \(sender): consumed \(head), header 0x\(String(header, radix: 16))"
+        let durable = (base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)).load(as: UInt64.self)
+        var text = "\(kind == .log ? "log" : "queue") from \(sender): handled \(head), consumed \(durable), header 0x\(String(header, radix: 16))"
         let length = Int(header & 0xFFFF_FFFF)
         if header >> 48 == ChannelFormat.messageMagic, length <= ChannelFormat.maximumMessage(ringCapacity: ringCapacity) {
             let trailer = (frame - ChannelFormat.headerOffset + ChannelFormat.trailerOffset(length)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
@@ -218,8 +340,8 @@ public final class Mailbox: @unchecked Sendable {
 
     /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring:
     /// a snapshot, for quiescence checks.
-    public func isEmpty(from sender: NodeID) -> Bool {
-        headerWord(from: sender, acquiring: true).word.pointee.load(ordering: .acquiring) == 0
+    public func isEmpty(from sender: NodeID, kind: RingKind = .log) -> Bool {
+        headerWord(from: sender, kind: kind, acquiring: true).word.pointee.load(ordering: .acquiring) == 0
     }
 }
 
@@ -232,11 +354,14 @@ public struct MailboxPoller: ~Copyable {
     @usableFromInline let base: UnsafeMutableRawPointer
     public let receiver: NodeID
     public let ringCapacity: Int
+    @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
 
-    @inlinable init(base: UnsafeMutableRawPointer, receiver: NodeID, ringCapacity: Int) {
+    @inlinable init(base: UnsafeMutableRawPointer, receiver: NodeID, ringCapacity: Int,
+                    cursors: UnsafeMutablePointer<Atomic<UInt64>>) {
         self.base = base
         self.receiver = receiver
         self.ringCapacity = ringCapacity
+        self.cursors = cursors
     }
 
     /// Hands every complete message from `sender` (up to `limit`) to `handler`, in the order sent,
@@ -249,15 +374,32 @@ public struct MailboxPoller: ~Copyable {
     ///   that are not a message from this sender (nothing is consumed past them), or what
     ///   `handler` throws (the message that threw is consumed).
     @inlinable @discardableResult
-    public func poll(from sender: NodeID, limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
-        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+    public func poll(from sender: NodeID, kind: RingKind = .log, limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
+        try poll(from: sender, kind: kind, limit: limit, keeping: { bytes, _ in
+            try handler(bytes)
+            return false
+        })
+    }
+
+    /// ``poll(from:limit:_:)`` for a receiver that keeps some messages in the ring as its log:
+    /// `handler` gets each message with its stream position and returns whether to keep it. A
+    /// kept message stays in the ring (the sender cannot reuse its space) until
+    /// ``Mailbox/releaseMessage(from:at:)``; the others are freed at once, or, behind a kept one,
+    /// marked released so that a scan of the log (``Mailbox/keptMessages(in:ringCapacity:from:_:)``)
+    /// skips them.
+    @inlinable @discardableResult
+    public func poll(from sender: NodeID, kind: RingKind = .log, limit: Int = .max,
+                     keeping handler: (UnsafeRawBufferPointer, UInt64) throws -> Bool) throws -> Int {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)
         let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
         let ring = control + ChannelFormat.controlBytes
         let mask = UInt64(truncatingIfNeeded: ringCapacity &- 1)
         let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
         let expected = ChannelFormat.header(length: 0, sender: sender)
-        // Only the poller writes the consumed counter, so its own last store is the current value.
-        var head = consumed.pointee.load(ordering: .relaxed)
+        let cursor = cursors + kind.ring(of: sender)
+        // Only the poller writes the cursor and the consumed counter, so its own last stores are
+        // the current values.
+        var head = cursor.pointee.load(ordering: .relaxed)
         var handled = 0
         while handled < limit {
             let position = Int(truncatingIfNeeded: head & mask)
@@ -267,9 +409,13 @@ public struct MailboxPoller: ~Copyable {
             let length = Int(truncatingIfNeeded: header & 0xFFFF_FFFF)
             guard header & ~0xFFFF_FFFF == expected, length <= maximum else {
                 if header == ChannelFormat.wrap(sender: sender) {
-                    frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.store(0, ordering: .relaxed)
-                    head &+= UInt64(truncatingIfNeeded: ringCapacity &- position)
-                    consumed.pointee.store(head, ordering: .releasing)
+                    let next = head &+ UInt64(truncatingIfNeeded: ringCapacity &- position)
+                    if consumed.pointee.load(ordering: .relaxed) == head {
+                        frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.store(0, ordering: .relaxed)
+                        consumed.pointee.store(next, ordering: .releasing)
+                    }
+                    head = next
+                    cursor.pointee.store(head, ordering: .relaxed)
                     continue
                 }
                 throw corruption(from: sender, header: header, head: head, trailer: nil)
@@ -281,25 +427,74 @@ public struct MailboxPoller: ~Copyable {
             guard trailer == ChannelFormat.trailer(position: head) else {
                 throw corruption(from: sender, header: header, head: head, trailer: trailer)
             }
-            defer {
-                // Zero the header, the trailer, and the last two words of every line the payload
-                // fills up to its end: the only words a later message's header or trailer can use.
-                frame.storeBytes(of: 0, as: UInt64.self)
-                trailerWord.pointee.store(0, ordering: .relaxed)
-                var line = ring + (position &+ 64 &+ 48)
-                let end = ring + (position &+ stride)
-                while line < end {
-                    line.storeBytes(of: (0, 0) as (UInt64, UInt64), as: (UInt64, UInt64).self)
-                    line += 64
-                }
-                head &+= UInt64(truncatingIfNeeded: stride)
-                // Release: the zeroed words are visible before the sender may reuse the space.
-                consumed.pointee.store(head, ordering: .releasing)
-            }
             handled &+= 1
-            try handler(UnsafeRawBufferPointer(start: ring + (position &+ 64), count: length))
+            var keep = false
+            var failure: (any Error)?
+            do {
+                keep = try handler(UnsafeRawBufferPointer(start: ring + (position &+ 64), count: length), head)
+            } catch {
+                failure = error
+            }
+            if !keep {
+                // The handler may have released kept messages and moved the consumed counter.
+                if consumed.pointee.load(ordering: .relaxed) == head {
+                    Self.clearFrame(ring: ring, position: position, length: length)
+                    // Release: the zeroed words are visible before the sender may reuse the space.
+                    consumed.pointee.store(head &+ UInt64(truncatingIfNeeded: stride), ordering: .releasing)
+                } else {
+                    frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+                        .store(header & 0xFFFF_FFFF_FFFF | ChannelFormat.releasedMagic << 48, ordering: .relaxed)
+                }
+            }
+            head &+= UInt64(truncatingIfNeeded: stride)
+            cursor.pointee.store(head, ordering: .relaxed)
+            if let failure { throw failure }
         }
         return handled
+    }
+
+    /// Zeroes the header, the trailer, and the last two words of every line the payload fills up
+    /// to its end, of the message of `length` bytes at ring offset `position`: the only words a
+    /// later message's header or trailer can use.
+    @inlinable @inline(__always)
+    static func clearFrame(ring: UnsafeMutableRawPointer, position: Int, length: Int) {
+        let stride = ChannelFormat.stride(length)
+        (ring + (position &+ ChannelFormat.headerOffset)).storeBytes(of: 0, as: UInt64.self)
+        (ring + (position &+ ChannelFormat.trailerOffset(length))).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+            .store(0, ordering: .relaxed)
+        var line = ring + (position &+ 64 &+ 48)
+        let end = ring + (position &+ stride)
+        while line < end {
+            line.storeBytes(of: (0, 0) as (UInt64, UInt64), as: (UInt64, UInt64).self)
+            line += 64
+        }
+    }
+
+    /// Moves `sender`'s consumed counter over the released messages and wrap words at its head,
+    /// up to the cursor, clearing them.
+    func advanceConsumed(from sender: NodeID) {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
+        let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
+        let ring = control + ChannelFormat.controlBytes
+        let mask = UInt64(ringCapacity - 1)
+        let cursor = cursors[sender.index].load(ordering: .relaxed)
+        var head = consumed.pointee.load(ordering: .relaxed)
+        let start = head
+        while head < cursor {
+            let position = Int(head & mask)
+            let frame = ring + position + ChannelFormat.headerOffset
+            let header = frame.load(as: UInt64.self)
+            if header == ChannelFormat.wrap(sender: sender) {
+                frame.storeBytes(of: 0, as: UInt64.self)
+                head &+= UInt64(ringCapacity - position)
+                continue
+            }
+            guard header >> 48 == ChannelFormat.releasedMagic else { break }
+            let length = Int(header & 0xFFFF_FFFF)
+            Self.clearFrame(ring: ring, position: position, length: length)
+            head &+= UInt64(ChannelFormat.stride(length))
+        }
+        if head != start { consumed.pointee.store(head, ordering: .releasing) }
     }
 
     /// What is wrong with the ring of `sender` at stream position `head`, whose header word is
@@ -329,17 +524,18 @@ public struct MailboxPoller: ~Copyable {
 public struct ChannelReceiver: Sendable {
     public let mailbox: Mailbox
     public let sender: NodeID
+    public let kind: RingKind
     public var receiver: NodeID { mailbox.node }
     public var ringCapacity: Int { mailbox.ringCapacity }
 
     /// Whether no message (not even a partly written one) waits at the head of the ring.
-    public var isEmpty: Bool { mailbox.isEmpty(from: sender) }
+    public var isEmpty: Bool { mailbox.isEmpty(from: sender, kind: kind) }
 
     /// ``MailboxPoller/poll(from:limit:_:)`` on this ring, waiting for the poll claim if another
     /// thread holds it.
     @discardableResult
     public func poll(limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
-        try mailbox.withPoller { poller in try poller.poll(from: sender, limit: limit, handler) }
+        try mailbox.withPoller { poller in try poller.poll(from: sender, kind: kind, limit: limit, handler) }
     }
 }
 
@@ -375,7 +571,7 @@ public final class ChannelSender: Sendable {
 
     /// Opens the channel from `transport.localNode` to `receiver`, reading the receiver's ring
     /// geometry from its mailbox header (one read).
-    public init(transport: any Transport, to receiver: NodeID, sendTimeout: Duration = .seconds(10)) throws(TransportError) {
+    public init(transport: any Transport, to receiver: NodeID, kind: RingKind = .log, sendTimeout: Duration = .seconds(10)) throws(TransportError) {
         let mailbox = RegionID.mailbox(of: receiver)
         var geometry: (UInt32, UInt32) = (0, 0)
         try withUnsafeMutableBytes(of: &geometry) { (buffer) throws(TransportError) in
@@ -390,7 +586,7 @@ public final class ChannelSender: Sendable {
         self.receiver = receiver
         self.ringCapacity = 1 << Int(geometry.1)
         self.maximumMessage = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
-        let control = ChannelFormat.controlOffset(sender: transport.localNode, ringCapacity: ringCapacity)
+        let control = ChannelFormat.controlOffset(sender: transport.localNode, ringCapacity: ringCapacity, kind: kind)
         self.controlAddress = GlobalAddress(region: mailbox, offset: UInt32(control))
         self.ringAddress = GlobalAddress(region: mailbox, offset: UInt32(control + ChannelFormat.controlBytes))
         let (seconds, attoseconds) = sendTimeout.components
@@ -451,13 +647,40 @@ public final class ChannelSender: Sendable {
     /// - Throws: ``TransportError/messageTooLarge(bytes:maximum:)``,
     ///   ``TransportError/channelFull(receiver:waitedMilliseconds:)`` after the send timeout, or the
     ///   transport's error.
+    /// With `usingReserve`, the message may use the last eighth of the ring, which other messages
+    /// leave free: a receiver that keeps messages in its ring as a log (``MailboxPoller/poll(from:limit:keeping:)``)
+    /// frees their space only when later messages (a truncation, say) arrive, and those must find
+    /// room even when the kept ones have filled the rest.
     @inlinable @inline(__always)
-    public func send(_ message: UnsafeRawBufferPointer) throws(TransportError) {
-        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count) {
+    public func send(_ message: UnsafeRawBufferPointer, usingReserve: Bool = false) throws(TransportError) {
+        let limit = usingReserve ? ringCapacity : ringCapacity &- ringCapacity >> 3
+        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count, limit: limit) {
             writeMapped(message, at: reservation)
         } else {
-            _ = try sendSlowly(message, wait: true)
+            _ = try sendSlowly(message, wait: true, limit: limit)
         }
+    }
+
+    /// Bytes of the ring in use as this sender last learned (reserved, not yet freed by the
+    /// receiver): two loads of the sender's own counters, no round trip. May overstate.
+    @inlinable
+    public var bytesInUse: Int {
+        Int(truncatingIfNeeded: tail.pointee.load(ordering: .relaxed) &- knownHead.pointee.load(ordering: .relaxed))
+    }
+
+    /// ``bytesInUse`` after learning the receiver's progress (one load on shared memory, one
+    /// one-sided read otherwise); ``bytesInUse`` if that read fails.
+    public func refreshedBytesInUse() -> Int {
+        if let head = try? readHead() {
+            // Never move the known head backwards (another thread may have stored a newer one).
+            var known = knownHead.pointee.load(ordering: .relaxed)
+            while known < head {
+                let (exchanged, found) = knownHead.pointee.compareExchange(expected: known, desired: head, ordering: .releasing)
+                if exchanged { break }
+                known = found
+            }
+        }
+        return bytesInUse
     }
 
     /// Sends `message` only if that needs no waiting: the ring has room (after one read of the
@@ -466,23 +689,24 @@ public final class ChannelSender: Sendable {
     ///
     /// - Returns: false if nothing was sent.
     @inlinable
-    public func trySend(_ message: UnsafeRawBufferPointer) throws(TransportError) -> Bool {
-        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count) {
+    public func trySend(_ message: UnsafeRawBufferPointer, usingReserve: Bool = false) throws(TransportError) -> Bool {
+        let limit = usingReserve ? ringCapacity : ringCapacity &- ringCapacity >> 3
+        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count, limit: limit) {
             writeMapped(message, at: reservation)
             return true
         }
-        return try sendSlowly(message, wait: false)
+        return try sendSlowly(message, wait: false, limit: limit)
     }
 
     /// The sends that ``send(_:)`` and ``trySend(_:)`` do not finish inline: a message too large,
     /// a ring that looks full, and the unmapped path.
     @usableFromInline
-    func sendSlowly(_ message: UnsafeRawBufferPointer, wait: Bool) throws(TransportError) -> Bool {
+    func sendSlowly(_ message: UnsafeRawBufferPointer, wait: Bool, limit: Int) throws(TransportError) -> Bool {
         guard message.count <= maximumMessage else {
             throw .messageTooLarge(bytes: message.count, maximum: maximumMessage)
         }
         if mappedRing != 0 {
-            guard let reservation = try reserve(length: message.count, wait: wait) else { return false }
+            guard let reservation = try reserve(length: message.count, wait: wait, limit: limit) else { return false }
             writeMapped(message, at: reservation)
             return true
         }
@@ -492,7 +716,7 @@ public final class ChannelSender: Sendable {
         func attempt(_ buffer: UInt) -> Result<Bool, TransportError> {
             do throws(TransportError) {
                 return .success(try sendStaged(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start), count: count),
-                                               staging: buffer, wait: wait))
+                                               staging: buffer, wait: wait, limit: limit))
             } catch {
                 return .failure(error)
             }
@@ -524,7 +748,7 @@ public final class ChannelSender: Sendable {
     /// advancing the tail with a compare-and-swap, if the receiver's consumed counter as last read
     /// shows room; nil otherwise (``reserve(length:wait:)`` then reads it again, and waits).
     @inlinable @inline(__always)
-    func reserveIfRoom(length: Int) -> Reservation? {
+    func reserveIfRoom(length: Int, limit: Int) -> Reservation? {
         let capacity = UInt64(truncatingIfNeeded: ringCapacity)
         let stride = ChannelFormat.stride(length)
         // The message and the line after it, where its trailer goes.
@@ -538,7 +762,7 @@ public final class ChannelSender: Sendable {
             // of the receiver's counter, so the receiver's zeroing happens before our writes.
             let head = knownHead.pointee.load(ordering: .acquiring)
             if reserved < head { continue }  // the tail moved on since we loaded it
-            if reserved &- head &+ needed > capacity { return nil }
+            if reserved &- head &+ needed > UInt64(truncatingIfNeeded: limit) { return nil }
             if tail.pointee.compareExchange(expected: reserved, desired: reserved &+ needed, ordering: .relaxed).exchanged {
                 return wraps ? Reservation(start: reserved &+ capacity &- UInt64(truncatingIfNeeded: position), wrap: position, previous: reserved)
                              : Reservation(start: reserved, wrap: -1, previous: reserved)
@@ -548,11 +772,11 @@ public final class ChannelSender: Sendable {
 
     /// ``reserveIfRoom(length:)``, reading the receiver's consumed counter when the ring looks
     /// full, and waiting while it is, unless `wait` is false (then returns nil).
-    private func reserve(length: Int, wait: Bool) throws(TransportError) -> Reservation? {
+    private func reserve(length: Int, wait: Bool, limit: Int) throws(TransportError) -> Reservation? {
         var waitingSince: UInt64 = 0
         var backoff = Backoff(maximumSleepMicroseconds: 200)
         while true {
-            if let reservation = reserveIfRoom(length: length) { return reservation }
+            if let reservation = reserveIfRoom(length: length, limit: limit) { return reservation }
             let reserved = tail.pointee.load(ordering: .relaxed)
             let head = try readHead()
             knownHead.pointee.store(head, ordering: .releasing)
@@ -561,7 +785,7 @@ public final class ChannelSender: Sendable {
                 throw .corruptChannel(sender: sender, receiver: receiver,
                                       reason: "the receiver reports \(head) bytes consumed of the \(reserved) sent (its mailbox was reset, or the counter is not this channel's)")
             }
-            if let reservation = reserveIfRoom(length: length) { return reservation }
+            if let reservation = reserveIfRoom(length: length, limit: limit) { return reservation }
             if !wait { return nil }
             let now = monotonicNanoseconds()
             if waitingSince == 0 { waitingSince = now }
@@ -595,10 +819,10 @@ public final class ChannelSender: Sendable {
     /// written with one one-sided write, whose last word, the trailer, lands last; after a
     /// one-sided write of the wrap word if there is one. The write starts after the previous
     /// message's trailer and ends before the next message's header.
-    private func sendStaged(_ message: UnsafeRawBufferPointer, staging: UInt, wait: Bool) throws(TransportError) -> Bool {
+    private func sendStaged(_ message: UnsafeRawBufferPointer, staging: UInt, wait: Bool, limit: Int) throws(TransportError) -> Bool {
         let count = message.count
         let total = ChannelFormat.stride(count)  // header .. trailer
-        guard let reservation = try reserve(length: message.count, wait: wait) else { return false }
+        guard let reservation = try reserve(length: message.count, wait: wait, limit: limit) else { return false }
         // Under the staging lock no other thread reserves on this channel, so a write that fails
         // gives back what it did not write: the receiver never waits at a hole.
         if reservation.wrap >= 0 {

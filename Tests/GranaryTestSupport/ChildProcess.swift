@@ -61,6 +61,20 @@ public final class ChildProcess: @unchecked Sendable {
         }
     }
 
+    /// Every line the child printed that was not read yet, up to the end of its output (call
+    /// after it ended). A last line without its newline is not returned: it was cut off.
+    public func remainingLines() -> [String] {
+        buffered.append(output.readDataToEndOfFile())
+        var lines: [String] = []
+        while let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
+            let line = String(decoding: buffered[buffered.startIndex..<newline], as: UTF8.self)
+            buffered.removeSubrange(buffered.startIndex...newline)
+            transcript.append(line)
+            lines.append(line)
+        }
+        return lines
+    }
+
     /// Sends `signal` and waits for the process to end.
     public func kill(_ signal: Int32 = SIGKILL) {
         Foundation.kill(process.processIdentifier, signal)

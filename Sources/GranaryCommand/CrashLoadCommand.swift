@@ -1,0 +1,124 @@
+import ArgumentParser
+import Foundation
+import Granary
+import Synchronization
+
+/// `granary crash-load` (hidden; for the crash-restart tests): runs an embedded 3-node cluster in
+/// `--directory` (reopening it, with restart recovery, when it exists) under a load whose every
+/// acknowledged transaction can be checked after the process is killed at any moment.
+///
+/// Objects: `--counters` counters, allocated round-robin on the three nodes, and one sequence
+/// object per worker. Worker w's k-th transaction reads its sequence object (k - 1), two counters
+/// whose primaries differ, and writes both counters + 1 and the sequence object k; it prints
+/// `ack w k` once committed (`unknown w k` for an unknown outcome). So after any crash:
+/// sequence(w) >= the last k acknowledged, and the counters sum to twice the sequences' sum.
+/// The addresses are in `crash-objects.txt` in the directory.
+struct CrashLoadCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "crash-load", abstract: "Run a checkable load on an embedded cluster until killed (for crash tests).",
+        shouldDisplay: false)
+
+    @Option(help: "The cluster directory (created, or reopened with restart recovery).") var directory: String
+    @Option(help: "Worker threads.") var workers: Int = 3
+    @Option(help: "Counters.") var counters: Int = 12
+    @Option(help: "Bytes per data region.") var regionSize: Int = 64 << 20
+
+    static let objectsFile = "crash-objects.txt"
+
+    /// The cluster options the load and the checker both use.
+    static func options(regionSize: Int) -> ClusterOptions {
+        var options = ClusterOptions()
+        options.regionSize = regionSize
+        options.engine.maximumAttempts = 1_000_000
+        options.logger.logLevel = .warning
+        return options
+    }
+
+    func validate() throws {
+        guard workers >= 1, workers <= 32 else { throw ValidationError("--workers is 1 to 32") }
+        guard counters >= 2 else { throw ValidationError("--counters is at least 2") }
+    }
+
+    func run() throws {
+        let semaphore = DispatchSemaphore(value: 0)
+        let failure = Mutex<(any Error)?>(nil)
+        let directory = self.directory, workers = self.workers, counters = self.counters, regionSize = self.regionSize
+        Task.detached {
+            do {
+                try await Self.load(directory: directory, workers: workers, counters: counters, regionSize: regionSize)
+            } catch {
+                failure.withLock { $0 = error }
+            }
+            semaphore.signal()
+        }
+        semaphore.wait()
+        if let error = failure.withLock({ $0 }) { throw error }
+    }
+
+    static func load(directory: String, workers: Int, counters: Int, regionSize: Int) async throws {
+        let start = ContinuousClock.now
+        let cluster = try await Cluster.local(nodes: 3, replicas: 3, directory: .init(directory), options: options(regionSize: regionSize))
+        let opened = ContinuousClock.now - start
+        let path = directory + "/" + objectsFile
+        var lines = (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: "\n").map(String.init) ?? []
+        if lines.isEmpty {
+            var addresses: [String] = []
+            for index in 0..<counters {
+                let address = try await cluster.nodes[index % 3].transaction { try $0.allocate(Int64(0)) }
+                addresses.append("counter \(address.rawValue)")
+            }
+            for worker in 0..<workers {
+                let address = try await cluster.nodes[worker % 3].transaction { try $0.allocate(Int64(0)) }
+                addresses.append("sequence \(address.rawValue)")
+            }
+            try addresses.joined(separator: "\n").write(toFile: path + ".new", atomically: false, encoding: .utf8)
+            guard rename(path + ".new", path) == 0 else { throw ValidationError("cannot rename \(path).new") }
+            lines = addresses
+        }
+        let counterAddresses = lines.filter { $0.hasPrefix("counter ") }.compactMap { UInt64($0.dropFirst(8)) }.map(GlobalAddress.init(rawValue:))
+        let sequences = lines.filter { $0.hasPrefix("sequence ") }.compactMap { UInt64($0.dropFirst(9)) }.map(GlobalAddress.init(rawValue:))
+        let recovery = cluster.recovery.map { " \($0)" } ?? ""
+        print("ready opened in \(opened.components.seconds * 1000 + opened.components.attoseconds / 1_000_000_000_000_000) ms;\(recovery)")
+        fflush(nil)
+        let output = Mutex(())
+        var threads: [Thread] = []
+        for worker in 0..<min(workers, sequences.count) {
+            let node = cluster.nodes[worker % 3]
+            let sequence = sequences[worker]
+            let thread = Thread {
+                var random = SystemRandomNumberGenerator()
+                while true {
+                    let first = Int.random(in: 0..<counterAddresses.count, using: &random)
+                    var second = Int.random(in: 0..<counterAddresses.count, using: &random)
+                    while counterAddresses.count > 3, second % 3 == first % 3 { second = Int.random(in: 0..<counterAddresses.count, using: &random) }
+                    do {
+                        let done = try node.transactionSync { tx -> Int64 in
+                            let next = try tx.read(sequence, as: Int64.self) + 1
+                            try tx.write(counterAddresses[first], try tx.read(counterAddresses[first], as: Int64.self) + 1)
+                            try tx.write(counterAddresses[second], try tx.read(counterAddresses[second], as: Int64.self) + 1)
+                            try tx.write(sequence, next)
+                            return next
+                        }
+                        output.withLock { _ in
+                            print("ack \(worker) \(done)")
+                            fflush(nil)
+                        }
+                    } catch TransactionError.outcomeUnknown(let reason) {
+                        output.withLock { _ in
+                            print("unknown \(worker) \(reason)")
+                            fflush(nil)
+                        }
+                    } catch {
+                        output.withLock { _ in
+                            print("error \(worker) \(error)")
+                            fflush(nil)
+                        }
+                    }
+                }
+            }
+            thread.start()
+            threads.append(thread)
+        }
+        while true { try await Task.sleep(for: .seconds(3600)) }
+    }
+}
