@@ -247,6 +247,13 @@ public final class Transaction {
         }
         let lines = ObjectLayout.lines(forPayload: payloadBytes)
         let bytes = lines * ObjectLayout.lineSize
+        if lines > 1, let replica = view.replica(address.region) {
+            // A replica here knows the slot's size class (final once set): a read longer than the
+            // object is refused before anything past it is read.
+            try checkSlot(address, holds: lines, payloadBytes: payloadBytes,
+                          slotLines: try? SlabAllocator.slot(inRegion: address.region, at: replica.base, layout: replica.layout,
+                                                             offset: Int(address.offset)).lines)
+        }
         let known = readIndex[address]
         if let known, reads[known].lines >= lines {
             // Read before in this attempt: the same bytes again (its version is checked at commit).
@@ -266,6 +273,7 @@ public final class Transaction {
         }
         snapshot = state.pointee.arena + offset
         var backoff = Backoff(maximumSleepMicroseconds: 20)
+        var checkedSlot = false
         for _ in 0..<engine.readAttempts {
             do {
                 try engine.transport.readObject(from: primary, address, into: UnsafeMutableRawBufferPointer(start: snapshot, count: bytes))
@@ -290,11 +298,45 @@ public final class Transaction {
                 state.pointee.arenaUsed = offset + bytes
                 guard Self.isLive(header, at: address) else { throw TransactionError.notAllocated(address) }
                 return header
+            case .torn where lines > 1 && !checkedSlot:
+                // Torn, or longer than the object (its next lines are another slot's): ask the
+                // primary's slab table once.
+                checkedSlot = true
+                try checkSlot(address, holds: lines, payloadBytes: payloadBytes, slotLines: remoteSlotLines(address, primary: primary))
+                backoff.pause()
             case .locked, .torn:
                 backoff.pause()
             }
         }
         throw AbortSignal(cause: .readLocked)
+    }
+
+    /// Throws ``TransactionError/invalidAddress(_:reason:)`` if a slot of `slotLines` lines (when
+    /// known) is shorter than a read of `lines` lines.
+    private func checkSlot(_ address: GlobalAddress, holds lines: Int, payloadBytes: Int, slotLines: Int?) throws {
+        guard let slotLines, slotLines < lines else { return }
+        throw TransactionError.invalidAddress(
+            address, reason: "a read of \(payloadBytes) bytes is longer than the object (at most \(ObjectLayout.payloadCapacity(lines: slotLines)) bytes)")
+    }
+
+    /// The lines of the slot at `address` by its primary's slab table (two small one-sided
+    /// reads: the region's slab size from its header, then the table entry); nil if unknown.
+    private func remoteSlotLines(_ address: GlobalAddress, primary: NodeID) -> Int? {
+        var shift: UInt32 = 0
+        var entry: UInt16 = 0
+        do {
+            try withUnsafeMutableBytes(of: &shift) { buffer in
+                try engine.transport.read(from: primary, GlobalAddress(region: address.region, offset: 20), into: buffer)
+            }
+            guard shift >= UInt32(SlabLayout.minimumSlabShift), shift <= UInt32(SlabLayout.maximumSlabShift) else { return nil }
+            let table = SlabLayout.tableOffset + (Int(address.offset) >> Int(shift)) * 2
+            try withUnsafeMutableBytes(of: &entry) { buffer in
+                try engine.transport.read(from: primary, GlobalAddress(region: address.region, offset: UInt32(table)), into: buffer)
+            }
+        } catch {
+            return nil
+        }
+        return entry == 0 ? nil : Int(entry)
     }
 
     // MARK: Writes

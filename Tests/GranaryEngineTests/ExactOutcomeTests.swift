@@ -231,6 +231,30 @@ struct ExactOutcomeTests {
         try await cluster.shutdown()
     }
 
+    /// A read longer than the object is refused, never answered with the next slot's bytes (nor
+    /// retried as a conflict until the attempts run out).
+    @Test("a read longer than the object is an invalid address, with or without a replica at the coordinator")
+    func readLongerThanObject() async throws {
+        for replicas in [3, 1] {
+            let cluster = try await testCluster(replicas: replicas) { $0.engine.maximumAttempts = 3 }
+            let (small, next) = try await cluster.nodes[0].transaction { tx in (try tx.allocate(Int64(7)), try tx.allocate(Int64(8))) }
+            let reader = cluster.nodes[replicas == 1 ? 1 : 2]
+            do {
+                _ = try await reader.transaction { tx in
+                    try withUnsafeTemporaryAllocation(byteCount: 200, alignment: 8) { buffer in
+                        try tx.read(small, into: buffer)
+                        return Array(buffer)
+                    }
+                }
+                Issue.record("a 200-byte read of a 1-line object (next object \(next)) succeeded, replicas \(replicas)")
+            } catch TransactionError.invalidAddress(let address, let reason) {
+                #expect(address == small)
+                #expect(reason.contains("longer than the object"), "\(reason)")
+            }
+            try await cluster.shutdown()
+        }
+    }
+
     /// Objects among `addresses` whose header has the lock bit on some replica.
     func lockedObjects(_ cluster: Cluster, _ addresses: [GlobalAddress]) -> [String] {
         var found: [String] = []
