@@ -471,6 +471,8 @@ public final class Engine: Sendable {
                 processor.brokenChannels |= 1 << UInt64(sender.index)
             }
         }
+        // Releases while polling one ring can free space in others' (TRUNCATE of a deferred entry).
+        mailbox.advanceReleased()
         return handled
     }
 

@@ -128,6 +128,9 @@ public final class Mailbox: @unchecked Sendable {
     /// Written only by the holder of the poll claim; read by anyone (relaxed) to see if a ring may
     /// hold a message.
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
+    /// Bit n: the log of node n has messages released behind its head since its consumed counter
+    /// last moved (``advanceReleased()`` moves it). Touched only by the holder of the poll claim.
+    @usableFromInline let pendingAdvance: UnsafeMutablePointer<UInt64>
 
     /// Whether `GRANARY_CRASH_ON_UNANSWERED` is set: then a wait that should take microseconds
     /// and lasts seconds (a poll claim never given back, a LOCK never answered) crashes the
@@ -171,6 +174,8 @@ public final class Mailbox: @unchecked Sendable {
         self.region = region
         self.base = region.base
         self.ringCapacity = ringCapacity
+        pendingAdvance = .allocate(capacity: 1)
+        pendingAdvance.initialize(to: 0)
         cursors = .allocate(capacity: RingKind.ringsPerMailbox)
         for ring in 0..<RingKind.ringsPerMailbox {
             let control = region.base + RegionFormat.headerBytes + ring * (ChannelFormat.controlBytes + ringCapacity)
@@ -179,6 +184,7 @@ public final class Mailbox: @unchecked Sendable {
     }
 
     deinit {
+        pendingAdvance.deallocate()
         cursors.deinitialize(count: RingKind.ringsPerMailbox)
         cursors.deallocate()
     }
@@ -189,6 +195,7 @@ public final class Mailbox: @unchecked Sendable {
         withPoller { _ in
             Self.clear(region)
             for ring in 0..<RingKind.ringsPerMailbox { cursors[ring].store(0, ordering: .relaxed) }
+            pendingAdvance.pointee = 0
         }
     }
 
@@ -209,9 +216,10 @@ public final class Mailbox: @unchecked Sendable {
     }
 
     /// Releases the kept message at stream position `position` of `sender`'s log ring (handed over by
-    /// ``MailboxPoller/poll(from:limit:keeping:)`` with `true`): marks it released and advances
-    /// the consumed counter over every released message at the ring's head, so senders may reuse
-    /// the space. The caller holds the poll claim.
+    /// ``MailboxPoller/poll(from:limit:keeping:)`` with `true`): marks it released. The consumed
+    /// counter moves over it (so senders may reuse the space) at the end of the poll of that ring,
+    /// or at ``advanceReleased()``: once per batch of releases, not once per message. The caller
+    /// holds the poll claim.
     public func releaseMessage(from sender: NodeID, at position: UInt64) {
         guard sender.index < NodeID.limit else { return }
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
@@ -221,7 +229,21 @@ public final class Mailbox: @unchecked Sendable {
         let header = word.pointee.load(ordering: .relaxed)
         guard header >> 48 == ChannelFormat.messageMagic else { return }  // released before, or not a message
         word.pointee.store(header & 0xFFFF_FFFF_FFFF | ChannelFormat.releasedMagic << 48, ordering: .relaxed)
-        MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors).advanceConsumed(from: sender)
+        pendingAdvance.pointee |= 1 << UInt64(sender.index)
+    }
+
+    /// Moves the consumed counter of every log with released messages at its head over them. The
+    /// caller holds the poll claim (a record processor calls it after each round of polling).
+    public func advanceReleased() {
+        var pending = pendingAdvance.pointee
+        guard pending != 0 else { return }
+        pendingAdvance.pointee = 0
+        let poller = MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors, pendingAdvance: pendingAdvance)
+        while pending != 0 {
+            let index = pending.trailingZeroBitCount
+            pending &= pending - 1
+            poller.advanceConsumed(from: NodeID(index))
+        }
     }
 
     /// The messages kept in `sender`'s ring of a mailbox region as a previous run left it (the
@@ -283,7 +305,7 @@ public final class Mailbox: @unchecked Sendable {
     func lendPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
         claimHolder.store(UInt(pthread_self()), ordering: .relaxed)
         defer { claim.store(false, ordering: .releasing) }
-        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors))
+        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors, pendingAdvance: pendingAdvance))
     }
 
     /// Takes the poll claim, yielding the CPU while another thread holds it.
@@ -355,13 +377,15 @@ public struct MailboxPoller: ~Copyable {
     public let receiver: NodeID
     public let ringCapacity: Int
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
+    @usableFromInline let pendingAdvance: UnsafeMutablePointer<UInt64>
 
     @inlinable init(base: UnsafeMutableRawPointer, receiver: NodeID, ringCapacity: Int,
-                    cursors: UnsafeMutablePointer<Atomic<UInt64>>) {
+                    cursors: UnsafeMutablePointer<Atomic<UInt64>>, pendingAdvance: UnsafeMutablePointer<UInt64>) {
         self.base = base
         self.receiver = receiver
         self.ringCapacity = ringCapacity
         self.cursors = cursors
+        self.pendingAdvance = pendingAdvance
     }
 
     /// Hands every complete message from `sender` (up to `limit`) to `handler`, in the order sent,
@@ -444,13 +468,29 @@ public struct MailboxPoller: ~Copyable {
                 } else {
                     frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee
                         .store(header & 0xFFFF_FFFF_FFFF | ChannelFormat.releasedMagic << 48, ordering: .relaxed)
+                    if kind == .log { pendingAdvance.pointee |= 1 << UInt64(truncatingIfNeeded: sender.index) }
                 }
             }
             head &+= UInt64(truncatingIfNeeded: stride)
             cursor.pointee.store(head, ordering: .relaxed)
-            if let failure { throw failure }
+            if let failure {
+                advanceIfReleased(from: sender, kind: kind)
+                throw failure
+            }
         }
+        advanceIfReleased(from: sender, kind: kind)
         return handled
+    }
+
+    /// At the end of a poll of `sender`'s log: moves its consumed counter over the messages
+    /// released at its head during the poll.
+    @inlinable @inline(__always)
+    func advanceIfReleased(from sender: NodeID, kind: RingKind) {
+        guard kind == .log else { return }
+        let bit: UInt64 = 1 << UInt64(truncatingIfNeeded: sender.index)
+        guard pendingAdvance.pointee & bit != 0 else { return }
+        pendingAdvance.pointee &= ~bit
+        advanceConsumed(from: sender)
     }
 
     /// Zeroes the header, the trailer, and the last two words of every line the payload fills up
@@ -472,6 +512,7 @@ public struct MailboxPoller: ~Copyable {
 
     /// Moves `sender`'s consumed counter over the released messages and wrap words at its head,
     /// up to the cursor, clearing them.
+    @usableFromInline
     func advanceConsumed(from sender: NodeID) {
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
         let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
