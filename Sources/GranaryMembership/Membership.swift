@@ -293,6 +293,15 @@ public final class MembershipService: Sendable {
         if let thread { pthread_join(thread, nil) }
     }
     private let leasesHalted = Atomic<Bool>(false)
+    /// As CM: bit n set once member n's lease counter was seen moving (from then on it is held to
+    /// its lease; before, a starting member gets a grace period).
+    private let seenRenewing = Atomic<UInt64>(0)
+
+    /// Whether this node, as CM, has seen `member` renew its lease (so that its lease, not the
+    /// grace period of a starting member, bounds how soon its failure is detected).
+    public func hasSeenRenewing(_ member: NodeID) -> Bool {
+        member.index < NodeID.limit && seenRenewing.load(ordering: .acquiring) & (1 << UInt64(member.index)) != 0
+    }
 
     private final class ThreadStart: @unchecked Sendable {
         // Handed to exactly one thread.
@@ -358,6 +367,7 @@ public final class MembershipService: Sendable {
                     }) != nil
                     if let seen = lastSeen[member.node] {
                         if read && seen.value != value {
+                            if !seen.live { seenRenewing.bitwiseOr(1 << UInt64(member.node.index), ordering: .releasing) }
                             lastSeen[member.node] = (value, now, true)
                         } else if stalled {
                             lastSeen[member.node] = (seen.value, now, seen.live)

@@ -7,7 +7,7 @@ import Testing
 
 /// Every outcome is exact: nothing reaches a caller unvalidated, a failed commit leaves no lock
 /// and no half of itself, and the caller is told committed, failed or unknown as the data shows.
-@Suite("Exact outcomes")
+@Suite("Exact outcomes", .serialized)
 struct ExactOutcomeTests {
     struct Refused: Error, Equatable {}
 

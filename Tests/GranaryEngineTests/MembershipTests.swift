@@ -40,6 +40,9 @@ struct MembershipTests {
         let (before, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
         let victim = cluster.nodes.first { $0.id != cm }!.id
         let led = before.regions.filter { $0.primary == victim }.map(\.region)
+        // The bound is for a member the CM has seen renewing; before that a starting member has
+        // a grace period (2 s), and halting it then measures the grace, not the lease.
+        try await eventually("the CM saw \(victim) renew") { cluster.membership[cm.index].hasSeenRenewing(victim) }
         let halted = ContinuousClock.now
         cluster.membership[victim.index].haltLeases()
         var removedAfter: Duration = .zero
