@@ -356,6 +356,7 @@ public final class Engine: Sendable {
             views.withLock { $0.append(next) }
             currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
             if !promoted.isEmpty { processor.applyKept(regions: Set(promoted), view: next) }
+            mailbox.advanceReleased()
         }
         logger.info("\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted)")
     }
