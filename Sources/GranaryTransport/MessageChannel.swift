@@ -270,7 +270,7 @@ public final class Mailbox: @unchecked Sendable {
             let magic = header >> 48
             guard magic == ChannelFormat.messageMagic || magic == ChannelFormat.releasedMagic,
                   UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
-                  position + ChannelFormat.stride(length) + 64 <= ringCapacity + 64 else { return }
+                  position + ChannelFormat.stride(length) + 64 <= ringCapacity else { return }
             let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
             guard trailer == ChannelFormat.trailer(position: head) else { return }
             if magic == ChannelFormat.messageMagic {
