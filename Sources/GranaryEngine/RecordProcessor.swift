@@ -165,7 +165,12 @@ final class RecordProcessor: @unchecked Sendable {
             if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
             return false
         }
-        guard record.configuration == view.configurationID else {
+        // A member's TRUNCATE or ABORT stamped with an older configuration (sent while its
+        // coordinator had not yet moved on) is still taken: each only ends what its coordinator
+        // decided (a commit everywhere, or nothing), and refusing it would leave the records it
+        // releases in this log for ever.
+        let ends = (record.kind == .truncate || record.kind == .abort) && record.configuration < view.configurationID
+        guard record.configuration == view.configurationID || ends else {
             if record.kind == .lockReply, record.cause == AbortCause.wrongConfiguration.rawValue {
                 // A primary in another configuration refused our LOCK: the waiting coordinator must
                 // learn it (its own configuration is the stale one, or the primary's is).

@@ -29,6 +29,35 @@ struct ConfigurationIDTests {
         try await cluster.shutdown()
     }
 
+    /// A coordinator still in the old configuration truncates transactions it committed there
+    /// after the others moved on: their logs must release the kept records, not refuse the
+    /// TRUNCATE and keep them (a log that is never truncated fills, and its sender stops).
+    @Test("a TRUNCATE from a member still in an older configuration releases the kept records")
+    func truncateFromOlderConfiguration() async throws {
+        let cluster = try await testCluster { $0.engine.truncationBatch = 1_000 }
+        let coordinator = cluster.nodes[2].engine
+        let objects = try await cluster.nodes[0].transaction { tx in try (0..<4).map { _ in try tx.allocate(Int64(0)) } }
+        try await cluster.quiesce()
+        for round in 1...20 {
+            try await cluster.nodes[2].transaction { tx in for object in objects { try tx.write(object, Int64(round)) } }
+        }
+        var next = cluster.configuration
+        next.id = ConfigurationID(rawValue: 2)
+        for node in cluster.nodes where node.engine !== coordinator { try node.engine.apply(next) }
+        #expect(cluster.nodes.contains { !$0.engine.isQuiescent }, "nothing was kept before the TRUNCATE")
+        try coordinator.flushTruncations()  // stamped with configuration 1
+        let deadline = ContinuousClock.now + .seconds(5)
+        while !cluster.nodes.allSatisfy({ $0.engine.isQuiescent }), ContinuousClock.now < deadline {
+            for node in cluster.nodes { _ = node.engine.pollOnce() }
+            try await Task.sleep(for: .milliseconds(1))
+        }
+        let kept = cluster.nodes.filter { !$0.engine.isQuiescent }.map(\.engine.channelReport)
+        #expect(kept.isEmpty, "records still kept after the TRUNCATE: \(kept)")
+        try coordinator.apply(next)
+        #expect(replicaDifferences(cluster).isEmpty, "\(replicaDifferences(cluster))")
+        try await cluster.shutdown()
+    }
+
     @Test("a LOCK record whose second entry is malformed leaves the first object unlocked and is refused at once")
     func malformedLockRecord() async throws {
         let cluster = try await testCluster()
