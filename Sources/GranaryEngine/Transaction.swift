@@ -247,12 +247,14 @@ public final class Transaction {
         }
         let lines = ObjectLayout.lines(forPayload: payloadBytes)
         let bytes = lines * ObjectLayout.lineSize
-        if lines > 1, let replica = view.replica(address.region) {
-            // A replica here knows the slot's size class (final once set): a read longer than the
-            // object is refused before anything past it is read.
-            try checkSlot(address, holds: lines, payloadBytes: payloadBytes,
-                          slotLines: try? SlabAllocator.slot(inRegion: address.region, at: replica.base, layout: replica.layout,
-                                                             offset: Int(address.offset)).lines)
+        if lines > 1, let replica = view.replica(address.region), Int(address.offset) < replica.size {
+            // A replica here knows the slab's size class (final once set): a read longer than the
+            // object is refused before anything past it is read. One load from the slab table.
+            let slabClass = Int(replica.base.load(
+                fromByteOffset: SlabLayout.tableOffset + (Int(address.offset) >> replica.layout.slabShift) * 2, as: UInt16.self))
+            if slabClass != 0 && slabClass < lines {
+                try checkSlot(address, holds: lines, payloadBytes: payloadBytes, slotLines: slabClass)
+            }
         }
         let known = readIndex[address]
         if let known, reads[known].lines >= lines {
