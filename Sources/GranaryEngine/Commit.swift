@@ -179,10 +179,6 @@ extension Transaction {
     /// each primary's CPU locks them with compare-and-swap and answers. Waits for every answer.
     /// On any failure, ABORT goes to every primary the LOCK reached (they may hold locks) and the
     /// attempt ends: nothing was written.
-    func lock() throws -> TransactionID {
-        try withEngine { engine in try lock(engine: engine) }
-    }
-
     private func lock(engine: Engine) throws -> TransactionID {
         collectPrimaries()
         let primaries = primaryMask
@@ -386,11 +382,6 @@ extension Transaction {
         }
     }
 
-    /// ABORT: release the locks at every primary and return reserved slots.
-    func abort(_ id: TransactionID) {
-        withEngine { engine in abortLocked(id, engine: engine) }
-    }
-
     /// TRUNCATE, lazily: remember the transaction per primary and backup; a batch goes out in one
     /// record once ``EngineOptions/truncationBatch`` transactions are waiting for that node. A
     /// batch that cannot be sent is kept for the next flush; the transaction stays committed.
@@ -415,14 +406,17 @@ struct NodeMask: Sequence, IteratorProtocol {
 
 extension Engine {
     /// Sends one TRUNCATE record listing `ids` to `node`; if it cannot go, puts them back in the
-    /// pending batches (logged) for the next flush.
-    func sendTruncateOrKeep(_ ids: [TransactionID], to node: NodeID) {
+    /// pending batches (logged) for the next flush and returns the failure.
+    @discardableResult
+    func sendTruncateOrKeep(_ ids: [TransactionID], to node: NodeID) -> TransactionError? {
         do {
             try faults.check(.truncateSend, node)
             try sendTruncate(ids, to: node)
+            return nil
         } catch {
             logger.warning("TRUNCATE of \(ids.count) transactions to \(node) failed (\(error)); kept for the next flush")
             pendingTruncation.putBack(ids, for: node)
+            return error
         }
     }
 

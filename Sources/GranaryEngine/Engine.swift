@@ -170,9 +170,7 @@ public final class ConfigurationView: @unchecked Sendable {
         self.replySenderTable = .allocate(capacity: NodeID.limit)
         self.replySenderTable.initialize(from: replySenders.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
         self.memberBits = bits
-        self.maximumRecordBytes = min(
-            configuration.members.compactMap { senders[$0.node.index]?.maximumMessage }.min() ?? 0,
-            RecordFormat.headerBytes + RecordFormat.maximumEntries * RecordFormat.entryHeaderBytes + Int(UInt32.max))
+        self.maximumRecordBytes = configuration.members.compactMap { senders[$0.node.index]?.maximumMessage }.min() ?? 0
         self.senderTable = .allocate(capacity: NodeID.limit)
         self.senderTable.initialize(from: senders.map { $0.map { Unmanaged.passUnretained($0) } }, count: NodeID.limit)
     }
@@ -505,13 +503,7 @@ public final class Engine: Sendable {
         resolveOwedRecords()
         var failure: TransactionError?
         for (node, ids) in pendingTruncation.takeAll() {
-            do {
-                try faults.check(.truncateSend, node)
-                try sendTruncate(ids, to: node)
-            } catch {
-                pendingTruncation.putBack(ids, for: node)
-                failure = failure ?? error
-            }
+            if let error = sendTruncateOrKeep(ids, to: node), failure == nil { failure = error }
         }
         if let failure { throw failure }
     }

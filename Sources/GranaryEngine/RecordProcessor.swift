@@ -103,8 +103,9 @@ final class RecordProcessor: @unchecked Sendable {
     private var locked: TransactionTable { _read { yield state.pointee.locked } _modify { yield &state.pointee.locked } }
     /// COMMIT-BACKUP records this backup keeps until TRUNCATE: their copies in ``kept``.
     private var stashed: TransactionTable { _read { yield state.pointee.stashed } _modify { yield &state.pointee.stashed } }
-    /// LOCK records of transactions this primary installed (COMMIT-PRIMARY), kept in the log with
-    /// the COMMIT-PRIMARY record until TRUNCATE: the evidence recovery reads that they committed.
+    /// Transactions without backups that this primary installed (COMMIT-PRIMARY): their LOCK and
+    /// COMMIT-PRIMARY records stay in the log until TRUNCATE, the proof recovery reads that they
+    /// committed (with backups, the backups' records are that proof). Maps to ``committedMessages``.
     private var committed: TransactionTable { _read { yield state.pointee.committed } _modify { yield &state.pointee.committed } }
 
     /// Releases a kept ring message (and its second one, if any) in the node's log.
@@ -341,15 +342,10 @@ final class RecordProcessor: @unchecked Sendable {
             }
             switch entry.operation {
             case .write, .allocate:
-                if entry.operation == .allocate {
-                    // The slab's size class reaches the table before the first object in it does:
-                    // a restart rebuilds the allocator from the table, then the headers.
-                    let persist = state.pointee.persistEveryInstall
-                    replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: slot, persist: persist) }
-                }
+                // The slab's size class reaches the table before the first object in it does.
+                if entry.operation == .allocate { replica.didAllocate(slot, persist: state.pointee.persistEveryInstall) }
                 ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
                                      count: entry.payload.count, header: entry.new)
-                if entry.operation == .allocate { replica.didAllocate(slot, persist: state.pointee.persistEveryInstall) }
             case .free:
                 // The payload is zeroed, not left as the last write made it: then a replica's
                 // bytes depend only on the newest record applied to the object, and backups, which
@@ -686,9 +682,6 @@ struct RecordPool: ~Copyable {
 
     /// Where the record kept in buffer `index` lies in the node's log.
     func reference(_ index: Int) -> RingReference { references[index] }
-
-    /// Records a second log message that goes with buffer `index`'s (a COMMIT-PRIMARY after its LOCK).
-    mutating func setSecond(_ index: Int, _ position: UInt64) { references[index].second = position }
 
     /// Gives buffer `index` back.
     mutating func release(_ index: Int) { free.append(index) }

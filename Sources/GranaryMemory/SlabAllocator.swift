@@ -186,8 +186,10 @@ public final class SlabAllocator: @unchecked Sendable {
         }
     }
 
-    /// Records that a reserved slot's allocation committed (its allocated header is installed),
-    /// entering its slab's size class in the slab table if this is the slab's first allocation.
+    /// Records that a reserved slot's allocation committed, entering its slab's size class in the
+    /// slab table if this is the slab's first allocation. Call it before installing the object:
+    /// a restart rebuilds the allocator from the table, then the headers, so the table entry must
+    /// be there before the first object of its slab is.
     ///
     /// - Parameter persist: also persist the slab table entry (`pmem_persist`, or `msync`, a disk
     ///   write where the region file is not persistent memory), as installs are persisted only
@@ -208,10 +210,8 @@ public final class SlabAllocator: @unchecked Sendable {
     ///   node from serving its mailbox for more than 10 s while other tests wrote back their
     ///   region files on the same disk.
     public static func recordSlabClass(in region: Region, layout: SlabLayout, slot: ObjectSlot, persist: Bool = false) {
-        let entry = SlabLayout.tableOffset + (slot.offset >> layout.slabShift) * 2
-        if region.base.load(fromByteOffset: entry, as: UInt16.self) == 0 {
-            region.base.storeBytes(of: UInt16(slot.lines), toByteOffset: entry, as: UInt16.self)
-            if persist { try? region.persist(offset: entry, length: 2) }
+        if recordSlabClass(at: region.base, layout: layout, slot: slot), persist {
+            try? region.persist(offset: SlabLayout.tableOffset + (slot.offset >> layout.slabShift) * 2, length: 2)
         }
     }
 
@@ -273,13 +273,7 @@ public final class SlabAllocator: @unchecked Sendable {
 
     /// Like ``slot(at:)`` for any mapping of a data region (a replica), from its slab table.
     public static func slot(in region: Region, layout: SlabLayout, at offset: Int) throws(AllocationError) -> ObjectSlot {
-        let address = GlobalAddress(region: region.id, offset: UInt32(truncatingIfNeeded: offset))
-        guard offset >= layout.firstSlabOffset, offset < layout.regionSize else {
-            throw .notAnObject(address, reason: "outside the region's slabs")
-        }
-        let slab = offset >> layout.slabShift
-        let lines = Int(region.base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
-        return try slot(layout: layout, address: address, offset: offset, slab: slab, lines: lines)
+        try slot(inRegion: region.id, at: region.base, layout: layout, offset: offset)
     }
 
     /// Counts for monitoring and tests.
