@@ -21,9 +21,10 @@ struct CrashLoadCommand: ParsableCommand {
     @Option(help: "The cluster directory (created, or reopened with restart recovery).") var directory: String
     @Option(help: "Worker threads.") var workers: Int = 3
     @Option(help: "Counters.") var counters: Int = 12
-    @Option(help: "Bytes per data region.") var regionSize: Int = 64 << 20
+    @Option(help: "Bytes per data region.") var regionSize: Int = Self.defaultRegionSize
 
     static let objectsFile = "crash-objects.txt"
+    static let defaultRegionSize = 64 << 20
 
     /// The cluster options the load and the checker both use.
     static func options(regionSize: Int) -> ClusterOptions {

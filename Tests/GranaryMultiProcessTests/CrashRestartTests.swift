@@ -1,5 +1,6 @@
 import Foundation
 import Granary
+@testable import GranaryCommand
 import GranaryMemory
 import GranaryTestSupport
 import Testing
@@ -38,11 +39,11 @@ struct CrashRestartTests {
             }
             let start = ContinuousClock.now
             let cluster = try await Cluster.local(nodes: 3, replicas: 3, directory: .init(directory),
-                                                  options: CrashLoadCommand_options())
+                                                  options: CrashLoadCommand.options(regionSize: CrashLoadCommand.defaultRegionSize))
             let elapsed = ContinuousClock.now - start
             reopenMilliseconds.append(Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000)
             recoveredTransactions += cluster.recovery?.committed ?? 0
-            let objects = try String(contentsOfFile: directory + "/crash-objects.txt", encoding: .utf8).split(separator: "\n")
+            let objects = try String(contentsOfFile: directory + "/" + CrashLoadCommand.objectsFile, encoding: .utf8).split(separator: "\n")
             let counters = objects.filter { $0.hasPrefix("counter ") }.compactMap { UInt64($0.dropFirst(8)) }.map(GlobalAddress.init(rawValue:))
             let sequences = objects.filter { $0.hasPrefix("sequence ") }.compactMap { UInt64($0.dropFirst(9)) }.map(GlobalAddress.init(rawValue:))
             // Nothing left locked: one transaction reads every object (a locked one fails it).
@@ -80,13 +81,4 @@ struct CrashRestartTests {
         print("crash-restart: 20 kills; reopen with recovery took \(reopenMilliseconds.map { String(format: "%.0f", $0) }.joined(separator: ", ")) ms; \(recoveredTransactions) transactions rolled forward in all; final sequences \(acknowledged.sorted { $0.key < $1.key })")
         #expect(acknowledged.values.reduce(0, +) > 20, "the load committed almost nothing: \(acknowledged)")
     }
-}
-
-/// The options `granary crash-load` runs its cluster with (CrashLoadCommand.options).
-func CrashLoadCommand_options() -> ClusterOptions {
-    var options = ClusterOptions()
-    options.regionSize = 64 << 20
-    options.engine.maximumAttempts = 1_000_000
-    options.logger.logLevel = .warning
-    return options
 }
