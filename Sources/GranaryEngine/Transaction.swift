@@ -328,7 +328,7 @@ public final class Transaction {
         var entry: UInt16 = 0
         do {
             try withUnsafeMutableBytes(of: &shift) { buffer in
-                try engine.transport.read(from: primary, GlobalAddress(region: address.region, offset: 20), into: buffer)
+                try engine.transport.read(from: primary, GlobalAddress(region: address.region, offset: UInt32(RegionFormat.slabShiftOffset)), into: buffer)
             }
             guard shift >= UInt32(SlabLayout.minimumSlabShift), shift <= UInt32(SlabLayout.maximumSlabShift) else { return nil }
             let table = SlabLayout.tableOffset + (Int(address.offset) >> Int(shift)) * 2

@@ -36,6 +36,8 @@ public enum RegionFormat {
     public static let defaultSize = 64 << 20
     public static let minimumSize = 1 << 20
     public static let maximumSize = 1 << 32
+    /// Where the header keeps log2 of the slab size (or ring capacity): a peer reads it one-sided.
+    public static let slabShiftOffset = 20
 
     static func checksum(_ base: UnsafeRawPointer) -> UInt64 {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
@@ -121,7 +123,7 @@ public final class Region: @unchecked Sendable {
         base.storeBytes(of: RegionFormat.version, toByteOffset: 8, as: UInt32.self)
         base.storeBytes(of: kind.rawValue, toByteOffset: 12, as: UInt32.self)
         base.storeBytes(of: id.rawValue, toByteOffset: 16, as: UInt32.self)
-        base.storeBytes(of: UInt32(region.slabShift), toByteOffset: 20, as: UInt32.self)
+        base.storeBytes(of: UInt32(region.slabShift), toByteOffset: RegionFormat.slabShiftOffset, as: UInt32.self)
         base.storeBytes(of: UInt64(mappedLength), toByteOffset: 24, as: UInt64.self)
         base.storeBytes(of: cluster.rawValue, toByteOffset: 32, as: UInt64.self)
         base.storeBytes(of: RegionFormat.checksum(base), toByteOffset: 40, as: UInt64.self)
@@ -173,7 +175,7 @@ public final class Region: @unchecked Sendable {
             throw fail(.corrupt(path: path, reason: "unknown region kind"))
         }
         let found = RegionID(rawValue: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
-        let slabShift = Int(base.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
+        let slabShift = Int(base.loadUnaligned(fromByteOffset: RegionFormat.slabShiftOffset, as: UInt32.self))
         let recordedSize = Int(base.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
         let owner = ClusterID(rawValue: base.loadUnaligned(fromByteOffset: 32, as: UInt64.self))
         if let id, found != id { throw fail(.wrongRegion(path: path, found: found, expected: id)) }
