@@ -238,6 +238,9 @@ extension Transaction {
                 fatalError("LOCK unanswered (GRANARY_CRASH_ON_UNANSWERED is set)")
             }
             abortLocked(id, engine: engine)
+            // A primary that reopened its ring towards us (it restarted, or refused bytes it
+            // could not read) never saw the LOCK: attach again for the next transaction.
+            engine.checkConnections(to: primaries, view: view)
             throw TransactionError.peerUnresponsive(NodeID(primaries.trailingZeroBitCount), waitedMilliseconds: Int(timeout / 1_000_000))
         }
         if failure != 0 {

@@ -401,8 +401,17 @@ public final class Engine: Sendable {
         // live for peers elsewhere: it spins briefly, then sleeps rather than competing for the CPU.
         // While helpers are serving the mailbox, it stays out of their way longer still.
         var backoff = Backoff(spins: 8, yields: 0, maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
+        var lastCheck = monotonicNanoseconds()
         while running.load(ordering: .acquiring) {
             let handled = pollOnce()
+            // Every 10 ms: is each channel of this node still attached to its receiver's ring? A
+            // receiver that restarted, or refused bytes it could not read, reopened it; until this
+            // node attaches again, what it sends there is lost. One load per channel (one read on verbs).
+            let now = monotonicNanoseconds()
+            if now &- lastCheck > 10_000_000 {
+                lastCheck = now
+                unmanagedView._withUnsafeGuaranteedRef { view in checkConnections(to: view.memberBits, view: view) }
+            }
             // Load before clearing: an exchange would write the flag's line on every loop.
             if helped.load(ordering: .relaxed), helped.exchange(false, ordering: .relaxed) {
                 // Coordinators are serving this mailbox: what is left, they serve next.
@@ -442,6 +451,7 @@ public final class Engine: Sendable {
     /// plain loads only, no lock and no reference counting.
     @inline(__always) var mayHaveWork: Bool {
         if processor.unsentCount.load(ordering: .relaxed) > 0 { return true }
+        if mailbox.attention != processor.seenAttention.load(ordering: .relaxed) { return true }
         for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed))
         where mailbox.mayHaveMessage(from: sender) || mailbox.mayHaveMessage(from: sender, kind: .messages) {
             return true
@@ -454,25 +464,53 @@ public final class Engine: Sendable {
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
         processor.flushReplies(view: view)
-        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed) & ~processor.brokenChannels) {
+        // A sender posted a reopening request (it restarted): poll every ring, which reopens those
+        // with a request.
+        let attention = mailbox.attention
+        let everyRing = attention != processor.seenAttention.load(ordering: .relaxed)
+        if everyRing { processor.seenAttention.store(attention, ordering: .relaxed) }
+        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed)) {
             do {
-                if mailbox.mayHaveMessage(from: sender, kind: .messages) {
+                if everyRing || mailbox.mayHaveMessage(from: sender, kind: .messages) {
                     handled += try poller.poll(from: sender, kind: .messages, limit: 64) { bytes in
                         processor.handleQueued(from: sender, bytes, view: view)
                     }
                 }
-                guard mailbox.mayHaveMessage(from: sender) else { continue }
+                guard everyRing || mailbox.mayHaveMessage(from: sender) else { continue }
                 handled += try poller.poll(from: sender, limit: 64, keeping: { bytes, position in
                     processor.handle(from: sender, bytes, position: position, view: view)
                 })
             } catch {
-                logger.error("stopped polling the channel from \(sender): \(error)")
-                processor.brokenChannels |= 1 << UInt64(sender.index)
+                // Bytes that are not a message: refused, and the ring reopened for the sender to
+                // attach again (it learns at its next look at the ring).
+                statistics.rejected()
+                logger.error("refused what the channel from \(sender) held: \(error)")
             }
         }
         // Releases while polling one ring can free space in others' (TRUNCATE of a deferred entry).
         mailbox.advanceReleased()
+        let reopened = mailbox.takeReopened()
+        if reopened != 0 { checkConnections(to: reopened, view: view) }
         return handled
+    }
+
+    /// Checks this node's channels to `nodes` (bit n: node n), attaching again those whose rings
+    /// were reopened, without waiting: a node whose ring towards us was reopened may have
+    /// restarted with a fresh mailbox; a coordinator whose LOCK went unanswered may be writing
+    /// into a ring its receiver reopened. One read per channel.
+    func checkConnections(to nodes: UInt64, view: ConfigurationView) {
+        for node in NodeMask(nodes) {
+            for channel in [view.senders[node.index], view.replySenders[node.index]] {
+                guard let channel else { continue }
+                do {
+                    if try !channel.checkConnection(wait: false) {
+                        logger.info("the \(channel.kind == .log ? "log" : "message queue") to \(node) is being reopened for this node")
+                    }
+                } catch {
+                    logger.info("could not check the channel to \(node): \(error)")
+                }
+            }
+        }
     }
 
     /// Lets coordinators on this engine help the engines of `peers` (nodes of the same process).

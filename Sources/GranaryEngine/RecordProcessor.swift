@@ -20,7 +20,6 @@ final class RecordProcessor: @unchecked Sendable {
         /// The engine's mailbox (its rings are the node's log: kept records are released there).
         var mailbox: Unmanaged<Mailbox>? = nil
         var persistEveryInstall = false
-        var brokenChannels: UInt64 = 0
         // Small to start (they grow): in flight are a few LOCK records per coordinator thread and
         // a truncation batch or two of COMMIT-BACKUP records, and a large sparse table misses the cache.
         var locked = TransactionTable(minimumCapacity: 64)
@@ -94,8 +93,9 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    /// Bit n: the ring of node n held bytes that are not records from it; it is no longer polled.
-    var brokenChannels: UInt64 { get { state.pointee.brokenChannels } set { state.pointee.brokenChannels = newValue } }
+    /// The mailbox's attention word as the poller last acted on it (``Mailbox/attention``): written
+    /// by the holder of the poll claim, read by anyone looking for work.
+    let seenAttention = Atomic<UInt64>(0)
     /// Bit n: poll the ring of node n (every node that was ever a member).
     let channelsInUse = Atomic<UInt64>(0)
     /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the

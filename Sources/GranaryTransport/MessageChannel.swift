@@ -19,7 +19,8 @@ import Musl
 /// ```
 /// p + 56             header   length (bits 0..31) | sender (bits 32..47) | magic "GM" (bits 48..63)
 /// p + 64             payload  `length` bytes (at most up to q + 48)
-/// q + 48             trailer  a non-zero word derived from the message's stream position
+/// q + 48             trailer  a non-zero word derived from the message's stream position and the
+///                             stream's epoch
 /// q + 56             the next message's header
 /// ```
 /// So a payload starts on a cache line (the copies in and out of the ring are line-aligned, and a
@@ -39,6 +40,17 @@ import Musl
 /// by advancing the channel's tail with one compare-and-swap, then writes them. The receiver takes
 /// messages in reservation order; one that is reserved but not yet written holds back those
 /// reserved after it until its trailer lands.
+///
+/// A ring carries one stream at a time, from one sender connection (a ``ChannelSender``). A
+/// sender attaches to an open ring with a compare-and-swap on its control line and starts at the
+/// position the receiver left there. A sender that finds the ring attached to another connection
+/// (the same node before it restarted) asks the receiver to reopen it; so does a receiver that
+/// finds bytes in the ring that are not a message (the bad bytes are refused). Reopening keeps the
+/// messages the receiver keeps as its log, zeroes the rest of the ring, picks a new epoch and
+/// opens the ring again at the receiver's position; the sender of the old stream learns it was
+/// detached at its next look at the control line and attaches again. So a node restarted with
+/// the same id resynchronises its channels both ways, and a corrupt message costs the messages
+/// sent after it on that ring until the sender reattaches, never the channel.
 public enum ChannelFormat {
     public static let controlBytes = 64
     public static let messageMagic: UInt64 = 0x474D
@@ -69,11 +81,34 @@ public enum ChannelFormat {
 
     @inlinable static func wrap(sender: NodeID) -> UInt64 { UInt64(sender.rawValue) << 32 | wrapMagic << 48 }
 
-    /// The trailer of the message at stream position `position`.
-    @inlinable static func trailer(position: UInt64) -> UInt64 { (position &* 0x9E37_79B9_7F4A_7C15) | 1 }
+    /// The trailer of the message at stream position `position` of a stream with epoch `epoch`:
+    /// every lap of the ring, and every stream the ring carried (each reopening picks a new epoch),
+    /// expects different trailers, so stale bytes of an earlier lap or stream never pass for a message.
+    @inlinable public static func trailer(position: UInt64, epoch: UInt64) -> UInt64 { ((position ^ epoch) &* 0x9E37_79B9_7F4A_7C15) | 1 }
+
+    // MARK: The control line of a ring
+    //
+    // ```
+    // + 0    consumed   stream bytes the receiver is done with (receiver)
+    // + 8    epoch      the current stream's epoch, mixed into every trailer (receiver)
+    // + 16   attached   the sender connection attached to the stream, 0 while the ring is open (the
+    //                   sender's compare-and-swap from 0 attaches; the receiver's reopening clears it)
+    // + 24   resume     the stream position where the next attached sender starts (receiver)
+    // + 32   request    a sender connection asking the receiver to reopen the ring, 0 if none (sender)
+    // + 40   reopening  the epoch a reopening in progress stamps the kept messages with (receiver)
+    // ```
+    // A fresh (zeroed) control line is open, epoch 0, resuming at 0.
+    public static let epochOffset = 8
+    public static let attachedOffset = 16
+    public static let resumeOffset = 24
+    public static let requestOffset = 32
+    public static let reopeningOffset = 40
+    /// The mailbox-header word that senders add 1 to after posting a reopening request, so that a
+    /// poller learns of requests with one load per round instead of one per ring.
+    public static let attentionOffset = 2048
 
     /// Offset of sender `s`'s control line inside the mailbox region.
-    @inlinable static func controlOffset(sender: NodeID, ringCapacity: Int, kind: RingKind = .log) -> Int {
+    @inlinable public static func controlOffset(sender: NodeID, ringCapacity: Int, kind: RingKind = .log) -> Int {
         RegionFormat.headerBytes + kind.ring(of: sender) * (controlBytes + ringCapacity)
     }
 
@@ -174,8 +209,10 @@ public final class Mailbox: @unchecked Sendable {
         self.region = region
         self.base = region.base
         self.ringCapacity = ringCapacity
-        pendingAdvance = .allocate(capacity: 1)
-        pendingAdvance.initialize(to: 0)
+        // Word 0: logs with released messages to advance over; word 1: senders whose rings were
+        // reopened (``takeReopened()``).
+        pendingAdvance = .allocate(capacity: 2)
+        pendingAdvance.initialize(repeating: 0, count: 2)
         cursors = .allocate(capacity: RingKind.ringsPerMailbox)
         for ring in 0..<RingKind.ringsPerMailbox {
             let control = region.base + RegionFormat.headerBytes + ring * (ChannelFormat.controlBytes + ringCapacity)
@@ -184,6 +221,7 @@ public final class Mailbox: @unchecked Sendable {
     }
 
     deinit {
+        pendingAdvance.deinitialize(count: 2)
         pendingAdvance.deallocate()
         cursors.deinitialize(count: RingKind.ringsPerMailbox)
         cursors.deallocate()
@@ -195,7 +233,8 @@ public final class Mailbox: @unchecked Sendable {
         withPoller { _ in
             Self.clear(region)
             for ring in 0..<RingKind.ringsPerMailbox { cursors[ring].store(0, ordering: .relaxed) }
-            pendingAdvance.pointee = 0
+            pendingAdvance[0] = 0
+            pendingAdvance[1] = 0
         }
     }
 
@@ -232,6 +271,22 @@ public final class Mailbox: @unchecked Sendable {
         pendingAdvance.pointee |= 1 << UInt64(sender.index)
     }
 
+    /// The senders whose rings were reopened since the last call (bit n: node n), cleared. The
+    /// caller holds the poll claim.
+    public func takeReopened() -> UInt64 {
+        let reopened = pendingAdvance[1]
+        pendingAdvance[1] = 0
+        return reopened
+    }
+
+    /// How many reopening requests senders have posted to this mailbox (each sender that asks adds
+    /// one): a poller that sees it change polls every ring, and each poll of a ring with a request
+    /// reopens it. One load of a line that changes only when a connection is re-established.
+    @inlinable @inline(__always)
+    public var attention: UInt64 {
+        (base + ChannelFormat.attentionOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed)
+    }
+
     /// Moves the consumed counter of every log with released messages at its head over them. The
     /// caller holds the poll claim (a record processor calls it after each round of polling).
     public func advanceReleased() {
@@ -259,6 +314,9 @@ public final class Mailbox: @unchecked Sendable {
         let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
         var head = control.load(as: UInt64.self)
         let end = head &+ UInt64(ringCapacity)
+        // A reopening that a crash interrupted may have restamped some kept messages only.
+        let epoch = control.load(fromByteOffset: ChannelFormat.epochOffset, as: UInt64.self)
+        let reopening = control.load(fromByteOffset: ChannelFormat.reopeningOffset, as: UInt64.self)
         while head < end {
             let position = Int(head & mask)
             let header = (ring + position + ChannelFormat.headerOffset).load(as: UInt64.self)
@@ -272,7 +330,8 @@ public final class Mailbox: @unchecked Sendable {
                   UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
                   position + ChannelFormat.stride(length) + 64 <= ringCapacity else { return }
             let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
-            guard trailer == ChannelFormat.trailer(position: head) else { return }
+            guard trailer == ChannelFormat.trailer(position: head, epoch: epoch)
+                    || trailer == ChannelFormat.trailer(position: head, epoch: reopening) else { return }
             if magic == ChannelFormat.messageMagic {
                 try body(head, UnsafeRawBufferPointer(start: ring + position + 64, count: length))
             }
@@ -354,7 +413,8 @@ public final class Mailbox: @unchecked Sendable {
         let length = Int(header & 0xFFFF_FFFF)
         if header >> 48 == ChannelFormat.messageMagic, length <= ChannelFormat.maximumMessage(ringCapacity: ringCapacity) {
             let trailer = (frame - ChannelFormat.headerOffset + ChannelFormat.trailerOffset(length)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
-            text += ", trailer 0x\(String(trailer, radix: 16)) (expected 0x\(String(ChannelFormat.trailer(position: head), radix: 16)))"
+            let epoch = (base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind) + ChannelFormat.epochOffset).load(as: UInt64.self)
+            text += ", trailer 0x\(String(trailer, radix: 16)) (expected 0x\(String(ChannelFormat.trailer(position: head, epoch: epoch), radix: 16)))"
         }
         guard let holder = claimHolderThread else { return text }
         return text + ", poll claim held by thread 0x\(String(UInt(holder), radix: 16))"
@@ -421,8 +481,9 @@ public struct MailboxPoller: ~Copyable {
         let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
         let expected = ChannelFormat.header(length: 0, sender: sender)
         let cursor = cursors + kind.ring(of: sender)
-        // Only the poller writes the cursor and the consumed counter, so its own last stores are
-        // the current values.
+        // Only the poller writes the cursor, the consumed counter and the epoch, so its own last
+        // stores are the current values.
+        let epoch = (control + ChannelFormat.epochOffset).load(as: UInt64.self)
         var head = cursor.pointee.load(ordering: .relaxed)
         var handled = 0
         while handled < limit {
@@ -442,14 +503,18 @@ public struct MailboxPoller: ~Copyable {
                     cursor.pointee.store(head, ordering: .relaxed)
                     continue
                 }
-                throw corruption(from: sender, header: header, head: head, trailer: nil)
+                let error = corruption(from: sender, header: header, head: head, trailer: nil)
+                reopen(from: sender, kind: kind)
+                throw error
             }
             let stride = ChannelFormat.stride(length)
             let trailerWord = (ring + (position &+ ChannelFormat.trailerOffset(length))).assumingMemoryBound(to: Atomic<UInt64>.self)
             let trailer = trailerWord.pointee.load(ordering: .acquiring)
             if trailer == 0 { break }  // the write has not fully landed yet
-            guard trailer == ChannelFormat.trailer(position: head) else {
-                throw corruption(from: sender, header: header, head: head, trailer: trailer)
+            guard trailer == ChannelFormat.trailer(position: head, epoch: epoch) else {
+                let error = corruption(from: sender, header: header, head: head, trailer: trailer)
+                reopen(from: sender, kind: kind)
+                throw error
             }
             handled &+= 1
             var keep = false
@@ -479,7 +544,70 @@ public struct MailboxPoller: ~Copyable {
             }
         }
         advanceIfReleased(from: sender, kind: kind)
+        if (control + ChannelFormat.requestOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) != 0 {
+            reopen(from: sender, kind: kind)
+        }
         return handled
+    }
+
+    /// Reopens `sender`'s ring of `kind` for a new stream: after a sender connection asked for it
+    /// (the sender restarted, or found its stream out of step), or after bytes that are not a
+    /// message were found (they are refused). The messages kept in the ring stay, restamped with
+    /// the new epoch (the `reopening` word tells a scan interrupted by a crash which trailers
+    /// are valid); the rest of the ring is zeroed; the next sender connection attaches at the
+    /// receiver's position, so stream positions of kept messages stay as they were. Marks the
+    /// sender in ``Mailbox/takeReopened()``: a node that reconnects may have restarted, and the
+    /// channels towards it need to be checked.
+    @usableFromInline
+    func reopen(from sender: NodeID, kind: RingKind) {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)
+        let ring = control + ChannelFormat.controlBytes
+        func word(_ offset: Int) -> UnsafeMutablePointer<Atomic<UInt64>> {
+            (control + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
+        }
+        let mask = UInt64(ringCapacity - 1)
+        let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
+        let consumed = word(0).pointee.load(ordering: .relaxed)
+        let cursor = cursors[kind.ring(of: sender)].load(ordering: .relaxed)
+        let previous = word(ChannelFormat.epochOffset).pointee.load(ordering: .relaxed)
+        var epoch = UInt64.random(in: 1...UInt64.max)
+        while epoch == previous { epoch = UInt64.random(in: 1...UInt64.max) }
+        word(ChannelFormat.reopeningOffset).pointee.store(epoch, ordering: .relaxed)
+        // Restamp what lies between the consumed counter and the cursor: kept messages, and
+        // released ones behind them (the poller validated every one of them).
+        var head = consumed
+        while head < cursor {
+            let position = Int(head & mask)
+            let header = (ring + position + ChannelFormat.headerOffset).load(as: UInt64.self)
+            if header == ChannelFormat.wrap(sender: sender) {
+                head &+= UInt64(ringCapacity - position)
+                continue
+            }
+            let length = Int(header & 0xFFFF_FFFF)
+            guard header >> 48 == ChannelFormat.messageMagic || header >> 48 == ChannelFormat.releasedMagic,
+                  length <= maximum else { break }
+            (ring + position + ChannelFormat.trailerOffset(length)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+                .store(ChannelFormat.trailer(position: head, epoch: epoch), ordering: .relaxed)
+            head &+= UInt64(ChannelFormat.stride(length))
+        }
+        // Zero the header and trailer words of the free part of the ring (the line at the cursor
+        // holds the trailer of the last message before it: only its header word goes).
+        let end = consumed &+ UInt64(ringCapacity)
+        if cursor < end {
+            (ring + Int(cursor & mask) + ChannelFormat.headerOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
+                .store(0, ordering: .relaxed)
+            var line = cursor &+ 64
+            while line < end {
+                (ring + Int(line & mask) + 48).storeBytes(of: (0, 0) as (UInt64, UInt64), as: (UInt64, UInt64).self)
+                line &+= 64
+            }
+        }
+        word(ChannelFormat.resumeOffset).pointee.store(cursor, ordering: .relaxed)
+        word(ChannelFormat.epochOffset).pointee.store(epoch, ordering: .relaxed)
+        word(ChannelFormat.requestOffset).pointee.store(0, ordering: .relaxed)
+        // Release: a sender whose compare-and-swap attaches sees all of the above.
+        word(ChannelFormat.attachedOffset).pointee.store(0, ordering: .releasing)
+        pendingAdvance[1] |= 1 << UInt64(sender.index)
     }
 
     /// At the end of a poll of `sender`'s log: moves its consumed counter over the messages
@@ -594,24 +722,38 @@ public final class ChannelSender: Sendable {
     public let maximumMessage: Int
     /// How long ``send(_:)`` waits for a receiver that does not free ring space.
     public let sendTimeoutNanoseconds: UInt64
+    /// Which of the receiver's rings this channel writes.
+    public let kind: RingKind
+    /// This connection's identity in the ring's control line: random, never 0.
+    public let connection: UInt64
     private let transport: any Transport
     private let controlAddress: GlobalAddress
     private let ringAddress: GlobalAddress
+    /// Serialises attaching (``attach(wait:)``): one thread re-establishes the stream while the
+    /// others wait in the slow path.
+    private let attachment = Mutex<Void>(())
     /// Where the transport maps the receiver's control line and ring into this process (shared
     /// memory), as bit patterns; 0 where it does not (verbs). With a mapping a message is written
     /// straight into the ring, with the same ordering as a one-sided write (trailer last).
     private let mappedControl: UInt
     @usableFromInline let mappedRing: UInt
     /// One cache line of its own, so that the senders' compare-and-swaps do not evict the fields
-    /// above: word 0 is the tail (ring bytes reserved so far), word 1 the receiver's consumed
-    /// counter as last read (never ahead of the real one: a stale value only makes a sender look
-    /// again). Bit patterns of the pointer, as `Sendable` requires.
+    /// above: word 0 is the tail (ring bytes reserved so far; ``detached`` while this connection
+    /// is not attached to the ring), word 1 the receiver's consumed counter as last read (never
+    /// ahead of the real one: a stale value only makes a sender look again), word 2 the epoch of
+    /// the stream (mixed into trailers). Bit patterns of the pointer, as `Sendable` requires.
     @usableFromInline let counters: UInt
     /// The staging buffer of the unmapped path, and the lock that serialises it.
     private let staging: Mutex<UInt>
 
-    /// Opens the channel from `transport.localNode` to `receiver`, reading the receiver's ring
-    /// geometry from its mailbox header (one read).
+    /// The tail of a connection that is not attached to the receiver's ring: far beyond any
+    /// consumed counter, so that every reservation fails and sends take the slow path, which attaches.
+    @usableFromInline static let detached: UInt64 = 1 << 62
+
+    /// Opens the channel from `transport.localNode` to `receiver`: reads the receiver's ring
+    /// geometry from its mailbox header (one read) and attaches to the ring if it is open (one
+    /// compare-and-swap, one read). A ring still attached to another connection (this node
+    /// before a restart) is asked to reopen; the first send waits for that.
     public init(transport: any Transport, to receiver: NodeID, kind: RingKind = .log, sendTimeout: Duration = .seconds(10)) throws(TransportError) {
         let mailbox = RegionID.mailbox(of: receiver)
         var geometry: (UInt32, UInt32) = (0, 0)
@@ -625,6 +767,8 @@ public final class ChannelSender: Sendable {
         self.transport = transport
         self.sender = transport.localNode
         self.receiver = receiver
+        self.kind = kind
+        self.connection = UInt64.random(in: 1...UInt64.max)
         self.ringCapacity = 1 << Int(geometry.1)
         self.maximumMessage = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
         let control = ChannelFormat.controlOffset(sender: transport.localNode, ringCapacity: ringCapacity, kind: kind)
@@ -646,6 +790,8 @@ public final class ChannelSender: Sendable {
             mappedRing = 0
             staging = Mutex(UInt(bitPattern: UnsafeMutableRawPointer.allocate(byteCount: ChannelFormat.stride(maximumMessage), alignment: 64)))
         }
+        tail.pointee.store(Self.detached, ordering: .relaxed)
+        _ = try attach(wait: false)
     }
 
     deinit {
@@ -661,10 +807,120 @@ public final class ChannelSender: Sendable {
         UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 1
     }
 
+    @inlinable var epoch: UnsafeMutablePointer<Atomic<UInt64>> {
+        UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 2
+    }
+
+    /// Whether this connection is attached to the receiver's ring as far as it knows (a receiver
+    /// that reopened the ring since is noticed at the next ``checkConnection(wait:)`` or slow send).
+    public var isAttached: Bool { tail.pointee.load(ordering: .relaxed) < Self.detached }
+
+    /// Attaches this connection to the receiver's ring: a compare-and-swap of the ring's
+    /// `attached` word from 0 (open) to ``connection``, then one read of where to start. If the
+    /// ring is attached to another connection, or to this one with a stream this side has lost
+    /// track of, posts a reopening request (and bumps the mailbox's attention word) and, with
+    /// `wait`, waits up to the send timeout for the receiver to reopen it, repeating the request
+    /// now and then (a receiver that restarted meanwhile lost it).
+    ///
+    /// - Returns: whether the connection is attached.
+    /// - Throws: ``TransportError/peerUnreachable(node:detail:)`` when the receiver does not reopen
+    ///   the ring in time, or the transport's error.
+    private func attach(wait: Bool) throws(TransportError) -> Bool {
+        try attachment.withLock { _ throws(TransportError) -> Bool in
+            if tail.pointee.load(ordering: .acquiring) < Self.detached { return true }  // attached meanwhile
+            let attached = controlAddress.advanced(by: ChannelFormat.attachedOffset)
+            var requestedAt: UInt64 = 0
+            let start = monotonicNanoseconds()
+            var backoff = Backoff(maximumSleepMicroseconds: 500)
+            while true {
+                if try transport.compareAndSwap(at: receiver, attached, expected: 0, desired: connection) == 0 {
+                    var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+                    try withUnsafeMutableBytes(of: &words) { (buffer) throws(TransportError) in
+                        try transport.read(from: receiver, controlAddress, into: buffer)
+                    }
+                    let (consumed, epoch, _, resume) = words
+                    guard resume >= consumed, resume - consumed <= UInt64(ringCapacity), resume < Self.detached else {
+                        throw .corruptChannel(sender: sender, receiver: receiver,
+                                              reason: "the receiver's \(kind) ring says to resume at \(resume) with \(consumed) bytes consumed")
+                    }
+                    try clearFreeSpace(from: resume, to: consumed &+ UInt64(ringCapacity))
+                    self.epoch.pointee.store(epoch, ordering: .relaxed)
+                    knownHead.pointee.store(consumed, ordering: .releasing)
+                    tail.pointee.store(resume, ordering: .releasing)
+                    return true
+                }
+                let now = monotonicNanoseconds()
+                if requestedAt == 0 || now - requestedAt > 50_000_000 {
+                    var request = connection
+                    try withUnsafeBytes(of: &request) { (buffer) throws(TransportError) in
+                        try transport.write(to: receiver, controlAddress.advanced(by: ChannelFormat.requestOffset), from: buffer)
+                    }
+                    _ = try transport.fetchAndAdd(at: receiver, GlobalAddress(region: controlAddress.region, offset: UInt32(ChannelFormat.attentionOffset)), 1)
+                    requestedAt = now
+                }
+                if !wait { return false }
+                if now - start > sendTimeoutNanoseconds {
+                    throw .peerUnreachable(node: receiver, detail: "its \(kind == .log ? "log" : "message queue") ring for \(sender) was not reopened for this connection within \((now - start) / 1_000_000) ms (is it polling?)")
+                }
+                backoff.pause()
+            }
+        }
+    }
+
+    /// Zeroes the ring's free space, stream positions `start` to `end`, from the header word of
+    /// the line at `start` (the word before it is the trailer of the last kept message): bytes a
+    /// connection wrote after the receiver cleared or reopened the ring, and before it learned
+    /// that it was detached, must not pass for messages of the new stream. At most two writes.
+    private func clearFreeSpace(from start: UInt64, to end: UInt64) throws(TransportError) {
+        var position = start &+ UInt64(ChannelFormat.headerOffset)
+        while position < end {
+            let offset = Int(position & UInt64(ringCapacity - 1))
+            let count = min(Int(end - position), ringCapacity - offset, 64 << 10)
+            if mappedRing != 0 {
+                memset(UnsafeMutableRawPointer(bitPattern: mappedRing)! + offset, 0, count)
+            } else {
+                let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 64)
+                defer { zeros.deallocate() }
+                zeros.initializeMemory(as: UInt8.self, repeating: 0)
+                try transport.write(to: receiver, ringAddress.advanced(by: offset), from: UnsafeRawBufferPointer(zeros))
+            }
+            position &+= UInt64(count)
+        }
+    }
+
+    /// Checks that the receiver's ring is still attached to this connection (one read); if the
+    /// receiver reopened it (it restarted, or refused bytes it could not read), attaches again,
+    /// waiting for the receiver if `wait`. Messages sent between the reopening and now are lost:
+    /// the caller learns it from what they were for (a reply that does not come).
+    ///
+    /// - Returns: whether the connection is attached.
+    @discardableResult
+    public func checkConnection(wait: Bool = true) throws(TransportError) -> Bool {
+        let reserved = tail.pointee.load(ordering: .relaxed)
+        if reserved < Self.detached {
+            if try readControl().attached == connection { return true }
+            _ = tail.pointee.compareExchange(expected: reserved, desired: Self.detached, ordering: .relaxed)
+        }
+        return try attach(wait: wait)
+    }
+
     /// The channel's send state, for diagnostics: bytes reserved, and the receiver's consumed
     /// counter as last read.
     public var sendState: String {
         "channel to \(receiver): reserved \(tail.pointee.load(ordering: .relaxed)), consumed as last read \(knownHead.pointee.load(ordering: .relaxed))"
+    }
+
+    /// The receiver's consumed counter and the connection its ring is attached to (one one-sided read).
+    private func readControl() throws(TransportError) -> (consumed: UInt64, attached: UInt64) {
+        if mappedControl != 0 {
+            let words = UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: mappedControl)!
+            return (words.pointee.load(ordering: .acquiring), (words + 2).pointee.load(ordering: .relaxed))
+        }
+        var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        try withUnsafeMutableBytes(of: &words) { (buffer) throws(TransportError) in
+            try transport.read(from: receiver, controlAddress, into: buffer)
+        }
+        return (words.0, words.2)
     }
 
     /// The receiver's consumed counter (one one-sided read).
@@ -706,7 +962,8 @@ public final class ChannelSender: Sendable {
     /// receiver): two loads of the sender's own counters, no round trip. May overstate.
     @inlinable
     public var bytesInUse: Int {
-        Int(truncatingIfNeeded: tail.pointee.load(ordering: .relaxed) &- knownHead.pointee.load(ordering: .relaxed))
+        let reserved = tail.pointee.load(ordering: .relaxed)
+        return reserved >= Self.detached ? 0 : Int(truncatingIfNeeded: reserved &- knownHead.pointee.load(ordering: .relaxed))
     }
 
     /// ``bytesInUse`` after learning the receiver's progress (one load on shared memory, one
@@ -795,7 +1052,8 @@ public final class ChannelSender: Sendable {
         // The message and the line after it, where its trailer goes.
         let frameEnd = stride &+ 64
         while true {
-            let reserved = tail.pointee.load(ordering: .relaxed)
+            // Acquire: a tail stored by ``attach(wait:)`` comes with the stream's epoch.
+            let reserved = tail.pointee.load(ordering: .acquiring)
             let position = Int(truncatingIfNeeded: reserved & (capacity &- 1))
             let wraps = position &+ frameEnd > ringCapacity
             let needed = UInt64(truncatingIfNeeded: wraps ? stride &+ ringCapacity &- position : stride)
@@ -819,13 +1077,18 @@ public final class ChannelSender: Sendable {
         while true {
             if let reservation = reserveIfRoom(length: length, limit: limit) { return reservation }
             let reserved = tail.pointee.load(ordering: .relaxed)
-            let head = try readHead()
-            knownHead.pointee.store(head, ordering: .releasing)
-            if reserved < head || reserved - head > UInt64(ringCapacity) {
-                if tail.pointee.load(ordering: .relaxed) != reserved { continue }
-                throw .corruptChannel(sender: sender, receiver: receiver,
-                                      reason: "the receiver reports \(head) bytes consumed of the \(reserved) sent (its mailbox was reset, or the counter is not this channel's)")
+            if reserved >= Self.detached {
+                if try !attach(wait: wait) { return nil }
+                continue
             }
+            let (head, attached) = try readControl()
+            if attached != connection || reserved < head || reserved - head > UInt64(ringCapacity) {
+                // The receiver reopened the ring (it restarted, or refused what it read), or its
+                // counter is out of step with this stream: attach again.
+                _ = tail.pointee.compareExchange(expected: reserved, desired: Self.detached, ordering: .relaxed)
+                continue
+            }
+            knownHead.pointee.store(head, ordering: .releasing)
             if let reservation = reserveIfRoom(length: length, limit: limit) { return reservation }
             if !wait { return nil }
             let now = monotonicNanoseconds()
@@ -852,7 +1115,7 @@ public final class ChannelSender: Sendable {
             .store(ChannelFormat.header(length: count, sender: sender), ordering: .relaxed)
         if let source = message.baseAddress { (ring + (offset &+ 64)).copyMemory(from: source, byteCount: count) }
         (ring + (offset &+ ChannelFormat.trailerOffset(count))).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
-            .store(ChannelFormat.trailer(position: reservation.start), ordering: .releasing)
+            .store(ChannelFormat.trailer(position: reservation.start, epoch: epoch.pointee.load(ordering: .relaxed)), ordering: .releasing)
     }
 
     /// The unmapped path (the caller holds the staging lock): the message is built in the staging
@@ -881,7 +1144,7 @@ public final class ChannelSender: Sendable {
         frame.storeBytes(of: ChannelFormat.header(length: count, sender: sender), as: UInt64.self)
         if let source = message.baseAddress { (frame + 8).copyMemory(from: source, byteCount: count) }
         memset(frame + 8 + count, 0, total - 16 - count)
-        (frame + total - 8).storeBytes(of: ChannelFormat.trailer(position: reservation.start), as: UInt64.self)
+        (frame + total - 8).storeBytes(of: ChannelFormat.trailer(position: reservation.start, epoch: epoch.pointee.load(ordering: .relaxed)), as: UInt64.self)
         let position = Int(reservation.start & UInt64(ringCapacity - 1)) + ChannelFormat.headerOffset
         do {
             try transport.write(to: receiver, ringAddress.advanced(by: position), from: UnsafeRawBufferPointer(start: frame, count: total))

@@ -255,6 +255,47 @@ struct ExactOutcomeTests {
         }
     }
 
+    /// A node's log ring from a coordinator gets bytes that are not a record (a foreign write).
+    /// The receiver refuses them once and reopens the ring; the coordinator's poller notices
+    /// within 10 ms and attaches again; transactions through that channel commit as before.
+    /// (Before channel epochs, the ring was dropped for ever: every later LOCK to that node
+    /// went unanswered.)
+    @Test("bytes that are not a record in a node's log are refused once, and the channel carries on")
+    func corruptRecordIsRefusedOnce() async throws {
+        let cluster = try await testCluster { $0.engine.replyTimeout = .seconds(2) }
+        // An object whose primary is n1, written by coordinators on n0.
+        let counter = try await cluster.nodes[1].transaction { try $0.allocate(Int64(0)) }
+        for _ in 0..<20 { try await cluster.nodes[0].transaction { tx in try tx.write(counter, try tx.read(counter, as: Int64.self) + 1) } }
+        try await cluster.quiesce()
+        let rejectedBefore = cluster.nodes[1].engine.statistics.snapshot.rejectedRecords
+        // At n1's cursor in n0's log ring (quiescent: everything consumed), a header from node 9.
+        let region = cluster.nodes[1].engine.mailboxRegion
+        let control = region.base + ChannelFormat.controlOffset(sender: NodeID(0), ringCapacity: 64 << 10)
+        let consumed = control.load(as: UInt64.self)
+        let ring = control + ChannelFormat.controlBytes
+        (ring + Int(consumed & UInt64((64 << 10) - 1)) + 56).storeBytes(of: UInt64(8) | 9 << 32 | 0x474D << 48, as: UInt64.self)
+        // n1's poller refuses it; n0's poller sees the ring reopened and attaches again.
+        var waited = 0
+        while cluster.nodes[1].engine.statistics.snapshot.rejectedRecords == rejectedBefore, waited < 2_000 {
+            try await Task.sleep(for: .milliseconds(5))
+            waited += 5
+        }
+        #expect(cluster.nodes[1].engine.statistics.snapshot.rejectedRecords > rejectedBefore, "n1 never looked at the foreign bytes")
+        try await Task.sleep(for: .milliseconds(50))
+        var failures: [String] = []
+        for _ in 0..<200 {
+            do {
+                try await cluster.nodes[0].transaction { tx in try tx.write(counter, try tx.read(counter, as: Int64.self) + 1) }
+            } catch {
+                failures.append("\(error)")
+            }
+        }
+        #expect(failures.isEmpty, "transactions through the channel after the refused bytes: \(failures.prefix(3))")
+        let value = try await cluster.nodes[2].transaction { try $0.read(counter, as: Int64.self) }
+        #expect(value == Int64(220 - failures.count), "counter \(value) after \(220 - failures.count) acknowledged increments")
+        try await cluster.shutdown()
+    }
+
     /// Objects among `addresses` whose header has the lock bit on some replica.
     func lockedObjects(_ cluster: Cluster, _ addresses: [GlobalAddress]) -> [String] {
         var found: [String] = []
