@@ -469,16 +469,24 @@ public final class Engine: Sendable {
         let attention = mailbox.attention
         let everyRing = attention != processor.seenAttention.load(ordering: .relaxed)
         if everyRing { processor.seenAttention.store(attention, ordering: .relaxed) }
-        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed)) {
+        // The handlers capture unretained references: a retain and release per poll of a ring
+        // would bounce the processor's and the view's reference counts between the helping cores.
+        let processor = Unmanaged.passUnretained(self.processor)
+        let unmanagedView = Unmanaged.passUnretained(view)
+        for sender in NodeMask(self.processor.channelsInUse.load(ordering: .relaxed)) {
             do {
                 if everyRing || mailbox.mayHaveMessage(from: sender, kind: .messages) {
                     handled += try poller.poll(from: sender, kind: .messages, limit: 64) { bytes in
-                        processor.handleQueued(from: sender, bytes, view: view)
+                        processor._withUnsafeGuaranteedRef { processor in
+                            unmanagedView._withUnsafeGuaranteedRef { processor.handleQueued(from: sender, bytes, view: $0) }
+                        }
                     }
                 }
                 guard everyRing || mailbox.mayHaveMessage(from: sender) else { continue }
                 handled += try poller.poll(from: sender, limit: 64, keeping: { bytes, position in
-                    processor.handle(from: sender, bytes, position: position, view: view)
+                    processor._withUnsafeGuaranteedRef { processor in
+                        unmanagedView._withUnsafeGuaranteedRef { processor.handle(from: sender, bytes, position: position, view: $0) }
+                    }
                 })
             } catch {
                 // Bytes that are not a message: refused, and the ring reopened for the sender to

@@ -537,7 +537,7 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// Calls `body` with each entry of kept COMMIT-BACKUP record `index`.
-    private func forEachKeptEntry(_ index: Int, _ body: (BackupEntry) -> Void) {
+    @inline(__always) private func forEachKeptEntry(_ index: Int, _ body: (BackupEntry) -> Void) {
         guard let record = try? RecordView(kept.bytes(index)) else { return }
         try? record.forEachEntry { entry in
             body(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines, operation: entry.operation,

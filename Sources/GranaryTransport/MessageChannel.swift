@@ -487,6 +487,9 @@ public struct MailboxPoller: ~Copyable {
         var head = cursor.pointee.load(ordering: .relaxed)
         var handled = 0
         while handled < limit {
+            // A whole ring ahead of the consumed counter (kept messages fill the ring): the words
+            // at the cursor are the oldest kept message's, not a new one.
+            if head &- consumed.pointee.load(ordering: .relaxed) >= UInt64(truncatingIfNeeded: ringCapacity) { break }
             let position = Int(truncatingIfNeeded: head & mask)
             let frame = ring + (position &+ ChannelFormat.headerOffset)
             let header = frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)

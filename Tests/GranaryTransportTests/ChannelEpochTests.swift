@@ -156,3 +156,38 @@ struct ChannelEpochTests {
         #expect(link.kept().isEmpty, "a scan must stop at a trailer of neither epoch")
     }
 }
+
+@Suite("Message channels: a log ring full of kept messages")
+struct FullLogRingTests {
+    /// A receiver that keeps every message lets the sender fill the ring to the last byte (the
+    /// reserve is for messages that free log space). The cursor then stands a whole ring ahead of
+    /// the consumed counter, on the oldest kept message's header: that is not a new message. (It
+    /// was read as one, with a "foreign trailer", and the channel was dropped.)
+    @Test("a ring filled to the last byte with kept messages is not read past its end")
+    func fullRingOfKeptMessages() throws {
+        let link = try Link()
+        defer { link.remove() }
+        let sender = try link.connect()
+        // Four messages consumed at once: the kept ones then start at stream position 256; 59 of
+        // them (64 bytes each) reach the ring's last line, where the 60th does not fit with its
+        // trailer line and wraps; 4 more end exactly one ring later, on the first one's line.
+        for value: UInt8 in 1...4 { try send(value, on: sender) }
+        #expect(link.poll().messages == [1, 2, 3, 4])
+        let message = [UInt8](repeating: 0, count: 40)
+        for value in 0..<63 {
+            var bytes = message
+            bytes[0] = UInt8(10 + value)
+            try bytes.withUnsafeBytes { try sender.send($0, usingReserve: true) }
+        }
+        let all = Set((0..<63).map { UInt8(10 + $0) })
+        let first = link.poll(keeping: all)
+        #expect(first.messages == (0..<63).map { UInt8(10 + $0) }, "\(first.messages)")
+        #expect(first.error == nil, "a full ring was read past its end: \(String(describing: first.error))")
+        let again = link.poll(keeping: all)
+        #expect(again.messages.isEmpty && again.error == nil, "\(again)")
+        #expect(link.kept().count == 63)
+        // The ring is full: a send that needs no waiting finds no room, and nothing is overwritten.
+        #expect(try !message.withUnsafeBytes { try sender.trySend($0, usingReserve: true) })
+        #expect(link.kept().count == 63)
+    }
+}
