@@ -361,11 +361,12 @@ struct Inference {
             }
             broken = true
             let (reader, other) = (ref.txn, longestRef.txn)
-            let divergence = zip(read, longest).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(read.count, longest.count)
             collector.add(.incompatibleOrder) {
-                Anomaly(kind: .incompatibleOrder, key: key,
-                        explanation: "key \(key): \(name(reader)) read \(renderList(read)) and \(name(other)) read \(renderList(longest)); neither is a prefix of the other (they differ at position \(divergence + 1))",
-                        transactions: [summary(reader), summary(other)])
+                let divergence = zip(read, longest).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(read.count, longest.count)
+                func at(_ list: [Int]) -> String { divergence < list.count ? "\(list[divergence])" : "nothing" }
+                return Anomaly(kind: .incompatibleOrder, key: key,
+                               explanation: "key \(key): \(name(reader)) read \(renderList(read)) and \(name(other)) read \(renderList(longest)); neither is a prefix of the other: at position \(divergence + 1), \(name(reader)) has \(at(read)) and \(name(other)) \(at(longest))",
+                               transactions: [summary(reader), summary(other)])
             }
             checkElements(of: read, key: key, data: data, appends: &appends) { _ in ref }
         }

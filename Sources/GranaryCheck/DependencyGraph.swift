@@ -192,6 +192,21 @@ struct CycleSpec {
         CycleSpec(kind: .g2ItemRealtime, allowed: EdgeKind.all, seed: EdgeKind.rw, minRW: 2, minRT: 1),
     ]
 
+    /// The class of a cycle by its edges' relations.
+    static func classify(_ cycle: [CycleEdge]) -> AnomalyKind {
+        let rw = cycle.filter { $0.kind == EdgeKind.rw }.count
+        let wr = cycle.contains { $0.kind == EdgeKind.wr }
+        let realtime = cycle.contains { $0.kind == EdgeKind.rt }
+        switch (rw, realtime) {
+        case (0, false): return wr ? .g1c : .g0
+        case (0, true): return wr ? .g1cRealtime : .g0Realtime
+        case (1, false): return .gSingle
+        case (1, true): return .gSingleRealtime
+        case (_, false): return .g2Item
+        case (_, true): return .g2ItemRealtime
+        }
+    }
+
     /// Whether an edge (mask already cut to `allowed`) can be the seed.
     func isSeed(_ mask: UInt8) -> Bool {
         seed == EdgeKind.rt ? mask & base == 0 && mask & EdgeKind.rt != 0 : mask & seed != 0
@@ -281,6 +296,46 @@ extension LocalGraph {
         return best
     }
 
+    /// Some cycle through local node 0 of this strongly connected component (breadth first, so
+    /// a shortest one through it), each edge taken as its strongest relation (ww, then wr, rw,
+    /// realtime).
+    /// - Complexity: O(V + E).
+    func anyCycle() -> [CycleEdge]? {
+        guard count >= 2 else { return nil }
+        var parentEdge = [Int32](repeating: -1, count: count)
+        var parentNode = [Int32](repeating: -1, count: count)
+        var queue: [Int32] = [0]
+        var head = 0
+        parentNode[0] = 0
+        func strongest(_ mask: UInt8) -> UInt8 {
+            [EdgeKind.ww, EdgeKind.wr, EdgeKind.rw, EdgeKind.rt].first { mask & $0 != 0 } ?? EdgeKind.rt
+        }
+        while head < queue.count {
+            let x = Int(queue[head])
+            head += 1
+            for edge in Int(offsets[x])..<Int(offsets[x + 1]) {
+                let y = Int(targets[edge])
+                if y == 0 {
+                    var path = [CycleEdge(from: nodes[x], to: nodes[0], kind: strongest(masks[edge]), edge: edgeIDs[edge])]
+                    var node = x
+                    while node != 0 {
+                        let via = Int(parentEdge[node])
+                        let previous = Int(parentNode[node])
+                        path.append(CycleEdge(from: nodes[previous], to: nodes[node], kind: strongest(masks[via]), edge: edgeIDs[via]))
+                        node = previous
+                    }
+                    return path.reversed()
+                }
+                if parentNode[y] < 0 {
+                    parentNode[y] = Int32(x)
+                    parentEdge[y] = Int32(edge)
+                    queue.append(Int32(y))
+                }
+            }
+        }
+        return nil
+    }
+
     private func kinds(of mask: UInt8, base: UInt8) -> [UInt8] {
         let values = mask & base
         if values == 0 { return mask & EdgeKind.rt != 0 ? [EdgeKind.rt] : [] }
@@ -359,14 +414,16 @@ extension Inference {
         let (ids, componentCount) = whole.components(mask: EdgeKind.all)
         let strong = LocalGraph.groups(ids, count: componentCount).map { $0.map { whole.nodes[Int($0)] } }
         guard !strong.isEmpty else { return }
+        var explained = [Bool](repeating: false, count: strong.count)
         for spec in CycleSpec.all {
             var budget = options.searchBudget
-            for component in strong {
+            for (number, component) in strong.enumerated() {
                 let restricted = graph.subgraph(component, allowed: spec.allowed, scratch: &scratch)
                 let (subIDs, subCount) = restricted.components(mask: spec.allowed)
                 for group in LocalGraph.groups(subIDs, count: subCount) {
                     let local = graph.subgraph(group.map { restricted.nodes[Int($0)] }, allowed: spec.allowed, scratch: &scratch)
                     if let cycle = local.findCycle(spec, maxSeeds: options.maxSeeds, budget: &budget) {
+                        explained[number] = true
                         collector.add(spec.kind) { cycleAnomaly(spec.kind, cycle, graph: graph) }
                     }
                     if budget <= 0 { break }
@@ -374,6 +431,14 @@ extension Inference {
                 if budget <= 0 { break }
             }
             if budget <= 0 { incompleteSearches.append(spec.kind) }
+        }
+        // A component is a cycle, so the history is invalid even where the searches above gave
+        // up (budget, seeds): report one cycle of it, found by a plain search, under its class.
+        for (number, component) in strong.enumerated() where !explained[number] {
+            let local = graph.subgraph(component, allowed: EdgeKind.all, scratch: &scratch)
+            guard let cycle = local.anyCycle() else { continue }
+            let kind = CycleSpec.classify(cycle)
+            collector.add(kind) { cycleAnomaly(kind, cycle, graph: graph) }
         }
     }
 

@@ -9,37 +9,25 @@ extension History {
     /// - Throws: ``HistoryError`` with the 1-based line number and the problem: bad JSON (with the
     ///   column), a missing or mistyped field, an unknown `type`, a malformed micro-op, a
     ///   completion without an invoke, a second invoke while one is pending. Never traps.
-    /// - Complexity: O(size of the data); one pass, about 2-4 s per GB in a release build.
+    /// - Complexity: O(size of the data); large data is parsed in as many pieces, split at line
+    ///   ends, as there are processors (about 2.5 s per 550 MB on 2 cores, release build).
     public static func parse(_ data: Data, file: String? = nil) throws(HistoryError) -> History {
+        let chunks: [HistoryCoding.Chunk] = data.withUnsafeBytes { raw in
+            HistoryCoding.parseChunks(raw.bindMemory(to: UInt8.self))
+        }
         var operations: [HistoryOperation] = []
         var lines: [Int] = []
-        var failure: HistoryError?
-        data.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
-            let bytes = raw.bindMemory(to: UInt8.self)
-            var lineStart = 0
-            var lineNumber = 0
-            while lineStart < bytes.count {
-                lineNumber += 1
-                var lineEnd = lineStart
-                if let base = bytes.baseAddress,
-                   let newline = memchr(base + lineStart, 0x0A, bytes.count - lineStart) {
-                    lineEnd = base.distance(to: newline.assumingMemoryBound(to: UInt8.self))
-                } else {
-                    lineEnd = bytes.count
-                }
-                let line = UnsafeBufferPointer(rebasing: bytes[lineStart..<lineEnd])
-                lineStart = lineEnd + 1
-                if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
-                do throws(HistoryError) {
-                    operations.append(try HistoryCoding.parseLine(line))
-                    lines.append(lineNumber)
-                } catch {
-                    failure = HistoryError(file: file, line: lineNumber, message: error.message)
-                    return
-                }
+        operations.reserveCapacity(chunks.reduce(0) { $0 + $1.operations.count })
+        lines.reserveCapacity(operations.capacity)
+        var linesBefore = 0
+        for chunk in chunks {
+            if let failure = chunk.failure {
+                throw HistoryError(file: file, line: linesBefore + failure.line, message: failure.message)
             }
+            operations.append(contentsOf: chunk.operations)
+            lines.append(contentsOf: chunk.lines.lazy.map { $0 + linesBefore })
+            linesBefore += chunk.lineCount
         }
-        if let failure { throw failure }
         return try History(operations: operations, lines: lines, file: file)
     }
 
@@ -69,6 +57,70 @@ extension History {
 
 /// Reading and writing one history line.
 enum HistoryCoding {
+    /// The operations of a run of whole lines, with their line numbers counted from the run's
+    /// start (1-based), or the first malformed line's number and problem.
+    struct Chunk {
+        var operations: [HistoryOperation] = []
+        var lines: [Int] = []
+        var lineCount = 0
+        var failure: (line: Int, message: String)?
+    }
+
+    /// The text as pieces of whole lines (one per processor when it is large), parsed in parallel.
+    static func parseChunks(_ bytes: UnsafeBufferPointer<UInt8>) -> [Chunk] {
+        let pieces = bytes.count < 4 << 20 ? 1 : min(ProcessInfo.processInfo.activeProcessorCount, 16)
+        var bounds = [0]
+        for piece in 1..<max(pieces, 1) {
+            var cut = max(bounds[bounds.count - 1], bytes.count * piece / pieces)
+            while cut < bytes.count, bytes[cut] != 0x0A { cut += 1 }
+            bounds.append(min(cut + 1, bytes.count))
+        }
+        bounds.append(bytes.count)
+        if pieces <= 1 {
+            return [parseLines(UnsafeBufferPointer(rebasing: bytes[0..<bytes.count]))]
+        }
+        // Each piece writes only its own slot.
+        let results = UnsafeMutableBufferPointer<Chunk>.allocate(capacity: pieces)
+        results.initialize(repeating: Chunk())
+        defer { results.deinitialize(); results.deallocate() }
+        let shared = SharedPieces(bytes: bytes, bounds: bounds, results: results)
+        DispatchQueue.concurrentPerform(iterations: pieces) { piece in
+            shared.results[piece] = parseLines(UnsafeBufferPointer(rebasing: shared.bytes[shared.bounds[piece]..<shared.bounds[piece + 1]]))
+        }
+        return Array(results)
+    }
+
+    /// What the parallel pieces share: the text (read only) and a result slot per piece.
+    private struct SharedPieces: @unchecked Sendable {
+        let bytes: UnsafeBufferPointer<UInt8>
+        let bounds: [Int]
+        let results: UnsafeMutableBufferPointer<Chunk>
+    }
+
+    /// Parses whole lines; blank ones are skipped (but counted).
+    static func parseLines(_ bytes: UnsafeBufferPointer<UInt8>) -> Chunk {
+        var chunk = Chunk()
+        var lineStart = 0
+        while lineStart < bytes.count {
+            chunk.lineCount += 1
+            var lineEnd = bytes.count
+            if let base = bytes.baseAddress, let newline = memchr(base + lineStart, 0x0A, bytes.count - lineStart) {
+                lineEnd = base.distance(to: newline.assumingMemoryBound(to: UInt8.self))
+            }
+            let line = UnsafeBufferPointer(rebasing: bytes[lineStart..<lineEnd])
+            lineStart = lineEnd + 1
+            if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+            do throws(HistoryError) {
+                chunk.operations.append(try parseLine(line))
+                chunk.lines.append(chunk.lineCount)
+            } catch {
+                chunk.failure = (chunk.lineCount, error.message)
+                return chunk
+            }
+        }
+        return chunk
+    }
+
     static func parseLine(_ line: UnsafeBufferPointer<UInt8>) throws(HistoryError) -> HistoryOperation {
         var scanner = JSONScanner(line)
         let document: RawJSON

@@ -165,6 +165,8 @@ struct AnomalyTests {
         #expect(report.kinds == [.incompatibleOrder])
         #expect(report.involved(.incompatibleOrder) == [t3, t4])
         #expect(report.anomalies[.incompatibleOrder]?.first?.key == 1)
+        #expect(report.anomalies[.incompatibleOrder]?.first?.explanation
+                == "key 1: T6 read [2, 1] and T4 read [1, 2]; neither is a prefix of the other: at position 1, T6 has 2 and T4 1")
     }
 
     @Test("garbage-read: a read of an element nobody appended")
@@ -246,6 +248,21 @@ struct AnomalyTests {
         #expect((object["anomalyCounts"] as? [String: Int])?["G-single-realtime"] == 1)
         let decoded = try JSONDecoder().decode(CheckReport.self, from: Data(report.json().utf8))
         #expect(decoded.anomalies == report.anomalies)
+    }
+
+    @Test("a cycle search out of budget says so, and a plain search still reports the cycle")
+    func searchBudget() throws {
+        var h = HistoryBuilder()
+        h.invoke(1, [append(1, 1), append(2, 2)])
+        h.invoke(2, [read(1, []), read(2, [2])])
+        h.ok(1)
+        h.ok(2)
+        h.txn(3, [read(1, [1]), read(2, [2])])
+        let report = check(history: try h.history(), options: CheckOptions(searchBudget: 1))
+        #expect(report.incompleteSearches.contains(.gSingle))
+        #expect(report.kinds == [.gSingle])
+        #expect(!report.isValid)
+        #expect(report.description.contains("note: the cycle search ran out of budget for"))
     }
 
     @Test("examples are bounded, counts are not")

@@ -62,6 +62,27 @@ struct HistoryFormatTests {
         }
     }
 
+    @Test("a large file is parsed in pieces; an error deep inside still names its line")
+    func largeFileLineNumbers() throws {
+        var text = ""
+        for process in 0..<60_000 {
+            text += "{\"index\": \(2 * process), \"process\": \(process), \"type\": \"invoke\", \"f\": \"txn\", \"value\": [[\"append\", 1, \(process)]], \"time\": \(2 * process)}\n"
+            if process % 1000 == 0 { text += "\n" }
+        }
+        let history = try History.parse(Data(text.utf8))
+        #expect(history.operations.count == 60_000)
+        #expect(history.transactions.count == 60_000)
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        lines[50_001] = "{oops"
+        do {
+            _ = try History.parse(Data(lines.joined(separator: "\n").utf8))
+            Issue.record("parsed a malformed history")
+        } catch {
+            #expect(error.line == 50_002)
+            #expect(error.message.contains("bad JSON at column 2"))
+        }
+    }
+
     @Test("an unreadable file is an error naming the file")
     func unreadable() {
         #expect(throws: HistoryError.self) { try History.load(path: "/nonexistent/history.jsonl") }
