@@ -136,16 +136,20 @@ public struct NemesisSummary: Sendable, Hashable, Codable {
 public struct CheckReport: Sendable, Codable, CustomStringConvertible {
     /// Whether no anomaly of any class was found.
     public let isValid: Bool
+    /// Committed transactions.
     public let okCount: Int
+    /// Transactions certainly not committed.
     public let failCount: Int
     /// Transactions with an unknown outcome (including those never completed).
     public let infoCount: Int
     /// Info transactions counted as committed because a write of theirs was read.
     public let observedInfoCount: Int
+    /// Nemesis (fault) events, and each of them.
     public let nemesisCount: Int
     public let nemesisEvents: [NemesisSummary]
     /// The time of the history's first operation (nemesis times are shown relative to it).
     public let startTime: Int
+    /// Keys seen with list-append micro-ops, and with rw-register ones.
     public let listAppendKeyCount: Int
     public let registerKeyCount: Int
     /// How many anomalies of each class were found (cycle classes: one per strongly connected

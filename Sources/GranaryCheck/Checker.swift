@@ -11,6 +11,7 @@ public struct CheckOptions: Sendable {
     /// Seed edges tried per strongly connected component and cycle class.
     public var maxSeeds: Int
 
+    /// Options with the given bounds; the defaults suit histories of 100,000 transactions.
     public init(maxExamples: Int = 5, searchBudget: Int = 50_000_000, maxSeeds: Int = 64) {
         self.maxExamples = maxExamples
         self.searchBudget = searchBudget

@@ -76,10 +76,13 @@ public enum OperationValue: Sendable, Hashable {
 public struct HistoryOperation: Sendable, Hashable {
     /// The operation's position in the history (unique; increasing in the order recorded).
     public var index: Int
+    /// A client process's id, or the nemesis.
     public var process: HistoryProcess
+    /// `invoke`, or the completion's outcome.
     public var type: OperationType
     /// `"txn"` for transactions; the fault's name for the nemesis (`"crash"`, `"restart"`, ...).
     public var f: String
+    /// The micro-ops (a client's), or any JSON (the nemesis's; null for a completion without a value).
     public var value: OperationValue
     /// Monotonic nanoseconds.
     public var time: Int
@@ -131,7 +134,9 @@ public enum TransactionStatus: String, Sendable, Hashable, Codable {
 public struct Transaction: Sendable, Hashable {
     /// Position in ``History/transactions``.
     public var id: Int
+    /// The client process that ran it.
     public var process: Int
+    /// Its invoke (the transaction is named after the invoke's index).
     public var invoke: HistoryOperation
     /// `nil` when the history ended before the transaction completed (counted as `info`).
     public var completion: HistoryOperation?

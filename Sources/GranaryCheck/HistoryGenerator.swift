@@ -9,17 +9,23 @@
 public struct HistoryGenerator: Sendable {
     /// What to generate.
     public struct Configuration: Sendable {
+        /// Transactions generated (invoked and completed).
         public var transactions: Int
+        /// Concurrent client processes (each with at most one transaction in flight).
         public var processes: Int
+        /// List-append keys, chosen uniformly.
         public var keys: Int
         /// Micro-ops per transaction: 1 to this.
         public var maxOpsPerTransaction: Int
         /// The chance that a micro-op is a read (else an append).
         public var readFraction: Double
+        /// The chance that a transaction fails (takes no effect).
         public var failFraction: Double
+        /// The chance that a transaction ends `info` (takes effect or not, at random).
         public var infoFraction: Double
         /// Nemesis events sprinkled through the history (they change nothing).
         public var nemesisEvents: Int
+        /// The seed of the generator's random numbers: the same configuration gives the same history.
         public var seed: UInt64
 
         public init(transactions: Int = 1_000, processes: Int = 10, keys: Int = 100, maxOpsPerTransaction: Int = 4,
@@ -39,6 +45,7 @@ public struct HistoryGenerator: Sendable {
 
     public var configuration: Configuration
 
+    /// A generator of histories as `configuration` says.
     public init(_ configuration: Configuration) {
         self.configuration = configuration
     }

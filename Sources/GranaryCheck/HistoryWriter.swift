@@ -63,7 +63,7 @@ public final class HistoryWriter: Sendable {
 
     /// Records the completion of `process`'s pending invoke: `ok` with the micro-ops as executed
     /// (reads carrying what they read), `fail`, or `info` (outcome unknown); `ops` `nil` repeats
-    /// the invoke's.
+    /// the invoke's. `type` must not be `invoke` (a precondition: a runner's bug traps).
     @discardableResult
     public func complete(process: Int, type: OperationType, ops: [MicroOp]?, f: String = "txn") -> HistoryOperation {
         precondition(type != .invoke, "complete(process:type:ops:) records ok, fail or info")
