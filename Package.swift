@@ -13,6 +13,7 @@
 //   membership      GranaryMembership the configuration manager: election, leases, reconfiguration
 //   library         Granary           the public umbrella module: Cluster, Node, Transaction
 //   workloads       GranaryWorkloads  benchmark workloads and the harness behind `granary bench`
+//   checking        GranaryCheck      histories (JSON Lines) and the strict-serializability checker behind `granary check`
 //   command         granary           the `granary` tool
 import PackageDescription
 
@@ -20,6 +21,7 @@ let package = Package(
     name: "Granary",
     products: [
         .library(name: "Granary", targets: ["Granary"]),
+        .library(name: "GranaryCheck", targets: ["GranaryCheck"]),
         .executable(name: "granary", targets: ["GranaryCommand"]),
         .executable(name: "granary-verbs-latency", targets: ["GranaryVerbsLatency"]),
         .executable(name: "example-bank", targets: ["ExampleBank"]),
@@ -144,12 +146,18 @@ let package = Package(
             ]
         ),
 
+        // MARK: History checker (Elle-like; Foundation only)
+        .target(
+            name: "GranaryCheck"
+        ),
+
         // MARK: Command
         .executableTarget(
             name: "GranaryCommand",
             dependencies: [
                 "Granary",
                 "GranaryWorkloads",
+                "GranaryCheck",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -187,6 +195,10 @@ let package = Package(
         .testTarget(
             name: "GranaryVerbsTests",
             dependencies: ["GranaryVerbs", "GranaryTestSupport"]
+        ),
+        .testTarget(
+            name: "GranaryCheckTests",
+            dependencies: ["GranaryCheck"]
         ),
         // Tests that start `granary` node processes (Scripts/test stage `multiprocess`).
         .testTarget(

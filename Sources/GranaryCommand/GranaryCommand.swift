@@ -11,7 +11,7 @@ struct GranaryCommand: AsyncParsableCommand {
             use FaRM's optimistic commit protocol.
             """,
         version: GranaryVersion.string,
-        subcommands: [VersionCommand.self, NodeCommand.self, BenchCommand.self, ClusterCommand.self, CrashLoadCommand.self]
+        subcommands: [VersionCommand.self, NodeCommand.self, BenchCommand.self, ClusterCommand.self, CrashLoadCommand.self, CheckCommand.self]
     )
 }
 
