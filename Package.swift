@@ -142,6 +142,7 @@ let package = Package(
             name: "GranaryWorkloads",
             dependencies: [
                 "Granary",
+                "GranaryCheck",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
@@ -189,7 +190,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GranaryEngineTests",
-            dependencies: ["Granary", "GranaryWorkloads", "GranaryTestSupport", .product(name: "MetricsTestKit", package: "swift-metrics")]
+            dependencies: ["Granary", "GranaryWorkloads", "GranaryCheck", "GranaryTestSupport", .product(name: "MetricsTestKit", package: "swift-metrics")]
         ),
         // The transport conformance suite over verbs (skipped, with the reason, without an RDMA device).
         .testTarget(

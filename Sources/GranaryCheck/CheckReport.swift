@@ -66,7 +66,7 @@ public struct TransactionSummary: Sendable, Hashable, Codable, CustomStringConve
     /// The micro-ops (the completion's for ok), long lists shortened.
     public let ops: String
 
-    init(_ transaction: Transaction) {
+    init(_ transaction: HistoryTransaction) {
         name = transaction.name
         index = transaction.invoke.index
         completionIndex = transaction.completion?.index

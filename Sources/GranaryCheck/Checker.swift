@@ -102,7 +102,7 @@ struct RawEdge {
 
 struct Inference {
     let history: History
-    let transactions: [Transaction]
+    let transactions: [HistoryTransaction]
     let options: CheckOptions
     let collector: AnomalyCollector
     /// Whether a transaction is a node of the dependency graph (ok, or info with an observed write).
@@ -267,7 +267,7 @@ struct Inference {
 
     // MARK: Internal consistency
 
-    mutating func checkInternalList(_ transaction: Transaction, position: Int, key: Int, read: [Int]) {
+    mutating func checkInternalList(_ transaction: HistoryTransaction, position: Int, key: Int, read: [Int]) {
         var lastRead: [Int]? = nil
         var appended: [Int] = []
         for op in transaction.ops[..<position] where op.key == key {
@@ -299,7 +299,7 @@ struct Inference {
         }
     }
 
-    mutating func checkInternalRegister(_ transaction: Transaction, position: Int, key: Int, read: Int?) {
+    mutating func checkInternalRegister(_ transaction: HistoryTransaction, position: Int, key: Int, read: Int?) {
         var known: Int?? = .none
         var source = ""
         for op in transaction.ops[..<position] where op.key == key {
@@ -321,7 +321,7 @@ struct Inference {
         }
     }
 
-    func noteOverwrite(_ transaction: Transaction, position: Int, key: Int, read: Int?, into register: inout RegisterKey) {
+    func noteOverwrite(_ transaction: HistoryTransaction, position: Int, key: Int, read: Int?, into register: inout RegisterKey) {
         let ops = transaction.ops
         // Only the transaction's external read of the key, followed by a write of it.
         guard !ops[..<position].contains(where: { $0.key == key }) else { return }

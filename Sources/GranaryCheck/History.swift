@@ -131,7 +131,7 @@ public enum TransactionStatus: String, Sendable, Hashable, Codable {
 }
 
 /// A transaction: an invoke paired with its process's next completion.
-public struct Transaction: Sendable, Hashable {
+public struct HistoryTransaction: Sendable, Hashable {
     /// Position in ``History/transactions``.
     public var id: Int
     /// The client process that ran it.
@@ -189,7 +189,7 @@ public struct History: Sendable {
     /// The operations, in the order given.
     public let operations: [HistoryOperation]
     /// Client transactions, ordered by their invokes.
-    public let transactions: [Transaction]
+    public let transactions: [HistoryTransaction]
     /// The nemesis's operations (faults): reported, not checked.
     public let nemesisEvents: [HistoryOperation]
 
@@ -210,7 +210,7 @@ public struct History: Sendable {
             if let lines { return HistoryError(file: file, line: lines[position], message: message) }
             return HistoryError(file: file, index: operations[position].index, message: message)
         }
-        var transactions: [Transaction] = []
+        var transactions: [HistoryTransaction] = []
         var nemesis: [HistoryOperation] = []
         var pending: [Int: (transaction: Int, position: Int)] = [:]  // process → its open invoke
         transactions.reserveCapacity(operations.count / 2 + 1)
@@ -229,7 +229,7 @@ public struct History: Sendable {
                     throw failure(position, "process \(process) invokes again while its invoke at \(previous) is pending (a process has at most one outstanding invoke)")
                 }
                 pending[process] = (transactions.count, position)
-                transactions.append(Transaction(id: transactions.count, process: process, invoke: operation, completion: nil, status: .info, ops: ops))
+                transactions.append(HistoryTransaction(id: transactions.count, process: process, invoke: operation, completion: nil, status: .info, ops: ops))
             case .ok, .fail, .info:
                 guard let open = pending.removeValue(forKey: process)?.transaction else {
                     throw failure(position, "\(operation.type.rawValue) of process \(process) without a pending invoke")

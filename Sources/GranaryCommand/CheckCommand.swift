@@ -1,10 +1,14 @@
 import ArgumentParser
 import Foundation
+import Granary
+@_spi(Testing) import GranaryEngine
 import GranaryCheck
+@_spi(Testing) import GranaryWorkloads
+import Synchronization
 
 /// `granary check`: the strict-serializability checker. `granary check FILE` checks a history
 /// file (the default subcommand, `history`).
-struct CheckCommand: ParsableCommand {
+struct CheckCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Check a transaction history for strict serializability (an Elle-like checker).",
@@ -13,12 +17,14 @@ struct CheckCommand: ParsableCommand {
             "type": "invoke"|"ok"|"fail"|"info", "f": "txn", "value": [["append", 5, 12], \
             ["r", 7, null]], "time": 123456789}; "process": "nemesis" marks fault events. \
             `granary check FILE` prints the anomalies found with their cycles and exits 1 if there \
-            are any, 2 if the file cannot be read or is malformed.
+            are any, 2 if the file cannot be read or is malformed. `granary check run` runs a \
+            workload and faults on an embedded cluster, writes its history and checks it.
             """,
         subcommands: [
             CheckHistoryCommand.self,
             GenerateHistoryCommand.self,
-            // run: added by the workload runner
+            CheckRunCommand.self,
+            CheckServeCommand.self,
         ],
         defaultSubcommand: CheckHistoryCommand.self
     )
@@ -93,5 +99,274 @@ struct GenerateHistoryCommand: ParsableCommand {
             throw ExitCode(2)
         }
         print("wrote \(operations.count) operations (\(history.transactions.count) transactions) to \(output)")
+    }
+}
+
+/// The options `granary check run` and its cluster process (`granary check serve`) share.
+struct CheckWorkloadOptions: ParsableArguments {
+    @Option(help: "The workload: list-append or rw-register.") var workload: String = CheckWorkload.listAppend.rawValue
+    @Option(help: "Client threads (client c runs on node c mod --nodes).") var clients: Int = 6
+    @Option(help: "Keys in use at a time (few: conflicts are frequent).") var keys: Int = 8
+    @Option(help: "Nodes in the embedded cluster.") var nodes: Int = 3
+    @Option(help: "Replicas of every region.") var replicas: Int = 3
+    @Option(help: "Seconds between in-process fault windows (each lasts half of it).") var faultInterval: Double = 1
+    @Option(help: "Failure probability of each send or read in a `faults` window.") var faultProbability: Double = 0.02
+    @Option(name: .customLong("break"),
+            help: "Break the commit protocol on purpose, to see the checker catch it: skip-validate or skip-lock-check.")
+    var sabotage: String?
+    @Option(help: "Random seed.") var seed: UInt64 = 1
+
+    func validate() throws {
+        guard CheckWorkload(rawValue: workload) != nil else { throw ValidationError("--workload is list-append or rw-register, not \(workload)") }
+        guard clients >= 1, clients <= 64 else { throw ValidationError("--clients is 1 to 64") }
+        guard keys >= 1 else { throw ValidationError("--keys is at least 1") }
+        guard nodes >= 1, nodes <= 8, replicas >= 1, replicas <= nodes else { throw ValidationError("--nodes is 1 to 8, --replicas 1 to --nodes") }
+        guard faultInterval > 0, faultProbability >= 0, faultProbability <= 1 else {
+            throw ValidationError("--fault-interval is positive, --fault-probability 0 to 1")
+        }
+        if let sabotage, ProtocolSabotage(rawValue: sabotage) == nil {
+            throw ValidationError("--break is skip-validate or skip-lock-check, not \(sabotage)")
+        }
+    }
+
+    func runOptions(seconds: Double, faults: Set<CheckFault>) -> CheckRunOptions {
+        var options = CheckRunOptions()
+        options.workload = CheckWorkload(rawValue: workload)!
+        options.clients = clients
+        options.activeKeys = keys
+        options.nodes = nodes
+        options.replicas = replicas
+        options.seconds = seconds
+        options.faults = faults
+        options.faultInterval = faultInterval
+        options.faultProbability = faultProbability
+        options.sabotage = sabotage.flatMap(ProtocolSabotage.init(rawValue:))
+        options.seed = seed
+        return options
+    }
+}
+
+/// Monotonic nanoseconds, the clock the history writer stamps operations with.
+private func historyNow() -> Int { Int(truncatingIfNeeded: DispatchTime.now().uptimeNanoseconds) }
+
+/// `granary check run`: a workload and faults on an embedded cluster; the history is written and
+/// checked, and the command exits 1 if it has anomalies.
+struct CheckRunCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a workload with faults on an embedded cluster, write its history and check it.",
+        discussion: """
+            Faults (--nemesis, comma-separated): faults (one node's sends and reads fail now and \
+            then, for a window), slow (one node's sends are delayed, for a window), kill (the \
+            process running the cluster is SIGKILLed every --kill-interval seconds and the cluster \
+            reopened from its region files, with restart recovery). Exit status: 0 if the history \
+            has no anomaly, 1 if it has, 2 if the run itself failed.
+            """)
+
+    @OptionGroup var workload: CheckWorkloadOptions
+    @Option(help: "Seconds of workload in all.") var seconds: Double = 10
+    @Option(help: "Faults: faults, slow, kill (comma-separated).") var nemesis: String = ""
+    @Option(help: "Seconds between whole-cluster kills (with --nemesis kill).") var killInterval: Double = 3
+    @Option(help: "The cluster directory (default: a new directory under the temporary directory).") var directory: String?
+    @Option(help: "The history file (default: history.jsonl in the cluster directory).") var history: String?
+    @Flag(help: "Print the report as JSON.") var json = false
+
+    var faults: Set<CheckFault> {
+        Set(nemesis.split(separator: ",").compactMap { CheckFault(rawValue: String($0.trimmingCharacters(in: .whitespaces))) })
+    }
+
+    func validate() throws {
+        for name in nemesis.split(separator: ",") where CheckFault(rawValue: String(name.trimmingCharacters(in: .whitespaces))) == nil {
+            throw ValidationError("--nemesis takes faults, slow and kill, not \(name)")
+        }
+        guard seconds > 0, killInterval > 0 else { throw ValidationError("--seconds and --kill-interval are positive") }
+    }
+
+    func run() async throws {
+        let directory = self.directory ?? (NSTemporaryDirectory() + "granary-check-" + String(UInt64.random(in: 0...UInt64.max), radix: 36))
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let historyPath = history ?? directory + "/history.jsonl"
+        let faults = self.faults
+        let summary: CheckRunSummary
+        do {
+            if faults.contains(.kill) {
+                summary = try runLives(directory: directory, historyPath: historyPath, faults: faults)
+            } else {
+                summary = try await runInProcess(directory: directory, historyPath: historyPath, faults: faults)
+            }
+        } catch {
+            FileHandle.standardError.write(Data("granary check run: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        let history: History
+        do {
+            history = try History.load(path: historyPath)
+        } catch {
+            FileHandle.standardError.write(Data("granary check run: the history \(historyPath) does not parse: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        let report = GranaryCheck.check(history: history)
+        if json {
+            print(report.json())
+        } else {
+            let anomalies = report.anomalyKinds.map { "\($0.rawValue) \(report.anomalyCounts[$0] ?? 0)" }.joined(separator: ", ")
+            print("""
+                check run: \(workload.workload), \(workload.clients) clients, \(workload.nodes) nodes, \(workload.replicas) replicas, \
+                \(seconds) s, nemesis \(nemesis.isEmpty ? "none" : nemesis)\(workload.sabotage.map { ", protocol broken: \($0)" } ?? "")
+                  transactions  \(report.okCount) ok, \(report.failCount) fail, \(report.infoCount) info (\(report.observedInfoCount) of them seen committed)\(summary.firstFailure.map { "; first failure: \($0)" } ?? "")
+                  faults        \(summary.faults) (\(report.nemesisCount) nemesis events in the history)
+                  anomalies     \(anomalies.isEmpty ? "none" : anomalies)
+                  history       \(historyPath)
+                """)
+            if !report.isValid { print(report.description) }
+        }
+        if !report.isValid { throw ExitCode(1) }
+    }
+
+    /// Without `kill`: the cluster runs in this process.
+    private func runInProcess(directory: String, historyPath: String, faults: Set<CheckFault>) async throws -> CheckRunSummary {
+        var options = workload.runOptions(seconds: seconds, faults: faults)
+        options.flushInvokes = false
+        let cluster = try await Cluster.local(nodes: options.nodes, replicas: options.replicas, directory: .init(directory), options: options.clusterOptions)
+        let keys = try await CheckKeys.prepare(cluster, directory: directory, options: options)
+        let writer = try HistoryWriter(path: historyPath)
+        let summary = await CheckRunner.run(cluster, keys: keys, options: options, history: writer)
+        try writer.close()
+        try await cluster.shutdown()
+        return summary
+    }
+
+    /// With `kill`: each life of the cluster is a `granary check serve` child, SIGKILLed after
+    /// `--kill-interval` seconds (the last one runs to the end); its history segment is appended
+    /// to the history, its invocations left without completion marked `info` (outcome unknown).
+    private func runLives(directory: String, historyPath: String, faults: Set<CheckFault>) throws -> CheckRunSummary {
+        guard FileManager.default.createFile(atPath: historyPath, contents: nil),
+              let output = FileHandle(forWritingAtPath: historyPath) else {
+            throw CheckRunError("cannot create the history \(historyPath)")
+        }
+        defer { try? output.close() }
+        var nextIndex = 0
+        var summary = CheckRunSummary()
+        func append(_ operation: HistoryOperation) throws {
+            var operation = operation
+            operation.index = nextIndex
+            nextIndex += 1
+            try output.write(contentsOf: Data((operation.jsonLine + "\n").utf8))
+        }
+        let executable = CommandLine.arguments[0].hasPrefix("/") ? CommandLine.arguments[0]
+            : FileManager.default.currentDirectoryPath + "/" + CommandLine.arguments[0]
+        let end = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+        var life = 0
+        while ContinuousClock.now < end {
+            let remaining = Double((end - ContinuousClock.now).components.seconds) + Double((end - ContinuousClock.now).components.attoseconds) / 1e18
+            let segment = directory + "/segment-\(life).jsonl"
+            let child = Process()
+            child.executableURL = URL(fileURLWithPath: executable)
+            var arguments = ["check", "serve", "--directory", directory, "--segment", segment,
+                             "--seconds", String(remaining), "--life", String(life),
+                             "--workload", workload.workload, "--clients", String(workload.clients), "--keys", String(workload.keys),
+                             "--nodes", String(workload.nodes), "--replicas", String(workload.replicas),
+                             "--fault-interval", String(workload.faultInterval), "--fault-probability", String(workload.faultProbability),
+                             "--seed", String(workload.seed &+ UInt64(life))]
+            let inProcess = faults.subtracting([.kill]).map(\.rawValue).sorted()
+            if !inProcess.isEmpty { arguments += ["--nemesis", inProcess.joined(separator: ",")] }
+            if let sabotage = workload.sabotage { arguments += ["--break", sabotage] }
+            child.arguments = arguments
+            let pipe = Pipe()
+            child.standardOutput = pipe
+            try child.run()
+            // Wait for the cluster to be open (restart recovery done), then let it run; a cluster
+            // that does not open within a minute is killed (and the run fails, saying so).
+            let opened = Atomic<Bool>(false)
+            let pid = child.processIdentifier
+            DispatchQueue.global().asyncAfter(deadline: .now() + 60) { if !opened.load(ordering: .acquiring) { kill(pid, SIGKILL) } }
+            let ready = pipe.fileHandleForReading
+            var line = Data()
+            while !line.contains(0x0A) {
+                let chunk = ready.availableData
+                if chunk.isEmpty { break }
+                line.append(chunk)
+            }
+            opened.store(true, ordering: .releasing)
+            guard String(decoding: line, as: UTF8.self).hasPrefix("ready") else {
+                child.waitUntilExit()
+                throw CheckRunError("the cluster process of life \(life) did not start (status \(child.terminationStatus)): \(String(decoding: line, as: UTF8.self))")
+            }
+            if life > 0 { try append(.nemesis(index: 0, f: "reopen", value: .int(life), time: historyNow())) }
+            let lifeEnd = min(end, ContinuousClock.now + .milliseconds(Int(killInterval * 1000 * Double.random(in: 0.5...1.5))))
+            while ContinuousClock.now < lifeEnd, child.isRunning { usleep(10_000) }
+            var killedAt: Int?
+            if child.isRunning && ContinuousClock.now < end {
+                kill(child.processIdentifier, SIGKILL)
+                killedAt = historyNow()
+                summary.faults += 1
+            }
+            child.waitUntilExit()
+            if killedAt == nil && child.terminationStatus != 0 {
+                throw CheckRunError("the cluster process of life \(life) exited with status \(child.terminationStatus)")
+            }
+            // The segment: every whole line (a kill can cut the last one short).
+            let data = (try? Data(contentsOf: URL(fileURLWithPath: segment))) ?? Data()
+            let whole = data.lastIndex(of: 0x0A).map { data[...$0] } ?? Data()
+            let operations = try History.parse(Data(whole), file: segment).operations
+            if let killedAt { try append(.nemesis(index: 0, f: "kill-cluster", value: .int(life), time: killedAt)) }
+            var pending: [Int: HistoryOperation] = [:]
+            for operation in operations {
+                try append(operation)
+                guard case .client(let process) = operation.process else { continue }
+                if operation.type == .invoke { pending[process] = operation } else { pending[process] = nil }
+                switch operation.type {
+                case .ok: summary.ok += 1
+                case .fail: summary.failed += 1
+                case .info: summary.unknown += 1
+                case .invoke: break
+                }
+            }
+            let cut = killedAt ?? historyNow()
+            for (process, invoke) in pending.sorted(by: { $0.key < $1.key }) {
+                try append(HistoryOperation(index: 0, process: .client(process), type: .info, f: invoke.f, value: invoke.value, time: max(cut, invoke.time)))
+                summary.unknown += 1
+            }
+            summary.faults += operations.filter { if case .nemesis = $0.process { $0.f.hasPrefix("start-") } else { false } }.count
+            life += 1
+        }
+        return summary
+    }
+}
+
+/// `granary check serve` (hidden): one life of `granary check run --nemesis kill`'s cluster:
+/// opens (or reopens, with restart recovery) the cluster, prints `ready`, runs the clients for
+/// `--seconds` writing the history segment, and exits, unless it is killed first.
+struct CheckServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve", abstract: "Run one life of a check run's cluster (for granary check run).", shouldDisplay: false)
+
+    @OptionGroup var workload: CheckWorkloadOptions
+    @Option var directory: String
+    @Option var segment: String
+    @Option var seconds: Double
+    @Option var life: Int
+    @Option var nemesis: String = ""
+
+    func run() async throws {
+        // Die with the `granary check run` that started this (a killed parent leaves no cluster behind).
+        let parent = getppid()
+        Thread {
+            while getppid() == parent { usleep(100_000) }
+            Foundation.exit(3)
+        }.start()
+        var options = workload.runOptions(seconds: seconds,
+                                          faults: Set(nemesis.split(separator: ",").compactMap { CheckFault(rawValue: String($0)) }))
+        options.processBase = life * options.clients
+        options.valueBase = life << 32
+        options.flushInvokes = true
+        let cluster = try await Cluster.local(nodes: options.nodes, replicas: options.replicas, directory: .init(directory), options: options.clusterOptions)
+        let keys = try await CheckKeys.prepare(cluster, directory: directory, options: options)
+        let writer = try HistoryWriter(path: segment)
+        print("ready")
+        fflush(nil)
+        _ = await CheckRunner.run(cluster, keys: keys, options: options, history: writer)
+        try writer.close()
+        try await cluster.shutdown()
     }
 }

@@ -34,8 +34,22 @@ public struct EngineOptions: Sendable {
     /// Where the engine's metrics go; nil means the process-wide `MetricsSystem.factory` that the
     /// application bootstrapped (a library never bootstraps it).
     public var metricsFactory: (any MetricsFactory)?
+    /// A deliberately broken commit protocol, for showing that a checker catches what it breaks
+    /// (`granary check run --break`). Never set otherwise.
+    @_spi(Testing) public var sabotage: ProtocolSabotage?
 
     public init() {}
+}
+
+/// The ways ``EngineOptions/sabotage`` breaks FaRM's commit protocol.
+@_spi(Testing)
+public enum ProtocolSabotage: String, Sendable, CaseIterable {
+    /// VALIDATE always passes: objects read but not written are never checked again, so a
+    /// transaction can commit on a read another one overwrote (write skew, read skew).
+    case skipValidation = "skip-validate"
+    /// A primary locks an object at whatever version it holds, not the one the coordinator read:
+    /// a write can overwrite a write it never saw (lost update).
+    case skipLockCheck = "skip-lock-check"
 }
 
 /// One replica of a region held by this node.
@@ -221,14 +235,19 @@ public final class ConfigurationView: @unchecked Sendable {
         }
     }
 
-    /// Sends `record` to `node`'s mailbox through this configuration's sender.
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
+    /// Sends `record` to `node`'s mailbox through this configuration's sender; without `waiting`,
+    /// only if the ring has room now (else ``TransportError/channelFull(receiver:waitedMilliseconds:)``).
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false, waiting: Bool = true) throws(TransactionError) {
         guard node.index < NodeID.limit, let sender = senderTable[node.index], isMember(node) || configuration.contains(self.node) else {
             throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
         }
         let failure: TransportError? = sender._withUnsafeGuaranteedRef { sender in
             do throws(TransportError) {
-                try sender.send(record, usingReserve: usingReserve)
+                if waiting {
+                    try sender.send(record, usingReserve: usingReserve)
+                } else if try !sender.trySend(record, usingReserve: usingReserve) {
+                    return .channelFull(receiver: node, waitedMilliseconds: 0)
+                }
                 return nil
             } catch {
                 return error
@@ -243,6 +262,9 @@ public final class ConfigurationView: @unchecked Sendable {
 public final class Engine: Sendable {
     public let node: NodeID
     public let options: EngineOptions
+    /// ``EngineOptions/sabotage``, read on the commit path (reading it through `options` would
+    /// copy the options and retain their metrics factory).
+    let sabotage: ProtocolSabotage?
     /// The current view, as the bits of an unretained reference: read on every record and
     /// transaction without a lock or reference counting.
     private let currentView = Atomic<UInt>(0)
@@ -294,6 +316,7 @@ public final class Engine: Sendable {
         self.readAttempts = options.readAttempts
         self.truncationBatch = options.truncationBatch
         self.persistEveryInstall = options.persistEveryInstall
+        self.sabotage = options.sabotage
         self.phaseTimingInterval = UInt64(max(1, options.phaseTimingInterval))
         let (seconds, attoseconds) = options.replyTimeout.components
         self.replyTimeoutNanoseconds = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
@@ -364,10 +387,10 @@ public final class Engine: Sendable {
     public var maximumRecordBytes: Int { view.maximumRecordBytes }
 
     /// Sends `record` to `node`'s mailbox.
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false, waiting: Bool = true) throws(TransactionError) {
         let failure: TransactionError? = unmanagedView._withUnsafeGuaranteedRef { view in
             do throws(TransactionError) {
-                try view.send(record, to: node, usingReserve: usingReserve)
+                try view.send(record, to: node, usingReserve: usingReserve, waiting: waiting)
                 return nil
             } catch {
                 return error
@@ -411,6 +434,9 @@ public final class Engine: Sendable {
             if now &- lastCheck > 10_000_000 {
                 lastCheck = now
                 unmanagedView._withUnsafeGuaranteedRef { view in checkConnections(to: view.memberBits, view: view) }
+                // Records a coordinator owes (an ABORT or COMMIT-PRIMARY whose send failed) go out
+                // from here too: the locks they release may be what every coordinator waits on.
+                if owed.count.load(ordering: .relaxed) > 0 { resolveOwedRecords(waiting: false) }
             }
             // Load before clearing: an exchange would write the flag's line on every loop.
             if helped.load(ordering: .relaxed), helped.exchange(false, ordering: .relaxed) {

@@ -50,7 +50,7 @@ struct OutcomePlans: ~Copyable, Sendable {
 
 extension Engine {
     /// Sends one header-only record (ABORT or COMMIT-PRIMARY) outside a transaction.
-    func sendOwed(_ kind: RecordKind, _ id: TransactionID, to node: NodeID, keepUntilTruncate: Bool = false) -> Bool {
+    func sendOwed(_ kind: RecordKind, _ id: TransactionID, to node: NodeID, keepUntilTruncate: Bool = false, waiting: Bool = true) -> Bool {
         let point: FaultPoint = kind == .abort ? .abortSend : .commitPrimarySend
         return withUnsafeTemporaryAllocation(byteCount: RecordFormat.headerBytes, alignment: 8) { buffer in
             let writer = RecordWriter(into: buffer.baseAddress!, capacity: RecordFormat.headerBytes, kind: kind,
@@ -58,7 +58,7 @@ extension Engine {
                                       cause: keepUntilTruncate ? RecordFormat.keepUntilTruncate : 0)
             do {
                 try faults.check(point, node)
-                try send(writer.bytes, to: node, usingReserve: kind == .abort)
+                try send(writer.bytes, to: node, usingReserve: kind == .abort, waiting: waiting)
                 return true
             } catch {
                 return false
@@ -66,27 +66,28 @@ extension Engine {
         }
     }
 
-    /// Retries every owed record; what still cannot be delivered stays owed.
+    /// Retries every owed record; what still cannot be delivered stays owed. Without `waiting`
+    /// (the node's poller, every 10 ms), a record goes only if its channel has room now.
     /// - Returns: how many plans remain.
     @discardableResult
-    public func resolveOwedRecords() -> Int {
+    public func resolveOwedRecords(waiting: Bool = true) -> Int {
         guard owed.count.load(ordering: .acquiring) > 0 else { return 0 }
         var remaining = 0
         for var plan in owed.takeAll() {
             switch plan.step {
             case .undo(var backups, var primaries):
-                for backup in NodeMask(backups) where sendOwed(.abort, plan.transaction, to: backup) {
+                for backup in NodeMask(backups) where sendOwed(.abort, plan.transaction, to: backup, waiting: waiting) {
                     backups &= ~(1 << UInt64(backup.index))
                 }
                 if backups == 0 {
-                    for primary in NodeMask(primaries) where sendOwed(.abort, plan.transaction, to: primary) {
+                    for primary in NodeMask(primaries) where sendOwed(.abort, plan.transaction, to: primary, waiting: waiting) {
                         primaries &= ~(1 << UInt64(primary.index))
                     }
                 }
                 if backups | primaries == 0 { continue }
                 plan.step = .undo(backups: backups, primaries: primaries)
             case .commit(var primaries, let truncate, let keep):
-                for primary in NodeMask(primaries) where sendOwed(.commitPrimary, plan.transaction, to: primary, keepUntilTruncate: keep) {
+                for primary in NodeMask(primaries) where sendOwed(.commitPrimary, plan.transaction, to: primary, keepUntilTruncate: keep, waiting: waiting) {
                     primaries &= ~(1 << UInt64(primary.index))
                 }
                 if primaries == 0 {
@@ -100,7 +101,7 @@ extension Engine {
             owed.add(plan)
             remaining += 1
         }
-        if remaining > 0 { logger.warning("\(remaining) transactions still owe ABORT or COMMIT-PRIMARY records to unreachable nodes") }
+        if remaining > 0, waiting { logger.warning("\(remaining) transactions still owe ABORT or COMMIT-PRIMARY records to unreachable nodes") }
         return remaining
     }
 }

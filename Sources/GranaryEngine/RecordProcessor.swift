@@ -311,7 +311,11 @@ final class RecordProcessor: @unchecked Sendable {
                 failure = .invalidObject
                 return
             }
-            if ObjectLayout.tryLock(replica.base + slot.offset, expected: entry.expected).locked {
+            var attempt = ObjectLayout.tryLock(replica.base + slot.offset, expected: entry.expected)
+            if !attempt.locked, !attempt.found.isLocked, engine.sabotage == .skipLockCheck {
+                attempt = ObjectLayout.tryLock(replica.base + slot.offset, expected: attempt.found)
+            }
+            if attempt.locked {
                 slots[lockedCount] = UInt64(slot.offset) << 16 | UInt64(slot.lines)
                 lockedCount += 1
             } else {
