@@ -157,15 +157,17 @@ struct CheckRunCommand: AsyncParsableCommand {
         abstract: "Run a workload with faults on an embedded cluster, write its history and check it.",
         discussion: """
             Faults (--nemesis, comma-separated): faults (one node's sends and reads fail now and \
-            then, for a window), slow (one node's sends are delayed, for a window), kill (the \
-            process running the cluster is SIGKILLed every --kill-interval seconds and the cluster \
-            reopened from its region files, with restart recovery). Exit status: 0 if the history \
+            then, for a window), slow (one node's sends and record processing are delayed, for a \
+            window), kill (the process running the cluster is SIGKILLed every --kill-interval \
+            seconds and the cluster reopened from its region files, with restart recovery), pause \
+            (that process is stopped with SIGSTOP for 0.1-0.5 s, then continued, about once a \
+            second). With kill or pause the cluster runs in `granary check serve` children. Exit status: 0 if the history \
             has no anomaly, 1 if it has, 2 if the run itself failed.
             """)
 
     @OptionGroup var workload: CheckWorkloadOptions
     @Option(help: "Seconds of workload in all.") var seconds: Double = 10
-    @Option(help: "Faults: faults, slow, kill (comma-separated).") var nemesis: String = ""
+    @Option(help: "Faults: faults, slow, kill, pause (comma-separated).") var nemesis: String = ""
     @Option(help: "Seconds between whole-cluster kills (with --nemesis kill).") var killInterval: Double = 3
     @Option(help: "The cluster directory (default: a new directory under the temporary directory).") var directory: String?
     @Option(help: "The history file (default: history.jsonl in the cluster directory).") var history: String?
@@ -177,7 +179,7 @@ struct CheckRunCommand: AsyncParsableCommand {
 
     func validate() throws {
         for name in nemesis.split(separator: ",") where CheckFault(rawValue: String(name.trimmingCharacters(in: .whitespaces))) == nil {
-            throw ValidationError("--nemesis takes faults, slow and kill, not \(name)")
+            throw ValidationError("--nemesis takes faults, slow, kill and pause, not \(name)")
         }
         guard seconds > 0, killInterval > 0 else { throw ValidationError("--seconds and --kill-interval are positive") }
     }
@@ -189,7 +191,7 @@ struct CheckRunCommand: AsyncParsableCommand {
         let faults = self.faults
         let summary: CheckRunSummary
         do {
-            if faults.contains(.kill) {
+            if !faults.isDisjoint(with: [.kill, .pause]) {
                 summary = try runLives(directory: directory, historyPath: historyPath, faults: faults)
             } else {
                 summary = try await runInProcess(directory: directory, historyPath: historyPath, faults: faults)
@@ -268,7 +270,7 @@ struct CheckRunCommand: AsyncParsableCommand {
                              "--nodes", String(workload.nodes), "--replicas", String(workload.replicas),
                              "--fault-interval", String(workload.faultInterval), "--fault-probability", String(workload.faultProbability),
                              "--seed", String(workload.seed &+ UInt64(life))]
-            let inProcess = faults.subtracting([.kill]).map(\.rawValue).sorted()
+            let inProcess = faults.subtracting([.kill, .pause]).map(\.rawValue).sorted()
             if !inProcess.isEmpty { arguments += ["--nemesis", inProcess.joined(separator: ",")] }
             if let sabotage = workload.sabotage { arguments += ["--break", sabotage] }
             child.arguments = arguments
@@ -293,10 +295,26 @@ struct CheckRunCommand: AsyncParsableCommand {
                 throw CheckRunError("the cluster process of life \(life) did not start (status \(child.terminationStatus)): \(String(decoding: line, as: UTF8.self))")
             }
             if life > 0 { try append(.nemesis(index: 0, f: "reopen", value: .int(life), time: historyNow())) }
-            let lifeEnd = min(end, ContinuousClock.now + .milliseconds(Int(killInterval * 1000 * Double.random(in: 0.5...1.5))))
-            while ContinuousClock.now < lifeEnd, child.isRunning { usleep(10_000) }
+            let lifeEnd = faults.contains(.kill)
+                ? min(end, ContinuousClock.now + .milliseconds(Int(killInterval * 1000 * Double.random(in: 0.5...1.5)))) : end
+            // Pauses (SIGSTOP, then SIGCONT) while the life lasts; merged into the history by time.
+            var events: [HistoryOperation] = []
+            var nextPause = ContinuousClock.now + .milliseconds(Int.random(in: 500...1500))
+            while ContinuousClock.now < lifeEnd, child.isRunning {
+                if faults.contains(.pause), ContinuousClock.now >= nextPause {
+                    let length = Int.random(in: 100...500)
+                    events.append(.nemesis(index: 0, f: "pause", value: .int(length), time: historyNow()))
+                    kill(child.processIdentifier, SIGSTOP)
+                    usleep(UInt32(length) * 1000)
+                    kill(child.processIdentifier, SIGCONT)
+                    events.append(.nemesis(index: 0, f: "resume", value: .int(length), time: historyNow()))
+                    summary.faults += 1
+                    nextPause = ContinuousClock.now + .milliseconds(Int.random(in: 500...1500))
+                }
+                usleep(10_000)
+            }
             var killedAt: Int?
-            if child.isRunning && ContinuousClock.now < end {
+            if faults.contains(.kill), child.isRunning && ContinuousClock.now < end {
                 kill(child.processIdentifier, SIGKILL)
                 killedAt = historyNow()
                 summary.faults += 1
@@ -309,9 +327,14 @@ struct CheckRunCommand: AsyncParsableCommand {
             let data = (try? Data(contentsOf: URL(fileURLWithPath: segment))) ?? Data()
             let whole = data.lastIndex(of: 0x0A).map { data[...$0] } ?? Data()
             let operations = try History.parse(Data(whole), file: segment).operations
-            if let killedAt { try append(.nemesis(index: 0, f: "kill-cluster", value: .int(life), time: killedAt)) }
+            if let killedAt { events.append(.nemesis(index: 0, f: "kill-cluster", value: .int(life), time: killedAt)) }
             var pending: [Int: HistoryOperation] = [:]
+            var nextEvent = 0
             for operation in operations {
+                while nextEvent < events.count, events[nextEvent].time <= operation.time {
+                    try append(events[nextEvent])
+                    nextEvent += 1
+                }
                 try append(operation)
                 guard case .client(let process) = operation.process else { continue }
                 if operation.type == .invoke { pending[process] = operation } else { pending[process] = nil }
@@ -322,6 +345,7 @@ struct CheckRunCommand: AsyncParsableCommand {
                 case .invoke: break
                 }
             }
+            for event in events[nextEvent...] { try append(event) }
             let cut = killedAt ?? historyNow()
             for (process, invoke) in pending.sorted(by: { $0.key < $1.key }) {
                 try append(HistoryOperation(index: 0, process: .client(process), type: .info, f: invoke.f, value: invoke.value, time: max(cut, invoke.time)))

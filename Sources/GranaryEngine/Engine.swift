@@ -487,6 +487,8 @@ public final class Engine: Sendable {
 
     private func serveMailbox(_ poller: borrowing MailboxPoller, view: ConfigurationView) -> Int {
         var handled = 0
+        let delay = processingDelay.load(ordering: .relaxed)
+        if delay > 0 { usleep(delay) }
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
         processor.flushReplies(view: view)
@@ -546,6 +548,14 @@ public final class Engine: Sendable {
             }
         }
     }
+
+    /// Microseconds every round of record processing waits first (``slowRecordProcessing(microseconds:)``).
+    private let processingDelay = Atomic<UInt32>(0)
+
+    /// Slows this node's record processing: each round of polling its mailbox waits
+    /// `microseconds` first (0: normal). A fault for `granary check run --nemesis slow`.
+    @_spi(Testing)
+    public func slowRecordProcessing(microseconds: UInt32) { processingDelay.store(microseconds, ordering: .relaxed) }
 
     /// Lets coordinators on this engine help the engines of `peers` (nodes of the same process).
     public func helpNeighbours(_ peers: [Engine]) {

@@ -22,8 +22,12 @@ public enum CheckFault: String, CaseIterable, Sendable {
     /// VALIDATE, COMMIT-BACKUP, COMMIT-PRIMARY, ABORT and TRUNCATE fails with some probability):
     /// the exact-outcome paths.
     case faults
-    /// For a window, one node's coordinators are slowed: every send waits 200 us first.
+    /// For a window, one node is slowed: every send of its coordinators waits 200 us first, and
+    /// every round of its record processing 100 us.
     case slow
+    /// The process running the cluster is stopped (SIGSTOP) for 0.1-0.5 s, then continued, now
+    /// and then. Needs the cluster in a child process (`granary check run`).
+    case pause
 }
 
 /// What one run of clients (one cluster process's life, under `kill`) does.
@@ -157,7 +161,10 @@ public enum CheckRunner {
         while clients.contains(where: { !$0.isFinished }) { try? await Task.sleep(for: .milliseconds(5)) }
         shared.stop.store(true, ordering: .relaxed)
         while !nemesis.isFinished { try? await Task.sleep(for: .milliseconds(5)) }
-        for node in cluster.nodes { node.engine.injectFaults(nil) }
+        for node in cluster.nodes {
+            node.engine.injectFaults(nil)
+            node.engine.slowRecordProcessing(microseconds: 0)
+        }
         return shared.summary.withLock { $0 }
     }
 
@@ -186,11 +193,13 @@ public enum CheckRunner {
                     usleep(200)
                     return false
                 }
-            case .kill: break
+                engine.slowRecordProcessing(microseconds: 100)
+            case .kill, .pause: break
             }
             shared.summary.withLock { $0.faults += 1 }
             pause(options.faultInterval / 2)
             engine.injectFaults(nil)
+            engine.slowRecordProcessing(microseconds: 0)
             history.nemesis("stop-\(kind.rawValue)", value: .int(node))
         }
     }
