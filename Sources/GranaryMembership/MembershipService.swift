@@ -31,7 +31,8 @@ public struct MembershipPaths: Sendable {
 /// The lease words of each node, in its mailbox region's header page (outside the checksummed
 /// header fields): word 0 is the node's own counter, renewed by its lease thread and read
 /// one-sidedly by the CM; word 1 the CM's grant to it; word 2 the newest configuration id the CM
-/// announced (NEW-CONFIG).
+/// announced (NEW-CONFIG). (The line after them holds the channels' attention word,
+/// `ChannelFormat.attentionOffset`.)
 public enum LeaseWord {
     public static let offset: UInt32 = 2048
     public static func address(of node: NodeID) -> GlobalAddress { GlobalAddress(region: .mailbox(of: node), offset: offset) }

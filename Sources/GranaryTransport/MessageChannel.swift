@@ -104,8 +104,9 @@ public enum ChannelFormat {
     public static let requestOffset = 32
     public static let reopeningOffset = 40
     /// The mailbox-header word that senders add 1 to after posting a reopening request, so that a
-    /// poller learns of requests with one load per round instead of one per ring.
-    public static let attentionOffset = 2048
+    /// poller learns of requests with one load per round instead of one per ring. On a line of
+    /// its own after the lease words (`LeaseWord`, from offset 2048, in the membership module).
+    public static let attentionOffset = 2112
 
     /// Offset of sender `s`'s control line inside the mailbox region.
     @inlinable public static func controlOffset(sender: NodeID, ringCapacity: Int, kind: RingKind = .log) -> Int {

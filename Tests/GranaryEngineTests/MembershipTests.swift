@@ -5,6 +5,15 @@ import Testing
 /// The configuration manager over the embedded coordination store, nodes in this process.
 @Suite("Membership: embedded store")
 struct MembershipTests {
+    /// Both live in the mailbox header page and are written one-sidedly by others: a sender's
+    /// reopening request on a lease word would look like a renewal of a node that may be dead.
+    @Test("the channels' attention word and the lease words do not share a cache line")
+    func attentionWordIsNotALeaseWord() {
+        let leaseLine = Int(LeaseWord.offset) / 64
+        #expect(ChannelFormat.attentionOffset / 64 != leaseLine)
+        #expect(ChannelFormat.attentionOffset < RegionFormat.headerBytes && Int(LeaseWord.offset) + 24 <= ChannelFormat.attentionOffset)
+    }
+
     func cluster(lease: Duration = .milliseconds(10)) async throws -> Cluster {
         try await testCluster { options in
             var membership = MembershipOptions()
