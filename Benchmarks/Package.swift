@@ -7,14 +7,17 @@ let package = Package(
     name: "GranaryBenchmarks",
     platforms: [.macOS(.v15)],
     dependencies: [
-        .package(path: "../"),
+        // Named, so that the product reference below does not depend on the name of the
+        // directory the repository was cloned into (a path dependency's identity is its last
+        // path component: "main" in one checkout, "granary" in another).
+        .package(name: "Granary", path: "../"),
         .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.0", traits: ["MallocInterposer"]),
     ],
     targets: [
         .executableTarget(
             name: "TransportBenchmarks",
             dependencies: [
-                .product(name: "Granary", package: "main"),
+                .product(name: "Granary", package: "Granary"),
                 .product(name: "Benchmark", package: "benchmark"),
             ],
             path: "Benchmarks/TransportBenchmarks",
