@@ -1,6 +1,6 @@
 import Granary
 
-/// SmallBank as specified in WORKLOADS.md: Accounts, Savings and Checking tables, the six
+/// SmallBank as specified in docs/WORKLOADS.md: Accounts, Savings and Checking tables, the six
 /// transactions, 90% of transactions on 4,000 hot accounts. Balances are integer cents, so money
 /// is counted exactly: deposits of 1.30 are 130 cents.
 ///

@@ -1,7 +1,7 @@
 import Granary
 
 /// TATP (Telecom Application Transaction Processing), FaRM's headline workload, as specified in
-/// WORKLOADS.md: four tables plus the sub_nbr secondary index, NURand keys, the 7-transaction mix.
+/// docs/WORKLOADS.md: four tables plus the sub_nbr secondary index, NURand keys, the 7-transaction mix.
 ///
 /// Tables are ``TransactionalHashTable``s keyed as follows (sub_nbr is s_id as a 15-digit string,
 /// stored as its numeric value):
