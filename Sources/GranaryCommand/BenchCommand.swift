@@ -27,7 +27,7 @@ struct BenchOptions: ParsableArguments {
     var adaptiveWorkers = true
     @Option(help: "Measured seconds.") var seconds: Double = 5
     @Option(help: "Random seed.") var seed: UInt64 = 1
-    @Option(help: "Transport: shm.") var transport: String = "shm"
+    @Option(help: "Transport: shm (benchmarks run embedded clusters, on shared memory).") var transport: TransportChoice = .shm
     @Option(help: "Region size in MiB.") var regionMib: Int = 64
     @Option(help: "Write the figures and the configuration as JSON to this file.") var json: String?
     @Option(help: "Write an SVG plot (throughput over time, latency CDF) to this file.") var plot: String?
@@ -39,7 +39,7 @@ struct BenchOptions: ParsableArguments {
         guard replicas >= 1, replicas <= nodes else { throw ValidationError("--replicas must be in 1...--nodes (\(nodes))") }
         guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
-        guard transport == "shm" else { throw ValidationError("--transport \(transport) is not available for benchmarks; use shm") }
+        guard transport == .shm else { throw ValidationError("--transport \(transport) is not available for benchmarks; use shm") }
         guard regionMib >= 1, regionMib & (regionMib - 1) == 0 else { throw ValidationError("--region-mib must be a power of two") }
         if let plot, !plot.hasSuffix(".svg") { throw ValidationError("--plot writes SVG: give a file name ending in .svg, got '\(plot)'") }
     }
@@ -88,7 +88,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let document = BenchDocument(workload: name, nodes: options.nodes, replicas: options.replicas, workers: options.workers,
-                                     seconds: options.seconds, seed: options.seed, transport: options.transport, report: report,
+                                     seconds: options.seconds, seed: options.seed, transport: options.transport.rawValue, report: report,
                                      invariantViolations: violations,
                                      memoryLatencyNanoseconds: ["before": latencyBefore, "after": latencyAfter],
                                      coreToCoreNanoseconds: ["before": handoffBefore, "after": handoffAfter])
@@ -102,7 +102,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     }
     try await cluster.shutdown()
     if !violations.isEmpty {
-        throw ValidationError("the \(name) invariant does not hold after the run: \(violations.joined(separator: "; "))")
+        throw CommandFailure("the \(name) invariant does not hold after the run: \(violations.joined(separator: "; "))")
     }
     print("invariant: holds")
 }
@@ -254,7 +254,7 @@ struct MembershipBench: AsyncParsableCommand {
             let clock = ContinuousClock()
             var deadline = clock.now + .seconds(30)
             while !cluster.membership.contains(where: \.isManager) {
-                guard clock.now < deadline else { throw ValidationError("trial \(trial): no configuration manager within 30 s") }
+                guard clock.now < deadline else { throw CommandFailure("trial \(trial): no configuration manager within 30 s") }
                 try await Task.sleep(for: .milliseconds(1))
             }
             // Let leases settle before the failure.
@@ -264,7 +264,7 @@ struct MembershipBench: AsyncParsableCommand {
             victim.haltLeases()
             deadline = clock.now + .seconds(30)
             while try await ConfigurationRecord.read(cluster.configuration.cluster, from: store).0.contains(victim.node) {
-                guard clock.now < deadline else { throw ValidationError("trial \(trial): \(victim.node) not removed within 30 s") }
+                guard clock.now < deadline else { throw CommandFailure("trial \(trial): \(victim.node) not removed within 30 s") }
                 try await Task.sleep(for: .microseconds(200))
             }
             let elapsed = clock.now - start

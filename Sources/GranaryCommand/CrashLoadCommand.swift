@@ -73,7 +73,7 @@ struct CrashLoadCommand: ParsableCommand {
                 addresses.append("sequence \(address.rawValue)")
             }
             try addresses.joined(separator: "\n").write(toFile: path + ".new", atomically: false, encoding: .utf8)
-            guard rename(path + ".new", path) == 0 else { throw ValidationError("cannot rename \(path).new") }
+            guard rename(path + ".new", path) == 0 else { throw CommandFailure("cannot rename \(path).new") }
             lines = addresses
         }
         let counterAddresses = lines.filter { $0.hasPrefix("counter ") }.compactMap { UInt64($0.dropFirst(8)) }.map(GlobalAddress.init(rawValue:))

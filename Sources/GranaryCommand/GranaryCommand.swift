@@ -22,3 +22,19 @@ struct VersionCommand: ParsableCommand {
         print("granary \(GranaryVersion.string)")
     }
 }
+
+/// The transports a command can run a node over.
+enum TransportChoice: String, ExpressibleByArgument, CaseIterable, Sendable, Codable {
+    /// Shared memory: every node on this host.
+    case shm
+    /// RDMA verbs (soft-RoCE or hardware).
+    case verbs
+}
+
+/// A failure while a command runs (a load that fails, an invariant that does not hold, a file
+/// that cannot be read): printed as `Error: ...` with exit status 1. Usage errors stay
+/// `ValidationError`s, which print the usage text and exit 64.
+struct CommandFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}

@@ -13,6 +13,12 @@ import Glibc
 /// engine (primary and backup of its replicas, coordinator of the transactions it starts) and
 /// serves until killed. Without, a bare transport node for transport tests: it owns the regions
 /// named by `--regions` in `--directory` and echoes the messages its peers send it.
+///
+/// Hidden test options: `--bank-accounts` and `--bank-transfers` run the bank test workload from a
+/// member: it allocates its accounts (their addresses go to bank-accounts.txt in its directory,
+/// then `accounts N` is printed), waits for every other member's accounts, runs the transfers and
+/// prints `done N` (or `transfer-refused ERROR` and stops transferring when a transfer cannot
+/// commit, e.g. after the node was removed from the configuration).
 struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "node",
@@ -21,12 +27,7 @@ struct NodeCommand: AsyncParsableCommand {
             Prints `ready <node> <cluster> <regions>` on standard output once its regions and mailbox \
             exist, then serves until killed.
             With --config FILE (a cluster configuration in JSON, as `Cluster.local` writes to its \
-            cluster.json) the node runs the transaction engine; --bank-accounts and \
-            --bank-transfers then run the bank test workload from this node: it allocates its \
-            accounts (their addresses go to bank-accounts.txt in its directory, then `accounts N` \
-            is printed), waits for every other member's accounts, runs the transfers and prints \
-            `done N` (or `transfer-refused ERROR` and stops transferring when a transfer cannot \
-            commit, e.g. after the node was removed from the configuration).
+            cluster.json) the node runs the transaction engine.
             Without --config it is a transport-only node: each message a peer sends it is echoed \
             back, prefixed with "echo:".
             """
@@ -44,19 +45,19 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "With --coordination: the lease between the configuration manager and each node, in milliseconds.")
     var leaseMs: Int = 10
 
-    @Option(name: .long, help: "Bank workload: accounts this node allocates (with --config).")
+    @Option(name: .long, help: ArgumentHelp("Bank workload: accounts this node allocates (with --config).", visibility: .hidden))
     var bankAccounts: Int = 0
 
-    @Option(name: .long, help: "Bank workload: transfers this node runs over all members' accounts (with --config).")
+    @Option(name: .long, help: ArgumentHelp("Bank workload: transfers this node runs over all members' accounts (with --config).", visibility: .hidden))
     var bankTransfers: Int = 0
 
-    @Option(name: .long, help: "Bank workload: pause between transfers, in microseconds.")
+    @Option(name: .long, help: ArgumentHelp("Bank workload: pause between transfers, in microseconds.", visibility: .hidden))
     var bankPauseMicroseconds: UInt32 = 0
 
-    @Option(name: .long, help: "Bank workload: start the transfers only once this file exists (a driver's go signal).")
+    @Option(name: .long, help: ArgumentHelp("Bank workload: start the transfers only once this file exists (a driver's go signal).", visibility: .hidden))
     var bankStartFile: String?
 
-    @Option(name: .long, help: "Bank workload: initial balance of each account.")
+    @Option(name: .long, help: ArgumentHelp("Bank workload: initial balance of each account.", visibility: .hidden))
     var bankBalance: Int64 = 1_000
 
     @Option(name: .long, help: "Transport-only node: its region directory (created if missing).")
@@ -66,7 +67,7 @@ struct NodeCommand: AsyncParsableCommand {
     var cluster: String?
 
     @Option(name: .long, help: "Transport: shm (shared memory on this host) or verbs (RDMA; with --config).")
-    var transport: String = "shm"
+    var transport: TransportChoice = .shm
 
     @Option(name: .long, help: "With --transport verbs: the RDMA device (default: GRANARY_RDMA_DEVICE, else the first).")
     var device: String?
@@ -92,10 +93,10 @@ struct NodeCommand: AsyncParsableCommand {
             guard directory != nil, let cluster else { throw ValidationError("give --config FILE, or --directory and --cluster") }
             guard UInt64(cluster, radix: 16) != nil else { throw ValidationError("--cluster must be a hex number, got '\(cluster)'") }
         }
-        guard transport == "shm" || (transport == "verbs" && config != nil) else {
-            throw ValidationError("--transport takes shm, or verbs with --config; got '\(transport)'")
+        guard transport == .shm || config != nil else {
+            throw ValidationError("--transport verbs needs --config")
         }
-        if device != nil, transport != "verbs" { throw ValidationError("--device needs --transport verbs") }
+        if device != nil, transport != .verbs { throw ValidationError("--device needs --transport verbs") }
         for entry in peer where entry.split(separator: "=", maxSplits: 1).count != 2 || Int(entry.split(separator: "=")[0]) == nil {
             throw ValidationError("--peer takes ID=DIRECTORY, got '\(entry)'")
         }
@@ -158,13 +159,13 @@ extension NodeCommand {
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: configurationFile))
         } catch {
-            throw ValidationError("cannot read the configuration \(configurationFile): \(error.localizedDescription)")
+            throw CommandFailure("cannot read the configuration \(configurationFile): \(error.localizedDescription)")
         }
         let configuration = try JSONDecoder().decode(Configuration.self, from: data)
         try configuration.validate()
         let node = NodeID(id)
         let storage = try NodeStorage(node: node, configuration: configuration,
-                                      transport: transport == "verbs" ? .verbs(device: device) : .sharedMemory,
+                                      transport: transport == .verbs ? .verbs(device: device) : .sharedMemory,
                                       ringCapacity: 256 << 10)
         try storage.waitForPeers(timeout: .seconds(60))
         var options = EngineOptions()
@@ -263,7 +264,7 @@ extension NodeCommand {
         for member in owners {
             let path = try NodeStorage.directory(of: member).path.appending("bank-accounts.txt").string
             while !FileManager.default.fileExists(atPath: path) {
-                guard Date() < deadline else { throw ValidationError("\(member.node) published no bank accounts within \(timeout) s") }
+                guard Date() < deadline else { throw CommandFailure("\(member.node) published no bank accounts within \(timeout) s") }
                 usleep(20_000)
             }
             let text = try String(contentsOfFile: path, encoding: .utf8)
