@@ -153,6 +153,7 @@ extension Transaction {
         try sendRecord(writer.bytes, to: node)
     }
 
+    @inline(__always)
     private func sendRecord(_ bytes: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
         let failure: TransactionError? = state.pointee.viewRef._withUnsafeGuaranteedRef { view in
             do throws(TransactionError) {

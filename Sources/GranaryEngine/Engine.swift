@@ -503,6 +503,15 @@ public final class Engine: Sendable {
         let unmanagedView = Unmanaged.passUnretained(view)
         for sender in NodeMask(self.processor.channelsInUse.load(ordering: .relaxed)) {
             do {
+                // The log first, then the queue: a LOCK this node sends itself is answered on its
+                // own queue while the log is served, and the answer is then taken in the same round.
+                if everyRing || mailbox.mayHaveMessage(from: sender) {
+                    handled += try poller.poll(from: sender, limit: 64, keeping: { bytes, position in
+                        processor._withUnsafeGuaranteedRef { processor in
+                            unmanagedView._withUnsafeGuaranteedRef { processor.handle(from: sender, bytes, position: position, view: $0) }
+                        }
+                    })
+                }
                 if everyRing || mailbox.mayHaveMessage(from: sender, kind: .messages) {
                     handled += try poller.poll(from: sender, kind: .messages, limit: 64) { bytes in
                         processor._withUnsafeGuaranteedRef { processor in
@@ -510,12 +519,6 @@ public final class Engine: Sendable {
                         }
                     }
                 }
-                guard everyRing || mailbox.mayHaveMessage(from: sender) else { continue }
-                handled += try poller.poll(from: sender, limit: 64, keeping: { bytes, position in
-                    processor._withUnsafeGuaranteedRef { processor in
-                        unmanagedView._withUnsafeGuaranteedRef { processor.handle(from: sender, bytes, position: position, view: $0) }
-                    }
-                })
             } catch {
                 // Bytes that are not a message: refused, and the ring reopened for the sender to
                 // attach again (it learns at its next look at the ring).

@@ -270,11 +270,15 @@ final class RecordProcessor: @unchecked Sendable {
     /// coordinator read to locked. All or nothing per record. The record is kept (with each entry's
     /// slot) until COMMIT-PRIMARY or ABORT.
     private func lock(_ record: RecordView, raw: UnsafeRawBufferPointer, ring: RingReference, view: ConfigurationView) throws -> Bool {
-        if locked[record.transaction] != nil {
+        let index = kept.keep(raw, extraWords: record.count, reference: ring)
+        // One table operation on the common path: the entry goes in now, and comes out again if
+        // the LOCK fails.
+        if let first = locked.updateValue(index, forKey: record.transaction) {
             // The same transaction id twice: a foreign or replayed record. Refuse it; the first stands.
+            _ = locked.updateValue(first, forKey: record.transaction)
+            kept.release(index)
             throw RecordView.Malformed(description: "a second LOCK record for \(record.transaction)")
         }
-        let index = kept.keep(raw, extraWords: record.count, reference: ring)
         let slots = kept.extraWords(index, after: raw.count)
         var lockedCount = 0
         var failure: AbortCause?
@@ -288,13 +292,13 @@ final class RecordProcessor: @unchecked Sendable {
             failure = .invalidObject
         }
         if let failure {
+            _ = locked.removeValue(forKey: record.transaction)
             if lockedCount > 0 { release(index, locked: lockedCount, view: view, install: false) }
             kept.release(index)
             reply(to: record.transaction, failure: failure, view: view)
             if let malformed { throw malformed }
             return false
         }
-        locked.updateValue(index, forKey: record.transaction)
         publish(pendingCount, locked.count)
         reply(to: record.transaction, failure: nil, view: view)
         return true

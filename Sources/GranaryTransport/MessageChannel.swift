@@ -458,7 +458,7 @@ public struct MailboxPoller: ~Copyable {
     /// - Throws: ``TransportError/corruptChannel(sender:receiver:reason:)`` if the ring holds bytes
     ///   that are not a message from this sender (nothing is consumed past them), or what
     ///   `handler` throws (the message that threw is consumed).
-    @inlinable @discardableResult
+    @inlinable @inline(__always) @discardableResult
     public func poll(from sender: NodeID, kind: RingKind = .log, limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
         try poll(from: sender, kind: kind, limit: limit, keeping: { bytes, _ in
             try handler(bytes)
@@ -472,7 +472,7 @@ public struct MailboxPoller: ~Copyable {
     /// ``Mailbox/releaseMessage(from:at:)``; the others are freed at once, or, behind a kept one,
     /// marked released so that a scan of the log (``Mailbox/keptMessages(in:ringCapacity:from:_:)``)
     /// skips them.
-    @inlinable @discardableResult
+    @inlinable @inline(__always) @discardableResult
     public func poll(from sender: NodeID, kind: RingKind = .log, limit: Int = .max,
                      keeping handler: (UnsafeRawBufferPointer, UInt64) throws -> Bool) throws -> Int {
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)
