@@ -311,13 +311,31 @@ public final class Mailbox: @unchecked Sendable {
         guard region.size >= ChannelFormat.mailboxSize(ringCapacity: ringCapacity) else { return }
         let control = region.base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
         let ring = control + ChannelFormat.controlBytes
-        let mask = UInt64(ringCapacity - 1)
-        let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
-        var head = control.load(as: UInt64.self)
-        let end = head &+ UInt64(ringCapacity)
+        let head = control.load(as: UInt64.self)
         // A reopening that a crash interrupted may have restamped some kept messages only.
         let epoch = control.load(fromByteOffset: ChannelFormat.epochOffset, as: UInt64.self)
         let reopening = control.load(fromByteOffset: ChannelFormat.reopeningOffset, as: UInt64.self)
+        try forEachFrame(in: ring, ringCapacity: ringCapacity, sender: sender, from: head, to: head &+ UInt64(ringCapacity)) { head, position, header, length in
+            let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
+            guard trailer == ChannelFormat.trailer(position: head, epoch: epoch)
+                    || trailer == ChannelFormat.trailer(position: head, epoch: reopening) else { return false }
+            if header >> 48 == ChannelFormat.messageMagic {
+                try body(head, UnsafeRawBufferPointer(start: ring + position + 64, count: length))
+            }
+            return true
+        }
+    }
+
+    /// Walks the frames of `sender`'s ring from stream position `start` up to `end`, skipping
+    /// wrap words: calls `body` with each message's stream position, ring offset, header and
+    /// length, kept or released. Stops at the first bytes that are not such a message (another
+    /// sender's, too long, or crossing the ring's end with its trailer line), or when `body`
+    /// returns false.
+    static func forEachFrame(in ring: UnsafeMutableRawPointer, ringCapacity: Int, sender: NodeID, from start: UInt64, to end: UInt64,
+                             _ body: (_ head: UInt64, _ position: Int, _ header: UInt64, _ length: Int) throws -> Bool) rethrows {
+        let mask = UInt64(ringCapacity - 1)
+        let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
+        var head = start
         while head < end {
             let position = Int(head & mask)
             let header = (ring + position + ChannelFormat.headerOffset).load(as: UInt64.self)
@@ -329,13 +347,8 @@ public final class Mailbox: @unchecked Sendable {
             let magic = header >> 48
             guard magic == ChannelFormat.messageMagic || magic == ChannelFormat.releasedMagic,
                   UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
-                  position + ChannelFormat.stride(length) + 64 <= ringCapacity else { return }
-            let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
-            guard trailer == ChannelFormat.trailer(position: head, epoch: epoch)
-                    || trailer == ChannelFormat.trailer(position: head, epoch: reopening) else { return }
-            if magic == ChannelFormat.messageMagic {
-                try body(head, UnsafeRawBufferPointer(start: ring + position + 64, count: length))
-            }
+                  position + ChannelFormat.stride(length) + 64 <= ringCapacity,
+                  try body(head, position, header, length) else { return }
             head &+= UInt64(ChannelFormat.stride(length))
         }
     }
@@ -570,7 +583,6 @@ public struct MailboxPoller: ~Copyable {
             (control + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
         }
         let mask = UInt64(ringCapacity - 1)
-        let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
         let consumed = word(0).pointee.load(ordering: .relaxed)
         let cursor = cursors[kind.ring(of: sender)].load(ordering: .relaxed)
         let previous = word(ChannelFormat.epochOffset).pointee.load(ordering: .relaxed)
@@ -579,20 +591,10 @@ public struct MailboxPoller: ~Copyable {
         word(ChannelFormat.reopeningOffset).pointee.store(epoch, ordering: .relaxed)
         // Restamp what lies between the consumed counter and the cursor: kept messages, and
         // released ones behind them (the poller validated every one of them).
-        var head = consumed
-        while head < cursor {
-            let position = Int(head & mask)
-            let header = (ring + position + ChannelFormat.headerOffset).load(as: UInt64.self)
-            if header == ChannelFormat.wrap(sender: sender) {
-                head &+= UInt64(ringCapacity - position)
-                continue
-            }
-            let length = Int(header & 0xFFFF_FFFF)
-            guard header >> 48 == ChannelFormat.messageMagic || header >> 48 == ChannelFormat.releasedMagic,
-                  length <= maximum else { break }
+        Mailbox.forEachFrame(in: ring, ringCapacity: ringCapacity, sender: sender, from: consumed, to: cursor) { head, position, _, length in
             (ring + position + ChannelFormat.trailerOffset(length)).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
                 .store(ChannelFormat.trailer(position: head, epoch: epoch), ordering: .relaxed)
-            head &+= UInt64(ChannelFormat.stride(length))
+            return true
         }
         // Zero the header and trailer words of the free part of the ring (the line at the cursor
         // holds the trailer of the last message before it: only its header word goes).

@@ -172,7 +172,7 @@ public enum CheckRunner {
     private static func runNemesis(_ cluster: Cluster, options: CheckRunOptions, history: HistoryWriter, shared: Shared) {
         let kinds = options.faults.intersection([.faults, .slow]).sorted { $0.rawValue < $1.rawValue }
         guard !kinds.isEmpty else { return }
-        var random = SplitMix(seed: options.seed &+ 0xFA017)
+        var random = WorkloadRandom(seed: options.seed &+ 0xFA017)
         func pause(_ seconds: Double) {
             let until = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
             while ContinuousClock.now < until, !shared.stop.load(ordering: .relaxed) { usleep(2_000) }
@@ -180,8 +180,8 @@ public enum CheckRunner {
         while !shared.stop.load(ordering: .relaxed) {
             pause(options.faultInterval / 2)
             if shared.stop.load(ordering: .relaxed) { break }
-            let kind = kinds[random.next(below: kinds.count)]
-            let node = random.next(below: cluster.nodes.count)
+            let kind = kinds[random.uniform(0...(kinds.count - 1))]
+            let node = random.uniform(0...(cluster.nodes.count - 1))
             let engine = cluster.nodes[node].engine
             let probability = options.faultProbability
             let draws = SharedDraws(seed: random.next())
@@ -208,7 +208,7 @@ public enum CheckRunner {
                                   deadline: ContinuousClock.Instant, shared: Shared) {
         let node = cluster.nodes[client % cluster.nodes.count]
         let process = options.processBase + client
-        var random = SplitMix(seed: options.seed &* 0x100 &+ UInt64(client) &+ UInt64(options.processBase) << 20)
+        var random = WorkloadRandom(seed: options.seed &* 0x100 &+ UInt64(client) &+ UInt64(options.processBase) << 20)
         while ContinuousClock.now < deadline {
             // The keys in use: the first `activeKeys` that have not retired.
             let active: [Int] = shared.retired.withLock { full in
@@ -222,9 +222,9 @@ public enum CheckRunner {
             }
             if active.isEmpty { break }
             var ops: [MicroOp] = []
-            for _ in 0..<(1 + random.next(below: options.maximumOperations)) {
-                let key = active[random.next(below: active.count)]
-                if random.next(below: 2) == 0 {
+            for _ in 0..<(1 + random.uniform(0...(options.maximumOperations - 1))) {
+                let key = active[random.uniform(0...(active.count - 1))]
+                if random.uniform(0...1) == 0 {
                     ops.append(.read(key: key, value: nil))
                 } else {
                     let value = shared.nextValue.add(1, ordering: .relaxed).oldValue
@@ -327,23 +327,7 @@ final class SharedDraws: Sendable {
     private let state: Atomic<UInt64>
     init(seed: UInt64) { state = Atomic(seed) }
     func next() -> Double {
-        var z = state.wrappingAdd(0x9E37_79B9_7F4A_7C15, ordering: .relaxed).newValue
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return Double((z ^ (z >> 31)) >> 11) / Double(UInt64(1) << 53)
+        let z = WorkloadRandom.mix(state.wrappingAdd(0x9E37_79B9_7F4A_7C15, ordering: .relaxed).newValue)
+        return Double(z >> 11) / Double(UInt64(1) << 53)
     }
-}
-
-/// A small seeded generator (splitmix64), so a run's choices repeat with its seed.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func next(below bound: Int) -> Int { Int(next() % UInt64(bound)) }
 }
