@@ -208,12 +208,30 @@ public final class MembershipService: Sendable {
     private func takeManagement() async throws {
         let node = self.node
         guard !state.withLock({ $0.mustRejoin }) else { return }
+        // Is the CM we replace silent? Its own lease counter, read twice a lease apart. (Without
+        // this, a CM replaced through the election watch before a `refresh` saw it fall silent
+        // stayed a member, and was removed only after the grace period a new CM gives members it
+        // has never seen renewing: 2 s instead of tens of ms.)
+        var silent: NodeID?
+        if let old = engine.configuration.manager, old != node {
+            // nil: unreadable (a dead peer on verbs), which counts as silent.
+            func counter() -> UInt64? {
+                var value: UInt64 = 0
+                let read: Void? = try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
+                    try self.engine.transportHandle.read(from: old, LeaseWord.address(of: old), into: bytes)
+                }
+                return read == nil ? nil : value
+            }
+            let first = counter()
+            try await Task.sleep(for: options.lease)
+            if first == counter() { silent = old }
+        }
         let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
             guard current.manager != node else { return nil }
             var next = current
             next.manager = node
             // A CM that was replaced because it stopped renewing leases leaves the configuration.
-            if let old = current.manager, old != node, !self.candidatesContain(old) {
+            if let old = current.manager, old != node, !self.candidatesContain(old) || old == silent {
                 next = ConfigurationRecord.removing(old, from: next)
                 next.manager = node
             }
