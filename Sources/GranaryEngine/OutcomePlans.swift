@@ -92,7 +92,11 @@ extension Engine {
                 }
                 if primaries == 0 {
                     if let batches = pendingTruncation.add(plan.transaction, for: truncate, limit: truncationBatch) {
-                        for (node, batch) in batches { sendTruncateOrKeep(batch, to: node) }
+                        // A full batch may wait for ring space: not on the poller (it goes with
+                        // the next flush instead).
+                        for (node, batch) in batches {
+                            if waiting { sendTruncateOrKeep(batch, to: node) } else { pendingTruncation.putBack(batch, for: node) }
+                        }
                     }
                     continue
                 }

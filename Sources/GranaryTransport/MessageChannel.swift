@@ -103,6 +103,21 @@ public enum ChannelFormat {
     public static let resumeOffset = 24
     public static let requestOffset = 32
     public static let reopeningOffset = 40
+    /// Calls `body` with the ring offsets and lengths (at most `maximum` each) of a ring's free
+    /// space: stream positions `start` (the receiver's cursor, where a reopened stream resumes) to
+    /// `end` (the consumed counter plus the capacity), from the header word of the line at `start`,
+    /// since the word before it is the trailer of the last message kept before the cursor.
+    public static func forEachFreeSegment<E: Error>(from start: UInt64, to end: UInt64, ringCapacity: Int, maximum: Int = .max,
+                                                   _ body: (_ offset: Int, _ count: Int) throws(E) -> Void) throws(E) {
+        var position = start &+ UInt64(headerOffset)
+        while position < end {
+            let offset = Int(position & UInt64(ringCapacity - 1))
+            let count = min(Int(end - position), ringCapacity - offset, maximum)
+            try body(offset, count)
+            position &+= UInt64(count)
+        }
+    }
+
     /// The mailbox-header word that senders add 1 to after posting a reopening request, so that a
     /// poller learns of requests with one load per round instead of one per ring. On a line of
     /// its own after the lease words (`LeaseWord`, from offset 2048, in the membership module).
@@ -582,7 +597,6 @@ public struct MailboxPoller: ~Copyable {
         func word(_ offset: Int) -> UnsafeMutablePointer<Atomic<UInt64>> {
             (control + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
         }
-        let mask = UInt64(ringCapacity - 1)
         let consumed = word(0).pointee.load(ordering: .relaxed)
         let cursor = cursors[kind.ring(of: sender)].load(ordering: .relaxed)
         let previous = word(ChannelFormat.epochOffset).pointee.load(ordering: .relaxed)
@@ -596,17 +610,9 @@ public struct MailboxPoller: ~Copyable {
                 .store(ChannelFormat.trailer(position: head, epoch: epoch), ordering: .relaxed)
             return true
         }
-        // Zero the header and trailer words of the free part of the ring (the line at the cursor
-        // holds the trailer of the last message before it: only its header word goes).
-        let end = consumed &+ UInt64(ringCapacity)
-        if cursor < end {
-            (ring + Int(cursor & mask) + ChannelFormat.headerOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee
-                .store(0, ordering: .relaxed)
-            var line = cursor &+ 64
-            while line < end {
-                (ring + Int(line & mask) + 48).storeBytes(of: (0, 0) as (UInt64, UInt64), as: (UInt64, UInt64).self)
-                line &+= 64
-            }
+        // Zero the free part of the ring: the new stream starts on clean bytes.
+        ChannelFormat.forEachFreeSegment(from: cursor, to: consumed &+ UInt64(ringCapacity), ringCapacity: ringCapacity) { offset, count in
+            memset(ring + offset, 0, count)
         }
         word(ChannelFormat.resumeOffset).pointee.store(cursor, ordering: .relaxed)
         word(ChannelFormat.epochOffset).pointee.store(epoch, ordering: .relaxed)
@@ -873,15 +879,12 @@ public final class ChannelSender: Sendable {
         }
     }
 
-    /// Zeroes the ring's free space, stream positions `start` to `end`, from the header word of
-    /// the line at `start` (the word before it is the trailer of the last kept message): bytes a
-    /// connection wrote after the receiver cleared or reopened the ring, and before it learned
-    /// that it was detached, must not pass for messages of the new stream. At most two writes.
+    /// Zeroes the ring's free space, stream positions `start` to `end` (``ChannelFormat/forEachFreeSegment(from:to:ringCapacity:maximum:_:)``):
+    /// bytes a connection wrote after the receiver cleared or reopened the ring, and before it
+    /// learned that it was detached, must not pass for messages of the new stream. One write per
+    /// 64 KiB.
     private func clearFreeSpace(from start: UInt64, to end: UInt64) throws(TransportError) {
-        var position = start &+ UInt64(ChannelFormat.headerOffset)
-        while position < end {
-            let offset = Int(position & UInt64(ringCapacity - 1))
-            let count = min(Int(end - position), ringCapacity - offset, 64 << 10)
+        try ChannelFormat.forEachFreeSegment(from: start, to: end, ringCapacity: ringCapacity, maximum: 64 << 10) { (offset, count) throws(TransportError) in
             if mappedRing != 0 {
                 memset(UnsafeMutableRawPointer(bitPattern: mappedRing)! + offset, 0, count)
             } else {
@@ -890,7 +893,6 @@ public final class ChannelSender: Sendable {
                 zeros.initializeMemory(as: UInt8.self, repeating: 0)
                 try transport.write(to: receiver, ringAddress.advanced(by: offset), from: UnsafeRawBufferPointer(zeros))
             }
-            position &+= UInt64(count)
         }
     }
 
