@@ -296,6 +296,37 @@ struct ExactOutcomeTests {
         try await cluster.shutdown()
     }
 
+    /// An ABORT whose send failed holds the primary's lock until it is delivered. The owing
+    /// node's poller retries it (every 10 ms): it must not wait for that node's next commit,
+    /// which may never come (every coordinator may be blocked reading the locked object).
+    @Test("an owed ABORT is delivered by the poller, without another commit on its node")
+    func owedAbortIsRetriedByThePoller() async throws {
+        let cluster = try await testCluster()
+        let x = try await cluster.nodes[1].transaction { try $0.allocate(Int64(1)) }  // primary n1
+        let y = try await cluster.nodes[2].transaction { try $0.allocate(Int64(2)) }  // primary n2
+        try await cluster.quiesce()
+        let coordinator = cluster.nodes[0].engine
+        // VALIDATE fails after LOCK, and the ABORT that would unlock x cannot be sent.
+        coordinator.injectFaults { point, _ in point == .validateRead || point == .abortSend }
+        do {
+            try await cluster.nodes[0].transaction { tx in
+                _ = try tx.read(y, as: Int64.self)
+                try tx.write(x, Int64(10))
+            }
+            Issue.record("the transaction committed although its VALIDATE read failed")
+        } catch {}
+        #expect(lockedObjects(cluster, [x]).count > 0, "x was not left locked by the undelivered ABORT")
+        coordinator.injectFaults(nil)
+        // No transaction runs on n0 from here on.
+        let deadline = ContinuousClock.now + .seconds(2)
+        while !lockedObjects(cluster, [x]).isEmpty, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        let stillLocked = lockedObjects(cluster, [x])
+        #expect(stillLocked.isEmpty, "still locked 2 s after the fault ended: \(stillLocked)")
+        guard stillLocked.isEmpty else { return }  // reading x, or quiescing, would wait for ever
+        #expect(try await cluster.nodes[2].transaction { try $0.read(x, as: Int64.self) } == 1)
+        try await cluster.shutdown()
+    }
+
     /// Objects among `addresses` whose header has the lock bit on some replica.
     func lockedObjects(_ cluster: Cluster, _ addresses: [GlobalAddress]) -> [String] {
         var found: [String] = []
