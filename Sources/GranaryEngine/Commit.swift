@@ -47,6 +47,9 @@ extension Transaction {
         if writes.isEmpty {
             // Read-only: no records at all. One read is already a consistent snapshot.
             if reads.count > 1 {
+                // Reads routed by a configuration recovery has since replaced may have gone to a
+                // removed primary: read again in the new one.
+                guard engine.isCurrentView(state.pointee.viewRef) else { throw AbortSignal(cause: .wrongConfiguration) }
                 guard try validate(skippingWritten: false) else { throw AbortSignal(cause: .validationFailed) }
                 mark(.validate)
             }
@@ -54,6 +57,14 @@ extension Transaction {
             return
         }
         try checkRecordSizes()
+        // BLOCK (transaction-state recovery): no commit starts while recovery runs, and one that
+        // began in a configuration since replaced starts again in the new one.
+        guard let shard = engine.gate.enter() else {
+            engine.waitForUnblockedCommits()
+            throw AbortSignal(cause: .wrongConfiguration)
+        }
+        defer { engine.gate.leave(shard) }
+        guard engine.isCurrentView(state.pointee.viewRef) else { throw AbortSignal(cause: .wrongConfiguration) }
         if engine.owed.count.load(ordering: .relaxed) > 0 { engine.resolveOwedRecords() }
         let id = try lock(engine: engine)
         mark(.lock)
@@ -76,6 +87,12 @@ extension Transaction {
         // they install), else the primaries' records.
         let truncated = backups != 0 ? backups : primaryMask
         let undelivered = try commitPrimary(id, backups: backups, truncating: truncated, engine: engine)
+        if engine.gate.isFenced {
+            // The lease lapsed while the records went out: this node may have been removed and
+            // the others may have refused records that arrived after they drained their logs.
+            // Recovery decides; this node cannot say which way.
+            throw TransactionError.outcomeUnknown(reason: "\(engine.node)'s lease from the configuration manager lapsed while \(id) was committing")
+        }
         mark(.commitPrimary)
         stats.committed(readOnly: false)
         reservations.removeAll(keepingCapacity: true)  // now owned by the committed objects
@@ -211,6 +228,10 @@ extension Transaction {
             // ones this answer depends on, the primaries' (LOCK) and this node's (the replies);
             // when they hold nothing, the others' (backups' records would otherwise wait for a
             // poller thread to be scheduled).
+            // A primary being removed will not answer: recovery decides what its LOCK did.
+            if engine.gate.removing.load(ordering: .relaxed) & primaries != 0 {
+                engine.replies.abandon(id, failure: AbortCause.wrongConfiguration.rawValue)
+            }
             var handled = 0
             for primary in NodeMask(primaries & ~(1 << UInt64(engine.node.index))) {
                 handled += primaryEngines[primary.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0

@@ -133,6 +133,8 @@ public final class ConfigurationView: @unchecked Sendable {
     let allocationRegions: [RegionID]
     /// Bit n set when node n is a member.
     let memberBits: UInt64
+    /// Set when the node crashes (``Engine/crash()``): nothing more is sent through this view.
+    let sendsStopped = Atomic<Bool>(false)
     /// The largest record this configuration's channels carry (the smallest maximum over the
     /// members' channels): a LOCK or COMMIT-BACKUP record must fit.
     let maximumRecordBytes: Int
@@ -238,6 +240,7 @@ public final class ConfigurationView: @unchecked Sendable {
     /// Sends `record` to `node`'s mailbox through this configuration's sender; without `waiting`,
     /// only if the ring has room now (else ``TransportError/channelFull(receiver:waitedMilliseconds:)``).
     func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false, waiting: Bool = true) throws(TransactionError) {
+        guard !sendsStopped.load(ordering: .relaxed) else { throw .shutDown(self.node) }
         guard node.index < NodeID.limit, let sender = senderTable[node.index], isMember(node) || configuration.contains(self.node) else {
             throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
         }
@@ -292,6 +295,8 @@ public final class Engine: Sendable {
     let faults = FaultInjector()
     /// ABORT and COMMIT-PRIMARY records that could not be delivered, retried in order.
     let owed = OutcomePlans()
+    /// Closed while transaction-state recovery runs (FaRM's BLOCK step); counts commits in flight.
+    let gate = CommitGate()
     let processor: RecordProcessor
     private let pollerThread = Mutex<pthread_t?>(nil)
     /// Set when a coordinator served this node's mailbox since the poller last looked.
@@ -352,6 +357,11 @@ public final class Engine: Sendable {
     /// The configuration this node is in now.
     public var configuration: Configuration { view.configuration }
 
+    /// Whether `view` is still this node's current view (one load, no reference counting).
+    @inline(__always) func isCurrentView(_ view: Unmanaged<ConfigurationView>) -> Bool {
+        currentView.load(ordering: .acquiring) == UInt(bitPattern: view.toOpaque())
+    }
+
     /// Moves this node to `configuration` (NEW-CONFIG), with `newRegions` (files of regions newly
     /// placed on it, already registered with the transport): from now on it rejects records of any
     /// other configuration and from nodes outside it, routes to the new primaries, and serves as
@@ -369,14 +379,15 @@ public final class Engine: Sendable {
         }
         let next = try ConfigurationView(node: node, configuration: configuration, regions: regions, previous: current,
                                          transport: transport)
-        // Regions this node now leads: apply every backup record it kept for them first.
+        // Regions this node now leads (transaction-state recovery resolved their kept records
+        // before a configuration that removes nodes is applied; see TransactionRecovery).
         let promoted = configuration.regions.filter { $0.primary == node && current.primary(of: $0.region) != node }.map(\.region)
         processor.channelsInUse.bitwiseOr(next.memberBits, ordering: .relaxed)
+        processor.refusedSenders.bitwiseAnd(~next.memberBits, ordering: .relaxed)
         // The mailbox's poll claim also makes the record processor single-threaded.
         mailbox.withPoller { _ in
             views.withLock { $0.append(next) }
             currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
-            if !promoted.isEmpty { processor.applyKept(regions: Set(promoted), view: next) }
             mailbox.advanceReleased()
         }
         logger.info("\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted)")
@@ -436,7 +447,9 @@ public final class Engine: Sendable {
                 unmanagedView._withUnsafeGuaranteedRef { view in checkConnections(to: view.memberBits, view: view) }
                 // Records a coordinator owes (an ABORT or COMMIT-PRIMARY whose send failed) go out
                 // from here too: the locks they release may be what every coordinator waits on.
-                if owed.count.load(ordering: .relaxed) > 0 { resolveOwedRecords(waiting: false) }
+                // Not while recovery runs: it decides those transactions, and no record of the old
+                // configuration may be sent once this node has said it sends no more.
+                if owed.count.load(ordering: .relaxed) > 0, !gate.isClosed { resolveOwedRecords(waiting: false) }
             }
             // Load before clearing: an exchange would write the flag's line on every loop.
             if helped.load(ordering: .relaxed), helped.exchange(false, ordering: .relaxed) {
@@ -466,7 +479,7 @@ public final class Engine: Sendable {
     private func poll(helping: Bool) -> Int {
         // Look before taking the poll claim: most polls find nothing, and the claim's cache line
         // would otherwise bounce between the helping threads on every look.
-        guard mayHaveWork else { return 0 }
+        guard mayHaveWork, running.load(ordering: .relaxed) else { return 0 }
         return mailbox.withPollerIfAvailable { poller in
             if helping, !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
             return unmanagedView._withUnsafeGuaranteedRef { view in serveMailbox(poller, view: view) }
@@ -485,7 +498,7 @@ public final class Engine: Sendable {
         return false
     }
 
-    private func serveMailbox(_ poller: borrowing MailboxPoller, view: ConfigurationView) -> Int {
+    func serveMailbox(_ poller: borrowing MailboxPoller, view: ConfigurationView) -> Int {
         var handled = 0
         let delay = processingDelay.load(ordering: .relaxed)
         if delay > 0 { usleep(delay) }
@@ -566,6 +579,18 @@ public final class Engine: Sendable {
             for peer in peers where peer !== self { table[peer.node] = Unowned(engine: peer) }
         }
     }
+
+    /// Stops this node as SIGKILL would, for tests and benchmarks of recovery: its poller stops
+    /// after the record at hand, no coordinator of it sends another record (a commit in progress
+    /// fails at its next send), nothing is flushed, and its mailbox is served no more; its region
+    /// files and mappings stay, as a killed process's files do.
+    public func crash() {
+        for view in views.withLock({ $0 }) { view.sendsStopped.store(true, ordering: .relaxed) }
+        stop()
+    }
+
+    /// Whether the node is serving (not stopped or crashed).
+    public var isRunning: Bool { running.load(ordering: .relaxed) }
 
     /// Stops the poller thread (after it finishes the record at hand).
     public func stop() {

@@ -36,6 +36,8 @@ final class RecordProcessor: @unchecked Sendable {
         var kept = RecordPool()
         var deferred: [DeferredEntry] = []
         var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
+        /// Objects LOCK RECOVERY locked at this (promoted) primary, with their headers before.
+        var recoveryLocks: [(UInt, ObjectHeader)] = []
     }
     private let state: UnsafeMutablePointer<State> = {
         let state = UnsafeMutablePointer<State>.allocate(capacity: 1)
@@ -98,6 +100,9 @@ final class RecordProcessor: @unchecked Sendable {
     let seenAttention = Atomic<UInt64>(0)
     /// Bit n: poll the ring of node n (every node that was ever a member).
     let channelsInUse = Atomic<UInt64>(0)
+    /// Bit n: node n was removed, and transaction recovery has taken its votes: its records are
+    /// refused even before this node moves to the configuration without it.
+    let refusedSenders = Atomic<UInt64>(0)
     /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the
     /// record's copy in ``kept`` (with each entry's slot after it).
     private var locked: TransactionTable { _read { yield state.pointee.locked } _modify { yield &state.pointee.locked } }
@@ -159,7 +164,7 @@ final class RecordProcessor: @unchecked Sendable {
             return false
         }
         let ring = RingReference(sender: sender, position: position)
-        guard view.isMember(sender) else {
+        guard view.isMember(sender), refusedSenders.load(ordering: .relaxed) & (1 << UInt64(sender.index)) == 0 else {
             // Precise membership: a node outside the configuration changes nothing here.
             engine.statistics.rejected()
             engine.logger.info("rejected a \(record.kind) record from \(sender), which is not a member of \(view.configuration.id)")
@@ -180,7 +185,9 @@ final class RecordProcessor: @unchecked Sendable {
             }
             engine.statistics.rejected()
             let error = ConfigurationError.wrongConfiguration(found: record.configuration, expected: view.configuration.id, from: sender)
-            engine.logger.info("\(error)")
+            // A sender ahead of this node is the ordinary moment between two nodes' moves (its
+            // coordinator learns from the refused LOCK and tries again); one behind is not.
+            if record.configuration > view.configurationID { engine.logger.debug("\(error)") } else { engine.logger.info("\(error)") }
             if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
             return false
         }
@@ -553,19 +560,107 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    /// Applies every kept backup record of `regions` (this node was promoted to their primary).
-    /// Transaction recovery, which decides the fate of transactions whose coordinator failed
-    /// between COMMIT-BACKUP and COMMIT-PRIMARY, is not implemented yet: kept records are applied.
-    /// (Their entries for other regions are applied at TRUNCATE; applying is idempotent, newest
-    /// version wins.)
-    func applyKept(regions: Set<RegionID>, view: ConfigurationView) {
-        stashed.forEachValue { index in
+    // MARK: Transaction-state recovery (see TransactionRecovery.swift)
+
+    /// FIND RECOVERING TRANSACTIONS and LOCK RECOVERY at this node, after its logs are drained:
+    /// a vote for every transaction whose records this node still holds (a LOCK at a primary, a
+    /// COMMIT-BACKUP at a backup, a kept COMMIT-PRIMARY of a transaction without backups), with the
+    /// regions the records name. The objects of kept COMMIT-BACKUP records in `promoted` (regions
+    /// this node leads in the next configuration) are locked until ``resolveRecovered(_:view:)``,
+    /// so that no reader sees them before the decision is applied.
+    func recoveryVotes(view: ConfigurationView, promoted: Set<RegionID>) -> [TransactionRecovery.Vote] {
+        var votes: [TransactionRecovery.Vote] = []
+        locked.forEach { id, index in
+            var regions = Set<RegionID>()
+            if let record = try? RecordView(kept.bytes(index)) {
+                try? record.forEachEntry { regions.insert($0.address.region) }
+            }
+            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .lock, regions: regions.sorted()))
+        }
+        stashed.forEach { id, index in
+            var regions = Set<RegionID>()
             forEachKeptEntry(index) { entry in
-                if regions.contains(entry.address.region), !apply(entry, view: view) { deferred.append(entry.owned()) }
+                regions.insert(entry.address.region)
+                guard promoted.contains(entry.address.region), let replica = view.replica(entry.address.region) else { return }
+                let offset = Int(entry.address.offset)
+                guard offset >= replica.layout.firstSlabOffset, offset % ObjectLayout.lineSize == 0,
+                      offset + ObjectLayout.lineSize <= replica.size else { return }
+                let object = replica.base + offset
+                let header = ObjectLayout.loadHeader(object)
+                if !header.isLocked, ObjectLayout.tryLock(object, expected: header).locked {
+                    state.pointee.recoveryLocks.append((UInt(bitPattern: object), header))
+                }
+            }
+            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitBackup, regions: regions.sorted()))
+        }
+        committed.forEach { id, _ in
+            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitPrimary, regions: []))
+        }
+        return votes
+    }
+
+    /// Applies recovery's decisions to every transaction whose records this node holds: a LOCK is
+    /// installed and unlocked (commit) or unlocked unchanged (abort); a COMMIT-BACKUP is applied
+    /// (commit) or dropped (abort); a kept COMMIT-PRIMARY is dropped (already installed). A
+    /// transaction missing from `decisions` aborts. Then the locks LOCK RECOVERY took are released
+    /// where no install did. Every record of the old configuration leaves the log.
+    func resolveRecovered(_ decisions: [UInt64: Bool], view: ConfigurationView) -> (committed: Int, aborted: Int) {
+        var outcome = (committed: 0, aborted: 0)
+        func count(_ commit: Bool) { if commit { outcome.committed += 1 } else { outcome.aborted += 1 } }
+        var entries: [(TransactionID, Int)] = []
+        locked.forEach { entries.append(($0, $1)) }
+        for (id, index) in entries {
+            _ = locked.removeValue(forKey: id)
+            let commit = decisions[id.rawValue] ?? false
+            count(commit)
+            release(index, locked: .max, view: view, install: commit)
+            drop(index)
+        }
+        publish(pendingCount, locked.count)
+        entries.removeAll()
+        stashed.forEach { entries.append(($0, $1)) }
+        var appliedAllocation = false
+        for (id, index) in entries {
+            _ = stashed.removeValue(forKey: id)
+            let commit = decisions[id.rawValue] ?? false
+            count(commit)
+            guard commit else {
+                drop(index)
+                continue
+            }
+            var deferredHere = 0
+            forEachKeptEntry(index) { entry in
+                if !apply(entry, view: view) && !(learnSlabClass(of: entry.address, view: view) && apply(entry, view: view)) {
+                    var owned = entry.owned()
+                    owned.message = kept.reference(index)
+                    deferred.append(owned)
+                    deferredHere += 1
+                }
+                appliedAllocation = appliedAllocation || entry.operation == .allocate
+            }
+            if deferredHere > 0 {
+                let reference = kept.reference(index)
+                state.pointee.deferredMessages[reference.key] = (reference, deferredHere)
+                kept.release(index)
+            } else {
+                drop(index)
             }
         }
-        applyDeferred(view: view)
+        if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
+        entries.removeAll()
+        committed.forEach { entries.append(($0, $1)) }
+        for (id, slot) in entries {
+            _ = committed.removeValue(forKey: id)
+            releaseMessages(state.pointee.committedMessages[slot])
+            state.pointee.freeCommitted.append(slot)
+        }
+        for (address, header) in state.pointee.recoveryLocks {
+            let object = UnsafeMutableRawPointer(bitPattern: address)!
+            if ObjectLayout.loadHeader(object).isLocked { ObjectLayout.unlock(object, restoring: header) }
+        }
+        state.pointee.recoveryLocks.removeAll()
         publishKept()
+        return outcome
     }
 
     /// Applies one entry to this backup's replica; false if the object's slab is not known here yet.

@@ -128,6 +128,21 @@ final class ReplySlots: @unchecked Sendable {
         return UInt8(truncatingIfNeeded: words[slot].load(ordering: .relaxed) >> 16)
     }
 
+    /// Stops waiting for the replies `id` still expects, with `failure` as its outcome: for a
+    /// coordinator whose LOCK went to a node being removed (it will never answer). A no-op if the
+    /// slot has moved on or every reply is in.
+    func abandon(_ id: TransactionID, failure: UInt8) {
+        let slot = id.slot
+        guard slot < Self.count else { return }
+        var word = words[slot].load(ordering: .acquiring)
+        while word >> 24 == id.sequence, word & 0xFFFF != 0 {
+            let next = Self.pack(sequence: id.sequence, failure: (word >> 16) & 0xFF == 0 ? failure : UInt8((word >> 16) & 0xFF), pending: 0)
+            let (exchanged, found) = words[slot].compareExchange(expected: word, desired: next, ordering: .acquiringAndReleasing)
+            if exchanged { return }
+            word = found
+        }
+    }
+
     /// Returns the slot; later replies to `id` are ignored.
     func release(_ id: TransactionID) {
         words[id.slot].store(0, ordering: .releasing)

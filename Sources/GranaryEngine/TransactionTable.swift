@@ -82,6 +82,11 @@ struct TransactionTable: ~Copyable {
         for slot in 0...mask where slots[slot].value >= 0 { try body(slots[slot].value) }
     }
 
+    /// Calls `body` with every transaction and its value.
+    func forEach(_ body: (TransactionID, Int) throws -> Void) rethrows {
+        for slot in 0...mask where slots[slot].value >= 0 { try body(TransactionID(rawValue: slots[slot].key), slots[slot].value) }
+    }
+
     private mutating func grow() {
         let old = slots, oldCapacity = mask + 1
         let capacity = oldCapacity * 2

@@ -71,6 +71,10 @@ public final class MembershipService: Sendable {
         (eventStream, eventSink) = AsyncStream.makeStream(of: MembershipEvent.self)
     }
 
+    /// Every transaction-state recovery this node ran, in order.
+    public var recoveryTimelines: [RecoveryTimeline] { recoveries.withLock { $0 } }
+    let recoveries = Mutex<[RecoveryTimeline]>([])
+
     /// The events, in order.
     public var events: AsyncStream<MembershipEvent> { eventStream }
 
@@ -131,27 +135,46 @@ public final class MembershipService: Sendable {
     private func followConfiguration() async throws {
         while running.load(ordering: .relaxed) {
             let (stored, watch) = try await store.getAndWatch(paths.configuration)
-            try apply(try ConfigurationRecord.decode(stored.data))
+            try await apply(try ConfigurationRecord.decode(stored.data))
             if await watch.event() == .sessionEnded { return }
         }
     }
 
-    /// Moves the engine to `configuration` if it is newer.
-    ///
-    /// One call at a time: the configuration watch, a lease refresh and the CM's own changes call
-    /// this from different tasks, and two of them with the same configuration both passed the
-    /// "newer" check before either moved the engine; the second then failed in
-    /// ``Engine/apply(_:adding:)`` ("cannot move to" its own id), which ended its task (seen once
-    /// in the ZooKeeper stage: a node stopped following configurations).
-    func apply(_ configuration: Configuration) throws {
-        try applying.withLock { _ throws in try applyNewer(configuration) }
+    /// Moves the engine to `configuration` and any newer one seen meanwhile (NEW-CONFIG), one
+    /// at a time, in order: the configuration watch, a lease refresh and the CM's own changes call
+    /// this from different tasks; whichever comes while another drives the moves leaves its
+    /// configuration for that one. A configuration that removes members is applied through
+    /// transaction-state recovery (``recover(into:removed:)``).
+    func apply(_ configuration: Configuration) async throws {
+        newest.withLock { newest in
+            if newest.map({ configuration.id > $0.id }) ?? true { newest = configuration }
+        }
+        while true {
+            guard !driving.exchange(true, ordering: .acquiringAndReleasing) else { return }
+            do {
+                while let next = pendingConfiguration() { try await move(to: next) }
+            } catch {
+                driving.store(false, ordering: .releasing)
+                throw error
+            }
+            driving.store(false, ordering: .releasing)
+            // One that came after the last look and before the flag was cleared.
+            if pendingConfiguration() == nil { return }
+        }
     }
 
-    /// Serialises ``apply(_:)``.
-    private let applying = Mutex<Void>(())
+    /// The newest configuration seen, and whether a task is moving the engine.
+    let newest = Mutex<Configuration?>(nil)
+    private let driving = Atomic<Bool>(false)
 
-    private func applyNewer(_ configuration: Configuration) throws {
-        guard configuration.id > engine.configuration.id else { return }
+    /// The newest configuration seen, if the engine is not in it yet (and this node serves).
+    func pendingConfiguration() -> Configuration? {
+        guard running.load(ordering: .relaxed), let next = newest.withLock({ $0 }), next.id > engine.configuration.id,
+              !state.withLock({ $0.mustRejoin }) else { return nil }
+        return next
+    }
+
+    private func move(to configuration: Configuration) async throws {
         guard configuration.contains(node) else {
             let first = state.withLock { state -> Bool in
                 defer { state.mustRejoin = true }
@@ -161,6 +184,7 @@ public final class MembershipService: Sendable {
                 // Fenced: a removed node serves nothing more (its poller stops, its transactions
                 // fail); it must rejoin as a new member.
                 logger.info("\(node) is not in \(configuration.id): it stops serving and must rejoin")
+                engine.setFenced(true)
                 engine.stop()
                 eventSink.yield(.mustRejoin(configuration.id))
                 // Out of the election and the registrations too: a removed node must neither become
@@ -175,11 +199,31 @@ public final class MembershipService: Sendable {
             return
         }
         for member in configuration.members where member.node != node { try connect(member) }
-        let held = Set(engine.configuration.regions.filter { $0.replicas.contains(node) }.map(\.region))
-        let added = try configuration.regions.filter { $0.replicas.contains(node) && !held.contains($0.region) }.map(openRegion)
-        try engine.apply(configuration, adding: added)
-        eventSink.yield(.configurationApplied(configuration.id))
+        let removed = engine.configuration.members.map(\.node).filter { !configuration.contains($0) }
+        if removed.isEmpty {
+            try engine.apply(configuration, adding: try newRegions(in: configuration))
+            // Blocked by a recovery this configuration superseded after it was applied here.
+            engine.unblockCommits()
+            eventSink.yield(.configurationApplied(configuration.id))
+        } else {
+            guard try await recover(into: configuration, removed: removed) else { return }
+        }
         if configuration.manager == node, !isManager { becomeManager() }
+    }
+
+    /// This node's replicas of regions `configuration` newly places on it, opened.
+    func newRegions(in configuration: Configuration) throws -> [Region] {
+        let held = Set(engine.configuration.regions.filter { $0.replicas.contains(node) }.map(\.region))
+        return try configuration.regions.filter { $0.replicas.contains(node) && !held.contains($0.region) }.map(openRegion)
+    }
+
+    /// Stops this node's membership as SIGKILL would: the lease thread stops renewing, the watches
+    /// end, and the store session is left to expire (not closed). For ``Cluster/crash(_:)``.
+    package func crash() {
+        running.store(false, ordering: .releasing)
+        haltLeases()
+        for task in tasks.withLock({ $0 }) { task.cancel() }
+        eventSink.finish()
     }
 
     // MARK: Election
@@ -241,7 +285,7 @@ public final class MembershipService: Sendable {
             for removed in engine.configuration.members.map(\.node) where !committed.contains(removed) {
                 try? await store.delete(paths.members + "/\(removed)", expectedVersion: nil)
             }
-            try apply(committed)
+            try await apply(committed)
             announce(committed.id)
         }
         becomeManager()
@@ -252,6 +296,8 @@ public final class MembershipService: Sendable {
 
     private func becomeManager() {
         guard !managerFlag.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        // The CM grants leases; it holds none it could lose.
+        engine.setFenced(false)
         logger.info("\(node) is the configuration manager")
         eventSink.yield(.becameManager(engine.configuration.id))
         spawn { try await self.watchRegistrations() }
@@ -291,7 +337,7 @@ public final class MembershipService: Sendable {
                     logger.info("\(node) removed \(member.node) (its registration is gone) in \(committed.id)")
                     eventSink.yield(.removed(member.node, committed.id))
                 }
-                try apply(committed)
+                try await apply(committed)
                 announce(committed.id)
             }
             if await watch.event() == .sessionEnded { return }
@@ -311,6 +357,10 @@ public final class MembershipService: Sendable {
         if let thread { pthread_join(thread, nil) }
     }
     private let leasesHalted = Atomic<Bool>(false)
+    /// As CM: bit n set while node n is being removed (its lease is no longer renewed).
+    let suspectedNodes = Atomic<UInt64>(0)
+    /// As CM: when each member's lease was last renewed.
+    let grants = GrantTimes()
     /// As CM: bit n set once member n's lease counter was seen moving (from then on it is held to
     /// its lease; before, a starting member gets a grace period).
     private let seenRenewing = Atomic<UInt64>(0)
@@ -342,7 +392,7 @@ public final class MembershipService: Sendable {
         leaseThread.withLock { $0 = thread }
     }
 
-    private func nanoseconds(_ duration: Duration) -> UInt64 {
+    func nanoseconds(_ duration: Duration) -> UInt64 {
         let (seconds, attoseconds) = duration.components
         return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
     }
@@ -359,6 +409,8 @@ public final class MembershipService: Sendable {
         var lastSeen: [NodeID: (value: UInt64, at: UInt64, live: Bool)] = [:]
         let grace: UInt64 = max(expiry, 2_000_000_000)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
+        var lastRefresh = lastGrant.at
+        var fenced = false
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
@@ -373,40 +425,62 @@ public final class MembershipService: Sendable {
             previous = now
             let configuration = engine.configuration
             if isManager {
+                let suspected = suspectedNodes.load(ordering: .acquiring)
                 for member in configuration.members where member.node != node {
-                    // Renew the member's lease, and check the member renewed ours.
-                    var grant = counter
-                    _ = try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
-                        try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)
-                    }
+                    // Check the member renewed ours, then renew its lease: only while it renews
+                    // (FaRM's leases are granted in answer to a renewal), so that a member that
+                    // falls silent loses its lease one lease after its last renewal, and a
+                    // removed one has lost it by the time the configuration without it commits.
                     var value: UInt64 = 0
                     let read: Bool = (try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
                         try engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
                     }) != nil
+                    var renewing = true
                     if let seen = lastSeen[member.node] {
                         if read && seen.value != value {
                             if !seen.live { seenRenewing.bitwiseOr(1 << UInt64(member.node.index), ordering: .releasing) }
                             lastSeen[member.node] = (value, now, true)
                         } else if stalled {
                             lastSeen[member.node] = (seen.value, now, seen.live)
-                        } else if now - seen.at > (seen.live ? expiry : grace) {
-                            suspect(member.node)
+                        } else {
+                            renewing = !seen.live || now - seen.at <= lease
+                            if now - seen.at > (seen.live ? expiry : grace) { suspect(member.node) }
                         }
                     } else {
                         lastSeen[member.node] = (value, now, false)
                     }
+                    guard renewing, suspected & (1 << UInt64(member.node.index)) == 0 else { continue }
+                    var grant = counter
+                    let granted = (try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
+                        try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)
+                    }) != nil
+                    if granted { grants.record(member.node, at: monotonicNanoseconds()) }
                 }
             } else {
                 if announcedWord.pointee.load(ordering: .acquiring) > configuration.id.rawValue {
                     refresh(suspectManager: nil)
                 }
                 let grant = grantWord.pointee.load(ordering: .acquiring)
-                if grant != lastGrant.value || stalled {
+                if grant != lastGrant.value {
                     lastGrant = (grant, now)
-                } else if now - lastGrant.at > expiry {
-                    // No renewal from the CM: it failed, or we were removed. Ask the store.
-                    lastGrant.at = now
-                    refresh(suspectManager: configuration.manager)
+                    if fenced {
+                        fenced = false
+                        engine.setFenced(false)
+                    }
+                } else {
+                    // The lease runs from the CM's last grant, whatever this thread's own delays:
+                    // past it, this node may have been removed, and commits wait (fenced).
+                    if now - lastGrant.at > lease, !fenced {
+                        fenced = true
+                        engine.setFenced(true)
+                    }
+                    if stalled {
+                        lastRefresh = now
+                    } else if now - lastGrant.at > expiry, now - lastRefresh > expiry {
+                        // No renewal from the CM: it failed, or we were removed. Ask the store.
+                        lastRefresh = now
+                        refresh(suspectManager: configuration.manager)
+                    }
                 }
             }
             usleep(UInt32(max(1, interval / 1_000)))
@@ -426,6 +500,7 @@ public final class MembershipService: Sendable {
     /// As CM: remove `suspect` from the configuration (once).
     private func suspect(_ suspect: NodeID) {
         guard state.withLock({ $0.removing.insert(suspect).inserted }) else { return }
+        suspectedNodes.bitwiseOr(1 << UInt64(suspect.index), ordering: .releasing)
         spawn {
             // Probe: one one-sided read of every other member's lease word; a member that does not
             // answer is suspected too, and goes in the same reconfiguration.
@@ -437,8 +512,22 @@ public final class MembershipService: Sendable {
                 }) != nil
                 if !answered { suspects.insert(member.node) }
             }
-            defer { self.state.withLock { state in suspects.forEach { state.removing.remove($0) } } }
+            for other in suspects { self.suspectedNodes.bitwiseOr(1 << UInt64(other.index), ordering: .releasing) }
+            defer {
+                self.state.withLock { state in suspects.forEach { state.removing.remove($0) } }
+                for other in suspects { self.suspectedNodes.bitwiseAnd(~(1 << UInt64(other.index)), ordering: .releasing) }
+            }
             let node = self.node
+            // Precise membership: the configuration without them commits only once every lease
+            // this CM granted them has run out (they stopped being renewed when suspected), so
+            // that a suspect still alive has fenced itself before any member acts without it.
+            let leaseEnd = suspects.map { self.grants.last($0) }.max() ?? 0
+            // (A member notices a renewal up to one renewal interval late and checks its lease
+            // once per interval: two intervals of margin.)
+            let lease = self.nanoseconds(self.options.lease)
+            let margin = 2 * lease / UInt64(max(1, self.options.renewalsPerLease))
+            let wait = Int64(leaseEnd) + Int64(lease + margin) - Int64(monotonicNanoseconds())
+            if wait > 0 { try await Task.sleep(for: .nanoseconds(wait)) }
             // The registrations go first (a dead node's session may live on for a while): if this
             // CM dies after committing, its successor must not take a registration left behind
             // for a node asking to join, and bring the removed node back.
@@ -457,7 +546,7 @@ public final class MembershipService: Sendable {
                     self.logger.info("\(node) removed \(removed) (lease expired) in \(committed.id)")
                     self.eventSink.yield(.removed(removed, committed.id))
                 }
-                try self.apply(committed)
+                try await self.apply(committed)
                 self.announce(committed.id)
             }
         }
@@ -483,7 +572,7 @@ public final class MembershipService: Sendable {
         spawn {
             defer { self.refreshing.store(false, ordering: .releasing) }
             let (configuration, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
-            try self.apply(configuration)
+            try await self.apply(configuration)
             guard configuration.contains(self.node), let manager, manager != self.node, configuration.manager == manager else { return }
             // Is the CM's own lease counter still moving?
             var first: UInt64 = 0, second: UInt64 = 1
@@ -515,5 +604,32 @@ public final class MembershipService: Sendable {
             // live on for seconds), so that our election watch fires now.
             await self.withdrawCandidates { $0 == manager || (!configuration.contains($0) && $0 != self.node) }
         }
+    }
+}
+
+/// As CM: the time of the last lease renewal written to each member, read when a member is
+/// removed (how long to wait until its lease has run out).
+///
+/// `@unchecked Sendable`: one atomic per node in a block allocated at init and freed at deinit.
+final class GrantTimes: @unchecked Sendable {
+    private let times: UnsafeMutablePointer<Atomic<UInt64>>
+
+    init() {
+        times = .allocate(capacity: NodeID.limit)
+        for index in 0..<NodeID.limit { (times + index).initialize(to: Atomic<UInt64>(0)) }
+    }
+
+    deinit {
+        times.deinitialize(count: NodeID.limit)
+        times.deallocate()
+    }
+
+    func record(_ node: NodeID, at time: UInt64) {
+        guard node.index < NodeID.limit else { return }
+        times[node.index].store(time, ordering: .releasing)
+    }
+
+    func last(_ node: NodeID) -> UInt64 {
+        node.index < NodeID.limit ? times[node.index].load(ordering: .acquiring) : 0
     }
 }

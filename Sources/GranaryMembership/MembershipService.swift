@@ -26,6 +26,8 @@ public struct MembershipPaths: Sendable {
     public var configuration: String { root + "/configuration" }
     public var election: String { root + "/election" }
     public var members: String { root + "/members" }
+    /// Where the members of configuration `id` meet during its transaction-state recovery.
+    public func recovery(_ id: ConfigurationID) -> String { root + "/recovery/\(id.rawValue)" }
 }
 
 /// The lease words of each node, in its mailbox region's header page (outside the checksummed

@@ -10,10 +10,11 @@ func testCluster(nodes: Int = 3, replicas: Int = 3, configure: (inout ClusterOpt
     return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
 }
 
-/// Compares every backup's bytes with its primary's, region by region; returns the differences.
-func replicaDifferences(_ cluster: Cluster) -> [String] {
+/// Compares every backup's bytes with its primary's, region by region, as `configuration` (by
+/// default the cluster's first) places them; returns the differences.
+func replicaDifferences(_ cluster: Cluster, in configuration: Configuration? = nil) -> [String] {
     var differences: [String] = []
-    for placement in cluster.configuration.regions {
+    for placement in (configuration ?? cluster.configuration).regions {
         guard let primary = cluster.nodes[placement.primary.index].engine.replica(of: placement.region) else {
             differences.append("\(placement.region): primary \(placement.primary) has no replica")
             continue

@@ -1,0 +1,336 @@
+import GranaryConfiguration
+import GranaryMemory
+import GranaryTransport
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// FaRM's transaction-state recovery (SOSP'15, section 5.3), run by every member when a new
+/// configuration removes nodes, before it serves the new configuration:
+///
+/// 1. **Block** (``Engine/blockCommits(removing:)``): no new commit starts; coordinators waiting
+///    for a LOCK answer from a removed node stop waiting (and abort); the node waits until none of
+///    its commits is in flight (``Engine/waitForCommitsToEnd(timeout:)``), so it sends no further
+///    record of the old configuration. Every member then says so (the membership service's
+///    acknowledgement, through the coordination store).
+/// 2. **Drain** (``Engine/drainLogs(timeout:)``): once every member has stopped, each processes
+///    every record its log holds, the removed nodes' included: the logs are then complete.
+/// 3. **Find recovering transactions** and 4. **lock recovery** (``Engine/recoveryVotes(next:)``):
+///    every transaction whose records a member still holds gets a vote from it; a member promoted to
+///    primary locks the objects of the COMMIT-BACKUP records it holds for its new regions, so that
+///    no reader sees them before the decision.
+/// 5. **Vote** and 6. **decide** (``decide(votes:in:survivors:)``): one rule over every member's
+///    votes, applied by whichever member sees them all first and stored once, so that every member
+///    applies the same decisions.
+/// 7. **Apply** (``Engine/resolveRecovered(_:)``): commit installs (LOCK) or applies (COMMIT-BACKUP),
+///    abort unlocks or drops; every lock is released; then the node moves to the new configuration
+///    and commits start again (``Engine/unblockCommits()``).
+///
+/// Differences from the paper: the whole node blocks, not only the regions whose primary changed;
+/// votes travel through the coordination store rather than as messages to per-transaction recovery
+/// coordinators; and every member applies what it holds itself, so REPLICATE-TX-STATE is not needed
+/// (the rule commits only when each surviving replica has what it must apply).
+public enum TransactionRecovery {
+    /// What one member's log holds of one transaction after the drain.
+    public struct Vote: Hashable, Sendable {
+        public enum Kind: UInt8, Sendable {
+            /// A LOCK record at a primary: the objects are locked, not installed.
+            case lock = 1
+            /// A COMMIT-BACKUP record at a backup, not truncated.
+            case commitBackup = 2
+            /// A COMMIT-PRIMARY kept at a primary (a transaction without backups): installed.
+            case commitPrimary = 3
+        }
+        public var transaction: UInt64
+        public var kind: Kind
+        /// The regions the record names.
+        public var regions: [RegionID]
+
+        public init(transaction: UInt64, kind: Kind, regions: [RegionID]) {
+            self.transaction = transaction
+            self.kind = kind
+            self.regions = regions
+        }
+    }
+
+    /// Why votes could not be read.
+    public struct MalformedVotes: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Votes as bytes: per vote, transaction u64, kind u8, region count u16, regions u32 each.
+    public static func encode(_ votes: [Vote]) -> [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(votes.count * 16)
+        func put<T: FixedWidthInteger>(_ value: T) { withUnsafeBytes(of: value.littleEndian) { bytes += $0 } }
+        put(UInt32(votes.count))
+        for vote in votes {
+            put(vote.transaction)
+            put(vote.kind.rawValue)
+            put(UInt16(vote.regions.count))
+            for region in vote.regions { put(region.rawValue) }
+        }
+        return bytes
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws(MalformedVotes) -> [Vote] {
+        var offset = 0
+        func take<T: FixedWidthInteger>(_ type: T.Type) throws(MalformedVotes) -> T {
+            guard offset + MemoryLayout<T>.size <= bytes.count else {
+                throw MalformedVotes(description: "votes end after \(offset) of \(bytes.count) bytes, inside a field")
+            }
+            let value = bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
+            offset += MemoryLayout<T>.size
+            return T(littleEndian: value)
+        }
+        let count = Int(try take(UInt32.self))
+        var votes: [Vote] = []
+        votes.reserveCapacity(min(count, bytes.count / 11))
+        for _ in 0..<count {
+            let transaction = try take(UInt64.self)
+            let raw = try take(UInt8.self)
+            guard let kind = Vote.Kind(rawValue: raw) else { throw MalformedVotes(description: "unknown vote kind \(raw)") }
+            let regions = Int(try take(UInt16.self))
+            var list: [RegionID] = []
+            for _ in 0..<regions { list.append(RegionID(rawValue: try take(UInt32.self))) }
+            votes.append(Vote(transaction: transaction, kind: kind, regions: list))
+        }
+        guard offset == bytes.count else { throw MalformedVotes(description: "\(bytes.count - offset) bytes follow the last vote") }
+        return votes
+    }
+
+    /// DECIDE, for every transaction some survivor voted on: `true` commits it.
+    ///
+    /// A transaction **commits** if a primary kept its COMMIT-PRIMARY; or if some survivor holds
+    /// its COMMIT-BACKUP and either no survivor holds its LOCK (every surviving primary installed
+    /// it, so COMMIT-PRIMARY went out, so it may have been reported committed) or every surviving
+    /// backup of every region its records name holds its COMMIT-BACKUP (each surviving replica
+    /// then holds the new values it must apply). Otherwise it **aborts**: no survivor holds a
+    /// COMMIT-BACKUP (COMMIT-PRIMARY never went out), or a surviving backup lacks one while a LOCK
+    /// is still held (COMMIT-BACKUP was under way or being undone: never reported committed).
+    ///
+    /// `configuration` is the one the transactions ran in (for each region's backups),
+    /// `survivors` the members of the next one.
+    public static func decide(votes: [NodeID: [Vote]], in configuration: Configuration,
+                              survivors: Set<NodeID>) -> [UInt64: Bool] {
+        struct Evidence {
+            var locked = false
+            var keptCommitPrimary = false
+            var backupsHolding = Set<NodeID>()
+            var regions = Set<RegionID>()
+        }
+        var evidence: [UInt64: Evidence] = [:]
+        for (node, list) in votes where survivors.contains(node) {
+            for vote in list {
+                var found = evidence[vote.transaction] ?? Evidence()
+                switch vote.kind {
+                case .lock: found.locked = true
+                case .commitBackup: found.backupsHolding.insert(node)
+                case .commitPrimary: found.keptCommitPrimary = true
+                }
+                found.regions.formUnion(vote.regions)
+                evidence[vote.transaction] = found
+            }
+        }
+        var decisions: [UInt64: Bool] = [:]
+        for (transaction, found) in evidence {
+            if found.keptCommitPrimary {
+                decisions[transaction] = true
+            } else if found.backupsHolding.isEmpty {
+                decisions[transaction] = false
+            } else if !found.locked {
+                decisions[transaction] = true
+            } else {
+                let expected = found.regions.reduce(into: Set<NodeID>()) { nodes, region in
+                    nodes.formUnion(configuration.placement(of: region)?.backups ?? [])
+                }
+                decisions[transaction] = expected.intersection(survivors).isSubset(of: found.backupsHolding)
+            }
+        }
+        return decisions
+    }
+
+    /// What one member's recovery did.
+    public struct Report: Sendable, CustomStringConvertible {
+        public var committed = 0
+        public var aborted = 0
+        public init(committed: Int = 0, aborted: Int = 0) {
+            self.committed = committed
+            self.aborted = aborted
+        }
+        public var description: String { "\(committed) recovering transactions committed, \(aborted) aborted" }
+    }
+}
+
+/// Why a step of recovery at this node did not finish.
+public struct RecoveryError: Error, CustomStringConvertible {
+    public let description: String
+    public init(description: String) { self.description = description }
+}
+
+/// FaRM's BLOCK step for a node's coordinators: a flag that stops new commits, and counts of
+/// commits in flight, one per thread shard on a cache line of its own (a coordinator touches only
+/// its own shard's line on every commit).
+///
+/// `@unchecked Sendable`: `counters` is allocated in `init`, freed in `deinit`, and accessed only
+/// through atomics.
+final class CommitGate: @unchecked Sendable {
+    /// Bit 0: recovery runs; bit 1: this node's lease from the CM lapsed (it may have been removed).
+    private let blocked = Atomic<UInt8>(0)
+    private static let recovering: UInt8 = 1, fenced: UInt8 = 2
+    /// Nodes being removed (bit n: node n): coordinators stop waiting for their answers.
+    let removing = Atomic<UInt64>(0)
+    private static let stride = 16  // words: 128 bytes per shard
+    private let counters: UnsafeMutablePointer<Atomic<Int>>
+
+    init() {
+        let words = threadShards * Self.stride
+        counters = UnsafeMutableRawPointer.allocate(byteCount: words * 8, alignment: 128).bindMemory(to: Atomic<Int>.self, capacity: words)
+        for index in 0..<words { (counters + index).initialize(to: Atomic<Int>(0)) }
+    }
+
+    deinit {
+        counters.deinitialize(count: threadShards * Self.stride)
+        UnsafeMutableRawPointer(counters).deallocate()
+    }
+
+    /// Whether commits are held back (recovery runs, or the lease lapsed).
+    var isClosed: Bool { blocked.load(ordering: .acquiring) != 0 }
+    /// Whether this node's lease lapsed: it may have been removed, and what it sends now may be
+    /// refused, so it reports no commit.
+    @inline(__always) var isFenced: Bool { blocked.load(ordering: .acquiring) & Self.fenced != 0 }
+
+    /// Enters a commit: the shard to leave with, or nil while the gate is closed. The count goes
+    /// up before the flag is read again, and ``close(removing:)`` sets the flag before it reads the
+    /// counts: either the closer sees this commit in flight, or this commit sees the gate closed.
+    @inline(__always) func enter() -> Int? {
+        if blocked.load(ordering: .relaxed) != 0 { return nil }
+        let shard = threadShard()
+        let counter = counters + shard * Self.stride
+        counter.pointee.add(1, ordering: .sequentiallyConsistent)
+        if blocked.load(ordering: .sequentiallyConsistent) != 0 {
+            counter.pointee.subtract(1, ordering: .releasing)
+            return nil
+        }
+        return shard
+    }
+
+    @inline(__always) func leave(_ shard: Int) {
+        (counters + shard * Self.stride).pointee.subtract(1, ordering: .releasing)
+    }
+
+    func close(removing nodes: UInt64) {
+        removing.store(nodes, ordering: .releasing)
+        blocked.bitwiseOr(Self.recovering, ordering: .sequentiallyConsistent)
+    }
+
+    func open() {
+        removing.store(0, ordering: .releasing)
+        blocked.bitwiseAnd(~Self.recovering, ordering: .sequentiallyConsistent)
+    }
+
+    /// The lease lapsed (true) or was renewed again (false).
+    func fence(_ on: Bool) {
+        if on {
+            if blocked.load(ordering: .relaxed) & Self.fenced == 0 { blocked.bitwiseOr(Self.fenced, ordering: .sequentiallyConsistent) }
+        } else if blocked.load(ordering: .relaxed) & Self.fenced != 0 {
+            blocked.bitwiseAnd(~Self.fenced, ordering: .sequentiallyConsistent)
+        }
+    }
+
+    /// Commits in flight now.
+    var inFlight: Int {
+        (0..<threadShards).reduce(0) { $0 + (counters + $1 * Self.stride).pointee.load(ordering: .sequentiallyConsistent) }
+    }
+}
+
+extension Engine {
+    /// BLOCK: no new commit starts on this node until ``unblockCommits()``; a coordinator waiting
+    /// for a LOCK answer from one of `removed` stops waiting and aborts its attempt.
+    public func blockCommits(removing removed: [NodeID]) {
+        gate.close(removing: removed.reduce(0) { $0 | 1 << UInt64($1.index) })
+    }
+
+    /// Waits until no commit of this node is in flight: from then on it sends no record of the
+    /// old configuration (its owed records wait for recovery, which decides them).
+    public func waitForCommitsToEnd(timeout: Duration) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while gate.inFlight > 0 {
+            guard clock.now < deadline else {
+                throw RecoveryError(description: "\(node) still had \(gate.inFlight) commits in flight after \(timeout)")
+            }
+            try await Task.sleep(for: .microseconds(100))
+        }
+    }
+
+    /// DRAIN: processes every record this node's log holds, in the configuration they were sent
+    /// in. Rings of `removed` senders are served but not waited for (a sender killed in the middle
+    /// of a write leaves a frame that never completes).
+    public func drainLogs(removed: [NodeID], timeout: Duration) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        let skipped = removed.reduce(UInt64(0)) { $0 | 1 << UInt64($1.index) }
+        while true {
+            let view = self.view
+            var handled = 0
+            repeat {
+                handled = mailbox.withPoller { poller in serveMailbox(poller, view: view) }
+            } while handled > 0
+            let live = processor.channelsInUse.load(ordering: .relaxed) & ~skipped
+            if NodeMask(live).allSatisfy({ mailbox.isEmpty(from: $0) && mailbox.isEmpty(from: $0, kind: .messages) }) { return }
+            guard clock.now < deadline else {
+                throw RecoveryError(description: "\(node) could not drain its log within \(timeout):\n\(channelReport)")
+            }
+            try await Task.sleep(for: .microseconds(100))
+        }
+    }
+
+    /// FIND RECOVERING TRANSACTIONS and LOCK RECOVERY: this node's votes, after the drain; the
+    /// objects of regions it leads in `next` that kept COMMIT-BACKUP records name are locked until
+    /// ``resolveRecovered(_:)``.
+    public func recoveryVotes(next: Configuration) -> [TransactionRecovery.Vote] {
+        let view = self.view
+        let promoted = Set(next.regions.filter { $0.primary == node && view.primary(of: $0.region) != node }.map(\.region))
+        let removed = view.memberBits & ~next.members.reduce(UInt64(0)) { $0 | 1 << UInt64($1.node.index) }
+        return mailbox.withPoller { _ in
+            // From now on the removed nodes' records are refused: the votes cover all they sent.
+            processor.refusedSenders.bitwiseOr(removed, ordering: .relaxed)
+            return processor.recoveryVotes(view: view, promoted: promoted)
+        }
+    }
+
+    /// Applies recovery's decisions to every record this node holds, drops the records it owed
+    /// (recovery decided their transactions) and what it kept to truncate at `removed` nodes.
+    public func resolveRecovered(_ decisions: [UInt64: Bool], removed: [NodeID]) -> TransactionRecovery.Report {
+        _ = owed.takeAll()
+        for node in removed { _ = pendingTruncation.take(for: node) }
+        let view = self.view
+        let outcome = mailbox.withPoller { _ in
+            let outcome = processor.resolveRecovered(decisions, view: view)
+            mailbox.advanceReleased()
+            return outcome
+        }
+        return TransactionRecovery.Report(committed: outcome.committed, aborted: outcome.aborted)
+    }
+
+    /// Lets commits start again.
+    public func unblockCommits() { gate.open() }
+
+    /// Fences this node while its lease from the configuration manager has lapsed (`true`) and
+    /// lifts the fence once it is renewed (`false`): a fenced node starts no commit, and a commit
+    /// that finds it fenced after its last record reports ``TransactionError/outcomeUnknown(reason:)``
+    /// rather than committed (the node may have been removed, and its records refused after the
+    /// others drained their logs). Called by the lease thread: one atomic operation.
+    public func setFenced(_ fenced: Bool) { gate.fence(fenced) }
+
+    /// Waits (a coordinator that found the gate closed) until recovery lets commits start again,
+    /// at most the reply timeout.
+    func waitForUnblockedCommits() {
+        let start = monotonicNanoseconds()
+        while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < replyTimeoutNanoseconds {
+            usleep(100)
+        }
+    }
+}

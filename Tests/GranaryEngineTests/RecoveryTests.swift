@@ -1,0 +1,206 @@
+import Foundation
+import Granary
+import GranaryTestSupport
+import Synchronization
+import Testing
+
+/// FaRM's transaction-state recovery: the decision rule on its own, and an embedded cluster that
+/// loses nodes under a bank load.
+@Suite("Recovery")
+struct RecoveryTests {
+    typealias Vote = TransactionRecovery.Vote
+
+    /// 5 nodes, regions 1-5 with primary n-1 and backups the next two nodes.
+    func fiveNodes() throws -> Configuration {
+        let ids = (0..<5).map { NodeID($0) }
+        return try Configuration(id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
+                                 members: ids.map { Member(node: $0, endpoint: "shm:\($0)") }, manager: ids[0],
+                                 regions: (0..<5).map { RegionPlacement(region: RegionID($0 + 1), primary: ids[$0], backups: [ids[($0 + 1) % 5], ids[($0 + 2) % 5]]) },
+                                 regionSize: 1 << 20)
+    }
+
+    func decide(_ votes: [Int: [Vote]], survivors: [Int]) throws -> Bool? {
+        let decisions = TransactionRecovery.decide(votes: Dictionary(uniqueKeysWithValues: votes.map { (NodeID($0.key), $0.value) }),
+                                                   in: try fiveNodes(), survivors: Set(survivors.map { NodeID($0) }))
+        return decisions[7]
+    }
+
+    // A transaction (id 7) writes region 1 (primary 0, backups 1, 2) and region 2 (primary 1,
+    // backups 2, 3); its coordinator, node 4, failed at the point each test names.
+    @Test("the decision rule: what the survivors' logs hold decides, and a transaction that may have been reported committed always commits")
+    func decisionRule() throws {
+        let lock1 = Vote(transaction: 7, kind: .lock, regions: [RegionID(1)])
+        let lock2 = Vote(transaction: 7, kind: .lock, regions: [RegionID(2)])
+        let backup1 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(1)])
+        let backup2 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(2)])
+        let survivors = [0, 1, 2, 3]
+        // During LOCK or VALIDATE: locks, no COMMIT-BACKUP anywhere: abort.
+        #expect(try decide([0: [lock1], 1: [lock2]], survivors: survivors) == false)
+        // During COMMIT-BACKUP: node 3 (backup of region 2) has no record while locks are held: abort.
+        #expect(try decide([0: [lock1], 1: [lock2, backup1], 2: [backup1, backup2]], survivors: survivors) == false)
+        // Every COMMIT-BACKUP delivered, no COMMIT-PRIMARY yet: commit (either is allowed; each replica holds its values).
+        #expect(try decide([0: [lock1], 1: [lock2, backup1], 2: [backup1, backup2], 3: [backup2]], survivors: survivors) == true)
+        // During COMMIT-PRIMARY (primary 0 installed, 1 did not): may have been reported: commit.
+        #expect(try decide([1: [lock2, backup1], 2: [backup1, backup2], 3: [backup2]], survivors: survivors) == true)
+        // Every primary installed and nodes 1 and 2 truncated: commit (node 3 still applies its record).
+        #expect(try decide([3: [backup2]], survivors: survivors) == true)
+        // Undo under way: backup 1 dropped its record (ABORT), the primaries still hold locks: abort.
+        #expect(try decide([0: [lock1], 1: [lock2], 2: [backup1, backup2], 3: [backup2]], survivors: survivors) == false)
+        // A transaction without backups whose COMMIT-PRIMARY one primary kept: commit.
+        #expect(try decide([0: [Vote(transaction: 7, kind: .commitPrimary, regions: [])], 1: [lock2]], survivors: survivors) == true)
+        // Node 2 failed too: the survivors of region 1 and 2's backups all hold records: commit.
+        #expect(try decide([0: [lock1], 1: [lock2, backup1], 3: [backup2]], survivors: [0, 1, 3]) == true)
+        // Votes of a node that is not a survivor do not count.
+        #expect(try decide([4: [backup1]], survivors: survivors) == nil)
+        // Votes survive their encoding.
+        let votes = [lock1, backup2, Vote(transaction: .max, kind: .commitPrimary, regions: [])]
+        #expect(try TransactionRecovery.decode(TransactionRecovery.encode(votes)) == votes)
+        #expect(throws: TransactionRecovery.MalformedVotes.self) { try TransactionRecovery.decode(Array(TransactionRecovery.encode(votes).dropLast())) }
+    }
+
+    /// Counts of one worker's transfers.
+    final class Tally: @unchecked Sendable {
+        // Written by one worker thread, read after it is joined.
+        var acknowledged = 0
+        var unknown = 0
+        var failed: [String] = []
+        var afterLastRecovery = 0
+    }
+
+    @Test("5 nodes, 3 replicas, a bank on every node: a primary and then the CM crash; money is conserved at every audit, every acknowledged transfer is present, nothing stays locked, replicas are equal")
+    func bankSurvivesCrashes() async throws {
+        let cluster = try await testCluster(nodes: 5, replicas: 3) { options in
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(10)
+            options.membership = membership
+            options.engine.replyTimeout = .seconds(5)
+        }
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(60)
+        while !cluster.membership.contains(where: \.isManager) {
+            guard clock.now < deadline else { Issue.record("no CM"); return }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        // Accounts in every node's regions; one transfer counter per worker, in its own node's region.
+        let accountsPerNode = 30
+        var accounts: [GlobalAddress] = []
+        var counters: [GlobalAddress] = []
+        for node in cluster.nodes {
+            accounts += try await node.transaction { tx in try (0..<accountsPerNode).map { _ in try tx.allocate(Int64(1_000)) } }
+            counters.append(try await node.transaction { tx in try tx.allocate(Int64(0)) })
+        }
+        let total = Int64(1_000 * accounts.count)
+        let allAccounts = accounts, allCounters = counters
+        try await cluster.quiesce()
+        for member in cluster.membership where member.node != cm {
+            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
+        }
+        let stop = Atomic<Bool>(false)
+        let recoveries = Atomic<Int>(0)
+        let tallies = (0..<5).map { _ in Tally() }
+        let nodes = cluster.nodes
+        let workers = Task.detached {
+            await runThreads(5) { index in
+                let node = nodes[index]
+                let tally = tallies[index]
+                var random = SystemRandomNumberGenerator()
+                while !stop.load(ordering: .relaxed) {
+                    let from = allAccounts[Int.random(in: 0..<allAccounts.count, using: &random)]
+                    let to = allAccounts[Int.random(in: 0..<allAccounts.count, using: &random)]
+                    let amount = Int64.random(in: 1...50, using: &random)
+                    let era = recoveries.load(ordering: .relaxed)
+                    do {
+                        let moved = try node.transactionSync { tx in
+                            let balance = try tx.read(from, as: Int64.self)
+                            guard balance >= amount, from != to else { return false }
+                            try tx.write(from, balance - amount)
+                            try tx.write(to, try tx.read(to, as: Int64.self) + amount)
+                            try tx.write(allCounters[index], try tx.read(allCounters[index], as: Int64.self) + 1)
+                            return true
+                        }
+                        guard moved else { continue }
+                        tally.acknowledged += 1
+                        if era == 2 { tally.afterLastRecovery += 1 }
+                    } catch TransactionError.outcomeUnknown {
+                        tally.unknown += 1
+                    } catch TransactionError.shutDown {
+                        return
+                    } catch {
+                        if tally.failed.count < 5 { tally.failed.append("\(error)") }
+                    }
+                }
+            }
+        }
+        func audit(_ node: Node, _ label: String) async throws {
+            let balances = try await node.transaction { tx in try allAccounts.map { try tx.read($0, as: Int64.self) } }
+            #expect(balances.reduce(0, +) == total, "\(label): the accounts hold \(balances.reduce(0, +)), not \(total)")
+            #expect(balances.allSatisfy { $0 >= 0 }, "\(label): negative balances \(balances.filter { $0 < 0 })")
+        }
+        func waitForRemoval(of victim: NodeID, survivors: [Node]) async throws -> Duration {
+            let crashed = clock.now
+            while !survivors.allSatisfy({ !$0.engine.configuration.contains(victim) }) {
+                guard clock.now - crashed < .seconds(30) else {
+                    Issue.record("\(victim) was not removed within 30 s: configurations \(survivors.map { "\($0.id): \($0.engine.configuration.id)" })")
+                    throw CancellationError()
+                }
+                try await Task.sleep(for: .microseconds(500))
+            }
+            return clock.now - crashed
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        try await audit(cluster.nodes[cm.index], "before any crash")
+        // A primary that is not the CM.
+        let first = NodeID((cm.index + 2) % 5)
+        cluster.crash(first)
+        var survivors = cluster.nodes.filter { $0.id != first }
+        let firstRecovery = try await waitForRemoval(of: first, survivors: survivors)
+        recoveries.store(1, ordering: .relaxed)
+        try await Task.sleep(for: .milliseconds(200))
+        try await audit(survivors.first { $0.id != cm }!, "after \(first) crashed")
+        // Then the CM.
+        cluster.crash(cm)
+        survivors.removeAll { $0.id == cm }
+        let secondRecovery = try await waitForRemoval(of: cm, survivors: survivors)
+        recoveries.store(2, ordering: .relaxed)
+        try await Task.sleep(for: .milliseconds(300))
+        try await audit(survivors[0], "after the CM \(cm) crashed")
+        stop.store(true, ordering: .relaxed)
+        await workers.value
+        print("recovery: \(first) removed and recovered \(firstRecovery) after its crash, the CM \(cm) \(secondRecovery) after its crash")
+        for member in cluster.membership where survivors.contains(where: { $0.id == member.node }) {
+            for timeline in member.recoveryTimelines { print("  \(member.node): \(timeline)") }
+        }
+        try await cluster.quiesce()
+        try await audit(survivors[0], "at the end")
+        // Every acknowledged transfer is present: each worker's counter counts its committed
+        // transfers (those that moved money); acknowledged ones are all there, unknown ones may be.
+        let counted = try await survivors[0].transaction { tx in try allCounters.map { try tx.read($0, as: Int64.self) } }
+        for index in 0..<5 {
+            let tally = tallies[index]
+            #expect(tally.failed.isEmpty, "worker on node \(index): \(tally.failed)")
+            print("  worker on node \(index): \(tally.acknowledged) acknowledged, \(tally.unknown) unknown, counter \(counted[index]), \(tally.afterLastRecovery) after the last recovery")
+            #expect(Int(counted[index]) >= tally.acknowledged && Int(counted[index]) <= tally.acknowledged + tally.unknown,
+                    "node \(index)'s counter is \(counted[index]): \(tally.acknowledged) transfers were acknowledged and \(tally.unknown) had an unknown outcome")
+        }
+        for survivor in survivors {
+            #expect(tallies[survivor.id.index].afterLastRecovery > 0, "\(survivor.id) committed nothing after the last recovery")
+        }
+        // Nothing stays locked, on any replica, and the replicas of every region are equal.
+        let final = survivors[0].engine.configuration
+        for address in allAccounts + allCounters {
+            guard let placement = final.placement(of: address.region) else { continue }
+            for replica in placement.replicas {
+                guard let region = cluster.nodes[replica.index].engine.replica(of: address.region) else {
+                    Issue.record("\(replica) holds no replica of \(address.region)")
+                    continue
+                }
+                let header = ObjectLayout.loadHeader(region.base + Int(address.offset))
+                #expect(!header.isLocked, "\(address) is locked at \(replica)")
+            }
+        }
+        let differences = replicaDifferences(cluster, in: final)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n"))")
+        try await cluster.shutdown()
+    }
+}
