@@ -217,7 +217,8 @@ public final class Cluster: Sendable {
         let deadline = clock.now + timeout
         while !serving.allSatisfy({ $0.engine.isQuiescent }) {
             guard clock.now < deadline else {
-                throw ConfigurationError.invalid("the cluster did not quiesce within \(timeout)")
+                let busy = serving.filter { !$0.engine.isQuiescent }.map(\.engine.channelReport)
+                throw ConfigurationError.invalid("the cluster did not quiesce within \(timeout):\n\(busy.joined(separator: "\n"))")
             }
             try await Task.sleep(for: .microseconds(200))
         }

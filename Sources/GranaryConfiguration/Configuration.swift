@@ -30,17 +30,45 @@ public struct RegionPlacement: Hashable, Sendable, Codable, CustomStringConverti
     public var region: RegionID
     public var primary: NodeID
     public var backups: [NodeID]
+    /// Backups still copying the region from the primary (FaRM's data recovery): they receive and
+    /// apply its records like any backup, but are not promoted until their copy is complete.
+    public var copying: [NodeID]
 
-    public init(region: RegionID, primary: NodeID, backups: [NodeID]) {
+    public init(region: RegionID, primary: NodeID, backups: [NodeID], copying: [NodeID] = []) {
         self.region = region
         self.primary = primary
         self.backups = backups
+        self.copying = copying
     }
 
     /// The primary, then the backups.
     public var replicas: [NodeID] { [primary] + backups }
 
-    public var description: String { "\(region): primary \(primary), backups \(backups.map(\.description).joined(separator: ","))" }
+    /// The backups whose copy is complete.
+    public var completeBackups: [NodeID] { backups.filter { !copying.contains($0) } }
+
+    private enum CodingKeys: String, CodingKey { case region, primary, backups, copying }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        region = try container.decode(RegionID.self, forKey: .region)
+        primary = try container.decode(NodeID.self, forKey: .primary)
+        backups = try container.decode([NodeID].self, forKey: .backups)
+        copying = try container.decodeIfPresent([NodeID].self, forKey: .copying) ?? []
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(region, forKey: .region)
+        try container.encode(primary, forKey: .primary)
+        try container.encode(backups, forKey: .backups)
+        if !copying.isEmpty { try container.encode(copying, forKey: .copying) }
+    }
+
+    public var description: String {
+        "\(region): primary \(primary), backups \(backups.map(\.description).joined(separator: ","))"
+            + (copying.isEmpty ? "" : " (copying: \(copying.map(\.description).joined(separator: ",")))")
+    }
 }
 
 /// Why a configuration is not usable.
@@ -136,6 +164,9 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
             }
             for node in replicas where !nodes.contains(node) {
                 throw .invalid("region \(placement.region) has a replica on \(node), which is not a member")
+            }
+            for node in placement.copying where !placement.backups.contains(node) {
+                throw .invalid("region \(placement.region) lists \(node) as copying, which is not one of its backups")
             }
         }
     }

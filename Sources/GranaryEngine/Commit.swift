@@ -260,6 +260,8 @@ extension Transaction {
                 fatalError("LOCK unanswered (GRANARY_CRASH_ON_UNANSWERED is set)")
             }
             abortLocked(id, engine: engine)
+            // This node crashed or stopped meanwhile (its own poller took no answer).
+            guard engine.running.load(ordering: .relaxed) else { throw TransactionError.shutDown(engine.node) }
             // A primary that reopened its ring towards us (it restarted, or refused bytes it
             // could not read) never saw the LOCK: attach again for the next transaction.
             engine.checkConnections(to: primaries, view: view)

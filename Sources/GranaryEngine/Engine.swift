@@ -116,6 +116,12 @@ struct ReplicaAccess {
 /// references to the senders that the `senders` array keeps alive for the view's lifetime.
 public final class ConfigurationView: @unchecked Sendable {
     public let configuration: Configuration
+    /// The first configuration with this one's routing (members, and each region's primary and
+    /// backups): records stamped with it or any later one route as this one does and are taken.
+    /// Changes that keep the routing (a new manager, a copy completed, a new member or region)
+    /// do not move it, so records in flight across them stay valid; a change of routing goes
+    /// through transaction recovery, which drains every record of the configurations before.
+    let routingEpoch: ConfigurationID
     /// `configuration.id`, kept apart: reading it through `configuration` copies the value and
     /// its arrays' references on every record.
     let configurationID: ConfigurationID
@@ -144,6 +150,18 @@ public final class ConfigurationView: @unchecked Sendable {
         self.configuration = configuration
         self.configurationID = configuration.id
         self.node = node
+        if let previous {
+            // Routing changed: a member left, or a region's primary or backups changed.
+            let before = previous.configuration
+            let changed = before.members.contains { !configuration.contains($0.node) }
+                || configuration.regions.contains { placement in
+                    guard let old = before.placement(of: placement.region) else { return false }
+                    return old.primary != placement.primary || old.backups != placement.backups
+                }
+            routingEpoch = changed ? configuration.id : previous.routingEpoch
+        } else {
+            routingEpoch = configuration.id
+        }
         var table = [LocalReplica?](repeating: nil, count: RegionID.limit)
         var primaries = [UInt16](repeating: UInt16(NodeID.limit), count: RegionID.limit)
         let backupMasks = UnsafeMutablePointer<UInt64>.allocate(capacity: RegionID.limit)
@@ -180,6 +198,9 @@ public final class ConfigurationView: @unchecked Sendable {
             senders[member.node.index] = try previous?.senders[member.node.index] ?? ChannelSender(transport: transport, to: member.node)
             replySenders[member.node.index] = try previous?.replySenders[member.node.index]
                 ?? ChannelSender(transport: transport, to: member.node, kind: .messages)
+            // A member (again): sends to it wait for ring space as usual.
+            senders[member.node.index]?.giveUpWaiting(false)
+            replySenders[member.node.index]?.giveUpWaiting(false)
         }
         self.senders = senders
         self.replySenders = replySenders

@@ -176,7 +176,7 @@ final class RecordProcessor: @unchecked Sendable {
         // decided (a commit everywhere, or nothing), and refusing it would leave the records it
         // releases in this log for ever.
         let ends = (record.kind == .truncate || record.kind == .abort) && record.configuration < view.configurationID
-        guard record.configuration == view.configurationID || ends else {
+        guard record.configuration >= view.routingEpoch || ends else {
             if record.kind == .lockReply, record.cause == AbortCause.wrongConfiguration.rawValue {
                 // A primary in another configuration refused our LOCK: the waiting coordinator must
                 // learn it (its own configuration is the stale one, or the primary's is).
@@ -530,6 +530,14 @@ final class RecordProcessor: @unchecked Sendable {
         publishKept()
     }
 
+    /// ``applyDeferred(view:)`` for data recovery, after it entered slab classes from the
+    /// primary's table (entries waiting for a slab this backup had never seen).
+    func retryDeferred(view: ConfigurationView) {
+        guard !deferred.isEmpty else { return }
+        applyDeferred(view: view)
+        publishKept()
+    }
+
     /// Applies the deferred entries whose slabs are now known; releases the log records of those
     /// that are all applied.
     private func applyDeferred(view: ConfigurationView) {
@@ -604,7 +612,12 @@ final class RecordProcessor: @unchecked Sendable {
     /// (commit) or dropped (abort); a kept COMMIT-PRIMARY is dropped (already installed). A
     /// transaction missing from `decisions` aborts. Then the locks LOCK RECOVERY took are released
     /// where no install did. Every record of the old configuration leaves the log.
-    func resolveRecovered(_ decisions: [UInt64: Bool], view: ConfigurationView) -> (committed: Int, aborted: Int) {
+    func resolveRecovered(_ decisions: [UInt64: Bool], removed: [NodeID], view: ConfigurationView) -> (committed: Int, aborted: Int) {
+        // Answers to removed coordinators will never be read.
+        for node in removed where node.index < NodeID.limit && !unsent[node.index].isEmpty {
+            unsentCount.subtract(unsent[node.index].count, ordering: .relaxed)
+            unsent[node.index].removeAll()
+        }
         var outcome = (committed: 0, aborted: 0)
         func count(_ commit: Bool) { if commit { outcome.committed += 1 } else { outcome.aborted += 1 } }
         var entries: [(TransactionID, Int)] = []

@@ -250,6 +250,12 @@ extension Engine {
     /// for a LOCK answer from one of `removed` stops waiting and aborts its attempt.
     public func blockCommits(removing removed: [NodeID]) {
         gate.close(removing: removed.reduce(0) { $0 | 1 << UInt64($1.index) })
+        // A commit waiting for ring space at a removed node (it stopped polling) stops waiting.
+        let view = self.view
+        for node in removed where node.index < NodeID.limit {
+            view.senders[node.index]?.giveUpWaiting(true)
+            view.replySenders[node.index]?.giveUpWaiting(true)
+        }
     }
 
     /// Waits until no commit of this node is in flight: from then on it sends no record of the
@@ -308,7 +314,7 @@ extension Engine {
         for node in removed { _ = pendingTruncation.take(for: node) }
         let view = self.view
         let outcome = mailbox.withPoller { _ in
-            let outcome = processor.resolveRecovered(decisions, view: view)
+            let outcome = processor.resolveRecovered(decisions, removed: removed, view: view)
             mailbox.advanceReleased()
             return outcome
         }

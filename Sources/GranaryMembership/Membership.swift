@@ -47,6 +47,8 @@ public final class MembershipService: Sendable {
         var removing: Set<NodeID> = []
         var takingOver = false
         var mustRejoin = false
+        /// Regions this node is copying from their primaries now.
+        var copyingRegions: Set<RegionID> = []
     }
     let state = Mutex(State())
     let running = Atomic<Bool>(true)
@@ -209,6 +211,39 @@ public final class MembershipService: Sendable {
             guard try await recover(into: configuration, removed: removed) else { return }
         }
         if configuration.manager == node, !isManager { becomeManager() }
+        startCopies(in: configuration)
+    }
+
+    /// DATA RECOVERY: copies, in the background, every region `configuration` makes this node a
+    /// new backup of; once a copy is complete, the configuration no longer marks it copying (a
+    /// compare-and-set in the store, then applied like any configuration).
+    private func startCopies(in configuration: Configuration) {
+        for placement in configuration.regions where placement.copying.contains(node) {
+            let region = placement.region
+            guard state.withLock({ $0.copyingRegions.insert(region).inserted }) else { continue }
+            let primary = placement.primary
+            spawn {
+                defer { _ = self.state.withLock { $0.copyingRegions.remove(region) } }
+                let report = try await self.engine.copyRegion(region, from: primary, pace: self.options.copyPace) {
+                    // Stop if the region's primary changed or this node no longer copies it.
+                    guard let now = self.newest.withLock({ $0 })?.placement(of: region) else { return true }
+                    return now.primary != primary || !now.copying.contains(self.node)
+                }
+                self.logger.info("\(self.node) \(report)")
+                let node = self.node
+                let committed = try await ConfigurationRecord.change(self.engine.configuration.cluster, in: self.store) { current in
+                    guard let index = current.regions.firstIndex(where: { $0.region == region }),
+                          current.regions[index].primary == primary, current.regions[index].copying.contains(node) else { return nil }
+                    var next = current
+                    next.regions[index].copying.removeAll { $0 == node }
+                    return next
+                }
+                if let committed {
+                    try await self.apply(committed)
+                    self.announce(committed.id)
+                }
+            }
+        }
     }
 
     /// This node's replicas of regions `configuration` newly places on it, opened.
@@ -277,6 +312,7 @@ public final class MembershipService: Sendable {
             // A CM that was replaced because it stopped renewing leases leaves the configuration.
             if let old = current.manager, old != node, !self.candidatesContain(old) || old == silent {
                 next = ConfigurationRecord.removing(old, from: next)
+                next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
                 next.manager = node
             }
             return next
@@ -325,6 +361,9 @@ public final class MembershipService: Sendable {
                 var next = current
                 for member in current.members where left.contains(member.node) && member.node != self.node {
                     next = ConfigurationRecord.removing(member.node, from: next)
+                }
+                if next.members.count < current.members.count {
+                    next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
                 }
                 for member in registered where !current.contains(member.node) && !member.endpoint.isEmpty {
                     next.members.append(member)
@@ -536,6 +575,7 @@ public final class MembershipService: Sendable {
                 let present = suspects.filter { current.contains($0) }
                 guard !present.isEmpty else { return nil }
                 var next = present.reduce(current) { ConfigurationRecord.removing($1, from: $0) }
+                next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
                 next.manager = node
                 return next
             }

@@ -16,6 +16,9 @@ public struct MembershipOptions: Sendable {
     /// Lease expiries in a row before a node is suspected and probed; the probe then waits one
     /// more lease for a sign of life before the suspect is removed.
     public var probeLeases: Int = 1
+    /// Data recovery's pacing: after copying each slab (64 KiB by default) of a region to a new
+    /// backup, a random wait of up to twice this, so that foreground throughput holds.
+    public var copyPace: Duration = .milliseconds(1)
     public init() {}
 }
 
@@ -114,14 +117,40 @@ public enum ConfigurationRecord {
         next.regions = configuration.regions.compactMap { placement in
             var placement = placement
             placement.backups.removeAll { $0 == node }
+            placement.copying.removeAll { $0 == node }
             if placement.primary == node {
-                guard !placement.backups.isEmpty else { return nil }  // no replica left: the region is lost
-                placement.primary = placement.backups.removeFirst()
+                // The first backup whose copy is complete; none: the region is lost.
+                guard let promoted = placement.completeBackups.first else { return nil }
+                placement.backups.removeAll { $0 == promoted }
+                placement.primary = promoted
             }
             return placement
         }
         if next.manager == node { next.manager = nil }
         return next
+    }
+
+    /// `configuration` with a new backup for every region below `replicas` replicas (FaRM's data
+    /// recovery): on the members holding the fewest replicas, never two of one region on a node,
+    /// each marked as copying until it has copied the region from its primary.
+    public static func replenishing(_ configuration: Configuration, replicas: Int) -> Configuration {
+        var next = configuration
+        let nodes = configuration.members.map(\.node)
+        for index in next.regions.indices where next.regions[index].replicas.count < replicas {
+            let held = Dictionary(grouping: next.regions.flatMap(\.replicas), by: { $0 }).mapValues(\.count)
+            let candidates = nodes.filter { !next.regions[index].replicas.contains($0) }
+                .sorted { (held[$0] ?? 0, $0) < (held[$1] ?? 0, $1) }
+            for node in candidates.prefix(replicas - next.regions[index].replicas.count) {
+                next.regions[index].backups.append(node)
+                next.regions[index].copying.append(node)
+            }
+        }
+        return next
+    }
+
+    /// The replication the cluster keeps: the most replicas any region of `configuration` has.
+    public static func replication(of configuration: Configuration) -> Int {
+        configuration.regions.map(\.replicas.count).max() ?? 1
     }
 
     /// Regions with fewer than `replicas` replicas, for re-replication.

@@ -727,6 +727,13 @@ public struct ChannelReceiver: Sendable {
 /// channel's tail and writes them straight into the ring: no lock. Otherwise (verbs) sends build
 /// the message in a staging buffer and are serialised by its lock.
 public final class ChannelSender: Sendable {
+    /// Set while the receiver is being removed from the configuration: a send waiting for ring
+    /// space (or for the ring to be reopened) gives up at once instead of after the send timeout.
+    private let givenUp = Atomic<Bool>(false)
+
+    /// Makes sends that would wait for this receiver fail at once (`true`), or wait again (`false`).
+    public func giveUpWaiting(_ giveUp: Bool) { givenUp.store(giveUp, ordering: .relaxed) }
+
     public let sender: NodeID
     public let receiver: NodeID
     public let ringCapacity: Int
@@ -871,7 +878,7 @@ public final class ChannelSender: Sendable {
                     requestedAt = now
                 }
                 if !wait { return false }
-                if now - start > sendTimeoutNanoseconds {
+                if now - start > sendTimeoutNanoseconds || givenUp.load(ordering: .relaxed) {
                     throw .peerUnreachable(node: receiver, detail: "its \(kind == .log ? "log" : "message queue") ring for \(sender) was not reopened for this connection within \((now - start) / 1_000_000) ms (is it polling?)")
                 }
                 backoff.pause()
@@ -1101,7 +1108,7 @@ public final class ChannelSender: Sendable {
             if !wait { return nil }
             let now = monotonicNanoseconds()
             if waitingSince == 0 { waitingSince = now }
-            if now - waitingSince > sendTimeoutNanoseconds {
+            if now - waitingSince > sendTimeoutNanoseconds || givenUp.load(ordering: .relaxed) {
                 throw .channelFull(receiver: receiver, waitedMilliseconds: Int((now - waitingSince) / 1_000_000))
             }
             backoff.pause()
