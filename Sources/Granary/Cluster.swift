@@ -211,7 +211,7 @@ public final class Cluster: Sendable {
     /// TRUNCATE records and waits until no node has a record to process.
     public func quiesce(timeout: Duration = .seconds(30)) async throws {
         // Crashed or removed nodes serve nothing: only the running ones are waited for.
-        let serving = nodes.filter { $0.engine.isRunning && $0.engine.configuration.contains($0.id) }
+        let serving = servingNodes
         for node in serving { try node.engine.flushTruncations() }
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
@@ -222,6 +222,11 @@ public final class Cluster: Sendable {
             }
             try await Task.sleep(for: .microseconds(200))
         }
+    }
+
+    /// The nodes still serving: not crashed, stopped or removed from the configuration.
+    public var servingNodes: [Node] {
+        nodes.filter { $0.engine.isRunning && $0.engine.configuration.contains($0.id) }
     }
 
     /// Stops node `id` as SIGKILL would, for tests and benchmarks of recovery: its threads stop at

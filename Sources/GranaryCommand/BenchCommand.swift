@@ -33,6 +33,10 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Write an SVG plot (throughput over time, latency CDF) to this file.") var plot: String?
     @Flag(help: "No live progress line.") var quiet = false
     @Flag(help: "Run the configuration manager too (10 ms leases over the embedded store).") var membership = false
+    @Option(help: "Crash this node (as SIGKILL would) during the run; implies --membership. Prints the times from the crash to the new configuration, to every region active, and to 80% of the throughput before.")
+    var crash: Int?
+    @Option(help: "Seconds into the run at which --crash crashes its node.") var at: Double = 1
+    @Option(help: "With --crash: write the commits of every millisecond as CSV (ms,committed) to this file.") var bins: String?
 
     func validate() throws {
         guard nodes >= 1, nodes <= NodeID.limit else { throw ValidationError("--nodes must be in 1...\(NodeID.limit)") }
@@ -41,6 +45,11 @@ struct BenchOptions: ParsableArguments {
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
         guard transport == .shm else { throw ValidationError("--transport \(transport) is not available for benchmarks; use shm") }
         guard regionMib >= 1, regionMib & (regionMib - 1) == 0 else { throw ValidationError("--region-mib must be a power of two") }
+        if let crash {
+            guard crash >= 0, crash < nodes else { throw ValidationError("--crash must name a node in 0..<--nodes (\(nodes))") }
+            guard nodes >= 2, replicas >= 2 else { throw ValidationError("--crash needs at least 2 nodes and 2 replicas, so that every region survives") }
+            guard at > 0, at < seconds else { throw ValidationError("--at must be inside the run (0 < --at < --seconds)") }
+        }
         if let plot, !plot.hasSuffix(".svg") { throw ValidationError("--plot writes SVG: give a file name ending in .svg, got '\(plot)'") }
     }
 
@@ -48,7 +57,7 @@ struct BenchOptions: ParsableArguments {
         var options = ClusterOptions()
         options.regionSize = regionMib << 20
         options.engine.maximumAttempts = 1_000
-        if membership { options.membership = MembershipOptions() }
+        if membership || crash != nil { options.membership = MembershipOptions() }
         return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
     }
 }
@@ -56,7 +65,7 @@ struct BenchOptions: ParsableArguments {
 /// Runs a workload end to end: load, run with progress, check, report.
 func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: BenchOptions) async throws {
     let cluster = try await options.makeCluster()
-    let manager = options.membership ? "configuration manager with 10 ms leases (embedded store)" : "static configuration"
+    let manager = options.membership || options.crash != nil ? "configuration manager with 10 ms leases (embedded store)" : "static configuration"
     FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
     let configurationBefore = cluster.nodes.map(\.engine.configuration.id)
     let loadStart = ContinuousClock.now
@@ -66,15 +75,31 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let probe = MemoryLatencyProbe()
     let latencyBefore = probe.measure()
     let handoffBefore = CoreToCoreProbe.measure()
+    if options.crash != nil {
+        // Leases are renewed by every node before the clock starts: the CM holds a starting
+        // member to a grace period, not to its lease, until it has seen it renew.
+        let manager = cluster.membership.first(where: \.isManager)
+        for member in cluster.nodes where member.id != manager?.node {
+            while manager.map({ !$0.hasSeenRenewing(member.id) }) ?? false { try await Task.sleep(for: .milliseconds(2)) }
+        }
+    }
     let report = Runner.run(workload, on: cluster, workers: options.workers, adaptive: options.adaptiveWorkers,
-                            seconds: options.seconds, seed: options.seed) { line in
+                            seconds: options.seconds, seed: options.seed,
+                            crash: options.crash.map { Runner.CrashPlan(node: NodeID($0), at: options.at) }) { line in
         if !quiet { FileHandle.standardError.write(("\r" + line).data(using: .utf8)!) }
     }
     if !quiet { FileHandle.standardError.write("\n".data(using: .utf8)!) }
     let latencyAfter = probe.measure()
     let handoffAfter = CoreToCoreProbe.measure()
     let configurationAfter = cluster.nodes.map(\.engine.configuration.id)
-    if configurationAfter != configurationBefore {
+    if let crash = options.crash {
+        print(CrashFigures(report: report, cluster: cluster, crashed: NodeID(crash)).summary)
+        if let bins = options.bins, let counts = report.millisecondBins {
+            let csv = "ms,committed\n" + counts.enumerated().map { "\($0.offset),\($0.element)" }.joined(separator: "\n") + "\n"
+            try csv.write(toFile: bins, atomically: true, encoding: .utf8)
+            print("wrote \(bins)")
+        }
+    } else if configurationAfter != configurationBefore {
         // A node was suspected and removed during the run (its lease thread starved?): the figures
         // are not those of the configuration the run started with.
         print("warning: the configuration changed during the run (\(configurationBefore) -> \(configurationAfter))")
@@ -282,5 +307,40 @@ struct MembershipBench: AsyncParsableCommand {
             let document: [String: Double] = ["median_ms": percentile(50), "p99_ms": percentile(99), "max_ms": sorted.last!, "trials": Double(trials), "lease_ms": Double(leaseMs)]
             try JSONEncoder().encode(document).write(to: URL(fileURLWithPath: json))
         }
+    }
+}
+
+/// What a run with `--crash` measured: from the crash to the survivors' new configuration, to
+/// every region active (the last survivor's recovery applied), and to 80% of the throughput of
+/// the 200 ms before (the first millisecond from which a 5 ms moving mean reaches it).
+struct CrashFigures {
+    var configurationMilliseconds: Double?
+    var activeMilliseconds: Double?
+    var eightyPercentMilliseconds: Double?
+    var before: Double = 0
+    var crashed: NodeID
+
+    init(report: RunReport, cluster: Cluster, crashed: NodeID) {
+        self.crashed = crashed
+        guard let bins = report.millisecondBins, let crashBin = report.crashBin, let crashAt = report.crashNanoseconds else { return }
+        let timelines = cluster.membership.filter { $0.node != crashed }.flatMap { $0.recoveryTimelines.filter { $0.removed.contains(crashed) } }
+        if let seen = timelines.map(\.seenAt).min(), seen >= crashAt { configurationMilliseconds = Double(seen - crashAt) / 1e6 }
+        if let done = timelines.map({ $0.seenAt + $0.applied }).max(), done >= crashAt { activeMilliseconds = Double(done - crashAt) / 1e6 }
+        let window = bins[max(0, crashBin - 200)..<crashBin]
+        before = window.isEmpty ? 0 : Double(window.reduce(0, +)) * 1_000 / Double(window.count)
+        var index = crashBin
+        while index + 5 <= bins.count {
+            let rate = Double(bins[index..<(index + 5)].reduce(0, +)) * 1_000 / 5
+            if rate >= 0.8 * before {
+                eightyPercentMilliseconds = Double(index - crashBin)
+                break
+            }
+            index += 1
+        }
+    }
+
+    var summary: String {
+        func ms(_ value: Double?) -> String { value.map { String(format: "%.1f ms", $0) } ?? "not reached" }
+        return "  crash                \(crashed): new configuration seen at +\(ms(configurationMilliseconds)), every region active at +\(ms(activeMilliseconds)), 80% of the throughput before (\(String(format: "%.0f", before))/s) at +\(ms(eightyPercentMilliseconds))"
     }
 }

@@ -228,8 +228,9 @@ extension Transaction {
             // ones this answer depends on, the primaries' (LOCK) and this node's (the replies);
             // when they hold nothing, the others' (backups' records would otherwise wait for a
             // poller thread to be scheduled).
-            // A primary being removed will not answer: recovery decides what its LOCK did.
-            if engine.gate.removing.load(ordering: .relaxed) & primaries != 0 {
+            // A primary being removed will not answer: recovery decides what its LOCK did. Nor
+            // will anyone, to this node, once it crashed.
+            if engine.gate.removing.load(ordering: .relaxed) & primaries != 0 || !engine.running.load(ordering: .relaxed) {
                 engine.replies.abandon(id, failure: AbortCause.wrongConfiguration.rawValue)
             }
             var handled = 0

@@ -11,6 +11,9 @@ import Synchronization
 public struct RecoveryTimeline: Sendable, CustomStringConvertible {
     public var configuration: ConfigurationID
     public var removed: [NodeID]
+    /// When this member saw the configuration (monotonic nanoseconds); the figures below count
+    /// from it.
+    public var seenAt: UInt64 = 0
     /// Nanoseconds from seeing the configuration to: no commit of this node in flight, every member
     /// stopped (acknowledged), the log drained, every vote in, the decisions applied (the node
     /// serves the new configuration, once every member has moved).
@@ -38,6 +41,7 @@ extension MembershipService {
     func recover(into next: Configuration, removed: [NodeID]) async throws -> Bool {
         let start = monotonicNanoseconds()
         var timeline = RecoveryTimeline(configuration: next.id, removed: removed)
+        timeline.seenAt = start
         let base = paths.recovery(next.id)
         let me = "\(node.rawValue)"
         // 1. BLOCK, and say so once no record of the old configuration can leave this node.

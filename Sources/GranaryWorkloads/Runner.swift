@@ -91,6 +91,12 @@ public struct RunReport: Sendable, Codable {
     public var adaptiveWorkers: Bool = false
     /// How many workers were running in each interval of ``timeline``.
     public var activeWorkers: [Int] = []
+    /// With a crash plan: transactions committed in each millisecond of the run, and the index of
+    /// the millisecond in which the node was crashed (monotonic time of the crash in
+    /// `crashNanoseconds`).
+    public var millisecondBins: [Int]? = nil
+    public var crashBin: Int? = nil
+    public var crashNanoseconds: UInt64? = nil
 }
 
 /// Chooses how many of a run's worker threads issue transactions: all of them, or one.
@@ -198,9 +204,21 @@ public enum Runner {
     /// With `adaptive`, a ``WorkerCountController`` decides each 250 ms interval whether all the
     /// workers run or one; the others wait between transactions (holding nothing). The report
     /// says how many ran in each interval.
+    /// A node to crash (``Cluster/crash(_:)``) `at` seconds into the run; the run then counts
+    /// commits per millisecond.
+    public struct CrashPlan: Sendable {
+        public var node: NodeID
+        public var at: Double
+        public init(node: NodeID, at: Double) {
+            self.node = node
+            self.at = at
+        }
+    }
+
     public static func run(_ workload: some Workload, on cluster: Cluster, workers: Int, adaptive: Bool = false,
-                           seconds: Double, seed: UInt64,
+                           seconds: Double, seed: UInt64, crash: CrashPlan? = nil,
                            progress: (@Sendable (String) -> Void)? = nil) -> RunReport {
+        let adaptive = adaptive && crash == nil
         let types = workload.transactionTypes
         let stop = Atomic<Bool>(false)
         let perWorker = Mutex<[(Histogram<UInt64>, [Int], [Int], Int64, Int)]>([])
@@ -223,7 +241,43 @@ public enum Runner {
         let activeTimeline = Mutex<[Int]>([])
         // Workers with an index at or above this wait (written by the sampler, rarely).
         let active = Atomic<Int>(threadCount)
+        let bins = Mutex<[Int]>([])
+        let crashed = Mutex<(bin: Int, at: UInt64)?>(nil)
         withoutActuallyEscaping({ (index: Int) -> Void in
+            if index == threadCount, let crash {
+                // Commits per millisecond, the crash at its time; the 250 ms timeline from them.
+                var last = 0
+                var quarter = 0
+                var counts: [Int] = []
+                counts.reserveCapacity(Int(seconds * 1_000) + 16)
+                let crashAt = start + UInt64(crash.at * 1e9)
+                var next = start + 1_000_000
+                while !stop.load(ordering: .relaxed) {
+                    let now = monotonicNanoseconds()
+                    if now < next {
+                        usleep(UInt32(max(1, (next - now) / 1_000)))
+                        continue
+                    }
+                    next += 1_000_000
+                    let count = (0..<threadCount).reduce(0) { $0 + (committedNow + 8 * $1).pointee.load(ordering: .relaxed) }
+                    counts.append(count - last)
+                    last = count
+                    if now >= crashAt, crashed.withLock({ $0 }) == nil {
+                        cluster.crash(crash.node)
+                        crashed.withLock { $0 = (counts.count, monotonicNanoseconds()) }
+                    }
+                    if counts.count - quarter >= 250 {
+                        let rate = Double(counts[quarter...].reduce(0, +)) / (Double(counts.count - quarter) / 1_000)
+                        timeline.withLock { $0.append(rate) }
+                        activeTimeline.withLock { $0.append(threadCount) }
+                        progress?(String(format: "%6.1fs  %10.0f committed/s", Double(now - start) / 1e9, rate))
+                        quarter = counts.count
+                    }
+                    if now >= deadline { break }
+                }
+                bins.withLock { $0 = counts }
+                return
+            }
             if index == threadCount {
                 var last = 0
                 var lastTime = start
@@ -267,6 +321,8 @@ public enum Runner {
                     continue
                 }
                 if iterations & 15 == 0, monotonicNanoseconds() >= deadline { break }
+                // This worker's node was crashed: its process would be gone.
+                if crash != nil, !node.engine.isRunning { break }
                 let began = monotonicNanoseconds()
                 var attempt = 0
                 var committed: TransactionOutcome?
@@ -346,7 +402,9 @@ public enum Runner {
             },
             phaseMeanNanoseconds: phases, timeline: timeline.withLock { $0 }, latencyCDF: cdf,
             committedDelta: committedDelta, failed: failed, workers: threadCount, adaptiveWorkers: adaptive && threadCount > 1,
-            activeWorkers: activeTimeline.withLock { $0 })
+            activeWorkers: activeTimeline.withLock { $0 },
+            millisecondBins: crash == nil ? nil : bins.withLock { $0 },
+            crashBin: crashed.withLock { $0?.bin }, crashNanoseconds: crashed.withLock { $0?.at })
     }
 }
 

@@ -191,13 +191,14 @@ public struct TATPWorkload: Workload {
     /// its Special_Facility row and a valid end time; Call_Forwarding holds the loaded rows plus the
     /// committed inserts minus the committed deletes.
     public func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
+        let serving = cluster.servingNodes  // a crashed node answers nothing
         var problems: [String] = []
         var forwardingRows = 0
         let chunk = 250
         for first in stride(from: 1, through: subscribers, by: chunk) {
             let last = min(first + chunk - 1, subscribers)
             let tables = (subscriber!, subNbrIndex!, accessInfo!, specialFacility!, callForwarding!)
-            let (found, bad) = try await cluster.nodes[first % cluster.nodes.count].transaction { tx -> (Int, [String]) in
+            let (found, bad) = try await serving[first % serving.count].transaction { tx -> (Int, [String]) in
                 var rows = 0
                 var bad: [String] = []
                 for s in first...last {
