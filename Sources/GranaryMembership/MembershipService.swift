@@ -18,7 +18,7 @@ public struct MembershipOptions: Sendable {
     public var probeLeases: Int = 1
     /// Data recovery's pacing: after copying each slab (64 KiB by default) of a region to a new
     /// backup, a random wait of up to twice this, so that foreground throughput holds.
-    public var copyPace: Duration = .milliseconds(1)
+    public var copyPace: Duration = .milliseconds(4)
     public init() {}
 }
 

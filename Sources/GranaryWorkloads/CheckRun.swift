@@ -28,6 +28,11 @@ public enum CheckFault: String, CaseIterable, Sendable {
     /// The process running the cluster is stopped (SIGSTOP) for 0.1-0.5 s, then continued, now
     /// and then. Needs the cluster in a child process (`granary check run`).
     case pause
+    /// Every `faultInterval`, one node crashes (``Cluster/crash(_:)``, as SIGKILL would), as long
+    /// as every region keeps a replica (at most replicas - 1 nodes): the configuration manager
+    /// (10 ms leases, on for this fault) detects it and the survivors recover. Its clients stop,
+    /// their last transaction's outcome unknown.
+    case crash
 }
 
 /// What one run of clients (one cluster process's life, under `kill`) does.
@@ -74,6 +79,7 @@ public struct CheckRunOptions: Sendable {
         options.engine.replyTimeout = .seconds(2)
         options.engine.sabotage = sabotage
         options.logger.logLevel = .critical
+        if faults.contains(.crash) { options.membership = MembershipOptions() }
         return options
     }
 }
@@ -170,8 +176,9 @@ public enum CheckRunner {
 
     /// The in-process faults: every `faultInterval`, a window of one kind on one node, logged.
     private static func runNemesis(_ cluster: Cluster, options: CheckRunOptions, history: HistoryWriter, shared: Shared) {
-        let kinds = options.faults.intersection([.faults, .slow]).sorted { $0.rawValue < $1.rawValue }
+        let kinds = options.faults.intersection([.faults, .slow, .crash]).sorted { $0.rawValue < $1.rawValue }
         guard !kinds.isEmpty else { return }
+        var crashed = Set<Int>()
         var random = WorkloadRandom(seed: options.seed &+ 0xFA017)
         func pause(_ seconds: Double) {
             let until = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
@@ -182,6 +189,16 @@ public enum CheckRunner {
             if shared.stop.load(ordering: .relaxed) { break }
             let kind = kinds[random.uniform(0...(kinds.count - 1))]
             let node = random.uniform(0...(cluster.nodes.count - 1))
+            if kind == .crash {
+                // The data survives as long as every region keeps a replica.
+                guard crashed.count < options.replicas - 1, !crashed.contains(node) else { continue }
+                crashed.insert(node)
+                history.nemesis("crash", value: .int(node))
+                cluster.crash(NodeID(node))
+                shared.summary.withLock { $0.faults += 1 }
+                pause(options.faultInterval / 2)
+                continue
+            }
             let engine = cluster.nodes[node].engine
             let probability = options.faultProbability
             let draws = SharedDraws(seed: random.next())
@@ -194,7 +211,7 @@ public enum CheckRunner {
                     return false
                 }
                 engine.slowRecordProcessing(microseconds: 100)
-            case .kill, .pause: break
+            case .kill, .pause, .crash: break
             }
             shared.summary.withLock { $0.faults += 1 }
             pause(options.faultInterval / 2)
@@ -240,6 +257,11 @@ public enum CheckRunner {
             } catch TransactionError.outcomeUnknown {
                 history.complete(process: process, type: .info, ops: nil)
                 shared.summary.withLock { $0.unknown += 1 }
+            } catch TransactionError.shutDown {
+                // This client's node crashed: a killed process learns nothing more.
+                history.complete(process: process, type: .info, ops: nil)
+                shared.summary.withLock { $0.unknown += 1 }
+                return
             } catch let full as KeyFull {
                 history.complete(process: process, type: .fail, ops: nil)
                 shared.summary.withLock { $0.failed += 1 }
