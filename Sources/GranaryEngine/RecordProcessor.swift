@@ -507,24 +507,7 @@ final class RecordProcessor: @unchecked Sendable {
                 state.pointee.freeCommitted.append(slot)
             }
             guard let index = stashed.removeValue(forKey: id) else { return }
-            var deferredHere = 0
-            forEachKeptEntry(index) { entry in
-                if !apply(entry, view: view) && !(learnSlabClass(of: entry.address, view: view) && apply(entry, view: view)) {
-                    var owned = entry.owned()
-                    owned.message = kept.reference(index)
-                    deferred.append(owned)
-                    deferredHere += 1
-                }
-                appliedAllocation = appliedAllocation || entry.operation == .allocate
-            }
-            if deferredHere > 0 {
-                // The record stays in the log until its deferred entries are applied.
-                let reference = kept.reference(index)
-                state.pointee.deferredMessages[reference.key] = (reference, deferredHere)
-                kept.release(index)
-            } else {
-                drop(index)
-            }
+            if applyStashed(index, view: view) { appliedAllocation = true }
         }
         if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
         publishKept()
@@ -536,6 +519,31 @@ final class RecordProcessor: @unchecked Sendable {
         guard !deferred.isEmpty else { return }
         applyDeferred(view: view)
         publishKept()
+    }
+
+    /// Applies the entries of kept COMMIT-BACKUP record `index` (TRUNCATE, or recovery's commit)
+    /// and drops it; an entry whose slab is not known here yet is deferred, and the record stays
+    /// in the log until it is applied. Returns whether an entry allocated.
+    private func applyStashed(_ index: Int, view: ConfigurationView) -> Bool {
+        var deferredHere = 0
+        var allocated = false
+        forEachKeptEntry(index) { entry in
+            if !apply(entry, view: view) && !(learnSlabClass(of: entry.address, view: view) && apply(entry, view: view)) {
+                var owned = entry.owned()
+                owned.message = kept.reference(index)
+                deferred.append(owned)
+                deferredHere += 1
+            }
+            allocated = allocated || entry.operation == .allocate
+        }
+        if deferredHere > 0 {
+            let reference = kept.reference(index)
+            state.pointee.deferredMessages[reference.key] = (reference, deferredHere)
+            kept.release(index)
+        } else {
+            drop(index)
+        }
+        return allocated
     }
 
     /// Applies the deferred entries whose slabs are now known; releases the log records of those
@@ -641,23 +649,7 @@ final class RecordProcessor: @unchecked Sendable {
                 drop(index)
                 continue
             }
-            var deferredHere = 0
-            forEachKeptEntry(index) { entry in
-                if !apply(entry, view: view) && !(learnSlabClass(of: entry.address, view: view) && apply(entry, view: view)) {
-                    var owned = entry.owned()
-                    owned.message = kept.reference(index)
-                    deferred.append(owned)
-                    deferredHere += 1
-                }
-                appliedAllocation = appliedAllocation || entry.operation == .allocate
-            }
-            if deferredHere > 0 {
-                let reference = kept.reference(index)
-                state.pointee.deferredMessages[reference.key] = (reference, deferredHere)
-                kept.release(index)
-            } else {
-                drop(index)
-            }
+            if applyStashed(index, view: view) { appliedAllocation = true }
         }
         if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
         entries.removeAll()
