@@ -398,6 +398,8 @@ public final class MembershipService: Sendable {
     private let leasesHalted = Atomic<Bool>(false)
     /// As CM: bit n set while node n is being removed (its lease is no longer renewed).
     let suspectedNodes = Atomic<UInt64>(0)
+    /// As CM: bit n set while member n has not renewed for more than a lease.
+    let quietNodes = Atomic<UInt64>(0)
     /// As CM: when each member's lease was last renewed.
     let grants = GrantTimes()
     /// As CM: bit n set once member n's lease counter was seen moving (from then on it is held to
@@ -485,7 +487,17 @@ public final class MembershipService: Sendable {
                             renewing = !seen.live || now - seen.at <= lease
                             if now - seen.at > (seen.live ? expiry : grace) { suspect(member.node) }
                         }
-                    } else {
+                    }
+                    // Members silent for more than a lease (their lease from this CM has lapsed):
+                    // the probe of a reconfiguration removes them with the suspect. (Over shared
+                    // memory a dead node's lease word stays readable: readability proves nothing.)
+                    let bit: UInt64 = 1 << UInt64(member.node.index)
+                    if renewing {
+                        if quietNodes.load(ordering: .relaxed) & bit != 0 { quietNodes.bitwiseAnd(~bit, ordering: .releasing) }
+                    } else if quietNodes.load(ordering: .relaxed) & bit == 0 {
+                        quietNodes.bitwiseOr(bit, ordering: .releasing)
+                    }
+                    if lastSeen[member.node] == nil {
                         lastSeen[member.node] = (value, now, false)
                     }
                     guard renewing, suspected & (1 << UInt64(member.node.index)) == 0 else { continue }
@@ -549,7 +561,8 @@ public final class MembershipService: Sendable {
                 let answered = (try? withUnsafeMutableBytes(of: &word) { (bytes) throws(TransportError) in
                     try self.engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
                 }) != nil
-                if !answered { suspects.insert(member.node) }
+                let quiet = self.quietNodes.load(ordering: .acquiring) & (1 << UInt64(member.node.index)) != 0
+                if !answered || quiet { suspects.insert(member.node) }
             }
             for other in suspects { self.suspectedNodes.bitwiseOr(1 << UInt64(other.index), ordering: .releasing) }
             defer {

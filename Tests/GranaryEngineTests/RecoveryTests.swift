@@ -73,8 +73,18 @@ struct RecoveryTests {
         var afterLastRecovery = 0
     }
 
-    @Test("5 nodes, 3 replicas, a bank on every node: a primary and then the CM crash; money is conserved at every audit, every acknowledged transfer is present, nothing stays locked, every region gets 3 replicas again and they are equal")
-    func bankSurvivesCrashes() async throws {
+    /// Which nodes crash, and when.
+    enum Crashes: String, CaseIterable, CustomStringConvertible {
+        /// A primary that is not the CM, then, once the survivors recovered, the CM.
+        case primaryThenManager = "a primary, then the CM"
+        /// Two members that are not the CM at the same moment (f = 2).
+        case twoAtOnce = "two nodes at once"
+        var description: String { rawValue }
+    }
+
+    @Test("5 nodes, 3 replicas, a bank on every node, nodes crash under load: money is conserved at every audit, every acknowledged transfer is present, nothing stays locked, every region gets 3 replicas again and they are equal",
+          arguments: Crashes.allCases)
+    func bankSurvivesCrashes(_ crashes: Crashes) async throws {
         let cluster = try await testCluster(nodes: 5, replicas: 3) { options in
             var membership = MembershipOptions()
             membership.lease = .milliseconds(10)
@@ -163,21 +173,34 @@ struct RecoveryTests {
         }
         try await Task.sleep(for: .milliseconds(300))
         try await audit(cluster.nodes[cm.index], "before any crash")
-        // A primary that is not the CM.
-        let first = NodeID((cm.index + 2) % 5)
-        cluster.crash(first)
-        var survivors = cluster.nodes.filter { $0.id != first }
-        let firstRecovery = try await waitForRemoval(of: first, survivors: survivors)
-        flags.recoveries.store(1, ordering: .relaxed)
-        try await Task.sleep(for: .milliseconds(200))
-        try await audit(survivors.first { $0.id != cm }!, "after \(first) crashed")
-        // Then the CM.
-        cluster.crash(cm)
-        survivors.removeAll { $0.id == cm }
-        let secondRecovery = try await waitForRemoval(of: cm, survivors: survivors)
+        var survivors = cluster.nodes
+        var summary = ""
+        switch crashes {
+        case .primaryThenManager:
+            // A primary that is not the CM.
+            let first = NodeID((cm.index + 2) % 5)
+            cluster.crash(first)
+            survivors.removeAll { $0.id == first }
+            let firstRecovery = try await waitForRemoval(of: first, survivors: survivors)
+            flags.recoveries.store(1, ordering: .relaxed)
+            try await Task.sleep(for: .milliseconds(200))
+            try await audit(survivors.first { $0.id != cm }!, "after \(first) crashed")
+            // Then the CM.
+            cluster.crash(cm)
+            survivors.removeAll { $0.id == cm }
+            let secondRecovery = try await waitForRemoval(of: cm, survivors: survivors)
+            summary = "\(first) removed and recovered \(firstRecovery) after its crash, the CM \(cm) \(secondRecovery) after its crash"
+        case .twoAtOnce:
+            let victims = [NodeID((cm.index + 1) % 5), NodeID((cm.index + 3) % 5)]
+            for victim in victims { cluster.crash(victim) }
+            survivors.removeAll { victims.contains($0.id) }
+            var removedAfter: [Duration] = []
+            for victim in victims { removedAfter.append(try await waitForRemoval(of: victim, survivors: survivors)) }
+            summary = "\(victims) removed and recovered \(removedAfter.max()!) after their crash"
+        }
         flags.recoveries.store(2, ordering: .relaxed)
         try await Task.sleep(for: .milliseconds(300))
-        try await audit(survivors[0], "after the CM \(cm) crashed")
+        try await audit(survivors[0], "after the crashes (\(crashes))")
         // Data recovery: every region back to 3 replicas, copied under the load.
         let copying = clock.now
         while !survivors.allSatisfy({ node in
@@ -194,7 +217,7 @@ struct RecoveryTests {
         try await audit(survivors[0], "after re-replication")
         flags.stop.store(true, ordering: .relaxed)
         await workers.value
-        print("recovery: \(first) removed and recovered \(firstRecovery) after its crash, the CM \(cm) \(secondRecovery) after its crash; every region had 3 replicas again \(rereplicated) after that")
+        print("recovery (\(crashes)): \(summary); every region had 3 replicas again \(rereplicated) after that")
         for member in cluster.membership where survivors.contains(where: { $0.id == member.node }) {
             for timeline in member.recoveryTimelines { print("  \(member.node): \(timeline)") }
         }
