@@ -101,11 +101,17 @@ extension Engine {
             let objectBytes = lines * ObjectLayout.lineSize
             try read(base, into: buffer)
             var again: [Int] = []
-            mailbox.withPoller { _ in
-                var offset = 0
-                while offset + objectBytes <= layout.slabSize {
-                    if !install(buffer.baseAddress! + offset, at: base + offset, lines: lines) { again.append(base + offset) }
-                    offset += objectBytes
+            var offset = 0
+            while offset + objectBytes <= layout.slabSize {
+                // 64 objects per hold of the poll claim: the node's record processing (LOCK
+                // answers above all) waits for the copy only that long.
+                mailbox.withPoller { _ in
+                    var count = 0
+                    while count < 64, offset + objectBytes <= layout.slabSize {
+                        if !install(buffer.baseAddress! + offset, at: base + offset, lines: lines) { again.append(base + offset) }
+                        offset += objectBytes
+                        count += 1
+                    }
                 }
             }
             for offset in again {
