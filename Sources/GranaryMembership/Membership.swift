@@ -151,17 +151,32 @@ public final class MembershipService: Sendable {
         newest.withLock { newest in
             if newest.map({ configuration.id > $0.id }) ?? true { newest = configuration }
         }
-        while true {
-            guard !driving.exchange(true, ordering: .acquiringAndReleasing) else { return }
-            do {
-                while let next = pendingConfiguration() { try await move(to: next) }
-            } catch {
-                driving.store(false, ordering: .releasing)
-                throw error
+        drive()
+    }
+
+    /// Starts the task that moves the engine, unless it runs. The moves run in a task of their
+    /// own, never in the caller's: a recovery can wait for members for as long as it takes a newer
+    /// configuration to arrive, and the caller may be the one to bring it (a lease refresh that
+    /// finds the CM silent; seen over ZooKeeper: a refresh that drove a recovery waiting for the
+    /// dead CM never withdrew its candidacy, and the failover took the 4 s session timeout).
+    private func drive() {
+        guard !driving.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        spawn {
+            while self.running.load(ordering: .relaxed) {
+                do {
+                    while let next = self.pendingConfiguration() { try await self.move(to: next) }
+                } catch {
+                    // A failed store call or region file: try again shortly (the newest
+                    // configuration stays pending).
+                    self.logger.warning("\(self.node) could not move to the newest configuration yet: \(error)")
+                    try await Task.sleep(for: .milliseconds(100))
+                    continue
+                }
+                self.driving.store(false, ordering: .releasing)
+                // One that came after the last look and before the flag was cleared.
+                guard self.pendingConfiguration() != nil, !self.driving.exchange(true, ordering: .acquiringAndReleasing) else { return }
             }
-            driving.store(false, ordering: .releasing)
-            // One that came after the last look and before the flag was cleared.
-            if pendingConfiguration() == nil { return }
+            self.driving.store(false, ordering: .releasing)
         }
     }
 
