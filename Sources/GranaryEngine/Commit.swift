@@ -60,7 +60,9 @@ extension Transaction {
         // BLOCK (transaction-state recovery): no commit starts while recovery runs, and one that
         // began in a configuration since replaced starts again in the new one.
         guard let shard = engine.gate.enter() else {
-            engine.waitForUnblockedCommits()
+            // The caller's retry loop waits for the gate (`Engine.run` on its thread,
+            // `Node.transaction` without holding a thread of the cooperative pool, which the
+            // recovery that opens the gate may need).
             throw AbortSignal(cause: .wrongConfiguration)
         }
         defer { engine.gate.leave(shard) }
@@ -485,6 +487,12 @@ extension Engine {
                 return result
             case .aborted(let cause):
                 lastCause = cause
+                if gate.isClosed {
+                    // Recovery runs (or the lease lapsed): wait for it; the attempt does not count.
+                    waitForUnblockedCommits()
+                    if !gate.isClosed { attempt -= 1 }
+                    continue
+                }
                 let wait = retryDelay(afterAttempt: attempt)
                 if wait > 1_000 { usleep(UInt32(wait / 1_000)) }
             }

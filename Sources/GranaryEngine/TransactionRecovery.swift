@@ -331,6 +331,9 @@ extension Engine {
     /// others drained their logs). Called by the lease thread: one atomic operation.
     public func setFenced(_ fenced: Bool) { gate.fence(fenced) }
 
+    /// Whether commits are held back now (recovery runs, or this node's lease lapsed).
+    public var commitsBlocked: Bool { gate.isClosed }
+
     /// Waits (a coordinator that found the gate closed) until recovery lets commits start again,
     /// at most the reply timeout.
     func waitForUnblockedCommits() {

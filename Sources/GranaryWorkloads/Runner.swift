@@ -336,6 +336,12 @@ public enum Runner {
                     random = draw
                     guard let outcome else { break }  // a non-retryable error
                     if case .committed(let result) = outcome { committed = result; break }
+                    if node.engine.commitsBlocked, node.engine.isRunning, monotonicNanoseconds() < deadline {
+                        // Recovery runs: wait for it; the attempt does not count.
+                        usleep(100)
+                        attempt -= 1
+                        continue
+                    }
                     if attempt >= node.engine.options.maximumAttempts { break }
                     let wait = node.engine.retryDelay(afterAttempt: attempt)
                     if wait > 1_000 { usleep(UInt32(wait / 1_000)) }
