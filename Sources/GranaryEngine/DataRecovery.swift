@@ -79,7 +79,6 @@ extension Engine {
         defer { buffer.deallocate() }
         let payload = UnsafeMutableRawPointer.allocate(byteCount: layout.slabSize, alignment: 8)
         defer { payload.deallocate() }
-        let paceNanoseconds = UInt64(pace.components.seconds) * 1_000_000_000 + UInt64(pace.components.attoseconds / 1_000_000_000)
         /// Installs the object in `snapshot` if whole and newer; false if it must be read again.
         func install(_ snapshot: UnsafeRawPointer, at offset: Int, lines: Int) -> Bool {
             guard case .consistent(let header) = ObjectLayout.check(snapshot: snapshot, lines: lines) else { return false }
@@ -126,7 +125,7 @@ extension Engine {
                     try await Task.sleep(for: .microseconds(attempts < 10 ? 20 : 500))
                 }
             }
-            if paceNanoseconds > 0 { try await Task.sleep(for: .nanoseconds(UInt64.random(in: 0...(2 * paceNanoseconds)))) }
+            if pace > .zero { try await Task.sleep(for: pace * Double.random(in: 0...2)) }
         }
         report.nanoseconds = monotonicNanoseconds() - start
         return report
