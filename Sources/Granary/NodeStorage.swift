@@ -83,9 +83,17 @@ public struct NodeStorage: Sendable {
         }
     }
 
-    /// Makes `member` reachable (a member that joined).
+    /// Makes `member`, a node that joined, reachable. A node that comes back after it left is a
+    /// new process with new region files (and, on verbs, new memory keys): what this node learnt
+    /// of its former self's regions is dropped first.
     public func connect(_ member: Member) throws {
-        connectPeer(member.node, try Self.directory(of: member))
+        let directory = try Self.directory(of: member)
+        if let sharedMemory {
+            sharedMemory.forgetRegions(of: member.node)
+        } else if let verbs = transport as? VerbsTransport {
+            verbs.disconnect(from: member.node)
+        }
+        connectPeer(member.node, directory)
     }
 
     /// A node on the shared-memory transport.

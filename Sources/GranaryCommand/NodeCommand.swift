@@ -45,6 +45,10 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "With --coordination: the lease between the configuration manager and each node, in milliseconds.")
     var leaseMs: Int = 10
 
+    @Flag(name: .long, inversion: .prefixedNo,
+          help: "With --coordination: once removed from the configuration (it hung past its lease, or lost its store session), start again and rejoin as a new member.")
+    var rejoin = true
+
     @Option(name: .long, help: ArgumentHelp("Bank workload: accounts this node allocates (with --config).", visibility: .hidden))
     var bankAccounts: Int = 0
 
@@ -59,6 +63,12 @@ struct NodeCommand: AsyncParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("Bank workload: initial balance of each account.", visibility: .hidden))
     var bankBalance: Int64 = 1_000
+
+    @Option(name: .long, help: ArgumentHelp("Bank workload: every N transfers, print `acked M` (transfers that moved money, each counted in this node's counter object in bank-counter.txt) and `audit TOTAL MIN` from a read-only transaction over every account.", visibility: .hidden))
+    var bankReportEvery: Int = 0
+
+    @Option(name: .long, help: ArgumentHelp("Bank workload: stop transferring once this file exists.", visibility: .hidden))
+    var bankStopFile: String?
 
     @Option(name: .long, help: "Transport-only node: its region directory (created if missing).")
     var directory: String?
@@ -164,7 +174,35 @@ extension NodeCommand {
         let configuration = try JSONDecoder().decode(Configuration.self, from: data)
         try configuration.validate()
         let node = NodeID(id)
-        let storage = try NodeStorage(node: node, configuration: configuration,
+        guard let me = configuration.members.first(where: { $0.node == node }) else {
+            throw CommandFailure("\(node) is not a member in \(configurationFile)")
+        }
+        let home = try NodeStorage.directory(of: me)
+        // With a coordination store, the node starts from the configuration the store holds: as
+        // the member it lists, or, when it lists this node no more (or this is a restart, whose
+        // former self the CM must remove first), as a node that joins (REJOIN).
+        var start = configuration
+        var joining = false
+        var store: ZooKeeperStore?
+        if let coordination, case .zookeeper(let address) = CoordinationChoice(coordination) {
+            let zooKeeper = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
+            store = zooKeeper
+            try await ConfigurationRecord.bootstrap(configuration, in: zooKeeper)
+            let restarted = FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: node)).string)
+            var (stored, _) = try await ConfigurationRecord.read(configuration.cluster, from: zooKeeper)
+            if restarted && stored.contains(node) {
+                print("waiting-removal \(stored.id.rawValue)")
+                fflush(nil)
+                stored = try await Self.waitForRemoval(of: node, from: stored, in: zooKeeper)
+            }
+            if !stored.contains(node) {
+                joining = true
+                Self.setAside(regions: Set(configuration.regions.map(\.region) + stored.regions.map(\.region)), in: home)
+                stored.members.append(me)
+            }
+            start = stored
+        }
+        let storage = try NodeStorage(node: node, configuration: start,
                                       transport: transport == .verbs ? .verbs(device: device) : .sharedMemory,
                                       ringCapacity: 256 << 10)
         try storage.waitForPeers(timeout: .seconds(60))
@@ -173,13 +211,13 @@ extension NodeCommand {
         let engine = try storage.makeEngine(options: options, logger: Logger(label: "granary.\(node)"))
         print("ready \(node) \(configuration.cluster) \(storage.replicas.map(\.id.description).joined(separator: ","))")
         fflush(nil)
-        if let coordination, case .zookeeper(let address) = CoordinationChoice(coordination) {
-            let store = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
-            try await ConfigurationRecord.bootstrap(configuration, in: store)
+        var membership: MembershipService?
+        var events: Task<Void, Never>?
+        if let store {
             var options = MembershipOptions()
             options.lease = .milliseconds(leaseMs)
             let size = configuration.regionSize, cluster = configuration.cluster
-            let membership = MembershipService(
+            let service = MembershipService(
                 engine: engine, store: store, options: options,
                 connect: { member in try storage.connect(member) },
                 openRegion: { placement in
@@ -187,10 +225,11 @@ extension NodeCommand {
                     try storage.transport.register(region)
                     return region
                 })
-            try await membership.start()
+            membership = service
+            try await service.start(joining: joining)
             // Membership events on standard output, one line each, for operators and tests.
-            Task.detached {
-                for await event in membership.events {
+            events = Task.detached {
+                for await event in service.events {
                     switch event {
                     case .becameManager(let id): print("manager \(id.rawValue)")
                     case .configurationApplied(let id): print("configuration \(id.rawValue)")
@@ -201,14 +240,17 @@ extension NodeCommand {
                 }
             }
         }
-        let home = try NodeStorage.directory(of: configuration.members.first { $0.node == node }!)
-        if bankAccounts > 0 {
+        // The bank workload runs in a node's first life only: a joiner's accounts are long allocated.
+        if bankAccounts > 0 && !joining {
             var mine: [GlobalAddress] = []
             while mine.count < bankAccounts {
                 let batch = min(200, bankAccounts - mine.count)
                 let balance = bankBalance
                 mine += try engine.run { tx in try (0..<batch).map { _ in try tx.allocate(balance) } }
             }
+            let counter = try engine.run { tx in try tx.allocate(Int64(0)) }
+            try (String(counter.rawValue, radix: 16) + "\n").write(toFile: home.path.appending("bank-counter.txt").string,
+                                                                  atomically: true, encoding: .utf8)
             let list = mine.map { String($0.rawValue, radix: 16) }.joined(separator: "\n") + "\n"
             let path = home.path.appending("bank-accounts.txt").string
             try list.write(toFile: path + ".tmp", atomically: false, encoding: .utf8)
@@ -216,26 +258,39 @@ extension NodeCommand {
             print("accounts \(mine.count)")
             fflush(nil)
         }
-        if bankTransfers > 0 {
+        if bankTransfers > 0 && !joining {
             if let bankStartFile {
                 while !FileManager.default.fileExists(atPath: bankStartFile) { try await Task.sleep(for: .milliseconds(10)) }
             }
             let accounts = try Self.waitForBankAccounts(configuration: configuration, timeout: 120)
+            let counter = try String(contentsOfFile: home.path.appending("bank-counter.txt").string, encoding: .utf8)
+                .split(separator: "\n").first.flatMap { UInt64($0, radix: 16) }.map(GlobalAddress.init(rawValue:))
             let engine = engine
             var random = SystemRandomNumberGenerator()
             var refused: (any Error)?
-            for _ in 0..<bankTransfers {
+            var moved = 0
+            for index in 0..<bankTransfers {
+                if let bankStopFile, FileManager.default.fileExists(atPath: bankStopFile) { break }
                 let from = accounts.randomElement(using: &random)!
                 var to = accounts.randomElement(using: &random)!
                 while to == from { to = accounts.randomElement(using: &random)! }
                 let amount = Int64.random(in: 1...50, using: &random)
                 do {
-                    try engine.run { tx in
+                    let didMove = try engine.run { tx -> Bool in
                         let a = try tx.read(from, as: Int64.self)
                         let b = try tx.read(to, as: Int64.self)
-                        guard a >= amount else { return }
+                        guard a >= amount else { return false }
                         try tx.write(from, a - amount)
                         try tx.write(to, b + amount)
+                        if let counter { try tx.write(counter, try tx.read(counter, as: Int64.self) + 1) }
+                        return true
+                    }
+                    if didMove { moved += 1 }
+                    if bankReportEvery > 0, (index + 1) % bankReportEvery == 0 {
+                        let balances = try engine.run { tx in try accounts.map { try tx.read($0, as: Int64.self) } }
+                        print("acked \(moved)")
+                        print("audit \(balances.reduce(0, +)) \(balances.min() ?? 0)")
+                        fflush(nil)
                     }
                 } catch {
                     refused = error
@@ -249,11 +304,55 @@ extension NodeCommand {
                 print("transfer-refused \(refused)")
             } else {
                 try engine.flushTruncations()
-                print("done \(bankTransfers)")
+                print(bankReportEvery > 0 ? "done \(moved)" : "done \(bankTransfers)")
             }
             fflush(nil)
         }
-        while true { try await Task.sleep(for: .seconds(3600)) }
+        guard rejoin, let membership else {
+            while true { try await Task.sleep(for: .seconds(3600)) }
+        }
+        while !membership.mustRejoin { try await Task.sleep(for: .milliseconds(10)) }
+        // Removed: this process starts again as a new one (what it held is superseded) and
+        // rejoins from the configuration the store holds.
+        await membership.stop()
+        await events?.value
+        engine.stop()
+        print("rejoining")
+        fflush(nil)
+        var arguments = CommandLine.arguments.map { strdup($0) }
+        arguments.append(nil)
+        execv("/proc/self/exe", &arguments)
+        throw CommandFailure("\(node) could not start again to rejoin: execv failed (errno \(errno))")
+    }
+
+    /// A restarted node waits until the stored configuration no longer lists it: its former self
+    /// may have had transactions in flight, which the members recover once the CM removes it (when
+    /// its lease has run out). Then it joins as a new member.
+    static func waitForRemoval(of node: NodeID, from stored: Configuration, in store: ZooKeeperStore) async throws -> Configuration {
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(60)
+        var current = stored
+        while current.contains(node) {
+            guard clock.now < deadline else {
+                throw CommandFailure("\(node) restarted, but \(current.id) still lists it and no configuration manager removed it within "
+                    + "60 s: restarting every member of a cluster of node processes at once is not supported")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+            current = try await ConfigurationRecord.read(stored.cluster, from: store).0
+        }
+        return current
+    }
+
+    /// A joining node's old replicas are superseded (the members recovered without them and hold
+    /// every committed write): each file is renamed to `<name>.removed`, for an operator to
+    /// remove, and regions placed on the node later start from empty files that data recovery
+    /// fills from their primaries.
+    static func setAside(regions: Set<RegionID>, in home: RegionDirectory) {
+        for region in regions {
+            let path = home.path(for: region).string
+            guard FileManager.default.fileExists(atPath: path) else { continue }
+            _ = rename(path, path + ".removed")
+        }
     }
 
     /// The bank accounts every member holding regions published, once all of them have.

@@ -96,6 +96,10 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     public var regions: [RegionPlacement]
     /// The size of every data region, in bytes.
     public var regionSize: Int
+    /// How many replicas (FaRM's f + 1) the configuration manager keeps of every region: after a
+    /// failure it places new backups up to this count, on the survivors or on nodes that join
+    /// later. nil: the most replicas any region has (what a configuration file states).
+    public var replication: Int?
 
     public init(id: ConfigurationID, cluster: ClusterID, members: [Member], manager: NodeID? = nil,
                 regions: [RegionPlacement], regionSize: Int) throws(ConfigurationError) {
@@ -116,8 +120,20 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     /// Whether `node` is a member.
     public func contains(_ node: NodeID) -> Bool { members.contains { $0.node == node } }
 
+    /// Whether `next` routes the commit protocol's records as this configuration does: no member
+    /// leaves, and every region keeps its primary and its backups. A change that keeps the routing
+    /// (a new manager, a completed copy, a member or a region added) needs no transaction-state
+    /// recovery: records sent in this configuration stay valid in `next`.
+    public func keepsRouting(in next: Configuration) -> Bool {
+        !members.contains { !next.contains($0.node) }
+            && !next.regions.contains { placement in
+                guard let old = self.placement(of: placement.region) else { return false }
+                return old.primary != placement.primary || old.backups != placement.backups
+            }
+    }
+
     private enum CodingKeys: String, CodingKey {
-        case id, cluster, members, manager, regions, regionSize
+        case id, cluster, members, manager, regions, regionSize, replication
     }
 
     /// Decodes a configuration (a `cluster.json`, a coordination record) and checks it
@@ -130,6 +146,7 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         manager = try container.decodeIfPresent(NodeID.self, forKey: .manager)
         regions = try container.decode([RegionPlacement].self, forKey: .regions)
         regionSize = try container.decode(Int.self, forKey: .regionSize)
+        replication = try container.decodeIfPresent(Int.self, forKey: .replication)
         try validate()
     }
 
@@ -150,6 +167,9 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
             for node in placement.replicas where node.index >= NodeID.limit {
                 throw .invalid("region \(placement.region) has a replica on \(node), an id of \(NodeID.limit) or more")
             }
+        }
+        if let replication, replication < 1 || replication > NodeID.limit {
+            throw .invalid("replication \(replication) is outside 1...\(NodeID.limit)")
         }
         guard regionSize >= 1 << 20, regionSize <= 1 << 32, regionSize & (regionSize - 1) == 0 else {
             throw .invalid("regionSize \(regionSize) is not a power of two from 1 MiB to 4 GiB")

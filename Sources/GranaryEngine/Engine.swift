@@ -152,13 +152,7 @@ public final class ConfigurationView: @unchecked Sendable {
         self.node = node
         if let previous {
             // Routing changed: a member left, or a region's primary or backups changed.
-            let before = previous.configuration
-            let changed = before.members.contains { !configuration.contains($0.node) }
-                || configuration.regions.contains { placement in
-                    guard let old = before.placement(of: placement.region) else { return false }
-                    return old.primary != placement.primary || old.backups != placement.backups
-                }
-            routingEpoch = changed ? configuration.id : previous.routingEpoch
+            routingEpoch = previous.configuration.keepsRouting(in: configuration) ? previous.routingEpoch : configuration.id
         } else {
             routingEpoch = configuration.id
         }

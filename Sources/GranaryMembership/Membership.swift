@@ -47,6 +47,10 @@ public final class MembershipService: Sendable {
         var removing: Set<NodeID> = []
         var takingOver = false
         var mustRejoin = false
+        /// Set while this node joins (``start(joining:)``): until a configuration lists it, those
+        /// without it are passed over (up to `passedOver`), not taken for its removal.
+        var joining = false
+        var passedOver: ConfigurationID?
         /// Regions this node is copying from their primaries now.
         var copyingRegions: Set<RegionID> = []
     }
@@ -56,7 +60,8 @@ public final class MembershipService: Sendable {
     private let tasks = Mutex<[Task<Void, Never>]>([])
 
     /// - Parameters:
-    ///   - connect: makes a (new) member reachable through the engine's transport.
+    ///   - connect: makes a member that joined reachable through the engine's transport (called
+    ///     once for each node a new configuration adds, a node that rejoins included).
     ///   - openRegion: opens or creates this node's replica of a region newly placed on it and
     ///     registers it with the transport.
     public init(engine: Engine, store: any CoordinationStore, options: MembershipOptions = MembershipOptions(),
@@ -88,6 +93,8 @@ public final class MembershipService: Sendable {
     private let managerFlag = Atomic<Bool>(false)
     /// Set while a refresh of the configuration from the store is under way.
     private let refreshing = Atomic<Bool>(false)
+    /// Whether this node started as a joiner (its lease thread starts fenced).
+    private let joining = Atomic<Bool>(false)
 
     /// Whether this node learned that it was removed from the configuration: it serves nothing
     /// more and must rejoin as a new member.
@@ -95,7 +102,17 @@ public final class MembershipService: Sendable {
 
     /// Registers the node, joins the election, follows the configuration and starts the lease
     /// thread. The configuration must be in the store (``ConfigurationRecord/bootstrap(_:in:)``).
-    public func start() async throws {
+    ///
+    /// - Parameter joining: this node is not in the stored configuration (a new node, or one
+    ///   restarted after it was removed); its engine runs that configuration with itself added and
+    ///   no replicas. The CM adds it on seeing its registration, with new backups of the regions
+    ///   short of the cluster's replication; until its lease is first granted, it starts no commit.
+    public func start(joining: Bool = false) async throws {
+        if joining {
+            state.withLock { $0.joining = true }
+            engine.setFenced(true)
+        }
+        self.joining.store(joining, ordering: .releasing)
         let member = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
         try await register(Array(try JSONEncoder().encode(member)))
         let election = try await store.create(paths.election + "/n-", data: Array("\(node.rawValue)".utf8), mode: [.ephemeral, .sequential])
@@ -186,12 +203,20 @@ public final class MembershipService: Sendable {
 
     /// The newest configuration seen, if the engine is not in it yet (and this node serves).
     func pendingConfiguration() -> Configuration? {
-        guard running.load(ordering: .relaxed), let next = newest.withLock({ $0 }), next.id > engine.configuration.id,
-              !state.withLock({ $0.mustRejoin }) else { return nil }
+        guard running.load(ordering: .relaxed), let next = newest.withLock({ $0 }), next.id > engine.configuration.id else {
+            return nil
+        }
+        let (mustRejoin, passedOver) = state.withLock { ($0.mustRejoin, $0.passedOver) }
+        guard !mustRejoin, passedOver.map({ next.id > $0 }) ?? true else { return nil }
         return next
     }
 
     private func move(to configuration: Configuration) async throws {
+        let joining = state.withLock { state -> Bool in
+            if state.joining && !configuration.contains(node) { state.passedOver = configuration.id }
+            return state.joining
+        }
+        if joining && !configuration.contains(node) { return }  // not added yet
         guard configuration.contains(node) else {
             let first = state.withLock { state -> Bool in
                 defer { state.mustRejoin = true }
@@ -215,16 +240,21 @@ public final class MembershipService: Sendable {
             }
             return
         }
-        for member in configuration.members where member.node != node { try connect(member) }
+        for member in configuration.members where member.node != node && !engine.configuration.contains(member.node) {
+            try connect(member)
+        }
         let removed = engine.configuration.members.map(\.node).filter { !configuration.contains($0) }
-        if removed.isEmpty {
+        if engine.configuration.keepsRouting(in: configuration) {
             try engine.apply(configuration, adding: try newRegions(in: configuration))
             // Blocked by a recovery this configuration superseded after it was applied here.
             engine.unblockCommits()
             eventSink.yield(.configurationApplied(configuration.id))
         } else {
+            // Nodes removed, or regions given new backups (a node joined, or replaced a lost
+            // replica): records of the old routing are drained and decided first.
             guard try await recover(into: configuration, removed: removed) else { return }
         }
+        state.withLock { $0.joining = false }
         if configuration.manager == node, !isManager { becomeManager() }
         startCopies(in: configuration)
     }
@@ -380,8 +410,15 @@ public final class MembershipService: Sendable {
                 if next.members.count < current.members.count {
                     next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
                 }
+                var joined = false
                 for member in registered where !current.contains(member.node) && !member.endpoint.isEmpty {
                     next.members.append(member)
+                    joined = true
+                }
+                // A node that joins (or rejoins) receives backups of the regions short of the
+                // cluster's replication, copied in the background (DATA RECOVERY).
+                if joined {
+                    next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
                 }
                 next.manager = self.node
                 return next.members == current.members ? nil : next
@@ -466,7 +503,9 @@ public final class MembershipService: Sendable {
         let grace: UInt64 = max(expiry, 2_000_000_000)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var lastRefresh = lastGrant.at
-        var fenced = false
+        // A joiner starts fenced: it commits nothing before the CM grants it a lease.
+        var fenced = joining.load(ordering: .acquiring)
+        var members = engine.configuration.id
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
@@ -480,6 +519,15 @@ public final class MembershipService: Sendable {
             let stalled = now - previous > expiry / 2
             previous = now
             let configuration = engine.configuration
+            if configuration.id != members {
+                // A node that left is forgotten: if it joins again, it starts with the grace
+                // period of a starting member, not with the silence of its former self.
+                members = configuration.id
+                for node in lastSeen.keys where !configuration.contains(node) {
+                    lastSeen[node] = nil
+                    seenRenewing.bitwiseAnd(~(1 << UInt64(node.index)), ordering: .releasing)
+                }
+            }
             if isManager {
                 let suspected = suspectedNodes.load(ordering: .acquiring)
                 for member in configuration.members where member.node != node {

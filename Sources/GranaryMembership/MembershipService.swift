@@ -133,8 +133,12 @@ public enum ConfigurationRecord {
     /// `configuration` with a new backup for every region below `replicas` replicas (FaRM's data
     /// recovery): on the members holding the fewest replicas, never two of one region on a node,
     /// each marked as copying until it has copied the region from its primary.
+    ///
+    /// Records `replicas` as the configuration's ``Configuration/replication``, so that regions
+    /// left short by this change are brought back to it when nodes join later.
     public static func replenishing(_ configuration: Configuration, replicas: Int) -> Configuration {
         var next = configuration
+        next.replication = replicas
         let nodes = configuration.members.map(\.node)
         for index in next.regions.indices where next.regions[index].replicas.count < replicas {
             let held = Dictionary(grouping: next.regions.flatMap(\.replicas), by: { $0 }).mapValues(\.count)
@@ -148,9 +152,10 @@ public enum ConfigurationRecord {
         return next
     }
 
-    /// The replication the cluster keeps: the most replicas any region of `configuration` has.
+    /// The replication the cluster keeps: the configuration's ``Configuration/replication``, else
+    /// the most replicas any region of `configuration` has.
     public static func replication(of configuration: Configuration) -> Int {
-        configuration.regions.map(\.replicas.count).max() ?? 1
+        configuration.replication ?? configuration.regions.map(\.replicas.count).max() ?? 1
     }
 
     /// Regions with fewer than `replicas` replicas, for re-replication.

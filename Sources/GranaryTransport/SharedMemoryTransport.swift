@@ -63,6 +63,17 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         state.withLock { $0.endpoints[node] = endpoint }
     }
 
+    /// Forgets the mappings of `node`'s data regions: a node that left the configuration and
+    /// joins again is a new process with new region files (its old ones set aside), so the next
+    /// access opens the files anew. The old mappings stay until the transport goes, since a thread
+    /// may still be reading through one.
+    public func forgetRegions(of node: NodeID) {
+        guard node != localNode, node.index < NodeID.limit else { return }
+        state.withLock { _ in
+            for region in 0..<RegionID.limit { table[node.index * Self.slotsPerNode + region].store(0, ordering: .releasing) }
+        }
+    }
+
     /// The nodes this transport can reach.
     public var peers: [NodeID] { state.withLock { $0.endpoints.keys.sorted() } }
 

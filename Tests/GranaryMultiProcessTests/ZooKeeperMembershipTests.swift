@@ -27,7 +27,8 @@ struct ZooKeeperMembershipTests {
         let children = try nodes.map { node in
             try ChildProcess(ChildProcess.granaryExecutable(), [
                 "node", "--config", file, "--id", "\(node.index)", "--coordination", "zookeeper://\(zooKeeper!)", "--lease-ms", "10",
-                "--bank-accounts", "\(accountsPerNode)", "--bank-transfers", "100000000", "--bank-pause-microseconds", "500",
+                // Removed nodes stay out (the rejoin test below has them come back).
+                "--no-rejoin", "--bank-accounts", "\(accountsPerNode)", "--bank-transfers", "100000000", "--bank-pause-microseconds", "500",
                 "--bank-start-file", tmp.path.appending("go-\(node.index)").string,
             ])
         }

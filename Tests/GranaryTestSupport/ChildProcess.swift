@@ -61,6 +61,25 @@ public final class ChildProcess: @unchecked Sendable {
         }
     }
 
+    /// Every complete line the child has printed that was not read yet, without waiting for more.
+    public func availableLines() -> [String] {
+        while true {
+            var poller = pollfd(fd: output.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, 0) > 0 else { break }
+            let chunk = output.availableData
+            if chunk.isEmpty { break }
+            buffered.append(chunk)
+        }
+        var lines: [String] = []
+        while let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
+            let line = String(decoding: buffered[buffered.startIndex..<newline], as: UTF8.self)
+            buffered.removeSubrange(buffered.startIndex...newline)
+            transcript.append(line)
+            lines.append(line)
+        }
+        return lines
+    }
+
     /// Every line the child printed that was not read yet, up to the end of its output (call
     /// after it ended). A last line without its newline is not returned: it was cut off.
     public func remainingLines() -> [String] {

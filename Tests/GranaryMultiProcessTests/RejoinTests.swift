@@ -1,0 +1,178 @@
+import Foundation
+import Granary
+import GranaryTestSupport
+import Testing
+
+/// FaRM recovery across node processes: members die or hang under a bank load, the survivors
+/// recover, the killed ones are restarted and the hung ones resume, and each rejoins as a new
+/// member that receives replicas again.
+@Suite("Recovery: node processes over ZooKeeper killed or hung, restarted, rejoining",
+       .enabled(if: zooKeeper != nil, "no ZooKeeper server: set GRANARY_ZOOKEEPER=host:port or run Scripts/test zookeeper"))
+struct RejoinTests {
+    enum Fault: String { case kill = "SIGKILL", stop = "SIGSTOP" }
+
+    @Test("""
+        a bank on 3 node processes (3 replicas) while members, the CM included, are SIGKILLed and restarted or \
+        SIGSTOPped and resumed: each rejoins and gets its replicas back; money is conserved at every audit, \
+        every acknowledged transfer is present, nothing stays locked, the replicas of every region are equal
+        """)
+    func killRestartRejoin() async throws {
+        let tmp = TemporaryDirectory("granary-rejoin")
+        defer { tmp.remove() }
+        let nodes = (0..<3).map { NodeID($0) }
+        let configuration = try Configuration(
+            id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
+            members: nodes.map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) },
+            regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
+        let file = tmp.path.appending("cluster.json").string
+        try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
+        let stopFile = tmp.path.appending("stop").string
+        let accountsPerNode = 8, balance: Int64 = 1_000, reportEvery = 20
+        func arguments(_ node: NodeID) -> [String] {
+            ["node", "--config", file, "--id", "\(node.index)", "--coordination", "zookeeper://\(zooKeeper!)", "--lease-ms", "10",
+             "--bank-accounts", "\(accountsPerNode)", "--bank-balance", "\(balance)", "--bank-transfers", "100000000",
+             "--bank-pause-microseconds", "500", "--bank-report-every", "\(reportEvery)", "--bank-stop-file", stopFile]
+        }
+        // Every process each node ran, in order: a SIGKILLed node's restart is a new one; a SIGSTOPped
+        // node that resumes starts again in the same process (exec).
+        var lives = try nodes.map { [try ChildProcess(ChildProcess.granaryExecutable(), arguments($0))] }
+        defer { for life in lives { for child in life where child.process.isRunning { child.kill() } } }
+        let store = try ZooKeeperStore(connectString: zooKeeper!)
+        func current() async throws -> Configuration {
+            try await ConfigurationRecord.read(configuration.cluster, from: store).0
+        }
+        func waitFor(_ what: String, timeout: Double = 60, since start: Date = Date(),
+                     _ condition: (Configuration) -> Bool) async throws -> Double {
+            while true {
+                if let now = try? await current(), condition(now) { return Date().timeIntervalSince(start) }
+                guard Date().timeIntervalSince(start) < timeout else {
+                    Issue.record("timed out after \(timeout) s waiting for: \(what); configuration \(try await current())")
+                    throw ChildProcessError("timed out waiting for \(what)")
+                }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+        }
+        for life in lives {
+            #expect(try life[0].readLine(timeout: 60).hasPrefix("ready "))
+            #expect(try life[0].readLine(until: { $0.hasPrefix("accounts ") }, timeout: 60) == "accounts \(accountsPerNode)")
+        }
+        let accounts = try NodeCommandBank.accounts(configuration)
+        let counters = try nodes.map { node in
+            let text = try String(contentsOfFile: tmp.path.appending(node.description).appending("bank-counter.txt").string, encoding: .utf8)
+            return GlobalAddress(rawValue: UInt64(text.split(separator: "\n")[0], radix: 16)!)
+        }
+        _ = try await waitFor("a CM") { $0.manager != nil }
+        try await Task.sleep(for: .milliseconds(500))  // transfers under way
+
+        let plan: [(manager: Bool, fault: Fault)] = [(true, .kill), (false, .kill), (false, .stop), (true, .stop)]
+        for (round, step) in plan.enumerated() {
+            let before = try await current()
+            let victim = before.members.map(\.node).filter { step.manager == ($0 == before.manager) }.randomElement()!
+            let child = lives[victim.index].last!
+            let faultAt = Date()
+            switch step.fault {
+            case .kill: child.kill(SIGKILL)
+            case .stop: kill(child.process.processIdentifier, SIGSTOP)
+            }
+            let removedAfter = try await waitFor("\(victim) removed", since: faultAt) { !$0.contains(victim) }
+            #expect(removedAfter < 2, "\(victim) was removed \(removedAfter) s after its \(step.fault)")
+            let backAt = Date()
+            switch step.fault {
+            case .kill:
+                lives[victim.index].append(try ChildProcess(ChildProcess.granaryExecutable(), arguments(victim)))
+            case .stop:
+                kill(child.process.processIdentifier, SIGCONT)
+                // It learns it was removed and starts again as a new member.
+                _ = try child.readLine(until: { $0 == "rejoining" }, timeout: 30)
+            }
+            let rejoinedAfter = try await waitFor("\(victim) a member again, every region at 3 complete replicas", since: backAt) { now in
+                now.contains(victim) && now.regions.allSatisfy { $0.replicas.count == 3 && $0.copying.isEmpty }
+            }
+            let now = try await current()
+            #expect(now.regions.allSatisfy { $0.replicas.contains(victim) }, "\(victim) rejoined without its replicas: \(now)")
+            print("rejoin round \(round): \(step.fault) of \(victim)\(step.manager ? " (the CM)" : ""): removed after \(Int(removedAfter * 1000)) ms; a member again holding every region (copied) \(Int(rejoinedAfter * 1000)) ms after its \(step.fault == .kill ? "restart" : "SIGCONT"); \(now.id)")
+            for other in lives.map({ $0.last! }) { _ = other.availableLines() }
+            try await Task.sleep(for: .milliseconds(300))  // transfers go on with the rejoined member
+        }
+
+        // Stop the bank; the first life of each node still transferring says how many it did.
+        _ = FileManager.default.createFile(atPath: stopFile, contents: nil)
+        for life in lives {
+            let first = life[0]
+            if !first.process.isRunning {
+                _ = first.remainingLines()
+            } else {
+                _ = first.availableLines()
+                if !first.transcript.contains(where: { $0.hasPrefix("transfer-refused") || $0 == "rejoining" }) {
+                    _ = try first.readLine(until: { $0.hasPrefix("done ") || $0.hasPrefix("transfer-refused") }, timeout: 60)
+                }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(500))  // TRUNCATE reaches every backup
+        let final = try await current()
+        let transcripts = lives.map { $0.flatMap(\.transcript) }
+        let audits = transcripts.joined().filter { $0.hasPrefix("audit ") }.map { $0.split(separator: " ").dropFirst().compactMap { Int64($0) } }
+        let expected = balance * Int64(accounts.count)
+        #expect(audits.count >= 10, "only \(audits.count) audits ran")
+        #expect(audits.allSatisfy { $0.count == 2 && $0[0] == expected && $0[1] >= 0 },
+                "audits (total, smallest balance) that break the bank: \(audits.filter { $0.count != 2 || $0[0] != expected || $0[1] < 0 })")
+
+        // Every region's replicas, read from their files.
+        var opened: [String: Region] = [:]
+        func replica(_ region: RegionID, on node: NodeID) throws -> Region {
+            let member = final.members.first { $0.node == node }!
+            let key = "\(node)/\(region)"
+            if let region = opened[key] { return region }
+            let replica = try NodeStorage.directory(of: member).open(region, cluster: configuration.cluster)
+            opened[key] = replica
+            return replica
+        }
+        func value(_ address: GlobalAddress) throws -> Int64 {
+            let primary = try replica(address.region, on: final.placement(of: address.region)!.primary)
+            var value: Int64 = 0
+            withUnsafeMutableBytes(of: &value) { buffer in
+                ObjectLayout.gatherPayload(from: primary.base + Int(address.offset), into: buffer.baseAddress!, count: 8)
+            }
+            return value
+        }
+        let balances = try accounts.map(value)
+        #expect(balances.reduce(0, +) == expected, "the balances add up to \(balances.reduce(0, +)), not \(expected): \(balances)")
+        #expect(balances.allSatisfy { $0 >= 0 }, "negative balances: \(balances)")
+        // Each node's counter counts the transfers its first life committed: every acknowledged one
+        // is there, and no more than those it may have had in flight when it was killed.
+        for node in nodes {
+            let lines = lives[node.index][0].transcript
+            let acknowledged = lines.compactMap { line -> Int? in
+                guard line.hasPrefix("acked ") || line.hasPrefix("done ") else { return nil }
+                return Int(line.split(separator: " ")[1])
+            }.max() ?? 0
+            let finished = lines.contains { $0.hasPrefix("done ") }
+            let counted = Int(try value(counters[node.index]))
+            print("rejoin: \(node)'s first life: \(acknowledged) transfers acknowledged\(finished ? " (finished)" : ""), counter \(counted)")
+            if finished {
+                #expect(counted == acknowledged, "\(node) finished with \(acknowledged) transfers; its counter says \(counted)")
+            } else {
+                #expect(counted >= acknowledged && counted <= acknowledged + reportEvery,
+                        "\(node)'s counter is \(counted); \(acknowledged) transfers were acknowledged before it was stopped or killed")
+            }
+        }
+        // Nothing stays locked, on any replica; the replicas of every region are equal.
+        for address in accounts + counters {
+            for node in final.placement(of: address.region)!.replicas {
+                let header = ObjectLayout.loadHeader(try replica(address.region, on: node).base + Int(address.offset))
+                #expect(!header.isLocked, "\(address) is locked at \(node)")
+            }
+        }
+        for placement in final.regions {
+            let primary = try replica(placement.region, on: placement.primary)
+            for backup in placement.backups {
+                let copy = try replica(placement.region, on: backup)
+                if memcmp(primary.base, copy.base, primary.size) != 0 {
+                    let first = (0..<primary.size).first { primary.base.load(fromByteOffset: $0, as: UInt8.self) != copy.base.load(fromByteOffset: $0, as: UInt8.self) }!
+                    Issue.record("\(placement.region): backup \(backup) differs from primary \(placement.primary), first at offset \(first)")
+                }
+            }
+        }
+        await store.close()
+    }
+}
