@@ -57,7 +57,8 @@ public final class MembershipService: Sendable {
     let state = Mutex(State())
     let running = Atomic<Bool>(true)
     private let leaseThread = Mutex<pthread_t?>(nil)
-    private let tasks = Mutex<[Task<Void, Never>]>([])
+    /// The tasks running now (cancelled at stop); each leaves when it ends.
+    private let tasks = Mutex<(next: UInt64, running: [UInt64: Task<Void, Never>])>((0, [:]))
 
     /// - Parameters:
     ///   - connect: makes a member that joined reachable through the engine's transport (called
@@ -91,8 +92,14 @@ public final class MembershipService: Sendable {
     /// An atomic, not part of `state`: the lease thread reads it, and it runs at real-time priority
     /// and must never wait for a lock that an ordinary thread (starved on a busy machine) holds.
     private let managerFlag = Atomic<Bool>(false)
-    /// Set while a refresh of the configuration from the store is under way.
-    private let refreshing = Atomic<Bool>(false)
+    /// Bits set while a refresh of the configuration from the store is under way: 1 for one that
+    /// a NEW-CONFIG announcement asked for, 2 for one that checks a silent CM. Two bits, so that
+    /// announcements never keep the CM check from running (seen over ZooKeeper: a member still
+    /// recovering into an announced configuration refreshed on every lease interval, the CM check
+    /// rarely found the flag free, and the failover of a killed CM took the 4 s session timeout).
+    private let refreshing = Atomic<UInt8>(0)
+    /// The id of the newest configuration seen (``apply(_:)``), for the lease thread.
+    private let newestSeen = Atomic<UInt64>(0)
     /// Whether this node started as a joiner (its lease thread starts fenced).
     private let joining = Atomic<Bool>(false)
 
@@ -134,18 +141,23 @@ public final class MembershipService: Sendable {
     public func stop() async {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
         if let thread = leaseThread.withLock({ $0 }) { pthread_join(thread, nil) }
-        for task in tasks.withLock({ $0 }) { task.cancel() }
+        for task in tasks.withLock({ $0.running.values }) { task.cancel() }
         await store.close()
         eventSink.finish()
     }
 
     private func spawn(_ body: @escaping @Sendable () async throws -> Void) {
-        let task = Task {
-            do { try await body() } catch {
-                if self.running.load(ordering: .relaxed) { self.logger.info("membership task of \(self.node) ended: \(error)") }
+        // Created with the lock held: the task's own removal, which takes the lock, comes after.
+        tasks.withLock { tasks in
+            let key = tasks.next
+            tasks.next += 1
+            tasks.running[key] = Task {
+                defer { _ = self.tasks.withLock { $0.running.removeValue(forKey: key) } }
+                do { try await body() } catch {
+                    if self.running.load(ordering: .relaxed) { self.logger.info("membership task of \(self.node) ended: \(error)") }
+                }
             }
         }
-        tasks.withLock { $0.append(task) }
     }
 
     // MARK: Configuration
@@ -168,6 +180,7 @@ public final class MembershipService: Sendable {
         newest.withLock { newest in
             if newest.map({ configuration.id > $0.id }) ?? true { newest = configuration }
         }
+        newestSeen.max(configuration.id.rawValue, ordering: .acquiringAndReleasing)
         drive()
     }
 
@@ -302,7 +315,7 @@ public final class MembershipService: Sendable {
     package func crash() {
         running.store(false, ordering: .releasing)
         haltLeases()
-        for task in tasks.withLock({ $0 }) { task.cancel() }
+        for task in tasks.withLock({ $0.running.values }) { task.cancel() }
         eventSink.finish()
     }
 
@@ -571,7 +584,9 @@ public final class MembershipService: Sendable {
                     if granted { grants.record(member.node, at: monotonicNanoseconds()) }
                 }
             } else {
-                if announcedWord.pointee.load(ordering: .acquiring) > configuration.id.rawValue {
+                // A configuration newer than any seen was announced: fetch it. (One already seen
+                // may still be being applied, e.g. through a recovery: no need to fetch it again.)
+                if announcedWord.pointee.load(ordering: .acquiring) > max(configuration.id.rawValue, newestSeen.load(ordering: .acquiring)) {
                     refresh(suspectManager: nil)
                 }
                 let grant = grantWord.pointee.load(ordering: .acquiring)
@@ -684,9 +699,10 @@ public final class MembershipService: Sendable {
     /// we are next in the election, take its place.
     private func refresh(suspectManager manager: NodeID?) {
         // An atomic flag, not the state lock: this runs on the real-time lease thread.
-        guard refreshing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        let bit: UInt8 = manager == nil ? 1 : 2
+        guard refreshing.bitwiseOr(bit, ordering: .acquiringAndReleasing).oldValue & bit == 0 else { return }
         spawn {
-            defer { self.refreshing.store(false, ordering: .releasing) }
+            defer { self.refreshing.bitwiseAnd(~bit, ordering: .releasing) }
             let (configuration, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
             try await self.apply(configuration)
             guard configuration.contains(self.node), let manager, manager != self.node, configuration.manager == manager else { return }

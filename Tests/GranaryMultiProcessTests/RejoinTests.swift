@@ -127,15 +127,22 @@ struct RejoinTests {
             opened[key] = replica
             return replica
         }
-        func value(_ address: GlobalAddress) throws -> Int64 {
-            let primary = try replica(address.region, on: final.placement(of: address.region)!.primary)
+        func value(_ address: GlobalAddress, on node: NodeID? = nil) throws -> Int64 {
+            let primary = try replica(address.region, on: node ?? final.placement(of: address.region)!.primary)
             var value: Int64 = 0
             withUnsafeMutableBytes(of: &value) { buffer in
                 ObjectLayout.gatherPayload(from: primary.base + Int(address.offset), into: buffer.baseAddress!, count: 8)
             }
             return value
         }
-        let balances = try accounts.map(value)
+        /// `address`'s value and header at every replica, for failure messages.
+        func everywhere(_ address: GlobalAddress) -> String {
+            final.placement(of: address.region)!.replicas.map { node in
+                guard let value = try? value(address, on: node), let region = try? replica(address.region, on: node) else { return "\(node): unreadable" }
+                return "\(node): \(value) (\(ObjectLayout.loadHeader(region.base + Int(address.offset))))"
+            }.joined(separator: ", ")
+        }
+        let balances = try accounts.map { try value($0) }
         #expect(balances.reduce(0, +) == expected, "the balances add up to \(balances.reduce(0, +)), not \(expected): \(balances)")
         #expect(balances.allSatisfy { $0 >= 0 }, "negative balances: \(balances)")
         // Each node's counter counts the transfers its first life committed: every acknowledged one
@@ -150,10 +157,10 @@ struct RejoinTests {
             let counted = Int(try value(counters[node.index]))
             print("rejoin: \(node)'s first life: \(acknowledged) transfers acknowledged\(finished ? " (finished)" : ""), counter \(counted)")
             if finished {
-                #expect(counted == acknowledged, "\(node) finished with \(acknowledged) transfers; its counter says \(counted)")
+                #expect(counted == acknowledged, "\(node) finished with \(acknowledged) transfers; its counter says \(counted); at each replica: \(everywhere(counters[node.index]))")
             } else {
                 #expect(counted >= acknowledged && counted <= acknowledged + reportEvery,
-                        "\(node)'s counter is \(counted); \(acknowledged) transfers were acknowledged before it was stopped or killed")
+                        "\(node)'s counter is \(counted); \(acknowledged) transfers were acknowledged before it was stopped or killed; at each replica: \(everywhere(counters[node.index]))")
             }
         }
         // Nothing stays locked, on any replica; the replicas of every region are equal.
