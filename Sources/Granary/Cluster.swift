@@ -16,13 +16,17 @@ public struct ClusterOptions: Sendable {
     public var ringCapacity: Int = 256 << 10
     /// The transaction engine's tunables, the same for every node.
     public var engine = EngineOptions()
-    /// The configuration manager (election, leases, reconfiguration) through ``coordination``,
-    /// when set; nil (the default) runs the nodes on their static configuration.
+    /// The configuration manager (election, leases, failure detection, FaRM's transaction and
+    /// data recovery) through ``coordination``, when set; nil (the default) runs the nodes on
+    /// their static configuration.
     ///
-    /// Off by default in this version: transaction recovery is not implemented, so a node removed
-    /// while its transactions hold locks (for instance a false suspicion when an overloaded
-    /// machine starves a lease thread past its 10 ms lease) leaves those locks held, and
-    /// transactions that need the objects wait for ever.
+    /// Off by default for an embedded cluster: its nodes share one process, so a real failure
+    /// takes them all, and reopening the directory recovers (restart recovery). Membership adds
+    /// recovery from the failure of one node, which within one process only ``Cluster/crash(_:)``
+    /// causes, and a node it removes (a false suspicion, if an overloaded machine starves the lease
+    /// threads) cannot rejoin within the process. Turn it on to test or measure recovery
+    /// (`granary bench --crash` and `granary check run --nemesis crash` do). Node processes
+    /// (`granary node --coordination`) run it through ZooKeeper, where a removed node rejoins.
     public var membership: MembershipOptions?
     /// The coordination store the configuration manager agrees through.
     public var coordination: CoordinationChoice = .embedded

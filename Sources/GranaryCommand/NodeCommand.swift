@@ -27,7 +27,9 @@ struct NodeCommand: AsyncParsableCommand {
             Prints `ready <node> <cluster> <regions>` on standard output once its regions and mailbox \
             exist, then serves until killed.
             With --config FILE (a cluster configuration in JSON, as `Cluster.local` writes to its \
-            cluster.json) the node runs the transaction engine.
+            cluster.json) the node runs the transaction engine, and with --coordination \
+            zookeeper://host:port the configuration manager: a failed member is recovered from, and a \
+            member restarted with its region directory rejoins. --static runs without it.
             Without --config it is a transport-only node: each message a peer sends it is echoed \
             back, prefixed with "echo:".
             """
@@ -39,8 +41,12 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "The cluster configuration (JSON) this node is a member of.")
     var config: String?
 
-    @Option(name: .long, help: "With --config: agree on configurations through this store and run the configuration manager (embedded is only for one process; zookeeper://host:port for node processes).")
+    @Option(name: .long, help: "With --config: agree on configurations through this ZooKeeper ensemble (zookeeper://host:port) and run the configuration manager: failure detection, recovery, rejoin. A member needs this or --static.")
     var coordination: String?
+
+    @Flag(name: .customLong("static"),
+          help: "With --config: run on the configuration file alone, without a configuration manager: a node that fails is never recovered (its locks stay held) and nothing rejoins. For tests and benchmarks without ZooKeeper.")
+    var staticConfiguration = false
 
     @Option(name: .long, help: "With --coordination: the lease between the configuration manager and each node, in milliseconds.")
     var leaseMs: Int = 10
@@ -93,6 +99,13 @@ struct NodeCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard (0..<NodeID.limit).contains(id) else { throw ValidationError("--id must be in 0..<\(NodeID.limit), got \(id)") }
+        if config != nil, coordination == nil, !staticConfiguration {
+            throw ValidationError("""
+                a member runs the configuration manager through ZooKeeper: give --coordination zookeeper://host:port \
+                (recovery from failures, rejoin), or --static to run on the configuration file alone (no recovery)
+                """)
+        }
+        if staticConfiguration, coordination != nil { throw ValidationError("--static and --coordination exclude each other") }
         if let coordination {
             guard config != nil else { throw ValidationError("--coordination needs --config") }
             guard case .zookeeper? = CoordinationChoice(coordination) else {

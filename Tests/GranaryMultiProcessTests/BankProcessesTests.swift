@@ -52,7 +52,7 @@ func runBank(transport: NodeTransportKind, accountsPerNode: Int, transfersPerNod
         if case .verbs(let device) = transport { transportArguments = ["--transport", "verbs"] + (device.map { ["--device", $0] } ?? []) }
         let children = try nodes.map { node in
             try ChildProcess(ChildProcess.granaryExecutable(), [
-                "node", "--config", file, "--id", "\(node.index)", "--bank-accounts", "\(accountsPerNode)",
+                "node", "--config", file, "--id", "\(node.index)", "--static", "--bank-accounts", "\(accountsPerNode)",
                 "--bank-transfers", "\(transfersPerNode)", "--bank-balance", "\(balance)",
                 // Paced, so that read-only audits of every account can validate between transfers.
                 "--bank-pause-microseconds", "\(pauseMicroseconds)",
