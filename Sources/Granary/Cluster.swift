@@ -249,15 +249,37 @@ public final class Cluster: Sendable {
     public func shutdown() async throws {
         for service in membership { await service.stop() }
         try await quiesce()
-        for node in nodes {
-            for placement in configuration.regions {
-                if let region = node.engine.replica(of: placement.region) {
-                    try region.persist(offset: 0, length: region.size)
-                }
+        // Persisting is for a cluster that outlives this process; a temporary one is removed next.
+        if !removeOnShutdown {
+            var regions: [Region] = []
+            for node in nodes {
+                let placed = Set((configuration.regions + node.engine.configuration.regions).map(\.region))
+                regions += placed.sorted().compactMap { node.engine.replica(of: $0) }
             }
-            node.engine.stop()
+            // msync of whole regions blocks for as long as the disk takes: on a thread of its own,
+            // never one of the cooperative pool's (seen: clusters shutting down at once in the
+            // unit tests held both pool threads of this 2-core machine for minutes).
+            try await Self.onThreadOfItsOwn { [regions] in
+                for region in regions { try region.persist(offset: 0, length: region.size) }
+            }
         }
+        for node in nodes { node.engine.stop() }
         if removeOnShutdown { try? FileManager.default.removeItem(atPath: directory.string) }
+    }
+
+    /// Runs `body` on a new thread and waits for it without holding a thread of the cooperative
+    /// pool.
+    private static func onThreadOfItsOwn(_ body: @escaping @Sendable () throws -> Void) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            Thread {
+                do {
+                    try body()
+                    continuation.resume()
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }.start()
+        }
     }
 
     /// `endpoint` (`shm:<directory>` or `verbs:<directory>`) with a relative directory resolved
