@@ -23,8 +23,11 @@ public enum MembershipEvent: Sendable, Equatable {
 }
 
 /// A node's part in membership: election of the configuration manager (CM) through the
-/// coordination store, leases both ways between the CM and every node, failure detection and
-/// reconfiguration, and applying each new configuration to the node's engine.
+/// coordination store, its own lease, following the configuration and applying each new one to
+/// the node's engine (through transaction-state recovery, `Reconfiguration.swift`, when the
+/// routing changes), data recovery of the regions placed on it, and joining. The member that wins
+/// the election also holds the CM's role (``ConfigurationManager``: granting leases, failure
+/// detection, committing configurations).
 ///
 /// Leases are one-sided: every node's lease thread increments a counter in its own mailbox (its
 /// grant to others) and the CM writes a grant counter into each member's mailbox; a node watches
@@ -44,7 +47,6 @@ public final class MembershipService: Sendable {
 
     struct State {
         var electionNode: String?
-        var removing: Set<NodeID> = []
         var takingOver = false
         var mustRejoin = false
         /// Set while this node joins (``start(joining:)``): until a configuration lists it, those
@@ -58,7 +60,7 @@ public final class MembershipService: Sendable {
     let running = Atomic<Bool>(true)
     private let leaseThread = Mutex<pthread_t?>(nil)
     /// The tasks running now (cancelled at stop); each leaves when it ends.
-    private let tasks = Mutex<(next: UInt64, running: [UInt64: Task<Void, Never>])>((0, [:]))
+    let tasks = Mutex<(next: UInt64, running: [UInt64: Task<Void, Never>])>((0, [:]))
 
     /// - Parameters:
     ///   - connect: makes a member that joined reachable through the engine's transport (called
@@ -77,6 +79,11 @@ public final class MembershipService: Sendable {
         self.openRegion = openRegion
         self.logger = logger ?? Logger(label: "granary.membership.\(engine.node)")
         (eventStream, eventSink) = AsyncStream.makeStream(of: MembershipEvent.self)
+        managerRole.store(UInt(bitPattern: Unmanaged.passRetained(ConfigurationManager(member: self)).toOpaque()), ordering: .releasing)
+    }
+
+    deinit {
+        Unmanaged<ConfigurationManager>.fromOpaque(UnsafeRawPointer(bitPattern: managerRole.load(ordering: .acquiring))!).release()
     }
 
     /// Every transaction-state recovery this node ran, in order.
@@ -89,9 +96,19 @@ public final class MembershipService: Sendable {
     /// Whether this node is the configuration manager now.
     public var isManager: Bool { managerFlag.load(ordering: .acquiring) }
 
+    /// This node's configuration-manager role, active while ``isManager``.
+    var manager: ConfigurationManager {
+        Unmanaged<ConfigurationManager>.fromOpaque(UnsafeRawPointer(bitPattern: managerRole.load(ordering: .acquiring))!)
+            .takeUnretainedValue()
+    }
+    /// The role's object, retained, made once by `init` (it refers back to this service, so it
+    /// cannot be a stored `let` made before `self` exists) and released by `deinit`; read without
+    /// a lock, since the lease thread reads it on every round.
+    private let managerRole = Atomic<UInt>(0)
+
     /// An atomic, not part of `state`: the lease thread reads it, and it runs at real-time priority
     /// and must never wait for a lock that an ordinary thread (starved on a busy machine) holds.
-    private let managerFlag = Atomic<Bool>(false)
+    let managerFlag = Atomic<Bool>(false)
     /// Bits set while a refresh of the configuration from the store is under way: 1 for one that
     /// a NEW-CONFIG announcement asked for, 2 for one that checks a silent CM. Two bits, so that
     /// announcements never keep the CM check from running (seen over ZooKeeper: a member still
@@ -146,7 +163,7 @@ public final class MembershipService: Sendable {
         eventSink.finish()
     }
 
-    private func spawn(_ body: @escaping @Sendable () async throws -> Void) {
+    func spawn(_ body: @escaping @Sendable () async throws -> Void) {
         // Created with the lock held: the task's own removal, which takes the lock, comes after.
         tasks.withLock { tasks in
             let key = tasks.next
@@ -332,7 +349,7 @@ public final class MembershipService: Sendable {
                 return
             }
             if index == 0 {
-                try await takeManagement()
+                try await manager.takeOver()
                 return
             }
             let (version, watch) = try await store.existsAndWatch(paths.election + "/" + candidates[index - 1])
@@ -341,111 +358,16 @@ public final class MembershipService: Sendable {
         }
     }
 
-    /// Records this node as CM in a new configuration.
-    private func takeManagement() async throws {
-        let node = self.node
-        guard !state.withLock({ $0.mustRejoin }) else { return }
-        // Is the CM we replace silent? Its own lease counter, read twice a lease apart. (Without
-        // this, a CM replaced through the election watch before a `refresh` saw it fall silent
-        // stayed a member, and was removed only after the grace period a new CM gives members it
-        // has never seen renewing: 2 s instead of tens of ms.)
-        var silent: NodeID?
-        if let old = engine.configuration.manager, old != node {
-            // nil: unreadable (a dead peer on verbs), which counts as silent.
-            func counter() -> UInt64? {
-                var value: UInt64 = 0
-                let read: Void? = try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
-                    try self.engine.transportHandle.read(from: old, LeaseWord.address(of: old), into: bytes)
-                }
-                return read == nil ? nil : value
-            }
-            let first = counter()
-            try await Task.sleep(for: options.lease)
-            if first == counter() { silent = old }
-        }
-        let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
-            guard current.manager != node else { return nil }
-            var next = current
-            next.manager = node
-            // A CM that was replaced because it stopped renewing leases leaves the configuration.
-            if let old = current.manager, old != node, !self.candidatesContain(old) || old == silent {
-                next = ConfigurationRecord.removing(old, from: next)
-                next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
-                next.manager = node
-            }
-            return next
-        }
-        if let committed {
-            for removed in engine.configuration.members.map(\.node) where !committed.contains(removed) {
-                try? await store.delete(paths.members + "/\(removed)", expectedVersion: nil)
-            }
-            try await apply(committed)
-            announce(committed.id)
-        }
-        becomeManager()
-    }
+    let candidateNodes = Mutex<Set<NodeID>>([])
+    func candidatesContain(_ node: NodeID) -> Bool { candidateNodes.withLock { $0.contains(node) } }
 
-    private let candidateNodes = Mutex<Set<NodeID>>([])
-    private func candidatesContain(_ node: NodeID) -> Bool { candidateNodes.withLock { $0.contains(node) } }
-
-    private func becomeManager() {
+    func becomeManager() {
         guard !managerFlag.exchange(true, ordering: .acquiringAndReleasing) else { return }
         // The CM grants leases; it holds none it could lose.
         engine.setFenced(false)
         logger.info("\(node) is the configuration manager")
         eventSink.yield(.becameManager(engine.configuration.id))
-        spawn { try await self.watchRegistrations() }
-    }
-
-    /// As CM: a member whose registration vanished (its session ended) leaves; a registered node
-    /// that is not a member joins.
-    private func watchRegistrations() async throws {
-        // Only a registration seen and then gone means a member left; a member that has not
-        // registered yet (still starting) is left to the leases and their grace period.
-        var seen = Set<NodeID>()
-        while running.load(ordering: .relaxed), isManager {
-            let (names, watch) = try await store.childrenAndWatch(paths.members)
-            var registered: [Member] = []
-            for name in names {
-                if let data = try? await store.get(paths.members + "/" + name).data,
-                   let member = try? JSONDecoder().decode(Member.self, from: Data(data)) {
-                    registered.append(member)
-                }
-            }
-            let registeredNodes = Set(registered.map(\.node))
-            seen.formUnion(registeredNodes)
-            let left = seen.subtracting(registeredNodes)
-            let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
-                var next = current
-                for member in current.members where left.contains(member.node) && member.node != self.node {
-                    next = ConfigurationRecord.removing(member.node, from: next)
-                }
-                if next.members.count < current.members.count {
-                    next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
-                }
-                var joined = false
-                for member in registered where !current.contains(member.node) && !member.endpoint.isEmpty {
-                    next.members.append(member)
-                    joined = true
-                }
-                // A node that joins (or rejoins) receives backups of the regions short of the
-                // cluster's replication, copied in the background (DATA RECOVERY).
-                if joined {
-                    next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
-                }
-                next.manager = self.node
-                return next.members == current.members ? nil : next
-            }
-            if let committed {
-                for member in engine.configuration.members where !committed.contains(member.node) {
-                    logger.info("\(node) removed \(member.node) (its registration is gone) in \(committed.id)")
-                    eventSink.yield(.removed(member.node, committed.id))
-                }
-                try await apply(committed)
-                announce(committed.id)
-            }
-            if await watch.event() == .sessionEnded { return }
-        }
+        spawn { try await self.manager.watchRegistrations() }
     }
 
     // MARK: Leases
@@ -461,21 +383,9 @@ public final class MembershipService: Sendable {
         if let thread { pthread_join(thread, nil) }
     }
     private let leasesHalted = Atomic<Bool>(false)
-    /// As CM: bit n set while node n is being removed (its lease is no longer renewed).
-    let suspectedNodes = Atomic<UInt64>(0)
-    /// As CM: bit n set while member n has not renewed for more than a lease.
-    let quietNodes = Atomic<UInt64>(0)
-    /// As CM: when each member's lease was last renewed.
-    let grants = GrantTimes()
-    /// As CM: bit n set once member n's lease counter was seen moving (from then on it is held to
-    /// its lease; before, a starting member gets a grace period).
-    private let seenRenewing = Atomic<UInt64>(0)
-
     /// Whether this node, as CM, has seen `member` renew its lease (so that its lease, not the
     /// grace period of a starting member, bounds how soon its failure is detected).
-    public func hasSeenRenewing(_ member: NodeID) -> Bool {
-        member.index < NodeID.limit && seenRenewing.load(ordering: .acquiring) & (1 << UInt64(member.index)) != 0
-    }
+    public func hasSeenRenewing(_ member: NodeID) -> Bool { manager.hasSeenRenewing(member) }
 
     private final class ThreadStart: @unchecked Sendable {
         // Handed to exactly one thread.
@@ -510,10 +420,7 @@ public final class MembershipService: Sendable {
         let ownWord = (engine.mailboxRegion.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
         let grantWord = ownWord + 1  // written by the CM
         let announcedWord = ownWord + 2  // NEW-CONFIG: the newest configuration id, written by the CM
-        // Per member: its last counter, when it last moved, and whether it was ever seen moving (a
-        // node that has not started renewing yet gets a grace period, not a lease).
-        var lastSeen: [NodeID: (value: UInt64, at: UInt64, live: Bool)] = [:]
-        let grace: UInt64 = max(expiry, 2_000_000_000)
+        var watch = ConfigurationManager.LeaseWatch(lease: lease, expiry: expiry)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var lastRefresh = lastGrant.at
         // A joiner starts fenced: it commits nothing before the CM grants it a lease.
@@ -533,56 +440,11 @@ public final class MembershipService: Sendable {
             previous = now
             let configuration = engine.configuration
             if configuration.id != members {
-                // A node that left is forgotten: if it joins again, it starts with the grace
-                // period of a starting member, not with the silence of its former self.
                 members = configuration.id
-                for node in lastSeen.keys where !configuration.contains(node) {
-                    lastSeen[node] = nil
-                    seenRenewing.bitwiseAnd(~(1 << UInt64(node.index)), ordering: .releasing)
-                }
+                manager.forgetNodes(outside: configuration, watch: &watch)
             }
             if isManager {
-                let suspected = suspectedNodes.load(ordering: .acquiring)
-                for member in configuration.members where member.node != node {
-                    // Check the member renewed ours, then renew its lease: only while it renews
-                    // (FaRM's leases are granted in answer to a renewal), so that a member that
-                    // falls silent loses its lease one lease after its last renewal, and a
-                    // removed one has lost it by the time the configuration without it commits.
-                    var value: UInt64 = 0
-                    let read: Bool = (try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
-                        try engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
-                    }) != nil
-                    var renewing = true
-                    if let seen = lastSeen[member.node] {
-                        if read && seen.value != value {
-                            if !seen.live { seenRenewing.bitwiseOr(1 << UInt64(member.node.index), ordering: .releasing) }
-                            lastSeen[member.node] = (value, now, true)
-                        } else if stalled {
-                            lastSeen[member.node] = (seen.value, now, seen.live)
-                        } else {
-                            renewing = !seen.live || now - seen.at <= lease
-                            if now - seen.at > (seen.live ? expiry : grace) { suspect(member.node) }
-                        }
-                    }
-                    // Members silent for more than a lease (their lease from this CM has lapsed):
-                    // the probe of a reconfiguration removes them with the suspect. (Over shared
-                    // memory a dead node's lease word stays readable: readability proves nothing.)
-                    let bit: UInt64 = 1 << UInt64(member.node.index)
-                    if renewing {
-                        if quietNodes.load(ordering: .relaxed) & bit != 0 { quietNodes.bitwiseAnd(~bit, ordering: .releasing) }
-                    } else if quietNodes.load(ordering: .relaxed) & bit == 0 {
-                        quietNodes.bitwiseOr(bit, ordering: .releasing)
-                    }
-                    if lastSeen[member.node] == nil {
-                        lastSeen[member.node] = (value, now, false)
-                    }
-                    guard renewing, suspected & (1 << UInt64(member.node.index)) == 0 else { continue }
-                    var grant = counter
-                    let granted = (try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
-                        try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)
-                    }) != nil
-                    if granted { grants.record(member.node, at: monotonicNanoseconds()) }
-                }
+                manager.grantLeases(counter: counter, now: now, stalled: stalled, in: configuration, watch: &watch)
             } else {
                 // A configuration newer than any seen was announced: fetch it. (One already seen
                 // may still be being applied, e.g. through a recovery: no need to fetch it again.)
@@ -617,69 +479,12 @@ public final class MembershipService: Sendable {
     }
 
     /// Deletes the election nodes of the nodes `matching` selects.
-    private func withdrawCandidates(_ matching: (NodeID) -> Bool) async {
+    func withdrawCandidates(_ matching: (NodeID) -> Bool) async {
         guard let names = try? await store.children(paths.election) else { return }
         for name in names {
             guard let data = try? await store.get(paths.election + "/" + name).data,
                   let raw = UInt16(String(decoding: data, as: UTF8.self)), matching(NodeID(rawValue: raw)) else { continue }
             try? await store.delete(paths.election + "/" + name, expectedVersion: nil)
-        }
-    }
-
-    /// As CM: remove `suspect` from the configuration (once).
-    private func suspect(_ suspect: NodeID) {
-        guard state.withLock({ $0.removing.insert(suspect).inserted }) else { return }
-        suspectedNodes.bitwiseOr(1 << UInt64(suspect.index), ordering: .releasing)
-        spawn {
-            // Probe: one one-sided read of every other member's lease word; a member that does not
-            // answer is suspected too, and goes in the same reconfiguration.
-            var suspects: Set<NodeID> = [suspect]
-            for member in self.engine.configuration.members where member.node != self.node && member.node != suspect {
-                var word: UInt64 = 0
-                let answered = (try? withUnsafeMutableBytes(of: &word) { (bytes) throws(TransportError) in
-                    try self.engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
-                }) != nil
-                let quiet = self.quietNodes.load(ordering: .acquiring) & (1 << UInt64(member.node.index)) != 0
-                if !answered || quiet { suspects.insert(member.node) }
-            }
-            for other in suspects { self.suspectedNodes.bitwiseOr(1 << UInt64(other.index), ordering: .releasing) }
-            defer {
-                self.state.withLock { state in suspects.forEach { state.removing.remove($0) } }
-                for other in suspects { self.suspectedNodes.bitwiseAnd(~(1 << UInt64(other.index)), ordering: .releasing) }
-            }
-            let node = self.node
-            // Precise membership: the configuration without them commits only once every lease
-            // this CM granted them has run out (they stopped being renewed when suspected), so
-            // that a suspect still alive has fenced itself before any member acts without it.
-            let leaseEnd = suspects.map { self.grants.last($0) }.max() ?? 0
-            // (A member notices a renewal up to one renewal interval late and checks its lease
-            // once per interval: two intervals of margin.)
-            let lease = self.nanoseconds(self.options.lease)
-            let margin = 2 * lease / UInt64(max(1, self.options.renewalsPerLease))
-            let wait = Int64(leaseEnd) + Int64(lease + margin) - Int64(monotonicNanoseconds())
-            if wait > 0 { try await Task.sleep(for: .nanoseconds(wait)) }
-            // The registrations go first (a dead node's session may live on for a while): if this
-            // CM dies after committing, its successor must not take a registration left behind
-            // for a node asking to join, and bring the removed node back.
-            for removed in suspects { try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil) }
-            let committed = try await ConfigurationRecord.change(self.engine.configuration.cluster, in: self.store) { current in
-                let present = suspects.filter { current.contains($0) }
-                guard !present.isEmpty else { return nil }
-                var next = present.reduce(current) { ConfigurationRecord.removing($1, from: $0) }
-                next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
-                next.manager = node
-                return next
-            }
-            if let committed {
-                for removed in suspects where !committed.contains(removed) {
-                    // It rejoins, if ever, by registering anew.
-                    await self.withdrawCandidates { $0 == removed }
-                    self.logger.info("\(node) removed \(removed) (lease expired) in \(committed.id)")
-                    self.eventSink.yield(.removed(removed, committed.id))
-                }
-                try await self.apply(committed)
-                self.announce(committed.id)
-            }
         }
     }
 

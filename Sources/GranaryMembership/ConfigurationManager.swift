@@ -1,0 +1,277 @@
+import Foundation
+import GranaryConfiguration
+import GranaryCoordination
+import GranaryEngine
+import GranaryMemory
+import GranaryTransport
+import Logging
+import Synchronization
+
+/// The configuration manager's role (FaRM, section 5.1), apart from a member's: the member that
+/// wins the election holds it. It grants leases to the members, in answer to their renewals, and
+/// suspects one that falls silent; it probes the others, waits until every lease it granted the
+/// suspects has run out, and commits the configuration without them (with new backups for regions
+/// left short); it commits joins (with backups of the regions short of the cluster's replication),
+/// and announces every configuration it commits (NEW-CONFIG). Applying a configuration, taking
+/// part in recovery and renewing its own lease are the member's part (``MembershipService``).
+final class ConfigurationManager: Sendable {
+    /// The member whose role this is; it owns this object.
+    unowned let member: MembershipService
+
+    init(member: MembershipService) { self.member = member }
+
+    var node: NodeID { member.node }
+    var engine: Engine { member.engine }
+    var store: any CoordinationStore { member.store }
+    var paths: MembershipPaths { member.paths }
+    var options: MembershipOptions { member.options }
+    var logger: Logger { member.logger }
+    var eventSink: AsyncStream<MembershipEvent>.Continuation { member.eventSink }
+    func spawn(_ body: @escaping @Sendable () async throws -> Void) { member.spawn(body) }
+    func apply(_ configuration: Configuration) async throws { try await member.apply(configuration) }
+    func announce(_ id: ConfigurationID) { member.announce(id) }
+
+    /// Bit n set while node n is being removed (its lease is no longer renewed).
+    let suspectedNodes = Atomic<UInt64>(0)
+    /// Bit n set while member n has not renewed for more than a lease.
+    let quietNodes = Atomic<UInt64>(0)
+    /// When each member's lease was last renewed.
+    let grants = GrantTimes()
+    /// Bit n set once member n's lease counter was seen moving (from then on it is held to its
+    /// lease; before, a starting member gets a grace period).
+    let seenRenewing = Atomic<UInt64>(0)
+    /// Nodes being removed now.
+    let removing = Mutex<Set<NodeID>>([])
+
+    /// Whether `member`'s lease counter was seen moving.
+    func hasSeenRenewing(_ member: NodeID) -> Bool {
+        member.index < NodeID.limit && seenRenewing.load(ordering: .acquiring) & (1 << UInt64(member.index)) != 0
+    }
+
+    /// TAKING OVER: this node won the election. It records itself as CM in a new configuration;
+    /// a CM it replaces that stopped renewing leases leaves the configuration in the same change.
+    func takeOver() async throws {
+        let node = self.node
+        guard !member.mustRejoin else { return }
+        // Is the CM we replace silent? Its own lease counter, read twice a lease apart. (Without
+        // this, a CM replaced through the election watch before a `refresh` saw it fall silent
+        // stayed a member, and was removed only after the grace period a new CM gives members it
+        // has never seen renewing: 2 s instead of tens of ms.)
+        var silent: NodeID?
+        if let old = engine.configuration.manager, old != node {
+            // nil: unreadable (a dead peer on verbs), which counts as silent.
+            func counter() -> UInt64? {
+                var value: UInt64 = 0
+                let read: Void? = try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
+                    try self.engine.transportHandle.read(from: old, LeaseWord.address(of: old), into: bytes)
+                }
+                return read == nil ? nil : value
+            }
+            let first = counter()
+            try await Task.sleep(for: options.lease)
+            if first == counter() { silent = old }
+        }
+        let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
+            guard current.manager != node else { return nil }
+            var next = current
+            next.manager = node
+            // A CM that was replaced because it stopped renewing leases leaves the configuration.
+            if let old = current.manager, old != node, !self.member.candidatesContain(old) || old == silent {
+                next = ConfigurationRecord.removing(old, from: next)
+                next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
+                next.manager = node
+            }
+            return next
+        }
+        if let committed {
+            for removed in engine.configuration.members.map(\.node) where !committed.contains(removed) {
+                try? await store.delete(paths.members + "/\(removed)", expectedVersion: nil)
+            }
+            try await apply(committed)
+            announce(committed.id)
+        }
+        member.becomeManager()
+    }
+
+    /// As CM: a member whose registration vanished (its session ended) leaves; a registered node
+    /// that is not a member joins.
+    func watchRegistrations() async throws {
+        // Only a registration seen and then gone means a member left; a member that has not
+        // registered yet (still starting) is left to the leases and their grace period.
+        var seen = Set<NodeID>()
+        while member.running.load(ordering: .relaxed), member.isManager {
+            let (names, watch) = try await store.childrenAndWatch(paths.members)
+            var registered: [Member] = []
+            for name in names {
+                if let data = try? await store.get(paths.members + "/" + name).data,
+                   let member = try? JSONDecoder().decode(Member.self, from: Data(data)) {
+                    registered.append(member)
+                }
+            }
+            let registeredNodes = Set(registered.map(\.node))
+            seen.formUnion(registeredNodes)
+            let left = seen.subtracting(registeredNodes)
+            let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
+                var next = current
+                for member in current.members where left.contains(member.node) && member.node != self.node {
+                    next = ConfigurationRecord.removing(member.node, from: next)
+                }
+                if next.members.count < current.members.count {
+                    next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
+                }
+                var joined = false
+                for member in registered where !current.contains(member.node) && !member.endpoint.isEmpty {
+                    next.members.append(member)
+                    joined = true
+                }
+                // A node that joins (or rejoins) receives backups of the regions short of the
+                // cluster's replication, copied in the background (DATA RECOVERY).
+                if joined {
+                    next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
+                }
+                next.manager = self.node
+                return next.members == current.members ? nil : next
+            }
+            if let committed {
+                for member in engine.configuration.members where !committed.contains(member.node) {
+                    logger.info("\(node) removed \(member.node) (its registration is gone) in \(committed.id)")
+                    eventSink.yield(.removed(member.node, committed.id))
+                }
+                try await apply(committed)
+                announce(committed.id)
+            }
+            if await watch.event() == .sessionEnded { return }
+        }
+    }
+
+    // MARK: Leases
+
+    /// What the lease thread keeps of each member's renewals, for the CM's half of its loop.
+    struct LeaseWatch {
+        /// Per member: its last counter, when it last moved, and whether it was ever seen moving
+        /// (a node that has not started renewing yet gets a grace period, not a lease).
+        var lastSeen: [NodeID: (value: UInt64, at: UInt64, live: Bool)] = [:]
+        let lease: UInt64
+        let expiry: UInt64
+        let grace: UInt64
+
+        init(lease: UInt64, expiry: UInt64) {
+            self.lease = lease
+            self.expiry = expiry
+            grace = max(expiry, 2_000_000_000)
+        }
+    }
+
+    /// A node that left is forgotten: if it joins again, it starts with the grace period of a
+    /// starting member, not with the silence of its former self.
+    func forgetNodes(outside configuration: Configuration, watch: inout LeaseWatch) {
+        for node in watch.lastSeen.keys where !configuration.contains(node) {
+            watch.lastSeen[node] = nil
+            seenRenewing.bitwiseAnd(~(1 << UInt64(node.index)), ordering: .releasing)
+        }
+    }
+
+    /// The CM's half of one round of the lease thread (`counter` is its own lease counter, `now`
+    /// the time; `stalled`: the thread itself did not run for half an expiry). Takes no lock: the
+    /// lease thread runs at real-time priority.
+    func grantLeases(counter: UInt64, now: UInt64, stalled: Bool, in configuration: Configuration, watch: inout LeaseWatch) {
+        let suspected = suspectedNodes.load(ordering: .acquiring)
+        for member in configuration.members where member.node != node {
+            // Check the member renewed ours, then renew its lease: only while it renews
+            // (FaRM's leases are granted in answer to a renewal), so that a member that
+            // falls silent loses its lease one lease after its last renewal, and a
+            // removed one has lost it by the time the configuration without it commits.
+            var value: UInt64 = 0
+            let read: Bool = (try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
+                try engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
+            }) != nil
+            var renewing = true
+            if let seen = watch.lastSeen[member.node] {
+                if read && seen.value != value {
+                    if !seen.live { seenRenewing.bitwiseOr(1 << UInt64(member.node.index), ordering: .releasing) }
+                    watch.lastSeen[member.node] = (value, now, true)
+                } else if stalled {
+                    watch.lastSeen[member.node] = (seen.value, now, seen.live)
+                } else {
+                    renewing = !seen.live || now - seen.at <= watch.lease
+                    if now - seen.at > (seen.live ? watch.expiry : watch.grace) { suspect(member.node) }
+                }
+            }
+            // Members silent for more than a lease (their lease from this CM has lapsed):
+            // the probe of a reconfiguration removes them with the suspect. (Over shared
+            // memory a dead node's lease word stays readable: readability proves nothing.)
+            let bit: UInt64 = 1 << UInt64(member.node.index)
+            if renewing {
+                if quietNodes.load(ordering: .relaxed) & bit != 0 { quietNodes.bitwiseAnd(~bit, ordering: .releasing) }
+            } else if quietNodes.load(ordering: .relaxed) & bit == 0 {
+                quietNodes.bitwiseOr(bit, ordering: .releasing)
+            }
+            if watch.lastSeen[member.node] == nil {
+                watch.lastSeen[member.node] = (value, now, false)
+            }
+            guard renewing, suspected & (1 << UInt64(member.node.index)) == 0 else { continue }
+            var grant = counter
+            let granted = (try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
+                try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)
+            }) != nil
+            if granted { grants.record(member.node, at: monotonicNanoseconds()) }
+        }
+    }
+
+    /// As CM: remove `suspect` from the configuration (once).
+    func suspect(_ suspect: NodeID) {
+        guard removing.withLock({ $0.insert(suspect).inserted }) else { return }
+        suspectedNodes.bitwiseOr(1 << UInt64(suspect.index), ordering: .releasing)
+        spawn {
+            // Probe: one one-sided read of every other member's lease word; a member that does not
+            // answer is suspected too, and goes in the same reconfiguration.
+            var suspects: Set<NodeID> = [suspect]
+            for member in self.engine.configuration.members where member.node != self.node && member.node != suspect {
+                var word: UInt64 = 0
+                let answered = (try? withUnsafeMutableBytes(of: &word) { (bytes) throws(TransportError) in
+                    try self.engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
+                }) != nil
+                let quiet = self.quietNodes.load(ordering: .acquiring) & (1 << UInt64(member.node.index)) != 0
+                if !answered || quiet { suspects.insert(member.node) }
+            }
+            for other in suspects { self.suspectedNodes.bitwiseOr(1 << UInt64(other.index), ordering: .releasing) }
+            defer {
+                self.removing.withLock { removing in suspects.forEach { removing.remove($0) } }
+                for other in suspects { self.suspectedNodes.bitwiseAnd(~(1 << UInt64(other.index)), ordering: .releasing) }
+            }
+            let node = self.node
+            // Precise membership: the configuration without them commits only once every lease
+            // this CM granted them has run out (they stopped being renewed when suspected), so
+            // that a suspect still alive has fenced itself before any member acts without it.
+            let leaseEnd = suspects.map { self.grants.last($0) }.max() ?? 0
+            // (A member notices a renewal up to one renewal interval late and checks its lease
+            // once per interval: two intervals of margin.)
+            let lease = self.member.nanoseconds(self.options.lease)
+            let margin = 2 * lease / UInt64(max(1, self.options.renewalsPerLease))
+            let wait = Int64(leaseEnd) + Int64(lease + margin) - Int64(monotonicNanoseconds())
+            if wait > 0 { try await Task.sleep(for: .nanoseconds(wait)) }
+            // The registrations go first (a dead node's session may live on for a while): if this
+            // CM dies after committing, its successor must not take a registration left behind
+            // for a node asking to join, and bring the removed node back.
+            for removed in suspects { try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil) }
+            let committed = try await ConfigurationRecord.change(self.engine.configuration.cluster, in: self.store) { current in
+                let present = suspects.filter { current.contains($0) }
+                guard !present.isEmpty else { return nil }
+                var next = present.reduce(current) { ConfigurationRecord.removing($1, from: $0) }
+                next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
+                next.manager = node
+                return next
+            }
+            if let committed {
+                for removed in suspects where !committed.contains(removed) {
+                    // It rejoins, if ever, by registering anew.
+                    await self.member.withdrawCandidates { $0 == removed }
+                    self.logger.info("\(node) removed \(removed) (lease expired) in \(committed.id)")
+                    self.eventSink.yield(.removed(removed, committed.id))
+                }
+                try await self.apply(committed)
+                self.announce(committed.id)
+            }
+        }
+    }
+}
