@@ -53,6 +53,7 @@ extension Engine {
         }
         func read(_ offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
             do {
+                try faults.check(.copyRead, primary)
                 try transport.read(from: primary, GlobalAddress(region: region, offset: UInt32(offset)), into: buffer)
             } catch {
                 throw RecoveryError(description: "reading \(buffer.count) bytes of \(region) at \(offset) from its primary \(primary) failed: \(error)")

@@ -22,8 +22,13 @@ public enum FaultPoint: String, Sendable, CaseIterable, CustomStringConvertible 
     case abortSend
     /// A TRUNCATE record to one primary or backup.
     case truncateSend
+    /// DATA RECOVERY's one-sided reads of a region's primary, by a new backup copying it.
+    case copyRead
 
     public var description: String { rawValue }
+
+    /// The points of the commit protocol (every one but data recovery's).
+    public static var commitProtocol: [FaultPoint] { allCases.filter { $0 != .copyRead } }
 }
 
 /// A test's rule for failing fault points: called with the point and the node the send or read

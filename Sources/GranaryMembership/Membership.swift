@@ -299,10 +299,26 @@ public final class MembershipService: Sendable {
             let primary = placement.primary
             spawn {
                 defer { _ = self.state.withLock { $0.copyingRegions.remove(region) } }
-                let report = try await self.engine.copyRegion(region, from: primary, pace: self.options.copyPace) {
-                    // Stop if the region's primary changed or this node no longer copies it.
+                // Whether the region's primary changed or this node no longer copies it.
+                let superseded = { @Sendable () -> Bool in
                     guard let now = self.newest.withLock({ $0 })?.placement(of: region) else { return true }
                     return now.primary != primary || !now.copying.contains(self.node)
+                }
+                var failures = 0
+                let report: DataRecoveryReport
+                while true {
+                    do {
+                        report = try await self.engine.copyRegion(region, from: primary, pace: self.options.copyPace, shouldStop: superseded)
+                        break
+                    } catch {
+                        // A read of the primary failed (it may be failing itself: then a new
+                        // configuration supersedes this copy) or this node stops. Otherwise the
+                        // copy starts again, so that the region does not stay short of a replica.
+                        guard self.running.load(ordering: .relaxed), !superseded() else { throw error }
+                        failures += 1
+                        self.logger.warning("\(self.node) copy of \(region) from \(primary) failed (\(error)); attempt \(failures + 1) follows")
+                        try await Task.sleep(for: .milliseconds(min(1_000, 10 << min(failures, 7))))
+                    }
                 }
                 self.logger.info("\(self.node) \(report)")
                 let node = self.node

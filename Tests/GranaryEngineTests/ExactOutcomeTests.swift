@@ -120,7 +120,7 @@ struct ExactOutcomeTests {
     /// replica, every backup equals its primary, and the data shows exactly what the caller was
     /// told (both writes or neither; committed means both, failed means neither).
     @Test("a failure at each send and read of each phase leaves no lock, no half transaction, and the outcome told",
-          arguments: FaultPoint.allCases)
+          arguments: FaultPoint.commitProtocol)
     func faultAtEachPhase(point: FaultPoint) async throws {
         var evidence: [String] = []
         for target in 0..<3 {

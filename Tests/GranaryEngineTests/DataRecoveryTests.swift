@@ -1,0 +1,69 @@
+@_spi(Testing) import GranaryEngine
+import Foundation
+import Granary
+import GranaryTestSupport
+import Synchronization
+import Testing
+
+@Suite("Data recovery")
+struct DataRecoveryTests {
+    final class Count: Sendable {
+        let value = Atomic<Int>(0)
+    }
+
+    /// A new backup's reads of the primary fail, the first few times: its copy starts again, so
+    /// the region does not stay short of a replica (before, a failed copy ended, the region stayed
+    /// marked copying, and only a later configuration change started another).
+    @Test("a copy whose reads of the primary fail starts again: every region gets its replicas back, equal to the primary")
+    func copyStartsAgainAfterFailedReads() async throws {
+        let cluster = try await testCluster(nodes: 4, replicas: 3) { options in
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(10)
+            membership.copyPace = .zero
+            options.membership = membership
+        }
+        let clock = ContinuousClock()
+        var deadline = clock.now + .seconds(60)
+        while !cluster.membership.contains(where: \.isManager) {
+            guard clock.now < deadline else { Issue.record("no CM"); return }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        for node in cluster.nodes {
+            _ = try await node.transaction { tx in try (0..<50).map { _ in try tx.allocate(Int64(node.id.index)) } }
+        }
+        try await cluster.quiesce()
+        for member in cluster.membership where member.node != cm {
+            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
+        }
+        // Every node's first four copy reads fail.
+        let failed = Count()
+        for node in cluster.nodes {
+            let mine = Count()
+            node.engine.injectFaults { point, _ in
+                guard point == .copyRead, mine.value.add(1, ordering: .relaxed).newValue <= 4 else { return false }
+                failed.value.add(1, ordering: .relaxed)
+                return true
+            }
+        }
+        let victim = cluster.nodes.map(\.id).first { $0 != cm }!
+        cluster.crash(victim)
+        deadline = clock.now + .seconds(30)
+        var configuration = cluster.servingNodes[0].engine.configuration
+        while configuration.contains(victim)
+            || !configuration.regions.allSatisfy({ $0.replicas.count == 3 && $0.copying.isEmpty }) {
+            guard clock.now < deadline else {
+                Issue.record("after 30 s, \(failed.value.load(ordering: .relaxed)) failed copy reads: \(configuration)")
+                return
+            }
+            try await Task.sleep(for: .milliseconds(5))
+            configuration = cluster.servingNodes[0].engine.configuration
+        }
+        #expect(failed.value.load(ordering: .relaxed) > 0, "no copy read failed: the test did not test the retry")
+        for node in cluster.servingNodes { node.engine.injectFaults(nil) }
+        try await cluster.quiesce()
+        let differences = replicaDifferences(cluster, in: cluster.servingNodes[0].engine.configuration)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n"))")
+        try await cluster.shutdown()
+    }
+}
