@@ -358,10 +358,7 @@ public final class Node: Sendable {
                     // Recovery runs (or the lease lapsed): wait for it without holding a thread of
                     // the cooperative pool (recovery's own tasks may need it); the attempt does
                     // not count.
-                    let clock = ContinuousClock()
-                    let deadline = clock.now + engine.options.replyTimeout
-                    while engine.commitsBlocked, engine.isRunning, clock.now < deadline { try await Task.sleep(for: .microseconds(200)) }
-                    if !engine.commitsBlocked { attempt -= 1 }
+                    if try await engine.waitForUnblockedCommits() { attempt -= 1 }
                     continue
                 }
                 // Wait without holding a thread of the cooperative pool.

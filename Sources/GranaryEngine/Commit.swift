@@ -489,8 +489,7 @@ extension Engine {
                 lastCause = cause
                 if gate.isClosed {
                     // Recovery runs (or the lease lapsed): wait for it; the attempt does not count.
-                    waitForUnblockedCommits()
-                    if !gate.isClosed { attempt -= 1 }
+                    if waitForUnblockedCommits() { attempt -= 1 }
                     continue
                 }
                 let wait = retryDelay(afterAttempt: attempt)

@@ -338,8 +338,7 @@ public final class Engine: Sendable {
         self.persistEveryInstall = options.persistEveryInstall
         self.sabotage = options.sabotage
         self.phaseTimingInterval = UInt64(max(1, options.phaseTimingInterval))
-        let (seconds, attoseconds) = options.replyTimeout.components
-        self.replyTimeoutNanoseconds = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+        self.replyTimeoutNanoseconds = options.replyTimeout.wholeNanoseconds
         self.transport = transport
         self.mailbox = mailbox
         self.statistics = EngineStatistics(node: node, factory: options.metricsFactory ?? MetricsSystem.factory)

@@ -334,12 +334,30 @@ extension Engine {
     /// Whether commits are held back now (recovery runs, or this node's lease lapsed).
     public var commitsBlocked: Bool { gate.isClosed }
 
-    /// Waits (a coordinator that found the gate closed) until recovery lets commits start again,
-    /// at most the reply timeout.
-    func waitForUnblockedCommits() {
+    /// Waits, on the calling thread, until commits may start again (recovery ended, or the lease
+    /// was renewed), the engine stops, or `timeout` passes (by default the reply timeout). For a
+    /// coordinator whose attempt found commits blocked (``commitsBlocked``): the attempt does not
+    /// count against ``EngineOptions/maximumAttempts`` when this returns true.
+    ///
+    /// - Returns: whether commits may start now.
+    public func waitForUnblockedCommits(timeout: Duration? = nil) -> Bool {
         let start = monotonicNanoseconds()
-        while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < replyTimeoutNanoseconds {
+        let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
+        while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {
             usleep(100)
         }
+        return !gate.isClosed
     }
+
+    /// ``waitForUnblockedCommits(timeout:)`` without holding a thread: from a task (recovery's
+    /// own tasks may need the cooperative pool's threads to open the gate).
+    public func waitForUnblockedCommits(timeout: Duration? = nil) async throws -> Bool {
+        let start = monotonicNanoseconds()
+        let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
+        while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {
+            try await Task.sleep(for: .microseconds(200))
+        }
+        return !gate.isClosed
+    }
+
 }

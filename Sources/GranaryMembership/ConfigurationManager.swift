@@ -246,7 +246,7 @@ final class ConfigurationManager: Sendable {
             let leaseEnd = suspects.map { self.grants.last($0) }.max() ?? 0
             // (A member notices a renewal up to one renewal interval late and checks its lease
             // once per interval: two intervals of margin.)
-            let lease = self.member.nanoseconds(self.options.lease)
+            let lease = self.options.lease.wholeNanoseconds
             let margin = 2 * lease / UInt64(max(1, self.options.renewalsPerLease))
             let wait = Int64(leaseEnd) + Int64(lease + margin) - Int64(monotonicNanoseconds())
             if wait > 0 { try await Task.sleep(for: .nanoseconds(wait)) }

@@ -424,13 +424,8 @@ public final class MembershipService: Sendable {
         leaseThread.withLock { $0 = thread }
     }
 
-    func nanoseconds(_ duration: Duration) -> UInt64 {
-        let (seconds, attoseconds) = duration.components
-        return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
-    }
-
     private func leaseLoop() {
-        let lease = nanoseconds(options.lease)
+        let lease = options.lease.wholeNanoseconds
         let interval = lease / UInt64(max(1, options.renewalsPerLease))
         let expiry = lease * UInt64(1 + options.probeLeases)
         let ownWord = (engine.mailboxRegion.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)

@@ -46,3 +46,13 @@ public struct Backoff: Sendable {
     clock_gettime(CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
+
+extension Duration {
+    /// The duration in whole nanoseconds, for comparing with ``monotonicNanoseconds()``; a
+    /// negative duration is 0.
+    @inlinable public var wholeNanoseconds: UInt64 {
+        let (seconds, attoseconds) = components
+        guard seconds >= 0, attoseconds >= 0 else { return 0 }
+        return UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+    }
+}

@@ -120,12 +120,8 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
             self.checkedLineReads = checkedLineReads
         }
 
-        var completionTimeoutNanoseconds: UInt64 { Self.nanoseconds(completionTimeout) }
-        var endpointTimeoutMilliseconds: Int { Int(Self.nanoseconds(endpointTimeout) / 1_000_000) }
-        static func nanoseconds(_ duration: Duration) -> UInt64 {
-            let (seconds, attoseconds) = duration.components
-            return UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
-        }
+        var completionTimeoutNanoseconds: UInt64 { completionTimeout.wholeNanoseconds }
+        var endpointTimeoutMilliseconds: Int { Int(endpointTimeout.wholeNanoseconds / 1_000_000) }
     }
 
     /// Counters of the work done towards one peer, summed over the threads' connections.

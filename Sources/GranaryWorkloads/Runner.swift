@@ -336,9 +336,11 @@ public enum Runner {
                     random = draw
                     guard let outcome else { break }  // a non-retryable error
                     if case .committed(let result) = outcome { committed = result; break }
-                    if node.engine.commitsBlocked, node.engine.isRunning, monotonicNanoseconds() < deadline {
-                        // Recovery runs: wait for it; the attempt does not count.
-                        usleep(100)
+                    let now = monotonicNanoseconds()
+                    if node.engine.commitsBlocked, node.engine.isRunning, now < deadline {
+                        // Recovery runs: wait for it (not past the run's end); the attempt does
+                        // not count.
+                        _ = node.engine.waitForUnblockedCommits(timeout: .nanoseconds(deadline - now))
                         attempt -= 1
                         continue
                     }
