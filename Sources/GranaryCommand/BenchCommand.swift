@@ -32,7 +32,12 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Write the figures and the configuration as JSON to this file.") var json: String?
     @Option(help: "Write an SVG plot (throughput over time, latency CDF) to this file.") var plot: String?
     @Flag(help: "No live progress line.") var quiet = false
-    @Flag(help: "Run the configuration manager too (10 ms leases over the embedded store).") var membership = false
+    @Flag(help: "Run the configuration manager too (over the embedded store; --lease-ms).") var membership = false
+    @Option(help: "With the configuration manager: the lease, in milliseconds.") var leaseMs: Int = 10
+    @Option(help: "With the configuration manager: lease expiries in a row before a silent member is suspected (MembershipOptions.probeLeases + 1).")
+    var expiriesToSuspect: Int = MembershipOptions().probeLeases + 1
+    @Option(help: "With the configuration manager: data recovery's pace, in milliseconds (MembershipOptions.copyPace: after each 64 KiB slab a new backup copies, a random wait of up to twice this).")
+    var copyPaceMs: Double = Double(MembershipOptions().copyPace.wholeNanoseconds) / 1e6
     @Option(help: "Crash this node (as SIGKILL would) during the run; implies --membership. Prints the times from the crash to the new configuration, to every region active, and to 80% of the throughput before.")
     var crash: Int?
     @Option(help: "Seconds into the run at which --crash crashes its node.") var at: Double = 1
@@ -50,6 +55,8 @@ struct BenchOptions: ParsableArguments {
             guard nodes >= 2, replicas >= 2 else { throw ValidationError("--crash needs at least 2 nodes and 2 replicas, so that every region survives") }
             guard at > 0, at < seconds else { throw ValidationError("--at must be inside the run (0 < --at < --seconds)") }
         }
+        guard copyPaceMs >= 0 else { throw ValidationError("--copy-pace-ms must not be negative") }
+        guard leaseMs >= 1, expiriesToSuspect >= 1 else { throw ValidationError("--lease-ms and --expiries-to-suspect must be at least 1") }
         if let plot, !plot.hasSuffix(".svg") { throw ValidationError("--plot writes SVG: give a file name ending in .svg, got '\(plot)'") }
     }
 
@@ -57,7 +64,13 @@ struct BenchOptions: ParsableArguments {
         var options = ClusterOptions()
         options.regionSize = regionMib << 20
         options.engine.maximumAttempts = 1_000
-        if membership || crash != nil { options.membership = MembershipOptions() }
+        if membership || crash != nil {
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(leaseMs)
+            membership.probeLeases = expiriesToSuspect - 1
+            membership.copyPace = .nanoseconds(Int64(copyPaceMs * 1e6))
+            options.membership = membership
+        }
         return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
     }
 }
@@ -65,7 +78,7 @@ struct BenchOptions: ParsableArguments {
 /// Runs a workload end to end: load, run with progress, check, report.
 func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: BenchOptions) async throws {
     let cluster = try await options.makeCluster()
-    let manager = options.membership || options.crash != nil ? "configuration manager with 10 ms leases (embedded store)" : "static configuration"
+    let manager = options.membership || options.crash != nil ? "configuration manager with \(options.leaseMs) ms leases, suspicion after \(options.expiriesToSuspect) (embedded store)" : "static configuration"
     FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
     let configurationBefore = cluster.nodes.map(\.engine.configuration.id)
     let loadStart = ContinuousClock.now

@@ -177,17 +177,21 @@ final class ConfigurationManager: Sendable {
     func grantLeases(counter: UInt64, now: UInt64, stalled: Bool, in configuration: Configuration, watch: inout LeaseWatch) {
         let suspected = suspectedNodes.load(ordering: .acquiring)
         for member in configuration.members where member.node != node {
-            // Check the member renewed ours, then renew its lease: only while it renews
-            // (FaRM's leases are granted in answer to a renewal), so that a member that
-            // falls silent loses its lease one lease after its last renewal, and a
-            // removed one has lost it by the time the configuration without it commits.
+            // Check the member renewed ours, then renew its lease: only in answer to a renewal
+            // (its counter moved since the last round), as FaRM grants leases, so that a member
+            // that falls silent holds its lease for one lease after its last renewal and no
+            // longer, and a removed one has lost it by the time the configuration without it
+            // commits. (Granting while the member had renewed within the last lease, as before,
+            // stretched a silent member's lease to two: the removal waited for it.)
             var value: UInt64 = 0
             let read: Bool = (try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
                 try engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
             }) != nil
             var renewing = true
+            var renewed = false
             if let seen = watch.lastSeen[member.node] {
                 if read && seen.value != value {
+                    renewed = true
                     if !seen.live { seenRenewing.bitwiseOr(1 << UInt64(member.node.index), ordering: .releasing) }
                     watch.lastSeen[member.node] = (value, now, true)
                 } else if stalled {
@@ -209,7 +213,7 @@ final class ConfigurationManager: Sendable {
             if watch.lastSeen[member.node] == nil {
                 watch.lastSeen[member.node] = (value, now, false)
             }
-            guard renewing, suspected & (1 << UInt64(member.node.index)) == 0 else { continue }
+            guard renewed, suspected & (1 << UInt64(member.node.index)) == 0 else { continue }
             var grant = counter
             let granted = (try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
                 try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)

@@ -11,11 +11,13 @@ import Synchronization
 public struct MembershipOptions: Sendable {
     /// The lease between the configuration manager (CM) and every node, both ways.
     public var lease: Duration = .milliseconds(10)
-    /// Renewals per lease period.
-    public var renewalsPerLease: Int = 4
-    /// Lease expiries in a row before a node is suspected and probed; the probe then waits one
-    /// more lease for a sign of life before the suspect is removed.
-    public var probeLeases: Int = 1
+    /// Renewals per lease period (FaRM renews every fifth of a lease).
+    public var renewalsPerLease: Int = 5
+    /// Leases of silence beyond the first before the CM suspects a member. 0 (the default)
+    /// suspects at the first expiry, as FaRM does: with renewals every fifth of a lease from a
+    /// real-time thread, five in a row must be missed. The probe that follows removes, with the
+    /// suspect, every member silent for more than a lease.
+    public var probeLeases: Int = 0
     /// Data recovery's pacing: after copying each slab (64 KiB by default) of a region to a new
     /// backup, a random wait of up to twice this, so that foreground throughput holds.
     public var copyPace: Duration = .milliseconds(4)
