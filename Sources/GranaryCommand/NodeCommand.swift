@@ -2,10 +2,14 @@ import ArgumentParser
 import Foundation
 import Granary
 import Logging
+import Synchronization
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// Set by SIGTERM or SIGINT: a member leaves the configuration and exits.
+let terminationRequested = Atomic<Bool>(false)
 
 /// `granary node`: one node process.
 ///
@@ -178,6 +182,15 @@ struct NodeCommand: AsyncParsableCommand {
 extension NodeCommand {
     /// A cluster member running the transaction engine.
     func runMember(configurationFile: String) async throws {
+        // SIGTERM and SIGINT ask the node to leave and exit (handled in the main loop below).
+        let signals = [SIGTERM, SIGINT].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { terminationRequested.store(true, ordering: .releasing) }
+            source.resume()
+            return source
+        }
+        defer { signals.forEach { $0.cancel() } }
         let data: Data
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: configurationFile))
@@ -284,6 +297,7 @@ extension NodeCommand {
             var moved = 0
             for index in 0..<bankTransfers {
                 if let bankStopFile, FileManager.default.fileExists(atPath: bankStopFile) { break }
+                if terminationRequested.load(ordering: .relaxed) { break }
                 let from = accounts.randomElement(using: &random)!
                 var to = accounts.randomElement(using: &random)!
                 while to == from { to = accounts.randomElement(using: &random)! }
@@ -321,10 +335,27 @@ extension NodeCommand {
             }
             fflush(nil)
         }
-        guard rejoin, let membership else {
-            while true { try await Task.sleep(for: .seconds(3600)) }
+        while true {
+            if terminationRequested.load(ordering: .acquiring) {
+                // SIGTERM or SIGINT: leave the configuration (the CM removes this node at once, no
+                // suspicion) once the commits in flight have ended, then exit 0. A node without a
+                // configuration manager flushes what it owes and stops.
+                if let membership {
+                    let left = try await membership.leave()
+                    print("left \(left.id.rawValue)")
+                    await membership.stop()
+                    await events?.value
+                } else {
+                    try? engine.flushTruncations()
+                }
+                engine.stop()
+                fflush(nil)
+                Foundation.exit(0)
+            }
+            if rejoin, let membership, membership.mustRejoin, !membership.isLeaving { break }
+            try await Task.sleep(for: .milliseconds(10))
         }
-        while !membership.mustRejoin { try await Task.sleep(for: .milliseconds(10)) }
+        guard let membership else { return }
         // Removed: this process starts again as a new one (what it held is superseded) and
         // rejoins from the configuration the store holds.
         await membership.stop()

@@ -70,6 +70,8 @@ final class ConfigurationManager: Sendable {
             let first = counter()
             try await Task.sleep(for: options.lease)
             if first == counter() { silent = old }
+            // A CM that left on purpose withdrew its registration: it goes too.
+            if silent == nil, (try? await store.exists(paths.members + "/\(old)")) == false { silent = old }
         }
         let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
             guard current.manager != node else { return nil }
@@ -111,6 +113,15 @@ final class ConfigurationManager: Sendable {
             let registeredNodes = Set(registered.map(\.node))
             seen.formUnion(registeredNodes)
             let left = seen.subtracting(registeredNodes)
+            // Members that left (a node leaving on purpose withdraws its registration; a session
+            // that ended takes it along): no more grants, and no configuration without them
+            // before their leases have run out.
+            let leaving = engine.configuration.members.map(\.node).filter { left.contains($0) && $0 != node }
+            let bits = leaving.reduce(UInt64(0)) { $0 | 1 << UInt64($1.index) }
+            // (Only the bits set here are cleared after: a suspicion may hold others.)
+            let fresh = bits & ~suspectedNodes.bitwiseOr(bits, ordering: .acquiringAndReleasing).oldValue
+            defer { suspectedNodes.bitwiseAnd(~fresh, ordering: .releasing) }
+            if !leaving.isEmpty { try await waitForLeasesToEnd(of: leaving) }
             let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
                 var next = current
                 for member in current.members where left.contains(member.node) && member.node != self.node {
@@ -142,6 +153,19 @@ final class ConfigurationManager: Sendable {
             }
             if await watch.event() == .sessionEnded { return }
         }
+    }
+
+    /// Precise membership: a configuration without `nodes` commits only once every lease this CM
+    /// granted them has run out (their bits in ``suspectedNodes`` stop the grants), so that one
+    /// still alive has fenced itself before any member acts without it. (A member notices a
+    /// renewal up to one renewal interval late and checks its lease once per interval: two
+    /// intervals of margin.)
+    func waitForLeasesToEnd(of nodes: some Sequence<NodeID>) async throws {
+        let leaseEnd = nodes.map { grants.last($0) }.max() ?? 0
+        let lease = options.lease.wholeNanoseconds
+        let margin = 2 * lease / UInt64(max(1, options.renewalsPerLease))
+        let wait = Int64(leaseEnd) + Int64(lease + margin) - Int64(monotonicNanoseconds())
+        if wait > 0 { try await Task.sleep(for: .nanoseconds(wait)) }
     }
 
     // MARK: Leases
@@ -244,16 +268,7 @@ final class ConfigurationManager: Sendable {
                 for other in suspects { self.suspectedNodes.bitwiseAnd(~(1 << UInt64(other.index)), ordering: .releasing) }
             }
             let node = self.node
-            // Precise membership: the configuration without them commits only once every lease
-            // this CM granted them has run out (they stopped being renewed when suspected), so
-            // that a suspect still alive has fenced itself before any member acts without it.
-            let leaseEnd = suspects.map { self.grants.last($0) }.max() ?? 0
-            // (A member notices a renewal up to one renewal interval late and checks its lease
-            // once per interval: two intervals of margin.)
-            let lease = self.options.lease.wholeNanoseconds
-            let margin = 2 * lease / UInt64(max(1, self.options.renewalsPerLease))
-            let wait = Int64(leaseEnd) + Int64(lease + margin) - Int64(monotonicNanoseconds())
-            if wait > 0 { try await Task.sleep(for: .nanoseconds(wait)) }
+            try await self.waitForLeasesToEnd(of: suspects)
             // The registrations go first (a dead node's session may live on for a while): if this
             // CM dies after committing, its successor must not take a registration left behind
             // for a node asking to join, and bring the removed node back.

@@ -154,6 +154,44 @@ public final class MembershipService: Sendable {
         }
     }
 
+    /// LEAVE: this node leaves the configuration on purpose (a node process told SIGTERM). It
+    /// starts no more commits and lets those in flight end, sends the TRUNCATEs it owes, gives up
+    /// the CM's role if it holds it, and withdraws its registration and candidacy: the CM removes
+    /// it at once, without a suspicion, once its lease has run out, and the others recover
+    /// without it as after a failure (its transactions are all decided by then). Returns the
+    /// first committed configuration without this node.
+    ///
+    /// - Throws: ``RecoveryError`` if no such configuration is committed within `timeout` (no CM
+    ///   is left to remove it, for instance when it is the last member).
+    public func leave(timeout: Duration = .seconds(10)) async throws -> Configuration {
+        leavingFlag.store(true, ordering: .releasing)
+        engine.blockCommits(removing: [])
+        try await engine.waitForCommitsToEnd(timeout: timeout)
+        try? engine.flushTruncations()
+        // A CM that leaves stops acting as one first; the next candidate takes over when its
+        // candidacy goes, and removes it.
+        managerFlag.store(false, ordering: .releasing)
+        if let election = state.withLock({ $0.electionNode }) { try? await store.delete(election, expectedVersion: nil) }
+        try? await store.delete(paths.members + "/\(node)", expectedVersion: nil)
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while true {
+            let (configuration, _) = try await ConfigurationRecord.read(engine.configuration.cluster, from: store)
+            if !configuration.contains(node) {
+                logger.info("\(node) left: \(configuration.id) is without it")
+                return configuration
+            }
+            guard clock.now < deadline else {
+                throw RecoveryError(description: "\(node) withdrew its registration, but no configuration without it was committed within \(timeout)")
+            }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
+    /// Whether this node is leaving (``leave(timeout:)``): it is not to rejoin once removed.
+    public var isLeaving: Bool { leavingFlag.load(ordering: .acquiring) }
+    private let leavingFlag = Atomic<Bool>(false)
+
     /// Stops the lease thread and the watches, and ends the store session.
     public func stop() async {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }

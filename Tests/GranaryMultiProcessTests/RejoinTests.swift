@@ -9,11 +9,12 @@ import Testing
 @Suite("Recovery: node processes over ZooKeeper killed or hung, restarted, rejoining",
        .enabled(if: zooKeeper != nil, "no ZooKeeper server: set GRANARY_ZOOKEEPER=host:port or run Scripts/test zookeeper"))
 struct RejoinTests {
-    enum Fault: String { case kill = "SIGKILL", stop = "SIGSTOP" }
+    enum Fault: String { case kill = "SIGKILL", stop = "SIGSTOP", term = "SIGTERM" }
 
     @Test("""
-        a bank on 3 node processes (3 replicas) while members, the CM included, are SIGKILLed and restarted or \
-        SIGSTOPped and resumed: each rejoins and gets its replicas back; money is conserved at every audit, \
+        a bank on 3 node processes (3 replicas) while members, the CM included, are SIGKILLed and restarted, \
+        SIGSTOPped and resumed, or SIGTERMed (they leave) and restarted: each rejoins and gets its replicas back; \
+        money is conserved at every audit, \
         every acknowledged transfer is present, nothing stays locked, the replicas of every region are equal
         """)
     func killRestartRejoin() async throws {
@@ -64,7 +65,8 @@ struct RejoinTests {
         _ = try await waitFor("a CM") { $0.manager != nil }
         try await Task.sleep(for: .milliseconds(500))  // transfers under way
 
-        let plan: [(manager: Bool, fault: Fault)] = [(true, .kill), (false, .kill), (false, .stop), (true, .stop)]
+        // SIGTERM: the node leaves on purpose (no suspicion) and exits 0; it is started again.
+        let plan: [(manager: Bool, fault: Fault)] = [(true, .kill), (false, .kill), (false, .stop), (true, .stop), (false, .term), (true, .term)]
         for (round, step) in plan.enumerated() {
             let before = try await current()
             let victim = before.members.map(\.node).filter { step.manager == ($0 == before.manager) }.randomElement()!
@@ -73,11 +75,21 @@ struct RejoinTests {
             switch step.fault {
             case .kill: child.kill(SIGKILL)
             case .stop: kill(child.process.processIdentifier, SIGSTOP)
+            case .term: kill(child.process.processIdentifier, SIGTERM)
             }
             let removedAfter = try await waitFor("\(victim) removed", since: faultAt) { !$0.contains(victim) }
             #expect(removedAfter < 2, "\(victim) was removed \(removedAfter) s after its \(step.fault)")
             let backAt = Date()
             switch step.fault {
+            case .term:
+                let exitDeadline = Date().addingTimeInterval(15)
+                while child.process.isRunning, Date() < exitDeadline { try await Task.sleep(for: .milliseconds(5)) }
+                #expect(!child.process.isRunning, "\(victim) still runs 15 s after SIGTERM")
+                if child.process.isRunning { child.kill() }
+                #expect(child.process.terminationStatus == 0, "\(victim) exited with \(child.process.terminationStatus) after SIGTERM")
+                let said = child.remainingLines() + child.transcript
+                #expect(said.contains { $0.hasPrefix("left ") }, "\(victim) did not say it left: \(child.transcript)")
+                lives[victim.index].append(try ChildProcess(ChildProcess.granaryExecutable(), arguments(victim)))
             case .kill:
                 lives[victim.index].append(try ChildProcess(ChildProcess.granaryExecutable(), arguments(victim)))
             case .stop:
@@ -90,7 +102,7 @@ struct RejoinTests {
             }
             let now = try await current()
             #expect(now.regions.allSatisfy { $0.replicas.contains(victim) }, "\(victim) rejoined without its replicas: \(now)")
-            print("rejoin round \(round): \(step.fault) of \(victim)\(step.manager ? " (the CM)" : ""): removed after \(Int(removedAfter * 1000)) ms; a member again holding every region (copied) \(Int(rejoinedAfter * 1000)) ms after its \(step.fault == .kill ? "restart" : "SIGCONT"); \(now.id)")
+            print("rejoin round \(round): \(step.fault.rawValue) of \(victim)\(step.manager ? " (the CM)" : ""): removed after \(Int(removedAfter * 1000)) ms; a member again holding every region (copied) \(Int(rejoinedAfter * 1000)) ms after its \(step.fault == .stop ? "SIGCONT" : "restart"); \(now.id)")
             for other in lives.map({ $0.last! }) { _ = other.availableLines() }
             try await Task.sleep(for: .milliseconds(300))  // transfers go on with the rejoined member
         }
