@@ -16,8 +16,10 @@ public final class EmbeddedCoordinationService: Sendable {
 
     struct State {
         var nodes: [String: Node] = ["/": Node(data: [], version: 0, owner: nil)]
-        var dataWatches: [String: [CoordinationWatch]] = [:]
-        var childWatches: [String: [CoordinationWatch]] = [:]
+        /// Watches by path, each with the session that set it: a session that ends fires its own
+        /// with ``WatchEvent/sessionEnded``, as ZooKeeper does.
+        var dataWatches: [String: [(watch: CoordinationWatch, session: UInt64)]] = [:]
+        var childWatches: [String: [(watch: CoordinationWatch, session: UInt64)]] = [:]
         var liveSessions: Set<UInt64> = []
         var nextSession: UInt64 = 1
     }
@@ -49,6 +51,17 @@ public final class EmbeddedCoordinationService: Sendable {
             for path in owned {
                 _ = try? Self.remove(path, expectedVersion: nil, in: &state, fired: &fired)
             }
+            // The session's own watches that are still set end with it.
+            for path in Array(state.dataWatches.keys) {
+                let (mine, others) = state.dataWatches[path]!.partitioned { $0.session == id }
+                state.dataWatches[path] = others.isEmpty ? nil : others
+                fired += mine.map { ($0.watch, .sessionEnded) }
+            }
+            for path in Array(state.childWatches.keys) {
+                let (mine, others) = state.childWatches[path]!.partitioned { $0.session == id }
+                state.childWatches[path] = others.isEmpty ? nil : others
+                fired += mine.map { ($0.watch, .sessionEnded) }
+            }
         }
         for (watch, event) in fired { watch.fire(event) }
     }
@@ -74,8 +87,8 @@ public final class EmbeddedCoordinationService: Sendable {
         state.nodes[created] = Node(data: data, version: 0, owner: mode.contains(.ephemeral) ? session : nil)
         parent.children.insert(CoordinationPath.name(created))
         state.nodes[parentPath] = parent
-        for watch in state.dataWatches.removeValue(forKey: created) ?? [] { fired.append((watch, .created(created))) }
-        for watch in state.childWatches.removeValue(forKey: parentPath) ?? [] { fired.append((watch, .childrenChanged(parentPath))) }
+        for (watch, _) in state.dataWatches.removeValue(forKey: created) ?? [] { fired.append((watch, .created(created))) }
+        for (watch, _) in state.childWatches.removeValue(forKey: parentPath) ?? [] { fired.append((watch, .childrenChanged(parentPath))) }
         return created
     }
 
@@ -88,7 +101,7 @@ public final class EmbeddedCoordinationService: Sendable {
         node.data = data
         node.version += 1
         state.nodes[path] = node
-        for watch in state.dataWatches.removeValue(forKey: path) ?? [] { fired.append((watch, .dataChanged(path))) }
+        for (watch, _) in state.dataWatches.removeValue(forKey: path) ?? [] { fired.append((watch, .dataChanged(path))) }
         return node.version
     }
 
@@ -103,9 +116,9 @@ public final class EmbeddedCoordinationService: Sendable {
         state.nodes[path] = nil
         let parentPath = CoordinationPath.parent(path)
         state.nodes[parentPath]?.children.remove(CoordinationPath.name(path))
-        for watch in state.dataWatches.removeValue(forKey: path) ?? [] { fired.append((watch, .deleted(path))) }
-        for watch in state.childWatches.removeValue(forKey: path) ?? [] { fired.append((watch, .deleted(path))) }
-        for watch in state.childWatches.removeValue(forKey: parentPath) ?? [] { fired.append((watch, .childrenChanged(parentPath))) }
+        for (watch, _) in state.dataWatches.removeValue(forKey: path) ?? [] { fired.append((watch, .deleted(path))) }
+        for (watch, _) in state.childWatches.removeValue(forKey: path) ?? [] { fired.append((watch, .deleted(path))) }
+        for (watch, _) in state.childWatches.removeValue(forKey: parentPath) ?? [] { fired.append((watch, .childrenChanged(parentPath))) }
     }
 }
 
@@ -153,7 +166,7 @@ public final class EmbeddedCoordinationSession: CoordinationStore {
         try withState { state, _ throws(CoordinationError) in
             guard let node = state.nodes[path] else { throw .noNode(path) }
             let watch = CoordinationWatch()
-            state.dataWatches[path, default: []].append(watch)
+            state.dataWatches[path, default: []].append((watch, id))
             return (StoredData(data: node.data, version: node.version), watch)
         }
     }
@@ -162,7 +175,7 @@ public final class EmbeddedCoordinationSession: CoordinationStore {
         try withState { state, _ throws(CoordinationError) in
             try CoordinationPath.validate(path)
             let watch = CoordinationWatch()
-            state.dataWatches[path, default: []].append(watch)
+            state.dataWatches[path, default: []].append((watch, id))
             return (state.nodes[path]?.version, watch)
         }
     }
@@ -190,7 +203,7 @@ public final class EmbeddedCoordinationSession: CoordinationStore {
         try withState { state, _ throws(CoordinationError) in
             guard let node = state.nodes[path] else { throw .noNode(path) }
             let watch = CoordinationWatch()
-            state.childWatches[path, default: []].append(watch)
+            state.childWatches[path, default: []].append((watch, id))
             return (node.children.sorted(), watch)
         }
     }
@@ -224,4 +237,13 @@ public final class EmbeddedCoordinationSession: CoordinationStore {
     }
 
     public func close() async { service.end(id) }
+}
+
+extension Array {
+    /// The elements that satisfy `belongs`, and the others, each in order.
+    fileprivate func partitioned(_ belongs: (Element) -> Bool) -> (matching: [Element], rest: [Element]) {
+        var matching: [Element] = [], rest: [Element] = []
+        for element in self { if belongs(element) { matching.append(element) } else { rest.append(element) } }
+        return (matching, rest)
+    }
 }

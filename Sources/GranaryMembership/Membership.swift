@@ -219,12 +219,52 @@ public final class MembershipService: Sendable {
 
     /// Applies every configuration the store holds, as it changes (NEW-CONFIG).
     private func followConfiguration() async throws {
+        // The coordination session ended (expired): this node can no longer follow the
+        // configuration, and the CM removes it (its registration went with the session). It
+        // behaves as removed until it has rejoined.
+        func sessionLost() {
+            if running.load(ordering: .relaxed), !isLeaving {
+                stopServing(engine.configuration.id, because: "\(node) lost its coordination session")
+            }
+        }
         while running.load(ordering: .relaxed) {
-            let (stored, watch) = try await store.getAndWatch(paths.configuration)
+            let stored: StoredData, watch: CoordinationWatch
+            do {
+                (stored, watch) = try await store.getAndWatch(paths.configuration)
+            } catch .sessionExpired {
+                return sessionLost()
+            }
             try await apply(try ConfigurationRecord.decode(stored.data))
-            if await watch.event() == .sessionEnded { return }
+            if await watch.event() == .sessionEnded { return sessionLost() }
         }
     }
+
+    /// A removed node (or one that lost its session, so may be removed unseen) serves nothing
+    /// more: fenced, its poller stopped, its transactions fail; it must rejoin as a new member.
+    private func stopServing(_ id: ConfigurationID, because reason: String) {
+        let first = state.withLock { state -> Bool in
+            defer { state.mustRejoin = true }
+            return !state.mustRejoin
+        }
+        guard first else { return }
+        logger.info("\(reason): it stops serving and must rejoin")
+        // A CM among them grants no more leases: its successor's grants alone count.
+        managerFlag.store(false, ordering: .releasing)
+        engine.setFenced(true)
+        engine.stop()
+        eventSink.yield(.mustRejoin(id))
+        // Out of the election and the registrations too: a removed node must neither become the
+        // CM nor be taken for a node asking to join.
+        let election = state.withLock({ $0.electionNode })
+        let registration = paths.members + "/\(node)"
+        spawn {
+            if let election { try? await self.store.delete(election, expectedVersion: nil) }
+            try? await self.store.delete(registration, expectedVersion: nil)
+        }
+    }
+
+    /// The coordination store this node's membership uses (for tests that end its session).
+    package var coordinationStore: any CoordinationStore { store }
 
     /// Moves the engine to `configuration` and any newer one seen meanwhile (NEW-CONFIG), one
     /// at a time, in order: the configuration watch, a lease refresh and the CM's own changes call
@@ -286,26 +326,7 @@ public final class MembershipService: Sendable {
         }
         if joining && !configuration.contains(node) { return }  // not added yet
         guard configuration.contains(node) else {
-            let first = state.withLock { state -> Bool in
-                defer { state.mustRejoin = true }
-                return !state.mustRejoin
-            }
-            if first {
-                // Fenced: a removed node serves nothing more (its poller stops, its transactions
-                // fail); it must rejoin as a new member.
-                logger.info("\(node) is not in \(configuration.id): it stops serving and must rejoin")
-                engine.setFenced(true)
-                engine.stop()
-                eventSink.yield(.mustRejoin(configuration.id))
-                // Out of the election and the registrations too: a removed node must neither become
-                // the CM nor be taken for a node asking to join.
-                let election = state.withLock({ $0.electionNode })
-                let registration = paths.members + "/\(node)"
-                spawn {
-                    if let election { try? await self.store.delete(election, expectedVersion: nil) }
-                    try? await self.store.delete(registration, expectedVersion: nil)
-                }
-            }
+            stopServing(configuration.id, because: "\(node) is not in \(configuration.id)")
             return
         }
         for member in configuration.members where member.node != node && !engine.configuration.contains(member.node) {

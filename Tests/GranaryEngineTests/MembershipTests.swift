@@ -134,3 +134,41 @@ struct MembershipTests {
         #expect(throws: ConfigurationError.self) { try ConfigurationRecord.placingNewRegions(1, replicas: 5, in: configuration) }
     }
 }
+
+@Suite("Membership: a lost coordination session")
+struct LostSessionTests {
+    @Test("a member whose coordination session expires stops serving and says it must rejoin; the CM removes it and the others go on")
+    func memberLosesItsSession() async throws {
+        let cluster = try await testCluster(nodes: 3, replicas: 3) { options in
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(10)
+            options.membership = membership
+        }
+        let clock = ContinuousClock()
+        func eventually(_ what: String, _ condition: () async throws -> Bool) async throws {
+            let deadline = clock.now + .seconds(30)
+            while try await !condition() {
+                guard clock.now < deadline else { Issue.record("not within 30 s: \(what)"); throw CancellationError() }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+        }
+        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        let victim = cluster.membership.first { $0.node != cm }!
+        let account = try await cluster.nodes[cm.index].transaction { try $0.allocate(Int64(1)) }
+        try await cluster.quiesce()
+        cluster.coordination!.expire(victim.coordinationStore as! EmbeddedCoordinationSession)
+        try await eventually("\(victim.node) says it must rejoin") { victim.mustRejoin }
+        #expect(!cluster.nodes[victim.node.index].engine.isRunning, "\(victim.node) still serves after losing its session")
+        try await eventually("a configuration without \(victim.node)") {
+            !cluster.nodes[cm.index].engine.configuration.contains(victim.node)
+        }
+        // The others go on.
+        let value = try await cluster.nodes[cm.index].transaction { tx in
+            try tx.write(account, try tx.read(account, as: Int64.self) + 1)
+            return try tx.read(account, as: Int64.self)
+        }
+        #expect(value == 2)
+        try await cluster.shutdown()
+    }
+}

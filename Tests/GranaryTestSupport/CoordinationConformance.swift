@@ -78,7 +78,18 @@ public enum CoordinationConformance {
         // A closed session refuses every call (never touches the ended session).
         await #expect(throws: CoordinationError.sessionExpired) { _ = try await closing.get(root) }
         await #expect(throws: CoordinationError.sessionExpired) { _ = try await closing.create(root + "/late", data: [], mode: .persistent) }
+        // A watch the expiring session set ends with it (ZooKeeper delivers the session's expiry to
+        // its watchers): a member following the configuration learns it lost its session.
+        let (_, expiringWatch) = try await expiring.existsAndWatch(root + "/never")
         try await fixture.expire(expiring)
+        let ended = await withTaskGroup(of: WatchEvent?.self) { group in
+            group.addTask { await expiringWatch.event() }
+            group.addTask { try? await Task.sleep(for: .seconds(10)); return nil }
+            let first = await group.next()!
+            group.cancelAll()
+            return first
+        }
+        #expect(ended == .sessionEnded, "the expired session's watch gave \(String(describing: ended)) (nil: nothing within 10 s)")
         // The backend may need a moment to notice; ephemeral removal is what matters.
         var remaining = try await observer.children(root)
         for _ in 0..<100 where !remaining.isEmpty {
