@@ -21,12 +21,7 @@ struct RejoinTests {
         let tmp = TemporaryDirectory("granary-rejoin")
         defer { tmp.remove() }
         let nodes = (0..<3).map { NodeID($0) }
-        let configuration = try Configuration(
-            id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-            members: nodes.map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) },
-            regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
-        let file = tmp.path.appending("cluster.json").string
-        try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
+        let (configuration, file) = try nodeProcessCluster(nodes, in: tmp)
         let stopFile = tmp.path.appending("stop").string
         let accountsPerNode = 8, balance: Int64 = 1_000, reportEvery = 20
         func arguments(_ node: NodeID) -> [String] {

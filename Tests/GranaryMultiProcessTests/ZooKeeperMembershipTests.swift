@@ -5,6 +5,18 @@ import Testing
 
 let zooKeeper = ProcessInfo.processInfo.environment["GRANARY_ZOOKEEPER"]
 
+/// A cluster of node processes over shared memory, each in its directory under `tmp`: one region
+/// led by each node, 3 replicas of 1 MiB; its configuration written to `cluster.json` there.
+func nodeProcessCluster(_ nodes: [NodeID], in tmp: TemporaryDirectory) throws -> (Configuration, String) {
+    let configuration = try Configuration(
+        id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
+        members: nodes.map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) },
+        regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
+    let file = tmp.path.appending("cluster.json").string
+    try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
+    return (configuration, file)
+}
+
 /// Node processes agreeing through a real ZooKeeper server: failure detection by leases,
 /// reconfiguration, CM failover, fencing of a node that hung.
 @Suite("Membership: node processes over ZooKeeper",
@@ -15,12 +27,7 @@ struct ZooKeeperMembershipTests {
         let tmp = TemporaryDirectory("granary-zkm")
         defer { tmp.remove() }
         let nodes = (0..<4).map { NodeID($0) }
-        let configuration = try Configuration(
-            id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-            members: nodes.map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) },
-            regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
-        let file = tmp.path.appending("cluster.json").string
-        try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
+        let (configuration, file) = try nodeProcessCluster(nodes, in: tmp)
         // Every node allocates bank accounts; only the node the test picks to hang transfers (its
         // go file is the only one created), so any change after its removal would be its doing.
         let accountsPerNode = 8

@@ -70,20 +70,18 @@ public final class ChildProcess: @unchecked Sendable {
             if chunk.isEmpty { break }
             buffered.append(chunk)
         }
-        var lines: [String] = []
-        while let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
-            let line = String(decoding: buffered[buffered.startIndex..<newline], as: UTF8.self)
-            buffered.removeSubrange(buffered.startIndex...newline)
-            transcript.append(line)
-            lines.append(line)
-        }
-        return lines
+        return takeBufferedLines()
     }
 
     /// Every line the child printed that was not read yet, up to the end of its output (call
     /// after it ended). A last line without its newline is not returned: it was cut off.
     public func remainingLines() -> [String] {
         buffered.append(output.readDataToEndOfFile())
+        return takeBufferedLines()
+    }
+
+    /// The complete lines in the buffer, taken out of it and added to the transcript.
+    private func takeBufferedLines() -> [String] {
         var lines: [String] = []
         while let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
             let line = String(decoding: buffered[buffered.startIndex..<newline], as: UTF8.self)
