@@ -231,8 +231,12 @@ extension Transaction {
             // when they hold nothing, the others' (backups' records would otherwise wait for a
             // poller thread to be scheduled).
             // A primary being removed will not answer: recovery decides what its LOCK did. Nor
-            // will anyone, to this node, once it crashed.
-            if engine.gate.removing.load(ordering: .relaxed) & primaries != 0 || !engine.running.load(ordering: .relaxed) {
+            // will anyone, to this node, once it crashed. And while a recovery waits for this
+            // commit to end, the attempt gives up (it retries once commits start again): a primary
+            // that is silent but not yet removed (a second node that crashed just after the one
+            // being removed) would otherwise hold the recovery for the whole reply timeout.
+            if engine.gate.removing.load(ordering: .relaxed) & primaries != 0 || engine.gate.isRecovering
+                || !engine.running.load(ordering: .relaxed) {
                 engine.replies.abandon(id, failure: AbortCause.wrongConfiguration.rawValue)
             }
             var handled = 0

@@ -197,6 +197,8 @@ final class CommitGate: @unchecked Sendable {
 
     /// Whether commits are held back (recovery runs, or the lease lapsed).
     var isClosed: Bool { blocked.load(ordering: .acquiring) != 0 }
+    /// Whether a recovery holds commits back.
+    var isRecovering: Bool { blocked.load(ordering: .acquiring) & Self.recovering != 0 }
     /// Whether this node's lease lapsed: it may have been removed, and what it sends now may be
     /// refused, so it reports no commit.
     @inline(__always) var isFenced: Bool { blocked.load(ordering: .acquiring) & Self.fenced != 0 }

@@ -269,6 +269,20 @@ final class ConfigurationManager: Sendable {
             }
             let node = self.node
             try await self.waitForLeasesToEnd(of: suspects)
+            // Members that fell silent for a lease while this waited (a second crash just after
+            // the first) go in the same change, once their leases have run out too: left out,
+            // the recovery would have to wait for commits waiting on them.
+            let quietNow = self.quietNodes.load(ordering: .acquiring)
+            let more = self.engine.configuration.members.map(\.node).filter {
+                $0 != node && !suspects.contains($0) && quietNow & (1 << UInt64($0.index)) != 0
+            }
+            if !more.isEmpty {
+                for other in more {
+                    suspects.insert(other)
+                    self.suspectedNodes.bitwiseOr(1 << UInt64(other.index), ordering: .releasing)
+                }
+                try await self.waitForLeasesToEnd(of: more)
+            }
             // The registrations go first (a dead node's session may live on for a while): if this
             // CM dies after committing, its successor must not take a registration left behind
             // for a node asking to join, and bring the removed node back.
