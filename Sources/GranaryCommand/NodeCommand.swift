@@ -223,7 +223,7 @@ extension NodeCommand {
             }
             if !stored.contains(node) {
                 joining = true
-                Self.setAside(regions: Set(configuration.regions.map(\.region) + stored.regions.map(\.region)), in: home)
+                Self.setAsideRegions(in: home)
                 stored.members.append(me)
             }
             start = stored
@@ -391,8 +391,8 @@ extension NodeCommand {
     /// every committed write): each file is renamed to `<name>.removed`, for an operator to
     /// remove, and regions placed on the node later start from empty files that data recovery
     /// fills from their primaries.
-    static func setAside(regions: Set<RegionID>, in home: RegionDirectory) {
-        for region in regions {
+    static func setAsideRegions(in home: RegionDirectory) {
+        for region in home.regionIDs() where region.mailboxOwner == nil {
             let path = home.path(for: region).string
             guard FileManager.default.fileExists(atPath: path) else { continue }
             _ = rename(path, path + ".removed")

@@ -60,16 +60,9 @@ final class ConfigurationManager: Sendable {
         var silent: NodeID?
         if let old = engine.configuration.manager, old != node {
             // nil: unreadable (a dead peer on verbs), which counts as silent.
-            func counter() -> UInt64? {
-                var value: UInt64 = 0
-                let read: Void? = try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
-                    try self.engine.transportHandle.read(from: old, LeaseWord.address(of: old), into: bytes)
-                }
-                return read == nil ? nil : value
-            }
-            let first = counter()
+            let first = member.leaseCounter(of: old)
             try await Task.sleep(for: options.lease)
-            if first == counter() { silent = old }
+            if first == member.leaseCounter(of: old) { silent = old }
             // A CM that left on purpose withdrew its registration: it goes too.
             if silent == nil, (try? await store.exists(paths.members + "/\(old)")) == false { silent = old }
         }
@@ -207,10 +200,8 @@ final class ConfigurationManager: Sendable {
             // longer, and a removed one has lost it by the time the configuration without it
             // commits. (Granting while the member had renewed within the last lease, as before,
             // stretched a silent member's lease to two: the removal waited for it.)
-            var value: UInt64 = 0
-            let read: Bool = (try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
-                try engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
-            }) != nil
+            let seenCounter = self.member.leaseCounter(of: member.node)
+            let read = seenCounter != nil, value = seenCounter ?? 0
             var renewing = true
             var renewed = false
             if let seen = watch.lastSeen[member.node] {
@@ -255,10 +246,7 @@ final class ConfigurationManager: Sendable {
             // answer is suspected too, and goes in the same reconfiguration.
             var suspects: Set<NodeID> = [suspect]
             for member in self.engine.configuration.members where member.node != self.node && member.node != suspect {
-                var word: UInt64 = 0
-                let answered = (try? withUnsafeMutableBytes(of: &word) { (bytes) throws(TransportError) in
-                    try self.engine.transportHandle.read(from: member.node, LeaseWord.address(of: member.node), into: bytes)
-                }) != nil
+                let answered = self.member.leaseCounter(of: member.node) != nil
                 let quiet = self.quietNodes.load(ordering: .acquiring) & (1 << UInt64(member.node.index)) != 0
                 if !answered || quiet { suspects.insert(member.node) }
             }

@@ -117,8 +117,6 @@ public final class MembershipService: Sendable {
     private let refreshing = Atomic<UInt8>(0)
     /// The id of the newest configuration seen (``apply(_:)``), for the lease thread.
     private let newestSeen = Atomic<UInt64>(0)
-    /// Whether this node started as a joiner (its lease thread starts fenced).
-    private let joining = Atomic<Bool>(false)
 
     /// Whether this node learned that it was removed from the configuration: it serves nothing
     /// more and must rejoin as a new member.
@@ -136,14 +134,13 @@ public final class MembershipService: Sendable {
             state.withLock { $0.joining = true }
             engine.setFenced(true)
         }
-        self.joining.store(joining, ordering: .releasing)
         let member = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
         try await register(Array(try JSONEncoder().encode(member)))
         let election = try await store.create(paths.election + "/n-", data: Array("\(node.rawValue)".utf8), mode: [.ephemeral, .sequential])
         state.withLock { $0.electionNode = election }
         spawn { try await self.followConfiguration() }
         spawn { try await self.elect() }
-        startLeaseThread()
+        startLeaseThread(fenced: joining)
     }
 
     private func register(_ data: [UInt8]) async throws(CoordinationError) {
@@ -465,25 +462,31 @@ public final class MembershipService: Sendable {
     private final class ThreadStart: @unchecked Sendable {
         // Handed to exactly one thread.
         let service: MembershipService
-        init(_ service: MembershipService) { self.service = service }
+        let fenced: Bool
+        init(_ service: MembershipService, fenced: Bool) {
+            self.service = service
+            self.fenced = fenced
+        }
     }
 
-    private func startLeaseThread() {
+    /// - Parameter fenced: the node starts fenced (a joiner commits nothing before the CM grants
+    ///   it a lease).
+    private func startLeaseThread(fenced: Bool) {
         var thread = pthread_t()
-        let start = Unmanaged.passRetained(ThreadStart(self)).toOpaque()
+        let start = Unmanaged.passRetained(ThreadStart(self, fenced: fenced)).toOpaque()
         precondition(pthread_create(&thread, nil, { raw in
             let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
             // Leases must not wait behind anything: real-time priority where allowed (root).
             var parameter = sched_param()
             parameter.sched_priority = 10
             _ = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameter)
-            start.service.leaseLoop()
+            start.service.leaseLoop(fenced: start.fenced)
             return nil
         }, start) == 0)
         leaseThread.withLock { $0 = thread }
     }
 
-    private func leaseLoop() {
+    private func leaseLoop(fenced startsFenced: Bool) {
         let lease = options.lease.wholeNanoseconds
         let interval = lease / UInt64(max(1, options.renewalsPerLease))
         let expiry = lease * UInt64(1 + options.probeLeases)
@@ -493,8 +496,7 @@ public final class MembershipService: Sendable {
         var watch = ConfigurationManager.LeaseWatch(lease: lease, expiry: expiry)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var lastRefresh = lastGrant.at
-        // A joiner starts fenced: it commits nothing before the CM grants it a lease.
-        var fenced = joining.load(ordering: .acquiring)
+        var fenced = startsFenced
         var members = engine.configuration.id
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
@@ -558,6 +560,16 @@ public final class MembershipService: Sendable {
         }
     }
 
+    /// `node`'s lease counter, read one-sidedly from its mailbox; nil when it cannot be read (a
+    /// dead peer on verbs).
+    func leaseCounter(of node: NodeID) -> UInt64? {
+        var value: UInt64 = 0
+        let read: Void? = try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
+            try engine.transportHandle.read(from: node, LeaseWord.address(of: node), into: bytes)
+        }
+        return read == nil ? nil : value
+    }
+
     /// NEW-CONFIG: the CM writes the new configuration id into every member's mailbox with a
     /// one-sided write; a member's lease thread that sees an id above its own fetches the
     /// configuration from the store at once (the store's watch delivers it too).
@@ -581,15 +593,10 @@ public final class MembershipService: Sendable {
             let (configuration, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
             try await self.apply(configuration)
             guard configuration.contains(self.node), let manager, manager != self.node, configuration.manager == manager else { return }
-            // Is the CM's own lease counter still moving?
-            var first: UInt64 = 0, second: UInt64 = 1
-            _ = try? withUnsafeMutableBytes(of: &first) { (bytes) throws(TransportError) in
-                try self.engine.transportHandle.read(from: manager, LeaseWord.address(of: manager), into: bytes)
-            }
+            // Is the CM's own lease counter still moving? (Unreadable twice reads as moving here.)
+            let first = self.leaseCounter(of: manager) ?? 0
             try await Task.sleep(for: self.options.lease)
-            _ = try? withUnsafeMutableBytes(of: &second) { (bytes) throws(TransportError) in
-                try self.engine.transportHandle.read(from: manager, LeaseWord.address(of: manager), into: bytes)
-            }
+            let second = self.leaseCounter(of: manager) ?? 1
             guard first == second else { return }
             // The CM is silent: if we are next in line, delete its election node; our watch on it
             // then makes us the CM, which removes it from the configuration.

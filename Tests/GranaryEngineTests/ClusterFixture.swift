@@ -1,4 +1,23 @@
 import Granary
+import Testing
+
+/// A bounded wait that ran out.
+struct WaitTimedOut: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// Waits (bounded) until `condition` holds; past `timeout` it records an issue naming `what`
+/// and throws, so that a test does not go on from a state it did not reach.
+func eventually(_ what: String, timeout: Duration = .seconds(60), _ condition: () async throws -> Bool) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while try await !condition() {
+        guard ContinuousClock.now < deadline else {
+            Issue.record("timed out after \(timeout) waiting for: \(what)")
+            throw WaitTimedOut(description: "timed out waiting for: \(what)")
+        }
+        try await Task.sleep(for: .milliseconds(2))
+    }
+}
 
 /// A small embedded cluster for tests: 4 MiB regions, so each test creates little on disk.
 func testCluster(nodes: Int = 3, replicas: Int = 3, configure: (inout ClusterOptions) -> Void = { _ in }) async throws -> Cluster {

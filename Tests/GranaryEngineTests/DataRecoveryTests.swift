@@ -22,12 +22,7 @@ struct DataRecoveryTests {
             membership.copyPace = .zero
             options.membership = membership
         }
-        let clock = ContinuousClock()
-        var deadline = clock.now + .seconds(60)
-        while !cluster.membership.contains(where: \.isManager) {
-            guard clock.now < deadline else { Issue.record("no CM"); return }
-            try await Task.sleep(for: .milliseconds(2))
-        }
+        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
         let cm = cluster.membership.first(where: \.isManager)!.node
         for node in cluster.nodes {
             _ = try await node.transaction { tx in try (0..<50).map { _ in try tx.allocate(Int64(node.id.index)) } }
@@ -48,7 +43,8 @@ struct DataRecoveryTests {
         }
         let victim = cluster.nodes.map(\.id).first { $0 != cm }!
         cluster.crash(victim)
-        deadline = clock.now + .seconds(30)
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(30)
         var configuration = cluster.servingNodes[0].engine.configuration
         while configuration.contains(victim)
             || !configuration.regions.allSatisfy({ $0.replicas.count == 3 && $0.copying.isEmpty }) {

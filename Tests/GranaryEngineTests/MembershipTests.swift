@@ -22,18 +22,6 @@ struct MembershipTests {
         }
     }
 
-    /// Waits (bounded) until `condition` holds.
-    func eventually(_ what: String, timeout: Duration = .seconds(60), _ condition: () async throws -> Bool) async throws {
-        let deadline = ContinuousClock.now + timeout
-        while try await !condition() {
-            guard ContinuousClock.now < deadline else {
-                Issue.record("timed out waiting for: \(what)")
-                return
-            }
-            try await Task.sleep(for: .milliseconds(2))
-        }
-    }
-
     @Test("one CM is elected; a silent node is removed within a bounded time, its regions' backups promoted; ids only increase")
     func silentNodeRemoved() async throws {
         let cluster = try await cluster()
@@ -133,34 +121,19 @@ struct MembershipTests {
         for placement in configuration.regions { #expect(Set(placement.replicas).count == 3) }
         #expect(throws: ConfigurationError.self) { try ConfigurationRecord.placingNewRegions(1, replicas: 5, in: configuration) }
     }
-}
 
-@Suite("Membership: a lost coordination session")
-struct LostSessionTests {
     @Test("a member whose coordination session expires stops serving and says it must rejoin; the CM removes it and the others go on")
     func memberLosesItsSession() async throws {
-        let cluster = try await testCluster(nodes: 3, replicas: 3) { options in
-            var membership = MembershipOptions()
-            membership.lease = .milliseconds(10)
-            options.membership = membership
-        }
-        let clock = ContinuousClock()
-        func eventually(_ what: String, _ condition: () async throws -> Bool) async throws {
-            let deadline = clock.now + .seconds(30)
-            while try await !condition() {
-                guard clock.now < deadline else { Issue.record("not within 30 s: \(what)"); throw CancellationError() }
-                try await Task.sleep(for: .milliseconds(2))
-            }
-        }
-        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
+        let cluster = try await cluster()
+        try await eventually("a CM", timeout: .seconds(30)) { cluster.membership.contains(where: \.isManager) }
         let cm = cluster.membership.first(where: \.isManager)!.node
         let victim = cluster.membership.first { $0.node != cm }!
         let account = try await cluster.nodes[cm.index].transaction { try $0.allocate(Int64(1)) }
         try await cluster.quiesce()
         cluster.coordination!.expire(victim.coordinationStore as! EmbeddedCoordinationSession)
-        try await eventually("\(victim.node) says it must rejoin") { victim.mustRejoin }
+        try await eventually("\(victim.node) says it must rejoin", timeout: .seconds(30)) { victim.mustRejoin }
         #expect(!cluster.nodes[victim.node.index].engine.isRunning, "\(victim.node) still serves after losing its session")
-        try await eventually("a configuration without \(victim.node)") {
+        try await eventually("a configuration without \(victim.node)", timeout: .seconds(30)) {
             !cluster.nodes[cm.index].engine.configuration.contains(victim.node)
         }
         // The others go on.

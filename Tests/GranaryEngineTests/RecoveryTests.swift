@@ -91,12 +91,8 @@ struct RecoveryTests {
             options.membership = membership
             options.engine.replyTimeout = .seconds(5)
         }
+        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
         let clock = ContinuousClock()
-        let deadline = clock.now + .seconds(60)
-        while !cluster.membership.contains(where: \.isManager) {
-            guard clock.now < deadline else { Issue.record("no CM"); return }
-            try await Task.sleep(for: .milliseconds(2))
-        }
         let cm = cluster.membership.first(where: \.isManager)!.node
         // Accounts in every node's regions; one transfer counter per worker, in its own node's region.
         let accountsPerNode = 30
