@@ -65,7 +65,13 @@ public enum CoordinationChoice: Sendable, Equatable {
 public final class Cluster: Sendable {
     /// The nodes, indexed by their ``NodeID``.
     public let nodes: [Node]
-    public let configuration: Configuration
+    /// The configuration the cluster started with, or the latest it added a region to (regions on
+    /// demand, static configurations only). With a configuration manager the nodes move on from
+    /// it: each engine's `configuration` is the one it is in.
+    public var configuration: Configuration { regionAllocation?.current.withLock { $0 } ?? startingConfiguration }
+    private let startingConfiguration: Configuration
+    /// Adds regions when a node's are full (static configurations; nil with a configuration manager).
+    private let regionAllocation: RegionAllocation?
     /// The directory holding one sub-directory of region files per node, and `cluster.json`.
     public let directory: FilePath
     private let removeOnShutdown: Bool
@@ -80,10 +86,11 @@ public final class Cluster: Sendable {
 
     private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool,
                  coordination: EmbeddedCoordinationService?, membership: [MembershipService],
-                 recovery: RestartRecovery.Report?) {
+                 recovery: RestartRecovery.Report?, regionAllocation: RegionAllocation?) {
         self.recovery = recovery
         self.nodes = nodes
-        self.configuration = configuration
+        self.startingConfiguration = configuration
+        self.regionAllocation = regionAllocation
         self.directory = directory
         self.removeOnShutdown = removeOnShutdown
         self.coordination = coordination
@@ -132,17 +139,16 @@ public final class Cluster: Sendable {
             let ids = (0..<nodes).map { NodeID($0) }
             // cluster.json names each node's directory relative to itself, so the cluster
             // directory can move; this process uses the resolved paths.
-            var stored = try Configuration(
+            let stored = try Configuration(
                 id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
                 members: ids.map { Member(node: $0, endpoint: "shm:" + $0.description) },
                 manager: ids.first,
                 regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: options.regionsPerNode, replicas: replicas),
                 regionSize: options.regionSize)
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try encoder.encode(stored).write(to: URL(fileURLWithPath: manifest.string))
-            stored.members = stored.members.map { Member(node: $0.node, endpoint: Self.resolve($0.endpoint, against: root)) }
-            configuration = stored
+            var resolved = stored
+            resolved.members = stored.members.map { Member(node: $0.node, endpoint: Self.resolve($0.endpoint, against: root)) }
+            try Self.writeManifest(resolved, to: manifest, root: root)
+            configuration = resolved
             createdManifest = true
         }
         let reopening = FileManager.default.fileExists(atPath: manifest.string) && !createdManifest
@@ -198,9 +204,22 @@ public final class Cluster: Sendable {
             }
             for service in services { try await service.start() }
         }
+        var regionAllocation: RegionAllocation?
+        if services.isEmpty {
+            // A static configuration changes only here: this cluster adds regions on demand.
+            let allocation = RegionAllocation(configuration: configuration, storage: storage, engines: engines,
+                                              root: root, logger: logger)
+            for engine in engines {
+                engine.supplyRegions { [weak allocation] primary in
+                    guard let allocation else { throw TransactionError.shutDown(primary) }
+                    try allocation.addRegion(primary: primary)
+                }
+            }
+            regionAllocation = allocation
+        }
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
                        removeOnShutdown: temporary, coordination: coordination, membership: services,
-                       recovery: lastRecovery)
+                       recovery: lastRecovery, regionAllocation: regionAllocation)
     }
 
     /// A cluster dropped without ``shutdown()`` still stops its nodes' threads (pollers), so

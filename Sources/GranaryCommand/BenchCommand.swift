@@ -80,10 +80,13 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let cluster = try await options.makeCluster()
     let manager = options.membership || options.crash != nil ? "configuration manager with \(options.leaseMs) ms leases, suspicion after \(options.expiriesToSuspect) (embedded store)" : "static configuration"
     FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
-    let configurationBefore = cluster.nodes.map(\.engine.configuration.id)
+    let regionsBefore = cluster.configuration.regions.count
     let loadStart = ContinuousClock.now
     try await workload.load(into: cluster)
-    FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart); running \(options.workers) workers for \(options.seconds) s\n".data(using: .utf8)!)
+    let added = cluster.configuration.regions.count - regionsBefore
+    FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart)\(added > 0 ? " (\(added) regions added on demand)" : ""); running \(options.workers) workers for \(options.seconds) s\n".data(using: .utf8)!)
+    // Members, not configuration ids: regions added on demand during the run change the id too.
+    let membersBefore = cluster.nodes.map { $0.engine.configuration.members.map(\.node) }
     let quiet = options.quiet
     let probe = MemoryLatencyProbe()
     let latencyBefore = probe.measure()
@@ -104,7 +107,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     if !quiet { FileHandle.standardError.write("\n".data(using: .utf8)!) }
     let latencyAfter = probe.measure()
     let handoffAfter = CoreToCoreProbe.measure()
-    let configurationAfter = cluster.nodes.map(\.engine.configuration.id)
+    let membersAfter = cluster.nodes.map { $0.engine.configuration.members.map(\.node) }
     if let crash = options.crash {
         print(CrashFigures(report: report, cluster: cluster, crashed: NodeID(crash)).summary)
         if let bins = options.bins, let counts = report.millisecondBins {
@@ -112,10 +115,10 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
             try csv.write(toFile: bins, atomically: true, encoding: .utf8)
             print("wrote \(bins)")
         }
-    } else if configurationAfter != configurationBefore {
+    } else if membersAfter != membersBefore {
         // A node was suspected and removed during the run (its lease thread starved?): the figures
         // are not those of the configuration the run started with.
-        print("warning: the configuration changed during the run (\(configurationBefore) -> \(configurationAfter))")
+        print("warning: the members changed during the run (\(membersBefore) -> \(membersAfter))")
     }
     try await cluster.quiesce()
     let violations = try await workload.check(cluster, committedDelta: report.committedDelta)

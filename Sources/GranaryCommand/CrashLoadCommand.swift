@@ -13,6 +13,11 @@ import Synchronization
 /// `ack w k` once committed (`unknown w k` for an unknown outcome). So after any crash:
 /// sequence(w) >= the last k acknowledged, and the counters sum to twice the sequences' sum.
 /// The addresses are in `crash-objects.txt` in the directory.
+///
+/// With `--allocators N`, N more threads each allocate objects of 200 bytes, one per transaction
+/// (allocator a's k-th holds ``allocatedPayload(allocator:index:)``), printing `alloc a k ADDRESS`
+/// once committed: with small regions (`--region-size`) the cluster adds regions on demand under
+/// the load, and every acknowledged object must read back after any crash.
 struct CrashLoadCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "crash-load", abstract: "Run a checkable load on an embedded cluster until killed (for crash tests).",
@@ -22,6 +27,7 @@ struct CrashLoadCommand: ParsableCommand {
     @Option(help: "Worker threads.") var workers: Int = 3
     @Option(help: "Counters.") var counters: Int = 12
     @Option(help: "Bytes per data region.") var regionSize: Int = Self.defaultRegionSize
+    @Option(help: "Threads allocating objects (regions are added on demand when they fill).") var allocators: Int = 0
 
     static let objectsFile = "crash-objects.txt"
     static let defaultRegionSize = 64 << 20
@@ -38,15 +44,18 @@ struct CrashLoadCommand: ParsableCommand {
     func validate() throws {
         guard workers >= 1, workers <= 32 else { throw ValidationError("--workers is 1 to 32") }
         guard counters >= 2 else { throw ValidationError("--counters is at least 2") }
+        guard allocators >= 0, allocators <= 32 else { throw ValidationError("--allocators is 0 to 32") }
     }
 
     func run() throws {
         let semaphore = DispatchSemaphore(value: 0)
         let failure = Mutex<(any Error)?>(nil)
         let directory = self.directory, workers = self.workers, counters = self.counters, regionSize = self.regionSize
+        let allocators = self.allocators
         Task.detached {
             do {
-                try await Self.load(directory: directory, workers: workers, counters: counters, regionSize: regionSize)
+                try await Self.load(directory: directory, workers: workers, counters: counters, regionSize: regionSize,
+                                    allocators: allocators)
             } catch {
                 failure.withLock { $0 = error }
             }
@@ -56,7 +65,14 @@ struct CrashLoadCommand: ParsableCommand {
         if let error = failure.withLock({ $0 }) { throw error }
     }
 
-    static func load(directory: String, workers: Int, counters: Int, regionSize: Int) async throws {
+    /// The bytes of allocator `allocator`'s `index`-th object.
+    static func allocatedPayload(allocator: Int, index: Int) -> [UInt8] {
+        var bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: allocator &* 131 &+ index), count: 200)
+        withUnsafeBytes(of: Int64(allocator << 40 | index).littleEndian) { bytes.replaceSubrange(0..<8, with: $0) }
+        return bytes
+    }
+
+    static func load(directory: String, workers: Int, counters: Int, regionSize: Int, allocators: Int) async throws {
         let start = ContinuousClock.now
         let cluster = try await Cluster.local(nodes: 3, replicas: 3, directory: .init(directory), options: options(regionSize: regionSize))
         let opened = ContinuousClock.now - start
@@ -112,6 +128,36 @@ struct CrashLoadCommand: ParsableCommand {
                     } catch {
                         output.withLock { _ in
                             print("error \(worker) \(error)")
+                            fflush(nil)
+                        }
+                    }
+                }
+            }
+            thread.start()
+            threads.append(thread)
+        }
+        for allocator in 0..<allocators {
+            let node = cluster.nodes[allocator % 3]
+            // Numbered after every object of an earlier life: a restarted allocator never reuses an index.
+            let first = Int(Date().timeIntervalSince1970 * 1000) % (1 << 40)
+            let thread = Thread {
+                var index = first
+                while true {
+                    index += 1
+                    do {
+                        let address = try node.transactionSync { try $0.allocate(bytes: Self.allocatedPayload(allocator: allocator, index: index)) }
+                        output.withLock { _ in
+                            print("alloc \(allocator) \(index) \(address.rawValue)")
+                            fflush(nil)
+                        }
+                    } catch TransactionError.outcomeUnknown(let reason) {
+                        output.withLock { _ in
+                            print("unknown \(allocator) \(reason)")
+                            fflush(nil)
+                        }
+                    } catch {
+                        output.withLock { _ in
+                            print("error \(allocator) \(error)")
                             fflush(nil)
                         }
                     }

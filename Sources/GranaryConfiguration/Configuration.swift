@@ -100,6 +100,10 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     /// failure it places new backups up to this count, on the survivors or on nodes that join
     /// later. nil: the most replicas any region has (what a configuration file states).
     public var replication: Int?
+    /// The first configuration whose routing this one keeps (``keepsRouting(in:)``), when its
+    /// maker knows it: records stamped with that configuration or a later one route as this
+    /// one's do, so a restart's recovery takes them from the logs. nil: this configuration's id.
+    public var routingEpoch: ConfigurationID?
 
     public init(id: ConfigurationID, cluster: ClusterID, members: [Member], manager: NodeID? = nil,
                 regions: [RegionPlacement], regionSize: Int) throws(ConfigurationError) {
@@ -133,7 +137,7 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     }
 
     private enum CodingKeys: String, CodingKey {
-        case id, cluster, members, manager, regions, regionSize, replication
+        case id, cluster, members, manager, regions, regionSize, replication, routingEpoch
     }
 
     /// Decodes a configuration (a `cluster.json`, a coordination record) and checks it
@@ -147,6 +151,7 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         regions = try container.decode([RegionPlacement].self, forKey: .regions)
         regionSize = try container.decode(Int.self, forKey: .regionSize)
         replication = try container.decodeIfPresent(Int.self, forKey: .replication)
+        routingEpoch = try container.decodeIfPresent(ConfigurationID.self, forKey: .routingEpoch)
         try validate()
     }
 
@@ -167,6 +172,9 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
             for node in placement.replicas where node.index >= NodeID.limit {
                 throw .invalid("region \(placement.region) has a replica on \(node), an id of \(NodeID.limit) or more")
             }
+        }
+        if let routingEpoch, routingEpoch > id {
+            throw .invalid("routingEpoch \(routingEpoch) is after the configuration's own id \(id)")
         }
         if let replication, replication < 1 || replication > NodeID.limit {
             throw .invalid("replication \(replication) is outside 1...\(NodeID.limit)")

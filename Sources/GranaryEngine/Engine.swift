@@ -312,6 +312,9 @@ public final class Engine: Sendable {
     let owed = OutcomePlans()
     /// Closed while transaction-state recovery runs (FaRM's BLOCK step); counts commits in flight.
     let gate = CommitGate()
+    /// Who adds a region when this node's regions are full (``supplyRegions(with:)``); its lock
+    /// also lets one request at a time through.
+    let regionSupplier = Mutex<RegionSupplier?>(nil)
     let processor: RecordProcessor
     private let pollerThread = Mutex<pthread_t?>(nil)
     /// Set when a coordinator served this node's mailbox since the poller last looked.
@@ -395,7 +398,10 @@ public final class Engine: Sendable {
                                          transport: transport)
         // Regions this node now leads (transaction-state recovery resolved their kept records
         // before a configuration that removes nodes is applied; see TransactionRecovery).
-        let promoted = configuration.regions.filter { $0.primary == node && current.primary(of: $0.region) != node }.map(\.region)
+        let promoted = configuration.regions.filter {
+            $0.primary == node && current.primary(of: $0.region) != node && current.primary(of: $0.region) != nil
+        }.map(\.region)
+        let added = configuration.regions.filter { $0.replicas.contains(node) && current.primary(of: $0.region) == nil }.map(\.region)
         processor.channelsInUse.bitwiseOr(next.memberBits, ordering: .relaxed)
         processor.refusedSenders.bitwiseAnd(~next.memberBits, ordering: .relaxed)
         // The mailbox's poll claim also makes the record processor single-threaded.
@@ -404,7 +410,13 @@ public final class Engine: Sendable {
             currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
             mailbox.advanceReleased()
         }
-        logger.info("\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted)")
+        let description = "\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted), new here \(added)"
+        if current.configuration.members == configuration.members && promoted.isEmpty {
+            // Regions added, a manager or a copy changed: routine, and frequent while a cluster grows.
+            logger.debug("\(description)")
+        } else {
+            logger.info("\(description)")
+        }
     }
 
     /// The largest record this node can send (the smallest channel maximum over its peers): a

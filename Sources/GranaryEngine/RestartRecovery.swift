@@ -46,7 +46,8 @@ public enum RestartRecovery {
     public struct Report: Sendable, CustomStringConvertible {
         /// Records read from the logs (not released before the crash).
         public var records = 0
-        /// Records that were not Granary records of this configuration (ignored, counted).
+        /// Records that were not Granary records of this configuration or of one with its routing
+        /// (ignored, counted).
         public var refused = 0
         public var committed = 0
         public var aborted = 0
@@ -75,12 +76,14 @@ public enum RestartRecovery {
         var backups: [TransactionID: [KeptRecord]] = [:]
         var commitEvidence = Set<TransactionID>()
         var aborts = Set<TransactionID>()
-        // 1. Read the logs.
+        // 1. Read the logs: records of this configuration, or of an earlier one with its routing
+        // (regions added on demand change the id, not where records go).
+        let oldest = configuration.routingEpoch ?? configuration.id
         for files in nodes {
             for member in configuration.members {
                 Mailbox.keptMessages(in: files.mailbox.region, ringCapacity: files.mailbox.ringCapacity, from: member.node) { _, bytes in
                     report.records += 1
-                    guard let record = try? RecordView(bytes), record.configuration == configuration.id else {
+                    guard let record = try? RecordView(bytes), record.configuration >= oldest, record.configuration <= configuration.id else {
                         report.refused += 1
                         return
                     }

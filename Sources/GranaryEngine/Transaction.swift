@@ -439,7 +439,11 @@ public final class Transaction {
             payloads.append(contentsOf: bytes)
             return address
         }
-        throw TransactionError.outOfMemory(bytes: bytes.count, reason: lastError?.description ?? "no region has room")
+        let full = lastError?.description ?? "no region has room"
+        // Regions on demand: ask for a region of this node's, then run the attempt again in the
+        // configuration that has it (this one's view does not route to the new region).
+        try engine.requestRegion(seenIn: view.configurationID, bytes: bytes.count, full: full)
+        throw AbortSignal(cause: .wrongConfiguration)
     }
 
     /// Frees the object at `address` when the transaction commits: its slot's incarnation changes, so

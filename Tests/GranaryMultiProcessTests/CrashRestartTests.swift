@@ -7,10 +7,14 @@ import Testing
 
 /// Whole-cluster crashes at random moments: a child process runs an embedded 3-node cluster under
 /// a checkable transfer load (`granary crash-load`) and is SIGKILLed; this process reopens the
-/// directory (restart recovery runs) and checks what survived, 20 times over.
+/// directory (restart recovery runs) and checks what survived, 20 times over. Its regions are
+/// small (1 MiB) and an allocating thread fills them, so the kills also land while regions are
+/// added on demand.
 @Suite("Crash and restart")
 struct CrashRestartTests {
-    @Test("SIGKILL at random moments: every acknowledged transaction survives, none half applied, nothing locked, replicas equal")
+    static let regionSize = 1 << 20
+
+    @Test("SIGKILL at random moments, regions added on demand among them: every acknowledged transaction and allocation survives, none half applied, nothing locked, replicas equal")
     func killAndReopen() async throws {
         let tmp = TemporaryDirectory("granary-crash")
         defer { tmp.remove() }
@@ -19,18 +23,25 @@ struct CrashRestartTests {
         var acknowledged: [Int: Int64] = [:]
         var reopenMilliseconds: [Double] = []
         var recoveredTransactions = 0
+        var allocated: [(allocator: Int, index: Int, address: GlobalAddress)] = []
+        var regionCounts: [Int] = []
         var generator = SystemRandomNumberGenerator()
         for round in 0..<20 {
-            let child = try ChildProcess(executable, ["crash-load", "--directory", directory, "--workers", "2"])
+            let child = try ChildProcess(executable, ["crash-load", "--directory", directory, "--workers", "2",
+                                                      "--allocators", "1", "--region-size", "\(Self.regionSize)"])
             let ready = try child.readLine(until: { $0.hasPrefix("ready") }, timeout: 60)
             // Killed while transactions commit: at a random moment 50-600 ms into the load.
             usleep(UInt32.random(in: 50_000...600_000, using: &generator))
             child.kill(SIGKILL)
             var unknown = 0
+            var allocatedNow: [(allocator: Int, index: Int, address: GlobalAddress)] = []
             for line in child.transcript + child.remainingLines() {
                 let parts = line.split(separator: " ")
                 if parts.first == "ack", parts.count == 3, let worker = Int(parts[1]), let sequence = Int64(parts[2]) {
                     acknowledged[worker] = max(acknowledged[worker] ?? 0, sequence)
+                } else if parts.first == "alloc", parts.count == 4, let allocator = Int(parts[1]), let index = Int(parts[2]),
+                          let raw = UInt64(parts[3]) {
+                    allocatedNow.append((allocator, index, GlobalAddress(rawValue: raw)))
                 } else if parts.first == "unknown" {
                     unknown += 1
                 } else if parts.first == "error" {
@@ -39,7 +50,7 @@ struct CrashRestartTests {
             }
             let start = ContinuousClock.now
             let cluster = try await Cluster.local(nodes: 3, replicas: 3, directory: .init(directory),
-                                                  options: CrashLoadCommand.options(regionSize: CrashLoadCommand.defaultRegionSize))
+                                                  options: CrashLoadCommand.options(regionSize: Self.regionSize))
             let elapsed = ContinuousClock.now - start
             reopenMilliseconds.append(Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000)
             recoveredTransactions += cluster.recovery?.committed ?? 0
@@ -59,14 +70,38 @@ struct CrashRestartTests {
             }
             #expect(counterValues.reduce(0, +) == 2 * sequenceValues.reduce(0, +), "a transaction was half applied: \(evidence)")
             for (worker, value) in sequenceValues.enumerated() { acknowledged[worker] = max(acknowledged[worker] ?? 0, value) }
+            // Every object acknowledged in this life, and a sample of the earlier lives' ones.
+            var sample = allocatedNow
+            if !allocated.isEmpty { sample += (0..<min(300, allocated.count)).map { _ in allocated.randomElement(using: &generator)! } }
+            var lostAllocations: [String] = []
+            for start in stride(from: 0, to: sample.count, by: 200) {
+                let chunk = Array(sample[start..<min(start + 200, sample.count)])
+                let values = try await cluster.nodes[0].transaction { tx in
+                    try chunk.map { entry -> [UInt8]? in
+                        do { return try tx.read(entry.address) } catch TransactionError.notAllocated { return nil }
+                    }
+                }
+                for (entry, value) in zip(chunk, values) where value != CrashLoadCommand.allocatedPayload(allocator: entry.allocator, index: entry.index) {
+                    lostAllocations.append("allocation \(entry.index) of allocator \(entry.allocator) at \(entry.address): \(value.map { "\($0.count) other bytes" } ?? "not allocated")")
+                }
+            }
+            #expect(lostAllocations.isEmpty, "\(lostAllocations.count) acknowledged allocations lost, first \(lostAllocations.prefix(3)); \(cluster.configuration.regions.count) regions; \(evidence)")
+            allocated += allocatedNow
+            regionCounts.append(cluster.configuration.regions.count)
             try await cluster.quiesce()
             var locked: [String] = []
             var differences: [String] = []
             for placement in cluster.configuration.regions {
                 let replicas = placement.replicas.compactMap { cluster.nodes[$0.index].engine.replica(of: placement.region) }
                 guard let primary = replicas.first else { continue }
-                for backup in replicas.dropFirst() where memcmp(primary.base, backup.base, primary.size) != 0 {
-                    differences.append("\(placement.region): a backup differs from the primary")
+                for (index, backup) in replicas.enumerated().dropFirst() where memcmp(primary.base, backup.base, primary.size) != 0 {
+                    var offset = 0
+                    while primary.base.load(fromByteOffset: offset, as: UInt8.self) == backup.base.load(fromByteOffset: offset, as: UInt8.self) { offset += 1 }
+                    let line = offset & ~63
+                    func words(_ base: UnsafeMutableRawPointer) -> String {
+                        (0..<8).map { String(base.load(fromByteOffset: line + 8 * $0, as: UInt64.self), radix: 16) }.joined(separator: " ")
+                    }
+                    differences.append("\(placement.region): backup \(placement.replicas[index]) differs from primary \(placement.primary) first at offset \(offset): line \(line) primary [\(words(primary.base))] backup [\(words(backup.base))]")
                 }
                 for address in (counters + sequences) where address.region == placement.region {
                     for replica in replicas where ObjectLayout.loadHeader(replica.base + Int(address.offset)).isLocked {
@@ -78,6 +113,8 @@ struct CrashRestartTests {
             #expect(differences.isEmpty, "\(differences); \(evidence)")
             try await cluster.shutdown()
         }
+        print("crash-restart: \(allocated.count) objects allocated, regions after each kill \(regionCounts)")
+        #expect((regionCounts.last ?? 0) > regionCounts.first ?? 0, "no region was added on demand: \(regionCounts)")
         print("crash-restart: 20 kills; reopen with recovery took \(reopenMilliseconds.map { String(format: "%.0f", $0) }.joined(separator: ", ")) ms; \(recoveredTransactions) transactions rolled forward in all; final sequences \(acknowledged.sorted { $0.key < $1.key })")
         #expect(acknowledged.values.reduce(0, +) > 20, "the load committed almost nothing: \(acknowledged)")
     }
