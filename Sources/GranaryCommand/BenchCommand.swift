@@ -42,6 +42,18 @@ struct BenchOptions: ParsableArguments {
     var crash: Int?
     @Option(help: "Seconds into the run at which --crash crashes its node.") var at: Double = 1
     @Option(help: "With --crash: write the commits of every millisecond as CSV (ms,committed) to this file.") var bins: String?
+    @Flag(help: "Scaling mode: load once, then run 1, 2, 4, ... workers up to --max-workers (each for --seconds, every worker kept), and print committed/s per worker count; --json and --plot write the curve.")
+    var scaling = false
+    @Option(help: "With --scaling: the most workers (default: this machine's core count).") var maxWorkers: Int?
+
+    /// The worker counts a scaling run measures: powers of two, and the maximum itself.
+    var scalingCounts: [Int] {
+        let top = maxWorkers ?? ProcessInfo.processInfo.activeProcessorCount
+        var counts: [Int] = []
+        var count = 1
+        while count < top { counts.append(count); count *= 2 }
+        return counts + [top]
+    }
 
     func validate() throws {
         guard nodes >= 1, nodes <= NodeID.limit else { throw ValidationError("--nodes must be in 1...\(NodeID.limit)") }
@@ -54,6 +66,10 @@ struct BenchOptions: ParsableArguments {
             guard crash >= 0, crash < nodes else { throw ValidationError("--crash must name a node in 0..<--nodes (\(nodes))") }
             guard nodes >= 2, replicas >= 2 else { throw ValidationError("--crash needs at least 2 nodes and 2 replicas, so that every region survives") }
             guard at > 0, at < seconds else { throw ValidationError("--at must be inside the run (0 < --at < --seconds)") }
+        }
+        if scaling {
+            guard crash == nil else { throw ValidationError("--scaling and --crash do not go together") }
+            if let maxWorkers, maxWorkers < 1 || maxWorkers > 1024 { throw ValidationError("--max-workers must be in 1...1024") }
         }
         guard copyPaceMs >= 0 else { throw ValidationError("--copy-pace-ms must not be negative") }
         guard leaseMs >= 1, expiriesToSuspect >= 1 else { throw ValidationError("--lease-ms and --expiries-to-suspect must be at least 1") }
@@ -84,6 +100,11 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let loadStart = ContinuousClock.now
     try await workload.load(into: cluster)
     let added = cluster.configuration.regions.count - regionsBefore
+    if options.scaling {
+        FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart)\(added > 0 ? " (\(added) regions added on demand)" : ""); scaling over \(options.scalingCounts) workers\n".data(using: .utf8)!)
+        try await runScaling(name, workload, on: cluster, options)
+        return
+    }
     FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart)\(added > 0 ? " (\(added) regions added on demand)" : ""); running \(options.workers) workers for \(options.seconds) s\n".data(using: .utf8)!)
     // Members, not configuration ids: regions added on demand during the run change the id too.
     let membersBefore = cluster.nodes.map { $0.engine.configuration.members.map(\.node) }
