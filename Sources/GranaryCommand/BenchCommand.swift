@@ -30,7 +30,9 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Transport: shm (benchmarks run embedded clusters, on shared memory).") var transport: TransportChoice = .shm
     @Option(help: "Region size in MiB.") var regionMib: Int = 64
     @Option(help: "Write the figures and the configuration as JSON to this file.") var json: String?
-    @Option(help: "Write an SVG plot (throughput over time, latency CDF) to this file.") var plot: String?
+    @Option(help: "Write an SVG plot (throughput over time, latency by percentile to 99.99%) to this file.") var plot: String?
+    @Option(help: "Write the latency distribution as CSV (percentile,latency_ns: every percent to 99, every 0.1 to 99.9, every 0.01 to 99.99, then 100) to this file.")
+    var latencyCsv: String?
     @Flag(help: "No live progress line.") var quiet = false
     @Flag(help: "Run the configuration manager too (over the embedded store; --lease-ms).") var membership = false
     @Option(help: "With the configuration manager: the lease, in milliseconds.") var leaseMs: Int = 10
@@ -92,7 +94,9 @@ struct BenchOptions: ParsableArguments {
 }
 
 /// Runs a workload end to end: load, run with progress, check, report.
-func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: BenchOptions) async throws {
+func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: BenchOptions,
+                  parameters: [String: String] = [:]) async throws {
+    let startTime = Date()
     let cluster = try await options.makeCluster()
     let manager = options.membership || options.crash != nil ? "configuration manager with \(options.leaseMs) ms leases, suspicion after \(options.expiriesToSuspect) (embedded store)" : "static configuration"
     FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
@@ -102,7 +106,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let added = cluster.configuration.regions.count - regionsBefore
     if options.scaling {
         FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart)\(added > 0 ? " (\(added) regions added on demand)" : ""); scaling over \(options.scalingCounts) workers\n".data(using: .utf8)!)
-        try await runScaling(name, workload, on: cluster, options)
+        try await runScaling(name, workload, on: cluster, options, parameters: parameters, startTime: startTime)
         return
     }
     FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart)\(added > 0 ? " (\(added) regions added on demand)" : ""); running \(options.workers) workers for \(options.seconds) s\n".data(using: .utf8)!)
@@ -153,9 +157,17 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
                                      seconds: options.seconds, seed: options.seed, transport: options.transport.rawValue, report: report,
                                      invariantViolations: violations,
                                      memoryLatencyNanoseconds: ["before": latencyBefore, "after": latencyAfter],
-                                     coreToCoreNanoseconds: ["before": handoffBefore, "after": handoffAfter])
+                                     coreToCoreNanoseconds: ["before": handoffBefore, "after": handoffAfter],
+                                     parameters: options.parameters.merging(parameters) { _, workload in workload },
+                                     version: GranaryVersion.string, host: HostFacts.current,
+                                     startTime: ISO8601DateFormatter().string(from: startTime))
         try encoder.encode(document).write(to: URL(fileURLWithPath: json))
         print("wrote \(json)")
+    }
+    if let csv = options.latencyCsv {
+        let rows = report.latencyCDF.map { String(format: "%.2f,%.0f", $0[1] * 100, $0[0]) }
+        try ("percentile,latency_ns\n" + rows.joined(separator: "\n") + "\n").write(toFile: csv, atomically: true, encoding: .utf8)
+        print("wrote \(csv)")
     }
     if let plot = options.plot {
         let title = "Granary \(name): \(options.nodes) nodes, \(options.replicas) replicas, \(BenchTable.workers(options, report)), \(String(format: "%.0f", report.committedPerSecond)) committed/s"
@@ -183,6 +195,48 @@ struct BenchDocument: Codable {
     var memoryLatencyNanoseconds: [String: Double]
     /// One-way cache-line handoff between two threads before and after the run (see `CoreToCoreProbe`).
     var coreToCoreNanoseconds: [String: Double]
+    /// Every option of the run, the workload's own included (scale, accounts, ...), as given.
+    var parameters: [String: String]
+    var version: String
+    var host: HostFacts
+    /// When the run started (ISO 8601, UTC).
+    var startTime: String
+}
+
+/// The machine a benchmark ran on.
+struct HostFacts: Codable {
+    var cores: Int
+    var cpu: String
+    var kernel: String
+    var memoryBytes: UInt64
+
+    static var current: HostFacts {
+        let cpuinfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let model = cpuinfo.split(separator: "\n").first { $0.hasPrefix("model name") }
+            .map { $0.split(separator: ":", maxSplits: 1).last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "" } ?? "unknown"
+        var name = utsname()
+        uname(&name)
+        let release = withUnsafeBytes(of: &name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        return HostFacts(cores: ProcessInfo.processInfo.activeProcessorCount, cpu: model, kernel: "Linux \(release)",
+                         memoryBytes: ProcessInfo.processInfo.physicalMemory)
+    }
+}
+
+extension BenchOptions {
+    /// The shared options as given, for the JSON.
+    var parameters: [String: String] {
+        var all = ["nodes": "\(nodes)", "replicas": "\(replicas)", "workers": "\(workers)",
+                   "adaptiveWorkers": "\(adaptiveWorkers)", "seconds": "\(seconds)", "seed": "\(seed)",
+                   "transport": transport.rawValue, "regionMib": "\(regionMib)", "membership": "\(membership || crash != nil)"]
+        if membership || crash != nil {
+            all["leaseMs"] = "\(leaseMs)"
+            all["expiriesToSuspect"] = "\(expiriesToSuspect)"
+            all["copyPaceMs"] = "\(copyPaceMs)"
+        }
+        if let crash { all["crash"] = "\(crash)"; all["at"] = "\(at)" }
+        if scaling { all["scalingCounts"] = scalingCounts.map(String.init).joined(separator: ",") }
+        return all
+    }
 }
 
 enum BenchTable {
@@ -199,8 +253,11 @@ enum BenchTable {
         lines.append("\(name): \(options.nodes) nodes, \(options.replicas) replicas, \(BenchTable.workers(options, report)), \(options.transport), \(String(format: "%.1f", report.seconds)) s")
         lines.append(String(format: "  committed            %12d  (%.0f/s)", report.committed, report.committedPerSecond))
         for type in report.byType where report.byType.count > 1 {
+            let latency = type.latencyNanoseconds.map {
+                String(format: "  p50 %.1f us  p99 %.1f us", Double($0["p50"] ?? 0) / 1000, Double($0["p99"] ?? 0) / 1000)
+            } ?? ""
             lines.append("    " + pad(type.name, 24) + String(format: " %10d  (%9.0f/s)  found %5.1f%%", type.committed, type.perSecond,
-                                type.committed > 0 ? 100 * Double(type.succeeded) / Double(type.committed) : 0))
+                                type.committed > 0 ? 100 * Double(type.succeeded) / Double(type.committed) : 0) + latency)
         }
         if report.failed > 0 { lines.append(String(format: "  gave up               %12d  (attempt limit or error)", report.failed)) }
         lines.append(String(format: "  abort rate           %11.2f%%  (%d aborted attempts)", report.abortRate * 100, report.aborts.values.reduce(0, +)))
@@ -229,7 +286,7 @@ struct TransferBench: AsyncParsableCommand {
 
     func run() async throws {
         var workload = TransferWorkload(accounts: accounts)
-        try await runBenchmark("transfer", &workload, options)
+        try await runBenchmark("transfer", &workload, options, parameters: ["accounts": "\(accounts)"])
     }
 }
 
@@ -244,7 +301,7 @@ struct TATPBench: AsyncParsableCommand {
 
     func run() async throws {
         var workload = TATPWorkload(scale: scale, seed: options.seed)
-        try await runBenchmark("tatp", &workload, options)
+        try await runBenchmark("tatp", &workload, options, parameters: ["scale": "\(scale)", "subscribers": "\(Int(100_000 * scale))"])
     }
 }
 
@@ -268,7 +325,8 @@ struct SmallBankBench: AsyncParsableCommand {
     func run() async throws {
         let types = only.map { $0.split(separator: ",").map { SmallBankWorkload.types.firstIndex(of: $0.uppercased())! } }
         var workload = SmallBankWorkload(accounts: accounts, hotAccounts: hotAccounts, seed: options.seed, only: types)
-        try await runBenchmark("smallbank", &workload, options)
+        try await runBenchmark("smallbank", &workload, options,
+                               parameters: ["accounts": "\(accounts)", "hotAccounts": "\(hotAccounts)", "only": only ?? "all"])
     }
 }
 

@@ -15,6 +15,10 @@ struct ScalingPoint: Codable {
 
 struct ScalingDocument: Codable {
     var workload: String
+    var parameters: [String: String]
+    var version: String
+    var host: HostFacts
+    var startTime: String
     var nodes: Int
     var replicas: Int
     var secondsPerPoint: Double
@@ -26,7 +30,8 @@ struct ScalingDocument: Codable {
 /// `granary bench WORKLOAD --scaling`: the workload loaded once, then run with 1, 2, 4, ... workers
 /// (every worker kept: no adaptive count), a table of committed/s per worker count, its speed-up
 /// over one worker and the efficiency (speed-up / workers), and the invariant checked at the end.
-func runScaling(_ name: String, _ workload: some Workload, on cluster: Cluster, _ options: BenchOptions) async throws {
+func runScaling(_ name: String, _ workload: some Workload, on cluster: Cluster, _ options: BenchOptions,
+                parameters: [String: String], startTime: Date) async throws {
     var points: [ScalingPoint] = []
     var committedDelta: Int64 = 0
     for count in options.scalingCounts {
@@ -48,7 +53,9 @@ func runScaling(_ name: String, _ workload: some Workload, on cluster: Cluster, 
     if let json = options.json {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let document = ScalingDocument(workload: name, nodes: options.nodes, replicas: options.replicas, secondsPerPoint: options.seconds,
+        let document = ScalingDocument(workload: name, parameters: options.parameters.merging(parameters) { _, workload in workload },
+                                       version: GranaryVersion.string, host: HostFacts.current,
+                                       startTime: ISO8601DateFormatter().string(from: startTime), nodes: options.nodes, replicas: options.replicas, secondsPerPoint: options.seconds,
                                        cores: cores, points: points, invariantViolations: violations)
         try encoder.encode(document).write(to: URL(fileURLWithPath: json))
         print("wrote \(json)")

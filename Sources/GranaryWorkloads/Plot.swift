@@ -1,7 +1,8 @@
 import Foundation
 
 /// A self-contained SVG with two panels: committed transactions per second over the run, and the
-/// latency CDF (log-scaled latency axis). Opens in any browser.
+/// latency by percentile (HdrHistogram's axis: 90%, 99%, 99.9%, 99.99% equally spaced; latency on
+/// a log axis). Opens in any browser.
 public enum BenchPlot {
     public static func svg(title: String, report: RunReport, intervalSeconds: Double = 0.25) -> String {
         let width = 900.0, height = 380.0, panel = 400.0, top = 50.0, plotHeight = 260.0, left = 70.0
@@ -35,28 +36,31 @@ public enum BenchPlot {
             let t = duration * Double(tick) / 4
             out += "<text x=\"\(left + Double(tick) / 4 * (panel - 40))\" y=\"\(top + plotHeight + 16)\" text-anchor=\"middle\">\(String(format: "%.1f", t))</text>\n"
         }
-        // Panel 2: latency CDF, log10 microseconds.
+        // Panel 2: latency by percentile, as HdrHistogram plots it: the x axis is log10(1 / (1 - p)),
+        // so 90%, 99%, 99.9% and 99.99% are equally spaced and the tail is as wide as the body;
+        // latency on a log axis.
         let x0 = left + panel + 40
-        axes(x0: x0, xLabel: "latency (us, log scale)", yLabel: "fraction of transactions")
-        let cdf = report.latencyCDF.filter { $0[0] > 0 }
-        if let low = cdf.first?[0], let high = cdf.last?[0] {
+        axes(x0: x0, xLabel: "percentile", yLabel: "latency (us, log scale)")
+        let tail = report.latencyCDF.filter { $0[0] > 0 && $0[1] < 0.99995 }
+        if let low = tail.map({ $0[0] }).min(), let high = tail.map({ $0[0] }).max() {
             let lo = floor(log10(max(low / 1000, 0.1))), hi = max(lo + 1, ceil(log10(high / 1000)))
-            let cdfPoints = cdf.map { point -> String in
-                let x = x0 + (log10(point[0] / 1000) - lo) / (hi - lo) * (panel - 40)
-                let y = top + plotHeight - point[1] * plotHeight
+            let nines = 4.0
+            let points = tail.map { point -> String in
+                let x = x0 + min(nines, log10(1 / (1 - point[1]))) / nines * (panel - 40)
+                let y = top + plotHeight - (log10(point[0] / 1000) - lo) / (hi - lo) * plotHeight
                 return String(format: "%.1f,%.1f", x, y)
             }
-            out += "<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"\(cdfPoints.joined(separator: " "))\"/>\n"
+            out += "<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"\(points.joined(separator: " "))\"/>\n"
+            for (index, label) in ["0%", "90%", "99%", "99.9%", "99.99%"].enumerated() {
+                let x = x0 + Double(index) / nines * (panel - 40)
+                out += "<text x=\"\(x)\" y=\"\(top + plotHeight + 16)\" text-anchor=\"middle\">\(label)</text>\n"
+            }
             var decade = lo
             while decade <= hi {
-                let x = x0 + (decade - lo) / (hi - lo) * (panel - 40)
-                out += "<text x=\"\(x)\" y=\"\(top + plotHeight + 16)\" text-anchor=\"middle\">\(compact(pow(10, decade)))</text>\n"
+                let y = top + plotHeight - (decade - lo) / (hi - lo) * plotHeight
+                out += "<text x=\"\(x0 - 5)\" y=\"\(y + 4)\" text-anchor=\"end\">\(compact(pow(10, decade)))</text>\n"
                 decade += 1
             }
-        }
-        for tick in 0...4 {
-            let y = top + plotHeight - Double(tick) / 4 * plotHeight
-            out += "<text x=\"\(x0 - 5)\" y=\"\(y + 4)\" text-anchor=\"end\">\(String(format: "%.2f", Double(tick) / 4))</text>\n"
         }
         out += "</svg>\n"
         return out

@@ -66,6 +66,8 @@ public struct RunReport: Sendable, Codable {
         public var perSecond: Double
         /// Of the committed, how many found what they looked for.
         public var succeeded: Int
+        /// This type's latency from first attempt to commit: "p50", "p90", "p99", "p99.9".
+        public var latencyNanoseconds: [String: UInt64]? = nil
     }
     public var seconds: Double
     public var committed: Int
@@ -77,9 +79,12 @@ public struct RunReport: Sendable, Codable {
     public var byType: [TypeFigures]
     /// Mean nanoseconds per transaction spent in each protocol phase (where it ran).
     public var phaseMeanNanoseconds: [String: Double]
-    /// Committed per second in each interval of the run (for plots).
+    /// Committed per second in each interval of the run (for plots), every ``intervalSeconds``.
     public var timeline: [Double]
-    /// (latency ns, cumulative fraction) points of the latency CDF.
+    /// The length of one ``timeline`` interval.
+    public var intervalSeconds: Double = 0.25
+    /// (latency ns, cumulative fraction) points of the latency CDF, dense in the tail (every
+    /// percent to 99, every 0.1 to 99.9, every 0.01 to 99.99, then 100).
     public var latencyCDF: [[Double]]
     /// Sum of the committed transactions' deltas.
     public var committedDelta: Int64
@@ -215,13 +220,19 @@ public enum Runner {
         }
     }
 
+    /// p50, p90, p99 and p99.9 of `histogram`, in nanoseconds.
+    static func percentiles(of histogram: Histogram<UInt64>) -> [String: UInt64] {
+        ["p50": histogram.valueAtPercentile(50), "p90": histogram.valueAtPercentile(90),
+         "p99": histogram.valueAtPercentile(99), "p99.9": histogram.valueAtPercentile(99.9)]
+    }
+
     public static func run(_ workload: some Workload, on cluster: Cluster, workers: Int, adaptive: Bool = false,
                            seconds: Double, seed: UInt64, crash: CrashPlan? = nil,
                            progress: (@Sendable (String) -> Void)? = nil) -> RunReport {
         let adaptive = adaptive && crash == nil
         let types = workload.transactionTypes
         let stop = Atomic<Bool>(false)
-        let perWorker = Mutex<[(Histogram<UInt64>, [Int], [Int], Int64, Int)]>([])
+        let perWorker = Mutex<[([Histogram<UInt64>], [Int], [Int], Int64, Int)]>([])
         let before = cluster.nodes.map(\.statistics)
         let start = monotonicNanoseconds()
         let deadline = start + UInt64(seconds * 1e9)
@@ -305,7 +316,8 @@ public enum Runner {
             let (workload, cluster) = box
             let node = cluster.nodes[index % cluster.nodes.count]
             var random = WorkloadRandom(seed: seed &+ UInt64(index) &* 7919)
-            var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+            // One histogram per transaction type (merged for the overall figures).
+            var histograms = types.map { _ in Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three) }
             var counts = [Int](repeating: 0, count: types.count)
             var successes = [Int](repeating: 0, count: types.count)
             var delta: Int64 = 0
@@ -352,13 +364,13 @@ public enum Runner {
                     failed += 1
                     continue
                 }
-                histogram.record(monotonicNanoseconds() - began)
+                histograms[committed.type].record(monotonicNanoseconds() - began)
                 counts[committed.type] += 1
                 if committed.succeeded { successes[committed.type] += 1 }
                 delta &+= committed.delta
                 (committedNow + 8 * index).pointee.add(1, ordering: .relaxed)
             }
-            perWorker.withLock { $0.append((histogram, counts, successes, delta, failed)) }
+            perWorker.withLock { $0.append((histograms, counts, successes, delta, failed)) }
         }) { body in
             runWorkerThreads(threadCount + 1, body)
         }
@@ -366,12 +378,16 @@ public enum Runner {
         let elapsed = Double(monotonicNanoseconds() - start) / 1e9
         let after = cluster.nodes.map(\.statistics)
         var merged = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var byTypeHistograms = types.map { _ in Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three) }
         var typeCounts = [Int](repeating: 0, count: types.count)
         var typeSuccesses = [Int](repeating: 0, count: types.count)
         var committedDelta: Int64 = 0
         var failed = 0
-        for (histogram, counts, successes, delta, failures) in perWorker.withLock({ $0 }) {
-            merged.add(histogram)
+        for (histograms, counts, successes, delta, failures) in perWorker.withLock({ $0 }) {
+            for (type, histogram) in histograms.enumerated() {
+                merged.add(histogram)
+                byTypeHistograms[type].add(histogram)
+            }
             for i in counts.indices {
                 typeCounts[i] += counts[i]
                 typeSuccesses[i] += successes[i]
@@ -394,7 +410,9 @@ public enum Runner {
         }
         var cdf: [[Double]] = []
         if merged.totalCount > 0 {
-            for percentile in stride(from: 0.0, through: 99.0, by: 1.0) + [99.5, 99.9, 99.99, 100.0] {
+            let tail = stride(from: 99.1, through: 99.9, by: 0.1).map { ($0 * 10).rounded() / 10 }
+                + stride(from: 99.91, through: 99.99, by: 0.01).map { ($0 * 100).rounded() / 100 }
+            for percentile in Array(stride(from: 0.0, through: 99.0, by: 1.0)) + tail + [100.0] {
                 cdf.append([Double(merged.valueAtPercentile(percentile)), percentile / 100])
             }
         }
@@ -402,11 +420,11 @@ public enum Runner {
             seconds: elapsed, committed: committed, committedPerSecond: Double(committed) / elapsed,
             attempts: committed + abortTotal, aborts: aborts,
             abortRate: committed + abortTotal > 0 ? Double(abortTotal) / Double(committed + abortTotal) : 0,
-            latencyNanoseconds: ["p50": merged.valueAtPercentile(50), "p90": merged.valueAtPercentile(90),
-                                 "p99": merged.valueAtPercentile(99), "p99.9": merged.valueAtPercentile(99.9)],
+            latencyNanoseconds: Self.percentiles(of: merged),
             byType: types.indices.map {
                 RunReport.TypeFigures(name: types[$0], committed: typeCounts[$0], perSecond: Double(typeCounts[$0]) / elapsed,
-                                      succeeded: typeSuccesses[$0])
+                                      succeeded: typeSuccesses[$0],
+                                      latencyNanoseconds: typeCounts[$0] == 0 ? nil : Self.percentiles(of: byTypeHistograms[$0]))
             },
             phaseMeanNanoseconds: phases, timeline: timeline.withLock { $0 }, latencyCDF: cdf,
             committedDelta: committedDelta, failed: failed, workers: threadCount, adaptiveWorkers: adaptive && threadCount > 1,
