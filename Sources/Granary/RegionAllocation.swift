@@ -47,7 +47,7 @@ final class RegionAllocation: Sendable {
     /// Adds a region whose primary is `primary` (a ``RegionSupplier``).
     func addRegion(primary: NodeID) throws {
         try current.withLock { configuration in
-            let placement = try Self.placeNewRegion(in: configuration, primary: primary)
+            let placement = try configuration.placingNewRegion(primary: primary)
             var next = configuration
             next.id = configuration.id.next
             // Records stamped with the configurations before stay valid (the change keeps the
@@ -79,35 +79,6 @@ final class RegionAllocation: Sendable {
             configuration = next
             logger.info("added region \(placement.region) on demand (\(next.id)): primary \(placement.primary), backups \(placement.backups)")
         }
-    }
-
-    /// Where a new region whose primary is `primary` goes: the next region id, and as many
-    /// replicas as the configuration keeps, the backups on the members holding the fewest
-    /// replicas (ties broken by ring order after the primary), so load stays balanced.
-    static func placeNewRegion(in configuration: Configuration, primary: NodeID) throws -> RegionPlacement {
-        let id = (configuration.regions.map(\.region.rawValue).max() ?? 0) + 1
-        guard id < UInt32(RegionID.limit) else {
-            throw ConfigurationError.invalid("the cluster has every region id in use (ids are below \(RegionID.limit))")
-        }
-        guard configuration.contains(primary) else {
-            throw ConfigurationError.invalid("\(primary) is not a member of \(configuration.id)")
-        }
-        let replication = configuration.replication ?? configuration.regions.map(\.replicas.count).max() ?? 1
-        let members = configuration.members.map(\.node).sorted()
-        guard replication <= members.count else {
-            throw ConfigurationError.invalid("\(replication) replicas need \(replication) members, \(configuration.id) has \(members.count)")
-        }
-        var held: [NodeID: Int] = [:]
-        for placement in configuration.regions {
-            for node in placement.replicas { held[node, default: 0] += 1 }
-        }
-        let start = members.firstIndex(of: primary) ?? 0
-        let ring = (1..<members.count).map { members[(start + $0) % members.count] }
-        let backups = ring.enumerated()
-            .sorted { (held[$0.element] ?? 0, $0.offset) < (held[$1.element] ?? 0, $1.offset) }
-            .prefix(replication - 1)
-            .map(\.element)
-        return RegionPlacement(region: RegionID(rawValue: id), primary: primary, backups: backups)
     }
 }
 

@@ -100,10 +100,12 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let cluster = try await options.makeCluster()
     let manager = options.membership || options.crash != nil ? "configuration manager with \(options.leaseMs) ms leases, suspicion after \(options.expiriesToSuspect) (embedded store)" : "static configuration"
     FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
-    let regionsBefore = cluster.configuration.regions.count
+    // The engines' configurations: with a configuration manager, the cluster's own is the first.
+    func regionCount() -> Int { cluster.nodes.map { $0.engine.configuration.regions.count }.max() ?? 0 }
+    let regionsBefore = regionCount()
     let loadStart = ContinuousClock.now
     try await workload.load(into: cluster)
-    let added = cluster.configuration.regions.count - regionsBefore
+    let added = regionCount() - regionsBefore
     if options.scaling {
         FileHandle.standardError.write("loaded in \(ContinuousClock.now - loadStart)\(added > 0 ? " (\(added) regions added on demand)" : ""); scaling over \(options.scalingCounts) workers\n".data(using: .utf8)!)
         try await runScaling(name, workload, on: cluster, options, parameters: parameters, startTime: startTime)

@@ -199,6 +199,37 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         }
     }
 
+    /// A new region led by `primary` (FaRM: the CM allocates regions on demand): the next region
+    /// id, and `replicas` replicas (nil: ``replication``, else the most replicas any region has),
+    /// the backups on the members holding the fewest replicas, ties broken by ring order after the
+    /// primary, so that load stays balanced.
+    ///
+    /// - Throws: ``ConfigurationError/invalid(_:)`` when `primary` is not a member, the members
+    ///   are fewer than the replicas, or every region id is in use.
+    public func placingNewRegion(primary: NodeID, replicas: Int? = nil) throws(ConfigurationError) -> RegionPlacement {
+        let id = (regions.map(\.region.rawValue).max() ?? 0) + 1
+        guard id < UInt32(RegionID.limit) else {
+            throw .invalid("the cluster has every region id in use (ids are below \(RegionID.limit))")
+        }
+        guard contains(primary) else { throw .invalid("\(primary) is not a member of \(self.id)") }
+        let count = replicas ?? replication ?? regions.map(\.replicas.count).max() ?? 1
+        let nodes = members.map(\.node).sorted()
+        guard count >= 1, count <= nodes.count else {
+            throw .invalid("\(count) replicas need \(count) members, \(self.id) has \(nodes.count)")
+        }
+        var held: [NodeID: Int] = [:]
+        for placement in regions {
+            for node in placement.replicas { held[node, default: 0] += 1 }
+        }
+        let start = nodes.firstIndex(of: primary) ?? 0
+        let ring = (1..<nodes.count).map { nodes[(start + $0) % nodes.count] }
+        let backups = ring.enumerated()
+            .sorted { (held[$0.element] ?? 0, $0.offset) < (held[$1.element] ?? 0, $1.offset) }
+            .prefix(count - 1)
+            .map(\.element)
+        return RegionPlacement(region: RegionID(rawValue: id), primary: primary, backups: backups)
+    }
+
     /// Places `regionsPerNode` regions per node with `replicas` replicas each: every node is primary of
     /// the same number of regions, and the backups of a region are the next nodes in ring order, so
     /// backups are balanced too and never share a node with another replica of the region.

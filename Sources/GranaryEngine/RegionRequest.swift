@@ -10,7 +10,8 @@ public typealias RegionSupplier = @Sendable (_ primary: NodeID) throws -> Void
 extension Engine {
     /// Lets allocations that find every region of this node full ask `supplier` for one more
     /// (nil: they fail with ``TransactionError/outOfMemory(bytes:reason:)``, as when no supplier
-    /// was set). An embedded cluster on its static configuration sets one.
+    /// was set). An embedded cluster on its static configuration sets one, and so does a member
+    /// running the configuration manager's protocol (the CM places the region).
     public func supplyRegions(with supplier: RegionSupplier?) {
         regionSupplier.withLock { $0 = supplier }
     }
@@ -28,7 +29,7 @@ extension Engine {
     func requestRegion(seenIn seen: ConfigurationID, bytes: Int, full reason: String) throws(TransactionError) {
         try regionSupplier.withLock { (supplier: inout RegionSupplier?) throws(TransactionError) in
             guard let supplier else {
-                throw .outOfMemory(bytes: bytes, reason: "\(reason); this cluster adds no regions on demand (node processes and clusters with a configuration manager have a fixed set of regions: give them larger regions)")
+                throw .outOfMemory(bytes: bytes, reason: "\(reason); this node's cluster adds no regions on demand (node processes on a static configuration keep the regions they were given: give them more, or larger ones, or run them with a configuration manager)")
             }
             guard configuration.id == seen else { return }
             do {

@@ -58,6 +58,8 @@ public final class MembershipService: Sendable {
     }
     let state = Mutex(State())
     let running = Atomic<Bool>(true)
+    /// Set while this node's request for a region is being written (``requestRegion()``).
+    let regionRequestPending = Atomic<Bool>(false)
     private let leaseThread = Mutex<pthread_t?>(nil)
     /// The tasks running now (cancelled at stop); each leaves when it ends.
     let tasks = Mutex<(next: UInt64, running: [UInt64: Task<Void, Never>])>((0, [:]))
@@ -141,6 +143,11 @@ public final class MembershipService: Sendable {
         spawn { try await self.followConfiguration() }
         spawn { try await self.elect() }
         startLeaseThread(fenced: joining)
+        // Regions on demand go through the CM (``requestRegion(seenIn:)``).
+        engine.supplyRegions { [weak self] _ in
+            guard let self else { throw CoordinationError.sessionExpired }
+            try self.requestRegion()
+        }
     }
 
     private func register(_ data: [UInt8]) async throws(CoordinationError) {
@@ -330,7 +337,11 @@ public final class MembershipService: Sendable {
             try connect(member)
         }
         let removed = engine.configuration.members.map(\.node).filter { !configuration.contains($0) }
-        if engine.configuration.keepsRouting(in: configuration) {
+        // A region added on demand goes through the recovery barrier too: every member routes
+        // the region before any commit resumes, so its primary's first COMMIT-BACKUP never
+        // reaches a backup that does not know it, and no member reads an address in it first.
+        let addsRegions = configuration.regions.contains { engine.configuration.placement(of: $0.region) == nil }
+        if engine.configuration.keepsRouting(in: configuration) && !addsRegions {
             try engine.apply(configuration, adding: try newRegions(in: configuration))
             // Blocked by a recovery this configuration superseded after it was applied here.
             engine.unblockCommits()
@@ -440,6 +451,7 @@ public final class MembershipService: Sendable {
         logger.info("\(node) is the configuration manager")
         eventSink.yield(.becameManager(engine.configuration.id))
         spawn { try await self.manager.watchRegistrations() }
+        spawn { try await self.manager.watchRegionRequests() }
     }
 
     // MARK: Leases

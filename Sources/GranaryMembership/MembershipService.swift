@@ -31,6 +31,8 @@ public struct MembershipPaths: Sendable {
     public var configuration: String { root + "/configuration" }
     public var election: String { root + "/election" }
     public var members: String { root + "/members" }
+    /// A member whose regions are full asks the CM for one here (an ephemeral child per node).
+    public var regionRequests: String { root + "/region-requests" }
     /// Where the members of configuration `id` meet during its transaction-state recovery.
     public func recovery(_ id: ConfigurationID) -> String { root + "/recovery/\(id.rawValue)" }
 }
@@ -64,7 +66,7 @@ public enum ConfigurationRecord {
     public static func bootstrap(_ initial: Configuration, in store: any CoordinationStore) async throws -> Configuration {
         let paths = MembershipPaths(cluster: initial.cluster)
         try await store.createParents(paths.root)
-        for path in [paths.election, paths.members] { try await createIfAbsent(path, [], in: store) }
+        for path in [paths.election, paths.members, paths.regionRequests] { try await createIfAbsent(path, [], in: store) }
         try await createIfAbsent(paths.configuration, encode(initial), in: store)
         return try decode(try await store.get(paths.configuration).data)
     }
@@ -166,21 +168,19 @@ public enum ConfigurationRecord {
     }
 
     /// `count` new regions placed on the members: each primary on the node leading the fewest
-    /// regions, backups on the nodes holding the fewest replicas, all replicas on distinct nodes.
+    /// regions, backups on the nodes holding the fewest replicas (``Configuration/placingNewRegion(primary:replicas:)``),
+    /// all replicas on distinct nodes.
     public static func placingNewRegions(_ count: Int, replicas: Int, in configuration: Configuration) throws -> Configuration {
         var next = configuration
         let nodes = configuration.members.map(\.node)
         guard replicas <= nodes.count else {
             throw ConfigurationError.invalid("\(replicas) replicas need \(replicas) members, the configuration has \(nodes.count)")
         }
-        var nextID = (configuration.regions.map(\.region.index).max() ?? 0) + 1
         for _ in 0..<count {
             let led = Dictionary(grouping: next.regions, by: \.primary).mapValues(\.count)
             let held = Dictionary(grouping: next.regions.flatMap(\.replicas), by: { $0 }).mapValues(\.count)
             let primary = nodes.min { (led[$0] ?? 0, held[$0] ?? 0, $0) < (led[$1] ?? 0, held[$1] ?? 0, $1) }!
-            let backups = nodes.filter { $0 != primary }.sorted { (held[$0] ?? 0, $0) < (held[$1] ?? 0, $1) }.prefix(replicas - 1)
-            next.regions.append(RegionPlacement(region: RegionID(nextID), primary: primary, backups: Array(backups)))
-            nextID += 1
+            next.regions.append(try next.placingNewRegion(primary: primary, replicas: replicas))
         }
         return next
     }

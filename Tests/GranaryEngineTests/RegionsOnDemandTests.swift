@@ -111,44 +111,90 @@ struct RegionsOnDemandTests {
             regions: [RegionPlacement(region: RegionID(rawValue: 1), primary: nodes[0], backups: [nodes[1], nodes[2]]),
                       RegionPlacement(region: RegionID(rawValue: 2), primary: nodes[1], backups: [nodes[2], nodes[0]])],
             regionSize: 1 << 20)
-        let next = try RegionAllocation.placeNewRegion(in: configuration, primary: nodes[0])
+        let next = try configuration.placingNewRegion(primary: nodes[0])
         #expect(next.region == RegionID(rawValue: 3))
         #expect(next.primary == nodes[0])
         // n3 holds nothing, n1 one replica fewer than n2 (which holds two).
         #expect(next.backups == [nodes[3], nodes[1]], "backups \(next.backups)")
         configuration.regions[1].region = RegionID(rawValue: UInt32(RegionID.limit - 1))
         do {
-            _ = try RegionAllocation.placeNewRegion(in: configuration, primary: nodes[2])
+            _ = try configuration.placingNewRegion(primary: nodes[2])
             Issue.record("a region id of \(RegionID.limit) was handed out")
         } catch {
             #expect("\(error)".contains("every region id in use"), "\(error)")
         }
     }
 
-    @Test("with a configuration manager the regions are fixed: a full node's allocation fails with outOfMemory saying so")
-    func fixedWithConfigurationManager() async throws {
+    @Test("with a configuration manager the CM adds the regions: nodes filling theirs at once get new ones through the recovery barrier, every object reads back, every member is in the same configuration, replicas equal")
+    func addedThroughConfigurationManager() async throws {
         var options = options()
         options.membership = MembershipOptions()
         let cluster = try await Cluster.local(nodes: 3, replicas: 3, options: options)
-        var failure: TransactionError?
+        let starting = cluster.nodes[0].engine.configuration
+        let perNode = 8_000, batch = 40
+        let addresses = try await withThrowingTaskGroup(of: (Int, [GlobalAddress]).self) { group in
+            for node in cluster.nodes {
+                group.addTask {
+                    var addresses: [GlobalAddress] = []
+                    for start in stride(from: 0, to: perNode, by: batch) {
+                        addresses += try await node.transaction { tx in
+                            try (start..<start + batch).map { try tx.allocate(bytes: Self.payload(node: node.id.index, index: $0)) }
+                        }
+                    }
+                    return (node.id.index, addresses)
+                }
+            }
+            var all: [Int: [GlobalAddress]] = [:]
+            for try await (node, addresses) in group { all[node] = addresses }
+            return all
+        }
+        let configuration = cluster.nodes[0].engine.configuration
+        print("regions on demand through the CM: \(starting.regions.count) regions at the start, \(configuration.regions.count) after \(3 * perNode) objects (\(configuration.id))")
+        #expect(configuration.regions.count >= starting.regions.count + 3, "no region added through the CM: \(configuration)")
+        #expect(configuration.members.map(\.node) == starting.members.map(\.node), "members changed: \(configuration)")
+        try await eventually("every member in \(configuration.id)", timeout: .seconds(10)) {
+            cluster.nodes.allSatisfy { $0.engine.configuration.id == configuration.id }
+        }
+        for placement in configuration.regions {
+            #expect(Set(placement.replicas).count == 3, "\(placement) is not 3 distinct replicas")
+        }
+        var wrong = 0
+        for (node, list) in addresses {
+            for start in stride(from: 0, to: list.count, by: 400) {
+                let chunk = Array(list[start..<min(start + 400, list.count)])
+                let values = try await cluster.nodes[(node + 2) % 3].transaction { tx in try chunk.map { try tx.read($0) } }
+                for (offset, value) in values.enumerated() where value != Self.payload(node: node, index: start + offset) { wrong += 1 }
+            }
+        }
+        #expect(wrong == 0, "\(wrong) objects read back wrong")
+        try await cluster.quiesce()
+        let differences = replicaDifferences(cluster, in: configuration)
+        #expect(differences.isEmpty, "replicas differ: \(differences.prefix(3))")
+        try await cluster.shutdown()
+    }
+
+    @Test("a node whose cluster supplies no regions (node processes on a static configuration) fails a full allocation with outOfMemory saying why")
+    func noSupplier() async throws {
+        let cluster = try await Cluster.local(nodes: 3, replicas: 3, options: options())
+        for node in cluster.nodes { node.engine.supplyRegions(with: nil) }
+        var failure: (any Error)?
         var allocated = 0
-        outer: while allocated < 40_000 {
+        while allocated < 40_000, failure == nil {
             do {
                 allocated += try await cluster.nodes[0].transaction { tx in
                     try (0..<40).map { try tx.allocate(bytes: Self.payload(node: 0, index: $0)) }.count
                 }
-            } catch let error as TransactionError {
+            } catch {
                 failure = error
-                break outer
             }
         }
-        guard case .outOfMemory(_, let reason) = failure else {
+        guard case .outOfMemory(_, let reason)? = failure as? TransactionError else {
             Issue.record("after \(allocated) objects: \(String(describing: failure))")
             try await cluster.shutdown()
             return
         }
-        #expect(reason.contains("adds no regions on demand"), "\(reason)")
-        #expect(cluster.nodes[0].engine.configuration.regions.count == cluster.configuration.regions.count)
+        #expect(reason.contains("adds no regions on demand") && reason.contains("no free slot"), "\(reason)")
+        #expect(cluster.configuration.regions.count == 3)
         try await cluster.shutdown()
     }
 }
