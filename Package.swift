@@ -26,6 +26,14 @@ let package = Package(
         .executable(name: "granary-verbs-latency", targets: ["GranaryVerbsLatency"]),
         .executable(name: "example-bank", targets: ["ExampleBank"]),
     ],
+    // A service that uses only the shared-memory transport and the embedded coordination store
+    // depends on Granary with `traits: []`: it then needs libpmem alone, not libibverbs,
+    // librdmacm or the ZooKeeper C client. The command, tests and benchmarks use both.
+    traits: [
+        .trait(name: "RDMA", description: "The RDMA verbs transport (GranaryVerbs: libibverbs, librdmacm)."),
+        .trait(name: "ZooKeeper", description: "The ZooKeeper coordination store (GranaryZooKeeper: the ZooKeeper C client)."),
+        .default(enabledTraits: ["RDMA", "ZooKeeper"]),
+    ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
@@ -128,9 +136,9 @@ let package = Package(
                 "GranaryConfiguration",
                 "GranaryEngine",
                 "GranaryCoordination",
-                "GranaryZooKeeper",
+                .target(name: "GranaryZooKeeper", condition: .when(traits: ["ZooKeeper"])),
                 "GranaryMembership",
-                "GranaryVerbs",
+                .target(name: "GranaryVerbs", condition: .when(traits: ["RDMA"])),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -157,6 +165,8 @@ let package = Package(
             name: "GranaryCommand",
             dependencies: [
                 "Granary",
+                "GranaryVerbs",
+                "GranaryZooKeeper",
                 "GranaryWorkloads",
                 "GranaryCheck",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -185,7 +185,11 @@ public final class Cluster: Sendable {
                 coordination = service
                 makeSession = { service.session() }
             case .zookeeper(let address):
+                #if ZooKeeper
                 makeSession = { try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4)) }
+                #else
+                throw ConfigurationError.invalid("the coordination store is ZooKeeper at \(address), which this build of Granary leaves out (depend on it with the package trait ZooKeeper)")
+                #endif
             }
             let bootstrapSession = try makeSession()
             try await ConfigurationRecord.bootstrap(configuration, in: bootstrapSession)

@@ -3,7 +3,9 @@ import GranaryConfiguration
 import GranaryEngine
 import GranaryMemory
 import GranaryTransport
+#if RDMA
 import GranaryVerbs
+#endif
 import Logging
 import SystemPackage
 
@@ -56,12 +58,17 @@ public struct NodeStorage: Sendable {
             sharedMemory = shm
             connectPeer = { shm.addPeer($0, endpoint: $1) }
         case .verbs(let device):
+            #if RDMA
             var options = VerbsTransport.Options()
             options.device = device
             let verbs = try VerbsTransport(localNode: node, cluster: configuration.cluster, directory: home, options: options)
             transport = verbs
             sharedMemory = nil
             connectPeer = { verbs.addPeer($0, endpoint: $1) }
+            #else
+            _ = device
+            throw ConfigurationError.invalid("node \(node) is to use the RDMA verbs transport, which this build of Granary leaves out (depend on it with the package trait RDMA)")
+            #endif
         }
         var replicas: [Region] = []
         for placement in configuration.regions where placement.replicas.contains(node) {
@@ -90,8 +97,10 @@ public struct NodeStorage: Sendable {
         let directory = try Self.directory(of: member)
         if let sharedMemory {
             sharedMemory.forgetRegions(of: member.node)
-        } else if let verbs = transport as? VerbsTransport {
-            verbs.disconnect(from: member.node)
+        } else {
+            #if RDMA
+            if let verbs = transport as? VerbsTransport { verbs.disconnect(from: member.node) }
+            #endif
         }
         connectPeer(member.node, directory)
     }

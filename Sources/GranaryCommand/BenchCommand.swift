@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import Granary
+import GranaryVerbs
+import GranaryZooKeeper
 import GranaryWorkloads
 
 /// `granary bench`: transaction throughput on an embedded cluster, no set-up needed.

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import Granary
+import GranaryVerbs
+import GranaryZooKeeper
 
 /// `granary cluster`: inspect a cluster through its coordination store.
 struct ClusterCommand: AsyncParsableCommand {

@@ -1,5 +1,7 @@
 import ArgumentParser
 import Granary
+import GranaryVerbs
+import GranaryZooKeeper
 
 @main
 struct GranaryCommand: AsyncParsableCommand {

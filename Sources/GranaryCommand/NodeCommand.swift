@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import Granary
+import GranaryVerbs
+import GranaryZooKeeper
 import Logging
 import Synchronization
 import SystemPackage
