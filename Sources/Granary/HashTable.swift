@@ -8,6 +8,8 @@ public enum HashTableError: Error, Sendable, Equatable, CustomStringConvertible 
     case full(table: String, capacity: Int)
     /// The value type does not fit the table's buckets.
     case valueTooLarge(table: String, bytes: Int, maximum: Int)
+    /// A creation parameter is outside what a table can have.
+    case invalidParameter(table: String, reason: String)
 
     public var description: String {
         switch self {
@@ -15,6 +17,8 @@ public enum HashTableError: Error, Sendable, Equatable, CustomStringConvertible 
             return "hash table '\(table)' is full (created for \(capacity) entries): no free slot within \(TransactionalHashTableLayout.probeLimit) buckets"
         case .valueTooLarge(let table, let bytes, let maximum):
             return "a \(bytes)-byte value does not fit hash table '\(table)' (values up to \(maximum) bytes)"
+        case .invalidParameter(let table, let reason):
+            return "hash table '\(table)' cannot be created: \(reason)"
         }
     }
 }
@@ -163,11 +167,17 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     /// allocated round-robin by every node of `cluster` in its own regions.
     ///
     /// - Parameter slotsPerBucket: 1 to 32; nil for ``defaultSlotsPerBucket``.
-    /// - Throws: ``TransactionError`` if the regions cannot hold the buckets.
+    /// - Throws: ``HashTableError/invalidParameter(table:reason:)`` for a slot count outside
+    ///   1...32 or a capacity below 1; ``TransactionError`` if the regions cannot hold the buckets.
     public static func create(name: String, capacity: Int, slotsPerBucket: Int? = nil,
                               in cluster: Cluster) async throws -> TransactionalHashTable<Value> {
         let slotsPerBucket = slotsPerBucket ?? defaultSlotsPerBucket
-        precondition(slotsPerBucket >= 1 && slotsPerBucket <= 32, "1 to 32 slots per bucket")
+        guard slotsPerBucket >= 1, slotsPerBucket <= 32 else {
+            throw HashTableError.invalidParameter(table: name, reason: "\(slotsPerBucket) slots per bucket (1 to 32)")
+        }
+        guard capacity >= 1 else {
+            throw HashTableError.invalidParameter(table: name, reason: "a capacity of \(capacity) entries (at least 1)")
+        }
         let valueBytes = MemoryLayout<Value>.size
         let bucketCount = max(1, (2 * capacity + slotsPerBucket - 1) / slotsPerBucket)
         let bucketBytes = 8 + slotsPerBucket * (8 + ((valueBytes + 7) & ~7))

@@ -17,6 +17,8 @@ public enum VerbsError: Error, Sendable, Equatable, CustomStringConvertible {
     case call(String, device: String, detail: String)
     /// The endpoint socket of the node cannot be created at `path`.
     case endpoint(path: String, detail: String)
+    /// An option of ``VerbsTransport/Options`` is outside what the transport can use.
+    case invalidOption(name: String, value: Int, allowed: String)
 
     public var description: String {
         switch self {
@@ -33,6 +35,8 @@ public enum VerbsError: Error, Sendable, Equatable, CustomStringConvertible {
             return "\(call) failed on RDMA device \(device): \(detail)"
         case .endpoint(let path, let detail):
             return "cannot publish the verbs endpoint \(path): \(detail)"
+        case .invalidOption(let name, let value, let allowed):
+            return "verbs transport option \(name) = \(value) is not allowed: \(allowed)"
         }
     }
 }

@@ -191,9 +191,15 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     ///   ``VerbsError/endpoint(path:detail:)`` if the endpoint socket cannot be created or another
     ///   live transport already serves it.
     public init(localNode: NodeID, cluster: ClusterID, directory: RegionDirectory, options: Options = Options()) throws(VerbsError) {
-        precondition(options.stagingBytes >= 4096 && options.stagingBytes & 63 == 0, "stagingBytes must be a multiple of 64, at least 4096")
-        precondition(options.chainCapacity >= 1 && options.chainCapacity <= 4096, "chainCapacity must be in 1...4096")
-        precondition(options.connectionsPerPeer >= 0 && options.connectionsPerPeer <= 1024, "connectionsPerPeer must be in 0...1024")
+        guard options.stagingBytes >= 4096, options.stagingBytes & 63 == 0 else {
+            throw .invalidOption(name: "stagingBytes", value: options.stagingBytes, allowed: "a multiple of 64, at least 4096")
+        }
+        guard options.chainCapacity >= 1, options.chainCapacity <= 4096 else {
+            throw .invalidOption(name: "chainCapacity", value: options.chainCapacity, allowed: "1...4096")
+        }
+        guard options.connectionsPerPeer >= 0, options.connectionsPerPeer <= 1024 else {
+            throw .invalidOption(name: "connectionsPerPeer", value: options.connectionsPerPeer, allowed: "0...1024")
+        }
         self.localNode = localNode
         self.cluster = cluster
         self.directory = directory
@@ -227,7 +233,8 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Adds (or re-points) the peer `node`, whose region directory — and endpoint socket — is
     /// `endpoint`. Connecting waits for the first operation.
     public func addPeer(_ node: NodeID, endpoint: RegionDirectory) {
-        precondition(node.index < NodeID.limit, "node id \(node) is outside 0..<\(NodeID.limit)")
+        // NodeID values come from validated configurations; one beyond the table reaches nothing.
+        guard node.index < NodeID.limit else { return }
         peers[node.index].setEndpoint(Self.endpointPath(of: endpoint))
     }
 

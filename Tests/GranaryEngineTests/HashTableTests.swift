@@ -5,6 +5,21 @@ import Testing
 
 @Suite("Transactional hash table")
 struct HashTableTests {
+    @Test("a table with 0 or 33 slots per bucket, or no capacity, is refused with an error naming it (no trap)")
+    func invalidParameters() async throws {
+        let cluster = try await testCluster()
+        for (slots, capacity) in [(0, 10), (33, 10), (2, 0)] {
+            do {
+                _ = try await TransactionalHashTable<Int64>.create(name: "bad", capacity: capacity, slotsPerBucket: slots, in: cluster)
+                Issue.record("slots \(slots), capacity \(capacity) accepted")
+            } catch let error as HashTableError {
+                guard case .invalidParameter(let table, _) = error else { Issue.record("\(error)"); continue }
+                #expect(table == "bad")
+            }
+        }
+        try await cluster.shutdown()
+    }
+
     @Test("random inserts, updates, removes and lookups agree with a dictionary, through probing and overflow")
     func agreesWithModel() async throws {
         let cluster = try await testCluster()

@@ -340,6 +340,26 @@ struct VerbsTransportTests {
         }
     }
 
+    @Test("options the transport cannot use are an error naming the option, before any device is opened (no trap)")
+    func invalidOptions() throws {
+        let tmp = TemporaryDirectory("granary-verbs")
+        defer { tmp.remove() }
+        let directory = try RegionDirectory(tmp.path.appending("n0"))
+        for (name, change) in [("stagingBytes", { (o: inout VerbsTransport.Options) in o.stagingBytes = 100 }),
+                               ("chainCapacity", { (o: inout VerbsTransport.Options) in o.chainCapacity = 0 }),
+                               ("connectionsPerPeer", { (o: inout VerbsTransport.Options) in o.connectionsPerPeer = -1 })] {
+            var options = VerbsTransport.Options()
+            change(&options)
+            do {
+                _ = try VerbsTransport(localNode: NodeID(0), cluster: .random(), directory: directory, options: options)
+                Issue.record("\(name) out of range was accepted")
+            } catch {
+                guard case .invalidOption(let named, _, _) = error else { Issue.record("\(name): \(error)"); continue }
+                #expect(named == name, "\(error)")
+            }
+        }
+    }
+
     @Test("without an RDMA device, opening the transport says how to get soft-RoCE",
           .enabled(if: !RDMADevice.isPresent, "an RDMA device is present (this checks the error on machines without one)"))
     func noDevice() throws {
