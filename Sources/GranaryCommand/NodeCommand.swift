@@ -4,6 +4,7 @@ import Granary
 import GranaryVerbs
 import GranaryZooKeeper
 import Logging
+import Metrics
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -103,6 +104,15 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "A peer as ID=DIRECTORY; repeatable.")
     var peer: [String] = []
 
+    @Option(name: .long, help: "With --config: serve Prometheus metrics (committed and aborted transactions, rejected records, protocol phases in seconds, membership events) at http://ADDRESS:PORT/metrics; 0 picks a free port, printed as `metrics PORT`.")
+    var metricsPort: Int?
+
+    @Option(name: .long, help: "With --metrics-port: the IPv4 address to listen on.")
+    var metricsAddress: String = "127.0.0.1"
+
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error or critical.")
+    var logLevel: LogLevelChoice = .info
+
     func validate() throws {
         guard (0..<NodeID.limit).contains(id) else { throw ValidationError("--id must be in 0..<\(NodeID.limit), got \(id)") }
         if config != nil, coordination == nil, !staticConfiguration {
@@ -181,7 +191,26 @@ struct NodeCommand: AsyncParsableCommand {
     }
 }
 
+/// `--log-level`.
+enum LogLevelChoice: String, ExpressibleByArgument, CaseIterable {
+    case trace, debug, info, notice, warning, error, critical
+    var level: Logger.Level { Logger.Level(rawValue: rawValue)! }
+}
+
 extension NodeCommand {
+    /// Membership events as metrics: a counter per kind, and the configuration id as a gauge.
+    static func count(_ event: MembershipEvent, node: NodeID) {
+        let kind: String, id: ConfigurationID
+        switch event {
+        case .becameManager(let configuration): (kind, id) = ("became_manager", configuration)
+        case .configurationApplied(let configuration): (kind, id) = ("configuration_applied", configuration)
+        case .removed(_, let configuration): (kind, id) = ("removed_member", configuration)
+        case .mustRejoin(let configuration): (kind, id) = ("must_rejoin", configuration)
+        }
+        Counter(label: "granary_membership_events_total", dimensions: [("node", "\(node)"), ("event", kind)]).increment()
+        Gauge(label: "granary_configuration_id", dimensions: [("node", "\(node)")]).record(Double(id.rawValue))
+    }
+
     /// A cluster member running the transaction engine.
     func runMember(configurationFile: String) async throws {
         // SIGTERM and SIGINT ask the node to leave and exit (handled in the main loop below).
@@ -234,9 +263,17 @@ extension NodeCommand {
                                       transport: transport == .verbs ? .verbs(device: device) : .sharedMemory,
                                       ringCapacity: 256 << 10)
         try storage.waitForPeers(timeout: .seconds(60))
+        // Metrics before the engine: it makes its counters and timers from the process's factory.
+        if let metricsPort {
+            let endpoint = try MetricsEndpoint(address: metricsAddress, port: UInt16(metricsPort))
+            print("metrics \(endpoint.port)")
+            fflush(nil)
+        }
+        var logger = Logger(label: "granary.\(node)")
+        logger.logLevel = logLevel.level
         var options = EngineOptions()
         options.maximumAttempts = 100_000
-        let engine = try storage.makeEngine(options: options, logger: Logger(label: "granary.\(node)"))
+        let engine = try storage.makeEngine(options: options, logger: logger)
         print("ready \(node) \(configuration.cluster) \(storage.replicas.map(\.id.description).joined(separator: ","))")
         fflush(nil)
         var membership: MembershipService?
@@ -246,7 +283,7 @@ extension NodeCommand {
             options.lease = .milliseconds(leaseMs)
             let size = configuration.regionSize, cluster = configuration.cluster
             let service = MembershipService(
-                engine: engine, store: store, options: options,
+                engine: engine, store: store, options: options, logger: logger,
                 connect: { member in try storage.connect(member) },
                 openRegion: { placement in
                     let region = try storage.home.openOrCreate(placement.region, size: size, cluster: cluster)
@@ -264,6 +301,7 @@ extension NodeCommand {
                     case .removed(let node, let id): print("removed \(node) \(id.rawValue)")
                     case .mustRejoin(let id): print("must-rejoin \(id.rawValue)")
                     }
+                    Self.count(event, node: node)
                     fflush(nil)
                 }
             }

@@ -53,6 +53,8 @@ func runBank(transport: NodeTransportKind, accountsPerNode: Int, transfersPerNod
         let children = try nodes.map { node in
             try ChildProcess(ChildProcess.granaryExecutable(), [
                 "node", "--config", file, "--id", "\(node.index)", "--static", "--bank-accounts", "\(accountsPerNode)",
+                // Node 0 serves its metrics (on a free port it prints).
+            ] + (node.index == 0 ? ["--metrics-port", "0"] : []) + [
                 "--bank-transfers", "\(transfersPerNode)", "--bank-balance", "\(balance)",
                 // Paced, so that read-only audits of every account can validate between transfers.
                 "--bank-pause-microseconds", "\(pauseMicroseconds)",
@@ -64,8 +66,13 @@ func runBank(transport: NodeTransportKind, accountsPerNode: Int, transfersPerNod
         options.maximumAttempts = 1_000_000  // a 1,000-object audit competes with three writers
         let engine = try storage.makeEngine(options: options, logger: Logger(label: "granary.driver"))
         defer { engine.stop() }
+        var metricsPort: UInt16?
         for child in children {
-            let ready = try child.readLine(timeout: 120)
+            var ready = try child.readLine(timeout: 120)
+            if ready.hasPrefix("metrics ") {
+                metricsPort = UInt16(ready.dropFirst(8))
+                ready = try child.readLine(timeout: 120)
+            }
             #expect(ready.hasPrefix("ready "), "a node said: \(ready)")
             #expect(try child.readLine(timeout: 120) == "accounts \(accountsPerNode)")
         }
@@ -99,6 +106,50 @@ func runBank(transport: NodeTransportKind, accountsPerNode: Int, transfersPerNod
         #expect(audits.allSatisfy { $0 == expected }, "audit totals \(audits.filter { $0 != expected }) differ from \(expected)")
         #expect(final.reduce(0, +) == expected)
         #expect(final.min()! >= 0)
+
+        // Node 0's metrics endpoint: Prometheus text with its committed transactions (its
+        // allocations and transfers: at least the transfers) and the phases in seconds.
+        guard let metricsPort else {
+            Issue.record("node 0 printed no `metrics PORT` line")
+            return
+        }
+        let page = try httpGet(port: metricsPort, path: "/metrics")
+        let committed = page.split(separator: "\n").first { $0.hasPrefix("granary_transactions_committed_total{") && $0.contains("n0") }
+            .flatMap { $0.split(separator: " ").last.flatMap { Double($0) } }
+        #expect((committed ?? 0) >= Double(transfersPerNode), "committed on n0 per its metrics: \(String(describing: committed)); page:\n\(page.prefix(2000))")
+        #expect(page.contains("granary_phase_seconds_bucket{"), "no phase histogram in seconds: \(page.prefix(2000))")
+        #expect(try httpGet(port: metricsPort, path: "/other").isEmpty == false)
+        print("multi-process bank: n0's metrics endpoint reports \(committed ?? 0) committed transactions")
+}
+
+/// A GET over loopback; returns the body (the status line must be 200 for /metrics).
+func httpGet(port: UInt16, path: String) throws -> String {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw CocoaError(.fileReadUnknown) }
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = port.bigEndian
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard connected == 0 else { throw CocoaError(.fileReadUnknown, userInfo: [NSLocalizedDescriptionKey: "cannot connect to 127.0.0.1:\(port)"]) }
+    let request = Array("GET \(path) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8)
+    _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+    var response: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        guard count > 0 else { break }
+        response += buffer[0..<count]
+    }
+    let text = String(decoding: response, as: UTF8.self)
+    guard let split = text.range(of: "\r\n\r\n") else { return "" }
+    if path == "/metrics" {
+        #expect(text.hasPrefix("HTTP/1.1 200"), "status: \(text.prefix(40))")
+    }
+    return String(text[split.upperBound...])
 }
 
 /// Reads the account lists the node processes publish (see `granary node --bank-accounts`).
