@@ -25,6 +25,7 @@ let package = Package(
         .executable(name: "granary", targets: ["GranaryCommand"]),
         .executable(name: "granary-verbs-latency", targets: ["GranaryVerbsLatency"]),
         .executable(name: "example-bank", targets: ["ExampleBank"]),
+        .executable(name: "example-hashtable", targets: ["ExampleHashTable"]),
     ],
     // A service that uses only the shared-memory transport and the embedded coordination store
     // depends on Granary with `traits: []`: it then needs libpmem alone, not libibverbs,
@@ -41,6 +42,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.0.0"),
     ],
     targets: [
         // MARK: C bindings (system libraries; Scripts/ installs the apt packages)
@@ -143,6 +145,7 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
 
@@ -179,6 +182,10 @@ let package = Package(
 
         // MARK: Examples
         .executableTarget(
+            name: "ExampleHashTable",
+            dependencies: ["Granary"]
+        ),
+        .executableTarget(
             name: "ExampleBank",
             dependencies: ["Granary"]
         ),
@@ -203,7 +210,8 @@ let package = Package(
         ),
         .testTarget(
             name: "GranaryEngineTests",
-            dependencies: ["Granary", "GranaryWorkloads", "GranaryCheck", "GranaryTestSupport", .product(name: "MetricsTestKit", package: "swift-metrics")]
+            dependencies: ["Granary", "GranaryWorkloads", "GranaryCheck", "GranaryTestSupport", .product(name: "MetricsTestKit", package: "swift-metrics"),
+                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]
         ),
         // The transport conformance suite over verbs (skipped, with the reason, without an RDMA device).
         .testTarget(

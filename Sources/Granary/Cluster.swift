@@ -360,8 +360,10 @@ public final class Node: Sendable {
     /// the engine cannot release.
     ///
     /// - Throws: ``TransactionError`` (`.conflict` when every attempt aborted, `.tooLarge` for a
-    ///   transaction whose records would not fit a channel, refused before anything is locked), or
-    ///   what `body` throws (validated as above; the attempt is abandoned and nothing is written).
+    ///   transaction whose records would not fit a channel, refused before anything is locked),
+    ///   what `body` throws (validated as above; the attempt is abandoned and nothing is written),
+    ///   or `CancellationError` when the task is cancelled before an attempt (between attempts:
+    ///   an attempt that started runs to its outcome, so a cancelled task never leaves one half done).
     ///
     /// The body runs on the caller's isolation (`#isolation`): called from the main actor it runs
     /// there; from a task, on that task's executor.
@@ -371,6 +373,8 @@ public final class Node: Sendable {
         var attempt = 0
         var lastCause = AbortCause.lockConflict
         while attempt < engine.options.maximumAttempts {
+            // A cancelled task starts no attempt (one that ran aborted, and nothing was written).
+            try Task.checkCancellation()
             attempt += 1
             switch try engine.attempt(transaction, body) {
             case .committed(let result):
