@@ -38,7 +38,7 @@ public struct ClusterOptions: Sendable {
 
 /// Where a cluster's nodes agree on the configuration.
 public enum CoordinationChoice: Sendable, Equatable {
-    /// An ``EmbeddedCoordinationService`` in this process.
+    /// An `EmbeddedCoordinationService` in this process.
     case embedded
     /// A ZooKeeper ensemble, e.g. "127.0.0.1:2181".
     case zookeeper(String)
@@ -63,7 +63,7 @@ public enum CoordinationChoice: Sendable, Equatable {
 /// try await cluster.shutdown()
 /// ```
 public final class Cluster: Sendable {
-    /// The nodes, indexed by their ``NodeID``.
+    /// The nodes, indexed by their `NodeID`.
     public let nodes: [Node]
     /// The configuration the cluster started with, or the latest it added a region to (regions on
     /// demand, static configurations only). With a configuration manager the nodes move on from
@@ -104,8 +104,8 @@ public final class Cluster: Sendable {
     /// from its region files; otherwise a new one is created there (or in a temporary directory,
     /// removed at ``shutdown()``, when `directory` is nil).
     ///
-    /// - Throws: ``ConfigurationError`` for an impossible shape (more replicas than nodes),
-    ///   ``RegionError`` for region files that cannot be created or opened.
+    /// - Throws: `ConfigurationError` for an impossible shape (more replicas than nodes),
+    ///   `RegionError` for region files that cannot be created or opened.
     public static func local(nodes: Int = 3, replicas: Int = 3, directory: FilePath? = nil,
                              options: ClusterOptions = ClusterOptions()) async throws -> Cluster {
         guard nodes >= 1, nodes <= NodeID.limit else {
@@ -334,19 +334,19 @@ public final class Node: Sendable {
 
     /// Runs `body` as a strictly serializable transaction coordinated by this node, and commits it.
     ///
-    /// `body` executes the transaction: ``Transaction/read(_:as:)`` costs one one-sided read of the
+    /// `body` executes the transaction: `Transaction/read(_:as:)` costs one one-sided read of the
     /// object's primary; writes, allocations and frees are buffered. At commit, a read-only
     /// transaction costs nothing more (one read) or one batch of one-sided header reads (several);
     /// a read-write one costs one LOCK round trip to the written objects' primaries, one batch of
     /// header reads for VALIDATE, and one-way COMMIT-BACKUP and COMMIT-PRIMARY records.
     ///
     /// On a conflict the attempt aborts and `body` runs again, after a randomised back-off, up to
-    /// ``EngineOptions/maximumAttempts`` times. `body` may therefore run more than once; only the
+    /// `EngineOptions/maximumAttempts` times. `body` may therefore run more than once; only the
     /// committed run's effects exist.
     ///
     /// **Nothing reaches the caller unvalidated.** An error that `body` throws (its own, after a
     /// business check, or one of the engine's that it lets through, such as
-    /// ``TransactionError/notAllocated(_:)``) is returned only after everything the attempt read
+    /// `TransactionError/notAllocated(_:)`) is returned only after everything the attempt read
     /// still holds, checked as at commit; if it does not, the attempt saw a state no serial order
     /// gives, and it runs again as after a conflict. An absence is a read: reading a freed or never
     /// allocated object puts it in the read set at the header seen, so a body that catches
@@ -354,12 +354,12 @@ public final class Node: Sendable {
     ///
     /// **Every outcome is exact.** Returning means committed: every backup holds the transaction's
     /// records, and it survives the loss of every process (see README, "Durability and failures").
-    /// ``TransactionError/outcomeUnknown(reason:)`` means the coordinator could not learn whether it
+    /// `TransactionError/outcomeUnknown(reason:)` means the coordinator could not learn whether it
     /// committed (a send failed after COMMIT-BACKUP began): recovery from the logs decides, for
     /// every replica alike. Any other error means it did not commit, and left no lock behind that
     /// the engine cannot release.
     ///
-    /// - Throws: ``TransactionError`` (`.conflict` when every attempt aborted, `.tooLarge` for a
+    /// - Throws: `TransactionError` (`.conflict` when every attempt aborted, `.tooLarge` for a
     ///   transaction whose records would not fit a channel, refused before anything is locked),
     ///   what `body` throws (validated as above; the attempt is abandoned and nothing is written),
     ///   or `CancellationError` when the task is cancelled before an attempt (between attempts:
@@ -396,7 +396,7 @@ public final class Node: Sendable {
         throw TransactionError.conflict(lastCause, attempts: attempt)
     }
 
-    /// The synchronous form of ``transaction(_:)`` for hot loops on dedicated threads: the same
+    /// The synchronous form of ``transaction(isolation:_:)`` for hot loops on dedicated threads: the same
     /// engine, without a suspension point.
     public func transactionSync<R>(_ body: (Transaction) throws -> R) throws -> R {
         try engine.run(body)

@@ -47,7 +47,7 @@ public enum TransactionalHashTableLayout {
 /// A transactional hash table on Granary, after FaRM's: fixed-size 64-bit keys, values of one
 /// fixed-size type stored inline in associative buckets, buckets spread over every node's regions.
 ///
-/// Every operation runs inside a ``Transaction`` and so is strictly serializable with everything
+/// Every operation runs inside a `Transaction` and so is strictly serializable with everything
 /// else the transaction does. A lookup costs one one-sided read of one bucket in the common case
 /// (more when its home bucket overflowed); an insert, update or delete buffers one bucket write.
 ///
@@ -166,9 +166,13 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     /// Creates a table for `capacity` entries: `2 * capacity / slotsPerBucket` zeroed buckets,
     /// allocated round-robin by every node of `cluster` in its own regions.
     ///
+    /// - Parameter name: the table's name, in its descriptor and in errors.
+    /// - Parameter capacity: the entries it is made for (lookups probe at most
+    ///   `TransactionalHashTableLayout.probeLimit` buckets, so fill it to about half).
     /// - Parameter slotsPerBucket: 1 to 32; nil for ``defaultSlotsPerBucket``.
+    /// - Parameter cluster: the cluster whose nodes allocate the buckets.
     /// - Throws: ``HashTableError/invalidParameter(table:reason:)`` for a slot count outside
-    ///   1...32 or a capacity below 1; ``TransactionError`` if the regions cannot hold the buckets.
+    ///   1...32 or a capacity below 1; `TransactionError` if the regions cannot hold the buckets.
     public static func create(name: String, capacity: Int, slotsPerBucket: Int? = nil,
                               in cluster: Cluster) async throws -> TransactionalHashTable<Value> {
         let slotsPerBucket = slotsPerBucket ?? defaultSlotsPerBucket
@@ -252,7 +256,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     /// A hint that `tx` will look `key` up soon (``get(_:in:)``, ``update(_:in:_:)``...): starts
     /// fetching its home bucket, so that the lookups of several keys a transaction knows in advance
     /// overlap their memory latency instead of paying it one after another (see
-    /// ``Transaction/prefetch(_:payloadBytes:)``). Changes no result.
+    /// `Transaction/prefetch(_:payloadBytes:)`). Changes no result.
     @inlinable
     public func prefetch(_ key: UInt64, in tx: Transaction) {
         tx.prefetch(bucket(home(of: key), probe: 0), payloadBytes: bucketBytes)

@@ -38,11 +38,15 @@ public struct NodeStorage: Sendable {
         throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; endpoints are shm:<directory> or verbs:<directory>")
     }
 
+    /// - Parameter node: the node whose storage this is (a member of `configuration`).
+    /// - Parameter configuration: the configuration it starts in: its regions are opened or created.
+    /// - Parameter kind: the transport, shared memory or RDMA verbs.
+    /// - Parameter ringCapacity: the capacity of each ring of the node's mailbox, in bytes.
     /// - Parameter preservingLog: open an existing mailbox without clearing its rings (the node's
-    ///   log), for ``RestartRecovery`` to read before the engine starts.
+    ///   log), for `RestartRecovery` to read before the engine starts.
     /// - Parameter reopening: the node's files must all exist (a cluster reopened from its
-    ///   directory): a missing region file is ``RegionError/missing(path:)``, never a new empty
-    ///   region; and the mailbox keeps its rings, the node's log, for ``RestartRecovery``.
+    ///   directory): a missing region file is `RegionError/missing(path:)`, never a new empty
+    ///   region; and the mailbox keeps its rings, the node's log, for `RestartRecovery`.
     public init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int,
                 preservingLog: Bool = false, reopening: Bool = false) throws {
         guard let member = configuration.members.first(where: { $0.node == node }) else {
