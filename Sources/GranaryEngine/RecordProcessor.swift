@@ -229,6 +229,13 @@ final class RecordProcessor: @unchecked Sendable {
     /// the next poll (``flushReplies(view:)``). A poller that blocked on a full ring could deadlock
     /// with a peer's poller blocked on ours.
     private func reply(to transaction: TransactionID, failure: AbortCause?, view: ConfigurationView) {
+        if transaction.node == engine.node {
+            // This node coordinates the transaction: its reply slot is in this process, so the
+            // answer goes there directly instead of through the node's own message queue (a ring
+            // write, and a poll of it, saved on every LOCK of a local primary).
+            state.pointee.replies.unsafelyUnwrapped._withUnsafeGuaranteedRef { $0.deliver(transaction, failure: failure?.rawValue ?? 0) }
+            return
+        }
         let writer = RecordWriter(into: replyBuffer, capacity: RecordFormat.headerBytes, kind: .lockReply,
                                   configuration: view.configurationID, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
