@@ -162,9 +162,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
                                      invariantViolations: violations,
                                      memoryLatencyNanoseconds: ["before": latencyBefore, "after": latencyAfter],
                                      coreToCoreNanoseconds: ["before": handoffBefore, "after": handoffAfter],
-                                     parameters: options.parameters.merging(parameters) { _, workload in workload },
-                                     version: GranaryVersion.string, host: HostFacts.current,
-                                     startTime: ISO8601DateFormatter().string(from: startTime))
+                                     run: RunFacts(options: options, workloadParameters: parameters, startTime: startTime))
         try encoder.encode(document).write(to: URL(fileURLWithPath: json))
         print("wrote \(json)")
     }
@@ -199,12 +197,24 @@ struct BenchDocument: Codable {
     var memoryLatencyNanoseconds: [String: Double]
     /// One-way cache-line handoff between two threads before and after the run (see `CoreToCoreProbe`).
     var coreToCoreNanoseconds: [String: Double]
+    var run: RunFacts
+}
+
+/// What a benchmark document says about its run, besides the figures.
+struct RunFacts: Codable {
     /// Every option of the run, the workload's own included (scale, accounts, ...), as given.
     var parameters: [String: String]
     var version: String
     var host: HostFacts
     /// When the run started (ISO 8601, UTC).
     var startTime: String
+
+    init(options: BenchOptions, workloadParameters: [String: String], startTime: Date) {
+        parameters = options.parameters.merging(workloadParameters) { _, workload in workload }
+        version = GranaryVersion.string
+        host = HostFacts.current
+        self.startTime = ISO8601DateFormatter().string(from: startTime)
+    }
 }
 
 /// The machine a benchmark ran on.

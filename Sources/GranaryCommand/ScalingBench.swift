@@ -15,10 +15,7 @@ struct ScalingPoint: Codable {
 
 struct ScalingDocument: Codable {
     var workload: String
-    var parameters: [String: String]
-    var version: String
-    var host: HostFacts
-    var startTime: String
+    var run: RunFacts
     var nodes: Int
     var replicas: Int
     var secondsPerPoint: Double
@@ -53,9 +50,7 @@ func runScaling(_ name: String, _ workload: some Workload, on cluster: Cluster, 
     if let json = options.json {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let document = ScalingDocument(workload: name, parameters: options.parameters.merging(parameters) { _, workload in workload },
-                                       version: GranaryVersion.string, host: HostFacts.current,
-                                       startTime: ISO8601DateFormatter().string(from: startTime), nodes: options.nodes, replicas: options.replicas, secondsPerPoint: options.seconds,
+        let document = ScalingDocument(workload: name, run: RunFacts(options: options, workloadParameters: parameters, startTime: startTime), nodes: options.nodes, replicas: options.replicas, secondsPerPoint: options.seconds,
                                        cores: cores, points: points, invariantViolations: violations)
         try encoder.encode(document).write(to: URL(fileURLWithPath: json))
         print("wrote \(json)")

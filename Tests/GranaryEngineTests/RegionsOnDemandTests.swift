@@ -24,6 +24,27 @@ struct RegionsOnDemandTests {
         return bytes
     }
 
+    /// Every node allocates `perNode` objects (``payload(node:index:)``), `batch` per
+    /// transaction, all nodes at once; returns each node's addresses in order.
+    static func fill(_ cluster: Cluster, perNode: Int, batch: Int) async throws -> [Int: [GlobalAddress]] {
+        try await withThrowingTaskGroup(of: (Int, [GlobalAddress]).self) { group in
+            for node in cluster.nodes {
+                group.addTask {
+                    var addresses: [GlobalAddress] = []
+                    for start in stride(from: 0, to: perNode, by: batch) {
+                        addresses += try await node.transaction { tx in
+                            try (start..<start + batch).map { try tx.allocate(bytes: payload(node: node.id.index, index: $0)) }
+                        }
+                    }
+                    return (node.id.index, addresses)
+                }
+            }
+            var all: [Int: [GlobalAddress]] = [:]
+            for try await (node, addresses) in group { all[node] = addresses }
+            return all
+        }
+    }
+
     @Test("nodes that fill their regions concurrently get new ones: every object reads back on every node, the new regions are replicated, balanced and equal on every replica, and a reopen finds them")
     func regionsGrowAndReopen() async throws {
         let tmp = TemporaryDirectory("granary-regions")
@@ -34,22 +55,7 @@ struct RegionsOnDemandTests {
         // About 4 MiB of objects per node against 1 MiB of region each: three or more new
         // regions per node, requested while the other nodes allocate too.
         let perNode = 20_000, batch = 40
-        let addresses = try await withThrowingTaskGroup(of: (Int, [GlobalAddress]).self) { group in
-            for node in cluster.nodes {
-                group.addTask {
-                    var addresses: [GlobalAddress] = []
-                    for start in stride(from: 0, to: perNode, by: batch) {
-                        addresses += try await node.transaction { tx in
-                            try (start..<start + batch).map { try tx.allocate(bytes: Self.payload(node: node.id.index, index: $0)) }
-                        }
-                    }
-                    return (node.id.index, addresses)
-                }
-            }
-            var all: [Int: [GlobalAddress]] = [:]
-            for try await (node, addresses) in group { all[node] = addresses }
-            return all
-        }
+        let addresses = try await Self.fill(cluster, perNode: perNode, batch: batch)
         let configuration = cluster.configuration
         print("regions on demand: \(startingRegions) regions at the start, \(configuration.regions.count) after \(3 * perNode) objects (\(configuration.id))")
         #expect(configuration.regions.count >= startingRegions + 9,
@@ -132,22 +138,7 @@ struct RegionsOnDemandTests {
         let cluster = try await Cluster.local(nodes: 3, replicas: 3, options: options)
         let starting = cluster.nodes[0].engine.configuration
         let perNode = 8_000, batch = 40
-        let addresses = try await withThrowingTaskGroup(of: (Int, [GlobalAddress]).self) { group in
-            for node in cluster.nodes {
-                group.addTask {
-                    var addresses: [GlobalAddress] = []
-                    for start in stride(from: 0, to: perNode, by: batch) {
-                        addresses += try await node.transaction { tx in
-                            try (start..<start + batch).map { try tx.allocate(bytes: Self.payload(node: node.id.index, index: $0)) }
-                        }
-                    }
-                    return (node.id.index, addresses)
-                }
-            }
-            var all: [Int: [GlobalAddress]] = [:]
-            for try await (node, addresses) in group { all[node] = addresses }
-            return all
-        }
+        let addresses = try await Self.fill(cluster, perNode: perNode, batch: batch)
         let configuration = cluster.nodes[0].engine.configuration
         print("regions on demand through the CM: \(starting.regions.count) regions at the start, \(configuration.regions.count) after \(3 * perNode) objects (\(configuration.id))")
         #expect(configuration.regions.count >= starting.regions.count + 3, "no region added through the CM: \(configuration)")
