@@ -307,7 +307,7 @@ public final class Cluster: Sendable {
 
     /// `endpoint` (`shm:<directory>` or `verbs:<directory>`) with a relative directory resolved
     /// against `root`.
-    static func resolve(_ endpoint: String, against root: FilePath) -> String {
+    package static func resolve(_ endpoint: String, against root: FilePath) -> String {
         for prefix in ["shm:", "verbs:"] where endpoint.hasPrefix(prefix) {
             let path = FilePath(String(endpoint.dropFirst(prefix.count)))
             return path.isAbsolute ? endpoint : prefix + root.pushing(path).string

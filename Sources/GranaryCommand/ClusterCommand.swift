@@ -1,13 +1,69 @@
 import ArgumentParser
 import Foundation
 import Granary
+import SystemPackage
 import GranaryVerbs
 import GranaryZooKeeper
 
-/// `granary cluster`: inspect a cluster through its coordination store.
+/// `granary cluster`: write a cluster file, inspect a cluster through its coordination store.
 struct ClusterCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "cluster", abstract: "Inspect a cluster.", subcommands: [ClusterStatus.self])
+        commandName: "cluster", abstract: "Write a cluster file, or inspect a running cluster.",
+        subcommands: [ClusterInit.self, ClusterStatus.self])
+}
+
+/// `granary cluster init`: a cluster file for `granary node --config` (the JSON `Cluster.local`
+/// writes to its cluster.json): members n0..n(N-1) with their region directories beside the file
+/// (endpoints relative to it, so the directory can move), every node primary of the same number
+/// of regions, backups balanced, a new cluster id.
+struct ClusterInit: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "init", abstract: "Write a cluster file (cluster.json) for node processes.",
+        discussion: """
+            Then start each node: granary node --config DIR/cluster.json --id N --coordination \
+            zookeeper://host:port (or --static). Region directories are created beside the file.
+            """)
+    @Option(help: "The directory that gets cluster.json and, beside it, one region directory per node (n0, n1, ...).")
+    var directory: String
+    @Option(help: "Nodes.") var nodes: Int = 3
+    @Option(help: "Replicas of every region (primary + backups), at most --nodes.") var replicas: Int = 3
+    @Option(help: "Regions each node is primary of.") var regionsPerNode: Int = 2
+    @Option(help: "Size of every region in MiB (a power of two, 1 to 4096).") var regionMib: Int = 64
+    @Option(help: "Transport of every node: shm (shared memory, one host) or verbs (RDMA).") var transport: TransportChoice = .shm
+    @Flag(help: "Replace an existing cluster.json (never its region files).") var force = false
+
+    func validate() throws {
+        guard (1...NodeID.limit).contains(nodes) else { throw ValidationError("--nodes must be in 1...\(NodeID.limit)") }
+        guard (1...nodes).contains(replicas) else { throw ValidationError("--replicas must be in 1...--nodes (\(nodes))") }
+        guard regionsPerNode >= 1, regionsPerNode * nodes < RegionID.limit else {
+            throw ValidationError("--regions-per-node must be at least 1, and the regions fewer than \(RegionID.limit)")
+        }
+        guard (1...4096).contains(regionMib), regionMib & (regionMib - 1) == 0 else {
+            throw ValidationError("--region-mib must be a power of two from 1 to 4096")
+        }
+    }
+
+    func run() throws {
+        let root = FilePath(directory)
+        let file = root.appending("cluster.json")
+        if FileManager.default.fileExists(atPath: file.string), !force {
+            throw CommandFailure("\(file) exists: it describes a cluster whose region files may hold data (--force replaces the file)")
+        }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let ids = (0..<nodes).map { NodeID($0) }
+        let scheme = transport == .verbs ? "verbs:" : "shm:"
+        var configuration = try Configuration(
+            id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
+            members: ids.map { Member(node: $0, endpoint: scheme + $0.description) }, manager: ids.first,
+            regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: regionsPerNode, replicas: replicas),
+            regionSize: regionMib << 20)
+        configuration.replication = replicas
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try encoder.encode(configuration).write(to: URL(fileURLWithPath: file.string))
+        print("wrote \(file): \(configuration.cluster), \(nodes) nodes, \(configuration.regions.count) regions of \(regionMib) MiB, \(replicas) replicas")
+        print("start each node with: granary node --config \(file) --id N --coordination zookeeper://HOST:PORT   (N = 0...\(nodes - 1); or --static)")
+    }
 }
 
 struct ClusterStatus: AsyncParsableCommand {

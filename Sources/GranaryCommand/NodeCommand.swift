@@ -228,7 +228,11 @@ extension NodeCommand {
         } catch {
             throw CommandFailure("cannot read the configuration \(configurationFile): \(error.localizedDescription)")
         }
-        let configuration = try JSONDecoder().decode(Configuration.self, from: data)
+        var configuration = try JSONDecoder().decode(Configuration.self, from: data)
+        // Endpoints with relative directories (as `granary cluster init` and `Cluster.local`
+        // write them) are relative to the file's directory, wherever the node is started from.
+        let fileDirectory = FilePath(URL(fileURLWithPath: configurationFile).deletingLastPathComponent().path)
+        configuration.members = configuration.members.map { Member(node: $0.node, endpoint: Cluster.resolve($0.endpoint, against: fileDirectory)) }
         try configuration.validate()
         let node = NodeID(id)
         guard let me = configuration.members.first(where: { $0.node == node }) else {

@@ -92,6 +92,12 @@ public final class ChildProcess: @unchecked Sendable {
         return lines
     }
 
+    /// Waits for the process to end; returns its exit status.
+    public func waitForExit() -> Int32 {
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
     /// Sends `signal` and waits for the process to end.
     public func kill(_ signal: Int32 = SIGKILL) {
         Foundation.kill(process.processIdentifier, signal)

@@ -1,0 +1,49 @@
+import Foundation
+import Granary
+import GranaryTestSupport
+import Testing
+
+/// `granary cluster init` writes a cluster file that node processes start from, wherever they
+/// are started: relative endpoints resolve against the file's directory.
+@Suite("Cluster file")
+struct ClusterFileTests {
+    @Test("cluster init writes members, balanced regions and the replication; nodes started from another directory put their regions beside the file and run transactions")
+    func initAndStart() throws {
+        let tmp = TemporaryDirectory("granary-cluster-file")
+        defer { tmp.remove() }
+        let directory = tmp.path.appending("c").string
+        let executable = try ChildProcess.granaryExecutable()
+        let writer = try ChildProcess(executable, ["cluster", "init", "--directory", directory, "--nodes", "3", "--replicas", "3",
+                                                   "--regions-per-node", "1", "--region-mib", "1"])
+        let wrote = try writer.readLine(timeout: 30)
+        #expect(wrote.hasPrefix("wrote "), "cluster init said: \(wrote)")
+        let file = directory + "/cluster.json"
+        let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file)))
+        #expect(configuration.members.map(\.endpoint) == ["shm:n0", "shm:n1", "shm:n2"], "endpoints \(configuration.members)")
+        #expect(configuration.regions.count == 3 && configuration.regions.allSatisfy { $0.replicas.count == 3 })
+        #expect(configuration.replication == 3 && configuration.regionSize == 1 << 20)
+        // A second init refuses to replace it.
+        let again = try ChildProcess(executable, ["cluster", "init", "--directory", directory])
+        #expect(again.waitForExit() == 1, "a second init did not refuse (exit status); it said \(again.remainingLines())")
+        #expect(try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file))).cluster == configuration.cluster,
+                "the second init replaced the file")
+
+        // The test runs from the package directory, not from `directory`.
+        let children = try (0..<3).map { id in
+            try ChildProcess(executable, ["node", "--config", file, "--id", "\(id)", "--static", "--bank-accounts", "10",
+                                          "--bank-transfers", "50", "--bank-balance", "100"])
+        }
+        defer { for child in children { child.kill() } }
+        for (id, child) in children.enumerated() {
+            let ready = try child.readLine(timeout: 120)
+            #expect(ready.hasPrefix("ready n\(id)"), "node \(id) said: \(ready)")
+            #expect(try child.readLine(timeout: 120) == "accounts 10")
+            #expect(FileManager.default.fileExists(atPath: "\(directory)/n\(id)/mailbox-n\(id).region"),
+                    "n\(id)'s files are not beside the cluster file")
+        }
+        for child in children {
+            let done = try child.readLine(until: { $0.hasPrefix("done") || $0.hasPrefix("transfer-refused") }, timeout: 120)
+            #expect(done == "done 50", "a node said: \(done)")
+        }
+    }
+}
