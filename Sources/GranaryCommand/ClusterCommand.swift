@@ -8,8 +8,8 @@ import GranaryZooKeeper
 /// `granary cluster`: write a cluster file, inspect a cluster through its coordination store.
 struct ClusterCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "cluster", abstract: "Write a cluster file, or inspect a running cluster.",
-        subcommands: [ClusterInit.self, ClusterStatus.self])
+        commandName: "cluster", abstract: "Write a cluster file; start, stop or inspect its node processes.",
+        subcommands: [ClusterInit.self, ClusterUp.self, ClusterDown.self, ClusterStatus.self])
 }
 
 /// `granary cluster init`: a cluster file for `granary node --config` (the JSON `Cluster.local`

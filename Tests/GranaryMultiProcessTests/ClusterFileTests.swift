@@ -2,6 +2,9 @@ import Foundation
 import Granary
 import GranaryTestSupport
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `granary cluster init` writes a cluster file that node processes start from, wherever they
 /// are started: relative endpoints resolve against the file's directory.
@@ -44,6 +47,38 @@ struct ClusterFileTests {
         for child in children {
             let done = try child.readLine(until: { $0.hasPrefix("done") || $0.hasPrefix("transfer-refused") }, timeout: 120)
             #expect(done == "done 50", "a node said: \(done)")
+        }
+    }
+
+    @Test("cluster up starts the nodes in the background (ready, metrics served), cluster down stops them all (SIGTERM, processes gone, pid files removed)")
+    func upAndDown() throws {
+        let tmp = TemporaryDirectory("granary-cluster-up")
+        defer { tmp.remove() }
+        let directory = tmp.path.appending("c").string
+        let executable = try ChildProcess.granaryExecutable()
+        let base = Int.random(in: 20_000...40_000)
+        let up = try ChildProcess(executable, ["cluster", "up", "--directory", directory, "--region-mib", "1",
+                                               "--metrics-port-base", "\(base)"])
+        let status = up.waitForExit()
+        let said = up.remainingLines()
+        #expect(status == 0, "cluster up exited \(status): \(said)")
+        var pids: [pid_t] = []
+        for id in 0..<3 {
+            let text = try String(contentsOfFile: "\(directory)/n\(id).pid", encoding: .utf8)
+            let pid = try #require(pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)))
+            #expect(kill(pid, 0) == 0, "n\(id) (process \(pid)) is not running after cluster up")
+            #expect(try String(contentsOfFile: "\(directory)/n\(id).log", encoding: .utf8).contains("ready n\(id) "))
+            pids.append(pid)
+        }
+        let page = try httpGet(port: UInt16(base + 1), path: "/metrics")
+        #expect(page.contains("granary_transactions_committed_total{node=\"n1\"}"), "n1's metrics: \(page.prefix(500))")
+        let down = try ChildProcess(executable, ["cluster", "down", "--directory", directory])
+        #expect(down.waitForExit() == 0)
+        #expect(down.remainingLines().contains("down: 3 nodes stopped in \(directory)"))
+        for (id, pid) in pids.enumerated() {
+            let state = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            #expect(state.isEmpty || state.contains(") Z"), "n\(id) (process \(pid)) still runs after cluster down: \(state.prefix(60))")
+            #expect(!FileManager.default.fileExists(atPath: "\(directory)/n\(id).pid"))
         }
     }
 }

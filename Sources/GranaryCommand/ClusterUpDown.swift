@@ -1,0 +1,133 @@
+import ArgumentParser
+import Foundation
+import Granary
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `granary cluster up`: starts the node processes of a cluster file in the background, each in a
+/// session of its own (it outlives this command and the terminal), its output in `n<id>.log` and
+/// its process id in `n<id>.pid` beside the file; returns once every node is ready.
+struct ClusterUp: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "up", abstract: "Start a cluster's node processes in the background (cluster init first when there is no cluster.json).")
+    @Option(help: "The cluster directory (its cluster.json; written with the defaults of `cluster init` when missing).")
+    var directory: String
+    @Option(help: "With no cluster.json: nodes.") var nodes: Int = 3
+    @Option(help: "With no cluster.json: replicas of every region.") var replicas: Int = 3
+    @Option(help: "With no cluster.json: region size in MiB.") var regionMib: Int = 64
+    @Option(help: "The configuration manager's coordination store (zookeeper://host:port); without it the nodes run --static.")
+    var coordination: String?
+    @Option(help: "Give node N the metrics port BASE + N (0: no metrics).") var metricsPortBase: Int = 0
+    @Option(help: "Seconds to wait for every node to be ready.") var timeout: Double = 60
+
+    func validate() throws {
+        if let coordination, CoordinationChoice(coordination) == nil || coordination == "embedded" {
+            throw ValidationError("--coordination takes zookeeper://host:port, got '\(coordination)'")
+        }
+        guard metricsPortBase >= 0, metricsPortBase + NodeID.limit < 65536 else { throw ValidationError("--metrics-port-base must be in 0...65471") }
+    }
+
+    func run() throws {
+        let file = directory + "/cluster.json"
+        if !FileManager.default.fileExists(atPath: file) {
+            var initialize = try ClusterInit.parse(["--directory", directory, "--nodes", "\(nodes)", "--replicas", "\(replicas)",
+                                                    "--region-mib", "\(regionMib)"])
+            try initialize.validate()
+            try initialize.run()
+        }
+        let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file)))
+        let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        for member in configuration.members {
+            let id = member.node.index
+            if let pid = ClusterDown.runningPid(directory: directory, node: id) {
+                throw CommandFailure("n\(id) runs already (process \(pid), \(directory)/n\(id).pid): `granary cluster down --directory \(directory)` first")
+            }
+            var arguments = ["node", "--config", file, "--id", "\(id)"]
+            arguments += coordination.map { ["--coordination", $0] } ?? ["--static"]
+            if metricsPortBase > 0 { arguments += ["--metrics-port", "\(metricsPortBase + id)"] }
+            let log = directory + "/n\(id).log"
+            guard FileManager.default.createFile(atPath: log, contents: nil), let handle = FileHandle(forWritingAtPath: log) else {
+                throw CommandFailure("cannot write \(log)")
+            }
+            let process = Process()
+            // A session of its own: the node outlives this command and the terminal's hangup.
+            let setsid = "/usr/bin/setsid"
+            if FileManager.default.isExecutableFile(atPath: setsid) {
+                process.executableURL = URL(fileURLWithPath: setsid)
+                process.arguments = [executable] + arguments
+            } else {
+                process.executableURL = URL(fileURLWithPath: executable)
+                process.arguments = arguments
+            }
+            process.standardOutput = handle
+            process.standardError = handle
+            process.standardInput = FileHandle.nullDevice
+            try process.run()
+            try "\(process.processIdentifier)\n".write(toFile: directory + "/n\(id).pid", atomically: true, encoding: .utf8)
+        }
+        // Ready: each node prints `ready <node> ...` once its regions and mailbox exist.
+        let deadline = Date().addingTimeInterval(timeout)
+        for member in configuration.members {
+            let id = member.node.index
+            let log = directory + "/n\(id).log"
+            while !((try? String(contentsOfFile: log, encoding: .utf8))?.contains("ready n\(id) ") ?? false) {
+                guard Date() < deadline, ClusterDown.runningPid(directory: directory, node: id) != nil else {
+                    let tail = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").suffix(5).joined(separator: "\n")
+                    throw CommandFailure("n\(id) is not ready (\(Date() < deadline ? "it exited" : "after \(timeout) s")); the end of \(log):\n\(tail)")
+                }
+                usleep(20_000)
+            }
+        }
+        print("up: \(configuration.members.count) nodes of \(configuration.cluster) in \(directory) (logs n<id>.log, process ids n<id>.pid)")
+        if let coordination { print("status: granary cluster status --coordination \(coordination) --cluster \(configuration.cluster)") }
+        print("stop: granary cluster down --directory \(directory)")
+    }
+}
+
+/// `granary cluster down`: SIGTERM to every node `cluster up` started (each leaves the
+/// configuration, or flushes with --static, and exits), waiting for each to end (SIGKILL after
+/// `--timeout`).
+struct ClusterDown: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "down", abstract: "Stop the node processes `cluster up` started.")
+    @Option(help: "The cluster directory.") var directory: String
+    @Option(help: "Seconds to wait for each node to exit before SIGKILL.") var timeout: Double = 30
+
+    /// The process id in `n<node>.pid` if that process is alive.
+    static func runningPid(directory: String, node: Int) -> pid_t? {
+        guard let text = try? String(contentsOfFile: directory + "/n\(node).pid", encoding: .utf8),
+              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else { return nil }
+        return Glibc.kill(pid, 0) == 0 ? pid : nil
+    }
+
+    func run() throws {
+        let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cluster.json")))
+        var stopped = 0
+        for member in configuration.members {
+            let id = member.node.index
+            defer { try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid") }
+            guard let pid = Self.runningPid(directory: directory, node: id) else { continue }
+            Glibc.kill(pid, SIGTERM)
+            let deadline = Date().addingTimeInterval(timeout)
+            // The node is not this process's child (setsid): poll until it is gone.
+            while Glibc.kill(pid, 0) == 0, Self.isAlive(pid) {
+                if Date() > deadline {
+                    Glibc.kill(pid, SIGKILL)
+                    print("down: n\(id) (process \(pid)) did not exit within \(timeout) s: killed")
+                    break
+                }
+                usleep(10_000)
+            }
+            stopped += 1
+        }
+        print("down: \(stopped) node\(stopped == 1 ? "" : "s") stopped in \(directory)")
+    }
+
+    /// Whether `pid` runs and is not a zombie.
+    static func isAlive(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        let state = stat[stat.index(close, offsetBy: 2)...].prefix(1)
+        return state != "Z" && state != "X"
+    }
+}
