@@ -1,13 +1,15 @@
 import ArgumentParser
 import Foundation
 import Granary
+import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// `granary cluster up`: starts the node processes of a cluster file in the background, each in a
-/// session of its own (it outlives this command and the terminal), its output in `n<id>.log` and
-/// its process id in `n<id>.pid` beside the file; returns once every node is ready.
+/// process group of its own and ignoring SIGHUP (it outlives this command and the terminal), its
+/// output in `n<id>.log` and its process id in `n<id>.pid` (written by the node) beside the file;
+/// returns once every node is ready.
 struct ClusterUp: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "up", abstract: "Start a cluster's node processes in the background (cluster init first when there is no cluster.json).")
@@ -37,34 +39,41 @@ struct ClusterUp: ParsableCommand {
             try initialize.run()
         }
         let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file)))
+        // A cluster of node processes stopped as a whole does not start again from its files yet
+        // (a restarted node waits for a configuration manager to remove its former self, and a
+        // static node clears its logs): refuse rather than lose what they hold.
+        for member in configuration.members {
+            let home = try NodeStorage.directory(of: Member(node: member.node, endpoint: Cluster.resolve(member.endpoint, against: FilePath(directory))))
+            if FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: member.node)).string),
+               ClusterDown.runningPid(directory: directory, node: member.node.index) == nil {
+                throw CommandFailure("\(member.node) has region files in \(home.path) from an earlier run: starting a stopped cluster of node processes again is not supported yet; use a new directory (or remove the node directories)")
+            }
+        }
+        try? FileManager.default.removeItem(atPath: directory + "/" + ClusterDown.stoppingFile)
         let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
         for member in configuration.members {
             let id = member.node.index
             if let pid = ClusterDown.runningPid(directory: directory, node: id) {
                 throw CommandFailure("n\(id) runs already (process \(pid), \(directory)/n\(id).pid): `granary cluster down --directory \(directory)` first")
             }
-            var arguments = ["node", "--config", file, "--id", "\(id)"]
+            // The node writes its own pid file: it is the process `cluster down` signals.
+            try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
+            var arguments = ["node", "--config", file, "--id", "\(id)", "--pid-file", directory + "/n\(id).pid"]
             arguments += coordination.map { ["--coordination", $0] } ?? ["--static"]
             if metricsPortBase > 0 { arguments += ["--metrics-port", "\(metricsPortBase + id)"] }
             let log = directory + "/n\(id).log"
             guard FileManager.default.createFile(atPath: log, contents: nil), let handle = FileHandle(forWritingAtPath: log) else {
                 throw CommandFailure("cannot write \(log)")
             }
+            // Its own process group (Foundation's Process makes it one), so the terminal's ^C does
+            // not reach it, and it ignores SIGHUP: it outlives this command and the terminal.
             let process = Process()
-            // A session of its own: the node outlives this command and the terminal's hangup.
-            let setsid = "/usr/bin/setsid"
-            if FileManager.default.isExecutableFile(atPath: setsid) {
-                process.executableURL = URL(fileURLWithPath: setsid)
-                process.arguments = [executable] + arguments
-            } else {
-                process.executableURL = URL(fileURLWithPath: executable)
-                process.arguments = arguments
-            }
+            process.executableURL = URL(fileURLWithPath: executable)
+            process.arguments = arguments
             process.standardOutput = handle
             process.standardError = handle
             process.standardInput = FileHandle.nullDevice
             try process.run()
-            try "\(process.processIdentifier)\n".write(toFile: directory + "/n\(id).pid", atomically: true, encoding: .utf8)
         }
         // Ready: each node prints `ready <node> ...` once its regions and mailbox exist.
         let deadline = Date().addingTimeInterval(timeout)
@@ -72,7 +81,8 @@ struct ClusterUp: ParsableCommand {
             let id = member.node.index
             let log = directory + "/n\(id).log"
             while !((try? String(contentsOfFile: log, encoding: .utf8))?.contains("ready n\(id) ") ?? false) {
-                guard Date() < deadline, ClusterDown.runningPid(directory: directory, node: id) != nil else {
+                let exited = FileManager.default.fileExists(atPath: directory + "/n\(id).pid") && ClusterDown.runningPid(directory: directory, node: id) == nil
+                guard Date() < deadline, !exited else {
                     let tail = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").suffix(5).joined(separator: "\n")
                     throw CommandFailure("n\(id) is not ready (\(Date() < deadline ? "it exited" : "after \(timeout) s")); the end of \(log):\n\(tail)")
                 }
@@ -85,9 +95,10 @@ struct ClusterUp: ParsableCommand {
     }
 }
 
-/// `granary cluster down`: SIGTERM to every node `cluster up` started (each leaves the
-/// configuration, or flushes with --static, and exits), waiting for each to end (SIGKILL after
-/// `--timeout`).
+/// `granary cluster down`: stops the whole cluster. It leaves a `stopping` file in the directory,
+/// then sends SIGTERM to every node `cluster up` started: each flushes what it owes, ends its
+/// coordination session without leaving the configuration, and exits; `down` waits for each
+/// (SIGKILL after `--timeout`).
 struct ClusterDown: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "down", abstract: "Stop the node processes `cluster up` started.")
     @Option(help: "The cluster directory.") var directory: String
@@ -97,11 +108,16 @@ struct ClusterDown: ParsableCommand {
     static func runningPid(directory: String, node: Int) -> pid_t? {
         guard let text = try? String(contentsOfFile: directory + "/n\(node).pid", encoding: .utf8),
               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else { return nil }
-        return Glibc.kill(pid, 0) == 0 ? pid : nil
+        return Glibc.kill(pid, 0) == 0 && isAlive(pid) ? pid : nil
     }
+
+    /// Left beside the pid files while `down` runs: a node told SIGTERM then stops without
+    /// leaving the configuration (the whole cluster stops).
+    static let stoppingFile = "stopping"
 
     func run() throws {
         let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cluster.json")))
+        try "".write(toFile: directory + "/" + Self.stoppingFile, atomically: true, encoding: .utf8)
         var stopped = 0
         for member in configuration.members {
             let id = member.node.index
@@ -125,8 +141,10 @@ struct ClusterDown: ParsableCommand {
 
     /// Whether `pid` runs and is not a zombie.
     static func isAlive(_ pid: pid_t) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
+        // Read, not String(contentsOfFile:): procfs files report a size of 0.
+        guard let data = FileHandle(forReadingAtPath: "/proc/\(pid)/stat")?.readDataToEndOfFile() else { return false }
+        let stat = String(decoding: data, as: UTF8.self)
+        guard let close = stat.lastIndex(of: ")") else { return false }
         let state = stat[stat.index(close, offsetBy: 2)...].prefix(1)
         return state != "Z" && state != "X"
     }

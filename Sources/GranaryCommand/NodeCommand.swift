@@ -113,6 +113,9 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error or critical.")
     var logLevel: LogLevelChoice = .info
 
+    @Option(name: .long, help: "With --config: write this process's id to this file (as `granary cluster up` does, for `cluster down`); the node then runs in the background and ignores SIGHUP.")
+    var pidFile: String?
+
     func validate() throws {
         guard (0..<NodeID.limit).contains(id) else { throw ValidationError("--id must be in 0..<\(NodeID.limit), got \(id)") }
         if config != nil, coordination == nil, !staticConfiguration {
@@ -222,6 +225,15 @@ extension NodeCommand {
             return source
         }
         defer { signals.forEach { $0.cancel() } }
+        if let pidFile {
+            // A background node: the terminal that started `cluster up` may hang up.
+            signal(SIGHUP, SIG_IGN)
+            do {
+                try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+            } catch {
+                throw CommandFailure("cannot write the pid file \(pidFile): \(error.localizedDescription)")
+            }
+        }
         let data: Data
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: configurationFile))
@@ -384,11 +396,22 @@ extension NodeCommand {
                 // SIGTERM or SIGINT: leave the configuration (the CM removes this node at once, no
                 // suspicion) once the commits in flight have ended, then exit 0. A node without a
                 // configuration manager flushes what it owes and stops.
-                if let membership {
+                // `granary cluster down` stops the whole cluster: it leaves a `stopping` file beside
+                // the pid file first, and then nobody leaves (the last members could not: no
+                // configuration manager would remain to remove them).
+                let wholeClusterStops = pidFile.map {
+                    FileManager.default.fileExists(atPath: URL(fileURLWithPath: $0).deletingLastPathComponent().appendingPathComponent(ClusterDown.stoppingFile).path)
+                } ?? false
+                if let membership, !wholeClusterStops {
                     let left = try await membership.leave()
                     print("left \(left.id.rawValue)")
                     await membership.stop()
                     await events?.value
+                } else if let membership {
+                    try? engine.flushTruncations()
+                    await membership.stop()
+                    await events?.value
+                    print("stopped")
                 } else {
                     try? engine.flushTruncations()
                 }

@@ -50,7 +50,7 @@ struct ClusterFileTests {
         }
     }
 
-    @Test("cluster up starts the nodes in the background (ready, metrics served), cluster down stops them all (SIGTERM, processes gone, pid files removed)")
+    @Test("cluster up starts the nodes in the background (ready, metrics served), cluster down stops them all (SIGTERM, processes gone, pid files removed), and up over the stopped cluster's files is refused")
     func upAndDown() throws {
         let tmp = TemporaryDirectory("granary-cluster-up")
         defer { tmp.remove() }
@@ -76,9 +76,13 @@ struct ClusterFileTests {
         #expect(down.waitForExit() == 0)
         #expect(down.remainingLines().contains("down: 3 nodes stopped in \(directory)"))
         for (id, pid) in pids.enumerated() {
-            let state = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
-            #expect(state.isEmpty || state.contains(") Z"), "n\(id) (process \(pid)) still runs after cluster down: \(state.prefix(60))")
+            // Gone (no /proc entry; kill(pid, 0) fails) or a zombie of a parent that has not reaped it.
+            let state = FileHandle(forReadingAtPath: "/proc/\(pid)/stat").map { String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) }
+            #expect(kill(pid, 0) != 0 || state?.contains(") Z") == true, "n\(id) (process \(pid)) still runs after cluster down: \(state?.prefix(60) ?? "")")
             #expect(!FileManager.default.fileExists(atPath: "\(directory)/n\(id).pid"))
         }
+        // A stopped cluster of node processes does not start again from its files yet: refused.
+        let again = try ChildProcess(executable, ["cluster", "up", "--directory", directory])
+        #expect(again.waitForExit() == 1, "cluster up over a stopped cluster's files was not refused: \(again.remainingLines())")
     }
 }
