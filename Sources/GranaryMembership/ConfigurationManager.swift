@@ -52,7 +52,7 @@ final class ConfigurationManager: Sendable {
     /// a CM it replaces that stopped renewing leases leaves the configuration in the same change.
     func takeOver() async throws {
         let node = self.node
-        guard !member.mustRejoin else { return }
+        guard !member.stoppedServing else { return }
         // Is the CM we replace silent? Its own lease counter, read twice a lease apart. (Without
         // this, a CM replaced through the election watch before a `refresh` saw it fall silent
         // stayed a member, and was removed only after the grace period a new CM gives members it

@@ -49,6 +49,9 @@ public final class MembershipService: Sendable {
         var electionNode: String?
         var takingOver = false
         var mustRejoin = false
+        /// Set by the first ``stopServing(_:because:)``, before the engine stops (``mustRejoin``
+        /// after it).
+        var stoppedServing = false
         /// Set while this node joins (``start(joining:)``): until a configuration lists it, those
         /// without it are passed over (up to `passedOver`), not taken for its removal.
         var joining = false
@@ -123,6 +126,8 @@ public final class MembershipService: Sendable {
     /// Whether this node learned that it was removed from the configuration: it serves nothing
     /// more and must rejoin as a new member.
     public var mustRejoin: Bool { state.withLock { $0.mustRejoin } }
+    /// Whether this node has begun to stop serving (``mustRejoin`` follows once its engine stopped).
+    var stoppedServing: Bool { state.withLock { $0.stoppedServing } }
 
     /// Registers the node, joins the election, follows the configuration and starts the lease
     /// thread. The configuration must be in the store (``ConfigurationRecord/bootstrap(_:in:)``).
@@ -247,8 +252,8 @@ public final class MembershipService: Sendable {
     /// more: fenced, its poller stopped, its transactions fail; it must rejoin as a new member.
     private func stopServing(_ id: ConfigurationID, because reason: String) {
         let first = state.withLock { state -> Bool in
-            defer { state.mustRejoin = true }
-            return !state.mustRejoin
+            defer { state.stoppedServing = true }
+            return !state.stoppedServing
         }
         guard first else { return }
         logger.info("\(reason): it stops serving and must rejoin")
@@ -256,6 +261,9 @@ public final class MembershipService: Sendable {
         managerFlag.store(false, ordering: .releasing)
         engine.setFenced(true)
         engine.stop()
+        // Only now: whoever sees `mustRejoin` finds the engine stopped (seen: the lost-session
+        // test read mustRejoin between the flag and engine.stop, and found the engine running).
+        state.withLock { $0.mustRejoin = true }
         eventSink.yield(.mustRejoin(id))
         // Out of the election and the registrations too: a removed node must neither become the
         // CM nor be taken for a node asking to join.
@@ -318,7 +326,7 @@ public final class MembershipService: Sendable {
         guard running.load(ordering: .relaxed), let next = newest.withLock({ $0 }), next.id > engine.configuration.id else {
             return nil
         }
-        let (mustRejoin, passedOver) = state.withLock { ($0.mustRejoin, $0.passedOver) }
+        let (mustRejoin, passedOver) = state.withLock { ($0.stoppedServing, $0.passedOver) }
         guard !mustRejoin, passedOver.map({ next.id > $0 }) ?? true else { return nil }
         return next
     }

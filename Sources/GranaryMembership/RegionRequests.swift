@@ -27,7 +27,7 @@ extension MembershipService {
     /// that this service's own tasks need: past it, the attempt aborts and is retried, and its
     /// next allocation finds the request pending and waits again.
     func requestRegion() throws {
-        guard running.load(ordering: .relaxed), !mustRejoin else { throw CoordinationError.sessionExpired }
+        guard running.load(ordering: .relaxed), !stoppedServing else { throw CoordinationError.sessionExpired }
         let seen = engine.configuration.id
         if !regionRequestPending.exchange(true, ordering: .acquiringAndReleasing) {
             let led = engine.configuration.regions.filter { $0.primary == node }.count
