@@ -125,13 +125,9 @@ public final class Cluster: Sendable {
         var lastRecovery: RestartRecovery.Report?
         if FileManager.default.fileExists(atPath: manifest.string) {
             let data = try Data(contentsOf: URL(fileURLWithPath: manifest.string))
-            var decoded = try JSONDecoder().decode(Configuration.self, from: data)
             // Endpoints are relative to the cluster directory (an older cluster.json may hold
             // absolute ones, which stay as they are).
-            decoded.members = decoded.members.map { member in
-                Member(node: member.node, endpoint: Self.resolve(member.endpoint, against: root))
-            }
-            configuration = decoded
+            configuration = Self.resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: data), against: root)
             guard configuration.members.count == nodes else {
                 throw ConfigurationError.invalid("\(manifest) describes \(configuration.members.count) nodes, not \(nodes)")
             }
@@ -145,8 +141,7 @@ public final class Cluster: Sendable {
                 manager: ids.first,
                 regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: options.regionsPerNode, replicas: replicas),
                 regionSize: options.regionSize)
-            var resolved = stored
-            resolved.members = stored.members.map { Member(node: $0.node, endpoint: Self.resolve($0.endpoint, against: root)) }
+            let resolved = Self.resolvingEndpoints(of: stored, against: root)
             try Self.writeManifest(resolved, to: manifest, root: root)
             configuration = resolved
             createdManifest = true
@@ -305,6 +300,14 @@ public final class Cluster: Sendable {
         }
     }
 
+    /// `configuration` with every member's endpoint resolved against `root` (``resolve(_:against:)``):
+    /// how a cluster file's relative region directories are read, wherever the reader runs.
+    package static func resolvingEndpoints(of configuration: Configuration, against root: FilePath) -> Configuration {
+        var resolved = configuration
+        resolved.members = configuration.members.map { Member(node: $0.node, endpoint: resolve($0.endpoint, against: root)) }
+        return resolved
+    }
+
     /// `endpoint` (`shm:<directory>` or `verbs:<directory>`) with a relative directory resolved
     /// against `root`.
     package static func resolve(_ endpoint: String, against root: FilePath) -> String {
@@ -334,19 +337,19 @@ public final class Node: Sendable {
 
     /// Runs `body` as a strictly serializable transaction coordinated by this node, and commits it.
     ///
-    /// `body` executes the transaction: `Transaction/read(_:as:)` costs one one-sided read of the
+    /// `body` executes the transaction: `Transaction.read(_:as:)` costs one one-sided read of the
     /// object's primary; writes, allocations and frees are buffered. At commit, a read-only
     /// transaction costs nothing more (one read) or one batch of one-sided header reads (several);
     /// a read-write one costs one LOCK round trip to the written objects' primaries, one batch of
     /// header reads for VALIDATE, and one-way COMMIT-BACKUP and COMMIT-PRIMARY records.
     ///
     /// On a conflict the attempt aborts and `body` runs again, after a randomised back-off, up to
-    /// `EngineOptions/maximumAttempts` times. `body` may therefore run more than once; only the
+    /// `EngineOptions.maximumAttempts` times. `body` may therefore run more than once; only the
     /// committed run's effects exist.
     ///
     /// **Nothing reaches the caller unvalidated.** An error that `body` throws (its own, after a
     /// business check, or one of the engine's that it lets through, such as
-    /// `TransactionError/notAllocated(_:)`) is returned only after everything the attempt read
+    /// `TransactionError.notAllocated(_:)`) is returned only after everything the attempt read
     /// still holds, checked as at commit; if it does not, the attempt saw a state no serial order
     /// gives, and it runs again as after a conflict. An absence is a read: reading a freed or never
     /// allocated object puts it in the read set at the header seen, so a body that catches
@@ -354,7 +357,7 @@ public final class Node: Sendable {
     ///
     /// **Every outcome is exact.** Returning means committed: every backup holds the transaction's
     /// records, and it survives the loss of every process (see README, "Durability and failures").
-    /// `TransactionError/outcomeUnknown(reason:)` means the coordinator could not learn whether it
+    /// `TransactionError.outcomeUnknown(reason:)` means the coordinator could not learn whether it
     /// committed (a send failed after COMMIT-BACKUP began): recovery from the logs decides, for
     /// every replica alike. Any other error means it did not commit, and left no lock behind that
     /// the engine cannot release.

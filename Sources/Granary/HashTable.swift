@@ -256,7 +256,7 @@ public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
     /// A hint that `tx` will look `key` up soon (``get(_:in:)``, ``update(_:in:_:)``...): starts
     /// fetching its home bucket, so that the lookups of several keys a transaction knows in advance
     /// overlap their memory latency instead of paying it one after another (see
-    /// `Transaction/prefetch(_:payloadBytes:)`). Changes no result.
+    /// `Transaction.prefetch(_:payloadBytes:)`). Changes no result.
     @inlinable
     public func prefetch(_ key: UInt64, in tx: Transaction) {
         tx.prefetch(bucket(home(of: key), probe: 0), payloadBytes: bucketBytes)

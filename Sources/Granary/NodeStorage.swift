@@ -45,7 +45,7 @@ public struct NodeStorage: Sendable {
     /// - Parameter preservingLog: open an existing mailbox without clearing its rings (the node's
     ///   log), for `RestartRecovery` to read before the engine starts.
     /// - Parameter reopening: the node's files must all exist (a cluster reopened from its
-    ///   directory): a missing region file is `RegionError/missing(path:)`, never a new empty
+    ///   directory): a missing region file is `RegionError.missing(path:)`, never a new empty
     ///   region; and the mailbox keeps its rings, the node's log, for `RestartRecovery`.
     public init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int,
                 preservingLog: Bool = false, reopening: Bool = false) throws {

@@ -38,12 +38,13 @@ struct ClusterUp: ParsableCommand {
             try initialize.validate()
             try initialize.run()
         }
-        let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file)))
+        let configuration = Cluster.resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file))),
+                                                       against: FilePath(directory))
         // A cluster of node processes stopped as a whole does not start again from its files yet
         // (a restarted node waits for a configuration manager to remove its former self, and a
         // static node clears its logs): refuse rather than lose what they hold.
         for member in configuration.members {
-            let home = try NodeStorage.directory(of: Member(node: member.node, endpoint: Cluster.resolve(member.endpoint, against: FilePath(directory))))
+            let home = try NodeStorage.directory(of: member)
             if FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: member.node)).string),
                ClusterDown.runningPid(directory: directory, node: member.node.index) == nil {
                 throw CommandFailure("\(member.node) has region files in \(home.path) from an earlier run: starting a stopped cluster of node processes again is not supported yet; use a new directory (or remove the node directories)")
@@ -108,7 +109,7 @@ struct ClusterDown: ParsableCommand {
     static func runningPid(directory: String, node: Int) -> pid_t? {
         guard let text = try? String(contentsOfFile: directory + "/n\(node).pid", encoding: .utf8),
               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else { return nil }
-        return Glibc.kill(pid, 0) == 0 && isAlive(pid) ? pid : nil
+        return isAlive(pid) ? pid : nil
     }
 
     /// Left beside the pid files while `down` runs: a node told SIGTERM then stops without
@@ -126,7 +127,7 @@ struct ClusterDown: ParsableCommand {
             Glibc.kill(pid, SIGTERM)
             let deadline = Date().addingTimeInterval(timeout)
             // The node is not this process's child (setsid): poll until it is gone.
-            while Glibc.kill(pid, 0) == 0, Self.isAlive(pid) {
+            while Self.isAlive(pid) {
                 if Date() > deadline {
                     Glibc.kill(pid, SIGKILL)
                     print("down: n\(id) (process \(pid)) did not exit within \(timeout) s: killed")
@@ -139,7 +140,7 @@ struct ClusterDown: ParsableCommand {
         print("down: \(stopped) node\(stopped == 1 ? "" : "s") stopped in \(directory)")
     }
 
-    /// Whether `pid` runs and is not a zombie.
+    /// Whether `pid` runs and is not a zombie (no /proc entry: it does not run).
     static func isAlive(_ pid: pid_t) -> Bool {
         // Read, not String(contentsOfFile:): procfs files report a size of 0.
         guard let data = FileHandle(forReadingAtPath: "/proc/\(pid)/stat")?.readDataToEndOfFile() else { return false }

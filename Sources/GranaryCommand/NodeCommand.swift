@@ -118,6 +118,9 @@ struct NodeCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard (0..<NodeID.limit).contains(id) else { throw ValidationError("--id must be in 0..<\(NodeID.limit), got \(id)") }
+        if let metricsPort, !(0...65535).contains(metricsPort) {
+            throw ValidationError("--metrics-port must be in 0...65535 (0: any free port), got \(metricsPort)")
+        }
         if config != nil, coordination == nil, !staticConfiguration {
             throw ValidationError("""
                 a member runs the configuration manager through ZooKeeper: give --coordination zookeeper://host:port \
@@ -240,11 +243,10 @@ extension NodeCommand {
         } catch {
             throw CommandFailure("cannot read the configuration \(configurationFile): \(error.localizedDescription)")
         }
-        var configuration = try JSONDecoder().decode(Configuration.self, from: data)
         // Endpoints with relative directories (as `granary cluster init` and `Cluster.local`
         // write them) are relative to the file's directory, wherever the node is started from.
         let fileDirectory = FilePath(URL(fileURLWithPath: configurationFile).deletingLastPathComponent().path)
-        configuration.members = configuration.members.map { Member(node: $0.node, endpoint: Cluster.resolve($0.endpoint, against: fileDirectory)) }
+        let configuration = Cluster.resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: data), against: fileDirectory)
         try configuration.validate()
         let node = NodeID(id)
         guard let me = configuration.members.first(where: { $0.node == node }) else {

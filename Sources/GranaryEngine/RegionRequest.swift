@@ -16,9 +16,6 @@ extension Engine {
         regionSupplier.withLock { $0 = supplier }
     }
 
-    /// Whether allocations that find this node's regions full get a new region.
-    public var suppliesRegions: Bool { regionSupplier.withLock { $0 != nil } }
-
     /// Called by ``Transaction/allocate(raw:)`` when no region of this node had room in the
     /// configuration `seen`: asks for a region, unless the node has moved to another
     /// configuration since (one that may have room: the attempt runs again there). One request

@@ -148,7 +148,7 @@ public final class MembershipService: Sendable {
         spawn { try await self.followConfiguration() }
         spawn { try await self.elect() }
         startLeaseThread(fenced: joining)
-        // Regions on demand go through the CM (``requestRegion(seenIn:)``).
+        // Regions on demand go through the CM (``requestRegion()``).
         engine.supplyRegions { [weak self] _ in
             guard let self else { throw CoordinationError.sessionExpired }
             try self.requestRegion()
@@ -326,8 +326,8 @@ public final class MembershipService: Sendable {
         guard running.load(ordering: .relaxed), let next = newest.withLock({ $0 }), next.id > engine.configuration.id else {
             return nil
         }
-        let (mustRejoin, passedOver) = state.withLock { ($0.stoppedServing, $0.passedOver) }
-        guard !mustRejoin, passedOver.map({ next.id > $0 }) ?? true else { return nil }
+        let (stoppedServing, passedOver) = state.withLock { ($0.stoppedServing, $0.passedOver) }
+        guard !stoppedServing, passedOver.map({ next.id > $0 }) ?? true else { return nil }
         return next
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import Granary
+@testable import GranaryCommand
 import GranaryTestSupport
 import Testing
 #if canImport(Glibc)
@@ -84,5 +85,17 @@ struct ClusterFileTests {
         // A stopped cluster of node processes does not start again from its files yet: refused.
         let again = try ChildProcess(executable, ["cluster", "up", "--directory", directory])
         #expect(again.waitForExit() == 1, "cluster up over a stopped cluster's files was not refused: \(again.remainingLines())")
+    }
+
+    @Test("a metrics port outside 0...65535 is a usage error naming the option, not a trap")
+    func metricsPortOutOfRange() throws {
+        for port in ["70000", "-1"] {
+            do {
+                _ = try NodeCommand.parse(["--id", "0", "--config", "cluster.json", "--static", "--metrics-port", port])
+                Issue.record("--metrics-port \(port) was accepted")
+            } catch {
+                #expect(NodeCommand.message(for: error).contains("--metrics-port"), "\(NodeCommand.message(for: error))")
+            }
+        }
     }
 }
