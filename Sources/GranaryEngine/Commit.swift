@@ -421,9 +421,8 @@ extension Transaction {
     /// record once ``EngineOptions/truncationBatch`` transactions are waiting for that node. A
     /// batch that cannot be sent is kept for the next flush; the transaction stays committed.
     func truncate(_ id: TransactionID, nodes: UInt64, engine: Engine) {
-        if let batches = engine.pendingTruncation.add(id, for: nodes, limit: engine.truncationBatch) {
-            for (node, batch) in batches { engine.sendTruncateOrKeep(batch, to: node) }
-        }
+        let full = engine.pendingTruncation.add(id, for: nodes)
+        if full != 0 { engine.sendFullTruncationBatches(full) }
     }
 }
 
@@ -440,10 +439,20 @@ struct NodeMask: Sequence, IteratorProtocol {
 }
 
 extension Engine {
+    /// Sends the calling thread's full TRUNCATE batch for each node of `nodes` (a bit per node).
+    func sendFullTruncationBatches(_ nodes: UInt64) {
+        withUnsafeTemporaryAllocation(of: TransactionID.self, capacity: pendingTruncation.limit) { buffer in
+            for node in NodeMask(nodes) {
+                let count = pendingTruncation.takeFullBatch(for: node, into: buffer.baseAddress!)
+                if count > 0 { sendTruncateOrKeep(UnsafeBufferPointer(rebasing: buffer[..<count]), to: node) }
+            }
+        }
+    }
+
     /// Sends one TRUNCATE record listing `ids` to `node`; if it cannot go, puts them back in the
     /// pending batches (logged) for the next flush and returns the failure.
     @discardableResult
-    func sendTruncateOrKeep(_ ids: [TransactionID], to node: NodeID) -> TransactionError? {
+    func sendTruncateOrKeep(_ ids: UnsafeBufferPointer<TransactionID>, to node: NodeID) -> TransactionError? {
         do {
             try faults.check(.truncateSend, node)
             try sendTruncate(ids, to: node)
@@ -455,25 +464,22 @@ extension Engine {
         }
     }
 
-    /// Sends one TRUNCATE record listing `ids` to `backup`.
-    func sendTruncate(_ ids: [TransactionID], to backup: NodeID) throws(TransactionError) {
-        // In records of at most 4,096 ids (the count is 16 bits, and a record must fit a channel).
-        if ids.count > 4_096 {
-            var start = 0
-            while start < ids.count {
-                try sendTruncate(Array(ids[start..<min(start + 4_096, ids.count)]), to: backup)
-                start += 4_096
+    /// Sends TRUNCATE records listing `ids` to `backup`, in records of at most 4,096 ids (the
+    /// count is 16 bits, and a record must fit a channel).
+    func sendTruncate(_ ids: UnsafeBufferPointer<TransactionID>, to backup: NodeID) throws(TransactionError) {
+        var start = 0
+        while start < ids.count {
+            let count = min(4_096, ids.count - start)
+            let bytes = RecordFormat.headerBytes + count * 8
+            try withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 8) { buffer throws(TransactionError) in
+                var writer = RecordWriter(into: buffer.baseAddress!, capacity: bytes, kind: .truncate,
+                                          configuration: configuration.id, transaction: TransactionID(rawValue: 0))
+                for id in ids[start..<start + count] { writer.appendTransaction(id) }
+                // TRUNCATE frees log space: it may use the ring's reserve that kept records leave free.
+                try send(writer.bytes, to: backup, usingReserve: true)
             }
-            return
+            start += count
         }
-        let bytes = RecordFormat.headerBytes + ids.count * 8
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
-        defer { buffer.deallocate() }
-        var writer = RecordWriter(into: buffer, capacity: bytes, kind: .truncate, configuration: configuration.id,
-                                  transaction: TransactionID(rawValue: 0))
-        for id in ids { writer.appendTransaction(id) }
-        // TRUNCATE frees log space: it may use the ring's reserve that kept records leave free.
-        try send(writer.bytes, to: backup, usingReserve: true)
     }
 
     /// Runs `body` as a transaction on this node, committing it and retrying on conflicts.

@@ -304,7 +304,7 @@ public final class Engine: Sendable {
     let replies = ReplySlots()
     let logger: Logger
     /// Committed transactions whose backup records await a TRUNCATE, per backup node.
-    let pendingTruncation = TruncationBatches()
+    let pendingTruncation: TruncationBatches
     let running = Atomic<Bool>(true)
     /// Test-only failures of the commit protocol's sends and reads (see ``injectFaults(_:)``).
     let faults = FaultInjector()
@@ -338,6 +338,7 @@ public final class Engine: Sendable {
         self.options = options
         self.readAttempts = options.readAttempts
         self.truncationBatch = options.truncationBatch
+        self.pendingTruncation = TruncationBatches(limit: options.truncationBatch)
         self.persistEveryInstall = options.persistEveryInstall
         self.sabotage = options.sabotage
         self.phaseTimingInterval = UInt64(max(1, options.phaseTimingInterval))
@@ -631,7 +632,7 @@ public final class Engine: Sendable {
     /// Sends every pending TRUNCATE to `node` now (a channel to it fills up with kept records).
     func flushTruncations(to node: NodeID) {
         let ids = pendingTruncation.take(for: node)
-        if !ids.isEmpty { sendTruncateOrKeep(ids, to: node) }
+        if !ids.isEmpty { _ = ids.withUnsafeBufferPointer { sendTruncateOrKeep($0, to: node) } }
     }
 
     /// Sends every pending TRUNCATE now.
@@ -639,7 +640,7 @@ public final class Engine: Sendable {
         resolveOwedRecords()
         var failure: TransactionError?
         for (node, ids) in pendingTruncation.takeAll() {
-            if let error = sendTruncateOrKeep(ids, to: node), failure == nil { failure = error }
+            if let error = ids.withUnsafeBufferPointer({ sendTruncateOrKeep($0, to: node) }), failure == nil { failure = error }
         }
         if let failure { throw failure }
     }
@@ -689,33 +690,103 @@ public final class Engine: Sendable {
 /// line back and forth on every commit. TRUNCATE is lazy; which batch a transaction rides in does
 /// not matter.
 final class TruncationBatches: Sendable {
+    /// One thread shard's batches: for each node a fixed array of up to `2 * limit` ids (a batch
+    /// reaches `limit`, and the thread that filled it takes it at once), plus the ids of batches
+    /// whose TRUNCATE could not be sent, kept for the next flush. No allocation per transaction.
+    private struct Batches: ~Copyable {
+        let capacity: Int
+        let ids: UnsafeMutablePointer<TransactionID>
+        var counts: UnsafeMutablePointer<Int>
+        var putBack: [[TransactionID]] = []
+
+        init(capacity: Int) {
+            self.capacity = capacity
+            ids = .allocate(capacity: capacity * NodeID.limit)
+            counts = .allocate(capacity: NodeID.limit)
+            counts.initialize(repeating: 0, count: NodeID.limit)
+        }
+
+        deinit {
+            ids.deallocate()
+            counts.deallocate()
+        }
+
+        /// Moves every id kept for `node` (its array and any put back) into `out`.
+        mutating func drain(_ node: Int, into out: inout [TransactionID]) {
+            if counts[node] > 0 {
+                out.append(contentsOf: UnsafeBufferPointer(start: ids + node * capacity, count: counts[node]))
+                counts[node] = 0
+            }
+            if !putBack.isEmpty, !putBack[node].isEmpty {
+                out += putBack[node]
+                putBack[node].removeAll()
+            }
+        }
+    }
+
     private final class Shard: Sendable {
-        let lists = Mutex([[TransactionID]](repeating: [], count: NodeID.limit))
+        let batches: Mutex<Batches>
         // Keeps neighbouring shards' locks off each other's cache line.
         private let padding: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
             (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        init(capacity: Int) { batches = Mutex(Batches(capacity: capacity)) }
     }
-    private let shards = (0..<threadShards).map { _ in Shard() }
+    private let shards: [Shard]
+    /// Transactions per TRUNCATE record.
+    let limit: Int
 
-    /// Puts `ids` (a batch whose TRUNCATE could not be sent) back into the calling thread's batch
-    /// for `node`, to go with the next one.
-    func putBack(_ ids: [TransactionID], for node: NodeID) {
-        shards[threadShard()].lists.withLock { lists in lists[node.index].append(contentsOf: ids) }
+    init(limit: Int) {
+        self.limit = max(1, limit)
+        shards = (0..<threadShards).map { [limit = self.limit] _ in Shard(capacity: 2 * limit) }
+    }
+
+    /// Puts `ids` (a batch whose TRUNCATE could not be sent) back into the calling thread's shard
+    /// for `node`, to go with the next flush.
+    func putBack(_ ids: UnsafeBufferPointer<TransactionID>, for node: NodeID) {
+        shards[threadShard()].batches.withLock { batches in
+            if batches.putBack.isEmpty { batches.putBack = Array(repeating: [], count: NodeID.limit) }
+            batches.putBack[node.index].append(contentsOf: ids)
+        }
     }
 
     /// Adds `id` to the calling thread's batch for each node of `nodes` (a bit per node), under
-    /// one lock; returns the batches that reached `limit` transactions (and starts new ones).
-    func add(_ id: TransactionID, for nodes: UInt64, limit: Int) -> [(NodeID, [TransactionID])]? {
-        shards[threadShard()].lists.withLock { lists in
-            var full: [(NodeID, [TransactionID])]?
+    /// one lock; returns the nodes whose batches reached ``limit`` (take them with
+    /// ``takeFullBatch(for:into:)``).
+    @inline(__always)
+    func add(_ id: TransactionID, for nodes: UInt64) -> UInt64 {
+        shards[threadShard()].batches.withLock { batches in
+            var full: UInt64 = 0
             for node in NodeMask(nodes) {
-                lists[node.index].append(id)
-                guard lists[node.index].count >= limit else { continue }
-                if full == nil { full = [] }
-                full!.append((node, lists[node.index]))
-                lists[node.index].removeAll(keepingCapacity: true)
+                let count = batches.counts[node.index]
+                if count < batches.capacity {
+                    (batches.ids + node.index * batches.capacity + count).initialize(to: id)
+                    batches.counts[node.index] = count + 1
+                } else {
+                    // Every slot taken (batches filled faster than their threads took them): kept
+                    // with the put-back ids, for the next flush.
+                    if batches.putBack.isEmpty { batches.putBack = Array(repeating: [], count: NodeID.limit) }
+                    batches.putBack[node.index].append(id)
+                }
+                if count + 1 >= self.limit { full |= 1 << UInt64(node.index) }
             }
             return full
+        }
+    }
+
+    /// Moves up to ``limit`` ids of the calling thread's batch for `node` into `buffer` (of at
+    /// least ``limit`` ids) and returns how many.
+    func takeFullBatch(for node: NodeID, into buffer: UnsafeMutablePointer<TransactionID>) -> Int {
+        // The caller's buffer, passed by address: it only receives a copy of the ids, and nothing
+        // of the shard escapes the lock.
+        let destination = UInt(bitPattern: buffer)
+        return shards[threadShard()].batches.withLock { batches in
+            let count = min(batches.counts[node.index], self.limit)
+            let base = batches.ids + node.index * batches.capacity
+            UnsafeMutablePointer<TransactionID>(bitPattern: destination)!.update(from: base, count: count)
+            let rest = batches.counts[node.index] - count
+            if rest > 0 { base.update(from: base + count, count: rest) }
+            batches.counts[node.index] = rest
+            return count
         }
     }
 
@@ -723,12 +794,7 @@ final class TruncationBatches: Sendable {
     func take(for node: NodeID) -> [TransactionID] {
         var out: [TransactionID] = []
         for shard in shards {
-            shard.lists.withLock { lists in
-                if !lists[node.index].isEmpty {
-                    out += lists[node.index]
-                    lists[node.index].removeAll(keepingCapacity: true)
-                }
-            }
+            shard.batches.withLock { batches in batches.drain(node.index, into: &out) }
         }
         return out
     }
@@ -736,13 +802,9 @@ final class TruncationBatches: Sendable {
     /// Takes every batch, of every thread, per backup node.
     func takeAll() -> [(NodeID, [TransactionID])] {
         var out: [(NodeID, [TransactionID])] = []
-        for shard in shards {
-            shard.lists.withLock { lists in
-                for index in lists.indices where !lists[index].isEmpty {
-                    out.append((NodeID(index), lists[index]))
-                    lists[index].removeAll(keepingCapacity: true)
-                }
-            }
+        for index in 0..<NodeID.limit {
+            let ids = take(for: NodeID(index))
+            if !ids.isEmpty { out.append((NodeID(index), ids)) }
         }
         return out
     }

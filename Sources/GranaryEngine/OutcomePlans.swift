@@ -91,13 +91,10 @@ extension Engine {
                     primaries &= ~(1 << UInt64(primary.index))
                 }
                 if primaries == 0 {
-                    if let batches = pendingTruncation.add(plan.transaction, for: truncate, limit: truncationBatch) {
-                        // A full batch may wait for ring space: not on the poller (it goes with
-                        // the next flush instead).
-                        for (node, batch) in batches {
-                            if waiting { sendTruncateOrKeep(batch, to: node) } else { pendingTruncation.putBack(batch, for: node) }
-                        }
-                    }
+                    // A full batch may wait for ring space: not on the poller (it stays in its
+                    // batch for the next flush instead).
+                    let full = pendingTruncation.add(plan.transaction, for: truncate)
+                    if full != 0, waiting { sendFullTruncationBatches(full) }
                     continue
                 }
                 plan.step = .commit(primaries: primaries, truncate: truncate, keep: keep)
