@@ -330,7 +330,7 @@ public final class Cluster: Sendable {
 
 /// One node of a cluster: where transactions are started.
 public final class Node: Sendable {
-    public let engine: Engine
+    package let engine: Engine
     public var id: NodeID { engine.node }
 
     init(_ engine: Engine) { self.engine = engine }

@@ -10,7 +10,7 @@ import Logging
 import SystemPackage
 
 /// Which transport a node process uses.
-public enum NodeTransportKind: Sendable, Equatable {
+package enum NodeTransportKind: Sendable, Equatable {
     case sharedMemory
     /// RDMA verbs on `device` (nil: GRANARY_RDMA_DEVICE, else the first device).
     case verbs(device: String?)
@@ -18,20 +18,20 @@ public enum NodeTransportKind: Sendable, Equatable {
 
 /// A node's memory for any transport: its replicas and mailbox in its region directory, and a
 /// transport (shared memory or verbs) that reaches every member through its directory.
-public struct NodeStorage: Sendable {
-    public let node: NodeID
-    public let configuration: Configuration
-    public let transport: any Transport
-    public let mailbox: Mailbox
-    public let replicas: [Region]
-    public let home: RegionDirectory
+package struct NodeStorage: Sendable {
+    package let node: NodeID
+    package let configuration: Configuration
+    package let transport: any Transport
+    package let mailbox: Mailbox
+    package let replicas: [Region]
+    package let home: RegionDirectory
     /// The transport when it is the shared-memory one (an embedded cluster shares mappings).
-    public let sharedMemory: SharedMemoryTransport?
+    package let sharedMemory: SharedMemoryTransport?
     private let connectPeer: @Sendable (NodeID, RegionDirectory) -> Void
 
     /// The region directory a member's endpoint names: `shm:<directory>` or `verbs:<directory>`
     /// (both transports find a peer through its region directory on this host).
-    public static func directory(of member: Member) throws -> RegionDirectory {
+    package static func directory(of member: Member) throws -> RegionDirectory {
         for prefix in ["shm:", "verbs:"] where member.endpoint.hasPrefix(prefix) {
             return try RegionDirectory(FilePath(String(member.endpoint.dropFirst(prefix.count))))
         }
@@ -47,7 +47,7 @@ public struct NodeStorage: Sendable {
     /// - Parameter reopening: the node's files must all exist (a cluster reopened from its
     ///   directory): a missing region file is `RegionError.missing(path:)`, never a new empty
     ///   region; and the mailbox keeps its rings, the node's log, for `RestartRecovery`.
-    public init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int,
+    package init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int,
                 preservingLog: Bool = false, reopening: Bool = false) throws {
         guard let member = configuration.members.first(where: { $0.node == node }) else {
             throw ConfigurationError.invalid("\(node) is not a member of \(configuration.id)")
@@ -97,7 +97,7 @@ public struct NodeStorage: Sendable {
     /// Makes `member`, a node that joined, reachable. A node that comes back after it left is a
     /// new process with new region files (and, on verbs, new memory keys): what this node learnt
     /// of its former self's regions is dropped first.
-    public func connect(_ member: Member) throws {
+    package func connect(_ member: Member) throws {
         let directory = try Self.directory(of: member)
         if let sharedMemory {
             sharedMemory.forgetRegions(of: member.node)
@@ -110,7 +110,7 @@ public struct NodeStorage: Sendable {
     }
 
     /// A node on the shared-memory transport.
-    public init(node: NodeID, configuration: Configuration, ringCapacity: Int, preservingLog: Bool = false,
+    package init(node: NodeID, configuration: Configuration, ringCapacity: Int, preservingLog: Bool = false,
                 reopening: Bool = false) throws {
         try self.init(node: node, configuration: configuration, transport: .sharedMemory, ringCapacity: ringCapacity,
                       preservingLog: preservingLog, reopening: reopening)
@@ -118,7 +118,7 @@ public struct NodeStorage: Sendable {
 
     /// Waits until every other member's mailbox is reachable through the transport: the file
     /// is complete and the peer has registered it (a peer in another process may be starting).
-    public func waitForPeers(timeout: Duration) throws {
+    package func waitForPeers(timeout: Duration) throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         for member in configuration.members where member.node != node {
@@ -142,7 +142,7 @@ public struct NodeStorage: Sendable {
     }
 
     /// Starts the node's transaction engine over this storage.
-    public func makeEngine(options: EngineOptions, logger: Logger) throws -> Engine {
+    package func makeEngine(options: EngineOptions, logger: Logger) throws -> Engine {
         try Engine(node: node, configuration: configuration, transport: transport, mailbox: mailbox,
                    replicas: replicas, options: options, logger: logger)
     }

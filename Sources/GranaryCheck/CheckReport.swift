@@ -160,7 +160,7 @@ public struct CheckReport: Sendable, Codable, CustomStringConvertible {
     /// Cycle classes whose search ran out of budget (more cycles of them may exist).
     public let incompleteSearches: [AnomalyKind]
 
-    /// The classes found, in the order of ``AnomalyKind/allCases``.
+    /// The classes found, in the order of `AnomalyKind.allCases`.
     public var anomalyKinds: [AnomalyKind] { anomalyCounts.keys.sorted() }
 
     /// Counts, then each class's examples with their explanations.

@@ -32,7 +32,10 @@ public final class HistoryWriter: Sendable {
 
     /// A writer to `handle` (the caller opens it; ``close()`` closes it), keeping the operations
     /// in memory too when `keepInMemory` (see ``history()``).
-    /// - Parameter clock: monotonic nanoseconds; the default is `DispatchTime.now()`'s.
+    /// - Parameters:
+    ///   - handle: where the lines go; nil writes no file.
+    ///   - keepInMemory: whether ``history()`` can return the operations afterwards.
+    ///   - clock: monotonic nanoseconds; the default is `DispatchTime.now()`'s.
     public init(handle: FileHandle?, keepInMemory: Bool = false,
                 clock: @escaping @Sendable () -> Int = { Int(truncatingIfNeeded: DispatchTime.now().uptimeNanoseconds) }) {
         var initial = State()

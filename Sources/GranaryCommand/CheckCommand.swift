@@ -1,9 +1,9 @@
 import ArgumentParser
 import Foundation
 import Granary
-@_spi(Testing) import GranaryEngine
+import GranaryEngine
 import GranaryCheck
-@_spi(Testing) import GranaryWorkloads
+import GranaryWorkloads
 import Synchronization
 
 /// `granary check`: the strict-serializability checker. `granary check FILE` checks a history

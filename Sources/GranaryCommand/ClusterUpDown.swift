@@ -33,7 +33,7 @@ struct ClusterUp: ParsableCommand {
     func run() throws {
         let file = directory + "/cluster.json"
         if !FileManager.default.fileExists(atPath: file) {
-            var initialize = try ClusterInit.parse(["--directory", directory, "--nodes", "\(nodes)", "--replicas", "\(replicas)",
+            let initialize = try ClusterInit.parse(["--directory", directory, "--nodes", "\(nodes)", "--replicas", "\(replicas)",
                                                     "--region-mib", "\(regionMib)"])
             try initialize.validate()
             try initialize.run()

@@ -155,8 +155,8 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         try validate()
     }
 
-    /// Checks that every id is one the engine can hold (nodes below ``NodeID/limit``, data regions
-    /// from 1 below ``RegionID/limit``), the region size is a power of two from 1 MiB to 4 GiB,
+    /// Checks that every id is one the engine can hold (nodes below `NodeID.limit`, data regions
+    /// from 1 below `RegionID.limit`), the region size is a power of two from 1 MiB to 4 GiB,
     /// ids are unique, and replicas of one region sit on distinct member nodes.
     public func validate() throws(ConfigurationError) {
         for member in members where member.node.index >= NodeID.limit {

@@ -486,7 +486,7 @@ extension Engine {
     ///
     /// Blocks the calling thread while it waits for LOCK replies and between attempts. See
     /// `Node.transaction` for the async form, which waits between attempts without blocking.
-    public func run<R>(_ body: (Transaction) throws -> R) throws -> R {
+    package func run<R>(_ body: (Transaction) throws -> R) throws -> R {
         let transaction = Transaction(engine: self)
         var attempt = 0
         var lastCause = AbortCause.lockConflict
@@ -510,7 +510,7 @@ extension Engine {
     }
 
     /// The outcome of one attempt.
-    public enum AttemptOutcome<R> {
+    package enum AttemptOutcome<R> {
         case committed(R)
         case aborted(AbortCause)
     }
@@ -519,7 +519,7 @@ extension Engine {
     ///
     /// - Returns: `.aborted` on a conflict, after releasing everything the attempt held.
     /// - Throws: ``TransactionError`` for errors no retry can fix, or what `body` throws.
-    public func attempt<R>(_ transaction: Transaction, _ body: (Transaction) throws -> R) throws -> AttemptOutcome<R> {
+    package func attempt<R>(_ transaction: Transaction, _ body: (Transaction) throws -> R) throws -> AttemptOutcome<R> {
         guard running.load(ordering: .relaxed) else { throw TransactionError.shutDown(node) }
         transaction.reset()
         transaction.attemptCount &+= 1
@@ -562,11 +562,11 @@ extension Engine {
     }
 
     /// A randomised, exponentially growing wait before the next attempt, in nanoseconds.
-    public func retryDelay(afterAttempt attempt: Int) -> UInt64 {
+    package func retryDelay(afterAttempt attempt: Int) -> UInt64 {
         let limit = min(options.retryBackoffCapNanoseconds, options.retryBackoffBaseNanoseconds << UInt64(min(attempt, 20)))
         return UInt64.random(in: 0...limit)
     }
 
     /// A fresh transaction object for ``attempt(_:_:)`` loops.
-    public func makeTransaction() -> Transaction { Transaction(engine: self) }
+    package func makeTransaction() -> Transaction { Transaction(engine: self) }
 }

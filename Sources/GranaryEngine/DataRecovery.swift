@@ -21,14 +21,14 @@ import Glibc
 /// Why nothing is missed: the configuration that added this backup was applied by every member
 /// only after transaction recovery resolved every transaction of the one before, so the primary's
 /// bytes hold all of those; every transaction since sends this backup its records.
-public struct DataRecoveryReport: Sendable, CustomStringConvertible {
-    public var region: RegionID
-    public var bytesRead = 0
-    public var objectsInstalled = 0
-    public var objectsReread = 0
-    public var nanoseconds: UInt64 = 0
+package struct DataRecoveryReport: Sendable, CustomStringConvertible {
+    package var region: RegionID
+    package var bytesRead = 0
+    package var objectsInstalled = 0
+    package var objectsReread = 0
+    package var nanoseconds: UInt64 = 0
 
-    public var description: String {
+    package var description: String {
         "copied \(region): \(bytesRead >> 10) KiB read, \(objectsInstalled) objects installed, \(objectsReread) read again, in \(nanoseconds / 1_000_000) ms"
     }
 }
@@ -37,7 +37,7 @@ extension Engine {
     /// Copies this node's backup replica of `region` from `primary` (data recovery), pacing each slab
     /// by a random wait of up to twice `pace`. Stops early, with an error, if `shouldStop` says so
     /// (the configuration moved on) or this node stops.
-    public func copyRegion(_ region: RegionID, from primary: NodeID, pace: Duration,
+    package func copyRegion(_ region: RegionID, from primary: NodeID, pace: Duration,
                            shouldStop: @Sendable () -> Bool = { false }) async throws -> DataRecoveryReport {
         let start = monotonicNanoseconds()
         var report = DataRecoveryReport(region: region)

@@ -36,14 +36,13 @@ public struct EngineOptions: Sendable {
     public var metricsFactory: (any MetricsFactory)?
     /// A deliberately broken commit protocol, for showing that a checker catches what it breaks
     /// (`granary check run --break`). Never set otherwise.
-    @_spi(Testing) public var sabotage: ProtocolSabotage?
+    package var sabotage: ProtocolSabotage?
 
     public init() {}
 }
 
 /// The ways ``EngineOptions/sabotage`` breaks FaRM's commit protocol.
-@_spi(Testing)
-public enum ProtocolSabotage: String, Sendable, CaseIterable {
+package enum ProtocolSabotage: String, Sendable, CaseIterable {
     /// VALIDATE always passes: objects read but not written are never checked again, so a
     /// transaction can commit on a read another one overwrote (write skew, read skew).
     case skipValidation = "skip-validate"
@@ -114,8 +113,8 @@ struct ReplicaAccess {
 ///
 /// `@unchecked Sendable`: every property is immutable after `init`; `senderTable` holds unretained
 /// references to the senders that the `senders` array keeps alive for the view's lifetime.
-public final class ConfigurationView: @unchecked Sendable {
-    public let configuration: Configuration
+package final class ConfigurationView: @unchecked Sendable {
+    package let configuration: Configuration
     /// The first configuration with this one's routing (members, and each region's primary and
     /// backups): records stamped with it or any later one route as this one does and are taken.
     /// Changes that keep the routing (a new manager, a copy completed, a new member or region)
@@ -277,9 +276,9 @@ public final class ConfigurationView: @unchecked Sendable {
 
 /// A node's transaction engine: coordinator of the transactions started on it, primary and backup of
 /// its region replicas, and the poller that serves the records other nodes write into its mailbox.
-public final class Engine: Sendable {
-    public let node: NodeID
-    public let options: EngineOptions
+package final class Engine: Sendable {
+    package let node: NodeID
+    package let options: EngineOptions
     /// ``EngineOptions/sabotage``, read on the commit path (reading it through `options` would
     /// copy the options and retain their metrics factory).
     let sabotage: ProtocolSabotage?
@@ -297,7 +296,7 @@ public final class Engine: Sendable {
     let persistEveryInstall: Bool
     let phaseTimingInterval: UInt64
     let replyTimeoutNanoseconds: UInt64
-    public let statistics: EngineStatistics
+    package let statistics: EngineStatistics
     let transport: any Transport
     let mailbox: Mailbox
     let allocationCursor = Atomic<Int>(0)
@@ -332,7 +331,7 @@ public final class Engine: Sendable {
 
     /// Builds the engine of `node` over its `replicas` (every region of `configuration` placed on it,
     /// opened) and starts its poller thread.
-    public init(node: NodeID, configuration: Configuration, transport: any Transport, mailbox: Mailbox,
+    package init(node: NodeID, configuration: Configuration, transport: any Transport, mailbox: Mailbox,
                 replicas: [Region], options: EngineOptions = EngineOptions(), logger: Logger? = nil) throws {
         self.node = node
         self.options = options
@@ -366,14 +365,14 @@ public final class Engine: Sendable {
     }
 
     /// The configuration this node is in now, with its lookup tables.
-    public var view: ConfigurationView { unmanagedView.takeUnretainedValue() }
+    package var view: ConfigurationView { unmanagedView.takeUnretainedValue() }
 
     private var unmanagedView: Unmanaged<ConfigurationView> {
         Unmanaged.fromOpaque(UnsafeRawPointer(bitPattern: currentView.load(ordering: .acquiring))!)
     }
 
     /// The configuration this node is in now.
-    public var configuration: Configuration { view.configuration }
+    package var configuration: Configuration { view.configuration }
 
     /// Whether `view` is still this node's current view (one load, no reference counting).
     @inline(__always) func isCurrentView(_ view: Unmanaged<ConfigurationView>) -> Bool {
@@ -386,7 +385,7 @@ public final class Engine: Sendable {
     /// primary the regions it was promoted for (their allocators rebuilt from the replica bytes).
     ///
     /// - Throws: ``ConfigurationError/invalid(_:)`` unless the id is higher than the current one.
-    public func apply(_ configuration: Configuration, adding newRegions: [Region] = []) throws {
+    package func apply(_ configuration: Configuration, adding newRegions: [Region] = []) throws {
         let current = view
         let regions = heldRegions.withLock { held in
             held += newRegions.filter { region in !held.contains { $0.id == region.id } }
@@ -422,7 +421,7 @@ public final class Engine: Sendable {
 
     /// The largest record this node can send (the smallest channel maximum over its peers): a
     /// transaction's LOCK or COMMIT-BACKUP record to one node must fit.
-    public var maximumRecordBytes: Int { view.maximumRecordBytes }
+    package var maximumRecordBytes: Int { view.maximumRecordBytes }
 
     /// Sends `record` to `node`'s mailbox.
     func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false, waiting: Bool = true) throws(TransactionError) {
@@ -597,11 +596,10 @@ public final class Engine: Sendable {
 
     /// Slows this node's record processing: each round of polling its mailbox waits
     /// `microseconds` first (0: normal). A fault for `granary check run --nemesis slow`.
-    @_spi(Testing)
-    public func slowRecordProcessing(microseconds: UInt32) { processingDelay.store(microseconds, ordering: .relaxed) }
+    package func slowRecordProcessing(microseconds: UInt32) { processingDelay.store(microseconds, ordering: .relaxed) }
 
     /// Lets coordinators on this engine help the engines of `peers` (nodes of the same process).
-    public func helpNeighbours(_ peers: [Engine]) {
+    package func helpNeighbours(_ peers: [Engine]) {
         neighbours.withLock { table in
             for peer in peers where peer !== self { table[peer.node] = Unowned(engine: peer) }
         }
@@ -611,16 +609,16 @@ public final class Engine: Sendable {
     /// after the record at hand, no coordinator of it sends another record (a commit in progress
     /// fails at its next send), nothing is flushed, and its mailbox is served no more; its region
     /// files and mappings stay, as a killed process's files do.
-    public func crash() {
+    package func crash() {
         for view in views.withLock({ $0 }) { view.sendsStopped.store(true, ordering: .relaxed) }
         stop()
     }
 
     /// Whether the node is serving (not stopped or crashed).
-    public var isRunning: Bool { running.load(ordering: .relaxed) }
+    package var isRunning: Bool { running.load(ordering: .relaxed) }
 
     /// Stops the poller thread (after it finishes the record at hand).
-    public func stop() {
+    package func stop() {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
         if let thread = pollerThread.withLock({ $0 }) { pthread_join(thread, nil) }
     }
@@ -636,7 +634,7 @@ public final class Engine: Sendable {
     }
 
     /// Sends every pending TRUNCATE now.
-    public func flushTruncations() throws(TransactionError) {
+    package func flushTruncations() throws(TransactionError) {
         resolveOwedRecords()
         var failure: TransactionError?
         for (node, ids) in pendingTruncation.takeAll() {
@@ -647,7 +645,7 @@ public final class Engine: Sendable {
 
     /// Whether this node has no record waiting in its mailbox, no lock held for a coordinator and no
     /// backup record waiting for truncation.
-    public var isQuiescent: Bool {
+    package var isQuiescent: Bool {
         processor.pendingCount.load(ordering: .acquiring) == 0
             && processor.unsentCount.load(ordering: .relaxed) == 0
             && processor.stashedCount.load(ordering: .acquiring) == 0
@@ -659,7 +657,7 @@ public final class Engine: Sendable {
 
     /// This node's channels and record processor as they are now, for the report of a peer that
     /// did not answer.
-    public var channelReport: String {
+    package var channelReport: String {
         let view = self.view
         let poller = pollerThread.withLock { $0 }.map { "0x" + String(UInt($0), radix: 16) } ?? "none"
         var lines = ["\(node) (poller thread \(poller)): pending locks \(processor.pendingCount.load(ordering: .relaxed)), unsent replies \(processor.unsentCount.load(ordering: .relaxed)), stashed \(processor.stashedCount.load(ordering: .relaxed))"]
@@ -675,13 +673,13 @@ public final class Engine: Sendable {
     }
 
     /// This node's mailbox region (its lease words live in its header page).
-    public var mailboxRegion: Region { mailbox.region }
+    package var mailboxRegion: Region { mailbox.region }
 
     /// The transport this engine uses.
-    public var transportHandle: any Transport { transport }
+    package var transportHandle: any Transport { transport }
 
     /// This node's replica of `region`, if it holds one (for inspection and tests).
-    public func replica(of region: RegionID) -> Region? { view.localReplica(region)?.region }
+    package func replica(of region: RegionID) -> Region? { view.localReplica(region)?.region }
 }
 
 /// Committed transactions whose backup records await a TRUNCATE, per backup node, batched per

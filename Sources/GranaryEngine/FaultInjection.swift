@@ -6,8 +6,7 @@ import Synchronization
 /// The points of the commit protocol where a test can make a send or a read fail, one per phase
 /// (FaRM's names). A failed point behaves as the transport failing there: the record is not
 /// delivered, the read returns an error, the LOCK replies never come.
-@_spi(Testing)
-public enum FaultPoint: String, Sendable, CaseIterable, CustomStringConvertible {
+package enum FaultPoint: String, Sendable, CaseIterable, CustomStringConvertible {
     /// The LOCK record to one primary.
     case lockSend
     /// The wait for LOCK replies (as a timeout).
@@ -25,16 +24,15 @@ public enum FaultPoint: String, Sendable, CaseIterable, CustomStringConvertible 
     /// DATA RECOVERY's one-sided reads of a region's primary, by a new backup copying it.
     case copyRead
 
-    public var description: String { rawValue }
+    package var description: String { rawValue }
 
     /// The points of the commit protocol (every one but data recovery's).
-    public static var commitProtocol: [FaultPoint] { allCases.filter { $0 != .copyRead } }
+    package static var commitProtocol: [FaultPoint] { allCases.filter { $0 != .copyRead } }
 }
 
 /// A test's rule for failing fault points: called with the point and the node the send or read
 /// goes to; true makes it fail.
-@_spi(Testing)
-public typealias FaultRule = @Sendable (FaultPoint, NodeID) -> Bool
+package typealias FaultRule = @Sendable (FaultPoint, NodeID) -> Bool
 
 /// The engine's fault-injection switch: one relaxed load per send while no rule is installed.
 /// Stored inline in the engine (no reference to retain on the hot path).
@@ -64,6 +62,5 @@ struct FaultInjector: ~Copyable, Sendable {
 extension Engine {
     /// Installs a rule that makes chosen sends and reads of the commit protocol fail (nil removes
     /// it). For tests of the exact outcomes after each failure.
-    @_spi(Testing)
-    public func injectFaults(_ rule: FaultRule?) { faults.install(rule) }
+    package func injectFaults(_ rule: FaultRule?) { faults.install(rule) }
 }

@@ -70,7 +70,7 @@ extension Engine {
     /// (the node's poller, every 10 ms), a record goes only if its channel has room now.
     /// - Returns: how many plans remain.
     @discardableResult
-    public func resolveOwedRecords(waiting: Bool = true) -> Int {
+    package func resolveOwedRecords(waiting: Bool = true) -> Int {
         guard owed.count.load(ordering: .acquiring) > 0 else { return 0 }
         var remaining = 0
         for var plan in owed.takeAll() {

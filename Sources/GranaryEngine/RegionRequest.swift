@@ -5,14 +5,14 @@ import GranaryMemory
 /// allocates regions on demand"): creates it on every replica, records the configuration where
 /// a restart finds it, and moves every engine to it. Returns once `primary`'s engine is in a
 /// configuration that places the region on it.
-public typealias RegionSupplier = @Sendable (_ primary: NodeID) throws -> Void
+package typealias RegionSupplier = @Sendable (_ primary: NodeID) throws -> Void
 
 extension Engine {
     /// Lets allocations that find every region of this node full ask `supplier` for one more
     /// (nil: they fail with ``TransactionError/outOfMemory(bytes:reason:)``, as when no supplier
     /// was set). An embedded cluster on its static configuration sets one, and so does a member
     /// running the configuration manager's protocol (the CM places the region).
-    public func supplyRegions(with supplier: RegionSupplier?) {
+    package func supplyRegions(with supplier: RegionSupplier?) {
         regionSupplier.withLock { $0 = supplier }
     }
 

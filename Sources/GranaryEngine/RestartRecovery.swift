@@ -30,12 +30,12 @@ import Glibc
 /// Allocators are rebuilt afterwards, from the slab tables and headers, when the engines start.
 public enum RestartRecovery {
     /// One node's files as recovery reads them.
-    public struct NodeFiles {
-        public let node: NodeID
-        public let mailbox: Mailbox
-        public let replicas: [Region]
+    package struct NodeFiles {
+        package let node: NodeID
+        package let mailbox: Mailbox
+        package let replicas: [Region]
 
-        public init(node: NodeID, mailbox: Mailbox, replicas: [Region]) {
+        package init(node: NodeID, mailbox: Mailbox, replicas: [Region]) {
             self.node = node
             self.mailbox = mailbox
             self.replicas = replicas
@@ -69,7 +69,7 @@ public enum RestartRecovery {
 
     /// Recovers the transactions in the logs of `nodes` (every member of `configuration`), then
     /// clears the logs. Call before any engine starts on these files.
-    public static func recover(configuration: Configuration, nodes: [NodeFiles], logger: Logger? = nil) -> Report {
+    package static func recover(configuration: Configuration, nodes: [NodeFiles], logger: Logger? = nil) -> Report {
         let start = monotonicNanoseconds()
         var report = Report()
         var locks: [TransactionID: [KeptRecord]] = [:]

@@ -5,7 +5,7 @@ import GranaryTransport
 /// A transaction in its execute phase: reads go to the primaries with one-sided reads, writes,
 /// allocations and frees are buffered until commit.
 ///
-/// A `Transaction` is handed to the body of ``Engine/run(_:)`` (through `Node.transaction`) and must
+/// A `Transaction` is handed to the body of `Node.transaction` (or the engine's `run(_:)`) and must
 /// not escape it. Its methods throw ``TransactionError`` for bad input, or an internal abort signal
 /// that the engine turns into a retry: a body should let errors from these methods propagate.
 public final class Transaction {

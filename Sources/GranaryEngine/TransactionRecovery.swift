@@ -9,23 +9,23 @@ import Glibc
 /// FaRM's transaction-state recovery (SOSP'15, section 5.3), run by every member when a new
 /// configuration removes nodes, before it serves the new configuration:
 ///
-/// 1. **Block** (``Engine/blockCommits(removing:)``): no new commit starts; coordinators waiting
+/// 1. **Block** (`Engine.blockCommits(removing:)`): no new commit starts; coordinators waiting
 ///    for a LOCK answer from a removed node stop waiting (and abort); the node waits until none of
-///    its commits is in flight (``Engine/waitForCommitsToEnd(timeout:)``), so it sends no further
+///    its commits is in flight (`Engine.waitForCommitsToEnd(timeout:)`), so it sends no further
 ///    record of the old configuration. Every member then says so (the membership service's
 ///    acknowledgement, through the coordination store).
-/// 2. **Drain** (``Engine/drainLogs(timeout:)``): once every member has stopped, each processes
+/// 2. **Drain** (`Engine.drainLogs(timeout:)`): once every member has stopped, each processes
 ///    every record its log holds, the removed nodes' included: the logs are then complete.
-/// 3. **Find recovering transactions** and 4. **lock recovery** (``Engine/recoveryVotes(next:)``):
+/// 3. **Find recovering transactions** and 4. **lock recovery** (`Engine.recoveryVotes(next:)`):
 ///    every transaction whose records a member still holds gets a vote from it; a member promoted to
 ///    primary locks the objects of the COMMIT-BACKUP records it holds for its new regions, so that
 ///    no reader sees them before the decision.
-/// 5. **Vote** and 6. **decide** (``decide(votes:in:survivors:)``): one rule over every member's
+/// 5. **Vote** and 6. **decide** (`decide(votes:in:survivors:)`): one rule over every member's
 ///    votes, applied by whichever member sees them all first and stored once, so that every member
 ///    applies the same decisions.
-/// 7. **Apply** (``Engine/resolveRecovered(_:)``): commit installs (LOCK) or applies (COMMIT-BACKUP),
+/// 7. **Apply** (`Engine.resolveRecovered(_:)`): commit installs (LOCK) or applies (COMMIT-BACKUP),
 ///    abort unlocks or drops; every lock is released; then the node moves to the new configuration
-///    and commits start again (``Engine/unblockCommits()``).
+///    and commits start again (`Engine.unblockCommits()`).
 ///
 /// Differences from the paper: the whole node blocks, not only the regions whose primary changed;
 /// votes travel through the coordination store rather than as messages to per-transaction recovery
@@ -33,8 +33,8 @@ import Glibc
 /// (the rule commits only when each surviving replica has what it must apply).
 public enum TransactionRecovery {
     /// What one member's log holds of one transaction after the drain.
-    public struct Vote: Hashable, Sendable {
-        public enum Kind: UInt8, Sendable {
+    package struct Vote: Hashable, Sendable {
+        package enum Kind: UInt8, Sendable {
             /// A LOCK record at a primary: the objects are locked, not installed.
             case lock = 1
             /// A COMMIT-BACKUP record at a backup, not truncated.
@@ -42,12 +42,12 @@ public enum TransactionRecovery {
             /// A COMMIT-PRIMARY kept at a primary (a transaction without backups): installed.
             case commitPrimary = 3
         }
-        public var transaction: UInt64
-        public var kind: Kind
+        package var transaction: UInt64
+        package var kind: Kind
         /// The regions the record names.
-        public var regions: [RegionID]
+        package var regions: [RegionID]
 
-        public init(transaction: UInt64, kind: Kind, regions: [RegionID]) {
+        package init(transaction: UInt64, kind: Kind, regions: [RegionID]) {
             self.transaction = transaction
             self.kind = kind
             self.regions = regions
@@ -55,12 +55,12 @@ public enum TransactionRecovery {
     }
 
     /// Why votes could not be read.
-    public struct MalformedVotes: Error, CustomStringConvertible {
-        public let description: String
+    package struct MalformedVotes: Error, CustomStringConvertible {
+        package let description: String
     }
 
     /// Votes as bytes: per vote, transaction u64, kind u8, region count u16, regions u32 each.
-    public static func encode(_ votes: [Vote]) -> [UInt8] {
+    package static func encode(_ votes: [Vote]) -> [UInt8] {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(votes.count * 16)
         func put<T: FixedWidthInteger>(_ value: T) { withUnsafeBytes(of: value.littleEndian) { bytes += $0 } }
@@ -74,7 +74,7 @@ public enum TransactionRecovery {
         return bytes
     }
 
-    public static func decode(_ bytes: [UInt8]) throws(MalformedVotes) -> [Vote] {
+    package static func decode(_ bytes: [UInt8]) throws(MalformedVotes) -> [Vote] {
         var offset = 0
         func take<T: FixedWidthInteger>(_ type: T.Type) throws(MalformedVotes) -> T {
             guard offset + MemoryLayout<T>.size <= bytes.count else {
@@ -112,7 +112,7 @@ public enum TransactionRecovery {
     ///
     /// `configuration` is the one the transactions ran in (for each region's backups),
     /// `survivors` the members of the next one.
-    public static func decide(votes: [NodeID: [Vote]], in configuration: Configuration,
+    package static func decide(votes: [NodeID: [Vote]], in configuration: Configuration,
                               survivors: Set<NodeID>) -> [UInt64: Bool] {
         struct Evidence {
             var locked = false
@@ -250,7 +250,7 @@ final class CommitGate: @unchecked Sendable {
 extension Engine {
     /// BLOCK: no new commit starts on this node until ``unblockCommits()``; a coordinator waiting
     /// for a LOCK answer from one of `removed` stops waiting and aborts its attempt.
-    public func blockCommits(removing removed: [NodeID]) {
+    package func blockCommits(removing removed: [NodeID]) {
         gate.close(removing: removed.reduce(0) { $0 | 1 << UInt64($1.index) })
         // A commit waiting for ring space at a removed node (it stopped polling) stops waiting.
         let view = self.view
@@ -262,7 +262,7 @@ extension Engine {
 
     /// Waits until no commit of this node is in flight: from then on it sends no record of the
     /// old configuration (its owed records wait for recovery, which decides them).
-    public func waitForCommitsToEnd(timeout: Duration) async throws {
+    package func waitForCommitsToEnd(timeout: Duration) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         while gate.inFlight > 0 {
@@ -276,7 +276,7 @@ extension Engine {
     /// DRAIN: processes every record this node's log holds, in the configuration they were sent
     /// in. Rings of `removed` senders are served but not waited for (a sender killed in the middle
     /// of a write leaves a frame that never completes).
-    public func drainLogs(removed: [NodeID], timeout: Duration) async throws {
+    package func drainLogs(removed: [NodeID], timeout: Duration) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         let skipped = removed.reduce(UInt64(0)) { $0 | 1 << UInt64($1.index) }
@@ -298,7 +298,7 @@ extension Engine {
     /// FIND RECOVERING TRANSACTIONS and LOCK RECOVERY: this node's votes, after the drain; the
     /// objects of regions it leads in `next` that kept COMMIT-BACKUP records name are locked until
     /// ``resolveRecovered(_:)``.
-    public func recoveryVotes(next: Configuration) -> [TransactionRecovery.Vote] {
+    package func recoveryVotes(next: Configuration) -> [TransactionRecovery.Vote] {
         let view = self.view
         let promoted = Set(next.regions.filter { $0.primary == node && view.primary(of: $0.region) != node }.map(\.region))
         let removed = view.memberBits & ~next.members.reduce(UInt64(0)) { $0 | 1 << UInt64($1.node.index) }
@@ -311,7 +311,7 @@ extension Engine {
 
     /// Applies recovery's decisions to every record this node holds, drops the records it owed
     /// (recovery decided their transactions) and what it kept to truncate at `removed` nodes.
-    public func resolveRecovered(_ decisions: [UInt64: Bool], removed: [NodeID]) -> TransactionRecovery.Report {
+    package func resolveRecovered(_ decisions: [UInt64: Bool], removed: [NodeID]) -> TransactionRecovery.Report {
         _ = owed.takeAll()
         for node in removed { _ = pendingTruncation.take(for: node) }
         let view = self.view
@@ -324,17 +324,17 @@ extension Engine {
     }
 
     /// Lets commits start again.
-    public func unblockCommits() { gate.open() }
+    package func unblockCommits() { gate.open() }
 
     /// Fences this node while its lease from the configuration manager has lapsed (`true`) and
     /// lifts the fence once it is renewed (`false`): a fenced node starts no commit, and a commit
     /// that finds it fenced after its last record reports ``TransactionError/outcomeUnknown(reason:)``
     /// rather than committed (the node may have been removed, and its records refused after the
     /// others drained their logs). Called by the lease thread: one atomic operation.
-    public func setFenced(_ fenced: Bool) { gate.fence(fenced) }
+    package func setFenced(_ fenced: Bool) { gate.fence(fenced) }
 
     /// Whether commits are held back now (recovery runs, or this node's lease lapsed).
-    public var commitsBlocked: Bool { gate.isClosed }
+    package var commitsBlocked: Bool { gate.isClosed }
 
     /// Waits, on the calling thread, until commits may start again (recovery ended, or the lease
     /// was renewed), the engine stops, or `timeout` passes (by default the reply timeout). For a
@@ -342,7 +342,7 @@ extension Engine {
     /// count against ``EngineOptions/maximumAttempts`` when this returns true.
     ///
     /// - Returns: whether commits may start now.
-    public func waitForUnblockedCommits(timeout: Duration? = nil) -> Bool {
+    package func waitForUnblockedCommits(timeout: Duration? = nil) -> Bool {
         let start = monotonicNanoseconds()
         let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
         while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {
@@ -353,7 +353,7 @@ extension Engine {
 
     /// ``waitForUnblockedCommits(timeout:)`` without holding a thread: from a task (recovery's
     /// own tasks may need the cooperative pool's threads to open the gate).
-    public func waitForUnblockedCommits(timeout: Duration? = nil) async throws -> Bool {
+    package func waitForUnblockedCommits(timeout: Duration? = nil) async throws -> Bool {
         let start = monotonicNanoseconds()
         let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
         while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {

@@ -26,7 +26,7 @@ public enum MembershipEvent: Sendable, Equatable {
 /// coordination store, its own lease, following the configuration and applying each new one to
 /// the node's engine (through transaction-state recovery, `Reconfiguration.swift`, when the
 /// routing changes), data recovery of the regions placed on it, and joining. The member that wins
-/// the election also holds the CM's role (``ConfigurationManager``: granting leases, failure
+/// the election also holds the CM's role (`ConfigurationManager`: granting leases, failure
 /// detection, committing configurations).
 ///
 /// Leases are one-sided: every node's lease thread increments a counter in its own mailbox (its
@@ -35,8 +35,8 @@ public enum MembershipEvent: Sendable, Equatable {
 /// transaction work never delays a renewal. The store is used only to agree on configurations.
 public final class MembershipService: Sendable {
     public let node: NodeID
-    public let paths: MembershipPaths
-    public let options: MembershipOptions
+    package let paths: MembershipPaths
+    package let options: MembershipOptions
     let engine: Engine
     let store: any CoordinationStore
     let connect: @Sendable (Member) throws -> Void
@@ -72,7 +72,7 @@ public final class MembershipService: Sendable {
     ///     once for each node a new configuration adds, a node that rejoins included).
     ///   - openRegion: opens or creates this node's replica of a region newly placed on it and
     ///     registers it with the transport.
-    public init(engine: Engine, store: any CoordinationStore, options: MembershipOptions = MembershipOptions(),
+    package init(engine: Engine, store: any CoordinationStore, options: MembershipOptions = MembershipOptions(),
                 logger: Logger? = nil, connect: @escaping @Sendable (Member) throws -> Void,
                 openRegion: @escaping @Sendable (RegionPlacement) throws -> Region) {
         self.node = engine.node
@@ -136,7 +136,7 @@ public final class MembershipService: Sendable {
     ///   restarted after it was removed); its engine runs that configuration with itself added and
     ///   no replicas. The CM adds it on seeing its registration, with new backups of the regions
     ///   short of the cluster's replication; until its lease is first granted, it starts no commit.
-    public func start(joining: Bool = false) async throws {
+    package func start(joining: Bool = false) async throws {
         if joining {
             state.withLock { $0.joining = true }
             engine.setFenced(true)
@@ -172,7 +172,7 @@ public final class MembershipService: Sendable {
     ///
     /// - Throws: ``RecoveryError`` if no such configuration is committed within `timeout` (no CM
     ///   is left to remove it, for instance when it is the last member).
-    public func leave(timeout: Duration = .seconds(10)) async throws -> Configuration {
+    package func leave(timeout: Duration = .seconds(10)) async throws -> Configuration {
         leavingFlag.store(true, ordering: .releasing)
         engine.blockCommits(removing: [])
         try await engine.waitForCommitsToEnd(timeout: timeout)
@@ -197,12 +197,12 @@ public final class MembershipService: Sendable {
         }
     }
 
-    /// Whether this node is leaving (``leave(timeout:)``): it is not to rejoin once removed.
+    /// Whether this node is leaving (`leave(timeout:)`): it is not to rejoin once removed.
     public var isLeaving: Bool { leavingFlag.load(ordering: .acquiring) }
     private let leavingFlag = Atomic<Bool>(false)
 
     /// Stops the lease thread and the watches, and ends the store session.
-    public func stop() async {
+    package func stop() async {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
         if let thread = leaseThread.withLock({ $0 }) { pthread_join(thread, nil) }
         for task in tasks.withLock({ $0.running.values }) { task.cancel() }
@@ -477,7 +477,7 @@ public final class MembershipService: Sendable {
     private let leasesHalted = Atomic<Bool>(false)
     /// Whether this node, as CM, has seen `member` renew its lease (so that its lease, not the
     /// grace period of a starting member, bounds how soon its failure is detected).
-    public func hasSeenRenewing(_ member: NodeID) -> Bool { manager.hasSeenRenewing(member) }
+    package func hasSeenRenewing(_ member: NodeID) -> Bool { manager.hasSeenRenewing(member) }
 
     private final class ThreadStart: @unchecked Sendable {
         // Handed to exactly one thread.

@@ -25,16 +25,16 @@ public struct MembershipOptions: Sendable {
 }
 
 /// Where things live in the coordination store, under `/granary/<cluster>`.
-public struct MembershipPaths: Sendable {
-    public let root: String
-    public init(cluster: ClusterID) { root = "/granary/\(cluster)" }
-    public var configuration: String { root + "/configuration" }
-    public var election: String { root + "/election" }
-    public var members: String { root + "/members" }
+package struct MembershipPaths: Sendable {
+    package let root: String
+    package init(cluster: ClusterID) { root = "/granary/\(cluster)" }
+    package var configuration: String { root + "/configuration" }
+    package var election: String { root + "/election" }
+    package var members: String { root + "/members" }
     /// A member whose regions are full asks the CM for one here (an ephemeral child per node).
-    public var regionRequests: String { root + "/region-requests" }
+    package var regionRequests: String { root + "/region-requests" }
     /// Where the members of configuration `id` meet during its transaction-state recovery.
-    public func recovery(_ id: ConfigurationID) -> String { root + "/recovery/\(id.rawValue)" }
+    package func recovery(_ id: ConfigurationID) -> String { root + "/recovery/\(id.rawValue)" }
 }
 
 /// The lease words of each node, in its mailbox region's header page (outside the checksummed
@@ -42,28 +42,28 @@ public struct MembershipPaths: Sendable {
 /// one-sidedly by the CM; word 1 the CM's grant to it; word 2 the newest configuration id the CM
 /// announced (NEW-CONFIG). (The line after them holds the channels' attention word,
 /// `ChannelFormat.attentionOffset`.)
-public enum LeaseWord {
-    public static let offset: UInt32 = 2048
-    public static func address(of node: NodeID) -> GlobalAddress { GlobalAddress(region: .mailbox(of: node), offset: offset) }
+package enum LeaseWord {
+    package static let offset: UInt32 = 2048
+    package static func address(of node: NodeID) -> GlobalAddress { GlobalAddress(region: .mailbox(of: node), offset: offset) }
 }
 
 /// Stores and reads the configuration in the coordination store: JSON at `paths.configuration`,
 /// changed only by compare-and-set, its id increasing by one each time.
-public enum ConfigurationRecord {
-    public static func encode(_ configuration: Configuration) -> [UInt8] {
+package enum ConfigurationRecord {
+    package static func encode(_ configuration: Configuration) -> [UInt8] {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         return Array(try! encoder.encode(configuration))
     }
 
-    public static func decode(_ bytes: [UInt8]) throws -> Configuration {
+    package static func decode(_ bytes: [UInt8]) throws -> Configuration {
         try JSONDecoder().decode(Configuration.self, from: Data(bytes))
     }
 
     /// Creates the cluster's nodes in the store with `initial` unless a configuration is there
     /// already (which is kept). Returns the stored configuration.
     @discardableResult
-    public static func bootstrap(_ initial: Configuration, in store: any CoordinationStore) async throws -> Configuration {
+    package static func bootstrap(_ initial: Configuration, in store: any CoordinationStore) async throws -> Configuration {
         let paths = MembershipPaths(cluster: initial.cluster)
         try await store.createParents(paths.root)
         for path in [paths.election, paths.members, paths.regionRequests] { try await createIfAbsent(path, [], in: store) }
@@ -72,7 +72,7 @@ public enum ConfigurationRecord {
     }
 
     /// The stored configuration of `cluster`.
-    public static func read(_ cluster: ClusterID, from store: any CoordinationStore) async throws -> (Configuration, Int32) {
+    package static func read(_ cluster: ClusterID, from store: any CoordinationStore) async throws -> (Configuration, Int32) {
         let stored = try await store.get(MembershipPaths(cluster: cluster).configuration)
         return (try decode(stored.data), stored.version)
     }
@@ -80,7 +80,7 @@ public enum ConfigurationRecord {
     /// Replaces the configuration by `change(current)` with compare-and-set, the id one higher,
     /// retrying when another writer won. Returns the committed configuration, or nil if `change`
     /// declined.
-    public static func change(_ cluster: ClusterID, in store: any CoordinationStore,
+    package static func change(_ cluster: ClusterID, in store: any CoordinationStore,
                               _ change: (Configuration) throws -> Configuration?) async throws -> Configuration? {
         let path = MembershipPaths(cluster: cluster).configuration
         while true {
@@ -115,7 +115,7 @@ public enum ConfigurationRecord {
     /// `configuration` without `node`: regions it led get their first backup promoted; it leaves
     /// every backup list. Regions left with fewer replicas are under-replicated (see
     /// ``underReplicated(_:replicas:)``).
-    public static func removing(_ node: NodeID, from configuration: Configuration) -> Configuration {
+    package static func removing(_ node: NodeID, from configuration: Configuration) -> Configuration {
         var next = configuration
         next.members.removeAll { $0.node == node }
         next.regions = configuration.regions.compactMap { placement in
@@ -140,7 +140,7 @@ public enum ConfigurationRecord {
     ///
     /// Records `replicas` as the configuration's ``Configuration/replication``, so that regions
     /// left short by this change are brought back to it when nodes join later.
-    public static func replenishing(_ configuration: Configuration, replicas: Int) -> Configuration {
+    package static func replenishing(_ configuration: Configuration, replicas: Int) -> Configuration {
         var next = configuration
         next.replication = replicas
         let nodes = configuration.members.map(\.node)
@@ -158,19 +158,19 @@ public enum ConfigurationRecord {
 
     /// The replication the cluster keeps: the configuration's ``Configuration/replication``, else
     /// the most replicas any region of `configuration` has.
-    public static func replication(of configuration: Configuration) -> Int {
+    package static func replication(of configuration: Configuration) -> Int {
         configuration.replication ?? configuration.regions.map(\.replicas.count).max() ?? 1
     }
 
     /// Regions with fewer than `replicas` replicas, for re-replication.
-    public static func underReplicated(_ configuration: Configuration, replicas: Int) -> [RegionID] {
+    package static func underReplicated(_ configuration: Configuration, replicas: Int) -> [RegionID] {
         configuration.regions.filter { $0.replicas.count < replicas }.map(\.region)
     }
 
     /// `count` new regions placed on the members: each primary on the node leading the fewest
     /// regions, backups on the nodes holding the fewest replicas (``Configuration/placingNewRegion(primary:replicas:)``),
     /// all replicas on distinct nodes.
-    public static func placingNewRegions(_ count: Int, replicas: Int, in configuration: Configuration) throws -> Configuration {
+    package static func placingNewRegions(_ count: Int, replicas: Int, in configuration: Configuration) throws -> Configuration {
         var next = configuration
         let nodes = configuration.members.map(\.node)
         guard replicas <= nodes.count else {

@@ -157,7 +157,10 @@ public enum ObjectLayout {
     /// any mix of versions.
     ///
     /// - Parameters:
+    ///   - object: the object's first line (its header line).
+    ///   - lines: the object's size in cache lines.
     ///   - payload: `count` bytes; the rest of the last line is zero-filled.
+    ///   - count: the payload's length in bytes, at most ``payloadCapacity(lines:)``.
     ///   - header: the header to publish; its line versions are `header.unlocked`.
     public static func install(_ object: UnsafeMutableRawPointer, lines: Int, payload: UnsafeRawPointer, count: Int,
                                header: ObjectHeader) {

@@ -36,6 +36,8 @@ public enum RegionFormat {
     public static let defaultSize = 64 << 20
     public static let minimumSize = 1 << 20
     public static let maximumSize = 1 << 32
+    /// log2 of a data region's slab size unless its creator says otherwise (64 KiB slabs).
+    public static let defaultSlabShift = 16
     /// Where the header keeps log2 of the slab size (or ring capacity): a peer reads it one-sided.
     public static let slabShiftOffset = 20
 
@@ -105,7 +107,7 @@ public final class Region: @unchecked Sendable {
     ///   ``RegionError/invalidSize(bytes:reason:)``, or ``RegionError/systemCall(call:path:message:)``.
     public static func create(at path: FilePath, id: RegionID, kind: RegionKind = .data,
                               size: Int = RegionFormat.defaultSize, cluster: ClusterID,
-                              slabShift: Int = SlabLayout.defaultSlabShift) throws(RegionError) -> Region {
+                              slabShift: Int = RegionFormat.defaultSlabShift) throws(RegionError) -> Region {
         try RegionFormat.validate(size: size)
         var mappedLength = 0
         var isPmem: Int32 = 0
@@ -134,6 +136,7 @@ public final class Region: @unchecked Sendable {
     /// Opens and maps an existing region file, checking its header.
     ///
     /// - Parameters:
+    ///   - path: the region file.
     ///   - id: the region the caller expects the file to hold, if it knows.
     ///   - cluster: the cluster the caller belongs to, if it knows.
     /// - Throws: ``RegionError`` naming the file when it is missing, truncated, foreign, of another

@@ -23,7 +23,7 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
 
     /// Creates region `id` here. See ``Region/create(at:id:kind:size:cluster:slabShift:)``.
     public func create(_ id: RegionID, kind: RegionKind = .data, size: Int = RegionFormat.defaultSize,
-                       cluster: ClusterID, slabShift: Int = SlabLayout.defaultSlabShift) throws(RegionError) -> Region {
+                       cluster: ClusterID, slabShift: Int = RegionFormat.defaultSlabShift) throws(RegionError) -> Region {
         try Region.create(at: path(for: id), id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
     }
 
@@ -35,7 +35,7 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
     /// Opens region `id` here, or creates it if there is no file for it. A file that exists but
     /// fails its checks is an error, never re-created.
     public func openOrCreate(_ id: RegionID, kind: RegionKind = .data, size: Int = RegionFormat.defaultSize,
-                             cluster: ClusterID, slabShift: Int = SlabLayout.defaultSlabShift) throws(RegionError) -> Region {
+                             cluster: ClusterID, slabShift: Int = RegionFormat.defaultSlabShift) throws(RegionError) -> Region {
         do {
             return try open(id, cluster: cluster)
         } catch .missing {

@@ -10,20 +10,20 @@ import Synchronization
 /// ```
 /// The allocator's whole state follows from these bytes plus the allocated bit of each slot's
 /// header, so it can be rebuilt from the region file alone.
-public struct SlabLayout: Sendable, Equatable {
-    public static let defaultSlabShift = 16
-    public static let minimumSlabShift = 12
-    public static let maximumSlabShift = 24
-    public static let tableOffset = RegionFormat.headerBytes
+package struct SlabLayout: Sendable, Equatable {
+    package static let defaultSlabShift = RegionFormat.defaultSlabShift
+    package static let minimumSlabShift = 12
+    package static let maximumSlabShift = 24
+    package static let tableOffset = RegionFormat.headerBytes
 
-    public let regionSize: Int
-    public let slabShift: Int
-    @inlinable public var slabSize: Int { 1 << slabShift }
-    @inlinable public var slabCount: Int { regionSize >> slabShift }
+    package let regionSize: Int
+    package let slabShift: Int
+    @inlinable package var slabSize: Int { 1 << slabShift }
+    @inlinable package var slabCount: Int { regionSize >> slabShift }
     /// The offset of the first slab that holds objects (the ones before hold metadata).
-    public let firstSlabOffset: Int
+    package let firstSlabOffset: Int
 
-    public init(regionSize: Int, slabShift: Int) {
+    package init(regionSize: Int, slabShift: Int) {
         self.regionSize = regionSize
         self.slabShift = slabShift
         let tableEnd = Self.tableOffset + (regionSize >> slabShift) * 2
@@ -32,7 +32,7 @@ public struct SlabLayout: Sendable, Equatable {
     }
 
     /// The size classes, in cache lines per object, that fit this slab size.
-    public var sizeClasses: [Int] {
+    package var sizeClasses: [Int] {
         let all = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
                    1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072,
                    196608, 262144]
@@ -41,12 +41,12 @@ public struct SlabLayout: Sendable, Equatable {
 }
 
 /// Why an allocation or an address lookup failed.
-public enum AllocationError: Error, Sendable, Equatable, CustomStringConvertible {
+package enum AllocationError: Error, Sendable, Equatable, CustomStringConvertible {
     case regionFull(region: RegionID, lines: Int)
     case objectTooLarge(bytes: Int, maximum: Int)
     case notAnObject(GlobalAddress, reason: String)
 
-    public var description: String {
+    package var description: String {
         switch self {
         case .regionFull(let region, let lines):
             return "region \(region) has no free slot of \(lines) cache lines and no unused slab"
@@ -59,10 +59,10 @@ public enum AllocationError: Error, Sendable, Equatable, CustomStringConvertible
 }
 
 /// An object slot: its offset in the region and its size in cache lines.
-public struct ObjectSlot: Hashable, Sendable {
-    public var offset: Int
-    public var lines: Int
-    @inlinable public init(offset: Int, lines: Int) {
+package struct ObjectSlot: Hashable, Sendable {
+    package var offset: Int
+    package var lines: Int
+    @inlinable package init(offset: Int, lines: Int) {
         self.offset = offset
         self.lines = lines
     }
@@ -77,9 +77,9 @@ public struct ObjectSlot: Hashable, Sendable {
 ///
 /// `@unchecked Sendable`: the mutable state is behind `state`'s mutex; `slabClasses` is an array
 /// of atomics written under that mutex and read without it.
-public final class SlabAllocator: @unchecked Sendable {
-    public let region: Region
-    public let layout: SlabLayout
+package final class SlabAllocator: @unchecked Sendable {
+    package let region: Region
+    package let layout: SlabLayout
     private let classes: [Int]
 
     private struct State {
@@ -91,7 +91,7 @@ public final class SlabAllocator: @unchecked Sendable {
     private let state: Mutex<State>
 
     /// Rebuilds the allocator's state from the region's own bytes.
-    public init(region: Region) {
+    package init(region: Region) {
         precondition(region.kind == .data, "\(region.path) is a \(region.kind) region, not a data region")
         self.region = region
         self.layout = SlabLayout(regionSize: region.size, slabShift: region.slabShift)
@@ -137,10 +137,10 @@ public final class SlabAllocator: @unchecked Sendable {
     private let slabClasses: UnsafeMutablePointer<Atomic<Int>>
 
     /// The largest payload one object can carry in this region.
-    public var maximumPayload: Int { ObjectLayout.payloadCapacity(lines: classes.last ?? 1) }
+    package var maximumPayload: Int { ObjectLayout.payloadCapacity(lines: classes.last ?? 1) }
 
     /// The size class (cache lines) used for `payloadBytes`.
-    public func lines(forPayload payloadBytes: Int) throws(AllocationError) -> Int {
+    package func lines(forPayload payloadBytes: Int) throws(AllocationError) -> Int {
         let needed = ObjectLayout.lines(forPayload: payloadBytes)
         guard let lines = classes.first(where: { $0 >= needed }) else {
             throw .objectTooLarge(bytes: payloadBytes, maximum: maximumPayload)
@@ -152,7 +152,7 @@ public final class SlabAllocator: @unchecked Sendable {
     /// memory (an unused slab is all zeros, which is every slot free at version 0), and its size
     /// class reaches the slab table when its first allocation commits (``didAllocate(_:)``), so
     /// an aborted reservation leaves no trace in the region.
-    public func reserve(payloadBytes: Int) throws(AllocationError) -> ObjectSlot {
+    package func reserve(payloadBytes: Int) throws(AllocationError) -> ObjectSlot {
         let lines = try self.lines(forPayload: payloadBytes)
         let classIndex = classes.firstIndex(of: lines)!
         let layout = self.layout
@@ -178,7 +178,7 @@ public final class SlabAllocator: @unchecked Sendable {
     }
 
     /// Returns a reserved slot that was never allocated (its transaction aborted).
-    public func unreserve(_ slot: ObjectSlot) {
+    package func unreserve(_ slot: ObjectSlot) {
         let classIndex = classes.firstIndex(of: slot.lines)!
         state.withLock { state in
             state.reserved -= 1
@@ -194,7 +194,7 @@ public final class SlabAllocator: @unchecked Sendable {
     /// - Parameter persist: also persist the slab table entry (`pmem_persist`, or `msync`, a disk
     ///   write where the region file is not persistent memory), as installs are persisted only
     ///   when the engine is told to persist every install.
-    public func didAllocate(_ slot: ObjectSlot, persist: Bool = false) {
+    package func didAllocate(_ slot: ObjectSlot, persist: Bool = false) {
         state.withLock { state in
             state.reserved -= 1
             state.allocated += 1
@@ -209,14 +209,14 @@ public final class SlabAllocator: @unchecked Sendable {
     ///   processor calls this while it holds its mailbox's poll claim: an `msync` there once kept a
     ///   node from serving its mailbox for more than 10 s while other tests wrote back their
     ///   region files on the same disk.
-    public static func recordSlabClass(in region: Region, layout: SlabLayout, slot: ObjectSlot, persist: Bool = false) {
+    package static func recordSlabClass(in region: Region, layout: SlabLayout, slot: ObjectSlot, persist: Bool = false) {
         if recordSlabClass(at: region.base, layout: layout, slot: slot), persist {
             try? region.persist(offset: SlabLayout.tableOffset + (slot.offset >> layout.slabShift) * 2, length: 2)
         }
     }
 
     /// Returns a slot whose free committed (its header already says free) to the free list.
-    public func didFree(_ slot: ObjectSlot) {
+    package func didFree(_ slot: ObjectSlot) {
         let classIndex = classes.firstIndex(of: slot.lines)!
         state.withLock { state in
             state.allocated -= 1
@@ -228,7 +228,7 @@ public final class SlabAllocator: @unchecked Sendable {
     ///
     /// - Throws: ``AllocationError/notAnObject(_:reason:)`` if `offset` is in the metadata, in an
     ///   unused slab, or not at the start of a slot.
-    public func slot(at offset: Int) throws(AllocationError) -> ObjectSlot {
+    package func slot(at offset: Int) throws(AllocationError) -> ObjectSlot {
         let address = GlobalAddress(region: region.id, offset: UInt32(truncatingIfNeeded: offset))
         guard offset >= layout.firstSlabOffset, offset < layout.regionSize else {
             throw .notAnObject(address, reason: "outside the region's slabs")
@@ -250,7 +250,7 @@ public final class SlabAllocator: @unchecked Sendable {
 
     /// ``slot(in:layout:at:)`` for the mapping at `base` of data region `region`, without a
     /// reference to the region (callers on hot paths hold its base, not the object).
-    public static func slot(inRegion region: RegionID, at base: UnsafeRawPointer, layout: SlabLayout,
+    package static func slot(inRegion region: RegionID, at base: UnsafeRawPointer, layout: SlabLayout,
                             offset: Int) throws(AllocationError) -> ObjectSlot {
         let address = GlobalAddress(region: region, offset: UInt32(truncatingIfNeeded: offset))
         guard offset >= layout.firstSlabOffset, offset < layout.regionSize else {
@@ -264,7 +264,7 @@ public final class SlabAllocator: @unchecked Sendable {
     /// ``recordSlabClass(in:layout:slot:persist:)`` for the mapping at `base`, not persisted.
     /// Returns whether it wrote the entry.
     @discardableResult
-    public static func recordSlabClass(at base: UnsafeMutableRawPointer, layout: SlabLayout, slot: ObjectSlot) -> Bool {
+    package static func recordSlabClass(at base: UnsafeMutableRawPointer, layout: SlabLayout, slot: ObjectSlot) -> Bool {
         let entry = SlabLayout.tableOffset + (slot.offset >> layout.slabShift) * 2
         guard base.load(fromByteOffset: entry, as: UInt16.self) == 0 else { return false }
         base.storeBytes(of: UInt16(slot.lines), toByteOffset: entry, as: UInt16.self)
@@ -272,12 +272,12 @@ public final class SlabAllocator: @unchecked Sendable {
     }
 
     /// Like ``slot(at:)`` for any mapping of a data region (a replica), from its slab table.
-    public static func slot(in region: Region, layout: SlabLayout, at offset: Int) throws(AllocationError) -> ObjectSlot {
+    package static func slot(in region: Region, layout: SlabLayout, at offset: Int) throws(AllocationError) -> ObjectSlot {
         try slot(inRegion: region.id, at: region.base, layout: layout, offset: offset)
     }
 
     /// Counts for monitoring and tests.
-    public var statistics: (allocated: Int, reserved: Int, free: Int, unusedSlabs: Int) {
+    package var statistics: (allocated: Int, reserved: Int, free: Int, unusedSlabs: Int) {
         state.withLock { state in
             (state.allocated, state.reserved, state.freeSlots.reduce(0) { $0 + $1.count }, state.unusedSlabs.count)
         }

@@ -14,7 +14,7 @@ import Musl
 ///            ... + 64                     ring: `capacity` bytes (a power of two)
 /// ```
 /// Messages start at ring positions that are multiples of 64; the message at position `p` and
-/// the one after it, at `q = p + stride` (``ChannelFormat/stride(_:)``: the payload rounded up to
+/// the one after it, at `q = p + stride` (`ChannelFormat.stride(_:)`: the payload rounded up to
 /// 8 bytes, plus 16, rounded up to 64):
 /// ```
 /// p + 56             header   length (bits 0..31) | sender (bits 32..47) | magic "GM" (bits 48..63)
@@ -175,7 +175,7 @@ public final class Mailbox: @unchecked Sendable {
     @usableFromInline let claimHolder = Atomic<UInt>(0)
     /// Per sender ring: the stream position of the next message to hand over (the receiver's
     /// progress, in this process's memory). The consumed counter in the ring's control line
-    /// (what senders see) lags it while messages are kept (``MailboxPoller/poll(from:limit:keeping:)``).
+    /// (what senders see) lags it while messages are kept (``MailboxPoller/poll(from:kind:limit:keeping:)``).
     /// Written only by the holder of the poll claim; read by anyone (relaxed) to see if a ring may
     /// hold a message.
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
@@ -197,8 +197,8 @@ public final class Mailbox: @unchecked Sendable {
     /// cleared, unless `preservingLog` (then its rings, which hold the records kept as the node's
     /// log, are left as they are for recovery to read; ``resetRings()`` clears them after).
     ///
-    /// - Throws: ``RegionError/invalidArgument(_:)`` for a ring capacity that is not a power of two
-    ///   of at least 4 KiB and at most 1 GiB; ``RegionError`` for a file that is not this
+    /// - Throws: `RegionError.invalidArgument(_:)` for a ring capacity that is not a power of two
+    ///   of at least 4 KiB and at most 1 GiB; `RegionError` for a file that is not this
     ///   mailbox.
     public init(node: NodeID, directory: RegionDirectory, cluster: ClusterID,
                 ringCapacity: Int = ChannelFormat.defaultRingCapacity, preservingLog: Bool = false) throws(RegionError) {
@@ -271,7 +271,7 @@ public final class Mailbox: @unchecked Sendable {
     }
 
     /// Releases the kept message at stream position `position` of `sender`'s log ring (handed over by
-    /// ``MailboxPoller/poll(from:limit:keeping:)`` with `true`): marks it released. The consumed
+    /// ``MailboxPoller/poll(from:kind:limit:keeping:)`` with `true`): marks it released. The consumed
     /// counter moves over it (so senders may reuse the space) at the end of the poll of that ring,
     /// or at ``advanceReleased()``: once per batch of releases, not once per message. The caller
     /// holds the poll claim.
@@ -494,7 +494,7 @@ public struct MailboxPoller: ~Copyable {
         })
     }
 
-    /// ``poll(from:limit:_:)`` for a receiver that keeps some messages in the ring as its log:
+    /// ``MailboxPoller/poll(from:kind:limit:_:)`` for a receiver that keeps some messages in the ring as its log:
     /// `handler` gets each message with its stream position and returns whether to keep it. A
     /// kept message stays in the ring (the sender cannot reuse its space) until
     /// ``Mailbox/releaseMessage(from:at:)``; the others are freed at once, or, behind a kept one,
@@ -712,7 +712,7 @@ public struct ChannelReceiver: Sendable {
     /// Whether no message (not even a partly written one) waits at the head of the ring.
     public var isEmpty: Bool { mailbox.isEmpty(from: sender, kind: kind) }
 
-    /// ``MailboxPoller/poll(from:limit:_:)`` on this ring, waiting for the poll claim if another
+    /// ``MailboxPoller/poll(from:kind:limit:_:)`` on this ring, waiting for the poll claim if another
     /// thread holds it.
     @discardableResult
     public func poll(limit: Int = .max, _ handler: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
@@ -739,7 +739,7 @@ public final class ChannelSender: Sendable {
     public let ringCapacity: Int
     /// The largest message this channel carries.
     public let maximumMessage: Int
-    /// How long ``send(_:)`` waits for a receiver that does not free ring space.
+    /// How long ``send(_:usingReserve:)`` waits for a receiver that does not free ring space.
     public let sendTimeoutNanoseconds: UInt64
     /// Which of the receiver's rings this channel writes.
     public let kind: RingKind
@@ -960,7 +960,7 @@ public final class ChannelSender: Sendable {
     ///   ``TransportError/channelFull(receiver:waitedMilliseconds:)`` after the send timeout, or the
     ///   transport's error.
     /// With `usingReserve`, the message may use the last eighth of the ring, which other messages
-    /// leave free: a receiver that keeps messages in its ring as a log (``MailboxPoller/poll(from:limit:keeping:)``)
+    /// leave free: a receiver that keeps messages in its ring as a log (``MailboxPoller/poll(from:kind:limit:keeping:)``)
     /// frees their space only when later messages (a truncation, say) arrive, and those must find
     /// room even when the kept ones have filled the rest.
     @inlinable @inline(__always)
@@ -1011,7 +1011,7 @@ public final class ChannelSender: Sendable {
         return try sendSlowly(message, wait: false, limit: limit)
     }
 
-    /// The sends that ``send(_:)`` and ``trySend(_:)`` do not finish inline: a message too large,
+    /// The sends that ``send(_:usingReserve:)`` and ``trySend(_:)`` do not finish inline: a message too large,
     /// a ring that looks full, and the unmapped path.
     @usableFromInline
     func sendSlowly(_ message: UnsafeRawBufferPointer, wait: Bool, limit: Int) throws(TransportError) -> Bool {

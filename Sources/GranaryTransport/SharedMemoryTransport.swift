@@ -180,7 +180,7 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
     }
 
     /// Starts fetching the lines of the `length` bytes at `address` on `node` into this core's
-    /// cache (``CacheLines/prefetch(_:count:)``), without waiting for them. An address outside the
+    /// cache (`CacheLines.prefetch(_:count:)`), without waiting for them. An address outside the
     /// node's regions is ignored.
     @inlinable
     public func prefetch(from node: NodeID, _ address: GlobalAddress, length: Int) {
@@ -189,7 +189,7 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
     }
 
     /// An object read: whole lines of one object are copied under its header
-    /// (``ObjectLayout/copyObject(from:to:lines:)``); anything else as ``read(from:_:into:)``.
+    /// (`ObjectLayout.copyObject(from:to:lines:)`); anything else as ``read(from:_:into:)``.
     @inlinable
     public func readObject(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) {
         let source = try resolve(node, address, buffer.count)

@@ -14,7 +14,7 @@ import GranaryMemory
 ///   8-byte word visible last, as an RDMA WRITE on a reliable-connected queue pair does; message
 ///   channels rely on this for their trailer words.
 /// - A ``read(from:_:into:)`` of whole, 64-byte aligned cache lines reads each line as a unit, so
-///   ``ObjectLayout/check(snapshot:lines:)`` detects a read that overlapped a write. A line the
+///   `ObjectLayout.check(snapshot:lines:)` detects a read that overlapped a write. A line the
 ///   backend could not read as a unit (it kept changing under a writer) comes back with the lock
 ///   bit of its first word set, which that check rejects. (Shared memory: a per-line sequence
 ///   lock; hardware RDMA: the NIC's DMA; software RDMA devices: two READs compared.)
@@ -37,9 +37,9 @@ public protocol Transport: AnyObject, Sendable {
     /// `buffer`: whole 64-byte lines starting at the object's header line. One round trip.
     ///
     /// The same guarantee as ``read(from:_:into:)`` for an object's lines (each line whole, or
-    /// rejected by ``ObjectLayout/check(snapshot:lines:)``), but a backend may rely on the lines
+    /// rejected by `ObjectLayout.check(snapshot:lines:)`), but a backend may rely on the lines
     /// being one object's and use its header as a sequence lock over all of them (shared memory:
-    /// ``ObjectLayout/copyObject(from:to:lines:)``). The default is ``read(from:_:into:)``.
+    /// `ObjectLayout.copyObject(from:to:lines:)`). The default is ``read(from:_:into:)``.
     func readObject(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError)
 
     /// Copies `buffer` to `address` on `node`. Returns when the transport reports completion.

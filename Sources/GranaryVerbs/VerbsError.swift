@@ -8,7 +8,7 @@ import Musl
 /// Why a ``VerbsTransport`` could not be set up: no RDMA device, a verbs call that failed while
 /// opening the device, or an endpoint that cannot be published.
 ///
-/// Failures of one-sided operations and of connecting to a peer are ``TransportError``s (the
+/// Failures of one-sided operations and of connecting to a peer are `TransportError`s (the
 /// protocol's error type); they name the peer, the address and the work completion status.
 public enum VerbsError: Error, Sendable, Equatable, CustomStringConvertible {
     /// No RDMA device (or none with the requested name).

@@ -18,8 +18,8 @@ import Musl
 /// domain per transport (per node); each registered region is one memory region
 /// (`ibv_reg_mr`, local write + remote read/write/atomic).
 ///
-/// **Endpoints and connections.** A node's endpoint is its ``RegionDirectory``, as for
-/// ``SharedMemoryTransport``: the transport listens on the Unix-domain socket `verbs.sock` there.
+/// **Endpoints and connections.** A node's endpoint is its `RegionDirectory`, as for
+/// `SharedMemoryTransport`: the transport listens on the Unix-domain socket `verbs.sock` there.
 /// Peers are added with ``addPeer(_:endpoint:)``; the first operation towards a peer connects
 /// lazily. The requester creates an RC QP and sends its QP number, PSN, GID and LID over the
 /// socket; the peer's listener thread creates the responder QP, connects it and answers with its
@@ -46,12 +46,12 @@ import Musl
 /// Threads do not wait for each other: each posts and polls under its own connection's lock, which
 /// others take only to drop the connection or read its counters. The number of such connections
 /// is bounded by `Options.connectionsPerPeer` (16 by default) per peer: the first that many threads
-/// to operate through the transport get a thread slot (see ``ThreadSlots``); later threads share
+/// to operate through the transport get a thread slot (see `ThreadSlots`); later threads share
 /// one more connection per peer and take turns on its lock (post + poll under it). A slot goes
 /// back when its thread exits, and its connections stay up for the next thread that takes it. A
 /// batch takes its thread's connections to the peers it names in node order.
 ///
-/// **Ordering** (the guarantees ``Transport`` documents): a WRITE's last 8-byte word becomes visible
+/// **Ordering** (the guarantees `Transport` documents): a WRITE's last 8-byte word becomes visible
 /// last, as RC RDMA WRITE places data in order in practice (rxe copies packet by packet, in
 /// order). A READ of whole cache lines reads each line as a unit: on a hardware NIC that is
 /// assumed of its DMA (as FaRM does), not guaranteed by the verbs specification. On a software
@@ -66,15 +66,15 @@ import Musl
 /// ``VerbsAtomicCapability/hca``. Do not mix CPU and NIC atomics on one word otherwise (Granary's
 /// engine locks objects at the primary's CPU and never uses NIC atomics on lock words).
 ///
-/// **Failures.** Error completions become ``TransportError``s naming the peer, the operation and the
+/// **Failures.** Error completions become `TransportError`s naming the peer, the operation and the
 /// `ibv_wc_status_str` text; `IBV_WC_RETRY_EXC_ERR` (a dead peer) is
-/// ``TransportError/peerUnreachable(node:detail:)``, reported after about 0.5 s of retransmissions.
+/// `TransportError.peerUnreachable(node:detail:)`, reported after about 0.5 s of retransmissions.
 /// After any error the connection is dropped and the next operation reconnects.
 ///
-/// `@unchecked Sendable`: all stored properties are immutable; each ``Peer``'s endpoint and each
-/// ``Connection``'s mutable state are guarded by their own locks, ``ThreadSlots`` guards its free
-/// list with a lock (a thread's slot table belongs to that thread), ``LocalRegions`` publishes with release/acquire atomics, and the
-/// ``Listener``'s state belongs to its thread.
+/// `@unchecked Sendable`: all stored properties are immutable; each `Peer`'s endpoint and each
+/// `Connection`'s mutable state are guarded by their own locks, `ThreadSlots` guards its free
+/// list with a lock (a thread's slot table belongs to that thread), `LocalRegions` publishes with release/acquire atomics, and the
+/// `Listener`'s state belongs to its thread.
 public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Tuning of a transport. The defaults suit tests and small clusters.
     public struct Options: Sendable {
@@ -239,7 +239,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     }
 
     /// Removes the peer `node`: every thread's connection to it is destroyed (QP, completion queue,
-    /// staging buffer) and operations towards it fail with ``TransportError/unknownNode(_:)`` until
+    /// staging buffer) and operations towards it fail with `TransportError.unknownNode(_:)` until
     /// it is added again.
     public func removePeer(_ node: NodeID) {
         guard node.index < NodeID.limit else { return }
@@ -269,7 +269,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Registers `region` with the NIC (`ibv_reg_mr` over the whole mapping). Registering a region
     /// id again changes nothing.
     ///
-    /// - Throws: ``TransportError/backend(call:node:detail:)`` naming `ibv_reg_mr`; for ENOMEM the
+    /// - Throws: `TransportError.backend(call:node:detail:)` naming `ibv_reg_mr`; for ENOMEM the
     ///   message says to raise the memlock limit (`ulimit -l unlimited`).
     public func register(_ region: Region) throws(TransportError) {
         try regions.register(region)
@@ -278,7 +278,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// The start of this node's own registered region `region` (its mapping, which the NIC serves
     /// to peers).
     ///
-    /// - Throws: ``TransportError/unknownRegion(node:region:reason:)`` if it was not registered.
+    /// - Throws: `TransportError.unknownRegion(node:region:reason:)` if it was not registered.
     public func localPointer(_ region: RegionID) throws(TransportError) -> UnsafeMutableRawPointer {
         guard let record = regions.record(region) else {
             throw .unknownRegion(node: localNode, region: region, reason: "this node has not registered it with its verbs transport")
@@ -370,7 +370,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
 
     /// Appends a READ split into pieces the staging buffer holds, posting and completing the chain
     /// whenever it is full.
-    /// A checked read appends each piece as two READs (``Connection/appendCheckedRead(remote:rkey:length:into:address:)``),
+    /// A checked read appends each piece as two READs (`Connection.appendCheckedRead(remote:rkey:length:into:address:)`),
     /// in pieces of half the staging buffer.
     @inline(__always)
     private static func appendRead(_ peer: Connection, remote: UInt64, rkey: UInt32, length: Int,

@@ -1,12 +1,12 @@
 import Foundation
 import Granary
-@_spi(Testing) import GranaryEngine
+import GranaryEngine
 import GranaryCheck
 import Synchronization
 
 /// The workloads of `granary check run`: transactions whose reads reveal the order of writes
 /// (Elle's list-append and rw-register), so that a checker can rebuild the dependency graph.
-public enum CheckWorkload: String, CaseIterable, Sendable {
+package enum CheckWorkload: String, CaseIterable, Sendable {
     /// Each transaction: a few `append(key, unique value)` and `read(key)` of whole lists.
     case listAppend = "list-append"
     /// Each transaction: a few `write(key, unique value)` and `read(key)` of registers.
@@ -14,7 +14,7 @@ public enum CheckWorkload: String, CaseIterable, Sendable {
 }
 
 /// The faults `granary check run` can inject, each logged in the history with its time.
-public enum CheckFault: String, CaseIterable, Sendable {
+package enum CheckFault: String, CaseIterable, Sendable {
     /// Kill the whole cluster (SIGKILL of the process that runs it) and reopen it from its region
     /// files, with restart recovery. Needs the cluster in a child process (`granary check run`).
     case kill
@@ -36,43 +36,43 @@ public enum CheckFault: String, CaseIterable, Sendable {
 }
 
 /// What one run of clients (one cluster process's life, under `kill`) does.
-public struct CheckRunOptions: Sendable {
-    public var workload: CheckWorkload = .listAppend
-    public var nodes = 3
-    public var replicas = 3
+package struct CheckRunOptions: Sendable {
+    package var workload: CheckWorkload = .listAppend
+    package var nodes = 3
+    package var replicas = 3
     /// Client threads; client `c` runs its transactions on node `c % nodes`.
-    public var clients = 6
+    package var clients = 6
     /// Keys in use at a time (a small key space: conflicts are frequent).
-    public var activeKeys = 8
+    package var activeKeys = 8
     /// Micro-operations per transaction, at most.
-    public var maximumOperations = 4
+    package var maximumOperations = 4
     /// Elements a list-append key holds; a full key retires and the next one comes into use.
-    public var listCapacity = 256
+    package var listCapacity = 256
     /// Keys allocated for list-append (each `listCapacity` elements).
-    public var totalKeys = 1_000
-    public var seconds: Double = 10
+    package var totalKeys = 1_000
+    package var seconds: Double = 10
     /// In-process faults (``CheckFault/faults``, ``CheckFault/slow``).
-    public var faults: Set<CheckFault> = []
+    package var faults: Set<CheckFault> = []
     /// Seconds between fault windows (each window lasts half of it).
-    public var faultInterval: Double = 1
+    package var faultInterval: Double = 1
     /// Failure probability of each send or read inside a ``CheckFault/faults`` window.
-    public var faultProbability: Double = 0.02
+    package var faultProbability: Double = 0.02
     /// A deliberately broken protocol (to show that the checker catches it).
-    @_spi(Testing) public var sabotage: ProtocolSabotage?
-    public var seed: UInt64 = 1
+    package var sabotage: ProtocolSabotage?
+    package var seed: UInt64 = 1
     /// Client process ids start here (later lives of the cluster use new ids).
-    public var processBase = 0
+    package var processBase = 0
     /// Values written start above this (unique across lives of the cluster).
-    public var valueBase = 0
-    public var regionSize = 16 << 20
+    package var valueBase = 0
+    package var regionSize = 16 << 20
     /// Write each invoke to the history file before running its transaction (a process that
     /// may be killed must never leave a committed write without its invoke on file).
-    public var flushInvokes = false
+    package var flushInvokes = false
 
-    public init() {}
+    package init() {}
 
     /// Cluster options for the run (the same on every reopen).
-    public var clusterOptions: ClusterOptions {
+    package var clusterOptions: ClusterOptions {
         var options = ClusterOptions()
         options.regionSize = regionSize
         options.engine.maximumAttempts = 1_000
@@ -85,23 +85,23 @@ public struct CheckRunOptions: Sendable {
 }
 
 /// What a run did.
-public struct CheckRunSummary: Sendable {
-    public var ok = 0
-    public var failed = 0
-    public var unknown = 0
-    public var faults = 0
+package struct CheckRunSummary: Sendable {
+    package var ok = 0
+    package var failed = 0
+    package var unknown = 0
+    package var faults = 0
     /// The first error a transaction failed with (other than a full list-append key), for the summary.
-    public var firstFailure: String?
+    package var firstFailure: String?
 
-    public init() {}
+    package init() {}
 }
 
 /// Objects of the workload: one per key, allocated when the cluster is created, their addresses
 /// kept in the cluster directory (so a reopened cluster finds them).
-public struct CheckKeys: Sendable {
-    public var addresses: [GlobalAddress]
+package struct CheckKeys: Sendable {
+    package var addresses: [GlobalAddress]
 
-    public static let fileName = "check-keys.txt"
+    package static let fileName = "check-keys.txt"
 
     /// Bytes of a key's object: a count, then the list's elements (list-append), or a register.
     static func objectBytes(_ options: CheckRunOptions) -> Int {
@@ -109,7 +109,7 @@ public struct CheckKeys: Sendable {
     }
 
     /// The keys of the cluster in `directory` (allocated and recorded there if it has none yet).
-    public static func prepare(_ cluster: Cluster, directory: String?, options: CheckRunOptions) async throws -> CheckKeys {
+    package static func prepare(_ cluster: Cluster, directory: String?, options: CheckRunOptions) async throws -> CheckKeys {
         let path = directory.map { $0 + "/" + fileName }
         if let path, let text = try? String(contentsOfFile: path, encoding: .utf8) {
             let addresses = text.split(separator: "\n").compactMap { UInt64($0) }.map(GlobalAddress.init(rawValue:))
@@ -134,9 +134,9 @@ public struct CheckKeys: Sendable {
     }
 }
 
-public struct CheckRunError: Error, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
+package struct CheckRunError: Error, CustomStringConvertible {
+    package let description: String
+    package init(_ description: String) { self.description = description }
 }
 
 /// A list-append key that is full: the transaction is refused (certainly not committed).
@@ -144,7 +144,7 @@ struct KeyFull: Error { let key: Int }
 
 /// Runs the workload's clients on `cluster` for `options.seconds`, with the in-process faults,
 /// recording every invocation and completion in `history`.
-public enum CheckRunner {
+package enum CheckRunner {
     /// What the client threads and the nemesis share. `Sendable`: every field is an atomic or a mutex.
     final class Shared: Sendable {
         let nextValue: Atomic<Int>
@@ -155,7 +155,7 @@ public enum CheckRunner {
         init(valueBase: Int) { nextValue = Atomic(valueBase + 1) }
     }
 
-    public static func run(_ cluster: Cluster, keys: CheckKeys, options: CheckRunOptions, history: HistoryWriter) async -> CheckRunSummary {
+    package static func run(_ cluster: Cluster, keys: CheckKeys, options: CheckRunOptions, history: HistoryWriter) async -> CheckRunSummary {
         let deadline = ContinuousClock.now + .milliseconds(Int(options.seconds * 1000))
         let shared = Shared(valueBase: options.valueBase)
         let nemesis = Thread { runNemesis(cluster, options: options, history: history, shared: shared) }

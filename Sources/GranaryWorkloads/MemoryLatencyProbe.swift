@@ -9,14 +9,14 @@ import Glibc
 /// because the workloads are bound by cache misses. On the project's machine it stayed at
 /// 150-190 ns through runs at full and at half speed: the slow spells show in
 /// ``CoreToCoreProbe`` instead.
-public final class MemoryLatencyProbe {
+package final class MemoryLatencyProbe {
     private let lines: Int
     private let table: UnsafeMutablePointer<UInt64>
     /// Where the last chase ended (kept so the loads are not optimised away).
-    public private(set) var lastPosition: UInt64 = 0
+    package private(set) var lastPosition: UInt64 = 0
 
     /// A probe over `megabytes` MiB (one 64-byte line per hop).
-    public init(megabytes: Int = 64, seed: UInt64 = 1) {
+    package init(megabytes: Int = 64, seed: UInt64 = 1) {
         lines = max(2, (megabytes << 20) / 64)
         table = .allocate(capacity: lines * 8)
         var order = Array(0..<lines)
@@ -30,7 +30,7 @@ public final class MemoryLatencyProbe {
     deinit { table.deallocate() }
 
     /// Nanoseconds per dependent load, over `hops` loads.
-    public func measure(hops: Int = 500_000) -> Double {
+    package func measure(hops: Int = 500_000) -> Double {
         var position = lastPosition
         let start = monotonicNanoseconds()
         for _ in 0..<hops { position = table[Int(position)] }
@@ -45,7 +45,7 @@ public final class MemoryLatencyProbe {
 /// it depends on where the host runs the virtual CPUs (two hyperthreads of one core, two cores of
 /// one cache complex, or further apart) and can change while a benchmark runs: measured here it
 /// went from 60-110 ns to 26 ns and back within a minute, and the benchmarks' throughput with it.
-public enum CoreToCoreProbe {
+package enum CoreToCoreProbe {
     /// `@unchecked Sendable`: the word is an atomic; the class only carries it to the thread.
     private final class Shared: @unchecked Sendable {
         let word = Atomic<Int>(0)
@@ -54,7 +54,7 @@ public enum CoreToCoreProbe {
     }
 
     /// Nanoseconds per one-way handoff of a cache line, over `rounds` round trips.
-    public static func measure(rounds: Int = 100_000) -> Double {
+    package static func measure(rounds: Int = 100_000) -> Double {
         let shared = Shared(rounds: rounds)
         var thread = pthread_t()
         let context = Unmanaged.passRetained(shared).toOpaque()

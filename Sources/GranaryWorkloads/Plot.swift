@@ -3,8 +3,8 @@ import Foundation
 /// A self-contained SVG with two panels: committed transactions per second over the run, and the
 /// latency by percentile (HdrHistogram's axis: 90%, 99%, 99.9%, 99.99% equally spaced; latency on
 /// a log axis). Opens in any browser.
-public enum BenchPlot {
-    public static func svg(title: String, report: RunReport, intervalSeconds: Double = 0.25) -> String {
+package enum BenchPlot {
+    package static func svg(title: String, report: RunReport, intervalSeconds: Double = 0.25) -> String {
         let width = 900.0, height = 380.0, panel = 400.0, top = 50.0, plotHeight = 260.0, left = 70.0
         var out = """
         <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(width))" height="\(Int(height))" viewBox="0 0 \(Int(width)) \(Int(height))" font-family="Helvetica, Arial, sans-serif" font-size="12">

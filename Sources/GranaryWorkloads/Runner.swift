@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// A workload the benchmark harness can drive: it loads its data, then runs transactions.
-public protocol Workload: Sendable {
+package protocol Workload: Sendable {
     /// The transaction types it mixes, for per-type reporting.
     var transactionTypes: [String] { get }
     /// Creates the workload's data in `cluster`.
@@ -19,15 +19,15 @@ public protocol Workload: Sendable {
 }
 
 /// What one committed transaction of a workload did.
-public struct TransactionOutcome: Sendable {
+package struct TransactionOutcome: Sendable {
     /// Index of its type in ``Workload/transactionTypes``.
-    public var type: Int
+    package var type: Int
     /// A workload-defined change the invariant check accounts for (money added, rows inserted).
-    public var delta: Int64
+    package var delta: Int64
     /// Whether the transaction found what it looked for (TATP counts "not found" as completed).
-    public var succeeded: Bool
+    package var succeeded: Bool
 
-    public init(type: Int, delta: Int64 = 0, succeeded: Bool = true) {
+    package init(type: Int, delta: Int64 = 0, succeeded: Bool = true) {
         self.type = type
         self.delta = delta
         self.succeeded = succeeded
@@ -35,13 +35,13 @@ public struct TransactionOutcome: Sendable {
 }
 
 /// SplitMix64: small, fast and reproducible from a seed.
-public struct WorkloadRandom: RandomNumberGenerator, Sendable {
-    public var state: UInt64
+package struct WorkloadRandom: RandomNumberGenerator, Sendable {
+    package var state: UInt64
     /// A generator whose stream is unrelated to that of any nearby seed. (SplitMix64 walks one
     /// fixed sequence; starting at `seed * gamma` would make the streams of seeds s and s + k the
     /// same sequence k steps apart, so one worker would replay another's transactions.)
-    public init(seed: UInt64) { state = Self.mix(seed &+ 0x2545_F491_4F6C_DD1D) }
-    public mutating func next() -> UInt64 {
+    package init(seed: UInt64) { state = Self.mix(seed &+ 0x2545_F491_4F6C_DD1D) }
+    package mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         return Self.mix(state)
     }
@@ -53,55 +53,55 @@ public struct WorkloadRandom: RandomNumberGenerator, Sendable {
         return z ^ (z >> 31)
     }
     /// Uniform in `range`.
-    public mutating func uniform(_ range: ClosedRange<Int>) -> Int {
+    package mutating func uniform(_ range: ClosedRange<Int>) -> Int {
         range.lowerBound + Int(next() % UInt64(range.count))
     }
 }
 
 /// What a run measured.
-public struct RunReport: Sendable, Codable {
-    public struct TypeFigures: Sendable, Codable {
-        public var name: String
-        public var committed: Int
-        public var perSecond: Double
+package struct RunReport: Sendable, Codable {
+    package struct TypeFigures: Sendable, Codable {
+        package var name: String
+        package var committed: Int
+        package var perSecond: Double
         /// Of the committed, how many found what they looked for.
-        public var succeeded: Int
+        package var succeeded: Int
         /// This type's latency from first attempt to commit: "p50", "p90", "p99", "p99.9".
-        public var latencyNanoseconds: [String: UInt64]? = nil
+        package var latencyNanoseconds: [String: UInt64]? = nil
     }
-    public var seconds: Double
-    public var committed: Int
-    public var committedPerSecond: Double
-    public var attempts: Int
-    public var aborts: [String: Int]
-    public var abortRate: Double
-    public var latencyNanoseconds: [String: UInt64]  // "p50", "p90", "p99", "p99.9"
-    public var byType: [TypeFigures]
+    package var seconds: Double
+    package var committed: Int
+    package var committedPerSecond: Double
+    package var attempts: Int
+    package var aborts: [String: Int]
+    package var abortRate: Double
+    package var latencyNanoseconds: [String: UInt64]  // "p50", "p90", "p99", "p99.9"
+    package var byType: [TypeFigures]
     /// Mean nanoseconds per transaction spent in each protocol phase (where it ran).
-    public var phaseMeanNanoseconds: [String: Double]
+    package var phaseMeanNanoseconds: [String: Double]
     /// Committed per second in each interval of the run (for plots), every ``intervalSeconds``.
-    public var timeline: [Double]
+    package var timeline: [Double]
     /// The length of one ``timeline`` interval.
-    public var intervalSeconds: Double = 0.25
+    package var intervalSeconds: Double = 0.25
     /// (latency ns, cumulative fraction) points of the latency CDF, dense in the tail (every
     /// percent to 99, every 0.1 to 99.9, every 0.01 to 99.99, then 100).
-    public var latencyCDF: [[Double]]
+    package var latencyCDF: [[Double]]
     /// Sum of the committed transactions' deltas.
-    public var committedDelta: Int64
+    package var committedDelta: Int64
     /// Transactions given up after the attempt limit, or failed with a non-retryable error.
-    public var failed: Int
+    package var failed: Int
     /// Worker threads started.
-    public var workers: Int = 0
+    package var workers: Int = 0
     /// Whether ``WorkerCountController`` chose how many of them ran (see ``Runner/run(_:on:workers:adaptive:seconds:seed:progress:)``).
-    public var adaptiveWorkers: Bool = false
+    package var adaptiveWorkers: Bool = false
     /// How many workers were running in each interval of ``timeline``.
-    public var activeWorkers: [Int] = []
+    package var activeWorkers: [Int] = []
     /// With a crash plan: transactions committed in each millisecond of the run, and the index of
     /// the millisecond in which the node was crashed (monotonic time of the crash in
     /// `crashNanoseconds`).
-    public var millisecondBins: [Int]? = nil
-    public var crashBin: Int? = nil
-    public var crashNanoseconds: UInt64? = nil
+    package var millisecondBins: [Int]? = nil
+    package var crashBin: Int? = nil
+    package var crashNanoseconds: UInt64? = nil
 }
 
 /// Chooses how many of a run's worker threads issue transactions: all of them, or one.
@@ -126,10 +126,10 @@ public struct RunReport: Sendable, Codable {
 ///
 /// Intervals are the runner's progress intervals (250 ms). Not thread-safe: the sampler thread
 /// owns it.
-public struct WorkerCountController: Sendable {
-    public let maximum: Int
+package struct WorkerCountController: Sendable {
+    package let maximum: Int
     /// The configuration believed faster.
-    public private(set) var current: Int
+    package private(set) var current: Int
     /// The rates of the trial under way (its configuration is the other one).
     private var trialRates: [Double]?
     /// Rates of `current`'s intervals since the last decision, newest last (at most four).
@@ -137,21 +137,21 @@ public struct WorkerCountController: Sendable {
     private var intervals = 0
     private var lastDecision = 0
     private var trialAfterNext = false
-    public static let margin = 1.05
-    public static let abandon = 0.8
-    public static let shift = 0.25
-    public static let trialIntervals = 2
-    public static let reprobeIntervalsWithAll = 24
-    public static let reprobeIntervalsWithOne = 12
+    package static let margin = 1.05
+    package static let abandon = 0.8
+    package static let shift = 0.25
+    package static let trialIntervals = 2
+    package static let reprobeIntervalsWithAll = 24
+    package static let reprobeIntervalsWithOne = 12
 
-    public init(maximum: Int) {
+    package init(maximum: Int) {
         precondition(maximum >= 1)
         self.maximum = maximum
         self.current = maximum
     }
 
     /// The configuration being tried, if a trial is under way.
-    public var trial: Int? { trialRates == nil ? nil : other }
+    package var trial: Int? { trialRates == nil ? nil : other }
 
     private var other: Int { current == maximum ? 1 : maximum }
 
@@ -159,7 +159,7 @@ public struct WorkerCountController: Sendable {
 
     /// Takes the committed/s of the interval that just ended (run with the count this returned
     /// last time, `maximum` at first) and returns how many workers run in the next one.
-    public mutating func next(rate: Double) -> Int {
+    package mutating func next(rate: Double) -> Int {
         intervals += 1
         guard maximum > 1 else { return current }
         if var rates = trialRates {
@@ -203,7 +203,7 @@ public struct WorkerCountController: Sendable {
 }
 
 /// Drives a workload on worker threads spread over a cluster's nodes for a fixed duration.
-public enum Runner {
+package enum Runner {
     /// Runs `workers` threads issuing `workload`'s transactions for `seconds`.
     ///
     /// With `adaptive`, a ``WorkerCountController`` decides each 250 ms interval whether all the
@@ -211,10 +211,10 @@ public enum Runner {
     /// says how many ran in each interval.
     /// A node to crash (``Cluster/crash(_:)``) `at` seconds into the run; the run then counts
     /// commits per millisecond.
-    public struct CrashPlan: Sendable {
-        public var node: NodeID
-        public var at: Double
-        public init(node: NodeID, at: Double) {
+    package struct CrashPlan: Sendable {
+        package var node: NodeID
+        package var at: Double
+        package init(node: NodeID, at: Double) {
             self.node = node
             self.at = at
         }
@@ -226,7 +226,7 @@ public enum Runner {
          "p99": histogram.valueAtPercentile(99), "p99.9": histogram.valueAtPercentile(99.9)]
     }
 
-    public static func run(_ workload: some Workload, on cluster: Cluster, workers: Int, adaptive: Bool = false,
+    package static func run(_ workload: some Workload, on cluster: Cluster, workers: Int, adaptive: Bool = false,
                            seconds: Double, seed: UInt64, crash: CrashPlan? = nil,
                            progress: (@Sendable (String) -> Void)? = nil) -> RunReport {
         let adaptive = adaptive && crash == nil

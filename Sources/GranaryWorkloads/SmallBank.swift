@@ -6,21 +6,21 @@ import Granary
 ///
 /// Transactions address customers by id (as DrTM and FORD do); the Accounts table (id -> name) is
 /// loaded for completeness of the schema.
-public struct SmallBankWorkload: Workload {
-    public struct Name: Sendable, BitwiseCopyable {
-        public var bytes: (UInt64, UInt64)
+package struct SmallBankWorkload: Workload {
+    package struct Name: Sendable, BitwiseCopyable {
+        package var bytes: (UInt64, UInt64)
     }
 
-    public static let types = ["AMALGAMATE", "BALANCE", "DEPOSIT_CHECKING", "SEND_PAYMENT", "TRANSACT_SAVINGS", "WRITE_CHECK"]
+    package static let types = ["AMALGAMATE", "BALANCE", "DEPOSIT_CHECKING", "SEND_PAYMENT", "TRANSACT_SAVINGS", "WRITE_CHECK"]
     /// Cumulative mix in percent, in the order of ``types``.
     static let mix = [15, 30, 45, 70, 85, 100]
 
-    public let accounts: Int
-    public let hotAccounts: Int
-    public let seed: UInt64
+    package let accounts: Int
+    package let hotAccounts: Int
+    package let seed: UInt64
     /// Restricts the mix to these transaction types (indexes into ``types``), equally weighted;
     /// nil runs the full mix. (The peer comparison runs SEND_PAYMENT and AMALGAMATE only.)
-    public var only: [Int]?
+    package var only: [Int]?
     /// The three tables, once loaded.
     final class Tables: Sendable {
         let names: TransactionalHashTable<Name>
@@ -38,18 +38,18 @@ public struct SmallBankWorkload: Workload {
     /// of an optional is retained and released on every transaction, atomic writes to the tables'
     /// reference counts that every worker thread would pass between the cores.
     var unretainedTables: Unmanaged<Tables>?
-    public private(set) var initialTotal: Int64 = 0
+    package private(set) var initialTotal: Int64 = 0
 
-    public init(accounts: Int = 100_000, hotAccounts: Int = 4_000, seed: UInt64 = 1, only: [Int]? = nil) {
+    package init(accounts: Int = 100_000, hotAccounts: Int = 4_000, seed: UInt64 = 1, only: [Int]? = nil) {
         self.accounts = max(2, accounts)
         self.hotAccounts = max(2, min(hotAccounts, accounts))
         self.seed = seed
         self.only = only
     }
 
-    public var transactionTypes: [String] { Self.types }
+    package var transactionTypes: [String] { Self.types }
 
-    public mutating func load(into cluster: Cluster) async throws {
+    package mutating func load(into cluster: Cluster) async throws {
         let n = accounts
         let loaded = Tables(names: try await .create(name: "accounts", capacity: n, in: cluster),
                             savings: try await .create(name: "savings", capacity: n, in: cluster),
@@ -100,7 +100,7 @@ public struct SmallBankWorkload: Workload {
 
     struct Missing: Error {}
 
-    public func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
+    package func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
         let type: Int
         if let only { type = only[random.uniform(0...(only.count - 1))] } else {
             let roll = random.uniform(1...100)
@@ -162,7 +162,7 @@ public struct SmallBankWorkload: Workload {
     }
 
     /// Money: the final total equals the initial total plus the committed deltas.
-    public func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
+    package func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
         let serving = cluster.servingNodes  // a crashed node answers nothing
         var total: Int64 = 0
         let savings = tables!.savings, checking = tables!.checking

@@ -7,36 +7,36 @@ import Granary
 /// stored as its numeric value):
 /// - Subscriber: s_id;  Access_Info: s_id << 3 | ai_type;  Special_Facility: s_id << 3 | sf_type;
 /// - Call_Forwarding: (s_id << 3 | sf_type) << 5 | start_time;  sub_nbr index: sub_nbr -> s_id.
-public struct TATPWorkload: Workload {
-    public struct Subscriber: Sendable, BitwiseCopyable {
-        public var subNbr: UInt64
-        public var hex: UInt64  // hex_1..10, one nibble each
-        public var bits: UInt16  // bit_1..10
-        public var byte2: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8)
-        public var mscLocation: UInt32
-        public var vlrLocation: UInt32
+package struct TATPWorkload: Workload {
+    package struct Subscriber: Sendable, BitwiseCopyable {
+        package var subNbr: UInt64
+        package var hex: UInt64  // hex_1..10, one nibble each
+        package var bits: UInt16  // bit_1..10
+        package var byte2: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8)
+        package var mscLocation: UInt32
+        package var vlrLocation: UInt32
     }
-    public struct AccessInfo: Sendable, BitwiseCopyable {
-        public var data1: UInt8, data2: UInt8
-        public var data3: (UInt8, UInt8, UInt8)
-        public var data4: (UInt8, UInt8, UInt8, UInt8, UInt8)
+    package struct AccessInfo: Sendable, BitwiseCopyable {
+        package var data1: UInt8, data2: UInt8
+        package var data3: (UInt8, UInt8, UInt8)
+        package var data4: (UInt8, UInt8, UInt8, UInt8, UInt8)
     }
-    public struct SpecialFacility: Sendable, BitwiseCopyable {
-        public var isActive: UInt8, errorCntrl: UInt8, dataA: UInt8
-        public var dataB: (UInt8, UInt8, UInt8, UInt8, UInt8)
+    package struct SpecialFacility: Sendable, BitwiseCopyable {
+        package var isActive: UInt8, errorCntrl: UInt8, dataA: UInt8
+        package var dataB: (UInt8, UInt8, UInt8, UInt8, UInt8)
     }
-    public struct CallForwarding: Sendable, BitwiseCopyable {
-        public var endTime: UInt8
-        public var numberx: UInt64
+    package struct CallForwarding: Sendable, BitwiseCopyable {
+        package var endTime: UInt8
+        package var numberx: UInt64
     }
 
-    public static let types = ["GET_SUBSCRIBER_DATA", "GET_NEW_DESTINATION", "GET_ACCESS_DATA", "UPDATE_SUBSCRIBER_DATA",
+    package static let types = ["GET_SUBSCRIBER_DATA", "GET_NEW_DESTINATION", "GET_ACCESS_DATA", "UPDATE_SUBSCRIBER_DATA",
                                "UPDATE_LOCATION", "INSERT_CALL_FORWARDING", "DELETE_CALL_FORWARDING"]
     /// Cumulative mix in percent, in the order of ``types``.
     static let mix = [35, 45, 80, 82, 96, 98, 100]
 
-    public let subscribers: Int
-    public let seed: UInt64
+    package let subscribers: Int
+    package let seed: UInt64
     let a: Int
     var subscriber: TransactionalHashTable<Subscriber>?
     var accessInfo: TransactionalHashTable<AccessInfo>?
@@ -44,16 +44,16 @@ public struct TATPWorkload: Workload {
     var callForwarding: TransactionalHashTable<CallForwarding>?
     var subNbrIndex: TransactionalHashTable<UInt64>?
     /// Call_Forwarding rows after loading.
-    public private(set) var loadedCallForwarding = 0
+    package private(set) var loadedCallForwarding = 0
 
     /// - Parameter scale: N = 100,000 x scale subscribers (fractions allowed for quick runs).
-    public init(scale: Double = 1, seed: UInt64 = 1) {
+    package init(scale: Double = 1, seed: UInt64 = 1) {
         subscribers = max(1, Int(100_000 * scale))
         self.seed = seed
         a = subscribers <= 1_000_000 ? 65_535 : (subscribers <= 10_000_000 ? 1_048_575 : 2_097_151)
     }
 
-    public var transactionTypes: [String] { Self.types }
+    package var transactionTypes: [String] { Self.types }
 
     static func aiKey(_ s: Int, _ type: Int) -> UInt64 { UInt64(s) << 3 | UInt64(type) }
     static func sfKey(_ s: Int, _ type: Int) -> UInt64 { UInt64(s) << 3 | UInt64(type) }
@@ -70,7 +70,7 @@ public struct TATPWorkload: Workload {
         return value
     }
 
-    public mutating func load(into cluster: Cluster) async throws {
+    package mutating func load(into cluster: Cluster) async throws {
         let n = subscribers
         subscriber = try await .create(name: "subscriber", capacity: n, in: cluster)
         subNbrIndex = try await .create(name: "sub_nbr", capacity: n, in: cluster)
@@ -124,7 +124,7 @@ public struct TATPWorkload: Workload {
         Array([1, 2, 3, 4].shuffled(using: &random).prefix(count))
     }
 
-    public func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
+    package func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
         let roll = random.uniform(1...100)
         let type = Self.mix.firstIndex { roll <= $0 }!
         let s = nurand(&random)
@@ -190,7 +190,7 @@ public struct TATPWorkload: Workload {
     /// subscriber has 1-4 Access_Info and 1-4 Special_Facility rows; every Call_Forwarding row has
     /// its Special_Facility row and a valid end time; Call_Forwarding holds the loaded rows plus the
     /// committed inserts minus the committed deletes.
-    public func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
+    package func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
         let serving = cluster.servingNodes  // a crashed node answers nothing
         var problems: [String] = []
         var forwardingRows = 0

@@ -2,16 +2,16 @@ import Granary
 
 /// The engine's micro-benchmark: move money between two random accounts (2 reads, 2 writes), the
 /// accounts spread over every node's regions. Money is conserved.
-public struct TransferWorkload: Workload {
-    public var accounts: Int
-    public var initialBalance: Int64 = 1_000_000
-    public private(set) var addresses: [GlobalAddress] = []
+package struct TransferWorkload: Workload {
+    package var accounts: Int
+    package var initialBalance: Int64 = 1_000_000
+    package private(set) var addresses: [GlobalAddress] = []
 
-    public init(accounts: Int) { self.accounts = accounts }
+    package init(accounts: Int) { self.accounts = accounts }
 
-    public var transactionTypes: [String] { ["transfer"] }
+    package var transactionTypes: [String] { ["transfer"] }
 
-    public mutating func load(into cluster: Cluster) async throws {
+    package mutating func load(into cluster: Cluster) async throws {
         addresses = []
         let perNode = (accounts + cluster.nodes.count - 1) / cluster.nodes.count
         for node in cluster.nodes {
@@ -25,7 +25,7 @@ public struct TransferWorkload: Workload {
         }
     }
 
-    public func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
+    package func runOne(on node: Node, transaction tx: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome {
         let i = Int(random.next() % UInt64(addresses.count))
         let j = (i + 1 + Int(random.next() % UInt64(addresses.count - 1))) % addresses.count
         let a = addresses[i], b = addresses[j]
@@ -39,7 +39,7 @@ public struct TransferWorkload: Workload {
         return TransactionOutcome(type: 0)
     }
 
-    public func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
+    package func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
         let serving = cluster.servingNodes  // a crashed node answers nothing
         var total: Int64 = 0
         for chunk in stride(from: 0, to: addresses.count, by: 500) {

@@ -6,10 +6,10 @@ import Glibc
 #endif
 
 /// A session with an Apache ZooKeeper ensemble through its C client (libzookeeper_mt), as a
-/// ``CoordinationStore``.
+/// `CoordinationStore`.
 ///
 /// Calls are the client's synchronous API (one round trip each to the server). Connection loss,
-/// session expiry and stale versions are typed ``CoordinationError``s.
+/// session expiry and stale versions are typed `CoordinationError`s.
 ///
 /// `@unchecked Sendable`: the multi-threaded C client's handle may be used from any thread; the
 /// Swift-side state is behind a mutex.
@@ -33,9 +33,11 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
     /// Connects to `connectString` (e.g. "127.0.0.1:2181") and waits for the session.
     ///
     /// - Parameters:
+    ///   - connectString: the servers, `host:port` separated by commas.
     ///   - sessionTimeout: the session timeout asked of the server.
+    ///   - connectTimeout: how long to wait for the session.
     ///   - resuming: a session (id, password) to attach to instead of creating one.
-    /// - Throws: ``CoordinationError/connectionLoss(_:)`` when no session is established within
+    /// - Throws: `CoordinationError.connectionLoss(_:)` when no session is established within
     ///   `connectTimeout`.
     public init(connectString: String, sessionTimeout: Duration = .seconds(10), connectTimeout: Duration = .seconds(15),
                 resuming: (id: Int64, password: [CChar])? = nil) throws(CoordinationError) {
@@ -314,7 +316,7 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
 
     /// Calls in flight, and whether the session was closed. The C client's handle must not be
     /// used during or after `zookeeper_close`: a call after ``close()`` fails with
-    /// ``CoordinationError/sessionExpired`` (as on the embedded store), and `close` waits for the
+    /// `CoordinationError.sessionExpired` (as on the embedded store), and `close` waits for the
     /// calls under way to return.
     private let gate = Mutex<(closed: Bool, calls: Int)>((false, 0))
 

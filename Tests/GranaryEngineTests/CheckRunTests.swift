@@ -1,7 +1,7 @@
 import Granary
-@_spi(Testing) import GranaryEngine
+import GranaryEngine
 import GranaryCheck
-@_spi(Testing) import GranaryWorkloads
+import GranaryWorkloads
 import Testing
 
 /// `granary check run`'s workload on an embedded cluster, judged by the checker: clean with the

@@ -1,4 +1,4 @@
-@_spi(Testing) import GranaryEngine
+import GranaryEngine
 import Foundation
 import Granary
 import GranaryTestSupport

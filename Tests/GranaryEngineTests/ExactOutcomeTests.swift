@@ -1,4 +1,4 @@
-@_spi(Testing) import GranaryEngine
+import GranaryEngine
 import Granary
 import GranaryTestSupport
 import GranaryMemory
