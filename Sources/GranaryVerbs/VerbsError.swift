@@ -24,7 +24,7 @@ public enum VerbsError: Error, Sendable, Equatable, CustomStringConvertible {
         switch self {
         case .noDevice(let requested, let available):
             let how = "create a soft-RoCE device with Scripts/softroce-up (a host kernel with rdma_rxe), "
-                + "or run the program inside Scripts/softroce-vm (a qemu guest with rxe0; see README, Soft-RoCE)"
+                + "or run the program inside Scripts/softroce-vm (a qemu guest with rxe0; see docs/VERBS.md, Soft-RoCE)"
             if let requested, !available.isEmpty {
                 return "no RDMA device named '\(requested)' (GRANARY_RDMA_DEVICE or the device argument); "
                     + "devices present: \(available.joined(separator: ", "))"
