@@ -147,3 +147,35 @@ package struct NodeStorage: Sendable {
                    replicas: replicas, options: options, logger: logger)
     }
 }
+
+extension NodeStorage {
+    /// Restart recovery for a cluster of node processes stopped as a whole (every process killed,
+    /// or stopped by `granary cluster down`): opens every member's files in this process (they
+    /// must all be on this host, as `granary cluster up` keeps them), recovers the transactions in
+    /// their logs as `Cluster.local` does when it reopens a directory, and leaves the logs empty,
+    /// so that the nodes start afresh. Run it while no node of the cluster runs.
+    ///
+    /// - Throws: `RegionError` for a node's file that is missing or not what the configuration
+    ///   says (nothing is recovered then: no file was changed).
+    package static func recoverStoppedCluster(_ configuration: Configuration, ringCapacity: Int,
+                                              logger: Logger? = nil) throws -> RestartRecovery.Report {
+        let storage = try configuration.members.map {
+            try NodeStorage(node: $0.node, configuration: configuration, transport: .sharedMemory, ringCapacity: ringCapacity,
+                            preservingLog: true, reopening: true)
+        }
+        return RestartRecovery.recover(
+            configuration: configuration,
+            nodes: storage.map { RestartRecovery.NodeFiles(node: $0.node, mailbox: $0.mailbox, replicas: $0.replicas) },
+            logger: logger)
+    }
+
+    /// How many records this node's log (its mailbox, opened with `preservingLog`) kept from
+    /// before the node stopped: records that restart recovery must decide before anything serves.
+    package var keptRecords: Int {
+        var count = 0
+        for member in configuration.members {
+            Mailbox.keptMessages(in: mailbox.region, ringCapacity: mailbox.ringCapacity, from: member.node) { _, _ in count += 1 }
+        }
+        return count
+    }
+}

@@ -9,7 +9,8 @@ import Glibc
 /// `granary cluster up`: starts the node processes of a cluster file in the background, each in a
 /// process group of its own and ignoring SIGHUP (it outlives this command and the terminal), its
 /// output in `n<id>.log` and its process id in `n<id>.pid` (written by the node) beside the file;
-/// returns once every node is ready.
+/// returns once every node is ready. Over the files of a static cluster stopped as a whole (by
+/// `cluster down`, or every process killed), it first runs restart recovery over every node's log.
 struct ClusterUp: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "up", abstract: "Start a cluster's node processes in the background (cluster init first when there is no cluster.json).")
@@ -40,23 +41,29 @@ struct ClusterUp: ParsableCommand {
         }
         let configuration = Cluster.resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file))),
                                                        against: FilePath(directory))
-        // A cluster of node processes stopped as a whole does not start again from its files yet
-        // (a restarted node waits for a configuration manager to remove its former self, and a
-        // static node clears its logs): refuse rather than lose what they hold.
         for member in configuration.members {
-            let home = try NodeStorage.directory(of: member)
-            if FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: member.node)).string),
-               ClusterDown.runningPid(directory: directory, node: member.node.index) == nil {
-                throw CommandFailure("\(member.node) has region files in \(home.path) from an earlier run: starting a stopped cluster of node processes again is not supported yet; use a new directory (or remove the node directories)")
+            if let pid = ClusterDown.runningPid(directory: directory, node: member.node.index) {
+                throw CommandFailure("\(member.node) runs already (process \(pid), \(directory)/\(member.node).pid): `granary cluster down --directory \(directory)` first")
             }
+        }
+        // A cluster stopped as a whole (cluster down, or every process killed) starts again from
+        // its files: restart recovery over every node's log first, as a reopened embedded cluster.
+        let stopped = try configuration.members.contains { member in
+            FileManager.default.fileExists(atPath: try NodeStorage.directory(of: member).path(for: .mailbox(of: member.node)).string)
+        }
+        if stopped {
+            if coordination != nil {
+                // A restarted member of a coordinated cluster waits for a configuration manager to
+                // remove its former self, which no member of a cluster restarted whole can do.
+                throw CommandFailure("the nodes in \(directory) have region files from an earlier run: a cluster with --coordination does not start again as a whole yet; start it without --coordination (static), or in a new directory")
+            }
+            let report = try NodeStorage.recoverStoppedCluster(configuration, ringCapacity: NodeCommand.ringCapacity)
+            print("recovered: \(report)")
         }
         try? FileManager.default.removeItem(atPath: directory + "/" + ClusterDown.stoppingFile)
         let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
         for member in configuration.members {
             let id = member.node.index
-            if let pid = ClusterDown.runningPid(directory: directory, node: id) {
-                throw CommandFailure("n\(id) runs already (process \(pid), \(directory)/n\(id).pid): `granary cluster down --directory \(directory)` first")
-            }
             // The node writes its own pid file: it is the process `cluster down` signals.
             try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
             var arguments = ["node", "--config", file, "--id", "\(id)", "--pid-file", directory + "/n\(id).pid"]

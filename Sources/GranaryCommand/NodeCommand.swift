@@ -277,9 +277,23 @@ extension NodeCommand {
             }
             start = stored
         }
+        // A static node started again over its files (its cluster stopped as a whole) opens them
+        // strictly (a missing region file is an error, never a new empty region) and must find
+        // its log empty: records kept from before the stop are decided by restart recovery over
+        // every node's log, which `granary cluster up` runs before it starts the nodes.
+        let restartedStatic = store == nil && FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: node)).string)
         let storage = try NodeStorage(node: node, configuration: start,
                                       transport: transport == .verbs ? .verbs(device: device) : .sharedMemory,
-                                      ringCapacity: 256 << 10)
+                                      ringCapacity: Self.ringCapacity, preservingLog: restartedStatic, reopening: restartedStatic)
+        if restartedStatic {
+            let kept = storage.keptRecords
+            guard kept == 0 else {
+                throw CommandFailure("\(node)'s log in \(home.path) holds \(kept) records from before the cluster stopped: "
+                    + "they are decided with every other node's log before any node serves; start the whole cluster with "
+                    + "`granary cluster up --directory DIR`, which recovers them first")
+            }
+            storage.mailbox.resetRings()
+        }
         try storage.waitForPeers(timeout: .seconds(60))
         // Metrics before the engine: it makes its counters and timers from the process's factory.
         if let metricsPort {
@@ -441,6 +455,9 @@ extension NodeCommand {
     /// A restarted node waits until the stored configuration no longer lists it: its former self
     /// may have had transactions in flight, which the members recover once the CM removes it (when
     /// its lease has run out). Then it joins as a new member.
+    /// The capacity of each ring of a node process's mailbox, in bytes.
+    static let ringCapacity = 256 << 10
+
     static func waitForRemoval(of node: NodeID, from stored: Configuration, in store: ZooKeeperStore) async throws -> Configuration {
         let clock = ContinuousClock()
         let deadline = clock.now + .seconds(60)

@@ -51,7 +51,7 @@ struct ClusterFileTests {
         }
     }
 
-    @Test("cluster up starts the nodes in the background (ready, metrics served), cluster down stops them all (SIGTERM, processes gone, pid files removed), and up over the stopped cluster's files is refused")
+    @Test("cluster up starts the nodes in the background (ready, metrics served), cluster down stops them all (SIGTERM, processes gone, pid files removed); up starts the stopped cluster again from its files (restart recovery first), but not with a coordination store")
     func upAndDown() throws {
         let tmp = TemporaryDirectory("granary-cluster-up")
         defer { tmp.remove() }
@@ -82,9 +82,99 @@ struct ClusterFileTests {
             #expect(kill(pid, 0) != 0 || state?.contains(") Z") == true, "n\(id) (process \(pid)) still runs after cluster down: \(state?.prefix(60) ?? "")")
             #expect(!FileManager.default.fileExists(atPath: "\(directory)/n\(id).pid"))
         }
-        // A stopped cluster of node processes does not start again from its files yet: refused.
+        // The stopped cluster starts again from its files (restart recovery first), and stops again.
         let again = try ChildProcess(executable, ["cluster", "up", "--directory", directory])
-        #expect(again.waitForExit() == 1, "cluster up over a stopped cluster's files was not refused: \(again.remainingLines())")
+        let againStatus = again.waitForExit()
+        let againSaid = again.remainingLines()
+        #expect(againStatus == 0, "cluster up over the stopped cluster exited \(againStatus): \(againSaid)")
+        #expect(againSaid.contains { $0.hasPrefix("recovered: restart recovery") }, "no recovery report: \(againSaid)")
+        for id in 0..<3 {
+            #expect(ClusterDown.runningPid(directory: directory, node: id) != nil, "n\(id) does not run after the second cluster up")
+        }
+        #expect(try ChildProcess(executable, ["cluster", "down", "--directory", directory]).waitForExit() == 0)
+        // A node with a coordination store does not restart as a whole: refused, files untouched.
+        let coordinated = try ChildProcess(executable, ["cluster", "up", "--directory", directory,
+                                                        "--coordination", "zookeeper://127.0.0.1:1"])
+        #expect(coordinated.waitForExit() == 1, "cluster up --coordination over stopped files was not refused: \(coordinated.remainingLines())")
+    }
+
+    @Test("a cluster of node processes killed as a whole (SIGKILL of every node in the middle of transfers) starts again with cluster up: restart recovery over every log, the money conserved, nothing locked, replicas equal; a node started alone over a log that holds records refuses")
+    func wholeClusterKilledAndUp() throws {
+        let tmp = TemporaryDirectory("granary-cluster-killed")
+        defer { tmp.remove() }
+        let directory = tmp.path.appending("c").string
+        let executable = try ChildProcess.granaryExecutable()
+        let writer = try ChildProcess(executable, ["cluster", "init", "--directory", directory, "--nodes", "3", "--replicas", "3",
+                                                   "--regions-per-node", "1", "--region-mib", "1"])
+        #expect(writer.waitForExit() == 0)
+        let file = directory + "/cluster.json"
+        let balance: Int64 = 100, accountsPerNode = 10
+        var recoveredRecords = 0
+        for round in 0..<3 {
+            // The first round allocates the accounts; later ones restart the same cluster.
+            let bank = round == 0 ? ["--bank-accounts", "\(accountsPerNode)", "--bank-balance", "\(balance)"] : []
+            let children = try (0..<3).map { id in
+                try ChildProcess(executable, ["node", "--config", file, "--id", "\(id)", "--static"] + bank
+                                 + ["--bank-transfers", "1000000"])
+            }
+            defer { for child in children { child.kill() } }
+            for (id, child) in children.enumerated() {
+                let ready = try child.readLine(timeout: 120)
+                #expect(ready.hasPrefix("ready n\(id)"), "round \(round): node \(id) said: \(ready) \(child.remainingLines())")
+                if round == 0 { #expect(try child.readLine(timeout: 120) == "accounts \(accountsPerNode)") }
+            }
+            // Transfers run (and some commits are in flight) when every node is killed at once.
+            usleep(UInt32.random(in: 300_000...700_000))
+            for child in children { child.kill(SIGKILL) }
+            for child in children { _ = child.waitForExit() }
+            if round == 0 {
+                // A node started alone over its log refuses: only recovery over every log decides it.
+                // (Through a shell, to read the error the command prints on its standard error.)
+                let alone = try ChildProcess(URL(fileURLWithPath: "/bin/sh"),
+                                             ["-c", "'\(executable.path)' node --config '\(file)' --id 1 --static 2>&1"])
+                #expect(alone.waitForExit() == 1, "a node started alone over a kept log did not refuse")
+                let said = alone.remainingLines().joined(separator: "\n")
+                #expect(said.contains("cluster up"), "the refusal does not say what to do: \(said)")
+            }
+            let up = try ChildProcess(executable, ["cluster", "up", "--directory", directory])
+            let status = up.waitForExit()
+            let said = up.remainingLines()
+            #expect(status == 0, "round \(round): cluster up after the kill exited \(status): \(said)")
+            if let line = said.first(where: { $0.hasPrefix("recovered: restart recovery: ") }),
+               let count = Int(line.dropFirst("recovered: restart recovery: ".count).prefix { $0.isNumber }) {
+                recoveredRecords += count
+            } else {
+                Issue.record("round \(round): no recovery report: \(said)")
+            }
+            // The nodes run (idle): audit every replica of every account from the region files.
+            let configuration = Cluster.resolvingEndpoints(
+                of: try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file))),
+                against: FilePath(directory))
+            let accounts = try NodeCommandBank.accounts(configuration)
+            #expect(accounts.count == 3 * accountsPerNode)
+            var total: Int64 = 0
+            for account in accounts {
+                let placement = try #require(configuration.placement(of: account.region))
+                var copies: [[UInt8]] = []
+                for node in placement.replicas {
+                    let member = try #require(configuration.members.first { $0.node == node })
+                    let region = try NodeStorage.directory(of: member).open(account.region, cluster: configuration.cluster)
+                    let object = region.base + Int(account.offset)
+                    #expect(!ObjectLayout.loadHeader(object).isLocked, "round \(round): \(account) is locked on \(node) after recovery")
+                    copies.append(Array(UnsafeRawBufferPointer(start: object, count: ObjectLayout.lineSize)))
+                    if node == placement.primary {
+                        var value: Int64 = 0
+                        withUnsafeMutableBytes(of: &value) { ObjectLayout.gatherPayload(from: object, into: $0.baseAddress!, count: 8) }
+                        #expect(value >= 0, "round \(round): \(account) holds \(value)")
+                        total += value
+                    }
+                }
+                #expect(Set(copies).count == 1, "round \(round): the replicas of \(account) differ: \(copies.map { $0.prefix(16) })")
+            }
+            #expect(total == balance * Int64(3 * accountsPerNode), "round \(round): the accounts hold \(total) in all, not \(balance * Int64(3 * accountsPerNode))")
+            #expect(try ChildProcess(executable, ["cluster", "down", "--directory", directory]).waitForExit() == 0)
+        }
+        #expect(recoveredRecords > 0, "no kill left a record in the logs: the test did not exercise recovery")
     }
 
     @Test("a metrics port outside 0...65535 is a usage error naming the option, not a trap")
