@@ -33,6 +33,9 @@ public struct ClusterOptions: Sendable {
     /// Where the nodes log (at info level or below).
     public var logger: Logger = Logger(label: "granary")
 
+    /// The defaults: 2 regions per node of `RegionFormat.defaultSize` bytes (64 MiB), message
+    /// rings of 256 KiB, the engine's default options, no configuration manager, and a logger
+    /// labelled `granary`.
     public init() {}
 }
 
@@ -331,6 +334,7 @@ public final class Cluster: Sendable {
 /// One node of a cluster: where transactions are started.
 public final class Node: Sendable {
     package let engine: Engine
+    /// This node's id in the cluster (its index in ``Cluster/nodes``).
     public var id: NodeID { engine.node }
 
     init(_ engine: Engine) { self.engine = engine }

@@ -14,8 +14,11 @@ import ServiceLifecycle
 /// try await group.run()
 /// ```
 public struct ClusterService: Service {
+    /// The cluster this service shuts down.
     public let cluster: Cluster
 
+    /// A service for `cluster`, already started (``Cluster/local(nodes:replicas:directory:options:)``):
+    /// the service never starts it, it only shuts it down when ``run()`` ends.
     public init(cluster: Cluster) { self.cluster = cluster }
 
     /// Runs until graceful shutdown or cancellation, then shuts the cluster down.

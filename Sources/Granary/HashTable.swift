@@ -11,6 +11,7 @@ public enum HashTableError: Error, Sendable, Equatable, CustomStringConvertible 
     /// A creation parameter is outside what a table can have.
     case invalidParameter(table: String, reason: String)
 
+    /// The failure in a sentence, naming the table.
     public var description: String {
         switch self {
         case .full(let table, let capacity):
@@ -25,9 +26,16 @@ public enum HashTableError: Error, Sendable, Equatable, CustomStringConvertible 
 
 /// What identifies a hash table in the cluster: enough to reopen it from any node.
 public struct HashTableDescriptor: Codable, Sendable, Hashable {
+    /// The table's name, as given to `create`; errors about the table name it.
     public var name: String
+    /// The entries the table was created for. Not a hard limit: the buckets have slots for about
+    /// twice this many, and an insert fails (``HashTableError/full(table:capacity:)``) only when no
+    /// bucket within ``TransactionalHashTableLayout/probeLimit`` has a free slot.
     public var capacity: Int
+    /// Slots in each bucket (1 to 32).
     public var slotsPerBucket: Int
+    /// The bytes reserved for a value in each slot: the size of the value type the table was
+    /// created with. A table opens with any value type of at most this size.
     public var valueBytes: Int
     /// Every bucket object, in bucket order.
     public var buckets: [GlobalAddress]
@@ -57,6 +65,8 @@ public enum TransactionalHashTableLayout {
 /// let balance = try await node.transaction { tx in try table.get(42, in: tx) }
 /// ```
 public final class TransactionalHashTable<Value: BitwiseCopyable>: Sendable {
+    /// What identifies this table: pass it to ``init(descriptor:)`` on another node or in another
+    /// process to open the same table.
     public let descriptor: HashTableDescriptor
     @usableFromInline let bucketCount: Int
     /// When the buckets lie in a regular pattern, as ``create(name:capacity:slotsPerBucket:in:)``

@@ -16,8 +16,11 @@ public enum AnomalyKind: String, Sendable, Hashable, Codable, CodingKeyRepresent
     case g2Item = "G2-item"
     /// G0 that needs at least one realtime edge (violates strict serializability only).
     case g0Realtime = "G0-realtime"
+    /// G1c that needs at least one realtime edge (violates strict serializability only).
     case g1cRealtime = "G1c-realtime"
+    /// G-single that needs at least one realtime edge (violates strict serializability only).
     case gSingleRealtime = "G-single-realtime"
+    /// G2-item that needs at least one realtime edge (violates strict serializability only).
     case g2ItemRealtime = "G2-item-realtime"
     /// A read that does not reflect the transaction's own earlier writes or reads of the key.
     case internalInconsistency = "internal"
@@ -48,6 +51,12 @@ public enum AnomalyKind: String, Sendable, Hashable, Codable, CodingKeyRepresent
         }
     }
 
+    /// Orders the classes as they are declared (`allCases`): G0 to G2-item, their realtime
+    /// forms, then the anomalies about one key; reports list classes in this order.
+    ///
+    /// - Parameters:
+    ///   - a: the class compared.
+    ///   - b: the class it is compared with.
     public static func < (a: AnomalyKind, b: AnomalyKind) -> Bool {
         allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
     }
@@ -61,7 +70,9 @@ public struct TransactionSummary: Sendable, Hashable, Codable, CustomStringConve
     public let index: Int
     /// The completion's index (nil when it never completed).
     public let completionIndex: Int?
+    /// The client process that ran it.
     public let process: Int
+    /// Its outcome (`info` also when it never completed).
     public let status: TransactionStatus
     /// The micro-ops (the completion's for ok), long lists shortened.
     public let ops: String
@@ -75,6 +86,7 @@ public struct TransactionSummary: Sendable, Hashable, Codable, CustomStringConve
         ops = "[" + transaction.ops.map { $0.text(abbreviated: true) }.joined(separator: ", ") + "]"
     }
 
+    /// One line: the name, process, outcome, where it was invoked and completed, and the micro-ops.
     public var description: String {
         let completed = completionIndex.map { ", completed at index \($0)" } ?? ", never completed"
         return "\(name) (process \(process), \(status.rawValue), invoked at index \(index)\(completed)): \(ops)"
@@ -83,8 +95,9 @@ public struct TransactionSummary: Sendable, Hashable, Codable, CustomStringConve
 
 /// One edge of a reported cycle.
 public struct CycleStep: Sendable, Hashable, Codable {
-    /// The transactions' invoke indices.
+    /// The invoke index of the transaction the edge leaves.
     public let from: Int
+    /// The invoke index of the transaction the edge reaches.
     public let to: Int
     /// `ww`, `wr`, `rw` or `realtime`.
     public let relation: String
@@ -94,6 +107,7 @@ public struct CycleStep: Sendable, Hashable, Codable {
 
 /// One anomaly found.
 public struct Anomaly: Sendable, Hashable, Codable, CustomStringConvertible {
+    /// The anomaly's class.
     public let kind: AnomalyKind
     /// The key, for anomalies about one key.
     public let key: Int?
@@ -115,6 +129,7 @@ public struct Anomaly: Sendable, Hashable, Codable, CustomStringConvertible {
     /// The involved transactions' invoke indices.
     public var indices: [Int] { transactions.map(\.index) }
 
+    /// The class and explanation, then one indented line per transaction and per cycle edge.
     public var description: String {
         var lines = ["\(kind.rawValue): \(explanation)"]
         for transaction in transactions { lines.append("    \(transaction)") }
@@ -125,10 +140,15 @@ public struct Anomaly: Sendable, Hashable, Codable, CustomStringConvertible {
 
 /// A nemesis event, as the report lists it.
 public struct NemesisSummary: Sendable, Hashable, Codable {
+    /// The event's operation index in the history.
     public let index: Int
+    /// The fault's name (`"crash"`, `"restart"`, ...).
     public let f: String
+    /// The operation's type (usually `info`).
     public let type: OperationType
+    /// The fault's argument, e.g. the node it hit (`null` when it has none).
     public let value: JSONValue
+    /// When it happened, in monotonic nanoseconds (``CheckReport/startTime`` is the history's start).
     public let time: Int
 }
 
@@ -144,13 +164,15 @@ public struct CheckReport: Sendable, Codable, CustomStringConvertible {
     public let infoCount: Int
     /// Info transactions counted as committed because a write of theirs was read.
     public let observedInfoCount: Int
-    /// Nemesis (fault) events, and each of them.
+    /// Nemesis (fault) events in the history.
     public let nemesisCount: Int
+    /// Every nemesis event, in history order.
     public let nemesisEvents: [NemesisSummary]
     /// The time of the history's first operation (nemesis times are shown relative to it).
     public let startTime: Int
-    /// Keys seen with list-append micro-ops, and with rw-register ones.
+    /// Keys seen with list-append micro-ops.
     public let listAppendKeyCount: Int
+    /// Keys seen with rw-register micro-ops.
     public let registerKeyCount: Int
     /// How many anomalies of each class were found (cycle classes: one per strongly connected
     /// component of the class's relations where a cycle was found, as Elle counts them).

@@ -33,26 +33,34 @@ public enum MicroOp: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// The micro-op as JSON text, long lists shortened (``text(abbreviated:)``).
     public var description: String { text(abbreviated: true) }
 }
 
 /// What a read returned: a list (list-append) or a register's value (rw-register).
 public enum ReadValue: Sendable, Hashable {
+    /// The list at a list-append key, in append order.
     case list([Int])
+    /// The value of an rw-register.
     case register(Int)
 }
 
 /// An operation's type: `invoke`, then one of `ok` (committed), `fail` (certainly not
 /// committed) or `info` (outcome unknown).
 public enum OperationType: String, Sendable, Hashable, Codable, CaseIterable {
+    /// One of `invoke` (a transaction begins), `ok` (it committed), `fail` (it certainly did not)
+    /// or `info` (its outcome is unknown; also a nemesis event).
     case invoke, ok, fail, info
 }
 
 /// Who performed an operation: a client process (an integer id) or the nemesis (fault injection).
 public enum HistoryProcess: Sendable, Hashable, CustomStringConvertible {
+    /// A client process, by its id.
     case client(Int)
+    /// The nemesis: the fault injector, whose events are reported but not checked.
     case nemesis
 
+    /// The client's id as a number, or `nemesis`, as the history's `process` field holds it.
     public var description: String {
         switch self {
         case .client(let id): "\(id)"
@@ -64,7 +72,9 @@ public enum HistoryProcess: Sendable, Hashable, CustomStringConvertible {
 /// An operation's value: a transaction's micro-ops, or any JSON (a nemesis event's argument, or
 /// `null` for a completion that carries no value).
 public enum OperationValue: Sendable, Hashable {
+    /// A client transaction's micro-ops.
     case transaction([MicroOp])
+    /// Any other value: a nemesis event's argument, or `null` for a completion without a value.
     case json(JSONValue)
 }
 
@@ -87,6 +97,16 @@ public struct HistoryOperation: Sendable, Hashable {
     /// Monotonic nanoseconds.
     public var time: Int
 
+    /// An operation with the given fields; ``transaction(index:process:type:ops:time:)`` and
+    /// ``nemesis(index:type:f:value:time:)`` build the two usual kinds.
+    ///
+    /// - Parameters:
+    ///   - index: the operation's position in the history.
+    ///   - process: the client process, or the nemesis.
+    ///   - type: `invoke`, or the completion's outcome.
+    ///   - f: `"txn"` for a transaction; the fault's name for the nemesis.
+    ///   - value: the micro-ops, or any JSON.
+    ///   - time: monotonic nanoseconds.
     public init(index: Int, process: HistoryProcess, type: OperationType, f: String, value: OperationValue, time: Int) {
         self.index = index
         self.process = process
@@ -140,6 +160,7 @@ public struct HistoryTransaction: Sendable, Hashable {
     public var invoke: HistoryOperation
     /// `nil` when the history ended before the transaction completed (counted as `info`).
     public var completion: HistoryOperation?
+    /// The completion's outcome; `info` when it never completed.
     public var status: TransactionStatus
     /// The completion's micro-ops for an `ok` transaction (reads carry values); the invoke's
     /// otherwise (a `fail` or `info` completion that repeats them changes nothing).
@@ -147,6 +168,7 @@ public struct HistoryTransaction: Sendable, Hashable {
 
     /// The transaction's name in reports: `T` and its invoke's index.
     public var name: String { "T\(invoke.index)" }
+    /// When it was invoked (monotonic nanoseconds): it took effect no earlier.
     public var invokeTime: Int { invoke.time }
     /// Completion time for an `ok` or `fail` transaction; `nil` for `info` (it may take effect
     /// any time after its invoke).
@@ -161,8 +183,17 @@ public struct HistoryError: Error, Sendable, CustomStringConvertible, Equatable 
     public var line: Int?
     /// The operation's index, when known and no line is.
     public var index: Int?
+    /// What is wrong, in a sentence.
     public var message: String
 
+    /// An error saying `message` about a place in a history: its file, line or operation index,
+    /// each when known.
+    ///
+    /// - Parameters:
+    ///   - file: the file the history was read from.
+    ///   - line: the 1-based line number in it.
+    ///   - index: the operation's index, when no line is known.
+    ///   - message: what is wrong.
     public init(file: String? = nil, line: Int? = nil, index: Int? = nil, message: String) {
         self.file = file
         self.line = line
@@ -170,6 +201,8 @@ public struct HistoryError: Error, Sendable, CustomStringConvertible, Equatable 
         self.message = message
     }
 
+    /// `<file>:<line>: <message>`, or `<file>, operation <index>: <message>` when no line is
+    /// known (`history` in place of a file when there is none).
     public var description: String {
         var place = file ?? "history"
         if let line {

@@ -28,6 +28,18 @@ public struct HistoryGenerator: Sendable {
         /// The seed of the generator's random numbers: the same configuration gives the same history.
         public var seed: UInt64
 
+        /// A configuration; each parameter sets the property of its name.
+        ///
+        /// - Parameters:
+        ///   - transactions: transactions generated.
+        ///   - processes: concurrent client processes.
+        ///   - keys: list-append keys.
+        ///   - maxOpsPerTransaction: the most micro-ops in one transaction.
+        ///   - readFraction: the chance that a micro-op is a read.
+        ///   - failFraction: the chance that a transaction fails.
+        ///   - infoFraction: the chance that a transaction ends `info`.
+        ///   - nemesisEvents: nemesis events in the history.
+        ///   - seed: the seed of the random numbers.
         public init(transactions: Int = 1_000, processes: Int = 10, keys: Int = 100, maxOpsPerTransaction: Int = 4,
                     readFraction: Double = 0.5, failFraction: Double = 0.01, infoFraction: Double = 0.005,
                     nemesisEvents: Int = 0, seed: UInt64 = 1) {
@@ -43,6 +55,7 @@ public struct HistoryGenerator: Sendable {
         }
     }
 
+    /// What the generator makes: ``listAppend()`` reads it on every call.
     public var configuration: Configuration
 
     /// A generator of histories as `configuration` says.
@@ -140,10 +153,12 @@ public struct HistoryGenerator: Sendable {
 public struct SplitMix64: RandomNumberGenerator, Sendable {
     private var state: UInt64
 
+    /// A generator whose sequence is fixed by `seed` (any value, 0 included).
     public init(seed: UInt64) {
         state = seed
     }
 
+    /// The next 64 random bits of the sequence.
     public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state

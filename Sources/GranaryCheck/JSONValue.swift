@@ -1,14 +1,25 @@
 /// Any JSON value: what a nemesis operation carries as its `value` (a node id, a list of nodes,
 /// null, ...). Transactions' values are parsed into ``MicroOp``s instead.
 public enum JSONValue: Sendable, Hashable, Codable, CustomStringConvertible {
+    /// `null`.
     case null
+    /// `true` or `false`.
     case bool(Bool)
+    /// An integral number that fits `Int`.
     case int(Int)
+    /// Any other number.
     case double(Double)
+    /// A string.
     case string(String)
+    /// An array, its elements in order.
     case array([JSONValue])
+    /// An object, by member name.
     case object([String: JSONValue])
 
+    /// Decodes whatever JSON value the decoder holds, trying in turn null, a Boolean, an integer,
+    /// a double, a string, an array and an object.
+    ///
+    /// - Throws: `DecodingError` when the value is none of these.
     public init(from decoder: any Decoder) throws {
         let container = try decoder.singleValueContainer()
         if container.decodeNil() {
@@ -28,6 +39,7 @@ public enum JSONValue: Sendable, Hashable, Codable, CustomStringConvertible {
         }
     }
 
+    /// Encodes the value as the JSON value it is.
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.singleValueContainer()
         switch self {

@@ -3,37 +3,65 @@ import GranaryMemory
 /// The number of a configuration. Every configuration change increases it by one; every message and
 /// log record carries the id of the configuration it was sent in.
 public struct ConfigurationID: RawRepresentable, Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
+    /// The number (a new cluster's first configuration is 1).
     public var rawValue: UInt64
+    /// The configuration numbered `rawValue`.
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
     /// The configuration after this one.
     @inlinable public var next: ConfigurationID { ConfigurationID(rawValue: rawValue + 1) }
+    /// Whether `a` is an earlier configuration than `b`.
+    ///
+    /// - Parameters:
+    ///   - a: the configuration id compared.
+    ///   - b: the id it is compared with.
     @inlinable public static func < (a: ConfigurationID, b: ConfigurationID) -> Bool { a.rawValue < b.rawValue }
+    /// `config#` and the number, as logs and errors show it.
     public var description: String { "config#\(rawValue)" }
 }
 
 /// A member of a configuration: a node and how peers reach it.
 public struct Member: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// The member's node id.
     public var node: NodeID
     /// Transport endpoint: `shm:<region directory>` for the shared-memory transport.
     public var endpoint: String
 
+    /// Member `node`, reached at `endpoint`.
+    ///
+    /// - Parameters:
+    ///   - node: the member's node id.
+    ///   - endpoint: how peers reach it (``endpoint``).
     public init(node: NodeID, endpoint: String) {
         self.node = node
         self.endpoint = endpoint
     }
 
+    /// The node and its endpoint, `node@endpoint`.
     public var description: String { "\(node)@\(endpoint)" }
 }
 
 /// Where a region's replicas live: one primary and its backups, all on distinct nodes.
 public struct RegionPlacement: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// The region placed.
     public var region: RegionID
+    /// The node that holds the region's primary replica: transactions read from it, and LOCK and
+    /// COMMIT-PRIMARY records go to it.
     public var primary: NodeID
+    /// The nodes that hold backup replicas: COMMIT-BACKUP records go to them, and with a
+    /// configuration manager one of them becomes primary if the primary fails.
     public var backups: [NodeID]
     /// Backups still copying the region from the primary (FaRM's data recovery): they receive and
     /// apply its records like any backup, but are not promoted until their copy is complete.
     public var copying: [NodeID]
 
+    /// A placement of `region`; the configuration that holds it checks that the replicas are
+    /// distinct members.
+    ///
+    /// - Parameters:
+    ///   - region: the region placed.
+    ///   - primary: the node holding its primary.
+    ///   - backups: the nodes holding its backups.
+    ///   - copying: those of `backups` still copying the region.
     public init(region: RegionID, primary: NodeID, backups: [NodeID], copying: [NodeID] = []) {
         self.region = region
         self.primary = primary
@@ -49,6 +77,7 @@ public struct RegionPlacement: Hashable, Sendable, Codable, CustomStringConverti
 
     private enum CodingKeys: String, CodingKey { case region, primary, backups, copying }
 
+    /// Decodes a placement; a missing `copying` key means no backup is copying.
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         region = try container.decode(RegionID.self, forKey: .region)
@@ -57,6 +86,7 @@ public struct RegionPlacement: Hashable, Sendable, Codable, CustomStringConverti
         copying = try container.decodeIfPresent([NodeID].self, forKey: .copying) ?? []
     }
 
+    /// Encodes the placement, leaving out `copying` when it is empty.
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.container(keyedBy: CodingKeys.self)
         try container.encode(region, forKey: .region)
@@ -65,6 +95,7 @@ public struct RegionPlacement: Hashable, Sendable, Codable, CustomStringConverti
         if !copying.isEmpty { try container.encode(copying, forKey: .copying) }
     }
 
+    /// The region, its primary and backups, and which backups are copying.
     public var description: String {
         "\(region): primary \(primary), backups \(backups.map(\.description).joined(separator: ","))"
             + (copying.isEmpty ? "" : " (copying: \(copying.map(\.description).joined(separator: ",")))")
@@ -73,10 +104,14 @@ public struct RegionPlacement: Hashable, Sendable, Codable, CustomStringConverti
 
 /// Why a configuration is not usable.
 public enum ConfigurationError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The configuration, or what was asked of a cluster under it, is impossible (more replicas
+    /// than members, an id out of range, a node that is not a member, ...); the string says why,
+    /// naming the value at fault.
     case invalid(String)
     /// A record or message from another configuration.
     case wrongConfiguration(found: ConfigurationID, expected: ConfigurationID, from: NodeID)
 
+    /// The error in a sentence.
     public var description: String {
         switch self {
         case .invalid(let reason): return "invalid configuration: \(reason)"
@@ -88,11 +123,15 @@ public enum ConfigurationError: Error, Sendable, Equatable, CustomStringConverti
 
 /// A configuration of the cluster: its members, and which nodes hold each region.
 public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// This configuration's number: every change takes the next one.
     public var id: ConfigurationID
+    /// The cluster the configuration belongs to; its region files carry the same id.
     public var cluster: ClusterID
+    /// The nodes in the configuration, and how peers reach them.
     public var members: [Member]
     /// The configuration manager, when one runs.
     public var manager: NodeID?
+    /// Where every data region's replicas live.
     public var regions: [RegionPlacement]
     /// The size of every data region, in bytes.
     public var regionSize: Int
@@ -105,6 +144,16 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     /// one's do, so a restart's recovery takes them from the logs. nil: this configuration's id.
     public var routingEpoch: ConfigurationID?
 
+    /// A configuration, checked with ``validate()``; ``replication`` and ``routingEpoch`` start nil.
+    ///
+    /// - Parameters:
+    ///   - id: its number.
+    ///   - cluster: the cluster it belongs to.
+    ///   - members: the nodes in it.
+    ///   - manager: the configuration manager, if one runs.
+    ///   - regions: the placement of every data region.
+    ///   - regionSize: the size of every data region in bytes.
+    /// - Throws: ``ConfigurationError/invalid(_:)`` naming the first value ``validate()`` refuses.
     public init(id: ConfigurationID, cluster: ClusterID, members: [Member], manager: NodeID? = nil,
                 regions: [RegionPlacement], regionSize: Int) throws(ConfigurationError) {
         self.id = id
@@ -254,6 +303,7 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         return placements
     }
 
+    /// The id, the cluster, the members and every region's placement, on one line.
     public var description: String {
         "\(id) of \(cluster): members \(members.map(\.description).joined(separator: ", ")); "
             + regions.map(\.description).joined(separator: "; ")

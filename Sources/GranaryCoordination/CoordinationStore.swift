@@ -1,19 +1,28 @@
 /// How a node is created in a coordination store (ZooKeeper's create modes).
 public struct CreateMode: OptionSet, Sendable, Hashable {
+    /// The mode's flags: 1 ephemeral, 2 sequential.
     public let rawValue: Int
+    /// The mode with flags `rawValue`.
     public init(rawValue: Int) { self.rawValue = rawValue }
     /// Deleted when the creating session ends (closed or expired).
     public static let ephemeral = CreateMode(rawValue: 1)
     /// A 10-digit, monotonically increasing counter of the parent is appended to the name.
     public static let sequential = CreateMode(rawValue: 2)
+    /// Neither: the node stays until it is deleted.
     public static let persistent: CreateMode = []
 }
 
 /// A node's data and version.
 public struct StoredData: Sendable, Equatable {
+    /// The node's data.
     public var data: [UInt8]
     /// Increases by one with every successful set (starts at 0).
     public var version: Int32
+    /// A node's `data` at `version`.
+    ///
+    /// - Parameters:
+    ///   - data: the node's data.
+    ///   - version: its version.
     public init(data: [UInt8], version: Int32) {
         self.data = data
         self.version = version
@@ -22,9 +31,13 @@ public struct StoredData: Sendable, Equatable {
 
 /// What fired a one-shot watch.
 public enum WatchEvent: Sendable, Equatable {
+    /// The node at this path was created.
     case created(String)
+    /// The node at this path was deleted.
     case deleted(String)
+    /// The data of the node at this path was set.
     case dataChanged(String)
+    /// A child of the node at this path was created or deleted.
     case childrenChanged(String)
     /// The session ended before the watch fired.
     case sessionEnded
@@ -32,8 +45,13 @@ public enum WatchEvent: Sendable, Equatable {
 
 /// One operation of an atomic ``CoordinationStore/multi(_:)``.
 public enum CoordinationOperation: Sendable, Equatable {
+    /// Creates the node, as ``CoordinationStore/create(_:data:mode:)`` does.
     case create(path: String, data: [UInt8], mode: CreateMode)
+    /// Sets the node's data if it is at `expectedVersion` (any version when nil), as
+    /// ``CoordinationStore/set(_:data:expectedVersion:)`` does.
     case set(path: String, data: [UInt8], expectedVersion: Int32?)
+    /// Deletes the node if it is at `expectedVersion` (any version when nil) and has no
+    /// children, as ``CoordinationStore/delete(_:expectedVersion:)`` does.
     case delete(path: String, expectedVersion: Int32?)
     /// Fails the whole multi unless the node exists at this version.
     case check(path: String, version: Int32)
@@ -41,13 +59,18 @@ public enum CoordinationOperation: Sendable, Equatable {
 
 /// Why a coordination-store call failed. Each case names the path or the session.
 public enum CoordinationError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// No node at this path (or, for a create, at its parent).
     case noNode(String)
+    /// A node already exists at this path: the create lost, or the node was made before.
     case nodeExists(String)
     /// A compare-and-set lost: the node is at another version.
     case badVersion(path: String, expected: Int32, actual: Int32)
+    /// The node at this path has children, so it cannot be deleted.
     case notEmpty(String)
     /// Ephemeral nodes cannot have children.
     case noChildrenForEphemerals(String)
+    /// The path is malformed (it must be absolute, `/`-separated, without empty, `.` or `..`
+    /// components or a trailing `/`), or the operation is not allowed on it; the reason says which.
     case invalidPath(String, reason: String)
     /// The connection to the store was lost; the session may still be alive.
     case connectionLoss(String)
@@ -58,6 +81,7 @@ public enum CoordinationError: Error, Sendable, Equatable, CustomStringConvertib
     /// Any other error of the backend.
     case backend(String)
 
+    /// The error in a sentence naming the path or the session.
     public var description: String {
         switch self {
         case .noNode(let path): return "no node \(path)"
@@ -78,8 +102,15 @@ public enum CoordinationError: Error, Sendable, Equatable, CustomStringConvertib
 /// Boxes a ``CoordinationError`` inside ``CoordinationError/multiFailed(index:_:)`` (enums cannot
 /// contain themselves directly).
 public final class CoordinationFailure: Sendable, Equatable {
+    /// The error the failed operation met.
     public let error: CoordinationError
+    /// A box holding `error`.
     public init(_ error: CoordinationError) { self.error = error }
+    /// Whether the two boxes hold equal errors.
+    ///
+    /// - Parameters:
+    ///   - a: a box.
+    ///   - b: the box it is compared with.
     public static func == (a: CoordinationFailure, b: CoordinationFailure) -> Bool { a.error == b.error }
 }
 
@@ -145,6 +176,7 @@ public final class CoordinationWatch: Sendable {
     private let stream: AsyncStream<WatchEvent>
     private let continuation: AsyncStream<WatchEvent>.Continuation
 
+    /// A watch that has not fired; a store fires it with ``fire(_:)``.
     public init() {
         (stream, continuation) = AsyncStream.makeStream(of: WatchEvent.self, bufferingPolicy: .bufferingNewest(1))
     }

@@ -26,6 +26,7 @@ public final class EmbeddedCoordinationService: Sendable {
 
     let state = Mutex(State())
 
+    /// An empty store: only the root node `/`, no session.
     public init() {}
 
     /// Opens a session.

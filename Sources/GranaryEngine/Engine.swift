@@ -14,6 +14,7 @@ public struct EngineOptions: Sendable {
     public var maximumAttempts: Int = 64
     /// Back-off between attempts: a random wait up to `base << attempt`, capped.
     public var retryBackoffBaseNanoseconds: UInt64 = 2_000
+    /// The longest back-off between attempts, in nanoseconds (2 ms by default).
     public var retryBackoffCapNanoseconds: UInt64 = 2_000_000
     /// Reads retried while an object is locked or torn before the attempt aborts.
     public var readAttempts: Int = 2_000
@@ -38,6 +39,7 @@ public struct EngineOptions: Sendable {
     /// (`granary check run --break`). Never set otherwise.
     package var sabotage: ProtocolSabotage?
 
+    /// Options with the default stated on each property.
     public init() {}
 }
 

@@ -49,14 +49,20 @@ public enum RestartRecovery {
         /// Records that were not Granary records of this configuration or of one with its routing
         /// (ignored, counted).
         public var refused = 0
+        /// Transactions found in the logs that commit (some COMMIT-BACKUP, COMMIT-PRIMARY or
+        /// TRUNCATE of theirs survived, and no ABORT): rolled forward on every replica.
         public var committed = 0
+        /// Transactions found in the logs that abort (no evidence of a commit, or an ABORT): their
+        /// locks released, their writes never installed.
         public var aborted = 0
         /// Lock bits cleared.
         public var locksReleased = 0
         /// Entries installed on some replica (those already there are not counted).
         public var entriesInstalled = 0
+        /// How long recovery took, in nanoseconds (reading the logs to clearing them).
         public var nanoseconds: UInt64 = 0
 
+        /// The counts and the time in one line, as restart recovery logs them.
         public var description: String {
             "restart recovery: \(records) log records (\(refused) refused), \(committed) transactions rolled forward, \(aborted) rolled back, \(locksReleased) locks released, \(entriesInstalled) entries installed, in \(nanoseconds / 1_000) us"
         }

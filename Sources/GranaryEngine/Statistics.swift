@@ -9,8 +9,13 @@ import Musl
 
 /// The commit protocol's phases, as timers and counters name them.
 public enum Phase: Int, Sendable, CaseIterable, CustomStringConvertible {
+    /// A phase of a transaction, in the order it runs: `execute` (the body: reads, buffered
+    /// writes), then the commit's LOCK, VALIDATE, COMMIT-BACKUP, COMMIT-PRIMARY and TRUNCATE (a
+    /// read-only transaction runs only `execute`, and `validate` when it read more than one object).
     case execute, lock, validate, commitBackup, commitPrimary, truncate
 
+    /// The phase's name in metrics (`execute`, `lock`, `validate`, `commit-backup`,
+    /// `commit-primary`, `truncate`): the `phase` dimension of `granary_phase_nanoseconds`.
     public var description: String {
         switch self {
         case .execute: return "execute"
@@ -23,13 +28,6 @@ public enum Phase: Int, Sendable, CaseIterable, CustomStringConvertible {
     }
 }
 
-/// A node's transaction counters: cheap atomics for in-process readers (benchmarks, tests), and the
-/// same figures through swift-metrics for whatever backend the application bootstrapped.
-///
-/// Metric names: `granary_transactions_committed_total`, `granary_transactions_aborted_total`
-/// (dimension `cause`), `granary_phase_nanoseconds` (timer, dimension `phase`),
-/// `granary_records_rejected_total` (dimension `reason`); every one with dimension `node`.
-///
 /// The shard (0..<``threadShards``) of the calling thread, from its thread id: what a thread
 /// updates on every commit lives in its shard, so that threads on different cores touch
 /// different cache lines.
@@ -40,6 +38,13 @@ public enum Phase: Int, Sendable, CaseIterable, CustomStringConvertible {
 /// The number of shards ``threadShard()`` picks from.
 let threadShards = 16
 
+/// A node's transaction counters: cheap atomics for in-process readers (benchmarks, tests), and the
+/// same figures through swift-metrics for whatever backend the application bootstrapped.
+///
+/// Metric names: `granary_transactions_committed_total`, `granary_transactions_aborted_total`
+/// (dimension `cause`), `granary_phase_nanoseconds` (timer, dimension `phase`),
+/// `granary_records_rejected_total` (dimension `reason`); every one with dimension `node`.
+///
 /// The counters are striped: a thread adds to the stripe its thread id hashes to (16 stripes, each
 /// on cache lines of its own), and a snapshot sums the stripes. Coordinators on different cores
 /// then do not pass one counter line back and forth on every commit.
@@ -115,20 +120,31 @@ public final class EngineStatistics: @unchecked Sendable {
 
     /// A point-in-time copy of the counters.
     public struct Snapshot: Sendable, Equatable {
+        /// Transactions this node coordinated that committed, read-only ones included.
         public var committed: Int
+        /// Of ``committed``, the read-only transactions (no LOCK, no records: only reads, checked
+        /// by VALIDATE when there were several).
         public var committedReadOnly: Int
         /// LOCK records sent by this node as coordinator.
         public var lockRecords: Int
         /// Records this node rejected (another configuration, malformed).
         public var rejectedRecords: Int
+        /// Aborted attempts of this node's transactions, by cause (every cause present, 0 included);
+        /// each was retried or ended in ``TransactionError/conflict(_:attempts:)``.
         public var aborts: [AbortCause: Int]
-        /// Total time spent in each phase, and how many times the phase ran.
+        /// Total time spent in each phase, in nanoseconds, over the attempts timed (one in
+        /// ``EngineOptions/phaseTimingInterval``).
         public var phaseNanoseconds: [Phase: Int]
+        /// How many timed attempts ran each phase: ``phaseNanoseconds`` divided by this is the
+        /// phase's mean duration.
         public var phaseCounts: [Phase: Int]
 
+        /// Aborted attempts of every cause together.
         public var totalAborts: Int { aborts.values.reduce(0, +) }
     }
 
+    /// The counters now, summed over the stripes. Each counter is read on its own, so a snapshot
+    /// taken while transactions run may be a few commits apart between figures.
     public var snapshot: Snapshot {
         var aborts: [AbortCause: Int] = [:]
         for cause in AbortCause.allCases { aborts[cause] = sum(Self.abortBase + Int(cause.rawValue)) }

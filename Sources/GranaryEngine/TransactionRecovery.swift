@@ -153,19 +153,33 @@ public enum TransactionRecovery {
 
     /// What one member's recovery did.
     public struct Report: Sendable, CustomStringConvertible {
+        /// Records of recovering transactions this member held that recovery committed: a LOCK
+        /// installed, a COMMIT-BACKUP applied. A transaction with records of both kinds here
+        /// counts once for each.
         public var committed = 0
+        /// Records of recovering transactions this member held that recovery aborted: a LOCK
+        /// released unchanged, a COMMIT-BACKUP dropped (a transaction missing from the decisions
+        /// aborts).
         public var aborted = 0
+        /// A report of `committed` and `aborted` records.
+        ///
+        /// - Parameters:
+        ///   - committed: records of transactions recovery committed.
+        ///   - aborted: records of transactions recovery aborted.
         public init(committed: Int = 0, aborted: Int = 0) {
             self.committed = committed
             self.aborted = aborted
         }
+        /// The two counts in one line, as a recovery timeline reports them.
         public var description: String { "\(committed) recovering transactions committed, \(aborted) aborted" }
     }
 }
 
 /// Why a step of recovery at this node did not finish.
 public struct RecoveryError: Error, CustomStringConvertible {
+    /// What did not finish, and why, in a sentence naming the node, region or path concerned.
     public let description: String
+    /// An error that says `description`.
     public init(description: String) { self.description = description }
 }
 

@@ -34,6 +34,7 @@ public enum MembershipEvent: Sendable, Equatable {
 /// its grant, the CM watches every member's counter. The lease thread does nothing else, so
 /// transaction work never delays a renewal. The store is used only to agree on configurations.
 public final class MembershipService: Sendable {
+    /// The node this service runs for.
     public let node: NodeID
     package let paths: MembershipPaths
     package let options: MembershipOptions

@@ -21,6 +21,8 @@ public struct MembershipOptions: Sendable {
     /// Data recovery's pacing: after copying each slab (64 KiB by default) of a region to a new
     /// backup, a random wait of up to twice this, so that foreground throughput holds.
     public var copyPace: Duration = .milliseconds(4)
+    /// The defaults: a 10 ms lease renewed 5 times per lease, suspicion at the first expiry, and a
+    /// copy pace of 4 ms.
     public init() {}
 }
 

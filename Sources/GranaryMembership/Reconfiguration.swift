@@ -9,7 +9,9 @@ import Synchronization
 /// How long each step of one member's transaction-state recovery took, from the moment it saw the
 /// configuration that removes nodes.
 public struct RecoveryTimeline: Sendable, CustomStringConvertible {
+    /// The configuration recovered into.
     public var configuration: ConfigurationID
+    /// The nodes it removes.
     public var removed: [NodeID]
     /// When this member saw the configuration (monotonic nanoseconds); the figures below count
     /// from it.
@@ -18,12 +20,20 @@ public struct RecoveryTimeline: Sendable, CustomStringConvertible {
     /// stopped (acknowledged), the log drained, every vote in, the decisions applied (the node
     /// serves the new configuration, once every member has moved).
     public var quiet: UInt64 = 0
+    /// Nanoseconds until every member had acknowledged that it sends no more records of the old
+    /// configuration.
     public var acknowledged: UInt64 = 0
+    /// Nanoseconds until this member's log was drained.
     public var drained: UInt64 = 0
+    /// Nanoseconds until every member's votes were in.
     public var voted: UInt64 = 0
+    /// Nanoseconds until every member had applied the decisions and moved, and this member's
+    /// commits started again.
     public var applied: UInt64 = 0
+    /// What applying the decisions did to the records this member held.
     public var report = TransactionRecovery.Report()
 
+    /// The configuration, the nodes removed, each step's time in milliseconds, and the report.
     public var description: String {
         func ms(_ value: UInt64) -> String { String(format: "%.2f", Double(value) / 1e6) }
         return "recovery into \(configuration) without \(removed.map(\.description).joined(separator: ",")): quiet \(ms(quiet)) ms, acknowledged \(ms(acknowledged)) ms, drained \(ms(drained)) ms, voted \(ms(voted)) ms, applied \(ms(applied)) ms; \(report)"

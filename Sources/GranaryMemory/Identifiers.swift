@@ -3,19 +3,29 @@
 /// Node ids are small integers assigned when a node joins; they index per-node tables in the
 /// transports, so they are bounded by ``NodeID/limit``.
 public struct NodeID: RawRepresentable, Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
+    /// The id's number (below ``limit`` for a node of a cluster).
     public var rawValue: UInt16
 
     /// Node ids are below this bound (the transports keep flat per-node tables).
     public static let limit: Int = 64
 
+    /// The node numbered `rawValue`, unchecked.
     @inlinable public init(rawValue: UInt16) { self.rawValue = rawValue }
+    /// The node numbered `value`; traps unless `value` is in `0..<NodeID.limit`.
     @inlinable public init(_ value: Int) {
         precondition(value >= 0 && value < NodeID.limit, "node id \(value) is outside 0..<\(NodeID.limit)")
         self.rawValue = UInt16(value)
     }
 
+    /// The number as an index into per-node tables.
     @inlinable public var index: Int { Int(rawValue) }
+    /// `n` and the number, e.g. `n2`.
     public var description: String { "n\(rawValue)" }
+    /// Orders nodes by number.
+    ///
+    /// - Parameters:
+    ///   - a: the node id compared.
+    ///   - b: the id it is compared with.
     @inlinable public static func < (a: NodeID, b: NodeID) -> Bool { a.rawValue < b.rawValue }
 }
 
@@ -24,6 +34,8 @@ public struct NodeID: RawRepresentable, Hashable, Comparable, Sendable, Codable,
 /// The same region id names every replica of a region (its primary and its backups). Ids at or above
 /// ``RegionID/firstReserved`` are node-local areas (message-channel mailboxes), never replicated.
 public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
+    /// The id's number: 1 up to (not including) ``limit`` for a data region, ``firstReserved`` or
+    /// more for a mailbox.
     public var rawValue: UInt32
 
     /// Data region ids are below this bound (the transports keep flat per-region tables).
@@ -31,7 +43,9 @@ public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codabl
     /// Ids from here on are reserved for node-local areas.
     public static let firstReserved: UInt32 = 0xFFFF_0000
 
+    /// The region numbered `rawValue`, unchecked.
     @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// The region numbered `value`; traps unless `value` is in `0..<RegionID.limit`.
     @inlinable public init(_ value: Int) {
         precondition(value >= 0 && value < RegionID.limit, "region id \(value) is outside 0..<\(RegionID.limit)")
         self.rawValue = UInt32(value)
@@ -50,8 +64,11 @@ public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codabl
         isMailbox ? NodeID(rawValue: UInt16(truncatingIfNeeded: rawValue & 0xFFFF)) : nil
     }
 
+    /// The number as an index into per-region tables (data regions only: a mailbox's is far
+    /// beyond ``limit``).
     @inlinable public var index: Int { Int(rawValue) }
 
+    /// `r` and the number for a data region (`r3`), `mailbox(n1)` for a mailbox.
     public var description: String {
         if let owner = mailboxOwner { return "mailbox(\(owner))" }
         return "r\(rawValue)"
@@ -63,13 +80,20 @@ public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codabl
         return "r\(rawValue).region"
     }
 
+    /// Orders regions by number (every data region before every mailbox).
+    ///
+    /// - Parameters:
+    ///   - a: the region id compared.
+    ///   - b: the id it is compared with.
     @inlinable public static func < (a: RegionID, b: RegionID) -> Bool { a.rawValue < b.rawValue }
 }
 
 /// The identity of a cluster, stamped into every region file so a node never opens another
 /// cluster's memory by mistake.
 public struct ClusterID: RawRepresentable, Hashable, Sendable, Codable, CustomStringConvertible {
+    /// The id's 64 bits (never 0 for an id from ``random()``).
     public var rawValue: UInt64
+    /// The cluster id `rawValue`.
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
 
     /// A fresh random cluster id.
@@ -78,6 +102,7 @@ public struct ClusterID: RawRepresentable, Hashable, Sendable, Codable, CustomSt
         return ClusterID(rawValue: generator.next() | 1)
     }
 
+    /// `cluster-` and the id in 16 hexadecimal digits.
     public var description: String {
         let hex = String(rawValue, radix: 16)
         return "cluster-" + String(repeating: "0", count: max(0, 16 - hex.count)) + hex
@@ -103,8 +128,14 @@ public struct GlobalAddress: RawRepresentable, Hashable, Sendable, Codable, Cust
     @usableFromInline static let incarnationShift: UInt64 = 44
     @usableFromInline static let incarnationTagMask: UInt64 = 0x7FFF
 
+    /// The address packed in `rawValue` (as ``rawValue`` describes).
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
 
+    /// The slot at `offset` bytes into `region`, with no incarnation.
+    ///
+    /// - Parameters:
+    ///   - region: the region (a data region's id, or a mailbox's).
+    ///   - offset: the byte offset in the region.
     @inlinable public init(region: RegionID, offset: UInt32) {
         self.rawValue = UInt64(region.rawValue) << 32 | UInt64(offset)
     }
@@ -116,10 +147,12 @@ public struct GlobalAddress: RawRepresentable, Hashable, Sendable, Codable, Cust
             | (UInt64(incarnation) & 0x3FFF &+ 1) << Self.incarnationShift
     }
 
+    /// The region the address lies in.
     @inlinable public var region: RegionID {
         let high = UInt32(truncatingIfNeeded: rawValue >> 32)
         return RegionID(rawValue: high >= RegionID.firstReserved ? high : high & 0xFFF)
     }
+    /// The byte offset in the region.
     @inlinable public var offset: UInt32 { UInt32(truncatingIfNeeded: rawValue) }
 
     /// The slot incarnation this address was allocated with, if it carries one.
@@ -140,15 +173,18 @@ public struct GlobalAddress: RawRepresentable, Hashable, Sendable, Codable, Cust
         GlobalAddress(region: region, offset: UInt32(Int(offset) + bytes))
     }
 
+    /// The region, the offset in hexadecimal and the incarnation if any, e.g. `r3+0x1040#2`.
     public var description: String {
         "\(region)+0x\(String(offset, radix: 16))" + (incarnation.map { "#\($0)" } ?? "")
     }
 
+    /// Decodes an address from its ``rawValue``, one number.
     public init(from decoder: any Decoder) throws {
         let container = try decoder.singleValueContainer()
         self.rawValue = try container.decode(UInt64.self)
     }
 
+    /// Encodes the address as its ``rawValue``, one number.
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.singleValueContainer()
         try container.encode(rawValue)

@@ -17,25 +17,44 @@ import Musl
 /// Every further cache line of the object starts with a copy of the header without the lock bit
 /// (its *line version*), so one read of the whole object can be checked for tearing.
 public struct ObjectHeader: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    /// The header word as stored.
     public var rawValue: UInt64
 
+    /// Bit 63: the object is locked by a committing transaction.
     public static let lockBit: UInt64 = 1 << 63
+    /// Bit 62: the slot holds a live object.
     public static let allocatedBit: UInt64 = 1 << 62
+    /// Where the incarnation starts in the word (bit 48).
     public static let incarnationShift: UInt64 = 48
+    /// The incarnation's 14 bits, once shifted down by ``incarnationShift``.
     public static let incarnationMask: UInt64 = 0x3FFF
+    /// The version's 48 bits (bits 0..47).
     public static let versionMask: UInt64 = (1 << 48) - 1
 
+    /// The header whose word is `rawValue`.
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
 
+    /// A header of the given fields; `version` keeps its low 48 bits, `incarnation` its low 14.
+    ///
+    /// - Parameters:
+    ///   - version: the object's version.
+    ///   - incarnation: the slot's incarnation.
+    ///   - allocated: whether the slot holds a live object.
+    ///   - locked: whether the lock bit is set.
     @inlinable public init(version: UInt64, incarnation: UInt16, allocated: Bool, locked: Bool = false) {
         rawValue = (version & Self.versionMask)
             | (UInt64(incarnation) & Self.incarnationMask) << Self.incarnationShift
             | (allocated ? Self.allocatedBit : 0) | (locked ? Self.lockBit : 0)
     }
 
+    /// Whether the object is locked: by a committing transaction from its LOCK until its
+    /// COMMIT-PRIMARY or ABORT, or by recovery until it decides.
     @inlinable public var isLocked: Bool { rawValue & Self.lockBit != 0 }
+    /// Whether the slot holds a live object.
     @inlinable public var isAllocated: Bool { rawValue & Self.allocatedBit != 0 }
+    /// How many times the slot has been freed (modulo 2^14).
     @inlinable public var incarnation: UInt16 { UInt16(truncatingIfNeeded: (rawValue >> Self.incarnationShift) & Self.incarnationMask) }
+    /// The object's version: bumped by every committed write, allocation and free.
     @inlinable public var version: UInt64 { rawValue & Self.versionMask }
 
     /// This header with the lock bit set.
@@ -58,6 +77,7 @@ public struct ObjectHeader: RawRepresentable, Hashable, Sendable, CustomStringCo
         ObjectHeader(version: version &+ 1, incarnation: incarnation &+ 1, allocated: false)
     }
 
+    /// The version, the incarnation and the flags set, e.g. `v7/i2 locked`.
     public var description: String {
         "v\(version)/i\(incarnation)\(isAllocated ? "" : " free")\(isLocked ? " locked" : "")"
     }
@@ -80,8 +100,11 @@ public enum ObjectReadCheck: Equatable, Sendable {
 /// Lines are ``lineSize`` bytes; each carries ``payloadPerLine`` payload bytes after its 8-byte
 /// version word (the header word for line 0).
 public enum ObjectLayout {
+    /// Bytes in a cache line: 64.
     public static let lineSize = 64
+    /// 8-byte words in a cache line: 8.
     public static let wordsPerLine = 8
+    /// Payload bytes in a cache line, after its 8-byte version word: 56.
     public static let payloadPerLine = 56
 
     /// Cache lines needed for `payloadBytes` bytes of payload (at least one).

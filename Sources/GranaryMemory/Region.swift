@@ -13,6 +13,7 @@ public enum RegionKind: UInt32, Sendable, Codable, CustomStringConvertible {
     /// A node-local mailbox: the receive rings of the node's message channels.
     case mailbox = 2
 
+    /// `data` or `mailbox`.
     public var description: String { self == .data ? "data" : "mailbox" }
 }
 
@@ -30,11 +31,18 @@ public enum RegionKind: UInt32, Sendable, Codable, CustomStringConvertible {
 ///     40     8  FNV-1a checksum of bytes 0..<40
 /// ```
 public enum RegionFormat {
+    /// The first 8 bytes of every region file: "GRANARY1" read as a little-endian integer.
     public static let magic: UInt64 = 0x3159_5241_4E41_5247  // "GRANARY1" little-endian
+    /// The header format this build writes and reads.
     public static let version: UInt32 = 1
+    /// Bytes reserved for the header at the start of a region (4 KiB): a data region's slab
+    /// table, or a mailbox's first ring, follows it.
     public static let headerBytes = 4096
+    /// A region's size when its creator does not choose: 64 MiB.
     public static let defaultSize = 64 << 20
+    /// The smallest region size: 1 MiB.
     public static let minimumSize = 1 << 20
+    /// The largest region size: 4 GiB (a ``GlobalAddress`` offset has 32 bits).
     public static let maximumSize = 1 << 32
     /// log2 of a data region's slab size unless its creator says otherwise (64 KiB slabs).
     public static let defaultSlabShift = 16
@@ -72,11 +80,15 @@ public enum RegionFormat {
 /// memory whose concurrent access is governed by Granary's protocols (atomics on header words,
 /// per-cache-line versions), not by this class. The mapping lives until `deinit`.
 public final class Region: @unchecked Sendable {
+    /// The region this file is a replica of (the header's region id).
     public let id: RegionID
+    /// Whether the file holds data objects or a mailbox's rings.
     public let kind: RegionKind
     /// The file's length and the mapping's length in bytes.
     public let size: Int
+    /// The cluster the file belongs to (the header's owner cluster id).
     public let cluster: ClusterID
+    /// The region file.
     public let path: FilePath
     /// Whether libpmem reports the mapping as persistent memory.
     public let isPersistentMemory: Bool

@@ -8,6 +8,7 @@ import Musl
 /// A node's region directory: one file per region replica the node holds, named by
 /// ``RegionID/fileName``.
 public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
+    /// The directory.
     public let path: FilePath
 
     /// Uses (and creates, with parents, if missing) the directory at `path`.
@@ -16,6 +17,7 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
         if create { try Self.makeDirectories(path) }
     }
 
+    /// The directory's path.
     public var description: String { path.string }
 
     /// The path of region `id`'s file in this directory.

@@ -28,6 +28,7 @@ public enum RegionError: Error, Sendable, Equatable, CustomStringConvertible {
     /// An access falls outside the region.
     case outOfBounds(region: RegionID, offset: Int, length: Int, size: Int)
 
+    /// The error in a sentence naming the file or region.
     public var description: String {
         switch self {
         case .missing(let path):

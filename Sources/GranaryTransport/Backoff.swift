@@ -8,11 +8,14 @@ import Musl
 /// to ``maximumSleepMicroseconds``. On a machine with fewer cores than busy nodes, an idle poller
 /// must get out of the way of the ones with work.
 public struct Backoff: Sendable {
+    /// The longest sleep of one pause, in microseconds.
     public var maximumSleepMicroseconds: UInt32
     private let spins: UInt32
     private let yields: UInt32
     private var step: UInt32 = 0
 
+    /// A back-off at its first step.
+    ///
     /// - Parameters:
     ///   - spins: pauses that return at once (the awaited write usually lands within a few hundred cycles);
     ///   - yields: pauses that then yield the CPU;
@@ -47,6 +50,7 @@ public struct Backoff: Sendable {
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
 
+/// Granary's additions to the standard library's `Duration`.
 extension Duration {
     /// The duration in whole nanoseconds, for comparing with ``monotonicNanoseconds()``; a
     /// negative duration is 0.

@@ -52,13 +52,17 @@ import Musl
 /// the same id resynchronises its channels both ways, and a corrupt message costs the messages
 /// sent after it on that ring until the sender reattaches, never the channel.
 public enum ChannelFormat {
+    /// Bytes of the control line before each ring: one cache line.
     public static let controlBytes = 64
+    /// The magic in bits 48..63 of a message's header: "GM".
     public static let messageMagic: UInt64 = 0x474D
+    /// The magic in bits 48..63 of a wrap word, which sends the stream on at ring offset 0: "GW".
     public static let wrapMagic: UInt64 = 0x4757
     /// The magic a kept message's header gets once the receiver is done with it, while messages
     /// before it are still kept (``Mailbox/releaseMessage(from:at:)``): its bytes stay until the
     /// receiver's consumed counter passes it, but a scan of the log skips it.
     public static let releasedMagic: UInt64 = 0x4746
+    /// A ring's capacity when its creator does not choose: 64 KiB.
     public static let defaultRingCapacity = 64 << 10
 
     /// The largest message a ring of `capacity` bytes carries.
@@ -98,10 +102,18 @@ public enum ChannelFormat {
     // + 40   reopening  the epoch a reopening in progress stamps the kept messages with (receiver)
     // ```
     // A fresh (zeroed) control line is open, epoch 0, resuming at 0.
+    /// Where the control line keeps the current stream's epoch (written by the receiver).
     public static let epochOffset = 8
+    /// Where the control line keeps the sender connection attached to the stream, 0 while the
+    /// ring is open.
     public static let attachedOffset = 16
+    /// Where the control line keeps the stream position at which the next attached sender starts
+    /// (written by the receiver).
     public static let resumeOffset = 24
+    /// Where a sender connection asks the receiver to reopen the ring (0: no request).
     public static let requestOffset = 32
+    /// Where the control line keeps the epoch that a reopening in progress stamps the kept
+    /// messages with (written by the receiver).
     public static let reopeningOffset = 40
     /// Calls `body` with the ring offsets and lengths (at most `maximum` each) of a ring's free
     /// space: stream positions `start` (the receiver's cursor, where a reopened stream resumes) to
@@ -143,7 +155,9 @@ public enum ChannelFormat {
 /// messages the receiver is done with at once (replies) to the queue, so that a reply never waits
 /// behind a kept record.
 public enum RingKind: Int, Sendable {
+    /// The log: records the receiver may keep until later ones release them.
     case log = 0
+    /// The message queue: messages the receiver is done with at once (replies).
     case messages = 1
 
     /// Rings in a mailbox: a log and a message queue per possible sender.
@@ -164,8 +178,11 @@ public enum RingKind: Int, Sendable {
 /// atomic; the rings' receive state (each ring's consumed counter, in its control line) is written
 /// only by the holder of `claim`.
 public final class Mailbox: @unchecked Sendable {
+    /// The node that receives through this mailbox.
     public let node: NodeID
+    /// The mailbox region (`RegionID.mailbox(of:)`), mapped in this process.
     public let region: Region
+    /// The capacity of each ring, in bytes (a power of two).
     public let ringCapacity: Int
     /// `region.base`, for the inlinable poll paths.
     @usableFromInline let base: UnsafeMutableRawPointer
@@ -197,7 +214,7 @@ public final class Mailbox: @unchecked Sendable {
     /// cleared, unless `preservingLog` (then its rings, which hold the records kept as the node's
     /// log, are left as they are for recovery to read; ``resetRings()`` clears them after).
     ///
-    /// - Throws: `RegionError.invalidArgument(_:)` for a ring capacity that is not a power of two
+    /// - Throws: `RegionError.invalidSize(bytes:reason:)` for a ring capacity that is not a power of two
     ///   of at least 4 KiB and at most 1 GiB; `RegionError` for a file that is not this
     ///   mailbox.
     public init(node: NodeID, directory: RegionDirectory, cluster: ClusterID,
@@ -463,7 +480,9 @@ public final class Mailbox: @unchecked Sendable {
 /// writes it, and the senders read it to learn how much room there is.
 public struct MailboxPoller: ~Copyable {
     @usableFromInline let base: UnsafeMutableRawPointer
+    /// The node whose mailbox this poller receives from.
     public let receiver: NodeID
+    /// The capacity of each ring, in bytes.
     public let ringCapacity: Int
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
     @usableFromInline let pendingAdvance: UnsafeMutablePointer<UInt64>
@@ -703,10 +722,15 @@ public struct MailboxPoller: ~Copyable {
 /// Each call takes the mailbox's poll claim for its duration (see ``Mailbox/withPoller(_:)``); a
 /// poller that serves many rings takes the claim once and polls through ``MailboxPoller``.
 public struct ChannelReceiver: Sendable {
+    /// The local mailbox holding the ring.
     public let mailbox: Mailbox
+    /// The node whose messages this ring carries.
     public let sender: NodeID
+    /// Which of the sender's two rings this is.
     public let kind: RingKind
+    /// This node: the mailbox's owner.
     public var receiver: NodeID { mailbox.node }
+    /// The ring's capacity, in bytes.
     public var ringCapacity: Int { mailbox.ringCapacity }
 
     /// Whether no message (not even a partly written one) waits at the head of the ring.
@@ -734,8 +758,11 @@ public final class ChannelSender: Sendable {
     /// Makes sends that would wait for this receiver fail at once (`true`), or wait again (`false`).
     public func giveUpWaiting(_ giveUp: Bool) { givenUp.store(giveUp, ordering: .relaxed) }
 
+    /// The sending node: this one.
     public let sender: NodeID
+    /// The node whose mailbox the channel writes.
     public let receiver: NodeID
+    /// The capacity of the receiver's ring, in bytes.
     public let ringCapacity: Int
     /// The largest message this channel carries.
     public let maximumMessage: Int

@@ -21,6 +21,7 @@ import Musl
 /// `deinit`, and the `Region`s that own the mapped memory are kept alive in `state`.
 public final class SharedMemoryTransport: Transport, @unchecked Sendable {
     public let localNode: NodeID
+    /// The cluster whose region files this transport maps: a peer's file of another cluster is refused.
     public let cluster: ClusterID
 
     /// A published mapping: immutable once its address is in the table.

@@ -87,13 +87,18 @@ extension Transport {
 
 /// One one-sided operation inside an ``OperationBatch``.
 public struct OneSidedOperation {
+    /// What an operation does: a read, a write, an 8-byte compare-and-swap or an 8-byte fetch-and-add.
     public enum Kind: UInt8, Sendable { case read, write, compareAndSwap, fetchAndAdd }
 
+    /// What the operation does.
     public var kind: Kind
+    /// The node whose memory it acts on.
     public var node: NodeID
+    /// Where in that node's memory.
     public var address: GlobalAddress
     /// The local buffer (reads and writes); its bytes stay owned by the caller.
     public var buffer: UnsafeMutableRawPointer?
+    /// Bytes read or written (8 for the atomics).
     public var length: Int
     /// Compare-and-swap: the expected word. Fetch-and-add: the delta.
     public var operand: UInt64
@@ -121,9 +126,12 @@ public struct OneSidedOperation {
 /// allocates nothing per batch.
 public struct OperationBatch: ~Copyable {
     @usableFromInline let storage: UnsafeMutablePointer<OneSidedOperation>
+    /// The most operations the batch holds.
     public let capacity: Int
+    /// The operations added since the batch was created or emptied.
     public private(set) var count: Int = 0
 
+    /// An empty batch with room for `capacity` operations (at least 1); adding more traps.
     public init(capacity: Int) {
         precondition(capacity > 0)
         self.capacity = capacity

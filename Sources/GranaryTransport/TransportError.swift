@@ -23,6 +23,7 @@ public enum TransportError: Error, Sendable, Equatable, CustomStringConvertible 
     /// The backend reported a failure of its own (a verbs call, a work completion status).
     case backend(call: String, node: NodeID, detail: String)
 
+    /// The failure in a sentence naming the peer.
     public var description: String {
         switch self {
         case .unknownNode(let node):

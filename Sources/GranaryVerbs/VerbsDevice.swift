@@ -19,6 +19,7 @@ public enum VerbsAtomicCapability: String, Sendable, CustomStringConvertible {
     /// `IBV_ATOMIC_GLOB`: NIC atomics are also atomic with respect to CPU atomics on the same word.
     case global
 
+    /// The verbs constant's name: `IBV_ATOMIC_NONE`, `IBV_ATOMIC_HCA` or `IBV_ATOMIC_GLOB`.
     public var description: String {
         switch self {
         case .none: return "IBV_ATOMIC_NONE"

@@ -20,6 +20,7 @@ public enum VerbsError: Error, Sendable, Equatable, CustomStringConvertible {
     /// An option of ``VerbsTransport/Options`` is outside what the transport can use.
     case invalidOption(name: String, value: Int, allowed: String)
 
+    /// The failure in a sentence; for a missing device, what devices exist and how to create one.
     public var description: String {
         switch self {
         case .noDevice(let requested, let available):

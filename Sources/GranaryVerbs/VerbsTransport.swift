@@ -104,6 +104,21 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         /// whose READ is a CPU copy, and not on hardware NICs.
         public var checkedLineReads: Bool?
 
+        /// Options; each parameter sets the property of its name, and the defaults are a 256 KiB
+        /// staging buffer, chains of 64 work requests, 64 inline bytes, 5-second completion and
+        /// endpoint timeouts and 16 connections per peer.
+        ///
+        /// - Parameters:
+        ///   - device: the RDMA device's name (``device``).
+        ///   - port: the device port.
+        ///   - gidIndex: the source GID index (``gidIndex``).
+        ///   - stagingBytes: the staging buffer per connection, in bytes.
+        ///   - chainCapacity: the most work requests in one chain.
+        ///   - inlineBytes: the inline data size asked of each QP, in bytes.
+        ///   - completionTimeout: how long to wait for a chain's completion.
+        ///   - endpointTimeout: how long an endpoint exchange may take.
+        ///   - connectionsPerPeer: threads with a connection of their own towards each peer.
+        ///   - checkedLineReads: whether whole-line READs are posted twice and compared (``checkedLineReads``).
         public init(device: String? = nil, port: UInt8 = 1, gidIndex: Int? = nil, stagingBytes: Int = 256 << 10,
                     chainCapacity: Int = 64, inlineBytes: Int = 64, completionTimeout: Duration = .seconds(5),
                     endpointTimeout: Duration = .seconds(5), connectionsPerPeer: Int = 16,
@@ -144,6 +159,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         public var checkedReads = 0
         /// Lines those comparisons found changed between the two copies, returned flagged.
         public var flaggedLines = 0
+        /// Every counter at 0.
         public init() {}
     }
 

@@ -14,6 +14,7 @@ import Glibc
 /// `@unchecked Sendable`: the multi-threaded C client's handle may be used from any thread; the
 /// Swift-side state is behind a mutex.
 public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
+    /// The servers this session connects to, `host:port` separated by commas.
     public let connectString: String
     private let handle: OpaquePointer
     private let session: SessionState
@@ -119,6 +120,15 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         (mode.contains(.ephemeral) ? CZooKeeper_ephemeral() : 0) | (mode.contains(.sequential) ? CZooKeeper_sequence() : 0)
     }
 
+    /// Creates `path` with `data` (`zoo_create`, open ACL); its parent must exist.
+    ///
+    /// - Parameters:
+    ///   - path: the node to create; for a sequential node, the prefix of its name.
+    ///   - data: the node's data.
+    ///   - mode: ephemeral, sequential, both, or persistent.
+    /// - Returns: the created path, with the sequence suffix for a sequential node.
+    /// - Throws: `CoordinationError.nodeExists(_:)`; `noNode(_:)` or `noChildrenForEphemerals(_:)`
+    ///   naming the parent; `sessionExpired` after expiry or ``close()``; `connectionLoss(_:)`.
     public func create(_ path: String, data: [UInt8], mode: CreateMode) async throws(CoordinationError) -> String {
         try enter()
         defer { leave() }
@@ -178,15 +188,28 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         Unmanaged<CoordinationWatch>.fromOpaque(context).takeRetainedValue().fire(event)
     }
 
+    /// The node's data and version (`zoo_wget`, reading again with a larger buffer when the data
+    /// exceeds 4 KiB).
+    ///
+    /// - Throws: `CoordinationError.noNode(_:)`, `sessionExpired`, `connectionLoss(_:)`.
     public func get(_ path: String) async throws(CoordinationError) -> StoredData {
         try read(path, watch: nil)
     }
 
+    /// The node's data and version, and a one-shot watch that fires on its next change or
+    /// deletion (or with `sessionEnded` when the session expires first).
+    ///
+    /// - Throws: `CoordinationError.noNode(_:)` (no watch is left set), `sessionExpired`,
+    ///   `connectionLoss(_:)`.
     public func getAndWatch(_ path: String) async throws(CoordinationError) -> (StoredData, CoordinationWatch) {
         let watch = CoordinationWatch()
         return (try read(path, watch: watch), watch)
     }
 
+    /// The node's version, or nil when it does not exist, and a one-shot watch on its creation,
+    /// change or deletion (`zoo_wexists`).
+    ///
+    /// - Throws: `CoordinationError.sessionExpired`, `connectionLoss(_:)`.
     public func existsAndWatch(_ path: String) async throws(CoordinationError) -> (Int32?, CoordinationWatch) {
         try enter()
         defer { leave() }
@@ -200,6 +223,15 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         return (stat.version, watch)
     }
 
+    /// Replaces the node's data if it is at `expectedVersion` (any version when nil) (`zoo_set2`).
+    ///
+    /// - Parameters:
+    ///   - path: the node.
+    ///   - data: its new data.
+    ///   - expectedVersion: the version it must be at; nil for any.
+    /// - Returns: the node's new version.
+    /// - Throws: `CoordinationError.badVersion(path:expected:actual:)` with the version found,
+    ///   `noNode(_:)`, `sessionExpired`, `connectionLoss(_:)`.
     public func set(_ path: String, data: [UInt8], expectedVersion: Int32?) async throws(CoordinationError) -> Int32 {
         try enter()
         defer { leave() }
@@ -212,6 +244,14 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         return stat.version
     }
 
+    /// Deletes the node if it is at `expectedVersion` (any version when nil) and has no children
+    /// (`zoo_delete`).
+    ///
+    /// - Parameters:
+    ///   - path: the node.
+    ///   - expectedVersion: the version it must be at; nil for any.
+    /// - Throws: `CoordinationError.badVersion(path:expected:actual:)`, `noNode(_:)`,
+    ///   `notEmpty(_:)`, `sessionExpired`, `connectionLoss(_:)`.
     public func delete(_ path: String, expectedVersion: Int32?) async throws(CoordinationError) {
         try enter()
         defer { leave() }
@@ -232,15 +272,28 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         return (0..<Int(vector.count)).map { String(cString: vector.data[$0]!) }.sorted()
     }
 
+    /// The names (not paths) of the node's children, sorted (`zoo_wget_children`).
+    ///
+    /// - Throws: `CoordinationError.noNode(_:)`, `sessionExpired`, `connectionLoss(_:)`.
     public func children(_ path: String) async throws(CoordinationError) -> [String] {
         try listChildren(path, watch: nil)
     }
 
+    /// The children's names, sorted, and a one-shot watch on the next change of the set of
+    /// children (or the node's deletion).
+    ///
+    /// - Throws: `CoordinationError.noNode(_:)`, `sessionExpired`, `connectionLoss(_:)`.
     public func childrenAndWatch(_ path: String) async throws(CoordinationError) -> ([String], CoordinationWatch) {
         let watch = CoordinationWatch()
         return (try listChildren(path, watch: watch), watch)
     }
 
+    /// Applies every operation in one transaction of the server (`zoo_multi`), or none of them;
+    /// an empty list does nothing.
+    ///
+    /// - Throws: `CoordinationError.multiFailed(index:_:)` naming the first operation that failed
+    ///   and its error (a stale version with the version found); `sessionExpired`;
+    ///   `connectionLoss(_:)`, after which the operations may or may not have been applied.
     public func multi(_ operations: [CoordinationOperation]) async throws(CoordinationError) {
         try enter()
         defer { leave() }
@@ -310,6 +363,8 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         throw .multiFailed(index: index, CoordinationFailure(error))
     }
 
+    /// Ends the session (`zookeeper_close`) once the calls under way have returned: the server
+    /// deletes its ephemeral nodes. Later calls fail with `CoordinationError.sessionExpired`.
     public func close() async {
         closeNow()
     }
