@@ -98,6 +98,7 @@ extension Transaction {
         mark(.commitPrimary)
         stats.committed(readOnly: false)
         reservations.removeAll(keepingCapacity: true)  // now owned by the committed objects
+        remoteReservations.removeAll(keepingCapacity: true)
         if undelivered == 0 { truncate(id, nodes: truncated, engine: engine) }
         mark(.truncate)
     }
@@ -173,7 +174,7 @@ extension Transaction {
     }
 
     @inline(__always)
-    private func sendRecord(_ bytes: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
+    func sendRecord(_ bytes: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
         let failure: TransactionError? = state.pointee.viewRef._withUnsafeGuaranteedRef { view in
             do throws(TransactionError) {
                 if !usingReserve && view.channelFillsUp(to: node) { withEngine { $0.flushTruncations(to: node) } }
@@ -554,6 +555,7 @@ extension Engine {
             // The transaction may commit: its reserved slots stay reserved (the allocator is
             // rebuilt from the region's headers when the node restarts).
             transaction.reservations.removeAll(keepingCapacity: true)
+            transaction.remoteReservations.removeAll(keepingCapacity: true)
             throw TransactionError.outcomeUnknown(reason: reason)
         } catch {
             transaction.returnReservations()

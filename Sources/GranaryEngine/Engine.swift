@@ -682,6 +682,11 @@ package final class Engine: Sendable {
 
     /// This node's replica of `region`, if it holds one (for inspection and tests).
     package func replica(of region: RegionID) -> Region? { view.localReplica(region)?.region }
+
+    /// The allocator's counts for `region`, where this node is its primary.
+    package func allocatorStatistics(of region: RegionID) -> (allocated: Int, reserved: Int, free: Int, unusedSlabs: Int)? {
+        view.localReplica(region)?.allocator?.statistics
+    }
 }
 
 /// Committed transactions whose backup records await a TRUNCATE, per backup node, batched per

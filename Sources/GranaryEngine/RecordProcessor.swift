@@ -38,6 +38,9 @@ final class RecordProcessor: @unchecked Sendable {
         var unsent = [[[UInt8]]](repeating: [], count: NodeID.limit)
         /// Objects LOCK RECOVERY locked at this (promoted) primary, with their headers before.
         var recoveryLocks: [(UInt, ObjectHeader)] = []
+        /// Slots this primary reserved for other nodes' coordinators (ALLOCATE), by untagged
+        /// address, with the node that holds each reservation.
+        var remoteReservations: [UInt64: NodeID] = [:]
     }
     private let state: UnsafeMutablePointer<State> = {
         let state = UnsafeMutablePointer<State>.allocate(capacity: 1)
@@ -134,18 +137,37 @@ final class RecordProcessor: @unchecked Sendable {
     /// different coordinators arrive in any order); applied once it has.
     private var deferred: [DeferredEntry] { _read { yield state.pointee.deferred } _modify { yield &state.pointee.deferred } }
     private let replyBuffer = UnsafeMutableRawPointer.allocate(byteCount: RecordFormat.headerBytes, alignment: 8)
+    private let allocationReplyBuffer = UnsafeMutableRawPointer.allocate(byteCount: RemoteAllocation.replyBytes, alignment: 8)
 
     deinit {
         replyBuffer.deallocate()
+        allocationReplyBuffer.deallocate()
         state.deinitialize(count: 1)
         state.deallocate()
     }
 
     /// Handles one message from `sender`'s message queue: only LOCK replies travel there.
     func handleQueued(from sender: NodeID, _ bytes: UnsafeRawBufferPointer, view: ConfigurationView) {
-        guard let record = try? RecordView(bytes), record.kind == .lockReply else {
+        guard let record = try? RecordView(bytes), record.kind == .lockReply || record.kind == .allocateReply else {
             engine.statistics.rejected()
-            engine.logger.info("rejected a message from \(sender)'s queue that is not a LOCK reply")
+            engine.logger.info("rejected a message from \(sender)'s queue that is not a LOCK or ALLOCATE reply")
+            return
+        }
+        if record.kind == .allocateReply {
+            // An answer to this node's own request, matched by its reply slot's sequence (a late
+            // or foreign one changes nothing), whatever configuration the primary is in.
+            guard record.transaction.node == engine.node, record.body.count >= 24 else {
+                engine.statistics.rejected()
+                engine.logger.info("rejected an ALLOCATE reply from \(sender) for \(record.transaction)")
+                return
+            }
+            state.pointee.replies.unsafelyUnwrapped._withUnsafeGuaranteedRef {
+                $0.deliverAllocation(record.transaction, status: record.cause,
+                                     address: record.body.loadUnaligned(fromByteOffset: 0, as: UInt64.self),
+                                     header: record.body.loadUnaligned(fromByteOffset: 8, as: UInt64.self),
+                                     lines: record.body.loadUnaligned(fromByteOffset: 16, as: UInt32.self),
+                                     region: record.body.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
+            }
             return
         }
         _ = handle(from: sender, bytes, position: 0, view: view)
@@ -169,6 +191,7 @@ final class RecordProcessor: @unchecked Sendable {
             engine.statistics.rejected()
             engine.logger.info("rejected a \(record.kind) record from \(sender), which is not a member of \(view.configuration.id)")
             if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
+            if record.kind == .allocate { answerAllocation(to: record.transaction, status: .notPrimary, view: view) }
             return false
         }
         // A member's TRUNCATE or ABORT stamped with an older configuration (sent while its
@@ -189,6 +212,7 @@ final class RecordProcessor: @unchecked Sendable {
             // coordinator learns from the refused LOCK and tries again); one behind is not.
             if record.configuration > view.configurationID { engine.logger.debug("\(error)") } else { engine.logger.info("\(error)") }
             if record.kind == .lock { reply(to: record.transaction, failure: .wrongConfiguration, view: view) }
+            if record.kind == .allocate { answerAllocation(to: record.transaction, status: .notPrimary, view: view) }
             return false
         }
         if record.kind != .lockReply && record.kind != .truncate && record.transaction.node != sender {
@@ -213,12 +237,26 @@ final class RecordProcessor: @unchecked Sendable {
             case .truncate:
                 try truncate(record, view: view)
                 return false
+            case .allocate:
+                try allocateForRemote(record, from: sender, view: view)
+                return false
+            case .allocateRelease:
+                try releaseForRemote(record, from: sender, view: view)
+                return false
+            case .allocateReply:
+                // Replies come through the message queue (``handleQueued(from:_:view:)``).
+                throw RecordView.Malformed(description: "an ALLOCATE reply in the log")
             }
         } catch {
             engine.statistics.rejected()
             engine.logger.info("rejected a \(record.kind) record of \(record.transaction) from \(sender): \(error)")
             return false
         }
+    }
+
+    /// Slots reserved for other nodes' coordinators (see `RemoteAllocation`).
+    var remoteReservations: [UInt64: NodeID] {
+        _read { yield state.pointee.remoteReservations } _modify { yield &state.pointee.remoteReservations }
     }
 
     /// Replies that found their channel busy or full, in order, per coordinator node.
@@ -239,6 +277,31 @@ final class RecordProcessor: @unchecked Sendable {
         let writer = RecordWriter(into: replyBuffer, capacity: RecordFormat.headerBytes, kind: .lockReply,
                                   configuration: view.configurationID, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
+        sendReply(writer.bytes, to: transaction, view: view)
+    }
+
+    /// ALLOCATE-REPLY to `transaction`'s coordinator (see `RemoteAllocation`).
+    func answerAllocation(to transaction: TransactionID, status: RemoteAllocation.Status, address: GlobalAddress = GlobalAddress(rawValue: 0),
+                          header: ObjectHeader = ObjectHeader(rawValue: 0), lines: Int = 0, region: RegionID = RegionID(rawValue: 0),
+                          view: ConfigurationView) {
+        var writer = RecordWriter(into: allocationReplyBuffer, capacity: RemoteAllocation.replyBytes, kind: .allocateReply,
+                                  configuration: view.configurationID, transaction: transaction, cause: status.rawValue)
+        writer.appendWord(address.rawValue)
+        writer.appendWord(header.rawValue)
+        writer.appendWord(UInt64(UInt32(clamping: lines)) | UInt64(region.rawValue) << 32)
+        if transaction.node == engine.node {
+            state.pointee.replies.unsafelyUnwrapped._withUnsafeGuaranteedRef {
+                $0.deliverAllocation(transaction, status: status.rawValue, address: address.rawValue, header: header.rawValue,
+                                     lines: UInt32(clamping: lines), region: UInt32(region.rawValue))
+            }
+            return
+        }
+        sendReply(writer.bytes, to: transaction, view: view)
+    }
+
+    /// Sends a reply to `transaction`'s coordinator on its message queue without waiting: a
+    /// reply that cannot go now waits in order for ``flushReplies(view:)``.
+    private func sendReply(_ bytes: UnsafeRawBufferPointer, to transaction: TransactionID, view: ConfigurationView) {
         let node = transaction.node
         guard node.index < NodeID.limit, view.replySenderTable[node.index] != nil else {
             engine.statistics.rejected()
@@ -247,7 +310,7 @@ final class RecordProcessor: @unchecked Sendable {
         }
         if unsentCount.load(ordering: .relaxed) == 0 || unsent[node.index].isEmpty, let sender = view.replySenderTable[node.index] {
             let result: Result<Bool, TransportError> = sender._withUnsafeGuaranteedRef { sender in
-                do throws(TransportError) { return .success(try sender.trySend(writer.bytes, usingReserve: true)) } catch { return .failure(error) }
+                do throws(TransportError) { return .success(try sender.trySend(bytes, usingReserve: true)) } catch { return .failure(error) }
             }
             switch result {
             case .success(true): return
@@ -257,7 +320,7 @@ final class RecordProcessor: @unchecked Sendable {
                 return
             }
         }
-        unsent[node.index].append(Array(writer.bytes))
+        unsent[node.index].append(Array(bytes))
         unsentCount.add(1, ordering: .relaxed)
     }
 
@@ -365,7 +428,10 @@ final class RecordProcessor: @unchecked Sendable {
             switch entry.operation {
             case .write, .allocate:
                 // The slab's size class reaches the table before the first object in it does.
-                if entry.operation == .allocate { replica.didAllocate(slot, persist: state.pointee.persistEveryInstall) }
+                if entry.operation == .allocate {
+                    replica.didAllocate(slot, persist: state.pointee.persistEveryInstall)
+                    endRemoteReservation(entry.address)
+                }
                 ObjectLayout.install(base, lines: slot.lines, payload: entry.payload.baseAddress ?? UnsafeRawPointer(base),
                                      count: entry.payload.count, header: entry.new)
             case .free:

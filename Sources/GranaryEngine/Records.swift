@@ -15,6 +15,12 @@ enum RecordKind: UInt8 {
     case commitBackup = 5
     /// Coordinator -> backup: these transactions are done everywhere; apply and drop their records.
     case truncate = 6
+    /// Coordinator that leads no region -> primary: reserve a slot (see `RemoteAllocation`).
+    case allocate = 7
+    /// Primary -> coordinator: the slot reserved, or why there is none.
+    case allocateReply = 8
+    /// Coordinator -> primary: give back a reserved slot its attempt did not commit.
+    case allocateRelease = 9
 }
 
 /// What a written object's entry asks for.
@@ -104,6 +110,13 @@ struct RecordWriter {
         count += RecordFormat.entryBytes(payload: length)
         entries += 1
         base.storeBytes(of: entries, toByteOffset: 2, as: UInt16.self)
+    }
+
+    /// Appends a raw word to the record's body (for records without entries: no count change).
+    mutating func appendWord(_ word: UInt64) {
+        precondition(count + 8 <= capacity)
+        base.storeBytes(of: word, toByteOffset: count, as: UInt64.self)
+        count += 8
     }
 
     mutating func appendTransaction(_ id: TransactionID) {

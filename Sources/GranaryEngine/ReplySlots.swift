@@ -20,7 +20,7 @@ import Musl
 /// thread takes slots from the shard its thread id hashes to (others when that one is empty), so
 /// coordinators on different cores do not pass one free list's cache line back and forth.
 ///
-/// `@unchecked Sendable`: slot words and shard bitmaps are atomics.
+/// `@unchecked Sendable`: slot words, shard bitmaps and allocation results are atomics.
 final class ReplySlots: @unchecked Sendable {
     static let count = 1024
     private static let shards = threadShards
@@ -29,6 +29,8 @@ final class ReplySlots: @unchecked Sendable {
     /// Shard `i`'s bitmap of free slots (bit `b`: slot `64 * i + b`) at word `8 * i`, and its
     /// count of slots handed out at word `8 * i + 1` (from which sequence numbers are made).
     private let freeBits: UnsafeMutablePointer<Atomic<UInt64>>
+    /// Three words per slot for an ALLOCATE reply: address, header, lines | region << 32.
+    private let results: UnsafeMutablePointer<Atomic<UInt64>>
 
     @inline(__always) static func pack(sequence: UInt64, failure: UInt8, pending: Int) -> UInt64 {
         sequence << 24 | UInt64(failure) << 16 | UInt64(pending & 0xFFFF)
@@ -37,6 +39,8 @@ final class ReplySlots: @unchecked Sendable {
     init() {
         words = .allocate(capacity: Self.count)
         for i in 0..<Self.count { (words + i).initialize(to: Atomic<UInt64>(0)) }
+        results = .allocate(capacity: Self.count * 3)
+        for i in 0..<(Self.count * 3) { (results + i).initialize(to: Atomic<UInt64>(0)) }
         let raw = UnsafeMutableRawPointer.allocate(byteCount: Self.shards * 64, alignment: 64)
         freeBits = raw.bindMemory(to: Atomic<UInt64>.self, capacity: Self.shards * 8)
         for i in 0..<(Self.shards * 8) { (freeBits + i).initialize(to: Atomic<UInt64>(i % 8 == 0 ? ~0 : 0)) }
@@ -45,6 +49,8 @@ final class ReplySlots: @unchecked Sendable {
     deinit {
         words.deinitialize(count: Self.count)
         words.deallocate()
+        results.deinitialize(count: Self.count * 3)
+        results.deallocate()
         freeBits.deinitialize(count: Self.shards * 8)
         UnsafeMutableRawPointer(freeBits).deallocate()
     }
@@ -141,6 +147,29 @@ final class ReplySlots: @unchecked Sendable {
             if exchanged { return }
             word = found
         }
+    }
+
+    /// Records an ALLOCATE reply (see `RemoteAllocation`): the slot's address, header and size
+    /// (lines, and the region asked for), then the status as the reply's failure byte. A reply
+    /// whose sequence is not the slot's current one changes nothing.
+    func deliverAllocation(_ id: TransactionID, status: UInt8, address: UInt64, header: UInt64, lines: UInt32, region: UInt32) {
+        let slot = id.slot
+        guard slot < Self.count, words[slot].load(ordering: .acquiring) >> 24 == id.sequence else { return }
+        let result = results + slot * 3
+        result[0].store(address, ordering: .relaxed)
+        result[1].store(header, ordering: .relaxed)
+        result[2].store(UInt64(lines) | UInt64(region) << 32, ordering: .relaxed)
+        // The count's compare-and-swap (releasing) publishes the words above to the waiter.
+        deliver(id, failure: status)
+    }
+
+    /// The answer ``deliverAllocation(_:status:address:header:lines:region:)`` recorded for `id`,
+    /// once ``wait(_:timeoutNanoseconds:help:)`` returned.
+    func allocation(_ id: TransactionID) -> (address: GlobalAddress, header: ObjectHeader, lines: Int, region: RegionID) {
+        let result = results + id.slot * 3
+        let size = result[2].load(ordering: .acquiring)
+        return (GlobalAddress(rawValue: result[0].load(ordering: .relaxed)), ObjectHeader(rawValue: result[1].load(ordering: .relaxed)),
+                Int(size & 0xFFFF_FFFF), RegionID(rawValue: UInt32(truncatingIfNeeded: size >> 32)))
     }
 
     /// Returns the slot; later replies to `id` are ignored.

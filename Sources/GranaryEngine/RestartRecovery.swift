@@ -101,7 +101,7 @@ public enum RestartRecovery {
                     case .commitPrimary: commitEvidence.insert(record.transaction)
                     case .abort: aborts.insert(record.transaction)
                     case .truncate: try? record.forEachTransactionID { commitEvidence.insert($0) }
-                    case .lockReply: break
+                    case .lockReply, .allocate, .allocateReply, .allocateRelease: break
                     }
                 }
             }

@@ -51,6 +51,8 @@ public final class Transaction {
         var writeIndex = AddressIndex()
         var payloads: [UInt8] = []
         var reservations: [(RegionID, ObjectSlot)] = []
+        /// Slots other nodes' primaries reserved for this attempt (this node leads no region).
+        var remoteReservations: [RemoteReservation] = []
         /// The primaries of the written objects, as a bit per node (set at LOCK).
         var primaryMask: UInt64 = 0
         /// The read arena: every object this attempt read, one copy each (a later read of the
@@ -90,6 +92,9 @@ public final class Transaction {
     var writeIndex: AddressIndex { _read { yield state.pointee.writeIndex } _modify { yield &state.pointee.writeIndex } }
     var payloads: [UInt8] { _read { yield state.pointee.payloads } _modify { yield &state.pointee.payloads } }
     var reservations: [(RegionID, ObjectSlot)] { _read { yield state.pointee.reservations } _modify { yield &state.pointee.reservations } }
+    var remoteReservations: [RemoteReservation] {
+        _read { yield state.pointee.remoteReservations } _modify { yield &state.pointee.remoteReservations }
+    }
     var primaryMask: UInt64 { get { state.pointee.primaryMask } set { state.pointee.primaryMask = newValue } }
     var snapshot: UnsafeMutableRawPointer { get { state.pointee.snapshot } set { state.pointee.snapshot = newValue } }
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
@@ -152,6 +157,7 @@ public final class Transaction {
         writeIndex.removeAll()
         payloads.removeAll(keepingCapacity: true)
         reservations.removeAll(keepingCapacity: true)
+        remoteReservations.removeAll(keepingCapacity: true)
     }
 
     /// Whether the attempt has written, allocated or freed anything.
@@ -410,9 +416,8 @@ public final class Transaction {
     /// Allocates a new object holding raw bytes (no length prefix); see ``allocate(_:)``.
     public func allocate(raw bytes: UnsafeRawBufferPointer) throws -> GlobalAddress {
         let regions = view.allocationRegions
-        guard !regions.isEmpty else {
-            throw TransactionError.outOfMemory(bytes: bytes.count, reason: "node \(engine.node) is primary of no region")
-        }
+        // A node that leads no region (a client) allocates at other nodes' primaries.
+        guard !regions.isEmpty else { return try allocateRemotely(raw: bytes) }
         let start = engine.allocationCursor.wrappingAdd(1, ordering: .relaxed).oldValue
         var lastError: AllocationError?
         for step in 0..<regions.count {
@@ -461,6 +466,8 @@ public final class Transaction {
                 if let reservation = reservations.firstIndex(where: { $0.0 == address.region && $0.1.offset == Int(address.offset) }) {
                     let (region, slot) = reservations.remove(at: reservation)
                     view.localReplica(region)?.allocator?.unreserve(slot)
+                } else if let reservation = remoteReservations.firstIndex(where: { $0.address.untagged == address.untagged }) {
+                    releaseRemote(remoteReservations.remove(at: reservation))
                 }
                 writes.remove(at: index)
                 writeIndex.rebuild(writes.map(\.address))
@@ -489,6 +496,7 @@ public final class Transaction {
     func returnReservations() {
         for (region, slot) in reservations { view.localReplica(region)?.allocator?.unreserve(slot) }
         reservations.removeAll(keepingCapacity: true)
+        returnRemoteReservations()
     }
 }
 
