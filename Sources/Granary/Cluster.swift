@@ -66,7 +66,8 @@ public enum CoordinationChoice: Sendable, Equatable {
 /// try await cluster.shutdown()
 /// ```
 public final class Cluster: Sendable {
-    /// The nodes, indexed by their `NodeID`.
+    /// The nodes this process runs: every node of a local cluster, indexed by its `NodeID`; the
+    /// one client node of a connection (``connect(file:client:options:)``).
     public let nodes: [Node]
     /// The configuration the cluster started with, or the latest it added a region to (regions on
     /// demand, static configurations only). With a configuration manager the nodes move on from
@@ -87,9 +88,13 @@ public final class Cluster: Sendable {
     /// a new cluster).
     public let recovery: RestartRecovery.Report?
 
+    /// The lock a client connection holds on its member's directory (-1 for a local cluster).
+    private let clientLock: Int32
+
     private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool,
                  coordination: EmbeddedCoordinationService?, membership: [MembershipService],
-                 recovery: RestartRecovery.Report?, regionAllocation: RegionAllocation?) {
+                 recovery: RestartRecovery.Report?, regionAllocation: RegionAllocation?, clientLock: Int32 = -1) {
+        self.clientLock = clientLock
         self.recovery = recovery
         self.nodes = nodes
         self.startingConfiguration = configuration
@@ -224,12 +229,81 @@ public final class Cluster: Sendable {
                        recovery: lastRecovery, regionAllocation: regionAllocation)
     }
 
+    /// Connects to a static cluster of node processes (started by `granary cluster up`) as one of
+    /// its clients: a member of the cluster file that holds no region (`granary cluster init
+    /// --clients K`). The returned cluster's ``nodes`` hold that one client node; its transactions
+    /// read and write every node's regions, and allocate at the regions' primaries.
+    /// ``shutdown()`` stops the client, not the cluster.
+    ///
+    /// - Parameters:
+    ///   - file: the cluster file (`cluster.json`); relative endpoints resolve against its directory.
+    ///   - client: the client member to be; by default the first one no other process uses.
+    ///   - options: the engine's options and the logger (regions, membership and coordination
+    ///     are the cluster's, not the client's).
+    /// - Throws: `ConfigurationError` when the file names no client member (or `client` is not
+    ///   one), or every client is in use; `RegionError` or `TransportError` when a node's mailbox
+    ///   is not there (the cluster is not up).
+    public static func connect(file: FilePath, client: NodeID? = nil, options: ClusterOptions = ClusterOptions()) async throws -> Cluster {
+        let data: Data
+        do {
+            data = try Data(contentsOf: URL(fileURLWithPath: file.string))
+        } catch {
+            throw ConfigurationError.invalid("cannot read the cluster file \(file): \(error.localizedDescription)")
+        }
+        let root = file.removingLastComponent()
+        let configuration = resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: data), against: root.isEmpty ? FilePath(".") : root)
+        try configuration.validate()
+        let clients = configuration.clients
+        guard !clients.isEmpty else {
+            throw ConfigurationError.invalid("\(file) has no client member (a member that holds no region): write it with `granary cluster init --clients 1`")
+        }
+        let candidates: [NodeID]
+        if let client {
+            guard clients.contains(client) else {
+                throw ConfigurationError.invalid("\(client) is not a client member of \(file) (its clients: \(clients.map(\.description).joined(separator: ", ")))")
+            }
+            candidates = [client]
+        } else {
+            candidates = clients
+        }
+        // A client's mailbox is used by one process at a time: an exclusive lock on a file in its
+        // directory, held until shutdown (or the process ends).
+        var claimed: (NodeID, Int32)?
+        for candidate in candidates {
+            guard let member = configuration.members.first(where: { $0.node == candidate }) else { continue }
+            let home = try NodeStorage.directory(of: member)
+            let lock = open(home.path.appending("client.lock").string, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+            guard lock >= 0 else { continue }
+            if flock(lock, LOCK_EX | LOCK_NB) == 0 {
+                claimed = (candidate, lock)
+                break
+            }
+            close(lock)
+        }
+        guard let (node, lock) = claimed else {
+            throw ConfigurationError.invalid("every client member of \(file) is in use by another process (\(candidates.map(\.description).joined(separator: ", ")))")
+        }
+        do {
+            let storage = try NodeStorage(node: node, configuration: configuration, ringCapacity: options.ringCapacity)
+            try storage.waitForPeers(timeout: .seconds(10))
+            var logger = options.logger
+            logger[metadataKey: "cluster"] = "\(configuration.cluster)"
+            let engine = try storage.makeEngine(options: options.engine, logger: logger)
+            return Cluster(nodes: [Node(engine)], configuration: configuration, directory: root, removeOnShutdown: false,
+                           coordination: nil, membership: [], recovery: nil, regionAllocation: nil, clientLock: lock)
+        } catch {
+            close(lock)
+            throw error
+        }
+    }
+
     /// A cluster dropped without ``shutdown()`` still stops its nodes' threads (pollers), so
     /// nothing of it keeps running or holds its memory; its files are left as they are (a later
     /// reopen recovers from them).
     deinit {
         for node in nodes { node.engine.stop() }
         if removeOnShutdown { try? FileManager.default.removeItem(atPath: directory.string) }
+        if clientLock >= 0 { close(clientLock) }
     }
 
     /// Waits until every committed transaction is applied on every replica: sends the pending
@@ -260,9 +334,9 @@ public final class Cluster: Sendable {
     /// coordination session is left to expire), and its region files stay. With a configuration
     /// manager the others detect the failure through the lease and recover without it.
     public func crash(_ id: NodeID) {
-        guard id.index < nodes.count else { return }
-        if id.index < membership.count { membership[id.index].crash() }
-        nodes[id.index].engine.crash()
+        guard let node = nodes.first(where: { $0.id == id }) else { return }
+        membership.first { $0.node == id }?.crash()
+        node.engine.crash()
     }
 
     /// Quiesces, persists every region, stops every node, and removes the directory if it was a

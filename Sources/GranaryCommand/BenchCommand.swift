@@ -21,6 +21,9 @@ struct BenchCommand: AsyncParsableCommand {
 
 /// Options every workload shares.
 struct BenchOptions: ParsableArguments {
+    @Option(help: "Run against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster.")
+    var cluster: String?
+    @Option(help: "With --cluster: the client member to be (default: the first one not in use).") var client: Int?
     @Option(help: "Nodes in the embedded cluster.") var nodes: Int = 3
     @Option(help: "Replicas of every region (primary + backups), at most --nodes.") var replicas: Int = 3
     @Option(help: "Worker threads issuing transactions, spread over the nodes.") var workers: Int = 2
@@ -71,6 +74,12 @@ struct BenchOptions: ParsableArguments {
             guard nodes >= 2, replicas >= 2 else { throw ValidationError("--crash needs at least 2 nodes and 2 replicas, so that every region survives") }
             guard at > 0, at < seconds else { throw ValidationError("--at must be inside the run (0 < --at < --seconds)") }
         }
+        if cluster != nil {
+            guard crash == nil, !membership else { throw ValidationError("--crash and --membership run an embedded cluster; they do not go with --cluster") }
+        } else if client != nil {
+            throw ValidationError("--client goes with --cluster")
+        }
+        if let client, client < 0 || client >= NodeID.limit { throw ValidationError("--client must be a node id in 0..<\(NodeID.limit)") }
         if scaling {
             guard crash == nil else { throw ValidationError("--scaling and --crash do not go together") }
             if let maxWorkers, maxWorkers < 1 || maxWorkers > 1024 { throw ValidationError("--max-workers must be in 1...1024") }
@@ -81,6 +90,11 @@ struct BenchOptions: ParsableArguments {
     }
 
     func makeCluster() async throws -> Cluster {
+        if let cluster {
+            var options = ClusterOptions()
+            options.engine.maximumAttempts = 1_000
+            return try await Cluster.connect(file: FilePath(cluster), client: client.map { NodeID($0) }, options: options)
+        }
         var options = ClusterOptions()
         options.regionSize = regionMib << 20
         options.engine.maximumAttempts = 1_000
@@ -101,7 +115,13 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let startTime = Date()
     let cluster = try await options.makeCluster()
     let manager = options.membership || options.crash != nil ? "configuration manager with \(options.leaseMs) ms leases, suspicion after \(options.expiriesToSuspect) (embedded store)" : "static configuration"
-    FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
+    if let file = options.cluster {
+        let configuration = cluster.configuration
+        let nodes = configuration.members.count - configuration.clients.count
+        FileHandle.standardError.write("loading \(name) into the \(nodes) node processes of \(file) (\(configuration.regions.count) regions) as client \(cluster.nodes[0].id)...\n".data(using: .utf8)!)
+    } else {
+        FileHandle.standardError.write("loading \(name) into \(options.nodes) nodes, \(options.replicas) replicas, \(manager)...\n".data(using: .utf8)!)
+    }
     // The engines' configurations: with a configuration manager, the cluster's own is the first.
     func regionCount() -> Int { cluster.nodes.map { $0.engine.configuration.regions.count }.max() ?? 0 }
     let regionsBefore = regionCount()
@@ -151,7 +171,13 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     }
     try await cluster.quiesce()
     let violations = try await workload.check(cluster, committedDelta: report.committedDelta)
-    print(BenchTable.render(name: name, report: report, options: options))
+    var shown = options
+    if options.cluster != nil {
+        // The table's shape line describes the cluster connected to, not the embedded defaults.
+        shown.nodes = cluster.configuration.members.count - cluster.configuration.clients.count
+        shown.replicas = cluster.configuration.replication ?? cluster.configuration.regions.first?.replicas.count ?? 0
+    }
+    print(BenchTable.render(name: name, report: report, options: shown))
     print(String(format: "  machine              core-to-core handoff %.0f ns before the run, %.0f ns after; memory latency %.0f / %.0f ns",
                  handoffBefore, handoffAfter, latencyBefore, latencyAfter))
     if let json = options.json {

@@ -26,6 +26,8 @@ struct ClusterInit: ParsableCommand {
     @Option(help: "The directory that gets cluster.json and, beside it, one region directory per node (n0, n1, ...).")
     var directory: String
     @Option(help: "Nodes.") var nodes: Int = 3
+    @Option(help: "Client members after the nodes (ids N...): they hold no region; Cluster.connect and granary bench --cluster run transactions as one.")
+    var clients: Int = 0
     @Option(help: "Replicas of every region (primary + backups), at most --nodes.") var replicas: Int = 3
     @Option(help: "Regions each node is primary of.") var regionsPerNode: Int = 2
     @Option(help: "Size of every region in MiB (a power of two, 1 to 4096).") var regionMib: Int = 64
@@ -34,6 +36,7 @@ struct ClusterInit: ParsableCommand {
 
     func validate() throws {
         guard (1...NodeID.limit).contains(nodes) else { throw ValidationError("--nodes must be in 1...\(NodeID.limit)") }
+        guard clients >= 0, nodes + clients <= NodeID.limit else { throw ValidationError("--clients must be at least 0, and --nodes + --clients at most \(NodeID.limit)") }
         guard (1...nodes).contains(replicas) else { throw ValidationError("--replicas must be in 1...--nodes (\(nodes))") }
         guard regionsPerNode >= 1, regionsPerNode * nodes < RegionID.limit else {
             throw ValidationError("--regions-per-node must be at least 1, and the regions fewer than \(RegionID.limit)")
@@ -51,17 +54,19 @@ struct ClusterInit: ParsableCommand {
         }
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let ids = (0..<nodes).map { NodeID($0) }
+        let clientIDs = (nodes..<(nodes + clients)).map { NodeID($0) }
         let scheme = transport == .verbs ? "verbs:" : "shm:"
         var configuration = try Configuration(
             id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-            members: ids.map { Member(node: $0, endpoint: scheme + $0.description) }, manager: ids.first,
+            members: (ids + clientIDs).map { Member(node: $0, endpoint: scheme + $0.description) }, manager: ids.first,
             regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: regionsPerNode, replicas: replicas),
             regionSize: regionMib << 20)
         configuration.replication = replicas
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         try encoder.encode(configuration).write(to: URL(fileURLWithPath: file.string))
-        print("wrote \(file): \(configuration.cluster), \(nodes) nodes, \(configuration.regions.count) regions of \(regionMib) MiB, \(replicas) replicas")
+        print("wrote \(file): \(configuration.cluster), \(nodes) nodes, \(configuration.regions.count) regions of \(regionMib) MiB, \(replicas) replicas"
+              + (clients > 0 ? ", clients \(clientIDs.map(\.description).joined(separator: ","))" : ""))
         print("start each node with: granary node --config \(file) --id N --coordination zookeeper://HOST:PORT   (N = 0...\(nodes - 1); or --static)")
     }
 }

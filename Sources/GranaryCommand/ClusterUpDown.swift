@@ -61,8 +61,20 @@ struct ClusterUp: ParsableCommand {
             print("recovered: \(report)")
         }
         try? FileManager.default.removeItem(atPath: directory + "/" + ClusterDown.stoppingFile)
+        // Clients are not started here (a program connects as one), but their mailboxes are
+        // made now: every node opens a channel to each member when it starts.
+        let clients = configuration.clients
+        if !clients.isEmpty {
+            if coordination != nil {
+                throw CommandFailure("\(file) has client members (\(clients.map(\.description).joined(separator: ", "))): clients run with static clusters only so far; start it without --coordination")
+            }
+            for client in clients {
+                _ = try NodeStorage(node: client, configuration: configuration, ringCapacity: NodeCommand.ringCapacity)
+            }
+        }
         let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
-        for member in configuration.members {
+        let nodes = configuration.members.filter { !clients.contains($0.node) }
+        for member in nodes {
             let id = member.node.index
             // The node writes its own pid file: it is the process `cluster down` signals.
             try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
@@ -85,7 +97,7 @@ struct ClusterUp: ParsableCommand {
         }
         // Ready: each node prints `ready <node> ...` once its regions and mailbox exist.
         let deadline = Date().addingTimeInterval(timeout)
-        for member in configuration.members {
+        for member in nodes {
             let id = member.node.index
             let log = directory + "/n\(id).log"
             while !((try? String(contentsOfFile: log, encoding: .utf8))?.contains("ready n\(id) ") ?? false) {
@@ -97,7 +109,10 @@ struct ClusterUp: ParsableCommand {
                 usleep(20_000)
             }
         }
-        print("up: \(configuration.members.count) nodes of \(configuration.cluster) in \(directory) (logs n<id>.log, process ids n<id>.pid)")
+        print("up: \(nodes.count) nodes of \(configuration.cluster) in \(directory) (logs n<id>.log, process ids n<id>.pid)")
+        if !clients.isEmpty {
+            print("clients: \(clients.map(\.description).joined(separator: ", ")): granary bench WORKLOAD --cluster \(file), or Cluster.connect(file:) in a program")
+        }
         if let coordination { print("status: granary cluster status --coordination \(coordination) --cluster \(configuration.cluster)") }
         print("stop: granary cluster down --directory \(directory)")
     }

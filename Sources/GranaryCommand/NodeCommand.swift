@@ -252,6 +252,9 @@ extension NodeCommand {
         guard let me = configuration.members.first(where: { $0.node == node }) else {
             throw CommandFailure("\(node) is not a member in \(configurationFile)")
         }
+        if configuration.clients.contains(node) {
+            throw CommandFailure("\(node) holds no region in \(configurationFile): it is a client member; run transactions as it with `granary bench WORKLOAD --cluster \(configurationFile)` or Cluster.connect(file:) in a program")
+        }
         let home = try NodeStorage.directory(of: me)
         // With a coordination store, the node starts from the configuration the store holds: as
         // the member it lists, or, when it lists this node no more (or this is a restart, whose

@@ -204,6 +204,12 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         try validate()
     }
 
+    /// Members that hold no replica of any region: clients, which coordinate transactions and
+    /// allocate at other nodes' primaries (`granary cluster init --clients K`, `Cluster.connect`).
+    public var clients: [NodeID] {
+        members.map(\.node).filter { node in !regions.contains { $0.replicas.contains(node) } }
+    }
+
     /// Checks that every id is one the engine can hold (nodes below `NodeID.limit`, data regions
     /// from 1 below `RegionID.limit`), the region size is a power of two from 1 MiB to 4 GiB,
     /// ids are unique, and replicas of one region sit on distinct member nodes.

@@ -177,6 +177,63 @@ struct ClusterFileTests {
         #expect(recoveredRecords > 0, "no kill left a record in the logs: the test did not exercise recovery")
     }
 
+    @Test("clients: cluster init --clients adds a member without regions; with the nodes up, a program connects as it (Cluster.connect) and allocates, reads and writes in the nodes' regions; bench --cluster runs SmallBank through a client with its invariant; a client in use is not taken twice; granary node refuses a client id")
+    func clients() async throws {
+        let tmp = TemporaryDirectory("granary-cluster-clients")
+        defer { tmp.remove() }
+        let directory = tmp.path.appending("c").string
+        let executable = try ChildProcess.granaryExecutable()
+        let writer = try ChildProcess(executable, ["cluster", "init", "--directory", directory, "--nodes", "3", "--clients", "2",
+                                                   "--regions-per-node", "1", "--region-mib", "4"])
+        #expect(writer.waitForExit() == 0)
+        let file = directory + "/cluster.json"
+        let stored = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file)))
+        #expect(stored.clients == [NodeID(3), NodeID(4)], "clients \(stored.clients) in \(stored)")
+        #expect(stored.regions.allSatisfy { $0.replicas.allSatisfy { $0.index < 3 } }, "a client holds a replica: \(stored)")
+        let node = try ChildProcess(URL(fileURLWithPath: "/bin/sh"), ["-c", "'\(executable.path)' node --config '\(file)' --id 3 --static 2>&1"])
+        #expect(node.waitForExit() == 1, "granary node ran as a client member")
+        #expect(node.remainingLines().joined().contains("client member"))
+
+        let up = try ChildProcess(executable, ["cluster", "up", "--directory", directory])
+        let upStatus = up.waitForExit()
+        #expect(upStatus == 0, "cluster up exited \(upStatus): \(up.remainingLines())")
+        defer { _ = try? ChildProcess(executable, ["cluster", "down", "--directory", directory]).waitForExit() }
+
+        // This process as client n3: objects allocated at the nodes' primaries, read back.
+        let client = try await Cluster.connect(file: FilePath(file), client: NodeID(3))
+        let node3 = try #require(client.nodes.first)
+        #expect(node3.id == NodeID(3))
+        let accounts = try await node3.transaction { tx in try (0..<50).map { try tx.allocate(Int64($0)) } }
+        #expect(Set(accounts.map(\.region)).count == 3, "allocated in \(Set(accounts.map(\.region))) only")
+        try await node3.transaction { tx in
+            for account in accounts { try tx.write(account, try tx.read(account, as: Int64.self) * 2) }
+        }
+        let read = try await node3.transaction { tx in try accounts.map { try tx.read($0, as: Int64.self) } }
+        #expect(read == (0..<50).map { Int64($0 * 2) })
+        // n3 is taken: a second connection to it is refused, naming it.
+        do {
+            _ = try await Cluster.connect(file: FilePath(file), client: NodeID(3))
+            Issue.record("a second connection as n3 was accepted")
+        } catch {
+            #expect("\(error)".contains("in use"), "\(error)")
+        }
+        // SmallBank through the other client (n4, the first free one), with its invariant check.
+        let bench = try ChildProcess(executable, ["bench", "smallbank", "--cluster", file, "--accounts", "2000", "--hot-accounts", "200", "--seconds", "1", "--quiet"])
+        let benchStatus = bench.waitForExit()
+        let said = bench.remainingLines()
+        #expect(benchStatus == 0, "bench --cluster exited \(benchStatus): \(said)")
+        #expect(said.contains("invariant: holds"), "\(said)")
+        let committed = said.first { $0.trimmingCharacters(in: .whitespaces).hasPrefix("committed") }
+            .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) } ?? 0
+        #expect(committed > 0, "bench --cluster committed nothing: \(said)")
+        try await client.shutdown()
+        // The objects this client wrote are still there for the next one.
+        let again = try await Cluster.connect(file: FilePath(file))
+        let reread = try await again.nodes[0].transaction { tx in try accounts.map { try tx.read($0, as: Int64.self) } }
+        #expect(reread == read)
+        try await again.shutdown()
+    }
+
     @Test("a metrics port outside 0...65535 is a usage error naming the option, not a trap")
     func metricsPortOutOfRange() throws {
         for port in ["70000", "-1"] {
