@@ -77,6 +77,8 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Bank workload: initial balance of each account.", visibility: .hidden))
     var bankBalance: Int64 = 1_000
 
+    @Option(help: "Times an idle poller yields the CPU before it sleeps (0: sleep at once). Other processes' coordinators wait for this node's poller: yielding takes their records without a sleep's delay.")
+    var pollerYields: UInt32 = 1_000
     @Option(name: .long, help: ArgumentHelp("Bank workload: every N transfers, print `acked M` (transfers that moved money, each counted in this node's counter object in bank-counter.txt) and `audit TOTAL MIN` from a read-only transaction over every account.", visibility: .hidden))
     var bankReportEvery: Int = 0
 
@@ -308,6 +310,7 @@ extension NodeCommand {
         logger.logLevel = logLevel.level
         var options = EngineOptions()
         options.maximumAttempts = 100_000
+        options.pollerYields = pollerYields
         let engine = try storage.makeEngine(options: options, logger: logger)
         print("ready \(node) \(configuration.cluster) \(storage.replicas.map(\.id.description).joined(separator: ","))")
         fflush(nil)

@@ -32,6 +32,11 @@ public struct EngineOptions: Sendable {
     public var phaseTimingInterval: Int = 8
     /// The longest an idle poller sleeps between polls.
     public var pollerMaximumSleepMicroseconds: UInt32 = 50
+    /// How many times an idle poller yields the CPU (`sched_yield`) before it starts sleeping.
+    /// 0 (the default) suits nodes whose coordinators share the process and help poll; a node
+    /// process that serves other processes' coordinators (`granary node`) yields for a while, so
+    /// that a record arriving soon after the last is taken without a sleep's delay.
+    public var pollerYields: UInt32 = 0
     /// Where the engine's metrics go; nil means the process-wide `MetricsSystem.factory` that the
     /// application bootstrapped (a library never bootstraps it).
     public var metricsFactory: (any MetricsFactory)?
@@ -462,7 +467,7 @@ package final class Engine: Sendable {
         // Coordinators of this process help while they wait, so the poller mostly keeps the node
         // live for peers elsewhere: it spins briefly, then sleeps rather than competing for the CPU.
         // While helpers are serving the mailbox, it stays out of their way longer still.
-        var backoff = Backoff(spins: 8, yields: 0, maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
+        var backoff = Backoff(spins: 8, yields: options.pollerYields, maximumSleepMicroseconds: options.pollerMaximumSleepMicroseconds)
         var lastCheck = monotonicNanoseconds()
         while running.load(ordering: .acquiring) {
             let handled = pollOnce()
