@@ -291,6 +291,7 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     public static func balancedPlacement(nodes: [NodeID], regionsPerNode: Int, replicas: Int,
                                          firstRegion: Int = 1) throws(ConfigurationError) -> [RegionPlacement] {
         guard replicas >= 1 else { throw .invalid("a region needs at least one replica") }
+        guard regionsPerNode >= 0 else { throw .invalid("\(regionsPerNode) regions per node: the count cannot be negative") }
         guard replicas <= nodes.count else {
             throw .invalid("\(replicas) replicas need \(replicas) nodes, only \(nodes.count) given")
         }

@@ -43,7 +43,7 @@ let threadShards = 16
 ///
 /// Metric names: `granary_transactions_committed_total`, `granary_transactions_aborted_total`
 /// (dimension `cause`), `granary_phase_nanoseconds` (timer, dimension `phase`),
-/// `granary_records_rejected_total` (dimension `reason`); every one with dimension `node`.
+/// `granary_records_rejected_total`; every one with dimension `node`.
 ///
 /// The counters are striped: a thread adds to the stripe its thread id hashes to (16 stripes, each
 /// on cache lines of its own), and a snapshot sums the stripes. Coordinators on different cores
