@@ -42,6 +42,8 @@ final class ConfigurationManager: Sendable {
     let seenRenewing = Atomic<UInt64>(0)
     /// Nodes being removed now.
     let removing = Mutex<Set<NodeID>>([])
+    /// Sets of silent members kept because each holds a region's last replica, logged once each.
+    let reportedLastReplicas = Mutex<Set<[NodeID]>>([])
 
     /// Whether `member`'s lease counter was seen moving.
     func hasSeenRenewing(_ member: NodeID) -> Bool {
@@ -274,11 +276,22 @@ final class ConfigurationManager: Sendable {
             // The registrations go first (a dead node's session may live on for a while): if this
             // CM dies after committing, its successor must not take a registration left behind
             // for a node asking to join, and bring the removed node back.
-            for removed in suspects { try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil) }
+            // A suspect that holds the last replica of a region stays a member: removing it would
+            // drop the region from the configuration (its data lost for good), while a suspicion
+            // can be false (a lease thread the host held off). If it really failed, its regions
+            // wait for it to come back. (Its registration stays too.)
+            let (planned, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
+            let kept = ConfigurationRecord.removingSuspects(suspects, from: planned).kept
+            let removable = suspects.subtracting(kept)
+            for removed in removable { try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil) }
+            if !kept.isEmpty, self.reportedLastReplicas.withLock({ $0.insert(kept).inserted }) {
+                self.logger.error("\(node) keeps \(kept.map(\.description).joined(separator: ", ")) in the configuration although silent: each holds the last replica of a region, which removing it would lose")
+            }
             let committed = try await ConfigurationRecord.change(self.engine.configuration.cluster, in: self.store) { current in
-                let present = suspects.filter { current.contains($0) }
+                let present = removable.filter { current.contains($0) }
                 guard !present.isEmpty else { return nil }
-                var next = present.reduce(current) { ConfigurationRecord.removing($1, from: $0) }
+                var next = ConfigurationRecord.removingSuspects(present, from: current).next
+                guard next.members.count < current.members.count else { return nil }
                 next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
                 next.manager = node
                 return next

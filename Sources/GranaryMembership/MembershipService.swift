@@ -117,6 +117,18 @@ package enum ConfigurationRecord {
     /// `configuration` without `node`: regions it led get their first backup promoted; it leaves
     /// every backup list. Regions left with fewer replicas are under-replicated (see
     /// ``underReplicated(_:replicas:)``).
+    /// `configuration` without the `suspects` that can go: one holding the last replica of a
+    /// region stays (`kept`), since removing it would drop the region and its data.
+    package static func removingSuspects(_ suspects: some Sequence<NodeID>, from configuration: Configuration) -> (next: Configuration, kept: [NodeID]) {
+        var next = configuration
+        var kept: [NodeID] = []
+        for suspect in suspects.sorted() where next.contains(suspect) {
+            let without = removing(suspect, from: next)
+            if without.regions.count < next.regions.count { kept.append(suspect) } else { next = without }
+        }
+        return (next, kept)
+    }
+
     package static func removing(_ node: NodeID, from configuration: Configuration) -> Configuration {
         var next = configuration
         next.members.removeAll { $0.node == node }

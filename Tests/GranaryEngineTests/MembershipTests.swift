@@ -22,6 +22,57 @@ struct MembershipTests {
         }
     }
 
+    @Test("two members fall silent that hold both replicas of a region: the CM never removes the last one, so the region is never dropped from the configuration and its objects stay readable")
+    func lastReplicaKept() async throws {
+        let cluster = try await testCluster(nodes: 3, replicas: 2) { options in
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(10)
+            options.membership = membership
+        }
+        let store = cluster.coordination!.session()
+        try await eventually("a CM") { cluster.membership.contains { $0.isManager } }
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        let others = cluster.nodes.map(\.id).filter { $0 != cm }
+        var accounts: [GlobalAddress] = []
+        for node in cluster.nodes { accounts += try await node.transaction { tx in try (0..<10).map { _ in try tx.allocate(Int64(7)) } } }
+        try await cluster.quiesce()
+        let (before, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+        let shared = before.regions.filter { Set($0.replicas) == Set(others) }.map(\.region)
+        #expect(!shared.isEmpty, "no region has both replicas on \(others): \(before)")
+        for node in others {
+            try await eventually("the CM saw \(node) renew") { cluster.membership[cm.index].hasSeenRenewing(node) }
+        }
+        // Both fall silent at once. The one the CM may remove goes; the other holds the last
+        // replica of a region until the region has another (on shared memory a silent node's
+        // memory stays readable, so data recovery can copy from it; then it goes too).
+        for node in others { cluster.membership[node.index].haltLeases() }
+        try await eventually("one of \(others) removed") {
+            let (now, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+            return others.contains { !now.contains($0) }
+        }
+        var seen: [ConfigurationID] = []
+        let deadline = ContinuousClock.now + .seconds(2)
+        while ContinuousClock.now < deadline {
+            let (now, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+            if seen.last != now.id {
+                seen.append(now.id)
+                for region in before.regions.map(\.region) {
+                    #expect(now.placement(of: region) != nil, "\(region) was dropped in \(now) with its last replica")
+                }
+            }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+        // Every object, those of the shared regions too, is still there.
+        let survivor = cluster.nodes[cm.index]
+        try await eventually("\(cm) in the newest configuration") {
+            let (now, _) = try await ConfigurationRecord.read(cluster.configuration.cluster, from: store)
+            return survivor.engine.configuration.id >= now.id
+        }
+        let values = try await survivor.transaction { tx in try accounts.map { try tx.read($0, as: Int64.self) } }
+        #expect(values.allSatisfy { $0 == 7 }, "values after the removals: \(values)")
+        #expect(accounts.contains { shared.contains($0.region) })
+    }
+
     @Test("one CM is elected; a silent node is removed within a bounded time, its regions' backups promoted; ids only increase")
     func silentNodeRemoved() async throws {
         let cluster = try await cluster()

@@ -88,6 +88,12 @@ struct RecoveryTests {
         let cluster = try await testCluster(nodes: 5, replicas: 3) { options in
             var membership = MembershipOptions()
             membership.lease = .milliseconds(10)
+            // Suspicion after two expiries: this test checks what recovery does after real
+            // crashes (how fast a silent node is found is measured by `granary bench membership`
+            // and the membership suites). On the 2-vCPU development host, under this full bank
+            // load, a member's lease thread is now and then late by a lease, and a false
+            // suspicion right after a recovery took a third node out (see issue 15).
+            membership.probeLeases = 1
             options.membership = membership
             options.engine.replyTimeout = .seconds(5)
         }
