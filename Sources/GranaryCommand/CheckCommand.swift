@@ -154,7 +154,7 @@ private func historyNow() -> Int { Int(truncatingIfNeeded: DispatchTime.now().up
 struct CheckRunCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a workload with faults on an embedded cluster, write its history and check it.",
+        abstract: "Run a workload with faults on an embedded cluster, or as a client of node processes (--cluster), write its history and check it.",
         discussion: """
             Faults (--nemesis, comma-separated): faults (one node's sends and reads fail now and \
             then, for a window), slow (one node's sends and record processing are delayed, for a \
@@ -169,6 +169,8 @@ struct CheckRunCommand: AsyncParsableCommand {
     @Option(help: "Seconds of workload in all.") var seconds: Double = 10
     @Option(help: "Faults: faults, slow, kill, pause, crash (comma-separated).") var nemesis: String = ""
     @Option(help: "Seconds between whole-cluster kills (with --nemesis kill).") var killInterval: Double = 3
+    @Option(help: "Run the clients against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster. Faults: pause (a node process SIGSTOPped for 0.1-0.5 s, then continued), faults and slow (on the client).")
+    var cluster: String?
     @Option(help: "The cluster directory (default: a new directory under the temporary directory).") var directory: String?
     @Option(help: "The history file (default: history.jsonl in the cluster directory).") var history: String?
     @Flag(help: "Print the report as JSON.") var json = false
@@ -182,6 +184,14 @@ struct CheckRunCommand: AsyncParsableCommand {
             throw ValidationError("--nemesis takes faults, slow, kill, pause and crash, not \(name)")
         }
         guard seconds > 0, killInterval > 0 else { throw ValidationError("--seconds and --kill-interval are positive") }
+        if cluster != nil {
+            guard faults.isDisjoint(with: [.kill, .crash]) else {
+                throw ValidationError("--nemesis kill and crash act on an embedded cluster; with --cluster: pause, faults, slow")
+            }
+            if let sabotage = workload.sabotage, sabotage != ProtocolSabotage.skipValidation.rawValue {
+                throw ValidationError("--break \(sabotage) breaks the primaries, which run in the node processes; with --cluster: skip-validate")
+            }
+        }
         if faults.contains(.crash), !faults.isDisjoint(with: [.kill, .pause]) {
             // A reopened cluster starts from cluster.json, which still lists the crashed nodes.
             throw ValidationError("--nemesis crash runs the cluster in this process: it does not combine with kill or pause")
@@ -195,7 +205,9 @@ struct CheckRunCommand: AsyncParsableCommand {
         let faults = self.faults
         let summary: CheckRunSummary
         do {
-            if !faults.isDisjoint(with: [.kill, .pause]) {
+            if let cluster {
+                summary = try await runAgainstNodes(file: cluster, historyPath: historyPath, faults: faults)
+            } else if !faults.isDisjoint(with: [.kill, .pause]) {
                 summary = try runLives(directory: directory, historyPath: historyPath, faults: faults)
             } else {
                 summary = try await runInProcess(directory: directory, historyPath: historyPath, faults: faults)
@@ -217,7 +229,7 @@ struct CheckRunCommand: AsyncParsableCommand {
         } else {
             let anomalies = report.anomalyKinds.map { "\($0.rawValue) \(report.anomalyCounts[$0] ?? 0)" }.joined(separator: ", ")
             print("""
-                check run: \(workload.workload), \(workload.clients) clients, \(workload.nodes) nodes, \(workload.replicas) replicas, \
+                check run: \(workload.workload), \(workload.clients) clients, \(cluster.map { "the node processes of \($0)" } ?? "\(workload.nodes) nodes, \(workload.replicas) replicas"), \
                 \(seconds) s, nemesis \(nemesis.isEmpty ? "none" : nemesis)\(workload.sabotage.map { ", protocol broken: \($0)" } ?? "")
                   transactions  \(report.okCount) ok, \(report.failCount) fail, \(report.infoCount) info (\(report.observedInfoCount) of them seen committed)\(summary.firstFailure.map { "; first failure: \($0)" } ?? "")
                   faults        \(summary.faults) (\(report.nemesisCount) nemesis events in the history)
@@ -237,6 +249,53 @@ struct CheckRunCommand: AsyncParsableCommand {
         let keys = try await CheckKeys.prepare(cluster, directory: directory, options: options)
         let writer = try HistoryWriter(path: historyPath)
         let summary = await CheckRunner.run(cluster, keys: keys, options: options, history: writer)
+        try writer.close()
+        try await cluster.shutdown()
+        return summary
+    }
+
+    /// With `--cluster`: the clients run in this process as a client member of the cluster file's
+    /// node processes; `pause` stops one node process at a time (its pid from `n<id>.pid` beside
+    /// the file), logged in the history.
+    private func runAgainstNodes(file: String, historyPath: String, faults: Set<CheckFault>) async throws -> CheckRunSummary {
+        let options = workload.runOptions(seconds: seconds, faults: faults)
+        let cluster = try await Cluster.connect(file: FilePath(file), options: options.clusterOptions)
+        let configuration = cluster.configuration
+        let nodes = configuration.members.map(\.node).filter { !configuration.clients.contains($0) }
+        let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
+        let pids = try nodes.map { node -> pid_t in
+            let path = directory + "/\(node).pid"
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8),
+                  let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0, kill(pid, 0) == 0 else {
+                throw CheckRunError("\(node) of \(file) does not run (no live process in \(path)): start the cluster with `granary cluster up`")
+            }
+            return pid
+        }
+        let keys = try await CheckKeys.prepare(cluster, directory: nil, options: options)
+        let writer = try HistoryWriter(path: historyPath)
+        let done = Atomic<Bool>(false)
+        let paused = Atomic<Int>(0)
+        let nemesis = Thread { [options] in
+            guard faults.contains(.pause) else { return }
+            var random = WorkloadRandom(seed: options.seed &+ 0x9A05E)
+            while !done.load(ordering: .acquiring) {
+                usleep(UInt32(random.uniform(500_000...1_500_000)))
+                if done.load(ordering: .acquiring) { break }
+                let index = random.uniform(0...(pids.count - 1))
+                let length = random.uniform(100...500)
+                writer.nemesis("pause", value: .int(nodes[index].index))
+                kill(pids[index], SIGSTOP)
+                usleep(UInt32(length * 1_000))
+                kill(pids[index], SIGCONT)
+                writer.nemesis("resume", value: .int(nodes[index].index))
+                paused.add(1, ordering: .relaxed)
+            }
+        }
+        nemesis.start()
+        var summary = await CheckRunner.run(cluster, keys: keys, options: options, history: writer)
+        done.store(true, ordering: .releasing)
+        while !nemesis.isFinished { try await Task.sleep(for: .milliseconds(5)) }
+        summary.faults += paused.load(ordering: .relaxed)
         try writer.close()
         try await cluster.shutdown()
         return summary
