@@ -138,17 +138,19 @@ public final class MembershipService: Sendable {
     ///   no replicas. The CM adds it on seeing its registration, with new backups of the regions
     ///   short of the cluster's replication; until its lease is first granted, it starts no commit.
     package func start(joining: Bool = false) async throws {
-        if joining {
-            state.withLock { $0.joining = true }
-            engine.setFenced(true)
-        }
+        if joining { state.withLock { $0.joining = true } }
+        // No member commits before it holds a lease: fenced until the CM's first grant (or until
+        // it becomes the CM). A member of the first configuration that committed in its first
+        // lease, before any CM was elected, found itself fenced when the lease lapsed ungranted,
+        // and had to report its commit's outcome unknown.
+        engine.setFenced(true)
         let member = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
         try await register(Array(try JSONEncoder().encode(member)))
         let election = try await store.create(paths.election + "/n-", data: Array("\(node.rawValue)".utf8), mode: [.ephemeral, .sequential])
         state.withLock { $0.electionNode = election }
         spawn { try await self.followConfiguration() }
         spawn { try await self.elect() }
-        startLeaseThread(fenced: joining)
+        startLeaseThread(fenced: true)
         // Regions on demand go through the CM (``requestRegion()``).
         engine.supplyRegions { [weak self] _ in
             guard let self else { throw CoordinationError.sessionExpired }
