@@ -26,6 +26,7 @@ let package = Package(
         .executable(name: "granary-verbs-latency", targets: ["GranaryVerbsLatency"]),
         .executable(name: "example-bank", targets: ["ExampleBank"]),
         .executable(name: "example-hashtable", targets: ["ExampleHashTable"]),
+        .executable(name: "example-client", targets: ["ExampleClient"]),
     ],
     // A service that uses only the shared-memory transport and the embedded coordination store
     // depends on Granary with `traits: []`: it then needs libpmem alone, not libibverbs,
@@ -189,6 +190,10 @@ let package = Package(
         ),
         .executableTarget(
             name: "ExampleBank",
+            dependencies: ["Granary"]
+        ),
+        .executableTarget(
+            name: "ExampleClient",
             dependencies: ["Granary"]
         ),
 
