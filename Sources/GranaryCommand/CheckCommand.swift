@@ -264,10 +264,8 @@ struct CheckRunCommand: AsyncParsableCommand {
         let nodes = configuration.members.map(\.node).filter { !configuration.clients.contains($0) }
         let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
         let pids = try nodes.map { node -> pid_t in
-            let path = directory + "/\(node).pid"
-            guard let text = try? String(contentsOfFile: path, encoding: .utf8),
-                  let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0, kill(pid, 0) == 0 else {
-                throw CheckRunError("\(node) of \(file) does not run (no live process in \(path)): start the cluster with `granary cluster up`")
+            guard let pid = ClusterDown.runningPid(directory: directory, node: node.index) else {
+                throw CheckRunError("\(node) of \(file) does not run (no live process in \(directory)/\(node).pid): start the cluster with `granary cluster up`")
             }
             return pid
         }

@@ -203,13 +203,7 @@ extension Transaction {
     private func lock(engine: Engine) throws -> TransactionID {
         collectPrimaries()
         let primaries = primaryMask
-        var backoff = Backoff(maximumSleepMicroseconds: 50)
-        var acquired: TransactionID?
-        while acquired == nil {
-            acquired = engine.replies.acquire(node: engine.node, replies: primaries.nonzeroBitCount)
-            if acquired == nil { backoff.pause() }
-        }
-        let id = acquired!
+        let id = engine.replies.acquireWaiting(node: engine.node, replies: primaries.nonzeroBitCount)
         defer { engine.replies.release(id) }
         var sent: UInt64 = 0
         for primary in NodeMask(primaries) {

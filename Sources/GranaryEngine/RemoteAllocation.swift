@@ -83,13 +83,7 @@ extension Transaction {
     /// region is full.
     private func requestSlot(in region: RegionID, at primary: NodeID, payloadBytes: Int) throws -> (GlobalAddress, ObjectHeader, Int)? {
         let engine = self.engine
-        var backoff = Backoff(maximumSleepMicroseconds: 50)
-        var acquired: TransactionID?
-        while acquired == nil {
-            acquired = engine.replies.acquire(node: engine.node, replies: 1)
-            if acquired == nil { backoff.pause() }
-        }
-        let id = acquired!
+        let id = engine.replies.acquireWaiting(node: engine.node, replies: 1)
         defer { engine.replies.release(id) }
         var writer = RecordWriter(into: recordBuffer, capacity: RemoteAllocation.requestBytes, kind: .allocate,
                                   configuration: withView { $0.configurationID }, transaction: id)

@@ -91,6 +91,15 @@ final class ReplySlots: @unchecked Sendable {
         return TransactionID(node: node, slot: slot, sequence: sequence)
     }
 
+    /// ``acquire(node:replies:)``, backing off (up to 50 us sleeps) while every slot is in use.
+    func acquireWaiting(node: NodeID, replies: Int) -> TransactionID {
+        var backoff = Backoff(maximumSleepMicroseconds: 50)
+        while true {
+            if let id = acquire(node: node, replies: replies) { return id }
+            backoff.pause()
+        }
+    }
+
     /// Records a reply (from the poller). `failure` is 0 for success, else an AbortCause raw value.
     /// A reply whose sequence is not the slot's current one (a late reply, a foreign or corrupt
     /// one) changes nothing.

@@ -150,7 +150,7 @@ public final class MembershipService: Sendable {
         state.withLock { $0.electionNode = election }
         spawn { try await self.followConfiguration() }
         spawn { try await self.elect() }
-        startLeaseThread(fenced: true)
+        startLeaseThread()
         // Regions on demand go through the CM (``requestRegion()``).
         engine.supplyRegions { [weak self] _ in
             guard let self else { throw CoordinationError.sessionExpired }
@@ -485,31 +485,27 @@ public final class MembershipService: Sendable {
     private final class ThreadStart: @unchecked Sendable {
         // Handed to exactly one thread.
         let service: MembershipService
-        let fenced: Bool
-        init(_ service: MembershipService, fenced: Bool) {
-            self.service = service
-            self.fenced = fenced
-        }
+        init(_ service: MembershipService) { self.service = service }
     }
 
-    /// - Parameter fenced: the node starts fenced (a joiner commits nothing before the CM grants
-    ///   it a lease).
-    private func startLeaseThread(fenced: Bool) {
+    /// Starts the lease thread; the node starts fenced (``start(joining:)``) and the thread lifts
+    /// the fence at the CM's first grant.
+    private func startLeaseThread() {
         var thread = pthread_t()
-        let start = Unmanaged.passRetained(ThreadStart(self, fenced: fenced)).toOpaque()
+        let start = Unmanaged.passRetained(ThreadStart(self)).toOpaque()
         precondition(pthread_create(&thread, nil, { raw in
             let start = Unmanaged<ThreadStart>.fromOpaque(raw!).takeRetainedValue()
             // Leases must not wait behind anything: real-time priority where allowed (root).
             var parameter = sched_param()
             parameter.sched_priority = 10
             _ = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameter)
-            start.service.leaseLoop(fenced: start.fenced)
+            start.service.leaseLoop()
             return nil
         }, start) == 0)
         leaseThread.withLock { $0 = thread }
     }
 
-    private func leaseLoop(fenced startsFenced: Bool) {
+    private func leaseLoop() {
         let lease = options.lease.wholeNanoseconds
         let interval = lease / UInt64(max(1, options.renewalsPerLease))
         let expiry = lease * UInt64(1 + options.probeLeases)
@@ -519,7 +515,7 @@ public final class MembershipService: Sendable {
         var watch = ConfigurationManager.LeaseWatch(lease: lease, expiry: expiry)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var lastRefresh = lastGrant.at
-        var fenced = startsFenced
+        var fenced = true  // as start(joining:) left the engine
         var members = engine.configuration.id
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
