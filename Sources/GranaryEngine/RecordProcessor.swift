@@ -392,6 +392,12 @@ final class RecordProcessor: @unchecked Sendable {
                 failure = .invalidObject
                 return
             }
+            // A new object goes only into a free slot: an allocate entry that read the slot
+            // allocated (someone else's object took it) would otherwise lock and overwrite it.
+            guard entry.operation != .allocate || !entry.expected.isAllocated else {
+                failure = .lockConflict
+                return
+            }
             var attempt = ObjectLayout.tryLock(replica.base + slot.offset, expected: entry.expected)
             if !attempt.locked, !attempt.found.isLocked, engine.sabotage == .skipLockCheck {
                 attempt = ObjectLayout.tryLock(replica.base + slot.offset, expected: attempt.found)

@@ -157,8 +157,12 @@ package final class SlabAllocator: @unchecked Sendable {
         let classIndex = classes.firstIndex(of: lines)!
         let layout = self.layout
         let region = self.region
+        let base = UInt(bitPattern: region.base)
         let result: ObjectSlot? = state.withLock { state in
-            if let offset = state.freeSlots[classIndex].popLast() {
+            while let offset = state.freeSlots[classIndex].popLast() {
+                // A slot whose header says allocated is in use: its entry here is stale (a slot
+                // returned twice), and is dropped rather than handed out over a live object.
+                if ObjectLayout.loadHeader(UnsafeMutableRawPointer(bitPattern: base + UInt(offset))!).isAllocated { continue }
                 state.reserved += 1
                 return ObjectSlot(offset: offset, lines: lines)
             }

@@ -60,6 +60,32 @@ struct SlabAllocatorTests {
         }
     }
 
+    @Test("a slot returned twice (a stale release) is not handed out again once its object is allocated")
+    func staleReturnOfAllocatedSlot() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path)
+        let region = try dir.create(RegionID(1), size: 1 << 20, cluster: cluster, slabShift: 14)
+        let allocator = SlabAllocator(region: region)
+        let slot = try allocator.reserve(payloadBytes: 8)
+        let object = region.base + slot.offset
+        let header = ObjectLayout.loadHeader(object)
+        _ = ObjectLayout.tryLock(object, expected: header)
+        var value: UInt64 = 42
+        ObjectLayout.install(object, lines: slot.lines, payload: &value, count: 8, header: header.allocating)
+        allocator.didAllocate(slot)
+        // The same slot comes back although its object lives (a release that arrived late).
+        allocator.unreserve(slot)
+        for _ in 0..<50 {
+            let next = try allocator.reserve(payloadBytes: 8)
+            #expect(next.offset != slot.offset, "the allocated slot \(slot) was handed out again")
+            #expect(!ObjectLayout.loadHeader(region.base + next.offset).isAllocated)
+        }
+        var read: UInt64 = 0
+        ObjectLayout.gatherPayload(from: object, into: &read, count: 8)
+        #expect(read == 42)
+    }
+
     @Test("addresses that are not object slots, objects too large and a full region are errors")
     func errors() throws {
         let tmp = TemporaryDirectory()
