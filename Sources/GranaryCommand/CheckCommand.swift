@@ -159,9 +159,15 @@ struct CheckRunCommand: AsyncParsableCommand {
             Faults (--nemesis, comma-separated): faults (one node's sends and reads fail now and \
             then, for a window), slow (one node's sends and record processing are delayed, for a \
             window), kill (the process running the cluster is SIGKILLed every --kill-interval \
-            seconds and the cluster reopened from its region files, with restart recovery), pause \
+            seconds and the cluster reopened from its region files, with restart recovery; with \
+            --cluster every node process and the client are SIGKILLed and the nodes started again \
+            with `granary cluster up`), pause \
             (that process is stopped with SIGSTOP for 0.1-0.5 s, then continued, about once a \
-            second), crash (one node crashes every --fault-interval seconds, as SIGKILL would, up             to replicas - 1 of them; the configuration manager runs and the survivors recover).             With kill or pause the cluster runs in `granary check serve` children. Exit status: 0 if the history \
+            second; with --cluster one node process), crash (one node crashes every --fault-interval \
+            seconds, as SIGKILL would, up to replicas - 1 of them; the configuration manager runs \
+            and the survivors recover). With kill (or pause of an embedded cluster), each life of \
+            the cluster, or of the client with --cluster, is a `granary check serve` child. Exit \
+            status: 0 if the history \
             has no anomaly, 1 if it has, 2 if the run itself failed.
             """)
 
@@ -169,7 +175,7 @@ struct CheckRunCommand: AsyncParsableCommand {
     @Option(help: "Seconds of workload in all.") var seconds: Double = 10
     @Option(help: "Faults: faults, slow, kill, pause, crash (comma-separated).") var nemesis: String = ""
     @Option(help: "Seconds between whole-cluster kills (with --nemesis kill).") var killInterval: Double = 3
-    @Option(help: "Run the clients against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster. Faults: pause (a node process SIGSTOPped for 0.1-0.5 s, then continued), faults and slow (on the client).")
+    @Option(help: "Run the clients against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster. Faults: kill (every node process and the client SIGKILLed at once, the nodes restarted with `granary cluster up`), pause (a node process SIGSTOPped for 0.1-0.5 s, then continued), faults and slow (on the client).")
     var cluster: String?
     @Option(help: "The cluster directory (default: a new directory under the temporary directory).") var directory: String?
     @Option(help: "The history file (default: history.jsonl in the cluster directory).") var history: String?
@@ -185,8 +191,8 @@ struct CheckRunCommand: AsyncParsableCommand {
         }
         guard seconds > 0, killInterval > 0 else { throw ValidationError("--seconds and --kill-interval are positive") }
         if cluster != nil {
-            guard faults.isDisjoint(with: [.kill, .crash]) else {
-                throw ValidationError("--nemesis kill and crash act on an embedded cluster; with --cluster: pause, faults, slow")
+            guard !faults.contains(.crash) else {
+                throw ValidationError("--nemesis crash acts on an embedded cluster; with --cluster: kill, pause, faults, slow")
             }
             if let sabotage = workload.sabotage, sabotage != ProtocolSabotage.skipValidation.rawValue {
                 throw ValidationError("--break \(sabotage) breaks the primaries, which run in the node processes; with --cluster: skip-validate")
@@ -205,10 +211,12 @@ struct CheckRunCommand: AsyncParsableCommand {
         let faults = self.faults
         let summary: CheckRunSummary
         do {
-            if let cluster {
+            if let cluster, faults.contains(.kill) {
+                summary = try runLives(directory: directory, historyPath: historyPath, faults: faults, clusterFile: cluster)
+            } else if let cluster {
                 summary = try await runAgainstNodes(file: cluster, historyPath: historyPath, faults: faults)
             } else if !faults.isDisjoint(with: [.kill, .pause]) {
-                summary = try runLives(directory: directory, historyPath: historyPath, faults: faults)
+                summary = try runLives(directory: directory, historyPath: historyPath, faults: faults, clusterFile: nil)
             } else {
                 summary = try await runInProcess(directory: directory, historyPath: historyPath, faults: faults)
             }
@@ -259,16 +267,8 @@ struct CheckRunCommand: AsyncParsableCommand {
     /// the file), logged in the history.
     private func runAgainstNodes(file: String, historyPath: String, faults: Set<CheckFault>) async throws -> CheckRunSummary {
         let options = workload.runOptions(seconds: seconds, faults: faults)
+        let nodes = try runningNodes(file: file)
         let cluster = try await Cluster.connect(file: FilePath(file), options: options.clusterOptions)
-        let configuration = cluster.configuration
-        let nodes = configuration.members.map(\.node).filter { !configuration.clients.contains($0) }
-        let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
-        let pids = try nodes.map { node -> pid_t in
-            guard let pid = ClusterDown.runningPid(directory: directory, node: node.index) else {
-                throw CheckRunError("\(node) of \(file) does not run (no live process in \(directory)/\(node).pid): start the cluster with `granary cluster up`")
-            }
-            return pid
-        }
         let keys = try await CheckKeys.prepare(cluster, directory: nil, options: options)
         let writer = try HistoryWriter(path: historyPath)
         let done = Atomic<Bool>(false)
@@ -279,13 +279,13 @@ struct CheckRunCommand: AsyncParsableCommand {
             while !done.load(ordering: .acquiring) {
                 usleep(UInt32(random.uniform(500_000...1_500_000)))
                 if done.load(ordering: .acquiring) { break }
-                let index = random.uniform(0...(pids.count - 1))
+                let index = random.uniform(0...(nodes.count - 1))
                 let length = random.uniform(100...500)
-                writer.nemesis("pause", value: .int(nodes[index].index))
-                kill(pids[index], SIGSTOP)
+                writer.nemesis("pause", value: .int(nodes[index].node))
+                kill(nodes[index].pid, SIGSTOP)
                 usleep(UInt32(length * 1_000))
-                kill(pids[index], SIGCONT)
-                writer.nemesis("resume", value: .int(nodes[index].index))
+                kill(nodes[index].pid, SIGCONT)
+                writer.nemesis("resume", value: .int(nodes[index].node))
                 paused.add(1, ordering: .relaxed)
             }
         }
@@ -302,7 +302,12 @@ struct CheckRunCommand: AsyncParsableCommand {
     /// With `kill`: each life of the cluster is a `granary check serve` child, SIGKILLed after
     /// `--kill-interval` seconds (the last one runs to the end); its history segment is appended
     /// to the history, its invocations left without completion marked `info` (outcome unknown).
-    private func runLives(directory: String, historyPath: String, faults: Set<CheckFault>) throws -> CheckRunSummary {
+    ///
+    /// With `clusterFile` (node processes): the child is a client of the file's node processes,
+    /// and a kill is SIGKILL of every node process and of the client at once; the next life
+    /// starts the nodes again with `granary cluster up` (restart recovery over every node's log),
+    /// and its client reconnects. `pause` stops one node process at a time.
+    private func runLives(directory: String, historyPath: String, faults: Set<CheckFault>, clusterFile: String?) throws -> CheckRunSummary {
         guard FileManager.default.createFile(atPath: historyPath, contents: nil),
               let output = FileHandle(forWritingAtPath: historyPath) else {
             throw CheckRunError("cannot create the history \(historyPath)")
@@ -323,6 +328,11 @@ struct CheckRunCommand: AsyncParsableCommand {
         while ContinuousClock.now < end {
             let remaining = Double((end - ContinuousClock.now).components.seconds) + Double((end - ContinuousClock.now).components.attoseconds) / 1e18
             let segment = directory + "/segment-\(life).jsonl"
+            var nodePids: [(node: Int, pid: pid_t)] = []
+            if let clusterFile {
+                if life > 0 { try clusterUp(executable: executable, file: clusterFile) }
+                nodePids = try runningNodes(file: clusterFile)
+            }
             let child = Process()
             child.executableURL = URL(fileURLWithPath: executable)
             var arguments = ["check", "serve", "--directory", directory, "--segment", segment,
@@ -334,6 +344,7 @@ struct CheckRunCommand: AsyncParsableCommand {
             let inProcess = faults.subtracting([.kill, .pause]).map(\.rawValue).sorted()
             if !inProcess.isEmpty { arguments += ["--nemesis", inProcess.joined(separator: ",")] }
             if let sabotage = workload.sabotage { arguments += ["--break", sabotage] }
+            if let clusterFile { arguments += ["--cluster", clusterFile] }
             child.arguments = arguments
             let pipe = Pipe()
             child.standardOutput = pipe
@@ -364,11 +375,14 @@ struct CheckRunCommand: AsyncParsableCommand {
             while ContinuousClock.now < lifeEnd, child.isRunning {
                 if faults.contains(.pause), ContinuousClock.now >= nextPause {
                     let length = Int.random(in: 100...500)
-                    events.append(.nemesis(index: 0, f: "pause", value: .int(length), time: historyNow()))
-                    kill(child.processIdentifier, SIGSTOP)
+                    // Node processes: one of them, named in the event; else the cluster's process.
+                    let target = nodePids.randomElement()
+                    let value = JSONValue.int(target?.node ?? length)
+                    events.append(.nemesis(index: 0, f: "pause", value: value, time: historyNow()))
+                    kill(target?.pid ?? child.processIdentifier, SIGSTOP)
                     usleep(UInt32(length) * 1000)
-                    kill(child.processIdentifier, SIGCONT)
-                    events.append(.nemesis(index: 0, f: "resume", value: .int(length), time: historyNow()))
+                    kill(target?.pid ?? child.processIdentifier, SIGCONT)
+                    events.append(.nemesis(index: 0, f: "resume", value: value, time: historyNow()))
                     summary.faults += 1
                     nextPause = ContinuousClock.now + .milliseconds(Int.random(in: 500...1500))
                 }
@@ -376,11 +390,21 @@ struct CheckRunCommand: AsyncParsableCommand {
             }
             var killedAt: Int?
             if faults.contains(.kill), child.isRunning && ContinuousClock.now < end {
+                // The whole cluster at once: every node process, then the client.
+                for (_, pid) in nodePids { kill(pid, SIGKILL) }
                 kill(child.processIdentifier, SIGKILL)
                 killedAt = historyNow()
                 summary.faults += 1
             }
             child.waitUntilExit()
+            if killedAt != nil {
+                // The node processes are not this process's children: wait until they are gone.
+                let deadline = ContinuousClock.now + .seconds(10)
+                while nodePids.contains(where: { ClusterDown.isAlive($0.pid) }) {
+                    guard ContinuousClock.now < deadline else { throw CheckRunError("the node processes of \(clusterFile ?? "") do not exit after SIGKILL") }
+                    usleep(5_000)
+                }
+            }
             if killedAt == nil && child.terminationStatus != 0 {
                 throw CheckRunError("the cluster process of life \(life) exited with status \(child.terminationStatus)")
             }
@@ -417,6 +441,35 @@ struct CheckRunCommand: AsyncParsableCommand {
         }
         return summary
     }
+
+    /// `granary cluster up` over the directory of `file`, whose node processes were all killed:
+    /// restart recovery over every node's log, then the nodes start.
+    private func clusterUp(executable: String, file: String) throws {
+        let up = Process()
+        up.executableURL = URL(fileURLWithPath: executable)
+        up.arguments = ["cluster", "up", "--directory", URL(fileURLWithPath: file).deletingLastPathComponent().path]
+        let output = Pipe()
+        up.standardOutput = output
+        up.standardError = output
+        try up.run()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        up.waitUntilExit()
+        guard up.terminationStatus == 0 else {
+            throw CheckRunError("granary cluster up after a kill failed (status \(up.terminationStatus)): \(text)")
+        }
+    }
+
+    /// The node processes (not clients) of the cluster file, from their pid files.
+    private func runningNodes(file: String) throws -> [(node: Int, pid: pid_t)] {
+        let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file)))
+        let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
+        return try configuration.members.map(\.node).filter { !configuration.clients.contains($0) }.map { node in
+            guard let pid = ClusterDown.runningPid(directory: directory, node: node.index) else {
+                throw CheckRunError("\(node) of \(file) does not run (no live process in \(directory)/\(node).pid): start the cluster with `granary cluster up`")
+            }
+            return (node.index, pid)
+        }
+    }
 }
 
 /// `granary check serve` (hidden): one life of `granary check run --nemesis kill`'s cluster:
@@ -432,6 +485,7 @@ struct CheckServeCommand: AsyncParsableCommand {
     @Option var seconds: Double
     @Option var life: Int
     @Option var nemesis: String = ""
+    @Option var cluster: String?
 
     func run() async throws {
         // Die with the `granary check run` that started this (a killed parent leaves no cluster behind).
@@ -445,7 +499,13 @@ struct CheckServeCommand: AsyncParsableCommand {
         options.processBase = life * options.clients
         options.valueBase = life << 32
         options.flushInvokes = true
-        let cluster = try await Cluster.local(nodes: options.nodes, replicas: options.replicas, directory: .init(directory), options: options.clusterOptions)
+        // A client of node processes (check run --cluster --nemesis kill), or the embedded cluster.
+        let cluster: Cluster
+        if let file = self.cluster {
+            cluster = try await Cluster.connect(file: FilePath(file), options: options.clusterOptions)
+        } else {
+            cluster = try await Cluster.local(nodes: options.nodes, replicas: options.replicas, directory: .init(directory), options: options.clusterOptions)
+        }
         let keys = try await CheckKeys.prepare(cluster, directory: directory, options: options)
         let writer = try HistoryWriter(path: segment)
         print("ready")
