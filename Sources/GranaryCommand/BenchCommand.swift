@@ -34,6 +34,8 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Transport: shm (benchmarks run embedded clusters, on shared memory).") var transport: TransportChoice = .shm
     @Option(help: "Region size in MiB.") var regionMib: Int = 64
+    @Option(help: "Bytes of each message ring (one per sender in every node's mailbox: its log), in KiB; a power of two.") var ringKib: Int = ClusterOptions().ringCapacity >> 10
+    @Option(help: "Transactions a coordinator's thread gathers per node before it sends them one TRUNCATE record (EngineOptions.truncationBatch).") var truncationBatch: Int = EngineOptions().truncationBatch
     @Option(help: "Write the figures and the configuration as JSON to this file.") var json: String?
     @Option(help: "Write an SVG plot (throughput over time, latency by percentile to 99.99%) to this file.") var plot: String?
     @Option(help: "Write the latency distribution as CSV (percentile,latency_ns: every percent to 99, every 0.1 to 99.9, every 0.01 to 99.99, then 100) to this file.")
@@ -97,6 +99,8 @@ struct BenchOptions: ParsableArguments {
         }
         var options = ClusterOptions()
         options.regionSize = regionMib << 20
+        options.ringCapacity = ringKib << 10
+        options.engine.truncationBatch = truncationBatch
         options.engine.maximumAttempts = 1_000
         if membership || crash != nil {
             var membership = MembershipOptions()

@@ -742,18 +742,34 @@ final class TruncationBatches: Sendable {
         init(capacity: Int) { batches = Mutex(Batches(capacity: capacity)) }
     }
     private let shards: [Shard]
+    /// The address of `threadShards` unretained references to `shards` (which holds them): a
+    /// commit reaches its thread's shard with no reference counting (an array subscript of a
+    /// class retains and releases it, on every transaction).
+    private let shardReferences: UInt
     /// Transactions per TRUNCATE record.
     let limit: Int
 
     init(limit: Int) {
         self.limit = max(1, limit)
         shards = (0..<threadShards).map { [limit = self.limit] _ in Shard(capacity: 2 * limit) }
+        let references = UnsafeMutablePointer<Unmanaged<Shard>>.allocate(capacity: threadShards)
+        references.initialize(from: shards.map { Unmanaged.passUnretained($0) }, count: threadShards)
+        shardReferences = UInt(bitPattern: references)
+    }
+
+    deinit { UnsafeMutablePointer<Unmanaged<Shard>>(bitPattern: shardReferences)!.deallocate() }
+
+    /// The calling thread's shard's batches, under its lock.
+    @inline(__always)
+    private func withThreadBatches<R: Sendable>(_ body: (inout sending Batches) -> R) -> R {
+        UnsafeMutablePointer<Unmanaged<Shard>>(bitPattern: shardReferences).unsafelyUnwrapped[threadShard()]
+            ._withUnsafeGuaranteedRef { shard in shard.batches.withLock { body(&$0) } }
     }
 
     /// Puts `ids` (a batch whose TRUNCATE could not be sent) back into the calling thread's shard
     /// for `node`, to go with the next flush.
     func putBack(_ ids: UnsafeBufferPointer<TransactionID>, for node: NodeID) {
-        shards[threadShard()].batches.withLock { batches in
+        withThreadBatches { batches in
             if batches.putBack.isEmpty { batches.putBack = Array(repeating: [], count: NodeID.limit) }
             batches.putBack[node.index].append(contentsOf: ids)
         }
@@ -764,7 +780,7 @@ final class TruncationBatches: Sendable {
     /// ``takeFullBatch(for:into:)``).
     @inline(__always)
     func add(_ id: TransactionID, for nodes: UInt64) -> UInt64 {
-        shards[threadShard()].batches.withLock { batches in
+        withThreadBatches { batches in
             var full: UInt64 = 0
             for node in NodeMask(nodes) {
                 let count = batches.counts[node.index]
@@ -789,7 +805,7 @@ final class TruncationBatches: Sendable {
         // The caller's buffer, passed by address: it only receives a copy of the ids, and nothing
         // of the shard escapes the lock.
         let destination = UInt(bitPattern: buffer)
-        return shards[threadShard()].batches.withLock { batches in
+        return withThreadBatches { batches in
             let count = min(batches.counts[node.index], self.limit)
             let base = batches.ids + node.index * batches.capacity
             UnsafeMutablePointer<TransactionID>(bitPattern: destination)!.update(from: base, count: count)

@@ -356,7 +356,7 @@ final class RecordProcessor: @unchecked Sendable {
             kept.release(index)
             throw RecordView.Malformed(description: "a second LOCK record for \(record.transaction)")
         }
-        let slots = kept.extraWords(index, after: raw.count)
+        let slots = kept.extraWords(index)
         var lockedCount = 0
         var failure: AbortCause?
         var malformed: (any Error)?
@@ -416,7 +416,7 @@ final class RecordProcessor: @unchecked Sendable {
     private func release(_ index: Int, locked count: Int, view: ConfigurationView, install: Bool) {
         let raw = kept.bytes(index)
         guard let record = try? RecordView(raw) else { return }
-        let slots = kept.extraWords(index, after: raw.count)
+        let slots = kept.extraWords(index)
         var entryIndex = 0
         try? record.forEachEntry { entry in
             guard entryIndex < count else { return }
@@ -812,66 +812,98 @@ final class RecordProcessor: @unchecked Sendable {
     }
 }
 
-/// Copies of records kept after their ring space is reused (LOCK records at a primary until
-/// COMMIT-PRIMARY, COMMIT-BACKUP records at a backup until TRUNCATE), in buffers that are reused:
-/// once the pool has grown to the number of records in flight, keeping one allocates nothing.
+/// The records the processor keeps (LOCK records at a primary until COMMIT-PRIMARY, COMMIT-BACKUP
+/// records at a backup until TRUNCATE), each with room for words of its own after it (a LOCK's
+/// locked-slot words), in entries that are reused: once the pool has grown to the number of
+/// records in flight, keeping one allocates nothing.
+///
+/// A record is not copied: it stays where it lies in the node's log (the sender's ring in this
+/// node's mailbox) until the processor releases it, and nothing moves or overwrites a kept
+/// message there (a reopened ring restamps only its trailer; the space is reused only after
+/// release), so the entry points at it. Only the extra words live in the entry's own buffer.
 ///
 /// Not thread-safe: used only by the record processor, under the engine mailbox's poll claim.
 struct RecordPool: ~Copyable {
-    private var buffers: [UnsafeMutableRawPointer] = []
-    private var capacities: [Int] = []
-    private var lengths: [Int] = []
-    private var references: [RingReference] = []
-    private var free: [Int] = []
-
-    init() {
-        buffers.reserveCapacity(1024)
-        capacities.reserveCapacity(1024)
-        lengths.reserveCapacity(1024)
-        free.reserveCapacity(1024)
+    /// One kept record: where its bytes lie, its own buffer for extra words, and where it lies
+    /// in the log. `next` links the entries not in use (a free list through the entries
+    /// themselves). One entry per record, so that keeping or dropping one touches the pool's
+    /// header line and one entry line: the processor's state moves between the cores that take
+    /// turns serving the mailbox, and every distinct line it touches per record is a miss there.
+    private struct Entry {
+        var bytes: UnsafeRawPointer?
+        var length: Int
+        var buffer: UnsafeMutableRawPointer
+        var capacity: Int
+        var reference: RingReference
+        var next: Int
     }
 
-    deinit { for buffer in buffers { buffer.deallocate() } }
+    private var entries: UnsafeMutablePointer<Entry>
+    private var count = 0
+    private var capacity = 1024
+    /// The first entry not in use (-1: none).
+    private var firstFree = -1
 
-    /// Copies `record` into a buffer with room for `extraWords` 8-byte words after it; returns the
-    /// buffer's index.
+    init() {
+        entries = .allocate(capacity: capacity)
+    }
+
+    deinit {
+        for index in 0..<count { entries[index].buffer.deallocate() }
+        entries.deinitialize(count: count)
+        entries.deallocate()
+    }
+
+    /// Keeps `record`, which lies in the node's log at `reference` and stays there until released,
+    /// with room for `extraWords` 8-byte words of the processor's own; returns the entry's index.
     mutating func keep(_ record: UnsafeRawBufferPointer, extraWords: Int, reference: RingReference) -> Int {
-        let needed = RecordFormat.padded(record.count) + extraWords * 8
+        let needed = extraWords * 8
         let index: Int
-        if let reused = free.popLast() {
-            index = reused
-            if capacities[index] < needed {
-                buffers[index].deallocate()
-                capacities[index] = max(needed, capacities[index] * 2)
-                buffers[index] = .allocate(byteCount: capacities[index], alignment: 8)
+        if firstFree >= 0 {
+            index = firstFree
+            firstFree = entries[index].next
+            if entries[index].capacity < needed {
+                entries[index].buffer.deallocate()
+                entries[index].capacity = max(needed, entries[index].capacity * 2)
+                entries[index].buffer = .allocate(byteCount: entries[index].capacity, alignment: 8)
             }
         } else {
-            index = buffers.count
-            let capacity = max(needed, 512)
-            buffers.append(.allocate(byteCount: capacity, alignment: 8))
-            capacities.append(capacity)
-            lengths.append(0)
-            references.append(reference)
+            if count == capacity {
+                let larger = UnsafeMutablePointer<Entry>.allocate(capacity: capacity * 2)
+                larger.moveInitialize(from: entries, count: count)
+                entries.deallocate()
+                entries = larger
+                capacity *= 2
+            }
+            index = count
+            let size = max(needed, 64)
+            (entries + index).initialize(to: Entry(bytes: nil, length: 0, buffer: .allocate(byteCount: size, alignment: 8),
+                                                   capacity: size, reference: reference, next: -1))
+            count += 1
         }
-        references[index] = reference
-        if let source = record.baseAddress { buffers[index].copyMemory(from: source, byteCount: record.count) }
-        lengths[index] = record.count
+        entries[index].bytes = record.baseAddress
+        entries[index].length = record.count
+        entries[index].reference = reference
         return index
     }
 
-    /// The record kept in buffer `index`.
-    func bytes(_ index: Int) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: buffers[index], count: lengths[index]) }
+    /// The record kept in entry `index`.
+    func bytes(_ index: Int) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: entries[index].bytes, count: entries[index].length) }
 
-    /// The extra words after a record of `count` bytes in buffer `index`.
-    func extraWords(_ index: Int, after count: Int) -> UnsafeMutablePointer<UInt64> {
-        (buffers[index] + RecordFormat.padded(count)).assumingMemoryBound(to: UInt64.self)
+    /// The extra words of entry `index`.
+    func extraWords(_ index: Int) -> UnsafeMutablePointer<UInt64> {
+        entries[index].buffer.assumingMemoryBound(to: UInt64.self)
     }
 
-    /// Where the record kept in buffer `index` lies in the node's log.
-    func reference(_ index: Int) -> RingReference { references[index] }
+    /// Where the record kept in entry `index` lies in the node's log.
+    func reference(_ index: Int) -> RingReference { entries[index].reference }
 
-    /// Gives buffer `index` back.
-    mutating func release(_ index: Int) { free.append(index) }
+    /// Gives entry `index` back (the record's log space is released by the caller).
+    mutating func release(_ index: Int) {
+        entries[index].bytes = nil
+        entries[index].next = firstFree
+        firstFree = index
+    }
 }
 
 /// Where a kept record lies in the node's log: the sender's ring and the record's stream position

@@ -149,7 +149,8 @@ public final class Transaction {
 
     /// Forgets the previous attempt (reservations must already be returned).
     func reset() {
-        state.pointee.view = engine.view
+        // Retained only when the configuration changed (a store retains and releases).
+        if !engine.isCurrentView(state.pointee.viewRef) { state.pointee.view = engine.view }
         reads.removeAll(keepingCapacity: true)
         readIndex.removeAll()
         state.pointee.arenaUsed = 0
