@@ -325,6 +325,7 @@ struct CheckRunCommand: AsyncParsableCommand {
             : FileManager.default.currentDirectoryPath + "/" + CommandLine.arguments[0]
         let end = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
         var life = 0
+        var lastLifeKilled = false
         while ContinuousClock.now < end {
             let remaining = Double((end - ContinuousClock.now).components.seconds) + Double((end - ContinuousClock.now).components.attoseconds) / 1e18
             let segment = directory + "/segment-\(life).jsonl"
@@ -438,6 +439,13 @@ struct CheckRunCommand: AsyncParsableCommand {
             }
             summary.faults += operations.filter { if case .nemesis = $0.process { $0.f.hasPrefix("start-") } else { false } }.count
             life += 1
+            lastLifeKilled = killedAt != nil
+        }
+        if let clusterFile, lastLifeKilled {
+            // The run ended right after a kill: the node processes are started again, as the
+            // cluster was before the run (restart recovery included).
+            try clusterUp(executable: executable, file: clusterFile)
+            try append(.nemesis(index: 0, f: "reopen", value: .int(life), time: historyNow()))
         }
         return summary
     }
