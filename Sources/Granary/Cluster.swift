@@ -308,6 +308,8 @@ public final class Cluster: Sendable {
 
     /// Waits until every committed transaction is applied on every replica: sends the pending
     /// TRUNCATE records and waits until no node has a record to process.
+    /// - Throws: ``ClusterError/notQuiescent(timeout:nodes:report:)`` naming the nodes that still
+    ///   had records to process (or replies to send) after `timeout`.
     public func quiesce(timeout: Duration = .seconds(30)) async throws {
         // Crashed or removed nodes serve nothing: only the running ones are waited for.
         let serving = servingNodes
@@ -316,8 +318,9 @@ public final class Cluster: Sendable {
         let deadline = clock.now + timeout
         while !serving.allSatisfy({ $0.engine.isQuiescent }) {
             guard clock.now < deadline else {
-                let busy = serving.filter { !$0.engine.isQuiescent }.map(\.engine.channelReport)
-                throw ConfigurationError.invalid("the cluster did not quiesce within \(timeout):\n\(busy.joined(separator: "\n"))")
+                let busy = serving.filter { !$0.engine.isQuiescent }
+                throw ClusterError.notQuiescent(timeout: timeout, nodes: busy.map(\.id),
+                                                report: busy.map(\.engine.channelReport).joined(separator: "\n"))
             }
             try await Task.sleep(for: .microseconds(200))
         }
@@ -485,4 +488,19 @@ public final class Node: Sendable {
 
     /// This node's counters.
     public var statistics: EngineStatistics.Snapshot { engine.statistics.snapshot }
+}
+
+/// A cluster-wide wait that did not complete.
+public enum ClusterError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// ``Cluster/quiesce(timeout:)`` gave up: `nodes` still had records to process or replies to
+    /// send after `timeout`; `report` is their channels' state.
+    case notQuiescent(timeout: Duration, nodes: [NodeID], report: String)
+
+    /// The error in words: the timeout, the busy nodes and their channels' state.
+    public var description: String {
+        switch self {
+        case .notQuiescent(let timeout, let nodes, let report):
+            "the cluster did not quiesce within \(timeout): \(nodes.map(\.description).joined(separator: ", ")) still busy\n\(report)"
+        }
+    }
 }

@@ -174,11 +174,12 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
     public func contains(_ node: NodeID) -> Bool { members.contains { $0.node == node } }
 
     /// Whether `next` routes the commit protocol's records as this configuration does: no member
-    /// leaves, and every region keeps its primary and its backups. A change that keeps the routing
-    /// (a new manager, a completed copy, a member or a region added) needs no transaction-state
-    /// recovery: records sent in this configuration stay valid in `next`.
+    /// leaves, no region is dropped, and every region keeps its primary and its backups. A change
+    /// that keeps the routing (a new manager, a completed copy, a member or a region added) needs
+    /// no transaction-state recovery: records sent in this configuration stay valid in `next`.
     public func keepsRouting(in next: Configuration) -> Bool {
         !members.contains { !next.contains($0.node) }
+            && !regions.contains { next.placement(of: $0.region) == nil }
             && !next.regions.contains { placement in
                 guard let old = self.placement(of: placement.region) else { return false }
                 return old.primary != placement.primary || old.backups != placement.backups

@@ -40,7 +40,7 @@ final class RecordProcessor: @unchecked Sendable {
         var recoveryLocks: [(UInt, ObjectHeader)] = []
         /// Slots this primary reserved for other nodes' coordinators (ALLOCATE), by untagged
         /// address, with the node that holds each reservation.
-        var remoteReservations: [UInt64: NodeID] = [:]
+        var remoteReservations: [UInt64: RemoteReservationHolder] = [:]
     }
     private let state: UnsafeMutablePointer<State> = {
         let state = UnsafeMutablePointer<State>.allocate(capacity: 1)
@@ -255,7 +255,7 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// Slots reserved for other nodes' coordinators (see `RemoteAllocation`).
-    var remoteReservations: [UInt64: NodeID] {
+    var remoteReservations: [UInt64: RemoteReservationHolder] {
         _read { yield state.pointee.remoteReservations } _modify { yield &state.pointee.remoteReservations }
     }
 

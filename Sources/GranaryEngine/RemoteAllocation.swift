@@ -42,6 +42,16 @@ enum RemoteAllocation {
     }
 }
 
+/// Who holds a slot a primary reserved for a remote coordinator, and in which allocator: a
+/// release is honoured only from that node, and only while that allocator is the region's (a
+/// promotion or restart rebuilds the allocator from the region, which returns unused
+/// reservations by itself).
+struct RemoteReservationHolder {
+    let node: NodeID
+    /// The allocator's ``SlabAllocator/generation``.
+    let allocator: UInt64
+}
+
 /// A slot a primary reserved for this coordinator: returned with ALLOCATE-RELEASE if the attempt
 /// does not commit it.
 struct RemoteReservation {
@@ -107,6 +117,9 @@ extension Transaction {
         switch RemoteAllocation.Status(rawValue: status) {
         case .reserved:
             guard answeredRegion == region, address.region == region, lines >= 1 else {
+                // Whatever the primary reserved goes back to it (it honours the release only if
+                // this node holds that reservation), rather than staying reserved.
+                if lines >= 1 { releaseRemote(RemoteReservation(address: address, lines: lines, primary: primary)) }
                 throw TransactionError.rejectedByPrimary([GlobalAddress(region: region, offset: 0)],
                                                          reason: "\(primary) answered an allocation in \(region) with \(address) of \(lines) lines")
             }
@@ -164,7 +177,7 @@ extension RecordProcessor {
         }
         let header = ObjectLayout.loadHeader(replica.region.base + slot.offset).unlocked
         let address = GlobalAddress(region: region, offset: UInt32(slot.offset), incarnation: header.incarnation)
-        remoteReservations[address.untagged.rawValue] = sender
+        remoteReservations[address.untagged.rawValue] = RemoteReservationHolder(node: sender, allocator: allocator.generation)
         answerAllocation(to: record.transaction, status: .reserved, address: address, header: header, lines: slot.lines,
                          region: region, view: view)
     }
@@ -176,10 +189,16 @@ extension RecordProcessor {
         guard record.body.count >= 16 else { throw RecordView.Malformed(description: "an ALLOCATE-RELEASE record of \(record.body.count) body bytes") }
         let address = GlobalAddress(rawValue: record.body.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
         let lines = Int(record.body.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
-        guard remoteReservations[address.untagged.rawValue] == sender else {
+        guard let holder = remoteReservations[address.untagged.rawValue], holder.node == sender else {
             throw RecordView.Malformed(description: "a release of \(address), which \(sender) has not reserved")
         }
-        guard let allocator = view.localReplica(address.region)?.allocator, (try? allocator.slot(at: Int(address.offset)))?.lines == lines else {
+        guard let allocator = view.localReplica(address.region)?.allocator, holder.allocator == allocator.generation else {
+            // Reserved in an allocator since rebuilt from the region (this node was demoted and
+            // promoted again, or restarted): the rebuilt one never handed that slot out.
+            remoteReservations[address.untagged.rawValue] = nil
+            throw RecordView.Malformed(description: "a release of \(address), reserved in an allocator of \(address.region) that has since been rebuilt")
+        }
+        guard (try? allocator.slot(at: Int(address.offset)))?.lines == lines else {
             throw RecordView.Malformed(description: "a release of \(address) with \(lines) lines, which is not such a slot here")
         }
         remoteReservations[address.untagged.rawValue] = nil

@@ -81,6 +81,10 @@ package final class SlabAllocator: @unchecked Sendable {
     package let region: Region
     package let layout: SlabLayout
     private let classes: [Int]
+    /// Distinct for every allocator this process makes (an allocator rebuilt from the same region
+    /// gets a new one): what a reservation made in one allocator is checked against.
+    package let generation: UInt64 = SlabAllocator.generations.wrappingAdd(1, ordering: .relaxed).newValue
+    private static let generations = Atomic<UInt64>(0)
 
     private struct State {
         var freeSlots: [[Int]]  // per size class, offsets of free slots

@@ -28,15 +28,20 @@ public struct Backoff: Sendable {
 
     /// Waits a little longer than last time.
     public mutating func pause() {
-        step &+= 1
-        if step <= spins {
-            return
-        } else if step <= spins + yields {
+        let sleep = advance()
+        if sleep > 0 {
+            usleep(sleep)
+        } else if step > spins {
             sched_yield()
-        } else {
-            let exponent = min(step - spins - yields, 10)
-            usleep(min(maximumSleepMicroseconds, UInt32(1) << exponent))
         }
+    }
+
+    /// Moves to the next step and returns its sleep in microseconds (0 for a spin or a yield):
+    /// 2, 4, 8 ... after the spins and yields, capped at ``maximumSleepMicroseconds`` whatever it is.
+    mutating func advance() -> UInt32 {
+        if step < UInt32.max { step += 1 }
+        guard step > spins + yields else { return 0 }
+        return min(maximumSleepMicroseconds, UInt32(1) << min(step - spins - yields, 31))
     }
 
     /// Starts over after progress.

@@ -46,7 +46,10 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         self.connectString = connectString
         let session = SessionState()
         self.session = session
-        let context = Unmanaged.passRetained(session).toOpaque()
+        // Unretained: `self.session` (or, until init returns, `session`) holds the state for as
+        // long as the handle lives, and zookeeper_close, before either goes, ends the callbacks.
+        // (A retained context was never released: one SessionState leaked per store.)
+        let context = Unmanaged.passUnretained(session).toOpaque()
         let timeoutMilliseconds = Int32(sessionTimeout.components.seconds * 1000 + sessionTimeout.components.attoseconds / 1_000_000_000_000_000)
         var client = clientid_t()
         if let resuming {
@@ -62,7 +65,6 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
             }, timeoutMilliseconds, resuming == nil ? nil : clientPointer, context, 0)
         }
         guard let created else {
-            Unmanaged<SessionState>.fromOpaque(context).release()
             throw .connectionLoss("zookeeper_init(\(connectString)) failed: \(String(cString: strerror(errno)))")
         }
         handle = created
@@ -151,17 +153,22 @@ public final class ZooKeeperStore: CoordinationStore, @unchecked Sendable {
         try enter()
         defer { leave() }
         var capacity = 4096
+        var watch = watch
         while true {
             var buffer = [CChar](repeating: 0, count: capacity)
             var length = Int32(capacity)
             var stat = Stat()
+            // The watch holds one retain until it fires (the watcher takes it back).
             let context = watch.map { Unmanaged.passRetained($0).toOpaque() }
             let rc = zoo_wget(handle, path, context == nil ? nil : Self.watcher, context, &buffer, &length, &stat)
             if rc != ZOK.rawValue, let context { Unmanaged<CoordinationWatch>.fromOpaque(context).release() }
             try check(rc, path)
             if Int(stat.dataLength) > capacity {
                 capacity = Int(stat.dataLength)
-                continue  // (a watch set by the short read fires once; it is the same event)
+                // The short read set the watch: the read again sets none (a second registration
+                // of the same watcher and context fires once, and would leak its retain).
+                watch = nil
+                continue
             }
             let count = max(0, Int(length))
             return StoredData(data: buffer.prefix(count).map { UInt8(bitPattern: $0) }, version: stat.version)

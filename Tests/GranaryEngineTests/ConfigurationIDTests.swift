@@ -108,6 +108,34 @@ struct ConfigurationIDTests {
     /// Sends the LOCK record `build` writes (into a 512-byte buffer, for a fresh reply slot) from
     /// `coordinator` to `primary`, serves both mailboxes until the reply, and returns its cause
     /// (nil: no reply within 5 s).
+    /// A stale reservation (a late ALLOCATE-RELEASE after a rebuild) could name a slot that holds
+    /// a live object: the allocate entry's expected header then says allocated, and the primary
+    /// must refuse it rather than lock the live object and install over it.
+    @Test("a LOCK whose allocate entry expects an allocated header is refused as a lock conflict: the live object keeps its value")
+    func allocateOverLiveObjectRefused() async throws {
+        let cluster = try await testCluster()
+        let object = try await cluster.nodes[0].transaction { try $0.allocate(Int64(5)) }
+        try await cluster.quiesce()
+        let primary = cluster.nodes[cluster.configuration.placement(of: object.region)!.primary.index].engine
+        let header = ObjectLayout.loadHeader(primary.replica(of: object.region)!.base + Int(object.offset))
+        #expect(header.isAllocated)
+        let coordinator = cluster.nodes.first { $0.engine !== primary }!.engine
+        let failure = try lockRoundTrip(from: coordinator, to: primary) { buffer, id in
+            var writer = RecordWriter(into: buffer, capacity: 512, kind: .lock, configuration: coordinator.configuration.id, transaction: id)
+            var value: Int64 = 99
+            writer.appendEntry(address: object, expected: header, new: header.allocating, lines: 1, operation: .allocate, payload: &value, length: 8)
+            return writer
+        }
+        guard failure == AbortCause.lockConflict.rawValue else {
+            // (Locked, the object would stay so: nothing of this hand-made record commits or aborts it.)
+            Issue.record("the primary answered \(String(describing: failure)) (nil: locked) to an allocate entry over the live object \(object), not a lock conflict")
+            return
+        }
+        #expect(ObjectLayout.loadHeader(primary.replica(of: object.region)!.base + Int(object.offset)) == header, "the live object's header changed")
+        #expect(try await cluster.nodes[2].transaction { try $0.read(object, as: Int64.self) } == 5)
+        try await cluster.shutdown()
+    }
+
     func lockRoundTrip(from coordinator: Engine, to primary: Engine,
                        _ build: (UnsafeMutableRawPointer, TransactionID) -> RecordWriter) throws -> UInt8? {
         let id = coordinator.replies.acquire(node: coordinator.node, replies: 1)!

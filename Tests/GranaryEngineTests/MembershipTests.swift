@@ -173,6 +173,28 @@ struct MembershipTests {
         #expect(throws: ConfigurationError.self) { try ConfigurationRecord.placingNewRegions(1, replicas: 5, in: configuration) }
     }
 
+    @Test("keepsRouting: a new manager or an added region keeps the routing; a member leaving, a region dropped, or a region's primary or backups changed does not")
+    func keepsRouting() throws {
+        let nodes = (0..<3).map { NodeID($0) }
+        let members = nodes.map { Member(node: $0, endpoint: "shm:/x/\($0)") }
+        let regions = try Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 2)
+        func configuration(_ id: UInt64, members: [Member] = members, manager: NodeID? = nil, regions: [RegionPlacement] = regions) throws -> Configuration {
+            try Configuration(id: ConfigurationID(rawValue: id), cluster: ClusterID(rawValue: 1), members: members, manager: manager,
+                              regions: regions, regionSize: 1 << 20)
+        }
+        let base = try configuration(1)
+        #expect(base.keepsRouting(in: try configuration(2, manager: NodeID(1))))
+        let added = RegionPlacement(region: RegionID(rawValue: 99), primary: NodeID(0), backups: [NodeID(2)])
+        #expect(base.keepsRouting(in: try configuration(2, regions: regions + [added])))
+        // A region dropped (its records in flight would name a region the next configuration lacks).
+        #expect(!base.keepsRouting(in: try configuration(2, regions: Array(regions.dropFirst()))), "\(regions.first!) dropped")
+        var moved = regions
+        moved[0] = RegionPlacement(region: moved[0].region, primary: moved[0].backups[0], backups: [moved[0].primary])
+        #expect(!base.keepsRouting(in: try configuration(2, regions: moved)), "primary and backup swapped")
+        let survivors = regions.filter { !$0.replicas.contains(NodeID(2)) }
+        #expect(!base.keepsRouting(in: try configuration(2, members: Array(members.prefix(2)), regions: survivors)), "n2 left")
+    }
+
     @Test("a member whose coordination session expires stops serving and says it must rejoin; the CM removes it and the others go on")
     func memberLosesItsSession() async throws {
         let cluster = try await cluster()
