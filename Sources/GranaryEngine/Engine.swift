@@ -741,9 +741,8 @@ final class TruncationBatches: Sendable {
             (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         init(capacity: Int) { batches = Mutex(Batches(capacity: capacity)) }
     }
-    private let shards: [Shard]
-    /// The address of `threadShards` unretained references to `shards` (which holds them): a
-    /// commit reaches its thread's shard with no reference counting (an array subscript of a
+    /// The address of the `threadShards` shards, each retained once here (released in deinit):
+    /// a commit reaches its thread's shard with no reference counting (an array subscript of a
     /// class retains and releases it, on every transaction).
     private let shardReferences: UInt
     /// Transactions per TRUNCATE record.
@@ -751,19 +750,28 @@ final class TruncationBatches: Sendable {
 
     init(limit: Int) {
         self.limit = max(1, limit)
-        shards = (0..<threadShards).map { [limit = self.limit] _ in Shard(capacity: 2 * limit) }
         let references = UnsafeMutablePointer<Unmanaged<Shard>>.allocate(capacity: threadShards)
-        references.initialize(from: shards.map { Unmanaged.passUnretained($0) }, count: threadShards)
+        for index in 0..<threadShards { (references + index).initialize(to: .passRetained(Shard(capacity: 2 * self.limit))) }
         shardReferences = UInt(bitPattern: references)
     }
 
-    deinit { UnsafeMutablePointer<Unmanaged<Shard>>(bitPattern: shardReferences)!.deallocate() }
+    deinit {
+        let references = UnsafeMutablePointer<Unmanaged<Shard>>(bitPattern: shardReferences)!
+        for index in 0..<threadShards { references[index].release() }
+        references.deallocate()
+    }
+
+    /// Shard `index`'s batches, under its lock.
+    @inline(__always)
+    private func withBatches<R: Sendable>(ofShard index: Int, _ body: (inout sending Batches) -> R) -> R {
+        UnsafeMutablePointer<Unmanaged<Shard>>(bitPattern: shardReferences).unsafelyUnwrapped[index]
+            ._withUnsafeGuaranteedRef { shard in shard.batches.withLock { body(&$0) } }
+    }
 
     /// The calling thread's shard's batches, under its lock.
     @inline(__always)
     private func withThreadBatches<R: Sendable>(_ body: (inout sending Batches) -> R) -> R {
-        UnsafeMutablePointer<Unmanaged<Shard>>(bitPattern: shardReferences).unsafelyUnwrapped[threadShard()]
-            ._withUnsafeGuaranteedRef { shard in shard.batches.withLock { body(&$0) } }
+        withBatches(ofShard: threadShard(), body)
     }
 
     /// Puts `ids` (a batch whose TRUNCATE could not be sent) back into the calling thread's shard
@@ -819,8 +827,8 @@ final class TruncationBatches: Sendable {
     /// Takes every thread's batch for `node`.
     func take(for node: NodeID) -> [TransactionID] {
         var out: [TransactionID] = []
-        for shard in shards {
-            shard.batches.withLock { batches in batches.drain(node.index, into: &out) }
+        for index in 0..<threadShards {
+            withBatches(ofShard: index) { batches in batches.drain(node.index, into: &out) }
         }
         return out
     }
