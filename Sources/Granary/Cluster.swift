@@ -284,10 +284,14 @@ public final class Cluster: Sendable {
             throw ConfigurationError.invalid("every client member of \(file) is in use by another process (\(candidates.map(\.description).joined(separator: ", ")))")
         }
         do {
-            let storage = try NodeStorage(node: node, configuration: configuration, ringCapacity: options.ringCapacity)
-            try storage.waitForPeers(timeout: .seconds(10))
             var logger = options.logger
             logger[metadataKey: "cluster"] = "\(configuration.cluster)"
+            if case .zookeeper(let address) = options.coordination {
+                return try await connectCoordinated(configuration: configuration, client: node, lock: lock, root: root,
+                                                    address: address, options: options, logger: logger)
+            }
+            let storage = try NodeStorage(node: node, configuration: configuration, ringCapacity: options.ringCapacity)
+            try storage.waitForPeers(timeout: .seconds(10))
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
             return Cluster(nodes: [Node(engine)], configuration: configuration, directory: root, removeOnShutdown: false,
                            coordination: nil, membership: [], recovery: nil, regionAllocation: nil, clientLock: lock)
@@ -295,6 +299,64 @@ public final class Cluster: Sendable {
             close(lock)
             throw error
         }
+    }
+
+    /// A client of node processes that run the configuration manager through ZooKeeper
+    /// (`granary cluster up --coordination`): the client joins the stored configuration as a
+    /// member that holds no region (JOIN, through its registration), follows every configuration
+    /// change (NEW-CONFIG: new primaries after a failure, new members), renews its lease, and
+    /// takes part in transaction-state recovery as every member does; a client process killed
+    /// is removed when its lease runs out, and its transactions in flight are recovered. A
+    /// client whose former process still holds its place waits until the CM removes it.
+    private static func connectCoordinated(configuration: Configuration, client node: NodeID, lock: Int32, root: FilePath,
+                                           address: String, options: ClusterOptions, logger: Logger) async throws -> Cluster {
+        #if ZooKeeper
+        guard let me = configuration.members.first(where: { $0.node == node }) else {
+            throw ConfigurationError.invalid("\(node) is not a member of the cluster file")
+        }
+        let store = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
+        do {
+            var stored: Configuration
+            do {
+                stored = try await ConfigurationRecord.read(configuration.cluster, from: store).0
+            } catch CoordinationError.noNode(_) {
+                throw ConfigurationError.invalid("the coordination store at \(address) holds no configuration of \(configuration.cluster): start its nodes first (granary cluster up --coordination zookeeper://\(address))")
+            }
+            stored = Cluster.resolvingEndpoints(of: stored, against: root.isEmpty ? FilePath(".") : root)
+            if stored.contains(node) {
+                stored = try await ConfigurationRecord.waitForRemoval(of: node, from: stored, in: store, timeout: .seconds(30))
+            }
+            stored.members.append(me)
+            let storage = try NodeStorage(node: node, configuration: stored, ringCapacity: options.ringCapacity)
+            try storage.waitForPeers(timeout: .seconds(10))
+            let engine = try storage.makeEngine(options: options.engine, logger: logger)
+            let service = MembershipService(
+                engine: engine, store: store, options: options.membership ?? MembershipOptions(), logger: logger,
+                connect: { member in try storage.connect(member) },
+                openRegion: { placement in
+                    throw ConfigurationError.invalid("\(node) is a client: it holds no replica, and \(placement.region) was placed on it")
+                })
+            try await service.start(joining: true)
+            // Ready once a configuration lists the client and its lease is granted.
+            let clock = ContinuousClock()
+            let deadline = clock.now + .seconds(30)
+            while !engine.configuration.contains(node) || engine.commitsBlocked {
+                guard clock.now < deadline, !service.mustRejoin else {
+                    await service.stop()
+                    engine.stop()
+                    throw ConfigurationError.invalid("\(node) asked to join \(configuration.cluster) through \(address), but was not admitted within 30 s (is a configuration manager running?)")
+                }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            return Cluster(nodes: [Node(engine)], configuration: engine.configuration, directory: root, removeOnShutdown: false,
+                           coordination: nil, membership: [service], recovery: nil, regionAllocation: nil, clientLock: lock)
+        } catch {
+            await store.close()
+            throw error
+        }
+        #else
+        throw ConfigurationError.invalid("the coordination store is ZooKeeper at \(address), which this build of Granary leaves out (depend on it with the package trait ZooKeeper)")
+        #endif
     }
 
     /// A cluster dropped without ``shutdown()`` still stops its nodes' threads (pollers), so
@@ -345,6 +407,10 @@ public final class Cluster: Sendable {
     /// Quiesces, persists every region, stops every node, and removes the directory if it was a
     /// temporary one.
     public func shutdown() async throws {
+        if clientLock >= 0 {
+            // A client of a coordinated cluster leaves (the CM removes it at once) before it stops.
+            for service in membership where !service.mustRejoin { _ = try? await service.leave() }
+        }
         for service in membership { await service.stop() }
         try await quiesce()
         // Persisting is for a cluster that outlives this process; a temporary one is removed next.
@@ -384,7 +450,7 @@ public final class Cluster: Sendable {
     /// how a cluster file's relative region directories are read, wherever the reader runs.
     package static func resolvingEndpoints(of configuration: Configuration, against root: FilePath) -> Configuration {
         var resolved = configuration
-        resolved.members = configuration.members.map { Member(node: $0.node, endpoint: resolve($0.endpoint, against: root)) }
+        resolved.members = configuration.members.map { Member(node: $0.node, endpoint: resolve($0.endpoint, against: root), client: $0.client) }
         return resolved
     }
 

@@ -88,7 +88,7 @@ extension Cluster {
     /// cluster directory can move.
     static func writeManifest(_ configuration: Configuration, to manifest: FilePath, root: FilePath) throws {
         var stored = configuration
-        stored.members = stored.members.map { Member(node: $0.node, endpoint: relative($0.endpoint, to: root)) }
+        stored.members = stored.members.map { Member(node: $0.node, endpoint: relative($0.endpoint, to: root), client: $0.client) }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let data = try encoder.encode(stored)

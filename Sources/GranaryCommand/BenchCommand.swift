@@ -24,6 +24,8 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Run against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster.")
     var cluster: String?
     @Option(help: "With --cluster: the client member to be (default: the first one not in use).") var client: Int?
+    @Option(help: "With --cluster: the nodes run the configuration manager through this ZooKeeper (zookeeper://host:port, as given to `cluster up --coordination`); the client joins the configuration and follows it.")
+    var coordination: String?
     @Option(help: "Nodes in the embedded cluster.") var nodes: Int = 3
     @Option(help: "Replicas of every region (primary + backups), at most --nodes.") var replicas: Int = 3
     @Option(help: "Worker threads issuing transactions, spread over the nodes.") var workers: Int = 2
@@ -81,6 +83,12 @@ struct BenchOptions: ParsableArguments {
         } else if client != nil {
             throw ValidationError("--client goes with --cluster")
         }
+        if let coordination {
+            guard cluster != nil else { throw ValidationError("--coordination goes with --cluster") }
+            guard case .zookeeper? = CoordinationChoice(coordination) else {
+                throw ValidationError("--coordination takes zookeeper://host:port, got '\(coordination)'")
+            }
+        }
         if let client, client < 0 || client >= NodeID.limit { throw ValidationError("--client must be a node id in 0..<\(NodeID.limit)") }
         if scaling {
             guard crash == nil else { throw ValidationError("--scaling and --crash do not go together") }
@@ -95,6 +103,12 @@ struct BenchOptions: ParsableArguments {
         if let cluster {
             var options = ClusterOptions()
             options.engine.maximumAttempts = 1_000
+            if let coordination, let choice = CoordinationChoice(coordination) {
+                options.coordination = choice
+                var membership = MembershipOptions()
+                membership.lease = .milliseconds(leaseMs)
+                options.membership = membership
+            }
             return try await Cluster.connect(file: FilePath(cluster), client: client.map { NodeID($0) }, options: options)
         }
         var options = ClusterOptions()

@@ -177,6 +177,8 @@ struct CheckRunCommand: AsyncParsableCommand {
     @Option(help: "Seconds between whole-cluster kills (with --nemesis kill).") var killInterval: Double = 3
     @Option(help: "Run the clients against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster. Faults: kill (every node process and the client SIGKILLed at once, the nodes restarted with `granary cluster up`), pause (a node process SIGSTOPped for 0.1-0.5 s, then continued), faults and slow (on the client).")
     var cluster: String?
+    @Option(help: "With --cluster: its nodes run the configuration manager through this ZooKeeper (zookeeper://host:port, as given to `granary cluster up --coordination`). The client joins the configuration and follows it; kill then SIGKILLs one node process at a time and starts it again (it rejoins), and pause stops one past its lease (it is removed and rejoins). Each fault waits until every node is a member again with complete replicas.")
+    var coordination: String?
     @Option(help: "The cluster directory (default: a new directory under the temporary directory).") var directory: String?
     @Option(help: "The history file (default: history.jsonl in the cluster directory).") var history: String?
     @Flag(help: "Print the report as JSON.") var json = false
@@ -198,6 +200,12 @@ struct CheckRunCommand: AsyncParsableCommand {
                 throw ValidationError("--break \(sabotage) breaks the primaries, which run in the node processes; with --cluster: skip-validate")
             }
         }
+        if let coordination {
+            guard cluster != nil else { throw ValidationError("--coordination goes with --cluster (an embedded cluster's coordination store is in the process)") }
+            guard case .zookeeper? = CoordinationChoice(coordination) else {
+                throw ValidationError("--coordination takes zookeeper://host:port, got '\(coordination)'")
+            }
+        }
         if faults.contains(.crash), !faults.isDisjoint(with: [.kill, .pause]) {
             // A reopened cluster starts from cluster.json, which still lists the crashed nodes.
             throw ValidationError("--nemesis crash runs the cluster in this process: it does not combine with kill or pause")
@@ -211,7 +219,7 @@ struct CheckRunCommand: AsyncParsableCommand {
         let faults = self.faults
         let summary: CheckRunSummary
         do {
-            if let cluster, faults.contains(.kill) {
+            if let cluster, faults.contains(.kill), coordination == nil {
                 summary = try runLives(directory: directory, historyPath: historyPath, faults: faults, clusterFile: cluster)
             } else if let cluster {
                 summary = try await runAgainstNodes(file: cluster, historyPath: historyPath, faults: faults)
@@ -264,16 +272,27 @@ struct CheckRunCommand: AsyncParsableCommand {
 
     /// With `--cluster`: the clients run in this process as a client member of the cluster file's
     /// node processes; `pause` stops one node process at a time (its pid from `n<id>.pid` beside
-    /// the file), logged in the history.
+    /// the file), logged in the history. With `--coordination`, the faults of
+    /// ``CoordinatedNemesis``.
     private func runAgainstNodes(file: String, historyPath: String, faults: Set<CheckFault>) async throws -> CheckRunSummary {
         let options = workload.runOptions(seconds: seconds, faults: faults)
         let nodes = try runningNodes(file: file)
-        let cluster = try await Cluster.connect(file: FilePath(file), options: options.clusterOptions)
+        var clusterOptions = options.clusterOptions
+        if let coordination, let choice = CoordinationChoice(coordination) {
+            clusterOptions.coordination = choice
+            clusterOptions.membership = MembershipOptions()
+        }
+        let cluster = try await Cluster.connect(file: FilePath(file), options: clusterOptions)
         let keys = try await CheckKeys.prepare(cluster, directory: nil, options: options)
         let writer = try HistoryWriter(path: historyPath)
         let done = Atomic<Bool>(false)
         let paused = Atomic<Int>(0)
+        let coordinated = coordination.map {
+            CoordinatedNemesis(file: file, coordination: $0, nodes: nodes.map(\.node), faults: faults.intersection([.kill, .pause]),
+                               interval: killInterval, seed: options.seed, client: cluster.nodes[0].engine, history: writer)
+        }
         let nemesis = Thread { [options] in
+            if let coordinated { return coordinated.run { done.load(ordering: .acquiring) } }
             guard faults.contains(.pause) else { return }
             var random = WorkloadRandom(seed: options.seed &+ 0x9A05E)
             while !done.load(ordering: .acquiring) {
@@ -294,6 +313,14 @@ struct CheckRunCommand: AsyncParsableCommand {
         done.store(true, ordering: .releasing)
         while !nemesis.isFinished { try await Task.sleep(for: .milliseconds(5)) }
         summary.faults += paused.load(ordering: .relaxed)
+        if let coordinated {
+            summary.faults += coordinated.injected
+            // The cluster is left as the run found it: every node a member, every replica complete.
+            if let failure = coordinated.failure ?? coordinated.waitUntilWhole(timeout: .seconds(60)) {
+                try writer.close()
+                throw CheckRunError(failure)
+            }
+        }
         try writer.close()
         try await cluster.shutdown()
         return summary
@@ -521,5 +548,110 @@ struct CheckServeCommand: AsyncParsableCommand {
         _ = await CheckRunner.run(cluster, keys: keys, options: options, history: writer)
         try writer.close()
         try await cluster.shutdown()
+    }
+}
+
+/// `granary check run --cluster FILE --coordination zookeeper://...`'s faults on node processes
+/// that run the configuration manager: `kill` SIGKILLs one node process (the CM among the
+/// candidates) and starts it again after 0.2-1 s, with the arguments `cluster up` gives it (it
+/// waits for its removal, rejoins and gets its replicas copied back); `pause` stops one with
+/// SIGSTOP for 0.1-0.5 s, past its lease (it is removed, and rejoins once continued). Before each
+/// fault it waits until the cluster is whole again (every node a member, no replica still
+/// copying), so that a region never loses its last complete replica. Every fault is a nemesis
+/// line in the history.
+final class CoordinatedNemesis: Sendable {
+    let file: String
+    let directory: String
+    let coordination: String
+    let nodes: [Int]
+    let faults: Set<CheckFault>
+    let interval: Double
+    let seed: UInt64
+    let client: Engine
+    let history: HistoryWriter
+    private let state = Mutex<(injected: Int, failure: String?)>((0, nil))
+
+    init(file: String, coordination: String, nodes: [Int], faults: Set<CheckFault>, interval: Double, seed: UInt64,
+         client: Engine, history: HistoryWriter) {
+        self.file = file
+        self.directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
+        self.coordination = coordination
+        self.nodes = nodes
+        self.faults = faults
+        self.interval = interval
+        self.seed = seed
+        self.client = client
+        self.history = history
+    }
+
+    /// Faults injected so far.
+    var injected: Int { state.withLock { $0.injected } }
+    /// Why the faults stopped early (the cluster did not become whole again, a node could not be
+    /// started), if they did.
+    var failure: String? { state.withLock { $0.failure } }
+
+    /// Whether the configuration the client follows lists every node and every region has all
+    /// its replicas, none still copying.
+    var isWhole: Bool {
+        let configuration = client.configuration
+        let replication = configuration.replication ?? configuration.regions.map(\.replicas.count).max() ?? 1
+        return Set(configuration.servers.map(\.index)) == Set(nodes)
+            && configuration.regions.allSatisfy { $0.copying.isEmpty && $0.replicas.count == replication }
+            && nodes.allSatisfy { ClusterDown.runningPid(directory: directory, node: $0) != nil }
+    }
+
+    /// Waits until ``isWhole``; the reason if it is not within `timeout`.
+    func waitUntilWhole(timeout: Duration, while going: () -> Bool = { true }) -> String? {
+        let deadline = ContinuousClock.now + timeout
+        while !isWhole {
+            guard going() else { return nil }
+            guard ContinuousClock.now < deadline else {
+                return "the cluster of \(file) was not whole again (every node a member, every replica complete) within \(timeout) after the last fault: \(client.configuration)"
+            }
+            usleep(10_000)
+        }
+        return nil
+    }
+
+    func run(until stopped: () -> Bool) {
+        guard !faults.isEmpty else { return }
+        var random = WorkloadRandom(seed: seed &+ 0xC0DE)
+        let kinds = faults.sorted { $0.rawValue < $1.rawValue }
+        let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        while !stopped() {
+            let wait = ContinuousClock.now + .milliseconds(Int(interval * 1000 * Double(random.uniform(500...1500)) / 1000))
+            while ContinuousClock.now < wait, !stopped() { usleep(10_000) }
+            if let failure = waitUntilWhole(timeout: .seconds(60), while: { !stopped() }) {
+                state.withLock { $0.failure = failure }
+                return
+            }
+            if stopped() { return }
+            let node = nodes[random.uniform(0...(nodes.count - 1))]
+            guard let pid = ClusterDown.runningPid(directory: directory, node: node) else { continue }
+            // The kinds take turns, so that a short run has each of them.
+            switch kinds[injected % kinds.count] {
+            case .kill:
+                history.nemesis("kill-node", value: .int(node))
+                kill(pid, SIGKILL)
+                while ClusterDown.isAlive(pid) { usleep(1_000) }
+                usleep(UInt32(random.uniform(200...1000)) * 1000)
+                history.nemesis("restart-node", value: .int(node))
+                do {
+                    try ClusterUp.launchNode(executable: executable, file: file, directory: directory, id: node,
+                                             coordination: coordination, metricsPort: nil, appendingLog: true)
+                } catch {
+                    state.withLock { $0.failure = "n\(node) could not be started again: \(error)" }
+                    return
+                }
+            default:
+                let length = random.uniform(100...500)
+                history.nemesis("pause", value: .int(node))
+                kill(pid, SIGSTOP)
+                usleep(UInt32(length) * 1000)
+                kill(pid, SIGCONT)
+                history.nemesis("resume", value: .int(node))
+            }
+            state.withLock { $0.injected += 1 }
+        }
     }
 }

@@ -58,7 +58,9 @@ struct ClusterInit: ParsableCommand {
         let scheme = transport == .verbs ? "verbs:" : "shm:"
         var configuration = try Configuration(
             id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-            members: (ids + clientIDs).map { Member(node: $0, endpoint: scheme + $0.description) }, manager: ids.first,
+            members: ids.map { Member(node: $0, endpoint: scheme + $0.description) }
+                + clientIDs.map { Member(node: $0, endpoint: scheme + $0.description, client: true) },
+            manager: ids.first,
             regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: regionsPerNode, replicas: replicas),
             regionSize: regionMib << 20)
         configuration.replication = replicas

@@ -61,13 +61,12 @@ struct ClusterUp: ParsableCommand {
             print("recovered: \(report)")
         }
         try? FileManager.default.removeItem(atPath: directory + "/" + ClusterDown.stoppingFile)
-        // Clients are not started here (a program connects as one), but their mailboxes are
-        // made now: every node opens a channel to each member when it starts.
+        // Clients are not started here (a program connects as one). On a static configuration
+        // their mailboxes are made now: every node opens a channel to each member when it
+        // starts. With --coordination a client joins when a program connects as it, and the
+        // nodes connect to it then.
         let clients = configuration.clients
-        if !clients.isEmpty {
-            if coordination != nil {
-                throw CommandFailure("\(file) has client members (\(clients.map(\.description).joined(separator: ", "))): clients run with static clusters only so far; start it without --coordination")
-            }
+        if !clients.isEmpty && coordination == nil {
             for client in clients {
                 _ = try NodeStorage(node: client, configuration: configuration, ringCapacity: NodeCommand.ringCapacity)
             }
@@ -76,24 +75,8 @@ struct ClusterUp: ParsableCommand {
         let nodes = configuration.members.filter { !clients.contains($0.node) }
         for member in nodes {
             let id = member.node.index
-            // The node writes its own pid file: it is the process `cluster down` signals.
-            try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
-            var arguments = ["node", "--config", file, "--id", "\(id)", "--pid-file", directory + "/n\(id).pid"]
-            arguments += coordination.map { ["--coordination", $0] } ?? ["--static"]
-            if metricsPortBase > 0 { arguments += ["--metrics-port", "\(metricsPortBase + id)"] }
-            let log = directory + "/n\(id).log"
-            guard FileManager.default.createFile(atPath: log, contents: nil), let handle = FileHandle(forWritingAtPath: log) else {
-                throw CommandFailure("cannot write \(log)")
-            }
-            // Its own process group (Foundation's Process makes it one), so the terminal's ^C does
-            // not reach it, and it ignores SIGHUP: it outlives this command and the terminal.
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: executable)
-            process.arguments = arguments
-            process.standardOutput = handle
-            process.standardError = handle
-            process.standardInput = FileHandle.nullDevice
-            try process.run()
+            try Self.launchNode(executable: executable, file: file, directory: directory, id: id, coordination: coordination,
+                                metricsPort: metricsPortBase > 0 ? metricsPortBase + id : nil)
         }
         // Ready: each node prints `ready <node> ...` once its regions and mailbox exist.
         let deadline = Date().addingTimeInterval(timeout)
@@ -111,10 +94,40 @@ struct ClusterUp: ParsableCommand {
         }
         print("up: \(nodes.count) nodes of \(configuration.cluster) in \(directory) (logs n<id>.log, process ids n<id>.pid)")
         if !clients.isEmpty {
-            print("clients: \(clients.map(\.description).joined(separator: ", ")): granary bench WORKLOAD --cluster \(file), or Cluster.connect(file:) in a program")
+            let flag = coordination.map { " --coordination \($0)" } ?? ""
+            print("clients: \(clients.map(\.description).joined(separator: ", ")): granary bench WORKLOAD --cluster \(file)\(flag), or Cluster.connect(file:) in a program")
         }
         if let coordination { print("status: granary cluster status --coordination \(coordination) --cluster \(configuration.cluster)") }
         print("stop: granary cluster down --directory \(directory)")
+    }
+}
+
+extension ClusterUp {
+    /// Starts node `id` of the cluster file `file` (in `directory`) in the background, as `up`
+    /// does for each node: its output in `n<id>.log`, its pid in `n<id>.pid` (written by the
+    /// node). A node of a coordinated cluster started again this way rejoins.
+    static func launchNode(executable: String, file: String, directory: String, id: Int, coordination: String?,
+                           metricsPort: Int?, appendingLog: Bool = false) throws {
+        // The node writes its own pid file: it is the process `cluster down` signals.
+        try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
+        var arguments = ["node", "--config", file, "--id", "\(id)", "--pid-file", directory + "/n\(id).pid"]
+        arguments += coordination.map { ["--coordination", $0] } ?? ["--static"]
+        if let metricsPort { arguments += ["--metrics-port", "\(metricsPort)"] }
+        let log = directory + "/n\(id).log"
+        let exists = appendingLog && FileManager.default.fileExists(atPath: log)
+        guard exists || FileManager.default.createFile(atPath: log, contents: nil), let handle = FileHandle(forWritingAtPath: log) else {
+            throw CommandFailure("cannot write \(log)")
+        }
+        if exists { handle.seekToEndOfFile() }
+        // Its own process group (Foundation's Process makes it one), so the terminal's ^C does
+        // not reach it, and it ignores SIGHUP: it outlives this command and the terminal.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
     }
 }
 

@@ -267,13 +267,13 @@ extension NodeCommand {
         if let coordination, case .zookeeper(let address) = CoordinationChoice(coordination) {
             let zooKeeper = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
             store = zooKeeper
-            try await ConfigurationRecord.bootstrap(configuration, in: zooKeeper)
+            try await ConfigurationRecord.bootstrap(configuration.withoutClients, in: zooKeeper)
             let restarted = FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: node)).string)
             var (stored, _) = try await ConfigurationRecord.read(configuration.cluster, from: zooKeeper)
             if restarted && stored.contains(node) {
                 print("waiting-removal \(stored.id.rawValue)")
                 fflush(nil)
-                stored = try await Self.waitForRemoval(of: node, from: stored, in: zooKeeper)
+                stored = try await ConfigurationRecord.waitForRemoval(of: node, from: stored, in: zooKeeper)
             }
             if !stored.contains(node) {
                 joining = true
@@ -458,26 +458,8 @@ extension NodeCommand {
         throw CommandFailure("\(node) could not start again to rejoin: execv failed (errno \(errno))")
     }
 
-    /// A restarted node waits until the stored configuration no longer lists it: its former self
-    /// may have had transactions in flight, which the members recover once the CM removes it (when
-    /// its lease has run out). Then it joins as a new member.
     /// The capacity of each ring of a node process's mailbox, in bytes.
     static let ringCapacity = 256 << 10
-
-    static func waitForRemoval(of node: NodeID, from stored: Configuration, in store: ZooKeeperStore) async throws -> Configuration {
-        let clock = ContinuousClock()
-        let deadline = clock.now + .seconds(60)
-        var current = stored
-        while current.contains(node) {
-            guard clock.now < deadline else {
-                throw CommandFailure("\(node) restarted, but \(current.id) still lists it and no configuration manager removed it within "
-                    + "60 s: restarting every member of a cluster of node processes at once is not supported")
-            }
-            try await Task.sleep(for: .milliseconds(20))
-            current = try await ConfigurationRecord.read(stored.cluster, from: store).0
-        }
-        return current
-    }
 
     /// A joining node's old replicas are superseded (the members recovered without them and hold
     /// every committed write): each file is renamed to `<name>.removed`, for an operator to

@@ -25,19 +25,44 @@ public struct Member: Hashable, Sendable, Codable, CustomStringConvertible {
     public var node: NodeID
     /// Transport endpoint: `shm:<region directory>` for the shared-memory transport.
     public var endpoint: String
+    /// Whether the member is a client: it coordinates transactions and allocates at other nodes'
+    /// primaries, but holds no replica, is never placed one, and never becomes the configuration
+    /// manager (`granary cluster init --clients K`, `Cluster.connect`). In JSON, `"client": true`
+    /// (absent for other members).
+    public var client: Bool
 
     /// Member `node`, reached at `endpoint`.
     ///
     /// - Parameters:
     ///   - node: the member's node id.
     ///   - endpoint: how peers reach it (``endpoint``).
-    public init(node: NodeID, endpoint: String) {
+    ///   - client: whether it is a client (``client``).
+    public init(node: NodeID, endpoint: String, client: Bool = false) {
         self.node = node
         self.endpoint = endpoint
+        self.client = client
     }
 
-    /// The node and its endpoint, `node@endpoint`.
-    public var description: String { "\(node)@\(endpoint)" }
+    private enum CodingKeys: String, CodingKey { case node, endpoint, client }
+
+    /// Decodes a member; `client` is false when absent.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        node = try container.decode(NodeID.self, forKey: .node)
+        endpoint = try container.decode(String.self, forKey: .endpoint)
+        client = try container.decodeIfPresent(Bool.self, forKey: .client) ?? false
+    }
+
+    /// Encodes a member; `client` only when true.
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(node, forKey: .node)
+        try container.encode(endpoint, forKey: .endpoint)
+        if client { try container.encode(true, forKey: .client) }
+    }
+
+    /// The node and its endpoint, `node@endpoint` (and `(client)` for a client).
+    public var description: String { "\(node)@\(endpoint)" + (client ? " (client)" : "") }
 }
 
 /// Where a region's replicas live: one primary and its backups, all on distinct nodes.
@@ -205,10 +230,21 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         try validate()
     }
 
-    /// Members that hold no replica of any region: clients, which coordinate transactions and
-    /// allocate at other nodes' primaries (`granary cluster init --clients K`, `Cluster.connect`).
-    public var clients: [NodeID] {
-        members.map(\.node).filter { node in !regions.contains { $0.replicas.contains(node) } }
+    /// The client members (``Member/client``): they coordinate transactions and allocate at
+    /// other nodes' primaries, and hold no replica (`granary cluster init --clients K`,
+    /// `Cluster.connect`).
+    public var clients: [NodeID] { members.filter(\.client).map(\.node) }
+
+    /// The members that may hold replicas and run the configuration manager: every member but
+    /// the clients.
+    public var servers: [NodeID] { members.filter { !$0.client }.map(\.node) }
+
+    /// This configuration without its client members (a coordinated cluster starts without
+    /// them: each joins when a process connects as it, and leaves when it stops).
+    public var withoutClients: Configuration {
+        var copy = self
+        copy.members.removeAll(where: \.client)
+        return copy
     }
 
     /// Checks that every id is one the engine can hold (nodes below `NodeID.limit`, data regions
@@ -249,6 +285,9 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
             for node in replicas where !nodes.contains(node) {
                 throw .invalid("region \(placement.region) has a replica on \(node), which is not a member")
             }
+            for node in replicas where clients.contains(node) {
+                throw .invalid("region \(placement.region) has a replica on \(node), a client member (clients hold no replica)")
+            }
             for node in placement.copying where !placement.backups.contains(node) {
                 throw .invalid("region \(placement.region) lists \(node) as copying, which is not one of its backups")
             }
@@ -268,8 +307,9 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
             throw .invalid("the cluster has every region id in use (ids are below \(RegionID.limit))")
         }
         guard contains(primary) else { throw .invalid("\(primary) is not a member of \(self.id)") }
+        guard !clients.contains(primary) else { throw .invalid("\(primary) is a client member of \(self.id): clients hold no region") }
         let count = replicas ?? replication ?? regions.map(\.replicas.count).max() ?? 1
-        let nodes = members.map(\.node).sorted()
+        let nodes = servers.sorted()
         guard count >= 1, count <= nodes.count else {
             throw .invalid("\(count) replicas need \(count) members, \(self.id) has \(nodes.count)")
         }

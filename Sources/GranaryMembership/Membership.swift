@@ -146,15 +146,21 @@ public final class MembershipService: Sendable {
         engine.setFenced(true)
         let member = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
         try await register(Array(try JSONEncoder().encode(member)))
-        let election = try await store.create(paths.election + "/n-", data: Array("\(node.rawValue)".utf8), mode: [.ephemeral, .sequential])
-        state.withLock { $0.electionNode = election }
+        // A client never becomes the CM: it holds no region, and client processes come and go.
+        if !member.client {
+            let election = try await store.create(paths.election + "/n-", data: Array("\(node.rawValue)".utf8), mode: [.ephemeral, .sequential])
+            state.withLock { $0.electionNode = election }
+        }
         spawn { try await self.followConfiguration() }
-        spawn { try await self.elect() }
+        if !member.client { spawn { try await self.elect() } }
         startLeaseThread()
-        // Regions on demand go through the CM (``requestRegion()``).
-        engine.supplyRegions { [weak self] _ in
-            guard let self else { throw CoordinationError.sessionExpired }
-            try self.requestRegion()
+        // Regions on demand go through the CM (``requestRegion()``); a client allocates at the
+        // primaries of others' regions and asks for none.
+        if !member.client {
+            engine.supplyRegions { [weak self] _ in
+                guard let self else { throw CoordinationError.sessionExpired }
+                try self.requestRegion()
+            }
         }
     }
 

@@ -95,6 +95,28 @@ package enum ConfigurationRecord {
         }
     }
 
+    /// The stored configuration of `stored.cluster` once it no longer lists `node`: a process
+    /// started again as `node` (a node process, or a client) waits for this before it joins,
+    /// since its former self may have had transactions in flight, which the members recover
+    /// once the CM removes it (when its lease has run out).
+    ///
+    /// - Throws: ``RecoveryError`` if no configuration without `node` is committed within
+    ///   `timeout` (no configuration manager runs to remove it).
+    package static func waitForRemoval(of node: NodeID, from stored: Configuration, in store: any CoordinationStore,
+                                       timeout: Duration = .seconds(60)) async throws -> Configuration {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        var current = stored
+        while current.contains(node) {
+            guard clock.now < deadline else {
+                throw RecoveryError(description: "\(node) started again, but \(current.id) of \(stored.cluster) still lists it and no configuration manager removed it within \(timeout): restarting every member of a cluster of node processes at once is not supported")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+            current = try await read(stored.cluster, from: store).0
+        }
+        return current
+    }
+
     /// Creates a persistent node unless it exists.
     static func createIfAbsent(_ path: String, _ data: [UInt8], in store: any CoordinationStore) async throws(CoordinationError) {
         do {
@@ -157,7 +179,7 @@ package enum ConfigurationRecord {
     package static func replenishing(_ configuration: Configuration, replicas: Int) -> Configuration {
         var next = configuration
         next.replication = replicas
-        let nodes = configuration.members.map(\.node)
+        let nodes = configuration.servers
         for index in next.regions.indices where next.regions[index].replicas.count < replicas {
             let held = Dictionary(grouping: next.regions.flatMap(\.replicas), by: { $0 }).mapValues(\.count)
             let candidates = nodes.filter { !next.regions[index].replicas.contains($0) }
@@ -186,7 +208,7 @@ package enum ConfigurationRecord {
     /// all replicas on distinct nodes.
     package static func placingNewRegions(_ count: Int, replicas: Int, in configuration: Configuration) throws -> Configuration {
         var next = configuration
-        let nodes = configuration.members.map(\.node)
+        let nodes = configuration.servers
         guard replicas <= nodes.count else {
             throw ConfigurationError.invalid("\(replicas) replicas need \(replicas) members, the configuration has \(nodes.count)")
         }
