@@ -229,11 +229,16 @@ public final class Cluster: Sendable {
                        recovery: lastRecovery, regionAllocation: regionAllocation)
     }
 
-    /// Connects to a static cluster of node processes (started by `granary cluster up`) as one of
-    /// its clients: a member of the cluster file that holds no region (`granary cluster init
+    /// Connects to a cluster of node processes (started by `granary cluster up`) as one of its
+    /// clients: a member of the cluster file that holds no region (`granary cluster init
     /// --clients K`). The returned cluster's ``nodes`` hold that one client node; its transactions
     /// read and write every node's regions, and allocate at the regions' primaries.
     /// ``shutdown()`` stops the client, not the cluster.
+    ///
+    /// With `options.coordination` set to `.zookeeper(address)` (nodes started with `cluster up
+    /// --coordination`), the client joins the configuration stored there, follows its changes
+    /// and takes part in recovery (`options.membership`, by default 10 ms leases); ``shutdown()``
+    /// leaves the configuration. Otherwise the cluster file is the configuration (`--static`).
     ///
     /// - Parameters:
     ///   - file: the cluster file (`cluster.json`); relative endpoints resolve against its directory.
