@@ -347,9 +347,11 @@ public final class Cluster: Sendable {
             let deadline = clock.now + .seconds(30)
             while !engine.configuration.contains(node) || engine.commitsBlocked {
                 guard clock.now < deadline, !service.mustRejoin else {
+                    let seen = engine.configuration
+                    let now = (try? await ConfigurationRecord.read(configuration.cluster, from: store).0).map(\.description) ?? "unreadable"
                     await service.stop()
                     engine.stop()
-                    throw ConfigurationError.invalid("\(node) asked to join \(configuration.cluster) through \(address), but was not admitted within 30 s (is a configuration manager running?)")
+                    throw ConfigurationError.invalid("\(node) asked to join \(configuration.cluster) through \(address), but was not admitted within 30 s (is a configuration manager running?): it is in \(seen.id) (\(seen.contains(node) ? "listed" : "not listed"), commits \(engine.commitsBlocked ? "blocked: no lease granted yet, or a recovery under way" : "open")\(service.mustRejoin ? ", removed" : "")); the store holds \(now)")
                 }
                 try await Task.sleep(for: .milliseconds(2))
             }

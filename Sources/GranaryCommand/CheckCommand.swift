@@ -316,7 +316,7 @@ struct CheckRunCommand: AsyncParsableCommand {
         if let coordinated {
             summary.faults += coordinated.injected
             // The cluster is left as the run found it: every node a member, every replica complete.
-            if let failure = coordinated.failure ?? coordinated.waitUntilWhole(timeout: .seconds(60)) {
+            if let failure = coordinated.failure ?? coordinated.settle(timeout: .seconds(60)) {
                 try writer.close()
                 throw CheckRunError(failure)
             }
@@ -600,10 +600,68 @@ final class CoordinatedNemesis: Sendable {
             && nodes.allSatisfy { ClusterDown.runningPid(directory: directory, node: $0) != nil }
     }
 
-    /// Waits until ``isWhole``; the reason if it is not within `timeout`.
-    func waitUntilWhole(timeout: Duration, while going: () -> Bool = { true }) -> String? {
+    /// The size of node `node`'s log now (where what it prints next begins).
+    func logOffset(_ node: Int) -> UInt64 {
+        ((try? FileManager.default.attributesOfItem(atPath: directory + "/n\(node).log"))?[.size] as? UInt64) ?? 0
+    }
+
+    /// What node `node` printed after `offset`, by lines.
+    func logLines(_ node: Int, after offset: UInt64) -> [Substring] {
+        guard let handle = FileHandle(forReadingAtPath: directory + "/n\(node).log") else { return [] }
+        defer { try? handle.close() }
+        handle.seek(toFileOffset: offset)
+        return String(decoding: handle.readDataToEndOfFile(), as: UTF8.self).split(separator: "\n")
+    }
+
+    /// After a fault of `node` whose effects its log shows after `offset`: the configuration that
+    /// admitted it again (a restarted process, or one that was removed while stopped and rejoined),
+    /// once it has printed `configuration ID`; nil while it has not. A node that was stopped and
+    /// not removed (no `must-rejoin` within 2 s of its resume, `resumed`) needs no admission: 0.
+    func readmission(of node: Int, after offset: UInt64, restarted: Bool, resumed: ContinuousClock.Instant) -> UInt64? {
+        let lines = logLines(node, after: offset)
+        var rejoining = restarted
+        for line in lines {
+            if line.hasPrefix("rejoining") { rejoining = true }
+            if rejoining, line.hasPrefix("configuration "), let id = UInt64(line.dropFirst("configuration ".count)) { return id }
+        }
+        if !restarted, !lines.contains(where: { $0.hasPrefix("must-rejoin") || $0.hasPrefix("rejoining") }),
+           ContinuousClock.now - resumed > .seconds(2) {
+            return 0
+        }
+        return nil
+    }
+
+    /// The last fault: its node, where its log stood, whether it was restarted, when it ended.
+    private let last = Mutex<(node: Int, offset: UInt64, restarted: Bool, at: ContinuousClock.Instant)?>(nil)
+
+    /// Waits until the node of the last fault is admitted again (until then the configuration the
+    /// client follows may still be the one from before the fault, which looks whole), then until
+    /// the cluster ``isWhole`` in that configuration or a later one; the reason if not within
+    /// `timeout`, nil also when `going` turns false.
+    func settle(timeout: Duration, while going: () -> Bool = { true }) -> String? {
+        var minimum: UInt64 = 0
+        if let fault = last.withLock({ $0 }) {
+            let deadline = ContinuousClock.now + timeout
+            while true {
+                if let id = readmission(of: fault.node, after: fault.offset, restarted: fault.restarted, resumed: fault.at) {
+                    minimum = id
+                    break
+                }
+                guard going() else { return nil }
+                guard ContinuousClock.now < deadline else {
+                    return "n\(fault.node) was not admitted again within \(timeout) of its fault (no `configuration` line in \(directory)/n\(fault.node).log after it)"
+                }
+                usleep(10_000)
+            }
+        }
+        return waitUntilWhole(timeout: timeout, minimum: minimum, while: going)
+    }
+
+    /// Waits until ``isWhole`` in a configuration from `minimum` on; the reason if it is not
+    /// within `timeout`.
+    func waitUntilWhole(timeout: Duration, minimum: UInt64 = 0, while going: () -> Bool = { true }) -> String? {
         let deadline = ContinuousClock.now + timeout
-        while !isWhole {
+        while client.configuration.id.rawValue < minimum || !isWhole {
             guard going() else { return nil }
             guard ContinuousClock.now < deadline else {
                 return "the cluster of \(file) was not whole again (every node a member, every replica complete) within \(timeout) after the last fault: \(client.configuration)"
@@ -621,7 +679,7 @@ final class CoordinatedNemesis: Sendable {
         while !stopped() {
             let wait = ContinuousClock.now + .milliseconds(Int(interval * 1000 * Double(random.uniform(500...1500)) / 1000))
             while ContinuousClock.now < wait, !stopped() { usleep(10_000) }
-            if let failure = waitUntilWhole(timeout: .seconds(60), while: { !stopped() }) {
+            if let failure = settle(timeout: .seconds(60), while: { !stopped() }) {
                 state.withLock { $0.failure = failure }
                 return
             }
@@ -636,6 +694,7 @@ final class CoordinatedNemesis: Sendable {
                 while ClusterDown.isAlive(pid) { usleep(1_000) }
                 usleep(UInt32(random.uniform(200...1000)) * 1000)
                 history.nemesis("restart-node", value: .int(node))
+                last.withLock { $0 = (node, logOffset(node), true, ContinuousClock.now) }
                 do {
                     try ClusterUp.launchNode(executable: executable, file: file, directory: directory, id: node,
                                              coordination: coordination, metricsPort: nil, appendingLog: true)
@@ -646,10 +705,12 @@ final class CoordinatedNemesis: Sendable {
             default:
                 let length = random.uniform(100...500)
                 history.nemesis("pause", value: .int(node))
+                let offset = logOffset(node)
                 kill(pid, SIGSTOP)
                 usleep(UInt32(length) * 1000)
                 kill(pid, SIGCONT)
                 history.nemesis("resume", value: .int(node))
+                last.withLock { $0 = (node, offset, false, ContinuousClock.now) }
             }
             state.withLock { $0.injected += 1 }
         }

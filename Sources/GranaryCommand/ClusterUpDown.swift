@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Granary
+import GranaryZooKeeper
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
@@ -11,7 +12,7 @@ import Glibc
 /// output in `n<id>.log` and its process id in `n<id>.pid` (written by the node) beside the file;
 /// returns once every node is ready. Over the files of a static cluster stopped as a whole (by
 /// `cluster down`, or every process killed), it first runs restart recovery over every node's log.
-struct ClusterUp: ParsableCommand {
+struct ClusterUp: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "up", abstract: "Start a cluster's node processes in the background (cluster init first when there is no cluster.json).")
     @Option(help: "The cluster directory (its cluster.json; written with the defaults of `cluster init` when missing).")
@@ -31,7 +32,7 @@ struct ClusterUp: ParsableCommand {
         guard metricsPortBase >= 0, metricsPortBase + NodeID.limit < 65536 else { throw ValidationError("--metrics-port-base must be in 0...65471") }
     }
 
-    func run() throws {
+    func run() async throws {
         let file = directory + "/cluster.json"
         if !FileManager.default.fileExists(atPath: file) {
             let initialize = try ClusterInit.parse(["--directory", directory, "--nodes", "\(nodes)", "--replicas", "\(replicas)",
@@ -51,12 +52,11 @@ struct ClusterUp: ParsableCommand {
         let stopped = try configuration.members.contains { member in
             FileManager.default.fileExists(atPath: try NodeStorage.directory(of: member).path(for: .mailbox(of: member.node)).string)
         }
-        if stopped {
-            if coordination != nil {
-                // A restarted member of a coordinated cluster waits for a configuration manager to
-                // remove its former self, which no member of a cluster restarted whole can do.
-                throw CommandFailure("the nodes in \(directory) have region files from an earlier run: a cluster with --coordination does not start again as a whole yet; start it without --coordination (static), or in a new directory")
-            }
+        var recovered = false
+        if stopped, let coordination, case .zookeeper(let address) = CoordinationChoice(coordination) {
+            try await Self.recoverCoordinatedCluster(configuration, directory: directory, address: address)
+            recovered = true
+        } else if stopped {
             let report = try NodeStorage.recoverStoppedCluster(configuration, ringCapacity: NodeCommand.ringCapacity)
             print("recovered: \(report)")
         }
@@ -76,7 +76,7 @@ struct ClusterUp: ParsableCommand {
         for member in nodes {
             let id = member.node.index
             try Self.launchNode(executable: executable, file: file, directory: directory, id: id, coordination: coordination,
-                                metricsPort: metricsPortBase > 0 ? metricsPortBase + id : nil)
+                                metricsPort: metricsPortBase > 0 ? metricsPortBase + id : nil, recovered: recovered)
         }
         // Ready: each node prints `ready <node> ...` once its regions and mailbox exist.
         let deadline = Date().addingTimeInterval(timeout)
@@ -103,15 +103,78 @@ struct ClusterUp: ParsableCommand {
 }
 
 extension ClusterUp {
+    /// A cluster with a configuration manager that stopped as a whole (`cluster down`, or every
+    /// process killed), started again: its placement is the last configuration the store holds.
+    /// Once the sessions of the former processes have ended (their registrations gone), restart
+    /// recovery runs over every member's log in that configuration (clients' records included),
+    /// and the store gets the configuration the nodes start in: the same members and placement
+    /// without the clients (they join again when they connect), a new id, no CM yet, and no record
+    /// of an earlier configuration accepted. The nodes then start with `--recovered`.
+    static func recoverCoordinatedCluster(_ file: Configuration, directory: String, address: String) async throws {
+        let store = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
+        do {
+            try await recoverCoordinatedCluster(file, directory: directory, address: address, store: store)
+            await store.close()
+        } catch {
+            await store.close()
+            throw error
+        }
+    }
+
+    private static func recoverCoordinatedCluster(_ file: Configuration, directory: String, address: String,
+                                                  store: ZooKeeperStore) async throws {
+        let stored: Configuration
+        do {
+            stored = try await ConfigurationRecord.read(file.cluster, from: store).0
+        } catch CoordinationError.noNode(_) {
+            throw CommandFailure("the nodes in \(directory) have region files from an earlier run, but the coordination store at \(address) holds no configuration of \(file.cluster), and it is the store that knows where each region's replicas are now: start the cluster with the store it ran with")
+        }
+        for member in stored.members {
+            if let pid = ClusterDown.runningPid(directory: directory, node: member.node.index) {
+                throw CommandFailure("\(member.node) of \(stored.id) runs already (process \(pid)): `granary cluster down --directory \(directory)` first")
+            }
+        }
+        // Registrations and candidacies of the former processes are ephemeral: they go when their
+        // sessions expire. A node registering while its former registration is still there would
+        // be taken for gone when that one expires.
+        let paths = MembershipPaths(cluster: file.cluster)
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(30)
+        while true {
+            let left = try await store.children(paths.members) + store.children(paths.election)
+            if left.isEmpty { break }
+            guard clock.now < deadline else {
+                throw CommandFailure("the store at \(address) still holds registrations of \(file.cluster) (\(left.joined(separator: ", "))) 30 s after its processes stopped: is a process of this cluster running elsewhere?")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        print("recovering \(stored.id) of \(file.cluster) (the last configuration in the store) from every member's log")
+        let report = try NodeStorage.recoverStoppedCluster(stored, ringCapacity: NodeCommand.ringCapacity)
+        print("recovered: \(report)")
+        let committed = try await ConfigurationRecord.change(file.cluster, in: store) { current in
+            guard current.id == stored.id else { return nil }
+            var next = current.withoutClients
+            next.manager = nil
+            // Records of the configurations before are all decided: none is accepted again.
+            next.routingEpoch = current.id.next
+            return next
+        }
+        guard let committed else {
+            throw CommandFailure("the configuration of \(file.cluster) in the store changed during restart recovery: is a process of this cluster running elsewhere?")
+        }
+        print("restarting in \(committed.id): members \(committed.members.map(\.node.description).joined(separator: ","))")
+    }
+
     /// Starts node `id` of the cluster file `file` (in `directory`) in the background, as `up`
     /// does for each node: its output in `n<id>.log`, its pid in `n<id>.pid` (written by the
     /// node). A node of a coordinated cluster started again this way rejoins.
     static func launchNode(executable: String, file: String, directory: String, id: Int, coordination: String?,
-                           metricsPort: Int?, appendingLog: Bool = false) throws {
+                           metricsPort: Int?, appendingLog: Bool = false, recovered: Bool = false) throws {
         // The node writes its own pid file: it is the process `cluster down` signals.
         try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
         var arguments = ["node", "--config", file, "--id", "\(id)", "--pid-file", directory + "/n\(id).pid"]
         arguments += coordination.map { ["--coordination", $0] } ?? ["--static"]
+        if recovered { arguments.append("--recovered") }
         if let metricsPort { arguments += ["--metrics-port", "\(metricsPort)"] }
         let log = directory + "/n\(id).log"
         let exists = appendingLog && FileManager.default.fileExists(atPath: log)
@@ -138,7 +201,7 @@ extension ClusterUp {
 struct ClusterDown: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "down", abstract: "Stop the node processes `cluster up` started.")
     @Option(help: "The cluster directory.") var directory: String
-    @Option(help: "Seconds to wait for each node to exit before SIGKILL.") var timeout: Double = 30
+    @Option(help: "Seconds to wait for the nodes to exit before SIGKILL.") var timeout: Double = 30
 
     /// The process id in `n<node>.pid` if that process is alive.
     static func runningPid(directory: String, node: Int) -> pid_t? {
@@ -154,13 +217,21 @@ struct ClusterDown: ParsableCommand {
     func run() throws {
         let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cluster.json")))
         try "".write(toFile: directory + "/" + Self.stoppingFile, atomically: true, encoding: .utf8)
-        var stopped = 0
+        // Every node is told at once: with a configuration manager, a node that outlived another by
+        // a lease would remove it from the configuration, and the cluster would start again
+        // without it (it would rejoin, and have its replicas copied again).
+        var signalled: [(id: Int, pid: pid_t)] = []
         for member in configuration.members {
             let id = member.node.index
-            defer { try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid") }
-            guard let pid = Self.runningPid(directory: directory, node: id) else { continue }
+            guard let pid = Self.runningPid(directory: directory, node: id) else {
+                try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
+                continue
+            }
             Glibc.kill(pid, SIGTERM)
-            let deadline = Date().addingTimeInterval(timeout)
+            signalled.append((id, pid))
+        }
+        let deadline = Date().addingTimeInterval(timeout)
+        for (id, pid) in signalled {
             // The node is not this process's child (setsid): poll until it is gone.
             while Self.isAlive(pid) {
                 if Date() > deadline {
@@ -170,8 +241,9 @@ struct ClusterDown: ParsableCommand {
                 }
                 usleep(10_000)
             }
-            stopped += 1
+            try? FileManager.default.removeItem(atPath: directory + "/n\(id).pid")
         }
+        let stopped = signalled.count
         print("down: \(stopped) node\(stopped == 1 ? "" : "s") stopped in \(directory)")
     }
 

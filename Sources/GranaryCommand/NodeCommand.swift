@@ -115,6 +115,9 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error or critical.")
     var logLevel: LogLevelChoice = .info
 
+    @Flag(name: .long, help: ArgumentHelp("With --coordination (set by `granary cluster up`): the cluster stopped as a whole and restart recovery ran over every node's log; start as the member the stored configuration lists, over the region files as they are, instead of waiting for the removal of a former self.", visibility: .hidden))
+    var recovered = false
+
     @Option(name: .long, help: "With --config: write this process's id to this file (as `granary cluster up` does, for `cluster down`); the node then runs in the background and ignores SIGHUP.")
     var pidFile: String?
 
@@ -263,6 +266,7 @@ extension NodeCommand {
         // former self the CM must remove first), as a node that joins (REJOIN).
         var start = configuration
         var joining = false
+        var resuming = false
         var store: ZooKeeperStore?
         if let coordination, case .zookeeper(let address) = CoordinationChoice(coordination) {
             let zooKeeper = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
@@ -270,7 +274,11 @@ extension NodeCommand {
             try await ConfigurationRecord.bootstrap(configuration.withoutClients, in: zooKeeper)
             let restarted = FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: node)).string)
             var (stored, _) = try await ConfigurationRecord.read(configuration.cluster, from: zooKeeper)
-            if restarted && stored.contains(node) {
+            if restarted && stored.contains(node) && recovered {
+                // The whole cluster stopped and was recovered (`cluster up`): this node is the
+                // member the store lists, its files are its replicas.
+                resuming = true
+            } else if restarted && stored.contains(node) {
                 print("waiting-removal \(stored.id.rawValue)")
                 fflush(nil)
                 stored = try await ConfigurationRecord.waitForRemoval(of: node, from: stored, in: zooKeeper)
@@ -282,15 +290,16 @@ extension NodeCommand {
             }
             start = stored
         }
-        // A static node started again over its files (its cluster stopped as a whole) opens them
-        // strictly (a missing region file is an error, never a new empty region) and must find
-        // its log empty: records kept from before the stop are decided by restart recovery over
-        // every node's log, which `granary cluster up` runs before it starts the nodes.
-        let restartedStatic = store == nil && FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: node)).string)
+        // A node started again over its files because its cluster stopped as a whole (static, or
+        // coordinated and `--recovered`) opens them strictly (a missing region file is an error,
+        // never a new empty region) and must find its log empty: records kept from before the
+        // stop are decided by restart recovery over every node's log, which `granary cluster up`
+        // runs before it starts the nodes.
+        let reopened = resuming || store == nil && FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: node)).string)
         let storage = try NodeStorage(node: node, configuration: start,
                                       transport: transport == .verbs ? .verbs(device: device) : .sharedMemory,
-                                      ringCapacity: Self.ringCapacity, preservingLog: restartedStatic, reopening: restartedStatic)
-        if restartedStatic {
+                                      ringCapacity: Self.ringCapacity, preservingLog: reopened, reopening: reopened)
+        if reopened {
             let kept = storage.keptRecords
             guard kept == 0 else {
                 throw CommandFailure("\(node)'s log in \(home.path) holds \(kept) records from before the cluster stopped: "

@@ -99,13 +99,17 @@ final class ConfigurationManager: Sendable {
         while member.running.load(ordering: .relaxed), member.isManager {
             let (names, watch) = try await store.childrenAndWatch(paths.members)
             var registered: [Member] = []
+            var listed = Set<NodeID>()
             for name in names {
+                // A registration listed is present, even if reading it fails now (it may have
+                // gone since, which the next listing shows): only one absent from the listing left.
+                if name.hasPrefix("n"), let raw = UInt16(name.dropFirst()) { listed.insert(NodeID(rawValue: raw)) }
                 if let data = try? await store.get(paths.members + "/" + name).data,
                    let member = try? JSONDecoder().decode(Member.self, from: Data(data)) {
                     registered.append(member)
                 }
             }
-            let registeredNodes = Set(registered.map(\.node))
+            let registeredNodes = Set(registered.map(\.node)).union(listed)
             seen.formUnion(registeredNodes)
             let left = seen.subtracting(registeredNodes)
             // Members that left (a node leaving on purpose withdraws its registration; a session

@@ -57,6 +57,9 @@ public final class MembershipService: Sendable {
         /// without it are passed over (up to `passedOver`), not taken for its removal.
         var joining = false
         var passedOver: ConfigurationID?
+        /// Set once a configuration listing this node was seen: a joiner listed and then left out
+        /// again was removed (its admission superseded), not passed over.
+        var listedOnce = false
         /// Regions this node is copying from their primaries now.
         var copyingRegions: Set<RegionID> = []
     }
@@ -153,6 +156,9 @@ public final class MembershipService: Sendable {
         }
         spawn { try await self.followConfiguration() }
         if !member.client { spawn { try await self.elect() } }
+        // A member that starts in a configuration where it is copying a region (a cluster
+        // stopped as a whole during a copy, started again) copies it again from the start.
+        startCopies(in: engine.configuration)
         startLeaseThread()
         // Regions on demand go through the CM (``requestRegion()``); a client allocates at the
         // primaries of others' regions and asks for none.
@@ -341,11 +347,12 @@ public final class MembershipService: Sendable {
     }
 
     private func move(to configuration: Configuration) async throws {
-        let joining = state.withLock { state -> Bool in
-            if state.joining && !configuration.contains(node) { state.passedOver = configuration.id }
-            return state.joining
+        let (joining, listedOnce) = state.withLock { state -> (Bool, Bool) in
+            if configuration.contains(node) { state.listedOnce = true }
+            if state.joining && !configuration.contains(node) && !state.listedOnce { state.passedOver = configuration.id }
+            return (state.joining, state.listedOnce)
         }
-        if joining && !configuration.contains(node) { return }  // not added yet
+        if joining && !configuration.contains(node) && !listedOnce { return }  // not added yet
         guard configuration.contains(node) else {
             stopServing(configuration.id, because: "\(node) is not in \(configuration.id)")
             return
