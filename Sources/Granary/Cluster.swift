@@ -273,29 +273,29 @@ public final class Cluster: Sendable {
         }
         // A client's mailbox is used by one process at a time: an exclusive lock on a file in its
         // directory, held until shutdown (or the process ends).
-        var claimed: (NodeID, Int32)?
+        var claimed: (Member, Int32)?
         for candidate in candidates {
             guard let member = configuration.members.first(where: { $0.node == candidate }) else { continue }
             let home = try NodeStorage.directory(of: member)
             let lock = open(home.path.appending("client.lock").string, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
             guard lock >= 0 else { continue }
             if flock(lock, LOCK_EX | LOCK_NB) == 0 {
-                claimed = (candidate, lock)
+                claimed = (member, lock)
                 break
             }
             close(lock)
         }
-        guard let (node, lock) = claimed else {
+        guard let (member, lock) = claimed else {
             throw ConfigurationError.invalid("every client member of \(file) is in use by another process (\(candidates.map(\.description).joined(separator: ", ")))")
         }
         do {
             var logger = options.logger
             logger[metadataKey: "cluster"] = "\(configuration.cluster)"
             if case .zookeeper(let address) = options.coordination {
-                return try await connectCoordinated(configuration: configuration, client: node, lock: lock, root: root,
+                return try await connectCoordinated(configuration: configuration, client: member, lock: lock, root: root,
                                                     address: address, options: options, logger: logger)
             }
-            let storage = try NodeStorage(node: node, configuration: configuration, ringCapacity: options.ringCapacity)
+            let storage = try NodeStorage(node: member.node, configuration: configuration, ringCapacity: options.ringCapacity)
             try storage.waitForPeers(timeout: .seconds(10))
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
             return Cluster(nodes: [Node(engine)], configuration: configuration, directory: root, removeOnShutdown: false,
@@ -313,12 +313,10 @@ public final class Cluster: Sendable {
     /// takes part in transaction-state recovery as every member does; a client process killed
     /// is removed when its lease runs out, and its transactions in flight are recovered. A
     /// client whose former process still holds its place waits until the CM removes it.
-    private static func connectCoordinated(configuration: Configuration, client node: NodeID, lock: Int32, root: FilePath,
+    private static func connectCoordinated(configuration: Configuration, client me: Member, lock: Int32, root: FilePath,
                                            address: String, options: ClusterOptions, logger: Logger) async throws -> Cluster {
         #if ZooKeeper
-        guard let me = configuration.members.first(where: { $0.node == node }) else {
-            throw ConfigurationError.invalid("\(node) is not a member of the cluster file")
-        }
+        let node = me.node
         let store = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
         do {
             var stored: Configuration

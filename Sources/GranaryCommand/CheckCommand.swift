@@ -498,7 +498,7 @@ struct CheckRunCommand: AsyncParsableCommand {
     private func runningNodes(file: String) throws -> [(node: Int, pid: pid_t)] {
         let configuration = try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file)))
         let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
-        return try configuration.members.map(\.node).filter { !configuration.clients.contains($0) }.map { node in
+        return try configuration.servers.map { node in
             guard let pid = ClusterDown.runningPid(directory: directory, node: node.index) else {
                 throw CheckRunError("\(node) of \(file) does not run (no live process in \(directory)/\(node).pid): start the cluster with `granary cluster up`")
             }
@@ -594,7 +594,7 @@ final class CoordinatedNemesis: Sendable {
     /// its replicas, none still copying.
     var isWhole: Bool {
         let configuration = client.configuration
-        let replication = configuration.replication ?? configuration.regions.map(\.replicas.count).max() ?? 1
+        let replication = ConfigurationRecord.replication(of: configuration)
         return Set(configuration.servers.map(\.index)) == Set(nodes)
             && configuration.regions.allSatisfy { $0.copying.isEmpty && $0.replicas.count == replication }
             && nodes.allSatisfy { ClusterDown.runningPid(directory: directory, node: $0) != nil }

@@ -277,6 +277,7 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
         let nodes = members.map(\.node)
         guard Set(nodes).count == nodes.count else { throw .invalid("a node is listed twice among the members") }
         guard Set(regions.map(\.region)).count == regions.count else { throw .invalid("a region is placed twice") }
+        let clients = Set(self.clients)
         for placement in regions {
             let replicas = placement.replicas
             guard Set(replicas).count == replicas.count else {

@@ -103,7 +103,7 @@ final class ConfigurationManager: Sendable {
             for name in names {
                 // A registration listed is present, even if reading it fails now (it may have
                 // gone since, which the next listing shows): only one absent from the listing left.
-                if name.hasPrefix("n"), let raw = UInt16(name.dropFirst()) { listed.insert(NodeID(rawValue: raw)) }
+                if let node = MembershipPaths.node(named: name) { listed.insert(node) }
                 if let data = try? await store.get(paths.members + "/" + name).data,
                    let member = try? JSONDecoder().decode(Member.self, from: Data(data)) {
                     registered.append(member)

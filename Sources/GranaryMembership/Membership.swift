@@ -347,12 +347,16 @@ public final class MembershipService: Sendable {
     }
 
     private func move(to configuration: Configuration) async throws {
-        let (joining, listedOnce) = state.withLock { state -> (Bool, Bool) in
-            if configuration.contains(node) { state.listedOnce = true }
-            if state.joining && !configuration.contains(node) && !state.listedOnce { state.passedOver = configuration.id }
-            return (state.joining, state.listedOnce)
+        let notAddedYet = state.withLock { state -> Bool in
+            if configuration.contains(node) {
+                state.listedOnce = true
+                return false
+            }
+            guard state.joining, !state.listedOnce else { return false }
+            state.passedOver = configuration.id
+            return true
         }
-        if joining && !configuration.contains(node) && !listedOnce { return }  // not added yet
+        if notAddedYet { return }
         guard configuration.contains(node) else {
             stopServing(configuration.id, because: "\(node) is not in \(configuration.id)")
             return

@@ -37,6 +37,12 @@ package struct MembershipPaths: Sendable {
     package var regionRequests: String { root + "/region-requests" }
     /// Where the members of configuration `id` meet during its transaction-state recovery.
     package func recovery(_ id: ConfigurationID) -> String { root + "/recovery/\(id.rawValue)" }
+    /// The node a child of ``members`` or ``regionRequests`` is named after (`n<id>`, as
+    /// `NodeID` prints), or nil for a name that is not one.
+    package static func node(named name: String) -> NodeID? {
+        guard name.hasPrefix("n"), let raw = UInt16(name.dropFirst()), raw < UInt16(NodeID.limit) else { return nil }
+        return NodeID(rawValue: raw)
+    }
 }
 
 /// The lease words of each node, in its mailbox region's header page (outside the checksummed
@@ -109,7 +115,7 @@ package enum ConfigurationRecord {
         var current = stored
         while current.contains(node) {
             guard clock.now < deadline else {
-                throw RecoveryError(description: "\(node) started again, but \(current.id) of \(stored.cluster) still lists it and no configuration manager removed it within \(timeout): restarting every member of a cluster of node processes at once is not supported")
+                throw RecoveryError(description: "\(node) started again, but \(current.id) of \(stored.cluster) still lists it and no configuration manager removed it within \(timeout) (a cluster whose every member stopped starts again with `granary cluster up --coordination`, which recovers it first)")
             }
             try await Task.sleep(for: .milliseconds(20))
             current = try await read(stored.cluster, from: store).0

@@ -58,13 +58,12 @@ extension ConfigurationManager {
             for name in names.sorted() {
                 let path = paths.regionRequests + "/" + name
                 let data = try? await store.get(path).data
-                guard name.hasPrefix("n"), let raw = UInt16(name.dropFirst()), raw < UInt16(NodeID.limit),
+                guard let requester = MembershipPaths.node(named: name),
                       let data, let led = Int(String(decoding: data, as: UTF8.self)) else {
                     logger.warning("\(node) ignored a region request it cannot read: \(path)")
                     try? await store.delete(path, expectedVersion: nil)
                     continue
                 }
-                let requester = NodeID(rawValue: raw)
                 do {
                     let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
                         // A request answered already (its node leads more regions than it counted).
