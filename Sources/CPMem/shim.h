@@ -7,4 +7,15 @@
 // emit itself. A hint only: it never faults and changes no value; the line is fetched while the
 // caller goes on. GranaryMemory wraps it as `CacheLines.prefetch`.
 static inline void granary_prefetch(const void *address) { __builtin_prefetch(address, 0, 3); }
+
+// Not libpmem: memfd_create(2) through syscall(2), which Swift cannot call (it is variadic), for
+// the memory of a node's lease page: a file of no file system, which a peer process on the host
+// opens through /proc/<pid>/fd/<fd>. Returns -1 with errno set on failure. Linux only.
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline int granary_memfd_create(const char *name) {
+    return (int)syscall(SYS_memfd_create, name, 1U /* MFD_CLOEXEC */);
+}
+#endif
 #endif

@@ -173,7 +173,7 @@ public final class Cluster: Sendable {
         // Every node's transport reaches its peers through the peers' own mappings.
         for node in storage {
             for peer in storage where peer.node != node.node {
-                for region in peer.replicas + [peer.mailbox.region] { try node.sharedMemory?.adopt(region, of: peer.node) }
+                for region in peer.replicas + [peer.mailbox.region, peer.leasePage] { try node.sharedMemory?.adopt(region, of: peer.node) }
             }
         }
         let engines = try storage.map { try $0.makeEngine(options: options.engine, logger: logger) }

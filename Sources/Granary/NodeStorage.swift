@@ -23,6 +23,9 @@ package struct NodeStorage: Sendable {
     package let configuration: Configuration
     package let transport: any Transport
     package let mailbox: Mailbox
+    /// The node's lease page (``RegionID/leasePage(of:)``): volatile memory, never a file page,
+    /// so that renewing a lease never waits on a file system.
+    package let leasePage: Region
     package let replicas: [Region]
     package let home: RegionDirectory
     /// The transport when it is the shared-memory one (an embedded cluster shares mappings).
@@ -89,6 +92,8 @@ package struct NodeStorage: Sendable {
         mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity,
                               preservingLog: preservingLog)
         try transport.register(mailbox.region)
+        leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
+        try transport.register(leasePage)
         for other in configuration.members where other.node != node {
             connectPeer(other.node, try Self.directory(of: other))
         }
@@ -144,7 +149,7 @@ package struct NodeStorage: Sendable {
     /// Starts the node's transaction engine over this storage.
     package func makeEngine(options: EngineOptions, logger: Logger) throws -> Engine {
         try Engine(node: node, configuration: configuration, transport: transport, mailbox: mailbox,
-                   replicas: replicas, options: options, logger: logger)
+                   leasePage: leasePage, replicas: replicas, options: options, logger: logger)
     }
 }
 

@@ -339,7 +339,7 @@ package final class Engine: Sendable {
     /// Builds the engine of `node` over its `replicas` (every region of `configuration` placed on it,
     /// opened) and starts its poller thread.
     package init(node: NodeID, configuration: Configuration, transport: any Transport, mailbox: Mailbox,
-                replicas: [Region], options: EngineOptions = EngineOptions(), logger: Logger? = nil) throws {
+                leasePage: Region, replicas: [Region], options: EngineOptions = EngineOptions(), logger: Logger? = nil) throws {
         self.node = node
         self.options = options
         self.readAttempts = options.readAttempts
@@ -351,6 +351,7 @@ package final class Engine: Sendable {
         self.replyTimeoutNanoseconds = options.replyTimeout.wholeNanoseconds
         self.transport = transport
         self.mailbox = mailbox
+        self.leasePage = leasePage
         self.statistics = EngineStatistics(node: node, factory: options.metricsFactory ?? MetricsSystem.factory)
         self.logger = logger ?? Logger(label: "granary.\(node)")
         for region in replicas {
@@ -679,8 +680,11 @@ package final class Engine: Sendable {
         return lines.joined(separator: "\n")
     }
 
-    /// This node's mailbox region (its lease words live in its header page).
+    /// This node's mailbox region.
     package var mailboxRegion: Region { mailbox.region }
+
+    /// This node's lease page (registered with the transport; the membership's lease words).
+    package let leasePage: Region
 
     /// The transport this engine uses.
     package var transportHandle: any Transport { transport }

@@ -526,7 +526,7 @@ public final class MembershipService: Sendable {
         let lease = options.lease.wholeNanoseconds
         let interval = lease / UInt64(max(1, options.renewalsPerLease))
         let expiry = lease * UInt64(1 + options.probeLeases)
-        let ownWord = (engine.mailboxRegion.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
+        let ownWord = (engine.leasePage.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
         let grantWord = ownWord + 1  // written by the CM
         let announcedWord = ownWord + 2  // NEW-CONFIG: the newest configuration id, written by the CM
         var watch = ConfigurationManager.LeaseWatch(lease: lease, expiry: expiry)
@@ -534,6 +534,7 @@ public final class MembershipService: Sendable {
         var lastRefresh = lastGrant.at
         var fenced = true  // as start(joining:) left the engine
         var members = engine.configuration.id
+        mapManagerLeasePage(in: engine.configuration)
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
@@ -550,6 +551,7 @@ public final class MembershipService: Sendable {
             if configuration.id != members {
                 members = configuration.id
                 manager.forgetNodes(outside: configuration, watch: &watch)
+                mapManagerLeasePage(in: configuration)
             }
             if isManager {
                 manager.grantLeases(counter: counter, now: now, stalled: stalled, in: configuration, watch: &watch)
@@ -586,6 +588,14 @@ public final class MembershipService: Sendable {
         }
     }
 
+    /// Maps the CM's lease page now, while its process lives: a lease page goes with its process,
+    /// so a CM that dies before a member first reads its counter would leave it unreadable, and
+    /// an unreadable counter is not taken for a silent CM (see `refresh`), which would leave the
+    /// members waiting for its coordination session to expire (seconds) instead of a lease.
+    private func mapManagerLeasePage(in configuration: Configuration) {
+        if let manager = configuration.manager, manager != node { _ = leaseCounter(of: manager) }
+    }
+
     /// Deletes the election nodes of the nodes `matching` selects.
     func withdrawCandidates(_ matching: (NodeID) -> Bool) async {
         guard let names = try? await store.children(paths.election) else { return }
@@ -596,7 +606,7 @@ public final class MembershipService: Sendable {
         }
     }
 
-    /// `node`'s lease counter, read one-sidedly from its mailbox; nil when it cannot be read (a
+    /// `node`'s lease counter, read one-sidedly from its lease page; nil when it cannot be read (a
     /// dead peer on verbs).
     func leaseCounter(of node: NodeID) -> UInt64? {
         var value: UInt64 = 0
@@ -606,7 +616,7 @@ public final class MembershipService: Sendable {
         return read == nil ? nil : value
     }
 
-    /// NEW-CONFIG: the CM writes the new configuration id into every member's mailbox with a
+    /// NEW-CONFIG: the CM writes the new configuration id into every member's lease page with a
     /// one-sided write; a member's lease thread that sees an id above its own fetches the
     /// configuration from the store at once (the store's watch delivers it too).
     func announce(_ id: ConfigurationID) {

@@ -32,16 +32,21 @@ public struct NodeID: RawRepresentable, Hashable, Comparable, Sendable, Codable,
 /// The identity of a region: a fixed-size, replicated piece of the cluster's memory.
 ///
 /// The same region id names every replica of a region (its primary and its backups). Ids at or above
-/// ``RegionID/firstReserved`` are node-local areas (message-channel mailboxes), never replicated.
+/// ``RegionID/firstReserved`` are node-local areas (message-channel mailboxes and lease pages), never
+/// replicated.
 public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
     /// The id's number: 1 up to (not including) ``limit`` for a data region, ``firstReserved`` or
-    /// more for a mailbox.
+    /// more for a node-local area (a mailbox or a lease page).
     public var rawValue: UInt32
 
     /// Data region ids are below this bound (the transports keep flat per-region tables).
     public static let limit: Int = 4096
     /// Ids from here on are reserved for node-local areas.
-    public static let firstReserved: UInt32 = 0xFFFF_0000
+    public static let firstReserved: UInt32 = 0xFFFE_0000
+    /// Lease pages are numbered from here (one per node: this or'ed with the node's number).
+    @usableFromInline static let firstLeasePage: UInt32 = 0xFFFE_0000
+    /// Mailboxes are numbered from here (one per node: this or'ed with the node's number).
+    @usableFromInline static let firstMailbox: UInt32 = 0xFFFF_0000
 
     /// The region numbered `rawValue`, unchecked.
     @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
@@ -53,11 +58,23 @@ public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codabl
 
     /// The mailbox of `node`: the area holding the receive rings of its message channels.
     @inlinable public static func mailbox(of node: NodeID) -> RegionID {
-        RegionID(rawValue: firstReserved | UInt32(node.rawValue))
+        RegionID(rawValue: firstMailbox | UInt32(node.rawValue))
+    }
+
+    /// The lease page of `node`: one page of volatile memory (never a file on disk) holding the
+    /// words of its lease with the configuration manager.
+    @inlinable public static func leasePage(of node: NodeID) -> RegionID {
+        RegionID(rawValue: firstLeasePage | UInt32(node.rawValue))
     }
 
     /// Whether this id names a node-local mailbox rather than a data region.
-    @inlinable public var isMailbox: Bool { rawValue >= RegionID.firstReserved }
+    @inlinable public var isMailbox: Bool { rawValue >= RegionID.firstMailbox }
+
+    /// The node whose lease page this is, if it is one.
+    @inlinable public var leasePageOwner: NodeID? {
+        rawValue >= RegionID.firstLeasePage && rawValue < RegionID.firstMailbox
+            ? NodeID(rawValue: UInt16(truncatingIfNeeded: rawValue & 0xFFFF)) : nil
+    }
 
     /// The node whose mailbox this is, if it is one.
     @inlinable public var mailboxOwner: NodeID? {
@@ -68,15 +85,19 @@ public struct RegionID: RawRepresentable, Hashable, Comparable, Sendable, Codabl
     /// beyond ``limit``).
     @inlinable public var index: Int { Int(rawValue) }
 
-    /// `r` and the number for a data region (`r3`), `mailbox(n1)` for a mailbox.
+    /// `r` and the number for a data region (`r3`), `mailbox(n1)` for a mailbox, `leases(n1)` for
+    /// a lease page.
     public var description: String {
         if let owner = mailboxOwner { return "mailbox(\(owner))" }
+        if let owner = leasePageOwner { return "leases(\(owner))" }
         return "r\(rawValue)"
     }
 
-    /// The region file's name inside a node's region directory.
+    /// The region file's name inside a node's region directory. (A lease page's is a symbolic
+    /// link to the memory file of the process that serves it.)
     public var fileName: String {
         if let owner = mailboxOwner { return "mailbox-\(owner).region" }
+        if let owner = leasePageOwner { return "leases-\(owner).page" }
         return "r\(rawValue).region"
     }
 

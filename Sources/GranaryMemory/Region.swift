@@ -12,9 +12,18 @@ public enum RegionKind: UInt32, Sendable, Codable, CustomStringConvertible {
     case data = 1
     /// A node-local mailbox: the receive rings of the node's message channels.
     case mailbox = 2
+    /// A node's lease page: one page of memory that no file system backs (see
+    /// ``RegionDirectory/createLeasePage(of:cluster:)``).
+    case leasePage = 3
 
-    /// `data` or `mailbox`.
-    public var description: String { self == .data ? "data" : "mailbox" }
+    /// `data`, `mailbox` or `lease page`.
+    public var description: String {
+        switch self {
+        case .data: "data"
+        case .mailbox: "mailbox"
+        case .leasePage: "lease page"
+        }
+    }
 }
 
 /// The on-disk header of a region file (the first ``RegionFormat/headerBytes`` bytes).
@@ -96,9 +105,12 @@ public final class Region: @unchecked Sendable {
     public let slabShift: Int
     /// The first mapped byte.
     public let base: UnsafeMutableRawPointer
+    /// The memory file this process created for a lease page, kept open while the region lives
+    /// (peers open it through `/proc/<pid>/fd/<descriptor>`); -1 for a region file.
+    let descriptor: Int32
 
     private init(id: RegionID, kind: RegionKind, size: Int, cluster: ClusterID, path: FilePath,
-                 isPersistentMemory: Bool, slabShift: Int, base: UnsafeMutableRawPointer) {
+                 isPersistentMemory: Bool, slabShift: Int, base: UnsafeMutableRawPointer, descriptor: Int32 = -1) {
         self.id = id
         self.kind = kind
         self.size = size
@@ -107,10 +119,24 @@ public final class Region: @unchecked Sendable {
         self.isPersistentMemory = isPersistentMemory
         self.slabShift = slabShift
         self.base = base
+        self.descriptor = descriptor
     }
 
     deinit {
         _ = pmem_unmap(base, size)
+        if descriptor >= 0 {
+            // A lease page's link goes with it, unless a later process has replaced it already.
+            if Self.linkTarget(path) == "/proc/\(getpid())/fd/\(descriptor)" { _ = path.withPlatformString { unlink($0) } }
+            close(descriptor)
+        }
+    }
+
+    /// Where the symbolic link at `path` points, or nil.
+    static func linkTarget(_ path: FilePath) -> String? {
+        var target = [CChar](repeating: 0, count: 256)
+        let length = path.withPlatformString { readlink($0, &target, target.count - 1) }
+        guard length > 0 else { return nil }
+        return String(decoding: target.prefix(length).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// Creates a new region file at `path`, maps it and writes its header.
@@ -133,16 +159,73 @@ public final class Region: @unchecked Sendable {
         let region = Region(id: id, kind: kind, size: mappedLength, cluster: cluster, path: path,
                             isPersistentMemory: isPmem != 0,
                             slabShift: slabShift, base: base)
+        region.writeHeader()
+        try region.persist(offset: 0, length: RegionFormat.headerBytes)
+        return region
+    }
+
+    /// Creates a lease page: one page (``RegionFormat/headerBytes``) of a memory file (memfd) that
+    /// no file system backs, with a region header, and a symbolic link at `path` to
+    /// `/proc/<this process>/fd/<its descriptor>`, through which other processes on the host open
+    /// it with ``open(at:expecting:cluster:)`` as long as this region lives (then the link dangles:
+    /// the page of a process that is gone cannot be opened). A link left at `path` by an earlier
+    /// process is replaced; the link goes with the region, unless a later page has replaced it.
+    ///
+    /// Stores to a file mapping wait, after the kernel wrote the page back, for the file system
+    /// to mark it dirty again (ext4: a journal handle, which waits on the journal's commit under
+    /// write load): a lease renewal must never wait on a disk, so lease words live here.
+    ///
+    /// - Throws: ``RegionError/systemCall(call:path:message:)`` naming the call that failed.
+    public static func createLeasePage(at path: FilePath, id: RegionID, cluster: ClusterID) throws(RegionError) -> Region {
+        #if os(Linux)
+        let size = RegionFormat.headerBytes
+        let descriptor = "granary-\(id)".withCString { granary_memfd_create($0) }
+        guard descriptor >= 0 else {
+            throw .systemCall(call: "memfd_create", path: path, message: String(cString: strerror(errno)))
+        }
+        func fail(_ call: String) -> RegionError {
+            let error = RegionError.systemCall(call: call, path: path, message: String(cString: strerror(errno)))
+            close(descriptor)
+            return error
+        }
+        guard ftruncate(descriptor, off_t(size)) == 0 else { throw fail("ftruncate") }
+        guard let base = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, descriptor, 0), base != MAP_FAILED else {
+            throw fail("mmap")
+        }
+        let region = Region(id: id, kind: .leasePage, size: size, cluster: cluster, path: path,
+                            isPersistentMemory: false, slabShift: 0, base: base, descriptor: descriptor)
+        region.writeHeader()
+        // The link: made under a name of this process's own, then renamed over `path`, so that a
+        // peer opening `path` finds the old link or the new one, never none.
+        let target = "/proc/\(getpid())/fd/\(descriptor)"
+        let temporary = FilePath(path.string + ".\(getpid()).new")
+        _ = temporary.withPlatformString { unlink($0) }
+        let linked = target.withCString { target in temporary.withPlatformString { symlink(target, $0) } }
+        guard linked == 0 else {
+            throw .systemCall(call: "symlink", path: temporary, message: String(cString: strerror(errno)))
+        }
+        let renamed = temporary.withPlatformString { from in path.withPlatformString { rename(from, $0) } }
+        guard renamed == 0 else {
+            let message = String(cString: strerror(errno))
+            _ = temporary.withPlatformString { unlink($0) }
+            throw .systemCall(call: "rename", path: path, message: message)
+        }
+        return region
+        #else
+        throw .systemCall(call: "memfd_create", path: path, message: "lease pages need Linux")
+        #endif
+    }
+
+    /// Writes the header (``RegionFormat``) of a new region.
+    private func writeHeader() {
         base.storeBytes(of: RegionFormat.magic, toByteOffset: 0, as: UInt64.self)
         base.storeBytes(of: RegionFormat.version, toByteOffset: 8, as: UInt32.self)
         base.storeBytes(of: kind.rawValue, toByteOffset: 12, as: UInt32.self)
         base.storeBytes(of: id.rawValue, toByteOffset: 16, as: UInt32.self)
-        base.storeBytes(of: UInt32(region.slabShift), toByteOffset: RegionFormat.slabShiftOffset, as: UInt32.self)
-        base.storeBytes(of: UInt64(mappedLength), toByteOffset: 24, as: UInt64.self)
+        base.storeBytes(of: UInt32(slabShift), toByteOffset: RegionFormat.slabShiftOffset, as: UInt32.self)
+        base.storeBytes(of: UInt64(size), toByteOffset: 24, as: UInt64.self)
         base.storeBytes(of: cluster.rawValue, toByteOffset: 32, as: UInt64.self)
         base.storeBytes(of: RegionFormat.checksum(base), toByteOffset: 40, as: UInt64.self)
-        try region.persist(offset: 0, length: RegionFormat.headerBytes)
-        return region
     }
 
     /// Opens and maps an existing region file, checking its header.
@@ -200,6 +283,9 @@ public final class Region: @unchecked Sendable {
         }
         if kind == .data, !(SlabLayout.minimumSlabShift...SlabLayout.maximumSlabShift).contains(slabShift) {
             throw fail(.corrupt(path: path, reason: "slab size 2^\(slabShift) is outside the supported range"))
+        }
+        if (kind == .leasePage) != (found.leasePageOwner != nil) {
+            throw fail(.corrupt(path: path, reason: "a region of kind \(kind) with the id of \(found)"))
         }
         if kind == .mailbox, !(12..<32).contains(slabShift) {
             throw fail(.corrupt(path: path, reason: "ring capacity 2^\(slabShift) is outside the supported range"))

@@ -29,6 +29,13 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
         try Region.create(at: path(for: id), id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
     }
 
+    /// Creates the lease page of `node`, linked from here. See
+    /// ``Region/createLeasePage(at:id:cluster:)``.
+    public func createLeasePage(of node: NodeID, cluster: ClusterID) throws(RegionError) -> Region {
+        let id = RegionID.leasePage(of: node)
+        return try Region.createLeasePage(at: path(for: id), id: id, cluster: cluster)
+    }
+
     /// Opens region `id` here. See ``Region/open(at:expecting:cluster:)``.
     public func open(_ id: RegionID, cluster: ClusterID? = nil) throws(RegionError) -> Region {
         try Region.open(at: path(for: id), expecting: id, cluster: cluster)

@@ -132,7 +132,7 @@ public enum ChannelFormat {
 
     /// The mailbox-header word that senders add 1 to after posting a reopening request, so that a
     /// poller learns of requests with one load per round instead of one per ring. On a line of
-    /// its own after the lease words (`LeaseWord`, from offset 2048, in the membership module).
+    /// its own in the header page.
     public static let attentionOffset = 2112
 
     /// Offset of sender `s`'s control line inside the mailbox region.

@@ -30,7 +30,8 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         @usableFromInline let size: Int
     }
 
-    @usableFromInline static let slotsPerNode = RegionID.limit + NodeID.limit
+    /// Per node: its data regions, then one slot per mailbox owner, then one per lease-page owner.
+    @usableFromInline static let slotsPerNode = RegionID.limit + 2 * NodeID.limit
     @usableFromInline let table: UnsafeMutablePointer<Atomic<UInt>>
     private let tableCount = NodeID.limit * SharedMemoryTransport.slotsPerNode
 
@@ -64,14 +65,15 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         state.withLock { $0.endpoints[node] = endpoint }
     }
 
-    /// Forgets the mappings of `node`'s data regions: a node that left the configuration and
-    /// joins again is a new process with new region files (its old ones set aside), so the next
-    /// access opens the files anew. The old mappings stay until the transport goes, since a thread
-    /// may still be reading through one.
+    /// Forgets the mappings of `node`'s data regions and of its lease page: a node that left the
+    /// configuration and joins again is a new process with new region files (its old ones set
+    /// aside) and a new lease page, so the next access opens them anew. The old mappings stay
+    /// until the transport goes, since a thread may still be reading through one.
     public func forgetRegions(of node: NodeID) {
         guard node != localNode, node.index < NodeID.limit else { return }
         state.withLock { _ in
             for region in 0..<RegionID.limit { table[node.index * Self.slotsPerNode + region].store(0, ordering: .releasing) }
+            table[node.index * Self.slotsPerNode + RegionID.limit + NodeID.limit + node.index].store(0, ordering: .releasing)
         }
     }
 
@@ -102,8 +104,10 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
     @inlinable static func slot(node: NodeID, region: RegionID) throws(TransportError) -> Int {
         guard node.index < NodeID.limit else { throw .unknownNode(node) }
         let regionSlot: Int
-        if let owner = region.mailboxOwner {
+        if let owner = region.mailboxOwner, owner.index < NodeID.limit {
             regionSlot = RegionID.limit + owner.index
+        } else if let owner = region.leasePageOwner, owner.index < NodeID.limit {
+            regionSlot = RegionID.limit + NodeID.limit + owner.index
         } else if region.index < RegionID.limit {
             regionSlot = region.index
         } else {

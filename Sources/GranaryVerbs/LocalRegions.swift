@@ -12,7 +12,7 @@ import Musl
 /// endpoint tells peers (address, rkey, size).
 ///
 /// Lookups are one acquire load from a flat table (the shared-memory transport's layout: data
-/// regions, then one slot per mailbox owner).
+/// regions, then one slot per mailbox owner, then one per lease-page owner).
 ///
 /// `@unchecked Sendable`: a record is written once under `owners`' lock and published with a
 /// release store; readers use acquire loads. Records, memory regions and the `Region`s that own the
@@ -30,7 +30,8 @@ final class LocalRegions: @unchecked Sendable {
         let record: UnsafeMutablePointer<Record>
     }
 
-    static let slotCount = RegionID.limit + NodeID.limit
+    /// Data regions, then one slot per mailbox owner, then one per lease-page owner.
+    static let slotCount = RegionID.limit + 2 * NodeID.limit
 
     let device: VerbsDevice
     let node: NodeID
@@ -60,6 +61,7 @@ final class LocalRegions: @unchecked Sendable {
     @inline(__always)
     static func slot(_ region: RegionID) -> Int? {
         if let owner = region.mailboxOwner { return owner.index < NodeID.limit ? RegionID.limit + owner.index : nil }
+        if let owner = region.leasePageOwner { return owner.index < NodeID.limit ? RegionID.limit + NodeID.limit + owner.index : nil }
         return region.index < RegionID.limit ? region.index : nil
     }
 

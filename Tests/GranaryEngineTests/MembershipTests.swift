@@ -1,3 +1,4 @@
+import Foundation
 import Granary
 import GranaryTestSupport
 import Testing
@@ -5,13 +6,28 @@ import Testing
 /// The configuration manager over the embedded coordination store, nodes in this process.
 @Suite("Membership: embedded store")
 struct MembershipTests {
-    /// Both live in the mailbox header page and are written one-sidedly by others: a sender's
-    /// reopening request on a lease word would look like a renewal of a node that may be dead.
-    @Test("the channels' attention word and the lease words do not share a cache line")
-    func attentionWordIsNotALeaseWord() {
-        let leaseLine = Int(LeaseWord.offset) / 64
-        #expect(ChannelFormat.attentionOffset / 64 != leaseLine)
-        #expect(ChannelFormat.attentionOffset < RegionFormat.headerBytes && Int(LeaseWord.offset) + 24 <= ChannelFormat.attentionOffset)
+    /// A renewal that waits for a file system (ext4: the journal, after writeback) looks like a
+    /// dead node: the lease words are in each node's lease page, which no file backs.
+    @Test("every member renews its lease in its lease page, a memory file linked from its directory, and the CM's grants arrive there")
+    func leaseWordsInLeasePage() async throws {
+        let cluster = try await self.cluster()
+        try await eventually("a CM") { cluster.membership.contains { $0.isManager } }
+        for node in cluster.nodes {
+            let page = node.engine.leasePage
+            #expect(page.id == .leasePage(of: node.id) && page.kind == .leasePage)
+            var target = [CChar](repeating: 0, count: 256)
+            let length = page.path.withPlatformString { readlink($0, &target, target.count - 1) }
+            let link = String(decoding: target.prefix(max(0, length)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            #expect(link.hasPrefix("/proc/\(getpid())/fd/"), "\(page.path) links to '\(link)'")
+            let words = (page.base + Int(LeaseWord.offset)).assumingMemoryBound(to: UInt64.self)
+            let (renewal, grant) = (words[0], words[1])
+            try await Task.sleep(for: .milliseconds(50))
+            #expect(words[0] > renewal, "\(node.id)'s lease counter stayed at \(renewal)")
+            if !(cluster.membership.first { $0.node == node.id }?.isManager ?? true) {
+                #expect(words[1] != grant, "\(node.id) got no grant in 50 ms (grant word \(grant))")
+            }
+        }
+        try await cluster.shutdown()
     }
 
     func cluster(lease: Duration = .milliseconds(10)) async throws -> Cluster {

@@ -128,4 +128,52 @@ struct RegionTests {
         rename(moved.string, path.string)
         #expect(try dir.open(RegionID(3), cluster: cluster).id == RegionID(3))
     }
+
+    /// Lease words must never wait on a file system (on ext4, a store to a file page after
+    /// writeback waits on the journal): the lease page is a memory file, reached through a link.
+    @Test("a lease page is memory no file system backs: its link opens it while it lives, stores show through both mappings, a new page replaces the link, and a gone page's link opens nothing")
+    func leasePage() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path.appending("n3"))
+        let node = NodeID(rawValue: 3)
+        var page: Region? = try dir.createLeasePage(of: node, cluster: cluster)
+        let link = dir.path(for: .leasePage(of: node))
+        #expect(link.string.hasSuffix("leases-n3.page"))
+        // The link names this process's descriptor, which names a memory file (not the directory's file system).
+        var target = [CChar](repeating: 0, count: 256)
+        let length = link.withPlatformString { readlink($0, &target, target.count - 1) }
+        let targetPath = String(decoding: target.prefix(max(0, length)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        #expect(targetPath == "/proc/\(getpid())/fd/\(page!.descriptor)", "link points at \(targetPath)")
+        let memoryLength = targetPath.withCString { readlink($0, &target, target.count - 1) }
+        let memory = String(decoding: target.prefix(max(0, memoryLength)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        #expect(memory.hasPrefix("/memfd:granary-leases(n3)"), "the descriptor names '\(memory)', not a memory file")
+        #expect(page!.kind == .leasePage && page!.size == RegionFormat.headerBytes)
+
+        // A peer's view: opened through the link, checked like a region file.
+        let peer = try Region.open(at: link, expecting: .leasePage(of: node), cluster: cluster)
+        #expect(peer.kind == .leasePage && peer.id == .leasePage(of: node))
+        (page!.base + 64).storeBytes(of: UInt64(41), as: UInt64.self)
+        #expect((peer.base + 64).load(as: UInt64.self) == 41)
+        (peer.base + 72).storeBytes(of: UInt64(42), as: UInt64.self)
+        #expect((page!.base + 72).load(as: UInt64.self) == 42)
+        #expect(throws: RegionError.self) { try Region.open(at: link, expecting: .mailbox(of: node), cluster: cluster) }
+
+        // A later process (here: a second page) replaces the link; the first page stays mapped.
+        var second: Region? = try dir.createLeasePage(of: node, cluster: cluster)
+        (second!.base + 64).storeBytes(of: UInt64(7), as: UInt64.self)
+        let reopened = try Region.open(at: link, expecting: .leasePage(of: node), cluster: cluster)
+        #expect((reopened.base + 64).load(as: UInt64.self) == 7, "the link still opens the first page")
+        #expect((peer.base + 64).load(as: UInt64.self) == 41)
+
+        // The first page going leaves the second's link; once the page that the link names is
+        // gone, the link is too (a page whose process was killed leaves a link that opens
+        // nothing); the mappings peers hold stay readable.
+        page = nil
+        #expect(Region.linkTarget(link) == "/proc/\(getpid())/fd/\(second!.descriptor)")
+        second = nil
+        #expect(throws: RegionError.missing(path: link)) { try Region.open(at: link, expecting: .leasePage(of: node), cluster: cluster) }
+        #expect(Region.linkTarget(link) == nil, "the link stayed")
+        #expect((reopened.base + 64).load(as: UInt64.self) == 7)
+    }
 }
