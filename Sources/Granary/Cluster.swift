@@ -517,8 +517,16 @@ public final class Node: Sendable {
     /// - Throws: `TransactionError` (`.conflict` when every attempt aborted, `.tooLarge` for a
     ///   transaction whose records would not fit a channel, refused before anything is locked),
     ///   what `body` throws (validated as above; the attempt is abandoned and nothing is written),
-    ///   or `CancellationError` when the task is cancelled before an attempt (between attempts:
-    ///   an attempt that started runs to its outcome, so a cancelled task never leaves one half done).
+    ///   or `CancellationError` when the task is cancelled before an attempt or while one waits
+    ///   for its LOCK replies (that attempt aborts: ABORT goes to its primaries, nothing is
+    ///   written); an attempt past LOCK runs to its outcome, so a cancelled task never leaves one
+    ///   half done.
+    ///
+    /// **Waiting without a thread.** LOCK replies usually come within microseconds; an attempt
+    /// whose replies are not in after `EngineOptions.lockWaitSpin` suspends and checks again
+    /// after growing pauses (up to 1 ms) until they are, or `EngineOptions.replyTimeout` runs
+    /// out: transactions waiting on a slow, paused or dead peer leave the cooperative pool's
+    /// threads to the other tasks.
     ///
     /// The body runs on the caller's isolation (`#isolation`): called from the main actor it runs
     /// there; from a task, on that task's executor.
@@ -527,11 +535,28 @@ public final class Node: Sendable {
         let transaction = engine.makeTransaction()
         var attempt = 0
         var lastCause = AbortCause.lockConflict
+        let spin = engine.options.lockWaitSpin.map(\.wholeNanoseconds)
         while attempt < engine.options.maximumAttempts {
             // A cancelled task starts no attempt (one that ran aborted, and nothing was written).
             try Task.checkCancellation()
             attempt += 1
-            switch try engine.attempt(transaction, body) {
+            var outcome = try engine.attempt(transaction, body, spinNanoseconds: spin)
+            // LOCK replies are late (a peer is slow, paused or dead): wait for them without
+            // holding a thread of the cooperative pool. Cancelled meanwhile, the attempt stops
+            // waiting and aborts (ABORT to its primaries); the loop then throws.
+            var pause: UInt64 = 20_000
+            while case .waitingForLockReplies(let result) = outcome {
+                if Task.isCancelled {
+                    engine.abandonLockWait(transaction)
+                } else {
+                    try? await Task.sleep(nanoseconds: pause)
+                    pause = min(2 * pause, 1_000_000)
+                }
+                outcome = try engine.resumeAttempt(transaction, result: result, spinNanoseconds: spin)
+            }
+            switch outcome {
+            case .waitingForLockReplies:
+                continue
             case .committed(let result):
                 return result
             case .aborted(let cause):

@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// The coordinator's side of FaRM's commit protocol, one method per phase:
-/// ``lock()`` -> ``validate()`` -> ``commitBackup(_:)`` -> ``commitPrimary(_:)`` -> ``truncate(_:)``,
+/// LOCK (``sendLock``, ``waitForLock``, ``endLock``) -> ``validate()`` -> ``commitBackup(_:)`` -> ``commitPrimary(_:)`` -> ``truncate(_:)``,
 /// or ``abort(_:)`` after a failed LOCK or VALIDATE.
 extension Transaction {
     /// Commits the attempt, or throws ``AbortSignal`` (after cleaning up) when it must be retried.
@@ -22,14 +22,47 @@ extension Transaction {
     ///   COMMIT-PRIMARY is delivered; if none can be, ``TransactionError/outcomeUnknown(reason:)``
     ///   (the logs will commit it: recovery rolls forward what the backups hold);
     /// - TRUNCATE never turns a committed transaction into an error.
-    func commit() throws {
+    ///
+    /// With `spinNanoseconds`, a commit whose LOCK replies are not all in after that long stops
+    /// there and returns false, holding its locks' claim on the commit gate and its reply slot;
+    /// ``resumeCommit(spinNanoseconds:)`` goes on with it (an async caller waits in between
+    /// without a thread). Without it, the commit waits on this thread. Returns true once the
+    /// commit finished.
+    func commit(spinNanoseconds: UInt64? = nil) throws -> Bool {
         try withEngine { engine in
             guard engine.running.load(ordering: .relaxed) else { throw TransactionError.shutDown(engine.node) }
-            try commit(engine: engine, statistics: engine.statistics)
+            return try commit(engine: engine, statistics: engine.statistics, spinNanoseconds: spinNanoseconds)
         }
     }
 
-    private func commit(engine: Engine, statistics stats: EngineStatistics) throws {
+    /// Goes on with a commit that ``commit(spinNanoseconds:)`` left waiting for LOCK replies: the
+    /// same outcomes. Returns false if the replies are still not all in after `spinNanoseconds`
+    /// more (call again), true once the commit finished.
+    func resumeCommit(spinNanoseconds: UInt64?) throws -> Bool {
+        try withEngine { engine in
+            guard let waiting = state.pointee.waitingLock else { return true }
+            var deadline = waiting.deadline
+            let result = waitForLock(waiting.id, engine: engine, deadline: &deadline, spinNanoseconds: spinNanoseconds)
+            if result == .stillWaiting {
+                state.pointee.waitingLock?.deadline = deadline
+                return false
+            }
+            state.pointee.waitingLock = nil
+            defer { engine.gate.leave(waiting.shard) }
+            try endLock(waiting.id, result, engine: engine)
+            try commitLocked(waiting.id, engine: engine, statistics: engine.statistics) { _ in }
+            return true
+        }
+    }
+
+    /// Stops waiting for the LOCK replies of a commit left waiting (the caller's task was
+    /// cancelled): the next ``resumeCommit(spinNanoseconds:)`` aborts it (ABORT to its primaries).
+    func abandonLockWait() {
+        guard let waiting = state.pointee.waitingLock else { return }
+        withEngine { $0.replies.abandon(waiting.id, failure: AbortCause.lockConflict.rawValue) }
+    }
+
+    private func commit(engine: Engine, statistics stats: EngineStatistics, spinNanoseconds: UInt64?) throws -> Bool {
         // Phase timers sample one attempt in `phaseTimingInterval` (clock reads and timer updates
         // cost more than some phases); the commit and abort counters count every attempt.
         let timed = executeStart != 0
@@ -54,7 +87,7 @@ extension Transaction {
                 mark(.validate)
             }
             stats.committed(readOnly: true)
-            return
+            return true
         }
         try checkRecordSizes()
         // BLOCK (transaction-state recovery): no commit starts while recovery runs, and one that
@@ -65,11 +98,28 @@ extension Transaction {
             // recovery that opens the gate may need).
             throw AbortSignal(cause: .wrongConfiguration)
         }
-        defer { engine.gate.leave(shard) }
+        var holdsGate = true
+        defer { if holdsGate { engine.gate.leave(shard) } }
         guard engine.isCurrentView(state.pointee.viewRef) else { throw AbortSignal(cause: .wrongConfiguration) }
         if engine.owed.count.load(ordering: .relaxed) > 0 { engine.resolveOwedRecords() }
-        let id = try lock(engine: engine)
+        let id = try sendLock(engine: engine)
+        var deadline: UInt64 = 0
+        let result: ReplySlots.WaitResult = engine.faults.fails(.lockReply, engine.node)
+            ? .timedOut : waitForLock(id, engine: engine, deadline: &deadline, spinNanoseconds: spinNanoseconds)
+        if result == .stillWaiting {
+            state.pointee.waitingLock = WaitingLock(id: id, shard: shard, deadline: deadline)
+            holdsGate = false
+            return false
+        }
+        try endLock(id, result, engine: engine)
         mark(.lock)
+        try commitLocked(id, engine: engine, statistics: stats, mark: mark)
+        return true
+    }
+
+    /// The commit after LOCK: VALIDATE -> COMMIT-BACKUP -> COMMIT-PRIMARY -> TRUNCATE.
+    private func commitLocked(_ id: TransactionID, engine: Engine, statistics stats: EngineStatistics,
+                              mark: (Phase) -> Void) throws {
         let valid: Bool
         do {
             valid = try validate(skippingWritten: true, engine: engine)
@@ -197,14 +247,13 @@ extension Transaction {
     }
 
     /// LOCK: one record per primary with the written objects, their read versions and new values;
-    /// each primary's CPU locks them with compare-and-swap and answers. Waits for every answer.
-    /// On any failure, ABORT goes to every primary the LOCK reached (they may hold locks) and the
-    /// attempt ends: nothing was written.
-    private func lock(engine: Engine) throws -> TransactionID {
+    /// each primary's CPU locks them with compare-and-swap and answers (``waitForLock``,
+    /// ``endLock``). If a send fails, ABORT goes to every primary the LOCK reached (they may hold
+    /// locks) and the attempt ends: nothing was written. Returns the attempt's reply slot.
+    private func sendLock(engine: Engine) throws -> TransactionID {
         collectPrimaries()
         let primaries = primaryMask
         let id = engine.replies.acquireWaiting(node: engine.node, replies: primaries.nonzeroBitCount)
-        defer { engine.replies.release(id) }
         var sent: UInt64 = 0
         for primary in NodeMask(primaries) {
             do {
@@ -212,15 +261,24 @@ extension Transaction {
                 try sendEntries(.lock, id, to: primary) { $0.primary == primary }
             } catch {
                 abortLocked(id, primaries: sent, engine: engine)
+                engine.replies.release(id)
                 throw error
             }
             sent |= 1 << UInt64(primary.index)
             engine.statistics.lockRecordSent()
         }
-        let timeout = engine.replyTimeoutNanoseconds
+        return id
+    }
+
+    /// Waits for the LOCK replies of `id` (see ``ReplySlots/wait(_:deadline:timeoutNanoseconds:spinNanoseconds:help:)``),
+    /// lending this thread to the mailboxes the answer depends on.
+    private func waitForLock(_ id: TransactionID, engine: Engine, deadline: inout UInt64,
+                             spinNanoseconds: UInt64?) -> ReplySlots.WaitResult {
+        let primaries = primaryMask
         let neighbours = self.neighbourList
         let primaryEngines = self.unmanagedNeighbours
-        let waitResult: UInt8? = engine.faults.fails(.lockReply, engine.node) ? nil : engine.replies.wait(id, timeoutNanoseconds: timeout) {
+        return engine.replies.wait(id, deadline: &deadline, timeoutNanoseconds: engine.replyTimeoutNanoseconds,
+                                   spinNanoseconds: spinNanoseconds) {
             // Serve the mailboxes of this process's nodes that nobody else is serving: first the
             // ones this answer depends on, the primaries' (LOCK) and this node's (the replies);
             // when they hold nothing, the others' (backups' records would otherwise wait for a
@@ -244,7 +302,17 @@ extension Transaction {
             }
             return handled
         }
-        guard let failure = waitResult else {
+    }
+
+    /// LOCK's outcome, once its wait ended (answered or timed out): returns if every primary
+    /// locked; otherwise ABORT goes to every primary and the attempt ends (thrown). Releases the
+    /// reply slot either way.
+    private func endLock(_ id: TransactionID, _ result: ReplySlots.WaitResult, engine: Engine) throws {
+        defer { engine.replies.release(id) }
+        let primaries = primaryMask
+        guard case .answered(let failure) = result else {
+            let timeout = engine.replyTimeoutNanoseconds
+            let primaryEngines = self.unmanagedNeighbours
             var report = [engine.channelReport]
             for primary in NodeMask(primaries & ~(1 << UInt64(engine.node.index))) {
                 if let peer = primaryEngines[primary.index] { report.append(peer.takeUnretainedValue().channelReport) }
@@ -280,7 +348,6 @@ extension Transaction {
             }
             throw AbortSignal(cause: cause)
         }
-        return id
     }
 
     /// VALIDATE: one-sided reads of the header words of objects read (and, when `skippingWritten`,
@@ -487,9 +554,15 @@ extension Engine {
         var lastCause = AbortCause.lockConflict
         while attempt < options.maximumAttempts {
             attempt += 1
-            switch try self.attempt(transaction, body) {
+            var outcome = try self.attempt(transaction, body)
+            while case .waitingForLockReplies(let result) = outcome {  // (not without a spin limit)
+                outcome = try resumeAttempt(transaction, result: result, spinNanoseconds: nil)
+            }
+            switch outcome {
             case .committed(let result):
                 return result
+            case .waitingForLockReplies:
+                continue
             case .aborted(let cause):
                 lastCause = cause
                 if gate.isClosed {
@@ -508,13 +581,19 @@ extension Engine {
     package enum AttemptOutcome<R> {
         case committed(R)
         case aborted(AbortCause)
+        /// The body ran (its result here) and the commit waits for LOCK replies without a
+        /// thread: ``resumeAttempt(_:result:spinNanoseconds:)`` goes on with it.
+        case waitingForLockReplies(R)
     }
 
     /// Runs one attempt of `body` in `transaction` (which it resets first) and commits it.
     ///
+    /// - Parameter spinNanoseconds: how long the commit may wait for LOCK replies on this thread
+    ///   before it returns `.waitingForLockReplies` (nil: as long as it takes).
     /// - Returns: `.aborted` on a conflict, after releasing everything the attempt held.
     /// - Throws: ``TransactionError`` for errors no retry can fix, or what `body` throws.
-    package func attempt<R>(_ transaction: Transaction, _ body: (Transaction) throws -> R) throws -> AttemptOutcome<R> {
+    package func attempt<R>(_ transaction: Transaction, _ body: (Transaction) throws -> R,
+                            spinNanoseconds: UInt64? = nil) throws -> AttemptOutcome<R> {
         guard running.load(ordering: .relaxed) else { throw TransactionError.shutDown(node) }
         transaction.reset()
         transaction.attemptCount &+= 1
@@ -538,9 +617,24 @@ extension Engine {
             }
             throw error
         }
+        return try finishing(transaction, result) { try transaction.commit(spinNanoseconds: spinNanoseconds) }
+    }
+
+    /// Goes on with an attempt that returned `.waitingForLockReplies(result)`: the outcomes of
+    /// ``attempt(_:_:spinNanoseconds:)``.
+    package func resumeAttempt<R>(_ transaction: Transaction, result: R, spinNanoseconds: UInt64?) throws -> AttemptOutcome<R> {
+        try finishing(transaction, result) { try transaction.resumeCommit(spinNanoseconds: spinNanoseconds) }
+    }
+
+    /// Stops waiting for the LOCK replies of an attempt that returned `.waitingForLockReplies` (its
+    /// caller was cancelled): the next ``resumeAttempt(_:result:spinNanoseconds:)`` aborts it.
+    package func abandonLockWait(_ transaction: Transaction) { transaction.abandonLockWait() }
+
+    /// The outcome of a commit step (`commit` true: finished, false: waiting for LOCK replies).
+    @inline(__always)
+    private func finishing<R>(_ transaction: Transaction, _ result: R, _ commit: () throws -> Bool) throws -> AttemptOutcome<R> {
         do {
-            try transaction.commit()
-            return .committed(result)
+            return try commit() ? .committed(result) : .waitingForLockReplies(result)
         } catch let signal as AbortSignal {
             transaction.returnReservations()
             statistics.aborted(signal.cause)
@@ -565,4 +659,13 @@ extension Engine {
 
     /// A fresh transaction object for ``attempt(_:_:)`` loops.
     package func makeTransaction() -> Transaction { Transaction(engine: self) }
+}
+
+/// A commit waiting for its LOCK replies without a thread (``Transaction/commit(spinNanoseconds:)``):
+/// its reply slot, the commit-gate shard it entered (left when the commit ends) and the deadline
+/// of its reply timeout.
+struct WaitingLock {
+    let id: TransactionID
+    let shard: Int
+    var deadline: UInt64
 }

@@ -20,6 +20,12 @@ public struct EngineOptions: Sendable {
     public var readAttempts: Int = 2_000
     /// How long a coordinator waits for LOCK replies.
     public var replyTimeout: Duration = .seconds(10)
+    /// How long `Node.transaction` (the async form) waits for LOCK replies on its thread before
+    /// it suspends and lets the thread run other tasks, checking again after growing pauses (up
+    /// to 1 ms) until the replies are in or ``replyTimeout`` runs out. nil: it waits on its
+    /// thread, as the synchronous forms always do. Replies usually take microseconds; a silent
+    /// or paused peer would otherwise hold a thread of the cooperative pool for the whole timeout.
+    public var lockWaitSpin: Duration? = .microseconds(50)
     /// Committed transactions per backup collected before a TRUNCATE record is sent.
     public var truncationBatch: Int = 32
     /// `pmem_persist`/`pmem_msync` every installed object. Off by default: the region files are
@@ -513,7 +519,7 @@ package final class Engine: Sendable {
     private func poll(helping: Bool) -> Int {
         // Look before taking the poll claim: most polls find nothing, and the claim's cache line
         // would otherwise bounce between the helping threads on every look.
-        guard mayHaveWork, running.load(ordering: .relaxed) else { return 0 }
+        guard mayHaveWork, running.load(ordering: .relaxed), !processingPaused.load(ordering: .relaxed) else { return 0 }
         return mailbox.withPollerIfAvailable { poller in
             if helping, !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
             return unmanagedView._withUnsafeGuaranteedRef { view in serveMailbox(poller, view: view) }
@@ -605,6 +611,14 @@ package final class Engine: Sendable {
     /// Slows this node's record processing: each round of polling its mailbox waits
     /// `microseconds` first (0: normal). A fault for `granary check run --nemesis slow`.
     package func slowRecordProcessing(microseconds: UInt32) { processingDelay.store(microseconds, ordering: .relaxed) }
+
+    /// Set while record processing is paused (``pauseRecordProcessing(_:)``).
+    private let processingPaused = Atomic<Bool>(false)
+
+    /// Pauses this node's record processing (true) or resumes it (false), as SIGSTOP and SIGCONT
+    /// would a node process's: nobody serves its mailbox meanwhile, neither its poller nor
+    /// coordinators helping; its lease thread goes on. For tests of waits on a paused peer.
+    package func pauseRecordProcessing(_ paused: Bool) { processingPaused.store(paused, ordering: .relaxed) }
 
     /// Lets coordinators on this engine help the engines of `peers` (nodes of the same process).
     package func helpNeighbours(_ peers: [Engine]) {

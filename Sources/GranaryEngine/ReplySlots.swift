@@ -122,17 +122,47 @@ final class ReplySlots: @unchecked Sendable {
     /// backs off only when `help` found nothing to do. The timeout counts from the first call
     /// whether or not `help` keeps finding work (a busy mailbox does not extend it).
     func wait(_ id: TransactionID, timeoutNanoseconds: UInt64, help: () -> Int) -> UInt8? {
+        var deadline: UInt64 = 0
+        switch wait(id, deadline: &deadline, timeoutNanoseconds: timeoutNanoseconds, help: help) {
+        case .answered(let failure): return failure
+        case .timedOut, .stillWaiting: return nil
+        }
+    }
+
+    /// How a wait for replies ended.
+    enum WaitResult: Equatable {
+        /// Every reply is in; the first failure cause, 0 if none.
+        case answered(UInt8)
+        /// The deadline passed.
+        case timedOut
+        /// The wait gave up its thread after its spin (``wait(_:deadline:timeoutNanoseconds:spinNanoseconds:help:)``): call again later.
+        case stillWaiting
+    }
+
+    /// ``wait(_:timeoutNanoseconds:help:)`` that can stop after `spinNanoseconds` without an answer
+    /// (`.stillWaiting`) and be called again later: `deadline` (0 before the first call) carries
+    /// the timeout over.
+    func wait(_ id: TransactionID, deadline: inout UInt64, timeoutNanoseconds: UInt64, spinNanoseconds: UInt64? = nil,
+              help: () -> Int) -> WaitResult {
         let slot = id.slot
         // Never sleep: the answer is typically microseconds away, and on a small machine a sleeping
         // coordinator costs more than a yielding one.
         var backoff = Backoff(spins: 32, yields: .max - 32)
-        var deadline: UInt64 = 0
+        // A wait that may stop looks at the clock every 8 rounds (it must stop on time), others every 64.
+        let clockMask = spinNanoseconds == nil ? 63 : 7
+        var spinEnd = UInt64.max
+        if let spinNanoseconds {
+            let now = monotonicNanoseconds()
+            if deadline == 0 { deadline = now + timeoutNanoseconds }
+            spinEnd = now &+ spinNanoseconds
+        }
         var rounds = 0
         while words[slot].load(ordering: .acquiring) & 0xFFFF != 0 {
             rounds &+= 1
-            if rounds & 63 == 0 {
+            if rounds & clockMask == 0 {
                 let now = monotonicNanoseconds()
-                if deadline == 0 { deadline = now + timeoutNanoseconds } else if now > deadline { return nil }
+                if deadline == 0 { deadline = now + timeoutNanoseconds } else if now > deadline { return .timedOut }
+                if now > spinEnd { return .stillWaiting }
             }
             if help() > 0 {
                 backoff.reset()
@@ -140,7 +170,7 @@ final class ReplySlots: @unchecked Sendable {
             }
             backoff.pause()
         }
-        return UInt8(truncatingIfNeeded: words[slot].load(ordering: .relaxed) >> 16)
+        return .answered(UInt8(truncatingIfNeeded: words[slot].load(ordering: .relaxed) >> 16))
     }
 
     /// Stops waiting for the replies `id` still expects, with `failure` as its outcome: for a

@@ -64,6 +64,9 @@ public final class Transaction {
         var snapshot: UnsafeMutableRawPointer
         var recordBuffer: UnsafeMutableRawPointer
         var recordCapacity: Int
+        /// A commit that gave up its thread while waiting for LOCK replies (see
+        /// ``Transaction/resumeCommit(spinNanoseconds:)``); nil otherwise.
+        var waitingLock: WaitingLock?
         /// When this attempt's execute phase began, if its phases are timed (else 0).
         var executeStart: UInt64 = 0
         var attemptCount: UInt64 = 0
