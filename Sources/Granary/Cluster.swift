@@ -239,6 +239,9 @@ public final class Cluster: Sendable {
     /// --coordination`), the client joins the configuration stored there, follows its changes
     /// and takes part in recovery (`options.membership`, by default 10 ms leases); ``shutdown()``
     /// leaves the configuration. Otherwise the cluster file is the configuration (`--static`).
+    /// A cluster file that names its coordination store (`"coordination"`) and lease
+    /// (`"leaseMilliseconds"`; see `ClusterFile`) gives them when `options.coordination` is
+    /// `.embedded` (the default) and `options.membership` nil.
     ///
     /// - Parameters:
     ///   - file: the cluster file (`cluster.json`); relative endpoints resolve against its directory.
@@ -249,15 +252,20 @@ public final class Cluster: Sendable {
     ///   one), or every client is in use; `RegionError` or `TransportError` when a node's mailbox
     ///   is not there (the cluster is not up).
     public static func connect(file: FilePath, client: NodeID? = nil, options: ClusterOptions = ClusterOptions()) async throws -> Cluster {
-        let data: Data
-        do {
-            data = try Data(contentsOf: URL(fileURLWithPath: file.string))
-        } catch {
-            throw ConfigurationError.invalid("cannot read the cluster file \(file): \(error.localizedDescription)")
-        }
+        let clusterFile = try ClusterFile.load(file.string)
         let root = file.removingLastComponent()
-        let configuration = resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: data), against: root.isEmpty ? FilePath(".") : root)
+        let configuration = resolvingEndpoints(of: clusterFile.configuration, against: root.isEmpty ? FilePath(".") : root)
         try configuration.validate()
+        // What the file says of the coordination store and the lease, unless the options say it.
+        var options = options
+        if options.coordination == .embedded, let named = clusterFile.coordination {
+            options.coordination = .zookeeper(try ClusterFile.zooKeeperAddress(named))
+        }
+        if options.membership == nil, let lease = clusterFile.leaseMilliseconds {
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(lease)
+            options.membership = membership
+        }
         let clients = configuration.clients
         guard !clients.isEmpty else {
             throw ConfigurationError.invalid("\(file) has no client member (a member that holds no region): write it with `granary cluster init --clients 1`")

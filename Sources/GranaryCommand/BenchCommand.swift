@@ -24,7 +24,7 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Run against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster.")
     var cluster: String?
     @Option(help: "With --cluster: the client member to be (default: the first one not in use).") var client: Int?
-    @Option(help: "With --cluster: the nodes run the configuration manager through this ZooKeeper (zookeeper://host:port, as given to `cluster up --coordination`); the client joins the configuration and follows it.")
+    @Option(help: "With --cluster: the nodes run the configuration manager through this ZooKeeper (zookeeper://host:port, as given to `cluster up --coordination`; default: the cluster file's \"coordination\"); the client joins the configuration and follows it.")
     var coordination: String?
     @Option(help: "Nodes in the embedded cluster.") var nodes: Int = 3
     @Option(help: "Replicas of every region (primary + backups), at most --nodes.") var replicas: Int = 3

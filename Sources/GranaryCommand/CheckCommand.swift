@@ -177,7 +177,7 @@ struct CheckRunCommand: AsyncParsableCommand {
     @Option(help: "Seconds between whole-cluster kills (with --nemesis kill).") var killInterval: Double = 3
     @Option(help: "Run the clients against the node processes of this cluster file (granary cluster up) as one of its clients (granary cluster init --clients), instead of an embedded cluster. Faults: kill (every node process and the client SIGKILLed at once, the nodes restarted with `granary cluster up`), pause (a node process SIGSTOPped for 0.1-0.5 s, then continued), faults and slow (on the client).")
     var cluster: String?
-    @Option(help: "With --cluster: its nodes run the configuration manager through this ZooKeeper (zookeeper://host:port, as given to `granary cluster up --coordination`). The client joins the configuration and follows it; kill then SIGKILLs one node process at a time and starts it again (it rejoins), and pause stops one past its lease (it is removed and rejoins). Each fault waits until every node is a member again with complete replicas.")
+    @Option(help: "With --cluster: its nodes run the configuration manager through this ZooKeeper (zookeeper://host:port, as given to `granary cluster up --coordination`; default: the cluster file's \"coordination\"). The client joins the configuration and follows it; kill then SIGKILLs one node process at a time and starts it again (it rejoins), and pause stops one past its lease (it is removed and rejoins). Each fault waits until every node is a member again with complete replicas.")
     var coordination: String?
     @Option(help: "The cluster directory (default: a new directory under the temporary directory).") var directory: String?
     @Option(help: "The history file (default: history.jsonl in the cluster directory).") var history: String?
@@ -219,10 +219,12 @@ struct CheckRunCommand: AsyncParsableCommand {
         let faults = self.faults
         let summary: CheckRunSummary
         do {
+            // The coordination store: --coordination, else the one the cluster file names.
+            let coordination = try self.coordination ?? cluster.flatMap { try ClusterFile.load($0).coordination }
             if let cluster, faults.contains(.kill), coordination == nil {
                 summary = try runLives(directory: directory, historyPath: historyPath, faults: faults, clusterFile: cluster)
             } else if let cluster {
-                summary = try await runAgainstNodes(file: cluster, historyPath: historyPath, faults: faults)
+                summary = try await runAgainstNodes(file: cluster, coordination: coordination, historyPath: historyPath, faults: faults)
             } else if !faults.isDisjoint(with: [.kill, .pause]) {
                 summary = try runLives(directory: directory, historyPath: historyPath, faults: faults, clusterFile: nil)
             } else {
@@ -274,7 +276,7 @@ struct CheckRunCommand: AsyncParsableCommand {
     /// node processes; `pause` stops one node process at a time (its pid from `n<id>.pid` beside
     /// the file), logged in the history. With `--coordination`, the faults of
     /// ``CoordinatedNemesis``.
-    private func runAgainstNodes(file: String, historyPath: String, faults: Set<CheckFault>) async throws -> CheckRunSummary {
+    private func runAgainstNodes(file: String, coordination: String?, historyPath: String, faults: Set<CheckFault>) async throws -> CheckRunSummary {
         let options = workload.runOptions(seconds: seconds, faults: faults)
         let nodes = try runningNodes(file: file)
         var clusterOptions = options.clusterOptions

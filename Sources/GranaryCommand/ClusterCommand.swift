@@ -32,6 +32,10 @@ struct ClusterInit: ParsableCommand {
     @Option(help: "Regions each node is primary of.") var regionsPerNode: Int = 2
     @Option(help: "Size of every region in MiB (a power of two, 1 to 4096).") var regionMib: Int = 64
     @Option(help: "Transport of every node: shm (shared memory, one host) or verbs (RDMA).") var transport: TransportChoice = .shm
+    @Option(help: "The configuration manager's coordination store (zookeeper://host:port), written to the file as \"coordination\": node processes, cluster up, Cluster.connect and bench/check --cluster then use it unless told otherwise.")
+    var coordination: String?
+    @Option(help: "The lease between the configuration manager and each node in milliseconds, written to the file as \"leaseMilliseconds\" (default 10).")
+    var leaseMs: Int?
     @Flag(help: "Replace an existing cluster.json (never its region files).") var force = false
 
     func validate() throws {
@@ -44,6 +48,10 @@ struct ClusterInit: ParsableCommand {
         guard (1...4096).contains(regionMib), regionMib & (regionMib - 1) == 0 else {
             throw ValidationError("--region-mib must be a power of two from 1 to 4096")
         }
+        if let coordination {
+            do { _ = try ClusterFile.zooKeeperAddress(coordination) } catch { throw ValidationError("--coordination: \(error)") }
+        }
+        if let leaseMs, !(1...60_000).contains(leaseMs) { throw ValidationError("--lease-ms must be in 1...60000, got \(leaseMs)") }
     }
 
     func run() throws {
@@ -64,12 +72,18 @@ struct ClusterInit: ParsableCommand {
             regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: regionsPerNode, replicas: replicas),
             regionSize: regionMib << 20)
         configuration.replication = replicas
+        let clusterFile = try ClusterFile(configuration: configuration, coordination: coordination, leaseMilliseconds: leaseMs)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        try encoder.encode(configuration).write(to: URL(fileURLWithPath: file.string))
+        try encoder.encode(clusterFile).write(to: URL(fileURLWithPath: file.string))
         print("wrote \(file): \(configuration.cluster), \(nodes) nodes, \(configuration.regions.count) regions of \(regionMib) MiB, \(replicas) replicas"
-              + (clients > 0 ? ", clients \(clientIDs.map(\.description).joined(separator: ","))" : ""))
-        print("start each node with: granary node --config \(file) --id N --coordination zookeeper://HOST:PORT   (N = 0...\(nodes - 1); or --static)")
+              + (clients > 0 ? ", clients \(clientIDs.map(\.description).joined(separator: ","))" : "")
+              + (coordination.map { ", coordination \($0)" } ?? ""))
+        if coordination != nil {
+            print("start the nodes with: granary cluster up --directory \(directory)   (or each with: granary node --config \(file) --id N, N = 0...\(nodes - 1))")
+        } else {
+            print("start each node with: granary node --config \(file) --id N --coordination zookeeper://HOST:PORT   (N = 0...\(nodes - 1); or --static)")
+        }
     }
 }
 

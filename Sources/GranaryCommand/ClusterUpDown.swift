@@ -20,7 +20,7 @@ struct ClusterUp: AsyncParsableCommand {
     @Option(help: "With no cluster.json: nodes.") var nodes: Int = 3
     @Option(help: "With no cluster.json: replicas of every region.") var replicas: Int = 3
     @Option(help: "With no cluster.json: region size in MiB.") var regionMib: Int = 64
-    @Option(help: "The configuration manager's coordination store (zookeeper://host:port); without it the nodes run --static.")
+    @Option(help: "The configuration manager's coordination store (zookeeper://host:port); default: the cluster file's \"coordination\"; with neither, the nodes run --static.")
     var coordination: String?
     @Option(help: "Give node N the metrics port BASE + N (0: no metrics).") var metricsPortBase: Int = 0
     @Option(help: "Seconds to wait for every node to be ready.") var timeout: Double = 60
@@ -36,12 +36,13 @@ struct ClusterUp: AsyncParsableCommand {
         let file = directory + "/cluster.json"
         if !FileManager.default.fileExists(atPath: file) {
             let initialize = try ClusterInit.parse(["--directory", directory, "--nodes", "\(nodes)", "--replicas", "\(replicas)",
-                                                    "--region-mib", "\(regionMib)"])
+                                                    "--region-mib", "\(regionMib)"] + (coordination.map { ["--coordination", $0] } ?? []))
             try initialize.validate()
             try initialize.run()
         }
-        let configuration = Cluster.resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: Data(contentsOf: URL(fileURLWithPath: file))),
-                                                       against: FilePath(directory))
+        let clusterFile = try ClusterFile.load(file)
+        let configuration = Cluster.resolvingEndpoints(of: clusterFile.configuration, against: FilePath(directory))
+        let coordination = self.coordination ?? clusterFile.coordination
         for member in configuration.members {
             if let pid = ClusterDown.runningPid(directory: directory, node: member.node.index) {
                 throw CommandFailure("\(member.node) runs already (process \(pid), \(directory)/\(member.node).pid): `granary cluster down --directory \(directory)` first")
@@ -94,7 +95,7 @@ struct ClusterUp: AsyncParsableCommand {
         }
         print("up: \(nodes.count) nodes of \(configuration.cluster) in \(directory) (logs n<id>.log, process ids n<id>.pid)")
         if !clients.isEmpty {
-            let flag = coordination.map { " --coordination \($0)" } ?? ""
+            let flag = coordination != clusterFile.coordination ? coordination.map { " --coordination \($0)" } ?? "" : ""
             print("clients: \(clients.map(\.description).joined(separator: ", ")): granary bench WORKLOAD --cluster \(file)\(flag), or Cluster.connect(file:) in a program")
         }
         if let coordination { print("status: granary cluster status --coordination \(coordination) --cluster \(configuration.cluster)") }

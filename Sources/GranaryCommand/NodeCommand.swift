@@ -48,15 +48,15 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "The cluster configuration (JSON) this node is a member of.")
     var config: String?
 
-    @Option(name: .long, help: "With --config: agree on configurations through this ZooKeeper ensemble (zookeeper://host:port) and run the configuration manager: failure detection, recovery, rejoin. A member needs this or --static.")
+    @Option(name: .long, help: "With --config: agree on configurations through this ZooKeeper ensemble (zookeeper://host:port) and run the configuration manager: failure detection, recovery, rejoin. A member needs this, the cluster file's coordination field, or --static.")
     var coordination: String?
 
     @Flag(name: .customLong("static"),
           help: "With --config: run on the configuration file alone, without a configuration manager: a node that fails is never recovered (its locks stay held) and nothing rejoins. For tests and benchmarks without ZooKeeper.")
     var staticConfiguration = false
 
-    @Option(name: .long, help: "With --coordination: the lease between the configuration manager and each node, in milliseconds.")
-    var leaseMs: Int = 10
+    @Option(name: .long, help: "With a coordination store: the lease between the configuration manager and each node, in milliseconds (default: the cluster file's leaseMilliseconds, else 10).")
+    var leaseMs: Int?
 
     @Flag(name: .long, inversion: .prefixedNo,
           help: "With --coordination: once removed from the configuration (it hung past its lease, or lost its store session), start again and rejoin as a new member.")
@@ -126,12 +126,7 @@ struct NodeCommand: AsyncParsableCommand {
         if let metricsPort, !(0...65535).contains(metricsPort) {
             throw ValidationError("--metrics-port must be in 0...65535 (0: any free port), got \(metricsPort)")
         }
-        if config != nil, coordination == nil, !staticConfiguration {
-            throw ValidationError("""
-                a member runs the configuration manager through ZooKeeper: give --coordination zookeeper://host:port \
-                (recovery from failures, rejoin), or --static to run on the configuration file alone (no recovery)
-                """)
-        }
+        if let leaseMs, !(1...60_000).contains(leaseMs) { throw ValidationError("--lease-ms must be in 1...60000, got \(leaseMs)") }
         if staticConfiguration, coordination != nil { throw ValidationError("--static and --coordination exclude each other") }
         if let coordination {
             guard config != nil else { throw ValidationError("--coordination needs --config") }
@@ -242,17 +237,22 @@ extension NodeCommand {
                 throw CommandFailure("cannot write the pid file \(pidFile): \(error.localizedDescription)")
             }
         }
-        let data: Data
-        do {
-            data = try Data(contentsOf: URL(fileURLWithPath: configurationFile))
-        } catch {
-            throw CommandFailure("cannot read the configuration \(configurationFile): \(error.localizedDescription)")
-        }
+        let clusterFile = try ClusterFile.load(configurationFile)
         // Endpoints with relative directories (as `granary cluster init` and `Cluster.local`
         // write them) are relative to the file's directory, wherever the node is started from.
         let fileDirectory = FilePath(URL(fileURLWithPath: configurationFile).deletingLastPathComponent().path)
-        let configuration = Cluster.resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: data), against: fileDirectory)
+        let configuration = Cluster.resolvingEndpoints(of: clusterFile.configuration, against: fileDirectory)
         try configuration.validate()
+        // The coordination store: --coordination, else the file's (unless --static).
+        let coordination = self.coordination ?? (staticConfiguration ? nil : clusterFile.coordination)
+        guard coordination != nil || staticConfiguration else {
+            throw CommandFailure("""
+                a member runs the configuration manager through ZooKeeper: give --coordination zookeeper://host:port \
+                (or name it in \(configurationFile) as "coordination") for recovery from failures and rejoin, or --static \
+                to run on the configuration file alone (no recovery)
+                """)
+        }
+        let leaseMs = self.leaseMs ?? clusterFile.leaseMilliseconds ?? 10
         let node = NodeID(id)
         guard let me = configuration.members.first(where: { $0.node == node }) else {
             throw CommandFailure("\(node) is not a member in \(configurationFile)")

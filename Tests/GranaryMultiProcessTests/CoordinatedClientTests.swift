@@ -201,4 +201,48 @@ struct CoordinatedClientTests {
         }
         try await second.shutdown()
     }
+
+    @Test("""
+        a cluster file that names its coordination store and lease (cluster init --coordination --lease-ms) \
+        is all it takes: cluster up starts coordinated nodes, and Cluster.connect(file:) with default options \
+        joins as a client with that lease, commits, and leaves
+        """)
+    func coordinationFromTheClusterFile() async throws {
+        let tmp = TemporaryDirectory("granary-file-coordination")
+        defer { tmp.remove() }
+        let directory = tmp.path.appending("c").string
+        let executable = try ChildProcess.granaryExecutable()
+        let initialize = try ChildProcess(executable, ["cluster", "init", "--directory", directory, "--nodes", "3", "--clients", "1",
+                                                       "--region-mib", "1", "--coordination", "zookeeper://\(zooKeeper!)", "--lease-ms", "20"])
+        #expect(initialize.waitForExit() == 0, "cluster init: \(initialize.remainingLines())")
+        let file = directory + "/cluster.json"
+        let written = try ClusterFile.load(file)
+        #expect(written.coordination == "zookeeper://\(zooKeeper!)" && written.leaseMilliseconds == 20, "the file holds \(written)")
+        let up = try ChildProcess(executable, ["cluster", "up", "--directory", directory])
+        let status = up.waitForExit()
+        #expect(status == 0, "cluster up exited \(status): \(up.remainingLines())")
+        defer { _ = try? ChildProcess(executable, ["cluster", "down", "--directory", directory]).waitForExit() }
+        let store = try ZooKeeperStore(connectString: zooKeeper!)
+        func current() async throws -> Configuration { try await ConfigurationRecord.read(written.configuration.cluster, from: store).0 }
+        let start = Date()
+        while (try? await current())?.manager == nil, Date().timeIntervalSince(start) < 30 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(try await current().manager != nil, "no configuration manager runs: the nodes did not take the file's coordination store")
+
+        let cluster = try await Cluster.connect(file: FilePath(file))
+        #expect(cluster.membership.first?.options.lease == .milliseconds(20), "the client's lease is \(String(describing: cluster.membership.first?.options.lease))")
+        let joined = try await current()
+        #expect(joined.clients == [NodeID(3)], "the client did not join the stored configuration: \(joined)")
+        let counter = try await cluster.nodes[0].transaction { tx in try tx.allocate(Int64(41)) }
+        let value = try await cluster.nodes[0].transaction { tx -> Int64 in
+            let value = try tx.read(counter, as: Int64.self) + 1
+            try tx.write(counter, value)
+            return value
+        }
+        #expect(value == 42)
+        try await cluster.shutdown()
+        let left = Date()
+        while (try? await current())?.contains(NodeID(3)) ?? true, Date().timeIntervalSince(left) < 10 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(try await !current().contains(NodeID(3)), "the client is still a member after shutdown")
+        await store.close()
+    }
 }
