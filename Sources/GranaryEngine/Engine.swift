@@ -2,6 +2,7 @@ import GranaryConfiguration
 import GranaryMemory
 import GranaryTransport
 import CoreMetrics
+import Dispatch
 import Logging
 import Synchronization
 #if canImport(Glibc)
@@ -71,10 +72,21 @@ final class LocalReplica: Sendable {
     /// Present where this node is the region's primary.
     let allocator: SlabAllocator?
 
+    /// A replica of `region`; at its primary, with an allocator rebuilt from the region's bytes:
+    /// the slab table now, the slot headers in the background (allocator recovery: a promoted
+    /// backup serves before every header is read; see ``SlabAllocator``).
     init(region: Region, isPrimary: Bool) {
         self.region = region
         self.layout = SlabLayout(regionSize: region.size, slabShift: region.slabShift)
-        self.allocator = isPrimary ? SlabAllocator(region: region) : nil
+        if isPrimary {
+            let allocator = SlabAllocator(region: region, scan: .background)
+            self.allocator = allocator
+            if allocator.isScanning {
+                DispatchQueue.global(qos: .utility).async { while allocator.scanStep() {} }
+            }
+        } else {
+            self.allocator = nil
+        }
     }
 }
 
@@ -118,7 +130,15 @@ struct ReplicaAccess {
     }
 
     func didAllocate(_ slot: ObjectSlot, persist: Bool) { allocator?._withUnsafeGuaranteedRef { $0.didAllocate(slot, persist: persist) } }
-    func didFree(_ slot: ObjectSlot) { allocator?._withUnsafeGuaranteedRef { $0.didFree(slot) } }
+    /// Commits a free: `install` writes the slot's free header; at the primary under the
+    /// allocator's lock, which then lists the slot free (``SlabAllocator/didFree(_:installing:)``).
+    @inline(__always) func didFree(_ slot: ObjectSlot, installing install: () -> Void) {
+        if let allocator {
+            allocator._withUnsafeGuaranteedRef { $0.didFree(slot, installing: install) }
+        } else {
+            install()
+        }
+    }
 }
 
 /// One configuration as this node uses it: the lookup tables derived from it. Immutable; a new

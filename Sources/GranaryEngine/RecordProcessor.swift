@@ -444,8 +444,9 @@ final class RecordProcessor: @unchecked Sendable {
                 // The payload is zeroed, not left as the last write made it: then a replica's
                 // bytes depend only on the newest record applied to the object, and backups, which
                 // apply records in any order (newest version wins), end byte-equal to the primary.
-                ObjectLayout.install(base, lines: slot.lines, payload: UnsafeRawPointer(base), count: 0, header: entry.new)
-                replica.didFree(slot)
+                replica.didFree(slot) {
+                    ObjectLayout.install(base, lines: slot.lines, payload: UnsafeRawPointer(base), count: 0, header: entry.new)
+                }
             }
             if state.pointee.persistEveryInstall {
                 replica.withRegion { try? $0.persist(offset: slot.offset, length: slot.lines * ObjectLayout.lineSize) }

@@ -73,7 +73,16 @@ package struct ObjectSlot: Hashable, Sendable {
 /// Slots are *reserved* while a transaction executes (in memory only) and become allocated when the
 /// transaction's commit installs a header with the allocated bit; an aborted transaction
 /// *unreserves* them. Because a reserved slot's bytes still say "free", a crash simply forgets the
-/// reservation: ``init(region:)`` rebuilds every free list from the slab table and slot headers.
+/// reservation: ``init(region:scan:)`` rebuilds every free list from the slab table and slot headers.
+///
+/// Allocator recovery (FaRM's): a backup promoted to primary must not wait for a scan of every
+/// slot header before its region serves. With ``Scan/background`` the new allocator reads only
+/// the slab table (a size class per slab) and knows the unused slabs at once; the used slabs'
+/// headers are scanned later, slab by slab under the allocator's lock (``scanStep()``, from a
+/// background thread, or by ``reserve(payloadBytes:)`` when it needs a slot of a class whose
+/// free slots are not all known yet). A free committed in a slab not yet scanned is left to the
+/// scan, and its header is written under the same lock (``didFree(_:installing:)``), so that no
+/// free slot is listed twice or lost.
 ///
 /// `@unchecked Sendable`: the mutable state is behind `state`'s mutex; `slabClasses` is an array
 /// of atomics written under that mutex and read without it.
@@ -89,21 +98,35 @@ package final class SlabAllocator: @unchecked Sendable {
     private struct State {
         var freeSlots: [[Int]]  // per size class, offsets of free slots
         var unusedSlabs: [Int]  // slab indexes, in descending order (popLast takes the lowest)
+        /// Per size class, used slabs whose slot headers are not scanned yet (descending).
+        var unscanned: [[Int]]
+        /// Per slab: whether its free slots are in `freeSlots` (scanned, or carved here).
+        var scanned: [Bool]
+        var unscannedCount: Int
         var allocated: Int
         var reserved: Int
     }
     private let state: Mutex<State>
 
-    /// Rebuilds the allocator's state from the region's own bytes.
-    package init(region: Region) {
+    /// When the slot headers of the used slabs are read.
+    package enum Scan: Sendable {
+        /// In the initializer.
+        case now
+        /// Later (``scanStep()``, or on demand): the allocator serves at once.
+        case background
+    }
+
+    /// Rebuilds the allocator's state from the region's own bytes: the slab table now, the slot
+    /// headers now or in the background (`scan`).
+    package init(region: Region, scan: Scan = .now) {
         precondition(region.kind == .data, "\(region.path) is a \(region.kind) region, not a data region")
         self.region = region
         self.layout = SlabLayout(regionSize: region.size, slabShift: region.slabShift)
         self.classes = layout.sizeClasses
-        var freeSlots = Array(repeating: [Int](), count: classes.count)
         var unused: [Int] = []
+        var unscanned = Array(repeating: [Int](), count: classes.count)
         var slabLines = Array(repeating: 0, count: layout.slabCount)
-        var allocated = 0
+        var usedSlabs = 0
         let firstSlab = layout.firstSlabOffset >> layout.slabShift
         for slab in stride(from: layout.slabCount - 1, through: firstSlab, by: -1) {
             let lines = Int(region.base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
@@ -112,22 +135,62 @@ package final class SlabAllocator: @unchecked Sendable {
                 continue
             }
             slabLines[slab] = lines
-            let slotBytes = lines * ObjectLayout.lineSize
-            let slabStart = slab << layout.slabShift
-            let count = layout.slabSize / slotBytes
-            for slot in stride(from: count - 1, through: 0, by: -1) {
-                let offset = slabStart + slot * slotBytes
-                if ObjectLayout.loadHeader(region.base + offset).isAllocated {
-                    allocated += 1
-                } else {
-                    freeSlots[classIndex].append(offset)
-                }
-            }
+            unscanned[classIndex].append(slab)
+            usedSlabs += 1
         }
-        state = Mutex(State(freeSlots: freeSlots, unusedSlabs: unused, allocated: allocated, reserved: 0))
+        var initial = State(freeSlots: Array(repeating: [Int](), count: classes.count), unusedSlabs: unused,
+                            unscanned: unscanned, scanned: Array(repeating: false, count: layout.slabCount),
+                            unscannedCount: usedSlabs, allocated: 0, reserved: 0)
         slabClasses = .allocate(capacity: layout.slabCount)
         for slab in 0..<layout.slabCount { (slabClasses + slab).initialize(to: Atomic<Int>(slabLines[slab])) }
+        if scan == .now {
+            // Highest slab first, so that the lowest free offset ends last in each list (taken first).
+            for classIndex in 0..<classes.count {
+                for slab in initial.unscanned[classIndex] {
+                    Self.scan(slab, classIndex: classIndex, region: region, layout: layout, lines: classes[classIndex], in: &initial)
+                }
+                initial.unscanned[classIndex].removeAll()
+            }
+        }
+        state = Mutex(initial)
     }
+
+    /// Reads the slot headers of used slab `slab` (size class `classIndex`): free slots go to the
+    /// free list (the lowest offset last, so taken first), allocated ones are counted.
+    private static func scan(_ slab: Int, classIndex: Int, region: Region, layout: SlabLayout, lines: Int, in state: inout State) {
+        let slotBytes = lines * ObjectLayout.lineSize
+        let slabStart = slab << layout.slabShift
+        let count = layout.slabSize / slotBytes
+        for slot in stride(from: count - 1, through: 0, by: -1) {
+            let offset = slabStart + slot * slotBytes
+            if ObjectLayout.loadHeader(region.base + offset).isAllocated {
+                state.allocated += 1
+            } else {
+                state.freeSlots[classIndex].append(offset)
+            }
+        }
+        state.scanned[slab] = true
+        state.unscannedCount -= 1
+    }
+
+    /// Scans one used slab not scanned yet (the background half of allocator recovery); returns
+    /// whether slabs remain to be scanned.
+    @discardableResult
+    package func scanStep() -> Bool {
+        let (region, layout, classes) = (self.region, self.layout, self.classes)
+        return state.withLock { state in
+            for classIndex in 0..<classes.count {
+                if let slab = state.unscanned[classIndex].popLast() {
+                    Self.scan(slab, classIndex: classIndex, region: region, layout: layout, lines: classes[classIndex], in: &state)
+                    break
+                }
+            }
+            return state.unscannedCount > 0
+        }
+    }
+
+    /// Whether used slabs remain whose slot headers are not scanned yet.
+    package var isScanning: Bool { state.withLock { $0.unscannedCount > 0 } }
 
     deinit {
         slabClasses.deinitialize(count: layout.slabCount)
@@ -163,17 +226,23 @@ package final class SlabAllocator: @unchecked Sendable {
         let region = self.region
         let base = UInt(bitPattern: region.base)
         let result: ObjectSlot? = state.withLock { state in
-            while let offset = state.freeSlots[classIndex].popLast() {
-                // A slot whose header says allocated is in use: its entry here is stale (a slot
-                // returned twice), and is dropped rather than handed out over a live object.
-                if ObjectLayout.loadHeader(UnsafeMutableRawPointer(bitPattern: base + UInt(offset))!).isAllocated { continue }
-                state.reserved += 1
-                return ObjectSlot(offset: offset, lines: lines)
+            while true {
+                while let offset = state.freeSlots[classIndex].popLast() {
+                    // A slot whose header says allocated is in use: its entry here is stale (a slot
+                    // returned twice), and is dropped rather than handed out over a live object.
+                    if ObjectLayout.loadHeader(UnsafeMutableRawPointer(bitPattern: base + UInt(offset))!).isAllocated { continue }
+                    state.reserved += 1
+                    return ObjectSlot(offset: offset, lines: lines)
+                }
+                // Slabs of this class not scanned yet (allocator recovery) come before new slabs.
+                guard let slab = state.unscanned[classIndex].popLast() else { break }
+                Self.scan(slab, classIndex: classIndex, region: region, layout: layout, lines: lines, in: &state)
             }
             guard let slab = state.unusedSlabs.popLast() else { return nil }
             let slotBytes = lines * ObjectLayout.lineSize
             let slabStart = slab << layout.slabShift
             let count = layout.slabSize / slotBytes
+            state.scanned[slab] = true
             slabClasses[slab].store(lines, ordering: .releasing)
             for slot in stride(from: count - 1, through: 1, by: -1) {
                 state.freeSlots[classIndex].append(slabStart + slot * slotBytes)
@@ -225,8 +294,19 @@ package final class SlabAllocator: @unchecked Sendable {
 
     /// Returns a slot whose free committed (its header already says free) to the free list.
     package func didFree(_ slot: ObjectSlot) {
+        didFree(slot) {}
+    }
+
+    /// Commits the free of `slot`: runs `install` (which writes its free header) and returns the
+    /// slot to the free list, both under the allocator's lock, so that a scan of its slab sees
+    /// the slot either allocated (before) or free and listed by this call (after), never free
+    /// and then listed twice. A slot in a slab not scanned yet is left to the scan.
+    package func didFree(_ slot: ObjectSlot, installing install: () -> Void) {
         let classIndex = classes.firstIndex(of: slot.lines)!
+        let slab = slot.offset >> layout.slabShift
         state.withLock { state in
+            install()
+            guard state.scanned[slab] else { return }
             state.allocated -= 1
             state.freeSlots[classIndex].append(slot.offset)
         }
@@ -284,9 +364,10 @@ package final class SlabAllocator: @unchecked Sendable {
         try slot(inRegion: region.id, at: region.base, layout: layout, offset: offset)
     }
 
-    /// Counts for monitoring and tests.
+    /// Counts for monitoring and tests (the scan of allocator recovery is finished first).
     package var statistics: (allocated: Int, reserved: Int, free: Int, unusedSlabs: Int) {
-        state.withLock { state in
+        while scanStep() {}
+        return state.withLock { state in
             (state.allocated, state.reserved, state.freeSlots.reduce(0) { $0 + $1.count }, state.unusedSlabs.count)
         }
     }
