@@ -199,14 +199,12 @@ public final class Cluster: Sendable {
             await bootstrapSession.close()
             for (index, engine) in engines.enumerated() {
                 let node = storage[index]
-                let size = configuration.regionSize, cluster = configuration.cluster
+                let size = configuration.regionSize, regionLogger = logger
                 services.append(MembershipService(
                     engine: engine, store: try makeSession(), options: membershipOptions, logger: logger,
                     connect: { member in try node.connect(member) },
                     openRegion: { placement in
-                        let region = try node.home.openOrCreate(placement.region, size: size, cluster: cluster)
-                        try node.transport.register(region)
-                        return region
+                        try node.openRegionWhileServing(placement, size: size, logger: regionLogger)
                     }))
             }
             for service in services { try await service.start() }

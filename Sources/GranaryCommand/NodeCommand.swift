@@ -328,14 +328,12 @@ extension NodeCommand {
         if let store {
             var options = MembershipOptions()
             options.lease = .milliseconds(leaseMs)
-            let size = configuration.regionSize, cluster = configuration.cluster
+            let size = configuration.regionSize, regionLogger = logger
             let service = MembershipService(
                 engine: engine, store: store, options: options, logger: logger,
                 connect: { member in try storage.connect(member) },
                 openRegion: { placement in
-                    let region = try storage.home.openOrCreate(placement.region, size: size, cluster: cluster)
-                    try storage.transport.register(region)
-                    return region
+                    try storage.openRegionWhileServing(placement, size: size, logger: regionLogger)
                 })
             membership = service
             try await service.start(joining: joining)

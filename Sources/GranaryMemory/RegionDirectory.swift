@@ -23,10 +23,10 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
     /// The path of region `id`'s file in this directory.
     public func path(for id: RegionID) -> FilePath { path.appending(id.fileName) }
 
-    /// Creates region `id` here. See ``Region/create(at:id:kind:size:cluster:slabShift:)``.
+    /// Creates region `id` here. See ``Region/create(at:id:kind:size:cluster:slabShift:sparse:)``.
     public func create(_ id: RegionID, kind: RegionKind = .data, size: Int = RegionFormat.defaultSize,
-                       cluster: ClusterID, slabShift: Int = RegionFormat.defaultSlabShift) throws(RegionError) -> Region {
-        try Region.create(at: path(for: id), id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
+                       cluster: ClusterID, slabShift: Int = RegionFormat.defaultSlabShift, sparse: Bool = false) throws(RegionError) -> Region {
+        try Region.create(at: path(for: id), id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift, sparse: sparse)
     }
 
     /// Creates the lease page of `node`, linked from here. See
@@ -45,10 +45,18 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
     /// fails its checks is an error, never re-created.
     public func openOrCreate(_ id: RegionID, kind: RegionKind = .data, size: Int = RegionFormat.defaultSize,
                              cluster: ClusterID, slabShift: Int = RegionFormat.defaultSlabShift) throws(RegionError) -> Region {
+        try openOrCreateSparse(id, kind: kind, size: size, cluster: cluster, slabShift: slabShift, sparse: false).region
+    }
+
+    /// ``openOrCreate(_:kind:size:cluster:slabShift:)``, creating a missing file `sparse` (see
+    /// ``Region/create(at:id:kind:size:cluster:slabShift:sparse:)``); says whether it created it.
+    public func openOrCreateSparse(_ id: RegionID, kind: RegionKind = .data, size: Int = RegionFormat.defaultSize,
+                                   cluster: ClusterID, slabShift: Int = RegionFormat.defaultSlabShift,
+                                   sparse: Bool = true) throws(RegionError) -> (region: Region, created: Bool) {
         do {
-            return try open(id, cluster: cluster)
+            return (try open(id, cluster: cluster), false)
         } catch .missing {
-            return try create(id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
+            return (try create(id, kind: kind, size: size, cluster: cluster, slabShift: slabShift, sparse: sparse), true)
         }
     }
 
