@@ -141,13 +141,19 @@ public final class Region: @unchecked Sendable {
 
     /// Creates a new region file at `path`, maps it and writes its header.
     ///
+    /// - Parameters:
+    ///   - path: the file to create.
+    ///   - id: the region it holds a replica of.
+    ///   - kind: data or mailbox.
+    ///   - size: its length in bytes (a power of two from 1 MiB to 4 GiB).
+    ///   - cluster: the cluster stamped into its header.
+    ///   - slabShift: log2 of the slab size (data) or of the ring capacity (mailbox).
+    ///   - sparse: create the file without reserving its space (no `posix_fallocate`, which on
+    ///     tmpfs allocates and zeroes every page: about 15 ms for 64 MiB on this machine); the
+    ///     caller reserves it later with ``reserveSpace()``, off the path that waits for the
+    ///     region (a new backup created during recovery).
     /// - Throws: ``RegionError/alreadyExists(path:)`` if any file is at `path` (never overwritten),
     ///   ``RegionError/invalidSize(bytes:reason:)``, or ``RegionError/systemCall(call:path:message:)``.
-    ///
-    /// - Parameter sparse: create the file without reserving its space (no `posix_fallocate`,
-    ///   which on tmpfs allocates and zeroes every page: about 15 ms for 64 MiB on this machine);
-    ///   the caller reserves it later with ``reserveSpace()``, off the path that waits for the
-    ///   region (a new backup created during recovery).
     public static func create(at path: FilePath, id: RegionID, kind: RegionKind = .data,
                               size: Int = RegionFormat.defaultSize, cluster: ClusterID,
                               slabShift: Int = RegionFormat.defaultSlabShift, sparse: Bool = false) throws(RegionError) -> Region {
