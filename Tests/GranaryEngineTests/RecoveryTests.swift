@@ -82,8 +82,10 @@ struct RecoveryTests {
         var description: String { rawValue }
     }
 
+    // Time-limited: it hung once for more than 10 minutes (two pool threads busy in recovery,
+    // cause not found); a hang must fail the run, not hold CI for its whole budget.
     @Test("5 nodes, 3 replicas, a bank on every node, nodes crash under load: money is conserved at every audit, every acknowledged transfer is present, nothing stays locked, every region gets 3 replicas again and they are equal",
-          arguments: Crashes.allCases)
+          .timeLimit(.minutes(3)), arguments: Crashes.allCases)
     func bankSurvivesCrashes(_ crashes: Crashes) async throws {
         let cluster = try await testCluster(nodes: 5, replicas: 3) { options in
             var membership = MembershipOptions()
