@@ -150,7 +150,7 @@ public final class Region: @unchecked Sendable {
     ///   - slabShift: log2 of the slab size (data) or of the ring capacity (mailbox).
     ///   - sparse: create the file without reserving its space (no `posix_fallocate`, which on
     ///     tmpfs allocates and zeroes every page: about 15 ms for 64 MiB on this machine); the
-    ///     caller reserves it later with ``reserveSpace()``, off the path that waits for the
+    ///     caller reserves it later with ``reserveSpace(chunk:pausing:)``, off the path that waits for the
     ///     region (a new backup created during recovery).
     /// - Throws: ``RegionError/alreadyExists(path:)`` if any file is at `path` (never overwritten),
     ///   ``RegionError/invalidSize(bytes:reason:)``, or ``RegionError/systemCall(call:path:message:)``.
@@ -234,15 +234,31 @@ public final class Region: @unchecked Sendable {
     ///
     /// - Throws: ``RegionError/systemCall(call:path:message:)`` naming the file (ENOSPC: its file
     ///   system is full).
-    public func reserveSpace() throws(RegionError) {
+    ///
+    /// - Parameters:
+    ///   - chunk: bytes reserved per call (the whole length at once by default).
+    ///   - pausing: a wait after each chunk but the last, so that reserving a large region on
+    ///     tmpfs (which zeroes every page it reserves) does not take the CPU from the node's
+    ///     foreground work all at once.
+    public func reserveSpace(chunk: Int? = nil, pausing: Duration = .zero) throws(RegionError) {
         let descriptor = path.withPlatformString { Glibc.open($0, O_RDWR | O_CLOEXEC) }
         guard descriptor >= 0 else {
             throw .systemCall(call: "open", path: path, message: String(cString: strerror(errno)))
         }
         defer { close(descriptor) }
-        let result = posix_fallocate(descriptor, 0, off_t(size))
-        guard result == 0 else {
-            throw .systemCall(call: "posix_fallocate", path: path, message: String(cString: strerror(result)))
+        let step = max(4096, chunk ?? size)
+        var offset = 0
+        while offset < size {
+            let length = min(step, size - offset)
+            let result = posix_fallocate(descriptor, off_t(offset), off_t(length))
+            guard result == 0 else {
+                throw .systemCall(call: "posix_fallocate", path: path, message: String(cString: strerror(result)))
+            }
+            offset += length
+            if pausing > .zero, offset < size {
+                let (seconds, attoseconds) = pausing.components
+                usleep(UInt32(min(Int64(1_000_000), seconds * 1_000_000 + attoseconds / 1_000_000_000_000)))
+            }
         }
     }
 

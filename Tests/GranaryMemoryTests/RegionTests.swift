@@ -176,4 +176,26 @@ struct RegionTests {
         #expect(Region.linkTarget(link) == nil, "the link stayed")
         #expect((reopened.base + 64).load(as: UInt64.self) == 7)
     }
+
+    /// New backups made during recovery skip the reservation (on tmpfs it zeroes every page)
+    /// and reserve their space afterwards, in chunks.
+    @Test("a region created sparse holds almost no blocks; reserveSpace in chunks reserves its whole length and keeps what was written")
+    func sparseThenReserved() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path.appending("n0"))
+        func allocatedBytes(_ path: FilePath) -> Int {
+            var info = stat()
+            _ = path.withPlatformString { stat($0, &info) }
+            return Int(info.st_blocks) * 512
+        }
+        let region = try dir.create(RegionID(3), size: 4 << 20, cluster: cluster, sparse: true)
+        #expect(allocatedBytes(region.path) < 1 << 20, "a sparse 4 MiB region already holds \(allocatedBytes(region.path)) bytes")
+        (region.base + (3 << 20)).storeBytes(of: UInt64(0xFEED), as: UInt64.self)
+        try region.reserveSpace(chunk: 256 << 10, pausing: .zero)
+        #expect(allocatedBytes(region.path) >= 4 << 20, "reserved \(allocatedBytes(region.path)) of \(4 << 20) bytes")
+        #expect((region.base + (3 << 20)).load(as: UInt64.self) == 0xFEED)
+        let reopened = try dir.open(RegionID(3), cluster: cluster)
+        #expect(reopened.size == 4 << 20 && reopened.id == RegionID(3))
+    }
 }
