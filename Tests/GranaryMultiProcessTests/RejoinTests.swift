@@ -92,8 +92,16 @@ struct RejoinTests {
                 // It learns it was removed and starts again as a new member.
                 _ = try child.readLine(until: { $0 == "rejoining" }, timeout: 30)
             }
-            let rejoinedAfter = try await waitFor("\(victim) a member again, every region at 3 complete replicas", since: backAt) { now in
-                now.contains(victim) && now.regions.allSatisfy { $0.replicas.count == 3 && $0.copying.isEmpty }
+            let rejoinedAfter: Double
+            do {
+                rejoinedAfter = try await waitFor("\(victim) a member again, every region at 3 complete replicas", since: backAt) { now in
+                    now.contains(victim) && now.regions.allSatisfy { $0.replicas.count == 3 && $0.copying.isEmpty }
+                }
+            } catch {
+                // What the victim's process said (it may have failed to start, or waited): the evidence.
+                let life = lives[victim.index].last!
+                Issue.record("\(victim) (process \(life.process.processIdentifier), running: \(life.process.isRunning)) said: \(life.transcript + life.remainingLines())")
+                throw error
             }
             let now = try await current()
             #expect(now.regions.allSatisfy { $0.replicas.contains(victim) }, "\(victim) rejoined without its replicas: \(now)")
