@@ -46,11 +46,12 @@ public enum CoordinationChoice: Sendable, Equatable {
     /// A ZooKeeper ensemble, e.g. "127.0.0.1:2181".
     case zookeeper(String)
 
-    /// Parses `embedded` or `zookeeper://host:port[,host:port...]`.
+    /// Parses `embedded` or `zookeeper://host:port[,host:port...]` (as a cluster file's
+    /// `coordination` is checked: `ClusterFile.zooKeeperAddress(_:)`).
     public init?(_ text: String) {
         if text == "embedded" { self = .embedded; return }
-        guard text.hasPrefix("zookeeper://"), text.count > 12 else { return nil }
-        self = .zookeeper(String(text.dropFirst(12)))
+        guard let hosts = try? ClusterFile.zooKeeperAddress(text) else { return nil }
+        self = .zookeeper(hosts)
     }
 }
 

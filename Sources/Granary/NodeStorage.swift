@@ -103,7 +103,7 @@ package struct NodeStorage: Sendable {
     /// after a failure, a region on demand), creating a missing file without reserving its space
     /// first: on tmpfs that reservation zeroes every page (about 15 ms for 64 MiB), and a new
     /// backup is made while commits wait for recovery. The space is reserved afterwards on a
-    /// thread of its own, 1 MiB at a time with a 4 ms pause after each (at once, the zeroing took
+    /// thread of its own, 256 KiB at a time with a 4 ms pause after each (at once, the zeroing took
     /// the CPU from the foreground for about 50 ms after recovery on this 2-core machine); a
     /// failure, such as a full file system, is logged naming the file. The region is registered
     /// with the transport.

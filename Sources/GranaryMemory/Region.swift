@@ -132,7 +132,7 @@ public final class Region: @unchecked Sendable {
     }
 
     /// Where the symbolic link at `path` points, or nil.
-    static func linkTarget(_ path: FilePath) -> String? {
+    package static func linkTarget(_ path: FilePath) -> String? {
         var target = [CChar](repeating: 0, count: 256)
         let length = path.withPlatformString { readlink($0, &target, target.count - 1) }
         guard length > 0 else { return nil }

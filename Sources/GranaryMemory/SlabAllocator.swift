@@ -102,7 +102,8 @@ package final class SlabAllocator: @unchecked Sendable {
         var unscanned: [[Int]]
         /// Per slab: whether its free slots are in `freeSlots` (scanned, or carved here).
         var scanned: [Bool]
-        var unscannedCount: Int
+        /// Whether used slabs remain to be scanned.
+        var isScanning: Bool { unscanned.contains { !$0.isEmpty } }
         var allocated: Int
         var reserved: Int
     }
@@ -126,7 +127,6 @@ package final class SlabAllocator: @unchecked Sendable {
         var unused: [Int] = []
         var unscanned = Array(repeating: [Int](), count: classes.count)
         var slabLines = Array(repeating: 0, count: layout.slabCount)
-        var usedSlabs = 0
         let firstSlab = layout.firstSlabOffset >> layout.slabShift
         for slab in stride(from: layout.slabCount - 1, through: firstSlab, by: -1) {
             let lines = Int(region.base.load(fromByteOffset: SlabLayout.tableOffset + slab * 2, as: UInt16.self))
@@ -136,11 +136,10 @@ package final class SlabAllocator: @unchecked Sendable {
             }
             slabLines[slab] = lines
             unscanned[classIndex].append(slab)
-            usedSlabs += 1
         }
         var initial = State(freeSlots: Array(repeating: [Int](), count: classes.count), unusedSlabs: unused,
                             unscanned: unscanned, scanned: Array(repeating: false, count: layout.slabCount),
-                            unscannedCount: usedSlabs, allocated: 0, reserved: 0)
+                            allocated: 0, reserved: 0)
         slabClasses = .allocate(capacity: layout.slabCount)
         for slab in 0..<layout.slabCount { (slabClasses + slab).initialize(to: Atomic<Int>(slabLines[slab])) }
         if scan == .now {
@@ -170,7 +169,6 @@ package final class SlabAllocator: @unchecked Sendable {
             }
         }
         state.scanned[slab] = true
-        state.unscannedCount -= 1
     }
 
     /// Scans one used slab not scanned yet (the background half of allocator recovery); returns
@@ -185,12 +183,12 @@ package final class SlabAllocator: @unchecked Sendable {
                     break
                 }
             }
-            return state.unscannedCount > 0
+            return state.isScanning
         }
     }
 
     /// Whether used slabs remain whose slot headers are not scanned yet.
-    package var isScanning: Bool { state.withLock { $0.unscannedCount > 0 } }
+    package var isScanning: Bool { state.withLock { $0.isScanning } }
 
     deinit {
         slabClasses.deinitialize(count: layout.slabCount)

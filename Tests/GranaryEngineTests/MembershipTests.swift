@@ -15,9 +15,7 @@ struct MembershipTests {
         for node in cluster.nodes {
             let page = node.engine.leasePage
             #expect(page.id == .leasePage(of: node.id) && page.kind == .leasePage)
-            var target = [CChar](repeating: 0, count: 256)
-            let length = page.path.withPlatformString { readlink($0, &target, target.count - 1) }
-            let link = String(decoding: target.prefix(max(0, length)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let link = Region.linkTarget(page.path) ?? ""
             #expect(link.hasPrefix("/proc/\(getpid())/fd/"), "\(page.path) links to '\(link)'")
             let words = (page.base + Int(LeaseWord.offset)).assumingMemoryBound(to: UInt64.self)
             let (renewal, grant) = (words[0], words[1])

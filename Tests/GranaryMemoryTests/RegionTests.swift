@@ -141,12 +141,9 @@ struct RegionTests {
         let link = dir.path(for: .leasePage(of: node))
         #expect(link.string.hasSuffix("leases-n3.page"))
         // The link names this process's descriptor, which names a memory file (not the directory's file system).
-        var target = [CChar](repeating: 0, count: 256)
-        let length = link.withPlatformString { readlink($0, &target, target.count - 1) }
-        let targetPath = String(decoding: target.prefix(max(0, length)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let targetPath = Region.linkTarget(link) ?? ""
         #expect(targetPath == "/proc/\(getpid())/fd/\(page!.descriptor)", "link points at \(targetPath)")
-        let memoryLength = targetPath.withCString { readlink($0, &target, target.count - 1) }
-        let memory = String(decoding: target.prefix(max(0, memoryLength)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let memory = Region.linkTarget(FilePath(targetPath)) ?? ""
         #expect(memory.hasPrefix("/memfd:granary-leases(n3)"), "the descriptor names '\(memory)', not a memory file")
         #expect(page!.kind == .leasePage && page!.size == RegionFormat.headerBytes)
 
