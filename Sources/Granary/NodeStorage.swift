@@ -198,6 +198,67 @@ extension NodeStorage {
             logger: logger)
     }
 
+    /// Makes the replica files that `configuration` (the last one a coordination store holds)
+    /// places but that were never made, because their nodes were killed before they applied it,
+    /// and says which (the files are the only thing changed). With a configuration manager a
+    /// configuration is committed first and each member makes the replicas it places on that node
+    /// when it applies it, so a cluster stopped as a whole in between has:
+    /// - a **new backup** (marked copying) with no file: it is made empty; the node copies the
+    ///   region from its primary again when it starts, as it does for one whose copy was cut short;
+    /// - a **region added on demand** missing on some replicas: no commit can have touched it (every
+    ///   member makes its replica before any commit resumes), so it is made empty when every
+    ///   replica that exists is still unused (no slab carved).
+    /// A missing replica otherwise (a file removed by hand from a region that holds data) is a
+    /// `ConfigurationError` naming the file and the replicas that hold data, and nothing is made.
+    package static func makeUnmadeReplicas(of configuration: Configuration) throws -> [String] {
+        var plan: [(RegionDirectory, RegionPlacement, NodeID, String)] = []
+        for placement in configuration.regions {
+            var missing: [(NodeID, RegionDirectory)] = []
+            var used: [FilePath] = []
+            for node in placement.replicas {
+                guard let member = configuration.members.first(where: { $0.node == node }) else { continue }
+                let home = try directory(of: member)
+                if let region = try openIfPresent(placement.region, in: home, cluster: configuration.cluster) {
+                    if !isUnused(region) { used.append(region.path) }
+                } else {
+                    missing.append((node, home))
+                }
+            }
+            for (node, home) in missing {
+                if placement.copying.contains(node) {
+                    plan.append((home, placement, node, "a new backup that had not begun its copy"))
+                } else if used.isEmpty {
+                    plan.append((home, placement, node, "a region no commit has used yet"))
+                } else {
+                    throw ConfigurationError.invalid(
+                        "\(configuration.id) places a replica of \(placement.region) on \(node), whose file \(home.path(for: placement.region)) does not exist, while \(used.map(\.string).joined(separator: ", ")) hold\(used.count == 1 ? "s" : "") data of it: the file was removed: restore it (nothing was made or changed)")
+                }
+            }
+        }
+        var made: [String] = []
+        for (home, placement, node, why) in plan {
+            let region = try home.create(placement.region, size: configuration.regionSize, cluster: configuration.cluster)
+            made.append("made \(node)'s replica of \(placement.region) (\(region.path)), never made before the stop: \(why)")
+        }
+        return made
+    }
+
+    private static func openIfPresent(_ id: RegionID, in home: RegionDirectory, cluster: ClusterID) throws -> Region? {
+        do {
+            return try home.open(id, cluster: cluster)
+        } catch RegionError.missing {
+            return nil
+        }
+    }
+
+    /// Whether no slab of `region` has been carved (its slab table is all zero): nothing was ever
+    /// allocated in it.
+    private static func isUnused(_ region: Region) -> Bool {
+        let layout = SlabLayout(regionSize: region.size, slabShift: region.slabShift)
+        let table = UnsafeRawBufferPointer(start: region.base + SlabLayout.tableOffset, count: layout.slabCount * 2)
+        return table.allSatisfy { $0 == 0 }
+    }
+
     /// How many records this node's log (its mailbox, opened with `preservingLog`) kept from
     /// before the node stopped: records that restart recovery must decide before anything serves.
     package var keptRecords: Int {

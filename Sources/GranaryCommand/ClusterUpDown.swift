@@ -150,6 +150,7 @@ extension ClusterUp {
             try await Task.sleep(for: .milliseconds(100))
         }
         print("recovering \(stored.id) of \(file.cluster) (the last configuration in the store) from every member's log")
+        for made in try NodeStorage.makeUnmadeReplicas(of: stored) { print(made) }
         let report = try NodeStorage.recoverStoppedCluster(stored, ringCapacity: NodeCommand.ringCapacity)
         print("recovered: \(report)")
         let committed = try await ConfigurationRecord.change(file.cluster, in: store) { current in

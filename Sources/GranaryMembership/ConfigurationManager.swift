@@ -97,6 +97,12 @@ final class ConfigurationManager: Sendable {
         // registered yet (still starting) is left to the leases and their grace period.
         var seen = Set<NodeID>()
         while member.running.load(ordering: .relaxed), member.isManager {
+            // The configuration the listing is judged against: a node whose registration is
+            // listed here but that a configuration after this one removed (the lease path deletes
+            // a suspect's registration, then commits without it) must not be taken for a node
+            // asking to join, which would bring the removed incarnation back as a member that
+            // never answers (seen: the recovery barrier of that configuration waited for ever).
+            let (listedIn, _) = try await ConfigurationRecord.read(engine.configuration.cluster, from: store)
             let (names, watch) = try await store.childrenAndWatch(paths.members)
             var registered: [Member] = []
             var listed = Set<NodeID>()
@@ -121,7 +127,12 @@ final class ConfigurationManager: Sendable {
             let fresh = bits & ~suspectedNodes.bitwiseOr(bits, ordering: .acquiringAndReleasing).oldValue
             defer { suspectedNodes.bitwiseAnd(~fresh, ordering: .releasing) }
             if !leaving.isEmpty { try await waitForLeasesToEnd(of: leaving) }
+            var listingStale = false
             let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
+                guard current.id == listedIn.id else {
+                    listingStale = true
+                    return nil
+                }
                 var next = current
                 for member in current.members where left.contains(member.node) && member.node != self.node {
                     next = ConfigurationRecord.removing(member.node, from: next)
@@ -150,6 +161,8 @@ final class ConfigurationManager: Sendable {
                 try await apply(committed)
                 announce(committed.id)
             }
+            // The configuration moved since the listing: list again against the new one.
+            if listingStale { continue }
             if await watch.event() == .sessionEnded { return }
         }
     }
