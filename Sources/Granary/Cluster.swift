@@ -113,6 +113,13 @@ public final class Cluster: Sendable {
     /// from its region files; otherwise a new one is created there (or in a temporary directory,
     /// removed at ``shutdown()``, when `directory` is nil).
     ///
+    /// With a configuration manager on the embedded store (``ClusterOptions/membership``), every
+    /// configuration it commits is written to `cluster.json` before any node can act in it, so a
+    /// reopen starts from the last one: the regions where recovery left them (promoted backups,
+    /// regions added on demand). A node the manager had removed comes back as a new member: its
+    /// old replica files are set aside (renamed `.removed`), and it gets new backups of the regions
+    /// short of `replicas`, which it copies from their primaries once the manager runs again.
+    ///
     /// - Throws: `ConfigurationError` for an impossible shape (more replicas than nodes),
     ///   `RegionError` for region files that cannot be created or opened.
     public static func local(nodes: Int = 3, replicas: Int = 3, directory: FilePath? = nil,
@@ -129,17 +136,27 @@ public final class Cluster: Sendable {
             root = FilePath(try makeTemporaryDirectory())
         }
         let manifest = root.appending("cluster.json")
-        let configuration: Configuration
+        var configuration: Configuration
         var createdManifest = false
         var lastRecovery: RestartRecovery.Report?
+        /// Nodes of the cluster that the configuration manager had removed (see the reopen below).
+        var removedNodes: [NodeID] = []
         if FileManager.default.fileExists(atPath: manifest.string) {
             let data = try Data(contentsOf: URL(fileURLWithPath: manifest.string))
             // Endpoints are relative to the cluster directory (an older cluster.json may hold
             // absolute ones, which stay as they are).
             configuration = Self.resolvingEndpoints(of: try JSONDecoder().decode(Configuration.self, from: data), against: root)
-            guard configuration.members.count == nodes else {
-                throw ConfigurationError.invalid("\(manifest) describes \(configuration.members.count) nodes, not \(nodes)")
+            // Members the CM removed are not listed; each left its directory, with its mailbox.
+            let listed = Set(configuration.members.map(\.node))
+            removedNodes = (0..<nodes).map { NodeID($0) }.filter { node in
+                !listed.contains(node)
+                    && FileManager.default.fileExists(atPath: root.appending(node.description).appending(RegionID.mailbox(of: node).fileName).string)
             }
+            guard listed.allSatisfy({ $0.index < nodes }), listed.count + removedNodes.count == nodes else {
+                throw ConfigurationError.invalid("\(manifest) describes \(configuration.members.count) nodes (\(configuration.members.map(\.node.description).joined(separator: ", "))\(removedNodes.isEmpty ? "" : "; removed: \(removedNodes.map(\.description).joined(separator: ", "))")), not \(nodes)")
+            }
+            // Replicas the CM placed whose nodes had not made them when the process stopped.
+            for made in try NodeStorage.makeUnmadeReplicas(of: configuration) { options.logger.notice("\(made)") }
         } else {
             let ids = (0..<nodes).map { NodeID($0) }
             // cluster.json names each node's directory relative to itself, so the cluster
@@ -156,7 +173,7 @@ public final class Cluster: Sendable {
             createdManifest = true
         }
         let reopening = FileManager.default.fileExists(atPath: manifest.string) && !createdManifest
-        let storage = try configuration.members.map {
+        var storage = try configuration.members.map {
             try NodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity,
                             preservingLog: reopening, reopening: reopening)
         }
@@ -165,11 +182,20 @@ public final class Cluster: Sendable {
         if reopening {
             // Every node of this cluster restarts at once: recover the transactions in the logs
             // before anything serves (allocators are rebuilt after, when the engines start).
+            // Removed nodes are not members: their logs and replicas were superseded when the
+            // members recovered without them.
             let report = RestartRecovery.recover(
                 configuration: configuration,
                 nodes: storage.map { RestartRecovery.NodeFiles(node: $0.node, mailbox: $0.mailbox, replicas: $0.replicas) },
                 logger: logger)
             lastRecovery = report
+        }
+        if !removedNodes.isEmpty {
+            configuration = try Self.readmitting(removedNodes, to: configuration, root: root, replicas: replicas,
+                                                 replenish: options.membership != nil, manifest: manifest, logger: logger)
+            storage = try configuration.members.map {
+                try NodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity)
+            }
         }
         // Every node's transport reaches its peers through the peers' own mappings.
         for node in storage {
@@ -185,7 +211,17 @@ public final class Cluster: Sendable {
             let makeSession: @Sendable () throws -> any CoordinationStore
             switch options.coordination {
             case .embedded:
-                let service = EmbeddedCoordinationService()
+                // The store's configuration is also the manifest's, written before any node can
+                // see it, so that a reopen finds where recovery left the regions.
+                let configurationPath = MembershipPaths(cluster: configuration.cluster).configuration
+                let service = temporary ? EmbeddedCoordinationService() : EmbeddedCoordinationService { path, data throws(CoordinationError) in
+                    guard path == configurationPath else { return }
+                    do {
+                        try Self.writeManifest(try ConfigurationRecord.decode(data), to: manifest, root: root)
+                    } catch {
+                        throw CoordinationError.backend("the configuration could not be written to \(manifest): \(error)")
+                    }
+                }
                 coordination = service
                 makeSession = { service.session() }
             case .zookeeper(let address):
@@ -226,6 +262,37 @@ public final class Cluster: Sendable {
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
                        removeOnShutdown: temporary, coordination: coordination, membership: services,
                        recovery: lastRecovery, regionAllocation: regionAllocation)
+    }
+
+    /// The configuration a reopened embedded cluster starts in when its manager had removed
+    /// `removed`: `configuration` (restart recovery already ran over its members' logs) with each
+    /// of them a member again, its old replica files set aside as superseded, and, with
+    /// `replenish` (a manager runs, whose data recovery copies them), new backups of the regions
+    /// short of `replicas` on the members holding the fewest; a new id, and no record of an
+    /// earlier one accepted. Written to the manifest before anything starts in it. (Without a
+    /// manager nothing would copy a new backup, so the regions stay short until one runs.)
+    private static func readmitting(_ removed: [NodeID], to configuration: Configuration, root: FilePath, replicas: Int,
+                                    replenish: Bool, manifest: FilePath, logger: Logger) throws -> Configuration {
+        var next = configuration
+        for node in removed {
+            let home = try RegionDirectory(root.appending(node.description))
+            for region in home.regionIDs() where region.mailboxOwner == nil {
+                let path = home.path(for: region).string
+                _ = rename(path, path + ".removed")
+            }
+            next.members.append(Member(node: node, endpoint: "shm:" + home.path.string))
+        }
+        next.members.sort { $0.node < $1.node }
+        if replenish {
+            next = ConfigurationRecord.replenishing(next, replicas: max(ConfigurationRecord.replication(of: configuration), min(replicas, next.servers.count)))
+        }
+        next.id = configuration.id.next
+        next.routingEpoch = next.id
+        try next.validate()
+        for made in try NodeStorage.makeUnmadeReplicas(of: next) { logger.notice("\(made)") }
+        try writeManifest(next, to: manifest, root: root)
+        logger.notice("reopened in \(next.id): \(removed.map(\.description).joined(separator: ", ")) removed before the stop, members again, their old replicas set aside (*.removed)")
+        return next
     }
 
     /// Connects to a cluster of node processes (started by `granary cluster up`) as one of its
@@ -320,9 +387,39 @@ public final class Cluster: Sendable {
     /// takes part in transaction-state recovery as every member does; a client process killed
     /// is removed when its lease runs out, and its transactions in flight are recovered. A
     /// client whose former process still holds its place waits until the CM removes it.
+    ///
+    /// A client removed while it waits to be admitted (a false suspicion on a loaded host: it
+    /// had committed nothing) joins again as a new incarnation, within the same 30 s.
     private static func connectCoordinated(configuration: Configuration, client me: Member, lock: Int32, root: FilePath,
                                            address: String, options: ClusterOptions, logger: Logger) async throws -> Cluster {
         #if ZooKeeper
+        let deadline = ContinuousClock.now + .seconds(30)
+        var attempt = 1
+        while true {
+            do {
+                return try await joinCoordinated(configuration: configuration, client: me, lock: lock, root: root, address: address,
+                                                 options: options, logger: logger, deadline: deadline)
+            } catch let removed as RemovedWhileJoining where ContinuousClock.now < deadline {
+                logger.notice("\(me.node) was removed while it joined (attempt \(attempt)): \(removed.description); joining again")
+                attempt += 1
+            } catch let removed as RemovedWhileJoining {
+                throw ConfigurationError.invalid(removed.description)
+            }
+        }
+        #else
+        throw ConfigurationError.invalid("the coordination store is ZooKeeper at \(address), which this build of Granary leaves out (depend on it with the package trait ZooKeeper)")
+        #endif
+    }
+
+    #if ZooKeeper
+    /// A client's join that ended with its removal before it was admitted.
+    private struct RemovedWhileJoining: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// One attempt of ``connectCoordinated(configuration:client:lock:root:address:options:logger:)``.
+    private static func joinCoordinated(configuration: Configuration, client me: Member, lock: Int32, root: FilePath, address: String,
+                                        options: ClusterOptions, logger: Logger, deadline: ContinuousClock.Instant) async throws -> Cluster {
         let node = me.node
         let store = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
         do {
@@ -348,15 +445,16 @@ public final class Cluster: Sendable {
                 })
             try await service.start(joining: true)
             // Ready once a configuration lists the client and its lease is granted.
-            let clock = ContinuousClock()
-            let deadline = clock.now + .seconds(30)
             while !engine.configuration.contains(node) || engine.commitsBlocked {
-                guard clock.now < deadline, !service.mustRejoin else {
+                let removed = service.mustRejoin
+                guard ContinuousClock.now < deadline, !removed else {
                     let seen = engine.configuration
                     let now = (try? await ConfigurationRecord.read(configuration.cluster, from: store).0).map(\.description) ?? "unreadable"
                     await service.stop()
                     engine.stop()
-                    throw ConfigurationError.invalid("\(node) asked to join \(configuration.cluster) through \(address), but was not admitted within 30 s (is a configuration manager running?): it is in \(seen.id) (\(seen.contains(node) ? "listed" : "not listed"), commits \(engine.commitsBlocked ? "blocked: no lease granted yet, or a recovery under way" : "open")\(service.mustRejoin ? ", removed" : "")); the store holds \(now)")
+                    let description = "\(node) asked to join \(configuration.cluster) through \(address), but was not admitted within 30 s (is a configuration manager running?): it is in \(seen.id) (\(seen.contains(node) ? "listed" : "not listed"), commits \(engine.commitsBlocked ? "blocked: no lease granted yet, or a recovery under way" : "open")\(removed ? ", removed" : "")); the store holds \(now)"
+                    if removed { throw RemovedWhileJoining(description: description) }
+                    throw ConfigurationError.invalid(description)
                 }
                 try await Task.sleep(for: .milliseconds(2))
             }
@@ -366,10 +464,8 @@ public final class Cluster: Sendable {
             await store.close()
             throw error
         }
-        #else
-        throw ConfigurationError.invalid("the coordination store is ZooKeeper at \(address), which this build of Granary leaves out (depend on it with the package trait ZooKeeper)")
-        #endif
     }
+    #endif
 
     /// A cluster dropped without ``shutdown()`` still stops its nodes' threads (pollers), so
     /// nothing of it keeps running or holds its memory; its files are left as they are (a later

@@ -25,9 +25,20 @@ public final class EmbeddedCoordinationService: Sendable {
     }
 
     let state = Mutex(State())
+    /// Called with every write of a persistent node's data (`set`, alone or in a `multi`), under
+    /// the store's lock, after the version check and before the write is visible to anyone: the
+    /// write succeeds only if this returns. What ZooKeeper's own log gives its data, an embedded
+    /// cluster gets by writing what it must find after a crash (its configuration) here.
+    let persisting: (@Sendable (_ path: String, _ data: [UInt8]) throws(CoordinationError) -> Void)?
 
     /// An empty store: only the root node `/`, no session.
-    public init() {}
+    public init() { persisting = nil }
+
+    /// An empty store whose persistent nodes' writes also go through `persisting` (see
+    /// ``persisting``): a write it refuses (by throwing) fails and changes nothing.
+    public init(persisting: @escaping @Sendable (_ path: String, _ data: [UInt8]) throws(CoordinationError) -> Void) {
+        self.persisting = persisting
+    }
 
     /// Opens a session.
     public func session() -> EmbeddedCoordinationSession {
@@ -182,8 +193,14 @@ public final class EmbeddedCoordinationSession: CoordinationStore {
     }
 
     public func set(_ path: String, data: [UInt8], expectedVersion: Int32?) async throws(CoordinationError) -> Int32 {
-        try withState { state, fired throws(CoordinationError) in
-            try EmbeddedCoordinationService.set(path, data: data, expectedVersion: expectedVersion, in: &state, fired: &fired)
+        let persisting = service.persisting
+        return try withState { state, fired throws(CoordinationError) in
+            // Persisted once the write is certain to succeed (the node exists at the version
+            // expected), before it changes anything.
+            if let persisting, let node = state.nodes[path], node.owner == nil, expectedVersion.map({ $0 == node.version }) ?? true {
+                try persisting(path, data)
+            }
+            return try EmbeddedCoordinationService.set(path, data: data, expectedVersion: expectedVersion, in: &state, fired: &fired)
         }
     }
 
@@ -230,6 +247,11 @@ public final class EmbeddedCoordinationSession: CoordinationStore {
                     }
                 } catch {
                     throw .multiFailed(index: index, CoordinationFailure(error))
+                }
+            }
+            if let persisting = service.persisting {
+                for case .set(let path, let data, _) in operations where scratch.nodes[path]?.owner == nil {
+                    try persisting(path, data)
                 }
             }
             state = scratch
