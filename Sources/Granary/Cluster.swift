@@ -631,6 +631,12 @@ public final class Node: Sendable {
     /// out: transactions waiting on a slow, paused or dead peer leave the cooperative pool's
     /// threads to the other tasks.
     ///
+    /// **A failed peer.** With a configuration manager, an attempt that fails on a dead, silent
+    /// or paused peer (it aborted: nothing written, nothing left locked) is tried again once the
+    /// manager has removed that peer and the survivors have recovered without it, waiting up to
+    /// `EngineOptions.replyTimeout` for that; without a manager nothing removes a peer, and the
+    /// error (`TransactionError.peerUnresponsive`, `.transport`) is thrown at once.
+    ///
     /// The body runs on the caller's isolation (`#isolation`): called from the main actor it runs
     /// there; from a task, on that task's executor.
     public func transaction<R: Sendable>(isolation: isolated (any Actor)? = #isolation,
@@ -643,19 +649,27 @@ public final class Node: Sendable {
             // A cancelled task starts no attempt (one that ran aborted, and nothing was written).
             try Task.checkCancellation()
             attempt += 1
-            var outcome = try engine.attempt(transaction, body, spinNanoseconds: spin)
-            // LOCK replies are late (a peer is slow, paused or dead): wait for them without
-            // holding a thread of the cooperative pool. Cancelled meanwhile, the attempt stops
-            // waiting and aborts (ABORT to its primaries); the loop then throws.
-            var pause: UInt64 = 20_000
-            while case .waitingForLockReplies(let result) = outcome {
-                if Task.isCancelled {
-                    engine.abandonLockWait(transaction)
-                } else {
-                    try? await Task.sleep(nanoseconds: pause)
-                    pause = min(2 * pause, 1_000_000)
+            var outcome: Engine.AttemptOutcome<R>
+            do {
+                outcome = try engine.attempt(transaction, body, spinNanoseconds: spin)
+                // LOCK replies are late (a peer is slow, paused or dead): wait for them without
+                // holding a thread of the cooperative pool. Cancelled meanwhile, the attempt stops
+                // waiting and aborts (ABORT to its primaries); the loop then throws.
+                var pause: UInt64 = 20_000
+                while case .waitingForLockReplies(let result) = outcome {
+                    if Task.isCancelled {
+                        engine.abandonLockWait(transaction)
+                    } else {
+                        try? await Task.sleep(nanoseconds: pause)
+                        pause = min(2 * pause, 1_000_000)
+                    }
+                    outcome = try engine.resumeAttempt(transaction, result: result, spinNanoseconds: spin)
                 }
-                outcome = try engine.resumeAttempt(transaction, result: result, spinNanoseconds: spin)
+            } catch {
+                // A dead or paused peer: with a configuration manager, tried again once the peer
+                // has been removed and recovered from.
+                if !Task.isCancelled, try await engine.retriesAfterRemoval(after: error) { continue }
+                throw error
             }
             switch outcome {
             case .waitingForLockReplies:

@@ -554,9 +554,17 @@ extension Engine {
         var lastCause = AbortCause.lockConflict
         while attempt < options.maximumAttempts {
             attempt += 1
-            var outcome = try self.attempt(transaction, body)
-            while case .waitingForLockReplies(let result) = outcome {  // (not without a spin limit)
-                outcome = try resumeAttempt(transaction, result: result, spinNanoseconds: nil)
+            var outcome: AttemptOutcome<R>
+            do {
+                outcome = try self.attempt(transaction, body)
+                while case .waitingForLockReplies(let result) = outcome {  // (not without a spin limit)
+                    outcome = try resumeAttempt(transaction, result: result, spinNanoseconds: nil)
+                }
+            } catch {
+                // A dead or paused peer: with a configuration manager, tried again once the peer
+                // has been removed and recovered from.
+                if retriesAfterRemoval(after: error) { continue }
+                throw error
             }
             switch outcome {
             case .committed(let result):

@@ -343,6 +343,10 @@ package final class Engine: Sendable {
     /// Committed transactions whose backup records await a TRUNCATE, per backup node.
     let pendingTruncation: TruncationBatches
     let running = Atomic<Bool>(true)
+    /// Set by a configuration manager's member service when it starts: a failed peer will be
+    /// removed and recovered from, so a transaction that failed on one waits for that and tries
+    /// again (``retriesAfterRemoval(of:)``).
+    package let recoversFromFailures = Atomic<Bool>(false)
     /// Test-only failures of the commit protocol's sends and reads (see ``injectFaults(_:)``).
     let faults = FaultInjector()
     /// ABORT and COMMIT-PRIMARY records that could not be delivered, retried in order.

@@ -365,6 +365,50 @@ extension Engine {
         return !gate.isClosed
     }
 
+    /// The peer an attempt's error names when the error is one that the peer's removal cures: a
+    /// dead, silent or paused peer (``TransactionError/peerUnresponsive(_:waitedMilliseconds:)``,
+    /// or a transport failure naming it). Such an error reaches the attempt's caller only once the
+    /// attempt has aborted (anything it locked released, nothing written), or as
+    /// ``TransactionError/outcomeUnknown(reason:)``, which is never retried.
+    package static func unreachablePeer(in error: any Error) -> NodeID? {
+        switch error as? TransactionError {
+        case .peerUnresponsive(let node, _): return node
+        case .transport(let failure):
+            switch failure {
+            case .peerUnreachable(let node, _), .channelFull(let node, _), .unknownNode(let node), .unknownRegion(let node, _, _):
+                return node
+            default: return nil
+            }
+        default: return nil
+        }
+    }
+
+    /// With a configuration manager (``recoversFromFailures``), an attempt that failed on a
+    /// dead, silent or paused `error` peer is tried again once the manager has removed the peer
+    /// and the survivors recovered without it (FaRM: transactions wait for recovery, they do not
+    /// fail): waits up to the reply timeout for a configuration without the peer, and says
+    /// whether one came. Without a manager nothing removes a peer: false at once.
+    package func retriesAfterRemoval(after error: any Error) -> Bool {
+        guard recoversFromFailures.load(ordering: .relaxed), let peer = Self.unreachablePeer(in: error), peer != node else { return false }
+        let start = monotonicNanoseconds()
+        while running.load(ordering: .relaxed), monotonicNanoseconds() - start < replyTimeoutNanoseconds {
+            if !configuration.contains(peer) { return waitForUnblockedCommits() }
+            usleep(200)
+        }
+        return false
+    }
+
+    /// ``retriesAfterRemoval(after:)`` without holding a thread.
+    package func retriesAfterRemoval(after error: any Error) async throws -> Bool {
+        guard recoversFromFailures.load(ordering: .relaxed), let peer = Self.unreachablePeer(in: error), peer != node else { return false }
+        let start = monotonicNanoseconds()
+        while running.load(ordering: .relaxed), monotonicNanoseconds() - start < replyTimeoutNanoseconds {
+            if !configuration.contains(peer) { return try await waitForUnblockedCommits() }
+            try await Task.sleep(for: .microseconds(200))
+        }
+        return false
+    }
+
     /// ``waitForUnblockedCommits(timeout:)`` without holding a thread: from a task (recovery's
     /// own tasks may need the cooperative pool's threads to open the gate).
     package func waitForUnblockedCommits(timeout: Duration? = nil) async throws -> Bool {

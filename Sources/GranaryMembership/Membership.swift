@@ -147,6 +147,7 @@ public final class MembershipService: Sendable {
         // lease, before any CM was elected, found itself fenced when the lease lapsed ungranted,
         // and had to report its commit's outcome unknown.
         engine.setFenced(true)
+        engine.recoversFromFailures.store(true, ordering: .relaxed)
         let member = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
         try await register(Array(try JSONEncoder().encode(member)))
         // A client never becomes the CM: it holds no region, and client processes come and go.
