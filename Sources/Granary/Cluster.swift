@@ -173,6 +173,9 @@ public final class Cluster: Sendable {
             createdManifest = true
         }
         let reopening = FileManager.default.fileExists(atPath: manifest.string) && !createdManifest
+        if reopening, options.membership != nil, case .zookeeper(let address) = options.coordination {
+            try await Self.checkStoredConfiguration(of: configuration, at: address, manifest: manifest)
+        }
         var storage = try configuration.members.map {
             try NodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity,
                             preservingLog: reopening, reopening: reopening)
@@ -262,6 +265,30 @@ public final class Cluster: Sendable {
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
                        removeOnShutdown: temporary, coordination: coordination, membership: services,
                        recovery: lastRecovery, regionAllocation: regionAllocation)
+    }
+
+    /// Before a reopen with a configuration manager on ZooKeeper changes any file: the store
+    /// outlives the process and holds the configurations its manager committed (cluster.json
+    /// holds them only on the embedded store), so one newer than cluster.json's means regions may
+    /// have moved, and restart recovery over the files as cluster.json places them could roll a
+    /// stale replica forward. That is refused, naming both.
+    private static func checkStoredConfiguration(of configuration: Configuration, at address: String, manifest: FilePath) async throws {
+        #if ZooKeeper
+        let session = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
+        let stored: Configuration?
+        do {
+            stored = try await ConfigurationRecord.read(configuration.cluster, from: session).0
+        } catch CoordinationError.noNode(_) {
+            stored = nil
+        } catch {
+            await session.close()
+            throw error
+        }
+        await session.close()
+        if let stored, stored.id != configuration.id {
+            throw ConfigurationError.invalid("the coordination store at \(address) holds \(stored.id) of \(configuration.cluster), while \(manifest) holds \(configuration.id): its configuration manager moved on (a node removed, regions re-placed), which this directory does not record; nothing was changed. Run the cluster as node processes (`granary cluster up --coordination`, whose restart recovery starts from the store's configuration), or on the embedded store, which writes each configuration to cluster.json")
+        }
+        #endif
     }
 
     /// The configuration a reopened embedded cluster starts in when its manager had removed

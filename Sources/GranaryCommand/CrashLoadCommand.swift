@@ -60,8 +60,12 @@ struct CrashLoadCommand: ParsableCommand {
 
     /// Whether `node` still serves (not crashed, not removed by the manager).
     static func serves(_ node: Node) -> Bool {
-        node.engine.isRunning && node.engine.configuration.contains(node.id)
+        node.engine.isRunning && node.engine.configuration.contains(node.id) && crashing.load(ordering: .acquiring) != node.id.index
     }
+
+    /// The node `--crash-node` crashes, from the moment the crash begins (its membership stops
+    /// before its engine does).
+    static let crashing = Atomic<Int>(-1)
 
     func validate() throws {
         guard workers >= 1, workers <= 32 else { throw ValidationError("--workers is 1 to 32") }
@@ -197,6 +201,7 @@ struct CrashLoadCommand: ParsableCommand {
         }
         if crashNode >= 0 {
             try await Task.sleep(for: .milliseconds(crashAfterMs))
+            Self.crashing.store(crashNode, ordering: .releasing)
             cluster.crash(NodeID(crashNode))
             output.withLock { _ in
                 print("crashed n\(crashNode)")

@@ -157,3 +157,53 @@ struct ZooKeeperMembershipTests {
         }
     }
 }
+
+/// An embedded cluster whose configuration manager runs on ZooKeeper: the store outlives the
+/// process, and cluster.json does not follow it.
+@Suite("Reopen with a manager on ZooKeeper",
+       .enabled(if: zooKeeper != nil, "no ZooKeeper server: set GRANARY_ZOOKEEPER=host:port or run Scripts/test zookeeper"))
+struct ZooKeeperReopenTests {
+    @Test("reopening a directory whose manager on ZooKeeper committed configurations after cluster.json's is refused before any file changes, naming both configurations")
+    func reopenAfterTheStoreMovedOn() async throws {
+        let tmp = TemporaryDirectory("granary-zk-reopen")
+        defer { tmp.remove() }
+        let directory = tmp.path.appending("c")
+        var options = ClusterOptions()
+        options.regionSize = 1 << 20
+        options.ringCapacity = 64 << 10
+        options.logger.logLevel = .error
+        var membership = MembershipOptions()
+        membership.lease = .milliseconds(10)
+        membership.probeLeases = 1
+        options.membership = membership
+        options.coordination = .zookeeper(zooKeeper!)
+        let cluster = try await Cluster.local(directory: directory, options: options)
+        let object = try await cluster.nodes[0].transaction { try $0.allocate(Int64(1)) }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !cluster.membership.contains(where: \.isManager) {
+            try #require(ContinuousClock.now < deadline, "no CM within 30 s")
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        let victim = NodeID((cm.index + 1) % 3)
+        cluster.crash(victim)
+        while cluster.nodes[cm.index].engine.configuration.contains(victim) {
+            try #require(ContinuousClock.now < deadline, "\(victim) not removed within 30 s")
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        try await cluster.nodes[cm.index].transaction { try $0.write(object, Int64(2)) }
+        try await cluster.shutdown()
+        let manifest = try Data(contentsOf: URL(fileURLWithPath: directory.appending("cluster.json").string))
+        let mailbox = directory.appending("n0").appending(RegionID.mailbox(of: NodeID(0)).fileName).string
+        let mailboxBefore = try Data(contentsOf: URL(fileURLWithPath: mailbox))
+        do {
+            let reopened = try await Cluster.local(directory: directory, options: options)
+            try await reopened.shutdown()
+            Issue.record("the directory reopened in cluster.json's configuration although the store had moved on")
+        } catch let error as ConfigurationError {
+            #expect("\(error)".contains("config#1") && "\(error)".contains("holds config#"), "the error does not name both configurations: \(error)")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: directory.appending("cluster.json").string)) == manifest, "cluster.json changed")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: mailbox)) == mailboxBefore, "n0's log (its mailbox) changed: restart recovery ran")
+    }
+}
