@@ -27,6 +27,7 @@ let package = Package(
         .executable(name: "example-bank", targets: ["ExampleBank"]),
         .executable(name: "example-hashtable", targets: ["ExampleHashTable"]),
         .executable(name: "example-client", targets: ["ExampleClient"]),
+        .executable(name: "example-verbs-read", targets: ["ExampleVerbsRead"]),
     ],
     // A service that uses only the shared-memory transport and the embedded coordination store
     // depends on Granary with `traits: []`: it then needs libpmem alone, not libibverbs,
@@ -195,6 +196,12 @@ let package = Package(
         .executableTarget(
             name: "ExampleClient",
             dependencies: ["Granary"]
+        ),
+        // One-sided RDMA verbs between two nodes on one device (runs where there is one: a
+        // soft-RoCE guest, Scripts/softroce-vm).
+        .executableTarget(
+            name: "ExampleVerbsRead",
+            dependencies: ["GranaryVerbs", "GranaryTransport", "GranaryMemory", .product(name: "SystemPackage", package: "swift-system")]
         ),
 
         // MARK: Tests
