@@ -34,8 +34,10 @@ public final class EmbeddedCoordinationService: Sendable {
     /// An empty store: only the root node `/`, no session.
     public init() { persisting = nil }
 
-    /// An empty store whose persistent nodes' writes also go through `persisting` (see
-    /// ``persisting``): a write it refuses (by throwing) fails and changes nothing.
+    /// An empty store whose persistent nodes' writes also go through `persisting`: it is called
+    /// with each write of a persistent node's data (`set`, alone or in a `multi`), under the
+    /// store's lock, after the version check and before the write is visible to anyone; a write
+    /// it refuses (by throwing) fails and changes nothing.
     public init(persisting: @escaping @Sendable (_ path: String, _ data: [UInt8]) throws(CoordinationError) -> Void) {
         self.persisting = persisting
     }
