@@ -193,9 +193,15 @@ public final class Cluster: Sendable {
                 logger: logger)
             lastRecovery = report
         }
+        let recovered = configuration
         if !removedNodes.isEmpty {
             configuration = try Self.readmitting(removedNodes, to: configuration, root: root, replicas: replicas,
                                                  replenish: options.membership != nil, manifest: manifest, logger: logger)
+        }
+        if reopening, options.membership == nil, configuration.regions.contains(where: { !$0.copying.isEmpty }) {
+            configuration = try Self.droppingCopies(of: configuration, root: root, manifest: manifest, logger: logger)
+        }
+        if configuration != recovered {
             storage = try configuration.members.map {
                 try NodeStorage(node: $0.node, configuration: configuration, ringCapacity: options.ringCapacity)
             }
@@ -289,6 +295,36 @@ public final class Cluster: Sendable {
             throw ConfigurationError.invalid("the coordination store at \(address) holds \(stored.id) of \(configuration.cluster), while \(manifest) holds \(configuration.id): its configuration manager moved on (a node removed, regions re-placed), which this directory does not record; nothing was changed. Run the cluster as node processes (`granary cluster up --coordination`, whose restart recovery starts from the store's configuration), or on the embedded store, which writes each configuration to cluster.json")
         }
         #endif
+    }
+
+    /// The configuration a cluster reopened without a manager starts in when `configuration` has
+    /// new backups whose copy had not completed (restart recovery already ran): without a manager
+    /// nothing completes a copy, and a backup missing slabs holds back every record it cannot
+    /// apply, so they are dropped and their files set aside (renamed `.removed`); a manager, when
+    /// one runs again, gives the regions new backups. A new id, no record of an earlier one
+    /// accepted; written to the manifest before anything starts in it.
+    private static func droppingCopies(of configuration: Configuration, root: FilePath, manifest: FilePath,
+                                       logger: Logger) throws -> Configuration {
+        var next = configuration
+        var dropped: [String] = []
+        for index in next.regions.indices where !next.regions[index].copying.isEmpty {
+            let placement = next.regions[index]
+            for node in placement.copying {
+                if let member = next.members.first(where: { $0.node == node }) {
+                    let path = try NodeStorage.directory(of: member).path(for: placement.region).string
+                    _ = rename(path, path + ".removed")
+                }
+                dropped.append("\(placement.region) on \(node)")
+            }
+            next.regions[index].backups.removeAll { placement.copying.contains($0) }
+            next.regions[index].copying = []
+        }
+        next.id = configuration.id.next
+        next.routingEpoch = next.id
+        try next.validate()
+        try writeManifest(next, to: manifest, root: root)
+        logger.notice("reopened without a manager in \(next.id): the new backups still copying (\(dropped.joined(separator: ", "))) were dropped; a manager gives the regions new backups")
+        return next
     }
 
     /// The configuration a reopened embedded cluster starts in when its manager had removed

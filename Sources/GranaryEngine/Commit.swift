@@ -102,7 +102,7 @@ extension Transaction {
         defer { if holdsGate { engine.gate.leave(shard) } }
         guard engine.isCurrentView(state.pointee.viewRef) else { throw AbortSignal(cause: .wrongConfiguration) }
         if engine.owed.count.load(ordering: .relaxed) > 0 { engine.resolveOwedRecords() }
-        let id = try sendLock(engine: engine)
+        let id = try sendLock(engine: engine, waitForRoom: spinNanoseconds == nil)
         var deadline: UInt64 = 0
         let result: ReplySlots.WaitResult = engine.faults.fails(.lockReply, engine.node)
             ? .timedOut : waitForLock(id, engine: engine, deadline: &deadline, spinNanoseconds: spinNanoseconds)
@@ -201,7 +201,7 @@ extension Transaction {
     }
 
     /// Writes a record of `kind` holding the entries for which `include` is true, and sends it.
-    private func sendEntries(_ kind: RecordKind, _ id: TransactionID, to node: NodeID,
+    private func sendEntries(_ kind: RecordKind, _ id: TransactionID, to node: NodeID, waiting: Bool = true,
                              where include: (WriteEntry) -> Bool) throws(TransactionError) {
         // Buffer pointers rather than `for entry in writes`, whose iterator holds a reference.
         var size = RecordFormat.headerBytes
@@ -220,15 +220,32 @@ extension Transaction {
                 }
             }
         }
-        try sendRecord(writer.bytes, to: node)
+        try sendRecord(writer.bytes, to: node, opening: kind == .lock, waiting: waiting)
     }
 
+    /// Sends a record of this commit to `node`. `opening` (LOCK): within the ring's opening share
+    /// (``ChannelSender/openingLimit``), waiting for room only with `waiting` (else
+    /// ``TransportError/channelFull(receiver:waitedMilliseconds:)`` at once).
     @inline(__always)
-    func sendRecord(_ bytes: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false) throws(TransactionError) {
+    func sendRecord(_ bytes: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false,
+                    opening: Bool = false, waiting: Bool = true) throws(TransactionError) {
         let failure: TransactionError? = state.pointee.viewRef._withUnsafeGuaranteedRef { view in
             do throws(TransactionError) {
                 if !usingReserve && view.channelFillsUp(to: node) { withEngine { $0.flushTruncations(to: node) } }
-                try view.send(bytes, to: node, usingReserve: usingReserve)
+                if usingReserve {
+                    try view.send(bytes, to: node, usingReserve: true)
+                } else {
+                    do throws(TransactionError) {
+                        try view.send(bytes, to: node, waiting: false, opening: opening)
+                    } catch .transport(.channelFull) {
+                        // Full after all (others filled it since the look above): the ring holds
+                        // records kept until TRUNCATE, and the TRUNCATEs pending for this node may
+                        // be what frees it. They go first, on the reserve kept for them; then this
+                        // record waits for room, if it may.
+                        withEngine { $0.flushTruncations(to: node) }
+                        try view.send(bytes, to: node, waiting: waiting, opening: opening)
+                    }
+                }
                 return nil
             } catch {
                 return error
@@ -250,7 +267,13 @@ extension Transaction {
     /// each primary's CPU locks them with compare-and-swap and answers (``waitForLock``,
     /// ``endLock``). If a send fails, ABORT goes to every primary the LOCK reached (they may hold
     /// locks) and the attempt ends: nothing was written. Returns the attempt's reply slot.
-    private func sendLock(engine: Engine) throws -> TransactionID {
+    ///
+    /// Without `waitForRoom` (a caller that can wait without a thread), a primary's log that has
+    /// no room for the LOCK ends the attempt the same way, as ``AbortCause/logFull``: the records
+    /// filling that log are kept until their transactions finish, which may need the thread this
+    /// commit would hold while it waited (with every thread of a cooperative pool waiting so, no
+    /// transaction could finish: seen in the bank test on a 2-thread pool).
+    private func sendLock(engine: Engine, waitForRoom: Bool) throws -> TransactionID {
         collectPrimaries()
         let primaries = primaryMask
         let id = engine.replies.acquireWaiting(node: engine.node, replies: primaries.nonzeroBitCount)
@@ -258,7 +281,11 @@ extension Transaction {
         for primary in NodeMask(primaries) {
             do {
                 try engine.faults.check(.lockSend, primary)
-                try sendEntries(.lock, id, to: primary) { $0.primary == primary }
+                try sendEntries(.lock, id, to: primary, waiting: waitForRoom) { $0.primary == primary }
+            } catch TransactionError.transport(.channelFull(_, 0)) where !waitForRoom {
+                abortLocked(id, primaries: sent, engine: engine)
+                engine.replies.release(id)
+                throw AbortSignal(cause: .logFull)
             } catch {
                 abortLocked(id, primaries: sent, engine: engine)
                 engine.replies.release(id)

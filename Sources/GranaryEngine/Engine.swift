@@ -291,14 +291,20 @@ package final class ConfigurationView: @unchecked Sendable {
 
     /// Sends `record` to `node`'s mailbox through this configuration's sender; without `waiting`,
     /// only if the ring has room now (else ``TransportError/channelFull(receiver:waitedMilliseconds:)``).
-    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false, waiting: Bool = true) throws(TransactionError) {
+    ///
+    /// With `opening` (a LOCK), the record may fill only ``ChannelSender/openingLimit`` of the
+    /// ring.
+    func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false, waiting: Bool = true,
+              opening: Bool = false) throws(TransactionError) {
         guard !sendsStopped.load(ordering: .relaxed) else { throw .shutDown(self.node) }
         guard node.index < NodeID.limit, let sender = senderTable[node.index], isMember(node) || configuration.contains(self.node) else {
             throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
         }
         let failure: TransportError? = sender._withUnsafeGuaranteedRef { sender in
             do throws(TransportError) {
-                if waiting {
+                if opening {
+                    if try !sender.sendOpening(record, waiting: waiting) { return .channelFull(receiver: node, waitedMilliseconds: 0) }
+                } else if waiting {
                     try sender.send(record, usingReserve: usingReserve)
                 } else if try !sender.trySend(record, usingReserve: usingReserve) {
                     return .channelFull(receiver: node, waitedMilliseconds: 0)

@@ -16,6 +16,11 @@ public enum AbortCause: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case wrongConfiguration = 5
     /// The primary could not take the lock: the address is not an object it holds.
     case invalidObject = 6
+    /// A primary's log had no room for the LOCK (records kept until TRUNCATE filled it) and the
+    /// caller can wait without a thread (``Node/transaction``): the attempt ends and is retried
+    /// after a pause, instead of holding a thread of the cooperative pool that the transactions
+    /// whose records fill the log may need to finish.
+    case logFull = 7
 
     /// The cause's name in metrics and logs (`lock-conflict`, `validation-failed`, ...): the
     /// `cause` dimension of `granary_transactions_aborted_total`.
@@ -27,6 +32,7 @@ public enum AbortCause: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .inconsistentRead: return "inconsistent-read"
         case .wrongConfiguration: return "wrong-configuration"
         case .invalidObject: return "invalid-object"
+        case .logFull: return "log-full"
         }
     }
 }

@@ -69,16 +69,19 @@ final class ConfigurationManager: Sendable {
             if silent == nil, (try? await store.exists(paths.members + "/\(old)")) == false { silent = old }
         }
         let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
-            guard current.manager != node else { return nil }
             var next = current
             next.manager = node
             // A CM that was replaced because it stopped renewing leases leaves the configuration.
             if let old = current.manager, old != node, !self.member.candidatesContain(old) || old == silent {
                 next = ConfigurationRecord.removing(old, from: next)
-                next = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
                 next.manager = node
             }
-            return next
+            // Regions short of the cluster's replication (a cluster reopened without a manager
+            // after one removed a node, whose new backups were then dropped) get new backups
+            // wherever a member holds no replica of them yet.
+            let replenished = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
+            if replenished.regions != next.regions { next = replenished }
+            return next == current ? nil : next
         }
         if let committed {
             for removed in engine.configuration.members.map(\.node) where !committed.contains(removed) {

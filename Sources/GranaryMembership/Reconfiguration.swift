@@ -154,9 +154,17 @@ extension MembershipService {
     /// arrived first (a member died during recovery: the CM removes it too).
     private func waitForEveryMember(of next: Configuration, under path: String) async throws -> Bool {
         let expected = Set(next.members.map { "\($0.node.rawValue)" })
+        let start = monotonicNanoseconds()
+        var reported = false
         while true {
             let present = Set(try await store.children(path))
             if expected.isSubset(of: present) { return true }
+            if !reported, monotonicNanoseconds() - start > 5_000_000_000 {
+                // A barrier that lasts is a member that cannot get there: say which, once.
+                reported = true
+                let missing = expected.subtracting(present).sorted().map { "n\($0)" }.joined(separator: ", ")
+                logger.warning("\(node) has waited 5 s under \(path) for \(missing) (in \(engine.configuration.id), newest seen \(newest.withLock { $0 }?.id.description ?? "none"))")
+            }
             if let newest = newest.withLock({ $0 }), newest.id > next.id { return false }
             guard running.load(ordering: .relaxed) else { throw RecoveryError(description: "\(node) stopped during recovery") }
             try await Task.sleep(for: .microseconds(200))

@@ -1000,6 +1000,25 @@ public final class ChannelSender: Sendable {
         }
     }
 
+    /// How much of the ring a commit's opening records (LOCK) may fill: three quarters. The
+    /// records of commits already past LOCK (COMMIT-BACKUP, COMMIT-PRIMARY) may fill seven eighths
+    /// (``send(_:usingReserve:)``), and those that free space (ABORT, TRUNCATE) all of it; so a
+    /// ring that kept records have filled refuses new commits first, and the commits under way
+    /// still find room to finish, and with them the records that let the receiver free the ring.
+    @inlinable public var openingLimit: Int { ringCapacity &- ringCapacity >> 2 }
+
+    /// Sends a commit's opening record within ``openingLimit``; with `waiting`, waits for room
+    /// (as ``send(_:usingReserve:)``), else returns false at once if there is none.
+    @inlinable @inline(__always)
+    public func sendOpening(_ message: UnsafeRawBufferPointer, waiting: Bool) throws(TransportError) -> Bool {
+        let limit = openingLimit
+        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count, limit: limit) {
+            writeMapped(message, at: reservation)
+            return true
+        }
+        return try sendSlowly(message, wait: waiting, limit: limit)
+    }
+
     /// Bytes of the ring in use as this sender last learned (reserved, not yet freed by the
     /// receiver): two loads of the sender's own counters, no round trip. May overstate.
     @inlinable

@@ -59,6 +59,56 @@ struct CooperativePoolTests {
         try await cluster.shutdown()
     }
 
+    @Test("transactions whose primary's log is full (4 KiB rings, the primary paused) leave the pool's threads free: each attempt that finds no room for its LOCK ends and waits without a thread, a heartbeat task keeps its timing, and every transaction commits once the primary resumes")
+    func fullLogLeavesThePoolFree() async throws {
+        let pool = ProcessInfo.processInfo.activeProcessorCount
+        let cluster = try await testCluster { options in
+            options.ringCapacity = 4 << 10
+            options.engine.replyTimeout = .seconds(10)
+            options.logger.logLevel = .critical
+        }
+        let payload = [UInt8](repeating: 1, count: 400)
+        var objects: [GlobalAddress] = []
+        for _ in 0..<(8 * pool) { objects.append(try await cluster.nodes[2].transaction { try $0.allocate(bytes: payload) }) }
+        try await cluster.quiesce()
+        let coordinator = cluster.nodes[0]
+        let paused = cluster.nodes[2].engine
+        paused.pauseRecordProcessing(true)
+        let heartbeat = Task { () -> [Double] in
+            var gaps: [Double] = []
+            var last = ContinuousClock.now
+            for _ in 0..<60 {
+                try await Task.sleep(for: .milliseconds(10))
+                let now = ContinuousClock.now
+                gaps.append(Double((now - last).components.attoseconds) / 1e15 + Double((now - last).components.seconds) * 1000)
+                last = now
+            }
+            return gaps
+        }
+        // Far more LOCK bytes (8 x pool x 400) than three quarters of a 4 KiB ring hold.
+        let writers = objects.enumerated().map { index, object in
+            Task { try await coordinator.transaction { tx in try tx.write(object, bytes: [UInt8](repeating: UInt8(index % 200 + 2), count: 400)) } }
+        }
+        try await Task.sleep(for: .milliseconds(400))
+        paused.pauseRecordProcessing(false)
+        var failures: [String] = []
+        for writer in writers {
+            do { try await writer.value } catch { failures.append("\(error)") }
+        }
+        let gaps = try await heartbeat.value
+        let worst = gaps.max() ?? 0
+        let logFull = coordinator.statistics.aborts[.logFull] ?? 0
+        print("cooperative pool of \(pool): \(writers.count) transactions on a paused primary's full 4 KiB log; \(logFull) attempts found no room; heartbeat worst gap \(Int(worst)) ms")
+        #expect(failures.isEmpty, "transactions failed after the primary resumed: \(failures.prefix(3))")
+        #expect(logFull > 0, "no attempt found the log full: the test did not fill it")
+        #expect(worst < 200, "a heartbeat on the pool stalled for \(Int(worst)) ms while the log was full (gaps: \(gaps.map { Int($0) }))")
+        let values = try await coordinator.transaction { tx in try objects.map { try tx.read($0) } }
+        for (index, value) in values.enumerated() {
+            #expect(value == [UInt8](repeating: UInt8(index % 200 + 2), count: 400), "object \(index) holds \(value.prefix(4))...")
+        }
+        try await cluster.shutdown()
+    }
+
     @Test("a transaction waiting for a paused peer's LOCK answer, cancelled, ends at once with CancellationError; its LOCK is aborted, so nothing stays locked or written")
     func cancelledWhileWaiting() async throws {
         let (cluster, objects) = try await clusterWithObjects(1)
