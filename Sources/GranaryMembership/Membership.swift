@@ -317,7 +317,18 @@ public final class MembershipService: Sendable {
         spawn {
             while self.running.load(ordering: .relaxed) {
                 do {
-                    while let next = self.pendingConfiguration() { try await self.move(to: next) }
+                    while let next = self.pendingConfiguration() {
+                        try await self.move(to: next)
+                        if self.engine.configuration.id < next.id, self.pendingConfiguration()?.id == next.id {
+                            // The move did not happen: its recovery was abandoned for a newer
+                            // configuration this node has not seen yet. Let the task that brings
+                            // it run (the embedded store's calls never suspend, so without a
+                            // pause this loop kept both threads of a 2-thread pool, and the
+                            // watches that would bring the newer one never ran: seen as a hang of
+                            // the recovery test after two nodes failed at once).
+                            try await Task.sleep(for: .milliseconds(1))
+                        }
+                    }
                 } catch {
                     // A failed store call or region file: try again shortly (the newest
                     // configuration stays pending).

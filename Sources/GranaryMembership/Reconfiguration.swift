@@ -88,6 +88,7 @@ extension MembershipService {
         }
         let decisions = TransactionRecovery.decide(votes: all, in: engine.configuration, survivors: Set(next.members.map(\.node)))
         guard let settled = try await settle(base + "/outcome", proposing: Self.encode(decisions)) else {
+            logger.info("\(node): recovery into \(next.id) was abandoned by another member, which saw a newer configuration")
             return false
         }
         try await finish(next, decisions: settled, removed: removed, timeline: &timeline, start: start)
