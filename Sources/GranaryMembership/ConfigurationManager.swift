@@ -71,16 +71,21 @@ final class ConfigurationManager: Sendable {
         let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
             var next = current
             next.manager = node
+            var removedOld = false
             // A CM that was replaced because it stopped renewing leases leaves the configuration.
             if let old = current.manager, old != node, !self.member.candidatesContain(old) || old == silent {
                 next = ConfigurationRecord.removing(old, from: next)
                 next.manager = node
+                removedOld = true
             }
-            // Regions short of the cluster's replication (a cluster reopened without a manager
-            // after one removed a node, whose new backups were then dropped) get new backups
-            // wherever a member holds no replica of them yet.
+            // Regions short of the cluster's replication (left short by that removal, or by a
+            // cluster reopened without a manager after one removed a node, whose new backups were
+            // then dropped) get new backups wherever a member holds no replica of them yet. After
+            // a removal the replication is recorded even when no member can take a backup now, so
+            // that a node joining later gets them (dropping it made a rejoin leave the regions
+            // short: seen in the rejoin test).
             let replenished = ConfigurationRecord.replenishing(next, replicas: ConfigurationRecord.replication(of: current))
-            if replenished.regions != next.regions { next = replenished }
+            if removedOld || replenished.regions != next.regions { next = replenished }
             return next == current ? nil : next
         }
         if let committed {

@@ -20,17 +20,13 @@ struct CooperativePoolTests {
         return (cluster, objects)
     }
 
-    @Test("transactions waiting for a paused peer's LOCK answers leave the pool's threads free: a heartbeat task keeps its 10 ms period, and every transaction commits once the peer resumes")
-    func heartbeatKeepsItsTiming() async throws {
-        let pool = ProcessInfo.processInfo.activeProcessorCount
-        let (cluster, objects) = try await clusterWithObjects(3 * pool)
-        let coordinator = cluster.nodes[0]
-        let paused = cluster.nodes[2].engine
-        paused.pauseRecordProcessing(true)
-        let heartbeat = Task { () -> [Double] in
+    /// A task on the cooperative pool that sleeps 10 ms `beats` times and returns each gap
+    /// between its wake-ups, in milliseconds.
+    func heartbeat(beats: Int) -> Task<[Double], any Error> {
+        Task {
             var gaps: [Double] = []
             var last = ContinuousClock.now
-            for _ in 0..<100 {
+            for _ in 0..<beats {
                 try await Task.sleep(for: .milliseconds(10))
                 let now = ContinuousClock.now
                 gaps.append(Double((now - last).components.attoseconds) / 1e15 + Double((now - last).components.seconds) * 1000)
@@ -38,6 +34,16 @@ struct CooperativePoolTests {
             }
             return gaps
         }
+    }
+
+    @Test("transactions waiting for a paused peer's LOCK answers leave the pool's threads free: a heartbeat task keeps its 10 ms period, and every transaction commits once the peer resumes")
+    func heartbeatKeepsItsTiming() async throws {
+        let pool = ProcessInfo.processInfo.activeProcessorCount
+        let (cluster, objects) = try await clusterWithObjects(3 * pool)
+        let coordinator = cluster.nodes[0]
+        let paused = cluster.nodes[2].engine
+        paused.pauseRecordProcessing(true)
+        let heartbeat = heartbeat(beats: 100)
         // More waiting transactions than the pool has threads, each writing its own object.
         let writers = objects.enumerated().map { index, object in
             Task { try await coordinator.transaction { tx in try tx.write(object, Int64(1000 + index)) } }
@@ -74,17 +80,7 @@ struct CooperativePoolTests {
         let coordinator = cluster.nodes[0]
         let paused = cluster.nodes[2].engine
         paused.pauseRecordProcessing(true)
-        let heartbeat = Task { () -> [Double] in
-            var gaps: [Double] = []
-            var last = ContinuousClock.now
-            for _ in 0..<60 {
-                try await Task.sleep(for: .milliseconds(10))
-                let now = ContinuousClock.now
-                gaps.append(Double((now - last).components.attoseconds) / 1e15 + Double((now - last).components.seconds) * 1000)
-                last = now
-            }
-            return gaps
-        }
+        let heartbeat = heartbeat(beats: 60)
         // Far more LOCK bytes (8 x pool x 400) than three quarters of a 4 KiB ring hold.
         let writers = objects.enumerated().map { index, object in
             Task { try await coordinator.transaction { tx in try tx.write(object, bytes: [UInt8](repeating: UInt8(index % 200 + 2), count: 400)) } }
