@@ -420,8 +420,17 @@ public final class Transaction {
     /// Allocates a new object holding raw bytes (no length prefix); see ``allocate(_:)``.
     public func allocate(raw bytes: UnsafeRawBufferPointer) throws -> GlobalAddress {
         let regions = view.allocationRegions
-        // A node that leads no region (a client) allocates at other nodes' primaries.
-        guard !regions.isEmpty else { return try allocateRemotely(raw: bytes) }
+        // A node that leads no region (a client, or a node that came back with backups only)
+        // allocates at other nodes' primaries; when all are full, a node that can hold regions
+        // asks for one of its own (regions on demand), as one whose own regions are full does.
+        guard !regions.isEmpty else {
+            do {
+                return try allocateRemotely(raw: bytes)
+            } catch TransactionError.outOfMemory(_, let reason) where !(view.configuration.members.first { $0.node == engine.node }?.client ?? true) {
+                try engine.requestRegion(seenIn: view.configurationID, bytes: bytes.count, full: reason)
+                throw AbortSignal(cause: .wrongConfiguration)
+            }
+        }
         let start = engine.allocationCursor.wrappingAdd(1, ordering: .relaxed).oldValue
         var lastError: AllocationError?
         for step in 0..<regions.count {

@@ -1008,7 +1008,9 @@ public final class ChannelSender: Sendable {
     @inlinable public var openingLimit: Int { ringCapacity &- ringCapacity >> 2 }
 
     /// Sends a commit's opening record within ``openingLimit``; with `waiting`, waits for room
-    /// (as ``send(_:usingReserve:)``), else returns false at once if there is none.
+    /// (as ``send(_:usingReserve:)``), else returns false at once if there is none, or (on the
+    /// unmapped path) if another thread's send holds the staging buffer: that send may itself be
+    /// waiting for room.
     @inlinable @inline(__always)
     public func sendOpening(_ message: UnsafeRawBufferPointer, waiting: Bool) throws(TransportError) -> Bool {
         let limit = openingLimit

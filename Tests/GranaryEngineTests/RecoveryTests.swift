@@ -164,9 +164,20 @@ struct RecoveryTests {
             #expect(balances.reduce(0, +) == total, "\(label): the accounts hold \(balances.reduce(0, +)), not \(total)")
             #expect(balances.allSatisfy { $0 >= 0 }, "\(label): negative balances \(balances.filter { $0 < 0 })")
         }
+        // A member removed without being crashed (a false suspicion: its lease thread held off on
+        // a loaded 2-core host) stops serving: it counts as failed from then on. The properties
+        // checked (money conserved, acknowledged transfers present, nothing locked, replicas
+        // equal) must hold all the same.
+        var falselySuspected = Set<NodeID>()
+        var crashed = Set<NodeID>()
+        func serving(_ nodes: [Node]) -> [Node] {
+            let now = nodes.filter { $0.engine.isRunning && $0.engine.configuration.contains($0.id) }
+            for node in nodes where !now.contains(where: { $0.id == node.id }) && !crashed.contains(node.id) { falselySuspected.insert(node.id) }
+            return now
+        }
         func waitForRemoval(of victim: NodeID, survivors: [Node]) async throws -> Duration {
             let crashed = clock.now
-            while !survivors.allSatisfy({ !$0.engine.configuration.contains(victim) }) {
+            while !serving(survivors).allSatisfy({ !$0.engine.configuration.contains(victim) }) {
                 guard clock.now - crashed < .seconds(30) else {
                     Issue.record("\(victim) was not removed within 30 s: configurations \(survivors.map { "\($0.id): \($0.engine.configuration.id)" })")
                     throw CancellationError()
@@ -183,20 +194,26 @@ struct RecoveryTests {
         case .primaryThenManager:
             // A primary that is not the CM.
             let first = NodeID((cm.index + 2) % 5)
+            crashed.insert(first)
             cluster.crash(first)
             survivors.removeAll { $0.id == first }
             let firstRecovery = try await waitForRemoval(of: first, survivors: survivors)
             flags.recoveries.store(1, ordering: .relaxed)
             try await Task.sleep(for: .milliseconds(200))
-            try await audit(survivors.first { $0.id != cm }!, "after \(first) crashed")
+            survivors = serving(survivors)
+            try await audit(survivors.first { $0.id != cm } ?? survivors[0], "after \(first) crashed")
             // Then the CM.
+            crashed.insert(cm)
             cluster.crash(cm)
-            survivors.removeAll { $0.id == cm }
+            survivors = serving(survivors).filter { $0.id != cm }
             let secondRecovery = try await waitForRemoval(of: cm, survivors: survivors)
             summary = "\(first) removed and recovered \(firstRecovery) after its crash, the CM \(cm) \(secondRecovery) after its crash"
         case .twoAtOnce:
             let victims = [NodeID((cm.index + 1) % 5), NodeID((cm.index + 3) % 5)]
-            for victim in victims { cluster.crash(victim) }
+            for victim in victims {
+                crashed.insert(victim)
+                cluster.crash(victim)
+            }
             survivors.removeAll { victims.contains($0.id) }
             var removedAfter: [Duration] = []
             for victim in victims { removedAfter.append(try await waitForRemoval(of: victim, survivors: survivors)) }
@@ -204,12 +221,14 @@ struct RecoveryTests {
         }
         flags.recoveries.store(2, ordering: .relaxed)
         try await Task.sleep(for: .milliseconds(300))
+        survivors = serving(survivors)
         try await audit(survivors[0], "after the crashes (\(crashes))")
         // Data recovery: every region back to 3 replicas, copied under the load.
         let copying = clock.now
-        while !survivors.allSatisfy({ node in
+        // (3 replicas need 3 nodes: a false suspicion on top of the crashes may leave fewer.)
+        while !serving(survivors).allSatisfy({ node in
             let configuration = node.engine.configuration
-            return configuration.regions.allSatisfy { $0.copying.isEmpty && $0.replicas.count == 3 }
+            return configuration.regions.allSatisfy { $0.copying.isEmpty && $0.replicas.count == min(3, serving(survivors).count) }
         }) {
             guard clock.now - copying < .seconds(60) else {
                 Issue.record("regions not re-replicated within 60 s: \(survivors[0].engine.configuration)")
@@ -218,6 +237,7 @@ struct RecoveryTests {
             try await Task.sleep(for: .milliseconds(5))
         }
         let rereplicated = clock.now - copying
+        survivors = serving(survivors)
         try await audit(survivors[0], "after re-replication")
         flags.stop.store(true, ordering: .relaxed)
         await workers.value
@@ -226,6 +246,10 @@ struct RecoveryTests {
             for timeline in member.recoveryTimelines { print("  \(member.node): \(timeline)") }
         }
         try await cluster.quiesce()
+        survivors = serving(survivors)
+        if !falselySuspected.isEmpty {
+            print("recovery (\(crashes)): removed besides the crashed nodes (a lease thread held off on this host): \(falselySuspected.sorted().map(\.description).joined(separator: ", "))")
+        }
         try await audit(survivors[0], "at the end")
         // Every acknowledged transfer is present: each worker's counter counts its committed
         // transfers (those that moved money); acknowledged ones are all there, unknown ones may be.
@@ -237,7 +261,7 @@ struct RecoveryTests {
             #expect(Int(counted[index]) >= tally.acknowledged && Int(counted[index]) <= tally.acknowledged + tally.unknown,
                     "node \(index)'s counter is \(counted[index]): \(tally.acknowledged) transfers were acknowledged and \(tally.unknown) had an unknown outcome")
         }
-        for survivor in survivors {
+        for survivor in serving(survivors) {
             #expect(tallies[survivor.id.index].afterLastRecovery > 0, "\(survivor.id) committed nothing after the last recovery")
         }
         // Nothing stays locked, on any replica, and the replicas of every region are equal.

@@ -1,12 +1,26 @@
 import Foundation
+import Synchronization
 
 /// A child process (usually the `granary` command) whose standard output is read line by line.
+///
+/// A thread of its own drains the output pipe as the child writes, so that a child printing more
+/// than a pipe holds (64 KiB) while the test reads nothing never blocks in `write`: a node process
+/// did, on a thread of its cooperative pool, and its configuration manager stopped (seen as the
+/// rejoin test waiting for minutes for a registered node to be admitted).
 public final class ChildProcess: @unchecked Sendable {
-    // Only the test thread that created it touches it.
+    // `process` is only used by the test thread that created it; everything the reader thread
+    // shares is in `output`, under its lock.
     public let process: Process
-    private let output: FileHandle
-    private var buffered = Data()
-    public private(set) var transcript: [String] = []
+    /// What the reader thread shares with the test: the output not read yet, whether it ended,
+    /// and the lines read so far. (The thread holds this, not the ChildProcess, whose deinit
+    /// kills the child.)
+    private final class Output: Sendable {
+        let state = Mutex<(buffered: Data, ended: Bool, transcript: [String])>((Data(), false, []))
+    }
+    private let output = Output()
+
+    /// Every line read so far (by ``readLine(timeout:)``, ``availableLines()`` or ``remainingLines()``).
+    public var transcript: [String] { output.state.withLock { $0.transcript } }
 
     /// The `granary` executable built beside the test bundle.
     public static func granaryExecutable() throws -> URL {
@@ -25,29 +39,43 @@ public final class ChildProcess: @unchecked Sendable {
         process.arguments = arguments
         let pipe = Pipe()
         process.standardOutput = pipe
-        output = pipe.fileHandleForReading
+        let reading = pipe.fileHandleForReading
         try process.run()
+        let output = self.output
+        Thread.detachNewThread {
+            while true {
+                let chunk = reading.availableData  // blocks until the child writes or closes
+                if chunk.isEmpty {
+                    output.state.withLock { $0.ended = true }
+                    return
+                }
+                output.state.withLock { $0.buffered.append(chunk) }
+            }
+        }
+    }
+
+    /// The next complete line, taken out of the buffer (and added to the transcript); nil if none.
+    private func takeLine() -> (line: String?, ended: Bool) {
+        output.state.withLock { state in
+            guard let newline = state.buffered.firstIndex(of: UInt8(ascii: "\n")) else { return (nil, state.ended) }
+            let line = String(decoding: state.buffered[state.buffered.startIndex..<newline], as: UTF8.self)
+            state.buffered.removeSubrange(state.buffered.startIndex...newline)
+            state.transcript.append(line)
+            return (line, state.ended)
+        }
     }
 
     /// The next line of output, waiting at most `timeout` seconds.
     public func readLine(timeout: Double = 30) throws -> String {
         let deadline = Date().addingTimeInterval(timeout)
         while true {
-            if let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
-                let line = String(decoding: buffered[buffered.startIndex..<newline], as: UTF8.self)
-                buffered.removeSubrange(buffered.startIndex...newline)
-                transcript.append(line)
-                return line
+            let (line, ended) = takeLine()
+            if let line { return line }
+            if ended {
+                throw ChildProcessError("the child exited (status \(process.isRunning ? -1 : process.terminationStatus)) before printing a line; so far: \(transcript)")
             }
             guard Date() < deadline else { throw ChildProcessError("no output line within \(timeout) s; so far: \(transcript)") }
-            var poller = pollfd(fd: output.fileDescriptor, events: Int16(POLLIN), revents: 0)
-            if poll(&poller, 1, 100) > 0 {
-                let chunk = output.availableData
-                if chunk.isEmpty {
-                    throw ChildProcessError("the child exited (status \(process.isRunning ? -1 : process.terminationStatus)) before printing a line; so far: \(transcript)")
-                }
-                buffered.append(chunk)
-            }
+            usleep(2_000)
         }
     }
 
@@ -63,33 +91,18 @@ public final class ChildProcess: @unchecked Sendable {
 
     /// Every complete line the child has printed that was not read yet, without waiting for more.
     public func availableLines() -> [String] {
-        while true {
-            var poller = pollfd(fd: output.fileDescriptor, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 0) > 0 else { break }
-            let chunk = output.availableData
-            if chunk.isEmpty { break }
-            buffered.append(chunk)
-        }
-        return takeBufferedLines()
+        var lines: [String] = []
+        while let line = takeLine().line { lines.append(line) }
+        return lines
     }
 
     /// Every line the child printed that was not read yet, up to the end of its output (call
-    /// after it ended). A last line without its newline is not returned: it was cut off.
+    /// after it ended; waits up to 10 s for the output to close). A last line without its
+    /// newline is not returned: it was cut off.
     public func remainingLines() -> [String] {
-        buffered.append(output.readDataToEndOfFile())
-        return takeBufferedLines()
-    }
-
-    /// The complete lines in the buffer, taken out of it and added to the transcript.
-    private func takeBufferedLines() -> [String] {
-        var lines: [String] = []
-        while let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
-            let line = String(decoding: buffered[buffered.startIndex..<newline], as: UTF8.self)
-            buffered.removeSubrange(buffered.startIndex...newline)
-            transcript.append(line)
-            lines.append(line)
-        }
-        return lines
+        let deadline = Date().addingTimeInterval(10)
+        while !output.state.withLock({ $0.ended }), Date() < deadline { usleep(2_000) }
+        return availableLines()
     }
 
     /// Waits for the process to end; returns its exit status.
