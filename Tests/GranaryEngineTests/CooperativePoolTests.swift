@@ -36,6 +36,17 @@ struct CooperativePoolTests {
         }
     }
 
+    /// Resumes `paused`'s record processing, then waits for every writer (their errors, as text)
+    /// and for the heartbeat (its gaps).
+    func resume(_ paused: Engine, writers: [Task<Void, any Error>], heartbeat: Task<[Double], any Error>) async throws -> ([String], [Double]) {
+        paused.pauseRecordProcessing(false)
+        var failures: [String] = []
+        for writer in writers {
+            do { try await writer.value } catch { failures.append("\(error)") }
+        }
+        return (failures, try await heartbeat.value)
+    }
+
     @Test("transactions waiting for a paused peer's LOCK answers leave the pool's threads free: a heartbeat task keeps its 10 ms period, and every transaction commits once the peer resumes")
     func heartbeatKeepsItsTiming() async throws {
         let pool = ProcessInfo.processInfo.activeProcessorCount
@@ -50,12 +61,7 @@ struct CooperativePoolTests {
         }
         try await Task.sleep(for: .milliseconds(600))
         let waited = writers.count
-        paused.pauseRecordProcessing(false)
-        var failures: [String] = []
-        for writer in writers {
-            do { try await writer.value } catch { failures.append("\(error)") }
-        }
-        let gaps = try await heartbeat.value
+        let (failures, gaps) = try await resume(paused, writers: writers, heartbeat: heartbeat)
         let worst = gaps.max() ?? 0
         print("cooperative pool of \(pool): \(waited) transactions waited 600 ms on a paused primary; heartbeat (10 ms sleeps) worst gap \(Int(worst)) ms, median \(Int(gaps.sorted()[gaps.count / 2])) ms")
         #expect(failures.isEmpty, "transactions failed after the peer resumed: \(failures)")
@@ -86,12 +92,7 @@ struct CooperativePoolTests {
             Task { try await coordinator.transaction { tx in try tx.write(object, bytes: [UInt8](repeating: UInt8(index % 200 + 2), count: 400)) } }
         }
         try await Task.sleep(for: .milliseconds(400))
-        paused.pauseRecordProcessing(false)
-        var failures: [String] = []
-        for writer in writers {
-            do { try await writer.value } catch { failures.append("\(error)") }
-        }
-        let gaps = try await heartbeat.value
+        let (failures, gaps) = try await resume(paused, writers: writers, heartbeat: heartbeat)
         let worst = gaps.max() ?? 0
         let logFull = coordinator.statistics.aborts[.logFull] ?? 0
         print("cooperative pool of \(pool): \(writers.count) transactions on a paused primary's full 4 KiB log; \(logFull) attempts found no room; heartbeat worst gap \(Int(worst)) ms")
