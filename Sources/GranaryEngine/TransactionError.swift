@@ -17,7 +17,7 @@ public enum AbortCause: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     /// The primary could not take the lock: the address is not an object it holds.
     case invalidObject = 6
     /// A primary's log had no room for the LOCK (records kept until TRUNCATE filled it) and the
-    /// caller can wait without a thread (``Node/transaction``): the attempt ends and is retried
+    /// caller can wait without a thread (`Node.transaction`): the attempt ends and is retried
     /// after a pause, instead of holding a thread of the cooperative pool that the transactions
     /// whose records fill the log may need to finish.
     case logFull = 7
