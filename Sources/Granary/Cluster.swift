@@ -311,8 +311,7 @@ public final class Cluster: Sendable {
             let placement = next.regions[index]
             for node in placement.copying {
                 if let member = next.members.first(where: { $0.node == node }) {
-                    let path = try NodeStorage.directory(of: member).path(for: placement.region).string
-                    _ = rename(path, path + ".removed")
+                    try NodeStorage.directory(of: member).setAside(placement.region)
                 }
                 dropped.append("\(placement.region) on \(node)")
             }
@@ -339,10 +338,7 @@ public final class Cluster: Sendable {
         var next = configuration
         for node in removed {
             let home = try RegionDirectory(root.appending(node.description))
-            for region in home.regionIDs() where region.mailboxOwner == nil {
-                let path = home.path(for: region).string
-                _ = rename(path, path + ".removed")
-            }
+            home.setAsideRegions()
             next.members.append(Member(node: node, endpoint: "shm:" + home.path.string))
         }
         next.members.sort { $0.node < $1.node }
@@ -560,9 +556,7 @@ public final class Cluster: Sendable {
     }
 
     /// The nodes still serving: not crashed, stopped or removed from the configuration.
-    public var servingNodes: [Node] {
-        nodes.filter { $0.engine.isRunning && $0.engine.configuration.contains($0.id) }
-    }
+    public var servingNodes: [Node] { nodes.filter(\.isServing) }
 
     /// Stops node `id` as SIGKILL would, for tests and benchmarks of recovery: its threads stop at
     /// once (its poller after the record at hand; a commit of it in progress at its next send),
@@ -652,6 +646,9 @@ public final class Node: Sendable {
     public var id: NodeID { engine.node }
 
     init(_ engine: Engine) { self.engine = engine }
+
+    /// Whether this node still serves: not crashed, stopped or removed from the configuration.
+    public var isServing: Bool { engine.isRunning && engine.configuration.contains(id) }
 
     /// Runs `body` as a strictly serializable transaction coordinated by this node, and commits it.
     ///

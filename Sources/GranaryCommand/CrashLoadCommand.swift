@@ -60,7 +60,15 @@ struct CrashLoadCommand: ParsableCommand {
 
     /// Whether `node` still serves (not crashed, not removed by the manager).
     static func serves(_ node: Node) -> Bool {
-        node.engine.isRunning && node.engine.configuration.contains(node.id) && crashing.load(ordering: .acquiring) != node.id.index
+        node.isServing && crashing.load(ordering: .acquiring) != node.id.index
+    }
+
+    /// Reports a worker's or allocator's failed transaction: `stopped` (and true: the thread
+    /// ends) when its node no longer serves, else `error`.
+    static func stops(after error: any Error, _ thread: Int, on node: Node, say: (String) -> Void) -> Bool {
+        let stopped = !serves(node)
+        say(stopped ? "stopped \(thread) \(node.id): \(error)" : "error \(thread) \(error)")
+        return stopped
     }
 
     /// The node `--crash-node` crashes, from the moment the crash begins (its membership stops
@@ -127,6 +135,13 @@ struct CrashLoadCommand: ParsableCommand {
         print("ready opened in \(opened.components.seconds * 1000 + opened.components.attoseconds / 1_000_000_000_000_000) ms;\(recovery)")
         fflush(nil)
         let output = Mutex(())
+        /// One line of the transcript the crash tests read, whole and at once.
+        @Sendable func say(_ line: String) {
+            output.withLock { _ in
+                print(line)
+                fflush(nil)
+            }
+        }
         var threads: [Thread] = []
         for worker in 0..<min(workers, sequences.count) {
             let node = cluster.nodes[worker % 3]
@@ -145,22 +160,11 @@ struct CrashLoadCommand: ParsableCommand {
                             try tx.write(sequence, next)
                             return next
                         }
-                        output.withLock { _ in
-                            print("ack \(worker) \(done)")
-                            fflush(nil)
-                        }
+                        say("ack \(worker) \(done)")
                     } catch TransactionError.outcomeUnknown(let reason) {
-                        output.withLock { _ in
-                            print("unknown \(worker) \(reason)")
-                            fflush(nil)
-                        }
+                        say("unknown \(worker) \(reason)")
                     } catch {
-                        let stopped = !Self.serves(node)
-                        output.withLock { _ in
-                            print(stopped ? "stopped \(worker) \(node.id): \(error)" : "error \(worker) \(error)")
-                            fflush(nil)
-                        }
-                        if stopped { return }
+                        if Self.stops(after: error, worker, on: node, say: say) { return }
                     }
                 }
             }
@@ -177,22 +181,11 @@ struct CrashLoadCommand: ParsableCommand {
                     index += 1
                     do {
                         let address = try node.transactionSync { try $0.allocate(bytes: Self.allocatedPayload(allocator: allocator, index: index)) }
-                        output.withLock { _ in
-                            print("alloc \(allocator) \(index) \(address.rawValue)")
-                            fflush(nil)
-                        }
+                        say("alloc \(allocator) \(index) \(address.rawValue)")
                     } catch TransactionError.outcomeUnknown(let reason) {
-                        output.withLock { _ in
-                            print("unknown \(allocator) \(reason)")
-                            fflush(nil)
-                        }
+                        say("unknown \(allocator) \(reason)")
                     } catch {
-                        let stopped = !Self.serves(node)
-                        output.withLock { _ in
-                            print(stopped ? "stopped \(allocator) \(node.id): \(error)" : "error \(allocator) \(error)")
-                            fflush(nil)
-                        }
-                        if stopped { return }
+                        if Self.stops(after: error, allocator, on: node, say: say) { return }
                     }
                 }
             }
@@ -203,10 +196,7 @@ struct CrashLoadCommand: ParsableCommand {
             try await Task.sleep(for: .milliseconds(crashAfterMs))
             Self.crashing.store(crashNode, ordering: .releasing)
             cluster.crash(NodeID(crashNode))
-            output.withLock { _ in
-                print("crashed n\(crashNode)")
-                fflush(nil)
-            }
+            say("crashed n\(crashNode)")
         }
         while true { try await Task.sleep(for: .seconds(3600)) }
     }

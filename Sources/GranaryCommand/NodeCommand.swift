@@ -285,7 +285,10 @@ extension NodeCommand {
             }
             if !stored.contains(node) {
                 joining = true
-                Self.setAsideRegions(in: home)
+                // Its old replicas are superseded (the members recovered without it and hold every
+                // committed write): regions placed on it later start from empty files that data
+                // recovery fills from their primaries.
+                home.setAsideRegions()
                 stored.members.append(me)
             }
             start = stored
@@ -467,18 +470,6 @@ extension NodeCommand {
 
     /// The capacity of each ring of a node process's mailbox, in bytes.
     static let ringCapacity = 256 << 10
-
-    /// A joining node's old replicas are superseded (the members recovered without them and hold
-    /// every committed write): each file is renamed to `<name>.removed`, for an operator to
-    /// remove, and regions placed on the node later start from empty files that data recovery
-    /// fills from their primaries.
-    static func setAsideRegions(in home: RegionDirectory) {
-        for region in home.regionIDs() where region.mailboxOwner == nil {
-            let path = home.path(for: region).string
-            guard FileManager.default.fileExists(atPath: path) else { continue }
-            _ = rename(path, path + ".removed")
-        }
-    }
 
     /// The bank accounts every member holding regions published, once all of them have.
     static func waitForBankAccounts(configuration: Configuration, timeout: Double) throws -> [GlobalAddress] {

@@ -351,7 +351,7 @@ package final class Engine: Sendable {
     let running = Atomic<Bool>(true)
     /// Set by a configuration manager's member service when it starts: a failed peer will be
     /// removed and recovered from, so a transaction that failed on one waits for that and tries
-    /// again (``retriesAfterRemoval(of:)``).
+    /// again (``retriesAfterRemoval(after:)``).
     package let recoversFromFailures = Atomic<Bool>(false)
     /// Test-only failures of the commit protocol's sends and reads (see ``injectFaults(_:)``).
     let faults = FaultInjector()

@@ -389,7 +389,7 @@ extension Engine {
     /// fail): waits up to the reply timeout for a configuration without the peer, and says
     /// whether one came. Without a manager nothing removes a peer: false at once.
     package func retriesAfterRemoval(after error: any Error) -> Bool {
-        guard recoversFromFailures.load(ordering: .relaxed), let peer = Self.unreachablePeer(in: error), peer != node else { return false }
+        guard let peer = peerToOutwait(after: error) else { return false }
         let start = monotonicNanoseconds()
         while running.load(ordering: .relaxed), monotonicNanoseconds() - start < replyTimeoutNanoseconds {
             if !configuration.contains(peer) { return waitForUnblockedCommits() }
@@ -398,9 +398,16 @@ extension Engine {
         return false
     }
 
+    /// The peer whose removal ``retriesAfterRemoval(after:)`` waits for: nil without a
+    /// configuration manager, for an error no removal cures, or one naming this node.
+    private func peerToOutwait(after error: any Error) -> NodeID? {
+        guard recoversFromFailures.load(ordering: .relaxed), let peer = Self.unreachablePeer(in: error), peer != node else { return nil }
+        return peer
+    }
+
     /// ``retriesAfterRemoval(after:)`` without holding a thread.
     package func retriesAfterRemoval(after error: any Error) async throws -> Bool {
-        guard recoversFromFailures.load(ordering: .relaxed), let peer = Self.unreachablePeer(in: error), peer != node else { return false }
+        guard let peer = peerToOutwait(after: error) else { return false }
         let start = monotonicNanoseconds()
         while running.load(ordering: .relaxed), monotonicNanoseconds() - start < replyTimeoutNanoseconds {
             if !configuration.contains(peer) { return try await waitForUnblockedCommits() }

@@ -60,6 +60,19 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// Sets region `id`'s file aside as superseded: renamed to `<name>.removed` (for an operator to
+    /// remove), so that nothing opens it again; a missing file is left missing.
+    package func setAside(_ id: RegionID) {
+        let path = path(for: id).string
+        guard access(path, F_OK) == 0 else { return }
+        _ = rename(path, path + ".removed")
+    }
+
+    /// Sets every data region's file here aside (``setAside(_:)``); mailboxes stay.
+    package func setAsideRegions() {
+        for region in regionIDs() where region.mailboxOwner == nil { setAside(region) }
+    }
+
     /// The region ids that have a file here (data regions and mailboxes), sorted.
     public func regionIDs() -> [RegionID] {
         guard let dir = path.withPlatformString({ opendir($0) }) else { return [] }

@@ -992,12 +992,22 @@ public final class ChannelSender: Sendable {
     /// room even when the kept ones have filled the rest.
     @inlinable @inline(__always)
     public func send(_ message: UnsafeRawBufferPointer, usingReserve: Bool = false) throws(TransportError) {
-        let limit = usingReserve ? ringCapacity : ringCapacity &- ringCapacity >> 3
+        _ = try send(message, limit: limit(usingReserve: usingReserve), wait: true)
+    }
+
+    /// The bytes of the ring a message may fill: all of it with `usingReserve`, else seven eighths.
+    @inlinable func limit(usingReserve: Bool) -> Int { usingReserve ? ringCapacity : ringCapacity &- ringCapacity >> 3 }
+
+    /// Every send: the message within `limit` bytes of the ring, inline when the ring has room on
+    /// the mapped path, else through ``sendSlowly(_:wait:limit:)`` (waiting for room with `wait`).
+    /// Returns false if nothing was sent.
+    @inlinable @inline(__always)
+    func send(_ message: UnsafeRawBufferPointer, limit: Int, wait: Bool) throws(TransportError) -> Bool {
         if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count, limit: limit) {
             writeMapped(message, at: reservation)
-        } else {
-            _ = try sendSlowly(message, wait: true, limit: limit)
+            return true
         }
+        return try sendSlowly(message, wait: wait, limit: limit)
     }
 
     /// How much of the ring a commit's opening records (LOCK) may fill: three quarters. The
@@ -1013,12 +1023,7 @@ public final class ChannelSender: Sendable {
     /// waiting for room.
     @inlinable @inline(__always)
     public func sendOpening(_ message: UnsafeRawBufferPointer, waiting: Bool) throws(TransportError) -> Bool {
-        let limit = openingLimit
-        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count, limit: limit) {
-            writeMapped(message, at: reservation)
-            return true
-        }
-        return try sendSlowly(message, wait: waiting, limit: limit)
+        try send(message, limit: openingLimit, wait: waiting)
     }
 
     /// Bytes of the ring in use as this sender last learned (reserved, not yet freed by the
@@ -1051,12 +1056,7 @@ public final class ChannelSender: Sendable {
     /// - Returns: false if nothing was sent.
     @inlinable
     public func trySend(_ message: UnsafeRawBufferPointer, usingReserve: Bool = false) throws(TransportError) -> Bool {
-        let limit = usingReserve ? ringCapacity : ringCapacity &- ringCapacity >> 3
-        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count, limit: limit) {
-            writeMapped(message, at: reservation)
-            return true
-        }
-        return try sendSlowly(message, wait: false, limit: limit)
+        try send(message, limit: limit(usingReserve: usingReserve), wait: false)
     }
 
     /// The sends that ``send(_:usingReserve:)`` and ``trySend(_:)`` do not finish inline: a message too large,

@@ -171,7 +171,7 @@ struct RecoveryTests {
         var falselySuspected = Set<NodeID>()
         var crashed = Set<NodeID>()
         func serving(_ nodes: [Node]) -> [Node] {
-            let now = nodes.filter { $0.engine.isRunning && $0.engine.configuration.contains($0.id) }
+            let now = nodes.filter(\.isServing)
             for node in nodes where !now.contains(where: { $0.id == node.id }) && !crashed.contains(node.id) { falselySuspected.insert(node.id) }
             return now
         }
