@@ -158,22 +158,63 @@ public final class Region: @unchecked Sendable {
                               size: Int = RegionFormat.defaultSize, cluster: ClusterID,
                               slabShift: Int = RegionFormat.defaultSlabShift, sparse: Bool = false) throws(RegionError) -> Region {
         try RegionFormat.validate(size: size)
+        guard access(path.string, F_OK) != 0 else { throw .alreadyExists(path: path) }
+        removeUnfinishedCreations(of: path)
+        // The file is made and given its header under a name of its own, then linked at `path`
+        // (link never replaces a file): a process killed part-way leaves no file at `path` without
+        // a header (which would fail every later open and stop the region from being made again),
+        // only a `<name>.creating.<pid>.<n>` file, which a later creation of the region removes.
+        let temporary = FilePath(path.string + ".creating.\(getpid()).\(UInt32.random(in: 0 ... .max))")
         var mappedLength = 0
         var isPmem: Int32 = 0
         let flags = PMEM_FILE_CREATE | PMEM_FILE_EXCL | (sparse ? PMEM_FILE_SPARSE : 0)
-        guard let base = path.withPlatformString({
+        guard let base = temporary.withPlatformString({
             pmem_map_file($0, size, flags, 0o644, &mappedLength, &isPmem)
         }) else {
-            let code = errno
-            if code == EEXIST { throw .alreadyExists(path: path) }
-            throw .systemCall(call: "pmem_map_file", path: path, message: pmemMessage(code))
+            throw .systemCall(call: "pmem_map_file", path: temporary, message: pmemMessage(errno))
         }
         let region = Region(id: id, kind: kind, size: mappedLength, cluster: cluster, path: path,
                             isPersistentMemory: isPmem != 0,
                             slabShift: slabShift, base: base)
+        defer { _ = temporary.withPlatformString { unlink($0) } }
         region.writeHeader()
         try region.persist(offset: 0, length: RegionFormat.headerBytes)
+        let linked = temporary.withPlatformString { from in path.withPlatformString { link(from, $0) } }
+        guard linked == 0 else {
+            let code = errno
+            if code == EEXIST { throw .alreadyExists(path: path) }
+            throw .systemCall(call: "link", path: path, message: String(cString: strerror(code)))
+        }
+        syncDirectory(of: path)
         return region
+    }
+
+    /// Removes the files a creation of `path` left behind when its process was killed part-way
+    /// (`<name>.creating.<pid>.<n>` of a process that no longer runs).
+    private static func removeUnfinishedCreations(of path: FilePath) {
+        guard let name = path.lastComponent?.string else { return }
+        let directory = path.removingLastComponent()
+        let prefix = name + ".creating."
+        guard let dir = directory.withPlatformString({ opendir($0) }) else { return }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let entryName = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            guard entryName.hasPrefix(prefix),
+                  let pid = entryName.dropFirst(prefix.count).split(separator: ".").first.flatMap({ Int32($0) }),
+                  pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
+            _ = directory.appending(entryName).withPlatformString { unlink($0) }
+        }
+    }
+
+    /// Makes the directory entry of `path` durable (fsync of its directory); best effort: a file
+    /// system that cannot sync a directory has nothing to lose by it.
+    private static func syncDirectory(of path: FilePath) {
+        let descriptor = path.removingLastComponent().withPlatformString { Glibc.open($0, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        guard descriptor >= 0 else { return }
+        _ = fsync(descriptor)
+        close(descriptor)
     }
 
     /// Creates a lease page: one page (``RegionFormat/headerBytes``) of a memory file (memfd) that

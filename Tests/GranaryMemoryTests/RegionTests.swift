@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import GranaryTestSupport
 import SystemPackage
@@ -69,6 +70,39 @@ struct RegionTests {
             try dir.create(RegionID(1), size: 1 << 20, cluster: cluster)
         }
         #expect(fileBytes(dir.path(for: RegionID(1))) == before)
+    }
+
+    /// A process killed while it creates a region leaves its file under a name of its own, never
+    /// a file without a header at the region's name (which every later open would refuse and no
+    /// creation could replace); the next creation of the region removes what a dead process left.
+    @Test("a creation cut short leaves no file at the region's name, and the next one cleans up after it")
+    func creationCutShort() throws {
+        let tmp = TemporaryDirectory()
+        defer { tmp.remove() }
+        let dir = try RegionDirectory(tmp.path)
+        let name = dir.path(for: RegionID(4)).string
+        // The pid of a process that has exited, and our own (a creation under way in this process).
+        var child: pid_t = 0
+        var arguments: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/true"), nil]
+        defer { free(arguments[0]) }
+        #expect(posix_spawn(&child, "/bin/true", nil, nil, &arguments, nil) == 0)
+        var status: Int32 = 0
+        _ = waitpid(child, &status, 0)
+        let dead = FilePath(name + ".creating.\(child).7")
+        let underWay = FilePath(name + ".creating.\(getpid()).8")
+        writeFile(dead, [UInt8](repeating: 0, count: 4096))
+        writeFile(underWay, [UInt8](repeating: 0, count: 4096))
+        #expect(dir.regionIDs().isEmpty, "a file under creation is not a region: \(dir.regionIDs())")
+        #expect(throws: RegionError.missing(path: dir.path(for: RegionID(4)))) { try dir.open(RegionID(4)) }
+
+        _ = try dir.create(RegionID(4), size: 1 << 20, cluster: cluster)
+        #expect(access(dead.string, F_OK) != 0, "the dead process's \(dead) was left")
+        #expect(access(underWay.string, F_OK) == 0, "a live process's \(underWay) was removed")
+        #expect(dir.regionIDs() == [RegionID(4)])
+        let reopened = try dir.open(RegionID(4), cluster: cluster)
+        #expect(reopened.id == RegionID(4))
+        let leftovers = (try? FileManager.default.contentsOfDirectory(atPath: tmp.path.string))?.filter { $0.contains(".creating.") && !$0.contains(".\(getpid()).") }
+        #expect(leftovers == [], "creation left \(leftovers ?? [])")
     }
 
     /// Every bad file gives an error naming the file, and the file is left exactly as it was.
