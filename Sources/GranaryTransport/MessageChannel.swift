@@ -6,6 +6,34 @@ import Glibc
 import Musl
 #endif
 
+#if DEBUG
+/// Debug builds' hook for tests of what a kill of the receiving process leaves in its mailbox:
+/// called (with the mailbox's base) between the stores whose order a scan of the log relies on,
+/// after the receiver zeroed frames and before it moved the consumed counter over them. Armed
+/// only while `receiverCrashPointArmed` is set.
+package let receiverCrashPoint = Mutex<(@Sendable (UnsafeMutableRawPointer) -> Void)?>(nil)
+@usableFromInline let receiverCrashPointArmed = Atomic<Bool>(false)
+
+/// Installs (or, with nil, removes) the hook ``reachedCrashPoint(_:)`` calls.
+package func setReceiverCrashPoint(_ hook: (@Sendable (UnsafeMutableRawPointer) -> Void)?) {
+    receiverCrashPoint.withLock { $0 = hook }
+    receiverCrashPointArmed.store(hook != nil, ordering: .releasing)
+}
+
+@usableFromInline func callReceiverCrashPoint(_ base: UnsafeMutableRawPointer) {
+    receiverCrashPoint.withLock { $0?(base) }
+}
+#endif
+
+/// A moment at which a kill of the receiving process leaves frames zeroed that the consumed
+/// counter has not moved over yet. Nothing in release builds; a test's hook in debug builds.
+@inlinable @inline(__always)
+func reachedCrashPoint(_ base: UnsafeMutableRawPointer) {
+    #if DEBUG
+    if receiverCrashPointArmed.load(ordering: .relaxed) { callReceiverCrashPoint(base) }
+    #endif
+}
+
 /// The wire format of a message ring, shared by senders and receivers.
 ///
 /// A node's mailbox region holds one ring per possible sender. Ring of sender `s`:
@@ -100,7 +128,15 @@ public enum ChannelFormat {
     // + 24   resume     the stream position where the next attached sender starts (receiver)
     // + 32   request    a sender connection asking the receiver to reopen the ring, 0 if none (sender)
     // + 40   reopening  the epoch a reopening in progress stamps the kept messages with (receiver)
+    // + 48   log start  where the consumed counter is about to move (receiver; see below)
     // ```
+    // The receiver zeroes the frames it moves the consumed counter over before it moves it (a
+    // sender may reuse the space at once), so a process killed between the two would leave the
+    // counter at zeroed bytes, and a scan of the log from it would end there, missing every record
+    // after: kept LOCKs whose locks are held, COMMIT-BACKUPs whose coordinator reported the commit.
+    // So the receiver first stores the counter's next value as the log start, and a scan starts
+    // from whichever of the two is further on (between the two stores everything before the log
+    // start is released or a wrap word).
     // A fresh (zeroed) control line is open, epoch 0, resuming at 0.
     /// Where the control line keeps the current stream's epoch (written by the receiver).
     public static let epochOffset = 8
@@ -115,6 +151,16 @@ public enum ChannelFormat {
     /// Where the control line keeps the epoch that a reopening in progress stamps the kept
     /// messages with (written by the receiver).
     public static let reopeningOffset = 40
+    /// Where the control line keeps the stream position a scan of the log starts from when it is
+    /// past the consumed counter: the receiver stores the counter's next value here before it
+    /// zeroes the frames the counter moves over (written by the receiver).
+    public static let logStartOffset = 48
+
+    /// Where a scan of a ring's log starts: the consumed counter, or the log start if a move of the
+    /// counter was cut short after it began zeroing the frames it passes over.
+    @inlinable static func scanStart(control: UnsafeMutableRawPointer) -> UInt64 {
+        max(control.load(as: UInt64.self), control.load(fromByteOffset: logStartOffset, as: UInt64.self))
+    }
     /// Calls `body` with the ring offsets and lengths (at most `maximum` each) of a ring's free
     /// space: stream positions `start` (the receiver's cursor, where a reopened stream resumes) to
     /// `end` (the consumed counter plus the capacity), from the header word of the line at `start`,
@@ -335,26 +381,60 @@ public final class Mailbox: @unchecked Sendable {
     }
 
     /// The messages kept in `sender`'s ring of a mailbox region as a previous run left it (the
-    /// node's log, for recovery): every complete message from the consumed counter on that was
-    /// not released, with its stream position, in the order sent. Stops at the first bytes that
-    /// are not a complete message (the end of the log).
+    /// node's log, for recovery): every complete message from the scan start (the consumed
+    /// counter, see ``ChannelFormat/logStartOffset``) on that was not released, with its stream
+    /// position, in the order sent, up to one ring's length.
+    ///
+    /// A message the sender reserved but had not finished writing when its process was killed
+    /// is not complete; messages reserved after it by the sender's other threads may be, and
+    /// their coordinators may have acted on them (reported a commit after its COMMIT-BACKUP
+    /// landed). So the scan does not stop there: it looks for the next complete message on each
+    /// later line. A complete message is one whose header names the sender and whose trailer is
+    /// the one its stream position and the ring's epoch give: stale bytes of earlier laps or
+    /// streams, and payload bytes, never pass for one.
     public static func keptMessages(in region: Region, ringCapacity: Int, from sender: NodeID,
                                     _ body: (UInt64, UnsafeRawBufferPointer) throws -> Void) rethrows {
         guard region.size >= ChannelFormat.mailboxSize(ringCapacity: ringCapacity) else { return }
         let control = region.base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
         let ring = control + ChannelFormat.controlBytes
-        let head = control.load(as: UInt64.self)
+        let start = ChannelFormat.scanStart(control: control)
         // A reopening that a crash interrupted may have restamped some kept messages only.
         let epoch = control.load(fromByteOffset: ChannelFormat.epochOffset, as: UInt64.self)
         let reopening = control.load(fromByteOffset: ChannelFormat.reopeningOffset, as: UInt64.self)
-        try forEachFrame(in: ring, ringCapacity: ringCapacity, sender: sender, from: head, to: head &+ UInt64(ringCapacity)) { head, position, header, length in
-            let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
-            guard trailer == ChannelFormat.trailer(position: head, epoch: epoch)
-                    || trailer == ChannelFormat.trailer(position: head, epoch: reopening) else { return false }
-            if header >> 48 == ChannelFormat.messageMagic {
-                try body(head, UnsafeRawBufferPointer(start: ring + position + 64, count: length))
+        let mask = UInt64(ringCapacity - 1)
+        let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
+        let end = start &+ UInt64(ringCapacity)
+        var head = start
+        // Whether the scan is past bytes that were not a complete message: a wrap word is then
+        // not followed (it could be payload bytes); the lines up to the ring's end are looked at
+        // one by one instead, which reaches the same place.
+        var searching = false
+        while head < end {
+            let position = Int(head & mask)
+            let header = (ring + position + ChannelFormat.headerOffset).load(as: UInt64.self)
+            if header == ChannelFormat.wrap(sender: sender), !searching {
+                head &+= UInt64(ringCapacity - position)
+                continue
             }
-            return true
+            let length = Int(header & 0xFFFF_FFFF)
+            let magic = header >> 48
+            if magic == ChannelFormat.messageMagic || magic == ChannelFormat.releasedMagic,
+               UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
+               position + ChannelFormat.stride(length) + 64 <= ringCapacity, head &+ UInt64(ChannelFormat.stride(length)) <= end {
+                let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
+                if trailer == ChannelFormat.trailer(position: head, epoch: epoch)
+                    || trailer == ChannelFormat.trailer(position: head, epoch: reopening) {
+                    if magic == ChannelFormat.messageMagic {
+                        try body(head, UnsafeRawBufferPointer(start: ring + position + 64, count: length))
+                    }
+                    head &+= UInt64(ChannelFormat.stride(length))
+                    searching = false
+                    continue
+                }
+            }
+            // Not a complete message: the end of the log, or a write a kill cut short.
+            searching = true
+            head &+= 64
         }
     }
 
@@ -524,6 +604,7 @@ public struct MailboxPoller: ~Copyable {
                      keeping handler: (UnsafeRawBufferPointer, UInt64) throws -> Bool) throws -> Int {
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)
         let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
+        let logStart = (control + ChannelFormat.logStartOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
         let ring = control + ChannelFormat.controlBytes
         let mask = UInt64(truncatingIfNeeded: ringCapacity &- 1)
         let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
@@ -547,7 +628,9 @@ public struct MailboxPoller: ~Copyable {
                 if header == ChannelFormat.wrap(sender: sender) {
                     let next = head &+ UInt64(truncatingIfNeeded: ringCapacity &- position)
                     if consumed.pointee.load(ordering: .relaxed) == head {
+                        logStart.pointee.store(next, ordering: .relaxed)
                         frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.store(0, ordering: .relaxed)
+                        reachedCrashPoint(base)
                         consumed.pointee.store(next, ordering: .releasing)
                     }
                     head = next
@@ -578,7 +661,9 @@ public struct MailboxPoller: ~Copyable {
             if !keep {
                 // The handler may have released kept messages and moved the consumed counter.
                 if consumed.pointee.load(ordering: .relaxed) == head {
+                    logStart.pointee.store(head &+ UInt64(truncatingIfNeeded: stride), ordering: .relaxed)
                     Self.clearFrame(ring: ring, position: position, length: length)
+                    reachedCrashPoint(base)
                     // Release: the zeroed words are visible before the sender may reuse the space.
                     consumed.pointee.store(head &+ UInt64(truncatingIfNeeded: stride), ordering: .releasing)
                 } else {
@@ -595,7 +680,11 @@ public struct MailboxPoller: ~Copyable {
             }
         }
         advanceIfReleased(from: sender, kind: kind)
-        if (control + ChannelFormat.requestOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) != 0 {
+        // A reopening zeroes the ring past the cursor: not while messages that reached the ring
+        // are left there for the next poll by `limit` (a COMMIT-BACKUP among them may be the
+        // evidence of a commit its coordinator reported). That poll comes: the ring looks busy.
+        if (control + ChannelFormat.requestOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) != 0,
+           handled < limit || (ring + (Int(truncatingIfNeeded: head & mask) &+ ChannelFormat.headerOffset)).load(as: UInt64.self) == 0 {
             reopen(from: sender, kind: kind)
         }
         return handled
@@ -678,23 +767,39 @@ public struct MailboxPoller: ~Copyable {
         let ring = control + ChannelFormat.controlBytes
         let mask = UInt64(ringCapacity - 1)
         let cursor = cursors[sender.index].load(ordering: .relaxed)
-        var head = consumed.pointee.load(ordering: .relaxed)
-        let start = head
-        while head < cursor {
+        let start = consumed.pointee.load(ordering: .relaxed)
+        // How far the counter moves: over released frames and wrap words, up to the cursor.
+        var end = start
+        while end < cursor {
+            let position = Int(end & mask)
+            let header = (ring + position + ChannelFormat.headerOffset).load(as: UInt64.self)
+            if header == ChannelFormat.wrap(sender: sender) {
+                end &+= UInt64(ringCapacity - position)
+            } else if header >> 48 == ChannelFormat.releasedMagic {
+                end &+= UInt64(ChannelFormat.stride(Int(header & 0xFFFF_FFFF)))
+            } else {
+                break
+            }
+        }
+        guard end != start else { return }
+        // The log start first, then the zeroing, then the counter (see the control line's layout).
+        (control + ChannelFormat.logStartOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.store(end, ordering: .relaxed)
+        var head = start
+        while head < end {
             let position = Int(head & mask)
             let frame = ring + position + ChannelFormat.headerOffset
             let header = frame.load(as: UInt64.self)
             if header == ChannelFormat.wrap(sender: sender) {
                 frame.storeBytes(of: 0, as: UInt64.self)
                 head &+= UInt64(ringCapacity - position)
-                continue
+            } else {
+                let length = Int(header & 0xFFFF_FFFF)
+                Self.clearFrame(ring: ring, position: position, length: length)
+                head &+= UInt64(ChannelFormat.stride(length))
             }
-            guard header >> 48 == ChannelFormat.releasedMagic else { break }
-            let length = Int(header & 0xFFFF_FFFF)
-            Self.clearFrame(ring: ring, position: position, length: length)
-            head &+= UInt64(ChannelFormat.stride(length))
+            reachedCrashPoint(base)
         }
-        if head != start { consumed.pointee.store(head, ordering: .releasing) }
+        consumed.pointee.store(end, ordering: .releasing)
     }
 
     /// What is wrong with the ring of `sender` at stream position `head`, whose header word is

@@ -1,7 +1,11 @@
 import GranaryMemory
 import GranaryTestSupport
-import GranaryTransport
+@testable import GranaryTransport
+import Synchronization
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Node 1 sends to node 0 over shared memory; either side can be "restarted" (a new sender
 /// connection for node 1, a fresh mailbox object over node 0's cleared file).
@@ -30,11 +34,11 @@ private struct Link {
     }
 
     /// Polls node 1's log ring once; returns the messages (as their first byte) and the error, if any.
-    func poll(keeping keep: Set<UInt8> = []) -> (messages: [UInt8], error: (any Error)?) {
+    func poll(keeping keep: Set<UInt8> = [], limit: Int = .max) -> (messages: [UInt8], error: (any Error)?) {
         var messages: [UInt8] = []
         do {
             try mailbox.withPoller { poller in
-                _ = try poller.poll(from: NodeID(1), keeping: { bytes, _ in
+                _ = try poller.poll(from: NodeID(1), limit: limit, keeping: { bytes, _ in
                     messages.append(bytes[0])
                     return keep.contains(bytes[0])
                 })
@@ -132,6 +136,29 @@ struct ChannelEpochTests {
         #expect(received == Array(2...40), "after the refused message: \(received)")
     }
 
+    /// A reopening zeroes the ring past the receiver's cursor. A poll cut short by its limit
+    /// leaves messages there that reached the ring: they are the log too (a COMMIT-BACKUP whose
+    /// coordinator reported the commit), so the reopening waits for the poll that takes them.
+    @Test("a reopening request waits for the messages a poll left in the ring by its limit")
+    func reopeningAfterLimitedPoll() throws {
+        let link = try Link()
+        defer { link.remove() }
+        let first = try link.connect()
+        for value: UInt8 in 1...3 { try send(value, on: first) }
+        let second = try link.connect()
+        #expect(!second.isAttached, "the ring was still attached to the first connection")
+        let limited = link.poll(keeping: [1, 2, 3], limit: 1)
+        #expect(limited.messages == [1] && limited.error == nil, "\(limited)")
+        #expect(link.kept() == [1, 2, 3], "the log after a poll limited to one message, with a reopening requested: \(link.kept())")
+        let rest = link.poll(keeping: [1, 2, 3])
+        #expect(rest.messages == [2, 3] && rest.error == nil, "\(rest)")
+        #expect(link.kept() == [1, 2, 3])
+        // Reopened by that poll: the second connection attaches and sends.
+        #expect(try second.checkConnection(wait: true))
+        try send(4, on: second)
+        #expect(link.poll(keeping: [1, 2, 3]).messages == [4])
+    }
+
     @Test("a reopening interrupted by a crash leaves every kept message findable")
     func interruptedReopening() throws {
         let link = try Link()
@@ -153,7 +180,7 @@ struct ChannelEpochTests {
         #expect(link.kept() == [1, 2, 3, 4], "kept messages found after the interrupted reopening: \(link.kept())")
         // Without the `reopening` word, the restamped ones would be lost to a scan.
         control.storeBytes(of: UInt64(0x1234), toByteOffset: ChannelFormat.reopeningOffset, as: UInt64.self)
-        #expect(link.kept().isEmpty, "a scan must stop at a trailer of neither epoch")
+        #expect(link.kept() == [3, 4], "a trailer of neither epoch is not a message: \(link.kept())")
     }
 }
 
@@ -189,5 +216,143 @@ struct FullLogRingTests {
         // The ring is full: a send that needs no waiting finds no room, and nothing is overwritten.
         #expect(try !message.withUnsafeBytes { try sender.trySend($0, usingReserve: true) })
         #expect(link.kept().count == 63)
+    }
+}
+
+/// Copies of node 0's mailbox taken at each moment between the zeroing of frames and the move of
+/// the consumed counter over them (debug builds' crash points): what a kill of the receiving
+/// process at that moment leaves in its file. Each copy is scanned as restart recovery scans it.
+private final class CrashCopies: Sendable {
+    let copies = Mutex<[[UInt8]]>([])
+
+    /// Runs `action` with the crash point armed for `link`'s mailbox; returns the messages (first
+    /// bytes) a recovery scan finds in each copy, in order.
+    static func scans(_ link: Link, during action: () throws -> Void) throws -> [[UInt8]] {
+        let taken = CrashCopies()
+        let base = UInt(bitPattern: link.mailbox.region.base)
+        let size = link.mailbox.region.size
+        setReceiverCrashPoint { at in
+            guard UInt(bitPattern: at) == base else { return }
+            let bytes = Array(UnsafeRawBufferPointer(start: at, count: size))
+            taken.copies.withLock { $0.append(bytes) }
+        }
+        defer { setReceiverCrashPoint(nil) }
+        try action()
+        let scratch = try Mailbox(node: NodeID(0), directory: RegionDirectory(link.tmp.path.appending("copy-\(UInt32.random(in: 0 ... .max))")),
+                                  cluster: link.cluster, ringCapacity: Link.ringCapacity)
+        return taken.copies.withLock { copies in
+            copies.map { copy in
+                copy.withUnsafeBytes { _ = memcpy(scratch.region.base, $0.baseAddress!, size) }
+                var found: [UInt8] = []
+                Mailbox.keptMessages(in: scratch.region, ringCapacity: Link.ringCapacity, from: NodeID(1)) { _, bytes in found.append(bytes[0]) }
+                return found
+            }
+        }
+    }
+}
+
+/// A kill of the receiving process can land between any two of its stores. The receiver zeroes
+/// the frames of messages it is done with before it moves the consumed counter over them; killed
+/// in between, its counter points at zeroed bytes. A scan of the log must still find every record
+/// after them: the kept LOCKs (their locks are held), and the records sent but not yet polled (a
+/// COMMIT-BACKUP whose coordinator reported the commit). Found by the crash-restart test: objects
+/// left locked after restart recovery, backups behind their primaries.
+@Suite("Message channels: a receiver killed while it frees log space", .serialized)
+struct LogScanAfterKillTests {
+    @Test("killed while moving the consumed counter over released records: the kept ones after them are found")
+    func killedWhileAdvancing() throws {
+        let link = try Link()
+        defer { link.remove() }
+        let sender = try link.connect()
+        for value: UInt8 in 1...4 { try send(value, on: sender) }
+        var positions: [UInt8: UInt64] = [:]
+        try link.mailbox.withPoller { poller in
+            _ = try poller.poll(from: NodeID(1), keeping: { bytes, position in
+                positions[bytes[0]] = position
+                return true
+            })
+        }
+        #expect(link.kept() == [1, 2, 3, 4])
+        let scans = try CrashCopies.scans(link) {
+            link.mailbox.withPoller { _ in
+                link.mailbox.releaseMessage(from: NodeID(1), at: positions[1]!)
+                link.mailbox.releaseMessage(from: NodeID(1), at: positions[2]!)
+                link.mailbox.advanceReleased()
+            }
+        }
+        #expect(scans == [[3, 4], [3, 4]], "recovery scans of the log at each crash point: \(scans)")
+        #expect(link.kept() == [3, 4])
+    }
+
+    @Test("killed between freeing a message and moving the counter: the records not yet polled are found")
+    func killedWhilePolling() throws {
+        let link = try Link()
+        defer { link.remove() }
+        let sender = try link.connect()
+        for value: UInt8 in 1...3 { try send(value, on: sender) }
+        var handed: [UInt8] = []
+        let scans = try CrashCopies.scans(link) {
+            try link.mailbox.withPoller { poller in
+                _ = try poller.poll(from: NodeID(1), limit: 1, keeping: { bytes, _ in
+                    handed.append(bytes[0])
+                    return false
+                })
+            }
+        }
+        #expect(handed == [1])
+        #expect(scans == [[2, 3]], "recovery scans of the log at each crash point: \(scans)")
+        #expect(link.kept() == [2, 3])
+    }
+
+    @Test("killed between clearing a wrap word and moving the counter past it: the records after the wrap are found")
+    func killedAtTheWrap() throws {
+        let link = try Link()
+        defer { link.remove() }
+        let sender = try link.connect()
+        // 62 messages of one 64-byte frame each, consumed; the 63rd takes the ring's last frame
+        // that fits with its trailer line, the 64th wraps to offset 0.
+        for batch in 0..<2 {
+            for value in 0..<31 { try send(UInt8(batch * 31 + value), on: sender) }
+            #expect(link.poll().messages.count == 31)
+        }
+        for value: UInt8 in [100, 101] { try send(value, on: sender) }
+        var handed: [UInt8] = []
+        let scans = try CrashCopies.scans(link) {
+            try link.mailbox.withPoller { poller in
+                _ = try poller.poll(from: NodeID(1), keeping: { bytes, _ in
+                    handed.append(bytes[0])
+                    return false
+                })
+            }
+        }
+        #expect(handed == [100, 101])
+        #expect(scans == [[101], [101], []], "recovery scans of the log at each crash point (after 100, at the wrap, after 101): \(scans)")
+    }
+
+    /// Several threads of a sender reserve space in one ring and write their messages at once: a
+    /// kill can leave a reserved message unwritten or half written while later ones are
+    /// complete, and a coordinator may have acted on those (reported a commit).
+    @Test("the log scan finds the complete records after one whose write a kill cut short", arguments: ["nothing written", "header only", "no trailer"])
+    func killedWhileAnotherThreadWrote(_ cut: String) throws {
+        let link = try Link()
+        defer { link.remove() }
+        let sender = try link.connect()
+        // 40-byte messages, 64 bytes of ring each: message n's frame is at ring offset 64 (n - 1),
+        // its header at +56, its trailer at +112 (the next frame's header line).
+        for value: UInt8 in 1...5 { try send(value, on: sender) }
+        let control = link.mailbox.region.base + ChannelFormat.controlOffset(sender: NodeID(1), ringCapacity: Link.ringCapacity)
+        let ring = control + ChannelFormat.controlBytes
+        let frame = 64 * 2  // message 3
+        switch cut {
+        case "nothing written":
+            memset(ring + frame + 56, 0, 8)
+            memset(ring + frame + 64, 0, 48)
+        case "header only":
+            memset(ring + frame + 64, 0, 48)
+        default:
+            break
+        }
+        (ring + frame + 112).storeBytes(of: 0, as: UInt64.self)
+        #expect(link.kept() == [1, 2, 4, 5], "the log with message 3's write cut short (\(cut)): \(link.kept())")
     }
 }
