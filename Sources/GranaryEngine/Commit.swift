@@ -6,7 +6,8 @@ import Glibc
 #endif
 
 /// The coordinator's side of FaRM's commit protocol, one method per phase:
-/// LOCK (``sendLock``, ``waitForLock``, ``endLock``) -> ``validate()`` -> ``commitBackup(_:)`` -> ``commitPrimary(_:)`` -> ``truncate(_:)``,
+/// log space promised (``promiseLogSpace(engine:waitForRoom:)``) -> LOCK (``sendLock``, ``waitForLock``, ``endLock``)
+/// -> ``validate()`` -> ``commitBackup(_:)`` -> ``commitPrimary(_:)`` -> ``truncate(_:)``,
 /// or ``abort(_:)`` after a failed LOCK or VALIDATE.
 extension Transaction {
     /// Commits the attempt, or throws ``AbortSignal`` (after cleaning up) when it must be retried.
@@ -41,10 +42,13 @@ extension Transaction {
     func resumeCommit(spinNanoseconds: UInt64?) throws -> Bool {
         try withEngine { engine in
             guard let waiting = state.pointee.waitingLock else { return true }
+            var keepsPromises = false
+            defer { if !keepsPromises { endPromises() } }
             var deadline = waiting.deadline
             let result = waitForLock(waiting.id, engine: engine, deadline: &deadline, spinNanoseconds: spinNanoseconds)
             if result == .stillWaiting {
                 state.pointee.waitingLock?.deadline = deadline
+                keepsPromises = true
                 return false
             }
             state.pointee.waitingLock = nil
@@ -102,6 +106,9 @@ extension Transaction {
         defer { if holdsGate { engine.gate.leave(shard) } }
         guard engine.isCurrentView(state.pointee.viewRef) else { throw AbortSignal(cause: .wrongConfiguration) }
         if engine.owed.count.load(ordering: .relaxed) > 0 { engine.resolveOwedRecords() }
+        try promiseLogSpace(engine: engine, waitForRoom: spinNanoseconds == nil)
+        var keepsPromises = false
+        defer { if !keepsPromises { endPromises() } }
         let id = try sendLock(engine: engine, waitForRoom: spinNanoseconds == nil)
         var deadline: UInt64 = 0
         let result: ReplySlots.WaitResult = engine.faults.fails(.lockReply, engine.node)
@@ -109,6 +116,7 @@ extension Transaction {
         if result == .stillWaiting {
             state.pointee.waitingLock = WaitingLock(id: id, shard: shard, deadline: deadline)
             holdsGate = false
+            keepsPromises = true
             return false
         }
         try endLock(id, result, engine: engine)
@@ -220,15 +228,15 @@ extension Transaction {
                 }
             }
         }
-        try sendRecord(writer.bytes, to: node, opening: kind == .lock, waiting: waiting)
+        try sendRecord(writer.bytes, to: node, promised: true, waiting: waiting)
     }
 
-    /// Sends a record of this commit to `node`. `opening` (LOCK): within the ring's opening share
-    /// (``ChannelSender/openingLimit``), waiting for room only with `waiting` (else
-    /// ``TransportError/channelFull(receiver:waitedMilliseconds:)`` at once).
+    /// Sends a record of this commit to `node`. `promised` (LOCK, COMMIT-BACKUP, COMMIT-PRIMARY):
+    /// in the space ``promiseLogSpace(engine:waitForRoom:)`` promised it, waiting for room only
+    /// with `waiting` (else ``TransportError/channelFull(receiver:waitedMilliseconds:)`` at once).
     @inline(__always)
     func sendRecord(_ bytes: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false,
-                    opening: Bool = false, waiting: Bool = true) throws(TransactionError) {
+                    promised: Bool = false, waiting: Bool = true) throws(TransactionError) {
         let failure: TransactionError? = state.pointee.viewRef._withUnsafeGuaranteedRef { view in
             do throws(TransactionError) {
                 if !usingReserve && view.channelFillsUp(to: node) { withEngine { $0.flushTruncations(to: node) } }
@@ -236,14 +244,14 @@ extension Transaction {
                     try view.send(bytes, to: node, usingReserve: true)
                 } else {
                     do throws(TransactionError) {
-                        try view.send(bytes, to: node, waiting: false, opening: opening)
+                        try view.send(bytes, to: node, waiting: false, promised: promised)
                     } catch .transport(.channelFull) {
                         // Full after all (others filled it since the look above): the ring holds
                         // records kept until TRUNCATE, and the TRUNCATEs pending for this node may
                         // be what frees it. They go first, on the reserve kept for them; then this
                         // record waits for room, if it may.
                         withEngine { $0.flushTruncations(to: node) }
-                        try view.send(bytes, to: node, waiting: waiting, opening: opening)
+                        try view.send(bytes, to: node, waiting: waiting, promised: promised)
                     }
                 }
                 return nil
@@ -254,13 +262,100 @@ extension Transaction {
         if let failure { throw failure }
     }
 
+    /// FaRM reserves log space before a commit starts, so that no commit ever waits half-way for
+    /// room that only other commits' TRUNCATEs could free (they may be waiting the same way). Each
+    /// receiver's log promises this commit the space of every record it may send there: to a
+    /// primary its LOCK and COMMIT-PRIMARY, to a backup its COMMIT-BACKUP (``ChannelSender/promise(_:)``).
+    /// ABORT and TRUNCATE need no promise: they use the ring's reserve, and free space.
+    ///
+    /// Nothing is sent while a log has no room (the promises made are given back): this thread
+    /// sends the TRUNCATEs it has pending for that node and waits, holding nothing, up to the
+    /// channel's send timeout, or, without `waitForRoom`, up to a millisecond: then the attempt
+    /// ends as ``AbortCause/logFull`` (a caller that must not hold its thread retries after a pause).
+    private func promiseLogSpace(engine: Engine, waitForRoom: Bool) throws {
+        collectPrimaries()
+        let masks = view.backupMasks
+        let promises = state.pointee.promises
+        let lockBytes = promises + NodeID.limit
+        let backupBytes = lockBytes + NodeID.limit
+        let primaries = primaryMask
+        var backups: UInt64 = 0
+        for primary in NodeMask(primaries) { lockBytes[primary.index] = RecordFormat.headerBytes }
+        writes.withUnsafeBufferPointer { writes in
+            for entry in writes {
+                let bytes = RecordFormat.entryBytes(payload: entry.length)
+                lockBytes[entry.primary.index] += bytes
+                let regionBackups = masks[entry.address.region.index]
+                for backup in NodeMask(regionBackups & ~backups) { backupBytes[backup.index] = RecordFormat.headerBytes }
+                backups |= regionBackups
+                for backup in NodeMask(regionBackups) { backupBytes[backup.index] += bytes }
+            }
+        }
+        let nodes = primaries | backups
+        for node in NodeMask(nodes) {
+            let bit: UInt64 = 1 << UInt64(node.index)
+            var total = 0
+            if primaries & bit != 0 {
+                total += ChannelFormat.stride(lockBytes[node.index]) + ChannelFormat.stride(RecordFormat.headerBytes)
+            }
+            if backups & bit != 0 { total += ChannelFormat.stride(backupBytes[node.index]) }
+            backupBytes[node.index] = total  // (the sizes are no longer needed)
+        }
+        let wanted = backupBytes
+        var start: UInt64 = 0
+        var backoff = Backoff(maximumSleepMicroseconds: 200)
+        while true {
+            var refused: NodeID?
+            state.pointee.viewRef._withUnsafeGuaranteedRef { view in
+                for node in NodeMask(nodes) {
+                    guard view.promise(wanted[node.index], to: node) else {
+                        refused = node
+                        return
+                    }
+                    promises[node.index] = wanted[node.index]
+                    state.pointee.promisedMask |= 1 << UInt64(node.index)
+                }
+            }
+            guard let node = refused else { return }
+            endPromises()
+            let now = monotonicNanoseconds()
+            if start == 0 {
+                start = now
+                // The TRUNCATEs pending for that node may be what keeps its log full: once they
+                // are taken (microseconds, as a rule), the space of the records they release is free.
+                engine.flushTruncations(to: node)
+            }
+            if !waitForRoom, now - start > 1_000_000 { throw AbortSignal(cause: .logFull) }
+            if now - start > (view.senders[node.index]?.sendTimeoutNanoseconds ?? 10_000_000_000) {
+                throw TransactionError.transport(.channelFull(receiver: node, waitedMilliseconds: Int((now - start) / 1_000_000)))
+            }
+            backoff.pause()
+        }
+    }
+
+    /// Gives back this commit's promises (``promiseLogSpace(engine:waitForRoom:)``) when it ends,
+    /// whichever way. (Until then a record it sent counts twice, in the ring and in the promise:
+    /// one give-back per log instead of one per record, and never less room than promised.)
+    func endPromises() {
+        let mask = state.pointee.promisedMask
+        guard mask != 0 else { return }
+        let promises = state.pointee.promises
+        state.pointee.viewRef._withUnsafeGuaranteedRef { view in
+            for node in NodeMask(mask) where promises[node.index] > 0 {
+                view.releasePromise(promises[node.index], to: node)
+            }
+        }
+        for node in NodeMask(mask) { promises[node.index] = 0 }
+        state.pointee.promisedMask = 0
+    }
+
     private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID,
                                 keepUntilTruncate: Bool = false) throws(TransactionError) {
         let writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
                                   configuration: withView { $0.configurationID }, transaction: id,
                                   cause: keepUntilTruncate ? RecordFormat.keepUntilTruncate : 0)
         // ABORT frees log space instead of holding it: it may use the ring's reserve.
-        try sendRecord(writer.bytes, to: node, usingReserve: kind == .abort)
+        try sendRecord(writer.bytes, to: node, usingReserve: kind == .abort, promised: kind == .commitPrimary)
     }
 
     /// LOCK: one record per primary with the written objects, their read versions and new values;
@@ -268,14 +363,12 @@ extension Transaction {
     /// ``endLock``). If a send fails, ABORT goes to every primary the LOCK reached (they may hold
     /// locks) and the attempt ends: nothing was written. Returns the attempt's reply slot.
     ///
+    /// The LOCK's space was promised; ABORT and TRUNCATE records may still hold it for a moment.
     /// Without `waitForRoom` (a caller that can wait without a thread), a primary's log that has
-    /// no room for the LOCK ends the attempt the same way, as ``AbortCause/logFull``: the records
-    /// filling that log are kept until their transactions finish, which may need the thread this
-    /// commit would hold while it waited (with every thread of a cooperative pool waiting so, no
-    /// transaction could finish: seen in the bank test on a 2-thread pool).
+    /// no room for the LOCK then ends the attempt the same way, as ``AbortCause/logFull``, rather
+    /// than hold a thread of a cooperative pool that the receiver's progress may need.
     private func sendLock(engine: Engine, waitForRoom: Bool) throws -> TransactionID {
-        collectPrimaries()
-        let primaries = primaryMask
+        let primaries = primaryMask  // (set by promiseLogSpace)
         let id = engine.replies.acquireWaiting(node: engine.node, replies: primaries.nonzeroBitCount)
         var sent: UInt64 = 0
         for primary in NodeMask(primaries) {

@@ -292,18 +292,18 @@ package final class ConfigurationView: @unchecked Sendable {
     /// Sends `record` to `node`'s mailbox through this configuration's sender; without `waiting`,
     /// only if the ring has room now (else ``TransportError/channelFull(receiver:waitedMilliseconds:)``).
     ///
-    /// With `opening` (a LOCK), the record may fill only ``ChannelSender/openingLimit`` of the
-    /// ring.
+    /// With `promised` (a commit's LOCK, COMMIT-BACKUP or COMMIT-PRIMARY), the record takes space
+    /// that ``promise(_:to:)`` promised it (``ChannelSender/sendPromised(_:waiting:)``).
     func send(_ record: UnsafeRawBufferPointer, to node: NodeID, usingReserve: Bool = false, waiting: Bool = true,
-              opening: Bool = false) throws(TransactionError) {
+              promised: Bool = false) throws(TransactionError) {
         guard !sendsStopped.load(ordering: .relaxed) else { throw .shutDown(self.node) }
         guard node.index < NodeID.limit, let sender = senderTable[node.index], isMember(node) || configuration.contains(self.node) else {
             throw .invalidAddress(GlobalAddress(rawValue: 0), reason: "node \(node) is not a member of \(configuration.id)")
         }
         let failure: TransportError? = sender._withUnsafeGuaranteedRef { sender in
             do throws(TransportError) {
-                if opening {
-                    if try !sender.sendOpening(record, waiting: waiting) { return .channelFull(receiver: node, waitedMilliseconds: 0) }
+                if promised {
+                    if try !sender.sendPromised(record, waiting: waiting) { return .channelFull(receiver: node, waitedMilliseconds: 0) }
                 } else if waiting {
                     try sender.send(record, usingReserve: usingReserve)
                 } else if try !sender.trySend(record, usingReserve: usingReserve) {
@@ -315,6 +315,19 @@ package final class ConfigurationView: @unchecked Sendable {
             }
         }
         if let failure { throw .transport(failure) }
+    }
+
+    /// Promises `bytes` of `node`'s log to a commit (``ChannelSender/promise(_:)``); false if the
+    /// log has no room for them, or `node` has no channel in this configuration.
+    @inline(__always) func promise(_ bytes: Int, to node: NodeID) -> Bool {
+        guard node.index < NodeID.limit, let sender = senderTable[node.index] else { return false }
+        return sender._withUnsafeGuaranteedRef { $0.promise(bytes) }
+    }
+
+    /// Gives back `bytes` of a promise made with ``promise(_:to:)``.
+    @inline(__always) func releasePromise(_ bytes: Int, to node: NodeID) {
+        guard node.index < NodeID.limit, let sender = senderTable[node.index] else { return }
+        sender._withUnsafeGuaranteedRef { $0.releasePromise(bytes) }
     }
 }
 
@@ -654,6 +667,10 @@ package final class Engine: Sendable {
     /// would a node process's: nobody serves its mailbox meanwhile, neither its poller nor
     /// coordinators helping; its lease thread goes on. For tests of waits on a paused peer.
     package func pauseRecordProcessing(_ paused: Bool) { processingPaused.store(paused, ordering: .relaxed) }
+
+    /// The bytes of the logs this node sends to that its commits have promised to themselves now
+    /// (``ChannelSender/promisedBytes``, summed): 0 once no commit is under way.
+    package var promisedLogBytes: Int { view.senders.reduce(0) { $0 + ($1?.promisedBytes ?? 0) } }
 
     /// Lets coordinators on this engine help the engines of `peers` (nodes of the same process).
     package func helpNeighbours(_ peers: [Engine]) {

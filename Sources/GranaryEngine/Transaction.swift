@@ -55,6 +55,11 @@ public final class Transaction {
         var remoteReservations: [RemoteReservation] = []
         /// The primaries of the written objects, as a bit per node (set at LOCK).
         var primaryMask: UInt64 = 0
+        /// The nodes whose logs promised this commit space (``Transaction/promiseLogSpace(engine:waitForRoom:)``),
+        /// a bit per node; `promises[n]` is what is left of node n's promise.
+        var promisedMask: UInt64 = 0
+        /// `NodeID.limit` words: the promises left; then twice as many for sizing the records.
+        let promises: UnsafeMutablePointer<Int>
         /// The read arena: every object this attempt read, one copy each (a later read of the
         /// same object, for the same or fewer lines, is served from it: repeatable reads without
         /// another round trip). `snapshot` points at the copy the last read returned.
@@ -78,6 +83,8 @@ public final class Transaction {
         var viewRef: Unmanaged<ConfigurationView>
 
         init(arena: UnsafeMutableRawPointer, recordBuffer: UnsafeMutableRawPointer, capacity: Int, view: ConfigurationView) {
+            self.promises = .allocate(capacity: 3 * NodeID.limit)
+            self.promises.initialize(repeating: 0, count: 3 * NodeID.limit)
             self.arena = arena
             self.arenaCapacity = capacity
             self.snapshot = arena
@@ -142,6 +149,8 @@ public final class Transaction {
     }
 
     deinit {
+        endPromises()
+        state.pointee.promises.deallocate()
         neighbourList.deallocate()
         unmanagedNeighbours.deallocate()
         state.pointee.arena.deallocate()
@@ -152,6 +161,7 @@ public final class Transaction {
 
     /// Forgets the previous attempt (reservations must already be returned).
     func reset() {
+        endPromises()  // (a commit gives back its promises when it ends: nothing is left here)
         // Retained only when the configuration changed (a store retains and releases).
         if !engine.isCurrentView(state.pointee.viewRef) { state.pointee.view = engine.view }
         reads.removeAll(keepingCapacity: true)

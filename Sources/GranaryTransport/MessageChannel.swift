@@ -102,7 +102,7 @@ public enum ChannelFormat {
     @inlinable static var headerOffset: Int { 56 }
 
     /// How far a message of `length` bytes advances the stream position.
-    @inlinable static func stride(_ length: Int) -> Int { (padded(length) + 16 + 63) & ~63 }
+    @inlinable public static func stride(_ length: Int) -> Int { (padded(length) + 16 + 63) & ~63 }
 
     /// Where the trailer of a message of `length` bytes lies after the message's ring position.
     @inlinable static func trailerOffset(_ length: Int) -> Int { stride(length) + 48 }
@@ -892,7 +892,8 @@ public final class ChannelSender: Sendable {
     /// above: word 0 is the tail (ring bytes reserved so far; ``detached`` while this connection
     /// is not attached to the ring), word 1 the receiver's consumed counter as last read (never
     /// ahead of the real one: a stale value only makes a sender look again), word 2 the epoch of
-    /// the stream (mixed into trailers). Bit patterns of the pointer, as `Sendable` requires.
+    /// the stream (mixed into trailers), word 3 the bytes promised to commits under way
+    /// (``promise(_:)``). Bit patterns of the pointer, as `Sendable` requires.
     @usableFromInline let counters: UInt
     /// The staging buffer of the unmapped path, and the lock that serialises it.
     private let staging: Mutex<UInt>
@@ -960,6 +961,10 @@ public final class ChannelSender: Sendable {
 
     @inlinable var epoch: UnsafeMutablePointer<Atomic<UInt64>> {
         UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 2
+    }
+
+    @inlinable var promised: UnsafeMutablePointer<Atomic<UInt64>> {
+        UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 3
     }
 
     /// Whether this connection is attached to the receiver's ring as far as it knows (a receiver
@@ -1100,8 +1105,13 @@ public final class ChannelSender: Sendable {
         _ = try send(message, limit: limit(usingReserve: usingReserve), wait: true)
     }
 
-    /// The bytes of the ring a message may fill: all of it with `usingReserve`, else seven eighths.
-    @inlinable func limit(usingReserve: Bool) -> Int { usingReserve ? ringCapacity : ringCapacity &- ringCapacity >> 3 }
+    /// The bytes of the ring a message may fill: all of it with `usingReserve`, else seven eighths
+    /// less what is promised (``ordinaryLimit``).
+    @inlinable func limit(usingReserve: Bool) -> Int { usingReserve ? ringCapacity : Self.ordinaryLimit }
+
+    /// The limit of an ordinary message: seven eighths of the ring less the bytes promised to
+    /// commits under way, looked up at each reservation (the promises change while a send waits).
+    @usableFromInline static let ordinaryLimit = -1
 
     /// Every send: the message within `limit` bytes of the ring, inline when the ring has room on
     /// the mapped path, else through ``sendSlowly(_:wait:limit:)`` (waiting for room with `wait`).
@@ -1115,20 +1125,62 @@ public final class ChannelSender: Sendable {
         return try sendSlowly(message, wait: wait, limit: limit)
     }
 
-    /// How much of the ring a commit's opening records (LOCK) may fill: three quarters. The
-    /// records of commits already past LOCK (COMMIT-BACKUP, COMMIT-PRIMARY) may fill seven eighths
-    /// (``send(_:usingReserve:)``), and those that free space (ABORT, TRUNCATE) all of it; so a
-    /// ring that kept records have filled refuses new commits first, and the commits under way
-    /// still find room to finish, and with them the records that let the receiver free the ring.
-    @inlinable public var openingLimit: Int { ringCapacity &- ringCapacity >> 2 }
+    // MARK: Log space promised to commits (FaRM reserves log space before a commit starts)
+    //
+    // A commit's records stay in the receivers' logs until its TRUNCATE, so a commit that found a
+    // log full half-way (its LOCKs sent, a COMMIT-BACKUP with no room) would wait for the
+    // TRUNCATEs of other commits that may be waiting the same way. So before it sends anything, a
+    // commit promises itself the space of every record it may send to each receiver (LOCK,
+    // COMMIT-BACKUP, COMMIT-PRIMARY); promises are granted while the ring's bytes in use and
+    // promised stay within ``promiseLimit``; ordinary messages leave the promised bytes free
+    // (``ordinaryLimit``); a promised record may use the whole ring. The quarter above the limit
+    // holds the one wrap there can be in a ring's length of stream (a record that does not fit
+    // before the ring's end leaves the rest unused: less than the largest frame, a quarter of
+    // the ring and a line). So a promised record finds room unless ABORT and TRUNCATE records
+    // (which use the reserve, and free space once the receiver takes them) hold it for a moment.
+    // ABORT and TRUNCATE need no promise. One commit alone always gets its promise: its records
+    // to one receiver (a LOCK and a COMMIT-BACKUP, each at most a quarter, and a COMMIT-PRIMARY)
+    // fit within the limit of an empty ring.
 
-    /// Sends a commit's opening record within ``openingLimit``; with `waiting`, waits for room
-    /// (as ``send(_:usingReserve:)``), else returns false at once if there is none, or (on the
-    /// unmapped path) if another thread's send holds the staging buffer: that send may itself be
-    /// waiting for room.
+    /// How much of the ring the bytes in use and the promises may fill together: three quarters,
+    /// less a line.
+    @inlinable public var promiseLimit: Int { ringCapacity &- ringCapacity >> 2 &- 64 }
+
+    /// Bytes promised now, for diagnostics and tests.
+    public var promisedBytes: Int { Int(truncatingIfNeeded: promised.pointee.load(ordering: .relaxed)) }
+
+    /// Promises `bytes` of the ring to a commit's later records, if the bytes in use (after one
+    /// look at the receiver's progress when the ring looks full) and those already promised leave
+    /// room within ``promiseLimit``; false otherwise (nothing promised).
+    public func promise(_ bytes: Int) -> Bool {
+        var refreshed = false
+        var current = promised.pointee.load(ordering: .relaxed)
+        while true {
+            let inUse = refreshed ? refreshedBytesInUse() : bytesInUse
+            if inUse &+ Int(truncatingIfNeeded: current) &+ bytes > promiseLimit {
+                if refreshed { return false }
+                refreshed = true
+                _ = refreshedBytesInUse()
+                continue
+            }
+            let (exchanged, found) = promised.pointee.compareExchange(expected: current, desired: current &+ UInt64(bytes), ordering: .relaxed)
+            if exchanged { return true }
+            current = found
+        }
+    }
+
+    /// Gives back `bytes` of a promise (records the commit did not send, or sent).
     @inlinable @inline(__always)
-    public func sendOpening(_ message: UnsafeRawBufferPointer, waiting: Bool) throws(TransportError) -> Bool {
-        try send(message, limit: openingLimit, wait: waiting)
+    public func releasePromise(_ bytes: Int) {
+        promised.pointee.subtract(UInt64(truncatingIfNeeded: bytes), ordering: .relaxed)
+    }
+
+    /// Sends a record `promise(_:)` promised space to, anywhere in the ring (waiting, with
+    /// `waiting`, for room that ABORT and TRUNCATE records may hold for a moment; else returning
+    /// false at once). The promise stays until the commit gives it back.
+    @inlinable @inline(__always)
+    public func sendPromised(_ message: UnsafeRawBufferPointer, waiting: Bool) throws(TransportError) -> Bool {
+        try send(message, limit: ringCapacity, wait: waiting)
     }
 
     /// Bytes of the ring in use as this sender last learned (reserved, not yet freed by the
@@ -1229,7 +1281,9 @@ public final class ChannelSender: Sendable {
             // of the receiver's counter, so the receiver's zeroing happens before our writes.
             let head = knownHead.pointee.load(ordering: .acquiring)
             if reserved < head { continue }  // the tail moved on since we loaded it
-            if reserved &- head &+ needed > UInt64(truncatingIfNeeded: limit) { return nil }
+            let room = limit >= 0 ? limit
+                : ringCapacity &- ringCapacity >> 3 &- Int(truncatingIfNeeded: promised.pointee.load(ordering: .relaxed))
+            if Int(truncatingIfNeeded: reserved &- head &+ needed) > room { return nil }
             if tail.pointee.compareExchange(expected: reserved, desired: reserved &+ needed, ordering: .relaxed).exchanged {
                 return wraps ? Reservation(start: reserved &+ capacity &- UInt64(truncatingIfNeeded: position), wrap: position, previous: reserved)
                              : Reservation(start: reserved, wrap: -1, previous: reserved)

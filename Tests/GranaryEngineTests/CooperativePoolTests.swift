@@ -99,6 +99,7 @@ struct CooperativePoolTests {
         #expect(failures.isEmpty, "transactions failed after the primary resumed: \(failures.prefix(3))")
         #expect(logFull > 0, "no attempt found the log full: the test did not fill it")
         #expect(worst < 200, "a heartbeat on the pool stalled for \(Int(worst)) ms while the log was full (gaps: \(gaps.map { Int($0) }))")
+        #expect(coordinator.engine.promisedLogBytes == 0, "log space still promised after every commit ended: \(coordinator.engine.promisedLogBytes) bytes")
         let values = try await coordinator.transaction { tx in try objects.map { try tx.read($0) } }
         for (index, value) in values.enumerated() {
             #expect(value == [UInt8](repeating: UInt8(index % 200 + 2), count: 400), "object \(index) holds \(value.prefix(4))...")

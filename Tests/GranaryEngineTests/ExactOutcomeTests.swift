@@ -161,6 +161,8 @@ struct ExactOutcomeTests {
             var problems: [String] = []
             if !locked.isEmpty { problems.append("locked afterwards: \(locked)") }
             if !differences.isEmpty { problems.append("replicas differ: \(differences)") }
+            let promised = cluster.nodes.map(\.engine.promisedLogBytes).reduce(0, +)
+            if promised != 0 { problems.append("\(promised) bytes of log space still promised to the ended commit") }
             switch told {
             case .committed where !applied: problems.append("told committed, data a = \(aValue), b = \(bValue)")
             case .failed where !untouched: problems.append("told failed, data a = \(aValue), b = \(bValue)")

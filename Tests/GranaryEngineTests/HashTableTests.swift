@@ -59,7 +59,11 @@ struct HashTableTests {
         let table = try await TransactionalHashTable<Int64>.create(name: "computed", capacity: 30_000, in: cluster)
         let buckets = table.descriptor.buckets
         // Round-robin over the nodes, each allocating from its regions in turn: a short period.
-        #expect(table.period > 0 && table.period <= 12, "the buckets follow no regular pattern: \(buckets.prefix(8))")
+        #expect(table.period > 0 && table.period <= 12, """
+            the buckets follow no regular pattern: \(buckets.count) buckets, first \(buckets.prefix(8)), \
+            every 500th \(stride(from: 0, to: buckets.count, by: 500).map { "\($0): \(buckets[$0])" }), \
+            last \(buckets.suffix(6)); attempts aborted per node \(cluster.nodes.map { $0.statistics.totalAborts })
+            """)
         for index in buckets.indices where table.bucket(index, probe: 0) != buckets[index] {
             Issue.record("bucket \(index): computed \(table.bucket(index, probe: 0)), descriptor \(buckets[index])")
             break

@@ -356,3 +356,37 @@ struct LogScanAfterKillTests {
         #expect(link.kept() == [1, 2, 4, 5], "the log with message 3's write cut short (\(cut)): \(link.kept())")
     }
 }
+
+@Suite("Message channels: log space promised to commits")
+struct PromisedLogSpaceTests {
+    /// A 4 KiB ring: promises and bytes in use together up to three quarters less a line (3008
+    /// bytes); ordinary messages up to seven eighths (3584) less what is promised; promised
+    /// records and the reserve's users (ABORT, TRUNCATE) anywhere.
+    @Test("promises stay within three quarters of the ring, ordinary messages leave promised space free, promised records find it")
+    func promisesReserveSpace() throws {
+        let link = try Link()
+        defer { link.remove() }
+        let sender = try link.connect()
+        let message = [UInt8](repeating: 7, count: 40)  // one 64-byte frame
+        #expect(sender.promise(2048))
+        #expect(!sender.promise(1024), "promised beyond the limit: \(sender.promisedBytes)")
+        #expect(sender.promisedBytes == 2048, "a refused promise changed the count: \(sender.promisedBytes)")
+        #expect(sender.promise(960))
+        var ordinary = 0
+        while try message.withUnsafeBytes({ try sender.trySend($0) }) { ordinary += 1 }
+        #expect(ordinary == (3584 - 3008) / 64, "ordinary messages took \(ordinary) frames beside 3008 promised bytes")
+        #expect(!sender.promise(64), "a promise granted with the ring at its limit")
+        var promisedSent = 0
+        while promisedSent < 100, try message.withUnsafeBytes({ try sender.sendPromised($0, waiting: false) }) { promisedSent += 1 }
+        // Up to the ring's last line, which holds the last frame's trailer.
+        #expect(promisedSent == (4096 - 64 - 576) / 64, "promised records took \(promisedSent) frames")
+        // Given back and taken by the receiver: room for all again.
+        sender.releasePromise(3008)
+        #expect(sender.promisedBytes == 0)
+        #expect(link.poll().messages.count == ordinary + promisedSent)
+        var after = 0
+        while try message.withUnsafeBytes({ try sender.trySend($0) }) { after += 1 }
+        // (Less the frame a wrap skips: the stream stands at the ring's last line.)
+        #expect(after == 3584 / 64 - 1, "after the promises were given back, ordinary messages took \(after) frames")
+    }
+}
