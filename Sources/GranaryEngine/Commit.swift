@@ -329,7 +329,11 @@ extension Transaction {
             if now - start > (view.senders[node.index]?.sendTimeoutNanoseconds ?? 10_000_000_000) {
                 throw TransactionError.transport(.channelFull(receiver: node, waitedMilliseconds: Int((now - start) / 1_000_000)))
             }
-            backoff.pause()
+            // A receiver in this process: serve its mailbox meanwhile (the TRUNCATEs just sent
+            // free its log once taken), as a LOCK wait does.
+            let helped = node == engine.node ? engine.helpPoll()
+                : unmanagedNeighbours[node.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0
+            if helped == 0 { backoff.pause() }
         }
     }
 
