@@ -269,9 +269,11 @@ extension Transaction {
     /// ABORT and TRUNCATE need no promise: they use the ring's reserve, and free space.
     ///
     /// Nothing is sent while a log has no room (the promises made are given back): this thread
-    /// sends the TRUNCATEs it has pending for that node and waits, holding nothing, up to the
-    /// channel's send timeout, or, without `waitForRoom`, up to a millisecond: then the attempt
-    /// ends as ``AbortCause/logFull`` (a caller that must not hold its thread retries after a pause).
+    /// sends the TRUNCATEs it has pending for that node and waits, holding nothing, serving the
+    /// receiver's mailbox if it is in this process, up to the channel's send timeout; without
+    /// `waitForRoom`, once a millisecond passes in which serving it handled nothing (a receiver
+    /// elsewhere, or paused), the attempt ends as ``AbortCause/logFull`` (a caller that must not
+    /// hold its thread retries after a pause).
     private func promiseLogSpace(engine: Engine, waitForRoom: Bool) throws {
         collectPrimaries()
         let masks = view.backupMasks
@@ -303,6 +305,7 @@ extension Transaction {
         }
         let wanted = backupBytes
         var start: UInt64 = 0
+        var progress: UInt64 = 0  // when serving the receiver's mailbox last handled something
         var backoff = Backoff(maximumSleepMicroseconds: 200)
         while true {
             var refused: NodeID?
@@ -321,11 +324,12 @@ extension Transaction {
             let now = monotonicNanoseconds()
             if start == 0 {
                 start = now
+                progress = now
                 // The TRUNCATEs pending for that node may be what keeps its log full: once they
                 // are taken (microseconds, as a rule), the space of the records they release is free.
                 engine.flushTruncations(to: node)
             }
-            if !waitForRoom, now - start > 1_000_000 { throw AbortSignal(cause: .logFull) }
+            if !waitForRoom, now - progress > 1_000_000 { throw AbortSignal(cause: .logFull) }
             if now - start > (view.senders[node.index]?.sendTimeoutNanoseconds ?? 10_000_000_000) {
                 throw TransactionError.transport(.channelFull(receiver: node, waitedMilliseconds: Int((now - start) / 1_000_000)))
             }
@@ -333,7 +337,7 @@ extension Transaction {
             // free its log once taken), as a LOCK wait does.
             let helped = node == engine.node ? engine.helpPoll()
                 : unmanagedNeighbours[node.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0
-            if helped == 0 { backoff.pause() }
+            if helped == 0 { backoff.pause() } else { progress = monotonicNanoseconds() }
         }
     }
 
