@@ -416,15 +416,12 @@ public final class Mailbox: @unchecked Sendable {
                 head &+= UInt64(ringCapacity - position)
                 continue
             }
-            let length = Int(header & 0xFFFF_FFFF)
-            let magic = header >> 48
-            if magic == ChannelFormat.messageMagic || magic == ChannelFormat.releasedMagic,
-               UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
-               position + ChannelFormat.stride(length) + 64 <= ringCapacity, head &+ UInt64(ChannelFormat.stride(length)) <= end {
+            if let length = frameLength(header, at: position, sender: sender, ringCapacity: ringCapacity, maximum: maximum),
+               head &+ UInt64(ChannelFormat.stride(length)) <= end {
                 let trailer = (ring + position + ChannelFormat.trailerOffset(length)).load(as: UInt64.self)
                 if trailer == ChannelFormat.trailer(position: head, epoch: epoch)
                     || trailer == ChannelFormat.trailer(position: head, epoch: reopening) {
-                    if magic == ChannelFormat.messageMagic {
+                    if header >> 48 == ChannelFormat.messageMagic {
                         try body(head, UnsafeRawBufferPointer(start: ring + position + 64, count: length))
                     }
                     head &+= UInt64(ChannelFormat.stride(length))
@@ -455,14 +452,21 @@ public final class Mailbox: @unchecked Sendable {
                 head &+= UInt64(ringCapacity - position)
                 continue
             }
-            let length = Int(header & 0xFFFF_FFFF)
-            let magic = header >> 48
-            guard magic == ChannelFormat.messageMagic || magic == ChannelFormat.releasedMagic,
-                  UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
-                  position + ChannelFormat.stride(length) + 64 <= ringCapacity,
+            guard let length = frameLength(header, at: position, sender: sender, ringCapacity: ringCapacity, maximum: maximum),
                   try body(head, position, header, length) else { return }
             head &+= UInt64(ChannelFormat.stride(length))
         }
+    }
+
+    /// The length of the message whose header word is `header`, at ring offset `position`, if it
+    /// is a message of `sender` (kept or released) that fits the ring with its trailer line.
+    static func frameLength(_ header: UInt64, at position: Int, sender: NodeID, ringCapacity: Int, maximum: Int) -> Int? {
+        let length = Int(header & 0xFFFF_FFFF)
+        let magic = header >> 48
+        guard magic == ChannelFormat.messageMagic || magic == ChannelFormat.releasedMagic,
+              UInt16(truncatingIfNeeded: header >> 32) == sender.rawValue, length <= maximum,
+              position + ChannelFormat.stride(length) + 64 <= ringCapacity else { return nil }
+        return length
     }
 
     /// The receive side of the channel from `sender`.
