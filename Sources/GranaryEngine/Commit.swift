@@ -319,8 +319,22 @@ extension Transaction {
                     state.pointee.promisedMask |= 1 << UInt64(node.index)
                 }
             }
-            guard let node = refused else { return }
+            guard let node = refused else {
+                // After a wait, the configuration may have moved on (a recovery that gave up
+                // waiting for this commit): records routed by the old one would miss new backups.
+                if start != 0, !engine.isCurrentView(state.pointee.viewRef) {
+                    endPromises()
+                    throw AbortSignal(cause: .wrongConfiguration)
+                }
+                return
+            }
             endPromises()
+            // A receiver being removed will not free its log, and while a recovery waits for the
+            // commits in flight to end, this one must not wait: it starts again once commits do.
+            if engine.gate.removing.load(ordering: .relaxed) & nodes != 0 || engine.gate.isRecovering
+                || !engine.running.load(ordering: .relaxed) {
+                throw AbortSignal(cause: .wrongConfiguration)
+            }
             let now = monotonicNanoseconds()
             if start == 0 {
                 start = now
