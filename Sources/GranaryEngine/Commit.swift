@@ -301,9 +301,8 @@ extension Transaction {
                 total += ChannelFormat.stride(lockBytes[node.index]) + ChannelFormat.stride(RecordFormat.headerBytes)
             }
             if backups & bit != 0 { total += ChannelFormat.stride(backupBytes[node.index]) }
-            backupBytes[node.index] = total  // (the sizes are no longer needed)
+            promises[node.index] = total
         }
-        let wanted = backupBytes
         var start: UInt64 = 0
         var progress: UInt64 = 0  // when serving the receiver's mailbox last handled something
         var backoff = Backoff(maximumSleepMicroseconds: 200)
@@ -311,11 +310,10 @@ extension Transaction {
             var refused: NodeID?
             state.pointee.viewRef._withUnsafeGuaranteedRef { view in
                 for node in NodeMask(nodes) {
-                    guard view.promise(wanted[node.index], to: node) else {
+                    guard view.promise(promises[node.index], to: node) else {
                         refused = node
                         return
                     }
-                    promises[node.index] = wanted[node.index]
                     state.pointee.promisedMask |= 1 << UInt64(node.index)
                 }
             }
@@ -331,10 +329,7 @@ extension Transaction {
             endPromises()
             // A receiver being removed will not free its log, and while a recovery waits for the
             // commits in flight to end, this one must not wait: it starts again once commits do.
-            if engine.gate.removing.load(ordering: .relaxed) & nodes != 0 || engine.gate.isRecovering
-                || !engine.running.load(ordering: .relaxed) {
-                throw AbortSignal(cause: .wrongConfiguration)
-            }
+            if engine.mustStopWaiting(on: nodes) { throw AbortSignal(cause: .wrongConfiguration) }
             let now = monotonicNanoseconds()
             if start == 0 {
                 start = now
@@ -349,8 +344,7 @@ extension Transaction {
             }
             // A receiver in this process: serve its mailbox meanwhile (the TRUNCATEs just sent
             // free its log once taken), as a LOCK wait does.
-            let helped = node == engine.node ? engine.helpPoll()
-                : unmanagedNeighbours[node.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0
+            let helped = helpPoll(node, engine: engine)
             if helped == 0 { backoff.pause() } else { progress = monotonicNanoseconds() }
         }
     }
@@ -363,11 +357,8 @@ extension Transaction {
         guard mask != 0 else { return }
         let promises = state.pointee.promises
         state.pointee.viewRef._withUnsafeGuaranteedRef { view in
-            for node in NodeMask(mask) where promises[node.index] > 0 {
-                view.releasePromise(promises[node.index], to: node)
-            }
+            for node in NodeMask(mask) { view.releasePromise(promises[node.index], to: node) }
         }
-        for node in NodeMask(mask) { promises[node.index] = 0 }
         state.pointee.promisedMask = 0
     }
 
@@ -418,7 +409,6 @@ extension Transaction {
                              spinNanoseconds: UInt64?) -> ReplySlots.WaitResult {
         let primaries = primaryMask
         let neighbours = self.neighbourList
-        let primaryEngines = self.unmanagedNeighbours
         return engine.replies.wait(id, deadline: &deadline, timeoutNanoseconds: engine.replyTimeoutNanoseconds,
                                    spinNanoseconds: spinNanoseconds) {
             // Serve the mailboxes of this process's nodes that nobody else is serving: first the
@@ -430,13 +420,12 @@ extension Transaction {
             // commit to end, the attempt gives up (it retries once commits start again): a primary
             // that is silent but not yet removed (a second node that crashed just after the one
             // being removed) would otherwise hold the recovery for the whole reply timeout.
-            if engine.gate.removing.load(ordering: .relaxed) & primaries != 0 || engine.gate.isRecovering
-                || !engine.running.load(ordering: .relaxed) {
+            if engine.mustStopWaiting(on: primaries) {
                 engine.replies.abandon(id, failure: AbortCause.wrongConfiguration.rawValue)
             }
             var handled = 0
             for primary in NodeMask(primaries & ~(1 << UInt64(engine.node.index))) {
-                handled += primaryEngines[primary.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0
+                handled += helpPoll(primary, engine: engine)
             }
             handled += engine.helpPoll()
             if handled == 0 {
@@ -444,6 +433,13 @@ extension Transaction {
             }
             return handled
         }
+    }
+
+    /// Serves the mailbox of `node` for a moment if it is this node or another in this process
+    /// (see ``Engine/helpPoll()``); returns the records handled.
+    @inline(__always)
+    private func helpPoll(_ node: NodeID, engine: Engine) -> Int {
+        node == engine.node ? engine.helpPoll() : unmanagedNeighbours[node.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0
     }
 
     /// LOCK's outcome, once its wait ended (answered or timed out): returns if every primary

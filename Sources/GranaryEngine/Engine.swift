@@ -564,6 +564,13 @@ package final class Engine: Sendable {
     /// that its mailbox is being served.
     func helpPoll() -> Int { poll(helping: true) }
 
+    /// Whether a commit waiting on `nodes` (a bit per node: for LOCK answers, or for room in their
+    /// logs) must stop waiting: one of them is being removed, a recovery waits for the commits in
+    /// flight to end, or this engine stops. The commit then starts again once commits do.
+    @inline(__always) func mustStopWaiting(on nodes: UInt64) -> Bool {
+        gate.removing.load(ordering: .relaxed) & nodes != 0 || gate.isRecovering || !running.load(ordering: .relaxed)
+    }
+
     private func poll(helping: Bool) -> Int {
         // Look before taking the poll claim: most polls find nothing, and the claim's cache line
         // would otherwise bounce between the helping threads on every look.

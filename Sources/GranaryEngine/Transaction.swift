@@ -56,9 +56,10 @@ public final class Transaction {
         /// The primaries of the written objects, as a bit per node (set at LOCK).
         var primaryMask: UInt64 = 0
         /// The nodes whose logs promised this commit space (``Transaction/promiseLogSpace(engine:waitForRoom:)``),
-        /// a bit per node; `promises[n]` is what is left of node n's promise.
+        /// a bit per node; `promises[n]` is what node n's log promised.
         var promisedMask: UInt64 = 0
-        /// `NodeID.limit` words: the promises left; then twice as many for sizing the records.
+        /// `NodeID.limit` words: the bytes each node's log is asked to promise; then twice as many
+        /// for sizing the records.
         let promises: UnsafeMutablePointer<Int>
         /// The read arena: every object this attempt read, one copy each (a later read of the
         /// same object, for the same or fewer lines, is served from it: repeatable reads without

@@ -1160,8 +1160,8 @@ public final class ChannelSender: Sendable {
         var refreshed = false
         var current = promised.pointee.load(ordering: .relaxed)
         while true {
-            let inUse = refreshed ? refreshedBytesInUse() : bytesInUse
-            if inUse &+ Int(truncatingIfNeeded: current) &+ bytes > promiseLimit {
+            // The receiver's progress is read at most once (a one-sided read off the mapped path).
+            if bytesInUse &+ Int(truncatingIfNeeded: current) &+ bytes > promiseLimit {
                 if refreshed { return false }
                 refreshed = true
                 _ = refreshedBytesInUse()
