@@ -17,5 +17,14 @@ static inline void granary_prefetch(const void *address) { __builtin_prefetch(ad
 static inline int granary_memfd_create(const char *name) {
     return (int)syscall(SYS_memfd_create, name, 1U /* MFD_CLOEXEC */);
 }
+
+// Not libpmem: the file-system type of a directory (statfs(2)'s f_type), to tell memory file
+// systems (tmpfs, ramfs) from disk ones; -1 if it cannot be read. Linux only.
+#include <sys/vfs.h>
+static inline long granary_file_system_type(const char *path) {
+    struct statfs info;
+    if (statfs(path, &info) != 0) return -1;
+    return (long)info.f_type;
+}
 #endif
 #endif

@@ -91,10 +91,18 @@ public final class Cluster: Sendable {
 
     /// The lock a client connection holds on its member's directory (-1 for a local cluster).
     private let clientLock: Int32
+    /// Each node's spare region files (with a configuration manager).
+    private let spares: [SpareRegions]
+    /// Spare region files ready on the nodes, and taken for new replicas so far (all nodes).
+    package var spareRegionCounts: (ready: Int, taken: Int) {
+        spares.reduce((0, 0)) { ($0.0 + $1.readyCount, $0.1 + $1.takenCount) }
+    }
 
     private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool,
                  coordination: EmbeddedCoordinationService?, membership: [MembershipService],
-                 recovery: RestartRecovery.Report?, regionAllocation: RegionAllocation?, clientLock: Int32 = -1) {
+                 recovery: RestartRecovery.Report?, regionAllocation: RegionAllocation?, clientLock: Int32 = -1,
+                 spares: [SpareRegions] = []) {
+        self.spares = spares
         self.clientLock = clientLock
         self.recovery = recovery
         self.nodes = nodes
@@ -216,6 +224,7 @@ public final class Cluster: Sendable {
         for engine in engines { engine.helpNeighbours(engines) }
         var coordination: EmbeddedCoordinationService?
         var services: [MembershipService] = []
+        var spares: [SpareRegions] = []
         if let membershipOptions = options.membership {
             let makeSession: @Sendable () throws -> any CoordinationStore
             switch options.coordination {
@@ -246,6 +255,8 @@ public final class Cluster: Sendable {
             for (index, engine) in engines.enumerated() {
                 let node = storage[index]
                 let size = configuration.regionSize, regionLogger = logger
+                node.spares.start(count: membershipOptions.spareRegions, logger: logger)
+                spares.append(node.spares)
                 services.append(MembershipService(
                     engine: engine, store: try makeSession(), options: membershipOptions, logger: logger,
                     connect: { member in try node.connect(member) },
@@ -270,7 +281,7 @@ public final class Cluster: Sendable {
         }
         return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
                        removeOnShutdown: temporary, coordination: coordination, membership: services,
-                       recovery: lastRecovery, regionAllocation: regionAllocation)
+                       recovery: lastRecovery, regionAllocation: regionAllocation, spares: spares)
     }
 
     /// Before a reopen with a configuration manager on ZooKeeper changes any file: the store
@@ -577,6 +588,7 @@ public final class Cluster: Sendable {
             for service in membership where !service.mustRejoin { _ = try? await service.leave() }
         }
         for service in membership { await service.stop() }
+        for pool in spares { pool.stop() }
         try await quiesce()
         // Persisting is for a cluster that outlives this process; a temporary one is removed next.
         if !removeOnShutdown {

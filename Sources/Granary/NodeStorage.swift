@@ -28,6 +28,8 @@ package struct NodeStorage: Sendable {
     package let leasePage: Region
     package let replicas: [Region]
     package let home: RegionDirectory
+    /// Spare region files for replicas placed on this node while it serves (kept once started).
+    package let spares: SpareRegions
     /// The transport when it is the shared-memory one (an embedded cluster shares mappings).
     package let sharedMemory: SharedMemoryTransport?
     private let connectPeer: @Sendable (NodeID, RegionDirectory) -> Void
@@ -58,6 +60,7 @@ package struct NodeStorage: Sendable {
         self.node = node
         self.configuration = configuration
         home = try Self.directory(of: member)
+        spares = SpareRegions(home: home, size: configuration.regionSize)
         switch kind {
         case .sharedMemory:
             let shm = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
@@ -100,7 +103,9 @@ package struct NodeStorage: Sendable {
     }
 
     /// Opens this node's replica of `placement`'s region while the node serves (a new backup
-    /// after a failure, a region on demand), creating a missing file without reserving its space
+    /// after a failure, a region on demand). A missing file is made from a spare (``spares``,
+    /// once started), whose space is reserved and whose pages are mapped in already; without
+    /// one, it is created without reserving its space
     /// first: on tmpfs that reservation zeroes every page (about 15 ms for 64 MiB), and a new
     /// backup is made while commits wait for recovery. The space is reserved afterwards on a
     /// thread of its own, 256 KiB at a time with a 4 ms pause after each (at once, the zeroing took
@@ -108,7 +113,18 @@ package struct NodeStorage: Sendable {
     /// failure, such as a full file system, is logged naming the file. The region is registered
     /// with the transport.
     package func openRegionWhileServing(_ placement: RegionPlacement, size: Int, logger: Logger) throws -> Region {
-        let (region, created) = try home.openOrCreateSparse(placement.region, size: size, cluster: configuration.cluster)
+        let region: Region
+        var created = false
+        do {
+            region = try home.open(placement.region, cluster: configuration.cluster)
+        } catch .missing {
+            if let spare = spares.take() {
+                region = try home.create(placement.region, size: size, cluster: configuration.cluster, from: spare)
+            } else {
+                region = try home.create(placement.region, size: size, cluster: configuration.cluster, sparse: true)
+                created = true
+            }
+        }
         try transport.register(region)
         if created {
             let node = self.node

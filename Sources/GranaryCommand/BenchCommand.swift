@@ -49,6 +49,9 @@ struct BenchOptions: ParsableArguments {
     var expiriesToSuspect: Int = MembershipOptions().probeLeases + 1
     @Option(help: "With the configuration manager: data recovery's pace, in milliseconds (MembershipOptions.copyPace: after each 64 KiB slab a new backup copies, a random wait of up to twice this).")
     var copyPaceMs: Double = Double(MembershipOptions().copyPace.wholeNanoseconds) / 1e6
+
+    @Option(help: "With the configuration manager: spare region files each node keeps ready for replicas placed on it while it serves (MembershipOptions.spareRegions; 0: new replicas are sparse files).")
+    var spareRegions: Int = MembershipOptions().spareRegions
     @Option(help: "Crash this node (as SIGKILL would) during the run; implies --membership. Prints the times from the crash to the new configuration, to every region active, and to 80% of the throughput before.")
     var crash: Int?
     @Option(help: "Seconds into the run at which --crash crashes its node.") var at: Double = 1
@@ -95,6 +98,7 @@ struct BenchOptions: ParsableArguments {
             if let maxWorkers, maxWorkers < 1 || maxWorkers > 1024 { throw ValidationError("--max-workers must be in 1...1024") }
         }
         guard copyPaceMs >= 0 else { throw ValidationError("--copy-pace-ms must not be negative") }
+        guard (0...64).contains(spareRegions) else { throw ValidationError("--spare-regions must be in 0...64, got \(spareRegions)") }
         guard leaseMs >= 1, expiriesToSuspect >= 1 else { throw ValidationError("--lease-ms and --expiries-to-suspect must be at least 1") }
         if let plot, !plot.hasSuffix(".svg") { throw ValidationError("--plot writes SVG: give a file name ending in .svg, got '\(plot)'") }
     }
@@ -121,6 +125,7 @@ struct BenchOptions: ParsableArguments {
             membership.lease = .milliseconds(leaseMs)
             membership.probeLeases = expiriesToSuspect - 1
             membership.copyPace = .nanoseconds(Int64(copyPaceMs * 1e6))
+            membership.spareRegions = spareRegions
             options.membership = membership
         }
         return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
@@ -290,6 +295,7 @@ extension BenchOptions {
             all["leaseMs"] = "\(leaseMs)"
             all["expiriesToSuspect"] = "\(expiriesToSuspect)"
             all["copyPaceMs"] = "\(copyPaceMs)"
+            all["spareRegions"] = "\(spareRegions)"
         }
         if let crash { all["crash"] = "\(crash)"; all["at"] = "\(at)" }
         if scaling { all["scalingCounts"] = scalingCounts.map(String.init).joined(separator: ",") }

@@ -339,6 +339,7 @@ extension NodeCommand {
                     try storage.openRegionWhileServing(placement, size: size, logger: regionLogger)
                 })
             membership = service
+            storage.spares.start(count: options.spareRegions, logger: logger)
             try await service.start(joining: joining)
             // Membership events on standard output, one line each, for operators and tests.
             events = Task.detached {
@@ -448,6 +449,7 @@ extension NodeCommand {
                     try? engine.flushTruncations()
                 }
                 engine.stop()
+                storage.spares.stop()
                 fflush(nil)
                 Foundation.exit(0)
             }
@@ -460,6 +462,7 @@ extension NodeCommand {
         await membership.stop()
         await events?.value
         engine.stop()
+        storage.spares.stop()
         print("rejoining")
         fflush(nil)
         var arguments = CommandLine.arguments.map { strdup($0) }

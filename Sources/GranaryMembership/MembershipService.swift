@@ -21,8 +21,15 @@ public struct MembershipOptions: Sendable {
     /// Data recovery's pacing: after copying each slab (64 KiB by default) of a region to a new
     /// backup, a random wait of up to twice this, so that foreground throughput holds.
     public var copyPace: Duration = .milliseconds(4)
-    /// The defaults: a 10 ms lease renewed 5 times per lease, suspicion at the first expiry, and a
-    /// copy pace of 4 ms.
+    /// Spare region files each node keeps ready for replicas placed on it while it serves (a new
+    /// backup after a failure, a region added on demand): their space reserved and their pages
+    /// mapped in beforehand (`SpareRegion`), so that a new replica faults no page in while
+    /// recovery and the foreground need the CPU. Each costs a region's size of memory (or disk);
+    /// 0 makes new replicas sparse files. A spare taken is made again once the node has taken
+    /// none for a second, paced.
+    public var spareRegions: Int = 2
+    /// The defaults: a 10 ms lease renewed 5 times per lease, suspicion at the first expiry, a
+    /// copy pace of 4 ms, and 2 spare regions per node.
     public init() {}
 }
 

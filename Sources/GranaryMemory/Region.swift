@@ -193,8 +193,12 @@ public final class Region: @unchecked Sendable {
     /// (`<name>.creating.<pid>.<n>` of a process that no longer runs).
     private static func removeUnfinishedCreations(of path: FilePath) {
         guard let name = path.lastComponent?.string else { return }
-        let directory = path.removingLastComponent()
-        let prefix = name + ".creating."
+        removeFilesOfEndedProcesses(in: path.removingLastComponent(), prefix: name + ".creating.")
+    }
+
+    /// Removes the files in `directory` named `<prefix><pid>.<anything>` whose process no longer
+    /// runs.
+    static func removeFilesOfEndedProcesses(in directory: FilePath, prefix: String) {
         guard let dir = directory.withPlatformString({ opendir($0) }) else { return }
         defer { closedir(dir) }
         while let entry = readdir(dir) {
@@ -305,6 +309,11 @@ public final class Region: @unchecked Sendable {
 
     /// Writes the header (``RegionFormat``) of a new region.
     private func writeHeader() {
+        Self.writeHeader(into: base, id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
+    }
+
+    private static func writeHeader(into base: UnsafeMutableRawPointer, id: RegionID, kind: RegionKind, size: Int,
+                                    cluster: ClusterID, slabShift: Int) {
         base.storeBytes(of: RegionFormat.magic, toByteOffset: 0, as: UInt64.self)
         base.storeBytes(of: RegionFormat.version, toByteOffset: 8, as: UInt32.self)
         base.storeBytes(of: kind.rawValue, toByteOffset: 12, as: UInt32.self)
@@ -313,6 +322,50 @@ public final class Region: @unchecked Sendable {
         base.storeBytes(of: UInt64(size), toByteOffset: 24, as: UInt64.self)
         base.storeBytes(of: cluster.rawValue, toByteOffset: 32, as: UInt64.self)
         base.storeBytes(of: RegionFormat.checksum(base), toByteOffset: 40, as: UInt64.self)
+    }
+
+    /// Makes `spare` region `id`'s file at `path`: writes the header into its mapping, makes it
+    /// durable, links the file at `path` (never replacing a file there) and removes the spare's
+    /// name. The region keeps the spare's mapping, whose pages are already allocated and mapped
+    /// writable (``SpareRegion/prepare(chunk:pausing:)``), so that the records and copies a new
+    /// replica takes at once fault no page in. On failure the spare stays a spare (its header
+    /// cleared again), for another claim or for its owner to remove.
+    ///
+    /// - Throws: ``RegionError/alreadyExists(path:)`` if a file is at `path`, ``RegionError/invalidSize(bytes:reason:)``
+    ///   if the spare's size is not `size`, ``RegionError/corrupt(path:reason:)`` if the spare
+    ///   was claimed or not prepared, or ``RegionError/systemCall(call:path:message:)``.
+    public static func create(at path: FilePath, id: RegionID, kind: RegionKind = .data, size: Int, cluster: ClusterID,
+                              slabShift: Int = RegionFormat.defaultSlabShift,
+                              from spare: SpareRegion) throws(RegionError) -> Region {
+        try RegionFormat.validate(size: size)
+        guard spare.size == size else {
+            throw .invalidSize(bytes: spare.size, reason: "the spare region file \(spare.path) has \(spare.size) bytes, and region \(id) is to have \(size)")
+        }
+        guard access(path.string, F_OK) != 0 else { throw .alreadyExists(path: path) }
+        let base = try spare.beginClaim()
+        var claimed = false
+        defer { spare.endClaim(claimed: claimed) }
+        writeHeader(into: base, id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift)
+        func undo() { memset(base, 0, RegionFormat.headerBytes) }
+        if spare.isPersistentMemory {
+            pmem_persist(base, RegionFormat.headerBytes)
+        } else if pmem_msync(base, RegionFormat.headerBytes) != 0 {
+            let error = RegionError.systemCall(call: "pmem_msync", path: spare.path, message: pmemMessage(errno))
+            undo()
+            throw error
+        }
+        let linked = spare.path.withPlatformString { from in path.withPlatformString { link(from, $0) } }
+        guard linked == 0 else {
+            let code = errno
+            undo()
+            if code == EEXIST { throw .alreadyExists(path: path) }
+            throw .systemCall(call: "link", path: path, message: String(cString: strerror(code)))
+        }
+        _ = spare.path.withPlatformString { unlink($0) }
+        syncDirectory(of: path)
+        claimed = true
+        return Region(id: id, kind: kind, size: size, cluster: cluster, path: path,
+                      isPersistentMemory: spare.isPersistentMemory, slabShift: slabShift, base: base)
     }
 
     /// Opens and maps an existing region file, checking its header.

@@ -29,6 +29,13 @@ public struct RegionDirectory: Sendable, Hashable, CustomStringConvertible {
         try Region.create(at: path(for: id), id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift, sparse: sparse)
     }
 
+    /// Creates region `id` here from `spare` (a spare of this directory). See
+    /// ``Region/create(at:id:kind:size:cluster:slabShift:from:)``.
+    public func create(_ id: RegionID, kind: RegionKind = .data, size: Int, cluster: ClusterID,
+                       slabShift: Int = RegionFormat.defaultSlabShift, from spare: SpareRegion) throws(RegionError) -> Region {
+        try Region.create(at: path(for: id), id: id, kind: kind, size: size, cluster: cluster, slabShift: slabShift, from: spare)
+    }
+
     /// Creates the lease page of `node`, linked from here. See
     /// ``Region/createLeasePage(at:id:cluster:)``.
     public func createLeasePage(of node: NodeID, cluster: ClusterID) throws(RegionError) -> Region {

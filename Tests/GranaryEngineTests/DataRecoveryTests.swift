@@ -63,3 +63,60 @@ struct DataRecoveryTests {
         try await cluster.shutdown()
     }
 }
+
+@Suite("Spare regions in data recovery")
+struct SpareRegionRecoveryTests {
+    /// FaRM's machines hold their memory before recovery asks for it: a new backup made from a
+    /// spare region file (space reserved, pages mapped in) faults no page in while it takes
+    /// records and copies. The copies into such backups must still end byte-equal to their
+    /// primaries.
+    @Test("new backups after a failure are made from the nodes' spare region files (tmpfs), copied, and equal their primaries")
+    func newBackupsFromSpares() async throws {
+        var template = Array("/dev/shm/granary-spares-XXXXXX".utf8CString)
+        try #require(template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) } != nil)
+        let directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var options = ClusterOptions()
+        options.regionSize = 4 << 20
+        options.ringCapacity = 64 << 10
+        options.engine.maximumAttempts = 10_000
+        var membership = MembershipOptions()
+        membership.lease = .milliseconds(10)
+        membership.copyPace = .zero
+        membership.spareRegions = 2
+        options.membership = membership
+        let cluster = try await Cluster.local(nodes: 4, replicas: 3, directory: FilePath(directory), options: options)
+        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
+        try await eventually("2 spares ready on each of 4 nodes") { cluster.spareRegionCounts.ready == 8 }
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        for node in cluster.nodes {
+            _ = try await node.transaction { tx in try (0..<200).map { _ in try tx.allocate(Int64(node.id.index) * 1_000_003) } }
+        }
+        try await cluster.quiesce()
+        for member in cluster.membership where member.node != cm {
+            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
+        }
+        let before = cluster.servingNodes[0].engine.configuration
+        let victim = cluster.nodes.map(\.id).first { $0 != cm }!
+        cluster.crash(victim)
+        try await eventually("\(victim) removed and every region back to 3 complete replicas") {
+            let configuration = cluster.servingNodes[0].engine.configuration
+            return !configuration.contains(victim)
+                && configuration.regions.allSatisfy { $0.replicas.count == 3 && $0.copying.isEmpty }
+        }
+        let after = cluster.servingNodes[0].engine.configuration
+        var newReplicas = 0
+        for placement in after.regions {
+            let earlier = Set(before.regions.first { $0.region == placement.region }?.replicas ?? [])
+            newReplicas += placement.replicas.filter { !earlier.contains($0) }.count
+        }
+        #expect(newReplicas > 0, "the crash of \(victim) left no region short of a replica: the test tested nothing")
+        #expect(cluster.spareRegionCounts.taken == newReplicas, "\(newReplicas) new replicas, \(cluster.spareRegionCounts.taken) spares taken")
+        try await cluster.quiesce()
+        let differences = replicaDifferences(cluster, in: after)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n"))")
+        try await cluster.shutdown()
+        let left = (FileManager.default.enumerator(atPath: directory)?.allObjects as? [String] ?? []).filter { $0.contains("spare.") }
+        #expect(left.filter { !$0.hasPrefix("n\(victim.index)/") }.isEmpty, "spares left after shutdown: \(left)")
+    }
+}

@@ -16,6 +16,11 @@ public struct TemporaryDirectory: Sendable {
         path = FilePath(String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
     }
 
+    /// Takes charge of `path`, a directory the caller made.
+    public init(existing path: FilePath) {
+        self.path = path
+    }
+
     public func remove() {
         _ = path.withPlatformString { p in
             system("rm -rf '\(String(cString: p))'")
