@@ -119,7 +119,11 @@ public final class Cluster: Sendable {
     ///
     /// With a `directory` that already holds a cluster (its `cluster.json`), the cluster is reopened
     /// from its region files; otherwise a new one is created there (or in a temporary directory,
-    /// removed at ``shutdown()``, when `directory` is nil).
+    /// removed at ``shutdown()``, when `directory` is nil: under `$TMPDIR` if set, else in memory,
+    /// `/dev/shm`, where it is a tmpfs, else `/tmp`). Region files belong in memory, as FaRM's
+    /// regions are in NVRAM: there a node keeps spare regions ready for the replicas recovery
+    /// places on it (``MembershipOptions/spareRegions``), and no file system journal holds up a
+    /// store into a region.
     ///
     /// With a configuration manager on the embedded store (``ClusterOptions/membership``), every
     /// configuration it commits is written to `cluster.json` before any node can act in it, so a
@@ -135,14 +139,22 @@ public final class Cluster: Sendable {
         guard nodes >= 1, nodes <= NodeID.limit else {
             throw ConfigurationError.invalid("a local cluster has 1 to \(NodeID.limit) nodes, not \(nodes)")
         }
-        let root: FilePath
-        let temporary = directory == nil
         if let directory {
-            root = directory
-            _ = try RegionDirectory(root)
-        } else {
-            root = FilePath(try makeTemporaryDirectory())
+            _ = try RegionDirectory(directory)
+            return try await local(nodes: nodes, replicas: replicas, root: directory, temporary: false, options: options)
         }
+        // A temporary directory goes with a cluster that could not start, as with one shut down.
+        let root = FilePath(try makeTemporaryDirectory())
+        do {
+            return try await local(nodes: nodes, replicas: replicas, root: root, temporary: true, options: options)
+        } catch {
+            try? FileManager.default.removeItem(atPath: root.string)
+            throw error
+        }
+    }
+
+    private static func local(nodes: Int, replicas: Int, root: FilePath, temporary: Bool,
+                              options: ClusterOptions) async throws -> Cluster {
         let manifest = root.appending("cluster.json")
         var configuration: Configuration
         var createdManifest = false
@@ -642,7 +654,9 @@ public final class Cluster: Sendable {
     }
 
     private static func makeTemporaryDirectory() throws -> String {
-        let base = ProcessInfo.processInfo.environment["TMPDIR"] ?? "/tmp"
+        let shm = try RegionDirectory(FilePath("/dev/shm"), create: false)
+        let base = ProcessInfo.processInfo.environment["TMPDIR"]
+            ?? (SpareRegion.isMemoryFileSystem(shm) && access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp")
         var template = Array("\(base)/granary-cluster-XXXXXX".utf8CString)
         guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
             throw RegionError.systemCall(call: "mkdtemp", path: FilePath(base), message: String(cString: strerror(errno)))

@@ -193,7 +193,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
         print("warning: the members changed during the run (\(membersBefore) -> \(membersAfter))")
     }
     try await cluster.quiesce()
-    let violations = try await workload.check(cluster, committedDelta: report.committedDelta)
+    let violations = try await workload.check(cluster, committedDelta: report.committedDelta, inDoubt: report.inDoubtDeltas)
     var shown = options
     if options.cluster != nil {
         // The table's shape line describes the cluster connected to, not the embedded defaults.
@@ -229,7 +229,8 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     if !violations.isEmpty {
         throw CommandFailure("the \(name) invariant does not hold after the run: \(violations.joined(separator: "; "))")
     }
-    print("invariant: holds")
+    print(report.inDoubtDeltas.isEmpty ? "invariant: holds"
+          : "invariant: holds (\(report.inDoubtDeltas.count) transactions in doubt, whose coordinator crashed or could not tell: the data may show any of them)")
 }
 
 struct BenchDocument: Codable {

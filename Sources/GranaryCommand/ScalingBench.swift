@@ -31,6 +31,7 @@ func runScaling(_ name: String, _ workload: some Workload, on cluster: Cluster, 
                 parameters: [String: String], startTime: Date) async throws {
     var points: [ScalingPoint] = []
     var committedDelta: Int64 = 0
+    var inDoubt: [Int64] = []
     for count in options.scalingCounts {
         let report = Runner.run(workload, on: cluster, workers: count, adaptive: false, seconds: options.seconds,
                                 seed: options.seed &+ UInt64(count)) { line in
@@ -38,13 +39,14 @@ func runScaling(_ name: String, _ workload: some Workload, on cluster: Cluster, 
         }
         if !options.quiet { FileHandle.standardError.write("\n".data(using: .utf8)!) }
         committedDelta &+= report.committedDelta
+        inDoubt += report.inDoubtDeltas
         points.append(ScalingPoint(workers: count, committedPerSecond: report.committedPerSecond,
                                    latencyNanoseconds: report.latencyNanoseconds, abortRate: report.abortRate,
                                    phaseMeanNanoseconds: report.phaseMeanNanoseconds,
                                    coreToCoreNanoseconds: CoreToCoreProbe.measure()))
     }
     try await cluster.quiesce()
-    let violations = try await workload.check(cluster, committedDelta: committedDelta)
+    let violations = try await workload.check(cluster, committedDelta: committedDelta, inDoubt: inDoubt)
     let cores = ProcessInfo.processInfo.activeProcessorCount
     print(ScalingTable.render(name: name, points: points, options: options, cores: cores))
     if let json = options.json {

@@ -14,8 +14,35 @@ package protocol Workload: Sendable {
     /// Runs one transaction of the mix on `node` (the body of one attempt: it may run again).
     func runOne(on node: Node, transaction: Transaction, random: inout WorkloadRandom) throws -> TransactionOutcome
     /// Checks the workload's invariant after a run, given the sum of the committed transactions'
-    /// deltas; returns the violations found (empty if none).
-    func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String]
+    /// deltas and the deltas of those whose outcome no one was told (``InDoubt``); returns the
+    /// violations found (empty if none).
+    func check(_ cluster: Cluster, committedDelta: Int64, inDoubt: [Int64]) async throws -> [String]
+}
+
+/// Transactions whose outcome the run was not told: their commit failed with
+/// `TransactionError.outcomeUnknown`, or their coordinator was crashed (`--crash`) after their
+/// body ran. Recovery commits each on every replica or on none, so the data may show any subset
+/// of them, and an invariant check must accept exactly those states.
+package enum InDoubt {
+    /// Whether `difference` (observed minus expected from the committed transactions) is the sum of
+    /// some subset of `deltas`. Exact up to 20 transactions with a non-zero delta; beyond, the
+    /// range between the sums of the negative and of the positive deltas.
+    package static func explains(_ difference: Int64, by deltas: [Int64]) -> Bool {
+        let nonZero = deltas.filter { $0 != 0 }
+        if difference == 0 { return true }
+        guard nonZero.count <= 20 else {
+            let low = nonZero.filter { $0 < 0 }.reduce(0, +), high = nonZero.filter { $0 > 0 }.reduce(0, +)
+            return (low...high).contains(difference)
+        }
+        var sums: Set<Int64> = [0]
+        for delta in nonZero { sums.formUnion(sums.map { $0 &+ delta }) }
+        return sums.contains(difference)
+    }
+
+    /// "; N transactions in doubt (deltas ...)" for a violation's message, or "".
+    package static func describe(_ deltas: [Int64]) -> String {
+        deltas.isEmpty ? "" : "; \(deltas.count) transactions in doubt, none of whose subsets explains it (deltas \(deltas.prefix(20).map(String.init).joined(separator: ", ")))"
+    }
 }
 
 /// What one committed transaction of a workload did.
@@ -88,6 +115,8 @@ package struct RunReport: Sendable, Codable {
     package var latencyCDF: [[Double]]
     /// Sum of the committed transactions' deltas.
     package var committedDelta: Int64
+    /// The deltas of the transactions in doubt (``InDoubt``).
+    package var inDoubtDeltas: [Int64] = []
     /// Transactions given up after the attempt limit, or failed with a non-retryable error.
     package var failed: Int
     /// Worker threads started.
@@ -232,7 +261,7 @@ package enum Runner {
         let adaptive = adaptive && crash == nil
         let types = workload.transactionTypes
         let stop = Atomic<Bool>(false)
-        let perWorker = Mutex<[([Histogram<UInt64>], [Int], [Int], Int64, Int)]>([])
+        let perWorker = Mutex<[([Histogram<UInt64>], [Int], [Int], Int64, Int, [Int64])]>([])
         let before = cluster.nodes.map(\.statistics)
         let start = monotonicNanoseconds()
         let deadline = start + UInt64(seconds * 1e9)
@@ -322,6 +351,7 @@ package enum Runner {
             var successes = [Int](repeating: 0, count: types.count)
             var delta: Int64 = 0
             var failed = 0
+            var inDoubt: [Int64] = []
             let transaction = node.engine.makeTransaction()
             var iterations = 0
             while true {
@@ -344,9 +374,26 @@ package enum Runner {
                 while true {
                     attempt += 1
                     var draw = inputs
-                    let outcome = try? node.engine.attempt(transaction) { tx in try workload.runOne(on: node, transaction: tx, random: &draw) }
+                    var bodyDelta: Int64?
+                    let outcome: Engine.AttemptOutcome<TransactionOutcome>
+                    do {
+                        outcome = try node.engine.attempt(transaction) { tx in
+                            bodyDelta = nil
+                            let result = try workload.runOne(on: node, transaction: tx, random: &draw)
+                            bodyDelta = result.delta
+                            return result
+                        }
+                    } catch {
+                        // A non-retryable error. Its commit may yet take effect if no one could
+                        // tell (outcome unknown), or if this node was crashed under it.
+                        random = draw
+                        if let bodyDelta, (error as? TransactionError).map({ if case .outcomeUnknown = $0 { true } else { false } }) == true
+                            || (crash != nil && !node.engine.isRunning) {
+                            inDoubt.append(bodyDelta)
+                        }
+                        break
+                    }
                     random = draw
-                    guard let outcome else { break }  // a non-retryable error
                     if case .committed(let result) = outcome { committed = result; break }
                     let now = monotonicNanoseconds()
                     if node.engine.commitsBlocked, node.engine.isRunning, now < deadline {
@@ -370,7 +417,7 @@ package enum Runner {
                 delta &+= committed.delta
                 (committedNow + 8 * index).pointee.add(1, ordering: .relaxed)
             }
-            perWorker.withLock { $0.append((histograms, counts, successes, delta, failed)) }
+            perWorker.withLock { $0.append((histograms, counts, successes, delta, failed, inDoubt)) }
         }) { body in
             runWorkerThreads(threadCount + 1, body)
         }
@@ -383,7 +430,9 @@ package enum Runner {
         var typeSuccesses = [Int](repeating: 0, count: types.count)
         var committedDelta: Int64 = 0
         var failed = 0
-        for (histograms, counts, successes, delta, failures) in perWorker.withLock({ $0 }) {
+        var inDoubtDeltas: [Int64] = []
+        for (histograms, counts, successes, delta, failures, doubtful) in perWorker.withLock({ $0 }) {
+            inDoubtDeltas += doubtful
             for (type, histogram) in histograms.enumerated() {
                 merged.add(histogram)
                 byTypeHistograms[type].add(histogram)
@@ -427,7 +476,7 @@ package enum Runner {
                                       latencyNanoseconds: typeCounts[$0] == 0 ? nil : Self.percentiles(of: byTypeHistograms[$0]))
             },
             phaseMeanNanoseconds: phases, timeline: timeline.withLock { $0 }, latencyCDF: cdf,
-            committedDelta: committedDelta, failed: failed, workers: threadCount, adaptiveWorkers: adaptive && threadCount > 1,
+            committedDelta: committedDelta, inDoubtDeltas: inDoubtDeltas, failed: failed, workers: threadCount, adaptiveWorkers: adaptive && threadCount > 1,
             activeWorkers: activeTimeline.withLock { $0 },
             millisecondBins: crash == nil ? nil : bins.withLock { $0 },
             crashBin: crashed.withLock { $0?.bin }, crashNanoseconds: crashed.withLock { $0?.at })

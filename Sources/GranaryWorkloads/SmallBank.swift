@@ -161,8 +161,9 @@ package struct SmallBankWorkload: Workload {
         }
     }
 
-    /// Money: the final total equals the initial total plus the committed deltas.
-    package func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
+    /// Money: the final total equals the initial total plus the committed deltas, plus those of
+    /// some of the transactions in doubt.
+    package func check(_ cluster: Cluster, committedDelta: Int64, inDoubt: [Int64]) async throws -> [String] {
         let serving = cluster.servingNodes  // a crashed node answers nothing
         var total: Int64 = 0
         let savings = tables!.savings, checking = tables!.checking
@@ -180,6 +181,6 @@ package struct SmallBankWorkload: Workload {
             }
         }
         let expected = initialTotal + committedDelta
-        return total == expected ? [] : ["money: final total \(total) cents, expected initial \(initialTotal) + committed deltas \(committedDelta) = \(expected)"]
+        return InDoubt.explains(total - expected, by: inDoubt) ? [] : ["money: final total \(total) cents, expected initial \(initialTotal) + committed deltas \(committedDelta) = \(expected)\(InDoubt.describe(inDoubt))"]
     }
 }

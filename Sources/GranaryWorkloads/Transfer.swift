@@ -39,7 +39,7 @@ package struct TransferWorkload: Workload {
         return TransactionOutcome(type: 0)
     }
 
-    package func check(_ cluster: Cluster, committedDelta: Int64) async throws -> [String] {
+    package func check(_ cluster: Cluster, committedDelta: Int64, inDoubt: [Int64]) async throws -> [String] {
         let serving = cluster.servingNodes  // a crashed node answers nothing
         var total: Int64 = 0
         for chunk in stride(from: 0, to: addresses.count, by: 500) {
