@@ -122,7 +122,7 @@ public final class Cluster: Sendable {
     /// removed at ``shutdown()``, when `directory` is nil: under `$TMPDIR` if set, else in memory,
     /// `/dev/shm`, where it is a tmpfs, else `/tmp`). Region files belong in memory, as FaRM's
     /// regions are in NVRAM: there a node keeps spare regions ready for the replicas recovery
-    /// places on it (``MembershipOptions/spareRegions``), and no file system journal holds up a
+    /// places on it (`MembershipOptions.spareRegions`), and no file system journal holds up a
     /// store into a region.
     ///
     /// With a configuration manager on the embedded store (``ClusterOptions/membership``), every

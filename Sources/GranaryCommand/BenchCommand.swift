@@ -192,6 +192,7 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
     let membersAfter = cluster.nodes.map { $0.engine.configuration.members.map(\.node) }
     if let crash = options.crash {
         print(CrashFigures(report: report, cluster: cluster, crashed: NodeID(crash)).summary)
+        print("  new replicas         \(cluster.spareRegionCounts.taken) made from spare region files")
         if let bins = options.bins, let counts = report.millisecondBins {
             let csv = "ms,committed\n" + counts.enumerated().map { "\($0.offset),\($0.element)" }.joined(separator: "\n") + "\n"
             try csv.write(toFile: bins, atomically: true, encoding: .utf8)

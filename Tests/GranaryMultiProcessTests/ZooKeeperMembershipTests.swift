@@ -7,10 +7,10 @@ let zooKeeper = ProcessInfo.processInfo.environment["GRANARY_ZOOKEEPER"]
 
 /// A cluster of node processes over shared memory, each in its directory under `tmp`: one region
 /// led by each node, 3 replicas of 1 MiB; its configuration written to `cluster.json` there.
-func nodeProcessCluster(_ nodes: [NodeID], in tmp: TemporaryDirectory) throws -> (Configuration, String) {
+func nodeProcessCluster(_ nodes: [NodeID], in tmp: TemporaryDirectory, scheme: String = "shm:") throws -> (Configuration, String) {
     let configuration = try Configuration(
         id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-        members: nodes.map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) },
+        members: nodes.map { Member(node: $0, endpoint: scheme + tmp.path.appending($0.description).string) },
         regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
     let file = tmp.path.appending("cluster.json").string
     try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
