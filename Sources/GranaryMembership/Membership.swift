@@ -68,6 +68,9 @@ public final class MembershipService: Sendable {
     /// Set while this node's request for a region is being written (``requestRegion()``).
     let regionRequestPending = Atomic<Bool>(false)
     private let leaseThread = Mutex<pthread_t?>(nil)
+    /// Readers of peers' lease counters, where the transport's reads of a dead peer block (not
+    /// shared memory); nil otherwise.
+    let leaseReaders: LeaseCounterReaders?
     /// The tasks running now (cancelled at stop); each leaves when it ends.
     let tasks = Mutex<(next: UInt64, running: [UInt64: Task<Void, Never>])>((0, [:]))
 
@@ -88,6 +91,15 @@ public final class MembershipService: Sendable {
         self.openRegion = openRegion
         self.logger = logger ?? Logger(label: "granary.membership.\(engine.node)")
         (eventStream, eventSink) = AsyncStream.makeStream(of: MembershipEvent.self)
+        if engine.transportHandle is SharedMemoryTransport {
+            leaseReaders = nil
+        } else {
+            let lease = UInt64(options.lease.components.seconds) * 1_000_000_000 + UInt64(options.lease.components.attoseconds / 1_000_000_000)
+            let transport = engine.transportHandle
+            leaseReaders = LeaseCounterReaders(interval: lease / UInt64(max(1, options.renewalsPerLease)), staleAfter: lease) { node in
+                Self.readLeaseCounter(of: node, through: transport)
+            }
+        }
         managerRole.store(UInt(bitPattern: Unmanaged.passRetained(ConfigurationManager(member: self)).toOpaque()), ordering: .releasing)
     }
 
@@ -221,6 +233,7 @@ public final class MembershipService: Sendable {
     package func stop() async {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
         if let thread = leaseThread.withLock({ $0 }) { pthread_join(thread, nil) }
+        leaseReaders?.stop()
         for task in tasks.withLock({ $0.running.values }) { task.cancel() }
         await store.close()
         eventSink.finish()
@@ -455,6 +468,7 @@ public final class MembershipService: Sendable {
     package func crash() {
         running.store(false, ordering: .releasing)
         haltLeases()
+        leaseReaders?.stop()
         for task in tasks.withLock({ $0.running.values }) { task.cancel() }
         eventSink.finish()
     }
@@ -619,11 +633,23 @@ public final class MembershipService: Sendable {
     }
 
     /// `node`'s lease counter, read one-sidedly from its lease page; nil when it cannot be read (a
-    /// dead peer on verbs).
+    /// dead peer on verbs). Over shared memory a read of the mapping; on a transport whose read
+    /// of a dead peer blocks (verbs), the value its own reader thread last read
+    /// (``LeaseCounterReaders``), so that this never blocks the lease thread.
     func leaseCounter(of node: NodeID) -> UInt64? {
+        if let readers = leaseReaders { return readers.counter(of: node) }
+        return readLeaseCounter(of: node)
+    }
+
+    func readLeaseCounter(of node: NodeID) -> UInt64? {
+        Self.readLeaseCounter(of: node, through: engine.transportHandle)
+    }
+
+    /// One one-sided read of `node`'s lease counter, however long it takes.
+    static func readLeaseCounter(of node: NodeID, through transport: any Transport) -> UInt64? {
         var value: UInt64 = 0
         let read: Void? = try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
-            try engine.transportHandle.read(from: node, LeaseWord.address(of: node), into: bytes)
+            try transport.read(from: node, LeaseWord.address(of: node), into: bytes)
         }
         return read == nil ? nil : value
     }
