@@ -645,6 +645,14 @@ public final class MembershipService: Sendable {
         Self.readLeaseCounter(of: node, through: engine.transportHandle)
     }
 
+    /// Runs `body`, which may block for long, on a new thread, and waits for it without holding a
+    /// thread of the cooperative pool.
+    static func onThreadOfItsOwn<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { continuation in
+            Thread.detachNewThread { continuation.resume(returning: body()) }
+        }
+    }
+
     /// One one-sided read of `node`'s lease counter, however long it takes.
     static func readLeaseCounter(of node: NodeID, through transport: any Transport) -> UInt64? {
         var value: UInt64 = 0
@@ -677,11 +685,23 @@ public final class MembershipService: Sendable {
             let (configuration, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
             try await self.apply(configuration)
             guard configuration.contains(self.node), let manager, manager != self.node, configuration.manager == manager else { return }
-            // Is the CM's own lease counter still moving? (Unreadable twice reads as moving here.)
-            let first = self.leaseCounter(of: manager) ?? 0
-            try await Task.sleep(for: self.options.lease)
-            let second = self.leaseCounter(of: manager) ?? 1
-            guard first == second else { return }
+            // Is the CM's own lease counter still moving? Over shared memory an unreadable counter
+            // proves nothing (a lease page goes with its process: `mapManagerLeasePage`), so it
+            // reads as moving. Over verbs a read fails only once the queue pair gives up on the
+            // peer: a CM whose counter cannot be read does not answer, as silent as one that
+            // stopped. (Those reads may wait that long: each on a thread of its own.)
+            if self.leaseReaders != nil {
+                if let first = await Self.onThreadOfItsOwn({ self.readLeaseCounter(of: manager) }) {
+                    try await Task.sleep(for: self.options.lease)
+                    let second = await Self.onThreadOfItsOwn { self.readLeaseCounter(of: manager) }
+                    guard second == nil || second == first else { return }
+                }
+            } else {
+                let first = self.leaseCounter(of: manager) ?? 0
+                try await Task.sleep(for: self.options.lease)
+                let second = self.leaseCounter(of: manager) ?? 1
+                guard first == second else { return }
+            }
             // The CM is silent: if we are next in line, delete its election node; our watch on it
             // then makes us the CM, which removes it from the configuration.
             let candidates = try await self.store.children(self.paths.election)
