@@ -286,12 +286,20 @@ public final class Region: @unchecked Sendable {
     ///     tmpfs (which zeroes every page it reserves) does not take the CPU from the node's
     ///     foreground work all at once.
     public func reserveSpace(chunk: Int? = nil, pausing: Duration = .zero) throws(RegionError) {
+        try Self.reserve(path: path, size: size, chunk: chunk ?? size, pausing: pausing) { _, _ throws(RegionError) in }
+    }
+
+    /// Reserves the space of the file at `path` (`posix_fallocate`), `chunk` bytes at a time,
+    /// calling `each(offset, length)` after each chunk, with a wait of `pausing` after each but
+    /// the last.
+    static func reserve(path: FilePath, size: Int, chunk: Int, pausing: Duration,
+                        each: (Int, Int) throws(RegionError) -> Void) throws(RegionError) {
         let descriptor = path.withPlatformString { Glibc.open($0, O_RDWR | O_CLOEXEC) }
         guard descriptor >= 0 else {
             throw .systemCall(call: "open", path: path, message: String(cString: strerror(errno)))
         }
         defer { close(descriptor) }
-        let step = max(4096, chunk ?? size)
+        let step = max(4096, chunk)
         var offset = 0
         while offset < size {
             let length = min(step, size - offset)
@@ -299,6 +307,7 @@ public final class Region: @unchecked Sendable {
             guard result == 0 else {
                 throw .systemCall(call: "posix_fallocate", path: path, message: String(cString: strerror(result)))
             }
+            try each(offset, length)
             offset += length
             if pausing > .zero, offset < size {
                 let (seconds, attoseconds) = pausing.components

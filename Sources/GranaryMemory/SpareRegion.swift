@@ -86,21 +86,9 @@ public final class SpareRegion: @unchecked Sendable {
     ///   system is full).
     public func prepare(chunk: Int = 1 << 20, pausing: Duration = .zero) throws(RegionError) {
         guard state.load(ordering: .acquiring) == State.made else { return }
-        let descriptor = path.withPlatformString { Glibc.open($0, O_RDWR | O_CLOEXEC) }
-        guard descriptor >= 0 else {
-            throw .systemCall(call: "open", path: path, message: String(cString: strerror(errno)))
-        }
-        defer { close(descriptor) }
         let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let step = max(pageSize, chunk)
         var populate = true
-        var offset = 0
-        while offset < size {
-            let length = min(step, size - offset)
-            let result = posix_fallocate(descriptor, off_t(offset), off_t(length))
-            guard result == 0 else {
-                throw .systemCall(call: "posix_fallocate", path: path, message: String(cString: strerror(result)))
-            }
+        try Region.reserve(path: path, size: size, chunk: max(pageSize, chunk), pausing: pausing) { (offset, length) throws(RegionError) in
             if populate, madvise(base + offset, length, Self.populateWrite) != 0 {
                 guard errno == EINVAL else {
                     throw .systemCall(call: "madvise(MADV_POPULATE_WRITE)", path: path, message: String(cString: strerror(errno)))
@@ -113,11 +101,6 @@ public final class SpareRegion: @unchecked Sendable {
                     (base + page).storeBytes(of: 0, as: UInt8.self)
                     page += pageSize
                 }
-            }
-            offset += length
-            if pausing > .zero, offset < size {
-                let (seconds, attoseconds) = pausing.components
-                usleep(UInt32(min(Int64(1_000_000), seconds * 1_000_000 + attoseconds / 1_000_000_000_000)))
             }
         }
         state.store(State.prepared, ordering: .releasing)
