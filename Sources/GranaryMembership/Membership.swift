@@ -419,9 +419,14 @@ public final class MembershipService: Sendable {
             let primary = placement.primary
             spawn {
                 defer { _ = self.state.withLock { $0.copyingRegions.remove(region) } }
-                // Whether the region's primary changed or this node no longer copies it.
+                // Whether the region's primary changed or this node no longer copies it, in the
+                // newest configuration seen, or, before any was seen (a node starting in a
+                // configuration where it copies: `newest` is set by the first apply, which may
+                // come after the copy began), in the one the engine is in. (Taking no newest
+                // configuration for a superseded copy abandoned such copies at once: after a
+                // restart a region stayed marked copying, seen in the crash-restart test.)
                 let superseded = { @Sendable () -> Bool in
-                    guard let now = self.newest.withLock({ $0 })?.placement(of: region) else { return true }
+                    guard let now = (self.newest.withLock({ $0 }) ?? self.engine.configuration).placement(of: region) else { return true }
                     return now.primary != primary || !now.copying.contains(self.node)
                 }
                 var failures = 0

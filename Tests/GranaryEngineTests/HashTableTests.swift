@@ -55,11 +55,16 @@ struct HashTableTests {
     @Test("bucket addresses are computed from the layout create leaves, and equal the descriptor's")
     func computedBucketAddresses() async throws {
         let cluster = try await testCluster()
+        let abortsBefore = cluster.nodes.map(\.statistics.totalAborts).reduce(0, +)
         // Enough buckets for several slabs per node.
         let table = try await TransactionalHashTable<Int64>.create(name: "computed", capacity: 30_000, in: cluster)
         let buckets = table.descriptor.buckets
-        // Round-robin over the nodes, each allocating from its regions in turn: a short period.
-        #expect(table.period > 0 && table.period <= 12, """
+        // Round-robin over the nodes, each allocating from its regions in turn: a short period;
+        // unless an allocation attempt of create aborted and its retry took other slots (seen:
+        // one attempt aborted on a full log), when the table keeps every bucket's address (period
+        // 0). Either way the computed addresses must equal the descriptor's (below).
+        let aborted = cluster.nodes.map(\.statistics.totalAborts).reduce(0, +) - abortsBefore
+        #expect((aborted > 0 && table.period == 0) || (table.period > 0 && table.period <= 12), """
             the buckets follow no regular pattern: \(buckets.count) buckets, first \(buckets.prefix(8)), \
             every 500th \(stride(from: 0, to: buckets.count, by: 500).map { "\($0): \(buckets[$0])" }), \
             last \(buckets.suffix(6)); aborted attempts per node \(cluster.nodes.map { $0.statistics.aborts.filter { $0.value > 0 } })
