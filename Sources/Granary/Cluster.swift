@@ -612,27 +612,12 @@ public final class Cluster: Sendable {
             // msync of whole regions blocks for as long as the disk takes: on a thread of its own,
             // never one of the cooperative pool's (seen: clusters shutting down at once in the
             // unit tests held both pool threads of this 2-core machine for minutes).
-            try await Self.onThreadOfItsOwn { [regions] in
+            try await onThreadOfItsOwn { [regions] in
                 for region in regions { try region.persist(offset: 0, length: region.size) }
             }
         }
         for node in nodes { node.engine.stop() }
         if removeOnShutdown { try? FileManager.default.removeItem(atPath: directory.string) }
-    }
-
-    /// Runs `body` on a new thread and waits for it without holding a thread of the cooperative
-    /// pool.
-    private static func onThreadOfItsOwn(_ body: @escaping @Sendable () throws -> Void) async throws {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            Thread {
-                do {
-                    try body()
-                    continuation.resume()
-                } catch {
-                    continuation.resume(throwing: error)
-                }
-            }.start()
-        }
     }
 
     /// `configuration` with every member's endpoint resolved against `root` (``resolve(_:against:)``):

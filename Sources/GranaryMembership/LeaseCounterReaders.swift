@@ -15,7 +15,8 @@ import Synchronization
 /// reads as unreadable, as a failed read does.
 ///
 /// `@unchecked Sendable`: the per-node words are atomics in blocks allocated at init and freed at
-/// deinit (after every reader ended: readers hold this object); `started` is a Mutex.
+/// deinit (after every reader ended: readers hold this object); `running` is an atomic bit per
+/// node. No lock: the CM's lease thread runs at real-time priority and asks on every round.
 final class LeaseCounterReaders: @unchecked Sendable {
     /// Per node: the last value read, and when (monotonic ns; 0: never read, or the last read failed).
     private let values: UnsafeMutablePointer<Atomic<UInt64>>
@@ -23,7 +24,8 @@ final class LeaseCounterReaders: @unchecked Sendable {
     /// When the lease thread last asked for each node's counter: a reader stops once no one has
     /// asked for `idleAfter`.
     private let askedAt: UnsafeMutablePointer<Atomic<UInt64>>
-    private let started = Mutex<Set<NodeID>>([])
+    /// A bit per node whose reader runs (set by the first ask, cleared by the reader as it ends).
+    private let running = Atomic<UInt64>(0)
     private let read: @Sendable (NodeID) -> UInt64?
     private let interval: UInt64
     private let staleAfter: UInt64
@@ -74,9 +76,11 @@ final class LeaseCounterReaders: @unchecked Sendable {
     func stop() { stopped.store(true, ordering: .relaxed) }
 
     private func startReader(for node: NodeID) {
-        guard !stopped.load(ordering: .relaxed), started.withLock({ $0.insert(node).inserted }) else { return }
+        let bit: UInt64 = 1 << UInt64(node.index)
+        guard !stopped.load(ordering: .relaxed), running.load(ordering: .relaxed) & bit == 0,
+              running.bitwiseOr(bit, ordering: .acquiringAndReleasing).oldValue & bit == 0 else { return }
         Thread.detachNewThread { [self] in
-            defer { _ = started.withLock { $0.remove(node) } }
+            defer { running.bitwiseAnd(~bit, ordering: .releasing) }
             while !stopped.load(ordering: .relaxed) {
                 if let value = read(node) {
                     values[node.index].store(value, ordering: .relaxed)

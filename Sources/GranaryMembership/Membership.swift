@@ -623,7 +623,10 @@ public final class MembershipService: Sendable {
     /// so a CM that dies before a member first reads its counter would leave it unreadable, and
     /// an unreadable counter is not taken for a silent CM (see `refresh`), which would leave the
     /// members waiting for its coordination session to expire (seconds) instead of a lease.
+    /// (Shared memory only: over verbs a dead CM's counter is unreadable and read as silent, and
+    /// reading it here would only start a reader thread.)
     private func mapManagerLeasePage(in configuration: Configuration) {
+        guard leaseReaders == nil else { return }
         if let manager = configuration.manager, manager != node { _ = leaseCounter(of: manager) }
     }
 
@@ -648,14 +651,6 @@ public final class MembershipService: Sendable {
 
     func readLeaseCounter(of node: NodeID) -> UInt64? {
         Self.readLeaseCounter(of: node, through: engine.transportHandle)
-    }
-
-    /// Runs `body`, which may block for long, on a new thread, and waits for it without holding a
-    /// thread of the cooperative pool.
-    static func onThreadOfItsOwn<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { continuation in
-            Thread.detachNewThread { continuation.resume(returning: body()) }
-        }
     }
 
     /// One one-sided read of `node`'s lease counter, however long it takes.
@@ -696,9 +691,9 @@ public final class MembershipService: Sendable {
             // peer: a CM whose counter cannot be read does not answer, as silent as one that
             // stopped. (Those reads may wait that long: each on a thread of its own.)
             if self.leaseReaders != nil {
-                if let first = await Self.onThreadOfItsOwn({ self.readLeaseCounter(of: manager) }) {
+                if let first = try await onThreadOfItsOwn({ self.readLeaseCounter(of: manager) }) {
                     try await Task.sleep(for: self.options.lease)
-                    let second = await Self.onThreadOfItsOwn { self.readLeaseCounter(of: manager) }
+                    let second = try await onThreadOfItsOwn { self.readLeaseCounter(of: manager) }
                     guard second == nil || second == first else { return }
                 }
             } else {
@@ -754,5 +749,14 @@ final class GrantTimes: @unchecked Sendable {
 
     func last(_ node: NodeID) -> UInt64 {
         node.index < NodeID.limit ? times[node.index].load(ordering: .acquiring) : 0
+    }
+}
+
+/// Runs `body`, which may block for long (a one-sided read of a dead peer over verbs, an msync of
+/// whole regions), on a new thread, and waits for it without holding a thread of the cooperative
+/// pool.
+package func onThreadOfItsOwn<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread.detachNewThread { continuation.resume(with: Result { try body() }) }
     }
 }

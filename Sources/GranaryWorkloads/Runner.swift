@@ -387,10 +387,8 @@ package enum Runner {
                         // A non-retryable error. Its commit may yet take effect if no one could
                         // tell (outcome unknown), or if this node was crashed under it.
                         random = draw
-                        if let bodyDelta, (error as? TransactionError).map({ if case .outcomeUnknown = $0 { true } else { false } }) == true
-                            || (crash != nil && !node.engine.isRunning) {
-                            inDoubt.append(bodyDelta)
-                        }
+                        let unknown = if case .outcomeUnknown? = error as? TransactionError { true } else { false }
+                        if let bodyDelta, unknown || (crash != nil && !node.engine.isRunning) { inDoubt.append(bodyDelta) }
                         break
                     }
                     random = draw
