@@ -276,7 +276,13 @@ public final class Cluster: Sendable {
                         try node.openRegionWhileServing(placement, size: size, logger: regionLogger)
                     }))
             }
-            for service in services { try await service.start() }
+            // The stored configuration's CM starts first, so that it wins the election again: a
+            // member elected before it started would take it for a silent CM (its lease counter
+            // still) and remove it, a needless reconfiguration at every reopen.
+            let manager = configuration.manager
+            for service in services.sorted(by: { ($0.node == manager ? 0 : 1, $0.node) < ($1.node == manager ? 0 : 1, $1.node) }) {
+                try await service.start()
+            }
         }
         var regionAllocation: RegionAllocation?
         if services.isEmpty {

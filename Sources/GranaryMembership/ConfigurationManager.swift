@@ -208,8 +208,8 @@ final class ConfigurationManager: Sendable {
 
     /// A node that left is forgotten: if it joins again, it starts with the grace period of a
     /// starting member, not with the silence of its former self.
-    func forgetNodes(outside configuration: Configuration, watch: inout LeaseWatch) {
-        for node in watch.lastSeen.keys where !configuration.contains(node) {
+    func forgetNodes(outside configuration: Configuration, keeping moving: Configuration?, watch: inout LeaseWatch) {
+        for node in watch.lastSeen.keys where !configuration.contains(node) && !(moving?.contains(node) ?? false) {
             watch.lastSeen[node] = nil
             seenRenewing.bitwiseAnd(~(1 << UInt64(node.index)), ordering: .releasing)
         }
@@ -218,9 +218,17 @@ final class ConfigurationManager: Sendable {
     /// The CM's half of one round of the lease thread (`counter` is its own lease counter, `now`
     /// the time; `stalled`: the thread itself did not run for half an expiry). Takes no lock: the
     /// lease thread runs at real-time priority.
-    func grantLeases(counter: UInt64, now: UInt64, stalled: Bool, in configuration: Configuration, watch: inout LeaseWatch) {
+    ///
+    /// `moving`: the configuration this node is moving into, if newer than `configuration`: its
+    /// members are watched too (and suspected when silent), but granted leases only once they are
+    /// members of the configuration applied here.
+    func grantLeases(counter: UInt64, now: UInt64, stalled: Bool, in configuration: Configuration, movingTo moving: Configuration?,
+                     watch: inout LeaseWatch) {
         let suspected = suspectedNodes.load(ordering: .acquiring)
-        for member in configuration.members where member.node != node {
+        // (No array is made while no move is under way: this runs every renewal interval.)
+        let watched = moving.map { moving in configuration.members + moving.members.filter { !configuration.contains($0.node) } }
+            ?? configuration.members
+        for member in watched where member.node != node {
             // Check the member renewed ours, then renew its lease: only in answer to a renewal
             // (its counter moved since the last round), as FaRM grants leases, so that a member
             // that falls silent holds its lease for one lease after its last renewal and no
@@ -255,7 +263,7 @@ final class ConfigurationManager: Sendable {
             if watch.lastSeen[member.node] == nil {
                 watch.lastSeen[member.node] = (value, now, false)
             }
-            guard renewed, suspected & (1 << UInt64(member.node.index)) == 0 else { continue }
+            guard renewed, suspected & (1 << UInt64(member.node.index)) == 0, configuration.contains(member.node) else { continue }
             var grant = counter
             let granted = (try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
                 try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)

@@ -160,7 +160,15 @@ public final class MembershipService: Sendable {
         // and had to report its commit's outcome unknown.
         engine.setFenced(true)
         engine.recoversFromFailures.store(true, ordering: .relaxed)
-        let member = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
+        // The registration says whether this node asks to join: a joining node registers its
+        // member entry (the CM adds it); a member of the stored configuration registers without an
+        // endpoint, which the CM never takes for a request to join. (A member removed just after
+        // it registered, e.g. an old CM judged silent at a cluster's reopen before it started,
+        // had its registration taken for a join: the CM added it back, but the node had stopped
+        // serving, and every member waited for its acknowledgement in the recovery barrier for
+        // ever. Seen in the crash-restart test.)
+        let listed = engine.configuration.members.first { $0.node == node } ?? Member(node: node, endpoint: "")
+        let member = joining ? listed : Member(node: node, endpoint: "", client: listed.client)
         try await register(Array(try JSONEncoder().encode(member)))
         // A client never becomes the CM: it holds no region, and client processes come and go.
         if !member.client {
@@ -288,6 +296,10 @@ public final class MembershipService: Sendable {
         logger.info("\(reason): it stops serving and must rejoin")
         // A CM among them grants no more leases: its successor's grants alone count.
         managerFlag.store(false, ordering: .releasing)
+        // Nor does it renew its own: a configuration that lists it again (one committed before
+        // the CM saw it stop) finds it silent, and the CM removes it instead of waiting for it.
+        // (The thread ends at its next round; not joined here, which may run on it.)
+        leasesHalted.store(true, ordering: .releasing)
         engine.setFenced(true)
         engine.stop()
         // Only now: whoever sees `mustRejoin` finds the engine stopped (seen: the lost-session
@@ -579,13 +591,19 @@ public final class MembershipService: Sendable {
             let stalled = now - previous > expiry / 2
             previous = now
             let configuration = engine.configuration
+            // The CM watches the members of the configuration it is moving into too: one that
+            // fails (or never starts) before the recovery barrier of that configuration is
+            // removed by the next one, instead of holding every member at the barrier for ever.
+            // (The lock is taken only while a move is under way.)
+            let moving = newestSeen.load(ordering: .acquiring) > configuration.id.rawValue && isManager
+                ? newest.withLock { $0 }.flatMap { $0.id > configuration.id ? $0 : nil } : nil
             if configuration.id != members {
                 members = configuration.id
-                manager.forgetNodes(outside: configuration, watch: &watch)
+                manager.forgetNodes(outside: configuration, keeping: moving, watch: &watch)
                 mapManagerLeasePage(in: configuration)
             }
             if isManager {
-                manager.grantLeases(counter: counter, now: now, stalled: stalled, in: configuration, watch: &watch)
+                manager.grantLeases(counter: counter, now: now, stalled: stalled, in: configuration, movingTo: moving, watch: &watch)
             } else {
                 // A configuration newer than any seen was announced: fetch it. (One already seen
                 // may still be being applied, e.g. through a recovery: no need to fetch it again.)

@@ -117,7 +117,10 @@ struct CrashRestartTests {
                     configuration = (cluster.servingNodes.first ?? cluster.nodes[0]).engine.configuration
                     if configuration.regions.allSatisfy({ $0.copying.isEmpty }) { break }
                     guard ContinuousClock.now < deadline else {
-                        Issue.record("round \(round): backups still copying after 60 s: \(configuration)")
+                        let states = zip(cluster.nodes, cluster.membership).map { node, service in
+                            "\(node.id): in \(node.engine.configuration.id)\(service.isManager ? ", CM" : "")\(service.mustRejoin ? ", must rejoin" : "")"
+                        }
+                        Issue.record("round \(round): backups still copying after 60 s: \(configuration); reopened in \(cluster.configuration); \(states.joined(separator: "; "))")
                         break
                     }
                     try await Task.sleep(for: .milliseconds(10))
