@@ -664,7 +664,11 @@ final class RecordProcessor: @unchecked Sendable {
     /// regions the records name. The objects of kept COMMIT-BACKUP records in `promoted` (regions
     /// this node leads in the next configuration) are locked until ``resolveRecovered(_:view:)``,
     /// so that no reader sees them before the decision is applied.
-    func recoveryVotes(view: ConfigurationView, promoted: Set<RegionID>) -> [TransactionRecovery.Vote] {
+    ///
+    /// A COMMIT-BACKUP record that names a region in `orphaned` (whose primary the next
+    /// configuration removes) goes into its vote whole: REPLICATE-TX-STATE (see
+    /// ``TransactionRecovery/replicated(_:)``).
+    func recoveryVotes(view: ConfigurationView, promoted: Set<RegionID>, orphaned: Set<RegionID>) -> [TransactionRecovery.Vote] {
         var votes: [TransactionRecovery.Vote] = []
         locked.forEach { id, index in
             var regions = Set<RegionID>()
@@ -687,7 +691,8 @@ final class RecordProcessor: @unchecked Sendable {
                     state.pointee.recoveryLocks.append((UInt(bitPattern: object), header))
                 }
             }
-            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitBackup, regions: regions.sorted()))
+            let record = regions.isDisjoint(with: orphaned) ? [] : Array(kept.bytes(index))
+            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitBackup, regions: regions.sorted(), record: record))
         }
         committed.forEach { id, _ in
             votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitPrimary, regions: []))
@@ -700,13 +705,36 @@ final class RecordProcessor: @unchecked Sendable {
     /// (commit) or dropped (abort); a kept COMMIT-PRIMARY is dropped (already installed). A
     /// transaction missing from `decisions` aborts. Then the locks LOCK RECOVERY took are released
     /// where no install did. Every record of the old configuration leaves the log.
-    func resolveRecovered(_ decisions: [UInt64: Bool], removed: [NodeID], view: ConfigurationView) -> (committed: Int, aborted: Int) {
+    ///
+    /// First, REPLICATE-TX-STATE: each record in `shipped` of a committed transaction this node
+    /// holds no record of is applied to this node's replicas of the regions it names (allocations
+    /// first); returns how many such records were applied as `replicated`.
+    func resolveRecovered(_ decisions: [UInt64: Bool], shipped: [UInt64: [UInt8]], removed: [NodeID],
+                          view: ConfigurationView) -> (committed: Int, aborted: Int, replicated: Int) {
         // Answers to removed coordinators will never be read.
         for node in removed where node.index < NodeID.limit && !unsent[node.index].isEmpty {
             unsentCount.subtract(unsent[node.index].count, ordering: .relaxed)
             unsent[node.index].removeAll()
         }
-        var outcome = (committed: 0, aborted: 0)
+        var replicated = 0
+        for (transaction, bytes) in shipped where decisions[transaction] == true {
+            let id = TransactionID(rawValue: transaction)
+            guard locked[id] == nil, stashed[id] == nil, committed[id] == nil else { continue }
+            var applies = false
+            bytes.withUnsafeBytes { raw in
+                guard let record = try? RecordView(raw), record.kind == .commitBackup else { return }
+                for allocations in [true, false] {
+                    try? record.forEachEntry { entry in
+                        guard (entry.operation == .allocate) == allocations, view.replica(entry.address.region) != nil else { return }
+                        applies = true
+                        _ = apply(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines, operation: entry.operation,
+                                              payload: entry.payload), view: view)
+                    }
+                }
+            }
+            if applies { replicated += 1 }
+        }
+        var outcome = (committed: 0, aborted: 0, replicated: replicated)
         func count(_ commit: Bool) { if commit { outcome.committed += 1 } else { outcome.aborted += 1 } }
         var entries: [(TransactionID, Int)] = []
         locked.forEach { entries.append(($0, $1)) }

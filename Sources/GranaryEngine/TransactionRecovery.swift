@@ -29,8 +29,9 @@ import Glibc
 ///
 /// Differences from the paper: the whole node blocks, not only the regions whose primary changed;
 /// votes travel through the coordination store rather than as messages to per-transaction recovery
-/// coordinators; and every member applies what it holds itself, so REPLICATE-TX-STATE is not needed
-/// (the rule commits only when each surviving replica has what it must apply).
+/// coordinators; and REPLICATE-TX-STATE rides on the votes: a backup ships a COMMIT-BACKUP record in
+/// its vote only when a region it names lost its primary (``replicated(_:)``), the one case where
+/// a survivor may lack a record of a transaction recovery commits.
 public enum TransactionRecovery {
     /// What one member's log holds of one transaction after the drain.
     package struct Vote: Hashable, Sendable {
@@ -46,12 +47,38 @@ public enum TransactionRecovery {
         package var kind: Kind
         /// The regions the record names.
         package var regions: [RegionID]
+        /// REPLICATE-TX-STATE: the COMMIT-BACKUP record itself, when a region it names lost its
+        /// primary (see ``replicated(_:)``); empty otherwise.
+        package var record: [UInt8]
 
-        package init(transaction: UInt64, kind: Kind, regions: [RegionID]) {
+        package init(transaction: UInt64, kind: Kind, regions: [RegionID], record: [UInt8] = []) {
             self.transaction = transaction
             self.kind = kind
             self.regions = regions
+            self.record = record
         }
+    }
+
+    /// REPLICATE-TX-STATE, through the votes. A transaction whose regions' primaries were all
+    /// removed has no LOCK left among the survivors, so DECIDE cannot tell whether its
+    /// COMMIT-PRIMARY went out: it commits if any survivor holds its COMMIT-BACKUP. Yet its
+    /// coordinator may have died half way through sending COMMIT-BACKUP, so a surviving backup
+    /// (the one promoted to primary among them) may lack the record it must apply. Each backup
+    /// therefore votes with the record itself for a transaction a region of which lost its
+    /// primary, and a survivor that holds no record of a committed transaction applies the
+    /// shipped one to its replicas (versions only grow: applying what it had already applied and
+    /// truncated changes nothing). (Without this, the crash-restart test saw a backup without an
+    /// allocation its new primary held after the coordinator and the primary failed together;
+    /// the slot was later allocated again there.) Returns the first record shipped per
+    /// transaction.
+    package static func replicated(_ votes: [NodeID: [Vote]]) -> [UInt64: [UInt8]] {
+        var records: [UInt64: [UInt8]] = [:]
+        for list in votes.values {
+            for vote in list where !vote.record.isEmpty && records[vote.transaction] == nil {
+                records[vote.transaction] = vote.record
+            }
+        }
+        return records
     }
 
     /// Why votes could not be read.
@@ -59,7 +86,8 @@ public enum TransactionRecovery {
         package let description: String
     }
 
-    /// Votes as bytes: per vote, transaction u64, kind u8, region count u16, regions u32 each.
+    /// Votes as bytes: per vote, transaction u64, kind u8, region count u16, regions u32 each,
+    /// record length u32 and the record's bytes.
     package static func encode(_ votes: [Vote]) -> [UInt8] {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(votes.count * 16)
@@ -70,6 +98,8 @@ public enum TransactionRecovery {
             put(vote.kind.rawValue)
             put(UInt16(vote.regions.count))
             for region in vote.regions { put(region.rawValue) }
+            put(UInt32(vote.record.count))
+            bytes += vote.record
         }
         return bytes
     }
@@ -86,7 +116,7 @@ public enum TransactionRecovery {
         }
         let count = Int(try take(UInt32.self))
         var votes: [Vote] = []
-        votes.reserveCapacity(min(count, bytes.count / 11))
+        votes.reserveCapacity(min(count, bytes.count / 15))
         for _ in 0..<count {
             let transaction = try take(UInt64.self)
             let raw = try take(UInt8.self)
@@ -94,7 +124,13 @@ public enum TransactionRecovery {
             let regions = Int(try take(UInt16.self))
             var list: [RegionID] = []
             for _ in 0..<regions { list.append(RegionID(rawValue: try take(UInt32.self))) }
-            votes.append(Vote(transaction: transaction, kind: kind, regions: list))
+            let length = Int(try take(UInt32.self))
+            guard length <= bytes.count - offset else {
+                throw MalformedVotes(description: "a \(length)-byte record of transaction \(transaction) runs past the votes' end")
+            }
+            let record = Array(bytes[offset..<offset + length])
+            offset += length
+            votes.append(Vote(transaction: transaction, kind: kind, regions: list, record: record))
         }
         guard offset == bytes.count else { throw MalformedVotes(description: "\(bytes.count - offset) bytes follow the last vote") }
         return votes
@@ -161,17 +197,25 @@ public enum TransactionRecovery {
         /// released unchanged, a COMMIT-BACKUP dropped (a transaction missing from the decisions
         /// aborts).
         public var aborted = 0
-        /// A report of `committed` and `aborted` records.
+        /// Records of committed recovering transactions this member held none of, applied from
+        /// another survivor's vote (REPLICATE-TX-STATE: their coordinator and primary failed
+        /// before every backup had the COMMIT-BACKUP).
+        public var replicated = 0
+        /// A report of `committed`, `aborted` and `replicated` records.
         ///
         /// - Parameters:
         ///   - committed: records of transactions recovery committed.
         ///   - aborted: records of transactions recovery aborted.
-        public init(committed: Int = 0, aborted: Int = 0) {
+        ///   - replicated: records another survivor shipped, applied here.
+        public init(committed: Int = 0, aborted: Int = 0, replicated: Int = 0) {
             self.committed = committed
             self.aborted = aborted
+            self.replicated = replicated
         }
-        /// The two counts in one line, as a recovery timeline reports them.
-        public var description: String { "\(committed) recovering transactions committed, \(aborted) aborted" }
+        /// The counts in one line, as a recovery timeline reports them.
+        public var description: String {
+            "\(committed) recovering transactions committed, \(aborted) aborted\(replicated > 0 ? ", \(replicated) replicated from another survivor's record" : "")"
+        }
     }
 }
 
@@ -316,25 +360,27 @@ extension Engine {
         let view = self.view
         let promoted = Set(next.regions.filter { $0.primary == node && view.primary(of: $0.region) != node }.map(\.region))
         let removed = view.memberBits & ~next.members.reduce(UInt64(0)) { $0 | 1 << UInt64($1.node.index) }
+        let orphaned = Set(configuration.regions.filter { !next.contains($0.primary) }.map(\.region))
         return mailbox.withPoller { _ in
             // From now on the removed nodes' records are refused: the votes cover all they sent.
             processor.refusedSenders.bitwiseOr(removed, ordering: .relaxed)
-            return processor.recoveryVotes(view: view, promoted: promoted)
+            return processor.recoveryVotes(view: view, promoted: promoted, orphaned: orphaned)
         }
     }
 
     /// Applies recovery's decisions to every record this node holds, drops the records it owed
     /// (recovery decided their transactions) and what it kept to truncate at `removed` nodes.
-    package func resolveRecovered(_ decisions: [UInt64: Bool], removed: [NodeID]) -> TransactionRecovery.Report {
+    package func resolveRecovered(_ decisions: [UInt64: Bool], shipped: [UInt64: [UInt8]] = [:],
+                                  removed: [NodeID]) -> TransactionRecovery.Report {
         _ = owed.takeAll()
         for node in removed { _ = pendingTruncation.take(for: node) }
         let view = self.view
         let outcome = mailbox.withPoller { _ in
-            let outcome = processor.resolveRecovered(decisions, removed: removed, view: view)
+            let outcome = processor.resolveRecovered(decisions, shipped: shipped, removed: removed, view: view)
             mailbox.advanceReleased()
             return outcome
         }
-        return TransactionRecovery.Report(committed: outcome.committed, aborted: outcome.aborted)
+        return TransactionRecovery.Report(committed: outcome.committed, aborted: outcome.aborted, replicated: outcome.replicated)
     }
 
     /// Lets commits start again.

@@ -91,16 +91,17 @@ extension MembershipService {
             logger.info("\(node): recovery into \(next.id) was abandoned by another member, which saw a newer configuration")
             return false
         }
-        try await finish(next, decisions: settled, removed: removed, timeline: &timeline, start: start)
+        try await finish(next, decisions: settled, shipped: TransactionRecovery.replicated(all), removed: removed,
+                         timeline: &timeline, start: start)
         return true
     }
 
     /// 7. Applies the decisions, moves to `next`, and lets commits start again once every member
     /// has moved: a COMMIT-BACKUP of `next` written into the log of a member still in the old
     /// configuration would be refused there, unseen by its coordinator (it has no answer).
-    private func finish(_ next: Configuration, decisions: [UInt64: Bool], removed: [NodeID],
+    private func finish(_ next: Configuration, decisions: [UInt64: Bool], shipped: [UInt64: [UInt8]] = [:], removed: [NodeID],
                         timeline: inout RecoveryTimeline, start: UInt64) async throws {
-        timeline.report = engine.resolveRecovered(decisions, removed: removed)
+        timeline.report = engine.resolveRecovered(decisions, shipped: shipped, removed: removed)
         try engine.apply(next, adding: try newRegions(in: next))
         let base = paths.recovery(next.id)
         try await store.createParents(base + "/applied")

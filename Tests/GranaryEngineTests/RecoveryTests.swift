@@ -1,5 +1,7 @@
 import Foundation
 import Granary
+import GranaryEngine
+import GranaryMemory
 import GranaryTestSupport
 import Synchronization
 import Testing
@@ -84,6 +86,69 @@ struct RecoveryTests {
 
     // Time-limited: it hung once for more than 10 minutes (two pool threads busy in recovery,
     // cause not found); a hang must fail the run, not hold CI for its whole budget.
+    final class Stall: Sendable {
+        let sends = Atomic<Int>(0)
+        let reached = Atomic<Bool>(false)
+        let released = Atomic<Bool>(false)
+    }
+
+    /// REPLICATE-TX-STATE: a coordinator that is also the primary of the region it writes dies
+    /// after its COMMIT-BACKUP reached one backup and before it reached the other. No survivor
+    /// holds the LOCK, one holds the COMMIT-BACKUP: recovery commits the transaction, so the other
+    /// backup must get the record from the first one's vote. Without it that backup (or the new
+    /// primary, if it is the one promoted) lacks a committed write, and the replicas differ.
+    @Test("a coordinator and primary that dies half way through COMMIT-BACKUP: recovery commits the write on every surviving replica (REPLICATE-TX-STATE)")
+    func halfDeliveredCommitBackup() async throws {
+        let cluster = try await testCluster(nodes: 4, replicas: 3) { options in
+            var membership = MembershipOptions()
+            membership.lease = .milliseconds(10)
+            membership.copyPace = .zero
+            options.membership = membership
+        }
+        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
+        let cm = cluster.membership.first(where: \.isManager)!.node
+        let coordinator = cluster.nodes.first { $0.id != cm }!
+        // An object in a region the coordinator leads (a local allocation), and a second value.
+        let address = try await coordinator.transaction { tx in try tx.allocate(Int64(1)) }
+        let before = cluster.servingNodes[0].engine.configuration
+        let placement = try #require(before.placement(of: address.region))
+        try #require(placement.primary == coordinator.id && placement.backups.count == 2, "\(address) in \(before)")
+        try await cluster.quiesce()
+        for member in cluster.membership where member.node != cm {
+            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
+        }
+        // The second COMMIT-BACKUP send stalls until the coordinator has crashed, then fails.
+        let stall = Stall()
+        coordinator.engine.injectFaults { point, _ in
+            guard point == .commitBackupSend, stall.sends.add(1, ordering: .relaxed).newValue == 2 else { return false }
+            stall.reached.store(true, ordering: .releasing)
+            while !stall.released.load(ordering: .acquiring) { usleep(1_000) }
+            return true
+        }
+        let write = Task.detached { try await coordinator.transaction { tx in try tx.write(address, Int64(42)) } }
+        try await eventually("the second COMMIT-BACKUP send reached") { stall.reached.load(ordering: .acquiring) }
+        cluster.crash(coordinator.id)
+        stall.released.store(true, ordering: .releasing)
+        _ = await write.result
+        try await eventually("\(coordinator.id) removed and every region back to complete replicas") {
+            let configuration = cluster.servingNodes[0].engine.configuration
+            return !configuration.contains(coordinator.id) && configuration.regions.allSatisfy { $0.copying.isEmpty }
+        }
+        let after = cluster.servingNodes[0].engine.configuration
+        try await cluster.quiesce()
+        let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
+        let values = try #require(after.placement(of: address.region)).replicas.compactMap { node -> String? in
+            guard let replica = cluster.nodes[node.index].engine.replica(of: address.region) else { return nil }
+            let header = ObjectLayout.loadHeader(replica.base + Int(address.offset))
+            return "\(node): version \(header.version), value \((replica.base + Int(address.offset) + 8).load(as: Int64.self))"
+        }
+        let value = try await cluster.servingNodes[0].transaction { tx in try tx.read(address, as: Int64.self) }
+        #expect(value == 42, "the write whose COMMIT-BACKUP one backup held was not committed: \(values); \(recoveries)")
+        let differences = replicaDifferences(cluster, in: after)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(values); \(recoveries)")
+        try await cluster.shutdown()
+    }
+
     @Test("5 nodes, 3 replicas, a bank on every node, nodes crash under load: money is conserved at every audit, every acknowledged transfer is present, nothing stays locked, every region gets 3 replicas again and they are equal",
           .timeLimit(.minutes(3)), arguments: Crashes.allCases)
     func bankSurvivesCrashes(_ crashes: Crashes) async throws {
