@@ -30,7 +30,7 @@ import Glibc
 /// Differences from the paper: the whole node blocks, not only the regions whose primary changed;
 /// votes travel through the coordination store rather than as messages to per-transaction recovery
 /// coordinators; and REPLICATE-TX-STATE rides on the votes: a backup ships a COMMIT-BACKUP record in
-/// its vote only when a region it names lost its primary (``replicated(_:)``), the one case where
+/// its vote only when a region it names lost its primary (`replicated(_:)`), the one case where
 /// a survivor may lack a record of a transaction recovery commits.
 public enum TransactionRecovery {
     /// What one member's log holds of one transaction after the drain.

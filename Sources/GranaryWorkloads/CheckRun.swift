@@ -119,11 +119,26 @@ package struct CheckKeys: Sendable {
         let zeros = [UInt8](repeating: 0, count: objectBytes(options))
         let perTransaction = max(1, 16_384 / zeros.count)
         var addresses: [GlobalAddress] = []
+        // Before the history starts: a peer that does not answer in time (a node process still
+        // busy starting, or a ring it reopened towards this client, which never saw the request)
+        // is asked again, for up to 30 s, each time said on standard error. The allocation that
+        // went unanswered did not commit (at most a slot stays reserved at its primary).
+        let deadline = ContinuousClock.now + .seconds(30)
         while addresses.count < count {
             let node = cluster.nodes[addresses.count / perTransaction % cluster.nodes.count]
             let batch = min(perTransaction, count - addresses.count)
-            addresses += try await node.transaction { tx in
-                try zeros.withUnsafeBytes { raw in try (0..<batch).map { _ in try tx.allocate(raw: raw) } }
+            do {
+                addresses += try await node.transaction { tx in
+                    try zeros.withUnsafeBytes { raw in try (0..<batch).map { _ in try tx.allocate(raw: raw) } }
+                }
+            } catch let error as TransactionError where ContinuousClock.now < deadline {
+                switch error {
+                case .peerUnresponsive, .transport:
+                    FileHandle.standardError.write(Data("check: allocating the keys failed (\(error)); asking again\n".utf8))
+                    try await Task.sleep(for: .milliseconds(50))
+                default:
+                    throw error
+                }
             }
         }
         if let path {
