@@ -4,6 +4,7 @@ import GranaryEngine
 import GranaryMemory
 import GranaryTransport
 import Logging
+import Synchronization
 import SystemPackage
 
 /// Settings of an embedded cluster beyond its shape.
@@ -23,8 +24,9 @@ public struct ClusterOptions: Sendable {
     /// Off by default for an embedded cluster: its nodes share one process, so a real failure
     /// takes them all, and reopening the directory recovers (restart recovery). Membership adds
     /// recovery from the failure of one node, which within one process only ``Cluster/crash(_:)``
-    /// causes, and a node it removes (a false suspicion, if an overloaded machine starves the lease
-    /// threads) cannot rejoin within the process. Turn it on to test or measure recovery
+    /// causes; a node it removes while the node runs (a false suspicion, if an overloaded machine
+    /// starves the lease threads) rejoins within the process as a new incarnation (its ``Node``
+    /// runs on a new engine, its replicas are copied back). Turn it on to test or measure recovery
     /// (`granary bench --crash` and `granary check run --nemesis crash` do). Node processes
     /// (`granary node --coordination`) run it through ZooKeeper, where a removed node rejoins.
     public var membership: MembershipOptions?
@@ -82,8 +84,12 @@ public final class Cluster: Sendable {
     private let removeOnShutdown: Bool
     /// The embedded coordination store, when the cluster runs a configuration manager.
     public let coordination: EmbeddedCoordinationService?
-    /// Each node's membership service (empty without a configuration manager).
-    public let membership: [MembershipService]
+    /// Each node's membership service (empty without a configuration manager); a node that
+    /// rejoined has a new one.
+    public var membership: [MembershipService] { services.withLock { $0 } }
+    private let services: Mutex<[MembershipService]>
+    /// Rejoins the nodes of an embedded cluster that the configuration manager removed.
+    private let rejoin: EmbeddedRejoin?
 
     /// What restart recovery found and did when this cluster was reopened from its files (nil for
     /// a new cluster).
@@ -91,18 +97,20 @@ public final class Cluster: Sendable {
 
     /// The lock a client connection holds on its member's directory (-1 for a local cluster).
     private let clientLock: Int32
-    /// Each node's spare region files (with a configuration manager).
-    private let spares: [SpareRegions]
+    /// Each node's spare region files (with a configuration manager), those of its former
+    /// incarnations included.
+    private let spares: Mutex<[SpareRegions]>
     /// Spare region files ready on the nodes, and taken for new replicas so far (all nodes).
     package var spareRegionCounts: (ready: Int, taken: Int) {
-        spares.reduce((0, 0)) { ($0.0 + $1.readyCount, $0.1 + $1.takenCount) }
+        spares.withLock { $0.reduce((0, 0)) { ($0.0 + $1.readyCount, $0.1 + $1.takenCount) } }
     }
 
     private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool,
                  coordination: EmbeddedCoordinationService?, membership: [MembershipService],
                  recovery: RestartRecovery.Report?, regionAllocation: RegionAllocation?, clientLock: Int32 = -1,
-                 spares: [SpareRegions] = []) {
-        self.spares = spares
+                 spares: [SpareRegions] = [], rejoin: EmbeddedRejoin? = nil) {
+        self.spares = Mutex(spares)
+        self.rejoin = rejoin
         self.clientLock = clientLock
         self.recovery = recovery
         self.nodes = nodes
@@ -111,7 +119,7 @@ public final class Cluster: Sendable {
         self.directory = directory
         self.removeOnShutdown = removeOnShutdown
         self.coordination = coordination
-        self.membership = membership
+        self.services = Mutex(membership)
     }
 
     /// Starts an embedded cluster of `nodes` nodes in this process over the shared-memory transport,
@@ -237,6 +245,7 @@ public final class Cluster: Sendable {
         var coordination: EmbeddedCoordinationService?
         var services: [MembershipService] = []
         var spares: [SpareRegions] = []
+        var sessionMaker: (@Sendable () throws -> any CoordinationStore)?
         if let membershipOptions = options.membership {
             let makeSession: @Sendable () throws -> any CoordinationStore
             switch options.coordination {
@@ -261,6 +270,7 @@ public final class Cluster: Sendable {
                 throw ConfigurationError.invalid("the coordination store is ZooKeeper at \(address), which this build of Granary leaves out (depend on it with the package trait ZooKeeper)")
                 #endif
             }
+            sessionMaker = makeSession
             let bootstrapSession = try makeSession()
             try await ConfigurationRecord.bootstrap(configuration, in: bootstrapSession)
             await bootstrapSession.close()
@@ -297,9 +307,17 @@ public final class Cluster: Sendable {
             }
             regionAllocation = allocation
         }
-        return Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
-                       removeOnShutdown: temporary, coordination: coordination, membership: services,
-                       recovery: lastRecovery, regionAllocation: regionAllocation, spares: spares)
+        let nodes = engines.map(Node.init)
+        var rejoin: EmbeddedRejoin?
+        if let membershipOptions = options.membership, let makeSession = sessionMaker {
+            rejoin = EmbeddedRejoin(nodes: nodes, configuration: configuration, options: options, membership: membershipOptions,
+                                    logger: logger, makeSession: makeSession)
+        }
+        let cluster = Cluster(nodes: nodes, configuration: configuration, directory: root,
+                              removeOnShutdown: temporary, coordination: coordination, membership: services,
+                              recovery: lastRecovery, regionAllocation: regionAllocation, spares: spares, rejoin: rejoin)
+        rejoin?.start(cluster)
+        return cluster
     }
 
     /// Before a reopen with a configuration manager on ZooKeeper changes any file: the store
@@ -584,6 +602,18 @@ public final class Cluster: Sendable {
         }
     }
 
+    /// Node `index`'s new incarnation (``EmbeddedRejoin``): its engine, membership service and
+    /// spare regions replace the old ones.
+    func rejoined(_ index: Int, engine: Engine, service: MembershipService, spares pool: SpareRegions) {
+        for other in nodes where other.id != nodes[index].id { other.engine.helpNeighbours([engine]) }
+        engine.helpNeighbours(nodes.filter { $0.id != nodes[index].id }.map(\.engine))
+        nodes[index].replaceEngine(with: engine)
+        services.withLock { services in
+            if let slot = services.firstIndex(where: { $0.node == service.node }) { services[slot] = service }
+        }
+        spares.withLock { $0.append(pool) }
+    }
+
     /// The nodes still serving: not crashed, stopped or removed from the configuration.
     public var servingNodes: [Node] { nodes.filter(\.isServing) }
 
@@ -594,6 +624,7 @@ public final class Cluster: Sendable {
     /// manager the others detect the failure through the lease and recover without it.
     public func crash(_ id: NodeID) {
         guard let node = nodes.first(where: { $0.id == id }) else { return }
+        rejoin?.crashed(id)
         membership.first { $0.node == id }?.crash()
         node.engine.crash()
     }
@@ -605,8 +636,9 @@ public final class Cluster: Sendable {
             // A client of a coordinated cluster leaves (the CM removes it at once) before it stops.
             for service in membership where !service.mustRejoin { _ = try? await service.leave() }
         }
+        await rejoin?.stop()
         for service in membership { await service.stop() }
-        for pool in spares { pool.stop() }
+        for pool in spares.withLock({ $0 }) { pool.stop() }
         try await quiesce()
         // Persisting is for a cluster that outlives this process; a temporary one is removed next.
         if !removeOnShutdown {
@@ -658,11 +690,31 @@ public final class Cluster: Sendable {
 
 /// One node of a cluster: where transactions are started.
 public final class Node: Sendable {
-    package let engine: Engine
+    /// The engine this node runs now: a node of an embedded cluster that the configuration
+    /// manager removed (a false suspicion) rejoins with a new one (``Cluster`` replaces it).
+    /// One acquiring load, no lock and no reference count: every engine this node ever had stays
+    /// alive in `engines` for as long as the node, so the pointer loaded is always to a live one.
+    package var engine: Engine {
+        Unmanaged<Engine>.fromOpaque(UnsafeRawPointer(bitPattern: current.load(ordering: .acquiring))!).takeUnretainedValue()
+    }
+    private let current: Atomic<UInt>
+    private let engines: Mutex<[Engine]>
     /// This node's id in the cluster (its index in ``Cluster/nodes``).
-    public var id: NodeID { engine.node }
+    public let id: NodeID
 
-    init(_ engine: Engine) { self.engine = engine }
+    init(_ engine: Engine) {
+        id = engine.node
+        engines = Mutex([engine])
+        current = Atomic(UInt(bitPattern: Unmanaged.passUnretained(engine).toOpaque()))
+    }
+
+    /// Makes `engine` (of the same node) the one transactions run on from now on; the one before
+    /// is kept (transactions that started on it end on it).
+    func replaceEngine(with engine: Engine) {
+        precondition(engine.node == id, "the engine of \(engine.node) given to node \(id)")
+        engines.withLock { $0.append(engine) }
+        current.store(UInt(bitPattern: Unmanaged.passUnretained(engine).toOpaque()), ordering: .releasing)
+    }
 
     /// Whether this node still serves: not crashed, stopped or removed from the configuration.
     public var isServing: Bool { engine.isRunning && engine.configuration.contains(id) }

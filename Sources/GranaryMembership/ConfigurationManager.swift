@@ -90,12 +90,28 @@ final class ConfigurationManager: Sendable {
         }
         if let committed {
             for removed in engine.configuration.members.map(\.node) where !committed.contains(removed) {
-                try? await store.delete(paths.members + "/\(removed)", expectedVersion: nil)
+                await withdrawRegistration(of: removed)
             }
             try await apply(committed)
             announce(committed.id)
         }
         member.becomeManager()
+    }
+
+    /// Deletes the registration of `removed`, a member this CM removes (or removed): unless what
+    /// is registered now is a new incarnation of that node asking to join (an entry with an
+    /// endpoint, while no configuration lists the node), which this removal must not undo. (A
+    /// suspicion that waited for a lease to run out, while the registration path had removed the
+    /// node already, deleted the registration of its next incarnation: an embedded node that
+    /// rejoined at once was never admitted.)
+    func withdrawRegistration(of removed: NodeID) async {
+        let path = paths.members + "/\(removed)"
+        guard let stored = try? await store.get(path) else { return }
+        if let member = try? JSONDecoder().decode(Member.self, from: Data(stored.data)), !member.endpoint.isEmpty,
+           let (current, _) = try? await ConfigurationRecord.read(engine.configuration.cluster, from: store), !current.contains(removed) {
+            return
+        }
+        try? await store.delete(path, expectedVersion: stored.version)
     }
 
     /// As CM: a member whose registration vanished (its session ended) leaves; a registered node
@@ -316,7 +332,7 @@ final class ConfigurationManager: Sendable {
             let (planned, _) = try await ConfigurationRecord.read(self.engine.configuration.cluster, from: self.store)
             let kept = ConfigurationRecord.removingSuspects(suspects, from: planned).kept
             let removable = suspects.subtracting(kept)
-            for removed in removable { try? await self.store.delete(self.paths.members + "/\(removed)", expectedVersion: nil) }
+            for removed in removable { await self.withdrawRegistration(of: removed) }
             if !kept.isEmpty, self.reportedLastReplicas.withLock({ $0.insert(kept).inserted }) {
                 self.logger.error("\(node) keeps \(kept.map(\.description).joined(separator: ", ")) in the configuration although silent: each holds the last replica of a region, which removing it would lose")
             }

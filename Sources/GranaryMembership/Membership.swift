@@ -302,17 +302,19 @@ public final class MembershipService: Sendable {
         leasesHalted.store(true, ordering: .releasing)
         engine.setFenced(true)
         engine.stop()
-        // Only now: whoever sees `mustRejoin` finds the engine stopped (seen: the lost-session
-        // test read mustRejoin between the flag and engine.stop, and found the engine running).
-        state.withLock { $0.mustRejoin = true }
-        eventSink.yield(.mustRejoin(id))
         // Out of the election and the registrations too: a removed node must neither become the
-        // CM nor be taken for a node asking to join.
+        // CM nor be taken for a node asking to join. Only then `mustRejoin`: whoever sees it finds
+        // the engine stopped (seen: the lost-session test read it between the flag and
+        // engine.stop, and found the engine running) and this incarnation's registration gone,
+        // so that the next one's, at the same path, is not deleted in its place (seen: an
+        // embedded node that rejoined at once was never admitted).
         let election = state.withLock({ $0.electionNode })
         let registration = paths.members + "/\(node)"
         spawn {
             if let election { try? await self.store.delete(election, expectedVersion: nil) }
             try? await self.store.delete(registration, expectedVersion: nil)
+            self.state.withLock { $0.mustRejoin = true }
+            self.eventSink.yield(.mustRejoin(id))
         }
     }
 
@@ -406,14 +408,21 @@ public final class MembershipService: Sendable {
         // the region before any commit resumes, so its primary's first COMMIT-BACKUP never
         // reaches a backup that does not know it, and no member reads an address in it first.
         let addsRegions = configuration.regions.contains { engine.configuration.placement(of: $0.region) == nil }
-        if engine.configuration.keepsRouting(in: configuration) && !addsRegions {
+        // So does a configuration that adds a member (the joining node included): a member that
+        // has not applied it yet refuses the new member's records, and a COMMIT-BACKUP refused
+        // is a committed write missing on a backup, unseen by its coordinator (seen: a node of an
+        // embedded cluster that rejoined committed an allocation at once, and one backup, still
+        // in the configuration before, refused its COMMIT-BACKUP).
+        let addsMembers = state.withLock { $0.joining }
+            || configuration.members.contains { !engine.configuration.contains($0.node) }
+        if engine.configuration.keepsRouting(in: configuration) && !addsRegions && !addsMembers {
             try engine.apply(configuration, adding: try newRegions(in: configuration))
             // Blocked by a recovery this configuration superseded after it was applied here.
             engine.unblockCommits()
             eventSink.yield(.configurationApplied(configuration.id))
         } else {
-            // Nodes removed, or regions given new backups (a node joined, or replaced a lost
-            // replica): records of the old routing are drained and decided first.
+            // Nodes removed or added, or regions given new backups (a node joined, or replaced a
+            // lost replica): records of the old routing are drained and decided first.
             guard try await recover(into: configuration, removed: removed) else { return }
         }
         state.withLock { $0.joining = false }

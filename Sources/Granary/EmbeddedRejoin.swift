@@ -1,0 +1,120 @@
+import Foundation
+import GranaryConfiguration
+import GranaryCoordination
+import GranaryEngine
+import GranaryMembership
+import GranaryMemory
+import Logging
+import Synchronization
+import SystemPackage
+
+/// REJOIN for the nodes of an embedded cluster (``Cluster/local(nodes:replicas:directory:options:)``
+/// with a configuration manager): a node the manager removed while it was alive (a false
+/// suspicion: its lease thread was held off) stops serving and must rejoin, as a node process
+/// does when it is restarted. This starts its next incarnation in the same process: its old
+/// membership service is stopped, its old replicas are set aside (superseded: the members
+/// recovered without it), a new storage reuses its mailbox file (cleared in place, so the other
+/// nodes' mappings of it stay valid, and their channels to it reopen) and makes a new lease page,
+/// a new engine runs the stored configuration with the node added, and a new membership service
+/// joins (`start(joining: true)`): the manager adds it with new backups of the regions short of
+/// replicas, which it copies from their primaries. Its ``Node`` then runs transactions on the new
+/// engine. A node crashed on purpose (``Cluster/crash(_:)``) stays down, as a killed process
+/// that nobody restarts.
+///
+/// `@unchecked Sendable`: every mutable field is behind `state`, a `Mutex`.
+final class EmbeddedRejoin: @unchecked Sendable {
+    private let nodes: [Node]
+    private let root: Configuration
+    private let options: ClusterOptions
+    private let membership: MembershipOptions
+    private let logger: Logger
+    private let makeSession: @Sendable () throws -> any CoordinationStore
+    private struct State {
+        var crashed = Set<NodeID>()
+        var rejoining = Set<NodeID>()
+        var stopped = false
+        var watcher: Task<Void, Never>?
+    }
+    private let state = Mutex(State())
+
+    init(nodes: [Node], configuration: Configuration, options: ClusterOptions, membership: MembershipOptions,
+         logger: Logger, makeSession: @escaping @Sendable () throws -> any CoordinationStore) {
+        self.nodes = nodes
+        self.root = configuration
+        self.options = options
+        self.membership = membership
+        self.logger = logger
+        self.makeSession = makeSession
+    }
+
+    /// Watches `cluster`'s membership services: one that must rejoin starts the node's next
+    /// incarnation. (A poll every 10 ms: the services' event streams belong to their users.)
+    func start(_ cluster: Cluster) {
+        let task = Task.detached { [weak cluster] in
+            while !Task.isCancelled {
+                guard let cluster else { return }
+                for service in cluster.membership where service.mustRejoin && !service.isLeaving {
+                    let node = service.node
+                    let begin = self.state.withLock { state -> Bool in
+                        guard !state.stopped, !state.crashed.contains(node) else { return false }
+                        return state.rejoining.insert(node).inserted
+                    }
+                    guard begin else { continue }
+                    do {
+                        try await self.rejoin(node, replacing: service, in: cluster)
+                    } catch {
+                        self.logger.error("\(node) could not rejoin the cluster: \(error); trying again in 1 s")
+                        try? await Task.sleep(for: .seconds(1))
+                    }
+                    _ = self.state.withLock { $0.rejoining.remove(node) }
+                }
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        state.withLock { $0.watcher = task }
+    }
+
+    /// `node` was crashed on purpose: it does not rejoin.
+    func crashed(_ node: NodeID) {
+        _ = state.withLock { $0.crashed.insert(node) }
+    }
+
+    /// No rejoin starts from now on; one under way ends first.
+    func stop() async {
+        let watcher = state.withLock { state -> Task<Void, Never>? in
+            state.stopped = true
+            return state.watcher
+        }
+        watcher?.cancel()
+        await watcher?.value
+    }
+
+    private func rejoin(_ node: NodeID, replacing old: MembershipService, in cluster: Cluster) async throws {
+        guard let index = nodes.firstIndex(where: { $0.id == node }),
+              let me = root.members.first(where: { $0.node == node }) else { return }
+        logger.notice("\(node) was removed from the configuration while it ran: it rejoins as a new incarnation")
+        await old.stop()
+        let home = try NodeStorage.directory(of: me)
+        // Its replicas are superseded: the members recovered without it and hold every committed
+        // write; regions placed on it from now on start empty and are copied from their primaries.
+        home.setAsideRegions()
+        let store = try makeSession()
+        var (stored, _) = try await ConfigurationRecord.read(root.cluster, from: store)
+        stored = Cluster.resolvingEndpoints(of: stored, against: cluster.directory)
+        if stored.contains(node) {
+            stored = try await ConfigurationRecord.waitForRemoval(of: node, from: stored, in: store, timeout: .seconds(30))
+        }
+        stored.members.append(me)
+        stored.members.sort { $0.node < $1.node }
+        let storage = try NodeStorage(node: node, configuration: stored, ringCapacity: options.ringCapacity)
+        let engine = try storage.makeEngine(options: options.engine, logger: logger)
+        let size = stored.regionSize, regionLogger = logger
+        let service = MembershipService(
+            engine: engine, store: store, options: membership, logger: logger,
+            connect: { member in try storage.connect(member) },
+            openRegion: { placement in try storage.openRegionWhileServing(placement, size: size, logger: regionLogger) })
+        storage.spares.start(count: membership.spareRegions, logger: logger)
+        cluster.rejoined(index, engine: engine, service: service, spares: storage.spares)
+        try await service.start(joining: true)
+    }
+}
