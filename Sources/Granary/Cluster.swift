@@ -770,6 +770,10 @@ public final class Node: Sendable {
     /// there; from a task, on that task's executor.
     public func transaction<R: Sendable>(isolation: isolated (any Actor)? = #isolation,
                                          _ body: (Transaction) throws -> R) async throws -> R {
+        // The engine once, for the whole transaction: each read of `engine` is an atomic load
+        // and a retain, on a line every thread of the node touches. (A node that rejoins gets a
+        // new engine; a transaction that started on the old one ends on it.)
+        let engine = self.engine
         let transaction = engine.makeTransaction()
         var attempt = 0
         var lastCause = AbortCause.lockConflict

@@ -352,7 +352,10 @@ package enum Runner {
             var delta: Int64 = 0
             var failed = 0
             var inDoubt: [Int64] = []
-            let transaction = node.engine.makeTransaction()
+            // The node's engine once per worker (each read of `Node.engine` is an atomic load and
+            // a retain on a line the node's threads share).
+            let engine = node.engine
+            let transaction = engine.makeTransaction()
             var iterations = 0
             while true {
                 iterations &+= 1
@@ -364,7 +367,7 @@ package enum Runner {
                 }
                 if iterations & 15 == 0, monotonicNanoseconds() >= deadline { break }
                 // This worker's node was crashed: its process would be gone.
-                if crash != nil, !node.engine.isRunning { break }
+                if crash != nil, !engine.isRunning { break }
                 let began = monotonicNanoseconds()
                 var attempt = 0
                 var committed: TransactionOutcome?
@@ -377,7 +380,7 @@ package enum Runner {
                     var bodyDelta: Int64?
                     let outcome: Engine.AttemptOutcome<TransactionOutcome>
                     do {
-                        outcome = try node.engine.attempt(transaction) { tx in
+                        outcome = try engine.attempt(transaction) { tx in
                             bodyDelta = nil
                             let result = try workload.runOne(on: node, transaction: tx, random: &draw)
                             bodyDelta = result.delta
@@ -388,21 +391,21 @@ package enum Runner {
                         // tell (outcome unknown), or if this node was crashed under it.
                         random = draw
                         let unknown = if case .outcomeUnknown? = error as? TransactionError { true } else { false }
-                        if let bodyDelta, unknown || (crash != nil && !node.engine.isRunning) { inDoubt.append(bodyDelta) }
+                        if let bodyDelta, unknown || (crash != nil && !engine.isRunning) { inDoubt.append(bodyDelta) }
                         break
                     }
                     random = draw
                     if case .committed(let result) = outcome { committed = result; break }
                     let now = monotonicNanoseconds()
-                    if node.engine.commitsBlocked, node.engine.isRunning, now < deadline {
+                    if engine.commitsBlocked, engine.isRunning, now < deadline {
                         // Recovery runs: wait for it (not past the run's end); the attempt does
                         // not count.
-                        _ = node.engine.waitForUnblockedCommits(timeout: .nanoseconds(deadline - now))
+                        _ = engine.waitForUnblockedCommits(timeout: .nanoseconds(deadline - now))
                         attempt -= 1
                         continue
                     }
-                    if attempt >= node.engine.options.maximumAttempts { break }
-                    let wait = node.engine.retryDelay(afterAttempt: attempt)
+                    if attempt >= engine.options.maximumAttempts { break }
+                    let wait = engine.retryDelay(afterAttempt: attempt)
                     if wait > 1_000 { usleep(UInt32(wait / 1_000)) }
                 }
                 guard let committed else {
