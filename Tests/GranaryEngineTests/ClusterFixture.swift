@@ -29,6 +29,27 @@ func testCluster(nodes: Int = 3, replicas: Int = 3, configure: (inout ClusterOpt
     return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
 }
 
+/// An embedded test cluster with a configuration manager (10 ms leases, copies unpaced), once a
+/// manager is elected; returns the cluster and the manager.
+func managedTestCluster(nodes: Int = 4, replicas: Int = 3) async throws -> (Cluster, NodeID) {
+    let cluster = try await testCluster(nodes: nodes, replicas: replicas) { options in
+        var membership = MembershipOptions()
+        membership.lease = .milliseconds(10)
+        membership.copyPace = .zero
+        options.membership = membership
+    }
+    try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
+    return (cluster, cluster.membership.first(where: \.isManager)!.node)
+}
+
+/// Waits until `manager` has seen every other member renew its lease: before that a member gets
+/// a grace period, not a lease, and its failure is detected only when the grace period ends.
+func waitForRenewals(_ cluster: Cluster, manager: NodeID) async throws {
+    for member in cluster.membership where member.node != manager {
+        while !cluster.membership[manager.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
+    }
+}
+
 /// Compares every backup's bytes with its primary's, region by region, as `configuration` (by
 /// default the cluster's first) places them; returns the differences.
 func replicaDifferences(_ cluster: Cluster, in configuration: Configuration? = nil) -> [String] {

@@ -17,21 +17,12 @@ struct DataRecoveryTests {
     /// marked copying, and only a later configuration change started another).
     @Test("a copy whose reads of the primary fail starts again: every region gets its replicas back, equal to the primary")
     func copyStartsAgainAfterFailedReads() async throws {
-        let cluster = try await testCluster(nodes: 4, replicas: 3) { options in
-            var membership = MembershipOptions()
-            membership.lease = .milliseconds(10)
-            membership.copyPace = .zero
-            options.membership = membership
-        }
-        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
-        let cm = cluster.membership.first(where: \.isManager)!.node
+        let (cluster, cm) = try await managedTestCluster()
         for node in cluster.nodes {
             _ = try await node.transaction { tx in try (0..<50).map { _ in try tx.allocate(Int64(node.id.index)) } }
         }
         try await cluster.quiesce()
-        for member in cluster.membership where member.node != cm {
-            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
-        }
+        try await waitForRenewals(cluster, manager: cm)
         // Every node's first four copy reads fail.
         let failed = Count()
         for node in cluster.nodes {
@@ -73,22 +64,13 @@ struct DataRecoveryTests {
     /// (Before, the copy took such a lock for a live one and read the object again for ever.)
     @Test("a copy into a backup holding installs a crash cut short (locked headers) replaces them: the copy finishes, equal to the primary, nothing locked")
     func copyReplacesStaleLocks() async throws {
-        let cluster = try await testCluster(nodes: 4, replicas: 3) { options in
-            var membership = MembershipOptions()
-            membership.lease = .milliseconds(10)
-            membership.copyPace = .zero
-            options.membership = membership
-        }
-        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
-        let cm = cluster.membership.first(where: \.isManager)!.node
+        let (cluster, cm) = try await managedTestCluster()
         var addresses: [GlobalAddress] = []
         for node in cluster.nodes {
             addresses += try await node.transaction { tx in try (0..<50).map { _ in try tx.allocate(Int64(node.id.index)) } }
         }
         try await cluster.quiesce()
-        for member in cluster.membership where member.node != cm {
-            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
-        }
+        try await waitForRenewals(cluster, manager: cm)
         let holding = Atomic<Bool>(true)
         let failed = Count()
         for node in cluster.nodes {
@@ -178,9 +160,7 @@ struct SpareRegionRecoveryTests {
             _ = try await node.transaction { tx in try (0..<200).map { _ in try tx.allocate(Int64(node.id.index) * 1_000_003) } }
         }
         try await cluster.quiesce()
-        for member in cluster.membership where member.node != cm {
-            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
-        }
+        try await waitForRenewals(cluster, manager: cm)
         let before = cluster.servingNodes[0].engine.configuration
         let victim = cluster.nodes.map(\.id).first { $0 != cm }!
         cluster.crash(victim)

@@ -12,14 +12,7 @@ struct EmbeddedRejoinTests {
     /// committed value.
     @Test("a node removed while alive (its lease thread held off) rejoins in the same process: a member again, replicas copied back and equal, its Node serving and reading every committed value")
     func removedNodeRejoins() async throws {
-        let cluster = try await testCluster(nodes: 4, replicas: 3) { options in
-            var membership = MembershipOptions()
-            membership.lease = .milliseconds(10)
-            membership.copyPace = .zero
-            options.membership = membership
-        }
-        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
-        let cm = cluster.membership.first(where: \.isManager)!.node
+        let (cluster, cm) = try await managedTestCluster()
         var written: [(GlobalAddress, Int64)] = []
         for node in cluster.nodes {
             let values = (0..<50).map { Int64(node.id.index * 1_000 + $0) }
@@ -27,9 +20,7 @@ struct EmbeddedRejoinTests {
             written += zip(addresses, values)
         }
         try await cluster.quiesce()
-        for member in cluster.membership where member.node != cm {
-            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
-        }
+        try await waitForRenewals(cluster, manager: cm)
         let victim = cluster.nodes.first { $0.id != cm }!
         let before = victim.engine
         cluster.membership.first { $0.node == victim.id }!.haltLeases()

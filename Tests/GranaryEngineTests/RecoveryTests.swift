@@ -99,14 +99,7 @@ struct RecoveryTests {
     /// primary, if it is the one promoted) lacks a committed write, and the replicas differ.
     @Test("a coordinator and primary that dies half way through COMMIT-BACKUP: recovery commits the write on every surviving replica (REPLICATE-TX-STATE)")
     func halfDeliveredCommitBackup() async throws {
-        let cluster = try await testCluster(nodes: 4, replicas: 3) { options in
-            var membership = MembershipOptions()
-            membership.lease = .milliseconds(10)
-            membership.copyPace = .zero
-            options.membership = membership
-        }
-        try await eventually("a CM") { cluster.membership.contains(where: \.isManager) }
-        let cm = cluster.membership.first(where: \.isManager)!.node
+        let (cluster, cm) = try await managedTestCluster()
         let coordinator = cluster.nodes.first { $0.id != cm }!
         // An object in a region the coordinator leads (a local allocation), and a second value.
         let address = try await coordinator.transaction { tx in try tx.allocate(Int64(1)) }
@@ -114,9 +107,7 @@ struct RecoveryTests {
         let placement = try #require(before.placement(of: address.region))
         try #require(placement.primary == coordinator.id && placement.backups.count == 2, "\(address) in \(before)")
         try await cluster.quiesce()
-        for member in cluster.membership where member.node != cm {
-            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
-        }
+        try await waitForRenewals(cluster, manager: cm)
         // The second COMMIT-BACKUP send stalls until the coordinator has crashed, then fails.
         let stall = Stall()
         coordinator.engine.injectFaults { point, _ in
@@ -178,9 +169,7 @@ struct RecoveryTests {
         let total = Int64(1_000 * accounts.count)
         let allAccounts = accounts, allCounters = counters
         try await cluster.quiesce()
-        for member in cluster.membership where member.node != cm {
-            while !cluster.membership[cm.index].hasSeenRenewing(member.node) { try await Task.sleep(for: .milliseconds(2)) }
-        }
+        try await waitForRenewals(cluster, manager: cm)
         let flags = Flags()
         let tallies = (0..<5).map { _ in Tally() }
         let nodes = cluster.nodes
