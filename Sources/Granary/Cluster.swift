@@ -245,7 +245,7 @@ public final class Cluster: Sendable {
         var coordination: EmbeddedCoordinationService?
         var services: [MembershipService] = []
         var spares: [SpareRegions] = []
-        var sessionMaker: (@Sendable () throws -> any CoordinationStore)?
+        var rejoin: EmbeddedRejoin?
         if let membershipOptions = options.membership {
             let makeSession: @Sendable () throws -> any CoordinationStore
             switch options.coordination {
@@ -270,7 +270,6 @@ public final class Cluster: Sendable {
                 throw ConfigurationError.invalid("the coordination store is ZooKeeper at \(address), which this build of Granary leaves out (depend on it with the package trait ZooKeeper)")
                 #endif
             }
-            sessionMaker = makeSession
             let bootstrapSession = try makeSession()
             try await ConfigurationRecord.bootstrap(configuration, in: bootstrapSession)
             await bootstrapSession.close()
@@ -289,10 +288,11 @@ public final class Cluster: Sendable {
             // The stored configuration's CM starts first, so that it wins the election again: a
             // member elected before it started would take it for a silent CM (its lease counter
             // still) and remove it, a needless reconfiguration at every reopen.
-            let manager = configuration.manager
-            for service in services.sorted(by: { ($0.node == manager ? 0 : 1, $0.node) < ($1.node == manager ? 0 : 1, $1.node) }) {
+            for service in services.filter({ $0.node == configuration.manager }) + services.filter({ $0.node != configuration.manager }) {
                 try await service.start()
             }
+            rejoin = EmbeddedRejoin(configuration: configuration, options: options, membership: membershipOptions,
+                                    logger: logger, makeSession: makeSession)
         }
         var regionAllocation: RegionAllocation?
         if services.isEmpty {
@@ -307,13 +307,7 @@ public final class Cluster: Sendable {
             }
             regionAllocation = allocation
         }
-        let nodes = engines.map(Node.init)
-        var rejoin: EmbeddedRejoin?
-        if let membershipOptions = options.membership, let makeSession = sessionMaker {
-            rejoin = EmbeddedRejoin(nodes: nodes, configuration: configuration, options: options, membership: membershipOptions,
-                                    logger: logger, makeSession: makeSession)
-        }
-        let cluster = Cluster(nodes: nodes, configuration: configuration, directory: root,
+        let cluster = Cluster(nodes: engines.map(Node.init), configuration: configuration, directory: root,
                               removeOnShutdown: temporary, coordination: coordination, membership: services,
                               recovery: lastRecovery, regionAllocation: regionAllocation, spares: spares, rejoin: rejoin)
         rejoin?.start(cluster)

@@ -21,9 +21,7 @@ import SystemPackage
 /// engine. A node crashed on purpose (``Cluster/crash(_:)``) stays down, as a killed process
 /// that nobody restarts.
 ///
-/// `@unchecked Sendable`: every mutable field is behind `state`, a `Mutex`.
-final class EmbeddedRejoin: @unchecked Sendable {
-    private let nodes: [Node]
+final class EmbeddedRejoin: Sendable {
     private let root: Configuration
     private let options: ClusterOptions
     private let membership: MembershipOptions
@@ -37,9 +35,8 @@ final class EmbeddedRejoin: @unchecked Sendable {
     }
     private let state = Mutex(State())
 
-    init(nodes: [Node], configuration: Configuration, options: ClusterOptions, membership: MembershipOptions,
+    init(configuration: Configuration, options: ClusterOptions, membership: MembershipOptions,
          logger: Logger, makeSession: @escaping @Sendable () throws -> any CoordinationStore) {
-        self.nodes = nodes
         self.root = configuration
         self.options = options
         self.membership = membership
@@ -90,7 +87,7 @@ final class EmbeddedRejoin: @unchecked Sendable {
     }
 
     private func rejoin(_ node: NodeID, replacing old: MembershipService, in cluster: Cluster) async throws {
-        guard let index = nodes.firstIndex(where: { $0.id == node }),
+        guard let index = cluster.nodes.firstIndex(where: { $0.id == node }),
               let me = root.members.first(where: { $0.node == node }) else { return }
         logger.notice("\(node) was removed from the configuration while it ran: it rejoins as a new incarnation")
         await old.stop()

@@ -90,7 +90,7 @@ final class ConfigurationManager: Sendable {
         }
         if let committed {
             for removed in engine.configuration.members.map(\.node) where !committed.contains(removed) {
-                await withdrawRegistration(of: removed)
+                try? await store.delete(paths.members + "/\(removed)", expectedVersion: nil)
             }
             try await apply(committed)
             announce(committed.id)
@@ -98,12 +98,13 @@ final class ConfigurationManager: Sendable {
         member.becomeManager()
     }
 
-    /// Deletes the registration of `removed`, a member this CM removes (or removed): unless what
-    /// is registered now is a new incarnation of that node asking to join (an entry with an
-    /// endpoint, while no configuration lists the node), which this removal must not undo. (A
-    /// suspicion that waited for a lease to run out, while the registration path had removed the
-    /// node already, deleted the registration of its next incarnation: an embedded node that
-    /// rejoined at once was never admitted.)
+    /// Deletes the registration of `removed`, a suspect this CM is about to remove (before the
+    /// configuration without it commits, so that a configuration listing it is the one stored):
+    /// unless what is registered now is a new incarnation of that node asking to join (an entry
+    /// with an endpoint, while no configuration lists the node: another path removed it
+    /// meanwhile), which this removal must not undo. (A suspicion that waited for a lease to run
+    /// out, while the registration path had removed the node already, deleted the registration
+    /// of its next incarnation: an embedded node that rejoined at once was never admitted.)
     func withdrawRegistration(of removed: NodeID) async {
         let path = paths.members + "/\(removed)"
         guard let stored = try? await store.get(path) else { return }
