@@ -1,224 +1,224 @@
 import CIBVerbs
+import CRDMACM
 import GranaryMemory
 import GranaryTransport
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
 
-/// The out-of-band exchange between verbs transports: a Unix-domain stream socket, `verbs.sock`,
-/// in each node's region directory (the same directory the shared-memory transport uses as a
-/// node's endpoint). A peer connects to it, sends one fixed-size request and reads one fixed-size
-/// reply; the socket carries no data-path traffic.
+/// Where a peer's verbs transport listens for RDMA CM connection requests.
+enum PeerEndpoint: Equatable, CustomStringConvertible {
+    /// The endpoint file in a node's region directory, where its transport writes the `ip:port`
+    /// it listens on (nodes of one host: the address is learnt at each connection, so a node
+    /// restarted on another port is found).
+    case file(String)
+    /// An `ip:port` (or `host:port`) named directly (nodes on other hosts: `verbs://ip:port`).
+    case address(String)
+
+    var description: String {
+        switch self {
+        case .file(let path): return "the endpoint file \(path)"
+        case .address(let address): return address
+        }
+    }
+}
+
+/// The connection set-up between verbs transports, over the RDMA connection manager (librdmacm,
+/// `rdma_cm`): a node's ``Listener`` listens on `ip:port`; a requester resolves that address and
+/// route through the RDMA CM, creates its queue pair and sends a connect request whose private
+/// data says who it is; the listener creates the responder queue pair and accepts with private
+/// data that says where the node's region table is (``LocalRegions``), which the requester then
+/// reads one-sidedly to look regions up. Nothing but the RDMA CM crosses the network, so nodes on
+/// different hosts connect as nodes of one host do.
 ///
-/// Request (64 bytes, little-endian):
+/// Both ends create and move their queue pairs themselves (the RDMA CM's "manual" mode: the
+/// attributes of RTR and RTS come from `rdma_init_qp_attr`, the retransmission timeout and retry
+/// count from ``QueuePairSetup``), so one protection domain serves every connection of a node.
+///
+/// Private data (little-endian). Connect request (24 bytes; the RDMA CM carries at most 56):
 /// ```
-///  0  u32  magic "GRVB"          4  u16  version       6  u16  kind (1 connect, 2 region)
-///  8  u64  cluster id           16  u16  from node    18  u16  to node     20  u32  region id
-/// 24  u32  QP number            28  u32  PSN          32  16B  GID         48  u16  LID
-/// 52  u32  path MTU (enum ibv_mtu)  56  u16  connection (the requester's thread slot)
+///  0  u32  magic "GRVB"    4  u16  version    6  u16  kind (1: connect)
+///  8  u64  cluster id     16  u16  from node 18  u16  to node   20  u16  connection (the requester's thread slot)
 /// ```
-/// Reply (256 bytes):
+/// Acceptance (32 bytes; at most 196):
 /// ```
-///  0  u32  magic                 4  u16  version       6  u16  status (0 ok, 1 unknown region, 2 refused)
-///  8  u32  QP number            12  u32  PSN          16  16B  GID         32  u16  LID
-/// 36  u32  path MTU             40  u64  region address                   48  u64  region size
-/// 56  u32  rkey                 60  u32  message length                   64  192B message (UTF-8)
+///  0  u32  magic    4  u16  version    6  u16  status (0)
+///  8  u64  region table address       16  u32  its rkey    20  u32  its entries
 /// ```
-/// `connect` asks the peer to create the responder end of a reliable connection for the sender's
-/// QP (and returns its address), keeping one responder QP per (requester node, connection): a
-/// requester has one connection per thread slot, each made by its own exchange; `region` asks for the address, rkey and size of a registered
-/// region.
+/// Refusal, in a reject (at most 148 bytes):
+/// ```
+///  0  u32  magic    4  u16  version    6  u16  status (2: refused)   8  u16  length   10  message (UTF-8)
+/// ```
+/// A reject without this magic comes from the RDMA CM itself (no one listens on the port).
 enum EndpointProtocol {
-    static let fileName = "verbs.sock"
+    /// The endpoint file's name in a node's region directory.
+    static let fileName = "verbs.endpoint"
     static let magic: UInt32 = 0x4256_5247  // "GRVB" little-endian
-    static let version: UInt16 = 2  // 2: the connection field
-    static let requestBytes = 64
-    static let replyBytes = 256
+    static let version: UInt16 = 3  // 3: over the RDMA CM
+    static let requestBytes = 24
+    static let acceptanceBytes = 32
+    static let refusalBytes = 140
+    static let refused: UInt16 = 2
 
-    enum Kind: UInt16 { case connect = 1, region = 2 }
-    enum Status: UInt16 { case ok = 0, unknownRegion = 1, refused = 2 }
-
-    struct Request {
-        var kind: Kind
+    struct Request: Equatable {
         var cluster: ClusterID
         var from: NodeID
         var to: NodeID
-        var region = RegionID(rawValue: 0)
-        var queuePair = QueuePairAddress(queuePairNumber: 0, packetSequenceNumber: 0, gid: (0, 0), lid: 0, mtu: 0)
         /// Which of the requester's connections to the peer this is (its thread slot).
-        var connection: UInt16 = 0
+        var connection: UInt16
 
         func encode(into raw: UnsafeMutableRawBufferPointer) {
             memset(raw.baseAddress!, 0, requestBytes)
             raw.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
             raw.storeBytes(of: version.littleEndian, toByteOffset: 4, as: UInt16.self)
-            raw.storeBytes(of: kind.rawValue.littleEndian, toByteOffset: 6, as: UInt16.self)
+            raw.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 6, as: UInt16.self)
             raw.storeBytes(of: cluster.rawValue.littleEndian, toByteOffset: 8, as: UInt64.self)
             raw.storeBytes(of: from.rawValue.littleEndian, toByteOffset: 16, as: UInt16.self)
             raw.storeBytes(of: to.rawValue.littleEndian, toByteOffset: 18, as: UInt16.self)
-            raw.storeBytes(of: region.rawValue.littleEndian, toByteOffset: 20, as: UInt32.self)
-            encodeAddress(queuePair, into: raw, at: 24)
-            raw.storeBytes(of: connection.littleEndian, toByteOffset: 56, as: UInt16.self)
+            raw.storeBytes(of: connection.littleEndian, toByteOffset: 20, as: UInt16.self)
         }
 
+        /// The request in `raw`, or nil for private data that is not one (another program's).
         static func decode(_ raw: UnsafeRawBufferPointer) -> Request? {
-            guard UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) == magic,
+            guard raw.count >= requestBytes,
+                  UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) == magic,
                   UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 4, as: UInt16.self)) == version,
-                  let kind = Kind(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 6, as: UInt16.self)))
+                  UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) == 1
             else { return nil }
-            var request = Request(
-                kind: kind,
+            return Request(
                 cluster: ClusterID(rawValue: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))),
                 from: NodeID(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt16.self))),
-                to: NodeID(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 18, as: UInt16.self))))
-            request.region = RegionID(rawValue: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt32.self)))
-            request.queuePair = decodeAddress(raw, at: 24)
-            request.connection = UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 56, as: UInt16.self))
-            return request
+                to: NodeID(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 18, as: UInt16.self))),
+                connection: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt16.self)))
         }
     }
 
-    struct Reply {
-        var status: Status
-        var queuePair = QueuePairAddress(queuePairNumber: 0, packetSequenceNumber: 0, gid: (0, 0), lid: 0, mtu: 0)
-        var regionAddress: UInt64 = 0
-        var regionSize: UInt64 = 0
-        var rkey: UInt32 = 0
-        var message = ""
+    /// What an accepting node tells the requester: where its region table is.
+    struct Acceptance: Equatable {
+        var tableAddress: UInt64
+        var tableRKey: UInt32
+        var tableEntries: UInt32
 
         func encode(into raw: UnsafeMutableRawBufferPointer) {
-            memset(raw.baseAddress!, 0, replyBytes)
+            memset(raw.baseAddress!, 0, acceptanceBytes)
             raw.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
             raw.storeBytes(of: version.littleEndian, toByteOffset: 4, as: UInt16.self)
-            raw.storeBytes(of: status.rawValue.littleEndian, toByteOffset: 6, as: UInt16.self)
-            encodeAddress(queuePair, into: raw, at: 8)
-            raw.storeBytes(of: regionAddress.littleEndian, toByteOffset: 40, as: UInt64.self)
-            raw.storeBytes(of: regionSize.littleEndian, toByteOffset: 48, as: UInt64.self)
-            raw.storeBytes(of: rkey.littleEndian, toByteOffset: 56, as: UInt32.self)
-            let text = Array(message.utf8.prefix(replyBytes - 64))
-            raw.storeBytes(of: UInt32(text.count).littleEndian, toByteOffset: 60, as: UInt32.self)
-            for (index, byte) in text.enumerated() { raw[64 + index] = byte }
+            raw.storeBytes(of: tableAddress.littleEndian, toByteOffset: 8, as: UInt64.self)
+            raw.storeBytes(of: tableRKey.littleEndian, toByteOffset: 16, as: UInt32.self)
+            raw.storeBytes(of: tableEntries.littleEndian, toByteOffset: 20, as: UInt32.self)
         }
 
-        static func decode(_ raw: UnsafeRawBufferPointer) -> Reply? {
-            guard UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) == magic,
+        static func decode(_ raw: UnsafeRawBufferPointer) -> Acceptance? {
+            guard raw.count >= acceptanceBytes,
+                  UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) == magic,
                   UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 4, as: UInt16.self)) == version,
-                  let status = Status(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 6, as: UInt16.self)))
+                  UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) == 0
             else { return nil }
-            var reply = Reply(status: status)
-            reply.queuePair = decodeAddress(raw, at: 8)
-            reply.regionAddress = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 40, as: UInt64.self))
-            reply.regionSize = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 48, as: UInt64.self))
-            reply.rkey = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 56, as: UInt32.self))
-            let length = min(Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 60, as: UInt32.self))), replyBytes - 64)
-            reply.message = String(decoding: raw[64..<(64 + length)], as: UTF8.self)
-            return reply
+            return Acceptance(tableAddress: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)),
+                              tableRKey: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt32.self)),
+                              tableEntries: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt32.self)))
         }
     }
 
-    static func encodeAddress(_ address: QueuePairAddress, into raw: UnsafeMutableRawBufferPointer, at offset: Int) {
-        raw.storeBytes(of: address.queuePairNumber.littleEndian, toByteOffset: offset, as: UInt32.self)
-        raw.storeBytes(of: address.packetSequenceNumber.littleEndian, toByteOffset: offset + 4, as: UInt32.self)
-        // The GID travels as raw bytes (network order already), not as numbers.
-        raw.storeBytes(of: address.gid.0, toByteOffset: offset + 8, as: UInt64.self)
-        raw.storeBytes(of: address.gid.1, toByteOffset: offset + 16, as: UInt64.self)
-        raw.storeBytes(of: address.lid.littleEndian, toByteOffset: offset + 24, as: UInt16.self)
-        raw.storeBytes(of: address.mtu.littleEndian, toByteOffset: offset + 28, as: UInt32.self)
+    /// A refusal's private data: the reason in words, cut to what a reject carries.
+    static func encodeRefusal(_ message: String, into raw: UnsafeMutableRawBufferPointer) {
+        memset(raw.baseAddress!, 0, refusalBytes)
+        raw.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
+        raw.storeBytes(of: version.littleEndian, toByteOffset: 4, as: UInt16.self)
+        raw.storeBytes(of: refused.littleEndian, toByteOffset: 6, as: UInt16.self)
+        let text = Array(message.utf8.prefix(refusalBytes - 10))
+        raw.storeBytes(of: UInt16(text.count).littleEndian, toByteOffset: 8, as: UInt16.self)
+        for (index, byte) in text.enumerated() { raw[10 + index] = byte }
     }
 
-    static func decodeAddress(_ raw: UnsafeRawBufferPointer, at offset: Int) -> QueuePairAddress {
-        QueuePairAddress(
-            queuePairNumber: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: offset, as: UInt32.self)),
-            packetSequenceNumber: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: offset + 4, as: UInt32.self)),
-            gid: (raw.loadUnaligned(fromByteOffset: offset + 8, as: UInt64.self),
-                  raw.loadUnaligned(fromByteOffset: offset + 16, as: UInt64.self)),
-            lid: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: offset + 24, as: UInt16.self)),
-            mtu: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: offset + 28, as: UInt32.self)))
+    /// The reason in a refusal, or nil if the reject did not come from a Granary listener.
+    static func decodeRefusal(_ raw: UnsafeRawBufferPointer) -> String? {
+        guard raw.count >= 10,
+              UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) == magic,
+              UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) == refused
+        else { return nil }
+        let length = min(Int(UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt16.self))), raw.count - 10)
+        return String(decoding: raw[10..<(10 + length)], as: UTF8.self)
     }
 
-    // MARK: Sockets
+    // MARK: Addresses
 
-    /// A `sockaddr_un` for `path`, or nil if the path does not fit (108 bytes on Linux).
-    static func socketAddress(_ path: String) -> sockaddr_un? {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
-        guard bytes.count < capacity else { return nil }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (index, byte) in bytes.enumerated() { raw[index] = byte }
+    /// `text` (`ip:port` or `host:port`, IPv4) as a socket address, or why it is not one.
+    static func socketAddress(_ text: String) -> Result<sockaddr_in, AddressError> {
+        guard let colon = text.lastIndex(of: ":"), colon != text.startIndex,
+              let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
+            return .failure(AddressError(text: text, reason: "it is not ip:port with a port from 0 to 65535"))
         }
-        return address
+        let host = String(text[..<colon])
+        var hints = addrinfo()
+        hints.ai_family = AF_INET
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var found: UnsafeMutablePointer<addrinfo>? = nil
+        let status = getaddrinfo(host, nil, &hints, &found)
+        guard status == 0, let found, let address = found.pointee.ai_addr else {
+            if let found { freeaddrinfo(found) }
+            return .failure(AddressError(text: text, reason: "\(host) has no IPv4 address (\(String(cString: gai_strerror(status))))"))
+        }
+        defer { freeaddrinfo(found) }
+        var result = address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee }
+        result.sin_port = in_port_t(UInt16(port).bigEndian)
+        return .success(result)
     }
 
-    /// Sends `request` to the endpoint at `path` and returns the reply. Bounded by `timeoutMilliseconds`
-    /// for every send and receive.
-    ///
-    /// Errors are ``TransportError/peerUnreachable(node:detail:)`` (no listener, no answer) or
-    /// ``TransportError/backend(call:node:detail:)`` (a malformed reply).
-    static func exchange(_ request: Request, path: String, timeoutMilliseconds: Int) throws(TransportError) -> Reply {
-        let node = request.to
-        guard var address = socketAddress(path) else {
-            throw .backend(call: "verbs endpoint", node: node, detail: "the endpoint path \(path) is longer than a Unix socket path may be")
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw .backend(call: "socket(AF_UNIX)", node: node, detail: errnoText(errno)) }
-        defer { close(fd) }
-        setTimeouts(fd, milliseconds: timeoutMilliseconds)
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else {
-            let code = errno
-            let why = code == ENOENT || code == ECONNREFUSED
-                ? "no verbs transport is listening at \(path) (\(errnoText(code))): the node's process is not running or has not opened its transport"
-                : "connecting to its verbs endpoint \(path) failed: \(errnoText(code))"
-            throw .peerUnreachable(node: node, detail: why)
-        }
-        var outgoing = [UInt8](repeating: 0, count: Self.requestBytes)
-        let sent = outgoing.withUnsafeMutableBytes { raw in
-            request.encode(into: raw)
-            return transfer(fd, raw, sending: true)
-        }
-        guard sent else {
-            throw .peerUnreachable(node: node, detail: "sending to its verbs endpoint \(path) failed: \(errnoText(errno))")
-        }
-        var incoming = [UInt8](repeating: 0, count: Self.replyBytes)
-        let received = incoming.withUnsafeMutableBytes { transfer(fd, $0, sending: false) }
-        guard received else {
-            let code = errno
-            let why = code == EAGAIN || code == EWOULDBLOCK
-                ? "its verbs endpoint \(path) did not answer within \(timeoutMilliseconds) ms"
-                : "its verbs endpoint \(path) closed the exchange: \(code == 0 ? "end of stream" : errnoText(code))"
-            throw .peerUnreachable(node: node, detail: why)
-        }
-        guard let reply = incoming.withUnsafeBytes({ Reply.decode($0) }) else {
-            throw .backend(call: "verbs endpoint", node: node, detail: "\(path) answered with something that is not a Granary verbs reply")
-        }
-        return reply
+    struct AddressError: Error {
+        let text: String
+        let reason: String
     }
 
-    /// Sends or receives exactly `buffer.count` bytes. False on error or end of stream (errno 0).
-    static func transfer(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, sending: Bool) -> Bool {
-        var done = 0
-        while done < buffer.count {
-            let count = sending
-                ? send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL))
-                : recv(fd, buffer.baseAddress! + done, buffer.count - done, 0)
-            if count > 0 { done += count; continue }
-            if count < 0, errno == EINTR { continue }
-            if count == 0 { errno = 0 }
-            return false
-        }
-        return true
+    /// `a.b.c.d:port`.
+    static func text(_ address: sockaddr_in) -> String {
+        var copy = address.sin_addr
+        var buffer = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+        inet_ntop(AF_INET, &copy, &buffer, socklen_t(buffer.count))
+        let ip = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        return "\(ip):\(UInt16(bigEndian: address.sin_port))"
     }
 
-    static func setTimeouts(_ fd: Int32, milliseconds: Int) {
-        var value = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
-        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
+    // MARK: Events
+
+    /// Waits up to `milliseconds` for the next event on `channel`. Returns the event (the caller
+    /// acknowledges it with `rdma_ack_cm_event`), or nil after the time with `errno` ETIMEDOUT, or
+    /// nil with the failing call's errno.
+    static func nextEvent(_ channel: UnsafeMutablePointer<rdma_event_channel>, milliseconds: Int) -> UnsafeMutablePointer<rdma_cm_event>? {
+        let deadline = monotonicNanoseconds() + UInt64(max(0, milliseconds)) * 1_000_000
+        while true {
+            var descriptor = pollfd(fd: channel.pointee.fd, events: Int16(POLLIN), revents: 0)
+            let now = monotonicNanoseconds()
+            guard now < deadline else { errno = ETIMEDOUT; return nil }
+            let ready = poll(&descriptor, 1, Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1)))
+            if ready < 0 { if errno == EINTR { continue }; return nil }
+            if ready == 0 { continue }
+            var event: UnsafeMutablePointer<rdma_cm_event>? = nil
+            if rdma_get_cm_event(channel, &event) == 0, let event { return event }
+            if errno == EAGAIN || errno == EINTR { continue }
+            return nil
+        }
     }
+
+    /// An event's name (`RDMA_CM_EVENT_REJECTED`, ...) for messages.
+    static func name(_ event: rdma_cm_event_type) -> String {
+        String(cString: rdma_event_str(event))
+    }
+
+    /// The event's private data (a copy: it lives only until the event is acknowledged).
+    static func privateData(_ event: UnsafeMutablePointer<rdma_cm_event>) -> [UInt8] {
+        let connection = event.pointee.param.conn
+        guard let data = connection.private_data, connection.private_data_len > 0 else { return [] }
+        return Array(UnsafeRawBufferPointer(start: data, count: Int(connection.private_data_len)))
+    }
+}
+
+/// The channel fd set non-blocking, so that `rdma_get_cm_event` after `poll` never blocks on an
+/// event another thread took.
+func makeNonBlocking(_ channel: UnsafeMutablePointer<rdma_event_channel>) {
+    let flags = fcntl(channel.pointee.fd, F_GETFL)
+    _ = fcntl(channel.pointee.fd, F_SETFL, flags | O_NONBLOCK)
+    _ = fcntl(channel.pointee.fd, F_SETFD, FD_CLOEXEC)
 }

@@ -1,4 +1,5 @@
 import CIBVerbs
+import CRDMACM
 import GranaryMemory
 import GranaryTransport
 #if canImport(Glibc)
@@ -31,6 +32,18 @@ struct PendingRequest {
     var address: GlobalAddress
 }
 
+/// The first line of the file at `path` (without its newline), or nil if it cannot be read.
+func readFirstLine(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes = [UInt8](repeating: 0, count: 256)
+    let count = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    guard count >= 0 else { return nil }
+    let line = bytes[0..<count].prefix { $0 != UInt8(ascii: "\n") }.filter { $0 != UInt8(ascii: " ") && $0 != UInt8(ascii: "\r") }
+    return String(decoding: line, as: UTF8.self)
+}
+
 /// Buffers of a connection to one peer, allocated on the first connection and reused by every
 /// operation afterwards (nothing is allocated on the data path).
 final class PeerBuffers {
@@ -46,14 +59,19 @@ final class PeerBuffers {
     /// Indexed by ``LocalRegions/slot(_:)``.
     let regions: UnsafeMutablePointer<RemoteRegion>
 
+    /// A region table entry read by a look-up lands here: just past the staging buffer, in the
+    /// same registration.
+    var lookUpArea: UnsafeMutableRawPointer { staging + stagingBytes }
+
     init(device: VerbsDevice, node: NodeID, stagingBytes: Int, chainCapacity: Int) throws(TransportError) {
         var memory: UnsafeMutableRawPointer? = nil
-        let allocated = posix_memalign(&memory, 4096, stagingBytes)
+        let registeredBytes = stagingBytes + LocalRegions.entryBytes
+        let allocated = posix_memalign(&memory, 4096, registeredBytes)
         guard allocated == 0, let memory else {
             throw .backend(call: "posix_memalign", node: node, detail: "staging buffer of \(stagingBytes) bytes: \(errnoText(allocated))")
         }
-        memset(memory, 0, stagingBytes)
-        guard let region = CIBVerbs_ibv_reg_mr(device.protectionDomain, memory, stagingBytes, remoteAccess) else {
+        memset(memory, 0, registeredBytes)
+        guard let region = CIBVerbs_ibv_reg_mr(device.protectionDomain, memory, registeredBytes, remoteAccess) else {
             let code = errno
             free(memory)
             throw LocalRegions.registrationError(code, bytes: stagingBytes, what: "the staging buffer for node \(node)",
@@ -95,7 +113,7 @@ final class PeerBuffers {
 /// its connections, one per thread slot (see ``ThreadSlots``) plus one shared by the threads that
 /// got no slot.
 ///
-/// `@unchecked Sendable`: `endpoint` is read and written only while `mutex` is held; every other
+/// `@unchecked Sendable`: `endpointValue` is read and written only while `mutex` is held; every other
 /// stored property is immutable (each ``Connection`` guards its own state).
 final class Peer: @unchecked Sendable {
     let node: NodeID
@@ -104,15 +122,18 @@ final class Peer: @unchecked Sendable {
     let connections: [Connection]
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     // Guarded by `mutex`.
-    private var endpointPath: String?
+    private var endpointValue: PeerEndpoint?
 
-    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, configuration: VerbsTransport.Options) {
+    /// - Parameter source: this node's address (the port is ignored): connections leave from it,
+    ///   so the RDMA CM routes them through this transport's device.
+    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, source: sockaddr_in,
+         configuration: VerbsTransport.Options) {
         self.node = node
         mutex = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
         connections = (0...configuration.connectionsPerPeer).map { index in
-            Connection(node: node, localNode: localNode, cluster: cluster, device: device, configuration: configuration,
-                       index: index, shared: index == configuration.connectionsPerPeer)
+            Connection(node: node, localNode: localNode, cluster: cluster, device: device, source: source,
+                       configuration: configuration, index: index, shared: index == configuration.connectionsPerPeer)
         }
         for connection in connections { connection.peer = self }
     }
@@ -122,19 +143,19 @@ final class Peer: @unchecked Sendable {
         mutex.deallocate()
     }
 
-    /// The peer's endpoint socket, or nil if the peer is unknown.
-    var endpoint: String? {
+    /// The peer's endpoint, or nil if the peer is unknown.
+    var endpoint: PeerEndpoint? {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
-        return endpointPath
+        return endpointValue
     }
 
     /// Points the peer at another endpoint (nil: removes it); connections to the old one are
     /// dropped, and with `release` their buffers freed as well.
-    func setEndpoint(_ path: String?, release: Bool = false) {
+    func setEndpoint(_ endpoint: PeerEndpoint?, release: Bool = false) {
         pthread_mutex_lock(mutex)
-        let changed = path != endpointPath
-        endpointPath = path
+        let changed = endpoint != endpointValue
+        endpointValue = endpoint
         pthread_mutex_unlock(mutex)
         // After the change: a connection made from the old path before its lock is taken here is
         // dropped; one made afterwards uses the new path.
@@ -192,6 +213,8 @@ final class Connection: @unchecked Sendable {
     /// sent with the connect request so the peer keeps one responder QP per connection.
     let index: Int
     let isShared: Bool
+    /// This node's address; connections leave from it (see ``Peer``).
+    let source: sockaddr_in
     /// The peer that owns this connection (it outlives its connections' use).
     unowned(unsafe) var peer: Peer! = nil
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
@@ -199,6 +222,12 @@ final class Connection: @unchecked Sendable {
     // Guarded by `mutex`.
     private var queuePair: UnsafeMutablePointer<ibv_qp>?
     private var completionQueue: UnsafeMutablePointer<ibv_cq>?
+    /// The RDMA CM identifier of the connection and its own event channel (kept while connected;
+    /// destroying the identifier disconnects, which tells the peer to drop its responder).
+    private var connectionID: UnsafeMutablePointer<rdma_cm_id>?
+    private var eventChannel: UnsafeMutablePointer<rdma_event_channel>?
+    /// Where the peer's region table is (from its acceptance).
+    private var remoteTable = EndpointProtocol.Acceptance(tableAddress: 0, tableRKey: 0, tableEntries: 0)
     private var inlineBytes = 0
     private var buffers: PeerBuffers?
     private(set) var chainCount = 0
@@ -208,8 +237,9 @@ final class Connection: @unchecked Sendable {
     private var chainSequence: UInt64 = 0
     var statistics = VerbsTransport.Statistics()
 
-    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, configuration: VerbsTransport.Options,
-         index: Int, shared: Bool) {
+    init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, source: sockaddr_in,
+         configuration: VerbsTransport.Options, index: Int, shared: Bool) {
+        self.source = source
         self.node = node
         self.localNode = localNode
         self.cluster = cluster
@@ -237,10 +267,15 @@ final class Connection: @unchecked Sendable {
     /// With the lock held: destroys the QP and CQ and forgets what was learnt about the peer's
     /// regions (a peer that comes back is a new process with new rkeys). Keeps the buffers.
     func disconnect() {
+        if let connectionID { rdma_disconnect(connectionID) }
         if let queuePair { ibv_destroy_qp(queuePair) }
         if let completionQueue { ibv_destroy_cq(completionQueue) }
+        if let connectionID { rdma_destroy_id(connectionID) }
+        if let eventChannel { rdma_destroy_event_channel(eventChannel) }
         queuePair = nil
         completionQueue = nil
+        connectionID = nil
+        eventChannel = nil
         chainCount = 0
         stagingUsed = 0
         buffers?.forgetRegions()
@@ -258,49 +293,172 @@ final class Connection: @unchecked Sendable {
         if queuePair == nil { try connect() }
     }
 
+    /// Connects through the RDMA CM (see ``EndpointProtocol``): resolves the peer's address and
+    /// route from this node's address, creates the QP, sends the connect request and, once the
+    /// peer accepts, moves the QP to RTS and completes the connection (`rdma_establish`).
     private func connect() throws(TransportError) {
         guard let endpoint = peer.endpoint else { throw .unknownNode(node) }
+        let (target, where_) = try Self.target(of: endpoint, node: node)
         if buffers == nil {
             buffers = try PeerBuffers(device: device, node: node, stagingBytes: configuration.stagingBytes,
                                       chainCapacity: configuration.chainCapacity)
         }
-        guard let cq = ibv_create_cq(device.context, Int32(configuration.chainCapacity * 2), nil, nil, 0) else {
-            throw .backend(call: "ibv_create_cq", node: node, detail: "on \(device.name): \(errnoText(errno))")
+        guard let channel = rdma_create_event_channel() else {
+            throw .backend(call: "rdma_create_event_channel", node: node, detail: "\(errnoText(errno)) (is rdma_ucm loaded?)")
         }
-        let qp: UnsafeMutablePointer<ibv_qp>
-        let inline: Int
-        do throws(VerbsCallFailure) {
-            (qp, inline) = try QueuePairSetup.create(device, cq: cq, sendDepth: configuration.chainCapacity,
-                                                     inlineBytes: configuration.inlineBytes)
-        } catch {
-            ibv_destroy_cq(cq)
-            throw .backend(call: error.call, node: node, detail: "on \(device.name): \(error.detail)")
+        makeNonBlocking(channel)
+        var created: UnsafeMutablePointer<rdma_cm_id>? = nil
+        guard rdma_create_id(channel, &created, nil, RDMA_PS_TCP) == 0, let id = created else {
+            let code = errno
+            rdma_destroy_event_channel(channel)
+            throw .backend(call: "rdma_create_id", node: node, detail: errnoText(code))
         }
-        let local = QueuePairSetup.address(of: qp, device)
-        var request = EndpointProtocol.Request(kind: .connect, cluster: cluster, from: localNode, to: node)
-        request.queuePair = local
-        request.connection = UInt16(index)
+        var qp: UnsafeMutablePointer<ibv_qp>? = nil
+        var cq: UnsafeMutablePointer<ibv_cq>? = nil
+        var inline = 0
+        let acceptance: EndpointProtocol.Acceptance
         do throws(TransportError) {
-            let reply = try EndpointProtocol.exchange(request, path: endpoint, timeoutMilliseconds: configuration.endpointTimeoutMilliseconds)
-            guard reply.status == .ok else {
-                throw TransportError.backend(call: "verbs connect", node: node, detail: reply.message)
+            let timeout = configuration.endpointTimeoutMilliseconds
+            var from = source
+            from.sin_port = 0
+            var to = target
+            let resolving = withUnsafeMutablePointer(to: &from) { fromPointer in
+                withUnsafeMutablePointer(to: &to) { toPointer in
+                    fromPointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { fromAddress in
+                        toPointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { toAddress in
+                            rdma_resolve_addr(id, fromAddress, toAddress, Int32(timeout))
+                        }
+                    }
+                }
             }
+            guard resolving == 0 else {
+                throw .peerUnreachable(node: node, detail: "rdma_resolve_addr to \(where_) failed: \(errnoText(errno))")
+            }
+            _ = try awaitEvent(channel, RDMA_CM_EVENT_ADDR_RESOLVED, step: "resolving the address", target: where_)
+            if let verbs = id.pointee.verbs {
+                let name = String(cString: ibv_get_device_name(verbs.pointee.device))
+                guard name == device.name, id.pointee.port_num == device.portNumber else {
+                    throw .backend(call: "rdma_resolve_addr", node: node,
+                                   detail: "\(where_) is reached through RDMA device \(name) port \(id.pointee.port_num); this transport uses \(device.name) port \(device.portNumber)")
+                }
+            }
+            guard rdma_resolve_route(id, Int32(timeout)) == 0 else {
+                throw .peerUnreachable(node: node, detail: "rdma_resolve_route to \(where_) failed: \(errnoText(errno))")
+            }
+            _ = try awaitEvent(channel, RDMA_CM_EVENT_ROUTE_RESOLVED, step: "resolving the route", target: where_)
+            guard let queue = ibv_create_cq(device.context, Int32(configuration.chainCapacity * 2), nil, nil, 0) else {
+                throw .backend(call: "ibv_create_cq", node: node, detail: "on \(device.name): \(errnoText(errno))")
+            }
+            cq = queue
             do throws(VerbsCallFailure) {
-                try QueuePairSetup.connect(qp, device, localPSN: local.packetSequenceNumber, remote: reply.queuePair)
+                let created = try QueuePairSetup.create(device, cq: queue, sendDepth: configuration.chainCapacity,
+                                                        inlineBytes: configuration.inlineBytes)
+                qp = created.0
+                inline = created.inline
+                try QueuePairSetup.initialize(created.0, device)
             } catch {
-                throw TransportError.backend(call: error.call, node: node, detail: "on \(device.name): \(error.detail)")
+                throw .backend(call: error.call, node: node, detail: "on \(device.name): \(error.detail)")
+            }
+            var request = [UInt8](repeating: 0, count: EndpointProtocol.requestBytes)
+            let connecting = request.withUnsafeMutableBytes { raw -> Int32 in
+                EndpointProtocol.Request(cluster: cluster, from: localNode, to: node, connection: UInt16(index)).encode(into: raw)
+                var parameters = rdma_conn_param()
+                parameters.private_data = UnsafeRawPointer(raw.baseAddress)
+                parameters.private_data_len = UInt8(EndpointProtocol.requestBytes)
+                parameters.responder_resources = UInt8(clamping: min(16, max(1, device.maxResponderReadAtomic)))
+                parameters.initiator_depth = UInt8(clamping: min(16, max(1, device.maxInitiatorReadAtomic)))
+                parameters.retry_count = QueuePairSetup.retryCount
+                parameters.rnr_retry_count = 7
+                parameters.qp_num = qp!.pointee.qp_num
+                return rdma_connect(id, &parameters)
+            }
+            guard connecting == 0 else {
+                throw .peerUnreachable(node: node, detail: "rdma_connect to \(where_) failed: \(errnoText(errno))")
+            }
+            let data = try awaitEvent(channel, RDMA_CM_EVENT_CONNECT_RESPONSE, step: "connecting", target: where_)
+            guard let accepted = data.withUnsafeBytes({ EndpointProtocol.Acceptance.decode($0) }) else {
+                throw .backend(call: "verbs connect", node: node,
+                               detail: "\(where_) accepted with private data that is not a Granary verbs acceptance (version \(EndpointProtocol.version))")
+            }
+            acceptance = accepted
+            do throws(VerbsCallFailure) {
+                try QueuePairSetup.connect(qp!, id: id)
+            } catch {
+                throw .backend(call: error.call, node: node, detail: "on \(device.name): \(error.detail)")
+            }
+            guard rdma_establish(id) == 0 else {
+                throw .peerUnreachable(node: node, detail: "rdma_establish towards \(where_) failed: \(errnoText(errno))")
             }
         } catch {
-            ibv_destroy_qp(qp)
-            ibv_destroy_cq(cq)
+            if let qp { ibv_destroy_qp(qp) }
+            if let cq { ibv_destroy_cq(cq) }
+            rdma_destroy_id(id)
+            rdma_destroy_event_channel(channel)
             throw error
         }
         queuePair = qp
         completionQueue = cq
+        connectionID = id
+        eventChannel = channel
+        remoteTable = acceptance
         inlineBytes = inline
         chainCount = 0
         stagingUsed = 0
         statistics.connections += 1
+    }
+
+    /// Waits for the RDMA CM's next event on `channel`, which must be `expected`; returns its
+    /// private data. A reject carries the peer's reason (a Granary listener's) or means no one
+    /// listens there (the RDMA CM's own).
+    private func awaitEvent(_ channel: UnsafeMutablePointer<rdma_event_channel>, _ expected: rdma_cm_event_type,
+                            step: String, target: String) throws(TransportError) -> [UInt8] {
+        guard let event = EndpointProtocol.nextEvent(channel, milliseconds: configuration.endpointTimeoutMilliseconds) else {
+            let code = errno
+            throw .peerUnreachable(node: node, detail: code == ETIMEDOUT
+                ? "\(step) (towards \(target)) had no answer within \(configuration.endpointTimeoutMilliseconds) ms"
+                : "\(step) (towards \(target)): rdma_get_cm_event failed: \(errnoText(code))")
+        }
+        let kind = event.pointee.event
+        let status = event.pointee.status
+        let data = EndpointProtocol.privateData(event)
+        rdma_ack_cm_event(event)
+        guard kind == expected else {
+            if kind == RDMA_CM_EVENT_REJECTED {
+                if let reason = data.withUnsafeBytes({ EndpointProtocol.decodeRefusal($0) }) {
+                    throw .backend(call: "verbs connect", node: node, detail: reason)
+                }
+                throw .peerUnreachable(node: node, detail: "no verbs transport is listening at \(target) "
+                                       + "(the RDMA CM rejected the connection: RDMA_CM_EVENT_REJECTED, status \(status)): "
+                                       + "the node's process is not running or has not opened its transport")
+            }
+            throw .peerUnreachable(node: node, detail: "\(step) (towards \(target)) ended with \(EndpointProtocol.name(kind)) "
+                                   + "(status \(status)) instead of \(EndpointProtocol.name(expected))")
+        }
+        return data
+    }
+
+    /// The socket address of `endpoint` and how to name it in messages; an endpoint file is read
+    /// now (the node writes it when its transport starts listening).
+    static func target(of endpoint: PeerEndpoint, node: NodeID) throws(TransportError) -> (sockaddr_in, String) {
+        let text: String
+        let named: String
+        switch endpoint {
+        case .address(let address):
+            text = address
+            named = address
+        case .file(let path):
+            guard let line = readFirstLine(path), !line.isEmpty else {
+                throw .peerUnreachable(node: node, detail: "no verbs transport is listening for it: its endpoint file \(path) is missing or empty "
+                                       + "(the node's process is not running or has not opened its transport)")
+            }
+            text = line
+            named = "\(line) (from \(path))"
+        }
+        switch EndpointProtocol.socketAddress(text) {
+        case .success(let address): return (address, named)
+        case .failure(let error):
+            throw .backend(call: "verbs endpoint", node: node, detail: "the endpoint \(named) is not usable: \(error.reason)")
+        }
     }
 
     // MARK: Addresses
@@ -314,7 +472,7 @@ final class Connection: @unchecked Sendable {
             throw .unknownRegion(node: node, region: address.region, reason: "region ids are below \(RegionID.limit)")
         }
         let entry = buffers.unsafelyUnwrapped.regions + slot
-        if entry.pointee.size == 0 { entry.pointee = try lookUp(address.region) }
+        if entry.pointee.size == 0 { entry.pointee = try lookUp(address.region, slot: slot) }
         let offset = Int(address.offset)
         guard length >= 0, offset <= entry.pointee.size &- length else {
             throw .outOfBounds(node: node, address: address, length: length, regionSize: entry.pointee.size)
@@ -322,19 +480,24 @@ final class Connection: @unchecked Sendable {
         return (entry.pointee.address &+ UInt64(offset), entry.pointee.rkey)
     }
 
-    private func lookUp(_ region: RegionID) throws(TransportError) -> RemoteRegion {
-        guard let endpoint = peer.endpoint else { throw .unknownNode(node) }
-        var request = EndpointProtocol.Request(kind: .region, cluster: cluster, from: localNode, to: node)
-        request.region = region
-        let reply = try EndpointProtocol.exchange(request, path: endpoint, timeoutMilliseconds: configuration.endpointTimeoutMilliseconds)
-        switch reply.status {
-        case .ok where reply.regionSize > 0:
-            return RemoteRegion(address: reply.regionAddress, size: Int(reply.regionSize), rkey: reply.rkey)
-        case .ok, .unknownRegion:
-            throw .unknownRegion(node: node, region: region, reason: reply.message)
-        case .refused:
-            throw .backend(call: "verbs region look-up", node: node, detail: reply.message)
+    /// Reads the peer's region table entry for `region` (one RDMA READ on this connection).
+    private func lookUp(_ region: RegionID, slot: Int) throws(TransportError) -> RemoteRegion {
+        guard slot < Int(remoteTable.tableEntries) else {
+            throw .unknownRegion(node: node, region: region, reason: "node \(node)'s region table has \(remoteTable.tableEntries) entries")
         }
+        guard chainCount == 0 else {
+            throw .backend(call: "verbs region look-up", node: node,
+                           detail: "region \(region) was looked up while a chain was being built (a defect of the transport)")
+        }
+        let area = buffers.unsafelyUnwrapped.lookUpArea
+        _ = appendRead(remote: remoteTable.tableAddress &+ UInt64(slot * LocalRegions.entryBytes), rkey: remoteTable.tableRKey,
+                       length: LocalRegions.entryBytes, into: area, address: GlobalAddress(region: region, offset: 0))
+        try post()
+        try complete { _, _ in }
+        guard let entry = LocalRegions.decodeEntry(area) else {
+            throw .unknownRegion(node: node, region: region, reason: "node \(node) has not registered region \(region) with its verbs transport")
+        }
+        return RemoteRegion(address: entry.address, size: entry.size, rkey: entry.rkey)
     }
 
     // MARK: Building a chain

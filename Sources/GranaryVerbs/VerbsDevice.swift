@@ -179,6 +179,14 @@ final class VerbsDevice: @unchecked Sendable {
         return firstV2
     }
 
+    /// The IPv4 address in the source GID (`::ffff:a.b.c.d`, RoCE), or nil (InfiniBand, an IPv6 GID).
+    var ipv4Address: in_addr? {
+        withUnsafeBytes(of: gid.raw) { raw -> in_addr? in
+            guard raw[0..<10].allSatisfy({ $0 == 0 }), raw[10] == 0xFF, raw[11] == 0xFF else { return nil }
+            return in_addr(s_addr: raw.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+        }
+    }
+
     var gidText: String {
         withUnsafeBytes(of: gid.raw) { raw in
             stride(from: 0, to: 16, by: 2).map { String(UInt16(raw[$0]) << 8 | UInt16(raw[$0 + 1]), radix: 16) }

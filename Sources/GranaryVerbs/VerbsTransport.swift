@@ -1,4 +1,5 @@
 import CIBVerbs
+import CRDMACM
 import GranaryMemory
 import GranaryTransport
 #if canImport(Glibc)
@@ -18,17 +19,21 @@ import Musl
 /// domain per transport (per node); each registered region is one memory region
 /// (`ibv_reg_mr`, local write + remote read/write/atomic).
 ///
-/// **Endpoints and connections.** A node's endpoint is its `RegionDirectory`, as for
-/// `SharedMemoryTransport`: the transport listens on the Unix-domain socket `verbs.sock` there.
-/// Peers are added with ``addPeer(_:endpoint:)``; the first operation towards a peer connects
-/// lazily. The requester creates an RC QP and sends its QP number, PSN, GID and LID over the
-/// socket; the peer's listener thread creates the responder QP, connects it and answers with its
-/// own; the requester then moves its QP to RTR and RTS. Regions are looked up over the same socket
-/// on first use (address, rkey, size) and cached until the connection is dropped. The listener
-/// serves one exchange at a time, each bounded by `Options.endpointTimeout`. This works
-/// between two transports of one process (tests) and between node processes on one host (with one
-/// RDMA device shared by all of them, e.g. `rxe0`). Nodes on different hosts need the socket
-/// exchange replaced by a TCP one; that is not implemented.
+/// **Endpoints and connections.** Connections are made with the RDMA connection manager
+/// (librdmacm): each transport listens on an `ip:port` (``listenAddress``; `Options.listenAddress`,
+/// else its device's IPv4 address and a port the RDMA CM picks) and writes that address into the
+/// endpoint file `verbs.endpoint` of its region directory, which it holds locked (a second
+/// transport for the same directory is refused). Peers are added by address
+/// (``addPeer(_:address:)``: nodes on other hosts, `verbs://ip:port` in a configuration) or by
+/// region directory (``addPeer(_:endpoint:)``: nodes of one host, whose endpoint file is read at
+/// each connection, so a restarted node on a new port is found). The first operation towards a
+/// peer connects lazily: the requester resolves the address and route, creates its RC QP and
+/// sends a connect request naming its cluster and node; the peer's listener thread creates the
+/// responder QP and accepts, with the address and rkey of its region table in the private data;
+/// both move their QPs to RTS with the RDMA CM's path attributes. Regions are then looked up by
+/// one RDMA READ of the peer's table entry on first use (address, rkey, size) and cached until the
+/// connection is dropped. Every step is bounded by `Options.endpointTimeout`; see
+/// `EndpointProtocol` for the private data.
 ///
 /// Each direction of a node pair is its own RC connection: a node posts only on the QP it created
 /// towards a peer, and the responder QP the peer created for it is never posted to.
@@ -98,6 +103,11 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         /// How many threads get their own connection (QP, staging buffer, ...) towards each peer;
         /// further threads share one connection per peer, in turns. 0: every thread shares it.
         public var connectionsPerPeer: Int
+        /// The `ip:port` to listen on (IPv4; port 0: one the RDMA CM picks). nil:
+        /// `GRANARY_VERBS_LISTEN` if set, else the device's IPv4 address (from its source GID) and
+        /// a port the RDMA CM picks. Nodes on other hosts reach a node at a fixed port, so give
+        /// one there.
+        public var listenAddress: String?
         /// Whether a READ of whole cache lines is posted twice and compared line by line, so that a
         /// line torn by a concurrent writer is flagged (see the type's *Ordering* paragraph). nil:
         /// `GRANARY_VERBS_CHECKED_READS` (`0` or `1`) if set, else on software devices (rxe, siw),
@@ -119,10 +129,12 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         ///   - endpointTimeout: how long an endpoint exchange may take.
         ///   - connectionsPerPeer: threads with a connection of their own towards each peer.
         ///   - checkedLineReads: whether whole-line READs are posted twice and compared (``checkedLineReads``).
+        ///   - listenAddress: the `ip:port` to listen on (``listenAddress``).
         public init(device: String? = nil, port: UInt8 = 1, gidIndex: Int? = nil, stagingBytes: Int = 256 << 10,
                     chainCapacity: Int = 64, inlineBytes: Int = 64, completionTimeout: Duration = .seconds(5),
                     endpointTimeout: Duration = .seconds(5), connectionsPerPeer: Int = 16,
-                    checkedLineReads: Bool? = nil) {
+                    checkedLineReads: Bool? = nil, listenAddress: String? = nil) {
+            self.listenAddress = listenAddress
             self.device = device
             self.port = port
             self.gidIndex = gidIndex
@@ -167,13 +179,15 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     public let localNode: NodeID
     /// The cluster; a peer of another cluster is refused at connection time.
     public let cluster: ClusterID
-    /// This node's region directory; its endpoint socket is ``endpointPath``.
+    /// This node's region directory; its endpoint file is ``endpointPath``.
     public let directory: RegionDirectory
     /// The options the transport was opened with.
     public let options: Options
     let device: VerbsDevice
     let regions: LocalRegions
     let listener: Listener
+    /// The endpoint file, open and locked (`flock`) for the transport's life.
+    private let endpointFile: Int32
     /// One per possible node id; a peer without an endpoint is unknown.
     let peers: [Peer]
     /// Which connection of each peer a thread uses.
@@ -188,10 +202,13 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     public var gidIndex: Int { Int(device.gidIndex) }
     /// Whether the device's atomics are atomic with CPU atomics (see the type's documentation).
     public var atomicCapability: VerbsAtomicCapability { device.atomicCapability }
-    /// The path of this node's endpoint socket.
+    /// The path of this node's endpoint file (it holds ``listenAddress``).
     public var endpointPath: String { Self.endpointPath(of: directory) }
 
-    /// The path of the endpoint socket of the node whose region directory is `directory`.
+    /// The `ip:port` this transport listens on for RDMA CM connection requests.
+    public var listenAddress: String { listener.address }
+
+    /// The path of the endpoint file of the node whose region directory is `directory`.
     public static func endpointPath(of directory: RegionDirectory) -> String {
         directory.path.appending(EndpointProtocol.fileName).string
     }
@@ -199,13 +216,14 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// The names of the RDMA devices present (empty on a kernel without RDMA).
     public static func deviceNames() -> [String] { VerbsDevice.deviceNames() }
 
-    /// Opens the device, allocates the protection domain and starts serving this node's endpoint
-    /// (`verbs.sock` in `directory`). The node can reach itself without ``addPeer(_:endpoint:)``.
+    /// Opens the device, allocates the protection domain, listens for connections (see
+    /// ``listenAddress``) and writes the address into the endpoint file of `directory`. The node
+    /// can reach itself without ``addPeer(_:endpoint:)``.
     ///
     /// - Throws: ``VerbsError/noDevice(requested:available:)`` (the message says how to get a
-    ///   soft-RoCE device), ``VerbsError/call(_:device:detail:)`` for a failed verbs call, or
-    ///   ``VerbsError/endpoint(path:detail:)`` if the endpoint socket cannot be created or another
-    ///   live transport already serves it.
+    ///   soft-RoCE device), ``VerbsError/call(_:device:detail:)`` for a failed verbs or RDMA CM
+    ///   call, or ``VerbsError/endpoint(path:detail:)`` if another live transport serves the
+    ///   directory, the listen address is not usable or is in use.
     public init(localNode: NodeID, cluster: ClusterID, directory: RegionDirectory, options: Options = Options()) throws(VerbsError) {
         guard options.stagingBytes >= 4096, options.stagingBytes & 63 == 0 else {
             throw .invalidOption(name: "stagingBytes", value: options.stagingBytes, allowed: "a multiple of 64, at least 4096")
@@ -221,20 +239,63 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         self.directory = directory
         self.options = options
         let device = try VerbsDevice(requested: options.device, port: options.port, gidIndex: options.gidIndex)
+        let path = Self.endpointPath(of: directory)
+        let file = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard file >= 0 else { throw .endpoint(path: path, detail: "open: \(errnoText(errno))") }
+        guard flock(file, LOCK_EX | LOCK_NB) == 0 else {
+            let code = errno
+            close(file)
+            throw .endpoint(path: path, detail: code == EWOULDBLOCK
+                ? "another verbs transport serves this region directory (is node \(localNode) already running?)"
+                : "flock: \(errnoText(code))")
+        }
+        let listen: sockaddr_in
+        do throws(VerbsError) {
+            listen = try Self.listenAddress(options, device: device)
+            self.regions = try LocalRegions(device: device, node: localNode)
+            self.listener = try Listener(address: listen, device: device, regions: regions, node: localNode, cluster: cluster)
+        } catch {
+            close(file)
+            throw error
+        }
         self.device = device
-        self.regions = LocalRegions(device: device, node: localNode)
-        self.listener = try Listener(path: Self.endpointPath(of: directory), device: device, regions: regions,
-                                     node: localNode, cluster: cluster, timeoutMilliseconds: options.endpointTimeoutMilliseconds)
+        self.endpointFile = file
+        let text = Array((listener.address + "\n").utf8)
+        guard ftruncate(file, 0) == 0, text.withUnsafeBytes({ pwrite(file, $0.baseAddress, $0.count, 0) }) == text.count else {
+            let code = errno
+            close(file)
+            throw .endpoint(path: path, detail: "writing the address \(listener.address): \(errnoText(code))")
+        }
         self.peers = (0..<NodeID.limit).map { index in
-            Peer(node: NodeID(index), localNode: localNode, cluster: cluster, device: device, configuration: options)
+            Peer(node: NodeID(index), localNode: localNode, cluster: cluster, device: device, source: listen, configuration: options)
         }
         self.slots = ThreadSlots(capacity: options.connectionsPerPeer)
         self.checksLineReads = options.checkedLineReads
             ?? environment("GRANARY_VERBS_CHECKED_READS").map { $0 != "0" } ?? device.isSoftware
         try listener.start()
         if localNode.index < NodeID.limit {
-            peers[localNode.index].setEndpoint(Self.endpointPath(of: directory))
+            peers[localNode.index].setEndpoint(.address(listener.address))
         }
+    }
+
+    /// Where a transport with `options` listens: the option, `GRANARY_VERBS_LISTEN`, or the
+    /// device's IPv4 address with port 0.
+    private static func listenAddress(_ options: Options, device: VerbsDevice) throws(VerbsError) -> sockaddr_in {
+        if let text = options.listenAddress ?? environment("GRANARY_VERBS_LISTEN") {
+            switch EndpointProtocol.socketAddress(text) {
+            case .success(let address): return address
+            case .failure(let error): throw .endpoint(path: text, detail: "the listen address is not usable: \(error.reason)")
+            }
+        }
+        guard let ip = device.ipv4Address else {
+            throw .endpoint(path: "\(device.name) GID \(device.gidText)",
+                            detail: "the device's source GID holds no IPv4 address to listen on; give Options.listenAddress (ip:port) or GRANARY_VERBS_LISTEN")
+        }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr = ip
+        address.sin_port = 0
+        return address
     }
 
     deinit {
@@ -244,14 +305,25 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         // Threads' slot tables drop their entries for this transport on their next miss or exit.
         slots.close()
         for peer in peers { peer.disconnectAll(release: true) }
+        // An empty endpoint file tells peers that no transport serves the directory.
+        _ = ftruncate(endpointFile, 0)
+        close(endpointFile)
     }
 
-    /// Adds (or re-points) the peer `node`, whose region directory — and endpoint socket — is
-    /// `endpoint`. Connecting waits for the first operation.
+    /// Adds (or re-points) the peer `node` of this host, whose region directory — and endpoint
+    /// file — is `endpoint`. Connecting waits for the first operation.
     public func addPeer(_ node: NodeID, endpoint: RegionDirectory) {
         // NodeID values come from validated configurations; one beyond the table reaches nothing.
         guard node.index < NodeID.limit else { return }
-        peers[node.index].setEndpoint(Self.endpointPath(of: endpoint))
+        peers[node.index].setEndpoint(.file(Self.endpointPath(of: endpoint)))
+    }
+
+    /// Adds (or re-points) the peer `node`, whose transport listens on `address` (`ip:port` or
+    /// `host:port`; see ``listenAddress``). Connecting waits for the first operation; an address
+    /// that does not parse or resolve fails it, naming the address.
+    public func addPeer(_ node: NodeID, address: String) {
+        guard node.index < NodeID.limit else { return }
+        peers[node.index].setEndpoint(.address(address))
     }
 
     /// Removes the peer `node`: every thread's connection to it is destroyed (QP, completion queue,

@@ -1,3 +1,4 @@
+import Foundation
 import GranaryMemory
 import GranaryTestSupport
 import GranaryTransport
@@ -269,7 +270,8 @@ struct VerbsTransportTests {
                 Issue.record("expected peerUnreachable from n1, got \(error)")
                 return
             }
-            #expect(detail.contains("verbs.sock"), "\(error)")
+            // Its transport emptied its endpoint file when it closed.
+            #expect(detail.contains("verbs.endpoint") && detail.contains("not running"), "\(error)")
         }
     }
 
@@ -325,8 +327,101 @@ struct VerbsTransportTests {
             _ = try VerbsTransport(localNode: NodeID(1), cluster: nodes.cluster, directory: nodes.directoryB)
         } throws: { error in
             guard let error = error as? VerbsError, case .endpoint = error else { return false }
-            return "\(error)".contains("another verbs transport is listening")
+            return "\(error)".contains("another verbs transport serves this region directory")
         }
+    }
+
+    @Test("a peer added by address (ip:port, as nodes on other hosts are) is reached through the RDMA CM", .requiresRDMADevice)
+    func peerByAddress() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let peer = nodes.b.localNode
+        // The endpoint file holds the address the transport listens on.
+        let published = try String(contentsOfFile: nodes.b.endpointPath, encoding: .utf8)
+        #expect(published == nodes.b.listenAddress + "\n", "endpoint file: \(published.debugDescription)")
+        nodes.a.addPeer(peer, address: nodes.b.listenAddress)
+        let address = GlobalAddress(region: nodes.region.id, offset: 16384)
+        #expect(try nodes.a.compareAndSwap(at: peer, address, expected: 0, desired: 77) == 0)
+        var word: UInt64 = 0
+        try withUnsafeMutableBytes(of: &word) { try nodes.a.read(from: peer, address, into: $0) }
+        #expect(word == 77)
+        #expect(nodes.region.base.advanced(by: 16384).load(as: UInt64.self) == 77)
+        #expect(nodes.a.statistics(for: peer).connections == 1)
+    }
+
+    @Test("a fixed listen address serves peers; a second transport on it is refused naming the address", .requiresRDMADevice)
+    func fixedListenAddress() throws {
+        let tmp = TemporaryDirectory("granary-verbs")
+        defer { tmp.remove() }
+        let cluster = ClusterID.random()
+        let probe = try VerbsTransport(localNode: NodeID(0), cluster: cluster, directory: try RegionDirectory(tmp.path.appending("probe")))
+        let ip = String(probe.listenAddress.split(separator: ":")[0])
+        let fixed = "\(ip):\(20_000 + Int.random(in: 0..<20_000))"
+        var options = VerbsTransport.Options()
+        options.listenAddress = fixed
+        let dirB = try RegionDirectory(tmp.path.appending("n1"))
+        let b = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: dirB, options: options)
+        #expect(b.listenAddress == fixed)
+        let region = try dirB.create(RegionID(3), size: 1 << 20, cluster: cluster)
+        try b.register(region)
+        probe.addPeer(NodeID(1), address: fixed)
+        #expect(try probe.fetchAndAdd(at: NodeID(1), GlobalAddress(region: RegionID(3), offset: 64), 9) == 0)
+        #expect(region.base.advanced(by: 64).load(as: UInt64.self) == 9)
+        #expect {
+            _ = try VerbsTransport(localNode: NodeID(2), cluster: cluster, directory: try RegionDirectory(tmp.path.appending("n2")),
+                                   options: options)
+        } throws: { error in
+            guard let error = error as? VerbsError, case .endpoint(let path, let detail) = error else { return false }
+            return path == fixed && detail.contains("in use")
+        }
+    }
+
+    @Test("an address no transport listens on, and one that is not an address, are errors naming it", .requiresRDMADevice)
+    func unreachableAddresses() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        let ip = String(nodes.b.listenAddress.split(separator: ":")[0])
+        let nobody = "\(ip):\(40_000 + Int.random(in: 0..<20_000))"
+        nodes.a.addPeer(NodeID(3), address: nobody)
+        var word: UInt64 = 0
+        do {
+            try withUnsafeMutableBytes(of: &word) { try nodes.a.read(from: NodeID(3), GlobalAddress(region: RegionID(5), offset: 0), into: $0) }
+            Issue.record("a read from an address nobody listens on succeeded")
+        } catch let error as TransportError {
+            print("nobody listening: \(error)")
+            guard case .peerUnreachable(NodeID(3), let detail) = error else {
+                Issue.record("expected peerUnreachable from n3, got \(error)")
+                return
+            }
+            #expect(detail.contains(nobody), "\(error)")
+        }
+        nodes.a.addPeer(NodeID(4), address: "no-such-host.invalid:7471")
+        do {
+            try withUnsafeMutableBytes(of: &word) { try nodes.a.read(from: NodeID(4), GlobalAddress(region: RegionID(5), offset: 0), into: $0) }
+            Issue.record("a read from an unresolvable host succeeded")
+        } catch let error as TransportError {
+            print("bad address: \(error)")
+            #expect("\(error)".contains("no-such-host.invalid"), "\(error)")
+        }
+    }
+
+    @Test("a region the peer never registered is an unknown region, read from its table", .requiresRDMADevice)
+    func unregisteredRegion() throws {
+        let nodes = try VerbsFixture().makeNodes()
+        defer { nodes.temporary.remove() }
+        var word: UInt64 = 0
+        #expect {
+            try withUnsafeMutableBytes(of: &word) { try nodes.a.read(from: nodes.b.localNode, GlobalAddress(region: RegionID(9), offset: 0), into: $0) }
+        } throws: { error in
+            guard let error = error as? TransportError, case .unknownRegion(NodeID(1), RegionID(9), _) = error else { return false }
+            return true
+        }
+        // Registered afterwards, it is found (a miss is not cached).
+        let late = try nodes.directoryB.create(RegionID(9), size: 1 << 20, cluster: nodes.cluster)
+        try nodes.b.register(late)
+        late.base.advanced(by: 128).storeBytes(of: UInt64(0xFEED), as: UInt64.self)
+        try withUnsafeMutableBytes(of: &word) { try nodes.a.read(from: nodes.b.localNode, GlobalAddress(region: RegionID(9), offset: 128), into: $0) }
+        #expect(word == 0xFEED)
     }
 
     @Test("a device name that does not exist is an error listing the devices present", .requiresRDMADevice)
