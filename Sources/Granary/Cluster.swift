@@ -470,7 +470,9 @@ public final class Cluster: Sendable {
                                                     address: address, options: options, logger: logger)
             }
             let storage = try NodeStorage(node: member.node, configuration: configuration, ringCapacity: options.ringCapacity)
-            try storage.waitForPeers(timeout: .seconds(10))
+            // As long as a node waits for its peers (`granary node`): on verbs a node reaches this
+            // client's mailbox only once the client's transport listens, so each waits for the other.
+            try storage.waitForPeers(timeout: .seconds(60))
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
             return Cluster(nodes: [Node(engine)], configuration: configuration, directory: root, removeOnShutdown: false,
                            coordination: nil, membership: [], recovery: nil, regionAllocation: nil, clientLock: lock)
@@ -661,13 +663,11 @@ public final class Cluster: Sendable {
     }
 
     /// `endpoint` (`shm:<directory>` or `verbs:<directory>`) with a relative directory resolved
-    /// against `root`.
+    /// against `root` (a `verbs://` endpoint's directory is absolute).
     package static func resolve(_ endpoint: String, against root: FilePath) -> String {
-        for prefix in ["shm:", "verbs:"] where endpoint.hasPrefix(prefix) {
-            let path = FilePath(String(endpoint.dropFirst(prefix.count)))
-            return path.isAbsolute ? endpoint : prefix + root.pushing(path).string
-        }
-        return endpoint
+        guard let parsed = MemberEndpoint(endpoint) else { return endpoint }
+        let path = FilePath(parsed.directory)
+        return path.isAbsolute ? endpoint : parsed.with(directory: root.pushing(path).string)
     }
 
     private static func makeTemporaryDirectory() throws -> String {

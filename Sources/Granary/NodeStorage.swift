@@ -32,15 +32,15 @@ package struct NodeStorage: Sendable {
     package let spares: SpareRegions
     /// The transport when it is the shared-memory one (an embedded cluster shares mappings).
     package let sharedMemory: SharedMemoryTransport?
-    private let connectPeer: @Sendable (NodeID, RegionDirectory) -> Void
+    private let connectPeer: @Sendable (Member) throws -> Void
 
-    /// The region directory a member's endpoint names: `shm:<directory>` or `verbs:<directory>`
-    /// (both transports find a peer through its region directory on this host).
+    /// The region directory a member's endpoint names (see `MemberEndpoint`): `shm:<directory>`,
+    /// `verbs:<directory>` or `verbs://ip:port/<directory>` (the directory on the member's own host).
     package static func directory(of member: Member) throws -> RegionDirectory {
-        for prefix in ["shm:", "verbs:"] where member.endpoint.hasPrefix(prefix) {
-            return try RegionDirectory(FilePath(String(member.endpoint.dropFirst(prefix.count))))
+        guard let endpoint = MemberEndpoint(member.endpoint) else {
+            throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; endpoints are \(MemberEndpoint.forms)")
         }
-        throw ConfigurationError.invalid("member \(member.node) has endpoint '\(member.endpoint)'; endpoints are shm:<directory> or verbs:<directory>")
+        return try RegionDirectory(FilePath(endpoint.directory))
     }
 
     /// - Parameter node: the node whose storage this is (a member of `configuration`).
@@ -66,15 +66,23 @@ package struct NodeStorage: Sendable {
             let shm = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
             transport = shm
             sharedMemory = shm
-            connectPeer = { shm.addPeer($0, endpoint: $1) }
+            connectPeer = { member in shm.addPeer(member.node, endpoint: try Self.directory(of: member)) }
         case .verbs(let device):
             #if RDMA
             var options = VerbsTransport.Options()
             options.device = device
+            // A member reached by address listens there; one reached through its directory
+            // listens where its device's address and the RDMA CM put it.
+            if case .verbsAddress(let address, _)? = MemberEndpoint(member.endpoint) { options.listenAddress = address }
             let verbs = try VerbsTransport(localNode: node, cluster: configuration.cluster, directory: home, options: options)
             transport = verbs
             sharedMemory = nil
-            connectPeer = { verbs.addPeer($0, endpoint: $1) }
+            connectPeer = { member in
+                switch MemberEndpoint(member.endpoint) {
+                case .verbsAddress(let address, _)?: verbs.addPeer(member.node, address: address)
+                default: verbs.addPeer(member.node, endpoint: try Self.directory(of: member))
+                }
+            }
             #else
             _ = device
             throw ConfigurationError.invalid("node \(node) is to use the RDMA verbs transport, which this build of Granary leaves out (depend on it with the package trait RDMA)")
@@ -98,7 +106,7 @@ package struct NodeStorage: Sendable {
         leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
         try transport.register(leasePage)
         for other in configuration.members where other.node != node {
-            connectPeer(other.node, try Self.directory(of: other))
+            try connectPeer(other)
         }
     }
 
@@ -143,7 +151,6 @@ package struct NodeStorage: Sendable {
     /// new process with new region files (and, on verbs, new memory keys): what this node learnt
     /// of its former self's regions is dropped first.
     package func connect(_ member: Member) throws {
-        let directory = try Self.directory(of: member)
         if let sharedMemory {
             sharedMemory.forgetRegions(of: member.node)
         } else {
@@ -151,26 +158,37 @@ package struct NodeStorage: Sendable {
             if let verbs = transport as? VerbsTransport { verbs.disconnect(from: member.node) }
             #endif
         }
-        connectPeer(member.node, directory)
+        try connectPeer(member)
     }
 
-    /// A node on the shared-memory transport.
+    /// A node on the transport its endpoint names: RDMA verbs for `verbs:` and `verbs://` (on
+    /// `GRANARY_RDMA_DEVICE`, else the first device), shared memory otherwise.
     package init(node: NodeID, configuration: Configuration, ringCapacity: Int, preservingLog: Bool = false,
                 reopening: Bool = false) throws {
-        try self.init(node: node, configuration: configuration, transport: .sharedMemory, ringCapacity: ringCapacity,
-                      preservingLog: preservingLog, reopening: reopening)
+        try self.init(node: node, configuration: configuration, transport: Self.transportKind(of: node, in: configuration),
+                      ringCapacity: ringCapacity, preservingLog: preservingLog, reopening: reopening)
+    }
+
+    /// The transport `node`'s endpoint in `configuration` names.
+    package static func transportKind(of node: NodeID, in configuration: Configuration) -> NodeTransportKind {
+        switch configuration.members.first(where: { $0.node == node }).flatMap({ MemberEndpoint($0.endpoint) }) {
+        case .verbsDirectory?, .verbsAddress?: return .verbs(device: nil)
+        default: return .sharedMemory
+        }
     }
 
     /// Waits until every other member's mailbox is reachable through the transport: the file
     /// is complete and the peer has registered it (a peer in another process may be starting).
+    /// A member on another host (`verbs://`) is waited for through the transport alone.
     package func waitForPeers(timeout: Duration) throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         for member in configuration.members where member.node != node {
             let path = try Self.directory(of: member).path(for: RegionID.mailbox(of: member.node))
+            let remote = MemberEndpoint(member.endpoint)?.isRemote ?? false
             while true {
                 do {
-                    _ = try Region.open(at: path, expecting: RegionID.mailbox(of: member.node), cluster: configuration.cluster)
+                    if !remote { _ = try Region.open(at: path, expecting: RegionID.mailbox(of: member.node), cluster: configuration.cluster) }
                     var word: UInt64 = 0
                     try withUnsafeMutableBytes(of: &word) { (bytes) throws(TransportError) in
                         try transport.read(from: member.node, GlobalAddress(region: .mailbox(of: member.node), offset: 16), into: bytes)

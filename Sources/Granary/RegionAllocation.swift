@@ -115,13 +115,9 @@ extension Cluster {
 
     /// `endpoint` with a directory inside `root` made relative to it (the inverse of ``resolve(_:against:)``).
     static func relative(_ endpoint: String, to root: FilePath) -> String {
-        for prefix in ["shm:", "verbs:"] where endpoint.hasPrefix(prefix) {
-            let path = FilePath(String(endpoint.dropFirst(prefix.count)))
-            guard path.isAbsolute else { return endpoint }
-            var rest = path
-            guard rest.removePrefix(root) else { return endpoint }
-            return prefix + rest.string
-        }
-        return endpoint
+        guard let parsed = MemberEndpoint(endpoint), !parsed.isRemote else { return endpoint }
+        var rest = FilePath(parsed.directory)
+        guard rest.isAbsolute, rest.removePrefix(root) else { return endpoint }
+        return parsed.with(directory: rest.string)
     }
 }

@@ -32,6 +32,11 @@ struct ClusterInit: ParsableCommand {
     @Option(help: "Regions each node is primary of.") var regionsPerNode: Int = 2
     @Option(help: "Size of every region in MiB (a power of two, 1 to 4096).") var regionMib: Int = 64
     @Option(help: "Transport of every node: shm (shared memory, one host) or verbs (RDMA).") var transport: TransportChoice = .shm
+    @Option(help: "With --transport verbs, nodes on several hosts: their IPv4 addresses (each an address of the host's RDMA device), comma-separated. Node i (clients after the nodes) listens on host i mod count at port --base-port + i, endpoint verbs://HOST:PORT/NODE-ROOT/nI. Without it every node is on this host (endpoints verbs:nI).")
+    var hosts: String?
+    @Option(help: "With --hosts: the port of node 0; node i listens on this plus i.") var basePort: Int = 7471
+    @Option(help: "With --hosts: the absolute directory under which each host keeps its nodes' region directories (nI). Default: --directory made absolute.")
+    var nodeRoot: String?
     @Option(help: "The configuration manager's coordination store (zookeeper://host:port), written to the file as \"coordination\": node processes, cluster up, Cluster.connect and bench/check --cluster then use it unless told otherwise.")
     var coordination: String?
     @Option(help: "The lease between the configuration manager and each node in milliseconds, written to the file as \"leaseMilliseconds\" (default 10).")
@@ -52,6 +57,28 @@ struct ClusterInit: ParsableCommand {
             do { _ = try ClusterFile.zooKeeperAddress(coordination) } catch { throw ValidationError("--coordination: \(error)") }
         }
         if let leaseMs, !(1...60_000).contains(leaseMs) { throw ValidationError("--lease-ms must be in 1...60000, got \(leaseMs)") }
+        if let hosts {
+            guard transport == .verbs else { throw ValidationError("--hosts goes with --transport verbs") }
+            let list = hosts.split(separator: ",", omittingEmptySubsequences: false)
+            guard !list.isEmpty, list.allSatisfy({ !$0.isEmpty && !$0.contains(":") && !$0.contains("/") }) else {
+                throw ValidationError("--hosts takes comma-separated IPv4 addresses (no ports), got '\(hosts)'")
+            }
+            guard basePort >= 1, basePort + nodes + clients - 1 <= 65535 else {
+                throw ValidationError("--base-port \(basePort) leaves no port for node \(nodes + clients - 1) (ports are 1 to 65535)")
+            }
+            if let nodeRoot, !nodeRoot.hasPrefix("/") { throw ValidationError("--node-root must be an absolute directory, got '\(nodeRoot)'") }
+        } else if nodeRoot != nil {
+            throw ValidationError("--node-root goes with --hosts")
+        }
+    }
+
+    /// Node `node`'s endpoint: on this host (`shm:nI`, `verbs:nI`, beside the file), or with
+    /// --hosts on its host by address.
+    func endpoint(of node: NodeID) -> String {
+        guard let hosts else { return (transport == .verbs ? "verbs:" : "shm:") + node.description }
+        let list = hosts.split(separator: ",")
+        let root = nodeRoot ?? URL(fileURLWithPath: directory).standardizedFileURL.path
+        return "verbs://\(list[node.index % list.count]):\(basePort + node.index)\(root.hasSuffix("/") ? String(root.dropLast()) : root)/\(node)"
     }
 
     func run() throws {
@@ -63,11 +90,10 @@ struct ClusterInit: ParsableCommand {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let ids = (0..<nodes).map { NodeID($0) }
         let clientIDs = (nodes..<(nodes + clients)).map { NodeID($0) }
-        let scheme = transport == .verbs ? "verbs:" : "shm:"
         var configuration = try Configuration(
             id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-            members: ids.map { Member(node: $0, endpoint: scheme + $0.description) }
-                + clientIDs.map { Member(node: $0, endpoint: scheme + $0.description, client: true) },
+            members: ids.map { Member(node: $0, endpoint: endpoint(of: $0)) }
+                + clientIDs.map { Member(node: $0, endpoint: endpoint(of: $0), client: true) },
             manager: ids.first,
             regions: Configuration.balancedPlacement(nodes: ids, regionsPerNode: regionsPerNode, replicas: replicas),
             regionSize: regionMib << 20)
@@ -79,7 +105,9 @@ struct ClusterInit: ParsableCommand {
         print("wrote \(file): \(configuration.cluster), \(nodes) nodes, \(configuration.regions.count) regions of \(regionMib) MiB, \(replicas) replicas"
               + (clients > 0 ? ", clients \(clientIDs.map(\.description).joined(separator: ","))" : "")
               + (coordination.map { ", coordination \($0)" } ?? ""))
-        if coordination != nil {
+        if hosts != nil {
+            print("start each node on its host with: granary node --config \(file) --id N \(coordination == nil ? "--coordination zookeeper://HOST:PORT (or --static)" : "")  (N = 0...\(nodes - 1); the file must be readable there)")
+        } else if coordination != nil {
             print("start the nodes with: granary cluster up --directory \(directory)   (or each with: granary node --config \(file) --id N, N = 0...\(nodes - 1))")
         } else {
             print("start each node with: granary node --config \(file) --id N --coordination zookeeper://HOST:PORT   (N = 0...\(nodes - 1); or --static)")

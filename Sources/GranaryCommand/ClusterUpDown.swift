@@ -43,6 +43,10 @@ struct ClusterUp: AsyncParsableCommand {
         let clusterFile = try ClusterFile.load(file)
         let configuration = Cluster.resolvingEndpoints(of: clusterFile.configuration, against: FilePath(directory))
         let coordination = self.coordination ?? clusterFile.coordination
+        if let remote = configuration.members.first(where: { MemberEndpoint($0.endpoint)?.isRemote ?? false }) {
+            throw CommandFailure("\(file) places \(remote.node) at \(remote.endpoint), a node reached by address (nodes on several hosts): "
+                + "`cluster up` starts the nodes of one host; start each node on its host with `granary node --config FILE --id N`")
+        }
         for member in configuration.members {
             if let pid = ClusterDown.runningPid(directory: directory, node: member.node.index) {
                 throw CommandFailure("\(member.node) runs already (process \(pid), \(directory)/\(member.node).pid): `granary cluster down --directory \(directory)` first")

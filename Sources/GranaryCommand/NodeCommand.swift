@@ -91,8 +91,8 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Transport-only node: the cluster id, in hex, stamped into and checked in every region file.")
     var cluster: String?
 
-    @Option(name: .long, help: "Transport: shm (shared memory on this host) or verbs (RDMA; with --config).")
-    var transport: TransportChoice = .shm
+    @Option(name: .long, help: "Transport: shm (shared memory on this host) or verbs (RDMA; with --config). Default: the one the node's endpoint in --config names (verbs: or verbs://), else shm.")
+    var transport: TransportChoice?
 
     @Option(name: .long, help: "With --transport verbs: the RDMA device (default: GRANARY_RDMA_DEVICE, else the first).")
     var device: String?
@@ -138,12 +138,21 @@ struct NodeCommand: AsyncParsableCommand {
             guard directory != nil, let cluster else { throw ValidationError("give --config FILE, or --directory and --cluster") }
             guard UInt64(cluster, radix: 16) != nil else { throw ValidationError("--cluster must be a hex number, got '\(cluster)'") }
         }
-        guard transport == .shm || config != nil else {
+        guard transport != .verbs || config != nil else {
             throw ValidationError("--transport verbs needs --config")
         }
-        if device != nil, transport != .verbs { throw ValidationError("--device needs --transport verbs") }
+        if device != nil, transport == .shm { throw ValidationError("--device needs --transport verbs") }
         for entry in peer where entry.split(separator: "=", maxSplits: 1).count != 2 || Int(entry.split(separator: "=")[0]) == nil {
             throw ValidationError("--peer takes ID=DIRECTORY, got '\(entry)'")
+        }
+    }
+
+    /// The transport: `--transport`, else the one `member`'s endpoint names.
+    func transportOf(_ member: Member) -> TransportChoice {
+        if let transport { return transport }
+        switch MemberEndpoint(member.endpoint) {
+        case .verbsDirectory?, .verbsAddress?: return .verbs
+        default: return .shm
         }
     }
 
@@ -300,7 +309,7 @@ extension NodeCommand {
         // runs before it starts the nodes.
         let reopened = resuming || store == nil && FileManager.default.fileExists(atPath: home.path(for: .mailbox(of: node)).string)
         let storage = try NodeStorage(node: node, configuration: start,
-                                      transport: transport == .verbs ? .verbs(device: device) : .sharedMemory,
+                                      transport: transportOf(me) == .verbs ? .verbs(device: device) : .sharedMemory,
                                       ringCapacity: Self.ringCapacity, preservingLog: reopened, reopening: reopened)
         if reopened {
             let kept = storage.keptRecords

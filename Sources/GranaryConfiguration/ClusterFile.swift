@@ -19,6 +19,9 @@ import GranaryMemory
 /// `coordination` and `leaseMilliseconds` are optional: without `coordination`, node processes
 /// need `--coordination` or `--static`; without `leaseMilliseconds`, leases are 10 ms. Command-line
 /// options override both. Relative endpoint directories resolve against the file's directory.
+/// Endpoints are `shm:<directory>`, `verbs:<directory>` (verbs between nodes of one host) or
+/// `verbs://ip:port/<absolute directory>` (verbs between hosts: the node listens on `ip:port`,
+/// and the directory is on its own host); see ``MemberEndpoint``.
 public struct ClusterFile: Sendable, Equatable, Codable {
     /// The cluster's first configuration.
     public var configuration: Configuration
@@ -60,10 +63,14 @@ public struct ClusterFile: Sendable, Equatable, Codable {
     }
 
     /// Checks the file's own fields (the configuration checks itself): `coordination` is
-    /// `zookeeper://` and at least one `host:port` with a port from 1 to 65535, and
-    /// `leaseMilliseconds` is from 1 to 60,000.
+    /// `zookeeper://` and at least one `host:port` with a port from 1 to 65535,
+    /// `leaseMilliseconds` is from 1 to 60,000, and every member's endpoint has one of the
+    /// forms of ``MemberEndpoint``.
     public func validate() throws(ConfigurationError) {
         try configuration.validate()
+        for (index, member) in configuration.members.enumerated() where MemberEndpoint(member.endpoint) == nil {
+            throw .invalid("members[\(index)].endpoint is '\(member.endpoint)': an endpoint is \(MemberEndpoint.forms) (a port from 1 to 65535)")
+        }
         if let coordination { _ = try Self.zooKeeperAddress(coordination) }
         if let leaseMilliseconds, !(1...60_000).contains(leaseMilliseconds) {
             throw .invalid("leaseMilliseconds is \(leaseMilliseconds): a lease is 1 to 60000 ms")

@@ -23,7 +23,9 @@ public struct ConfigurationID: RawRepresentable, Hashable, Comparable, Sendable,
 public struct Member: Hashable, Sendable, Codable, CustomStringConvertible {
     /// The member's node id.
     public var node: NodeID
-    /// Transport endpoint: `shm:<region directory>` for the shared-memory transport.
+    /// Transport endpoint (see ``MemberEndpoint``): `shm:<region directory>` for the
+    /// shared-memory transport, `verbs:<region directory>` for RDMA verbs between nodes of one
+    /// host, `verbs://ip:port/<region directory>` for RDMA verbs between hosts.
     public var endpoint: String
     /// Whether the member is a client: it coordinates transactions and allocates at other nodes'
     /// primaries, but holds no replica, is never placed one, and never becomes the configuration
@@ -63,6 +65,63 @@ public struct Member: Hashable, Sendable, Codable, CustomStringConvertible {
 
     /// The node and its endpoint, `node@endpoint` (and `(client)` for a client).
     public var description: String { "\(node)@\(endpoint)" + (client ? " (client)" : "") }
+}
+
+/// A member's endpoint, read: which transport reaches it and where.
+public enum MemberEndpoint: Sendable, Equatable {
+    /// `shm:<directory>`: the shared-memory transport; the node's region directory on this host.
+    case sharedMemory(directory: String)
+    /// `verbs:<directory>`: RDMA verbs between nodes of one host; the node's transport writes the
+    /// address it listens on into the endpoint file of its region directory, where peers read it.
+    case verbsDirectory(String)
+    /// `verbs://ip:port/<absolute directory>`: RDMA verbs between hosts; the node listens on
+    /// `ip:port` (`host:port`), and its region directory is the path on its own host.
+    case verbsAddress(String, directory: String)
+
+    /// The endpoint `text` is, or nil for one of no known form.
+    public init?(_ text: String) {
+        if text.hasPrefix("verbs://") {
+            let rest = text.dropFirst("verbs://".count)
+            guard let slash = rest.firstIndex(of: "/") else { return nil }
+            let address = String(rest[..<slash])
+            let directory = String(rest[slash...])
+            guard let colon = address.lastIndex(of: ":"), colon != address.startIndex,
+                  let port = Int(address[address.index(after: colon)...]), (1...65535).contains(port), directory.count > 1
+            else { return nil }
+            self = .verbsAddress(address, directory: directory)
+        } else if text.hasPrefix("verbs:"), text.count > "verbs:".count {
+            self = .verbsDirectory(String(text.dropFirst("verbs:".count)))
+        } else if text.hasPrefix("shm:"), text.count > "shm:".count {
+            self = .sharedMemory(directory: String(text.dropFirst("shm:".count)))
+        } else {
+            return nil
+        }
+    }
+
+    /// The forms an endpoint takes, for error messages.
+    public static let forms = "shm:<directory>, verbs:<directory> or verbs://ip:port/<absolute directory>"
+
+    /// The node's region directory (on the node's own host).
+    public var directory: String {
+        switch self {
+        case .sharedMemory(let directory), .verbsDirectory(let directory), .verbsAddress(_, let directory): return directory
+        }
+    }
+
+    /// Whether the node may be on another host (its files are not to be looked for on this one).
+    public var isRemote: Bool {
+        if case .verbsAddress = self { return true }
+        return false
+    }
+
+    /// The endpoint with its directory `directory`, in the same form.
+    public func with(directory: String) -> String {
+        switch self {
+        case .sharedMemory: return "shm:" + directory
+        case .verbsDirectory: return "verbs:" + directory
+        case .verbsAddress(let address, _): return "verbs://" + address + directory
+        }
+    }
 }
 
 /// Where a region's replicas live: one primary and its backups, all on distinct nodes.

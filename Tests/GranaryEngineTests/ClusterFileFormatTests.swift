@@ -1,6 +1,7 @@
 import Foundation
 import Granary
 import GranaryTestSupport
+import SystemPackage
 import Testing
 
 /// The cluster file users write or generate: the configuration plus the coordination store and
@@ -64,6 +65,21 @@ struct ClusterFileFormatTests {
                 members[1]["endpoint"] = 7
                 object["members"] = members
             }, ["members[1].endpoint", "string"]),
+            ("an endpoint of no known form", { object in
+                var members = object["members"] as! [[String: Any]]
+                members[2]["endpoint"] = "tcp://10.0.0.3:7471"
+                object["members"] = members
+            }, ["members[2].endpoint", "tcp://10.0.0.3:7471", "verbs://ip:port/"]),
+            ("a verbs address without a directory", { object in
+                var members = object["members"] as! [[String: Any]]
+                members[0]["endpoint"] = "verbs://10.0.0.1:7471"
+                object["members"] = members
+            }, ["members[0].endpoint", "verbs://10.0.0.1:7471"]),
+            ("a verbs address without a port", { object in
+                var members = object["members"] as! [[String: Any]]
+                members[0]["endpoint"] = "verbs://10.0.0.1/var/lib/granary/n0"
+                object["members"] = members
+            }, ["members[0].endpoint", "1 to 65535"]),
             ("no region size", { $0["regionSize"] = nil }, ["regionSize is missing"]),
             ("a region size that is not a power of two", { $0["regionSize"] = 3_000_000 }, ["3000000"]),
         ]
@@ -87,5 +103,22 @@ struct ClusterFileFormatTests {
         } catch {
             #expect("\(error)".contains("cannot read the cluster file \(path).missing"), "\(error)")
         }
+    }
+
+    @Test("endpoints: shm:, verbs: and verbs://ip:port/dir are read; a relative directory resolves against the file, an address's never changes")
+    func endpoints() throws {
+        #expect(MemberEndpoint("shm:n0") == .sharedMemory(directory: "n0"))
+        #expect(MemberEndpoint("verbs:/tmp/c/n1") == .verbsDirectory("/tmp/c/n1"))
+        let remote = try #require(MemberEndpoint("verbs://10.78.0.2:7472/tmp/granary/n1"))
+        #expect(remote == .verbsAddress("10.78.0.2:7472", directory: "/tmp/granary/n1"))
+        #expect(remote.isRemote && remote.directory == "/tmp/granary/n1")
+        #expect(!MemberEndpoint("verbs:n1")!.isRemote)
+        for bad in ["", "shm:", "verbs:", "verbs://10.0.0.1:7471", "verbs://10.0.0.1:0/d", "verbs://:7471/d", "verbs://h:p/d", "n0"] {
+            #expect(MemberEndpoint(bad) == nil, "'\(bad)' was read as an endpoint")
+        }
+        let root = FilePath("/srv/cluster")
+        #expect(Cluster.resolve("verbs:n1", against: root) == "verbs:/srv/cluster/n1")
+        #expect(Cluster.resolve("shm:n0", against: root) == "shm:/srv/cluster/n0")
+        #expect(Cluster.resolve("verbs://10.78.0.2:7472/tmp/granary/n1", against: root) == "verbs://10.78.0.2:7472/tmp/granary/n1")
     }
 }
