@@ -37,16 +37,22 @@ enum PeerEndpoint: Equatable, CustomStringConvertible {
 /// attributes of RTR and RTS come from `rdma_init_qp_attr`, the retransmission timeout and retry
 /// count from ``QueuePairSetup``), so one protection domain serves every connection of a node.
 ///
-/// Private data (little-endian). Connect request (24 bytes; the RDMA CM carries at most 56):
+/// Private data (little-endian). Connect request (32 bytes; the RDMA CM carries at most 56):
 /// ```
 ///  0  u32  magic "GRVB"    4  u16  version    6  u16  kind (1: connect)
 ///  8  u64  cluster id     16  u16  from node 18  u16  to node   20  u16  connection (the requester's thread slot)
+/// 24  u64  incarnation (the requester's transport's: random, chosen when it opened)
 /// ```
 /// Acceptance (32 bytes; at most 196):
 /// ```
 ///  0  u32  magic    4  u16  version    6  u16  status (0)
 ///  8  u64  region table address       16  u32  its rkey    20  u32  its entries
+/// 24  u64  incarnation (the accepting transport's)
 /// ```
+/// An incarnation that differs from the one last seen of a node means the node's process was
+/// restarted: every connection made to its former process is then dropped before its next use
+/// (its QP is gone; waiting for a retry-exceeded completion on it would take seconds), so that
+/// a sender that checks a channel to the node reads the new process's mailbox at once.
 /// Refusal, in a reject (at most 148 bytes):
 /// ```
 ///  0  u32  magic    4  u16  version    6  u16  status (2: refused)   8  u16  length   10  message (UTF-8)
@@ -57,7 +63,7 @@ enum EndpointProtocol {
     static let fileName = "verbs.endpoint"
     static let magic: UInt32 = 0x4256_5247  // "GRVB" little-endian
     static let version: UInt16 = 3  // 3: over the RDMA CM
-    static let requestBytes = 24
+    static let requestBytes = 32
     static let acceptanceBytes = 32
     static let refusalBytes = 140
     static let refused: UInt16 = 2
@@ -68,9 +74,12 @@ enum EndpointProtocol {
         var to: NodeID
         /// Which of the requester's connections to the peer this is (its thread slot).
         var connection: UInt16
+        /// The requester's transport's incarnation.
+        var incarnation: UInt64
 
         func encode(into raw: UnsafeMutableRawBufferPointer) {
             memset(raw.baseAddress!, 0, requestBytes)
+            raw.storeBytes(of: incarnation.littleEndian, toByteOffset: 24, as: UInt64.self)
             raw.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
             raw.storeBytes(of: version.littleEndian, toByteOffset: 4, as: UInt16.self)
             raw.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 6, as: UInt16.self)
@@ -91,7 +100,8 @@ enum EndpointProtocol {
                 cluster: ClusterID(rawValue: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))),
                 from: NodeID(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt16.self))),
                 to: NodeID(rawValue: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 18, as: UInt16.self))),
-                connection: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt16.self)))
+                connection: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt16.self)),
+                incarnation: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 24, as: UInt64.self)))
         }
     }
 
@@ -100,9 +110,12 @@ enum EndpointProtocol {
         var tableAddress: UInt64
         var tableRKey: UInt32
         var tableEntries: UInt32
+        /// The accepting transport's incarnation.
+        var incarnation: UInt64
 
         func encode(into raw: UnsafeMutableRawBufferPointer) {
             memset(raw.baseAddress!, 0, acceptanceBytes)
+            raw.storeBytes(of: incarnation.littleEndian, toByteOffset: 24, as: UInt64.self)
             raw.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
             raw.storeBytes(of: version.littleEndian, toByteOffset: 4, as: UInt16.self)
             raw.storeBytes(of: tableAddress.littleEndian, toByteOffset: 8, as: UInt64.self)
@@ -118,7 +131,8 @@ enum EndpointProtocol {
             else { return nil }
             return Acceptance(tableAddress: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)),
                               tableRKey: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt32.self)),
-                              tableEntries: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt32.self)))
+                              tableEntries: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt32.self)),
+                              incarnation: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 24, as: UInt64.self)))
         }
     }
 

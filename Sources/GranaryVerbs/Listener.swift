@@ -48,10 +48,14 @@ final class Listener: @unchecked Sendable {
     }
     private var thread: pthread_t? = nil
     private let stopping = Atomic<Bool>(false)
+    /// This transport's incarnation, sent with every acceptance.
+    let incarnation: UInt64
+    /// Told the incarnation of every node that connects (see ``EndpointProtocol``).
+    private let noteIncarnation: @Sendable (NodeID, UInt64) -> Void
 
     /// Binds an RDMA CM identifier to `address` and listens. A port in use is an error naming it.
     init(address requested: sockaddr_in, device: VerbsDevice, regions: LocalRegions, node: NodeID,
-         cluster: ClusterID) throws(VerbsError) {
+         cluster: ClusterID, incarnation: UInt64, noteIncarnation: @escaping @Sendable (NodeID, UInt64) -> Void) throws(VerbsError) {
         let requestedText = EndpointProtocol.text(requested)
         guard let channel = rdma_create_event_channel() else {
             throw .call("rdma_create_event_channel", device: device.name, detail: "\(errnoText(errno)) (is rdma_ucm loaded?)")
@@ -113,6 +117,8 @@ final class Listener: @unchecked Sendable {
         self.wakeRead = pipeFDs.0
         self.wakeWrite = pipeFDs.1
         self.passiveCompletionQueue = cq
+        self.incarnation = incarnation
+        self.noteIncarnation = noteIncarnation
     }
 
     deinit {
@@ -218,6 +224,8 @@ final class Listener: @unchecked Sendable {
                 return reject("node \(node)'s request arrived on device \(name); its transport uses \(device.name)")
             }
         }
+        // A node whose process restarted: this node's connections to its former process go.
+        noteIncarnation(request.from, request.incarnation)
         let qp: UnsafeMutablePointer<ibv_qp>
         do throws(VerbsCallFailure) {
             (qp, _) = try QueuePairSetup.create(device, cq: passiveCompletionQueue, sendDepth: 1, inlineBytes: 0)
@@ -233,7 +241,7 @@ final class Listener: @unchecked Sendable {
         }
         var data = [UInt8](repeating: 0, count: EndpointProtocol.acceptanceBytes)
         let accepted = data.withUnsafeMutableBytes { raw -> Int32 in
-            regions.acceptance.encode(into: raw)
+            regions.acceptance(incarnation: incarnation).encode(into: raw)
             var parameters = rdma_conn_param()
             parameters.private_data = UnsafeRawPointer(raw.baseAddress)
             parameters.private_data_len = UInt8(EndpointProtocol.acceptanceBytes)

@@ -88,10 +88,11 @@ final class LocalRegions: @unchecked Sendable {
         table.deallocate()
     }
 
-    /// What a listener sends with an accepted connection: where the published table is.
-    var acceptance: EndpointProtocol.Acceptance {
+    /// What a listener of the transport of incarnation `incarnation` sends with an accepted
+    /// connection: where the published table is.
+    func acceptance(incarnation: UInt64) -> EndpointProtocol.Acceptance {
         EndpointProtocol.Acceptance(tableAddress: UInt64(UInt(bitPattern: published)), tableRKey: publishedRegion.pointee.rkey,
-                                    tableEntries: UInt32(Self.slotCount))
+                                    tableEntries: UInt32(Self.slotCount), incarnation: incarnation)
     }
 
     /// The check word of a published entry.

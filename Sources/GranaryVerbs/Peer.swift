@@ -2,6 +2,7 @@ import CIBVerbs
 import CRDMACM
 import GranaryMemory
 import GranaryTransport
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -123,16 +124,21 @@ final class Peer: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     // Guarded by `mutex`.
     private var endpointValue: PeerEndpoint?
+    /// The incarnation of the peer's transport last seen (0: none yet). Guarded by `mutex`.
+    private var incarnation: UInt64 = 0
+    /// Bumped when the peer's process is found restarted: a connection made before is to the
+    /// former process, and is dropped before its next use.
+    private let generationCounter = Atomic<UInt64>(0)
 
     /// - Parameter source: this node's address (the port is ignored): connections leave from it,
     ///   so the RDMA CM routes them through this transport's device.
     init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, source: sockaddr_in,
-         configuration: VerbsTransport.Options) {
+         incarnation: UInt64, configuration: VerbsTransport.Options) {
         self.node = node
         mutex = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
         connections = (0...configuration.connectionsPerPeer).map { index in
-            Connection(node: node, localNode: localNode, cluster: cluster, device: device, source: source,
+            Connection(node: node, localNode: localNode, cluster: cluster, device: device, source: source, incarnation: incarnation,
                        configuration: configuration, index: index, shared: index == configuration.connectionsPerPeer)
         }
         for connection in connections { connection.peer = self }
@@ -141,6 +147,19 @@ final class Peer: @unchecked Sendable {
     deinit {
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
+    }
+
+    /// The connections' generation (see ``noteIncarnation(_:)``).
+    @inline(__always) var generation: UInt64 { generationCounter.load(ordering: .acquiring) }
+
+    /// The peer's transport has incarnation `value` (from a connect request it sent or an
+    /// acceptance): a new one means a restarted process, and every connection to the former is
+    /// dropped before its next use (without taking their locks: a thread may be waiting on one).
+    func noteIncarnation(_ value: UInt64) {
+        pthread_mutex_lock(mutex)
+        if incarnation != 0, incarnation != value { generationCounter.add(1, ordering: .releasing) }
+        incarnation = value
+        pthread_mutex_unlock(mutex)
     }
 
     /// The peer's endpoint, or nil if the peer is unknown.
@@ -227,7 +246,11 @@ final class Connection: @unchecked Sendable {
     private var connectionID: UnsafeMutablePointer<rdma_cm_id>?
     private var eventChannel: UnsafeMutablePointer<rdma_event_channel>?
     /// Where the peer's region table is (from its acceptance).
-    private var remoteTable = EndpointProtocol.Acceptance(tableAddress: 0, tableRKey: 0, tableEntries: 0)
+    private var remoteTable = EndpointProtocol.Acceptance(tableAddress: 0, tableRKey: 0, tableEntries: 0, incarnation: 0)
+    /// The peer's ``Peer/generation`` when this connection was made.
+    private var connectedGeneration: UInt64 = 0
+    /// This node's transport's incarnation, sent with every connect request.
+    let incarnation: UInt64
     private var inlineBytes = 0
     private var buffers: PeerBuffers?
     private(set) var chainCount = 0
@@ -238,8 +261,9 @@ final class Connection: @unchecked Sendable {
     var statistics = VerbsTransport.Statistics()
 
     init(node: NodeID, localNode: NodeID, cluster: ClusterID, device: VerbsDevice, source: sockaddr_in,
-         configuration: VerbsTransport.Options, index: Int, shared: Bool) {
+         incarnation: UInt64, configuration: VerbsTransport.Options, index: Int, shared: Bool) {
         self.source = source
+        self.incarnation = incarnation
         self.node = node
         self.localNode = localNode
         self.cluster = cluster
@@ -287,10 +311,17 @@ final class Connection: @unchecked Sendable {
         buffers = nil
     }
 
-    /// With the lock held: connects unless connected.
+    /// With the lock held: connects unless connected. A connection made to a former process of
+    /// the peer (``Peer/generation`` moved on) is dropped and made again, unless a chain is being
+    /// built on it (then it goes at the chain's end, or fails with it).
     @inline(__always)
     func ensureConnected() throws(TransportError) {
-        if queuePair == nil { try connect() }
+        if queuePair == nil {
+            try connect()
+        } else if chainCount == 0, peer.generation != connectedGeneration {
+            disconnect()
+            try connect()
+        }
     }
 
     /// Connects through the RDMA CM (see ``EndpointProtocol``): resolves the peer's address and
@@ -299,6 +330,7 @@ final class Connection: @unchecked Sendable {
     private func connect() throws(TransportError) {
         guard let endpoint = peer.endpoint else { throw .unknownNode(node) }
         let (target, where_) = try Self.target(of: endpoint, node: node)
+        let generation = peer.generation
         if buffers == nil {
             buffers = try PeerBuffers(device: device, node: node, stagingBytes: configuration.stagingBytes,
                                       chainCapacity: configuration.chainCapacity)
@@ -361,7 +393,8 @@ final class Connection: @unchecked Sendable {
             }
             var request = [UInt8](repeating: 0, count: EndpointProtocol.requestBytes)
             let connecting = request.withUnsafeMutableBytes { raw -> Int32 in
-                EndpointProtocol.Request(cluster: cluster, from: localNode, to: node, connection: UInt16(index)).encode(into: raw)
+                EndpointProtocol.Request(cluster: cluster, from: localNode, to: node, connection: UInt16(index),
+                                         incarnation: incarnation).encode(into: raw)
                 var parameters = rdma_conn_param()
                 parameters.private_data = UnsafeRawPointer(raw.baseAddress)
                 parameters.private_data_len = UInt8(EndpointProtocol.requestBytes)
@@ -401,6 +434,10 @@ final class Connection: @unchecked Sendable {
         connectionID = id
         eventChannel = channel
         remoteTable = acceptance
+        // A new process of the peer: the other connections to its former one go. This one was
+        // made after the generation was read, so it is of the new process whatever the count.
+        peer.noteIncarnation(acceptance.incarnation)
+        connectedGeneration = max(generation, peer.generation)
         inlineBytes = inline
         chainCount = 0
         stagingUsed = 0

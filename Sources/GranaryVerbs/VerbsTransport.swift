@@ -250,14 +250,25 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
                 : "flock: \(errnoText(code))")
         }
         let listen: sockaddr_in
+        var generator = SystemRandomNumberGenerator()
+        let incarnation = UInt64.random(in: 1...UInt64.max, using: &generator)
+        let peers: [Peer]
         do throws(VerbsError) {
             listen = try Self.listenAddress(options, device: device)
+            peers = (0..<NodeID.limit).map { index in
+                Peer(node: NodeID(index), localNode: localNode, cluster: cluster, device: device, source: listen,
+                     incarnation: incarnation, configuration: options)
+            }
             self.regions = try LocalRegions(device: device, node: localNode)
-            self.listener = try Listener(address: listen, device: device, regions: regions, node: localNode, cluster: cluster)
+            self.listener = try Listener(address: listen, device: device, regions: regions, node: localNode, cluster: cluster,
+                                         incarnation: incarnation) { node, value in
+                if node.index < NodeID.limit { peers[node.index].noteIncarnation(value) }
+            }
         } catch {
             close(file)
             throw error
         }
+        self.peers = peers
         self.device = device
         self.endpointFile = file
         let text = Array((listener.address + "\n").utf8)
@@ -265,9 +276,6 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
             let code = errno
             close(file)
             throw .endpoint(path: path, detail: "writing the address \(listener.address): \(errnoText(code))")
-        }
-        self.peers = (0..<NodeID.limit).map { index in
-            Peer(node: NodeID(index), localNode: localNode, cluster: cluster, device: device, source: listen, configuration: options)
         }
         self.slots = ThreadSlots(capacity: options.connectionsPerPeer)
         self.checksLineReads = options.checkedLineReads

@@ -9,7 +9,8 @@ struct EndpointProtocolTests {
     @Test("a connect request fits the RDMA CM's 56 bytes and round-trips; foreign or short data is not a request")
     func request() {
         #expect(EndpointProtocol.requestBytes <= 56)
-        let request = EndpointProtocol.Request(cluster: ClusterID(rawValue: 0xDEAD_BEEF_0123), from: NodeID(3), to: NodeID(7), connection: 16)
+        let request = EndpointProtocol.Request(cluster: ClusterID(rawValue: 0xDEAD_BEEF_0123), from: NodeID(3), to: NodeID(7), connection: 16,
+                                               incarnation: 0x0123_4567_89AB_CDEF)
         var bytes = [UInt8](repeating: 0, count: EndpointProtocol.requestBytes)
         bytes.withUnsafeMutableBytes { request.encode(into: $0) }
         #expect(bytes.withUnsafeBytes { EndpointProtocol.Request.decode($0) } == request)
@@ -25,7 +26,8 @@ struct EndpointProtocolTests {
     @Test("an acceptance fits 196 bytes and round-trips; a refusal carries its reason, cut to 148 bytes")
     func acceptanceAndRefusal() {
         #expect(EndpointProtocol.acceptanceBytes <= 196 && EndpointProtocol.refusalBytes <= 148)
-        let acceptance = EndpointProtocol.Acceptance(tableAddress: 0x7F00_1234_5000, tableRKey: 0xABCD, tableEntries: 4224)
+        let acceptance = EndpointProtocol.Acceptance(tableAddress: 0x7F00_1234_5000, tableRKey: 0xABCD, tableEntries: 4224,
+                                                     incarnation: 0xFEDC_BA98_7654_3210)
         var bytes = [UInt8](repeating: 0, count: EndpointProtocol.acceptanceBytes)
         bytes.withUnsafeMutableBytes { acceptance.encode(into: $0) }
         #expect(bytes.withUnsafeBytes { EndpointProtocol.Acceptance.decode($0) } == acceptance)

@@ -405,6 +405,36 @@ struct VerbsTransportTests {
         }
     }
 
+    @Test("a peer whose process restarted: once one thread has met the new process, another's connection to the former one is made again, not used", .requiresRDMADevice)
+    func restartedPeer() throws {
+        let tmp = TemporaryDirectory("granary-verbs")
+        defer { tmp.remove() }
+        let cluster = ClusterID.random()
+        let dirA = try RegionDirectory(tmp.path.appending("n0"))
+        let dirB = try RegionDirectory(tmp.path.appending("n1"))
+        let a = try VerbsTransport(localNode: NodeID(0), cluster: cluster, directory: dirA)
+        a.addPeer(NodeID(1), endpoint: dirB)
+        var b: VerbsTransport? = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
+        let region = try dirB.create(RegionID(2), size: 1 << 20, cluster: cluster)
+        try b!.register(region)
+        let address = GlobalAddress(region: RegionID(2), offset: 256)
+        // This thread connects to b's first process.
+        #expect(try a.fetchAndAdd(at: NodeID(1), address, 1) == 0)
+        b = nil
+        let restarted = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
+        try restarted.register(region)
+        // Another thread meets the new process (its connect sees a new incarnation).
+        runThreads(1) { _ in _ = try? a.fetchAndAdd(at: NodeID(1), address, 10) }
+        #expect(region.base.advanced(by: 256).load(as: UInt64.self) == 11, "the other thread's add did not land")
+        // This thread's connection is to the former process: it is made again, and the add lands
+        // (without the generation check it would wait for a retry-exceeded completion and fail).
+        let start = monotonicNanoseconds()
+        #expect(try a.fetchAndAdd(at: NodeID(1), address, 100) == 11)
+        print("restarted peer: first add on the old thread took \((monotonicNanoseconds() - start) / 1_000_000) ms")
+        #expect(region.base.advanced(by: 256).load(as: UInt64.self) == 111)
+        #expect(a.statistics(for: NodeID(1)).connections == 3)
+    }
+
     @Test("a region the peer never registered is an unknown region, read from its table", .requiresRDMADevice)
     func unregisteredRegion() throws {
         let nodes = try VerbsFixture().makeNodes()
