@@ -33,7 +33,9 @@ import Musl
 /// both move their QPs to RTS with the RDMA CM's path attributes. Regions are then looked up by
 /// one RDMA READ of the peer's table entry on first use (address, rkey, size) and cached until the
 /// connection is dropped. Every step is bounded by `Options.endpointTimeout`; see
-/// `EndpointProtocol` for the private data.
+/// `EndpointProtocol` for the private data. Connect requests and acceptances carry each
+/// transport's incarnation (random, per opening): a peer seen with a new one has restarted, and
+/// every connection to its former process is made again before its next use.
 ///
 /// Each direction of a node pair is its own RC connection: a node posts only on the QP it created
 /// towards a peer, and the responder QP the peer created for it is never posted to.
