@@ -2,6 +2,12 @@
 // the way perftest measures raw verbs, so the two can be compared line by line (Scripts/bench-verbs).
 //
 //   granary-verbs-latency [--iterations N] [--warmup N] [--in-process] [--tsv]
+//   granary-verbs-latency --peer-address IP:PORT --cluster HEX [--iterations N] [--warmup N] [--tsv]
+//   granary-verbs-latency --serve --listen IP:PORT --cluster HEX --directory DIR --until FILE
+//
+// The last two are the two ends on different hosts (Scripts/bench-verbs --two-hosts): node 1
+// serves on its host until FILE exists; node 0 reaches it by address through the RDMA CM and
+// measures read, write, cas and faa (no ping-pong: that needs the two to talk back and forth).
 //
 // Two nodes on one RDMA device: node 0 (this process) and node 1 (a child process running this
 // program with --serve, as perftest runs a server and a client; or, with --in-process, a second
@@ -39,6 +45,10 @@ struct Options {
     var directory = ""
     var peerDirectory = ""
     var cluster: UInt64 = 0
+    /// Two hosts: node 1's address (measuring side), or where node 1 listens (serving side).
+    var peerAddress: String?
+    var listen: String?
+    var until: String?
 }
 
 func fail(_ message: String) -> Never {
@@ -64,6 +74,9 @@ func parseOptions() -> Options {
         case "--directory": options.directory = value(argument)
         case "--peer-directory": options.peerDirectory = value(argument)
         case "--cluster": options.cluster = UInt64(value(argument), radix: 16) ?? 0
+        case "--peer-address": options.peerAddress = value(argument)
+        case "--listen": options.listen = value(argument)
+        case "--until": options.until = value(argument)
         case "-h", "--help":
             print("""
                 usage: granary-verbs-latency [--iterations N] [--warmup N] [--in-process] [--tsv]
@@ -71,6 +84,8 @@ func parseOptions() -> Options {
                 Measures VerbsTransport's READ 64 B, WRITE 64 B (completion and ping-pong half round trip),
                 CAS 8 B and FAA 8 B latency between two nodes on one RDMA device (GRANARY_RDMA_DEVICE,
                 GRANARY_RDMA_GID_INDEX). Node 1 is a child process unless --in-process.
+                Two hosts: --serve --listen IP:PORT --cluster HEX --directory DIR --until FILE on one,
+                --peer-address IP:PORT --cluster HEX on the other (no ping-pong line).
                 --tsv prints one line per operation: granary, op, bytes, median, mean, min, p99, loop mean (us).
                 """)
             exit(0)
@@ -96,10 +111,12 @@ struct Node {
     let transport: VerbsTransport
     let region: Region
 
-    init(id: NodeID, directory path: String, cluster: ClusterID) {
+    init(id: NodeID, directory path: String, cluster: ClusterID, listen: String? = nil) {
         do {
             directory = try RegionDirectory(.init(path))
-            transport = try VerbsTransport(localNode: id, cluster: cluster, directory: directory)
+            var transportOptions = VerbsTransport.Options()
+            transportOptions.listenAddress = listen
+            transport = try VerbsTransport(localNode: id, cluster: cluster, directory: directory, options: transportOptions)
             region = try directory.openOrCreate(RegionID(id.index), size: regionSize, cluster: cluster)
             try transport.register(region)
         } catch {
@@ -147,6 +164,17 @@ func answerPings(_ node: Node, peer: NodeID, count: Int) {
 // MARK: Serving (node 1 as a child process)
 
 func serve(_ options: Options) -> Never {
+    if let until = options.until {
+        // Node 1 on its own host: serve one-sided operations (nothing to run) until told to stop.
+        guard let listen = options.listen, options.cluster != 0, !options.directory.isEmpty else {
+            fail("--serve --until needs --listen IP:PORT, --cluster HEX and --directory DIR")
+        }
+        let node = Node(id: NodeID(1), directory: options.directory, cluster: ClusterID(rawValue: options.cluster), listen: listen)
+        print("ready \(node.transport.listenAddress)")
+        fflush(nil)
+        while access(until, F_OK) != 0 { usleep(100_000) }
+        exit(0)
+    }
     let node = Node(id: NodeID(1), directory: options.directory, cluster: ClusterID(rawValue: options.cluster))
     do {
         node.transport.addPeer(NodeID(0), endpoint: try RegionDirectory(.init(options.peerDirectory), create: false))
@@ -286,12 +314,16 @@ func run(_ options: Options) {
     guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else { fail("mkdtemp in /tmp failed") }
     let root = cString(template)
     defer { _ = system("rm -rf '\(root)'") }
-    let cluster = ClusterID.random()
+    let remote = options.peerAddress
+    if remote != nil, options.cluster == 0 { fail("--peer-address needs --cluster HEX (node 1's)") }
+    let cluster = remote == nil ? ClusterID.random() : ClusterID(rawValue: options.cluster)
     let node0 = Node(id: NodeID(0), directory: root + "/n0", cluster: cluster)
 
     var child: Child? = nil
     var node1: Node? = nil
-    if options.inProcess {
+    if let remote {
+        node0.transport.addPeer(NodeID(1), address: remote)
+    } else if options.inProcess {
         node1 = Node(id: NodeID(1), directory: root + "/n1", cluster: cluster)
         node1!.transport.addPeer(NodeID(0), endpoint: node0.directory)
     } else {
@@ -300,9 +332,11 @@ func run(_ options: Options) {
         child!.expect("ready")
     }
     let peer = NodeID(1)
-    do {
-        node0.transport.addPeer(peer, endpoint: try RegionDirectory(.init(root + "/n1"), create: false))
-    } catch { fail("\(error)") }
+    if remote == nil {
+        do {
+            node0.transport.addPeer(peer, endpoint: try RegionDirectory(.init(root + "/n1"), create: false))
+        } catch { fail("\(error)") }
+    }
 
     let transport = node0.transport
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 64)
@@ -322,22 +356,25 @@ func run(_ options: Options) {
     })
 
     // The ping-pong: node 1 answers every message; node 0 times each exchange and reports half.
-    let total = options.warmup + 2 * options.iterations
-    let pingTarget = GlobalAddress(region: RegionID(1), offset: pingOffset)
-    let responder: pthread_t?
-    if let node1 {
-        responder = startThread { answerPings(node1, peer: NodeID(0), count: total) }
-    } else {
-        child!.send("pingpong \(total)")
-        responder = nil
+    // (Not with node 1 on another host: nothing drives its side there.)
+    if remote == nil {
+        let total = options.warmup + 2 * options.iterations
+        let pingTarget = GlobalAddress(region: RegionID(1), offset: pingOffset)
+        let responder: pthread_t?
+        if let node1 {
+            responder = startThread { answerPings(node1, peer: NodeID(0), count: total) }
+        } else {
+            child!.send("pingpong \(total)")
+            responder = nil
+        }
+        results.append(measure("pingpong", bytes: 64, options, scale: 0.5, note: "half of a write ping-pong round trip, as ib_write_lat") { index in
+            let sequence = UInt64(index + 1)
+            buffer.storeBytes(of: sequence, toByteOffset: 56, as: UInt64.self)
+            try transport.write(to: peer, pingTarget, from: UnsafeRawBufferPointer(buffer))
+            awaitPing(node0.region, sequence)
+        })
+        if let responder { pthread_join(responder, nil) } else { child!.expect("done") }
     }
-    results.append(measure("pingpong", bytes: 64, options, scale: 0.5, note: "half of a write ping-pong round trip, as ib_write_lat") { index in
-        let sequence = UInt64(index + 1)
-        buffer.storeBytes(of: sequence, toByteOffset: 56, as: UInt64.self)
-        try transport.write(to: peer, pingTarget, from: UnsafeRawBufferPointer(buffer))
-        awaitPing(node0.region, sequence)
-    })
-    if let responder { pthread_join(responder, nil) } else { child!.expect("done") }
 
     var expected: UInt64 = 0
     results.append(measure("cas", bytes: 8, options, note: "full round trip (a swap that succeeds)") { _ in
@@ -358,7 +395,7 @@ func run(_ options: Options) {
         return
     }
     print("granary-verbs-latency: \(transport.deviceName), GID index \(transport.gidIndex), atomics \(transport.atomicCapability), "
-          + "node 1 \(options.inProcess ? "in this process" : "in a child process"), \(options.iterations) iterations after \(options.warmup) warm-up")
+          + "node 1 \(remote.map { "at \($0)" } ?? (options.inProcess ? "in this process" : "in a child process")), \(options.iterations) iterations after \(options.warmup) warm-up")
     print("operation  bytes  median_us  mean_us  min_us  p99_us  loop_mean_us  what")
     for figures in results {
         let columns = [figures.operation.padding(9), "\(figures.bytes)".padding(5), format(figures.median).padding(9),

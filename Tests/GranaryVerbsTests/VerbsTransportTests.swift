@@ -227,22 +227,15 @@ struct VerbsTransportTests {
 
     @Test("a dead peer is reported as unreachable, naming it, within a bounded time", .requiresRDMADevice)
     func deadPeer() throws {
-        let tmp = TemporaryDirectory("granary-verbs")
-        defer { tmp.remove() }
-        let cluster = ClusterID.random()
-        let dirA = try RegionDirectory(tmp.path.appending("n0"))
-        let dirB = try RegionDirectory(tmp.path.appending("n1"))
-        let a = try VerbsTransport(localNode: NodeID(0), cluster: cluster, directory: dirA)
-        var b: VerbsTransport? = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
-        a.addPeer(NodeID(1), endpoint: dirB)
-        let region = try dirB.create(RegionID(2), size: 1 << 20, cluster: cluster)
-        try b!.register(region)
+        var pair = try ClosablePair()
+        defer { pair.temporary.remove() }
+        let a = pair.a
         let address = GlobalAddress(region: RegionID(2), offset: 4096)
         var word: UInt64 = 0
         try withUnsafeMutableBytes(of: &word) { try a.read(from: NodeID(1), address, into: $0) }
         #expect(a.statistics(for: NodeID(1)).connections == 1)
 
-        b = nil  // the peer's transport closes: its responder QP is destroyed
+        pair.b = nil  // the peer's transport closes: its responder QP is destroyed
         let start = monotonicNanoseconds()
         do {
             try withUnsafeMutableBytes(of: &word) { try a.read(from: NodeID(1), address, into: $0) }
@@ -407,21 +400,14 @@ struct VerbsTransportTests {
 
     @Test("a peer whose process restarted: once one thread has met the new process, another's connection to the former one is made again, not used", .requiresRDMADevice)
     func restartedPeer() throws {
-        let tmp = TemporaryDirectory("granary-verbs")
-        defer { tmp.remove() }
-        let cluster = ClusterID.random()
-        let dirA = try RegionDirectory(tmp.path.appending("n0"))
-        let dirB = try RegionDirectory(tmp.path.appending("n1"))
-        let a = try VerbsTransport(localNode: NodeID(0), cluster: cluster, directory: dirA)
-        a.addPeer(NodeID(1), endpoint: dirB)
-        var b: VerbsTransport? = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
-        let region = try dirB.create(RegionID(2), size: 1 << 20, cluster: cluster)
-        try b!.register(region)
+        var pair = try ClosablePair()
+        defer { pair.temporary.remove() }
+        let (a, region) = (pair.a, pair.region)
         let address = GlobalAddress(region: RegionID(2), offset: 256)
         // This thread connects to b's first process.
         #expect(try a.fetchAndAdd(at: NodeID(1), address, 1) == 0)
-        b = nil
-        let restarted = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
+        pair.b = nil
+        let restarted = try VerbsTransport(localNode: NodeID(1), cluster: pair.cluster, directory: pair.directoryB)
         try restarted.register(region)
         // Another thread meets the new process (its connect sees a new incarnation).
         runThreads(1) { _ in _ = try? a.fetchAndAdd(at: NodeID(1), address, 10) }
@@ -510,5 +496,26 @@ struct VerbsTransportTests {
         // rxe implements atomics in its responder (IBV_ATOMIC_HCA); no device used here lacks them.
         #expect(nodes.a.atomicCapability != .none)
         #expect(nodes.a.deviceName == RDMADevice.names.first)
+    }
+}
+
+/// Node 0's transport and node 1's, which a test may close (`b = nil`) as a process that exits
+/// would; node 1 registered its region 2 (1 MiB), and node 0 knows node 1 by its directory.
+struct ClosablePair {
+    let temporary = TemporaryDirectory("granary-verbs")
+    let cluster = ClusterID.random()
+    let directoryB: RegionDirectory
+    let a: VerbsTransport
+    var b: VerbsTransport?
+    let region: Region
+
+    init() throws {
+        let directoryA = try RegionDirectory(temporary.path.appending("n0"))
+        directoryB = try RegionDirectory(temporary.path.appending("n1"))
+        a = try VerbsTransport(localNode: NodeID(0), cluster: cluster, directory: directoryA)
+        b = try VerbsTransport(localNode: NodeID(1), cluster: cluster, directory: directoryB)
+        a.addPeer(NodeID(1), endpoint: directoryB)
+        region = try directoryB.create(RegionID(2), size: 1 << 20, cluster: cluster)
+        try b!.register(region)
     }
 }
