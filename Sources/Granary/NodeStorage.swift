@@ -179,11 +179,15 @@ package struct NodeStorage: Sendable {
 
     /// Waits until every other member's mailbox is reachable through the transport: the file
     /// is complete and the peer has registered it (a peer in another process may be starting).
-    /// A member on another host (`verbs://`) is waited for through the transport alone.
+    /// A member on another host (`verbs://`) is waited for through the transport alone. A client
+    /// member reached over verbs is not waited for: its transport answers only while its program
+    /// runs, which may start long after the nodes or not at all (channels to it attach when it
+    /// first sends); over shared memory its mailbox file is there all along.
     package func waitForPeers(timeout: Duration) throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         for member in configuration.members where member.node != node {
+            if member.client, sharedMemory == nil { continue }
             let path = try Self.directory(of: member).path(for: RegionID.mailbox(of: member.node))
             let remote = MemberEndpoint(member.endpoint)?.isRemote ?? false
             while true {

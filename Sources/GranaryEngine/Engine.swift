@@ -182,8 +182,10 @@ package final class ConfigurationView: @unchecked Sendable {
     /// members' channels): a LOCK or COMMIT-BACKUP record must fit.
     let maximumRecordBytes: Int
 
+    /// - Parameter ringCapacity: this node's own mailbox ring size, which channels to a client
+    ///   member that is not running yet assume until they attach.
     init(node: NodeID, configuration: Configuration, regions: [Region], previous: ConfigurationView?,
-         transport: any Transport) throws {
+         transport: any Transport, ringCapacity: Int) throws {
         self.configuration = configuration
         self.configurationID = configuration.id
         self.node = node
@@ -226,9 +228,13 @@ package final class ConfigurationView: @unchecked Sendable {
         var bits: UInt64 = 0
         for member in configuration.members {
             bits |= 1 << UInt64(member.node.index)
-            senders[member.node.index] = try previous?.senders[member.node.index] ?? ChannelSender(transport: transport, to: member.node)
+            // A client member may not be running yet (over verbs its mailbox answers only while
+            // its program runs): its channels assume this node's ring size until they attach.
+            let assumed = member.client ? ringCapacity : nil
+            senders[member.node.index] = try previous?.senders[member.node.index]
+                ?? ChannelSender(transport: transport, to: member.node, assumedRingCapacity: assumed)
             replySenders[member.node.index] = try previous?.replySenders[member.node.index]
-                ?? ChannelSender(transport: transport, to: member.node, kind: .messages)
+                ?? ChannelSender(transport: transport, to: member.node, kind: .messages, assumedRingCapacity: assumed)
             // A member (again): sends to it wait for ring space as usual.
             senders[member.node.index]?.giveUpWaiting(false)
             replySenders[member.node.index]?.giveUpWaiting(false)
@@ -415,7 +421,7 @@ package final class Engine: Sendable {
         }
         self.heldRegions = Mutex(replicas)
         let first = try ConfigurationView(node: node, configuration: configuration, regions: replicas,
-                                          previous: nil, transport: transport)
+                                          previous: nil, transport: transport, ringCapacity: mailbox.ringCapacity)
         self.views.withLock { $0.append(first) }
         self.currentView.store(UInt(bitPattern: Unmanaged.passUnretained(first).toOpaque()), ordering: .releasing)
         self.processor = RecordProcessor()
@@ -457,7 +463,7 @@ package final class Engine: Sendable {
             throw ConfigurationError.invalid("\(node) is in \(current.configuration.id) and cannot move to \(configuration.id)")
         }
         let next = try ConfigurationView(node: node, configuration: configuration, regions: regions, previous: current,
-                                         transport: transport)
+                                         transport: transport, ringCapacity: mailbox.ringCapacity)
         // Regions this node now leads (transaction-state recovery resolved their kept records
         // before a configuration that removes nodes is applied; see TransactionRecovery).
         let promoted = configuration.regions.filter {

@@ -886,7 +886,10 @@ public final class ChannelSender: Sendable {
     private let ringAddress: GlobalAddress
     /// Serialises attaching (``attach(wait:)``): one thread re-establishes the stream while the
     /// others wait in the slow path.
-    private let attachment = Mutex<Void>(())
+    /// Serialises attaching; holds whether the receiver's ring geometry has been read and found
+    /// to be the one this sender uses (false only for a sender made with an assumed geometry
+    /// while its receiver was unreachable: the first attach checks it).
+    private let attachment = Mutex<Bool>(true)
     /// Where the transport maps the receiver's control line and ring into this process (shared
     /// memory), as bit patterns; 0 where it does not (verbs). With a mapping a message is written
     /// straight into the ring, with the same ordering as a one-sided write (trailer last).
@@ -910,22 +913,36 @@ public final class ChannelSender: Sendable {
     /// geometry from its mailbox header (one read) and attaches to the ring if it is open (one
     /// compare-and-swap, one read). A ring still attached to another connection (this node
     /// before a restart) is asked to reopen; the first send waits for that.
-    public init(transport: any Transport, to receiver: NodeID, kind: RingKind = .log, sendTimeout: Duration = .seconds(10)) throws(TransportError) {
+    ///
+    /// - Parameter assumedRingCapacity: for a receiver that may not be running yet (a client
+    ///   member over verbs, whose transport answers only while its program runs): the ring
+    ///   capacity to use if its mailbox cannot be read now (the peer is unreachable, or has not
+    ///   registered its mailbox). The sender then starts detached, and
+    ///   its first send reads the receiver's geometry and fails with
+    ///   ``TransportError/corruptChannel(sender:receiver:reason:)`` if it differs.
+    public init(transport: any Transport, to receiver: NodeID, kind: RingKind = .log, sendTimeout: Duration = .seconds(10),
+                assumedRingCapacity: Int? = nil) throws(TransportError) {
         let mailbox = RegionID.mailbox(of: receiver)
-        var geometry: (UInt32, UInt32) = (0, 0)
-        try withUnsafeMutableBytes(of: &geometry) { (buffer) throws(TransportError) in
-            try transport.read(from: receiver, GlobalAddress(region: mailbox, offset: 16), into: buffer)
-        }
-        guard geometry.0 == mailbox.rawValue, geometry.1 >= 12, geometry.1 < 32 else {
-            throw .corruptChannel(sender: transport.localNode, receiver: receiver,
-                                  reason: "node \(receiver)'s mailbox header is not a mailbox (region 0x\(String(geometry.0, radix: 16)), ring 2^\(geometry.1))")
+        var shift: UInt32
+        var verified = true
+        do throws(TransportError) {
+            shift = try Self.ringShift(transport, of: receiver)
+        } catch {
+            // Not running, or running without its mailbox registered yet.
+            var absent = false
+            if case .peerUnreachable = error { absent = true }
+            if case .unknownRegion(_, mailbox, _) = error { absent = true }
+            guard let assumedRingCapacity, absent,
+                  assumedRingCapacity >= 4096, assumedRingCapacity & (assumedRingCapacity - 1) == 0 else { throw error }
+            shift = UInt32(assumedRingCapacity.trailingZeroBitCount)
+            verified = false
         }
         self.transport = transport
         self.sender = transport.localNode
         self.receiver = receiver
         self.kind = kind
         self.connection = UInt64.random(in: 1...UInt64.max)
-        self.ringCapacity = 1 << Int(geometry.1)
+        self.ringCapacity = 1 << Int(shift)
         self.maximumMessage = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
         let control = ChannelFormat.controlOffset(sender: transport.localNode, ringCapacity: ringCapacity, kind: kind)
         self.controlAddress = GlobalAddress(region: mailbox, offset: UInt32(control))
@@ -947,7 +964,22 @@ public final class ChannelSender: Sendable {
             staging = Mutex(UInt(bitPattern: UnsafeMutableRawPointer.allocate(byteCount: ChannelFormat.stride(maximumMessage), alignment: 64)))
         }
         tail.pointee.store(Self.detached, ordering: .relaxed)
-        _ = try attach(wait: false)
+        attachment.withLock { $0 = verified }
+        if verified { _ = try attach(wait: false) }
+    }
+
+    /// The ring size exponent in `receiver`'s mailbox header (one read).
+    private static func ringShift(_ transport: any Transport, of receiver: NodeID) throws(TransportError) -> UInt32 {
+        let mailbox = RegionID.mailbox(of: receiver)
+        var geometry: (UInt32, UInt32) = (0, 0)
+        try withUnsafeMutableBytes(of: &geometry) { (buffer) throws(TransportError) in
+            try transport.read(from: receiver, GlobalAddress(region: mailbox, offset: 16), into: buffer)
+        }
+        guard geometry.0 == mailbox.rawValue, geometry.1 >= 12, geometry.1 < 32 else {
+            throw .corruptChannel(sender: transport.localNode, receiver: receiver,
+                                  reason: "node \(receiver)'s mailbox header is not a mailbox (region 0x\(String(geometry.0, radix: 16)), ring 2^\(geometry.1))")
+        }
+        return geometry.1
     }
 
     deinit {
@@ -986,8 +1018,16 @@ public final class ChannelSender: Sendable {
     /// - Throws: ``TransportError/peerUnreachable(node:detail:)`` when the receiver does not reopen
     ///   the ring in time, or the transport's error.
     private func attach(wait: Bool) throws(TransportError) -> Bool {
-        try attachment.withLock { _ throws(TransportError) -> Bool in
+        try attachment.withLock { verified throws(TransportError) -> Bool in
             if tail.pointee.load(ordering: .acquiring) < Self.detached { return true }  // attached meanwhile
+            if !verified {
+                let shift = try Self.ringShift(transport, of: receiver)
+                guard 1 << Int(shift) == ringCapacity else {
+                    throw .corruptChannel(sender: sender, receiver: receiver,
+                                          reason: "node \(receiver)'s rings are 2^\(shift) bytes, and this node assumed \(ringCapacity) (the ring capacity of its own mailbox) while node \(receiver) was not running: give every member the same ring capacity")
+                }
+                verified = true
+            }
             let attached = controlAddress.advanced(by: ChannelFormat.attachedOffset)
             var requestedAt: UInt64 = 0
             let start = monotonicNanoseconds()

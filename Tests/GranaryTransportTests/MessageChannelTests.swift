@@ -44,6 +44,46 @@ private struct ChannelDamage: Error, CustomStringConvertible {
 
 @Suite("Message channels")
 struct MessageChannelTests {
+    @Test("a channel to a receiver not there yet (a client not started) assumes a ring size, checks it at the first send, and delivers")
+    func receiverNotThereYet() throws {
+        let tmp = TemporaryDirectory("granary-shm")
+        defer { tmp.remove() }
+        let cluster = ClusterID.random()
+        let dirA = try RegionDirectory(tmp.path.appending("n0"))
+        let dirB = try RegionDirectory(tmp.path.appending("n1"))
+        let dirC = try RegionDirectory(tmp.path.appending("n2"))
+        let a = SharedMemoryTransport(localNode: NodeID(0), cluster: cluster, directory: dirA)
+        a.addPeer(NodeID(1), endpoint: dirB)
+        a.addPeer(NodeID(2), endpoint: dirC)
+        // Without an assumed size, a missing mailbox fails the channel at once, as before.
+        #expect(throws: TransportError.self) { _ = try ChannelSender(transport: a, to: NodeID(1)) }
+        let sender = try ChannelSender(transport: a, to: NodeID(1), assumedRingCapacity: 8192)
+        let mismatched = try ChannelSender(transport: a, to: NodeID(2), assumedRingCapacity: 8192)
+        #expect(sender.ringCapacity == 8192)
+        // The receivers start: n1 with the assumed ring size, n2 with another.
+        let b = SharedMemoryTransport(localNode: NodeID(1), cluster: cluster, directory: dirB)
+        let mailbox = try Mailbox(node: NodeID(1), directory: dirB, cluster: cluster, ringCapacity: 8192)
+        try b.register(mailbox.region)
+        let c = SharedMemoryTransport(localNode: NodeID(2), cluster: cluster, directory: dirC)
+        let other = try Mailbox(node: NodeID(2), directory: dirC, cluster: cluster, ringCapacity: 16384)
+        try c.register(other.region)
+        var word: UInt64 = 0xC0FFEE
+        try withUnsafeBytes(of: &word) { try sender.send($0) }
+        var received: [UInt64] = []
+        _ = try mailbox.receiver(from: NodeID(0)).poll { received.append($0.loadUnaligned(as: UInt64.self)) }
+        #expect(received == [0xC0FFEE])
+        do {
+            try withUnsafeBytes(of: &word) { try mismatched.send($0) }
+            Issue.record("a send into rings of another size than assumed went through")
+        } catch {
+            guard let error = error as? TransportError, case .corruptChannel(_, NodeID(2), let reason) = error else {
+                Issue.record("expected corruptChannel naming n2, got \(error)")
+                return
+            }
+            #expect(reason.contains("16384") || reason.contains("2^14"), "\(reason)")
+        }
+    }
+
     @Test("order is kept across many wrap-arounds of a small ring")
     func orderAndWrapAround() async throws {
         let pair = try SharedMemoryFixture().makePair()
