@@ -2,6 +2,9 @@ import ArgumentParser
 import Foundation
 import Granary
 import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
 import GranaryVerbs
 import GranaryZooKeeper
 
@@ -117,36 +120,128 @@ struct ClusterInit: ParsableCommand {
 
 struct ClusterStatus: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "status", abstract: "Print the members, the configuration manager, the configuration id and the region map.")
-    @Option(help: "The coordination store: zookeeper://host:port.") var coordination: String
-    @Option(help: "The cluster id, in hex (as in cluster.json and the region files).") var cluster: String
+        commandName: "status",
+        abstract: "Print the members, the configuration manager, the configuration id, the region map and each node's throughput.",
+        discussion: """
+            With --directory (a cluster of `cluster up`): the configuration from the coordination store (the file's             "coordination", or --coordination), else the file's; and for each node its process, and, where it serves             metrics (cluster up --metrics-port-base), the records it processed and the transactions it coordinated             per second over --interval. Without --directory: --coordination and --cluster read the store alone.
+            """)
+    @Option(help: "The cluster's directory (cluster.json, the nodes' logs and process ids).") var directory: String?
+    @Option(help: "The coordination store: zookeeper://host:port (default with --directory: the file's).") var coordination: String?
+    @Option(help: "The cluster id, in hex (as in cluster.json and the region files); with --directory, the file's.") var cluster: String?
     @Option(help: "Replicas every region should have (regions with fewer are listed as under-replicated).") var replicas: Int = 3
+    @Option(help: "Seconds between the two reads of each node's metrics that give its throughput.") var interval: Double = 1
 
     func validate() throws {
-        guard case .zookeeper? = CoordinationChoice(coordination) else {
+        if let coordination, CoordinationChoice(coordination) == nil || CoordinationChoice(coordination) == .embedded {
             throw ValidationError("--coordination takes zookeeper://host:port, got '\(coordination)'")
         }
-        guard UInt64(cluster.replacingOccurrences(of: "cluster-", with: ""), radix: 16) != nil else {
+        if let cluster, UInt64(cluster.replacingOccurrences(of: "cluster-", with: ""), radix: 16) == nil {
             throw ValidationError("--cluster must be a hex cluster id, got '\(cluster)'")
         }
+        guard directory != nil || (coordination != nil && cluster != nil) else {
+            throw ValidationError("give --directory DIR, or --coordination zookeeper://host:port and --cluster ID")
+        }
+        guard interval > 0, interval <= 60 else { throw ValidationError("--interval must be in (0, 60] seconds") }
     }
 
     func run() async throws {
-        guard case .zookeeper(let address) = CoordinationChoice(coordination) else { return }
-        let id = ClusterID(rawValue: UInt64(cluster.replacingOccurrences(of: "cluster-", with: ""), radix: 16)!)
-        let store = try ZooKeeperStore(connectString: address)
-        defer { Task { await store.close() } }
-        let (configuration, _) = try await ConfigurationRecord.read(id, from: store)
+        var file: ClusterFile?
+        if let directory { file = try ClusterFile.load(directory + "/cluster.json") }
+        let id = cluster.map { ClusterID(rawValue: UInt64($0.replacingOccurrences(of: "cluster-", with: ""), radix: 16)!) }
+            ?? file!.configuration.cluster
+        let storeAddress = coordination ?? file?.coordination
+        let configuration: Configuration
+        if let storeAddress, case .zookeeper(let address) = CoordinationChoice(storeAddress) {
+            let store = try ZooKeeperStore(connectString: address)
+            defer { Task { await store.close() } }
+            configuration = try await ConfigurationRecord.read(id, from: store).0
+            print("source         the coordination store \(storeAddress)")
+        } else {
+            configuration = file!.configuration
+            print("source         the cluster file (static: no configuration manager)")
+        }
         print("cluster        \(configuration.cluster)")
         print("configuration  \(configuration.id.rawValue)")
         print("manager        \(configuration.manager.map(\.description) ?? "none")")
         print("members")
-        for member in configuration.members { print("  \(member.node)  \(member.endpoint)") }
+        for member in configuration.members { print("  \(member.node)  \(member.endpoint)\(member.client ? "  (client)" : "")") }
         print("regions")
         for placement in configuration.regions {
             print("  \(placement.region)  primary \(placement.primary)  backups \(placement.backups.map(\.description).joined(separator: ","))")
         }
         let under = ConfigurationRecord.underReplicated(configuration, replicas: replicas)
         if !under.isEmpty { print("under-replicated  \(under.map(\.description).joined(separator: ", "))") }
+        guard let directory, let file else { return }
+        // Each node's process and throughput: two reads of its metrics, --interval apart.
+        let nodes = file.configuration.members.filter { !$0.client }.map(\.node)
+        let ports = nodes.map { Self.metricsPort(directory: directory, node: $0) }
+        let first = ports.map { $0.flatMap(Self.scrape) }
+        let start = ContinuousClock.now
+        try await Task.sleep(for: .seconds(interval))
+        let second = ports.map { $0.flatMap(Self.scrape) }
+        let elapsed = ContinuousClock.now - start
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        print("nodes (over \(String(format: "%.1f", seconds)) s)")
+        for (index, node) in nodes.enumerated() {
+            let process = ClusterDown.runningPid(directory: directory, node: node.index).map { "process \($0)" } ?? "not running"
+            var line = "  \(node)  \(process)"
+            if let port = ports[index] {
+                if let before = first[index], let after = second[index] {
+                    let records = Double(after.processed - before.processed) / seconds
+                    let committed = Double(after.committed - before.committed) / seconds
+                    line += "  metrics :\(port)  records \(String(format: "%.0f", records))/s  coordinated commits \(String(format: "%.0f", committed))/s"
+                } else {
+                    line += "  metrics :\(port) did not answer"
+                }
+            } else {
+                line += "  (no metrics: cluster up --metrics-port-base)"
+            }
+            print(line)
+        }
+    }
+
+    /// The metrics port node `node` announced in its log (`metrics PORT`, its first line when it
+    /// serves metrics).
+    static func metricsPort(directory: String, node: NodeID) -> UInt16? {
+        guard let log = try? String(contentsOfFile: directory + "/\(node).log", encoding: .utf8) else { return nil }
+        for line in log.split(separator: "\n").reversed() where line.hasPrefix("metrics ") {
+            return UInt16(line.dropFirst("metrics ".count))
+        }
+        return nil
+    }
+
+    /// The records processed and the transactions coordinated that node's metrics on 127.0.0.1:`port`
+    /// count now, or nil if it does not answer within a second.
+    static func scrape(_ port: UInt16) -> (processed: Int, committed: Int)? {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var timeout = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { return nil }
+        let request = Array("GET /metrics HTTP/1.0\r\n\r\n".utf8)
+        guard request.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == request.count else { return nil }
+        var response: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if count <= 0 { break }
+            response += buffer[0..<count]
+        }
+        var processed = 0, committed = 0
+        for line in String(decoding: response, as: UTF8.self).split(separator: "\n") where !line.hasPrefix("#") {
+            guard let value = line.split(separator: " ").last.flatMap({ Double($0) }) else { continue }
+            if line.hasPrefix("granary_records_processed_total") { processed += Int(value) }
+            if line.hasPrefix("granary_transactions_committed_total") { committed += Int(value) }
+        }
+        return (processed, committed)
     }
 }

@@ -644,6 +644,7 @@ package final class Engine: Sendable {
         mailbox.advanceReleased()
         let reopened = mailbox.takeReopened()
         if reopened != 0 { checkConnections(to: reopened, view: view) }
+        if handled > 0 { statistics.processed(handled) }
         return handled
     }
 

@@ -72,6 +72,10 @@ public final class EngineStatistics: @unchecked Sendable {
     private let abortCounters: [Counter]
     private let phaseTimers: [CoreMetrics.Timer]
     private let rejectedCounter: Counter
+    /// Records and messages this node's mailbox handed to record processing (LOCK, COMMIT-BACKUP,
+    /// COMMIT-PRIMARY, ... from every coordinator): its share of the cluster's work, also where
+    /// clients coordinate. Counted once per poll round.
+    private let processedCounter: Counter
 
     init(node: NodeID, factory: any MetricsFactory) {
         let dimension = [("node", node.description)]
@@ -87,6 +91,7 @@ public final class EngineStatistics: @unchecked Sendable {
             CoreMetrics.Timer(label: "granary_phase_nanoseconds", dimensions: dimension + [("phase", phase.description)], factory: factory)
         }
         rejectedCounter = Counter(label: "granary_records_rejected_total", dimensions: dimension, factory: factory)
+        processedCounter = Counter(label: "granary_records_processed_total", dimensions: dimension, factory: factory)
     }
 
     deinit {
@@ -112,6 +117,9 @@ public final class EngineStatistics: @unchecked Sendable {
     }
 
     func lockRecordSent() { counter(Self.lockIndex).pointee.add(1, ordering: .relaxed) }
+
+    /// `count` records and messages were processed in one poll round.
+    func processed(_ count: Int) { processedCounter.increment(by: Int64(count)) }
 
     func rejected() {
         counter(Self.rejectedIndex).pointee.add(1, ordering: .relaxed)

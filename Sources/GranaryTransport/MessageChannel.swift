@@ -914,12 +914,17 @@ public final class ChannelSender: Sendable {
     /// compare-and-swap, one read). A ring still attached to another connection (this node
     /// before a restart) is asked to reopen; the first send waits for that.
     ///
-    /// - Parameter assumedRingCapacity: for a receiver that may not be running yet (a client
-    ///   member over verbs, whose transport answers only while its program runs): the ring
-    ///   capacity to use if its mailbox cannot be read now (the peer is unreachable, or has not
-    ///   registered its mailbox). The sender then starts detached, and
-    ///   its first send reads the receiver's geometry and fails with
-    ///   ``TransportError/corruptChannel(sender:receiver:reason:)`` if it differs.
+    /// - Parameters:
+    ///   - transport: this node's transport (the sender is its local node).
+    ///   - receiver: the node whose mailbox holds the ring.
+    ///   - kind: which of the sender's rings in that mailbox: the log or the message queue.
+    ///   - sendTimeout: how long a send waits for ring space or for the receiver to reopen the ring.
+    ///   - assumedRingCapacity: for a receiver that may not be running yet (a client member over
+    ///     verbs, whose transport answers only while its program runs): the ring capacity to use
+    ///     if its mailbox cannot be read now (the peer is unreachable, or has not registered its
+    ///     mailbox). The sender then starts detached, and its first send reads the receiver's
+    ///     geometry and fails with ``TransportError/corruptChannel(sender:receiver:reason:)`` if
+    ///     it differs.
     public init(transport: any Transport, to receiver: NodeID, kind: RingKind = .log, sendTimeout: Duration = .seconds(10),
                 assumedRingCapacity: Int? = nil) throws(TransportError) {
         let mailbox = RegionID.mailbox(of: receiver)

@@ -194,7 +194,8 @@ struct ClusterFileTests {
         #expect(node.waitForExit() == 1, "granary node ran as a client member")
         #expect(node.remainingLines().joined().contains("client member"))
 
-        let up = try ChildProcess(executable, ["cluster", "up", "--directory", directory])
+        let up = try ChildProcess(executable, ["cluster", "up", "--directory", directory,
+                                               "--metrics-port-base", "\(Int.random(in: 20_000...40_000))"])
         let upStatus = up.waitForExit()
         #expect(upStatus == 0, "cluster up exited \(upStatus): \(up.remainingLines())")
         defer { _ = try? ChildProcess(executable, ["cluster", "down", "--directory", directory]).waitForExit() }
@@ -219,6 +220,19 @@ struct ClusterFileTests {
         }
         // SmallBank through the other client (n4, the first free one), with its invariant check.
         let bench = try ChildProcess(executable, ["bench", "smallbank", "--cluster", file, "--accounts", "2000", "--hot-accounts", "200", "--seconds", "1", "--quiet"])
+        // While the client loads and runs: cluster status shows each node's process and the records
+        // it processed per second (the client coordinates; the nodes process its records).
+        let status = try ChildProcess(executable, ["cluster", "status", "--directory", directory, "--interval", "1"])
+        #expect(status.waitForExit() == 0)
+        let shown = status.remainingLines()
+        let nodeLines = shown.filter { $0.hasPrefix("  n") && $0.contains("process") }
+        #expect(nodeLines.count == 3, "cluster status: \(shown)")
+        let rates = nodeLines.compactMap { line -> Double? in
+            guard let range = line.range(of: "records ") else { return nil }
+            return Double(line[range.upperBound...].prefix { $0.isNumber || $0 == "." })
+        }
+        #expect(rates.count == 3 && rates.contains { $0 > 0 }, "no node processed records while the client ran: \(shown)")
+        #expect(shown.contains { $0.hasPrefix("source") && $0.contains("cluster file") } && shown.contains("members"), "\(shown)")
         let benchStatus = bench.waitForExit()
         let said = bench.remainingLines()
         #expect(benchStatus == 0, "bench --cluster exited \(benchStatus): \(said)")
