@@ -1,8 +1,12 @@
 import Foundation
 import Granary
+@testable import GranaryCommand
 import GranaryTestSupport
 import Synchronization
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A client (a member that holds no region) of node processes that run the configuration manager
 /// through a real ZooKeeper: it joins, follows configurations and leaves.
@@ -243,6 +247,87 @@ struct CoordinatedClientTests {
         let left = Date()
         while (try? await current())?.contains(NodeID(3)) ?? true, Date().timeIntervalSince(left) < 10 { try await Task.sleep(for: .milliseconds(10)) }
         #expect(try await !current().contains(NodeID(3)), "the client is still a member after shutdown")
+        await store.close()
+    }
+
+    @Test("""
+        cluster up of 3 coordinated nodes with metrics, bench transfer --cluster through a client, SIGTERM of a \
+        member during the run: it leaves (says so, exits 0) and is removed without a suspicion, the others stay, \
+        the bench goes on and its invariant holds (no lock left); cluster status shows the configuration without \
+        it and the others' records per second from their metrics; cluster down stops the rest
+        """)
+    func memberLeavesDuringBench() async throws {
+        let tmp = TemporaryDirectory("granary-leave-under-bench")
+        defer { tmp.remove() }
+        let directory = tmp.path.appending("c").string
+        let executable = try ChildProcess.granaryExecutable()
+        let initialize = try ChildProcess(executable, ["cluster", "init", "--directory", directory, "--nodes", "3", "--clients", "1",
+                                                       "--region-mib", "4", "--coordination", "zookeeper://\(zooKeeper!)",
+                                                       // Leases of 10 ms lapse now and then on this 2-core machine while
+                                                       // the client loads (a false suspicion, then a rejoin): this test is
+                                                       // about a member that leaves.
+                                                       "--lease-ms", "100"])
+        #expect(initialize.waitForExit() == 0, "cluster init: \(initialize.remainingLines())")
+        let file = directory + "/cluster.json"
+        let cluster = try ClusterFile.load(file).configuration.cluster
+        let up = try ChildProcess(executable, ["cluster", "up", "--directory", directory,
+                                               "--metrics-port-base", "\(Int.random(in: 20_000...40_000))"])
+        let upStatus = up.waitForExit()
+        #expect(upStatus == 0, "cluster up exited \(upStatus): \(up.remainingLines())")
+        defer { _ = try? ChildProcess(executable, ["cluster", "down", "--directory", directory]).waitForExit() }
+        let store = try ZooKeeperStore(connectString: zooKeeper!)
+        func current() async throws -> Configuration { try await ConfigurationRecord.read(cluster, from: store).0 }
+        let start = Date()
+        while (try? await current())?.manager == nil, Date().timeIntervalSince(start) < 30 { try await Task.sleep(for: .milliseconds(10)) }
+
+        let bench = try ChildProcess(executable, ["bench", "transfer", "--cluster", file, "--accounts", "2000", "--seconds", "4",
+                                                  "--quiet", "--no-adaptive-workers"])
+        // Into the measured run: the client has joined (the configuration lists it).
+        let joinedBy = Date()
+        while (try? await current())?.clients.isEmpty ?? true, Date().timeIntervalSince(joinedBy) < 60 {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        try await Task.sleep(for: .seconds(3))
+        let before = try await current()
+        #expect(before.clients == [NodeID(3)], "before the SIGTERM: \(before)")
+        // A member that is not the CM (the CM's own departure is a take-over, RejoinTests).
+        let holders = before.members.filter { !$0.client }.map(\.node)
+        let victim = try #require(holders.first { $0 != before.manager })
+        let survivors = holders.filter { $0 != victim }
+        let pid = try #require(ClusterDown.runningPid(directory: directory, node: victim.index), "\(victim) does not run")
+        kill(pid, SIGTERM)
+        let termAt = Date()
+        while (try? await current())?.contains(victim) ?? true, Date().timeIntervalSince(termAt) < 15 {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let after = try await current()
+        #expect(!after.contains(victim), "\(victim) is still a member 15 s after SIGTERM: \(after)")
+        #expect(survivors.allSatisfy { after.contains($0) } && after.contains(NodeID(3)),
+                "members other than \(victim) went with it: \(before) -> \(after)")
+        let exitBy = Date()
+        while kill(pid, 0) == 0, Date().timeIntervalSince(exitBy) < 15 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(kill(pid, 0) != 0, "\(victim) (process \(pid)) still runs 15 s after SIGTERM")
+        let victimLog = try String(contentsOfFile: directory + "/\(victim).log", encoding: .utf8)
+        #expect(victimLog.split(separator: "\n").contains { $0.hasPrefix("left ") }, "\(victim) did not say it left: \(victimLog.suffix(800))")
+        // Left, not suspected: the CM removed it for its withdrawn registration, not a lapsed lease.
+        let logs = try survivors.map { try String(contentsOfFile: directory + "/\($0).log", encoding: .utf8) }
+        #expect(!logs.contains { $0.contains("removed \(victim) (lease expired)") }, "\(victim) was suspected: \(logs.map { $0.suffix(600) })")
+        #expect(logs.contains { $0.contains("removed \(victim) (its registration is gone)") }, "no CM removed \(victim) for leaving: \(logs.map { $0.suffix(600) })")
+
+        let benchStatus = bench.waitForExit()
+        let said = bench.remainingLines()
+        #expect(benchStatus == 0, "bench --cluster exited \(benchStatus) after n2 left: \(said)")
+        #expect(said.contains("invariant: holds") || said.contains { $0.hasPrefix("invariant: holds") }, "\(said)")
+
+        let status = try ChildProcess(executable, ["cluster", "status", "--directory", directory, "--interval", "0.5"])
+        #expect(status.waitForExit() == 0)
+        let shown = status.remainingLines()
+        let memberLines = shown.drop { $0 != "members" }.dropFirst().prefix { $0.hasPrefix("  ") }
+        let survivor = survivors[0]
+        #expect(!memberLines.contains { $0.hasPrefix("  \(victim) ") } && memberLines.contains { $0.hasPrefix("  \(survivor) ") },
+                "cluster status lists: \(shown)")
+        #expect(shown.contains { $0.hasPrefix("  \(survivor)  process") && $0.contains("records ") }, "no metrics read from \(survivor): \(shown)")
+        #expect(shown.contains { $0.hasPrefix("  \(victim)  not running") }, "\(victim)'s process is not shown as gone: \(shown)")
         await store.close()
     }
 }
