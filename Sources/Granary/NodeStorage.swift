@@ -171,10 +171,8 @@ package struct NodeStorage: Sendable {
 
     /// The transport `node`'s endpoint in `configuration` names.
     package static func transportKind(of node: NodeID, in configuration: Configuration) -> NodeTransportKind {
-        switch configuration.members.first(where: { $0.node == node }).flatMap({ MemberEndpoint($0.endpoint) }) {
-        case .verbsDirectory?, .verbsAddress?: return .verbs(device: nil)
-        default: return .sharedMemory
-        }
+        let endpoint = configuration.members.first(where: { $0.node == node }).flatMap { MemberEndpoint($0.endpoint) }
+        return endpoint?.isVerbs == true ? .verbs(device: nil) : .sharedMemory
     }
 
     /// Waits until every other member's mailbox is reachable through the transport: the file

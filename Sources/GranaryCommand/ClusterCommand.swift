@@ -132,7 +132,7 @@ struct ClusterStatus: AsyncParsableCommand {
     @Option(help: "Seconds between the two reads of each node's metrics that give its throughput.") var interval: Double = 1
 
     func validate() throws {
-        if let coordination, CoordinationChoice(coordination) == nil || CoordinationChoice(coordination) == .embedded {
+        if let coordination, CoordinationChoice(coordination).map({ $0 == .embedded }) ?? true {
             throw ValidationError("--coordination takes zookeeper://host:port, got '\(coordination)'")
         }
         if let cluster, UInt64(cluster.replacingOccurrences(of: "cluster-", with: ""), radix: 16) == nil {

@@ -26,7 +26,7 @@ struct ClusterUp: AsyncParsableCommand {
     @Option(help: "Seconds to wait for every node to be ready.") var timeout: Double = 60
 
     func validate() throws {
-        if let coordination, CoordinationChoice(coordination) == nil || coordination == "embedded" {
+        if let coordination, CoordinationChoice(coordination).map({ $0 == .embedded }) ?? true {
             throw ValidationError("--coordination takes zookeeper://host:port, got '\(coordination)'")
         }
         guard metricsPortBase >= 0, metricsPortBase + NodeID.limit < 65536 else { throw ValidationError("--metrics-port-base must be in 0...65471") }

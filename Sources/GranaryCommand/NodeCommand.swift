@@ -150,10 +150,7 @@ struct NodeCommand: AsyncParsableCommand {
     /// The transport: `--transport`, else the one `member`'s endpoint names.
     func transportOf(_ member: Member) -> TransportChoice {
         if let transport { return transport }
-        switch MemberEndpoint(member.endpoint) {
-        case .verbsDirectory?, .verbsAddress?: return .verbs
-        default: return .shm
-        }
+        return MemberEndpoint(member.endpoint)?.isVerbs == true ? .verbs : .shm
     }
 
     func run() async throws {

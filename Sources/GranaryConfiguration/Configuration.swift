@@ -108,6 +108,12 @@ public enum MemberEndpoint: Sendable, Equatable {
         }
     }
 
+    /// Whether the node is reached through RDMA verbs (`verbs:` or `verbs://`), not shared memory.
+    public var isVerbs: Bool {
+        if case .sharedMemory = self { return false }
+        return true
+    }
+
     /// Whether the node may be on another host (its files are not to be looked for on this one).
     public var isRemote: Bool {
         if case .verbsAddress = self { return true }
