@@ -88,8 +88,9 @@ public final class Cluster: Sendable {
     /// rejoined has a new one.
     public var membership: [MembershipService] { services.withLock { $0 } }
     private let services: Mutex<[MembershipService]>
-    /// Rejoins the nodes of an embedded cluster that the configuration manager removed.
-    private let rejoin: EmbeddedRejoin?
+    /// Rejoins the nodes of an embedded cluster, or the client of a connection, that the
+    /// configuration manager removed while they ran.
+    private let rejoin: Rejoin?
 
     /// What restart recovery found and did when this cluster was reopened from its files (nil for
     /// a new cluster).
@@ -108,7 +109,7 @@ public final class Cluster: Sendable {
     private init(nodes: [Node], configuration: Configuration, directory: FilePath, removeOnShutdown: Bool,
                  coordination: EmbeddedCoordinationService?, membership: [MembershipService],
                  recovery: RestartRecovery.Report?, regionAllocation: RegionAllocation?, clientLock: Int32 = -1,
-                 spares: [SpareRegions] = [], rejoin: EmbeddedRejoin? = nil) {
+                 spares: [SpareRegions] = [], rejoin: Rejoin? = nil) {
         self.spares = Mutex(spares)
         self.rejoin = rejoin
         self.clientLock = clientLock
@@ -245,7 +246,7 @@ public final class Cluster: Sendable {
         var coordination: EmbeddedCoordinationService?
         var services: [MembershipService] = []
         var spares: [SpareRegions] = []
-        var rejoin: EmbeddedRejoin?
+        var rejoin: Rejoin?
         if let membershipOptions = options.membership {
             let makeSession: @Sendable () throws -> any CoordinationStore
             switch options.coordination {
@@ -291,8 +292,8 @@ public final class Cluster: Sendable {
             for service in services.filter({ $0.node == configuration.manager }) + services.filter({ $0.node != configuration.manager }) {
                 try await service.start()
             }
-            rejoin = EmbeddedRejoin(configuration: configuration, options: options, membership: membershipOptions,
-                                    logger: logger, makeSession: makeSession)
+            rejoin = Rejoin.embedded(configuration: configuration, options: options, membership: membershipOptions,
+                                     logger: logger, makeSession: makeSession)
         }
         var regionAllocation: RegionAllocation?
         if services.isEmpty {
@@ -491,7 +492,8 @@ public final class Cluster: Sendable {
     /// client whose former process still holds its place waits until the CM removes it.
     ///
     /// A client removed while it waits to be admitted (a false suspicion on a loaded host: it
-    /// had committed nothing) joins again as a new incarnation, within the same 30 s.
+    /// had committed nothing) joins again as a new incarnation, within the same 30 s; one removed
+    /// later, while it runs (its lease lapsed), joins again by itself (``Rejoin``).
     private static func connectCoordinated(configuration: Configuration, client me: Member, lock: Int32, root: FilePath,
                                            address: String, options: ClusterOptions, logger: Logger) async throws -> Cluster {
         #if ZooKeeper
@@ -522,6 +524,38 @@ public final class Cluster: Sendable {
     /// One attempt of ``connectCoordinated(configuration:client:lock:root:address:options:logger:)``.
     private static func joinCoordinated(configuration: Configuration, client me: Member, lock: Int32, root: FilePath, address: String,
                                         options: ClusterOptions, logger: Logger, deadline: ContinuousClock.Instant) async throws -> Cluster {
+        let (engine, service, storage) = try await admitClient(configuration: configuration, client: me, root: root, address: address,
+                                                               options: options, logger: logger, deadline: deadline)
+        let storages = Mutex(storage)
+        let rejoin = Rejoin(logger: logger) { node, old, cluster in
+            logger.notice("client \(node) was removed from the configuration while it ran (its lease lapsed): it joins again as a new incarnation")
+            await old.stop()
+            let previous = storages.withLock { $0 }
+            _ = try await admitClient(configuration: configuration, client: me, root: root, address: address, options: options, logger: logger,
+                                      deadline: .now + .seconds(30), previous: previous) { engine, service, storage in
+                storages.withLock { $0 = storage }
+                cluster.rejoined(0, engine: engine, service: service, spares: storage.spares)
+            }
+        }
+        let cluster = Cluster(nodes: [Node(engine)], configuration: engine.configuration, directory: root, removeOnShutdown: false,
+                              coordination: nil, membership: [service], recovery: nil, regionAllocation: nil, clientLock: lock,
+                              rejoin: rejoin)
+        rejoin.start(cluster)
+        return cluster
+    }
+
+    /// One incarnation of a client of a coordinated cluster: its storage (`previous`: its former
+    /// incarnation's, see ``NodeStorage``), engine and membership service, joined and admitted (a
+    /// configuration lists it and its lease is granted) by `deadline`. `joining` is called with
+    /// them just before the join starts (a client that rejoins runs its transactions on the new
+    /// engine from then on; they wait for its admission).
+    ///
+    /// - Throws: `RemovedWhileJoining` when the manager removed it before it was admitted.
+    private static func admitClient(configuration: Configuration, client me: Member, root: FilePath, address: String,
+                                    options: ClusterOptions, logger: Logger, deadline: ContinuousClock.Instant,
+                                    previous: NodeStorage? = nil,
+                                    joining: (Engine, MembershipService, NodeStorage) -> Void = { _, _, _ in })
+    async throws -> (Engine, MembershipService, NodeStorage) {
         let node = me.node
         let store = try ZooKeeperStore(connectString: address, sessionTimeout: .seconds(4))
         do {
@@ -536,7 +570,8 @@ public final class Cluster: Sendable {
                 stored = try await ConfigurationRecord.waitForRemoval(of: node, from: stored, in: store, timeout: .seconds(30))
             }
             stored.members.append(me)
-            let storage = try NodeStorage(node: node, configuration: stored, ringCapacity: options.ringCapacity)
+            let storage = try NodeStorage(node: node, configuration: stored, transport: NodeStorage.transportKind(of: node, in: stored),
+                                          ringCapacity: options.ringCapacity, previous: previous)
             try storage.waitForPeers(timeout: .seconds(10))
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
             let service = MembershipService(
@@ -545,6 +580,7 @@ public final class Cluster: Sendable {
                 openRegion: { placement in
                     throw ConfigurationError.invalid("\(node) is a client: it holds no replica, and \(placement.region) was placed on it")
                 })
+            joining(engine, service, storage)
             try await service.start(joining: true)
             // Ready once a configuration lists the client and its lease is granted.
             while !engine.configuration.contains(node) || engine.commitsBlocked {
@@ -560,8 +596,7 @@ public final class Cluster: Sendable {
                 }
                 try await Task.sleep(for: .milliseconds(2))
             }
-            return Cluster(nodes: [Node(engine)], configuration: engine.configuration, directory: root, removeOnShutdown: false,
-                           coordination: nil, membership: [service], recovery: nil, regionAllocation: nil, clientLock: lock)
+            return (engine, service, storage)
         } catch {
             await store.close()
             throw error
@@ -598,7 +633,7 @@ public final class Cluster: Sendable {
         }
     }
 
-    /// Node `index`'s new incarnation (``EmbeddedRejoin``): its engine, membership service and
+    /// Node `index`'s new incarnation (``Rejoin``): its engine, membership service and
     /// spare regions replace the old ones.
     func rejoined(_ index: Int, engine: Engine, service: MembershipService, spares pool: SpareRegions) {
         for other in nodes where other.id != nodes[index].id { other.engine.helpNeighbours([engine]) }
@@ -760,6 +795,11 @@ public final class Node: Sendable {
     /// `EngineOptions.replyTimeout` for that; without a manager nothing removes a peer, and the
     /// error (`TransactionError.peerUnresponsive`, `.transport`) is thrown at once.
     ///
+    /// **This node removed.** A node of an embedded cluster, or the client of a connection, that
+    /// the manager removed while it ran (its lease lapsed) rejoins as a new incarnation; a
+    /// transaction whose engine stopped under it before it could commit (`.shutDown`) runs again
+    /// on the new one, and waits for its admission.
+    ///
     /// The body runs on the caller's isolation (`#isolation`): called from the main actor it runs
     /// there; from a task, on that task's executor.
     public func transaction<R: Sendable>(isolation: isolated (any Actor)? = #isolation,
@@ -796,6 +836,12 @@ public final class Node: Sendable {
                 // A dead or paused peer: with a configuration manager, tried again once the peer
                 // has been removed and recovered from.
                 if !Task.isCancelled, try await engine.retriesAfterRemoval(after: error) { continue }
+                // This node was removed and has rejoined as a new incarnation (``Rejoin``): its
+                // former engine stopped under the attempt, which did not commit (`shutDown` is
+                // never thrown past the point where it might have). It runs on the new engine.
+                if case .shutDown? = error as? TransactionError, self.engine !== engine, !Task.isCancelled {
+                    return try await self.transaction(isolation: isolation, body)
+                }
                 throw error
             }
             switch outcome {
@@ -823,7 +869,13 @@ public final class Node: Sendable {
     /// The synchronous form of ``transaction(isolation:_:)`` for hot loops on dedicated threads: the same
     /// engine, without a suspension point.
     public func transactionSync<R>(_ body: (Transaction) throws -> R) throws -> R {
-        try engine.run(body)
+        let engine = self.engine
+        do {
+            return try engine.run(body)
+        } catch TransactionError.shutDown where self.engine !== engine {
+            // Rejoined as a new incarnation under it (see ``transaction(isolation:_:)``).
+            return try transactionSync(body)
+        }
     }
 
     /// This node's counters.

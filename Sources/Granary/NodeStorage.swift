@@ -1,12 +1,14 @@
 import Foundation
 import GranaryConfiguration
 import GranaryEngine
+import GranaryMembership
 import GranaryMemory
 import GranaryTransport
 #if RDMA
 import GranaryVerbs
 #endif
 import Logging
+import Synchronization
 import SystemPackage
 
 /// Which transport a node process uses.
@@ -52,8 +54,14 @@ package struct NodeStorage: Sendable {
     /// - Parameter reopening: the node's files must all exist (a cluster reopened from its
     ///   directory): a missing region file is `RegionError.missing(path:)`, never a new empty
     ///   region; and the mailbox keeps its rings, the node's log, for `RestartRecovery`.
+    /// - Parameter previous: the storage of this node's former incarnation in this process (a
+    ///   client that rejoins). Over verbs its transport and lease page are kept (lease words
+    ///   zeroed): the transport holds the directory's endpoint and its registrations, which the
+    ///   former engine may still reach; the mailbox file is mapped again and cleared in place, so
+    ///   the registration of its former mapping (the same file pages) stays valid. Over shared
+    ///   memory everything is made anew, as for a node of an embedded cluster that rejoins.
     package init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int,
-                preservingLog: Bool = false, reopening: Bool = false) throws {
+                preservingLog: Bool = false, reopening: Bool = false, previous: NodeStorage? = nil) throws {
         guard let member = configuration.members.first(where: { $0.node == node }) else {
             throw ConfigurationError.invalid("\(node) is not a member of \(configuration.id)")
         }
@@ -61,6 +69,12 @@ package struct NodeStorage: Sendable {
         self.configuration = configuration
         home = try Self.directory(of: member)
         spares = SpareRegions(home: home, size: configuration.regionSize)
+        let kept = previous.flatMap { $0.sharedMemory == nil ? $0 : nil }
+        if let kept {
+            transport = kept.transport
+            sharedMemory = nil
+            connectPeer = kept.connectPeer
+        } else {
         switch kind {
         case .sharedMemory:
             let shm = SharedMemoryTransport(localNode: node, cluster: configuration.cluster, directory: home)
@@ -88,6 +102,7 @@ package struct NodeStorage: Sendable {
             throw ConfigurationError.invalid("node \(node) is to use the RDMA verbs transport, which this build of Granary leaves out (depend on it with the package trait RDMA)")
             #endif
         }
+        }
         var replicas: [Region] = []
         for placement in configuration.regions where placement.replicas.contains(node) {
             let region = reopening
@@ -103,8 +118,15 @@ package struct NodeStorage: Sendable {
         mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity,
                               preservingLog: preservingLog)
         try transport.register(mailbox.region)
-        leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
-        try transport.register(leasePage)
+        if let kept {
+            // The former incarnation's words (its counter, its grants) mean nothing to this one.
+            let words = (kept.leasePage.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
+            for index in 0..<3 { (words + index).pointee.store(0, ordering: .releasing) }
+            leasePage = kept.leasePage
+        } else {
+            leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
+            try transport.register(leasePage)
+        }
         for other in configuration.members where other.node != node {
             try connectPeer(other)
         }

@@ -354,8 +354,8 @@ package enum Runner {
             var inDoubt: [Int64] = []
             // The node's engine once per worker (each read of `Node.engine` is an atomic load and
             // a retain on a line the node's threads share).
-            let engine = node.engine
-            let transaction = engine.makeTransaction()
+            var engine = node.engine
+            var transaction = engine.makeTransaction()
             var iterations = 0
             while true {
                 iterations &+= 1
@@ -387,6 +387,19 @@ package enum Runner {
                             return result
                         }
                     } catch {
+                        // The node (a client) was removed and rejoins as a new incarnation: its
+                        // engine stopped under the attempt, which did not commit. Go on with the
+                        // new engine once the node has it (up to a second).
+                        if crash == nil, case .shutDown? = error as? TransactionError {
+                            let waitUntil = monotonicNanoseconds() + 1_000_000_000
+                            while node.engine === engine, monotonicNanoseconds() < waitUntil { usleep(1_000) }
+                            if node.engine !== engine {
+                                engine = node.engine
+                                transaction = engine.makeTransaction()
+                                attempt -= 1
+                                continue
+                            }
+                        }
                         // A non-retryable error. Its commit may yet take effect if no one could
                         // tell (outcome unknown), or if this node was crashed under it.
                         random = draw

@@ -16,6 +16,7 @@ struct CoordinatedClientTests {
     @Test("""
         a client joins a coordinated cluster of 3 node processes (no region placed on it), keeps committing \
         through the SIGKILL of a primary, its removal and its restart (it rejoins, its replicas copied back), \
+        and through its own removal (its lease lapsed: it rejoins by itself as a new incarnation), \
         and leaves on shutdown; every counter equals the others and counts each acknowledged increment
         """)
     func clientThroughKillAndRejoin() async throws {
@@ -106,6 +107,27 @@ struct CoordinatedClientTests {
             configuration.contains(victim) && configuration.regions.allSatisfy { $0.replicas.count == 3 && $0.copying.isEmpty }
         }
         try await waitForCommits(200, "after \(victim) rejoined")
+
+        // The client's own lease lapses (its lease thread held off, as on a loaded host): the CM
+        // removes it, and it joins again by itself as a new incarnation; its committer goes on.
+        let beforeLapse = try await current()
+        let formerEngine = cluster.nodes[0].engine, formerService = cluster.membership[0]
+        let lapsed = Date()
+        formerService.haltLeases()
+        while !(cluster.membership[0] !== formerService && cluster.nodes[0].engine !== formerEngine
+                && cluster.nodes[0].engine.configuration.contains(client) && !cluster.nodes[0].engine.commitsBlocked) {
+            guard Date().timeIntervalSince(lapsed) < 30 else {
+                Issue.record("the client was not back 30 s after its lease lapsed: must rejoin \(formerService.mustRejoin), a new service \(cluster.membership[0] !== formerService), a new engine \(cluster.nodes[0].engine !== formerEngine), in \(cluster.nodes[0].engine.configuration); the store holds \(try await current()); failures \(failures.withLock { $0.suffix(5) })")
+                throw ChildProcessError("the client did not rejoin")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let afterLapse = try await current()
+        print("client: removed after its lease lapsed and admitted again as a new incarnation in \(Int(Date().timeIntervalSince(lapsed) * 1000)) ms (\(beforeLapse.id) -> \(afterLapse.id))")
+        #expect(formerService.mustRejoin, "the client's former incarnation was not told to rejoin")
+        #expect(afterLapse.contains(client) && afterLapse.id.rawValue >= beforeLapse.id.rawValue + 2,
+                "the client was not removed and added again: \(beforeLapse) -> \(afterLapse)")
+        try await waitForCommits(200, "after the client rejoined")
         stop.store(true, ordering: .releasing)
         while !committer.isFinished { try await Task.sleep(for: .milliseconds(5)) }
 
