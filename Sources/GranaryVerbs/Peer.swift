@@ -718,7 +718,18 @@ final class Connection: @unchecked Sendable {
                     disconnect()
                     throw .peerUnreachable(node: node, detail: "no work completion within \(waited / 1_000_000) ms for \(pendingText) on \(device.name)")
                 }
-                if waited > 200_000 { sched_yield() }
+                if waited > 200_000 {
+                    // A peer whose process exited (or closed its transport) destroyed its end of
+                    // the RDMA CM connection, and its kernel said so (a DREQ): fail now, not after
+                    // the QP's retransmissions (about 1.6 s). A host that died says nothing; its
+                    // QP's retry limit still ends the wait.
+                    if let event = peerClosedConnection() {
+                        let pendingText = describe(buffers.pending[count - 1], count: count)
+                        disconnect()
+                        throw .peerUnreachable(node: node, detail: "the peer closed the RDMA CM connection (\(EndpointProtocol.name(event))) while \(pendingText) was outstanding: its process exited or closed its transport")
+                    }
+                    sched_yield()
+                }
             }
         }
         if let failure {
@@ -749,6 +760,21 @@ final class Connection: @unchecked Sendable {
         chainCount = 0
         stagingUsed = 0
         chainSequence &+= 1
+    }
+
+    /// With the lock held: the RDMA CM event that ended this connection from the peer's side
+    /// (`RDMA_CM_EVENT_DISCONNECTED`: the peer's identifier was destroyed, as when its process
+    /// exits; `RDMA_CM_EVENT_DEVICE_REMOVAL`), or nil if none is waiting. The connection's own
+    /// event channel is non-blocking, and after the connection is made nothing else reads it.
+    private func peerClosedConnection() -> rdma_cm_event_type? {
+        guard let eventChannel else { return nil }
+        while true {
+            var event: UnsafeMutablePointer<rdma_cm_event>? = nil
+            guard rdma_get_cm_event(eventChannel, &event) == 0, let event else { return nil }
+            let kind = event.pointee.event
+            rdma_ack_cm_event(event)
+            if kind == RDMA_CM_EVENT_DISCONNECTED || kind == RDMA_CM_EVENT_DEVICE_REMOVAL { return kind }
+        }
     }
 
     /// Sets the lock bit of the first word, in `destination`, of every line whose bytes differ
