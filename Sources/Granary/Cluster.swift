@@ -475,6 +475,7 @@ public final class Cluster: Sendable {
             // client's mailbox only once the client's transport listens, so each waits for the other.
             try storage.waitForPeers(timeout: .seconds(60))
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
+            try await storage.waitForAttachments(timeout: .seconds(30))
             return Cluster(nodes: [Node(engine)], configuration: configuration, directory: root, removeOnShutdown: false,
                            coordination: nil, membership: [], recovery: nil, regionAllocation: nil, clientLock: lock)
         } catch {
@@ -596,6 +597,7 @@ public final class Cluster: Sendable {
                 }
                 try await Task.sleep(for: .milliseconds(2))
             }
+            try await storage.waitForAttachments(timeout: .seconds(30))
             return (engine, service, storage)
         } catch {
             await store.close()

@@ -555,6 +555,14 @@ public final class Mailbox: @unchecked Sendable {
     public func isEmpty(from sender: NodeID, kind: RingKind = .log) -> Bool {
         headerWord(from: sender, kind: kind, acquiring: true).word.pointee.load(ordering: .acquiring) == 0
     }
+
+    /// Whether a connection of `sender` is attached to its `kind` ring here. The mailbox is
+    /// cleared when it is opened, so a sender attached now learnt this mailbox's stream positions:
+    /// one that attached to a former process of this node and had not noticed its restart is not.
+    public func hasAttachedSender(_ sender: NodeID, kind: RingKind = .log) -> Bool {
+        let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)
+        return (control + ChannelFormat.attachedOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring) != 0
+    }
 }
 
 /// The right to receive from a mailbox's rings, lent by ``Mailbox/withPollerIfAvailable(_:)`` or

@@ -24,121 +24,30 @@ struct CoordinatedClientTests {
         defer { tmp.remove() }
         let nodes = (0..<3).map { NodeID($0) }
         let client = NodeID(3)
-        let configuration = try Configuration(
-            id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
-            members: nodes.map { Member(node: $0, endpoint: "shm:" + tmp.path.appending($0.description).string) }
-                + [Member(node: client, endpoint: "shm:" + tmp.path.appending(client.description).string, client: true)],
-            regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
-        let file = tmp.path.appending("cluster.json").string
-        try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
-        func start(_ node: NodeID) throws -> ChildProcess {
-            try ChildProcess(ChildProcess.granaryExecutable(),
-                             ["node", "--config", file, "--id", "\(node.index)", "--coordination", "zookeeper://\(zooKeeper!)", "--lease-ms", "10"])
-        }
-        var lives = try nodes.map { [try start($0)] }
-        defer { for life in lives { for child in life where child.process.isRunning { child.kill() } } }
-        for life in lives { #expect(try life[0].readLine(timeout: 60).hasPrefix("ready ")) }
-
-        let store = try ZooKeeperStore(connectString: zooKeeper!)
-        func current() async throws -> Configuration { try await ConfigurationRecord.read(configuration.cluster, from: store).0 }
-        func waitFor(_ what: String, timeout: Double = 60, _ condition: (Configuration) -> Bool) async throws {
-            let start = Date()
-            while true {
-                if let now = try? await current(), condition(now) { return }
-                guard Date().timeIntervalSince(start) < timeout else {
-                    Issue.record("timed out after \(timeout) s waiting for: \(what); configuration \(try await current())")
-                    throw ChildProcessError("timed out waiting for \(what)")
-                }
-                try await Task.sleep(for: .milliseconds(5))
-            }
-        }
-        // The stored configuration starts without the client: it joins when it connects.
-        try await waitFor("a CM") { $0.manager != nil }
-        let initial = try await current()
-        #expect(!initial.contains(client), "the client is a member before it connected: \(initial)")
-
-        var options = ClusterOptions()
-        options.coordination = .zookeeper(zooKeeper!)
-        options.membership = MembershipOptions()
-        options.engine.replyTimeout = .seconds(2)
-        let cluster = try await Cluster.connect(file: FilePath(file), options: options)
-        let joined = try await current()
-        #expect(joined.clients == [client], "the client did not join as a client: \(joined)")
+        let cluster = try ClientCluster(nodes: nodes, client: client, in: tmp, scheme: "shm:", leaseMs: 10)
+        defer { cluster.killAll() }
+        let joined = try await cluster.current()
+        let (connection, counters) = try await cluster.connect(replyTimeout: .seconds(2))
         #expect(joined.regions.allSatisfy { !$0.replicas.contains(client) }, "a region placed on the client: \(joined)")
         #expect(joined.manager != client)
-
-        let counters = try cluster.nodes[0].transactionSync { tx in try (0..<4).map { _ in try tx.allocate(Int64(0)) } }
-        let acked = Atomic<Int>(0), unknown = Atomic<Int>(0), stop = Atomic<Bool>(false)
-        let failures = Mutex<[String]>([])
-        let committer = Thread {
-            while !stop.load(ordering: .acquiring) {
-                do {
-                    try cluster.nodes[0].transactionSync { tx in
-                        for counter in counters { try tx.write(counter, try tx.read(counter, as: Int64.self) + 1) }
-                    }
-                    acked.add(1, ordering: .releasing)
-                } catch TransactionError.outcomeUnknown {
-                    unknown.add(1, ordering: .releasing)
-                } catch {
-                    failures.withLock { $0.append("\(error)") }
-                    usleep(1_000)
-                }
-            }
-        }
-        committer.start()
-        func waitForCommits(_ count: Int, _ what: String) async throws {
-            let start = Date(), target = acked.load(ordering: .acquiring) + count
-            while acked.load(ordering: .acquiring) < target {
-                guard Date().timeIntervalSince(start) < 60 else {
-                    Issue.record("the client committed \(acked.load(ordering: .acquiring)) of \(target) \(what); failures: \(failures.withLock { $0.suffix(5) })")
-                    throw ChildProcessError("no commits \(what)")
-                }
-                try await Task.sleep(for: .milliseconds(5))
-            }
-        }
-        try await waitForCommits(200, "before the kill")
+        let increments = CounterIncrements(connection, counters: counters)
+        try await increments.waitForCommits(200, "before the kill")
         // SIGKILL the primary of the first counter's region: the client must follow its promotion.
         let victim = joined.regions.first { $0.region == counters[0].region }!.primary
-        lives[victim.index].last!.kill(SIGKILL)
-        try await waitFor("\(victim) removed", timeout: 10) { !$0.contains(victim) }
-        try await waitForCommits(200, "after \(victim) was removed")
-        lives[victim.index].append(try start(victim))
-        try await waitFor("\(victim) back with every replica complete") { configuration in
+        cluster.lives[victim.index].last!.kill(SIGKILL)
+        try await cluster.waitFor("\(victim) removed", timeout: 10) { !$0.contains(victim) }
+        try await increments.waitForCommits(200, "after \(victim) was removed")
+        cluster.lives[victim.index].append(try cluster.start(victim))
+        try await cluster.waitFor("\(victim) back with every replica complete") { configuration in
             configuration.contains(victim) && configuration.regions.allSatisfy { $0.replicas.count == 3 && $0.copying.isEmpty }
         }
-        try await waitForCommits(200, "after \(victim) rejoined")
-
-        // The client's own lease lapses (its lease thread held off, as on a loaded host): the CM
-        // removes it, and it joins again by itself as a new incarnation; its committer goes on.
-        let beforeLapse = try await current()
-        let formerEngine = cluster.nodes[0].engine, formerService = cluster.membership[0]
-        let lapsed = Date()
-        formerService.haltLeases()
-        while !(cluster.membership[0] !== formerService && cluster.nodes[0].engine !== formerEngine
-                && cluster.nodes[0].engine.configuration.contains(client) && !cluster.nodes[0].engine.commitsBlocked) {
-            guard Date().timeIntervalSince(lapsed) < 30 else {
-                Issue.record("the client was not back 30 s after its lease lapsed: must rejoin \(formerService.mustRejoin), a new service \(cluster.membership[0] !== formerService), a new engine \(cluster.nodes[0].engine !== formerEngine), in \(cluster.nodes[0].engine.configuration); the store holds \(try await current()); failures \(failures.withLock { $0.suffix(5) })")
-                throw ChildProcessError("the client did not rejoin")
-            }
-            try await Task.sleep(for: .milliseconds(5))
-        }
-        let afterLapse = try await current()
-        print("client: removed after its lease lapsed and admitted again as a new incarnation in \(Int(Date().timeIntervalSince(lapsed) * 1000)) ms (\(beforeLapse.id) -> \(afterLapse.id))")
-        #expect(formerService.mustRejoin, "the client's former incarnation was not told to rejoin")
-        #expect(afterLapse.contains(client) && afterLapse.id.rawValue >= beforeLapse.id.rawValue + 2,
-                "the client was not removed and added again: \(beforeLapse) -> \(afterLapse)")
-        try await waitForCommits(200, "after the client rejoined")
-        stop.store(true, ordering: .releasing)
-        while !committer.isFinished { try await Task.sleep(for: .milliseconds(5)) }
-
-        let values = try cluster.nodes[0].transactionSync { tx in try counters.map { try tx.read($0, as: Int64.self) } }
-        let ok = acked.load(ordering: .acquiring), maybe = unknown.load(ordering: .acquiring)
-        #expect(Set(values).count == 1, "the counters differ (a transaction half applied): \(values)")
-        #expect(Int(values[0]) >= ok && Int(values[0]) <= ok + maybe,
-                "the counters hold \(values[0]), but \(ok) increments were acknowledged and \(maybe) had unknown outcomes")
-        try await cluster.shutdown()
-        try await waitFor("the client gone after its shutdown", timeout: 10) { !$0.contains(client) }
-        await store.close()
+        try await increments.waitForCommits(200, "after \(victim) rejoined")
+        try await cluster.lapseAndRejoin(connection, increments: increments)
+        try await increments.waitForCommits(200, "after the client rejoined")
+        try await increments.finish()
+        try await connection.shutdown()
+        try await cluster.waitFor("the client gone after its shutdown", timeout: 10) { !$0.contains(client) }
+        await cluster.store.close()
     }
 
     /// Runs `granary ARGUMENTS` to its end; its status and its output (standard output and error).
@@ -351,5 +260,154 @@ struct CoordinatedClientTests {
         #expect(shown.contains { $0.hasPrefix("  \(survivor)  process") && $0.contains("records ") }, "no metrics read from \(survivor): \(shown)")
         #expect(shown.contains { $0.hasPrefix("  \(victim)  not running") }, "\(victim)'s process is not shown as gone: \(shown)")
         await store.close()
+    }
+}
+
+/// Node processes with the CM over ZooKeeper and one client member (not running yet), for the
+/// client tests: the processes each node ran, the stored configuration, and waits on it.
+final class ClientCluster {
+    let configuration: Configuration
+    let file: String
+    let client: NodeID
+    let leaseMs: Int
+    let verbs: Bool
+    let store: ZooKeeperStore
+    /// Every process each node ran, in order.
+    var lives: [[ChildProcess]] = []
+
+    init(nodes: [NodeID], client: NodeID, in tmp: TemporaryDirectory, scheme: String, leaseMs: Int) throws {
+        self.client = client
+        self.leaseMs = leaseMs
+        verbs = scheme == "verbs:"
+        configuration = try Configuration(
+            id: ConfigurationID(rawValue: 1), cluster: ClusterID.random(),
+            members: nodes.map { Member(node: $0, endpoint: scheme + tmp.path.appending($0.description).string) }
+                + [Member(node: client, endpoint: scheme + tmp.path.appending(client.description).string, client: true)],
+            regions: Configuration.balancedPlacement(nodes: nodes, regionsPerNode: 1, replicas: 3), regionSize: 1 << 20)
+        file = tmp.path.appending("cluster.json").string
+        try JSONEncoder().encode(configuration).write(to: URL(fileURLWithPath: file))
+        store = try ZooKeeperStore(connectString: zooKeeper!)
+        lives = try nodes.map { [try start($0)] }
+        for life in lives { #expect(try life[0].readLine(timeout: 120).hasPrefix("ready ")) }
+    }
+
+    func start(_ node: NodeID) throws -> ChildProcess {
+        try ChildProcess(ChildProcess.granaryExecutable(),
+                         ["node", "--config", file, "--id", "\(node.index)", "--coordination", "zookeeper://\(zooKeeper!)", "--lease-ms", "\(leaseMs)"]
+                            + (verbs ? ["--device", rdmaDevice!] : []))
+    }
+
+    deinit { killAll() }
+
+    func killAll() {
+        for life in lives { for child in life where child.process.isRunning { child.kill() } }
+    }
+
+    func current() async throws -> Configuration { try await ConfigurationRecord.read(configuration.cluster, from: store).0 }
+
+    func waitFor(_ what: String, timeout: Double = 60, _ condition: (Configuration) -> Bool) async throws {
+        let start = Date()
+        while true {
+            if let now = try? await current(), condition(now) { return }
+            guard Date().timeIntervalSince(start) < timeout else {
+                Issue.record("timed out after \(timeout) s waiting for: \(what); configuration \(try await current())")
+                throw ChildProcessError("timed out waiting for \(what)")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    /// Connects the client (it joins: the stored configuration starts without it) and allocates
+    /// four counters through it.
+    func connect(replyTimeout: Duration) async throws -> (Cluster, [GlobalAddress]) {
+        try await waitFor("a CM") { $0.manager != nil }
+        let initial = try await current()
+        #expect(!initial.contains(client), "the client is a member before it connected: \(initial)")
+        var options = ClusterOptions()
+        options.coordination = .zookeeper(zooKeeper!)
+        var membership = MembershipOptions()
+        membership.lease = .milliseconds(leaseMs)
+        options.membership = membership
+        options.engine.replyTimeout = replyTimeout
+        let connection = try await Cluster.connect(file: FilePath(file), options: options)
+        let joined = try await current()
+        #expect(joined.clients == [client], "the client did not join as a client: \(joined)")
+        let counters = try connection.nodes[0].transactionSync { tx in try (0..<4).map { _ in try tx.allocate(Int64(0)) } }
+        return (connection, counters)
+    }
+
+    /// The client's own lease lapses (its lease thread held off, as on a loaded host): the CM
+    /// removes it, and it must join again by itself as a new incarnation, on a new engine.
+    func lapseAndRejoin(_ connection: Cluster, increments: CounterIncrements) async throws {
+        let before = try await current()
+        let formerEngine = connection.nodes[0].engine, formerService = connection.membership[0]
+        let lapsed = Date()
+        formerService.haltLeases()
+        while !(connection.membership[0] !== formerService && connection.nodes[0].engine !== formerEngine
+                && connection.nodes[0].engine.configuration.contains(client) && !connection.nodes[0].engine.commitsBlocked) {
+            guard Date().timeIntervalSince(lapsed) < 60 else {
+                Issue.record("the client was not back 60 s after its lease lapsed: must rejoin \(formerService.mustRejoin), a new service \(connection.membership[0] !== formerService), a new engine \(connection.nodes[0].engine !== formerEngine), in \(connection.nodes[0].engine.configuration); the store holds \(try await current()); failures \(increments.failures.withLock { $0.suffix(5) })")
+                throw ChildProcessError("the client did not rejoin")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let after = try await current()
+        print("client: removed after its lease lapsed and admitted again as a new incarnation in \(Int(Date().timeIntervalSince(lapsed) * 1000)) ms (\(before.id) -> \(after.id))")
+        #expect(formerService.mustRejoin, "the client's former incarnation was not told to rejoin")
+        #expect(after.contains(client) && after.id.rawValue >= before.id.rawValue + 2,
+                "the client was not removed and added again: \(before) -> \(after)")
+    }
+}
+
+/// A thread that increments every one of `counters` in each transaction through a client, and
+/// counts the acknowledged and the unknown outcomes; ``finish()`` stops it and checks that the
+/// counters are equal and hold every acknowledged increment (and no more than the unknown ones).
+final class CounterIncrements: Sendable {
+    let acked = Atomic<Int>(0), unknown = Atomic<Int>(0)
+    let failures = Mutex<[String]>([])
+    private let stop = Atomic<Bool>(false), finished = Atomic<Bool>(false)
+    private let cluster: Cluster
+    private let counters: [GlobalAddress]
+
+    init(_ cluster: Cluster, counters: [GlobalAddress]) {
+        self.cluster = cluster
+        self.counters = counters
+        Thread.detachNewThread { [self] in
+            while !stop.load(ordering: .acquiring) {
+                do {
+                    try cluster.nodes[0].transactionSync { tx in
+                        for counter in counters { try tx.write(counter, try tx.read(counter, as: Int64.self) + 1) }
+                    }
+                    acked.add(1, ordering: .releasing)
+                } catch TransactionError.outcomeUnknown {
+                    unknown.add(1, ordering: .releasing)
+                } catch {
+                    failures.withLock { $0.append("\(error)") }
+                    usleep(1_000)
+                }
+            }
+            finished.store(true, ordering: .releasing)
+        }
+    }
+
+    func waitForCommits(_ count: Int, _ what: String) async throws {
+        let start = Date(), target = acked.load(ordering: .acquiring) + count
+        while acked.load(ordering: .acquiring) < target {
+            guard Date().timeIntervalSince(start) < 60 else {
+                Issue.record("the client committed \(acked.load(ordering: .acquiring)) of \(target) \(what); failures: \(failures.withLock { $0.suffix(5) })")
+                throw ChildProcessError("no commits \(what)")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    func finish() async throws {
+        stop.store(true, ordering: .releasing)
+        while !finished.load(ordering: .acquiring) { try await Task.sleep(for: .milliseconds(5)) }
+        let values = try cluster.nodes[0].transactionSync { tx in try counters.map { try tx.read($0, as: Int64.self) } }
+        let ok = acked.load(ordering: .acquiring), maybe = unknown.load(ordering: .acquiring)
+        #expect(Set(values).count == 1, "the counters differ (a transaction half applied): \(values)")
+        #expect(Int(values[0]) >= ok && Int(values[0]) <= ok + maybe,
+                "the counters hold \(values[0]), but \(ok) increments were acknowledged and \(maybe) had unknown outcomes")
     }
 }

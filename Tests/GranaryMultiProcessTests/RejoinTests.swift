@@ -225,4 +225,23 @@ struct VerbsRecoveryTests {
         // The guest is emulated (no KVM): leases of 200 ms keep its stalls from looking like failures.
         try await RejoinTests().run(plan: [(false, .kill), (true, .kill)], verbs: true, leaseMs: 200, removalBound: 8, othersStay: true)
     }
+
+    /// A client over verbs keeps its transport (the directory's endpoint, its registrations) and
+    /// lease page across its incarnations (`NodeStorage(previous:)`): what the shared-memory test
+    /// does not reach.
+    @Test("a verbs client of 3 verbs node processes whose lease lapses is removed and joins again by itself; its counters are equal and hold every acknowledged increment")
+    func clientRejoinsOverVerbs() async throws {
+        let tmp = TemporaryDirectory("granary-verbs-client")
+        defer { tmp.remove() }
+        let cluster = try ClientCluster(nodes: (0..<3).map { NodeID($0) }, client: NodeID(3), in: tmp, scheme: "verbs:", leaseMs: 200)
+        defer { cluster.killAll() }
+        let (connection, counters) = try await cluster.connect(replyTimeout: .seconds(10))
+        let increments = CounterIncrements(connection, counters: counters)
+        try await increments.waitForCommits(20, "before the lapse")
+        try await cluster.lapseAndRejoin(connection, increments: increments)
+        try await increments.waitForCommits(20, "after the client rejoined")
+        try await increments.finish()
+        try await connection.shutdown()
+        await cluster.store.close()
+    }
 }
