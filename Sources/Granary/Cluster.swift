@@ -475,7 +475,12 @@ public final class Cluster: Sendable {
             // client's mailbox only once the client's transport listens, so each waits for the other.
             try storage.waitForPeers(timeout: .seconds(60))
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
-            try await storage.waitForAttachments(timeout: .seconds(30))
+            do {
+                try await storage.waitForAttachments(of: engine, timeout: .seconds(30))
+            } catch {
+                engine.stop()
+                throw error
+            }
             return Cluster(nodes: [Node(engine)], configuration: configuration, directory: root, removeOnShutdown: false,
                            coordination: nil, membership: [], recovery: nil, regionAllocation: nil, clientLock: lock)
         } catch {
@@ -597,7 +602,13 @@ public final class Cluster: Sendable {
                 }
                 try await Task.sleep(for: .milliseconds(2))
             }
-            try await storage.waitForAttachments(timeout: .seconds(30))
+            do {
+                try await storage.waitForAttachments(of: engine, timeout: .seconds(30))
+            } catch {
+                await service.stop()
+                engine.stop()
+                throw error
+            }
             return (engine, service, storage)
         } catch {
             await store.close()

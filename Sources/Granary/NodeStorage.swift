@@ -228,24 +228,28 @@ package struct NodeStorage: Sendable {
         }
     }
 
-    /// Waits until every other member that is not a client has attached its channels (the log
-    /// and the message queue) to this node's mailbox, which was cleared when it was opened. A
-    /// client calls it before its first transaction: a node that reached a former process of this
-    /// client and has not yet noticed the restart (its check runs every 10 ms) would write replies
-    /// at the former stream's positions, where this process never reads them.
+    /// Waits until every other member of `engine`'s configuration (read again at each look: a
+    /// node removed meanwhile is not waited for) that is not a client has attached its channels
+    /// (the log and the message queue) to this node's mailbox, which was cleared when it was
+    /// opened. A client calls it before its first transaction: a node that reached a former
+    /// process of this client and has not yet noticed the restart (its check runs every 10 ms)
+    /// would write replies at the former stream's positions, where this process never reads them.
     ///
     /// - Throws: `TransportError.peerUnreachable(node:detail:)` naming a node that did not attach
     ///   within `timeout`.
-    package func waitForAttachments(timeout: Duration) async throws {
+    package func waitForAttachments(of engine: Engine, timeout: Duration) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
-        for member in configuration.members where member.node != node && !member.client {
-            while !(mailbox.hasAttachedSender(member.node) && mailbox.hasAttachedSender(member.node, kind: .messages)) {
-                guard clock.now < deadline else {
-                    throw TransportError.peerUnreachable(node: member.node, detail: "it did not attach its channels to the mailbox of \(node) within \(timeout) (a running node attaches within about 10 ms)")
-                }
-                try await Task.sleep(for: .microseconds(500))
+        while true {
+            let waiting = engine.configuration.members.first { member in
+                member.node != node && !member.client
+                    && !(mailbox.hasAttachedSender(member.node) && mailbox.hasAttachedSender(member.node, kind: .messages))
             }
+            guard let waiting else { return }
+            guard clock.now < deadline else {
+                throw TransportError.peerUnreachable(node: waiting.node, detail: "it did not attach its channels to the mailbox of \(node) within \(timeout) (a running node attaches within about 10 ms)")
+            }
+            try await Task.sleep(for: .microseconds(500))
         }
     }
 

@@ -113,6 +113,26 @@ public enum ChannelFormat {
 
     @inlinable static func wrap(sender: NodeID) -> UInt64 { UInt64(sender.rawValue) << 32 | wrapMagic << 48 }
 
+    /// Whether `word` may be `expected` seen part-written: each of its bytes is 0 or the byte of
+    /// `expected` there. A software RDMA device (rxe) copies a WRITE's payload with the kernel's
+    /// `memcpy`, in no guaranteed word size (under emulation a byte at a time), so a poller can
+    /// see a header or a trailer half landed.
+    @inlinable static func mayBeLanding(_ word: UInt64, _ expected: UInt64) -> Bool {
+        var rest = word, wanted = expected
+        while rest != 0 {
+            let byte = rest & 0xFF
+            if byte != 0 && byte != wanted & 0xFF { return false }
+            rest >>= 8
+            wanted >>= 8
+        }
+        return true
+    }
+
+    /// How long a header or trailer word that may be landing (``mayBeLanding(_:_:)``) may stay so
+    /// before it is taken for foreign bytes: a write lands in microseconds, but a software device's
+    /// copy runs on a CPU that may be preempted (tens of ms in an emulated guest).
+    public static let landingGraceNanoseconds: UInt64 = 200_000_000
+
     /// The trailer of the message at stream position `position` of a stream with epoch `epoch`:
     /// every lap of the ring, and every stream the ring carried (each reopening picks a new epoch),
     /// expects different trailers, so stale bytes of an earlier lap or stream never pass for a message.
@@ -289,9 +309,10 @@ public final class Mailbox: @unchecked Sendable {
         self.base = region.base
         self.ringCapacity = ringCapacity
         // Word 0: logs with released messages to advance over; word 1: senders whose rings were
-        // reopened (``takeReopened()``).
-        pendingAdvance = .allocate(capacity: 2)
-        pendingAdvance.initialize(repeating: 0, count: 2)
+        // reopened (``takeReopened()``); then two words per ring: the stream position (plus one)
+        // where a header or trailer was first seen part-written, and when (``MailboxPoller``).
+        pendingAdvance = .allocate(capacity: Self.pollerWords)
+        pendingAdvance.initialize(repeating: 0, count: Self.pollerWords)
         cursors = .allocate(capacity: RingKind.ringsPerMailbox)
         for ring in 0..<RingKind.ringsPerMailbox {
             let control = region.base + RegionFormat.headerBytes + ring * (ChannelFormat.controlBytes + ringCapacity)
@@ -299,8 +320,11 @@ public final class Mailbox: @unchecked Sendable {
         }
     }
 
+    /// The poller's words (see `init`).
+    static let pollerWords = 2 + 2 * RingKind.ringsPerMailbox
+
     deinit {
-        pendingAdvance.deinitialize(count: 2)
+        pendingAdvance.deinitialize(count: Self.pollerWords)
         pendingAdvance.deallocate()
         cursors.deinitialize(count: RingKind.ringsPerMailbox)
         cursors.deallocate()
@@ -312,8 +336,7 @@ public final class Mailbox: @unchecked Sendable {
         withPoller { _ in
             Self.clear(region)
             for ring in 0..<RingKind.ringsPerMailbox { cursors[ring].store(0, ordering: .relaxed) }
-            pendingAdvance[0] = 0
-            pendingAdvance[1] = 0
+            for word in 0..<Self.pollerWords { pendingAdvance[word] = 0 }
         }
     }
 
@@ -649,6 +672,11 @@ public struct MailboxPoller: ~Copyable {
                     cursor.pointee.store(head, ordering: .relaxed)
                     continue
                 }
+                // A header still landing (its magic and sender bytes not all there yet).
+                let upper = header >> 32, wanted = expected >> 32, wrapped = ChannelFormat.wrap(sender: sender) >> 32
+                if upper != wanted, upper != wrapped,
+                   ChannelFormat.mayBeLanding(upper, wanted) || ChannelFormat.mayBeLanding(upper, wrapped),
+                   stillLanding(ring: kind.ring(of: sender), head: head) { break }
                 let error = corruption(from: sender, header: header, head: head, trailer: nil)
                 reopen(from: sender, kind: kind)
                 throw error
@@ -657,7 +685,9 @@ public struct MailboxPoller: ~Copyable {
             let trailerWord = (ring + (position &+ ChannelFormat.trailerOffset(length))).assumingMemoryBound(to: Atomic<UInt64>.self)
             let trailer = trailerWord.pointee.load(ordering: .acquiring)
             if trailer == 0 { break }  // the write has not fully landed yet
-            guard trailer == ChannelFormat.trailer(position: head, epoch: epoch) else {
+            let wantedTrailer = ChannelFormat.trailer(position: head, epoch: epoch)
+            guard trailer == wantedTrailer else {
+                if ChannelFormat.mayBeLanding(trailer, wantedTrailer), stillLanding(ring: kind.ring(of: sender), head: head) { break }
                 let error = corruption(from: sender, header: header, head: head, trailer: trailer)
                 reopen(from: sender, kind: kind)
                 throw error
@@ -700,6 +730,23 @@ public struct MailboxPoller: ~Copyable {
             reopen(from: sender, kind: kind)
         }
         return handled
+    }
+
+    /// A header or trailer at stream position `head` of ring `ring` that may be part-written:
+    /// whether to wait for it (true) or take it for foreign bytes, once it has stayed so for
+    /// ``ChannelFormat/landingGraceNanoseconds`` (stale bytes can look half-written for ever).
+    @usableFromInline
+    func stillLanding(ring: Int, head: UInt64) -> Bool {
+        let slot = pendingAdvance + 2 + 2 * ring
+        let now = monotonicNanoseconds()
+        if slot[0] != head &+ 1 {
+            slot[0] = head &+ 1
+            slot[1] = now
+            return true
+        }
+        if now &- slot[1] < ChannelFormat.landingGraceNanoseconds { return true }
+        slot[0] = 0
+        return false
     }
 
     /// Reopens `sender`'s ring of `kind` for a new stream: after a sender connection asked for it
