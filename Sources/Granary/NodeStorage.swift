@@ -1,14 +1,12 @@
 import Foundation
 import GranaryConfiguration
 import GranaryEngine
-import GranaryMembership
 import GranaryMemory
 import GranaryTransport
 #if RDMA
 import GranaryVerbs
 #endif
 import Logging
-import Synchronization
 import SystemPackage
 
 /// Which transport a node process uses.
@@ -55,10 +53,10 @@ package struct NodeStorage: Sendable {
     ///   directory): a missing region file is `RegionError.missing(path:)`, never a new empty
     ///   region; and the mailbox keeps its rings, the node's log, for `RestartRecovery`.
     /// - Parameter previous: the storage of this node's former incarnation in this process (a
-    ///   client that rejoins). Over verbs its transport and lease page are kept (lease words
-    ///   zeroed): the transport holds the directory's endpoint and its registrations, which the
-    ///   former engine may still reach; the mailbox file is mapped again and cleared in place, so
-    ///   the registration of its former mapping (the same file pages) stays valid. Over shared
+    ///   client that rejoins). Over verbs its transport is kept (it holds the directory's endpoint
+    ///   and the registrations the former engine may still reach): the mailbox file is mapped
+    ///   again and cleared in place, so the registration of its former mapping (the same file
+    ///   pages) stays valid; the lease page is new and registered in place of the former one. Over shared
     ///   memory everything is made anew, as for a node of an embedded cluster that rejoins.
     package init(node: NodeID, configuration: Configuration, transport kind: NodeTransportKind, ringCapacity: Int,
                 preservingLog: Bool = false, reopening: Bool = false, previous: NodeStorage? = nil) throws {
@@ -118,11 +116,15 @@ package struct NodeStorage: Sendable {
         mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity,
                               preservingLog: preservingLog)
         try transport.register(mailbox.region)
-        if let kept {
-            // The former incarnation's words (its counter, its grants) mean nothing to this one.
-            let words = (kept.leasePage.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
-            for index in 0..<3 { (words + index).pointee.store(0, ordering: .releasing) }
-            leasePage = kept.leasePage
+        if kept != nil {
+            // A new page, published in place of the former incarnation's: a CM that has not yet
+            // applied this node's removal keeps reading the former page (renewed no more) and
+            // grants nothing to this incarnation, which it has not admitted.
+            leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
+            #if RDMA
+            guard let verbs = transport as? VerbsTransport else { throw ConfigurationError.invalid("\(node)'s former transport is not verbs") }
+            try verbs.register(replacing: leasePage)
+            #endif
         } else {
             leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
             try transport.register(leasePage)

@@ -121,13 +121,16 @@ final class LocalRegions: @unchecked Sendable {
     }
 
     /// Registers `region` (all of its mapping) with `ibv_reg_mr`; a region already registered is
-    /// left as it is.
-    func register(_ region: Region) throws(TransportError) {
+    /// left as it is, unless `replacing`: then the new mapping is registered and published in
+    /// its place (a node's new incarnation in the same process, whose lease page is new memory).
+    /// The former registration stays until the transport closes: peers that still read it with
+    /// what they cached reach the former memory, never unmapped memory.
+    func register(_ region: Region, replacing: Bool = false) throws(TransportError) {
         guard let slot = Self.slot(region.id) else {
             throw .unknownRegion(node: node, region: region.id, reason: "region ids are below \(RegionID.limit)")
         }
         let failure: TransportError? = owners.withLock { owners -> TransportError? in
-            if table[slot].load(ordering: .acquiring) != 0 { return nil }
+            if table[slot].load(ordering: .acquiring) != 0, !replacing { return nil }
             guard let memoryRegion = CIBVerbs_ibv_reg_mr(device.protectionDomain, region.base, region.size, remoteAccess) else {
                 return Self.registrationError(errno, bytes: region.size, what: "region \(region.id) (\(region.path))",
                                               device: device, node: node)
@@ -137,6 +140,11 @@ final class LocalRegions: @unchecked Sendable {
             owners.append(Owner(region: region, memoryRegion: memoryRegion, record: record))
             table[slot].store(UInt(bitPattern: record), ordering: .releasing)
             let entry = published + slot * Self.entryBytes
+            if replacing {
+                // Readers of the entry while it changes see a check word that fits nothing.
+                entry.storeBytes(of: UInt64(0), toByteOffset: 24, as: UInt64.self)
+                atomicMemoryFence(ordering: .releasing)
+            }
             let address = UInt64(UInt(bitPattern: region.base))
             let size = UInt64(region.size)
             let rkey = memoryRegion.pointee.rkey

@@ -373,6 +373,16 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         try regions.register(region)
     }
 
+    /// Registers `region` in place of the region of the same id registered before (a node's new
+    /// incarnation in this process: its lease page is new memory, so that the configuration
+    /// manager, reading the former page through what it cached, sees the former incarnation
+    /// silent). Peers find the new one once they look the region up again (after
+    /// ``disconnect(from:)``, as when the node joins). The former registration stays until the
+    /// transport closes.
+    public func register(replacing region: Region) throws(TransportError) {
+        try regions.register(region, replacing: true)
+    }
+
     /// The start of this node's own registered region `region` (its mapping, which the NIC serves
     /// to peers).
     ///
