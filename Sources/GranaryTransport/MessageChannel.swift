@@ -128,7 +128,7 @@ public enum ChannelFormat {
         return true
     }
 
-    /// How long a header or trailer word that may be landing (``mayBeLanding(_:_:)``) may stay so
+    /// How long a header or trailer word that may be landing (each of its bytes 0 or the expected one) may stay so
     /// before it is taken for foreign bytes: a write lands in microseconds, but a software device's
     /// copy runs on a CPU that may be preempted (tens of ms in an emulated guest).
     public static let landingGraceNanoseconds: UInt64 = 200_000_000
