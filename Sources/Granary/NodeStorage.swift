@@ -116,17 +116,16 @@ package struct NodeStorage: Sendable {
         mailbox = try Mailbox(node: node, directory: home, cluster: configuration.cluster, ringCapacity: ringCapacity,
                               preservingLog: preservingLog)
         try transport.register(mailbox.region)
+        leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
         if kept != nil {
-            // A new page, published in place of the former incarnation's: a CM that has not yet
-            // applied this node's removal keeps reading the former page (renewed no more) and
-            // grants nothing to this incarnation, which it has not admitted.
-            leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
+            // Published in place of the former incarnation's page: a CM that has not yet applied
+            // this node's removal keeps reading the former page (renewed no more) and grants
+            // nothing to this incarnation, which it has not admitted.
             #if RDMA
             guard let verbs = transport as? VerbsTransport else { throw ConfigurationError.invalid("\(node)'s former transport is not verbs") }
             try verbs.register(replacing: leasePage)
             #endif
         } else {
-            leasePage = try home.createLeasePage(of: node, cluster: configuration.cluster)
             try transport.register(leasePage)
         }
         for other in configuration.members where other.node != node {
