@@ -427,19 +427,19 @@ extension Transaction {
             for primary in NodeMask(primaries & ~(1 << UInt64(engine.node.index))) {
                 handled += helpPoll(primary, engine: engine)
             }
-            handled += engine.helpPoll()
+            handled += engine.helpPoll(for: engine.node)
             if handled == 0 {
-                for peer in neighbours { handled += peer._withUnsafeGuaranteedRef { $0.helpPoll() } }
+                for peer in neighbours { handled += peer._withUnsafeGuaranteedRef { $0.helpPoll(for: engine.node) } }
             }
             return handled
         }
     }
 
     /// Serves the mailbox of `node` for a moment if it is this node or another in this process
-    /// (see ``Engine/helpPoll()``); returns the records handled.
+    /// (see ``Engine/helpPoll(for:)``); returns the records handled.
     @inline(__always)
     private func helpPoll(_ node: NodeID, engine: Engine) -> Int {
-        node == engine.node ? engine.helpPoll() : unmanagedNeighbours[node.index]?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0
+        node == engine.node ? engine.helpPoll(for: node) : unmanagedNeighbours[node.index]?._withUnsafeGuaranteedRef { $0.helpPoll(for: engine.node) } ?? 0
     }
 
     /// LOCK's outcome, once its wait ended (answered or timed out): returns if every primary
@@ -457,10 +457,11 @@ extension Transaction {
             }
             engine.logger.error("LOCK of \(id) to \(NodeMask(primaries).map(\.description)) unanswered after \(timeout / 1_000_000) ms\n\(report.joined(separator: "\n"))")
             if Mailbox.crashOnStall {
-                // Crash the thread that holds a primary's poll claim, so that the backtrace shows
-                // where it is stuck; then this one.
+                // Crash the thread that holds a primary's poll claim or the lane of this node's
+                // log there, so that the backtrace shows where it is stuck; then this one.
                 for primary in NodeMask(primaries) {
-                    if let peer = primaryEngines[primary.index], let holder = peer.takeUnretainedValue().mailbox.claimHolderThread {
+                    if let peer = primaryEngines[primary.index]?.takeUnretainedValue(),
+                       let holder = peer.mailbox.claimHolderThread ?? peer.mailbox.laneHolderThread(engine.node, kind: .log) {
                         pthread_kill(holder, SIGABRT)
                         sleep(2)
                     }

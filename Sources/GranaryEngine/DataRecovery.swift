@@ -15,7 +15,7 @@ import Glibc
 /// is installed only if the primary's copy is whole (every line at the header's version, not
 /// locked) and newer than the backup's: records applied meanwhile carry newer versions and win,
 /// whichever comes first. An object locked or torn in the slab's read is read again on its own
-/// until it is whole. Installs run under the mailbox's poll claim, like record processing, so a
+/// until it is whole. Installs run under the mailbox's poll claim (every lane), so a
 /// truncation never applies to an object while the copy writes it.
 ///
 /// Why nothing is missed: the configuration that added this backup was applied by every member
@@ -74,7 +74,7 @@ extension Engine {
                 _ = SlabAllocator.recordSlabClass(at: replica.base, layout: layout, slot: ObjectSlot(offset: slab << layout.slabShift, lines: lines))
             }
             // Truncated entries that waited for one of these slabs apply now.
-            processor.retryDeferred(view: view)
+            for index in 0..<NodeID.limit { lanes[index].takeUnretainedValue().retryDeferred(view: view) }
             mailbox.advanceReleased()
         }
         // The slabs.
@@ -85,9 +85,10 @@ extension Engine {
         /// Installs the object in `snapshot` if whole and newer; false if it must be read again.
         ///
         /// A lock found on this backup is stale: on a backup only installs take locks (record
-        /// processing, truncation, this copy), each under the poll claim held here, so a locked
-        /// header is an install cut short by a crash of an earlier life of this node (the lock
-        /// taken, the payload partly written, the header never published). Such an object is
+        /// processing, truncation, this copy), each under a lane's claim, and the copy holds every
+        /// lane here (the poll claim), so a locked header is an install cut short by a crash of an
+        /// earlier life of this node (the lock taken, the payload partly written, the header never
+        /// published). Such an object is
         /// torn at its header's version, so the primary's whole copy replaces it even at the same
         /// version. (Taking the lock for a live one made this copy read the object again for ever:
         /// a region stayed marked copying after a restart, seen in the crash-restart test.)

@@ -381,10 +381,35 @@ package final class Engine: Sendable {
     /// Who adds a region when this node's regions are full (``supplyRegions(with:)``); its lock
     /// also lets one request at a time through.
     let regionSupplier = Mutex<RegionSupplier?>(nil)
-    let processor: RecordProcessor
+    /// The record processors, one per sender (its lane): the records of node n's log and message
+    /// queue here are handled by lane n, under the mailbox's lane claim of n, so lanes of
+    /// different senders run on different threads at once (FaRM's parallel record processing:
+    /// each thread owns a subset of the node's incoming logs). Every record of a transaction
+    /// reaches a node from its coordinator's node, so one lane holds all of a transaction's state
+    /// here. Created with the engine, one per possible node id; never replaced.
+    /// `nonisolated(unsafe)`: the pointer and its entries are written only in `init` and freed in
+    /// `deinit`; each processor is used under its lane's claim (see RecordProcessor).
+    nonisolated(unsafe) let lanes: UnsafeMutablePointer<Unmanaged<RecordProcessor>>
+    /// Bit n: poll the rings of node n (every node that was ever a member).
+    let channelsInUse = Atomic<UInt64>(0)
+    /// Bit n: node n was removed, and transaction recovery has taken its votes: its records are
+    /// refused even before this node moves to the configuration without it.
+    let refusedSenders = Atomic<UInt64>(0)
+    /// How many backup entries that allocate lanes have applied (a lane's deferred entries, which
+    /// wait for a slab's class, are tried again when it moves).
+    let allocationsApplied = Atomic<Int>(0)
+    /// The slab classes that allocate entries of COMMIT-BACKUP records kept in any lane here name
+    /// (key: region << 40 | slab number): an entry of another lane's transaction waiting for its
+    /// slab's class learns it here (``RecordProcessor``'s `learnSlabClass`). Each with one of the
+    /// slots named and how many kept records name the slab.
+    let keptSlabClasses = Mutex<[UInt64: (slot: ObjectSlot, records: Int)]>([:])
+    /// Held while a lane applies COMMIT-BACKUP entries to this node's backup replicas: TRUNCATEs
+    /// of different coordinators reach different lanes, and two entries for one object must not
+    /// be installed at once (newest version wins only if each install is whole).
+    let backupApplyClaim = Atomic<Bool>(false)
     private let pollerThread = Mutex<pthread_t?>(nil)
     /// Set when a coordinator served this node's mailbox since the poller last looked.
-    private let helped = Atomic<Bool>(false)
+    let helped = Atomic<Bool>(false)
     /// How long the poller sleeps after finding its mailbox served by helpers.
     private let helpedPollerSleepMicroseconds: UInt32 = 200
     /// Engines of the other nodes in this process, which waiting coordinators may help.
@@ -424,18 +449,21 @@ package final class Engine: Sendable {
                                           previous: nil, transport: transport, ringCapacity: mailbox.ringCapacity)
         self.views.withLock { $0.append(first) }
         self.currentView.store(UInt(bitPattern: Unmanaged.passUnretained(first).toOpaque()), ordering: .releasing)
-        self.processor = RecordProcessor()
+        self.lanes = .allocate(capacity: NodeID.limit)
+        for index in 0..<NodeID.limit { (lanes + index).initialize(to: Unmanaged.passRetained(RecordProcessor())) }
         // Poll the rings of every node that was ever a member (a removed node's records are
         // rejected, not left unread).
-        processor.channelsInUse.store(configuration.members.reduce(0) { $0 | 1 << UInt64($1.node.index) }, ordering: .relaxed)
-        processor.engine = self  // set before the poller starts; see RecordProcessor
+        channelsInUse.store(configuration.members.reduce(0) { $0 | 1 << UInt64($1.node.index) }, ordering: .relaxed)
+        for index in 0..<NodeID.limit {
+            lanes[index].takeUnretainedValue().engine = self  // set before the poller starts; see RecordProcessor
+        }
         startPoller()
     }
 
     /// The configuration this node is in now, with its lookup tables.
     package var view: ConfigurationView { unmanagedView.takeUnretainedValue() }
 
-    private var unmanagedView: Unmanaged<ConfigurationView> {
+    var unmanagedView: Unmanaged<ConfigurationView> {
         Unmanaged.fromOpaque(UnsafeRawPointer(bitPattern: currentView.load(ordering: .acquiring))!)
     }
 
@@ -470,9 +498,9 @@ package final class Engine: Sendable {
             $0.primary == node && current.primary(of: $0.region) != node && current.primary(of: $0.region) != nil
         }.map(\.region)
         let added = configuration.regions.filter { $0.replicas.contains(node) && current.primary(of: $0.region) == nil }.map(\.region)
-        processor.channelsInUse.bitwiseOr(next.memberBits, ordering: .relaxed)
-        processor.refusedSenders.bitwiseAnd(~next.memberBits, ordering: .relaxed)
-        // The mailbox's poll claim also makes the record processor single-threaded.
+        channelsInUse.bitwiseOr(next.memberBits, ordering: .relaxed)
+        refusedSenders.bitwiseAnd(~next.memberBits, ordering: .relaxed)
+        // The mailbox's poll claim (every lane's) keeps every record processor out meanwhile.
         mailbox.withPoller { _ in
             views.withLock { $0.append(next) }
             currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
@@ -557,97 +585,6 @@ package final class Engine: Sendable {
         }
     }
 
-    /// Serves every record waiting in this node's mailbox, unless someone else is doing so right
-    /// now. Returns how many records were handled.
-    ///
-    /// The record processor is single-threaded by the mailbox's poll claim, taken with a try-lock
-    /// by whoever calls this: the node's poller
-    /// thread, or (in an embedded cluster) a coordinator of this process waiting for an answer from
-    /// this node, which lends its CPU instead of waiting for the poller thread to be scheduled.
-    func pollOnce() -> Int { poll(helping: false) }
-
-    /// ``pollOnce()`` by a coordinator of this process lending its CPU; tells the poller thread
-    /// that its mailbox is being served.
-    func helpPoll() -> Int { poll(helping: true) }
-
-    /// Whether a commit waiting on `nodes` (a bit per node: for LOCK answers, or for room in their
-    /// logs) must stop waiting: one of them is being removed, a recovery waits for the commits in
-    /// flight to end, or this engine stops. The commit then starts again once commits do.
-    @inline(__always) func mustStopWaiting(on nodes: UInt64) -> Bool {
-        gate.removing.load(ordering: .relaxed) & nodes != 0 || gate.isRecovering || !running.load(ordering: .relaxed)
-    }
-
-    private func poll(helping: Bool) -> Int {
-        // Look before taking the poll claim: most polls find nothing, and the claim's cache line
-        // would otherwise bounce between the helping threads on every look.
-        guard mayHaveWork, running.load(ordering: .relaxed), !processingPaused.load(ordering: .relaxed) else { return 0 }
-        return mailbox.withPollerIfAvailable { poller in
-            if helping, !helped.load(ordering: .relaxed) { helped.store(true, ordering: .relaxed) }
-            return unmanagedView._withUnsafeGuaranteedRef { view in serveMailbox(poller, view: view) }
-        } ?? 0
-    }
-
-    /// Whether a record may be waiting in this node's mailbox or a reply waits to be sent:
-    /// plain loads only, no lock and no reference counting.
-    @inline(__always) var mayHaveWork: Bool {
-        if processor.unsentCount.load(ordering: .relaxed) > 0 { return true }
-        if mailbox.attention != processor.seenAttention.load(ordering: .relaxed) { return true }
-        for sender in NodeMask(processor.channelsInUse.load(ordering: .relaxed))
-        where mailbox.mayHaveMessage(from: sender) || mailbox.mayHaveMessage(from: sender, kind: .messages) {
-            return true
-        }
-        return false
-    }
-
-    func serveMailbox(_ poller: borrowing MailboxPoller, view: ConfigurationView) -> Int {
-        var handled = 0
-        let delay = processingDelay.load(ordering: .relaxed)
-        if delay > 0 { usleep(delay) }
-        // Every node that was ever a member is polled: records from nodes outside the current
-        // configuration are read only to be rejected (precise membership).
-        processor.flushReplies(view: view)
-        // A sender posted a reopening request (it restarted): poll every ring, which reopens those
-        // with a request.
-        let attention = mailbox.attention
-        let everyRing = attention != processor.seenAttention.load(ordering: .relaxed)
-        if everyRing { processor.seenAttention.store(attention, ordering: .relaxed) }
-        // The handlers capture unretained references: a retain and release per poll of a ring
-        // would bounce the processor's and the view's reference counts between the helping cores.
-        let processor = Unmanaged.passUnretained(self.processor)
-        let unmanagedView = Unmanaged.passUnretained(view)
-        for sender in NodeMask(self.processor.channelsInUse.load(ordering: .relaxed)) {
-            do {
-                // The log first, then the queue: a LOCK this node sends itself is answered on its
-                // own queue while the log is served, and the answer is then taken in the same round.
-                if everyRing || mailbox.mayHaveMessage(from: sender) {
-                    handled += try poller.poll(from: sender, limit: 64, keeping: { bytes, position in
-                        processor._withUnsafeGuaranteedRef { processor in
-                            unmanagedView._withUnsafeGuaranteedRef { processor.handle(from: sender, bytes, position: position, view: $0) }
-                        }
-                    })
-                }
-                if everyRing || mailbox.mayHaveMessage(from: sender, kind: .messages) {
-                    handled += try poller.poll(from: sender, kind: .messages, limit: 64) { bytes in
-                        processor._withUnsafeGuaranteedRef { processor in
-                            unmanagedView._withUnsafeGuaranteedRef { processor.handleQueued(from: sender, bytes, view: $0) }
-                        }
-                    }
-                }
-            } catch {
-                // Bytes that are not a message: refused, and the ring reopened for the sender to
-                // attach again (it learns at its next look at the ring).
-                statistics.rejected()
-                logger.error("refused what the channel from \(sender) held: \(error)")
-            }
-        }
-        // Releases while polling one ring can free space in others' (TRUNCATE of a deferred entry).
-        mailbox.advanceReleased()
-        let reopened = mailbox.takeReopened()
-        if reopened != 0 { checkConnections(to: reopened, view: view) }
-        if handled > 0 { statistics.processed(handled) }
-        return handled
-    }
-
     /// Checks this node's channels to `nodes` (bit n: node n), attaching again those whose rings
     /// were reopened, without waiting: a node whose ring towards us was reopened may have
     /// restarted with a fresh mailbox; a coordinator whose LOCK went unanswered may be writing
@@ -668,14 +605,14 @@ package final class Engine: Sendable {
     }
 
     /// Microseconds every round of record processing waits first (``slowRecordProcessing(microseconds:)``).
-    private let processingDelay = Atomic<UInt32>(0)
+    let processingDelay = Atomic<UInt32>(0)
 
     /// Slows this node's record processing: each round of polling its mailbox waits
     /// `microseconds` first (0: normal). A fault for `granary check run --nemesis slow`.
     package func slowRecordProcessing(microseconds: UInt32) { processingDelay.store(microseconds, ordering: .relaxed) }
 
     /// Set while record processing is paused (``pauseRecordProcessing(_:)``).
-    private let processingPaused = Atomic<Bool>(false)
+    let processingPaused = Atomic<Bool>(false)
 
     /// Pauses this node's record processing (true) or resumes it (false), as SIGSTOP and SIGCONT
     /// would a node process's: nobody serves its mailbox meanwhile, neither its poller nor
@@ -711,7 +648,12 @@ package final class Engine: Sendable {
         if let thread = pollerThread.withLock({ $0 }) { pthread_join(thread, nil) }
     }
 
-    deinit { stop() }
+    deinit {
+        stop()
+        for index in 0..<NodeID.limit { lanes[index].release() }
+        lanes.deinitialize(count: NodeID.limit)
+        lanes.deallocate()
+    }
 
     // MARK: Quiescence
 
@@ -734,11 +676,11 @@ package final class Engine: Sendable {
     /// Whether this node has no record waiting in its mailbox, no lock held for a coordinator and no
     /// backup record waiting for truncation.
     package var isQuiescent: Bool {
-        processor.pendingCount.load(ordering: .acquiring) == 0
-            && processor.unsentCount.load(ordering: .relaxed) == 0
-            && processor.stashedCount.load(ordering: .acquiring) == 0
+        sumOverLanes { $0.pendingCount.load(ordering: .acquiring) } == 0
+            && sumOverLanes { $0.unsentCount.load(ordering: .relaxed) } == 0
+            && sumOverLanes { $0.stashedCount.load(ordering: .acquiring) } == 0
             && (0..<NodeID.limit).allSatisfy { index in
-                processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0
+                channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) == 0
                     || (mailbox.isEmpty(from: NodeID(index)) && mailbox.isEmpty(from: NodeID(index), kind: .messages))
             }
     }
@@ -748,11 +690,11 @@ package final class Engine: Sendable {
     package var channelReport: String {
         let view = self.view
         let poller = pollerThread.withLock { $0 }.map { "0x" + String(UInt($0), radix: 16) } ?? "none"
-        var lines = ["\(node) (poller thread \(poller)): pending locks \(processor.pendingCount.load(ordering: .relaxed)), unsent replies \(processor.unsentCount.load(ordering: .relaxed)), stashed \(processor.stashedCount.load(ordering: .relaxed))"]
-        for index in 0..<NodeID.limit where processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
+        var lines = ["\(node) (poller thread \(poller)): pending locks \(sumOverLanes { $0.pendingCount.load(ordering: .relaxed) }), unsent replies \(sumOverLanes { $0.unsentCount.load(ordering: .relaxed) }), stashed \(sumOverLanes { $0.stashedCount.load(ordering: .relaxed) })"]
+        for index in 0..<NodeID.limit where channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
             lines.append("  in:  " + mailbox.ringState(from: NodeID(index)))
         }
-        for index in 0..<NodeID.limit where processor.channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
+        for index in 0..<NodeID.limit where channelsInUse.load(ordering: .relaxed) & (1 << UInt64(index)) != 0 {
             lines.append("  in:  " + mailbox.ringState(from: NodeID(index), kind: .messages))
         }
         for sender in view.senders.compactMap({ $0 }) { lines.append("  out: log " + sender.sendState) }

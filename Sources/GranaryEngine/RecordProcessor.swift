@@ -1,4 +1,5 @@
 import GranaryConfiguration
+import Glibc
 import GranaryMemory
 import GranaryTransport
 import Synchronization
@@ -7,8 +8,15 @@ import Synchronization
 /// As a primary it locks (LOCK), installs (COMMIT-PRIMARY) and unlocks (ABORT); as a backup it keeps
 /// COMMIT-BACKUP records and applies them at TRUNCATE.
 ///
-/// `@unchecked Sendable`: everything but the two published counters is touched only while holding
-/// the engine mailbox's poll claim (``Engine/pollOnce()``); `engine` is set once before any polling.
+/// One processor per sender (a lane of ``Engine/lanes``): it handles the records of that sender's
+/// log and message queue at this node.
+///
+/// `@unchecked Sendable`: everything but the published atomics is touched only while holding the
+/// mailbox's claim of this processor's lane (``Mailbox/withLaneIfAvailable(_:_:)``, or every
+/// lane's, ``Mailbox/withPoller(_:)``); `engine` is set once before any polling. What lanes share at
+/// this node: the objects of its replicas (a primary's LOCK takes each object's lock with
+/// compare-and-swap; a backup's installs run under ``Engine/backupApplyClaim``), the slab
+/// allocators (their own lock) and the reply slots of its coordinators (atomic).
 final class RecordProcessor: @unchecked Sendable {
     /// The processor's mutable state, behind a pointer it owns: stored `var`s of a class pay a
     /// dynamic exclusivity check on every access, and these are touched several times per record.
@@ -41,6 +49,9 @@ final class RecordProcessor: @unchecked Sendable {
         /// Slots this primary reserved for other nodes' coordinators (ALLOCATE), by untagged
         /// address, with the node that holds each reservation.
         var remoteReservations: [UInt64: RemoteReservationHolder] = [:]
+        /// Transactions (raw ids) whose kept COMMIT-BACKUP record allocates: its slabs are in
+        /// ``Engine/keptSlabClasses`` until the record leaves.
+        var allocating: Set<UInt64> = []
     }
     private let state: UnsafeMutablePointer<State> = {
         let state = UnsafeMutablePointer<State>.allocate(capacity: 1)
@@ -98,14 +109,34 @@ final class RecordProcessor: @unchecked Sendable {
         }
     }
 
-    /// The mailbox's attention word as the poller last acted on it (``Mailbox/attention``): written
-    /// by the holder of the poll claim, read by anyone looking for work.
+    /// The mailbox's attention word as this lane last acted on it (``Mailbox/attention``): written
+    /// by the holder of the lane's claim, read by anyone looking for work.
     let seenAttention = Atomic<UInt64>(0)
-    /// Bit n: poll the ring of node n (every node that was ever a member).
-    let channelsInUse = Atomic<UInt64>(0)
-    /// Bit n: node n was removed, and transaction recovery has taken its votes: its records are
-    /// refused even before this node moves to the configuration without it.
-    let refusedSenders = Atomic<UInt64>(0)
+    /// The same for the sender's queue ring (a lane of its own, see ``Engine/serveQueue(_:from:view:)``).
+    let seenQueueAttention = Atomic<UInt64>(0)
+    /// How many entries wait in ``deferred`` (published for ``mayRetryDeferred``).
+    private let deferredCount = Atomic<Int>(0)
+    /// ``Engine/allocationsApplied`` when this lane last tried its deferred entries.
+    private let seenAllocations = Atomic<Int>(0)
+
+    /// Whether deferred entries wait here and another lane has applied an allocation since they
+    /// were last tried (it may have entered their slab's class). Plain loads.
+    var mayRetryDeferred: Bool {
+        deferredCount.load(ordering: .relaxed) > 0
+            && engine.allocationsApplied.load(ordering: .relaxed) != seenAllocations.load(ordering: .relaxed)
+    }
+
+    /// Runs `body` holding the engine's ``Engine/backupApplyClaim``: installs into backup replicas.
+    @inline(__always) private func withBackupApply<R>(_ body: () throws -> R) rethrows -> R {
+        let claim = state.pointee.engine.unsafelyUnwrapped
+        var spins = 0
+        while !claim.backupApplyClaim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+            spins += 1
+            if spins > 64 { sched_yield() }
+        }
+        defer { claim.backupApplyClaim.store(false, ordering: .releasing) }
+        return try body()
+    }
     /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the
     /// record's copy in ``kept`` (with each entry's slot after it).
     private var locked: TransactionTable { _read { yield state.pointee.locked } _modify { yield &state.pointee.locked } }
@@ -130,7 +161,10 @@ final class RecordProcessor: @unchecked Sendable {
         kept.release(index)
     }
 
-    private func publishKept() { publish(stashedCount, stashed.count + deferred.count + committed.count) }
+    private func publishKept() {
+        publish(stashedCount, stashed.count + deferred.count + committed.count)
+        if deferredCount.load(ordering: .relaxed) != deferred.count { deferredCount.store(deferred.count, ordering: .relaxed) }
+    }
     /// Record copies, in buffers reused from record to record (no allocation once warm).
     private var kept: RecordPool { _read { yield state.pointee.kept } _modify { yield &state.pointee.kept } }
     /// Truncated entries for objects whose allocation has not reached this backup yet (records of
@@ -186,7 +220,7 @@ final class RecordProcessor: @unchecked Sendable {
             return false
         }
         let ring = RingReference(sender: sender, position: position)
-        guard view.isMember(sender), refusedSenders.load(ordering: .relaxed) & (1 << UInt64(sender.index)) == 0 else {
+        guard view.isMember(sender), engine.refusedSenders.load(ordering: .relaxed) & (1 << UInt64(sender.index)) == 0 else {
             // Precise membership: a node outside the configuration changes nothing here.
             engine.statistics.rejected()
             engine.logger.info("rejected a \(record.kind) record from \(sender), which is not a member of \(view.configuration.id)")
@@ -493,6 +527,7 @@ final class RecordProcessor: @unchecked Sendable {
             drop(index)
         }
         if let index = stashed.removeValue(forKey: transaction) {
+            forgetSlabClasses(of: transaction, index: index, view: view)
             drop(index)
             publishKept()
         }
@@ -503,27 +538,55 @@ final class RecordProcessor: @unchecked Sendable {
     /// COMMIT-BACKUP: keep the record until TRUNCATE. (The coordinator waits only for the write's
     /// completion, not for this.)
     private func commitBackup(_ record: RecordView, raw: UnsafeRawBufferPointer, ring: RingReference, view: ConfigurationView) throws -> Bool {
+        var allocates = false
         try record.forEachEntry { entry in
             guard let replica = view.replica(entry.address.region), !replica.isPrimary else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
             try Self.check(entry, in: replica)
+            if entry.operation == .allocate { allocates = true }
         }
         let index = kept.keep(raw, extraWords: 0, reference: ring)
         if let previous = stashed.updateValue(index, forKey: record.transaction) {
+            forgetSlabClasses(of: record.transaction, index: previous, view: view)
             drop(previous)
         }
-        if !deferred.isEmpty {
-            // Entries waiting for a slab this record allocates in: the slab's class is known now.
-            var allocates = false
-            forEachKeptEntry(index) { allocates = allocates || $0.operation == .allocate }
-            if allocates {
+        if allocates {
+            // Entries waiting for a slab this record allocates in, in any lane: the slab's class
+            // is known now.
+            state.pointee.allocating.insert(record.transaction.rawValue)
+            engine.keptSlabClasses.withLock { classes in
+                forEachKeptEntry(index) { entry in
+                    guard entry.operation == .allocate, let key = slabKey(entry.address, view: view) else { return }
+                    classes[key, default: (ObjectSlot(offset: Int(entry.address.offset), lines: entry.lines), 0)].records += 1
+                }
+            }
+            engine.allocationsApplied.add(1, ordering: .relaxed)
+            if !deferred.isEmpty {
                 for entry in deferred { _ = learnSlabClass(of: entry.address, view: view) }
-                applyDeferred(view: view)
+                withBackupApply { applyDeferred(view: view) }
             }
         }
         publishKept()
         return true
+    }
+
+    /// The key of `address`'s slab in ``Engine/keptSlabClasses``.
+    private func slabKey(_ address: GlobalAddress, view: ConfigurationView) -> UInt64? {
+        guard let replica = view.replica(address.region) else { return nil }
+        return UInt64(address.region.rawValue) << 40 | UInt64(Int(address.offset) >> replica.layout.slabShift)
+    }
+
+    /// Takes the slabs kept COMMIT-BACKUP record `index` of `transaction` allocates in out of
+    /// ``Engine/keptSlabClasses`` (the record leaves: applied, aborted or replaced).
+    private func forgetSlabClasses(of transaction: TransactionID, index: Int, view: ConfigurationView) {
+        guard !state.pointee.allocating.isEmpty, state.pointee.allocating.remove(transaction.rawValue) != nil else { return }
+        engine.keptSlabClasses.withLock { classes in
+            forEachKeptEntry(index) { entry in
+                guard entry.operation == .allocate, let key = slabKey(entry.address, view: view), let held = classes[key] else { return }
+                classes[key] = held.records > 1 ? (held.slot, held.records - 1) : nil
+            }
+        }
     }
 
     /// For a truncated entry whose object's slab has no size class at this backup yet: finds an
@@ -533,18 +596,8 @@ final class RecordProcessor: @unchecked Sendable {
     /// of a slab has the same class. Returns whether it found one. (Without this, the entry would
     /// wait for the allocating coordinator's lazy TRUNCATE, holding its record in the log.)
     private func learnSlabClass(of address: GlobalAddress, view: ConfigurationView) -> Bool {
-        guard let replica = view.replica(address.region) else { return false }
-        let slab = Int(address.offset) >> replica.layout.slabShift
-        var found: ObjectSlot?
-        stashed.forEachValue { index in
-            guard found == nil else { return }
-            forEachKeptEntry(index) { entry in
-                guard found == nil, entry.operation == .allocate, entry.address.region == address.region,
-                      Int(entry.address.offset) >> replica.layout.slabShift == slab, entry.lines > 0 else { return }
-                found = ObjectSlot(offset: Int(entry.address.offset), lines: entry.lines)
-            }
-        }
-        guard let found else { return false }
+        guard let replica = view.replica(address.region), let key = slabKey(address, view: view),
+              let found = engine.keptSlabClasses.withLock({ $0[key]?.slot }), found.lines > 0 else { return false }
         let persist = state.pointee.persistEveryInstall
         replica.withRegion { SlabAllocator.recordSlabClass(in: $0, layout: replica.layout, slot: found, persist: persist) }
         return true
@@ -572,8 +625,10 @@ final class RecordProcessor: @unchecked Sendable {
     private func truncate(_ record: RecordView, view: ConfigurationView) throws {
         // The batch's backup objects may have left this core's cache since COMMIT-BACKUP: start
         // fetching every one of them before the first install waits for its own.
+        var applies = false
         try record.forEachTransactionID { id in
             guard let index = stashed[id] else { return }
+            applies = true
             forEachKeptEntry(index) { entry in
                 guard let replica = view.replica(entry.address.region),
                       Int(entry.address.offset) <= replica.size - ObjectLayout.lineSize else { return }
@@ -581,23 +636,34 @@ final class RecordProcessor: @unchecked Sendable {
             }
         }
         var appliedAllocation = false
-        try record.forEachTransactionID { id in
-            if let slot = committed.removeValue(forKey: id) {
-                releaseMessages(state.pointee.committedMessages[slot])
-                state.pointee.freeCommitted.append(slot)
+        func applyAll() throws {
+            try record.forEachTransactionID { id in
+                if let slot = committed.removeValue(forKey: id) {
+                    releaseMessages(state.pointee.committedMessages[slot])
+                    state.pointee.freeCommitted.append(slot)
+                }
+                guard let index = stashed.removeValue(forKey: id) else { return }
+                forgetSlabClasses(of: id, index: index, view: view)
+                if applyStashed(index, view: view) { appliedAllocation = true }
             }
-            guard let index = stashed.removeValue(forKey: id) else { return }
-            if applyStashed(index, view: view) { appliedAllocation = true }
+            if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
         }
-        if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
+        if applies {
+            try withBackupApply { try applyAll() }
+        } else {
+            try applyAll()
+        }
+        if appliedAllocation { engine.allocationsApplied.add(1, ordering: .relaxed) }
         publishKept()
     }
 
     /// ``applyDeferred(view:)`` for data recovery, after it entered slab classes from the
     /// primary's table (entries waiting for a slab this backup had never seen).
     func retryDeferred(view: ConfigurationView) {
+        seenAllocations.store(engine.allocationsApplied.load(ordering: .relaxed), ordering: .relaxed)
         guard !deferred.isEmpty else { return }
-        applyDeferred(view: view)
+        for entry in deferred { _ = learnSlabClass(of: entry.address, view: view) }
+        withBackupApply { applyDeferred(view: view) }
         publishKept()
     }
 
@@ -751,6 +817,7 @@ final class RecordProcessor: @unchecked Sendable {
         var appliedAllocation = false
         for (id, index) in entries {
             _ = stashed.removeValue(forKey: id)
+            forgetSlabClasses(of: id, index: index, view: view)
             let commit = decisions[id.rawValue] ?? false
             count(commit)
             guard commit else {
@@ -760,6 +827,7 @@ final class RecordProcessor: @unchecked Sendable {
             if applyStashed(index, view: view) { appliedAllocation = true }
         }
         if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
+        if appliedAllocation || replicated > 0 { engine.allocationsApplied.add(1, ordering: .relaxed) }
         entries.removeAll()
         committed.forEach { entries.append(($0, $1)) }
         for (id, slot) in entries {
@@ -851,7 +919,7 @@ final class RecordProcessor: @unchecked Sendable {
 /// message there (a reopened ring restamps only its trailer; the space is reused only after
 /// release), so the entry points at it. Only the extra words live in the entry's own buffer.
 ///
-/// Not thread-safe: used only by the record processor, under the engine mailbox's poll claim.
+/// Not thread-safe: used only by its lane's record processor, under the lane's claim.
 struct RecordPool: ~Copyable {
     /// One kept record: where its bytes lie, its own buffer for extra words, and where it lies
     /// in the log. `next` links the entries not in use (a free list through the entries

@@ -105,7 +105,7 @@ extension Transaction {
                 || !engine.running.load(ordering: .relaxed) {
                 engine.replies.abandon(id, failure: AbortCause.wrongConfiguration.rawValue)
             }
-            return engine.helpPoll() + (neighbour?._withUnsafeGuaranteedRef { $0.helpPoll() } ?? 0)
+            return engine.helpPoll(for: engine.node) + (neighbour?._withUnsafeGuaranteedRef { $0.helpPoll(for: engine.node) } ?? 0)
         }
         guard let status = answer else {
             guard engine.running.load(ordering: .relaxed) else { throw TransactionError.shutDown(engine.node) }

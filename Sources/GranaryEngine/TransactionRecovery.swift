@@ -344,7 +344,7 @@ extension Engine {
             repeat {
                 handled = mailbox.withPoller { poller in serveMailbox(poller, view: view) }
             } while handled > 0
-            let live = processor.channelsInUse.load(ordering: .relaxed) & ~skipped
+            let live = channelsInUse.load(ordering: .relaxed) & ~skipped
             if NodeMask(live).allSatisfy({ mailbox.isEmpty(from: $0) && mailbox.isEmpty(from: $0, kind: .messages) }) { return }
             guard clock.now < deadline else {
                 throw RecoveryError(description: "\(node) could not drain its log within \(timeout):\n\(channelReport)")
@@ -363,8 +363,8 @@ extension Engine {
         let orphaned = Set(configuration.regions.filter { !next.contains($0.primary) }.map(\.region))
         return mailbox.withPoller { _ in
             // From now on the removed nodes' records are refused: the votes cover all they sent.
-            processor.refusedSenders.bitwiseOr(removed, ordering: .relaxed)
-            return processor.recoveryVotes(view: view, promoted: promoted, orphaned: orphaned)
+            refusedSenders.bitwiseOr(removed, ordering: .relaxed)
+            return (0..<NodeID.limit).flatMap { lanes[$0].takeUnretainedValue().recoveryVotes(view: view, promoted: promoted, orphaned: orphaned) }
         }
     }
 
@@ -376,7 +376,16 @@ extension Engine {
         for node in removed { _ = pendingTruncation.take(for: node) }
         let view = self.view
         let outcome = mailbox.withPoller { _ in
-            let outcome = processor.resolveRecovered(decisions, shipped: shipped, removed: removed, view: view)
+            // Each lane applies the shipped records of its own coordinators' transactions (it
+            // knows whether it holds a record of one).
+            var outcome = (committed: 0, aborted: 0, replicated: 0)
+            for index in 0..<NodeID.limit {
+                let own = shipped.filter { TransactionID(rawValue: $0.key).node.index == index }
+                let lane = lanes[index].takeUnretainedValue().resolveRecovered(decisions, shipped: own, removed: removed, view: view)
+                outcome.committed += lane.committed
+                outcome.aborted += lane.aborted
+                outcome.replicated += lane.replicated
+            }
             mailbox.advanceReleased()
             return outcome
         }

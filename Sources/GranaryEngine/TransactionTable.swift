@@ -3,7 +3,7 @@
 /// backward-shift deletion, a multiplicative hash, no tombstones. `Dictionary` hashes its keys with
 /// seeded SipHash, which cost more than the rest of a lookup on this path.
 ///
-/// Owns its storage; single-threaded (the record processor, under the mailbox's poll claim).
+/// Owns its storage; single-threaded (a lane's record processor, under the lane's claim).
 struct TransactionTable: ~Copyable {
     /// Key and value side by side (one cache line per probe); value -1 marks an empty slot.
     private struct Slot {

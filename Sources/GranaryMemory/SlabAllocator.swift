@@ -281,7 +281,7 @@ package final class SlabAllocator: @unchecked Sendable {
     /// Backups call this when they apply an allocation, so their bytes match the primary's.
     ///
     /// - Parameter persist: also persist the entry (see ``didAllocate(_:persist:)``). The record
-    ///   processor calls this while it holds its mailbox's poll claim: an `msync` there once kept a
+    ///   processor calls this while it holds a lane of its mailbox: an `msync` there once kept a
     ///   node from serving its mailbox for more than 10 s while other tests wrote back their
     ///   region files on the same disk.
     package static func recordSlabClass(in region: Region, layout: SlabLayout, slot: ObjectSlot, persist: Bool = false) {

@@ -236,13 +236,15 @@ public enum RingKind: Int, Sendable {
 /// A node's mailbox: the receive side of all of its message channels, in a region of its own that
 /// senders write with one-sided writes.
 ///
-/// One thread at a time receives: it holds the mailbox's poll claim (``withPollerIfAvailable(_:)``,
-/// ``withPoller(_:)``) and polls any of the rings through the ``MailboxPoller`` it is lent, with no
-/// further locking. A node's poller takes the claim once per round over all of its rings.
+/// Each ring is a lane: one thread at a time receives from it, holding the lane's claim
+/// (``withLaneIfAvailable(_:kind:_:)``) and polling that ring through the ``MailboxPoller`` it is
+/// lent, with no further locking; different lanes are served by different threads at once. The
+/// poll claim (``withPollerIfAvailable(_:)``, ``withPoller(_:)``) takes every lane, for what must
+/// see the whole mailbox still (recovery's drain, a configuration change).
 ///
-/// `@unchecked Sendable`: every stored property is immutable after `init` except `claim`, an
-/// atomic; the rings' receive state (each ring's consumed counter, in its control line) is written
-/// only by the holder of `claim`.
+/// `@unchecked Sendable`: every stored property is immutable after `init` except `claim` and the
+/// lane words, atomics; a ring's receive state (its cursor, its consumed counter in its control
+/// line, its lane's flags) is written only by the holder of its lane.
 public final class Mailbox: @unchecked Sendable {
     /// The node that receives through this mailbox.
     public let node: NodeID
@@ -259,12 +261,23 @@ public final class Mailbox: @unchecked Sendable {
     /// Per sender ring: the stream position of the next message to hand over (the receiver's
     /// progress, in this process's memory). The consumed counter in the ring's control line
     /// (what senders see) lags it while messages are kept (``MailboxPoller/poll(from:kind:limit:keeping:)``).
-    /// Written only by the holder of the poll claim; read by anyone (relaxed) to see if a ring may
+    /// Written only by the holder of the ring's lane; read by anyone (relaxed) to see if a ring may
     /// hold a message.
+    /// One cache line per ring (``stride`` words; the first is the cursor): the lanes' cursors
+    /// are written by different threads.
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
-    /// Bit n: the log of node n has messages released behind its head since its consumed counter
-    /// last moved (``advanceReleased()`` moves it). Touched only by the holder of the poll claim.
+    /// Per ring, the two landing words of ``MailboxPoller/stillLanding(ring:head:)``.
+    /// Touched only by the holder of the ring's lane claim.
     @usableFromInline let pendingAdvance: UnsafeMutablePointer<UInt64>
+    /// One cache line per ring, a lane (``stride`` words, at ``RingKind/ring(of:)``): the lane's
+    /// claim (``claimWord``, 0 or 1), the thread that took it last (``holderWord``), whether the
+    /// log has messages released behind its head since its consumed counter last moved
+    /// (``releasedWord``, moved by ``advanceReleased(from:)``), and whether the ring was reopened
+    /// (``reopenedWord``, ``takeReopened(from:kind:)``). All but the claim are touched only by the
+    /// lane's holder.
+    @usableFromInline let lanes: UnsafeMutablePointer<Atomic<UInt64>>
+    @usableFromInline static let stride = 8
+    @usableFromInline static let claimWord = 0, holderWord = 1, releasedWord = 2, reopenedWord = 3
 
     /// Whether `GRANARY_CRASH_ON_UNANSWERED` is set: then a wait that should take microseconds
     /// and lasts seconds (a poll claim never given back, a LOCK never answered) crashes the
@@ -308,26 +321,29 @@ public final class Mailbox: @unchecked Sendable {
         self.region = region
         self.base = region.base
         self.ringCapacity = ringCapacity
-        // Word 0: logs with released messages to advance over; word 1: senders whose rings were
-        // reopened (``takeReopened()``); then two words per ring: the stream position (plus one)
-        // where a header or trailer was first seen part-written, and when (``MailboxPoller``).
+        // Two words per ring: the stream position (plus one) where a header or trailer was first
+        // seen part-written, and when (``MailboxPoller``).
         pendingAdvance = .allocate(capacity: Self.pollerWords)
         pendingAdvance.initialize(repeating: 0, count: Self.pollerWords)
-        cursors = .allocate(capacity: RingKind.ringsPerMailbox)
+        cursors = .allocate(capacity: RingKind.ringsPerMailbox * Self.stride)
         for ring in 0..<RingKind.ringsPerMailbox {
             let control = region.base + RegionFormat.headerBytes + ring * (ChannelFormat.controlBytes + ringCapacity)
-            (cursors + ring).initialize(to: Atomic(control.load(as: UInt64.self)))
+            for word in 0..<Self.stride { (cursors + ring * Self.stride + word).initialize(to: Atomic(word == 0 ? control.load(as: UInt64.self) : 0)) }
         }
+        lanes = .allocate(capacity: RingKind.ringsPerMailbox * Self.stride)
+        for word in 0..<RingKind.ringsPerMailbox * Self.stride { (lanes + word).initialize(to: Atomic(0)) }
     }
 
     /// The poller's words (see `init`).
-    static let pollerWords = 2 + 2 * RingKind.ringsPerMailbox
+    static let pollerWords = 2 * RingKind.ringsPerMailbox
 
     deinit {
         pendingAdvance.deinitialize(count: Self.pollerWords)
         pendingAdvance.deallocate()
-        cursors.deinitialize(count: RingKind.ringsPerMailbox)
+        cursors.deinitialize(count: RingKind.ringsPerMailbox * Self.stride)
         cursors.deallocate()
+        lanes.deinitialize(count: RingKind.ringsPerMailbox * Self.stride)
+        lanes.deallocate()
     }
 
     /// Clears every ring (messages and consumed counters), as a new mailbox. For a whole-cluster
@@ -335,8 +351,12 @@ public final class Mailbox: @unchecked Sendable {
     public func resetRings() {
         withPoller { _ in
             Self.clear(region)
-            for ring in 0..<RingKind.ringsPerMailbox { cursors[ring].store(0, ordering: .relaxed) }
+            for ring in 0..<RingKind.ringsPerMailbox { cursors[ring * Self.stride].store(0, ordering: .relaxed) }
             for word in 0..<Self.pollerWords { pendingAdvance[word] = 0 }
+            for lane in 0..<RingKind.ringsPerMailbox {
+                lanes[lane * Self.stride + Self.releasedWord].store(0, ordering: .relaxed)
+                lanes[lane * Self.stride + Self.reopenedWord].store(0, ordering: .relaxed)
+            }
         }
     }
 
@@ -359,8 +379,8 @@ public final class Mailbox: @unchecked Sendable {
     /// Releases the kept message at stream position `position` of `sender`'s log ring (handed over by
     /// ``MailboxPoller/poll(from:kind:limit:keeping:)`` with `true`): marks it released. The consumed
     /// counter moves over it (so senders may reuse the space) at the end of the poll of that ring,
-    /// or at ``advanceReleased()``: once per batch of releases, not once per message. The caller
-    /// holds the poll claim.
+    /// or at ``advanceReleased(from:)``: once per batch of releases, not once per message. The
+    /// caller holds the lane of `sender`'s log (or the poll claim).
     public func releaseMessage(from sender: NodeID, at position: UInt64) {
         guard sender.index < NodeID.limit else { return }
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity)
@@ -370,15 +390,27 @@ public final class Mailbox: @unchecked Sendable {
         let header = word.pointee.load(ordering: .relaxed)
         guard header >> 48 == ChannelFormat.messageMagic else { return }  // released before, or not a message
         word.pointee.store(header & 0xFFFF_FFFF_FFFF | ChannelFormat.releasedMagic << 48, ordering: .relaxed)
-        pendingAdvance.pointee |= 1 << UInt64(sender.index)
+        lanes[RingKind.log.ring(of: sender) * Self.stride + Self.releasedWord].store(1, ordering: .relaxed)
     }
 
     /// The senders whose rings were reopened since the last call (bit n: node n), cleared. The
-    /// caller holds the poll claim.
+    /// caller holds the poll claim (every lane).
     public func takeReopened() -> UInt64 {
-        let reopened = pendingAdvance[1]
-        pendingAdvance[1] = 0
+        var reopened: UInt64 = 0
+        for lane in 0..<NodeID.limit {
+            for kind in [RingKind.log, .messages] where takeReopened(from: NodeID(lane), kind: kind) { reopened |= 1 << UInt64(lane) }
+        }
         return reopened
+    }
+
+    /// Whether `sender`'s `kind` ring was reopened since the last call, cleared. The caller holds
+    /// the ring's lane claim (or the poll claim).
+    @inlinable @inline(__always)
+    public func takeReopened(from sender: NodeID, kind: RingKind) -> Bool {
+        let word = lanes + (kind.ring(of: sender) &* Self.stride &+ Self.reopenedWord)
+        guard word.pointee.load(ordering: .relaxed) != 0 else { return false }
+        word.pointee.store(0, ordering: .relaxed)
+        return true
     }
 
     /// How many reopening requests senders have posted to this mailbox (each sender that asks adds
@@ -390,17 +422,21 @@ public final class Mailbox: @unchecked Sendable {
     }
 
     /// Moves the consumed counter of every log with released messages at its head over them. The
-    /// caller holds the poll claim (a record processor calls it after each round of polling).
+    /// caller holds the poll claim (every lane).
     public func advanceReleased() {
-        var pending = pendingAdvance.pointee
-        guard pending != 0 else { return }
-        pendingAdvance.pointee = 0
-        let poller = MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors, pendingAdvance: pendingAdvance)
-        while pending != 0 {
-            let index = pending.trailingZeroBitCount
-            pending &= pending - 1
-            poller.advanceConsumed(from: NodeID(index))
-        }
+        for lane in 0..<NodeID.limit { advanceReleased(from: NodeID(lane)) }
+    }
+
+    /// ``advanceReleased()`` for `sender`'s log only. The caller holds the sender's lane claim (or
+    /// the poll claim).
+    @inlinable @inline(__always)
+    public func advanceReleased(from sender: NodeID) {
+        guard lanes[RingKind.log.ring(of: sender) &* Self.stride &+ Self.releasedWord].load(ordering: .relaxed) != 0 else { return }
+        poller.advanceIfReleased(from: sender, kind: .log)
+    }
+
+    @inlinable var poller: MailboxPoller {
+        MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors, pendingAdvance: pendingAdvance, lanes: lanes)
     }
 
     /// The messages kept in `sender`'s ring of a mailbox region as a previous run left it (the
@@ -495,29 +531,78 @@ public final class Mailbox: @unchecked Sendable {
     /// The receive side of the channel from `sender`.
     public func receiver(from sender: NodeID, kind: RingKind = .log) -> ChannelReceiver { ChannelReceiver(mailbox: self, sender: sender, kind: kind) }
 
-    /// Runs `body` with the right to receive from every ring of this mailbox, unless another
-    /// thread holds it now (then returns nil at once). One compare-and-swap to take the claim, one
-    /// store to give it back.
+    /// Runs `body` with the right to receive from every ring of this mailbox (the poll claim and
+    /// every lane's), unless another thread holds one of them now (then returns nil at once).
     @inlinable
     public func withPollerIfAvailable<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R? {
         guard claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return nil }
+        for ring in 0..<RingKind.ringsPerMailbox
+        where !lanes[ring * Self.stride + Self.claimWord].compareExchange(expected: 0, desired: 1, ordering: .acquiring).exchanged {
+            // A lane is being served: give back what was taken.
+            for taken in 0..<ring { lanes[taken * Self.stride + Self.claimWord].store(0, ordering: .releasing) }
+            claim.store(false, ordering: .releasing)
+            return nil
+        }
         return try lendPoller(body)
     }
 
-    /// Runs `body` with the right to receive from every ring of this mailbox, yielding the CPU
-    /// while another thread holds it.
+    /// Runs `body` with the right to receive from every ring of this mailbox (the poll claim and
+    /// every lane's claim), yielding the CPU while another thread holds one of them.
     @inlinable
     public func withPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
         if !claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged { waitForClaim() }
+        for ring in 0..<RingKind.ringsPerMailbox { waitForLane(ring) }
         return try lendPoller(body)
     }
 
-    /// With the claim just taken: records the holder, runs `body` with the poller, gives the claim back.
+    /// With the claim and every lane's just taken: records the holder, runs `body` with the
+    /// poller, gives the claims back.
     @inlinable @inline(__always)
     func lendPoller<R, E: Error>(_ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R {
         claimHolder.store(UInt(pthread_self()), ordering: .relaxed)
-        defer { claim.store(false, ordering: .releasing) }
-        return try body(MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors, pendingAdvance: pendingAdvance))
+        defer {
+            for ring in 0..<RingKind.ringsPerMailbox { lanes[ring * Self.stride + Self.claimWord].store(0, ordering: .releasing) }
+            claim.store(false, ordering: .releasing)
+        }
+        return try body(poller)
+    }
+
+    /// Runs `body` with the right to receive from `sender`'s `kind` ring (its lane), unless
+    /// another thread holds it now (then returns nil at once). Different lanes are served by
+    /// different threads at once; ``withPoller(_:)`` takes every lane.
+    @inlinable @inline(__always)
+    public func withLaneIfAvailable<R, E: Error>(_ sender: NodeID, kind: RingKind,
+                                                 _ body: (borrowing MailboxPoller) throws(E) -> R) throws(E) -> R? {
+        let block = kind.ring(of: sender) &* Self.stride
+        let claimWord = lanes + (block &+ Self.claimWord)
+        guard claimWord.pointee.compareExchange(expected: 0, desired: 1, ordering: .acquiring).exchanged else { return nil }
+        lanes[block &+ Self.holderWord].store(UInt64(UInt(pthread_self())), ordering: .relaxed)
+        defer { claimWord.pointee.store(0, ordering: .releasing) }
+        return try body(poller)
+    }
+
+    /// The thread that took the lane of `sender`'s `kind` ring last, if the lane is held now.
+    public func laneHolderThread(_ sender: NodeID, kind: RingKind) -> pthread_t? {
+        let block = kind.ring(of: sender) * Self.stride
+        guard lanes[block + Self.claimWord].load(ordering: .relaxed) != 0 else { return nil }
+        return pthread_t(UInt(lanes[block + Self.holderWord].load(ordering: .relaxed)))
+    }
+
+    /// Takes ring `ring`'s lane claim, yielding the CPU while another thread holds it.
+    @usableFromInline
+    func waitForLane(_ ring: Int) {
+        let claimWord = lanes + (ring * Self.stride + Self.claimWord)
+        let start = monotonicNanoseconds()
+        var reported = false
+        while !claimWord.pointee.compareExchange(expected: 0, desired: 1, ordering: .acquiring).exchanged {
+            sched_yield()
+            if !reported, monotonicNanoseconds() - start > 5_000_000_000 {
+                reported = true
+                if Self.crashOnStall {
+                    fatalError("\(node)'s mailbox lane of ring \(ring) held for 5 s (GRANARY_CRASH_ON_UNANSWERED is set)")
+                }
+            }
+        }
     }
 
     /// Takes the poll claim, yielding the CPU while another thread holds it.
@@ -549,7 +634,7 @@ public final class Mailbox: @unchecked Sendable {
     @inlinable @inline(__always)
     func headerWord(from sender: NodeID, kind: RingKind = .log, acquiring: Bool) -> (head: UInt64, word: UnsafeMutablePointer<Atomic<UInt64>>) {
         let control = base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind)
-        let cursor = cursors + kind.ring(of: sender)
+        let cursor = cursors + kind.ring(of: sender) &* Mailbox.stride
         let head = acquiring ? cursor.pointee.load(ordering: .acquiring) : cursor.pointee.load(ordering: .relaxed)
         let position = Int(head & UInt64(ringCapacity - 1))
         return (head, (control + ChannelFormat.controlBytes + position + ChannelFormat.headerOffset).assumingMemoryBound(to: Atomic<UInt64>.self))
@@ -569,8 +654,9 @@ public final class Mailbox: @unchecked Sendable {
             let epoch = (base + ChannelFormat.controlOffset(sender: sender, ringCapacity: ringCapacity, kind: kind) + ChannelFormat.epochOffset).load(as: UInt64.self)
             text += ", trailer 0x\(String(trailer, radix: 16)) (expected 0x\(String(ChannelFormat.trailer(position: head, epoch: epoch), radix: 16)))"
         }
-        guard let holder = claimHolderThread else { return text }
-        return text + ", poll claim held by thread 0x\(String(UInt(holder), radix: 16))"
+        if let holder = claimHolderThread { text += ", poll claim held by thread 0x\(String(UInt(holder), radix: 16))" }
+        guard let holder = laneHolderThread(sender, kind: kind) else { return text }
+        return text + ", lane held by thread 0x\(String(UInt(holder), radix: 16))"
     }
 
     /// Whether no message (not even a partly written one) waits at the head of `sender`'s ring:
@@ -601,14 +687,17 @@ public struct MailboxPoller: ~Copyable {
     public let ringCapacity: Int
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
     @usableFromInline let pendingAdvance: UnsafeMutablePointer<UInt64>
+    @usableFromInline let lanes: UnsafeMutablePointer<Atomic<UInt64>>
 
     @inlinable init(base: UnsafeMutableRawPointer, receiver: NodeID, ringCapacity: Int,
-                    cursors: UnsafeMutablePointer<Atomic<UInt64>>, pendingAdvance: UnsafeMutablePointer<UInt64>) {
+                    cursors: UnsafeMutablePointer<Atomic<UInt64>>, pendingAdvance: UnsafeMutablePointer<UInt64>,
+                    lanes: UnsafeMutablePointer<Atomic<UInt64>>) {
         self.base = base
         self.receiver = receiver
         self.ringCapacity = ringCapacity
         self.cursors = cursors
         self.pendingAdvance = pendingAdvance
+        self.lanes = lanes
     }
 
     /// Hands every complete message from `sender` (up to `limit`) to `handler`, in the order sent,
@@ -644,7 +733,7 @@ public struct MailboxPoller: ~Copyable {
         let mask = UInt64(truncatingIfNeeded: ringCapacity &- 1)
         let maximum = ChannelFormat.maximumMessage(ringCapacity: ringCapacity)
         let expected = ChannelFormat.header(length: 0, sender: sender)
-        let cursor = cursors + kind.ring(of: sender)
+        let cursor = cursors + kind.ring(of: sender) &* Mailbox.stride
         // Only the poller writes the cursor, the consumed counter and the epoch, so its own last
         // stores are the current values.
         let epoch = (control + ChannelFormat.epochOffset).load(as: UInt64.self)
@@ -711,7 +800,7 @@ public struct MailboxPoller: ~Copyable {
                 } else {
                     frame.assumingMemoryBound(to: Atomic<UInt64>.self).pointee
                         .store(header & 0xFFFF_FFFF_FFFF | ChannelFormat.releasedMagic << 48, ordering: .relaxed)
-                    if kind == .log { pendingAdvance.pointee |= 1 << UInt64(truncatingIfNeeded: sender.index) }
+                    if kind == .log { lanes[kind.ring(of: sender) &* Mailbox.stride &+ Mailbox.releasedWord].store(1, ordering: .relaxed) }
                 }
             }
             head &+= UInt64(truncatingIfNeeded: stride)
@@ -737,7 +826,7 @@ public struct MailboxPoller: ~Copyable {
     /// ``ChannelFormat/landingGraceNanoseconds`` (stale bytes can look half-written for ever).
     @usableFromInline
     func stillLanding(ring: Int, head: UInt64) -> Bool {
-        let slot = pendingAdvance + 2 + 2 * ring
+        let slot = pendingAdvance + 2 * ring
         let now = monotonicNanoseconds()
         if slot[0] != head &+ 1 {
             slot[0] = head &+ 1
@@ -765,7 +854,7 @@ public struct MailboxPoller: ~Copyable {
             (control + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
         }
         let consumed = word(0).pointee.load(ordering: .relaxed)
-        let cursor = cursors[kind.ring(of: sender)].load(ordering: .relaxed)
+        let cursor = cursors[kind.ring(of: sender) * Mailbox.stride].load(ordering: .relaxed)
         let previous = word(ChannelFormat.epochOffset).pointee.load(ordering: .relaxed)
         var epoch = UInt64.random(in: 1...UInt64.max)
         while epoch == previous { epoch = UInt64.random(in: 1...UInt64.max) }
@@ -786,7 +875,7 @@ public struct MailboxPoller: ~Copyable {
         word(ChannelFormat.requestOffset).pointee.store(0, ordering: .relaxed)
         // Release: a sender whose compare-and-swap attaches sees all of the above.
         word(ChannelFormat.attachedOffset).pointee.store(0, ordering: .releasing)
-        pendingAdvance[1] |= 1 << UInt64(sender.index)
+        lanes[kind.ring(of: sender) * Mailbox.stride + Mailbox.reopenedWord].store(1, ordering: .relaxed)
     }
 
     /// At the end of a poll of `sender`'s log: moves its consumed counter over the messages
@@ -794,9 +883,9 @@ public struct MailboxPoller: ~Copyable {
     @inlinable @inline(__always)
     func advanceIfReleased(from sender: NodeID, kind: RingKind) {
         guard kind == .log else { return }
-        let bit: UInt64 = 1 << UInt64(truncatingIfNeeded: sender.index)
-        guard pendingAdvance.pointee & bit != 0 else { return }
-        pendingAdvance.pointee &= ~bit
+        let released = lanes + (kind.ring(of: sender) &* Mailbox.stride &+ Mailbox.releasedWord)
+        guard released.pointee.load(ordering: .relaxed) != 0 else { return }
+        released.pointee.store(0, ordering: .relaxed)
         advanceConsumed(from: sender)
     }
 
@@ -825,7 +914,7 @@ public struct MailboxPoller: ~Copyable {
         let consumed = control.assumingMemoryBound(to: Atomic<UInt64>.self)
         let ring = control + ChannelFormat.controlBytes
         let mask = UInt64(ringCapacity - 1)
-        let cursor = cursors[sender.index].load(ordering: .relaxed)
+        let cursor = cursors[sender.index * Mailbox.stride].load(ordering: .relaxed)
         let start = consumed.pointee.load(ordering: .relaxed)
         // How far the counter moves: over released frames and wrap words, up to the cursor.
         var end = start
@@ -883,7 +972,7 @@ public struct MailboxPoller: ~Copyable {
 
 /// The receive side of the channel from one sender: a ring in the local mailbox.
 ///
-/// Each call takes the mailbox's poll claim for its duration (see ``Mailbox/withPoller(_:)``); a
+/// Each call takes the mailbox's poll claim (every lane) for its duration (see ``Mailbox/withPoller(_:)``); a
 /// poller that serves many rings takes the claim once and polls through ``MailboxPoller``.
 public struct ChannelReceiver: Sendable {
     /// The local mailbox holding the ring.
