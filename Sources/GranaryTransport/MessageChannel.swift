@@ -1261,23 +1261,49 @@ public final class ChannelSender: Sendable {
             let words = UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: mappedControl)!
             return (words.pointee.load(ordering: .acquiring), (words + 2).pointee.load(ordering: .relaxed))
         }
-        var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
-        try withUnsafeMutableBytes(of: &words) { (buffer) throws(TransportError) in
-            try transport.read(from: receiver, controlAddress, into: buffer)
-        }
-        return (words.0, words.2)
+        let words = try readWhole(ControlWords())
+        return (words.consumed, words.attached)
     }
 
-    /// The receiver's consumed counter (one one-sided read).
+    /// The first three words of a ring's control line, as one read brings them.
+    private struct ControlWords: BitwiseCopyable, Equatable {
+        var consumed: UInt64 = 0
+        var epoch: UInt64 = 0
+        var attached: UInt64 = 0
+    }
+
+    /// The receiver's consumed counter (one one-sided read, or more, see ``readWhole(_:)``).
     private func readHead() throws(TransportError) -> UInt64 {
         if mappedControl != 0 {
             return UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: mappedControl)!.pointee.load(ordering: .acquiring)
         }
-        var head: UInt64 = 0
-        try withUnsafeMutableBytes(of: &head) { (buffer) throws(TransportError) in
-            try transport.read(from: receiver, controlAddress, into: buffer)
+        return try readWhole(UInt64(0))
+    }
+
+    /// Reads the words at the start of the receiver's control line into a value shaped like
+    /// `initial`; where the transport's reads may tear words (``Transport/readsMayTearWords``),
+    /// again until two reads in a row agree. A one-sided read of a software device
+    /// (rxe copies with the kernel's `memcpy`, a byte at a time under emulation) can tear a word
+    /// the receiver stores at that moment: a consumed counter torn between its value before and
+    /// after a store can be larger than both, and a sender that believed it would overwrite
+    /// messages not yet taken. The second read starts after the first ends, so when both agree no
+    /// store fell inside the first. (Used only when the control line is not mapped: the sender
+    /// reads it when its ring looks full and when it checks its connection.)
+    private func readWhole<Words: BitwiseCopyable & Equatable>(_ initial: Words) throws(TransportError) -> Words {
+        func read() throws(TransportError) -> Words {
+            var words = initial
+            try withUnsafeMutableBytes(of: &words) { (buffer) throws(TransportError) in
+                try transport.read(from: receiver, controlAddress, into: buffer)
+            }
+            return words
         }
-        return head
+        var last = try read()
+        guard transport.readsMayTearWords else { return last }
+        while true {
+            let next = try read()
+            if next == last { return next }
+            last = next
+        }
     }
 
     /// Sends `message` (one one-sided write, plus one for a wrap and one read of the receiver's

@@ -70,6 +70,12 @@ public protocol Transport: AnyObject, Sendable {
     /// (a bad address is reported by the read itself) and has no effect on what any read returns.
     /// The default does nothing; shared memory issues the CPU's prefetch for each line.
     func prefetch(from node: NodeID, _ address: GlobalAddress, length: Int)
+
+    /// Whether a one-sided read may see a word half-stored: the target's CPU stored it while the
+    /// read copied its bytes (a software RDMA device such as rxe copies with the kernel's `memcpy`,
+    /// a byte at a time under emulation). A reader of a word that must be whole (a ring's consumed
+    /// counter) then reads until two reads agree. The default is false.
+    var readsMayTearWords: Bool { get }
 }
 
 extension Transport {
@@ -83,6 +89,9 @@ extension Transport {
 
     /// No effect (the default: a backend whose reads are round trips has nothing to start early).
     public func prefetch(from node: NodeID, _ address: GlobalAddress, length: Int) {}
+
+    /// False (the default: an aligned 8-byte word is read whole).
+    public var readsMayTearWords: Bool { false }
 }
 
 /// One one-sided operation inside an ``OperationBatch``.

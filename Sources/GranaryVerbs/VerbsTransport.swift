@@ -197,6 +197,10 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Whether reads of whole cache lines are checked (posted twice and compared); see
     /// ``Options/checkedLineReads``.
     public let checksLineReads: Bool
+    /// Whether reads may tear words (see ``Transport/readsMayTearWords``): where line reads are
+    /// checked, that is a software device's copy or one the options or environment say to
+    /// distrust.
+    public var readsMayTearWords: Bool { checksLineReads }
 
     /// The name of the device in use (e.g. `rxe0`).
     public var deviceName: String { device.name }
