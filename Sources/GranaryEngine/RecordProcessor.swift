@@ -49,9 +49,9 @@ final class RecordProcessor: @unchecked Sendable {
         /// Slots this primary reserved for other nodes' coordinators (ALLOCATE), by untagged
         /// address, with the node that holds each reservation.
         var remoteReservations: [UInt64: RemoteReservationHolder] = [:]
-        /// Transactions (raw ids) whose kept COMMIT-BACKUP record allocates: its slabs are in
-        /// ``Engine/keptSlabClasses`` until the record leaves.
-        var allocating: Set<UInt64> = []
+        /// Transactions (raw ids) whose kept COMMIT-BACKUP record allocates, with the keys of the
+        /// slabs it allocates in: they are in ``Engine/keptSlabClasses`` until the record leaves.
+        var allocating: [UInt64: [UInt64]] = [:]
     }
     private let state: UnsafeMutablePointer<State> = {
         let state = UnsafeMutablePointer<State>.allocate(capacity: 1)
@@ -527,7 +527,7 @@ final class RecordProcessor: @unchecked Sendable {
             drop(index)
         }
         if let index = stashed.removeValue(forKey: transaction) {
-            forgetSlabClasses(of: transaction, index: index, view: view)
+            forgetSlabClasses(of: transaction)
             drop(index)
             publishKept()
         }
@@ -548,19 +548,21 @@ final class RecordProcessor: @unchecked Sendable {
         }
         let index = kept.keep(raw, extraWords: 0, reference: ring)
         if let previous = stashed.updateValue(index, forKey: record.transaction) {
-            forgetSlabClasses(of: record.transaction, index: previous, view: view)
+            forgetSlabClasses(of: record.transaction)
             drop(previous)
         }
         if allocates {
             // Entries waiting for a slab this record allocates in, in any lane: the slab's class
             // is known now.
-            state.pointee.allocating.insert(record.transaction.rawValue)
+            var keys: [UInt64] = []
             engine.keptSlabClasses.withLock { classes in
                 forEachKeptEntry(index) { entry in
                     guard entry.operation == .allocate, let key = slabKey(entry.address, view: view) else { return }
                     classes[key, default: (ObjectSlot(offset: Int(entry.address.offset), lines: entry.lines), 0)].records += 1
+                    keys.append(key)
                 }
             }
+            state.pointee.allocating[record.transaction.rawValue] = keys
             engine.allocationsApplied.add(1, ordering: .relaxed)
             if !deferred.isEmpty {
                 for entry in deferred { _ = learnSlabClass(of: entry.address, view: view) }
@@ -577,21 +579,21 @@ final class RecordProcessor: @unchecked Sendable {
         return UInt64(address.region.rawValue) << 40 | UInt64(Int(address.offset) >> replica.layout.slabShift)
     }
 
-    /// Takes the slabs kept COMMIT-BACKUP record `index` of `transaction` allocates in out of
+    /// Takes the slabs the kept COMMIT-BACKUP record of `transaction` allocates in out of
     /// ``Engine/keptSlabClasses`` (the record leaves: applied, aborted or replaced).
-    private func forgetSlabClasses(of transaction: TransactionID, index: Int, view: ConfigurationView) {
-        guard !state.pointee.allocating.isEmpty, state.pointee.allocating.remove(transaction.rawValue) != nil else { return }
+    private func forgetSlabClasses(of transaction: TransactionID) {
+        guard !state.pointee.allocating.isEmpty, let keys = state.pointee.allocating.removeValue(forKey: transaction.rawValue) else { return }
         engine.keptSlabClasses.withLock { classes in
-            forEachKeptEntry(index) { entry in
-                guard entry.operation == .allocate, let key = slabKey(entry.address, view: view), let held = classes[key] else { return }
+            for key in keys {
+                guard let held = classes[key] else { continue }
                 classes[key] = held.records > 1 ? (held.slot, held.records - 1) : nil
             }
         }
     }
 
     /// For a truncated entry whose object's slab has no size class at this backup yet: finds an
-    /// allocation in that slab among the COMMIT-BACKUP records kept here (not yet truncated) and
-    /// enters its class in the backup's slab table. The class is certain: a committed transaction
+    /// allocation in that slab among the COMMIT-BACKUP records kept here, in any lane (not yet
+    /// truncated; ``Engine/keptSlabClasses``), and enters its class in the backup's slab table. The class is certain: a committed transaction
     /// used an object of the slab, so an allocation in it committed at the primary, and every slot
     /// of a slab has the same class. Returns whether it found one. (Without this, the entry would
     /// wait for the allocating coordinator's lazy TRUNCATE, holding its record in the log.)
@@ -643,7 +645,7 @@ final class RecordProcessor: @unchecked Sendable {
                     state.pointee.freeCommitted.append(slot)
                 }
                 guard let index = stashed.removeValue(forKey: id) else { return }
-                forgetSlabClasses(of: id, index: index, view: view)
+                forgetSlabClasses(of: id)
                 if applyStashed(index, view: view) { appliedAllocation = true }
             }
             if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
@@ -817,7 +819,7 @@ final class RecordProcessor: @unchecked Sendable {
         var appliedAllocation = false
         for (id, index) in entries {
             _ = stashed.removeValue(forKey: id)
-            forgetSlabClasses(of: id, index: index, view: view)
+            forgetSlabClasses(of: id)
             let commit = decisions[id.rawValue] ?? false
             count(commit)
             guard commit else {
