@@ -502,7 +502,11 @@ struct CheckRunCommand: AsyncParsableCommand {
         let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
         return try configuration.servers.map { node in
             guard let pid = ClusterDown.runningPid(directory: directory, node: node.index) else {
-                throw CheckRunError("\(node) of \(file) does not run (no live process in \(directory)/\(node).pid): start the cluster with `granary cluster up`")
+                let path = "\(directory)/\(node).pid"
+                let recorded = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+                let state = recorded.flatMap { FileHandle(forReadingAtPath: "/proc/\($0)/stat")?.readDataToEndOfFile() }
+                    .map { String(decoding: $0, as: UTF8.self).split(separator: " ").prefix(3).joined(separator: " ") }
+                throw CheckRunError("\(node) of \(file) does not run (\(path): \(recorded.map { "process \($0), \(state ?? "no such process")" } ?? "none")): start the cluster with `granary cluster up`")
             }
             return (node.index, pid)
         }

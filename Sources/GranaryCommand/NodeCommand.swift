@@ -225,6 +225,13 @@ extension NodeCommand {
 
     /// A cluster member running the transaction engine.
     func runMember(configurationFile: String) async throws {
+        // A process that started again to rejoin says so first, so that its log shows whether
+        // the new image ran at all.
+        if let rejoinOf = getenv("GRANARY_REJOIN_EXEC") {
+            print("started again to rejoin (process \(getpid()), last in configuration \(String(cString: rejoinOf)))")
+            fflush(nil)
+            unsetenv("GRANARY_REJOIN_EXEC")
+        }
         // SIGTERM and SIGINT ask the node to leave and exit (handled in the main loop below).
         let signals = [SIGTERM, SIGINT].map { number in
             signal(number, SIG_IGN)
@@ -471,6 +478,7 @@ extension NodeCommand {
         storage.spares.stop()
         print("rejoining")
         fflush(nil)
+        setenv("GRANARY_REJOIN_EXEC", "\(engine.configuration.id.rawValue)", 1)
         var arguments = CommandLine.arguments.map { strdup($0) }
         arguments.append(nil)
         execv("/proc/self/exe", &arguments)

@@ -197,7 +197,7 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
     /// Whether reads of whole cache lines are checked (posted twice and compared); see
     /// ``Options/checkedLineReads``.
     public let checksLineReads: Bool
-    /// Whether reads may tear words (see ``Transport/readsMayTearWords``): where line reads are
+    /// Whether reads may tear words (see `Transport.readsMayTearWords`): where line reads are
     /// checked, that is a software device's copy or one the options or environment say to
     /// distrust.
     public var readsMayTearWords: Bool { checksLineReads }
