@@ -395,8 +395,8 @@ package final class Engine: Sendable {
     /// Bit n: node n was removed, and transaction recovery has taken its votes: its records are
     /// refused even before this node moves to the configuration without it.
     let refusedSenders = Atomic<UInt64>(0)
-    /// How many backup entries that allocate lanes have applied (a lane's deferred entries, which
-    /// wait for a slab's class, are tried again when it moves).
+    /// Moves each time a lane keeps or applies backup entries that allocate (a lane's deferred
+    /// entries, which wait for a slab's class, are tried again when it moves).
     let allocationsApplied = Atomic<Int>(0)
     /// The slab classes that allocate entries of COMMIT-BACKUP records kept in any lane here name
     /// (key: region << 40 | slab number): an entry of another lane's transaction waiting for its
@@ -530,6 +530,13 @@ package final class Engine: Sendable {
             }
         }
         if let failure { throw failure }
+    }
+
+    /// Whether a commit waiting on `nodes` (a bit per node: for LOCK answers, or for room in their
+    /// logs) must stop waiting: one of them is being removed, a recovery waits for the commits in
+    /// flight to end, or this engine stops. The commit then starts again once commits do.
+    @inline(__always) func mustStopWaiting(on nodes: UInt64) -> Bool {
+        gate.removing.load(ordering: .relaxed) & nodes != 0 || gate.isRecovering || !running.load(ordering: .relaxed)
     }
 
     // MARK: Poller

@@ -25,13 +25,6 @@ extension Engine {
     /// finds them, and the lane's state, in that core's cache.
     func helpPoll(for coordinator: NodeID) -> Int { poll(for: coordinator) }
 
-    /// Whether a commit waiting on `nodes` (a bit per node: for LOCK answers, or for room in their
-    /// logs) must stop waiting: one of them is being removed, a recovery waits for the commits in
-    /// flight to end, or this engine stops. The commit then starts again once commits do.
-    @inline(__always) func mustStopWaiting(on nodes: UInt64) -> Bool {
-        gate.removing.load(ordering: .relaxed) & nodes != 0 || gate.isRecovering || !running.load(ordering: .relaxed)
-    }
-
     private func poll(for coordinator: NodeID?) -> Int {
         guard running.load(ordering: .relaxed), !processingPaused.load(ordering: .relaxed) else { return 0 }
         var handled = 0
@@ -106,15 +99,10 @@ extension Engine {
         let unmanagedView = Unmanaged.passUnretained(view)
         // Every node that was ever a member is polled: records from nodes outside the current
         // configuration are read only to be rejected (precise membership).
-        let attention = mailbox.attention
         let everyRing = processor._withUnsafeGuaranteedRef { lane in
             lane.flushReplies(view: view)
-            // A sender posted a reopening request (it restarted): poll the ring whatever its
-            // head shows, which reopens it if the request is for it.
-            let changed = attention != lane.seenAttention.load(ordering: .relaxed)
-            if changed { lane.seenAttention.store(attention, ordering: .relaxed) }
             if lane.mayRetryDeferred { lane.retryDeferred(view: view) }
-            return changed
+            return attentionChanged(since: lane.seenAttention)
         }
         if everyRing || mailbox.mayHaveMessage(from: sender) {
             do {
@@ -139,12 +127,7 @@ extension Engine {
         var handled = 0
         let processor = lanes[sender.index]
         let unmanagedView = Unmanaged.passUnretained(view)
-        let attention = mailbox.attention
-        let everyRing = processor._withUnsafeGuaranteedRef { lane in
-            let changed = attention != lane.seenQueueAttention.load(ordering: .relaxed)
-            if changed { lane.seenQueueAttention.store(attention, ordering: .relaxed) }
-            return changed
-        }
+        let everyRing = processor._withUnsafeGuaranteedRef { attentionChanged(since: $0.seenQueueAttention) }
         if everyRing || mailbox.mayHaveMessage(from: sender, kind: .messages) {
             do {
                 handled = try poller.poll(from: sender, kind: .messages, limit: 64) { bytes in
@@ -158,6 +141,16 @@ extension Engine {
         }
         if mailbox.takeReopened(from: sender, kind: .messages) { checkConnections(to: 1 << UInt64(sender.index), view: view) }
         return handled
+    }
+
+    /// Whether a sender posted a reopening request (it restarted) since a lane last looked, whose
+    /// word of the mailbox's attention is `seen` (then updated): the lane polls its ring whatever
+    /// its head shows, which reopens it if the request is for it.
+    private func attentionChanged(since seen: borrowing Atomic<UInt64>) -> Bool {
+        let attention = mailbox.attention
+        guard attention != seen.load(ordering: .relaxed) else { return false }
+        seen.store(attention, ordering: .relaxed)
+        return true
     }
 
     /// Bytes that are not a message in a ring of `sender`: refused, and the ring reopened for the

@@ -379,8 +379,9 @@ extension Engine {
             // Each lane applies the shipped records of its own coordinators' transactions (it
             // knows whether it holds a record of one).
             var outcome = (committed: 0, aborted: 0, replicated: 0)
+            let shippedByLane = Dictionary(grouping: shipped) { TransactionID(rawValue: $0.key).node.index }
             for index in 0..<NodeID.limit {
-                let own = shipped.filter { TransactionID(rawValue: $0.key).node.index == index }
+                let own = Dictionary(uniqueKeysWithValues: shippedByLane[index] ?? [])
                 let lane = lanes[index].takeUnretainedValue().resolveRecovered(decisions, shipped: own, removed: removed, view: view)
                 outcome.committed += lane.committed
                 outcome.aborted += lane.aborted

@@ -266,18 +266,17 @@ public final class Mailbox: @unchecked Sendable {
     /// One cache line per ring (``stride`` words; the first is the cursor): the lanes' cursors
     /// are written by different threads.
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
-    /// Per ring, the two landing words of ``MailboxPoller/stillLanding(ring:head:)``.
-    /// Touched only by the holder of the ring's lane claim.
-    @usableFromInline let pendingAdvance: UnsafeMutablePointer<UInt64>
     /// One cache line per ring, a lane (``stride`` words, at ``RingKind/ring(of:)``): the lane's
     /// claim (``claimWord``, 0 or 1), the thread that took it last (``holderWord``), whether the
     /// log has messages released behind its head since its consumed counter last moved
-    /// (``releasedWord``, moved by ``advanceReleased(from:)``), and whether the ring was reopened
-    /// (``reopenedWord``, ``takeReopened(from:kind:)``). All but the claim are touched only by the
+    /// (``releasedWord``, moved by ``advanceReleased(from:)``), whether the ring was reopened
+    /// (``reopenedWord``, ``takeReopened(from:kind:)``), and where and when a header or trailer was
+    /// first seen part-written (``landingWord``: the stream position plus one, then the time; see
+    /// ``MailboxPoller/stillLanding(ring:head:)``). All but the claim are touched only by the
     /// lane's holder.
     @usableFromInline let lanes: UnsafeMutablePointer<Atomic<UInt64>>
     @usableFromInline static let stride = 8
-    @usableFromInline static let claimWord = 0, holderWord = 1, releasedWord = 2, reopenedWord = 3
+    @usableFromInline static let claimWord = 0, holderWord = 1, releasedWord = 2, reopenedWord = 3, landingWord = 4
 
     /// Whether `GRANARY_CRASH_ON_UNANSWERED` is set: then a wait that should take microseconds
     /// and lasts seconds (a poll claim never given back, a LOCK never answered) crashes the
@@ -321,10 +320,6 @@ public final class Mailbox: @unchecked Sendable {
         self.region = region
         self.base = region.base
         self.ringCapacity = ringCapacity
-        // Two words per ring: the stream position (plus one) where a header or trailer was first
-        // seen part-written, and when (``MailboxPoller``).
-        pendingAdvance = .allocate(capacity: Self.pollerWords)
-        pendingAdvance.initialize(repeating: 0, count: Self.pollerWords)
         cursors = .allocate(capacity: RingKind.ringsPerMailbox * Self.stride)
         for ring in 0..<RingKind.ringsPerMailbox {
             let control = region.base + RegionFormat.headerBytes + ring * (ChannelFormat.controlBytes + ringCapacity)
@@ -334,12 +329,7 @@ public final class Mailbox: @unchecked Sendable {
         for word in 0..<RingKind.ringsPerMailbox * Self.stride { (lanes + word).initialize(to: Atomic(0)) }
     }
 
-    /// The poller's words (see `init`).
-    static let pollerWords = 2 * RingKind.ringsPerMailbox
-
     deinit {
-        pendingAdvance.deinitialize(count: Self.pollerWords)
-        pendingAdvance.deallocate()
         cursors.deinitialize(count: RingKind.ringsPerMailbox * Self.stride)
         cursors.deallocate()
         lanes.deinitialize(count: RingKind.ringsPerMailbox * Self.stride)
@@ -352,10 +342,8 @@ public final class Mailbox: @unchecked Sendable {
         withPoller { _ in
             Self.clear(region)
             for ring in 0..<RingKind.ringsPerMailbox { cursors[ring * Self.stride].store(0, ordering: .relaxed) }
-            for word in 0..<Self.pollerWords { pendingAdvance[word] = 0 }
             for lane in 0..<RingKind.ringsPerMailbox {
-                lanes[lane * Self.stride + Self.releasedWord].store(0, ordering: .relaxed)
-                lanes[lane * Self.stride + Self.reopenedWord].store(0, ordering: .relaxed)
+                for word in Self.releasedWord..<Self.stride { lanes[lane * Self.stride + word].store(0, ordering: .relaxed) }
             }
         }
     }
@@ -431,12 +419,11 @@ public final class Mailbox: @unchecked Sendable {
     /// the poll claim).
     @inlinable @inline(__always)
     public func advanceReleased(from sender: NodeID) {
-        guard lanes[RingKind.log.ring(of: sender) &* Self.stride &+ Self.releasedWord].load(ordering: .relaxed) != 0 else { return }
         poller.advanceIfReleased(from: sender, kind: .log)
     }
 
     @inlinable var poller: MailboxPoller {
-        MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors, pendingAdvance: pendingAdvance, lanes: lanes)
+        MailboxPoller(base: base, receiver: node, ringCapacity: ringCapacity, cursors: cursors, lanes: lanes)
     }
 
     /// The messages kept in `sender`'s ring of a mailbox region as a previous run left it (the
@@ -592,30 +579,26 @@ public final class Mailbox: @unchecked Sendable {
     @usableFromInline
     func waitForLane(_ ring: Int) {
         let claimWord = lanes + (ring * Self.stride + Self.claimWord)
-        let start = monotonicNanoseconds()
-        var reported = false
-        while !claimWord.pointee.compareExchange(expected: 0, desired: 1, ordering: .acquiring).exchanged {
-            sched_yield()
-            if !reported, monotonicNanoseconds() - start > 5_000_000_000 {
-                reported = true
-                if Self.crashOnStall {
-                    fatalError("\(node)'s mailbox lane of ring \(ring) held for 5 s (GRANARY_CRASH_ON_UNANSWERED is set)")
-                }
-            }
-        }
+        waitUntil("lane of ring \(ring)") { claimWord.pointee.compareExchange(expected: 0, desired: 1, ordering: .acquiring).exchanged }
     }
 
     /// Takes the poll claim, yielding the CPU while another thread holds it.
     @usableFromInline
     func waitForClaim() {
+        waitUntil("poll claim") { claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged }
+    }
+
+    /// Calls `taken` until it returns true, yielding the CPU in between; with
+    /// `GRANARY_CRASH_ON_UNANSWERED` set, crashes once `what` has been held for 5 s.
+    private func waitUntil(_ what: @autoclosure () -> String, _ taken: () -> Bool) {
         let start = monotonicNanoseconds()
         var reported = false
-        while !claim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+        while !taken() {
             sched_yield()
             if !reported, monotonicNanoseconds() - start > 5_000_000_000 {
                 reported = true
                 if Self.crashOnStall {
-                    fatalError("\(node)'s mailbox poll claim held for 5 s (GRANARY_CRASH_ON_UNANSWERED is set)")
+                    fatalError("\(node)'s mailbox \(what()) held for 5 s (GRANARY_CRASH_ON_UNANSWERED is set)")
                 }
             }
         }
@@ -686,17 +669,14 @@ public struct MailboxPoller: ~Copyable {
     /// The capacity of each ring, in bytes.
     public let ringCapacity: Int
     @usableFromInline let cursors: UnsafeMutablePointer<Atomic<UInt64>>
-    @usableFromInline let pendingAdvance: UnsafeMutablePointer<UInt64>
     @usableFromInline let lanes: UnsafeMutablePointer<Atomic<UInt64>>
 
     @inlinable init(base: UnsafeMutableRawPointer, receiver: NodeID, ringCapacity: Int,
-                    cursors: UnsafeMutablePointer<Atomic<UInt64>>, pendingAdvance: UnsafeMutablePointer<UInt64>,
-                    lanes: UnsafeMutablePointer<Atomic<UInt64>>) {
+                    cursors: UnsafeMutablePointer<Atomic<UInt64>>, lanes: UnsafeMutablePointer<Atomic<UInt64>>) {
         self.base = base
         self.receiver = receiver
         self.ringCapacity = ringCapacity
         self.cursors = cursors
-        self.pendingAdvance = pendingAdvance
         self.lanes = lanes
     }
 
@@ -826,15 +806,15 @@ public struct MailboxPoller: ~Copyable {
     /// ``ChannelFormat/landingGraceNanoseconds`` (stale bytes can look half-written for ever).
     @usableFromInline
     func stillLanding(ring: Int, head: UInt64) -> Bool {
-        let slot = pendingAdvance + 2 * ring
+        let position = lanes + (ring * Mailbox.stride + Mailbox.landingWord), seen = position + 1
         let now = monotonicNanoseconds()
-        if slot[0] != head &+ 1 {
-            slot[0] = head &+ 1
-            slot[1] = now
+        if position.pointee.load(ordering: .relaxed) != head &+ 1 {
+            position.pointee.store(head &+ 1, ordering: .relaxed)
+            seen.pointee.store(now, ordering: .relaxed)
             return true
         }
-        if now &- slot[1] < ChannelFormat.landingGraceNanoseconds { return true }
-        slot[0] = 0
+        if now &- seen.pointee.load(ordering: .relaxed) < ChannelFormat.landingGraceNanoseconds { return true }
+        position.pointee.store(0, ordering: .relaxed)
         return false
     }
 
