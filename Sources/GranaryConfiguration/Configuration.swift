@@ -276,6 +276,21 @@ public struct Configuration: Hashable, Sendable, Codable, CustomStringConvertibl
             }
     }
 
+    /// The regions whose routing `next` changes: those it drops or adds, and those whose primary
+    /// or backups differ. FaRM's *recovering regions*: while the move to `next` is recovered,
+    /// commits that touch only other regions go ahead.
+    public func reroutedRegions(in next: Configuration) -> Set<RegionID> {
+        var rerouted = Set<RegionID>()
+        for placement in regions {
+            guard let new = next.placement(of: placement.region), new.primary == placement.primary, new.backups == placement.backups else {
+                rerouted.insert(placement.region)
+                continue
+            }
+        }
+        for placement in next.regions where self.placement(of: placement.region) == nil { rerouted.insert(placement.region) }
+        return rerouted
+    }
+
     private enum CodingKeys: String, CodingKey {
         case id, cluster, members, manager, regions, regionSize, replication, routingEpoch
     }

@@ -66,6 +66,18 @@ extension Transaction {
         withEngine { $0.replies.abandon(waiting.id, failure: AbortCause.lockConflict.rawValue) }
     }
 
+    /// Whether every object this attempt read or writes lies in a region `gate` does not block
+    /// (asked only while a recovery blocks just the recovering regions).
+    private func touchesNoRecoveringRegion(_ gate: CommitGate) -> Bool {
+        let writes = state.pointee.writes.withUnsafeBufferPointer { writes in
+            !writes.contains { gate.isBlocked($0.address.region) }
+        }
+        guard writes else { return false }
+        return state.pointee.reads.withUnsafeBufferPointer { reads in
+            !reads.contains { gate.isBlocked($0.address.region) }
+        }
+    }
+
     private func commit(engine: Engine, statistics stats: EngineStatistics, spinNanoseconds: UInt64?) throws -> Bool {
         // Phase timers sample one attempt in `phaseTimingInterval` (clock reads and timer updates
         // cost more than some phases); the commit and abort counters count every attempt.
@@ -94,9 +106,14 @@ extension Transaction {
             return true
         }
         try checkRecordSizes()
-        // BLOCK (transaction-state recovery): no commit starts while recovery runs, and one that
-        // began in a configuration since replaced starts again in the new one.
-        guard let shard = engine.gate.enter() else {
+        // BLOCK (transaction-state recovery): no commit starts while recovery runs, but for one
+        // that touches no recovering region once every member has voted; and one that began in a
+        // configuration since replaced starts again in the new one.
+        var admittedDuringRecovery = false
+        guard let shard = engine.gate.enter(admits: {
+            admittedDuringRecovery = true
+            return touchesNoRecoveringRegion(engine.gate)
+        }) else {
             // The caller's retry loop waits for the gate (`Engine.run` on its thread,
             // `Node.transaction` without holding a thread of the cooperative pool, which the
             // recovery that opens the gate may need).
@@ -105,7 +122,10 @@ extension Transaction {
         var holdsGate = true
         defer { if holdsGate { engine.gate.leave(shard) } }
         guard engine.isCurrentView(state.pointee.viewRef) else { throw AbortSignal(cause: .wrongConfiguration) }
-        if engine.owed.count.load(ordering: .relaxed) > 0 { engine.resolveOwedRecords() }
+        state.pointee.stamp = admittedDuringRecovery ? max(engine.gate.recoveryTarget, withView { $0.configurationID }) : withView { $0.configurationID }
+        // Owed records wait while a recovery runs: it decides those sent before it, and the
+        // others go once every member has moved (stamped so that all take them).
+        if engine.owed.count.load(ordering: .relaxed) > 0, !engine.gate.isClosed { engine.resolveOwedRecords() }
         try promiseLogSpace(engine: engine, waitForRoom: spinNanoseconds == nil)
         var keepsPromises = false
         defer { if !keepsPromises { endPromises() } }
@@ -218,7 +238,7 @@ extension Transaction {
         }
         ensureRecordCapacity(size)
         var writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
-                                  configuration: view.configurationID, transaction: id)
+                                  configuration: state.pointee.stamp, transaction: id)
         writes.withUnsafeBufferPointer { writes in
             payloads.withUnsafeBytes { payloadBytes in
                 for entry in writes where include(entry) {
@@ -365,7 +385,7 @@ extension Transaction {
     private func sendHeaderOnly(_ kind: RecordKind, _ id: TransactionID, to node: NodeID,
                                 keepUntilTruncate: Bool = false) throws(TransactionError) {
         let writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
-                                  configuration: withView { $0.configurationID }, transaction: id,
+                                  configuration: state.pointee.stamp, transaction: id,
                                   cause: keepUntilTruncate ? RecordFormat.keepUntilTruncate : 0)
         // ABORT frees log space instead of holding it: it may use the ring's reserve.
         try sendRecord(writer.bytes, to: node, usingReserve: kind == .abort, promised: kind == .commitPrimary)

@@ -300,7 +300,13 @@ final class RecordProcessor: @unchecked Sendable {
     /// Answers a LOCK without ever waiting: a reply that cannot go now waits here and goes out at
     /// the next poll (``flushReplies(view:)``). A poller that blocked on a full ring could deadlock
     /// with a peer's poller blocked on ours.
-    private func reply(to transaction: TransactionID, failure: AbortCause?, view: ConfigurationView) {
+    ///
+    /// A reply to a LOCK this node took carries the LOCK's own configuration (`stamp`): the
+    /// coordinator takes it whichever configuration either has moved to meanwhile (a commit
+    /// admitted outside the recovering regions stamps its records with the configuration being
+    /// recovered into, and its coordinator or this primary may move there first). A refusal
+    /// carries this node's.
+    private func reply(to transaction: TransactionID, failure: AbortCause?, stamp: ConfigurationID? = nil, view: ConfigurationView) {
         if transaction.node == engine.node {
             // This node coordinates the transaction: its reply slot is in this process, so the
             // answer goes there directly instead of through the node's own message queue (a ring
@@ -309,7 +315,7 @@ final class RecordProcessor: @unchecked Sendable {
             return
         }
         let writer = RecordWriter(into: replyBuffer, capacity: RecordFormat.headerBytes, kind: .lockReply,
-                                  configuration: view.configurationID, transaction: transaction,
+                                  configuration: stamp ?? view.configurationID, transaction: transaction,
                                   cause: failure?.rawValue ?? 0)
         sendReply(writer.bytes, to: transaction, view: view)
     }
@@ -406,12 +412,12 @@ final class RecordProcessor: @unchecked Sendable {
             _ = locked.removeValue(forKey: record.transaction)
             if lockedCount > 0 { release(index, locked: lockedCount, view: view, install: false) }
             kept.release(index)
-            reply(to: record.transaction, failure: failure, view: view)
+            reply(to: record.transaction, failure: failure, stamp: record.configuration, view: view)
             if let malformed { throw malformed }
             return false
         }
         publish(pendingCount, locked.count)
-        reply(to: record.transaction, failure: nil, view: view)
+        reply(to: record.transaction, failure: nil, stamp: record.configuration, view: view)
         return true
     }
 
@@ -768,10 +774,12 @@ final class RecordProcessor: @unchecked Sendable {
         return votes
     }
 
-    /// Applies recovery's decisions to every transaction whose records this node holds: a LOCK is
-    /// installed and unlocked (commit) or unlocked unchanged (abort); a COMMIT-BACKUP is applied
-    /// (commit) or dropped (abort); a kept COMMIT-PRIMARY is dropped (already installed). A
-    /// transaction missing from `decisions` aborts. Then the locks LOCK RECOVERY took are released
+    /// Applies recovery's decisions to every transaction they name whose records this node holds:
+    /// a LOCK is installed and unlocked (commit) or unlocked unchanged (abort); a COMMIT-BACKUP is
+    /// applied (commit) or dropped (abort); a kept COMMIT-PRIMARY is dropped (already installed).
+    /// Every record held when this node voted is named (the decisions cover every vote); a record
+    /// of a transaction they do not name came later, from a commit admitted outside the
+    /// recovering regions, and is left as it is. Then the locks LOCK RECOVERY took are released
     /// where no install did. Every record of the old configuration leaves the log.
     ///
     /// First, REPLICATE-TX-STATE: each record in `shipped` of a committed transaction this node
@@ -805,7 +813,7 @@ final class RecordProcessor: @unchecked Sendable {
         var outcome = (committed: 0, aborted: 0, replicated: replicated)
         func count(_ commit: Bool) { if commit { outcome.committed += 1 } else { outcome.aborted += 1 } }
         var entries: [(TransactionID, Int)] = []
-        locked.forEach { entries.append(($0, $1)) }
+        locked.forEach { id, index in if decisions[id.rawValue] != nil { entries.append((id, index)) } }
         for (id, index) in entries {
             _ = locked.removeValue(forKey: id)
             let commit = decisions[id.rawValue] ?? false
@@ -815,7 +823,7 @@ final class RecordProcessor: @unchecked Sendable {
         }
         publish(pendingCount, locked.count)
         entries.removeAll()
-        stashed.forEach { entries.append(($0, $1)) }
+        stashed.forEach { id, index in if decisions[id.rawValue] != nil { entries.append((id, index)) } }
         var appliedAllocation = false
         for (id, index) in entries {
             _ = stashed.removeValue(forKey: id)
@@ -831,7 +839,7 @@ final class RecordProcessor: @unchecked Sendable {
         if appliedAllocation && !deferred.isEmpty { applyDeferred(view: view) }
         if appliedAllocation || replicated > 0 { engine.allocationsApplied.add(1, ordering: .relaxed) }
         entries.removeAll()
-        committed.forEach { entries.append(($0, $1)) }
+        committed.forEach { id, slot in if decisions[id.rawValue] != nil { entries.append((id, slot)) } }
         for (id, slot) in entries {
             _ = committed.removeValue(forKey: id)
             releaseMessages(state.pointee.committedMessages[slot])

@@ -76,6 +76,11 @@ public final class Transaction {
         /// When this attempt's execute phase began, if its phases are timed (else 0).
         var executeStart: UInt64 = 0
         var attemptCount: UInt64 = 0
+        /// The configuration this attempt's records are stamped with: its view's, or, for a
+        /// commit admitted while a recovery blocked only the recovering regions, the
+        /// configuration being recovered into (every member takes such records for the regions it
+        /// does not block; see `CommitGate`). Set when the commit passes the gate.
+        var stamp = ConfigurationID(rawValue: 0)
         /// The configuration the attempt runs in (taken when it starts).
         var view: ConfigurationView {
             didSet { viewRef = Unmanaged.passUnretained(view) }

@@ -22,13 +22,17 @@ import Glibc
 ///    no reader sees them before the decision.
 /// 5. **Vote** and 6. **decide** (`decide(votes:in:survivors:)`): one rule over every member's
 ///    votes, applied by whichever member sees them all first and stored once, so that every member
-///    applies the same decisions.
+///    applies the same decisions. Once every vote is in, only the **recovering regions** stay
+///    blocked (`Engine.commitOutsideRecoveringRegions(next:)`): a commit that reads and writes
+///    only regions whose primary and backups the new configuration keeps goes ahead.
 /// 7. **Apply** (`Engine.resolveRecovered(_:)`): commit installs (LOCK) or applies (COMMIT-BACKUP),
 ///    abort unlocks or drops; every lock is released; then the node moves to the new configuration
-///    and commits start again (`Engine.unblockCommits()`).
+///    and, once every member has moved, every commit may start again (`Engine.unblockCommits()`).
 ///
-/// Differences from the paper: the whole node blocks, not only the regions whose primary changed;
-/// votes travel through the coordination store rather than as messages to per-transaction recovery
+/// Differences from the paper: the whole node blocks until every member has voted (FaRM blocks
+/// only the recovering regions from the start), and the recovering regions stay blocked until
+/// every member has moved (FaRM lets each go as soon as its locks are recovered); votes travel
+/// through the coordination store rather than as messages to per-transaction recovery
 /// coordinators; and REPLICATE-TX-STATE rides on the votes: a backup ships a COMMIT-BACKUP record in
 /// its vote only when a region it names lost its primary (`replicated(_:)`), the one case where
 /// a survivor may lack a record of a transaction recovery commits.
@@ -231,45 +235,81 @@ public struct RecoveryError: Error, CustomStringConvertible {
 /// commits in flight, one per thread shard on a cache line of its own (a coordinator touches only
 /// its own shard's line on every commit).
 ///
-/// `@unchecked Sendable`: `counters` is allocated in `init`, freed in `deinit`, and accessed only
-/// through atomics.
+/// Recovery blocks every commit until every member has stopped sending records of the old
+/// configuration, drained its log and voted; from then on until the decisions are applied and
+/// every member has moved it blocks only the *recovering regions* (``openUnaffected(blocking:)``):
+/// a commit whose every read and write lies in a region whose replicas the new configuration keeps
+/// goes ahead.
+///
+/// `@unchecked Sendable`: `counters` and `blockedRegions` are allocated in `init`, freed in
+/// `deinit`, and accessed only through atomics. `blockedRegions` is written only while the
+/// recovering bit is set and no commit is in flight (``openUnaffected(blocking:)`` runs after the
+/// BLOCK step's wait); a commit reads it only after counting itself in flight and seeing the
+/// partial bit alone, so it never acts on a table being written.
 final class CommitGate: @unchecked Sendable {
-    /// Bit 0: recovery runs; bit 1: this node's lease from the CM lapsed (it may have been removed).
+    /// Bit 0: recovery runs (every commit blocked); bit 1: this node's lease from the CM lapsed
+    /// (it may have been removed); bit 2: recovery runs, but only the regions in `blockedRegions`
+    /// are blocked.
     private let blocked = Atomic<UInt8>(0)
-    private static let recovering: UInt8 = 1, fenced: UInt8 = 2
+    private static let recovering: UInt8 = 1, fenced: UInt8 = 2, partial: UInt8 = 4
     /// Nodes being removed (bit n: node n): coordinators stop waiting for their answers.
     let removing = Atomic<UInt64>(0)
     private static let stride = 16  // words: 128 bytes per shard
     private let counters: UnsafeMutablePointer<Atomic<Int>>
+    /// The recovering regions while the partial bit is set: bit r % 64 of word r / 64.
+    private let blockedRegions: UnsafeMutablePointer<Atomic<UInt64>>
+    private static let regionWords = RegionID.limit / 64
+    /// The configuration the recovery that set the partial bit recovers into: commits admitted
+    /// meanwhile stamp their records with it.
+    private let target = Atomic<UInt64>(0)
 
     init() {
         let words = threadShards * Self.stride
         counters = UnsafeMutableRawPointer.allocate(byteCount: words * 8, alignment: 128).bindMemory(to: Atomic<Int>.self, capacity: words)
         for index in 0..<words { (counters + index).initialize(to: Atomic<Int>(0)) }
+        blockedRegions = .allocate(capacity: Self.regionWords)
+        for index in 0..<Self.regionWords { (blockedRegions + index).initialize(to: Atomic<UInt64>(0)) }
     }
 
     deinit {
         counters.deinitialize(count: threadShards * Self.stride)
         UnsafeMutableRawPointer(counters).deallocate()
+        blockedRegions.deinitialize(count: Self.regionWords)
+        blockedRegions.deallocate()
     }
 
-    /// Whether commits are held back (recovery runs, or the lease lapsed).
+    /// Whether commits are held back, all or some (recovery runs, or the lease lapsed).
     var isClosed: Bool { blocked.load(ordering: .acquiring) != 0 }
-    /// Whether a recovery holds commits back.
+    /// Whether a recovery holds every commit back (not only those of recovering regions).
     var isRecovering: Bool { blocked.load(ordering: .acquiring) & Self.recovering != 0 }
+    /// Whether a recovery holds back only the commits that touch a recovering region.
+    var isPartial: Bool { blocked.load(ordering: .acquiring) == Self.partial }
     /// Whether this node's lease lapsed: it may have been removed, and what it sends now may be
     /// refused, so it reports no commit.
     @inline(__always) var isFenced: Bool { blocked.load(ordering: .acquiring) & Self.fenced != 0 }
 
-    /// Enters a commit: the shard to leave with, or nil while the gate is closed. The count goes
-    /// up before the flag is read again, and ``close(removing:)`` sets the flag before it reads the
-    /// counts: either the closer sees this commit in flight, or this commit sees the gate closed.
-    @inline(__always) func enter() -> Int? {
-        if blocked.load(ordering: .relaxed) != 0 { return nil }
+    /// The configuration the last recovery that let commits through recovers into.
+    var recoveryTarget: ConfigurationID { ConfigurationID(rawValue: target.load(ordering: .acquiring)) }
+
+    /// Whether `region` is recovering (meaningful while ``isPartial``).
+    @inline(__always) func isBlocked(_ region: RegionID) -> Bool {
+        guard region.index < RegionID.limit else { return true }
+        return (blockedRegions + region.index / 64).pointee.load(ordering: .relaxed) & (1 << UInt64(region.index % 64)) != 0
+    }
+
+    /// Enters a commit: the shard to leave with, or nil while the gate is closed to it. The count
+    /// goes up before the flag is read again, and ``close(removing:)`` sets the flag before it
+    /// reads the counts: either the closer sees this commit in flight, or this commit sees the
+    /// gate closed. While only recovering regions are blocked, `admits` says whether the commit
+    /// touches none of them (asked again once the commit is counted in flight).
+    @inline(__always) func enter(admits: () -> Bool) -> Int? {
+        let state = blocked.load(ordering: .relaxed)
+        if state != 0, state != Self.partial || !admits() { return nil }
         let shard = threadShard()
         let counter = counters + shard * Self.stride
         counter.pointee.add(1, ordering: .sequentiallyConsistent)
-        if blocked.load(ordering: .sequentiallyConsistent) != 0 {
+        let now = blocked.load(ordering: .sequentiallyConsistent)
+        if now != 0, now != Self.partial || !admits() {
             counter.pointee.subtract(1, ordering: .releasing)
             return nil
         }
@@ -285,9 +325,21 @@ final class CommitGate: @unchecked Sendable {
         blocked.bitwiseOr(Self.recovering, ordering: .sequentiallyConsistent)
     }
 
+    /// From every commit blocked to only those touching `regions`: called by recovery once every
+    /// member has voted (no commit is in flight: the gate was closed and emptied before).
+    func openUnaffected(blocking regions: Set<RegionID>, into next: ConfigurationID) {
+        target.store(next.rawValue, ordering: .releasing)
+        var words = [UInt64](repeating: 0, count: Self.regionWords)
+        for region in regions where region.index < RegionID.limit { words[region.index / 64] |= 1 << UInt64(region.index % 64) }
+        for index in 0..<Self.regionWords { (blockedRegions + index).pointee.store(words[index], ordering: .relaxed) }
+        // Release: a commit that sees the partial bit alone sees the table written above.
+        blocked.bitwiseOr(Self.partial, ordering: .sequentiallyConsistent)
+        blocked.bitwiseAnd(~Self.recovering, ordering: .sequentiallyConsistent)
+    }
+
     func open() {
         removing.store(0, ordering: .releasing)
-        blocked.bitwiseAnd(~Self.recovering, ordering: .sequentiallyConsistent)
+        blocked.bitwiseAnd(~(Self.recovering | Self.partial), ordering: .sequentiallyConsistent)
     }
 
     /// The lease lapsed (true) or was renewed again (false).
@@ -368,11 +420,32 @@ extension Engine {
         }
     }
 
-    /// Applies recovery's decisions to every record this node holds, drops the records it owed
-    /// (recovery decided their transactions) and what it kept to truncate at `removed` nodes.
+    /// Once every member has voted (every record of the old configuration is in a vote, and LOCK
+    /// RECOVERY holds the objects of promoted regions): commits that touch only regions whose
+    /// primary and backups `next` keeps go ahead, stamped with `next` (members take records of a
+    /// later configuration; the routing of these regions is the same in both), while those that
+    /// touch a recovering region wait for the end of recovery. The records this node owed
+    /// (recovery decided their transactions) are dropped first. Returns the recovering regions.
+    ///
+    /// FaRM's "block access to recovering regions": here only the regions `next` reroutes are
+    /// blocked from this point on; the whole node was blocked until every member had voted.
+    @discardableResult
+    package func commitOutsideRecoveringRegions(next: Configuration) -> Set<RegionID> {
+        let rerouted = configuration.reroutedRegions(in: next)
+        _ = owed.takeAll()
+        gate.openUnaffected(blocking: rerouted, into: next.id)
+        return rerouted
+    }
+
+    /// Applies recovery's decisions to every record this node holds of a transaction they name,
+    /// drops the records it owed before the recovery (recovery decided their transactions) and
+    /// what it kept to truncate at `removed` nodes. Records of transactions the decisions do not
+    /// name came after every vote, from commits admitted outside the recovering regions
+    /// (``commitOutsideRecoveringRegions(next:)``): they are left to their coordinators.
     package func resolveRecovered(_ decisions: [UInt64: Bool], shipped: [UInt64: [UInt8]] = [:],
                                   removed: [NodeID]) -> TransactionRecovery.Report {
-        _ = owed.takeAll()
+        // Owed records of commits admitted outside the recovering regions stay owed.
+        if !gate.isPartial { _ = owed.takeAll() }
         for node in removed { _ = pendingTruncation.take(for: node) }
         let view = self.view
         let outcome = mailbox.withPoller { _ in
@@ -412,14 +485,24 @@ extension Engine {
     /// count against ``EngineOptions/maximumAttempts`` when this returns true.
     ///
     /// - Returns: whether commits may start now.
+    ///
+    /// While only the recovering regions are blocked, it returns true after a short pause: the
+    /// next attempt goes ahead if it touches none of them (and waits again if it does).
     package func waitForUnblockedCommits(timeout: Duration? = nil) -> Bool {
         let start = monotonicNanoseconds()
         let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
         while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {
+            if gate.isPartial {
+                usleep(Self.partialRetryMicroseconds)
+                return true
+            }
             usleep(100)
         }
         return !gate.isClosed
     }
+
+    /// How long an attempt refused for a recovering region waits before it tries again.
+    static let partialRetryMicroseconds: UInt32 = 200
 
     /// The peer an attempt's error names when the error is one that the peer's removal cures: a
     /// dead, silent or paused peer (``TransactionError/peerUnresponsive(_:waitedMilliseconds:)``,
@@ -478,6 +561,10 @@ extension Engine {
         let start = monotonicNanoseconds()
         let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
         while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {
+            if gate.isPartial {
+                try await Task.sleep(for: .microseconds(Self.partialRetryMicroseconds))
+                return true
+            }
             try await Task.sleep(for: .microseconds(200))
         }
         return !gate.isClosed

@@ -65,6 +65,10 @@ public final class MembershipService: Sendable {
     }
     let state = Mutex(State())
     let running = Atomic<Bool>(true)
+    /// For tests: while set, a recovery of this member waits after every vote is in (commits
+    /// outside the recovering regions already go ahead), and sets `heldAfterVotes`.
+    package let holdAfterVotes = Atomic<Bool>(false)
+    package let heldAfterVotes = Atomic<Bool>(false)
     /// Set while this node's request for a region is being written (``requestRegion()``).
     let regionRequestPending = Atomic<Bool>(false)
     private let leaseThread = Mutex<pthread_t?>(nil)

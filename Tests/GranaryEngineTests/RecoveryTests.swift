@@ -335,4 +335,186 @@ struct RecoveryTests {
         #expect(differences.isEmpty, "\(differences.joined(separator: "\n"))")
         try await cluster.shutdown()
     }
+
+    /// FaRM blocks only the recovering regions. A member crashes; recovery is held after every
+    /// vote is in. A write to an object whose region keeps its primary and backups commits
+    /// meanwhile, in the old configuration; a write to an object whose region had a replica on the
+    /// crashed node waits for the end of recovery and then commits. Both values and equal replicas
+    /// after quiescence, nothing locked.
+    @Test("while recovery is between its votes and its decisions, a commit outside the recovering regions goes ahead and one inside waits")
+    func commitsOutsideRecoveringRegions() async throws {
+        let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
+        // One object led by each node (a local allocation in a region it leads).
+        var objects: [GlobalAddress] = []
+        for node in cluster.nodes { objects.append(try await node.transaction { tx in try tx.allocate(Int64(0)) }) }
+        let before = cluster.nodes[0].engine.configuration
+        let victim = try #require(cluster.nodes.map(\.id).first { id in
+            id != cm && objects.contains { before.placement(of: $0.region).map { !$0.replicas.contains(id) } ?? false }
+                && objects.contains { before.placement(of: $0.region).map { $0.backups.contains(id) } ?? false }
+        }, "no member with a region outside it and a region it backs: \(before)")
+        let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
+        let inside = try #require(objects.first { before.placement(of: $0.region).map { $0.backups.contains(victim) } ?? false })
+        let coordinator = try #require(cluster.nodes.first { $0.id != victim })
+        try await cluster.quiesce()
+        try await waitForRenewals(cluster, manager: cm)
+        for member in cluster.membership where member.node != victim { member.holdAfterVotes.store(true, ordering: .releasing) }
+        cluster.crash(victim)
+        try await eventually("a survivor's recovery held after the votes") {
+            cluster.membership.contains { $0.node != victim && $0.heldAfterVotes.load(ordering: .acquiring) }
+        }
+        let inRecovery = coordinator.engine.configuration.id
+        let outsideWrite = Task.detached { try await coordinator.transaction { tx in try tx.write(outside, Int64(7)) } }
+        let insideWrite = Task.detached { try await coordinator.transaction { tx in try tx.write(inside, Int64(9)) } }
+        let clock = ContinuousClock()
+        let start = clock.now
+        var outsideDone = false
+        while clock.now - start < .seconds(10) {
+            if coordinator.engine.commitsBlocked == false { break }
+            let value = try await cluster.nodes[before.placement(of: outside.region)!.primary.index].transaction { tx in
+                try tx.read(outside, as: Int64.self)
+            }
+            if value == 7 { outsideDone = true; break }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let stillHeld = cluster.membership.allSatisfy { $0.node == victim || $0.holdAfterVotes.load(ordering: .acquiring) }
+        let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
+        #expect(outsideDone && coordinator.engine.commitsBlocked,
+                "the write to \(outside) (a region without \(victim)) did not commit while recovery into the next configuration was held (node in \(coordinator.engine.configuration.id), was \(inRecovery); commits blocked: \(coordinator.engine.commitsBlocked); held: \(stillHeld)); \(recoveries)")
+        // The write inside a recovering region waits for the end of recovery.
+        let insideValue = try await cluster.nodes[before.placement(of: inside.region)!.primary.index].transaction { tx in
+            try tx.read(inside, as: Int64.self)
+        }
+        #expect(insideValue == 0, "the write to \(inside) (a region \(victim) backed) committed while its region was recovering")
+        for member in cluster.membership { member.holdAfterVotes.store(false, ordering: .releasing) }
+        try await outsideWrite.value
+        try await insideWrite.value
+        try await eventually("\(victim) removed and every region back to complete replicas") {
+            let configuration = cluster.servingNodes[0].engine.configuration
+            return !configuration.contains(victim) && configuration.regions.allSatisfy { $0.copying.isEmpty }
+        }
+        let after = cluster.servingNodes[0].engine.configuration
+        let values = try await coordinator.transaction { tx in [try tx.read(outside, as: Int64.self), try tx.read(inside, as: Int64.self)] }
+        #expect(values == [7, 9], "after recovery: \(outside) = \(values[0]), \(inside) = \(values[1])")
+        try await cluster.quiesce()
+        for address in [outside, inside] {
+            for replica in try #require(after.placement(of: address.region)).replicas {
+                let header = ObjectLayout.loadHeader(try #require(cluster.nodes[replica.index].engine.replica(of: address.region)).base + Int(address.offset))
+                #expect(!header.isLocked, "\(address) is locked at \(replica)")
+            }
+        }
+        let differences = replicaDifferences(cluster, in: after)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(recoveries)")
+        try await cluster.shutdown()
+    }
+
+    /// Commits outside the recovering regions under load, across the moves to the next
+    /// configuration: transfers among accounts (two workers only in regions without the crashed
+    /// node, the others mostly) run on every survivor while recovery is held after its votes for 200 ms, then released, so
+    /// that the members move at different moments while such commits are in flight. Money is
+    /// conserved, every acknowledged transfer is counted, transfers committed during the hold,
+    /// nothing stays locked, and the replicas are equal once re-replicated.
+    @Test("a bank whose transfers go on outside the recovering regions while recovery is held, and across the moves: money conserved, every acknowledged transfer present, nothing locked, replicas equal",
+          .timeLimit(.minutes(2)))
+    func bankOutsideRecoveringRegions() async throws {
+        let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
+        let before = cluster.nodes[0].engine.configuration
+        var accounts: [GlobalAddress] = []
+        for node in cluster.nodes {
+            accounts += try await node.transaction { tx in try (0..<20).map { _ in try tx.allocate(Int64(1_000)) } }
+        }
+        let victim = try #require(cluster.nodes.map(\.id).first { id in
+            id != cm && accounts.contains { before.placement(of: $0.region).map { !$0.replicas.contains(id) } ?? false }
+        }, "no member with a region outside it: \(before)")
+        let survivors = cluster.nodes.filter { $0.id != victim }
+        // One counter per worker, outside the recovering regions: objects taken from the accounts.
+        let counters = Array(accounts.filter { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false }.prefix(survivors.count))
+        try #require(counters.count == survivors.count, "too few objects outside \(victim)'s regions: \(before)")
+        try await survivors[0].transaction { tx in for counter in counters { try tx.write(counter, Int64(0)) } }
+        accounts.removeAll { counters.contains($0) }
+        let outside = accounts.filter { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false }
+        let total = Int64(1_000 * accounts.count)
+        let allAccounts = accounts, outsideAccounts = outside, allCounters = counters
+        try await cluster.quiesce()
+        try await waitForRenewals(cluster, manager: cm)
+        let flags = Flags()
+        let tallies = survivors.map { _ in Tally() }
+        let workers = Task.detached {
+            await runThreads(survivors.count) { index in
+                let node = survivors[index]
+                let tally = tallies[index]
+                var random = SystemRandomNumberGenerator()
+                while !flags.stop.load(ordering: .relaxed) {
+                    // Two workers stay outside the recovering regions (they commit through the hold and
+                    // the moves); the others now and then wait for a recovering region.
+                    let pool = index < 2 || Int.random(in: 0..<10, using: &random) < 9 ? outsideAccounts : allAccounts
+                    let from = pool[Int.random(in: 0..<pool.count, using: &random)]
+                    let to = pool[Int.random(in: 0..<pool.count, using: &random)]
+                    let held = flags.recoveries.load(ordering: .acquiring) == 1
+                    do {
+                        let moved = try node.transactionSync { tx in
+                            let balance = try tx.read(from, as: Int64.self)
+                            guard balance >= 1, from != to else { return false }
+                            try tx.write(from, balance - 1)
+                            try tx.write(to, try tx.read(to, as: Int64.self) + 1)
+                            try tx.write(allCounters[index], try tx.read(allCounters[index], as: Int64.self) + 1)
+                            return true
+                        }
+                        guard moved else { continue }
+                        tally.acknowledged += 1
+                        if held && flags.recoveries.load(ordering: .acquiring) == 1 { tally.afterLastRecovery += 1 }
+                    } catch TransactionError.outcomeUnknown {
+                        tally.unknown += 1
+                    } catch TransactionError.shutDown {
+                        return
+                    } catch {
+                        if tally.failed.count < 5 { tally.failed.append("\(error)") }
+                    }
+                }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(100))
+        for member in cluster.membership where member.node != victim { member.holdAfterVotes.store(true, ordering: .releasing) }
+        cluster.crash(victim)
+        try await eventually("every survivor's recovery held after the votes") {
+            cluster.membership.allSatisfy { $0.node == victim || $0.heldAfterVotes.load(ordering: .acquiring) }
+        }
+        flags.recoveries.store(1, ordering: .releasing)
+        try await Task.sleep(for: .milliseconds(200))
+        flags.recoveries.store(2, ordering: .releasing)
+        for member in cluster.membership { member.holdAfterVotes.store(false, ordering: .releasing) }
+        try await eventually("\(victim) removed and every region back to 3 replicas") {
+            survivors.allSatisfy { node in
+                let configuration = node.engine.configuration
+                return !configuration.contains(victim) && configuration.regions.allSatisfy { $0.copying.isEmpty && $0.replicas.count == 3 }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(100))
+        flags.stop.store(true, ordering: .relaxed)
+        await workers.value
+        let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
+        let balances = try await survivors[0].transaction { tx in try allAccounts.map { try tx.read($0, as: Int64.self) } }
+        #expect(balances.reduce(0, +) == total, "the accounts hold \(balances.reduce(0, +)), not \(total); \(recoveries)")
+        let counted = try await survivors[0].transaction { tx in try allCounters.map { try tx.read($0, as: Int64.self) } }
+        var duringHold = 0
+        for (index, tally) in tallies.enumerated() {
+            #expect(tally.failed.isEmpty, "worker on \(survivors[index].id): \(tally.failed)")
+            #expect(Int(counted[index]) >= tally.acknowledged && Int(counted[index]) <= tally.acknowledged + tally.unknown,
+                    "\(survivors[index].id)'s counter is \(counted[index]): \(tally.acknowledged) transfers acknowledged, \(tally.unknown) unknown")
+            duringHold += tally.afterLastRecovery
+        }
+        print("outside the recovering regions: \(tallies.map(\.acknowledged)) acknowledged, \(duringHold) while recovery was held; \(recoveries.joined(separator: "; "))")
+        #expect(duringHold > 0, "no transfer committed while recovery was held after its votes: \(recoveries)")
+        try await cluster.quiesce()
+        let final = survivors[0].engine.configuration
+        for address in allAccounts + allCounters {
+            guard let placement = final.placement(of: address.region) else { continue }
+            for replica in placement.replicas {
+                let header = ObjectLayout.loadHeader(try #require(cluster.nodes[replica.index].engine.replica(of: address.region)).base + Int(address.offset))
+                #expect(!header.isLocked, "\(address) is locked at \(replica)")
+            }
+        }
+        let differences = replicaDifferences(cluster, in: final)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(recoveries)")
+        try await cluster.shutdown()
+    }
 }
