@@ -488,6 +488,11 @@ struct MembershipBench: AsyncParsableCommand {
 struct CrashFigures {
     var configurationMilliseconds: Double?
     var activeMilliseconds: Double?
+    /// When the last survivor let commits outside the recovering regions go ahead (every member
+    /// acknowledged), and how many regions stayed blocked until every region was active.
+    var outsideMilliseconds: Double?
+    var recoveringRegions: Int?
+    var regions = 0
     var eightyPercentMilliseconds: Double?
     var before: Double = 0
     var crashed: NodeID
@@ -498,6 +503,12 @@ struct CrashFigures {
         let timelines = cluster.membership.filter { $0.node != crashed }.flatMap { $0.recoveryTimelines.filter { $0.removed.contains(crashed) } }
         if let seen = timelines.map(\.seenAt).min(), seen >= crashAt { configurationMilliseconds = Double(seen - crashAt) / 1e6 }
         if let done = timelines.map({ $0.seenAt + $0.applied }).max(), done >= crashAt { activeMilliseconds = Double(done - crashAt) / 1e6 }
+        let partial = timelines.filter { $0.recoveringRegions != nil }
+        if !partial.isEmpty, partial.count == timelines.count, let open = partial.map({ $0.seenAt + $0.acknowledged }).max(), open >= crashAt {
+            outsideMilliseconds = Double(open - crashAt) / 1e6
+            recoveringRegions = partial.compactMap(\.recoveringRegions).max()
+        }
+        regions = cluster.servingNodes.first?.engine.configuration.regions.count ?? 0
         let window = bins[max(0, crashBin - 200)..<crashBin]
         before = window.isEmpty ? 0 : Double(window.reduce(0, +)) * 1_000 / Double(window.count)
         // The first millisecond from which the moving mean is back at 80%, after it first fell
@@ -518,6 +529,7 @@ struct CrashFigures {
 
     var summary: String {
         func ms(_ value: Double?) -> String { value.map { String(format: "%.1f ms", $0) } ?? "not reached" }
-        return "  crash                \(crashed): new configuration seen at +\(ms(configurationMilliseconds)), every region active at +\(ms(activeMilliseconds)), 80% of the throughput before (\(String(format: "%.0f", before))/s) at +\(ms(eightyPercentMilliseconds))"
+        let outside = outsideMilliseconds.map { ", regions outside recovery active at +\(ms($0)) (\(recoveringRegions ?? 0) of \(regions) recovering)" } ?? ""
+        return "  crash                \(crashed): new configuration seen at +\(ms(configurationMilliseconds))\(outside), every region active at +\(ms(activeMilliseconds)), 80% of the throughput before (\(String(format: "%.0f", before))/s) at +\(ms(eightyPercentMilliseconds))"
     }
 }

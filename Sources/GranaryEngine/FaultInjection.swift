@@ -48,7 +48,9 @@ struct FaultInjector: ~Copyable, Sendable {
     /// Whether the send or read at `point` to `node` must fail.
     @inline(__always) func fails(_ point: FaultPoint, _ node: NodeID) -> Bool {
         guard armed.load(ordering: .relaxed) else { return false }
-        return rule.withLock { $0?(point, node) ?? false }
+        // Called outside the lock: a rule may stall one send while other points are checked.
+        let current = rule.withLock { $0 }
+        return current?(point, node) ?? false
     }
 
     /// Throws the error a failure at `point` towards `node` reports, if it must fail.

@@ -108,7 +108,11 @@ extension Engine {
             do {
                 handled = try poller.poll(from: sender, limit: 64, keeping: { bytes, position in
                     processor._withUnsafeGuaranteedRef { processor in
-                        unmanagedView._withUnsafeGuaranteedRef { processor.handle(from: sender, bytes, position: position, view: $0) }
+                        if bytes.count >= RecordFormat.headerBytes {
+                            let stamp = UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+                            if stamp > processor.lastLogStamp { processor.lastLogStamp = stamp }
+                        }
+                        return unmanagedView._withUnsafeGuaranteedRef { processor.handle(from: sender, bytes, position: position, view: $0) }
                     }
                 })
             } catch {

@@ -37,7 +37,14 @@ final class RecordProcessor: @unchecked Sendable {
         /// COMMIT-PRIMARY records), by the index ``committed`` maps to; `freeCommitted` lists
         /// unused indexes. (The record copies themselves go back to the pool at COMMIT-PRIMARY.)
         var committedMessages: [RingReference] = []
+        /// The configuration each kept COMMIT-PRIMARY's LOCK was stamped with, by the same index.
+        var committedStamps: [ConfigurationID] = []
         var freeCommitted: [Int] = []
+        /// The latest configuration stamped on a record this lane's log ring delivered: once it is
+        /// at or past the configuration a recovery moves to, every earlier record of the ring has
+        /// been handled (the ring is FIFO, and its sender stamps the new configuration only after
+        /// its last record of the old one). Read by the drain under the poll claim.
+        var lastLogStamp: UInt64 = 0
         /// Ring messages held for deferred entries, by ring reference key, with how many of their
         /// entries are still deferred.
         var deferredMessages: [UInt64: (RingReference, Int)] = [:]
@@ -58,6 +65,12 @@ final class RecordProcessor: @unchecked Sendable {
         state.initialize(to: State())
         return state
     }()
+
+    /// See `State.lastLogStamp`; only the lane's holder touches it.
+    var lastLogStamp: UInt64 {
+        get { state.pointee.lastLogStamp }
+        set { state.pointee.lastLogStamp = newValue }
+    }
 
     /// The engine this processor serves (set once, before any polling).
     var engine: Engine {
@@ -510,14 +523,17 @@ final class RecordProcessor: @unchecked Sendable {
         }
         var reference = kept.reference(index)
         reference.second = ring.position
+        let stamp = (try? RecordView(kept.bytes(index)))?.configuration ?? ConfigurationID(rawValue: 0)
         kept.release(index)
         let slot: Int
         if let reused = state.pointee.freeCommitted.popLast() {
             slot = reused
             state.pointee.committedMessages[slot] = reference
+            state.pointee.committedStamps[slot] = stamp
         } else {
             slot = state.pointee.committedMessages.count
             state.pointee.committedMessages.append(reference)
+            state.pointee.committedStamps.append(stamp)
         }
         committed.updateValue(slot, forKey: transaction)
         publishKept()
@@ -742,16 +758,22 @@ final class RecordProcessor: @unchecked Sendable {
     /// A COMMIT-BACKUP record that names a region in `orphaned` (whose primary the next
     /// configuration removes) goes into its vote whole: REPLICATE-TX-STATE (see
     /// ``TransactionRecovery/replicated(_:)``).
-    func recoveryVotes(view: ConfigurationView, promoted: Set<RegionID>, orphaned: Set<RegionID>) -> [TransactionRecovery.Vote] {
+    ///
+    /// Records stamped with `next` or later are not voted on: they come from commits admitted
+    /// outside the recovering regions after their coordinator's BLOCK step, and recovery leaves
+    /// them to their coordinators.
+    func recoveryVotes(view: ConfigurationView, next: ConfigurationID, promoted: Set<RegionID>, orphaned: Set<RegionID>) -> [TransactionRecovery.Vote] {
         var votes: [TransactionRecovery.Vote] = []
         locked.forEach { id, index in
             var regions = Set<RegionID>()
             if let record = try? RecordView(kept.bytes(index)) {
+                guard record.configuration < next else { return }
                 try? record.forEachEntry { regions.insert($0.address.region) }
             }
             votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .lock, regions: regions.sorted()))
         }
         stashed.forEach { id, index in
+            if let record = try? RecordView(kept.bytes(index)), record.configuration >= next { return }
             var regions = Set<RegionID>()
             forEachKeptEntry(index) { entry in
                 regions.insert(entry.address.region)
@@ -768,7 +790,8 @@ final class RecordProcessor: @unchecked Sendable {
             let record = regions.isDisjoint(with: orphaned) ? [] : Array(kept.bytes(index))
             votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitBackup, regions: regions.sorted(), record: record))
         }
-        committed.forEach { id, _ in
+        committed.forEach { id, slot in
+            guard state.pointee.committedStamps[slot] < next else { return }
             votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitPrimary, regions: []))
         }
         return votes
@@ -777,9 +800,9 @@ final class RecordProcessor: @unchecked Sendable {
     /// Applies recovery's decisions to every transaction they name whose records this node holds:
     /// a LOCK is installed and unlocked (commit) or unlocked unchanged (abort); a COMMIT-BACKUP is
     /// applied (commit) or dropped (abort); a kept COMMIT-PRIMARY is dropped (already installed).
-    /// Every record held when this node voted is named (the decisions cover every vote); a record
-    /// of a transaction they do not name came later, from a commit admitted outside the
-    /// recovering regions, and is left as it is. Then the locks LOCK RECOVERY took are released
+    /// Every record this node voted on is named (the decisions cover every vote); a record of a
+    /// transaction they do not name is stamped with the next configuration, from a commit admitted
+    /// outside the recovering regions, and is left as it is. Then the locks LOCK RECOVERY took are released
     /// where no install did. Every record of the old configuration leaves the log.
     ///
     /// First, REPLICATE-TX-STATE: each record in `shipped` of a committed transaction this node

@@ -13,25 +13,29 @@ import Glibc
 ///    for a LOCK answer from a removed node stop waiting (and abort); the node waits until none of
 ///    its commits is in flight (`Engine.waitForCommitsToEnd(timeout:)`), so it sends no further
 ///    record of the old configuration. Every member then says so (the membership service's
-///    acknowledgement, through the coordination store).
-/// 2. **Drain** (`Engine.drainLogs(timeout:)`): once every member has stopped, each processes
-///    every record its log holds, the removed nodes' included: the logs are then complete.
+///    acknowledgement, through the coordination store). From then on only the **recovering
+///    regions** (those whose primary or backups the new configuration changes) stay blocked
+///    (`Engine.commitOutsideRecoveringRegions(next:)`): a commit that reads and writes only other
+///    regions goes ahead, its records stamped with the new configuration, which the drain and the
+///    votes tell apart from the old one's.
+/// 2. **Drain** (`Engine.drainLogs(removed:next:timeout:)`): once every member has stopped, each
+///    processes every record of the old configuration its log holds, the removed nodes' included:
+///    the logs are then complete.
 /// 3. **Find recovering transactions** and 4. **lock recovery** (`Engine.recoveryVotes(next:)`):
-///    every transaction whose records a member still holds gets a vote from it; a member promoted to
+///    every transaction of the old configuration whose records a member still holds gets a vote
+///    from it; a member promoted to
 ///    primary locks the objects of the COMMIT-BACKUP records it holds for its new regions, so that
 ///    no reader sees them before the decision.
 /// 5. **Vote** and 6. **decide** (`decide(votes:in:survivors:)`): one rule over every member's
 ///    votes, applied by whichever member sees them all first and stored once, so that every member
-///    applies the same decisions. Once every vote is in, only the **recovering regions** stay
-///    blocked (`Engine.commitOutsideRecoveringRegions(next:)`): a commit that reads and writes
-///    only regions whose primary and backups the new configuration keeps goes ahead.
+///    applies the same decisions.
 /// 7. **Apply** (`Engine.resolveRecovered(_:)`): commit installs (LOCK) or applies (COMMIT-BACKUP),
 ///    abort unlocks or drops; every lock is released; then the node moves to the new configuration
 ///    and, once every member has moved, every commit may start again (`Engine.unblockCommits()`).
 ///
-/// Differences from the paper: the whole node blocks until every member has voted (FaRM blocks
-/// only the recovering regions from the start), and the recovering regions stay blocked until
-/// every member has moved (FaRM lets each go as soon as its locks are recovered); votes travel
+/// Differences from the paper: the whole node blocks until every member has acknowledged (FaRM
+/// blocks only the recovering regions from the start), and the recovering regions stay blocked
+/// until every member has moved (FaRM lets each go as soon as its locks are recovered); votes travel
 /// through the coordination store rather than as messages to per-transaction recovery
 /// coordinators; and REPLICATE-TX-STATE rides on the votes: a backup ships a COMMIT-BACKUP record in
 /// its vote only when a region it names lost its primary (`replicated(_:)`), the one case where
@@ -236,8 +240,8 @@ public struct RecoveryError: Error, CustomStringConvertible {
 /// its own shard's line on every commit).
 ///
 /// Recovery blocks every commit until every member has stopped sending records of the old
-/// configuration, drained its log and voted; from then on until the decisions are applied and
-/// every member has moved it blocks only the *recovering regions* (``openUnaffected(blocking:)``):
+/// configuration; from then on until the decisions are applied and every member has moved it
+/// blocks only the *recovering regions* (``openUnaffected(blocking:into:)``):
 /// a commit whose every read and write lies in a region whose replicas the new configuration keeps
 /// goes ahead.
 ///
@@ -326,7 +330,7 @@ final class CommitGate: @unchecked Sendable {
     }
 
     /// From every commit blocked to only those touching `regions`: called by recovery once every
-    /// member has voted (no commit is in flight: the gate was closed and emptied before).
+    /// member has acknowledged (no commit is in flight: the gate was closed and emptied before).
     func openUnaffected(blocking regions: Set<RegionID>, into next: ConfigurationID) {
         target.store(next.rawValue, ordering: .releasing)
         var words = [UInt64](repeating: 0, count: Self.regionWords)
@@ -386,18 +390,31 @@ extension Engine {
     /// DRAIN: processes every record this node's log holds, in the configuration they were sent
     /// in. Rings of `removed` senders are served but not waited for (a sender killed in the middle
     /// of a write leaves a frame that never completes).
-    package func drainLogs(removed: [NodeID], timeout: Duration) async throws {
+    ///
+    /// Commits admitted outside the recovering regions keep sending records stamped with `next`
+    /// meanwhile: a ring is drained once it is empty or has delivered one of those (everything its
+    /// sender stamped with the old configuration came before). Their replies in the message
+    /// queues are not waited for (no vote depends on a reply).
+    package func drainLogs(removed: [NodeID], next: ConfigurationID, timeout: Duration) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         let skipped = removed.reduce(UInt64(0)) { $0 | 1 << UInt64($1.index) }
+        let partial = gate.isPartial
+        func drained() -> Bool {
+            let live = channelsInUse.load(ordering: .relaxed) & ~skipped
+            return NodeMask(live).allSatisfy { sender in
+                if lanes[sender.index].takeUnretainedValue().lastLogStamp >= next.rawValue { return true }
+                return mailbox.isEmpty(from: sender) && (partial || mailbox.isEmpty(from: sender, kind: .messages))
+            }
+        }
         while true {
             let view = self.view
             var handled = 0
+            var done = false
             repeat {
-                handled = mailbox.withPoller { poller in serveMailbox(poller, view: view) }
-            } while handled > 0
-            let live = channelsInUse.load(ordering: .relaxed) & ~skipped
-            if NodeMask(live).allSatisfy({ mailbox.isEmpty(from: $0) && mailbox.isEmpty(from: $0, kind: .messages) }) { return }
+                (handled, done) = mailbox.withPoller { poller in (serveMailbox(poller, view: view), drained()) }
+            } while handled > 0 && !done
+            if done { return }
             guard clock.now < deadline else {
                 throw RecoveryError(description: "\(node) could not drain its log within \(timeout):\n\(channelReport)")
             }
@@ -416,19 +433,22 @@ extension Engine {
         return mailbox.withPoller { _ in
             // From now on the removed nodes' records are refused: the votes cover all they sent.
             refusedSenders.bitwiseOr(removed, ordering: .relaxed)
-            return (0..<NodeID.limit).flatMap { lanes[$0].takeUnretainedValue().recoveryVotes(view: view, promoted: promoted, orphaned: orphaned) }
+            return (0..<NodeID.limit).flatMap {
+                lanes[$0].takeUnretainedValue().recoveryVotes(view: view, next: next.id, promoted: promoted, orphaned: orphaned)
+            }
         }
     }
 
-    /// Once every member has voted (every record of the old configuration is in a vote, and LOCK
-    /// RECOVERY holds the objects of promoted regions): commits that touch only regions whose
-    /// primary and backups `next` keeps go ahead, stamped with `next` (members take records of a
-    /// later configuration; the routing of these regions is the same in both), while those that
-    /// touch a recovering region wait for the end of recovery. The records this node owed
-    /// (recovery decided their transactions) are dropped first. Returns the recovering regions.
+    /// Once every member has acknowledged (none sends records stamped with the old configuration
+    /// any more, and all are in it): commits that touch only regions whose primary and backups
+    /// `next` keeps go ahead, stamped with `next` (members take records of a later configuration;
+    /// the routing of these regions is the same in both; the drain and the votes leave them out),
+    /// while those that touch a recovering region wait for the end of recovery. The records this
+    /// node owed (recovery decides their transactions) are dropped first. Returns the recovering
+    /// regions.
     ///
     /// FaRM's "block access to recovering regions": here only the regions `next` reroutes are
-    /// blocked from this point on; the whole node was blocked until every member had voted.
+    /// blocked from this point on; the whole node was blocked until every member had acknowledged.
     @discardableResult
     package func commitOutsideRecoveringRegions(next: Configuration) -> Set<RegionID> {
         let rerouted = configuration.reroutedRegions(in: next)
@@ -440,7 +460,7 @@ extension Engine {
     /// Applies recovery's decisions to every record this node holds of a transaction they name,
     /// drops the records it owed before the recovery (recovery decided their transactions) and
     /// what it kept to truncate at `removed` nodes. Records of transactions the decisions do not
-    /// name came after every vote, from commits admitted outside the recovering regions
+    /// name are stamped with the next configuration, from commits admitted outside the recovering regions
     /// (``commitOutsideRecoveringRegions(next:)``): they are left to their coordinators.
     package func resolveRecovered(_ decisions: [UInt64: Bool], shipped: [UInt64: [UInt8]] = [:],
                                   removed: [NodeID]) -> TransactionRecovery.Report {

@@ -69,6 +69,9 @@ public final class MembershipService: Sendable {
     /// outside the recovering regions already go ahead), and sets `heldAfterVotes`.
     package let holdAfterVotes = Atomic<Bool>(false)
     package let heldAfterVotes = Atomic<Bool>(false)
+    /// For tests: the same, before the drain (every member has acknowledged).
+    package let holdBeforeDrain = Atomic<Bool>(false)
+    package let heldBeforeDrain = Atomic<Bool>(false)
     /// Set while this node's request for a region is being written (``requestRegion()``).
     let regionRequestPending = Atomic<Bool>(false)
     private let leaseThread = Mutex<pthread_t?>(nil)

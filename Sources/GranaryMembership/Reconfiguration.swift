@@ -27,9 +27,9 @@ public struct RecoveryTimeline: Sendable, CustomStringConvertible {
     public var drained: UInt64 = 0
     /// Nanoseconds until every member's votes were in.
     public var voted: UInt64 = 0
-    /// How many regions the configuration reroutes (FaRM's recovering regions): once every vote
-    /// was in, commits touching only other regions went ahead (nil: every commit stayed blocked
-    /// until the end, as when the configuration adds a member).
+    /// How many regions the configuration reroutes (FaRM's recovering regions): once every member
+    /// had acknowledged, commits touching only other regions went ahead (nil: every commit stayed
+    /// blocked until the end, as when the configuration adds a member).
     public var recoveringRegions: Int?
     /// Nanoseconds until every member had applied the decisions and moved, and this member's
     /// commits started again.
@@ -70,9 +70,25 @@ extension MembershipService {
             return try await abandon(base, next: next, removed: removed, timeline: &timeline, start: start)
         }
         timeline.acknowledged = monotonicNanoseconds() - start
+        // Every member sends no more records stamped with the old configuration, and every member
+        // is in it (each applied any configuration before `next` before it acknowledged): commits
+        // that touch only regions whose primary and backups `next` keeps go ahead, stamped with
+        // `next` (the drain and the votes tell them apart). FaRM's BLOCK blocks only the
+        // recovering regions. (Not when `next` adds a member: it has no view of the old
+        // configuration to commit in.)
+        let current = engine.configuration
+        if current.contains(node), next.members.allSatisfy({ current.contains($0.node) }) {
+            timeline.recoveringRegions = engine.commitOutsideRecoveringRegions(next: next).count
+        }
         // 2. DRAIN: every record any member (or a removed node) sent in the old configuration is in
         // the logs now.
-        try await engine.drainLogs(removed: removed, timeout: .seconds(30))
+        while holdBeforeDrain.load(ordering: .acquiring) {
+            // A test's hold: every member has stopped sending records of the old configuration.
+            heldBeforeDrain.store(true, ordering: .releasing)
+            guard running.load(ordering: .relaxed) else { throw RecoveryError(description: "\(node) stopped during recovery") }
+            try await Task.sleep(for: .milliseconds(1))
+        }
+        try await engine.drainLogs(removed: removed, next: next.id, timeout: .seconds(30))
         timeline.drained = monotonicNanoseconds() - start
         // 3-4. FIND RECOVERING TRANSACTIONS, LOCK RECOVERY, and this member's votes.
         let votes = engine.recoveryVotes(next: next)
@@ -81,13 +97,6 @@ extension MembershipService {
             return try await abandon(base, next: next, removed: removed, timeline: &timeline, start: start)
         }
         timeline.voted = monotonicNanoseconds() - start
-        // Every record of the old configuration is in a vote and LOCK RECOVERY holds the promoted
-        // regions' objects: from here only the recovering regions are blocked. (Not when `next`
-        // adds a member: it has no view of the old configuration to commit in.)
-        let current = engine.configuration
-        if current.contains(node), next.members.allSatisfy({ current.contains($0.node) }) {
-            timeline.recoveringRegions = engine.commitOutsideRecoveringRegions(next: next).count
-        }
         while holdAfterVotes.load(ordering: .acquiring) {
             // A test's hold: recovery stays between the votes and the decisions.
             heldAfterVotes.store(true, ordering: .releasing)

@@ -413,9 +413,25 @@ struct RecoveryTests {
     /// that the members move at different moments while such commits are in flight. Money is
     /// conserved, every acknowledged transfer is counted, transfers committed during the hold,
     /// nothing stays locked, and the replicas are equal once re-replicated.
+    /// Where a test holds recovery.
+    enum Hold: String, CaseIterable, CustomStringConvertible {
+        /// Every member acknowledged; no log drained yet (commits outside the recovering regions
+        /// fill the logs as they drain).
+        case beforeDrain = "before the drain"
+        /// Every vote in; no decision applied.
+        case afterVotes = "after the votes"
+        var description: String { rawValue }
+        func set(_ member: MembershipService, _ on: Bool) {
+            if self == .beforeDrain { member.holdBeforeDrain.store(on, ordering: .releasing) } else { member.holdAfterVotes.store(on, ordering: .releasing) }
+        }
+        func isHeld(_ member: MembershipService) -> Bool {
+            self == .beforeDrain ? member.heldBeforeDrain.load(ordering: .acquiring) : member.heldAfterVotes.load(ordering: .acquiring)
+        }
+    }
+
     @Test("a bank whose transfers go on outside the recovering regions while recovery is held, and across the moves: money conserved, every acknowledged transfer present, nothing locked, replicas equal",
-          .timeLimit(.minutes(2)))
-    func bankOutsideRecoveringRegions() async throws {
+          .timeLimit(.minutes(2)), arguments: Hold.allCases)
+    func bankOutsideRecoveringRegions(_ hold: Hold) async throws {
         let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
         let before = cluster.nodes[0].engine.configuration
         var accounts: [GlobalAddress] = []
@@ -473,15 +489,15 @@ struct RecoveryTests {
             }
         }
         try await Task.sleep(for: .milliseconds(100))
-        for member in cluster.membership where member.node != victim { member.holdAfterVotes.store(true, ordering: .releasing) }
+        for member in cluster.membership where member.node != victim { hold.set(member, true) }
         cluster.crash(victim)
-        try await eventually("every survivor's recovery held after the votes") {
-            cluster.membership.allSatisfy { $0.node == victim || $0.heldAfterVotes.load(ordering: .acquiring) }
+        try await eventually("every survivor's recovery held \(hold)") {
+            cluster.membership.allSatisfy { $0.node == victim || hold.isHeld($0) }
         }
         flags.recoveries.store(1, ordering: .releasing)
         try await Task.sleep(for: .milliseconds(200))
         flags.recoveries.store(2, ordering: .releasing)
-        for member in cluster.membership { member.holdAfterVotes.store(false, ordering: .releasing) }
+        for member in cluster.membership { hold.set(member, false) }
         try await eventually("\(victim) removed and every region back to 3 replicas") {
             survivors.allSatisfy { node in
                 let configuration = node.engine.configuration
@@ -502,8 +518,8 @@ struct RecoveryTests {
                     "\(survivors[index].id)'s counter is \(counted[index]): \(tally.acknowledged) transfers acknowledged, \(tally.unknown) unknown")
             duringHold += tally.afterLastRecovery
         }
-        print("outside the recovering regions: \(tallies.map(\.acknowledged)) acknowledged, \(duringHold) while recovery was held; \(recoveries.joined(separator: "; "))")
-        #expect(duringHold > 0, "no transfer committed while recovery was held after its votes: \(recoveries)")
+        print("outside the recovering regions, held \(hold): \(tallies.map(\.acknowledged)) acknowledged, \(duringHold) while recovery was held; \(recoveries.joined(separator: "; "))")
+        #expect(duringHold > 0, "no transfer committed while recovery was held \(hold): \(recoveries)")
         try await cluster.quiesce()
         let final = survivors[0].engine.configuration
         for address in allAccounts + allCounters {
@@ -514,6 +530,72 @@ struct RecoveryTests {
             }
         }
         let differences = replicaDifferences(cluster, in: final)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(recoveries)")
+        try await cluster.shutdown()
+    }
+
+    /// A commit admitted outside the recovering regions is not recovery's to decide. Its LOCK is
+    /// taken at the primary while every member is held before the drain; its COMMIT-BACKUP send
+    /// stalls until every member has voted, applied the decisions and moved; then it goes on. Its
+    /// LOCK must not be in any vote (a vote would abort it: no COMMIT-BACKUP anywhere), so its
+    /// COMMIT-PRIMARY still finds the locks and installs: the value is on every replica.
+    @Test("a commit outside the recovering regions whose locks are held across the votes and the decisions is left to its coordinator: it commits on every replica")
+    func outsideCommitAcrossVotes() async throws {
+        let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
+        var objects: [GlobalAddress] = []
+        for node in cluster.nodes { objects.append(try await node.transaction { tx in try tx.allocate(Int64(0)) }) }
+        let before = cluster.nodes[0].engine.configuration
+        let victim = try #require(cluster.nodes.map(\.id).first { id in
+            id != cm && objects.contains { before.placement(of: $0.region).map { !$0.replicas.contains(id) } ?? false }
+        }, "no member with a region outside it: \(before)")
+        let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
+        let placement = try #require(before.placement(of: outside.region))
+        let coordinator = try #require(cluster.nodes.first { $0.id != victim })
+        try await cluster.quiesce()
+        try await waitForRenewals(cluster, manager: cm)
+        let stall = Stall()
+        coordinator.engine.injectFaults { point, _ in
+            guard point == .commitBackupSend, stall.sends.load(ordering: .acquiring) == 1 else { return false }
+            stall.reached.store(true, ordering: .releasing)
+            while !stall.released.load(ordering: .acquiring) { usleep(1_000) }
+            return false
+        }
+        for member in cluster.membership where member.node != victim { member.holdBeforeDrain.store(true, ordering: .releasing) }
+        cluster.crash(victim)
+        try await eventually("every survivor's recovery held before the drain") {
+            cluster.membership.allSatisfy { $0.node == victim || $0.heldBeforeDrain.load(ordering: .acquiring) }
+        }
+        stall.sends.store(1, ordering: .releasing)
+        // On a thread of its own: the stall must not hold one of the cooperative pool's threads.
+        let failure = Mutex<String?>(nil)
+        let write = Task.detached {
+            await runThreads(1) { _ in
+                do {
+                    try coordinator.transactionSync { tx in try tx.write(outside, Int64(7)) }
+                } catch {
+                    failure.withLock { $0 = "\(error)" }
+                }
+            }
+        }
+        try await eventually("the write's COMMIT-BACKUP send stalled (its LOCK taken)") { stall.reached.load(ordering: .acquiring) }
+        for member in cluster.membership { member.holdBeforeDrain.store(false, ordering: .releasing) }
+        try await eventually("every survivor moved without \(victim), commits open") {
+            cluster.nodes.filter { $0.id != victim }.allSatisfy { !$0.engine.configuration.contains(victim) && !$0.engine.commitsBlocked }
+        }
+        stall.released.store(true, ordering: .releasing)
+        await write.value
+        coordinator.engine.injectFaults(nil)
+        #expect(failure.withLock { $0 } == nil, "the write outside the recovering regions failed: \(failure.withLock { $0 } ?? "")")
+        let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
+        try await cluster.quiesce()
+        for replica in placement.replicas {
+            let base = try #require(cluster.nodes[replica.index].engine.replica(of: outside.region)).base + Int(outside.offset)
+            let header = ObjectLayout.loadHeader(base)
+            let value = (base + 8).load(as: Int64.self)
+            #expect(value == 7 && !header.isLocked, "\(replica) holds \(value) at \(outside) (version \(header.version), locked \(header.isLocked)), the acknowledged write was 7; \(recoveries)")
+        }
+        let after = cluster.servingNodes[0].engine.configuration
+        let differences = replicaDifferences(cluster, in: after)
         #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(recoveries)")
         try await cluster.shutdown()
     }
