@@ -864,7 +864,7 @@ public final class Node: Sendable {
                 return result
             case .aborted(let cause):
                 lastCause = cause
-                if engine.commitsBlocked {
+                if engine.mustWaitForRecovery(after: cause) {
                     // Recovery runs (or the lease lapsed): wait for it without holding a thread of
                     // the cooperative pool (recovery's own tasks may need it); the attempt does
                     // not count.

@@ -732,7 +732,7 @@ extension Engine {
                 continue
             case .aborted(let cause):
                 lastCause = cause
-                if gate.isClosed {
+                if mustWaitForRecovery(after: cause) {
                     // Recovery runs (or the lease lapsed): wait for it; the attempt does not count.
                     if waitForUnblockedCommits() { attempt -= 1 }
                     continue

@@ -499,6 +499,14 @@ extension Engine {
     /// Whether commits are held back now (recovery runs, or this node's lease lapsed).
     package var commitsBlocked: Bool { gate.isClosed }
 
+    /// Whether an attempt that aborted for `cause` should wait (``waitForUnblockedCommits(timeout:)``)
+    /// rather than retry after the usual delay: while every commit is blocked, any abort; while
+    /// only the recovering regions are, one the gate refused or a configuration change ended
+    /// (`wrongConfiguration`). A conflict outside the recovering regions retries as usual.
+    package func mustWaitForRecovery(after cause: AbortCause) -> Bool {
+        gate.isClosed && (!gate.isPartial || cause == .wrongConfiguration)
+    }
+
     /// Waits, on the calling thread, until commits may start again (recovery ended, or the lease
     /// was renewed), the engine stops, or `timeout` passes (by default the reply timeout). For a
     /// coordinator whose attempt found commits blocked (``commitsBlocked``): the attempt does not
@@ -506,23 +514,20 @@ extension Engine {
     ///
     /// - Returns: whether commits may start now.
     ///
-    /// While only the recovering regions are blocked, it returns true after a short pause: the
-    /// next attempt goes ahead if it touches none of them (and waits again if it does).
+    /// Called while every commit is blocked, it also returns true once only the recovering
+    /// regions are: the next attempt goes ahead if it touches none of them. Called while only
+    /// those are blocked (the attempt touched one, or aborted while recovery ran), it waits for
+    /// the end of recovery: the attempt runs the same body again, which reads the same regions.
     package func waitForUnblockedCommits(timeout: Duration? = nil) -> Bool {
         let start = monotonicNanoseconds()
         let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
+        let enteredPartial = gate.isPartial
         while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {
-            if gate.isPartial {
-                usleep(Self.partialRetryMicroseconds)
-                return true
-            }
+            if !enteredPartial && gate.isPartial { return true }
             usleep(100)
         }
         return !gate.isClosed
     }
-
-    /// How long an attempt refused for a recovering region waits before it tries again.
-    static let partialRetryMicroseconds: UInt32 = 200
 
     /// The peer an attempt's error names when the error is one that the peer's removal cures: a
     /// dead, silent or paused peer (``TransactionError/peerUnresponsive(_:waitedMilliseconds:)``,
@@ -580,11 +585,9 @@ extension Engine {
     package func waitForUnblockedCommits(timeout: Duration? = nil) async throws -> Bool {
         let start = monotonicNanoseconds()
         let limit = timeout?.wholeNanoseconds ?? replyTimeoutNanoseconds
+        let enteredPartial = gate.isPartial
         while gate.isClosed, running.load(ordering: .relaxed), monotonicNanoseconds() - start < limit {
-            if gate.isPartial {
-                try await Task.sleep(for: .microseconds(Self.partialRetryMicroseconds))
-                return true
-            }
+            if !enteredPartial && gate.isPartial { return true }
             try await Task.sleep(for: .microseconds(200))
         }
         return !gate.isClosed

@@ -410,7 +410,7 @@ package enum Runner {
                     random = draw
                     if case .committed(let result) = outcome { committed = result; break }
                     let now = monotonicNanoseconds()
-                    if engine.commitsBlocked, engine.isRunning, now < deadline {
+                    if case .aborted(let cause) = outcome, engine.mustWaitForRecovery(after: cause), engine.isRunning, now < deadline {
                         // Recovery runs: wait for it (not past the run's end); the attempt does
                         // not count.
                         _ = engine.waitForUnblockedCommits(timeout: .nanoseconds(deadline - now))
