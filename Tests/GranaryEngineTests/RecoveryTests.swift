@@ -73,6 +73,31 @@ struct RecoveryTests {
         var unknown = 0
         var failed: [String] = []
         var afterLastRecovery = 0
+
+        /// Moves `amount` from `from` to `to` on `node` and counts it in `counter` (unless `from`
+        /// holds less, or is `to`), tallying the outcome: true if it committed, false if it moved
+        /// nothing or failed, nil once the node has shut down.
+        func transfer(on node: Node, _ amount: Int64, from: GlobalAddress, to: GlobalAddress, counter: GlobalAddress) -> Bool? {
+            do {
+                let moved = try node.transactionSync { tx in
+                    let balance = try tx.read(from, as: Int64.self)
+                    guard balance >= amount, from != to else { return false }
+                    try tx.write(from, balance - amount)
+                    try tx.write(to, try tx.read(to, as: Int64.self) + amount)
+                    try tx.write(counter, try tx.read(counter, as: Int64.self) + 1)
+                    return true
+                }
+                if moved { acknowledged += 1 }
+                return moved
+            } catch TransactionError.outcomeUnknown {
+                unknown += 1
+            } catch TransactionError.shutDown {
+                return nil
+            } catch {
+                if failed.count < 5 { failed.append("\(error)") }
+            }
+            return false
+        }
     }
 
     /// Which nodes crash, and when.
@@ -189,25 +214,9 @@ struct RecoveryTests {
                     let to = allAccounts[Int.random(in: 0..<allAccounts.count, using: &random)]
                     let amount = Int64.random(in: 1...50, using: &random)
                     let era = flags.recoveries.load(ordering: .relaxed)
-                    do {
-                        let moved = try node.transactionSync { tx in
-                            let balance = try tx.read(from, as: Int64.self)
-                            guard balance >= amount, from != to else { return false }
-                            try tx.write(from, balance - amount)
-                            try tx.write(to, try tx.read(to, as: Int64.self) + amount)
-                            try tx.write(allCounters[index], try tx.read(allCounters[index], as: Int64.self) + 1)
-                            return true
-                        }
-                        guard moved else { continue }
-                        tally.acknowledged += 1
-                        if era == 2 { tally.afterLastRecovery += 1 }
-                    } catch TransactionError.outcomeUnknown {
-                        tally.unknown += 1
-                    } catch TransactionError.shutDown {
-                        return
-                    } catch {
-                        if tally.failed.count < 5 { tally.failed.append("\(error)") }
-                    }
+                    let outcome = tally.transfer(on: node, amount, from: from, to: to, counter: allCounters[index])
+                    if outcome == nil { return }
+                    if outcome == true, era == 2 { tally.afterLastRecovery += 1 }
                 }
             }
         }
@@ -319,20 +328,7 @@ struct RecoveryTests {
             #expect(tallies[survivor.id.index].afterLastRecovery > 0, "\(survivor.id) committed nothing after the last recovery")
         }
         // Nothing stays locked, on any replica, and the replicas of every region are equal.
-        let final = survivors[0].engine.configuration
-        for address in allAccounts + allCounters {
-            guard let placement = final.placement(of: address.region) else { continue }
-            for replica in placement.replicas {
-                guard let region = cluster.nodes[replica.index].engine.replica(of: address.region) else {
-                    Issue.record("\(replica) holds no replica of \(address.region)")
-                    continue
-                }
-                let header = ObjectLayout.loadHeader(region.base + Int(address.offset))
-                #expect(!header.isLocked, "\(address) is locked at \(replica)")
-            }
-        }
-        let differences = replicaDifferences(cluster, in: final)
-        #expect(differences.isEmpty, "\(differences.joined(separator: "\n"))")
+        expectUnlockedAndEqual(cluster, allAccounts + allCounters, in: survivors[0].engine.configuration)
         try await cluster.shutdown()
     }
 
@@ -343,15 +339,7 @@ struct RecoveryTests {
     /// after quiescence, nothing locked.
     @Test("while recovery is between its votes and its decisions, a commit outside the recovering regions goes ahead and one inside waits")
     func commitsOutsideRecoveringRegions() async throws {
-        let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
-        // One object led by each node (a local allocation in a region it leads).
-        var objects: [GlobalAddress] = []
-        for node in cluster.nodes { objects.append(try await node.transaction { tx in try tx.allocate(Int64(0)) }) }
-        let before = cluster.nodes[0].engine.configuration
-        let victim = try #require(cluster.nodes.map(\.id).first { id in
-            id != cm && objects.contains { before.placement(of: $0.region).map { !$0.replicas.contains(id) } ?? false }
-                && objects.contains { before.placement(of: $0.region).map { $0.backups.contains(id) } ?? false }
-        }, "no member with a region outside it and a region it backs: \(before)")
+        let (cluster, cm, objects, before, victim) = try await clusterWithVictim(backingOne: true)
         let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
         let inside = try #require(objects.first { before.placement(of: $0.region).map { $0.backups.contains(victim) } ?? false })
         let coordinator = try #require(cluster.nodes.first { $0.id != victim })
@@ -396,14 +384,7 @@ struct RecoveryTests {
         let values = try await coordinator.transaction { tx in [try tx.read(outside, as: Int64.self), try tx.read(inside, as: Int64.self)] }
         #expect(values == [7, 9], "after recovery: \(outside) = \(values[0]), \(inside) = \(values[1])")
         try await cluster.quiesce()
-        for address in [outside, inside] {
-            for replica in try #require(after.placement(of: address.region)).replicas {
-                let header = ObjectLayout.loadHeader(try #require(cluster.nodes[replica.index].engine.replica(of: address.region)).base + Int(address.offset))
-                #expect(!header.isLocked, "\(address) is locked at \(replica)")
-            }
-        }
-        let differences = replicaDifferences(cluster, in: after)
-        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(recoveries)")
+        expectUnlockedAndEqual(cluster, [outside, inside], in: after, "\(recoveries)")
         try await cluster.shutdown()
     }
 
@@ -466,25 +447,9 @@ struct RecoveryTests {
                     let from = pool[Int.random(in: 0..<pool.count, using: &random)]
                     let to = pool[Int.random(in: 0..<pool.count, using: &random)]
                     let held = flags.recoveries.load(ordering: .acquiring) == 1
-                    do {
-                        let moved = try node.transactionSync { tx in
-                            let balance = try tx.read(from, as: Int64.self)
-                            guard balance >= 1, from != to else { return false }
-                            try tx.write(from, balance - 1)
-                            try tx.write(to, try tx.read(to, as: Int64.self) + 1)
-                            try tx.write(allCounters[index], try tx.read(allCounters[index], as: Int64.self) + 1)
-                            return true
-                        }
-                        guard moved else { continue }
-                        tally.acknowledged += 1
-                        if held && flags.recoveries.load(ordering: .acquiring) == 1 { tally.afterLastRecovery += 1 }
-                    } catch TransactionError.outcomeUnknown {
-                        tally.unknown += 1
-                    } catch TransactionError.shutDown {
-                        return
-                    } catch {
-                        if tally.failed.count < 5 { tally.failed.append("\(error)") }
-                    }
+                    let outcome = tally.transfer(on: node, 1, from: from, to: to, counter: allCounters[index])
+                    if outcome == nil { return }
+                    if outcome == true, held && flags.recoveries.load(ordering: .acquiring) == 1 { tally.afterLastRecovery += 1 }
                 }
             }
         }
@@ -521,16 +486,7 @@ struct RecoveryTests {
         print("outside the recovering regions, held \(hold): \(tallies.map(\.acknowledged)) acknowledged, \(duringHold) while recovery was held; \(recoveries.joined(separator: "; "))")
         #expect(duringHold > 0, "no transfer committed while recovery was held \(hold): \(recoveries)")
         try await cluster.quiesce()
-        let final = survivors[0].engine.configuration
-        for address in allAccounts + allCounters {
-            guard let placement = final.placement(of: address.region) else { continue }
-            for replica in placement.replicas {
-                let header = ObjectLayout.loadHeader(try #require(cluster.nodes[replica.index].engine.replica(of: address.region)).base + Int(address.offset))
-                #expect(!header.isLocked, "\(address) is locked at \(replica)")
-            }
-        }
-        let differences = replicaDifferences(cluster, in: final)
-        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(recoveries)")
+        expectUnlockedAndEqual(cluster, allAccounts + allCounters, in: survivors[0].engine.configuration, "\(recoveries)")
         try await cluster.shutdown()
     }
 
@@ -541,13 +497,7 @@ struct RecoveryTests {
     /// COMMIT-PRIMARY still finds the locks and installs: the value is on every replica.
     @Test("a commit outside the recovering regions whose locks are held across the votes and the decisions is left to its coordinator: it commits on every replica")
     func outsideCommitAcrossVotes() async throws {
-        let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
-        var objects: [GlobalAddress] = []
-        for node in cluster.nodes { objects.append(try await node.transaction { tx in try tx.allocate(Int64(0)) }) }
-        let before = cluster.nodes[0].engine.configuration
-        let victim = try #require(cluster.nodes.map(\.id).first { id in
-            id != cm && objects.contains { before.placement(of: $0.region).map { !$0.replicas.contains(id) } ?? false }
-        }, "no member with a region outside it: \(before)")
+        let (cluster, cm, objects, before, victim) = try await clusterWithVictim(backingOne: false)
         let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
         let placement = try #require(before.placement(of: outside.region))
         let coordinator = try #require(cluster.nodes.first { $0.id != victim })
@@ -594,9 +544,43 @@ struct RecoveryTests {
             let value = (base + 8).load(as: Int64.self)
             #expect(value == 7 && !header.isLocked, "\(replica) holds \(value) at \(outside) (version \(header.version), locked \(header.isLocked)), the acknowledged write was 7; \(recoveries)")
         }
-        let after = cluster.servingNodes[0].engine.configuration
-        let differences = replicaDifferences(cluster, in: after)
-        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(recoveries)")
+        expectUnlockedAndEqual(cluster, [outside], in: cluster.servingNodes[0].engine.configuration, "\(recoveries)")
         try await cluster.shutdown()
+    }
+
+    /// A managed cluster of 5 nodes and 3 replicas with one object led by each node (a local
+    /// allocation in a region it leads), and a member to crash, not the CM, with an object's region
+    /// outside it (and, with `backingOne`, an object's region it backs).
+    func clusterWithVictim(backingOne: Bool) async throws
+        -> (cluster: Cluster, manager: NodeID, objects: [GlobalAddress], before: Configuration, victim: NodeID) {
+        let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
+        var objects: [GlobalAddress] = []
+        for node in cluster.nodes { objects.append(try await node.transaction { tx in try tx.allocate(Int64(0)) }) }
+        let before = cluster.nodes[0].engine.configuration
+        let victim = try #require(cluster.nodes.map(\.id).first { id in
+            id != cm && objects.contains { before.placement(of: $0.region).map { !$0.replicas.contains(id) } ?? false }
+                && (!backingOne || objects.contains { before.placement(of: $0.region).map { $0.backups.contains(id) } ?? false })
+        }, "no member with a region outside it\(backingOne ? " and a region it backs" : ""): \(before)")
+        return (cluster, cm, objects, before, victim)
+    }
+
+    /// Records an issue for every object of `addresses` locked on a replica `configuration`
+    /// places, and for every backup whose bytes differ from its primary's; `context` goes with
+    /// the differences.
+    func expectUnlockedAndEqual(_ cluster: Cluster, _ addresses: [GlobalAddress], in configuration: Configuration,
+                                _ context: @autoclosure () -> String = "") {
+        for address in addresses {
+            guard let placement = configuration.placement(of: address.region) else { continue }
+            for replica in placement.replicas {
+                guard let region = cluster.nodes[replica.index].engine.replica(of: address.region) else {
+                    Issue.record("\(replica) holds no replica of \(address.region)")
+                    continue
+                }
+                let header = ObjectLayout.loadHeader(region.base + Int(address.offset))
+                #expect(!header.isLocked, "\(address) is locked at \(replica)")
+            }
+        }
+        let differences = replicaDifferences(cluster, in: configuration)
+        #expect(differences.isEmpty, "\(differences.joined(separator: "\n")); \(context())")
     }
 }
