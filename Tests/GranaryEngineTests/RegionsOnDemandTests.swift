@@ -134,7 +134,12 @@ struct RegionsOnDemandTests {
     @Test("with a configuration manager the CM adds the regions: nodes filling theirs at once get new ones through the recovery barrier, every object reads back, every member is in the same configuration, replicas equal")
     func addedThroughConfigurationManager() async throws {
         var options = options()
-        options.membership = MembershipOptions()
+        // 50 ms leases: this test is about regions added through the CM, not failure detection.
+        // With 10 ms, a lease lapsed once under the fill on the 2-core CI host (fenced, a commit
+        // reported `outcomeUnknown`, which the fill cannot take; CI of 366c1e3).
+        var membership = MembershipOptions()
+        membership.lease = .milliseconds(50)
+        options.membership = membership
         let cluster = try await Cluster.local(nodes: 3, replicas: 3, options: options)
         let starting = cluster.nodes[0].engine.configuration
         let perNode = 8_000, batch = 40
