@@ -107,7 +107,7 @@ extension Transaction {
         }
         try checkRecordSizes()
         // BLOCK (transaction-state recovery): no commit starts while recovery runs, but for one
-        // that touches no recovering region once every member has voted; and one that began in a
+        // that touches no recovering region once every member has acknowledged; and one that began in a
         // configuration since replaced starts again in the new one.
         var admittedDuringRecovery = false
         guard let shard = engine.gate.enter(admits: {

@@ -82,12 +82,8 @@ extension MembershipService {
         }
         // 2. DRAIN: every record any member (or a removed node) sent in the old configuration is in
         // the logs now.
-        while holdBeforeDrain.load(ordering: .acquiring) {
-            // A test's hold: every member has stopped sending records of the old configuration.
-            heldBeforeDrain.store(true, ordering: .releasing)
-            guard running.load(ordering: .relaxed) else { throw RecoveryError(description: "\(node) stopped during recovery") }
-            try await Task.sleep(for: .milliseconds(1))
-        }
+        // A test's hold: every member has stopped sending records of the old configuration.
+        try await waitWhileHeld(holdBeforeDrain, marking: heldBeforeDrain)
         try await engine.drainLogs(removed: removed, next: next.id, timeout: .seconds(30))
         timeline.drained = monotonicNanoseconds() - start
         // 3-4. FIND RECOVERING TRANSACTIONS, LOCK RECOVERY, and this member's votes.
@@ -97,12 +93,8 @@ extension MembershipService {
             return try await abandon(base, next: next, removed: removed, timeline: &timeline, start: start)
         }
         timeline.voted = monotonicNanoseconds() - start
-        while holdAfterVotes.load(ordering: .acquiring) {
-            // A test's hold: recovery stays between the votes and the decisions.
-            heldAfterVotes.store(true, ordering: .releasing)
-            guard running.load(ordering: .relaxed) else { throw RecoveryError(description: "\(node) stopped during recovery") }
-            try await Task.sleep(for: .milliseconds(1))
-        }
+        // A test's hold: recovery stays between the votes and the decisions.
+        try await waitWhileHeld(holdAfterVotes, marking: heldAfterVotes)
         // 5-6. VOTE and DECIDE: whoever gets here first stores the decisions; all apply those.
         var all: [NodeID: [TransactionRecovery.Vote]] = [:]
         for member in next.members {
@@ -153,6 +145,15 @@ extension MembershipService {
         }
         try await finish(next, decisions: settled, removed: removed, timeline: &timeline, start: start)
         return true
+    }
+
+    /// Waits while a test holds recovery at this point (`hold`), saying so in `held`.
+    private func waitWhileHeld(_ hold: borrowing Atomic<Bool>, marking held: borrowing Atomic<Bool>) async throws {
+        while hold.load(ordering: .acquiring) {
+            held.store(true, ordering: .releasing)
+            guard running.load(ordering: .relaxed) else { throw RecoveryError(description: "\(node) stopped during recovery") }
+            try await Task.sleep(for: .milliseconds(1))
+        }
     }
 
     /// Creates `path` with `proposal` unless it exists; returns the decisions it holds, or nil if
