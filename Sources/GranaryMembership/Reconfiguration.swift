@@ -27,6 +27,11 @@ public struct RecoveryTimeline: Sendable, CustomStringConvertible {
     public var drained: UInt64 = 0
     /// Nanoseconds until every member's votes were in.
     public var voted: UInt64 = 0
+    /// Nanoseconds until the decisions were stored (by this member or another) and read here.
+    public var decided: UInt64 = 0
+    /// Nanoseconds until this member had applied the decisions and moved to the configuration
+    /// (it then waits for every other member to have moved).
+    public var moved: UInt64 = 0
     /// How many regions the configuration reroutes (FaRM's recovering regions): once every member
     /// had acknowledged, commits touching only other regions went ahead (nil: every commit stayed
     /// blocked until the end, as when the configuration adds a member).
@@ -41,7 +46,7 @@ public struct RecoveryTimeline: Sendable, CustomStringConvertible {
     public var description: String {
         func ms(_ value: UInt64) -> String { String(format: "%.2f", Double(value) / 1e6) }
         let open = recoveringRegions.map { " (\($0) regions recovering, the others open)" } ?? ""
-        return "recovery into \(configuration) without \(removed.map(\.description).joined(separator: ",")): quiet \(ms(quiet)) ms, acknowledged \(ms(acknowledged)) ms, drained \(ms(drained)) ms, voted \(ms(voted)) ms\(open), applied \(ms(applied)) ms; \(report)"
+        return "recovery into \(configuration) without \(removed.map(\.description).joined(separator: ",")): quiet \(ms(quiet)) ms, acknowledged \(ms(acknowledged)) ms, drained \(ms(drained)) ms, voted \(ms(voted)) ms\(open), decided \(ms(decided)) ms, moved \(ms(moved)) ms, applied \(ms(applied)) ms; \(report)"
     }
 }
 
@@ -110,6 +115,7 @@ extension MembershipService {
             logger.info("\(node): recovery into \(next.id) was abandoned by another member, which saw a newer configuration")
             return false
         }
+        timeline.decided = monotonicNanoseconds() - start
         try await finish(next, decisions: settled, shipped: TransactionRecovery.replicated(all), removed: removed,
                          timeline: &timeline, start: start)
         return true
@@ -122,6 +128,7 @@ extension MembershipService {
                         timeline: inout RecoveryTimeline, start: UInt64) async throws {
         timeline.report = engine.resolveRecovered(decisions, shipped: shipped, removed: removed)
         try engine.apply(next, adding: try newRegions(in: next))
+        timeline.moved = monotonicNanoseconds() - start
         let base = paths.recovery(next.id)
         try await store.createParents(base + "/applied")
         try await createOnce(base + "/applied/\(node.rawValue)", data: [])

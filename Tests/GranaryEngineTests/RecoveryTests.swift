@@ -111,6 +111,11 @@ struct RecoveryTests {
 
     // Time-limited: it hung once for more than 10 minutes (two pool threads busy in recovery,
     // cause not found); a hang must fail the run, not hold CI for its whole budget.
+    /// A fault rule's switch, on until a test turns it off.
+    final class FaultSwitch: Sendable {
+        let on = Atomic<Bool>(true)
+    }
+
     final class Stall: Sendable {
         let sends = Atomic<Int>(0)
         let reached = Atomic<Bool>(false)
@@ -543,6 +548,88 @@ struct RecoveryTests {
             let header = ObjectLayout.loadHeader(base)
             let value = (base + 8).load(as: Int64.self)
             #expect(value == 7 && !header.isLocked, "\(replica) holds \(value) at \(outside) (version \(header.version), locked \(header.isLocked)), the acknowledged write was 7; \(recoveries)")
+        }
+        expectUnlockedAndEqual(cluster, [outside], in: cluster.servingNodes[0].engine.configuration, "\(recoveries)")
+        try await cluster.shutdown()
+    }
+
+    /// When a commit's COMMIT-PRIMARY could not be delivered, which leaves it owed by its
+    /// coordinator and its locks held at the primary.
+    enum OwedWhen: String, CaseIterable, CustomStringConvertible {
+        /// Before the crash, in the old configuration: recovery decides the transaction (its LOCK
+        /// and COMMIT-BACKUPs are in the votes), though the coordinator still cannot deliver.
+        case beforeTheCrash = "before the crash"
+        /// While recovery is held after its votes, by a commit admitted outside the recovering
+        /// regions: recovery leaves it to its coordinator, which keeps the record owed and sends
+        /// it once recovery ends.
+        case duringRecovery = "during recovery, outside the recovering regions"
+        var description: String { rawValue }
+    }
+
+    /// A write whose COMMIT-PRIMARY send fails (the outcome is unknown to its caller, every backup
+    /// holds its COMMIT-BACKUP, the object stays locked at its primary) ends committed on every
+    /// replica and unlocked, whether the record was owed from before the failure (recovery
+    /// commits it) or from a commit admitted during recovery (its coordinator delivers it after).
+    @Test("a COMMIT-PRIMARY owed when a node fails, or owed by a commit admitted during recovery, ends committed and unlocked on every replica",
+          .timeLimit(.minutes(1)), arguments: OwedWhen.allCases)
+    func owedCommitPrimaryAcrossRecovery(_ when: OwedWhen) async throws {
+        let (cluster, cm, objects, before, victim) = try await clusterWithVictim(backingOne: false)
+        let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
+        let placement = try #require(before.placement(of: outside.region))
+        let coordinator = try #require(cluster.nodes.first { $0.id != victim })
+        try await cluster.quiesce()
+        try await waitForRenewals(cluster, manager: cm)
+        let failing = FaultSwitch()
+        coordinator.engine.injectFaults { point, _ in point == .commitPrimarySend && failing.on.load(ordering: .acquiring) }
+        func lockedAtPrimary() throws -> Bool {
+            let base = try #require(cluster.nodes[placement.primary.index].engine.replica(of: outside.region)).base
+            return ObjectLayout.loadHeader(base + Int(outside.offset)).isLocked
+        }
+        func write() async -> String {
+            do {
+                try await coordinator.transaction { tx in try tx.write(outside, Int64(7)) }
+                return "committed"
+            } catch {
+                return "\(error)"
+            }
+        }
+        var outcome = ""
+        if when == .beforeTheCrash {
+            outcome = await write()
+            for member in cluster.membership where member.node != victim { member.holdAfterVotes.store(true, ordering: .releasing) }
+            cluster.crash(victim)
+        } else {
+            for member in cluster.membership where member.node != victim { member.holdAfterVotes.store(true, ordering: .releasing) }
+            cluster.crash(victim)
+        }
+        try await eventually("every survivor's recovery held after the votes") {
+            cluster.membership.allSatisfy { $0.node == victim || $0.heldAfterVotes.load(ordering: .acquiring) }
+        }
+        if when == .duringRecovery {
+            outcome = await write()
+            // Delivered from now on, but not while recovery runs.
+            failing.on.store(false, ordering: .releasing)
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        let lockedDuringRecovery = try lockedAtPrimary()
+        #expect(lockedDuringRecovery, "\(outside) is not locked at its primary \(placement.primary) while recovery is held (the write: \(outcome))")
+        for member in cluster.membership { member.holdAfterVotes.store(false, ordering: .releasing) }
+        try await eventually("every survivor moved without \(victim), commits open") {
+            cluster.nodes.filter { $0.id != victim }.allSatisfy { !$0.engine.configuration.contains(victim) && !$0.engine.commitsBlocked }
+        }
+        let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
+        // Before the crash the fault stays on: only recovery can release the lock.
+        let clock = ContinuousClock(), start = clock.now
+        while try lockedAtPrimary(), clock.now - start < .seconds(5) { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(try !lockedAtPrimary(), "\(outside) is still locked at \(placement.primary) 5 s after recovery (the write: \(outcome)); \(recoveries)")
+        failing.on.store(false, ordering: .releasing)
+        coordinator.engine.injectFaults(nil)
+        try await cluster.quiesce()
+        for replica in placement.replicas {
+            let base = try #require(cluster.nodes[replica.index].engine.replica(of: outside.region)).base + Int(outside.offset)
+            let header = ObjectLayout.loadHeader(base)
+            let value = (base + 8).load(as: Int64.self)
+            #expect(value == 7 && !header.isLocked, "\(replica) holds \(value) at \(outside) (version \(header.version), locked \(header.isLocked)); the write, whose every COMMIT-BACKUP was delivered, said: \(outcome); \(recoveries)")
         }
         expectUnlockedAndEqual(cluster, [outside], in: cluster.servingNodes[0].engine.configuration, "\(recoveries)")
         try await cluster.shutdown()

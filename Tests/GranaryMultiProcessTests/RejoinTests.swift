@@ -215,8 +215,10 @@ struct RejoinTests {
 
 /// The same recovery over RDMA verbs (soft-RoCE in `Scripts/test softroce`): three verbs node
 /// processes, the CM over ZooKeeper in the guest, a member and then the CM SIGKILLed during the
-/// bank run and restarted; the same checks, and no live member removed with them.
-@Suite("Recovery over verbs: a node process SIGKILLed during the bank run",
+/// bank run and restarted; the same checks, and no live member removed with them. Serialized:
+/// each test runs node processes in an emulated guest of 2 CPUs, where two at once starved each
+/// other (a client's admission took over 30 s while the other test's recovery ran).
+@Suite("Recovery over verbs: a node process SIGKILLed during the bank run", .serialized,
        .enabled(if: zooKeeper != nil && rdmaDevice != nil,
                 "needs an RDMA device (GRANARY_RDMA_DEVICE) and a ZooKeeper server (GRANARY_ZOOKEEPER): Scripts/test softroce"))
 struct VerbsRecoveryTests {
