@@ -74,6 +74,8 @@ public final class MembershipService: Sendable {
     package let heldBeforeDrain = Atomic<Bool>(false)
     /// Set while this node's request for a region is being written (``requestRegion()``).
     let regionRequestPending = Atomic<Bool>(false)
+    /// The thread the task that moves the engine (reconfiguration, recovery) runs on.
+    let reconfigurationExecutor = ReconfigurationExecutor(name: "granary-reconfiguration")
     private let leaseThread = Mutex<pthread_t?>(nil)
     /// Readers of peers' lease counters, where the transport's reads of a dead peer block (not
     /// shared memory); nil otherwise.
@@ -349,33 +351,40 @@ public final class MembershipService: Sendable {
     private func drive() {
         guard !driving.exchange(true, ordering: .acquiringAndReleasing) else { return }
         spawn {
-            while self.running.load(ordering: .relaxed) {
-                do {
-                    while let next = self.pendingConfiguration() {
-                        try await self.move(to: next)
-                        if self.engine.configuration.id < next.id, self.pendingConfiguration()?.id == next.id {
-                            // The move did not happen: its recovery was abandoned for a newer
-                            // configuration this node has not seen yet. Let the task that brings
-                            // it run (the embedded store's calls never suspend, so without a
-                            // pause this loop kept both threads of a 2-thread pool, and the
-                            // watches that would bring the newer one never ran: seen as a hang of
-                            // the recovery test after two nodes failed at once).
-                            try await Task.sleep(for: .milliseconds(1))
-                        }
+            try await withTaskExecutorPreference(self.reconfigurationExecutor) {
+                try await self.driveMoves()
+            }
+        }
+    }
+
+    /// The loop of ``drive()``'s task.
+    private func driveMoves() async throws {
+        while self.running.load(ordering: .relaxed) {
+            do {
+                while let next = self.pendingConfiguration() {
+                    try await self.move(to: next)
+                    if self.engine.configuration.id < next.id, self.pendingConfiguration()?.id == next.id {
+                        // The move did not happen: its recovery was abandoned for a newer
+                        // configuration this node has not seen yet. Let the task that brings
+                        // it run (the embedded store's calls never suspend, so without a
+                        // pause this loop kept both threads of a 2-thread pool, and the
+                        // watches that would bring the newer one never ran: seen as a hang of
+                        // the recovery test after two nodes failed at once).
+                        try await Task.sleep(for: .milliseconds(1))
                     }
-                } catch {
-                    // A failed store call or region file: try again shortly (the newest
-                    // configuration stays pending).
-                    self.logger.warning("\(self.node) could not move to the newest configuration yet: \(error)")
-                    try await Task.sleep(for: .milliseconds(100))
-                    continue
                 }
-                self.driving.store(false, ordering: .releasing)
-                // One that came after the last look and before the flag was cleared.
-                guard self.pendingConfiguration() != nil, !self.driving.exchange(true, ordering: .acquiringAndReleasing) else { return }
+            } catch {
+                // A failed store call or region file: try again shortly (the newest
+                // configuration stays pending).
+                self.logger.warning("\(self.node) could not move to the newest configuration yet: \(error)")
+                try await Task.sleep(for: .milliseconds(100))
+                continue
             }
             self.driving.store(false, ordering: .releasing)
+            // One that came after the last look and before the flag was cleared.
+            guard self.pendingConfiguration() != nil, !self.driving.exchange(true, ordering: .acquiringAndReleasing) else { return }
         }
+        self.driving.store(false, ordering: .releasing)
     }
 
     /// The newest configuration seen, and whether a task is moving the engine.

@@ -204,7 +204,19 @@ extension MembershipService {
             }
             if let newest = newest.withLock({ $0 }), newest.id > next.id { return false }
             guard running.load(ordering: .relaxed) else { throw RecoveryError(description: "\(node) stopped during recovery") }
-            try await Task.sleep(for: .microseconds(200))
+            try await pause(microseconds: 200)
+        }
+    }
+
+    /// A short wait between two looks at the coordination store: on the reconfiguration thread
+    /// (``ReconfigurationExecutor``) a blocking sleep, whose wake-up needs no other thread (a
+    /// task's sleep is woken by a timer thread, one more thread to wait for a core), elsewhere a
+    /// task's sleep.
+    func pause(microseconds: UInt32) async throws {
+        if reconfigurationExecutor.isCurrent {
+            usleep(microseconds)
+        } else {
+            try await Task.sleep(for: .microseconds(Int(microseconds)))
         }
     }
 
