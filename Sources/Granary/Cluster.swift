@@ -673,8 +673,19 @@ public final class Cluster: Sendable {
         node.engine.crash()
     }
 
+    /// Stops every node at once, without quiescing or persisting (as the end of the process
+    /// would), and removes the directory if it is a temporary one: for a program that gives up on
+    /// the cluster after an error. A temporary cluster's region files are memory when they are in
+    /// `/dev/shm`; a run that failed must not leave them behind. Harmless after ``shutdown()``.
+    package func abandon() {
+        for service in membership { service.crash() }
+        for pool in spares.withLock({ $0 }) { pool.stop() }
+        for node in nodes { node.engine.stop() }
+        if removeOnShutdown { try? FileManager.default.removeItem(atPath: directory.string) }
+    }
+
     /// Quiesces, persists every region, stops every node, and removes the directory if it was a
-    /// temporary one.
+    /// temporary one (also when quiescing fails: the error is thrown after).
     public func shutdown() async throws {
         if clientLock >= 0 {
             // A client of a coordinated cluster leaves (the CM removes it at once) before it stops.
@@ -683,7 +694,12 @@ public final class Cluster: Sendable {
         await rejoin?.stop()
         for service in membership { await service.stop() }
         for pool in spares.withLock({ $0 }) { pool.stop() }
-        try await quiesce()
+        do {
+            try await quiesce()
+        } catch {
+            if removeOnShutdown { abandon() }
+            throw error
+        }
         // Persisting is for a cluster that outlives this process; a temporary one is removed next.
         if !removeOnShutdown {
             var regions: [Region] = []

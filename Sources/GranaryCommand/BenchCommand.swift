@@ -137,6 +137,19 @@ func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: Be
                   parameters: [String: String] = [:]) async throws {
     let startTime = Date()
     let cluster = try await options.makeCluster()
+    do {
+        try await runBenchmark(name, &workload, options, parameters: parameters, on: cluster, startTime: startTime)
+    } catch {
+        // A run that failed (a load that could not finish, an invariant that does not hold)
+        // leaves no temporary cluster behind: its region files are memory in /dev/shm (seen:
+        // 24 GiB of them after a series of failed runs, and the machine out of memory).
+        cluster.abandon()
+        throw error
+    }
+}
+
+private func runBenchmark(_ name: String, _ workload: inout some Workload, _ options: BenchOptions,
+                          parameters: [String: String], on cluster: Cluster, startTime: Date) async throws {
     let manager = options.membership || options.crash != nil ? "configuration manager with \(options.leaseMs) ms leases, suspicion after \(options.expiriesToSuspect) (embedded store)" : "static configuration"
     if let file = options.cluster {
         let configuration = cluster.configuration
