@@ -543,12 +543,7 @@ struct RecoveryTests {
         #expect(failure.withLock { $0 } == nil, "the write outside the recovering regions failed: \(failure.withLock { $0 } ?? "")")
         let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
         try await cluster.quiesce()
-        for replica in placement.replicas {
-            let base = try #require(cluster.nodes[replica.index].engine.replica(of: outside.region)).base + Int(outside.offset)
-            let header = ObjectLayout.loadHeader(base)
-            let value = (base + 8).load(as: Int64.self)
-            #expect(value == 7 && !header.isLocked, "\(replica) holds \(value) at \(outside) (version \(header.version), locked \(header.isLocked)), the acknowledged write was 7; \(recoveries)")
-        }
+        try expectOnEveryReplica(cluster, outside, placement, 7, "the acknowledged write was 7; \(recoveries)")
         expectUnlockedAndEqual(cluster, [outside], in: cluster.servingNodes[0].engine.configuration, "\(recoveries)")
         try await cluster.shutdown()
     }
@@ -625,12 +620,7 @@ struct RecoveryTests {
         failing.on.store(false, ordering: .releasing)
         coordinator.engine.injectFaults(nil)
         try await cluster.quiesce()
-        for replica in placement.replicas {
-            let base = try #require(cluster.nodes[replica.index].engine.replica(of: outside.region)).base + Int(outside.offset)
-            let header = ObjectLayout.loadHeader(base)
-            let value = (base + 8).load(as: Int64.self)
-            #expect(value == 7 && !header.isLocked, "\(replica) holds \(value) at \(outside) (version \(header.version), locked \(header.isLocked)); the write, whose every COMMIT-BACKUP was delivered, said: \(outcome); \(recoveries)")
-        }
+        try expectOnEveryReplica(cluster, outside, placement, 7, "the write, whose every COMMIT-BACKUP was delivered, said: \(outcome); \(recoveries)")
         expectUnlockedAndEqual(cluster, [outside], in: cluster.servingNodes[0].engine.configuration, "\(recoveries)")
         try await cluster.shutdown()
     }
@@ -649,6 +639,18 @@ struct RecoveryTests {
                 && (!backingOne || objects.contains { before.placement(of: $0.region).map { $0.backups.contains(id) } ?? false })
         }, "no member with a region outside it\(backingOne ? " and a region it backs" : ""): \(before)")
         return (cluster, cm, objects, before, victim)
+    }
+
+    /// Records an issue for every replica `placement` names whose copy of the Int64 at `address`
+    /// is not `value` or is locked; `context` goes with each.
+    func expectOnEveryReplica(_ cluster: Cluster, _ address: GlobalAddress, _ placement: RegionPlacement, _ value: Int64,
+                              _ context: @autoclosure () -> String) throws {
+        for replica in placement.replicas {
+            let base = try #require(cluster.nodes[replica.index].engine.replica(of: address.region)).base + Int(address.offset)
+            let header = ObjectLayout.loadHeader(base)
+            let held = (base + 8).load(as: Int64.self)
+            #expect(held == value && !header.isLocked, "\(replica) holds \(held) at \(address) (version \(header.version), locked \(header.isLocked)); \(context())")
+        }
     }
 
     /// Records an issue for every object of `addresses` locked on a replica `configuration`
