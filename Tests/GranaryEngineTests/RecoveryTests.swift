@@ -502,12 +502,7 @@ struct RecoveryTests {
     /// COMMIT-PRIMARY still finds the locks and installs: the value is on every replica.
     @Test("a commit outside the recovering regions whose locks are held across the votes and the decisions is left to its coordinator: it commits on every replica")
     func outsideCommitAcrossVotes() async throws {
-        let (cluster, cm, objects, before, victim) = try await clusterWithVictim(backingOne: false)
-        let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
-        let placement = try #require(before.placement(of: outside.region))
-        let coordinator = try #require(cluster.nodes.first { $0.id != victim })
-        try await cluster.quiesce()
-        try await waitForRenewals(cluster, manager: cm)
+        let (cluster, victim, outside, placement, coordinator) = try await clusterWithObjectOutsideVictim()
         let stall = Stall()
         coordinator.engine.injectFaults { point, _ in
             guard point == .commitBackupSend, stall.sends.load(ordering: .acquiring) == 1 else { return false }
@@ -568,12 +563,7 @@ struct RecoveryTests {
     @Test("a COMMIT-PRIMARY owed when a node fails, or owed by a commit admitted during recovery, ends committed and unlocked on every replica",
           .timeLimit(.minutes(1)), arguments: OwedWhen.allCases)
     func owedCommitPrimaryAcrossRecovery(_ when: OwedWhen) async throws {
-        let (cluster, cm, objects, before, victim) = try await clusterWithVictim(backingOne: false)
-        let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
-        let placement = try #require(before.placement(of: outside.region))
-        let coordinator = try #require(cluster.nodes.first { $0.id != victim })
-        try await cluster.quiesce()
-        try await waitForRenewals(cluster, manager: cm)
+        let (cluster, victim, outside, placement, coordinator) = try await clusterWithObjectOutsideVictim()
         let failing = FaultSwitch()
         coordinator.engine.injectFaults { point, _ in point == .commitPrimarySend && failing.on.load(ordering: .acquiring) }
         func lockedAtPrimary() throws -> Bool {
@@ -639,6 +629,20 @@ struct RecoveryTests {
                 && (!backingOne || objects.contains { before.placement(of: $0.region).map { $0.backups.contains(id) } ?? false })
         }, "no member with a region outside it\(backingOne ? " and a region it backs" : ""): \(before)")
         return (cluster, cm, objects, before, victim)
+    }
+
+    /// ``clusterWithVictim(backingOne:)`` quiesced, with every lease renewed, its object in a region
+    /// without a replica on the victim (and that region's placement), and a coordinator that is
+    /// not the victim.
+    func clusterWithObjectOutsideVictim() async throws
+        -> (cluster: Cluster, victim: NodeID, outside: GlobalAddress, placement: RegionPlacement, coordinator: Node) {
+        let (cluster, cm, objects, before, victim) = try await clusterWithVictim(backingOne: false)
+        let outside = try #require(objects.first { before.placement(of: $0.region).map { !$0.replicas.contains(victim) } ?? false })
+        let placement = try #require(before.placement(of: outside.region))
+        let coordinator = try #require(cluster.nodes.first { $0.id != victim })
+        try await cluster.quiesce()
+        try await waitForRenewals(cluster, manager: cm)
+        return (cluster, victim, outside, placement, coordinator)
     }
 
     /// Records an issue for every replica `placement` names whose copy of the Int64 at `address`
