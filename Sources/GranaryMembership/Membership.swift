@@ -367,9 +367,11 @@ public final class MembershipService: Sendable {
                         // The move did not happen: its recovery was abandoned for a newer
                         // configuration this node has not seen yet. Let the task that brings
                         // it run (the embedded store's calls never suspend, so without a
-                        // pause this loop kept both threads of a 2-thread pool, and the
-                        // watches that would bring the newer one never ran: seen as a hang of
-                        // the recovery test after two nodes failed at once).
+                        // pause this loop, when it ran in the cooperative pool, kept both
+                        // threads of a 2-thread pool, and the watches that would bring the
+                        // newer one never ran: seen as a hang of the recovery test after two
+                        // nodes failed at once; on the reconfiguration thread it would still
+                        // spin at nice -10 against the pool thread that runs those watches).
                         try await Task.sleep(for: .milliseconds(1))
                     }
                 }
