@@ -65,7 +65,7 @@ package struct SmallBankWorkload: Workload {
                     var total: Int64 = 0
                     for first in stride(from: index * batch, to: n, by: batch * cluster.nodes.count) {
                         let last = min(first + batch, n)
-                        total += try await node.transaction { tx in
+                        total += try await loadTransaction(on: node) { tx in
                             var sum: Int64 = 0
                             for customer in first..<last {
                                 var random = WorkloadRandom(seed: seed &+ UInt64(customer) &* 0x9_0000_0001)

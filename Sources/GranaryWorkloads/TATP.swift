@@ -86,7 +86,7 @@ package struct TATPWorkload: Workload {
                     var cf = 0
                     for first in stride(from: 1 + index * batch, through: n, by: batch * cluster.nodes.count) {
                         let last = min(first + batch - 1, n)
-                        cf += try await node.transaction { tx in
+                        cf += try await loadTransaction(on: node) { tx in
                             var rows = 0
                             for s in first...last {
                                 var random = WorkloadRandom(seed: seed &+ UInt64(s) &* 0x1_0000_0001)
