@@ -216,8 +216,14 @@ package final class ConfigurationView: @unchecked Sendable {
             if isPrimary { allocation.append(region.id) }
         }
         self.replicaTable = table
-        self.replicaAccess = .allocate(capacity: RegionID.limit)
-        self.replicaAccess.initialize(from: table.map { $0.map(ReplicaAccess.init) }, count: RegionID.limit)
+        // Up to the highest region this node holds, not RegionID.limit: a view is built at every
+        // configuration change, recovery's included, and a table for every possible region (over
+        // 256 KiB, fresh pages from the kernel each time) cost recovery about half a millisecond of
+        // page faults per member.
+        let replicaSlots = (table.lastIndex { $0 != nil } ?? -1) + 1
+        self.replicaSlots = replicaSlots
+        self.replicaAccess = .allocate(capacity: max(1, replicaSlots))
+        for index in 0..<replicaSlots { (self.replicaAccess + index).initialize(to: table[index].map(ReplicaAccess.init)) }
         self.primaries = primaries
         self.backupMasks = backupMasks
         self.allocationRegions = allocation.sorted()
@@ -253,16 +259,18 @@ package final class ConfigurationView: @unchecked Sendable {
         senderTable.deallocate()
         replySenderTable.deallocate()
         backupMasks.deallocate()
-        replicaAccess.deinitialize(count: RegionID.limit)
+        replicaAccess.deinitialize(count: replicaSlots)
         replicaAccess.deallocate()
     }
 
-    /// ``replicaTable`` again, unretained (see ``ReplicaAccess``).
+    /// ``replicaTable`` again, unretained (see ``ReplicaAccess``), for regions 0 up to
+    /// ``replicaSlots`` (exclusive): no region above holds a replica here.
     let replicaAccess: UnsafeMutablePointer<ReplicaAccess?>
+    let replicaSlots: Int
 
     /// This node's replica of `region`, unretained, if it holds one.
     @inline(__always) func replica(_ region: RegionID) -> ReplicaAccess? {
-        region.index < RegionID.limit ? replicaAccess[region.index] : nil
+        region.index < replicaSlots ? replicaAccess[region.index] : nil
     }
 
     /// The senders again, unretained, so that sending costs no reference counting.
