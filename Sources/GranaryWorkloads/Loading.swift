@@ -1,7 +1,8 @@
 import Granary
 
-/// A loader's transaction whose body is idempotent (it inserts keys that a committed earlier run
-/// of it would have inserted, and returns the same result either way), run again whenever its
+/// A loader's transaction whose body may run again (it inserts keys that a committed earlier run
+/// of it would have inserted, and returns the same result either way; or it allocates objects
+/// that no one uses if an earlier run committed), run again whenever its
 /// coordinator could not learn its outcome (`TransactionError.outcomeUnknown`: its lease from the
 /// configuration manager lapsed while it committed, or a node failed under it).
 ///

@@ -10,7 +10,7 @@ import Testing
 @Suite("Loading through unknown outcomes")
 struct LoadingTests {
     enum Kind: String, CaseIterable, CustomStringConvertible {
-        case smallBank, tatp
+        case smallBank, tatp, transfer
         var description: String { rawValue }
     }
 
@@ -27,14 +27,15 @@ struct LoadingTests {
         let node = cluster.nodes[0]
         let engine = node.engine
         let fences = Fences()
-        // Every 7th COMMIT-PRIMARY send of node 0 from its 40th on (the tables are made before)
-        // is delivered, but node 0's lease "lapses" while it goes out (as when the configuration
-        // manager's grant came late) and is renewed 2 ms later: the commit took effect, and its
-        // coordinator reports outcomeUnknown.
+        // Every 7th COMMIT-PRIMARY send of node 0 from its 40th on (the hash tables are made
+        // before; transfer, a few large batches, every 2nd) is delivered, but node 0's lease
+        // "lapses" while it goes out (as when the configuration manager's grant came late) and is
+        // renewed 2 ms later: the commit took effect, and its coordinator reports outcomeUnknown.
+        let (first, every) = kind == .transfer ? (2, 2) : (40, 7)
         engine.injectFaults { point, _ in
             guard point == .commitPrimarySend, fences.fenced.load(ordering: .relaxed) < 3 else { return false }
             let send = fences.sends.add(1, ordering: .relaxed).newValue
-            guard send >= 40, send % 7 == 0 else { return false }
+            guard send >= first, send % every == 0 else { return false }
             fences.fenced.add(1, ordering: .relaxed)
             engine.setFenced(true)
             Task.detached {
@@ -46,6 +47,7 @@ struct LoadingTests {
         var workload: any Workload = switch kind {
         case .smallBank: SmallBankWorkload(accounts: 3_000, hotAccounts: 100)
         case .tatp: TATPWorkload(scale: 0.01)
+        case .transfer: TransferWorkload(accounts: 3_000)
         }
         do {
             try await workload.load(into: cluster)
