@@ -514,7 +514,10 @@ package final class Engine: Sendable {
             currentView.store(UInt(bitPattern: Unmanaged.passUnretained(next).toOpaque()), ordering: .releasing)
             mailbox.advanceReleased()
         }
-        let description = "\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(promoted), new here \(added)"
+        // Lists joined by hand: an array's own description goes through dynamic casts whose
+        // first lookups cost recovery's move about 0.3 ms (perf).
+        func list(_ regions: [RegionID]) -> String { "[" + regions.map(\.description).joined(separator: ", ") + "]" }
+        let description = "\(node) moved to \(configuration.id): members \(configuration.members.map(\.node.description).joined(separator: ",")), promoted \(list(promoted)), new here \(list(added))"
         if current.configuration.members == configuration.members && promoted.isEmpty {
             // Regions added, a manager or a copy changed: routine, and frequent while a cluster grows.
             logger.debug("\(description)")
