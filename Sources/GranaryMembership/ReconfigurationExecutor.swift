@@ -20,11 +20,25 @@ import Glibc
 /// real-time thread's yield gives no core to ordinary threads. An idle thread ends after a second
 /// and the next job starts another, so the executor holds no thread while nothing recovers.
 ///
-/// `@unchecked Sendable`: the queue and the thread's state are guarded by `condition`.
+/// `@unchecked Sendable`: the queue and whether a thread runs (`guarded`) are read and written
+/// only while `condition` is held; debug builds check it on every access (`lock()` records the
+/// holder).
 package final class ReconfigurationExecutor: TaskExecutor, @unchecked Sendable {
     private let condition = NSCondition()
-    private var queue: [UnownedJob] = []
-    private var threadRunning = false
+    private struct Guarded {
+        var queue: [UnownedJob] = []
+        var threadRunning = false
+    }
+    private var unguarded = Guarded()
+    /// The state `condition` guards (in debug builds, an access without it held traps).
+    private var guarded: Guarded {
+        _read { assertHeld(); yield unguarded }
+        _modify { assertHeld(); yield &unguarded }
+    }
+    #if DEBUG
+    /// The thread holding `condition` (`pthread_t` bits), 0 when none: debug builds only.
+    private let holder = Atomic<UInt>(0)
+    #endif
     /// The running thread (`pthread_t` bits), 0 when none.
     private let thread = Atomic<UInt>(0)
     private let name: String
@@ -39,13 +53,44 @@ package final class ReconfigurationExecutor: TaskExecutor, @unchecked Sendable {
 
     package func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
-        condition.lock()
-        queue.append(job)
-        let start = !threadRunning
-        threadRunning = true
+        lock()
+        guarded.queue.append(job)
+        let start = !guarded.threadRunning
+        guarded.threadRunning = true
         condition.signal()
-        condition.unlock()
+        unlock()
         if start { startThread() }
+    }
+
+    private func lock() {
+        condition.lock()
+        #if DEBUG
+        holder.store(UInt(pthread_self()), ordering: .relaxed)
+        #endif
+    }
+
+    private func unlock() {
+        #if DEBUG
+        holder.store(0, ordering: .relaxed)
+        #endif
+        condition.unlock()
+    }
+
+    /// Waits on `condition` (held) until signalled or `deadline`; holds it again on return.
+    private func wait(until deadline: Date) {
+        #if DEBUG
+        holder.store(0, ordering: .relaxed)
+        #endif
+        _ = condition.wait(until: deadline)
+        #if DEBUG
+        holder.store(UInt(pthread_self()), ordering: .relaxed)
+        #endif
+    }
+
+    @inline(__always) private func assertHeld() {
+        #if DEBUG
+        assert(holder.load(ordering: .relaxed) == UInt(pthread_self()), "ReconfigurationExecutor state accessed without its lock")
+        #endif
     }
 
     /// Whether the caller runs on this executor's thread: it may then block the thread for a
@@ -66,19 +111,19 @@ package final class ReconfigurationExecutor: TaskExecutor, @unchecked Sendable {
     private func run() {
         let me = asUnownedTaskExecutor()
         while true {
-            condition.lock()
+            lock()
             let idleSince = monotonicNanoseconds()
-            while queue.isEmpty {
+            while guarded.queue.isEmpty {
                 if monotonicNanoseconds() - idleSince >= Self.idleNanoseconds {
-                    threadRunning = false
+                    guarded.threadRunning = false
                     thread.store(0, ordering: .relaxed)
-                    condition.unlock()
+                    unlock()
                     return
                 }
-                _ = condition.wait(until: Date(timeIntervalSinceNow: 0.25))
+                wait(until: Date(timeIntervalSinceNow: 0.25))
             }
-            let job = queue.removeFirst()
-            condition.unlock()
+            let job = guarded.queue.removeFirst()
+            unlock()
             job.runSynchronously(on: me)
         }
     }
