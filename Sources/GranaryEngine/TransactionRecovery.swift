@@ -11,14 +11,14 @@ import Glibc
 ///
 /// 1. **Block** (`Engine.blockCommits(removing:)`): no new commit starts; coordinators waiting
 ///    for a LOCK answer from a removed node stop waiting (and abort); the node waits until none of
-///    its commits is in flight (`Engine.waitForCommitsToEnd(timeout:pause:)`), so it sends no further
+///    its commits is in flight (`Engine.waitForCommitsToEnd(timeout:)`), so it sends no further
 ///    record of the old configuration. Every member then says so (the membership service's
 ///    acknowledgement, through the coordination store). From then on only the **recovering
 ///    regions** (those whose primary or backups the new configuration changes) stay blocked
 ///    (`Engine.commitOutsideRecoveringRegions(next:)`): a commit that reads and writes only other
 ///    regions goes ahead, its records stamped with the new configuration, which the drain and the
 ///    votes tell apart from the old one's.
-/// 2. **Drain** (`Engine.drainLogs(removed:next:timeout:pause:)`): once every member has stopped, each
+/// 2. **Drain** (`Engine.drainLogs(removed:next:timeout:)`): once every member has stopped, each
 ///    processes every record of the old configuration its log holds, the removed nodes' included:
 ///    the logs are then complete.
 /// 3. **Find recovering transactions** and 4. **lock recovery** (`Engine.recoveryVotes(next:)`):
@@ -376,25 +376,16 @@ extension Engine {
 
     /// Waits until no commit of this node is in flight: from then on it sends no record of the
     /// old configuration (its owed records wait for recovery, which decides them).
-    ///
-    /// `pause` waits between two looks (by default a task's sleep of that many microseconds;
-    /// recovery's own thread passes a blocking sleep, which needs no timer thread to wake it).
-    package func waitForCommitsToEnd(timeout: Duration, pause: Pause = Engine.taskSleep) async throws {
+    package func waitForCommitsToEnd(timeout: Duration) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         while gate.inFlight > 0 {
             guard clock.now < deadline else {
                 throw RecoveryError(description: "\(node) still had \(gate.inFlight) commits in flight after \(timeout)")
             }
-            try await pause(50)
+            try await Task.sleep(for: .microseconds(100))
         }
     }
-
-    /// A wait of some microseconds between two looks at a condition (see ``taskSleep``).
-    package typealias Pause = @Sendable (UInt32) async throws -> Void
-
-    /// A task's sleep, the default ``Pause``.
-    package static let taskSleep: Pause = { try await Task.sleep(for: .microseconds(Int($0))) }
 
     /// DRAIN: processes every record this node's log holds, in the configuration they were sent
     /// in. Rings of `removed` senders are served but not waited for (a sender killed in the middle
@@ -404,7 +395,7 @@ extension Engine {
     /// meanwhile: a ring is drained once it is empty or has delivered one of those (everything its
     /// sender stamped with the old configuration came before). Their replies in the message
     /// queues are not waited for (no vote depends on a reply).
-    package func drainLogs(removed: [NodeID], next: ConfigurationID, timeout: Duration, pause: Pause = Engine.taskSleep) async throws {
+    package func drainLogs(removed: [NodeID], next: ConfigurationID, timeout: Duration) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         let skipped = removed.reduce(UInt64(0)) { $0 | 1 << UInt64($1.index) }
@@ -427,7 +418,7 @@ extension Engine {
             guard clock.now < deadline else {
                 throw RecoveryError(description: "\(node) could not drain its log within \(timeout):\n\(channelReport)")
             }
-            try await pause(50)
+            try await Task.sleep(for: .microseconds(100))
         }
     }
 

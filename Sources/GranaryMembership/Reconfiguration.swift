@@ -68,8 +68,7 @@ extension MembershipService {
         engine.blockCommits(removing: removed)
         try await store.createParents(base + "/acked")
         try await store.createParents(base + "/votes")
-        let pause: Engine.Pause = { [self] in try await self.pause(microseconds: $0) }
-        try await engine.waitForCommitsToEnd(timeout: .seconds(30), pause: pause)
+        try await engine.waitForCommitsToEnd(timeout: .seconds(30))
         timeline.quiet = monotonicNanoseconds() - start
         try await createOnce(base + "/acked/" + me, data: [])
         guard try await waitForEveryMember(of: next, under: base + "/acked") else {
@@ -90,7 +89,7 @@ extension MembershipService {
         // the logs now.
         // A test's hold: every member has stopped sending records of the old configuration.
         try await waitWhileHeld(holdBeforeDrain, marking: heldBeforeDrain)
-        try await engine.drainLogs(removed: removed, next: next.id, timeout: .seconds(30), pause: pause)
+        try await engine.drainLogs(removed: removed, next: next.id, timeout: .seconds(30))
         timeline.drained = monotonicNanoseconds() - start
         // 3-4. FIND RECOVERING TRANSACTIONS, LOCK RECOVERY, and this member's votes.
         let votes = engine.recoveryVotes(next: next)
