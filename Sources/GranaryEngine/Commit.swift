@@ -170,13 +170,7 @@ extension Transaction {
         if engine.gate.isFenced {
             // The lease lapsed while the records went out: this node may have been removed and
             // the others may have refused records that arrived after they drained their logs.
-            // Recovery decides; this node cannot say which way. TRUNCATE still goes out, as for any
-            // commit whose COMMIT-PRIMARY records were all delivered: if this node was not removed
-            // (the CM's grant only came late) the transaction committed, and its backups apply it
-            // and its logs drop it only at TRUNCATE; a receiver that has moved to a configuration
-            // without this node refuses the record, and one that has not saw the COMMIT-BACKUP and
-            // COMMIT-PRIMARY records before it on the same ring, as after any commit.
-            if undelivered == 0 { truncate(id, nodes: truncated, engine: engine) }
+            // Recovery decides; this node cannot say which way.
             throw TransactionError.outcomeUnknown(reason: "\(engine.node)'s lease from the configuration manager lapsed while \(id) was committing")
         }
         mark(.commitPrimary)
