@@ -167,11 +167,13 @@ extension Transaction {
         // they install), else the primaries' records.
         let truncated = backups != 0 ? backups : primaryMask
         let undelivered = try commitPrimary(id, backups: backups, truncating: truncated, engine: engine)
-        if engine.gate.isFenced {
-            // The lease lapsed while the records went out: this node may have been removed and
-            // the others may have refused records that arrived after they drained their logs.
-            // Recovery decides; this node cannot say which way.
-            throw TransactionError.outcomeUnknown(reason: "\(engine.node)'s lease from the configuration manager lapsed while \(id) was committing")
+        if engine.gate.isFenced, !grantedAfterRecordsLanded(engine: engine) {
+            // The lease lapsed while the records went out and no grant came after: this node may
+            // have been removed and the others may have refused records that arrived after they
+            // drained their logs. Recovery decides; this node cannot say which way (and sends no
+            // TRUNCATE: a backup that had not taken its votes would apply and forget a transaction
+            // that recovery may abort).
+            throw TransactionError.outcomeUnknown(reason: "\(engine.node)'s lease from the configuration manager lapsed while \(id) was committing, and no grant came after its records landed")
         }
         mark(.commitPrimary)
         stats.committed(readOnly: false)
@@ -179,6 +181,29 @@ extension Transaction {
         remoteReservations.removeAll(keepingCapacity: true)
         if undelivered == 0 { truncate(id, nodes: truncated, engine: engine) }
         mark(.truncate)
+    }
+
+    /// Called when the lease lapsed while a commit's records went out (every send returned: they
+    /// are in the receivers' rings). Waits for the CM's next grant: true once the grant word holds
+    /// a value written after the records landed, false (the outcome stays unknown) if a recovery
+    /// closes the gate, the engine stops or ``EngineOptions/replyTimeout`` passes first.
+    ///
+    /// A grant written after the records landed proves they count: the CM grants only members of
+    /// its configuration that it does not suspect, and commits a configuration without a node only
+    /// a lease plus a margin after its last grant to it; so no configuration without this node was
+    /// committed before the records landed, and no receiver had drained its logs for one. A
+    /// configuration that keeps this node drains nothing before this node acknowledges it, which
+    /// waits for this commit (it holds the gate), so a recovery that starts meanwhile ends the wait.
+    private func grantedAfterRecordsLanded(engine: Engine) -> Bool {
+        let word = engine.leaseGrantWord
+        let landed = word.pointee.load(ordering: .acquiring)
+        let deadline = monotonicNanoseconds() + engine.replyTimeoutNanoseconds
+        while word.pointee.load(ordering: .acquiring) == landed {
+            guard !engine.gate.isRecovering, engine.running.load(ordering: .relaxed),
+                  monotonicNanoseconds() < deadline else { return false }
+            usleep(20)
+        }
+        return true
     }
 
     /// Sets ``primaryMask`` (a bit per node: no allocation) from the write set.

@@ -9,6 +9,24 @@ import Synchronization
 import Glibc
 #endif
 
+/// The lease words of a node, in its lease page (``RegionID/leasePage(of:)``: memory that no file
+/// system backs, so that a renewal never waits for a file page to be made writable again after
+/// writeback, which on ext4 waits on the journal), on the line after the page's header: the node's
+/// own counter, renewed by its lease thread and read one-sidedly by the CM; the CM's grant to it;
+/// the newest configuration id the CM announced (NEW-CONFIG).
+package enum LeaseWords {
+    package static let counterOffset = 64
+    package static let grantOffset = counterOffset + 8
+    package static let announcedOffset = counterOffset + 16
+
+    package static func counterAddress(of node: NodeID) -> GlobalAddress { address(counterOffset, of: node) }
+    package static func grantAddress(of node: NodeID) -> GlobalAddress { address(grantOffset, of: node) }
+    package static func announcedAddress(of node: NodeID) -> GlobalAddress { address(announcedOffset, of: node) }
+    private static func address(_ offset: Int, of node: NodeID) -> GlobalAddress {
+        GlobalAddress(region: .leasePage(of: node), offset: UInt32(offset))
+    }
+}
+
 /// Tunables of a node's transaction engine.
 public struct EngineOptions: Sendable {
     /// Attempts before `transaction` gives up with ``TransactionError/conflict(_:attempts:)``.
@@ -723,8 +741,14 @@ package final class Engine: Sendable {
     /// This node's mailbox region.
     package var mailboxRegion: Region { mailbox.region }
 
-    /// This node's lease page (registered with the transport; the membership's lease words).
+    /// This node's lease page (registered with the transport; the membership's lease words, laid
+    /// out by ``LeaseWords``).
     package let leasePage: Region
+
+    /// The CM's grant word in this node's lease page: its value changes at every lease the CM grants.
+    @inline(__always) package var leaseGrantWord: UnsafeMutablePointer<Atomic<UInt64>> {
+        (leasePage.base + LeaseWords.grantOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
+    }
 
     /// The transport this engine uses.
     package var transportHandle: any Transport { transport }

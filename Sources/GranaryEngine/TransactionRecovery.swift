@@ -491,9 +491,10 @@ extension Engine {
 
     /// Fences this node while its lease from the configuration manager has lapsed (`true`) and
     /// lifts the fence once it is renewed (`false`): a fenced node starts no commit, and a commit
-    /// that finds it fenced after its last record reports ``TransactionError/outcomeUnknown(reason:)``
-    /// rather than committed (the node may have been removed, and its records refused after the
-    /// others drained their logs). Called by the lease thread: one atomic operation.
+    /// that finds it fenced after its last record reports committed only once a grant written
+    /// after its records landed proves them counted, else ``TransactionError/outcomeUnknown(reason:)``
+    /// (the node may have been removed, and its records refused after the others drained their
+    /// logs). Called by the lease thread: one atomic operation.
     package func setFenced(_ fenced: Bool) { gate.fence(fenced) }
 
     /// Whether commits are held back now (recovery runs, or this node's lease lapsed).

@@ -283,7 +283,7 @@ final class ConfigurationManager: Sendable {
             guard renewed, suspected & (1 << UInt64(member.node.index)) == 0, configuration.contains(member.node) else { continue }
             var grant = counter
             let granted = (try? withUnsafeBytes(of: &grant) { (bytes) throws(TransportError) in
-                try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 8), from: bytes)
+                try engine.transportHandle.write(to: member.node, LeaseWords.grantAddress(of: member.node), from: bytes)
             }) != nil
             if granted { grants.record(member.node, at: monotonicNanoseconds()) }
         }

@@ -596,9 +596,10 @@ public final class MembershipService: Sendable {
         let lease = options.lease.wholeNanoseconds
         let interval = lease / UInt64(max(1, options.renewalsPerLease))
         let expiry = lease * UInt64(1 + options.probeLeases)
-        let ownWord = (engine.leasePage.base + Int(LeaseWord.offset)).assumingMemoryBound(to: Atomic<UInt64>.self)
-        let grantWord = ownWord + 1  // written by the CM
-        let announcedWord = ownWord + 2  // NEW-CONFIG: the newest configuration id, written by the CM
+        let ownWord = (engine.leasePage.base + LeaseWords.counterOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
+        let grantWord = (engine.leasePage.base + LeaseWords.grantOffset).assumingMemoryBound(to: Atomic<UInt64>.self)  // written by the CM
+        // NEW-CONFIG: the newest configuration id, written by the CM
+        let announcedWord = (engine.leasePage.base + LeaseWords.announcedOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
         var watch = ConfigurationManager.LeaseWatch(lease: lease, expiry: expiry)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var lastRefresh = lastGrant.at
@@ -702,7 +703,7 @@ public final class MembershipService: Sendable {
     static func readLeaseCounter(of node: NodeID, through transport: any Transport) -> UInt64? {
         var value: UInt64 = 0
         let read: Void? = try? withUnsafeMutableBytes(of: &value) { (bytes) throws(TransportError) in
-            try transport.read(from: node, LeaseWord.address(of: node), into: bytes)
+            try transport.read(from: node, LeaseWords.counterAddress(of: node), into: bytes)
         }
         return read == nil ? nil : value
     }
@@ -714,7 +715,7 @@ public final class MembershipService: Sendable {
         for member in engine.configuration.members where member.node != node {
             var value = id.rawValue
             _ = try? withUnsafeBytes(of: &value) { (bytes) throws(TransportError) in
-                try engine.transportHandle.write(to: member.node, LeaseWord.address(of: member.node).advanced(by: 16), from: bytes)
+                try engine.transportHandle.write(to: member.node, LeaseWords.announcedAddress(of: member.node), from: bytes)
             }
         }
     }

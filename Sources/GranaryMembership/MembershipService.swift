@@ -52,16 +52,6 @@ package struct MembershipPaths: Sendable {
     }
 }
 
-/// The lease words of each node, in its lease page (``RegionID/leasePage(of:)``: memory that no
-/// file system backs, so that a renewal never waits for a file page to be made writable again
-/// after writeback, which on ext4 waits on the journal): word 0 is the node's own counter,
-/// renewed by its lease thread and read one-sidedly by the CM; word 1 the CM's grant to it; word 2
-/// the newest configuration id the CM announced (NEW-CONFIG). On the line after the page's header.
-package enum LeaseWord {
-    package static let offset: UInt32 = 64
-    package static func address(of node: NodeID) -> GlobalAddress { GlobalAddress(region: .leasePage(of: node), offset: offset) }
-}
-
 /// Stores and reads the configuration in the coordination store: JSON at `paths.configuration`,
 /// changed only by compare-and-set, its id increasing by one each time.
 package enum ConfigurationRecord {

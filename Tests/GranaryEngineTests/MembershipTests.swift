@@ -17,7 +17,7 @@ struct MembershipTests {
             #expect(page.id == .leasePage(of: node.id) && page.kind == .leasePage)
             let link = Region.linkTarget(page.path) ?? ""
             #expect(link.hasPrefix("/proc/\(getpid())/fd/"), "\(page.path) links to '\(link)'")
-            let words = (page.base + Int(LeaseWord.offset)).assumingMemoryBound(to: UInt64.self)
+            let words = (page.base + LeaseWords.counterOffset).assumingMemoryBound(to: UInt64.self)
             let (renewal, grant) = (words[0], words[1])
             try await Task.sleep(for: .milliseconds(50))
             #expect(words[0] > renewal, "\(node.id)'s lease counter stayed at \(renewal)")
