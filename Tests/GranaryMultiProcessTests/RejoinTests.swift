@@ -24,9 +24,10 @@ struct RejoinTests {
     /// The bank on node processes with the CM over ZooKeeper, each step of `plan` a fault of the
     /// CM or of another member, its restart or resumption, and its rejoin; then the checks.
     /// `transport`: shared memory, or verbs on `GRANARY_RDMA_DEVICE` (a slower, emulated host
-    /// there: longer leases, `removalBound` seconds for a removal).
+    /// there: longer leases, `removalBound` seconds for a removal, `rejoinTimeout` seconds for a
+    /// rejoin with its copies).
     func run(plan: [(manager: Bool, fault: Fault)], verbs: Bool = false, leaseMs: Int = 10, removalBound: Double = 2,
-             othersStay: Bool = false) async throws {
+             rejoinTimeout: Double = 60, othersStay: Bool = false) async throws {
         let tmp = TemporaryDirectory("granary-rejoin")
         defer { tmp.remove() }
         let nodes = (0..<3).map { NodeID($0) }
@@ -108,7 +109,8 @@ struct RejoinTests {
             }
             let rejoinedAfter: Double
             do {
-                rejoinedAfter = try await waitFor("\(victim) a member again, every region at 3 complete replicas", since: backAt) { now in
+                rejoinedAfter = try await waitFor("\(victim) a member again, every region at 3 complete replicas", timeout: rejoinTimeout,
+                                                  since: backAt) { now in
                     now.contains(victim) && now.regions.allSatisfy { $0.replicas.count == 3 && $0.copying.isEmpty }
                 }
             } catch {
@@ -224,8 +226,11 @@ struct RejoinTests {
 struct VerbsRecoveryTests {
     @Test("a bank on 3 verbs node processes: a member, then the CM, SIGKILLed, removed alone, restarted and rejoining; money conserved at every audit, every acknowledged transfer present, nothing locked, replicas equal")
     func killOverVerbs() async throws {
-        // The guest is emulated (no KVM): leases of 200 ms keep its stalls from looking like failures.
-        try await RejoinTests().run(plan: [(false, .kill), (true, .kill)], verbs: true, leaseMs: 200, removalBound: 8, othersStay: true)
+        // The guest is emulated (no KVM): leases of 200 ms keep its stalls from looking like failures,
+        // and a rejoin (each recovery step takes seconds there, and a rejoining node may be removed
+        // again for a lease it missed while it copied) gets 180 s, not 60.
+        try await RejoinTests().run(plan: [(false, .kill), (true, .kill)], verbs: true, leaseMs: 200, removalBound: 8,
+                                    rejoinTimeout: 180, othersStay: true)
     }
 
     /// A client over verbs keeps its transport (the directory's endpoint, its registrations) and
