@@ -249,7 +249,13 @@ public final class MembershipService: Sendable {
     /// Stops the lease thread and the watches, and ends the store session.
     package func stop() async {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
-        if let thread = leaseThread.withLock({ $0 }) { pthread_join(thread, nil) }
+        // Taken out, as `haltLeases` does: a thread is joined once (a later `crash()` of this
+        // service, as `Cluster.abandon()` makes, joined it again: a crash in pthread_join).
+        let thread = leaseThread.withLock { thread -> pthread_t? in
+            defer { thread = nil }
+            return thread
+        }
+        if let thread { pthread_join(thread, nil) }
         leaseReaders?.stop()
         for task in tasks.withLock({ $0.running.values }) { task.cancel() }
         await store.close()
@@ -565,6 +571,8 @@ public final class MembershipService: Sendable {
         if let thread { pthread_join(thread, nil) }
     }
     private let leasesHalted = Atomic<Bool>(false)
+    /// Whether this service still holds its lease thread's handle (to join it once). For tests.
+    package var holdsLeaseThread: Bool { leaseThread.withLock { $0 != nil } }
     /// Whether this node, as CM, has seen `member` renew its lease (so that its lease, not the
     /// grace period of a starting member, bounds how soon its failure is detected).
     package func hasSeenRenewing(_ member: NodeID) -> Bool { manager.hasSeenRenewing(member) }
