@@ -47,7 +47,7 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "With the configuration manager: the lease, in milliseconds.") var leaseMs: Int = 10
     @Option(help: "With the configuration manager: lease expiries in a row before a silent member is suspected (MembershipOptions.probeLeases + 1).")
     var expiriesToSuspect: Int = MembershipOptions().probeLeases + 1
-    @Option(help: "With the configuration manager: data recovery's pace, in milliseconds (MembershipOptions.copyPace: after each 64 KiB slab a new backup copies, a random wait of up to twice this).")
+    @Option(help: "With the configuration manager: data recovery's pace, in milliseconds (MembershipOptions.copyPace: after each 64 KiB slab a new backup copies, a random wait of up to twice the longer of this and 19 times the slab's work).")
     var copyPaceMs: Double = Double(MembershipOptions().copyPace.wholeNanoseconds) / 1e6
 
     @Option(help: "With the configuration manager: spare region files each node keeps ready for replicas placed on it while it serves (MembershipOptions.spareRegions; 0: new replicas are sparse files).")

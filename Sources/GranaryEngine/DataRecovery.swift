@@ -9,14 +9,22 @@ import Glibc
 /// keeps gets a new backup, which copies the region from its primary in the background while it
 /// already receives and applies the region's COMMIT-BACKUP records like any backup.
 ///
-/// The copy goes slab by slab, each slab one one-sided read of the primary's bytes, paced (a random
-/// wait of up to twice `pace` after each) so that foreground transactions keep their throughput.
+/// The copy goes slab by slab, each slab one one-sided read of the primary's bytes, paced so that
+/// foreground transactions keep their throughput: after each slab a random wait of up to twice
+/// the longer of `pace` and ``copyIdleFactor`` times the slab's own work, so that a copy takes at
+/// most about a twentieth of a core whatever its objects' size. (A wait of `pace` alone let a slab
+/// of small objects, about a millisecond of installs, take a fifth of a core per copy: six copies
+/// after a SmallBank crash held the foreground 15-50% down for their 170 ms.)
 /// The slab table comes first (the size class of every slab carved so far). Each object of a slab
 /// is installed only if the primary's copy is whole (every line at the header's version, not
 /// locked) and newer than the backup's: records applied meanwhile carry newer versions and win,
 /// whichever comes first. An object locked or torn in the slab's read is read again on its own
-/// until it is whole. Installs run under the mailbox's poll claim (every lane), so a
-/// truncation never applies to an object while the copy writes it.
+/// until it is whole. Installs run under the engine's backup-apply claim, which every install
+/// into a backup replica takes (a lane's TRUNCATE, recovery applying its decisions), so none
+/// applies to an object while the copy writes it; the node's record processing (LOCK answers
+/// above all) never waits for the copy. (Installing under the mailbox's poll claim, every lane's,
+/// as before, held back record processing at the copying nodes: SmallBank's throughput stayed
+/// 30-50% down for the 170 ms the copies of a crash took.)
 ///
 /// Why nothing is missed: the configuration that added this backup was applied by every member
 /// only after transaction recovery resolved every transaction of the one before, so the primary's
@@ -36,8 +44,13 @@ package struct DataRecoveryReport: Sendable, CustomStringConvertible {
 }
 
 extension Engine {
+    /// Data recovery's pacing: after each slab, a copy waits at least this many times as long as the
+    /// slab took (on average: the wait is random, up to twice that): at most about 5% of a core.
+    package static let copyIdleFactor: UInt64 = 19
+
     /// Copies this node's backup replica of `region` from `primary` (data recovery), pacing each slab
-    /// by a random wait of up to twice `pace`. Stops early, with an error, if `shouldStop` says so
+    /// by a random wait of up to twice the longer of `pace` and ``copyIdleFactor`` times its work
+    /// (no wait when `pace` is zero). Stops early, with an error, if `shouldStop` says so
     /// (the configuration moved on) or this node stops.
     package func copyRegion(_ region: RegionID, from primary: NodeID, pace: Duration,
                            shouldStop: @Sendable () -> Bool = { false }) async throws -> DataRecoveryReport {
@@ -84,9 +97,10 @@ extension Engine {
         defer { payload.deallocate() }
         /// Installs the object in `snapshot` if whole and newer; false if it must be read again.
         ///
-        /// A lock found on this backup is stale: on a backup only installs take locks (record
-        /// processing, truncation, this copy), each under a lane's claim, and the copy holds every
-        /// lane here (the poll claim), so a locked header is an install cut short by a crash of an
+        /// A lock found on this backup is stale: on a backup only installs take locks (truncation,
+        /// recovery's decisions, this copy), each under the backup-apply claim, which the copy
+        /// holds here (and a replica still copying is never promoted to primary, whose LOCKs and
+        /// lock recovery take locks too), so a locked header is an install cut short by a crash of an
         /// earlier life of this node (the lock taken, the payload partly written, the header never
         /// published). Such an object is
         /// torn at its header's version, so the primary's whole copy replaces it even at the same
@@ -118,15 +132,16 @@ extension Engine {
             let lines = Int(table.load(fromByteOffset: slab * 2, as: UInt16.self))
             guard lines > 0 else { continue }
             try check()
+            let slabStart = monotonicNanoseconds()
             let base = slab << layout.slabShift
             let objectBytes = lines * ObjectLayout.lineSize
             try read(base, into: buffer)
             var again: [Int] = []
             var offset = 0
             while offset + objectBytes <= layout.slabSize {
-                // 64 objects per hold of the poll claim: the node's record processing (LOCK
-                // answers above all) waits for the copy only that long.
-                mailbox.withPoller { _ in
+                // 64 objects per hold of the claim: a TRUNCATE's installs wait for the copy only
+                // that long.
+                withBackupApplyClaim {
                     var count = 0
                     while count < 64, offset + objectBytes <= layout.slabSize {
                         if !install(buffer.baseAddress! + offset, at: base + offset, lines: lines) { again.append(base + offset) }
@@ -142,12 +157,16 @@ extension Engine {
                     let one = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<objectBytes])
                     try read(offset, into: one)
                     report.objectsReread += 1
-                    if mailbox.withPoller({ _ in install(one.baseAddress!, at: offset, lines: lines) }) { break }
+                    if withBackupApplyClaim({ install(one.baseAddress!, at: offset, lines: lines) }) { break }
                     attempts += 1
                     try await Task.sleep(for: .microseconds(attempts < 10 ? 20 : 500))
                 }
             }
-            if pace > .zero { try await Task.sleep(for: pace * Double.random(in: 0...2)) }
+            if pace > .zero {
+                let work = (monotonicNanoseconds() - slabStart) &* Self.copyIdleFactor
+                let wait = max(pace.wholeNanoseconds, work)
+                try await Task.sleep(for: .nanoseconds(Int64(Double(wait) * Double.random(in: 0...2))))
+            }
         }
         report.nanoseconds = monotonicNanoseconds() - start
         return report

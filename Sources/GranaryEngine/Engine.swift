@@ -429,10 +429,23 @@ package final class Engine: Sendable {
     /// slab's class learns it here (``RecordProcessor``'s `learnSlabClass`). Each with one of the
     /// slots named and how many kept records name the slab.
     let keptSlabClasses = Mutex<[UInt64: (slot: ObjectSlot, records: Int)]>([:])
-    /// Held while a lane applies COMMIT-BACKUP entries to this node's backup replicas: TRUNCATEs
-    /// of different coordinators reach different lanes, and two entries for one object must not
-    /// be installed at once (newest version wins only if each install is whole).
+    /// Held while anything installs into this node's backup replicas: a lane applying
+    /// COMMIT-BACKUP entries (TRUNCATEs of different coordinators reach different lanes), data
+    /// recovery's copy, recovery applying its decisions. Two installs into one object must not run
+    /// at once (newest version wins only if each install is whole). See ``withBackupApplyClaim(_:)``.
     let backupApplyClaim = Atomic<Bool>(false)
+
+    /// Runs `body` holding ``backupApplyClaim`` (a spin lock: its holders install a few objects at
+    /// a time; after 64 spins the thread yields between tries). Not reentrant.
+    @inline(__always) func withBackupApplyClaim<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        var spins = 0
+        while !backupApplyClaim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+            spins += 1
+            if spins > 64 { sched_yield() }
+        }
+        defer { backupApplyClaim.store(false, ordering: .releasing) }
+        return try body()
+    }
     private let pollerThread = Mutex<pthread_t?>(nil)
     /// Set when a coordinator served this node's mailbox since the poller last looked.
     let helped = Atomic<Bool>(false)
@@ -653,7 +666,15 @@ package final class Engine: Sendable {
     /// Pauses this node's record processing (true) or resumes it (false), as SIGSTOP and SIGCONT
     /// would a node process's: nobody serves its mailbox meanwhile, neither its poller nor
     /// coordinators helping; its lease thread goes on. For tests of waits on a paused peer.
-    package func pauseRecordProcessing(_ paused: Bool) { processingPaused.store(paused, ordering: .relaxed) }
+    /// Pausing returns once no record is being processed: it takes every lane's claim after
+    /// setting the flag, and a poll reads the flag again under each lane's claim, so a record sent
+    /// after this returns stays unprocessed. (A poll that had read the flag only at its start
+    /// answered a LOCK sent right after the pause now and then: the cancelled-transaction test saw
+    /// its write committed.)
+    package func pauseRecordProcessing(_ paused: Bool) {
+        processingPaused.store(paused, ordering: .sequentiallyConsistent)
+        if paused { mailbox.withPoller { _ in } }
+    }
 
     /// The bytes of the logs this node sends to that its commits have promised to themselves now
     /// (``ChannelSender/promisedBytes``, summed): 0 once no commit is under way.

@@ -59,7 +59,10 @@ extension Engine {
         } || mailbox.mayHaveMessage(from: sender)
         guard mayHaveWork else { return 0 }
         return mailbox.withLaneIfAvailable(sender, kind: .log) { poller in
-            unmanagedView._withUnsafeGuaranteedRef { view in serveLog(poller, from: sender, view: view) }
+            // Read again under the lane's claim: a pause (`pauseRecordProcessing`) takes every
+            // lane after setting it, so no lane taken after that serves a record.
+            guard !processingPaused.load(ordering: .relaxed) else { return 0 }
+            return unmanagedView._withUnsafeGuaranteedRef { view in serveLog(poller, from: sender, view: view) }
         } ?? 0
     }
 
@@ -70,7 +73,8 @@ extension Engine {
             || lanes[sender.index]._withUnsafeGuaranteedRef { mailbox.attention != $0.seenQueueAttention.load(ordering: .relaxed) }
         guard mayHaveWork else { return 0 }
         return mailbox.withLaneIfAvailable(sender, kind: .messages) { poller in
-            unmanagedView._withUnsafeGuaranteedRef { view in serveQueue(poller, from: sender, view: view) }
+            guard !processingPaused.load(ordering: .relaxed) else { return 0 }
+            return unmanagedView._withUnsafeGuaranteedRef { view in serveQueue(poller, from: sender, view: view) }
         } ?? 0
     }
 

@@ -141,13 +141,13 @@ final class RecordProcessor: @unchecked Sendable {
 
     /// Runs `body` holding the engine's ``Engine/backupApplyClaim``: installs into backup replicas.
     @inline(__always) private func withBackupApply<R>(_ body: () throws -> R) rethrows -> R {
-        let claim = state.pointee.engine.unsafelyUnwrapped
+        let engine = state.pointee.engine.unsafelyUnwrapped
         var spins = 0
-        while !claim.backupApplyClaim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+        while !engine.backupApplyClaim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
             spins += 1
             if spins > 64 { sched_yield() }
         }
-        defer { claim.backupApplyClaim.store(false, ordering: .releasing) }
+        defer { engine.backupApplyClaim.store(false, ordering: .releasing) }
         return try body()
     }
     /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the

@@ -468,7 +468,9 @@ extension Engine {
         if !gate.isPartial { _ = owed.takeAll() }
         for node in removed { _ = pendingTruncation.take(for: node) }
         let view = self.view
-        let outcome = mailbox.withPoller { _ in
+        // Every lane's claim, and the backup-apply claim: data recovery's copy into a backup
+        // replica takes only the latter.
+        let outcome = mailbox.withPoller { _ in withBackupApplyClaim {
             // Each lane applies the shipped records of its own coordinators' transactions (it
             // knows whether it holds a record of one).
             var outcome = (committed: 0, aborted: 0, replicated: 0)
@@ -482,7 +484,7 @@ extension Engine {
             }
             mailbox.advanceReleased()
             return outcome
-        }
+        } }
         return TransactionRecovery.Report(committed: outcome.committed, aborted: outcome.aborted, replicated: outcome.replicated)
     }
 

@@ -19,7 +19,8 @@ public struct MembershipOptions: Sendable {
     /// suspect, every member silent for more than a lease.
     public var probeLeases: Int = 0
     /// Data recovery's pacing: after copying each slab (64 KiB by default) of a region to a new
-    /// backup, a random wait of up to twice this, so that foreground throughput holds.
+    /// backup, a random wait of up to twice the longer of this and 19 times the slab's own work (a
+    /// copy takes at most about 5% of a core), so that foreground throughput holds. Zero: no wait.
     public var copyPace: Duration = .milliseconds(4)
     /// Spare region files each node keeps ready for replicas placed on it while it serves (a new
     /// backup after a failure, a region added on demand): their space reserved and their pages
