@@ -140,15 +140,8 @@ final class RecordProcessor: @unchecked Sendable {
     }
 
     /// Runs `body` holding the engine's ``Engine/backupApplyClaim``: installs into backup replicas.
-    @inline(__always) private func withBackupApply<R>(_ body: () throws -> R) rethrows -> R {
-        let engine = state.pointee.engine.unsafelyUnwrapped
-        var spins = 0
-        while !engine.backupApplyClaim.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
-            spins += 1
-            if spins > 64 { sched_yield() }
-        }
-        defer { engine.backupApplyClaim.store(false, ordering: .releasing) }
-        return try body()
+    @inline(__always) private func withBackupApply<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        try state.pointee.engine.unsafelyUnwrapped.withBackupApplyClaim(body)
     }
     /// LOCK records whose objects this primary holds locked, until COMMIT-PRIMARY or ABORT: the
     /// record's copy in ``kept`` (with each entry's slot after it).
