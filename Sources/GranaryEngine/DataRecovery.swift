@@ -12,9 +12,8 @@ import Glibc
 /// The copy goes slab by slab, each slab one one-sided read of the primary's bytes, paced so that
 /// foreground transactions keep their throughput: after each slab a random wait of up to twice
 /// the longer of `pace` and ``copyIdleFactor`` times the slab's own work, so that a copy takes at
-/// most about a twentieth of a core whatever its objects' size. (A wait of `pace` alone let a slab
-/// of small objects, about a millisecond of installs, take a fifth of a core per copy: six copies
-/// after a SmallBank crash held the foreground 15-50% down for their 170 ms.)
+/// most about a twentieth of a core whatever its objects' size (with `pace` alone, a slab whose
+/// installs take as long as the pace, many small objects or a slow host, would take half a core).
 /// The slab table comes first (the size class of every slab carved so far). Each object of a slab
 /// is installed only if the primary's copy is whole (every line at the header's version, not
 /// locked) and newer than the backup's: records applied meanwhile carry newer versions and win,
@@ -22,9 +21,9 @@ import Glibc
 /// until it is whole. Installs run under the engine's backup-apply claim, which every install
 /// into a backup replica takes (a lane's TRUNCATE, recovery applying its decisions), so none
 /// applies to an object while the copy writes it; the node's record processing (LOCK answers
-/// above all) never waits for the copy. (Installing under the mailbox's poll claim, every lane's,
-/// as before, held back record processing at the copying nodes: SmallBank's throughput stayed
-/// 30-50% down for the 170 ms the copies of a crash took.)
+/// above all) never waits for the copy. (Under the mailbox's poll claim, every lane's, the copy
+/// held back the copying node's record processing while it waited for the lanes coordinators
+/// held.)
 ///
 /// Why nothing is missed: the configuration that added this backup was applied by every member
 /// only after transaction recovery resolved every transaction of the one before, so the primary's

@@ -25,10 +25,18 @@ public struct RecoveryTimeline: Sendable, CustomStringConvertible {
     public var acknowledged: UInt64 = 0
     /// Nanoseconds until this member's log was drained.
     public var drained: UInt64 = 0
+    /// Nanoseconds until this member's own votes were found (LOCK RECOVERY done) and stored.
+    public var posted: UInt64 = 0
     /// Nanoseconds until every member's votes were in.
     public var voted: UInt64 = 0
     /// Nanoseconds until the decisions were stored (by this member or another) and read here.
     public var decided: UInt64 = 0
+    /// Nanoseconds until this member had applied the decisions to the records it holds
+    /// (`resolveRecovered`).
+    public var resolved: UInt64 = 0
+    /// Nanoseconds until the replicas the configuration newly places here were open (a spare
+    /// region file taken, or a new file).
+    public var opened: UInt64 = 0
     /// Nanoseconds until this member had applied the decisions and moved to the configuration
     /// (it then waits for every other member to have moved).
     public var moved: UInt64 = 0
@@ -46,7 +54,7 @@ public struct RecoveryTimeline: Sendable, CustomStringConvertible {
     public var description: String {
         func ms(_ value: UInt64) -> String { String(format: "%.2f", Double(value) / 1e6) }
         let open = recoveringRegions.map { " (\($0) regions recovering, the others open)" } ?? ""
-        return "recovery into \(configuration) without \(removed.map(\.description).joined(separator: ",")): quiet \(ms(quiet)) ms, acknowledged \(ms(acknowledged)) ms, drained \(ms(drained)) ms, voted \(ms(voted)) ms\(open), decided \(ms(decided)) ms, moved \(ms(moved)) ms, applied \(ms(applied)) ms; \(report)"
+        return "recovery into \(configuration) without \(removed.map(\.description).joined(separator: ",")): quiet \(ms(quiet)) ms, acknowledged \(ms(acknowledged)) ms, drained \(ms(drained)) ms, posted its votes \(ms(posted)) ms, voted \(ms(voted)) ms\(open), decided \(ms(decided)) ms, resolved \(ms(resolved)) ms, replicas opened \(ms(opened)) ms, moved \(ms(moved)) ms, applied \(ms(applied)) ms; \(report)"
     }
 }
 
@@ -94,6 +102,7 @@ extension MembershipService {
         // 3-4. FIND RECOVERING TRANSACTIONS, LOCK RECOVERY, and this member's votes.
         let votes = engine.recoveryVotes(next: next)
         try await createOnce(base + "/votes/" + me, data: TransactionRecovery.encode(votes))
+        timeline.posted = monotonicNanoseconds() - start
         guard try await waitForEveryMember(of: next, under: base + "/votes") else {
             return try await abandon(base, next: next, removed: removed, timeline: &timeline, start: start)
         }
@@ -127,7 +136,10 @@ extension MembershipService {
     private func finish(_ next: Configuration, decisions: [UInt64: Bool], shipped: [UInt64: [UInt8]] = [:], removed: [NodeID],
                         timeline: inout RecoveryTimeline, start: UInt64) async throws {
         timeline.report = engine.resolveRecovered(decisions, shipped: shipped, removed: removed)
-        try engine.apply(next, adding: try newRegions(in: next))
+        timeline.resolved = monotonicNanoseconds() - start
+        let added = try newRegions(in: next)
+        timeline.opened = monotonicNanoseconds() - start
+        try engine.apply(next, adding: added)
         timeline.moved = monotonicNanoseconds() - start
         let base = paths.recovery(next.id)
         try await store.createParents(base + "/applied")
