@@ -766,10 +766,13 @@ package final class Engine: Sendable {
     /// out by ``LeaseWords``).
     package let leasePage: Region
 
-    /// The CM's grant word in this node's lease page: its value changes at every lease the CM grants.
-    @inline(__always) package var leaseGrantWord: UnsafeMutablePointer<Atomic<UInt64>> {
-        (leasePage.base + LeaseWords.grantOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
+    /// The lease word at `offset` (one of ``LeaseWords``' offsets) in this node's lease page.
+    @inline(__always) package func leaseWord(at offset: Int) -> UnsafeMutablePointer<Atomic<UInt64>> {
+        (leasePage.base + offset).assumingMemoryBound(to: Atomic<UInt64>.self)
     }
+
+    /// The CM's grant word in this node's lease page: its value changes at every lease the CM grants.
+    @inline(__always) package var leaseGrantWord: UnsafeMutablePointer<Atomic<UInt64>> { leaseWord(at: LeaseWords.grantOffset) }
 
     /// The transport this engine uses.
     package var transportHandle: any Transport { transport }

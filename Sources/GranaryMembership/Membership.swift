@@ -249,13 +249,7 @@ public final class MembershipService: Sendable {
     /// Stops the lease thread and the watches, and ends the store session.
     package func stop() async {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
-        // Taken out, as `haltLeases` does: a thread is joined once (a later `crash()` of this
-        // service, as `Cluster.abandon()` makes, joined it again: a crash in pthread_join).
-        let thread = leaseThread.withLock { thread -> pthread_t? in
-            defer { thread = nil }
-            return thread
-        }
-        if let thread { pthread_join(thread, nil) }
+        if let thread = takeLeaseThread() { pthread_join(thread, nil) }
         leaseReaders?.stop()
         for task in tasks.withLock({ $0.running.values }) { task.cancel() }
         await store.close()
@@ -563,12 +557,19 @@ public final class MembershipService: Sendable {
     /// Stops renewing leases without ending the store session, as a node that hangs (SIGSTOP)
     /// would: for failure-detection tests.
     package func haltLeases() {
-        let thread = leaseThread.withLock { thread -> pthread_t? in
+        let thread = takeLeaseThread()
+        leasesHalted.store(true, ordering: .releasing)
+        if let thread { pthread_join(thread, nil) }
+    }
+
+    /// The lease thread's handle, taken out so that whoever joins it (`stop()`, `haltLeases()`)
+    /// is the only one: a later `crash()` of a stopped service (`Cluster.abandon()`) joined it
+    /// again, a crash in pthread_join.
+    private func takeLeaseThread() -> pthread_t? {
+        leaseThread.withLock { thread in
             defer { thread = nil }
             return thread
         }
-        leasesHalted.store(true, ordering: .releasing)
-        if let thread { pthread_join(thread, nil) }
     }
     private let leasesHalted = Atomic<Bool>(false)
     /// Whether this service still holds its lease thread's handle (to join it once). For tests.
@@ -604,10 +605,9 @@ public final class MembershipService: Sendable {
         let lease = options.lease.wholeNanoseconds
         let interval = lease / UInt64(max(1, options.renewalsPerLease))
         let expiry = lease * UInt64(1 + options.probeLeases)
-        let ownWord = (engine.leasePage.base + LeaseWords.counterOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
-        let grantWord = (engine.leasePage.base + LeaseWords.grantOffset).assumingMemoryBound(to: Atomic<UInt64>.self)  // written by the CM
-        // NEW-CONFIG: the newest configuration id, written by the CM
-        let announcedWord = (engine.leasePage.base + LeaseWords.announcedOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
+        let ownWord = engine.leaseWord(at: LeaseWords.counterOffset)
+        let grantWord = engine.leaseGrantWord  // written by the CM
+        let announcedWord = engine.leaseWord(at: LeaseWords.announcedOffset)  // NEW-CONFIG, written by the CM
         var watch = ConfigurationManager.LeaseWatch(lease: lease, expiry: expiry)
         var lastGrant = (value: grantWord.pointee.load(ordering: .acquiring), at: monotonicNanoseconds())
         var lastRefresh = lastGrant.at
