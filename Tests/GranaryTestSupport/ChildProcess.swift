@@ -22,8 +22,16 @@ public final class ChildProcess: @unchecked Sendable {
     /// Every line read so far (by ``readLine(timeout:)``, ``availableLines()`` or ``remainingLines()``).
     public var transcript: [String] { output.state.withLock { $0.transcript } }
 
-    /// The `granary` executable built beside the test bundle.
+    /// The `granary` executable built beside the test bundle, or the one `GRANARY_EXECUTABLE`
+    /// names (the soft-RoCE stage runs its node processes from the release build: an emulated
+    /// guest runs it several times faster).
     public static func granaryExecutable() throws -> URL {
+        if let named = ProcessInfo.processInfo.environment["GRANARY_EXECUTABLE"], !named.isEmpty {
+            guard FileManager.default.isExecutableFile(atPath: named) else {
+                throw ChildProcessError("GRANARY_EXECUTABLE names \(named), which is not an executable file")
+            }
+            return URL(fileURLWithPath: named)
+        }
         var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         for _ in 0..<3 {
             let candidate = directory.appendingPathComponent("granary")
