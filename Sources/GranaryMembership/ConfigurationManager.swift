@@ -265,7 +265,7 @@ final class ConfigurationManager: Sendable {
                     watch.lastSeen[member.node] = (seen.value, now, seen.live)
                 } else {
                     renewing = !seen.live || now - seen.at <= watch.lease
-                    if now - seen.at > (seen.live ? watch.expiry : watch.grace) { suspect(member.node) }
+                    if now - seen.at > (seen.live ? watch.expiry : watch.grace) { suspect(member.node, silentFor: now - seen.at) }
                 }
             }
             // Members silent for more than a lease (their lease from this CM has lapsed):
@@ -289,18 +289,27 @@ final class ConfigurationManager: Sendable {
         }
     }
 
-    /// As CM: remove `suspect` from the configuration (once).
-    func suspect(_ suspect: NodeID) {
+    /// As CM: remove `suspect` from the configuration (once); no renewal of it was seen for
+    /// `silentFor` nanoseconds (said in the log, with why the probe adds any other member).
+    func suspect(_ suspect: NodeID, silentFor: UInt64) {
         guard removing.withLock({ $0.insert(suspect).inserted }) else { return }
         suspectedNodes.bitwiseOr(1 << UInt64(suspect.index), ordering: .releasing)
+        // Taken on the lease thread: no formatting here.
+        let suspectedAt = monotonicNanoseconds()
         spawn {
+            // Why each suspect goes, for the log: a removal of a live node (a false suspicion)
+            // must say what the CM saw.
+            var reasons: [NodeID: String] = [suspect: "no renewal seen for \(silentFor / 1_000_000) ms"]
             // Probe: one one-sided read of every other member's lease word; a member that does not
             // answer is suspected too, and goes in the same reconfiguration.
             var suspects: Set<NodeID> = [suspect]
             for member in self.engine.configuration.members where member.node != self.node && member.node != suspect {
                 let answered = self.member.leaseCounter(of: member.node) != nil
                 let quiet = self.quietNodes.load(ordering: .acquiring) & (1 << UInt64(member.node.index)) != 0
-                if !answered || quiet { suspects.insert(member.node) }
+                if !answered || quiet {
+                    suspects.insert(member.node)
+                    reasons[member.node] = answered ? "probe: no renewal for more than a lease" : "probe: its lease word did not answer"
+                }
             }
             for other in suspects { self.suspectedNodes.bitwiseOr(1 << UInt64(other.index), ordering: .releasing) }
             defer {
@@ -317,7 +326,9 @@ final class ConfigurationManager: Sendable {
                 $0 != node && !suspects.contains($0) && quietNow & (1 << UInt64($0.index)) != 0
             }
             if !more.isEmpty {
+                let waited = (monotonicNanoseconds() - suspectedAt) / 1_000_000
                 for other in more {
+                    reasons[other] = "fell silent for a lease while the CM waited \(waited) ms for the suspects' leases to end"
                     suspects.insert(other)
                     self.suspectedNodes.bitwiseOr(1 << UInt64(other.index), ordering: .releasing)
                 }
@@ -350,7 +361,7 @@ final class ConfigurationManager: Sendable {
                 for removed in suspects where !committed.contains(removed) {
                     // It rejoins, if ever, by registering anew.
                     await self.member.withdrawCandidates { $0 == removed }
-                    self.logger.info("\(node) removed \(removed) (lease expired) in \(committed.id)")
+                    self.logger.info("\(node) removed \(removed) (lease expired: \(reasons[removed] ?? "silent")) in \(committed.id)")
                     self.eventSink.yield(.removed(removed, committed.id))
                 }
                 try await self.apply(committed)

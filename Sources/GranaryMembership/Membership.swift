@@ -302,7 +302,9 @@ public final class MembershipService: Sendable {
             return !state.stoppedServing
         }
         guard first else { return }
-        logger.info("\(reason): it stops serving and must rejoin")
+        let gap = Double(longestLeasePause.load(ordering: .relaxed)) / 1e6
+        let interval = Double(options.lease.wholeNanoseconds / UInt64(max(1, options.renewalsPerLease))) / 1e6
+        logger.info("\(reason): it stops serving and must rejoin (the longest gap between its lease renewals since it moved to \(engine.configuration.id): \(String(format: "%.1f", gap)) ms; every \(String(format: "%.1f", interval)) ms on time)")
         // A CM among them grants no more leases: its successor's grants alone count.
         managerFlag.store(false, ordering: .releasing)
         // Nor does it renew its own: a configuration that lists it again (one committed before
@@ -572,6 +574,10 @@ public final class MembershipService: Sendable {
         }
     }
     private let leasesHalted = Atomic<Bool>(false)
+    /// The longest time between two rounds of the lease thread (two renewals) since this node
+    /// moved to its current configuration, in nanoseconds: said when the node is removed, since a
+    /// lease thread that did not run explains a removal of a live node.
+    private let longestLeasePause = Atomic<UInt64>(0)
     /// Whether this service still holds its lease thread's handle (to join it once). For tests.
     package var holdsLeaseThread: Bool { leaseThread.withLock { $0 != nil } }
     /// Whether this node, as CM, has seen `member` renew its lease (so that its lease, not the
@@ -595,6 +601,8 @@ public final class MembershipService: Sendable {
             var parameter = sched_param()
             parameter.sched_priority = 10
             _ = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameter)
+            // Named, so that a profile or a scheduler trace shows where a lease thread waited.
+            Thread.current.name = "granary-lease"
             start.service.leaseLoop()
             return nil
         }, start) == 0)
@@ -625,6 +633,7 @@ public final class MembershipService: Sendable {
             // threads that move them may not have run yet. Restart their clocks instead of blaming
             // them for this thread's pause.
             let stalled = now - previous > expiry / 2
+            if now - previous > longestLeasePause.load(ordering: .relaxed) { longestLeasePause.store(now - previous, ordering: .relaxed) }
             previous = now
             let configuration = engine.configuration
             // The CM watches the members of the configuration it is moving into too: one that
@@ -635,6 +644,7 @@ public final class MembershipService: Sendable {
                 ? newest.withLock { $0 }.flatMap { $0.id > configuration.id ? $0 : nil } : nil
             if configuration.id != members {
                 members = configuration.id
+                longestLeasePause.store(0, ordering: .relaxed)
                 manager.forgetNodes(outside: configuration, keeping: moving, watch: &watch)
                 mapManagerLeasePage(in: configuration)
             }
