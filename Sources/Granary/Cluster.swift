@@ -580,6 +580,10 @@ public final class Cluster: Sendable {
                                           ringCapacity: options.ringCapacity, previous: previous)
             try storage.waitForPeers(timeout: .seconds(10))
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
+            // Fenced before `joining` hands it out: its configuration is the stored one with itself
+            // added, its own guess until the CM admits it, so it commits nothing before its first
+            // grant (`start(joining:)` fences it too, but only later).
+            engine.setFenced(true)
             let service = MembershipService(
                 engine: engine, store: store, options: options.membership ?? MembershipOptions(), logger: logger,
                 connect: { member in try storage.connect(member) },

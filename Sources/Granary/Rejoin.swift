@@ -110,6 +110,9 @@ final class Rejoin: Sendable {
             stored.members.sort { $0.node < $1.node }
             let storage = try NodeStorage(node: node, configuration: stored, ringCapacity: options.ringCapacity)
             let engine = try storage.makeEngine(options: options.engine, logger: logger)
+            // Fenced before the cluster hands it out (`rejoined`): until the CM admits it, its
+            // configuration (the stored one with itself added) is its own guess.
+            engine.setFenced(true)
             let size = stored.regionSize, regionLogger = logger
             let service = MembershipService(
                 engine: engine, store: store, options: membership, logger: logger,
