@@ -103,9 +103,8 @@ public final class MembershipService: Sendable {
         if engine.transportHandle is SharedMemoryTransport {
             leaseReaders = nil
         } else {
-            let lease = UInt64(options.lease.components.seconds) * 1_000_000_000 + UInt64(options.lease.components.attoseconds / 1_000_000_000)
             let transport = engine.transportHandle
-            leaseReaders = LeaseCounterReaders(interval: lease / UInt64(max(1, options.renewalsPerLease)), staleAfter: lease) { node in
+            leaseReaders = LeaseCounterReaders(interval: options.renewalIntervalNanoseconds, staleAfter: options.lease.wholeNanoseconds) { node in
                 Self.readLeaseCounter(of: node, through: transport)
             }
         }
@@ -303,7 +302,7 @@ public final class MembershipService: Sendable {
         }
         guard first else { return }
         let gap = Double(longestLeasePause.load(ordering: .relaxed)) / 1e6
-        let interval = Double(options.lease.wholeNanoseconds / UInt64(max(1, options.renewalsPerLease))) / 1e6
+        let interval = Double(options.renewalIntervalNanoseconds) / 1e6
         logger.info("\(reason): it stops serving and must rejoin (the longest gap between its lease renewals since it moved to \(engine.configuration.id): \(String(format: "%.1f", gap)) ms; every \(String(format: "%.1f", interval)) ms on time)")
         // A CM among them grants no more leases: its successor's grants alone count.
         managerFlag.store(false, ordering: .releasing)
@@ -611,7 +610,7 @@ public final class MembershipService: Sendable {
 
     private func leaseLoop() {
         let lease = options.lease.wholeNanoseconds
-        let interval = lease / UInt64(max(1, options.renewalsPerLease))
+        let interval = options.renewalIntervalNanoseconds
         let expiry = lease * UInt64(1 + options.probeLeases)
         let ownWord = engine.leaseWord(at: LeaseWords.counterOffset)
         let grantWord = engine.leaseGrantWord  // written by the CM
@@ -632,8 +631,9 @@ public final class MembershipService: Sendable {
             // scheduler): the members' counters may not have moved for the same reason, and the
             // threads that move them may not have run yet. Restart their clocks instead of blaming
             // them for this thread's pause.
-            let stalled = now - previous > expiry / 2
-            if now - previous > longestLeasePause.load(ordering: .relaxed) { longestLeasePause.store(now - previous, ordering: .relaxed) }
+            let gap = now - previous
+            let stalled = gap > expiry / 2
+            if gap > longestLeasePause.load(ordering: .relaxed) { longestLeasePause.store(gap, ordering: .relaxed) }
             previous = now
             let configuration = engine.configuration
             // The CM watches the members of the configuration it is moving into too: one that

@@ -13,6 +13,8 @@ public struct MembershipOptions: Sendable {
     public var lease: Duration = .milliseconds(10)
     /// Renewals per lease period (FaRM renews every fifth of a lease).
     public var renewalsPerLease: Int = 5
+    /// The time between two renewals: a lease over ``renewalsPerLease``, in nanoseconds.
+    package var renewalIntervalNanoseconds: UInt64 { lease.wholeNanoseconds / UInt64(max(1, renewalsPerLease)) }
     /// Leases of silence beyond the first before the CM suspects a member. 0 (the default)
     /// suspects at the first expiry, as FaRM does: with renewals every fifth of a lease from a
     /// real-time thread, five in a row must be missed. The probe that follows removes, with the
