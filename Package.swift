@@ -129,7 +129,7 @@ let package = Package(
         .target(
             name: "GranaryMembership",
             dependencies: [
-                "GranaryConfiguration", "GranaryCoordination", "GranaryEngine", "GranaryMemory", "GranaryTransport",
+                "CPMem", "GranaryConfiguration", "GranaryCoordination", "GranaryEngine", "GranaryMemory", "GranaryTransport",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -26,5 +26,21 @@ static inline long granary_file_system_type(const char *path) {
     if (statfs(path, &info) != 0) return -1;
     return (long)info.f_type;
 }
+
+// Not libpmem: the CPUs this process may run on (sched_getaffinity(2), through syscall(2) since
+// glibc declares it only with _GNU_SOURCE), as a bit mask of `bytes` bytes; the number of bytes
+// the kernel wrote, or -1 with errno set.
+static inline int granary_allowed_cpus(unsigned char *mask, int bytes) {
+    return (int)syscall(SYS_sched_getaffinity, 0, (unsigned long)bytes, mask);
+}
+
+// Not libpmem: pins thread `tid` (0: the caller) to `cpu` (sched_setaffinity(2)). 0, or -1 with
+// errno set.
+static inline int granary_pin_thread(int tid, int cpu) {
+    unsigned long mask[16] = {0};
+    if (cpu < 0 || cpu >= (int)(8 * sizeof(mask))) return -1;
+    mask[cpu / (8 * sizeof(unsigned long))] = 1UL << (cpu % (8 * sizeof(unsigned long)));
+    return (int)syscall(SYS_sched_setaffinity, tid, sizeof(mask), mask);
+}
 #endif
 #endif

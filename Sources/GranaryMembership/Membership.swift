@@ -301,9 +301,11 @@ public final class MembershipService: Sendable {
             return !state.stoppedServing
         }
         guard first else { return }
-        let gap = Double(longestLeasePause.load(ordering: .relaxed)) / 1e6
         let interval = Double(options.renewalIntervalNanoseconds) / 1e6
-        logger.info("\(reason): it stops serving and must rejoin (the longest gap between its lease renewals since it moved to \(engine.configuration.id): \(String(format: "%.1f", gap)) ms; every \(String(format: "%.1f", interval)) ms on time)")
+        let lateAt = lateRenewalAt.load(ordering: .relaxed)
+        let late = lateAt == 0 ? "none late"
+            : "the latest late by \(String(format: "%.1f", Double(lateRenewalGap.load(ordering: .relaxed)) / 1e6 - interval)) ms, \((monotonicNanoseconds() &- lateAt) / 1_000_000) ms ago"
+        logger.info("\(reason): it stops serving and must rejoin (its lease renewals, every \(String(format: "%.1f", interval)) ms: \(late))")
         // A CM among them grants no more leases: its successor's grants alone count.
         managerFlag.store(false, ordering: .releasing)
         // Nor does it renew its own: a configuration that lists it again (one committed before
@@ -573,10 +575,12 @@ public final class MembershipService: Sendable {
         }
     }
     private let leasesHalted = Atomic<Bool>(false)
-    /// The longest time between two rounds of the lease thread (two renewals) since this node
-    /// moved to its current configuration, in nanoseconds: said when the node is removed, since a
-    /// lease thread that did not run explains a removal of a live node.
-    private let longestLeasePause = Atomic<UInt64>(0)
+    /// The latest round of the lease thread that came more than two renewal intervals after the
+    /// one before (when, monotonic ns, 0: none; and the time between them): said when this node
+    /// learns it was removed, since a lease thread that did not run explains a removal of a live
+    /// node.
+    private let lateRenewalAt = Atomic<UInt64>(0)
+    private let lateRenewalGap = Atomic<UInt64>(0)
     /// Whether this service still holds its lease thread's handle (to join it once). For tests.
     package var holdsLeaseThread: Bool { leaseThread.withLock { $0 != nil } }
     /// Whether this node, as CM, has seen `member` renew its lease (so that its lease, not the
@@ -600,8 +604,9 @@ public final class MembershipService: Sendable {
             var parameter = sched_param()
             parameter.sched_priority = 10
             _ = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameter)
-            // Named, so that a profile or a scheduler trace shows where a lease thread waited.
-            Thread.current.name = "granary-lease"
+            // Named, so that a profile or a scheduler trace shows where a lease thread waited
+            // (and whose it is: an embedded cluster runs one per node).
+            Thread.current.name = "lease-\(start.service.node)"
             start.service.leaseLoop()
             return nil
         }, start) == 0)
@@ -623,6 +628,9 @@ public final class MembershipService: Sendable {
         mapManagerLeasePage(in: engine.configuration)
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
+        // Witnesses of this host's CPUs, where the peers share it (shared memory).
+        let hostPauses = leaseReaders == nil && options.excusesHostPauses ? HostPauses.acquire() : nil
+        defer { if hostPauses != nil { HostPauses.release() } }
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
             counter &+= 1
             ownWord.pointee.store(counter, ordering: .releasing)
@@ -632,8 +640,12 @@ public final class MembershipService: Sendable {
             // threads that move them may not have run yet. Restart their clocks instead of blaming
             // them for this thread's pause.
             let gap = now - previous
-            let stalled = gap > expiry / 2
-            if gap > longestLeasePause.load(ordering: .relaxed) { longestLeasePause.store(gap, ordering: .relaxed) }
+            // So did one of this host's CPUs, and with it the lease threads on it (`HostPauses`).
+            let stalled = gap > expiry / 2 || hostPauses?.paused(since: previous, now: now, longerThan: expiry / 2) == true
+            if gap > 2 * interval {
+                lateRenewalGap.store(gap, ordering: .relaxed)
+                lateRenewalAt.store(now, ordering: .relaxed)
+            }
             previous = now
             let configuration = engine.configuration
             // The CM watches the members of the configuration it is moving into too: one that
@@ -644,7 +656,6 @@ public final class MembershipService: Sendable {
                 ? newest.withLock { $0 }.flatMap { $0.id > configuration.id ? $0 : nil } : nil
             if configuration.id != members {
                 members = configuration.id
-                longestLeasePause.store(0, ordering: .relaxed)
                 manager.forgetNodes(outside: configuration, keeping: moving, watch: &watch)
                 mapManagerLeasePage(in: configuration)
             }
