@@ -52,6 +52,8 @@ struct BenchOptions: ParsableArguments {
 
     @Option(help: "With the configuration manager: spare region files each node keeps ready for replicas placed on it while it serves (MembershipOptions.spareRegions; 0: new replicas are sparse files).")
     var spareRegions: Int = MembershipOptions().spareRegions
+    @Flag(help: "With the configuration manager: do not excuse a member's silence while one of this host's CPUs was paused (MembershipOptions.excusesHostPauses off), to see what the excuse saves.")
+    var noHostPauseExcuse = false
     @Option(help: "Crash this node (as SIGKILL would) during the run; implies --membership. Prints the times from the crash to the new configuration, to every region active, and to 80% of the throughput before.")
     var crash: Int?
     @Option(help: "Seconds into the run at which --crash crashes its node.") var at: Double = 1
@@ -126,6 +128,7 @@ struct BenchOptions: ParsableArguments {
             membership.probeLeases = expiriesToSuspect - 1
             membership.copyPace = .nanoseconds(Int64(copyPaceMs * 1e6))
             membership.spareRegions = spareRegions
+            membership.excusesHostPauses = !noHostPauseExcuse
             options.membership = membership
         }
         return try await Cluster.local(nodes: nodes, replicas: replicas, options: options)
@@ -321,6 +324,7 @@ extension BenchOptions {
             all["expiriesToSuspect"] = "\(expiriesToSuspect)"
             all["copyPaceMs"] = "\(copyPaceMs)"
             all["spareRegions"] = "\(spareRegions)"
+            all["excusesHostPauses"] = "\(!noHostPauseExcuse)"
         }
         if let crash { all["crash"] = "\(crash)"; all["at"] = "\(at)" }
         if scaling { all["scalingCounts"] = scalingCounts.map(String.init).joined(separator: ",") }
