@@ -34,6 +34,10 @@ static inline int granary_allowed_cpus(unsigned char *mask, int bytes) {
     return (int)syscall(SYS_sched_getaffinity, 0, (unsigned long)bytes, mask);
 }
 
+// Not libpmem: the kernel's id of the calling thread (gettid(2), declared by glibc only with
+// _GNU_SOURCE).
+static inline int granary_thread_id(void) { return (int)syscall(SYS_gettid); }
+
 // Not libpmem: pins thread `tid` (0: the caller) to `cpu` (sched_setaffinity(2)). 0, or -1 with
 // errno set.
 static inline int granary_pin_thread(int tid, int cpu) {

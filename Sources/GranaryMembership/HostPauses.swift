@@ -5,8 +5,8 @@ import Foundation
 import GranaryTransport
 import Synchronization
 
-/// Witnesses of this host's CPUs, for lease threads whose peers share their host (shared
-/// memory): one thread pinned to each CPU this process may use, at real-time priority, noting
+/// Witnesses of this host's CPUs, for lease threads whose peers share their host (endpoints
+/// `shm:` and `verbs:`): one thread pinned to each CPU this process may use, at real-time priority, noting
 /// the time every ``interval``. A witness that ran late says its CPU was paused: the hypervisor
 /// ran something else on that virtual CPU (steal), or the kernel, which does not preempt itself
 /// here, held it. A node whose lease thread was on that CPU was paused with it, through no fault
@@ -23,8 +23,8 @@ import Synchronization
 ///
 /// One set of witnesses per process, shared by its lease threads (``acquire()``, ``release()``),
 /// stopped when the last one leaves. No witness runs where a thread cannot be pinned; a witness
-/// that cannot be pinned never reports a pause. Over RDMA the peers are on other hosts, whose
-/// pauses this host cannot see: lease threads there use no witnesses.
+/// that cannot be pinned never reports a pause. A configuration with a `verbs://` member (one
+/// that may be on another host, whose pauses this host cannot see) excuses nothing.
 ///
 /// `@unchecked Sendable`: the per-CPU words are atomics in one block allocated at init and freed
 /// at deinit; each witness thread holds this object (retained) until it ends; `running` is an
@@ -86,6 +86,15 @@ package final class HostPauses: @unchecked Sendable {
         return (0..<Int(written) * 8).filter { mask[$0 / 8] & (1 << UInt8($0 % 8)) != 0 }.map { Int32($0) }
         #else
         return []
+        #endif
+    }
+
+    /// The kernel's id of the calling thread (0 where there is none to give).
+    package static var currentThreadID: Int32 {
+        #if os(Linux)
+        return granary_thread_id()
+        #else
+        return 0
         #endif
     }
 

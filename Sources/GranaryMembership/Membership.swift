@@ -581,6 +581,9 @@ public final class MembershipService: Sendable {
     /// node.
     private let lateRenewalAt = Atomic<UInt64>(0)
     private let lateRenewalGap = Atomic<UInt64>(0)
+    /// The kernel's id of the lease thread (0 until it started). For tests, which pin it to a CPU.
+    package var leaseThreadID: Int32 { leaseThreadKernelID.load(ordering: .acquiring) }
+    private let leaseThreadKernelID = Atomic<Int32>(0)
     /// Whether this service still holds its lease thread's handle (to join it once). For tests.
     package var holdsLeaseThread: Bool { leaseThread.withLock { $0 != nil } }
     /// Whether this node, as CM, has seen `member` renew its lease (so that its lease, not the
@@ -607,6 +610,7 @@ public final class MembershipService: Sendable {
             // Named, so that a profile or a scheduler trace shows where a lease thread waited
             // (and whose it is: an embedded cluster runs one per node).
             Thread.current.name = "lease-\(start.service.node)"
+            start.service.leaseThreadKernelID.store(HostPauses.currentThreadID, ordering: .releasing)
             start.service.leaseLoop()
             return nil
         }, start) == 0)
@@ -628,8 +632,9 @@ public final class MembershipService: Sendable {
         mapManagerLeasePage(in: engine.configuration)
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
-        // Witnesses of this host's CPUs, where the peers share it (shared memory).
-        let hostPauses = leaseReaders == nil && options.excusesHostPauses ? HostPauses.acquire() : nil
+        // Witnesses of this host's CPUs, while the members share it (no `verbs://` endpoint).
+        var sharesHost = Self.membersShareHost(engine.configuration)
+        let hostPauses = options.excusesHostPauses && sharesHost ? HostPauses.acquire() : nil
         defer { if hostPauses != nil { HostPauses.release() } }
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
             counter &+= 1
@@ -641,7 +646,7 @@ public final class MembershipService: Sendable {
             // them for this thread's pause.
             let gap = now - previous
             // So did one of this host's CPUs, and with it the lease threads on it (`HostPauses`).
-            let stalled = gap > expiry / 2 || hostPauses?.paused(since: previous, now: now, longerThan: expiry / 2) == true
+            let stalled = gap > expiry / 2 || (sharesHost && hostPauses?.paused(since: previous, now: now, longerThan: expiry / 2) == true)
             if gap > 2 * interval {
                 lateRenewalGap.store(gap, ordering: .relaxed)
                 lateRenewalAt.store(now, ordering: .relaxed)
@@ -656,6 +661,7 @@ public final class MembershipService: Sendable {
                 ? newest.withLock { $0 }.flatMap { $0.id > configuration.id ? $0 : nil } : nil
             if configuration.id != members {
                 members = configuration.id
+                sharesHost = Self.membersShareHost(configuration)
                 manager.forgetNodes(outside: configuration, keeping: moving, watch: &watch)
                 mapManagerLeasePage(in: configuration)
             }
@@ -692,6 +698,13 @@ public final class MembershipService: Sendable {
             }
             usleep(UInt32(max(1, interval / 1_000)))
         }
+    }
+
+    /// Whether every member of `configuration` is on this host: endpoints `shm:` and `verbs:`
+    /// (one host), none `verbs://` (`HostPauses`: a pause of this host's CPUs explains the
+    /// silence of members on it only).
+    static func membersShareHost(_ configuration: Configuration) -> Bool {
+        !configuration.members.contains { MemberEndpoint($0.endpoint)?.isRemote ?? true }
     }
 
     /// Maps the CM's lease page now, while its process lives: a lease page goes with its process,
