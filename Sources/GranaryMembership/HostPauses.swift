@@ -5,8 +5,8 @@ import Foundation
 import GranaryTransport
 import Synchronization
 
-/// Witnesses of this host's CPUs, for lease threads whose peers share their host (endpoints
-/// `shm:` and `verbs:`): one thread pinned to each CPU this process may use, at real-time priority, noting
+/// Witnesses of this host's CPUs, for lease threads whose peers share their host (shared
+/// memory): one thread pinned to each CPU this process may use, at real-time priority, noting
 /// the time every ``interval``. A witness that ran late says its CPU was paused: the hypervisor
 /// ran something else on that virtual CPU (steal), or the kernel, which does not preempt itself
 /// here, held it. A node whose lease thread was on that CPU was paused with it, through no fault
@@ -23,8 +23,9 @@ import Synchronization
 ///
 /// One set of witnesses per process, shared by its lease threads (``acquire()``, ``release()``),
 /// stopped when the last one leaves. No witness runs where a thread cannot be pinned; a witness
-/// that cannot be pinned never reports a pause. A configuration with a `verbs://` member (one
-/// that may be on another host, whose pauses this host cannot see) excuses nothing.
+/// that cannot be pinned never reports a pause. Over RDMA verbs nothing is excused (peers may be
+/// on other hosts, whose pauses this host cannot see; between the nodes of one host, see
+/// `MembershipService.leaseLoop`).
 ///
 /// `@unchecked Sendable`: the per-CPU words are atomics in one block allocated at init and freed
 /// at deinit; each witness thread holds this object (retained) until it ends; `running` is an

@@ -632,8 +632,12 @@ public final class MembershipService: Sendable {
         mapManagerLeasePage(in: engine.configuration)
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
-        // Witnesses of this host's CPUs, while the members share it (no `verbs://` endpoint).
-        var sharesHost = Self.membersShareHost(engine.configuration)
+        // Witnesses of this host's CPUs, where the members share it: shared memory. (Not over
+        // verbs, even between the nodes of one host: the one soft-RoCE run with them there failed,
+        // a rejoining verbs client removed again, as once before they existed; whether their
+        // wakeups, costly in an emulated guest, played a part is not known. The stage passed
+        // without them.)
+        var sharesHost = leaseReaders == nil && Self.membersShareHost(engine.configuration)
         let hostPauses = options.excusesHostPauses && sharesHost ? HostPauses.acquire() : nil
         defer { if hostPauses != nil { HostPauses.release() } }
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
@@ -661,7 +665,7 @@ public final class MembershipService: Sendable {
                 ? newest.withLock { $0 }.flatMap { $0.id > configuration.id ? $0 : nil } : nil
             if configuration.id != members {
                 members = configuration.id
-                sharesHost = Self.membersShareHost(configuration)
+                sharesHost = leaseReaders == nil && Self.membersShareHost(configuration)
                 manager.forgetNodes(outside: configuration, keeping: moving, watch: &watch)
                 mapManagerLeasePage(in: configuration)
             }

@@ -31,13 +31,13 @@ public struct MembershipOptions: Sendable {
     /// 0 makes new replicas sparse files. A spare taken is made again once the node has taken
     /// none for a second, paced.
     public var spareRegions: Int = 2
-    /// Whether a lease thread whose peers share its host (endpoints `shm:` and `verbs:`) excuses
+    /// Whether a lease thread whose peers share its host (shared memory) excuses
     /// a peer's silence while one of the host's CPUs was paused for more than half an expiry (the
     /// hypervisor ran another guest on it, or the kernel held it): a witness thread pinned to each
     /// CPU notes when it runs, and the CM restarts its members' clocks after such a pause, as
     /// after a pause of its own, instead of removing live nodes. A failed node is then suspected
     /// one expiry after the last pause. Off: only the lease thread's own pauses are excused. No
-    /// effect while a member has a `verbs://` endpoint (it may be on another host).
+    /// effect over RDMA verbs.
     public var excusesHostPauses: Bool = true
     /// The defaults: a 10 ms lease renewed 5 times per lease, suspicion at the first expiry, a
     /// copy pace of 4 ms, 2 spare regions per node, host pauses excused.
