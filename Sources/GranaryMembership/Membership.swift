@@ -632,13 +632,12 @@ public final class MembershipService: Sendable {
         mapManagerLeasePage(in: engine.configuration)
         var counter: UInt64 = 0
         var previous = monotonicNanoseconds()
-        // Witnesses of this host's CPUs, where the members share it: shared memory. (Not over
-        // verbs, even between the nodes of one host: the one soft-RoCE run with them there failed,
-        // a rejoining verbs client removed again, as once before they existed; whether their
-        // wakeups, costly in an emulated guest, played a part is not known. The stage passed
-        // without them.)
-        var sharesHost = leaseReaders == nil && Self.membersShareHost(engine.configuration)
-        let hostPauses = options.excusesHostPauses && sharesHost ? HostPauses.acquire() : nil
+        // Witnesses of this host's CPUs, where the members share it: shared memory (no lease
+        // readers). Not over verbs, even between the nodes of one host: the one soft-RoCE run
+        // with them there failed (a rejoining verbs client removed again, a failure seen without
+        // them too; whether their wakeups, costly in an emulated guest, played a part is not
+        // known), and the stage passed without them.
+        let hostPauses = options.excusesHostPauses && leaseReaders == nil ? HostPauses.acquire() : nil
         defer { if hostPauses != nil { HostPauses.release() } }
         while running.load(ordering: .relaxed), !leasesHalted.load(ordering: .acquiring) {
             counter &+= 1
@@ -650,7 +649,7 @@ public final class MembershipService: Sendable {
             // them for this thread's pause.
             let gap = now - previous
             // So did one of this host's CPUs, and with it the lease threads on it (`HostPauses`).
-            let stalled = gap > expiry / 2 || (sharesHost && hostPauses?.paused(since: previous, now: now, longerThan: expiry / 2) == true)
+            let stalled = gap > expiry / 2 || hostPauses?.paused(since: previous, now: now, longerThan: expiry / 2) == true
             if gap > 2 * interval {
                 lateRenewalGap.store(gap, ordering: .relaxed)
                 lateRenewalAt.store(now, ordering: .relaxed)
@@ -665,7 +664,6 @@ public final class MembershipService: Sendable {
                 ? newest.withLock { $0 }.flatMap { $0.id > configuration.id ? $0 : nil } : nil
             if configuration.id != members {
                 members = configuration.id
-                sharesHost = leaseReaders == nil && Self.membersShareHost(configuration)
                 manager.forgetNodes(outside: configuration, keeping: moving, watch: &watch)
                 mapManagerLeasePage(in: configuration)
             }
@@ -702,13 +700,6 @@ public final class MembershipService: Sendable {
             }
             usleep(UInt32(max(1, interval / 1_000)))
         }
-    }
-
-    /// Whether every member of `configuration` is on this host: endpoints `shm:` and `verbs:`
-    /// (one host), none `verbs://` (`HostPauses`: a pause of this host's CPUs explains the
-    /// silence of members on it only).
-    static func membersShareHost(_ configuration: Configuration) -> Bool {
-        !configuration.members.contains { MemberEndpoint($0.endpoint)?.isRemote ?? true }
     }
 
     /// Maps the CM's lease page now, while its process lives: a lease page goes with its process,
