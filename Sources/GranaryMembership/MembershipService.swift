@@ -96,6 +96,13 @@ package enum ConfigurationRecord {
     /// Replaces the configuration by `change(current)` with compare-and-set, the id one higher,
     /// retrying when another writer won. Returns the committed configuration, or nil if `change`
     /// declined.
+    ///
+    /// The committed configuration states its ``Configuration/routingEpoch`` (unless `change`
+    /// set one itself): `current`'s when the routing is kept, its own id when it changes. Members
+    /// take records stamped with any configuration of that epoch, so a restart's recovery must
+    /// read them from the logs too: without it, records sent before a change that kept the
+    /// routing (a client joining, a copy completed, a new manager) were refused at a whole-cluster
+    /// restart, leaving their locks held and their commits not rolled forward.
     package static func change(_ cluster: ClusterID, in store: any CoordinationStore,
                               _ change: (Configuration) throws -> Configuration?) async throws -> Configuration? {
         let path = MembershipPaths(cluster: cluster).configuration
@@ -104,6 +111,9 @@ package enum ConfigurationRecord {
             let current = try decode(stored.data)
             guard var next = try change(current) else { return nil }
             next.id = current.id.next
+            if next.routingEpoch == current.routingEpoch {
+                next.routingEpoch = current.keepsRouting(in: next) ? current.routingEpoch ?? current.id : next.id
+            }
             try next.validate()
             if try await set(path, encode(next), expectedVersion: stored.version, in: store) { return next }
         }

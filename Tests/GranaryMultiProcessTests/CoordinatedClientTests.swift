@@ -125,14 +125,27 @@ struct CoordinatedClientTests {
         (status, output) = try granary(["cluster", "up", "--directory", directory, "--coordination", "zookeeper://\(zooKeeper!)"])
         try #require(status == 0, "cluster up after the kill: \(output)")
         #expect(output.contains("recovered:"), "no restart recovery in: \(output)")
+        let restart = output
         let second = try await Cluster.connect(file: FilePath(file), options: options)
-        let values = try second.nodes[0].transactionSync { tx in try counters.map { try tx.read($0, as: Int64.self) } }
-        #expect(Set(values).count == 1, "the counters differ (a transaction half applied): \(values)")
-        #expect(Int(values[0]) >= ok && Int(values[0]) <= ok + maybe,
-                "the counters hold \(values[0]) after the restart, but \(ok) increments were acknowledged and \(maybe) had unknown outcomes")
-        // Nothing stays locked: every counter can be written again.
-        try second.nodes[0].transactionSync { tx in
-            for counter in counters { try tx.write(counter, try tx.read(counter, as: Int64.self) + 1) }
+        // A failure shows what restart recovery did (its report counts the records it refused and
+        // the locks it released) and the nodes' logs.
+        func evidence() -> String {
+            let logs = configuration.servers.map { node in
+                "\(node).log:\n" + ((try? String(contentsOfFile: directory + "/\(node).log", encoding: .utf8)) ?? "(none)")
+            }
+            return "cluster up after the kill printed:\n\(restart)\n" + logs.joined(separator: "\n")
+        }
+        do {
+            let values = try second.nodes[0].transactionSync { tx in try counters.map { try tx.read($0, as: Int64.self) } }
+            #expect(Set(values).count == 1, "the counters differ (a transaction half applied): \(values)\n\(evidence())")
+            #expect(Int(values[0]) >= ok && Int(values[0]) <= ok + maybe,
+                    "the counters hold \(values[0]) after the restart, but \(ok) increments were acknowledged and \(maybe) had unknown outcomes")
+            // Nothing stays locked: every counter can be written again.
+            try second.nodes[0].transactionSync { tx in
+                for counter in counters { try tx.write(counter, try tx.read(counter, as: Int64.self) + 1) }
+            }
+        } catch {
+            Issue.record("after the restart: \(error)\n\(evidence())")
         }
         try await second.shutdown()
     }

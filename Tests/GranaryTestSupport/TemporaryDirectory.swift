@@ -4,7 +4,8 @@ import SystemPackage
 import Glibc
 #endif
 
-/// A fresh directory under $TMPDIR (or /tmp), removed with its contents by `remove()`.
+/// A fresh directory under $TMPDIR (or /tmp), removed with its contents by `remove()`
+/// (kept when the environment sets GRANARY_KEEP_TEMPORARY).
 public struct TemporaryDirectory: Sendable {
     public let path: FilePath
 
@@ -21,7 +22,10 @@ public struct TemporaryDirectory: Sendable {
         self.path = path
     }
 
+    /// Removes the directory, unless GRANARY_KEEP_TEMPORARY is set (to read a failed test's
+    /// node logs and region files afterwards).
     public func remove() {
+        if ProcessInfoLite.environment("GRANARY_KEEP_TEMPORARY") != nil { return }
         _ = path.withPlatformString { p in
             system("rm -rf '\(String(cString: p))'")
         }
