@@ -153,6 +153,7 @@ final class ConfigurationManager: Sendable {
             defer { suspectedNodes.bitwiseAnd(~fresh, ordering: .releasing) }
             if !leaving.isEmpty { try await waitForLeasesToEnd(of: leaving) }
             var listingStale = false
+            var awaitingMove = false
             let committed = try await ConfigurationRecord.change(engine.configuration.cluster, in: store) { current in
                 guard current.id == listedIn.id else {
                     listingStale = true
@@ -167,6 +168,15 @@ final class ConfigurationManager: Sendable {
                 }
                 var joined = false
                 for member in registered where !current.contains(member.node) && !member.endpoint.isEmpty {
+                    // Not before this CM has moved to a configuration without the node's former
+                    // incarnation: a move from one listing the former straight to one listing the
+                    // new (the removal's recovery superseded) would keep the former's mappings and
+                    // keys, and its lease watch, so the new incarnation would look silent and be
+                    // removed at once (seen: a rejoined verbs client removed right after its admission).
+                    if self.engine.configuration.contains(member.node) {
+                        awaitingMove = true
+                        continue
+                    }
                     next.members.append(member)
                     joined = true
                 }
@@ -186,8 +196,14 @@ final class ConfigurationManager: Sendable {
                 try await apply(committed)
                 announce(committed.id)
             }
-            // The configuration moved since the listing: list again against the new one.
+            // The configuration moved since the listing: list again against the new one. A node
+            // asking to join while this CM still moves away from its former incarnation: again
+            // shortly (no registration event may come).
             if listingStale { continue }
+            if awaitingMove {
+                try await Task.sleep(for: .milliseconds(2))
+                continue
+            }
             if await watch.event() == .sessionEnded { return }
         }
     }
