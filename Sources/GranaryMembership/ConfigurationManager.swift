@@ -171,8 +171,9 @@ final class ConfigurationManager: Sendable {
                     // Not before this CM has moved to a configuration without the node's former
                     // incarnation: a move from one listing the former straight to one listing the
                     // new (the removal's recovery superseded) would keep the former's mappings and
-                    // keys, and its lease watch, so the new incarnation would look silent and be
-                    // removed at once (seen: a rejoined verbs client removed right after its admission).
+                    // keys, and its lease watch, so the new incarnation could look silent. (Not the
+                    // cause of the rejoined verbs client removed right after its admission: that
+                    // was seen again with this wait in place.)
                     if self.engine.configuration.contains(member.node) {
                         awaitingMove = true
                         continue
