@@ -45,6 +45,23 @@ final class ConfigurationManager: Sendable {
     /// Sets of silent members kept because each holds a region's last replica, logged once each.
     let reportedLastReplicas = Mutex<Set<[NodeID]>>([])
 
+    /// Bit n set when this node connected anew to member n (a node that joined): the lease thread
+    /// then watches it as a starting member (``memberReconnected(_:)``).
+    let reconnectedNodes = Atomic<UInt64>(0)
+
+    /// This node connected anew to `node`, a member that joined (after dropping every connection
+    /// to its former incarnation): what the lease watch saw of the node so far goes (it was seen
+    /// through the former connections), and the node is watched as a starting member, with the
+    /// grace period, until its counter is seen moving through the new ones. (Seen over soft-RoCE:
+    /// a rejoined client whose counter the CM had seen move was then not read for over a lease
+    /// while the reader reconnected, and was removed again; or its former incarnation's value,
+    /// read after an unreadable first look, passed for a renewal.)
+    func memberReconnected(_ node: NodeID) {
+        guard node.index < NodeID.limit else { return }
+        member.leaseReaders?.forget(node)
+        reconnectedNodes.bitwiseOr(1 << UInt64(node.index), ordering: .releasing)
+    }
+
     /// Whether `member`'s lease counter was seen moving.
     func hasSeenRenewing(_ member: NodeID) -> Bool {
         member.index < NodeID.limit && seenRenewing.load(ordering: .acquiring) & (1 << UInt64(member.index)) != 0
@@ -171,9 +188,9 @@ final class ConfigurationManager: Sendable {
                     // Not before this CM has moved to a configuration without the node's former
                     // incarnation: a move from one listing the former straight to one listing the
                     // new (the removal's recovery superseded) would keep the former's mappings and
-                    // keys, and its lease watch, so the new incarnation could look silent. (Not the
-                    // cause of the rejoined verbs client removed right after its admission: that
-                    // was seen again with this wait in place.)
+                    // keys, and its lease watch, so the new incarnation could look silent. (The
+                    // rejoined verbs client removed right after its admission had other causes:
+                    // see `LeaseWatch.observe` and `memberReconnected`.)
                     if self.engine.configuration.contains(member.node) {
                         awaitingMove = true
                         continue
@@ -226,9 +243,10 @@ final class ConfigurationManager: Sendable {
 
     /// What the lease thread keeps of each member's renewals, for the CM's half of its loop.
     struct LeaseWatch {
-        /// Per member: its last counter, when it last moved, and whether it was ever seen moving
-        /// (a node that has not started renewing yet gets a grace period, not a lease).
-        var lastSeen: [NodeID: (value: UInt64, at: UInt64, live: Bool)] = [:]
+        /// Per member: its last counter (nil: not read yet), when it last moved, and whether it
+        /// was ever seen moving (a node that has not started renewing yet gets a grace period, not
+        /// a lease).
+        var lastSeen: [NodeID: (value: UInt64?, at: UInt64, live: Bool)] = [:]
         let lease: UInt64
         let expiry: UInt64
         let grace: UInt64
@@ -238,15 +256,84 @@ final class ConfigurationManager: Sendable {
             self.expiry = expiry
             grace = max(expiry, 2_000_000_000)
         }
+
+        /// What one round of the lease thread made of a member (``observe(_:counter:now:stalled:evidence:)``).
+        struct Verdict: Equatable {
+            /// Its counter moved since the last round: the CM grants it a lease.
+            var renewed = false
+            /// ... for the first time since it was first watched.
+            var firstRenewal = false
+            /// It renewed within the last lease, or has not started renewing yet (false: quiet).
+            var renewing = true
+            /// Silent for this long (ns), past its expiry (or its grace period, if never seen
+            /// renewing): it is to be suspected.
+            var silentFor: UInt64?
+        }
+
+        /// One round's look at `node`: `counter` as read now (nil: unreadable: a failed read, or,
+        /// over verbs, none completed within a lease), `now`, whether the lease thread itself
+        /// stalled, and, over verbs, how current the reader's view is (nil: the counter was read
+        /// just now, as over shared memory).
+        ///
+        /// - A member is renewing when its counter moved since the last value read. An unreadable
+        ///   first look is no value to compare with: the first value read after it is not a
+        ///   renewal (taking it for 0 made a former incarnation's frozen counter, read through the
+        ///   connection made to it, pass for one; seen over soft-RoCE).
+        /// - Silence is suspected after the expiry (or the grace period of a member never seen
+        ///   renewing), once proven: over verbs, by a read begun after that time (it found the
+        ///   counter unchanged, or failed), or by a read unanswered for two expiries. No answer
+        ///   yet is not silence: seen over soft-RoCE, a read under way for 175 ms (reads take about
+        ///   a millisecond there), and a reader thread that had not run for 244 ms, while the guest
+        ///   ran four recoveries, each got a live member removed. A read to a dead process fails
+        ///   at once (its connection closes); one to a dead host waits for the queue pair's
+        ///   retries, which holds its suspicion back by two expiries at most.
+        mutating func observe(_ node: NodeID, counter: UInt64?, now: UInt64, stalled: Bool, evidence: LeaseCounterReaders.Evidence?) -> Verdict {
+            guard let seen = lastSeen[node] else {
+                lastSeen[node] = (counter, now, false)
+                return Verdict()
+            }
+            var verdict = Verdict()
+            if let value = counter, let previous = seen.value, previous != value {
+                verdict.renewed = true
+                verdict.firstRenewal = !seen.live
+                lastSeen[node] = (value, now, true)
+            } else if let value = counter, seen.value == nil {
+                lastSeen[node] = (value, seen.at, seen.live)
+            } else if stalled {
+                lastSeen[node] = (seen.value, now, seen.live)
+            } else {
+                let silence = now &- seen.at
+                // Whether the reader's view proves no renewal for `limit` after the last one seen.
+                let expiry = self.expiry
+                func proven(_ limit: UInt64) -> Bool {
+                    guard let evidence else { return true }
+                    return evidence.completedReadStart >= seen.at &+ limit
+                        || evidence.readUnderWaySince.map { now >= $0 && now - $0 >= 2 * expiry } ?? false
+                }
+                // Quiet (the probe of a suspicion takes it along) only on the same proof.
+                verdict.renewing = !seen.live || silence <= lease || !proven(lease)
+                let limit = seen.live ? expiry : grace
+                if silence > limit, proven(limit) { verdict.silentFor = silence }
+            }
+            return verdict
+        }
     }
 
     /// A node that left is forgotten: if it joins again, it starts with the grace period of a
-    /// starting member, not with the silence of its former self.
-    func forgetNodes(outside configuration: Configuration, keeping moving: Configuration?, watch: inout LeaseWatch) {
-        for node in watch.lastSeen.keys where !configuration.contains(node) && !(moving?.contains(node) ?? false) {
-            watch.lastSeen[node] = nil
-            seenRenewing.bitwiseAnd(~(1 << UInt64(node.index)), ordering: .releasing)
+    /// starting member, not with the silence of its former self. So is one only in the
+    /// configuration this CM moves into: what was seen of it may be of its former incarnation
+    /// (kept while the CM moved into the configuration without it, and the one that readmits it
+    /// was already seen, the former was suspected at once with its old silence); it is watched
+    /// again, as a starting member.
+    func forgetNodes(outside configuration: Configuration, watch: inout LeaseWatch) {
+        for node in watch.lastSeen.keys where !configuration.contains(node) {
+            forget(node, watch: &watch)
         }
+    }
+
+    private func forget(_ node: NodeID, watch: inout LeaseWatch) {
+        watch.lastSeen[node] = nil
+        seenRenewing.bitwiseAnd(~(1 << UInt64(node.index)), ordering: .releasing)
     }
 
     /// The CM's half of one round of the lease thread (`counter` is its own lease counter, `now`
@@ -259,6 +346,14 @@ final class ConfigurationManager: Sendable {
     func grantLeases(counter: UInt64, now: UInt64, stalled: Bool, in configuration: Configuration, movingTo moving: Configuration?,
                      watch: inout LeaseWatch) {
         let suspected = suspectedNodes.load(ordering: .acquiring)
+        if reconnectedNodes.load(ordering: .relaxed) != 0 {
+            var reconnected = reconnectedNodes.exchange(0, ordering: .acquiringAndReleasing)
+            while reconnected != 0 {
+                let index = reconnected.trailingZeroBitCount
+                reconnected &= reconnected - 1
+                forget(NodeID(rawValue: UInt16(index)), watch: &watch)
+            }
+        }
         // (No array is made while no move is under way: this runs every renewal interval.)
         let watched = moving.map { moving in configuration.members + moving.members.filter { !configuration.contains($0.node) } }
             ?? configuration.members
@@ -269,22 +364,13 @@ final class ConfigurationManager: Sendable {
             // longer, and a removed one has lost it by the time the configuration without it
             // commits. (Granting while the member had renewed within the last lease, as before,
             // stretched a silent member's lease to two: the removal waited for it.)
-            let seenCounter = self.member.leaseCounter(of: member.node)
-            let read = seenCounter != nil, value = seenCounter ?? 0
-            var renewing = true
-            var renewed = false
-            if let seen = watch.lastSeen[member.node] {
-                if read && seen.value != value {
-                    renewed = true
-                    if !seen.live { seenRenewing.bitwiseOr(1 << UInt64(member.node.index), ordering: .releasing) }
-                    watch.lastSeen[member.node] = (value, now, true)
-                } else if stalled {
-                    watch.lastSeen[member.node] = (seen.value, now, seen.live)
-                } else {
-                    renewing = !seen.live || now - seen.at <= watch.lease
-                    if now - seen.at > (seen.live ? watch.expiry : watch.grace) { suspect(member.node, silentFor: now - seen.at) }
-                }
-            }
+            // (The evidence first: the counter read next is then at least as new.)
+            let evidence = self.member.leaseReaders?.evidence(of: member.node)
+            let verdict = watch.observe(member.node, counter: self.member.leaseCounter(of: member.node), now: now, stalled: stalled,
+                                        evidence: evidence)
+            let renewing = verdict.renewing, renewed = verdict.renewed
+            if verdict.firstRenewal { seenRenewing.bitwiseOr(1 << UInt64(member.node.index), ordering: .releasing) }
+            if let silence = verdict.silentFor { suspect(member.node, silentFor: silence) }
             // Members silent for more than a lease (their lease from this CM has lapsed):
             // the probe of a reconfiguration removes them with the suspect. (Over shared
             // memory a dead node's lease word stays readable: readability proves nothing.)
@@ -293,9 +379,6 @@ final class ConfigurationManager: Sendable {
                 if quietNodes.load(ordering: .relaxed) & bit != 0 { quietNodes.bitwiseAnd(~bit, ordering: .releasing) }
             } else if quietNodes.load(ordering: .relaxed) & bit == 0 {
                 quietNodes.bitwiseOr(bit, ordering: .releasing)
-            }
-            if watch.lastSeen[member.node] == nil {
-                watch.lastSeen[member.node] = (value, now, false)
             }
             guard renewed, suspected & (1 << UInt64(member.node.index)) == 0, configuration.contains(member.node) else { continue }
             var grant = counter
@@ -313,10 +396,13 @@ final class ConfigurationManager: Sendable {
         suspectedNodes.bitwiseOr(1 << UInt64(suspect.index), ordering: .releasing)
         // Taken on the lease thread: no formatting here.
         let suspectedAt = monotonicNanoseconds()
+        // Over verbs: what the suspect's lease reader was doing (blocked in a read, not run, or
+        // reading a value that did not change).
+        let account = member.leaseReaders?.account(of: suspect)
         spawn {
             // Why each suspect goes, for the log: a removal of a live node (a false suspicion)
             // must say what the CM saw.
-            var reasons: [NodeID: String] = [suspect: "no renewal seen for \(silentFor / 1_000_000) ms"]
+            var reasons: [NodeID: String] = [suspect: "no renewal seen for \(silentFor / 1_000_000) ms" + (account.map { "; \($0)" } ?? "")]
             // Probe: one one-sided read of every other member's lease word; a member that does not
             // answer is suspected too, and goes in the same reconfiguration.
             var suspects: Set<NodeID> = [suspect]

@@ -21,6 +21,19 @@ final class LeaseCounterReaders: @unchecked Sendable {
     /// Per node: the last value read, and when (monotonic ns; 0: never read, or the last read failed).
     private let values: UnsafeMutablePointer<Atomic<UInt64>>
     private let readAt: UnsafeMutablePointer<Atomic<UInt64>>
+    /// Per node, for the account of a suspicion (``Account``): when the read now under way began
+    /// (0: none), when a read last ended, when one last failed, when the value last changed, and
+    /// the longest read since it changed (monotonic ns).
+    private let startedAt: UnsafeMutablePointer<Atomic<UInt64>>
+    private let endedAt: UnsafeMutablePointer<Atomic<UInt64>>
+    private let failedAt: UnsafeMutablePointer<Atomic<UInt64>>
+    private let changedAt: UnsafeMutablePointer<Atomic<UInt64>>
+    private let longestRead: UnsafeMutablePointer<Atomic<UInt64>>
+    /// Per node: when the latest read to complete (with a value or failed) began; published after
+    /// its value (see ``evidence(of:)``).
+    private let completedReadStart: UnsafeMutablePointer<Atomic<UInt64>>
+    /// Per node: bumped by ``forget(_:)``; a read that began under an older epoch publishes nothing.
+    private let epochs: UnsafeMutablePointer<Atomic<UInt64>>
     /// When the lease thread last asked for each node's counter: a reader stops once no one has
     /// asked for `idleAfter`.
     private let askedAt: UnsafeMutablePointer<Atomic<UInt64>>
@@ -40,23 +53,64 @@ final class LeaseCounterReaders: @unchecked Sendable {
         self.interval = interval
         self.staleAfter = staleAfter
         self.read = read
-        values = .allocate(capacity: NodeID.limit)
-        readAt = .allocate(capacity: NodeID.limit)
-        askedAt = .allocate(capacity: NodeID.limit)
-        for index in 0..<NodeID.limit {
-            (values + index).initialize(to: Atomic<UInt64>(0))
-            (readAt + index).initialize(to: Atomic<UInt64>(0))
-            (askedAt + index).initialize(to: Atomic<UInt64>(0))
-        }
+        values = Self.words()
+        readAt = Self.words()
+        askedAt = Self.words()
+        startedAt = Self.words()
+        endedAt = Self.words()
+        failedAt = Self.words()
+        changedAt = Self.words()
+        longestRead = Self.words()
+        epochs = Self.words()
+        completedReadStart = Self.words()
+    }
+
+    private static func words() -> UnsafeMutablePointer<Atomic<UInt64>> {
+        let words = UnsafeMutablePointer<Atomic<UInt64>>.allocate(capacity: NodeID.limit)
+        for index in 0..<NodeID.limit { (words + index).initialize(to: Atomic<UInt64>(0)) }
+        return words
     }
 
     deinit {
-        values.deinitialize(count: NodeID.limit)
-        values.deallocate()
-        readAt.deinitialize(count: NodeID.limit)
-        readAt.deallocate()
-        askedAt.deinitialize(count: NodeID.limit)
-        askedAt.deallocate()
+        for words in [values, readAt, askedAt, startedAt, endedAt, failedAt, changedAt, longestRead, epochs, completedReadStart] {
+            words.deinitialize(count: NodeID.limit)
+            words.deallocate()
+        }
+    }
+
+    /// What `node`'s reader was doing when the CM suspected the node, in numbers (taken on the
+    /// lease thread: no formatting there), for the log line of the removal: a removal of a live
+    /// node must say what the CM saw.
+    struct Account: Sendable, CustomStringConvertible {
+        let at: UInt64
+        let value: UInt64
+        let startedAt: UInt64
+        let endedAt: UInt64
+        let lastFailure: UInt64
+        let changedAt: UInt64
+        let longestRead: UInt64
+
+        private func ago(_ time: UInt64) -> String { time == 0 ? "never" : "\((at &- time) / 1_000_000) ms ago" }
+
+        var description: String {
+            var parts: [String] = []
+            parts.append(startedAt == 0 ? "no read under way" : "a read under way for \((at &- startedAt) / 1_000_000) ms")
+            parts.append("last read ended \(ago(endedAt))")
+            parts.append("last failed \(ago(lastFailure))")
+            parts.append("the value \(value) last changed \(ago(changedAt))")
+            parts.append("longest read since \(longestRead / 1_000_000) ms")
+            return "its lease reader: " + parts.joined(separator: ", ")
+        }
+    }
+
+    /// `node`'s reader's state now (see ``Account``).
+    func account(of node: NodeID) -> Account? {
+        guard node.index < NodeID.limit else { return nil }
+        let index = node.index
+        return Account(at: monotonicNanoseconds(), value: values[index].load(ordering: .relaxed),
+                       startedAt: startedAt[index].load(ordering: .relaxed), endedAt: endedAt[index].load(ordering: .relaxed),
+                       lastFailure: failedAt[index].load(ordering: .relaxed), changedAt: changedAt[index].load(ordering: .relaxed),
+                       longestRead: longestRead[index].load(ordering: .relaxed))
     }
 
     /// `node`'s counter as its reader last read it, or nil if it has not read it within
@@ -72,6 +126,37 @@ final class LeaseCounterReaders: @unchecked Sendable {
         return values[node.index].load(ordering: .relaxed)
     }
 
+    /// How current a reader's view of a node's counter is: when the latest read to complete began
+    /// (0: none since the reader started or forgot the node), and when the read under way began
+    /// (nil: none). A counter read unchanged by a read that began after a member's lease ran out
+    /// proves the member silent; a counter not read since (a read under way, or a reader thread
+    /// that has not run) proves nothing yet.
+    struct Evidence: Sendable, Equatable {
+        var completedReadStart: UInt64
+        var readUnderWaySince: UInt64?
+    }
+
+    /// `node`'s ``Evidence``. Ask before ``counter(of:)``: the value that call returns is then at
+    /// least as new as the read whose start this reports.
+    func evidence(of node: NodeID) -> Evidence {
+        guard node.index < NodeID.limit else { return Evidence(completedReadStart: 0, readUnderWaySince: nil) }
+        let completed = completedReadStart[node.index].load(ordering: .acquiring)
+        let started = startedAt[node.index].load(ordering: .relaxed)
+        return Evidence(completedReadStart: completed, readUnderWaySince: started == 0 ? nil : started)
+    }
+
+    /// Drops what was read of `node` so far: it is a new incarnation, reached through a new
+    /// connection (the CM connected to it again as a member that joined). A read under way, begun
+    /// before, publishes nothing: a value from the former incarnation's lease page (read through
+    /// the connection made to it) must not pass for a renewal of the new one.
+    func forget(_ node: NodeID) {
+        guard node.index < NodeID.limit else { return }
+        epochs[node.index].add(1, ordering: .acquiringAndReleasing)
+        readAt[node.index].store(0, ordering: .releasing)
+        changedAt[node.index].store(0, ordering: .relaxed)
+        completedReadStart[node.index].store(0, ordering: .releasing)
+    }
+
     /// Ends every reader (each after the read at hand).
     func stop() { stopped.store(true, ordering: .relaxed) }
 
@@ -81,13 +166,32 @@ final class LeaseCounterReaders: @unchecked Sendable {
               running.bitwiseOr(bit, ordering: .acquiringAndReleasing).oldValue & bit == 0 else { return }
         Thread.detachNewThread { [self] in
             defer { running.bitwiseAnd(~bit, ordering: .releasing) }
+            let index = node.index
             while !stopped.load(ordering: .relaxed) {
-                if let value = read(node) {
-                    values[node.index].store(value, ordering: .relaxed)
-                    readAt[node.index].store(monotonicNanoseconds(), ordering: .releasing)
-                } else {
-                    readAt[node.index].store(0, ordering: .releasing)
+                let epoch = epochs[index].load(ordering: .acquiring)
+                let started = monotonicNanoseconds()
+                startedAt[index].store(started, ordering: .relaxed)
+                let value = read(node)
+                let ended = monotonicNanoseconds()
+                startedAt[index].store(0, ordering: .relaxed)
+                endedAt[index].store(ended, ordering: .relaxed)
+                // Forgotten meanwhile (`forget`): what this read saw is the former incarnation's.
+                if epochs[index].load(ordering: .acquiring) != epoch { continue }
+                if longestRead[index].load(ordering: .relaxed) < ended &- started {
+                    longestRead[index].store(ended &- started, ordering: .relaxed)
                 }
+                if let value {
+                    if values[index].load(ordering: .relaxed) != value || changedAt[index].load(ordering: .relaxed) == 0 {
+                        changedAt[index].store(ended, ordering: .relaxed)
+                        longestRead[index].store(0, ordering: .relaxed)
+                    }
+                    values[index].store(value, ordering: .relaxed)
+                    readAt[index].store(ended, ordering: .releasing)
+                } else {
+                    failedAt[index].store(ended, ordering: .relaxed)
+                    readAt[index].store(0, ordering: .releasing)
+                }
+                completedReadStart[index].store(started, ordering: .releasing)
                 if monotonicNanoseconds() &- askedAt[node.index].load(ordering: .relaxed) > idleAfter { return }
                 usleep(UInt32(max(1, min(interval / 1_000, 1_000_000))))
             }

@@ -423,6 +423,10 @@ public final class MembershipService: Sendable {
         }
         for member in configuration.members where member.node != node && !engine.configuration.contains(member.node) {
             try connect(member)
+            manager.memberReconnected(member.node)
+            // Over verbs (where it drops every connection to the node): said, so that a log shows
+            // each time this node reconnected to a member that joined.
+            if leaseReaders != nil { logger.info("\(node) connected to \(member.node), which \(configuration.id) adds") }
         }
         let removed = engine.configuration.members.map(\.node).filter { !configuration.contains($0) }
         // A region added on demand goes through the recovery barrier too: every member routes
@@ -664,7 +668,7 @@ public final class MembershipService: Sendable {
                 ? newest.withLock { $0 }.flatMap { $0.id > configuration.id ? $0 : nil } : nil
             if configuration.id != members {
                 members = configuration.id
-                manager.forgetNodes(outside: configuration, keeping: moving, watch: &watch)
+                manager.forgetNodes(outside: configuration, watch: &watch)
                 mapManagerLeasePage(in: configuration)
             }
             if isManager {
