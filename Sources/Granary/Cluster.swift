@@ -30,6 +30,11 @@ public struct ClusterOptions: Sendable {
     /// (`granary bench --crash` and `granary check run --nemesis crash` do). Node processes
     /// (`granary node --coordination`) run it through ZooKeeper, where a removed node rejoins.
     public var membership: MembershipOptions?
+    /// How long a client of a coordinated cluster (`Cluster.connect`) waits to be admitted (a
+    /// configuration lists it and its lease is granted): when it connects, and each time it joins
+    /// again after its removal. 30 s by default; a cluster whose recoveries take seconds each (node
+    /// processes in an emulated soft-RoCE guest) needs more.
+    public var admissionTimeout: Duration = .seconds(30)
     /// The coordination store the configuration manager agrees through.
     public var coordination: CoordinationChoice = .embedded
     /// Where the nodes log (at info level or below).
@@ -498,12 +503,13 @@ public final class Cluster: Sendable {
     /// client whose former process still holds its place waits until the CM removes it.
     ///
     /// A client removed while it waits to be admitted (a false suspicion on a loaded host: it
-    /// had committed nothing) joins again as a new incarnation, within the same 30 s; one removed
+    /// had committed nothing) joins again as a new incarnation, within the same
+    /// ``ClusterOptions/admissionTimeout``; one removed
     /// later, while it runs (its lease lapsed), joins again by itself (``Rejoin``).
     private static func connectCoordinated(configuration: Configuration, client me: Member, lock: Int32, root: FilePath,
                                            address: String, options: ClusterOptions, logger: Logger) async throws -> Cluster {
         #if ZooKeeper
-        let deadline = ContinuousClock.now + .seconds(30)
+        let deadline = ContinuousClock.now + options.admissionTimeout
         var attempt = 1
         while true {
             do {
@@ -538,7 +544,7 @@ public final class Cluster: Sendable {
             await old.stop()
             let previous = storages.withLock { $0 }
             _ = try await admitClient(configuration: configuration, client: me, root: root, address: address, options: options, logger: logger,
-                                      deadline: .now + .seconds(30), previous: previous) { engine, service, storage in
+                                      deadline: .now + options.admissionTimeout, previous: previous) { engine, service, storage in
                 storages.withLock { $0 = storage }
                 cluster.rejoined(0, engine: engine, service: service, spares: storage.spares)
             }
@@ -600,7 +606,7 @@ public final class Cluster: Sendable {
                     let now = (try? await ConfigurationRecord.read(configuration.cluster, from: store).0).map(\.description) ?? "unreadable"
                     await service.stop()
                     engine.stop()
-                    let description = "\(node) asked to join \(configuration.cluster) through \(address), but was not admitted within 30 s (is a configuration manager running?): it is in \(seen.id) (\(seen.contains(node) ? "listed" : "not listed"), commits \(engine.commitsBlocked ? "blocked: no lease granted yet, or a recovery under way" : "open")\(removed ? ", removed" : "")); the store holds \(now)"
+                    let description = "\(node) asked to join \(configuration.cluster) through \(address), but was not admitted within \(options.admissionTimeout) (is a configuration manager running?): it is in \(seen.id) (\(seen.contains(node) ? "listed" : "not listed"), commits \(engine.commitsBlocked ? "blocked: no lease granted yet, or a recovery under way" : "open")\(removed ? ", removed" : "")); the store holds \(now)"
                     if removed { throw RemovedWhileJoining(description: description) }
                     throw ConfigurationError.invalid(description)
                 }

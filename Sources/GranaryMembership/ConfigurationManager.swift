@@ -80,7 +80,21 @@ final class ConfigurationManager: Sendable {
         if let old = engine.configuration.manager, old != node {
             // nil: unreadable (a dead peer on verbs), which counts as silent.
             let first = member.leaseCounter(of: old)
+            let firstAt = monotonicNanoseconds()
             try await Task.sleep(for: options.lease)
+            // Over verbs the second look must be a read begun after that lease (a read still under
+            // way, or a reader thread that has not run, proves nothing; `LeaseWatch.observe`),
+            // waited for up to two expiries.
+            if let readers = member.leaseReaders {
+                let lease = options.lease.wholeNanoseconds
+                let bound = 2 * lease * UInt64(1 + options.probeLeases)
+                while true {
+                    let evidence = readers.evidence(of: old), now = monotonicNanoseconds()
+                    if evidence.completedReadStart >= firstAt + lease || now - firstAt >= lease + bound { break }
+                    if let since = evidence.readUnderWaySince, now >= since, now - since >= bound { break }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+            }
             if first == member.leaseCounter(of: old) { silent = old }
             // A CM that left on purpose withdrew its registration: it goes too.
             if silent == nil, (try? await store.exists(paths.members + "/\(old)")) == false { silent = old }
