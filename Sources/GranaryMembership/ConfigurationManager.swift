@@ -403,6 +403,18 @@ final class ConfigurationManager: Sendable {
         }
     }
 
+    /// Over verbs: whether `node`, whose counter has no value read within a lease, may still
+    /// answer: its reader's latest read did not fail, and none has been under way for two expiries
+    /// (a reader behind, on a slow read or not yet run, proves no silence; `LeaseWatch.observe`).
+    func mayStillAnswer(_ node: NodeID) -> Bool {
+        guard let readers = member.leaseReaders else { return false }
+        let evidence = readers.evidence(of: node), now = monotonicNanoseconds()
+        let expiry = options.lease.wholeNanoseconds * UInt64(1 + options.probeLeases)
+        if evidence.latestFailed { return false }
+        if let since = evidence.readUnderWaySince, now >= since, now - since >= 2 * expiry { return false }
+        return true
+    }
+
     /// As CM: remove `suspect` from the configuration (once); no renewal of it was seen for
     /// `silentFor` nanoseconds (said in the log, with why the probe adds any other member).
     func suspect(_ suspect: NodeID, silentFor: UInt64) {
@@ -421,7 +433,7 @@ final class ConfigurationManager: Sendable {
             // answer is suspected too, and goes in the same reconfiguration.
             var suspects: Set<NodeID> = [suspect]
             for member in self.engine.configuration.members where member.node != self.node && member.node != suspect {
-                let answered = self.member.leaseCounter(of: member.node) != nil
+                let answered = self.member.leaseCounter(of: member.node) != nil || self.mayStillAnswer(member.node)
                 let quiet = self.quietNodes.load(ordering: .acquiring) & (1 << UInt64(member.node.index)) != 0
                 if !answered || quiet {
                     suspects.insert(member.node)

@@ -134,6 +134,8 @@ final class LeaseCounterReaders: @unchecked Sendable {
     struct Evidence: Sendable, Equatable {
         var completedReadStart: UInt64
         var readUnderWaySince: UInt64?
+        /// Whether the latest read to complete failed.
+        var latestFailed = false
     }
 
     /// `node`'s ``Evidence``. Ask before ``counter(of:)``: the value that call returns is then at
@@ -142,7 +144,9 @@ final class LeaseCounterReaders: @unchecked Sendable {
         guard node.index < NodeID.limit else { return Evidence(completedReadStart: 0, readUnderWaySince: nil) }
         let completed = completedReadStart[node.index].load(ordering: .acquiring)
         let started = startedAt[node.index].load(ordering: .relaxed)
-        return Evidence(completedReadStart: completed, readUnderWaySince: started == 0 ? nil : started)
+        let failed = failedAt[node.index].load(ordering: .relaxed)
+        return Evidence(completedReadStart: completed, readUnderWaySince: started == 0 ? nil : started,
+                        latestFailed: failed != 0 && failed == endedAt[node.index].load(ordering: .relaxed))
     }
 
     /// Drops what was read of `node` so far: it is a new incarnation, reached through a new

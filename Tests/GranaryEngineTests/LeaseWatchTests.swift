@@ -121,6 +121,26 @@ struct LeaseWatchTests {
         #expect(!seen.contains(485), "the value read under the former epoch was published: \(seen)")
         #expect(seen.last == 14, "the new counter was never published: \(seen)")
     }
+
+    @Test("a lease reader reports its latest read failed (a probe's unanswered member) until a read answers")
+    func readerReportsFailure() async throws {
+        // Reads fail until the fifth, then answer.
+        let calls = Calls()
+        let readers = LeaseCounterReaders(interval: 1 * Self.ms, staleAfter: 10_000 * Self.ms) { _ in
+            calls.count.add(1, ordering: .relaxed).oldValue < 4 ? nil : 7
+        }
+        defer { readers.stop() }
+        _ = readers.counter(of: node)
+        var states: [Bool] = []
+        for _ in 0..<2_000 {
+            let evidence = readers.evidence(of: node)
+            if evidence.completedReadStart != 0, states.last != evidence.latestFailed { states.append(evidence.latestFailed) }
+            if states == [true, false] { break }
+            try await Task.sleep(for: .milliseconds(1))
+        }
+        #expect(states == [true, false], "latestFailed as the reads failed, then answered: \(states)")
+        #expect(readers.counter(of: node) == 7)
+    }
 }
 
 private final class Calls: Sendable {
