@@ -87,11 +87,11 @@ final class ConfigurationManager: Sendable {
             // waited for up to two expiries.
             if let readers = member.leaseReaders {
                 let lease = options.lease.wholeNanoseconds
-                let bound = 2 * lease * UInt64(1 + options.probeLeases)
+                let bound = 2 * options.expiryNanoseconds
                 while true {
                     let evidence = readers.evidence(of: old), now = monotonicNanoseconds()
-                    if evidence.completedReadStart >= firstAt + lease || now - firstAt >= lease + bound { break }
-                    if let since = evidence.readUnderWaySince, now >= since, now - since >= bound { break }
+                    if evidence.completedReadStart >= firstAt + lease || now - firstAt >= lease + bound
+                        || evidence.unanswered(now: now, for: bound) { break }
                     try await Task.sleep(for: .milliseconds(1))
                 }
             }
@@ -321,8 +321,7 @@ final class ConfigurationManager: Sendable {
                 let expiry = self.expiry
                 func proven(_ limit: UInt64) -> Bool {
                     guard let evidence else { return true }
-                    return evidence.completedReadStart >= seen.at &+ limit
-                        || evidence.readUnderWaySince.map { now >= $0 && now - $0 >= 2 * expiry } ?? false
+                    return evidence.completedReadStart >= seen.at &+ limit || evidence.unanswered(now: now, for: 2 * expiry)
                 }
                 // Quiet (the probe of a suspicion takes it along) only on the same proof.
                 verdict.renewing = !seen.live || silence <= lease || !proven(lease)
@@ -408,11 +407,8 @@ final class ConfigurationManager: Sendable {
     /// (a reader behind, on a slow read or not yet run, proves no silence; `LeaseWatch.observe`).
     func mayStillAnswer(_ node: NodeID) -> Bool {
         guard let readers = member.leaseReaders else { return false }
-        let evidence = readers.evidence(of: node), now = monotonicNanoseconds()
-        let expiry = options.lease.wholeNanoseconds * UInt64(1 + options.probeLeases)
-        if evidence.latestFailed { return false }
-        if let since = evidence.readUnderWaySince, now >= since, now - since >= 2 * expiry { return false }
-        return true
+        let evidence = readers.evidence(of: node)
+        return !evidence.latestFailed && !evidence.unanswered(now: monotonicNanoseconds(), for: 2 * options.expiryNanoseconds)
     }
 
     /// As CM: remove `suspect` from the configuration (once); no renewal of it was seen for

@@ -136,6 +136,11 @@ final class LeaseCounterReaders: @unchecked Sendable {
         var readUnderWaySince: UInt64?
         /// Whether the latest read to complete failed.
         var latestFailed = false
+
+        /// Whether the read under way has gone unanswered for `bound` nanoseconds by `now`.
+        func unanswered(now: UInt64, for bound: UInt64) -> Bool {
+            readUnderWaySince.map { now >= $0 && now - $0 >= bound } ?? false
+        }
     }
 
     /// `node`'s ``Evidence``. Ask before ``counter(of:)``: the value that call returns is then at

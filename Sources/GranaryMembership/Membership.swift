@@ -624,7 +624,7 @@ public final class MembershipService: Sendable {
     private func leaseLoop() {
         let lease = options.lease.wholeNanoseconds
         let interval = options.renewalIntervalNanoseconds
-        let expiry = lease * UInt64(1 + options.probeLeases)
+        let expiry = options.expiryNanoseconds
         let ownWord = engine.leaseWord(at: LeaseWords.counterOffset)
         let grantWord = engine.leaseGrantWord  // written by the CM
         let announcedWord = engine.leaseWord(at: LeaseWords.announcedOffset)  // NEW-CONFIG, written by the CM

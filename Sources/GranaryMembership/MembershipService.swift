@@ -20,6 +20,9 @@ public struct MembershipOptions: Sendable {
     /// real-time thread, five in a row must be missed. The probe that follows removes, with the
     /// suspect, every member silent for more than a lease.
     public var probeLeases: Int = 0
+    /// The silence after which the CM suspects a member: ``lease`` times (1 + ``probeLeases``), in
+    /// nanoseconds.
+    package var expiryNanoseconds: UInt64 { lease.wholeNanoseconds * UInt64(1 + probeLeases) }
     /// Data recovery's pacing: after copying each slab (64 KiB by default) of a region to a new
     /// backup, a random wait of up to twice the longer of this and 19 times the slab's own work (a
     /// copy takes at most about 5% of a core), so that foreground throughput holds. Zero: no wait.
