@@ -504,8 +504,8 @@ struct CheckRunCommand: AsyncParsableCommand {
             guard let pid = ClusterDown.runningPid(directory: directory, node: node.index) else {
                 let path = "\(directory)/\(node).pid"
                 let recorded = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
-                let state = recorded.flatMap { FileHandle(forReadingAtPath: "/proc/\($0)/stat")?.readDataToEndOfFile() }
-                    .map { String(decoding: $0, as: UTF8.self).split(separator: " ").prefix(3).joined(separator: " ") }
+                let state = recorded.flatMap { pid_t($0) }.flatMap { ClusterDown.processStat($0) }
+                    .map { $0.split(separator: " ").prefix(3).joined(separator: " ") }
                 throw CheckRunError("\(node) of \(file) does not run (\(path): \(recorded.map { "process \($0), \(state ?? "no such process")" } ?? "none")): start the cluster with `granary cluster up`")
             }
             return (node.index, pid)

@@ -255,11 +255,20 @@ struct ClusterDown: ParsableCommand {
 
     /// Whether `pid` runs and is not a zombie (no /proc entry: it does not run).
     static func isAlive(_ pid: pid_t) -> Bool {
-        // Read, not String(contentsOfFile:): procfs files report a size of 0.
-        guard let data = FileHandle(forReadingAtPath: "/proc/\(pid)/stat")?.readDataToEndOfFile() else { return false }
-        let stat = String(decoding: data, as: UTF8.self)
+        guard let stat = processStat(pid) else { return false }
         guard let close = stat.lastIndex(of: ")") else { return false }
         let state = stat[stat.index(close, offsetBy: 2)...].prefix(1)
         return state != "Z" && state != "X"
+    }
+
+    /// The text of `/proc/PID/stat`, or nil when there is no such process. A process that exits
+    /// between the open and the read makes the read fail with ESRCH: that is "no such process" too,
+    /// so the read is the throwing one (FileHandle's `readDataToEndOfFile` traps on it).
+    static func processStat(_ pid: pid_t) -> String? {
+        // Read, not String(contentsOfFile:): procfs files report a size of 0.
+        guard let handle = FileHandle(forReadingAtPath: "/proc/\(pid)/stat") else { return nil }
+        defer { try? handle.close() }
+        guard let data = try? handle.readToEnd() else { return nil }
+        return String(decoding: data, as: UTF8.self)
     }
 }

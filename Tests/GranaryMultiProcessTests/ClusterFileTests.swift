@@ -78,7 +78,9 @@ struct ClusterFileTests {
         #expect(down.remainingLines().contains("down: 3 nodes stopped in \(directory)"))
         for (id, pid) in pids.enumerated() {
             // Gone (no /proc entry; kill(pid, 0) fails) or a zombie of a parent that has not reaped it.
-            let state = FileHandle(forReadingAtPath: "/proc/\(pid)/stat").map { String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) }
+            // readToEnd, not readDataToEndOfFile: a process reaped between the open and the read makes the
+            // read fail (ESRCH), which the latter traps on.
+            let state = FileHandle(forReadingAtPath: "/proc/\(pid)/stat").flatMap { try? $0.readToEnd() }.map { String(decoding: $0, as: UTF8.self) }
             #expect(kill(pid, 0) != 0 || state?.contains(") Z") == true, "n\(id) (process \(pid)) still runs after cluster down: \(state?.prefix(60) ?? "")")
             #expect(!FileManager.default.fileExists(atPath: "\(directory)/n\(id).pid"))
         }
