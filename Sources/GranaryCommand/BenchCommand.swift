@@ -226,6 +226,15 @@ private func runBenchmark(_ name: String, _ workload: inout some Workload, _ opt
         // The table's shape line describes the cluster connected to, not the embedded defaults.
         shown.nodes = cluster.configuration.members.count - cluster.configuration.clients.count
         shown.replicas = cluster.configuration.replication ?? cluster.configuration.regions.first?.replicas.count ?? 0
+        // And its transport (the --transport option is the embedded cluster's): verbs if its
+        // members' endpoints are.
+        let verbs = cluster.configuration.members.contains { member in
+            switch MemberEndpoint(member.endpoint) {
+            case .verbsDirectory?, .verbsAddress?: return true
+            default: return false
+            }
+        }
+        shown.transport = verbs ? .verbs : .shm
     }
     print(BenchTable.render(name: name, report: report, options: shown))
     print(String(format: "  machine              core-to-core handoff %.0f ns before the run, %.0f ns after; memory latency %.0f / %.0f ns",
@@ -233,8 +242,8 @@ private func runBenchmark(_ name: String, _ workload: inout some Workload, _ opt
     if let json = options.json {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let document = BenchDocument(workload: name, nodes: options.nodes, replicas: options.replicas, workers: options.workers,
-                                     seconds: options.seconds, seed: options.seed, transport: options.transport.rawValue, report: report,
+        let document = BenchDocument(workload: name, nodes: shown.nodes, replicas: shown.replicas, workers: options.workers,
+                                     seconds: options.seconds, seed: options.seed, transport: shown.transport.rawValue, report: report,
                                      invariantViolations: violations,
                                      memoryLatencyNanoseconds: ["before": latencyBefore, "after": latencyAfter],
                                      coreToCoreNanoseconds: ["before": handoffBefore, "after": handoffAfter],

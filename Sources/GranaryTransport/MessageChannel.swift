@@ -1024,7 +1024,8 @@ public final class ChannelSender: Sendable {
     /// is not attached to the ring), word 1 the receiver's consumed counter as last read (never
     /// ahead of the real one: a stale value only makes a sender look again), word 2 the epoch of
     /// the stream (mixed into trailers), word 3 the bytes promised to commits under way
-    /// (``promise(_:)``). Bit patterns of the pointer, as `Sendable` requires.
+    /// (``promise(_:)``), word 4 the transport's ``Transport/peerGeneration(of:)`` of the receiver
+    /// when this connection last attached. Bit patterns of the pointer, as `Sendable` requires.
     @usableFromInline let counters: UInt
     /// The staging buffer of the unmapped path, and the lock that serialises it.
     private let staging: Mutex<UInt>
@@ -1132,6 +1133,17 @@ public final class ChannelSender: Sendable {
         UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 3
     }
 
+    /// The receiver's ``Transport/peerGeneration(of:)`` when this connection last attached.
+    var attachedGeneration: UnsafeMutablePointer<Atomic<UInt64>> {
+        UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 4
+    }
+
+    /// Whether the transport found the receiver restarted since this connection attached: its
+    /// stream position and epoch are the former process's, and the ring it wrote is gone.
+    private var receiverRestarted: Bool {
+        attachedGeneration.pointee.load(ordering: .relaxed) != transport.peerGeneration(of: receiver)
+    }
+
     /// Whether this connection is attached to the receiver's ring as far as it knows (a receiver
     /// that reopened the ring since is noticed at the next ``checkConnection(wait:)`` or slow send).
     public var isAttached: Bool { tail.pointee.load(ordering: .relaxed) < Self.detached }
@@ -1162,6 +1174,9 @@ public final class ChannelSender: Sendable {
             let start = monotonicNanoseconds()
             var backoff = Backoff(maximumSleepMicroseconds: 500)
             while true {
+                // Read before the ring's control line: a restart found after this is seen by the
+                // next send (``receiverRestarted``).
+                let generation = transport.peerGeneration(of: receiver)
                 if try transport.compareAndSwap(at: receiver, attached, expected: 0, desired: connection) == 0 {
                     var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
                     try withUnsafeMutableBytes(of: &words) { (buffer) throws(TransportError) in
@@ -1174,6 +1189,7 @@ public final class ChannelSender: Sendable {
                     }
                     try clearFreeSpace(from: resume, to: consumed &+ UInt64(ringCapacity))
                     self.epoch.pointee.store(epoch, ordering: .relaxed)
+                    attachedGeneration.pointee.store(generation, ordering: .relaxed)
                     knownHead.pointee.store(consumed, ordering: .releasing)
                     tail.pointee.store(resume, ordering: .releasing)
                     return true
@@ -1214,16 +1230,39 @@ public final class ChannelSender: Sendable {
     }
 
     /// Checks that the receiver's ring is still attached to this connection (one read); if the
-    /// receiver reopened it (it restarted, or refused bytes it could not read), attaches again,
-    /// waiting for the receiver if `wait`. Messages sent between the reopening and now are lost:
-    /// the caller learns it from what they were for (a reply that does not come).
+    /// receiver reopened it (it restarted, or refused bytes it could not read), or the transport
+    /// found it restarted, attaches again, waiting for the receiver if `wait`. Messages sent
+    /// between the reopening and now are lost: the caller learns it from what they were for (a
+    /// reply that does not come).
     ///
-    /// - Returns: whether the connection is attached.
+    /// Off the mapped path this takes the staging lock, so that no write of the stream being
+    /// left is in flight while attaching clears the ring's free space (a write landing after the
+    /// clear would stay in the new stream as foreign bytes, and the receiver would refuse the
+    /// stream when it reached them). Without `wait`, a staging buffer in use by another thread
+    /// skips the check: that thread's send checks for a restart itself, and the next check
+    /// comes.
+    ///
+    /// - Returns: whether the connection is attached (without `wait`, with the staging buffer in
+    ///   use: as far as it knows).
     @discardableResult
     public func checkConnection(wait: Bool = true) throws(TransportError) -> Bool {
+        if mappedRing != 0 { return try checkAttachment(wait: wait) }
+        func attempt() -> Result<Bool, TransportError> {
+            do throws(TransportError) {
+                return .success(try checkAttachment(wait: wait))
+            } catch {
+                return .failure(error)
+            }
+        }
+        if wait { return try staging.withLock { _ in attempt() }.get() }
+        guard let result = staging.withLockIfAvailable({ _ in attempt() }) else { return isAttached }
+        return try result.get()
+    }
+
+    private func checkAttachment(wait: Bool) throws(TransportError) -> Bool {
         let reserved = tail.pointee.load(ordering: .relaxed)
         if reserved < Self.detached {
-            if try readControl().attached == connection { return true }
+            if !receiverRestarted, try readControl().attached == connection { return true }
             _ = tail.pointee.compareExchange(expected: reserved, desired: Self.detached, ordering: .relaxed)
         }
         return try attach(wait: wait)
@@ -1547,6 +1586,13 @@ public final class ChannelSender: Sendable {
     private func sendStaged(_ message: UnsafeRawBufferPointer, staging: UInt, wait: Bool, limit: Int) throws(TransportError) -> Bool {
         let count = message.count
         let total = ChannelFormat.stride(count)  // header .. trailer
+        // A receiver the transport found restarted since this connection attached has a new,
+        // zeroed ring: this stream's position and epoch would write foreign bytes into it (its
+        // requests would get replies it never sees). Attach again first (``reserve``).
+        let current = tail.pointee.load(ordering: .relaxed)
+        if current < Self.detached, receiverRestarted {
+            _ = tail.pointee.compareExchange(expected: current, desired: Self.detached, ordering: .relaxed)
+        }
         guard let reservation = try reserve(length: message.count, wait: wait, limit: limit) else { return false }
         // Under the staging lock no other thread reserves on this channel, so a write that fails
         // gives back what it did not write: the receiver never waits at a hole.
@@ -1573,6 +1619,10 @@ public final class ChannelSender: Sendable {
             tail.pointee.store(reservation.start, ordering: .relaxed)
             throw error
         }
+        // Had the transport found the receiver restarted during the write (it connected to the
+        // new process), the message may have landed in the new ring as foreign bytes: lost, as any
+        // message sent into a reopened ring, and cleared by the attach the next send or check
+        // makes when it sees the restart.
         return true
     }
 }

@@ -76,6 +76,15 @@ public protocol Transport: AnyObject, Sendable {
     /// a byte at a time under emulation). A reader of a word that must be whole (a ring's consumed
     /// counter) then reads until two reads agree. The default is false.
     var readsMayTearWords: Bool { get }
+
+    /// A number that changes each time this transport finds that `node`'s transport was started
+    /// again (its process restarted: new memory behind the same regions), 0 where it cannot tell.
+    /// What a caller learned of `node`'s memory under another value (a channel's stream position
+    /// and epoch in `node`'s ring) is stale: a one-sided write made from it would land in the new
+    /// process's memory as foreign bytes. The transport learns of a restart before the new
+    /// process can write anything into this node's memory (verbs: from the restarted node's
+    /// connection request, or the acceptance of a connection to it).
+    func peerGeneration(of node: NodeID) -> UInt64
 }
 
 extension Transport {
@@ -92,6 +101,9 @@ extension Transport {
 
     /// False (the default: an aligned 8-byte word is read whole).
     public var readsMayTearWords: Bool { false }
+
+    /// 0 (the default: this transport cannot tell a restarted peer).
+    public func peerGeneration(of node: NodeID) -> UInt64 { 0 }
 }
 
 /// One one-sided operation inside an ``OperationBatch``.

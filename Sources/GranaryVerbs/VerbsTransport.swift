@@ -360,6 +360,13 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         peers.compactMap { peer in peer.endpoint == nil ? nil : peer.node }
     }
 
+    /// How many times this transport found `node`'s transport started again (a connection
+    /// request or acceptance with another incarnation than the one last seen; ``Peer/generation``).
+    public func peerGeneration(of node: NodeID) -> UInt64 {
+        guard node.index < NodeID.limit else { return 0 }
+        return peers[node.index].generation
+    }
+
     /// What was done towards `node` so far.
     public func statistics(for node: NodeID) -> Statistics {
         guard node.index < NodeID.limit else { return Statistics() }

@@ -1,3 +1,4 @@
+import Foundation
 import GranaryMemory
 import GranaryTestSupport
 @testable import GranaryTransport
@@ -13,16 +14,19 @@ private struct Link {
     let tmp = TemporaryDirectory("granary-epochs")
     let cluster = ClusterID.random()
     let receiverDirectory: RegionDirectory
-    let senderTransport: SharedMemoryTransport
+    let senderTransport: any Transport
     var mailbox: Mailbox
     static let ringCapacity = 4096
 
-    init() throws {
+    /// - Parameter transport: given the sender's shared-memory transport, the transport node 1
+    ///   sends through (by default that one).
+    init(transport: (SharedMemoryTransport) -> any Transport = { $0 }) throws {
         receiverDirectory = try RegionDirectory(tmp.path.appending("n0"))
         mailbox = try Mailbox(node: NodeID(0), directory: receiverDirectory, cluster: cluster, ringCapacity: Self.ringCapacity)
         let senderDirectory = try RegionDirectory(tmp.path.appending("n1"))
-        senderTransport = SharedMemoryTransport(localNode: NodeID(1), cluster: cluster, directory: senderDirectory)
-        senderTransport.addPeer(NodeID(0), endpoint: receiverDirectory)
+        let sharedMemory = SharedMemoryTransport(localNode: NodeID(1), cluster: cluster, directory: senderDirectory)
+        sharedMemory.addPeer(NodeID(0), endpoint: receiverDirectory)
+        senderTransport = transport(sharedMemory)
     }
 
     /// A new connection from node 1, as after node 1 restarted.
@@ -57,6 +61,42 @@ private struct Link {
     }
 
     func remove() { tmp.remove() }
+}
+
+/// Node 1's shared-memory transport seen as the verbs transport is: no mapped ring (each message
+/// goes through the channel's staging buffer and one one-sided write), a restart generation that
+/// the test moves (``Transport/peerGeneration(of:)``: verbs learns of a restarted peer from its
+/// connection request), and a write that can be held before it copies anything.
+private final class VerbsLikeTransport: Transport {
+    let base: SharedMemoryTransport
+    let generation = Atomic<UInt64>(0)
+    let holdNextWrite = Atomic<Bool>(false)
+    let writeHeld = DispatchSemaphore(value: 0)
+    let releaseWrite = DispatchSemaphore(value: 0)
+
+    init(_ base: SharedMemoryTransport) { self.base = base }
+
+    var localNode: NodeID { base.localNode }
+    func register(_ region: Region) throws(TransportError) { try base.register(region) }
+    func localPointer(_ region: RegionID) throws(TransportError) -> UnsafeMutableRawPointer { try base.localPointer(region) }
+    func read(from node: NodeID, _ address: GlobalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) {
+        try base.read(from: node, address, into: buffer)
+    }
+    func write(to node: NodeID, _ address: GlobalAddress, from buffer: UnsafeRawBufferPointer) throws(TransportError) {
+        if holdNextWrite.exchange(false, ordering: .acquiringAndReleasing) {
+            writeHeld.signal()
+            releaseWrite.wait()
+        }
+        try base.write(to: node, address, from: buffer)
+    }
+    func compareAndSwap(at node: NodeID, _ address: GlobalAddress, expected: UInt64, desired: UInt64) throws(TransportError) -> UInt64 {
+        try base.compareAndSwap(at: node, address, expected: expected, desired: desired)
+    }
+    func fetchAndAdd(at node: NodeID, _ address: GlobalAddress, _ delta: UInt64) throws(TransportError) -> UInt64 {
+        try base.fetchAndAdd(at: node, address, delta)
+    }
+    func execute(_ batch: inout OperationBatch) throws(TransportError) { try base.execute(&batch) }
+    func peerGeneration(of node: NodeID) -> UInt64 { generation.load(ordering: .acquiring) }
 }
 
 private func send(_ value: UInt8, on sender: ChannelSender) throws {
@@ -107,6 +147,75 @@ struct ChannelEpochTests {
         for value: UInt8 in 4...5 { try send(value, on: sender) }
         let after = link.poll()
         #expect(after.messages == [4, 5] && after.error == nil, "after the receiver's restart: \(after)")
+    }
+
+    /// Over verbs a restarted receiver connects to the sender's transport before it can send
+    /// anything, so the transport knows of the restart before the sender answers the new
+    /// process; answering from the former stream's position would write where the new process
+    /// never looks (seen over two soft-RoCE hosts: a client started again got no answer to its
+    /// first request, and later refused its channel for a foreign trailer).
+    @Test("a receiver the transport found restarted is reattached before the next send, which is not lost")
+    func receiverRestartSeenByTransport() throws {
+        var transport: VerbsLikeTransport?
+        var link = try Link { let wrapped = VerbsLikeTransport($0); transport = wrapped; return wrapped }
+        defer { link.remove() }
+        let sender = try link.connect()
+        #expect(sender.mappedRing == 0, "the sender writes through its staging buffer, as over verbs")
+        try send(1, on: sender)
+        try send(2, on: sender)
+        #expect(link.poll().messages == [1, 2])
+
+        try link.restartReceiver()
+        transport?.generation.add(1, ordering: .releasing)
+        try send(3, on: sender)
+        let after = link.poll()
+        #expect(after.messages == [3] && after.error == nil,
+                "the first message after the receiver's restart, with the transport knowing of it: \(after) (stream position \(sender.sendState))")
+    }
+
+    /// A connection check (the engine's poller makes one every 10 ms) that attaches again while
+    /// another thread's write of the former stream is under way: the write lands after the
+    /// attach cleared the ring, and stays in the new stream as a message of it (same epoch, a
+    /// fresh mailbox's 0) or as foreign bytes that make the receiver refuse the ring.
+    @Test("a connection check never attaches while a write of the former stream is under way")
+    func checkDuringWrite() throws {
+        var transport: VerbsLikeTransport?
+        var link = try Link { let wrapped = VerbsLikeTransport($0); transport = wrapped; return wrapped }
+        defer { link.remove() }
+        guard let transport else { return }
+        let sender = try link.connect()
+        try send(1, on: sender)
+        try send(2, on: sender)
+        #expect(link.poll().messages == [1, 2])
+
+        // Message 3's write holds before it copies; meanwhile the receiver restarts (unnoticed
+        // by the transport, as a receiver's own reopening is) and the poller checks the channel.
+        transport.holdNextWrite.store(true, ordering: .releasing)
+        let written = DispatchSemaphore(value: 0)
+        let writeError = Mutex<(any Error)?>(nil)
+        Thread.detachNewThread {
+            do { try send(3, on: sender) } catch { writeError.withLock { $0 = error } }
+            written.signal()
+        }
+        transport.writeHeld.wait()
+        try link.restartReceiver()
+        _ = try sender.checkConnection(wait: false)
+        transport.releaseWrite.signal()
+        written.wait()
+        #expect(writeError.withLock { $0 } == nil)
+        // The next check attaches (the write is over).
+        #expect(try sender.checkConnection(wait: false), "the sender did not reattach to the restarted receiver")
+        // Two messages: the new stream's third would overwrite message 3's frame (ring offset 128).
+        for value: UInt8 in 4...5 { try send(value, on: sender) }
+        var received: [UInt8] = []
+        var failure: (any Error)?
+        for _ in 0..<3 {
+            let seen = link.poll()
+            received += seen.messages
+            if let error = seen.error { failure = error }
+        }
+        #expect(received == [4, 5] && failure == nil,
+                "after the restart: \(received), refused: \(failure.map { "\($0)" } ?? "nothing") (message 3 belongs to the former stream)")
     }
 
     /// rxe copies a WRITE with the kernel's `memcpy`, which under emulation moves a byte at a
