@@ -157,7 +157,7 @@ public enum ChannelFormat {
     // So the receiver first stores the counter's next value as the log start, and a scan starts
     // from whichever of the two is further on (between the two stores everything before the log
     // start is released or a wrap word).
-    // A fresh control line is open, resuming at 0, with a random epoch (``Mailbox/stampNewEpochs(_:)``).
+    // A fresh (zeroed) control line is open, epoch 0, resuming at 0.
     /// Where the control line keeps the current stream's epoch (written by the receiver).
     public static let epochOffset = 8
     /// Where the control line keeps the sender connection attached to the stream, 0 while the
@@ -306,7 +306,6 @@ public final class Mailbox: @unchecked Sendable {
         do {
             region = try directory.create(id, kind: .mailbox, size: ChannelFormat.mailboxSize(ringCapacity: ringCapacity),
                                           cluster: cluster, slabShift: shift)
-            Self.stampNewEpochs(region)
         } catch .alreadyExists {
             region = try directory.open(id, cluster: cluster)
             guard region.kind == .mailbox, region.slabShift == shift else {
@@ -362,19 +361,6 @@ public final class Mailbox: @unchecked Sendable {
                 (base + index).update(repeating: 0, count: 8)
             }
             index += 8
-        }
-        stampNewEpochs(region)
-    }
-
-    /// Gives every ring of a new or cleared mailbox a random epoch (a sender reads it as it
-    /// attaches): a message of a stream that a former process of this node received, written
-    /// late into the new ring at its old position, then never carries a trailer of the new
-    /// stream, where with epoch 0 in both it would pass for a message of the new one.
-    static func stampNewEpochs(_ region: Region) {
-        let capacity = 1 << Int(region.slabShift)
-        for ring in 0..<RingKind.ringsPerMailbox {
-            let control = region.base + RegionFormat.headerBytes + ring * (ChannelFormat.controlBytes + capacity)
-            (control + ChannelFormat.epochOffset).storeBytes(of: UInt64.random(in: 1...UInt64.max), as: UInt64.self)
         }
     }
 
