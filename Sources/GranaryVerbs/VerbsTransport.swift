@@ -360,8 +360,9 @@ public final class VerbsTransport: Transport, @unchecked Sendable {
         peers.compactMap { peer in peer.endpoint == nil ? nil : peer.node }
     }
 
-    /// How many times this transport found `node`'s transport started again (a connection
-    /// request or acceptance with another incarnation than the one last seen; ``Peer/generation``).
+    /// How many times this transport found `node`'s transport started again: a connection
+    /// request from `node`, or the acceptance of a connection to it, carried another incarnation
+    /// than the one last seen.
     public func peerGeneration(of node: NodeID) -> UInt64 {
         guard node.index < NodeID.limit else { return 0 }
         return peers[node.index].generation
