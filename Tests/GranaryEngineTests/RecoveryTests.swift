@@ -170,6 +170,72 @@ struct RecoveryTests {
         try await cluster.shutdown()
     }
 
+    /// A coordinator that crashes while it sends COMMIT-BACKUP records, in a transaction that also
+    /// wrote a region it led, after every backup of the other region got its record and before any
+    /// backup of its own did: no vote names its own region (its LOCK died with it), and the
+    /// decision rule, which sees only the regions the votes name, commits the transaction on the
+    /// other region alone. (The bank test saw it once: 19 units created.) FaRM's records name
+    /// every region the transaction modified; Granary's do not yet, so this is a known issue: the
+    /// expectation below fails until they do.
+    @Test("a coordinator that crashes during COMMIT-BACKUP, after every backup of another region got its record and none of its own region's: recovery commits both writes or neither")
+    func crashedCoordinatorsOwnRegionUnseen() async throws {
+        let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
+        // One object in a region each node leads (a local allocation).
+        var objects: [NodeID: GlobalAddress] = [:]
+        for node in cluster.nodes { objects[node.id] = try await node.transaction { tx in try tx.allocate(Int64(0)) } }
+        let configuration = cluster.servingNodes[0].engine.configuration
+        func placement(_ node: NodeID) -> RegionPlacement? { configuration.placement(of: objects[node]!.region) }
+        // The coordinator (not the CM) and the node whose object it writes too: every backup of
+        // that node's region comes before the first backup of the coordinator's own region in the
+        // order COMMIT-BACKUP records go out (by node).
+        var chosen: (coordinator: Node, other: NodeID, firstOwnBackup: NodeID)?
+        search: for candidate in cluster.nodes where candidate.id != cm {
+            for other in cluster.nodes.map(\.id) where other != candidate.id {
+                guard let mine = placement(candidate.id), let theirs = placement(other),
+                      mine.primary == candidate.id, theirs.primary == other,
+                      let first = mine.backups.map(\.index).min(), let last = theirs.backups.map(\.index).max(),
+                      last < first else { continue }
+                chosen = (candidate, other, NodeID(first))
+                break search
+            }
+        }
+        let (coordinator, other, firstOwnBackup) = try #require(chosen, "no two regions whose backups all come before the other's: \(configuration)")
+        let own = objects[coordinator.id]!, theirs = objects[other]!
+        try await cluster.quiesce()
+        try await waitForRenewals(cluster, manager: cm)
+        // The COMMIT-BACKUP send to the first backup of the coordinator's own region stalls until
+        // the coordinator has crashed, then fails.
+        let stall = Stall()
+        coordinator.engine.injectFaults { point, node in
+            guard point == .commitBackupSend, node == firstOwnBackup, !stall.reached.load(ordering: .acquiring) else { return false }
+            stall.reached.store(true, ordering: .releasing)
+            while !stall.released.load(ordering: .acquiring) { usleep(1_000) }
+            return true
+        }
+        let write = Task.detached {
+            try await coordinator.transaction { tx in
+                try tx.write(own, Int64(1))
+                try tx.write(theirs, Int64(1))
+            }
+        }
+        try await eventually("the COMMIT-BACKUP send to \(firstOwnBackup) reached") { stall.reached.load(ordering: .acquiring) }
+        cluster.crash(coordinator.id)
+        stall.released.store(true, ordering: .releasing)
+        _ = await write.result
+        try await eventually("\(coordinator.id) removed and every region back to complete replicas") {
+            let configuration = cluster.servingNodes[0].engine.configuration
+            return !configuration.contains(coordinator.id) && configuration.regions.allSatisfy { $0.copying.isEmpty }
+        }
+        try await cluster.quiesce()
+        let values = try await cluster.servingNodes[0].transaction { tx in (try tx.read(own, as: Int64.self), try tx.read(theirs, as: Int64.self)) }
+        let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
+        withKnownIssue("a record names only the regions it carries: the crashed coordinator's own region is left out of the decision") {
+            #expect(values.0 == values.1,
+                    "one transaction wrote 1 to \(own) (\(coordinator.id)'s region) and to \(theirs) (\(other)'s): after recovery they hold \(values.0) and \(values.1); \(recoveries)")
+        }
+        try await cluster.shutdown()
+    }
+
     @Test("5 nodes, 3 replicas, a bank on every node, nodes crash under load: money is conserved at every audit, every acknowledged transfer is present, nothing stays locked, every region gets 3 replicas again and they are equal",
           .timeLimit(.minutes(3)), arguments: Crashes.allCases)
     func bankSurvivesCrashes(_ crashes: Crashes) async throws {
