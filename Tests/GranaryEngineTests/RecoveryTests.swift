@@ -122,6 +122,21 @@ struct RecoveryTests {
         let released = Atomic<Bool>(false)
     }
 
+    /// Once `write`'s commit has reached `stall` (a send held by a fault rule, named `what`),
+    /// crashes `coordinator`, releases the send (which fails), waits for `write` to end and for
+    /// the survivors to have removed the coordinator with every region's replicas complete.
+    func crash(_ coordinator: NodeID, of cluster: Cluster, at stall: Stall, _ what: String,
+               during write: Task<Void, any Error>) async throws {
+        try await eventually("\(what) reached") { stall.reached.load(ordering: .acquiring) }
+        cluster.crash(coordinator)
+        stall.released.store(true, ordering: .releasing)
+        _ = await write.result
+        try await eventually("\(coordinator) removed and every region back to complete replicas") {
+            let configuration = cluster.servingNodes[0].engine.configuration
+            return !configuration.contains(coordinator) && configuration.regions.allSatisfy { $0.copying.isEmpty }
+        }
+    }
+
     /// REPLICATE-TX-STATE: a coordinator that is also the primary of the region it writes dies
     /// after its COMMIT-BACKUP reached one backup and before it reached the other. No survivor
     /// holds the LOCK, one holds the COMMIT-BACKUP: recovery commits the transaction, so the other
@@ -147,14 +162,7 @@ struct RecoveryTests {
             return true
         }
         let write = Task.detached { try await coordinator.transaction { tx in try tx.write(address, Int64(42)) } }
-        try await eventually("the second COMMIT-BACKUP send reached") { stall.reached.load(ordering: .acquiring) }
-        cluster.crash(coordinator.id)
-        stall.released.store(true, ordering: .releasing)
-        _ = await write.result
-        try await eventually("\(coordinator.id) removed and every region back to complete replicas") {
-            let configuration = cluster.servingNodes[0].engine.configuration
-            return !configuration.contains(coordinator.id) && configuration.regions.allSatisfy { $0.copying.isEmpty }
-        }
+        try await crash(coordinator.id, of: cluster, at: stall, "the second COMMIT-BACKUP send", during: write)
         let after = cluster.servingNodes[0].engine.configuration
         try await cluster.quiesce()
         let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
@@ -180,27 +188,31 @@ struct RecoveryTests {
     @Test("a coordinator that crashes during COMMIT-BACKUP, after every backup of another region got its record and none of its own region's: recovery commits both writes or neither")
     func crashedCoordinatorsOwnRegionUnseen() async throws {
         let (cluster, cm) = try await managedTestCluster(nodes: 5, replicas: 3)
-        // One object in a region each node leads (a local allocation).
-        var objects: [NodeID: GlobalAddress] = [:]
-        for node in cluster.nodes { objects[node.id] = try await node.transaction { tx in try tx.allocate(Int64(0)) } }
+        // An object in every region (a node's local allocations land in the regions it leads).
         let configuration = cluster.servingNodes[0].engine.configuration
-        func placement(_ node: NodeID) -> RegionPlacement? { configuration.placement(of: objects[node]!.region) }
-        // The coordinator (not the CM) and the node whose object it writes too: every backup of
-        // that node's region comes before the first backup of the coordinator's own region in the
-        // order COMMIT-BACKUP records go out (by node).
-        var chosen: (coordinator: Node, other: NodeID, firstOwnBackup: NodeID)?
-        search: for candidate in cluster.nodes where candidate.id != cm {
-            for other in cluster.nodes.map(\.id) where other != candidate.id {
-                guard let mine = placement(candidate.id), let theirs = placement(other),
-                      mine.primary == candidate.id, theirs.primary == other,
+        var objects: [RegionID: GlobalAddress] = [:]
+        for node in cluster.nodes {
+            let led = Set(configuration.regions.filter { $0.primary == node.id }.map(\.region))
+            var attempts = 0
+            while !led.isSubset(of: Set(objects.keys)), attempts < 64 {
+                attempts += 1
+                let address = try await node.transaction { tx in try tx.allocate(Int64(0)) }
+                if objects[address.region] == nil { objects[address.region] = address }
+            }
+        }
+        // The coordinator's own region and another node's: every backup of the other comes before
+        // the first backup of the coordinator's in the order COMMIT-BACKUP records go out (by node).
+        var chosen: (coordinator: Node, own: GlobalAddress, other: NodeID, theirs: GlobalAddress, firstOwnBackup: NodeID)?
+        search: for mine in configuration.regions where mine.primary != cm {
+            for theirs in configuration.regions where theirs.primary != mine.primary {
+                guard let own = objects[mine.region], let other = objects[theirs.region],
                       let first = mine.backups.map(\.index).min(), let last = theirs.backups.map(\.index).max(),
                       last < first else { continue }
-                chosen = (candidate, other, NodeID(first))
+                chosen = (cluster.nodes[mine.primary.index], own, theirs.primary, other, NodeID(first))
                 break search
             }
         }
-        let (coordinator, other, firstOwnBackup) = try #require(chosen, "no two regions whose backups all come before the other's: \(configuration)")
-        let own = objects[coordinator.id]!, theirs = objects[other]!
+        let (coordinator, own, other, theirs, firstOwnBackup) = try #require(chosen, "no two regions whose backups all come before the other's: \(configuration)")
         try await cluster.quiesce()
         try await waitForRenewals(cluster, manager: cm)
         // The COMMIT-BACKUP send to the first backup of the coordinator's own region stalls until
@@ -218,14 +230,7 @@ struct RecoveryTests {
                 try tx.write(theirs, Int64(1))
             }
         }
-        try await eventually("the COMMIT-BACKUP send to \(firstOwnBackup) reached") { stall.reached.load(ordering: .acquiring) }
-        cluster.crash(coordinator.id)
-        stall.released.store(true, ordering: .releasing)
-        _ = await write.result
-        try await eventually("\(coordinator.id) removed and every region back to complete replicas") {
-            let configuration = cluster.servingNodes[0].engine.configuration
-            return !configuration.contains(coordinator.id) && configuration.regions.allSatisfy { $0.copying.isEmpty }
-        }
+        try await crash(coordinator.id, of: cluster, at: stall, "the COMMIT-BACKUP send to \(firstOwnBackup)", during: write)
         try await cluster.quiesce()
         let values = try await cluster.servingNodes[0].transaction { tx in (try tx.read(own, as: Int64.self), try tx.read(theirs, as: Int64.self)) }
         let recoveries = cluster.membership.flatMap { $0.recoveryTimelines }.map(\.description)
