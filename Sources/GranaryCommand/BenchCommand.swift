@@ -228,12 +228,7 @@ private func runBenchmark(_ name: String, _ workload: inout some Workload, _ opt
         shown.replicas = cluster.configuration.replication ?? cluster.configuration.regions.first?.replicas.count ?? 0
         // And its transport (the --transport option is the embedded cluster's): verbs if its
         // members' endpoints are.
-        let verbs = cluster.configuration.members.contains { member in
-            switch MemberEndpoint(member.endpoint) {
-            case .verbsDirectory?, .verbsAddress?: return true
-            default: return false
-            }
-        }
+        let verbs = cluster.configuration.members.contains { MemberEndpoint($0.endpoint)?.isVerbs == true }
         shown.transport = verbs ? .verbs : .shm
     }
     print(BenchTable.render(name: name, report: report, options: shown))

@@ -60,6 +60,13 @@ private struct Link {
         return found
     }
 
+    /// A link whose node 1 sends through a ``VerbsLikeTransport``, and that transport.
+    static func verbsLike() throws -> (Link, VerbsLikeTransport) {
+        var wrapped: VerbsLikeTransport?
+        let link = try Link { let transport = VerbsLikeTransport($0); wrapped = transport; return transport }
+        return (link, try #require(wrapped))
+    }
+
     func remove() { tmp.remove() }
 }
 
@@ -156,8 +163,7 @@ struct ChannelEpochTests {
     /// first request, and later refused its channel for a foreign trailer).
     @Test("a receiver the transport found restarted is reattached before the next send, which is not lost")
     func receiverRestartSeenByTransport() throws {
-        var transport: VerbsLikeTransport?
-        var link = try Link { let wrapped = VerbsLikeTransport($0); transport = wrapped; return wrapped }
+        var (link, transport) = try Link.verbsLike()
         defer { link.remove() }
         let sender = try link.connect()
         #expect(sender.mappedRing == 0, "the sender writes through its staging buffer, as over verbs")
@@ -166,7 +172,7 @@ struct ChannelEpochTests {
         #expect(link.poll().messages == [1, 2])
 
         try link.restartReceiver()
-        transport?.generation.add(1, ordering: .releasing)
+        transport.generation.add(1, ordering: .releasing)
         try send(3, on: sender)
         let after = link.poll()
         #expect(after.messages == [3] && after.error == nil,
@@ -179,10 +185,8 @@ struct ChannelEpochTests {
     /// fresh mailbox's 0) or as foreign bytes that make the receiver refuse the ring.
     @Test("a connection check never attaches while a write of the former stream is under way")
     func checkDuringWrite() throws {
-        var transport: VerbsLikeTransport?
-        var link = try Link { let wrapped = VerbsLikeTransport($0); transport = wrapped; return wrapped }
+        var (link, transport) = try Link.verbsLike()
         defer { link.remove() }
-        guard let transport else { return }
         let sender = try link.connect()
         try send(1, on: sender)
         try send(2, on: sender)
