@@ -220,7 +220,7 @@ extension Transaction {
     /// size and the limit. (Cheap when the whole write set fits one record, the common case.)
     func checkRecordSizes() throws(TransactionError) {
         let maximum = withView { $0.maximumRecordBytes }
-        var total = RecordFormat.headerBytes
+        var total = RecordFormat.headerBytes + RecordFormat.trailerBytes
         writes.withUnsafeBufferPointer { writes in
             for entry in writes { total += RecordFormat.entryBytes(payload: entry.length) }
         }
@@ -228,19 +228,21 @@ extension Transaction {
         guard writes.count <= RecordFormat.maximumEntries else {
             throw .tooLarge(bytes: total, maximum: maximum)
         }
-        // Per node: the LOCK record to each primary and the COMMIT-BACKUP record to each backup.
+        // A COMMIT-BACKUP carries the whole write set: with backups, it is the largest record.
         let masks = withView { $0.backupMasks }
+        var backedUp = false
+        writes.withUnsafeBufferPointer { writes in
+            for entry in writes where masks[entry.address.region.index] != 0 { backedUp = true }
+        }
+        if backedUp { throw .tooLarge(bytes: total, maximum: maximum) }
+        // Without backups: the LOCK record to each primary.
         var largest = 0
         for node in 0..<NodeID.limit {
-            let bit: UInt64 = 1 << UInt64(node)
-            var lockBytes = RecordFormat.headerBytes, backupBytes = RecordFormat.headerBytes
+            var lockBytes = RecordFormat.headerBytes + RecordFormat.trailerBytes
             writes.withUnsafeBufferPointer { writes in
-                for entry in writes {
-                    if entry.primary.index == node { lockBytes += RecordFormat.entryBytes(payload: entry.length) }
-                    if masks[entry.address.region.index] & bit != 0 { backupBytes += RecordFormat.entryBytes(payload: entry.length) }
-                }
+                for entry in writes where entry.primary.index == node { lockBytes += RecordFormat.entryBytes(payload: entry.length) }
             }
-            largest = max(largest, lockBytes, backupBytes)
+            largest = max(largest, lockBytes)
         }
         if largest > maximum { throw .tooLarge(bytes: largest, maximum: maximum) }
     }
@@ -254,25 +256,31 @@ extension Transaction {
     }
 
     /// Writes a record of `kind` holding the entries for which `include` is true, and sends it.
+    /// With `replicatingOthers` (COMMIT-BACKUP) it holds every entry, those for which `include` is
+    /// false marked ``RecordFormat/replicatedEntry``.
     private func sendEntries(_ kind: RecordKind, _ id: TransactionID, to node: NodeID, waiting: Bool = true,
-                             where include: (WriteEntry) -> Bool) throws(TransactionError) {
+                             replicatingOthers: Bool = false, where include: (WriteEntry) -> Bool) throws(TransactionError) {
         // Buffer pointers rather than `for entry in writes`, whose iterator holds a reference.
-        var size = RecordFormat.headerBytes
+        // LOCK and COMMIT-BACKUP (the only kinds sent here) end with the transaction's nodes.
+        var size = RecordFormat.headerBytes + RecordFormat.trailerBytes
         writes.withUnsafeBufferPointer { writes in
-            for entry in writes where include(entry) { size += RecordFormat.entryBytes(payload: entry.length) }
+            for entry in writes where replicatingOthers || include(entry) { size += RecordFormat.entryBytes(payload: entry.length) }
         }
         ensureRecordCapacity(size)
         var writer = RecordWriter(into: recordBuffer, capacity: recordCapacity, kind: kind,
                                   configuration: state.pointee.stamp, transaction: id)
         writes.withUnsafeBufferPointer { writes in
             payloads.withUnsafeBytes { payloadBytes in
-                for entry in writes where include(entry) {
+                for entry in writes {
+                    let own = include(entry)
+                    guard own || replicatingOthers else { continue }
                     writer.appendEntry(address: entry.address, expected: entry.expected, new: entry.new, lines: entry.lines,
                                        operation: entry.operation, payload: payloadBytes.baseAddress.map { $0 + entry.payloadOffset },
-                                       length: entry.length)
+                                       length: entry.length, flags: own ? 0 : RecordFormat.replicatedEntry)
                 }
             }
         }
+        writer.appendTrailer(primaries: primaryMask, backups: backupMask)
         try sendRecord(writer.bytes, to: node, promised: true, waiting: waiting)
     }
 
@@ -327,17 +335,20 @@ extension Transaction {
         let backupBytes = lockBytes + NodeID.limit
         let primaries = primaryMask
         var backups: UInt64 = 0
-        for primary in NodeMask(primaries) { lockBytes[primary.index] = RecordFormat.headerBytes }
+        let emptyRecord = RecordFormat.headerBytes + RecordFormat.trailerBytes
+        for primary in NodeMask(primaries) { lockBytes[primary.index] = emptyRecord }
+        // Every COMMIT-BACKUP carries the whole write set (``RecordFormat``).
+        var wholeRecord = emptyRecord
         writes.withUnsafeBufferPointer { writes in
             for entry in writes {
                 let bytes = RecordFormat.entryBytes(payload: entry.length)
                 lockBytes[entry.primary.index] += bytes
-                let regionBackups = masks[entry.address.region.index]
-                for backup in NodeMask(regionBackups & ~backups) { backupBytes[backup.index] = RecordFormat.headerBytes }
-                backups |= regionBackups
-                for backup in NodeMask(regionBackups) { backupBytes[backup.index] += bytes }
+                wholeRecord += bytes
+                backups |= masks[entry.address.region.index]
             }
         }
+        for backup in NodeMask(backups) { backupBytes[backup.index] = wholeRecord }
+        backupMask = backups
         let nodes = primaries | backups
         for node in NodeMask(nodes) {
             let bit: UInt64 = 1 << UInt64(node.index)
@@ -590,7 +601,7 @@ extension Transaction {
             let bit: UInt64 = 1 << UInt64(node.index)
             do {
                 try engine.faults.check(.commitBackupSend, node)
-                try sendEntries(.commitBackup, id, to: node) { masks[$0.address.region.index] & bit != 0 }
+                try sendEntries(.commitBackup, id, to: node, replicatingOthers: true) { masks[$0.address.region.index] & bit != 0 }
             } catch {
                 // Not committed yet: no COMMIT-PRIMARY went out. Take back what the backups got.
                 var undelivered: UInt64 = 0

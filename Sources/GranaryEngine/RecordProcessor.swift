@@ -555,6 +555,8 @@ final class RecordProcessor: @unchecked Sendable {
     private func commitBackup(_ record: RecordView, raw: UnsafeRawBufferPointer, ring: RingReference, view: ConfigurationView) throws -> Bool {
         var allocates = false
         try record.forEachEntry { entry in
+            // The whole write set's other entries are kept for recovery, never applied here.
+            guard !entry.replicated else { return }
             guard let replica = view.replica(entry.address.region), !replica.isPrimary else {
                 throw RecordView.Malformed(description: "\(entry.address.region) has no backup replica on \(engine.node)")
             }
@@ -730,10 +732,12 @@ final class RecordProcessor: @unchecked Sendable {
         deferred = remaining
     }
 
-    /// Calls `body` with each entry of kept COMMIT-BACKUP record `index`.
+    /// Calls `body` with each entry of kept COMMIT-BACKUP record `index` for a region this node
+    /// backs (not those of the rest of the write set, ``RecordFormat/replicatedEntry``).
     @inline(__always) private func forEachKeptEntry(_ index: Int, _ body: (BackupEntry) -> Void) {
         guard let record = try? RecordView(kept.bytes(index)) else { return }
         try? record.forEachEntry { entry in
+            guard !entry.replicated else { return }
             body(BackupEntry(address: entry.address, new: entry.new, lines: entry.lines, operation: entry.operation,
                              payload: entry.payload))
         }
@@ -759,14 +763,19 @@ final class RecordProcessor: @unchecked Sendable {
         var votes: [TransactionRecovery.Vote] = []
         locked.forEach { id, index in
             var regions = Set<RegionID>()
+            var nodes: (primaries: UInt64, backups: UInt64)?
             if let record = try? RecordView(kept.bytes(index)) {
                 guard record.configuration < next else { return }
                 try? record.forEachEntry { regions.insert($0.address.region) }
+                nodes = record.nodes
             }
-            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .lock, regions: regions.sorted()))
+            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .lock, regions: regions.sorted(),
+                                                  primaries: nodes?.primaries ?? 0, backups: nodes?.backups ?? 0))
         }
         stashed.forEach { id, index in
-            if let record = try? RecordView(kept.bytes(index)), record.configuration >= next { return }
+            let parsed = try? RecordView(kept.bytes(index))
+            if let parsed, parsed.configuration >= next { return }
+            let nodes = parsed?.nodes
             var regions = Set<RegionID>()
             forEachKeptEntry(index) { entry in
                 regions.insert(entry.address.region)
@@ -780,8 +789,13 @@ final class RecordProcessor: @unchecked Sendable {
                     state.pointee.recoveryLocks.append((UInt(bitPattern: object), header))
                 }
             }
-            let record = regions.isDisjoint(with: orphaned) ? [] : Array(kept.bytes(index))
-            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitBackup, regions: regions.sorted(), record: record))
+            // REPLICATE-TX-STATE: the record holds the whole write set; it ships if any region of
+            // it lost its primary.
+            var written = regions
+            try? parsed?.forEachEntry { written.insert($0.address.region) }
+            let record = written.isDisjoint(with: orphaned) ? [] : Array(kept.bytes(index))
+            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitBackup, regions: regions.sorted(),
+                                                  primaries: nodes?.primaries ?? 0, backups: nodes?.backups ?? 0, record: record))
         }
         committed.forEach { id, slot in
             guard state.pointee.committedStamps[slot] < next else { return }

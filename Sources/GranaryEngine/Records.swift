@@ -48,15 +48,35 @@ struct TransactionID: Hashable, CustomStringConvertible {
 
 /// Record wire format (little-endian, 8-byte aligned):
 /// ```
-/// header  0 kind u8 | 1 cause u8 | 2 count u16 | 4 magic u16 "GR" | 6 reserved u16
+/// header  0 kind u8 | 1 cause u8 | 2 count u16 | 4 magic u16 "GR" | 6 flags u16
 ///         8 configuration id u64 | 16 transaction id u64
 /// entry   0 address u64 | 8 expected header u64 | 16 new header u64
-///         24 length u32 | 28 lines u16 | 30 operation u8 | 31 reserved u8 | 32 payload, padded to 8
+///         24 length u32 | 28 lines u16 | 30 operation u8 | 31 flags u8 | 32 payload, padded to 8
+/// trailer (flag bit 0, LOCK and COMMIT-BACKUP): after the entries, the transaction's primaries
+///         u64 and backups u64, a bit per node, in the record's configuration
 /// truncate: header, then `count` transaction ids (u64)
 /// ```
+///
+/// The trailer is FaRM's region list in LOCK and COMMIT-BACKUP records: recovery must know every
+/// replica the whole transaction wrote, or it may commit the regions the survivors' records name
+/// and lose one whose records died with its coordinator
+/// (``TransactionRecovery/decide(votes:in:survivors:)``).
+///
+/// A COMMIT-BACKUP carries the whole write set: the entries of the regions its receiver backs, and
+/// the others with entry flag bit 0 (``RecordFormat/replicatedEntry``), which the receiver keeps
+/// but never applies. They are REPLICATE-TX-STATE's material: when a coordinator and every primary
+/// it wrote fail together, a surviving backup's record is all that is left of the transaction, and
+/// recovery ships it to the replicas that hold no record (``TransactionRecovery/replicated(_:)``).
 enum RecordFormat {
     static let magic: UInt16 = 0x5247
     static let headerBytes = 24
+    /// The trailer of LOCK and COMMIT-BACKUP records: the transaction's primaries and backups.
+    static let trailerBytes = 16
+    /// Flag bit: the record ends with the trailer.
+    static let hasTrailer: UInt16 = 1
+    /// Entry flag bit: a COMMIT-BACKUP entry of a region its receiver does not back (kept for
+    /// recovery, never applied at TRUNCATE).
+    static let replicatedEntry: UInt8 = 1
     static let entryHeaderBytes = 32
     /// A COMMIT-PRIMARY's cause byte when the transaction has no backups: the primary keeps its
     /// LOCK and COMMIT-PRIMARY records in the log until TRUNCATE (the only proof of the commit).
@@ -94,7 +114,7 @@ struct RecordWriter {
     func fits(payload: Int) -> Bool { count + RecordFormat.entryBytes(payload: payload) <= capacity }
 
     mutating func appendEntry(address: GlobalAddress, expected: ObjectHeader, new: ObjectHeader, lines: Int,
-                              operation: EntryOperation, payload: UnsafeRawPointer?, length: Int) {
+                              operation: EntryOperation, payload: UnsafeRawPointer?, length: Int, flags: UInt8 = 0) {
         precondition(fits(payload: length))
         let entry = base + count
         entry.storeBytes(of: address.rawValue, toByteOffset: 0, as: UInt64.self)
@@ -103,13 +123,23 @@ struct RecordWriter {
         entry.storeBytes(of: UInt32(length), toByteOffset: 24, as: UInt32.self)
         entry.storeBytes(of: UInt16(lines), toByteOffset: 28, as: UInt16.self)
         entry.storeBytes(of: operation.rawValue, toByteOffset: 30, as: UInt8.self)
-        entry.storeBytes(of: UInt8(0), toByteOffset: 31, as: UInt8.self)
+        entry.storeBytes(of: flags, toByteOffset: 31, as: UInt8.self)
         if length > 0, let payload { (entry + 32).copyMemory(from: payload, byteCount: length) }
         let padding = RecordFormat.padded(length) - length
         if padding > 0 { (entry + 32 + length).initializeMemory(as: UInt8.self, repeating: 0, count: padding) }
         count += RecordFormat.entryBytes(payload: length)
         entries += 1
         base.storeBytes(of: entries, toByteOffset: 2, as: UInt16.self)
+    }
+
+    /// Ends a LOCK or COMMIT-BACKUP record with the transaction's primaries and backups (a bit
+    /// per node): after the last entry.
+    mutating func appendTrailer(primaries: UInt64, backups: UInt64) {
+        precondition(count + RecordFormat.trailerBytes <= capacity)
+        base.storeBytes(of: primaries, toByteOffset: count, as: UInt64.self)
+        base.storeBytes(of: backups, toByteOffset: count + 8, as: UInt64.self)
+        count += RecordFormat.trailerBytes
+        base.storeBytes(of: RecordFormat.hasTrailer, toByteOffset: 6, as: UInt16.self)
     }
 
     /// Appends a raw word to the record's body (for records without entries: no count change).
@@ -137,7 +167,10 @@ struct RecordView {
     let count: Int
     let configuration: ConfigurationID
     let transaction: TransactionID
+    /// The entries (or transaction ids), without the trailer.
     let body: UnsafeRawBufferPointer
+    /// The transaction's primaries and backups (a bit per node), for a record with the trailer.
+    let nodes: (primaries: UInt64, backups: UInt64)?
 
     struct Malformed: Error, CustomStringConvertible {
         let description: String
@@ -158,7 +191,17 @@ struct RecordView {
         self.count = Int(bytes.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
         self.configuration = ConfigurationID(rawValue: bytes.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
         self.transaction = TransactionID(rawValue: bytes.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
-        self.body = UnsafeRawBufferPointer(rebasing: bytes[RecordFormat.headerBytes...])
+        if bytes.loadUnaligned(fromByteOffset: 6, as: UInt16.self) & RecordFormat.hasTrailer != 0 {
+            guard bytes.count >= RecordFormat.headerBytes + RecordFormat.trailerBytes else {
+                throw Malformed(description: "a \(bytes.count)-byte \(kind) record is too short for the trailer it announces")
+            }
+            let end = bytes.count - RecordFormat.trailerBytes
+            self.nodes = (bytes.loadUnaligned(fromByteOffset: end, as: UInt64.self), bytes.loadUnaligned(fromByteOffset: end + 8, as: UInt64.self))
+            self.body = UnsafeRawBufferPointer(rebasing: bytes[RecordFormat.headerBytes..<end])
+        } else {
+            self.nodes = nil
+            self.body = UnsafeRawBufferPointer(rebasing: bytes[RecordFormat.headerBytes...])
+        }
     }
 
     struct Entry {
@@ -168,6 +211,8 @@ struct RecordView {
         let lines: Int
         let operation: EntryOperation
         let payload: UnsafeRawBufferPointer
+        /// A COMMIT-BACKUP entry of a region the receiver does not back (``RecordFormat/replicatedEntry``).
+        let replicated: Bool
     }
 
     /// Calls `body` with each entry, checking every length against the record's size.
@@ -189,7 +234,8 @@ struct RecordView {
                 new: ObjectHeader(rawValue: body.loadUnaligned(fromByteOffset: offset + 16, as: UInt64.self)),
                 lines: Int(body.loadUnaligned(fromByteOffset: offset + 28, as: UInt16.self)),
                 operation: operation,
-                payload: UnsafeRawBufferPointer(rebasing: body[(offset + 32)..<(offset + 32 + length)])))
+                payload: UnsafeRawBufferPointer(rebasing: body[(offset + 32)..<(offset + 32 + length)]),
+                replicated: body.load(fromByteOffset: offset + 31, as: UInt8.self) & RecordFormat.replicatedEntry != 0))
             offset += RecordFormat.entryBytes(payload: length)
         }
     }

@@ -55,6 +55,8 @@ public final class Transaction {
         var remoteReservations: [RemoteReservation] = []
         /// The primaries of the written objects, as a bit per node (set at LOCK).
         var primaryMask: UInt64 = 0
+        /// The backups of the written objects' regions, as a bit per node (set at LOCK).
+        var backupMask: UInt64 = 0
         /// The nodes whose logs promised this commit space (``Transaction/promiseLogSpace(engine:waitForRoom:)``),
         /// a bit per node; `promises[n]` is what node n's log promised.
         var promisedMask: UInt64 = 0
@@ -112,6 +114,7 @@ public final class Transaction {
         _read { yield state.pointee.remoteReservations } _modify { yield &state.pointee.remoteReservations }
     }
     var primaryMask: UInt64 { get { state.pointee.primaryMask } set { state.pointee.primaryMask = newValue } }
+    var backupMask: UInt64 { get { state.pointee.backupMask } set { state.pointee.backupMask = newValue } }
     var snapshot: UnsafeMutableRawPointer { get { state.pointee.snapshot } set { state.pointee.snapshot = newValue } }
     var recordBuffer: UnsafeMutableRawPointer { get { state.pointee.recordBuffer } set { state.pointee.recordBuffer = newValue } }
     var recordCapacity: Int { get { state.pointee.recordCapacity } set { state.pointee.recordCapacity = newValue } }

@@ -55,14 +55,22 @@ public enum TransactionRecovery {
         package var kind: Kind
         /// The regions the record names.
         package var regions: [RegionID]
+        /// The whole transaction's primaries and backups (a bit per node, in the configuration it
+        /// ran in), from the trailer of its LOCK and COMMIT-BACKUP records; 0 for a kept
+        /// COMMIT-PRIMARY.
+        package var primaries: UInt64
+        package var backups: UInt64
         /// REPLICATE-TX-STATE: the COMMIT-BACKUP record itself, when a region it names lost its
         /// primary (see ``replicated(_:)``); empty otherwise.
         package var record: [UInt8]
 
-        package init(transaction: UInt64, kind: Kind, regions: [RegionID], record: [UInt8] = []) {
+        package init(transaction: UInt64, kind: Kind, regions: [RegionID], primaries: UInt64 = 0, backups: UInt64 = 0,
+                     record: [UInt8] = []) {
             self.transaction = transaction
             self.kind = kind
             self.regions = regions
+            self.primaries = primaries
+            self.backups = backups
             self.record = record
         }
     }
@@ -95,7 +103,7 @@ public enum TransactionRecovery {
     }
 
     /// Votes as bytes: per vote, transaction u64, kind u8, region count u16, regions u32 each,
-    /// record length u32 and the record's bytes.
+    /// primaries u64, backups u64, record length u32 and the record's bytes.
     package static func encode(_ votes: [Vote]) -> [UInt8] {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(votes.count * 16)
@@ -106,6 +114,8 @@ public enum TransactionRecovery {
             put(vote.kind.rawValue)
             put(UInt16(vote.regions.count))
             for region in vote.regions { put(region.rawValue) }
+            put(vote.primaries)
+            put(vote.backups)
             put(UInt32(vote.record.count))
             bytes += vote.record
         }
@@ -124,7 +134,7 @@ public enum TransactionRecovery {
         }
         let count = Int(try take(UInt32.self))
         var votes: [Vote] = []
-        votes.reserveCapacity(min(count, bytes.count / 15))
+        votes.reserveCapacity(min(count, bytes.count / 31))
         for _ in 0..<count {
             let transaction = try take(UInt64.self)
             let raw = try take(UInt8.self)
@@ -132,13 +142,15 @@ public enum TransactionRecovery {
             let regions = Int(try take(UInt16.self))
             var list: [RegionID] = []
             for _ in 0..<regions { list.append(RegionID(rawValue: try take(UInt32.self))) }
+            let primaries = try take(UInt64.self)
+            let backups = try take(UInt64.self)
             let length = Int(try take(UInt32.self))
             guard length <= bytes.count - offset else {
                 throw MalformedVotes(description: "a \(length)-byte record of transaction \(transaction) runs past the votes' end")
             }
             let record = Array(bytes[offset..<offset + length])
             offset += length
-            votes.append(Vote(transaction: transaction, kind: kind, regions: list, record: record))
+            votes.append(Vote(transaction: transaction, kind: kind, regions: list, primaries: primaries, backups: backups, record: record))
         }
         guard offset == bytes.count else { throw MalformedVotes(description: "\(bytes.count - offset) bytes follow the last vote") }
         return votes
@@ -146,13 +158,27 @@ public enum TransactionRecovery {
 
     /// DECIDE, for every transaction some survivor voted on: `true` commits it.
     ///
-    /// A transaction **commits** if a primary kept its COMMIT-PRIMARY; or if some survivor holds
-    /// its COMMIT-BACKUP and either no survivor holds its LOCK (every surviving primary installed
-    /// it, so COMMIT-PRIMARY went out, so it may have been reported committed) or every surviving
-    /// backup of every region its records name holds its COMMIT-BACKUP (each surviving replica
-    /// then holds the new values it must apply). Otherwise it **aborts**: no survivor holds a
-    /// COMMIT-BACKUP (COMMIT-PRIMARY never went out), or a surviving backup lacks one while a LOCK
-    /// is still held (COMMIT-BACKUP was under way or being undone: never reported committed).
+    /// Every LOCK and COMMIT-BACKUP record names the whole transaction's primaries and backups
+    /// (FaRM's region list), so the rule weighs the records that died with the failed nodes too:
+    /// a surviving backup of any region the transaction wrote that holds no COMMIT-BACKUP is
+    /// evidence, even if no surviving record names that region.
+    ///
+    /// A transaction **commits** if a primary kept its COMMIT-PRIMARY, or if some survivor holds
+    /// its COMMIT-BACKUP and
+    /// - a surviving LOCK shows COMMIT-PRIMARY had not reached that primary: then only if every
+    ///   surviving backup of the transaction holds its COMMIT-BACKUP (COMMIT-PRIMARY goes out only
+    ///   once every backup has its record, so one missing means COMMIT-BACKUP was under way or
+    ///   being undone, and the transaction was never reported committed);
+    /// - no survivor holds a LOCK, and a primary of the transaction survives: that primary installed
+    ///   it (a LOCK stays in its log until COMMIT-PRIMARY or ABORT, and ABORT after COMMIT-BACKUP
+    ///   goes to the backups first), so COMMIT-PRIMARY went out;
+    /// - no survivor holds a LOCK and every primary failed: a surviving backup without the record
+    ///   may have applied and truncated it (COMMIT-PRIMARY went out) or never received it (the
+    ///   coordinator failed during COMMIT-BACKUP), which no log tells apart. It commits: every
+    ///   COMMIT-BACKUP record carries the whole write set, and REPLICATE-TX-STATE ships one to
+    ///   each replica that holds none (``replicated(_:)``), so every written region gets its
+    ///   values either way.
+    /// Otherwise it **aborts**: no survivor holds a COMMIT-BACKUP (COMMIT-PRIMARY never went out).
     ///
     /// `configuration` is the one the transactions ran in (for each region's backups),
     /// `survivors` the members of the next one.
@@ -163,6 +189,7 @@ public enum TransactionRecovery {
             var keptCommitPrimary = false
             var backupsHolding = Set<NodeID>()
             var regions = Set<RegionID>()
+            var backups: UInt64 = 0
         }
         var evidence: [UInt64: Evidence] = [:]
         for (node, list) in votes where survivors.contains(node) {
@@ -174,23 +201,30 @@ public enum TransactionRecovery {
                 case .commitPrimary: found.keptCommitPrimary = true
                 }
                 found.regions.formUnion(vote.regions)
+                found.backups |= vote.backups
                 evidence[vote.transaction] = found
             }
+        }
+        let surviving = survivors.reduce(into: UInt64(0)) { mask, node in
+            if node.index < NodeID.limit { mask |= 1 << UInt64(node.index) }
         }
         var decisions: [UInt64: Bool] = [:]
         for (transaction, found) in evidence {
             if found.keptCommitPrimary {
                 decisions[transaction] = true
-            } else if found.backupsHolding.isEmpty {
-                decisions[transaction] = false
-            } else if !found.locked {
-                decisions[transaction] = true
-            } else {
-                let expected = found.regions.reduce(into: Set<NodeID>()) { nodes, region in
-                    nodes.formUnion(configuration.placement(of: region)?.backups ?? [])
-                }
-                decisions[transaction] = expected.intersection(survivors).isSubset(of: found.backupsHolding)
+                continue
             }
+            guard !found.backupsHolding.isEmpty else {
+                decisions[transaction] = false
+                continue
+            }
+            var expected = Set(NodeMask(found.backups & surviving))
+            for region in found.regions {
+                expected.formUnion((configuration.placement(of: region)?.backups ?? []).filter(survivors.contains))
+            }
+            // Without a surviving LOCK: a surviving primary installed it, or every primary failed
+            // and the shipped records complete it (see above): it commits.
+            decisions[transaction] = found.locked ? expected.isSubset(of: found.backupsHolding) : true
         }
         return decisions
     }
