@@ -727,6 +727,52 @@ struct RecoveryTests {
         try await cluster.shutdown()
     }
 
+    /// A commit admitted outside the recovering regions while recovery is held (only the
+    /// recovering regions blocked) whose coordinator's lease lapses while its COMMIT-PRIMARY goes
+    /// out waits for the CM's next grant, as any fenced commit does, and reports committed once a
+    /// grant written after its records landed comes. (Giving up at once because a recovery runs
+    /// would report an unknown outcome for a commit that counts: a recovery that holds every commit
+    /// back ends the wait, one that lets this commit through must not.)
+    @Test("a commit admitted outside the recovering regions whose lease lapses while its COMMIT-PRIMARY goes out, granted again after its records landed, reports committed")
+    func fencedCommitOutsideRecoveringRegions() async throws {
+        let (cluster, victim, outside, placement, coordinator) = try await clusterWithObjectOutsideVictim()
+        for member in cluster.membership where member.node != victim { member.holdAfterVotes.store(true, ordering: .releasing) }
+        cluster.crash(victim)
+        try await eventually("every survivor's recovery held after the votes") {
+            cluster.membership.allSatisfy { $0.node == victim || $0.heldAfterVotes.load(ordering: .acquiring) }
+        }
+        let engine = coordinator.engine
+        let fenced = Stall()  // (its send count)
+        // At the COMMIT-PRIMARY send the lease "lapses" (fenced); 5 ms later a grant comes (a new
+        // value in the grant word) and lifts the fence.
+        engine.injectFaults { point, _ in
+            guard point == .commitPrimarySend, fenced.sends.add(1, ordering: .relaxed).newValue == 1 else { return false }
+            engine.setFenced(true)
+            Task.detached {
+                try? await Task.sleep(for: .milliseconds(5))
+                engine.leaseGrantWord.pointee.add(1, ordering: .releasing)
+                engine.setFenced(false)
+            }
+            return false
+        }
+        var outcome = "committed"
+        do {
+            try await coordinator.transaction { tx in try tx.write(outside, Int64(7)) }
+        } catch {
+            outcome = "\(error)"
+        }
+        engine.injectFaults(nil)
+        #expect(fenced.sends.load(ordering: .relaxed) >= 1, "no COMMIT-PRIMARY was sent while recovery was held (the write: \(outcome))")
+        #expect(outcome == "committed", "a commit outside the recovering regions, fenced and granted again after its records landed, was reported: \(outcome)")
+        for member in cluster.membership { member.holdAfterVotes.store(false, ordering: .releasing) }
+        try await eventually("every survivor moved without \(victim), commits open") {
+            cluster.nodes.filter { $0.id != victim }.allSatisfy { !$0.engine.configuration.contains(victim) && !$0.engine.commitsBlocked }
+        }
+        try await cluster.quiesce()
+        try expectOnEveryReplica(cluster, outside, placement, 7, "the write said: \(outcome)")
+        try await cluster.shutdown()
+    }
+
     /// A managed cluster of 5 nodes and 3 replicas with one object led by each node (a local
     /// allocation in a region it leads), and a member to crash, not the CM, with an object's region
     /// outside it (and, with `backingOne`, an object's region it backs).
