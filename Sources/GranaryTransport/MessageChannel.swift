@@ -201,6 +201,13 @@ public enum ChannelFormat {
     /// its own in the header page.
     public static let attentionOffset = 2112
 
+    /// The mailbox-header word that tells senders the receiver's process is a new one: 0 in a new
+    /// mailbox file, and one more each time a process opens the file again (a restart, a node
+    /// that rejoins), before it clears the rings. A sender over shared memory compares it, on
+    /// every send, with its value when it attached (``Transport/peerGeneration(of:)``), and
+    /// attaches again before writing into a ring whose reader is gone. On a line of its own.
+    public static let incarnationOffset = 2176
+
     /// Offset of sender `s`'s control line inside the mailbox region.
     @inlinable public static func controlOffset(sender: NodeID, ringCapacity: Int, kind: RingKind = .log) -> Int {
         RegionFormat.headerBytes + kind.ring(of: sender) * (controlBytes + ringCapacity)
@@ -314,6 +321,10 @@ public final class Mailbox: @unchecked Sendable {
             guard region.size == ChannelFormat.mailboxSize(ringCapacity: ringCapacity) else {
                 throw .corrupt(path: region.path, reason: "mailbox of \(region.size) bytes, expected \(ChannelFormat.mailboxSize(ringCapacity: ringCapacity))")
             }
+            // A new process reads this mailbox: senders attached to the former one attach again.
+            let incarnation = (region.base + ChannelFormat.incarnationOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
+            let next = incarnation.pointee.load(ordering: .relaxed) &+ 1
+            incarnation.pointee.store(next == 0 ? 1 : next, ordering: .releasing)
             if !preservingLog { Self.clear(region) }
         }
         self.node = node
@@ -1019,6 +1030,9 @@ public final class ChannelSender: Sendable {
     /// straight into the ring, with the same ordering as a one-sided write (trailer last).
     private let mappedControl: UInt
     @usableFromInline let mappedRing: UInt
+    /// Where the transport maps the receiver's incarnation word (``ChannelFormat/incarnationOffset``),
+    /// with the ring; 0 where it does not.
+    @usableFromInline let mappedIncarnation: UInt
     /// One cache line of its own, so that the senders' compare-and-swaps do not evict the fields
     /// above: word 0 is the tail (ring bytes reserved so far; ``detached`` while this connection
     /// is not attached to the ring), word 1 the receiver's consumed counter as last read (never
@@ -1084,13 +1098,17 @@ public final class ChannelSender: Sendable {
         self.counters = UInt(bitPattern: counters)
         let mappedControlLine = transport.mappedAddress(of: controlAddress, on: receiver, length: ChannelFormat.controlBytes)
         let mappedRingStart = transport.mappedAddress(of: ringAddress, on: receiver, length: ringCapacity)
-        if let mappedControlLine, let mappedRingStart {
+        let mappedIncarnationWord = transport.mappedAddress(
+            of: GlobalAddress(region: controlAddress.region, offset: UInt32(ChannelFormat.incarnationOffset)), on: receiver, length: 8)
+        if let mappedControlLine, let mappedRingStart, let mappedIncarnationWord {
             mappedControl = UInt(bitPattern: mappedControlLine)
             mappedRing = UInt(bitPattern: mappedRingStart)
+            mappedIncarnation = UInt(bitPattern: mappedIncarnationWord)
             staging = Mutex(0)
         } else {
             mappedControl = 0
             mappedRing = 0
+            mappedIncarnation = 0
             staging = Mutex(UInt(bitPattern: UnsafeMutableRawPointer.allocate(byteCount: ChannelFormat.stride(maximumMessage), alignment: 64)))
         }
         tail.pointee.store(Self.detached, ordering: .relaxed)
@@ -1134,8 +1152,15 @@ public final class ChannelSender: Sendable {
     }
 
     /// The receiver's ``Transport/peerGeneration(of:)`` when this connection last attached.
-    var attachedGeneration: UnsafeMutablePointer<Atomic<UInt64>> {
+    @inlinable var attachedGeneration: UnsafeMutablePointer<Atomic<UInt64>> {
         UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: counters)! + 4
+    }
+
+    /// On the mapped path: whether the receiver's mailbox was opened by a new process since this
+    /// connection attached (one load of a line that changes only then).
+    @inlinable var mappedReceiverRestarted: Bool {
+        UnsafeMutablePointer<Atomic<UInt64>>(bitPattern: mappedIncarnation)!.pointee.load(ordering: .relaxed)
+            != attachedGeneration.pointee.load(ordering: .relaxed)
     }
 
     /// Whether the transport found the receiver restarted since this connection attached: its
@@ -1356,7 +1381,8 @@ public final class ChannelSender: Sendable {
     /// Returns false if nothing was sent.
     @inlinable @inline(__always)
     func send(_ message: UnsafeRawBufferPointer, limit: Int, wait: Bool) throws(TransportError) -> Bool {
-        if mappedRing != 0, message.count <= maximumMessage, let reservation = reserveIfRoom(length: message.count, limit: limit) {
+        if mappedRing != 0, message.count <= maximumMessage, !mappedReceiverRestarted,
+           let reservation = reserveIfRoom(length: message.count, limit: limit) {
             writeMapped(message, at: reservation)
             return true
         }
@@ -1462,6 +1488,12 @@ public final class ChannelSender: Sendable {
             throw .messageTooLarge(bytes: message.count, maximum: maximumMessage)
         }
         if mappedRing != 0 {
+            // A receiver restarted since this connection attached has a new, zeroed ring: this
+            // stream's position and epoch would write foreign bytes into it. Attach again first.
+            let current = tail.pointee.load(ordering: .relaxed)
+            if current < Self.detached, mappedReceiverRestarted {
+                _ = tail.pointee.compareExchange(expected: current, desired: Self.detached, ordering: .relaxed)
+            }
             guard let reservation = try reserve(length: message.count, wait: wait, limit: limit) else { return false }
             writeMapped(message, at: reservation)
             return true

@@ -160,6 +160,15 @@ public final class SharedMemoryTransport: Transport, @unchecked Sendable {
         try? resolve(node, address, length)
     }
 
+    /// The incarnation word of `node`'s mailbox (``ChannelFormat/incarnationOffset``): one more
+    /// each time a process opens the mailbox file again; 0 while it cannot be mapped.
+    public func peerGeneration(of node: NodeID) -> UInt64 {
+        guard let word = try? resolve(node, GlobalAddress(region: .mailbox(of: node), offset: UInt32(ChannelFormat.incarnationOffset)), 8) else {
+            return 0
+        }
+        return word.assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .acquiring)
+    }
+
     /// Resolves an access of `length` bytes at `address` on `node` to a local pointer.
     @inlinable
     func resolve(_ node: NodeID, _ address: GlobalAddress, _ length: Int) throws(TransportError) -> UnsafeMutableRawPointer {
