@@ -261,7 +261,7 @@ extension Transaction {
     private func sendEntries(_ kind: RecordKind, _ id: TransactionID, to node: NodeID, waiting: Bool = true,
                              replicatingOthers: Bool = false, where include: (WriteEntry) -> Bool) throws(TransactionError) {
         // Buffer pointers rather than `for entry in writes`, whose iterator holds a reference.
-        // LOCK and COMMIT-BACKUP (the only kinds sent here) end with the transaction's nodes.
+        // LOCK and COMMIT-BACKUP (the only kinds sent here) end with the transaction's backups.
         var size = RecordFormat.headerBytes + RecordFormat.trailerBytes
         writes.withUnsafeBufferPointer { writes in
             for entry in writes where replicatingOthers || include(entry) { size += RecordFormat.entryBytes(payload: entry.length) }
@@ -280,7 +280,7 @@ extension Transaction {
                 }
             }
         }
-        writer.appendTrailer(primaries: primaryMask, backups: backupMask)
+        writer.appendTrailer(backups: backupMask)
         try sendRecord(writer.bytes, to: node, promised: true, waiting: waiting)
     }
 
@@ -592,10 +592,7 @@ extension Transaction {
     /// got a record (they drop it), then to every primary (they unlock). See ``commit()``.
     func commitBackup(_ id: TransactionID, engine: Engine) throws -> UInt64 {
         let masks = view.backupMasks
-        var nodes: UInt64 = 0
-        writes.withUnsafeBufferPointer { writes in
-            for entry in writes { nodes |= masks[entry.address.region.index] }
-        }
+        let nodes = backupMask  // (set by promiseLogSpace)
         var sent: UInt64 = 0
         for node in NodeMask(nodes) {
             let bit: UInt64 = 1 << UInt64(node.index)

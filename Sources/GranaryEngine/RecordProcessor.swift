@@ -763,19 +763,18 @@ final class RecordProcessor: @unchecked Sendable {
         var votes: [TransactionRecovery.Vote] = []
         locked.forEach { id, index in
             var regions = Set<RegionID>()
-            var nodes: (primaries: UInt64, backups: UInt64)?
+            var backups: UInt64?
             if let record = try? RecordView(kept.bytes(index)) {
                 guard record.configuration < next else { return }
                 try? record.forEachEntry { regions.insert($0.address.region) }
-                nodes = record.nodes
+                backups = record.backups
             }
-            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .lock, regions: regions.sorted(),
-                                                  primaries: nodes?.primaries ?? 0, backups: nodes?.backups ?? 0))
+            votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .lock, regions: regions.sorted(), backups: backups ?? 0))
         }
         stashed.forEach { id, index in
             let parsed = try? RecordView(kept.bytes(index))
             if let parsed, parsed.configuration >= next { return }
-            let nodes = parsed?.nodes
+            let backups = parsed?.backups
             var regions = Set<RegionID>()
             forEachKeptEntry(index) { entry in
                 regions.insert(entry.address.region)
@@ -795,7 +794,7 @@ final class RecordProcessor: @unchecked Sendable {
             try? parsed?.forEachEntry { written.insert($0.address.region) }
             let record = written.isDisjoint(with: orphaned) ? [] : Array(kept.bytes(index))
             votes.append(TransactionRecovery.Vote(transaction: id.rawValue, kind: .commitBackup, regions: regions.sorted(),
-                                                  primaries: nodes?.primaries ?? 0, backups: nodes?.backups ?? 0, record: record))
+                                                  backups: backups ?? 0, record: record))
         }
         committed.forEach { id, slot in
             guard state.pointee.committedStamps[slot] < next else { return }

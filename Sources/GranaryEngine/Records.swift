@@ -52,13 +52,13 @@ struct TransactionID: Hashable, CustomStringConvertible {
 ///         8 configuration id u64 | 16 transaction id u64
 /// entry   0 address u64 | 8 expected header u64 | 16 new header u64
 ///         24 length u32 | 28 lines u16 | 30 operation u8 | 31 flags u8 | 32 payload, padded to 8
-/// trailer (flag bit 0, LOCK and COMMIT-BACKUP): after the entries, the transaction's primaries
-///         u64 and backups u64, a bit per node, in the record's configuration
+/// trailer (flag bit 0, LOCK and COMMIT-BACKUP): after the entries, the transaction's backups
+///         u64, a bit per node, in the record's configuration
 /// truncate: header, then `count` transaction ids (u64)
 /// ```
 ///
-/// The trailer is FaRM's region list in LOCK and COMMIT-BACKUP records: recovery must know every
-/// replica the whole transaction wrote, or it may commit the regions the survivors' records name
+/// The trailer stands for FaRM's region list in LOCK and COMMIT-BACKUP records: recovery must know
+/// every backup the whole transaction wrote, or it may commit the regions the survivors' records name
 /// and lose one whose records died with its coordinator
 /// (``TransactionRecovery/decide(votes:in:survivors:)``).
 ///
@@ -70,8 +70,8 @@ struct TransactionID: Hashable, CustomStringConvertible {
 enum RecordFormat {
     static let magic: UInt16 = 0x5247
     static let headerBytes = 24
-    /// The trailer of LOCK and COMMIT-BACKUP records: the transaction's primaries and backups.
-    static let trailerBytes = 16
+    /// The trailer of LOCK and COMMIT-BACKUP records: the transaction's backups.
+    static let trailerBytes = 8
     /// Flag bit: the record ends with the trailer.
     static let hasTrailer: UInt16 = 1
     /// Entry flag bit: a COMMIT-BACKUP entry of a region its receiver does not back (kept for
@@ -132,12 +132,11 @@ struct RecordWriter {
         base.storeBytes(of: entries, toByteOffset: 2, as: UInt16.self)
     }
 
-    /// Ends a LOCK or COMMIT-BACKUP record with the transaction's primaries and backups (a bit
-    /// per node): after the last entry.
-    mutating func appendTrailer(primaries: UInt64, backups: UInt64) {
+    /// Ends a LOCK or COMMIT-BACKUP record with the transaction's backups (a bit per node):
+    /// after the last entry.
+    mutating func appendTrailer(backups: UInt64) {
         precondition(count + RecordFormat.trailerBytes <= capacity)
-        base.storeBytes(of: primaries, toByteOffset: count, as: UInt64.self)
-        base.storeBytes(of: backups, toByteOffset: count + 8, as: UInt64.self)
+        base.storeBytes(of: backups, toByteOffset: count, as: UInt64.self)
         count += RecordFormat.trailerBytes
         base.storeBytes(of: RecordFormat.hasTrailer, toByteOffset: 6, as: UInt16.self)
     }
@@ -169,8 +168,8 @@ struct RecordView {
     let transaction: TransactionID
     /// The entries (or transaction ids), without the trailer.
     let body: UnsafeRawBufferPointer
-    /// The transaction's primaries and backups (a bit per node), for a record with the trailer.
-    let nodes: (primaries: UInt64, backups: UInt64)?
+    /// The transaction's backups (a bit per node), for a record with the trailer.
+    let backups: UInt64?
 
     struct Malformed: Error, CustomStringConvertible {
         let description: String
@@ -196,10 +195,10 @@ struct RecordView {
                 throw Malformed(description: "a \(bytes.count)-byte \(kind) record is too short for the trailer it announces")
             }
             let end = bytes.count - RecordFormat.trailerBytes
-            self.nodes = (bytes.loadUnaligned(fromByteOffset: end, as: UInt64.self), bytes.loadUnaligned(fromByteOffset: end + 8, as: UInt64.self))
+            self.backups = bytes.loadUnaligned(fromByteOffset: end, as: UInt64.self)
             self.body = UnsafeRawBufferPointer(rebasing: bytes[RecordFormat.headerBytes..<end])
         } else {
-            self.nodes = nil
+            self.backups = nil
             self.body = UnsafeRawBufferPointer(rebasing: bytes[RecordFormat.headerBytes...])
         }
     }

@@ -55,21 +55,17 @@ public enum TransactionRecovery {
         package var kind: Kind
         /// The regions the record names.
         package var regions: [RegionID]
-        /// The whole transaction's primaries and backups (a bit per node, in the configuration it
-        /// ran in), from the trailer of its LOCK and COMMIT-BACKUP records; 0 for a kept
-        /// COMMIT-PRIMARY.
-        package var primaries: UInt64
+        /// The whole transaction's backups (a bit per node, in the configuration it ran in), from
+        /// the trailer of its LOCK and COMMIT-BACKUP records; 0 for a kept COMMIT-PRIMARY.
         package var backups: UInt64
         /// REPLICATE-TX-STATE: the COMMIT-BACKUP record itself, when a region it names lost its
         /// primary (see ``replicated(_:)``); empty otherwise.
         package var record: [UInt8]
 
-        package init(transaction: UInt64, kind: Kind, regions: [RegionID], primaries: UInt64 = 0, backups: UInt64 = 0,
-                     record: [UInt8] = []) {
+        package init(transaction: UInt64, kind: Kind, regions: [RegionID], backups: UInt64 = 0, record: [UInt8] = []) {
             self.transaction = transaction
             self.kind = kind
             self.regions = regions
-            self.primaries = primaries
             self.backups = backups
             self.record = record
         }
@@ -103,7 +99,7 @@ public enum TransactionRecovery {
     }
 
     /// Votes as bytes: per vote, transaction u64, kind u8, region count u16, regions u32 each,
-    /// primaries u64, backups u64, record length u32 and the record's bytes.
+    /// backups u64, record length u32 and the record's bytes.
     package static func encode(_ votes: [Vote]) -> [UInt8] {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(votes.count * 16)
@@ -114,7 +110,6 @@ public enum TransactionRecovery {
             put(vote.kind.rawValue)
             put(UInt16(vote.regions.count))
             for region in vote.regions { put(region.rawValue) }
-            put(vote.primaries)
             put(vote.backups)
             put(UInt32(vote.record.count))
             bytes += vote.record
@@ -134,7 +129,7 @@ public enum TransactionRecovery {
         }
         let count = Int(try take(UInt32.self))
         var votes: [Vote] = []
-        votes.reserveCapacity(min(count, bytes.count / 31))
+        votes.reserveCapacity(min(count, bytes.count / 23))
         for _ in 0..<count {
             let transaction = try take(UInt64.self)
             let raw = try take(UInt8.self)
@@ -142,7 +137,6 @@ public enum TransactionRecovery {
             let regions = Int(try take(UInt16.self))
             var list: [RegionID] = []
             for _ in 0..<regions { list.append(RegionID(rawValue: try take(UInt32.self))) }
-            let primaries = try take(UInt64.self)
             let backups = try take(UInt64.self)
             let length = Int(try take(UInt32.self))
             guard length <= bytes.count - offset else {
@@ -150,7 +144,7 @@ public enum TransactionRecovery {
             }
             let record = Array(bytes[offset..<offset + length])
             offset += length
-            votes.append(Vote(transaction: transaction, kind: kind, regions: list, primaries: primaries, backups: backups, record: record))
+            votes.append(Vote(transaction: transaction, kind: kind, regions: list, backups: backups, record: record))
         }
         guard offset == bytes.count else { throw MalformedVotes(description: "\(bytes.count - offset) bytes follow the last vote") }
         return votes
@@ -158,8 +152,8 @@ public enum TransactionRecovery {
 
     /// DECIDE, for every transaction some survivor voted on: `true` commits it.
     ///
-    /// Every LOCK and COMMIT-BACKUP record names the whole transaction's primaries and backups
-    /// (FaRM's region list), so the rule weighs the records that died with the failed nodes too:
+    /// Every LOCK and COMMIT-BACKUP record names the whole transaction's backups (in place of
+    /// FaRM's region list), so the rule weighs the records that died with the failed nodes too:
     /// a surviving backup of any region the transaction wrote that holds no COMMIT-BACKUP is
     /// evidence, even if no surviving record names that region.
     ///

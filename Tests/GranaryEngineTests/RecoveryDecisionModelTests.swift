@@ -11,7 +11,7 @@ import Testing
 /// that got one and then to the primaries), COMMIT-PRIMARY to the primaries, TRUNCATE to any subset
 /// of the backups. The coordinator fails after any step, alone or with one other node (f = 2 of 3
 /// replicas). The survivors' votes are what `RecordProcessor.recoveryVotes` makes of those records
-/// (a COMMIT-BACKUP record names the transaction's nodes, carries the whole write set, and ships
+/// (a COMMIT-BACKUP record names the transaction's backups, carries the whole write set, and ships
 /// when a region of the transaction lost its primary); `TransactionRecovery.decide` and
 /// `replicated` run on them, and the outcome is checked: a transaction whose COMMIT-PRIMARY went
 /// out commits; a committed one reaches every surviving replica of every region it wrote (from a
@@ -70,20 +70,20 @@ extension RecoveryTests {
 
     @Test("the decision rule with REPLICATE-TX-STATE, for every write set of up to 3 regions, every step a coordinator can fail after, alone or with another node: a commit that may have been reported commits, a committed transaction reaches every surviving replica, an aborted one changed none")
     func decisionModel() throws {
-        let (cases, violations) = try modelViolations(recordsNameEveryNode: true, wholeWriteSet: true)
+        let (cases, violations) = try modelViolations(recordsNameEveryBackup: true, wholeWriteSet: true)
         #expect(cases > 10_000, "only \(cases) cases")
         #expect(violations.isEmpty, "\(violations.count) of \(cases) cases:\n\(violations.prefix(20).joined(separator: "\n"))")
         // The model fails records that name only their own regions, or COMMIT-BACKUPs that carry
         // only their receiver's entries (Granary before both).
-        let ownRegions = try modelViolations(recordsNameEveryNode: false, wholeWriteSet: true).violations
-        #expect(!ownRegions.isEmpty, "records without the transaction's nodes passed the model")
-        let ownEntries = try modelViolations(recordsNameEveryNode: true, wholeWriteSet: false).violations
+        let ownRegions = try modelViolations(recordsNameEveryBackup: false, wholeWriteSet: true).violations
+        #expect(!ownRegions.isEmpty, "records without the transaction's backups passed the model")
+        let ownEntries = try modelViolations(recordsNameEveryBackup: true, wholeWriteSet: false).violations
         #expect(!ownEntries.isEmpty, "COMMIT-BACKUP records of the receiver's entries alone passed the model")
     }
 
-    /// The model's cases and its violations, with records that name the transaction's nodes or
+    /// The model's cases and its violations, with records that name the transaction's backups or
     /// not, and COMMIT-BACKUP records that carry the whole write set or their receiver's entries.
-    func modelViolations(recordsNameEveryNode: Bool, wholeWriteSet: Bool) throws -> (cases: Int, violations: [String]) {
+    func modelViolations(recordsNameEveryBackup: Bool, wholeWriteSet: Bool) throws -> (cases: Int, violations: [String]) {
         let configuration = try fiveNodes()
         let placements = configuration.regions
         var violations: [String] = []
@@ -98,8 +98,7 @@ extension RecoveryTests {
             for size in 1...3 {
                 for indexes in subsets(size, of: Array(placements.indices)) {
                     let written = indexes.map { placements[$0] }
-                    let primaryMask = recordsNameEveryNode ? written.reduce(UInt64(0)) { $0 | 1 << UInt64($1.primary.index) } : 0
-                    let backupMask = recordsNameEveryNode
+                    let backupMask = recordsNameEveryBackup
                         ? written.reduce(UInt64(0)) { mask, placement in placement.backups.reduce(mask) { $0 | 1 << UInt64($1.index) } } : 0
                     for state in reachableStates(of: written) {
                         for other in [nil] + (0..<5).filter({ $0 != coordinator }) {
@@ -119,12 +118,12 @@ extension RecoveryTests {
                                 var list: [Vote] = []
                                 if state.locked.contains(node) {
                                     list.append(Vote(transaction: 7, kind: .lock, regions: written.filter { $0.primary.index == node }.map(\.region),
-                                                     primaries: primaryMask, backups: backupMask))
+                                                     backups: backupMask))
                                 }
                                 if state.backedUp.contains(node) {
                                     list.append(Vote(transaction: 7, kind: .commitBackup,
                                                      regions: written.filter { $0.backups.contains(NodeID(node)) }.map(\.region),
-                                                     primaries: primaryMask, backups: backupMask, record: ships ? [1] : []))
+                                                     backups: backupMask, record: ships ? [1] : []))
                                 }
                                 if !list.isEmpty { votes[NodeID(node)] = list }
                             }

@@ -29,14 +29,14 @@ struct RecoveryTests {
 
     // A transaction (id 7) writes region 1 (primary 0, backups 1, 2) and region 2 (primary 1,
     // backups 2, 3); its coordinator, node 4, failed at the point each test names. Its records
-    // name its primaries (0, 1) and backups (1, 2, 3).
+    // name its backups (1, 2, 3).
     @Test("the decision rule: what the survivors' logs hold decides, and a transaction that may have been reported committed always commits")
     func decisionRule() throws {
-        let primaries: UInt64 = 0b11, backups: UInt64 = 0b1110
-        let lock1 = Vote(transaction: 7, kind: .lock, regions: [RegionID(1)], primaries: primaries, backups: backups)
-        let lock2 = Vote(transaction: 7, kind: .lock, regions: [RegionID(2)], primaries: primaries, backups: backups)
-        let backup1 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(1)], primaries: primaries, backups: backups)
-        let backup2 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(2)], primaries: primaries, backups: backups)
+        let backups: UInt64 = 0b1110
+        let lock1 = Vote(transaction: 7, kind: .lock, regions: [RegionID(1)], backups: backups)
+        let lock2 = Vote(transaction: 7, kind: .lock, regions: [RegionID(2)], backups: backups)
+        let backup1 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(1)], backups: backups)
+        let backup2 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(2)], backups: backups)
         let survivors = [0, 1, 2, 3]
         // During LOCK or VALIDATE: locks, no COMMIT-BACKUP anywhere: abort.
         #expect(try decide([0: [lock1], 1: [lock2]], survivors: survivors) == false)
@@ -60,12 +60,12 @@ struct RecoveryTests {
         // failed during COMMIT-BACKUP after region 2's backups got theirs: no record names region
         // 5 (its LOCK died with node 4), but every record names backups 0 and 1, which hold none:
         // abort. (Were region 5 unseen, region 2 would commit alone.)
-        let withOwn = (primaries: UInt64(0b10010), backups: UInt64(0b1111))
-        let ownLock2 = Vote(transaction: 7, kind: .lock, regions: [RegionID(2)], primaries: withOwn.primaries, backups: withOwn.backups)
-        let ownBackup2 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(2)], primaries: withOwn.primaries, backups: withOwn.backups)
+        let withOwn: UInt64 = 0b1111
+        let ownLock2 = Vote(transaction: 7, kind: .lock, regions: [RegionID(2)], backups: withOwn)
+        let ownBackup2 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(2)], backups: withOwn)
         #expect(try decide([1: [ownLock2], 2: [ownBackup2], 3: [ownBackup2]], survivors: survivors) == false)
         // The same with every COMMIT-BACKUP delivered (region 5's to nodes 0 and 1): commit.
-        let ownBackup5 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(5)], primaries: withOwn.primaries, backups: withOwn.backups)
+        let ownBackup5 = Vote(transaction: 7, kind: .commitBackup, regions: [RegionID(5)], backups: withOwn)
         #expect(try decide([0: [ownBackup5], 1: [ownLock2, ownBackup5], 2: [ownBackup2], 3: [ownBackup2]], survivors: survivors) == true)
         // Votes survive their encoding.
         let votes = [lock1, backup2, Vote(transaction: .max, kind: .commitPrimary, regions: [])]
@@ -747,12 +747,7 @@ struct RecoveryTests {
         // value in the grant word) and lifts the fence.
         engine.injectFaults { point, _ in
             guard point == .commitPrimarySend, fenced.sends.add(1, ordering: .relaxed).newValue == 1 else { return false }
-            engine.setFenced(true)
-            Task.detached {
-                try? await Task.sleep(for: .milliseconds(5))
-                engine.leaseGrantWord.pointee.add(1, ordering: .releasing)
-                engine.setFenced(false)
-            }
+            engine.lapseLease(grantedAgainAfter: .milliseconds(5))
             return false
         }
         var outcome = "committed"
