@@ -1163,6 +1163,17 @@ public final class ChannelSender: Sendable {
             != attachedGeneration.pointee.load(ordering: .relaxed)
     }
 
+    /// Detaches this connection if it is attached and `restarted` says the receiver restarted
+    /// since it attached: the new process has a new, zeroed ring, where this stream's position
+    /// and epoch would write foreign bytes (its requests would get replies it never sees). The
+    /// next reservation attaches again (``reserve``).
+    private func detachIfReceiverRestarted(_ restarted: () -> Bool) {
+        let current = tail.pointee.load(ordering: .relaxed)
+        if current < Self.detached, restarted() {
+            _ = tail.pointee.compareExchange(expected: current, desired: Self.detached, ordering: .relaxed)
+        }
+    }
+
     /// Whether the transport found the receiver restarted since this connection attached: its
     /// stream position and epoch are the former process's, and the ring it wrote is gone.
     private var receiverRestarted: Bool {
@@ -1488,12 +1499,7 @@ public final class ChannelSender: Sendable {
             throw .messageTooLarge(bytes: message.count, maximum: maximumMessage)
         }
         if mappedRing != 0 {
-            // A receiver restarted since this connection attached has a new, zeroed ring: this
-            // stream's position and epoch would write foreign bytes into it. Attach again first.
-            let current = tail.pointee.load(ordering: .relaxed)
-            if current < Self.detached, mappedReceiverRestarted {
-                _ = tail.pointee.compareExchange(expected: current, desired: Self.detached, ordering: .relaxed)
-            }
+            detachIfReceiverRestarted { mappedReceiverRestarted }
             guard let reservation = try reserve(length: message.count, wait: wait, limit: limit) else { return false }
             writeMapped(message, at: reservation)
             return true
@@ -1618,13 +1624,7 @@ public final class ChannelSender: Sendable {
     private func sendStaged(_ message: UnsafeRawBufferPointer, staging: UInt, wait: Bool, limit: Int) throws(TransportError) -> Bool {
         let count = message.count
         let total = ChannelFormat.stride(count)  // header .. trailer
-        // A receiver the transport found restarted since this connection attached has a new,
-        // zeroed ring: this stream's position and epoch would write foreign bytes into it (its
-        // requests would get replies it never sees). Attach again first (``reserve``).
-        let current = tail.pointee.load(ordering: .relaxed)
-        if current < Self.detached, receiverRestarted {
-            _ = tail.pointee.compareExchange(expected: current, desired: Self.detached, ordering: .relaxed)
-        }
+        detachIfReceiverRestarted { receiverRestarted }
         guard let reservation = try reserve(length: message.count, wait: wait, limit: limit) else { return false }
         // Under the staging lock no other thread reserves on this channel, so a write that fails
         // gives back what it did not write: the receiver never waits at a hole.
