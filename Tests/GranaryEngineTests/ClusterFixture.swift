@@ -1,4 +1,5 @@
 import Granary
+import GranaryEngine
 import Testing
 
 /// A bounded wait that ran out.
@@ -87,3 +88,16 @@ func replicaDifferences(_ cluster: Cluster, in configuration: Configuration? = n
 #if canImport(Glibc)
 import Glibc
 #endif
+
+extension Engine {
+    /// For a fault rule: this node's lease "lapses" now (fenced), and `delay` later the CM's grant
+    /// comes (a new value in the grant word) and lifts the fence.
+    func lapseLease(grantedAgainAfter delay: Duration) {
+        setFenced(true)
+        Task.detached {
+            try? await Task.sleep(for: delay)
+            self.leaseGrantWord.pointee.add(1, ordering: .releasing)
+            self.setFenced(false)
+        }
+    }
+}

@@ -75,12 +75,7 @@ struct LoadingTests {
         engine.injectFaults { point, _ in
             guard point == .commitPrimarySend, faults.sends.add(1, ordering: .relaxed).newValue % 3 == 0 else { return false }
             faults.made.add(1, ordering: .relaxed)
-            engine.setFenced(true)
-            Task.detached {
-                try? await Task.sleep(for: .milliseconds(2))
-                engine.leaseGrantWord.pointee.add(1, ordering: .releasing)
-                engine.setFenced(false)
-            }
+            engine.lapseLease(grantedAgainAfter: .milliseconds(2))
             return false
         }
         var failures: [String] = []
